@@ -1,0 +1,123 @@
+"""ultramem::tdqkr_retrieval: Tucker-decomposed query-key retrieval (SPEC §3 steps 3–5).
+
+Inputs are the sub-key scores with their Tucker components, already computed by the layer:
+    row_scores A [T, H, n_row, r], col_scores B [T, H, n_col, r],
+    cores C [H, M, r, r], u [H, r], v [H, r] (rank-1 approximation of Σ_m C_m), knn = k.
+Steps, per token and head:
+    a = A·u, b = B·v;  I = top-k rows by a, J = top-k columns by b;
+    s_m(i, j) = A[i] C_m B[j]ᵀ on the k×k grid;  keep the k pairs with the largest Σ_m s_m.
+Outputs: ids [T, H, k] int64, the virtual id i·n_col + j of each kept pair, sorted by
+descending Σ_m s_m; scores [T, H, k, M] in A's dtype.
+Selection is not differentiated; the backward gives A and B their gradient at the kept
+rows/columns (zero elsewhere) and the cores theirs. u and v get none.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import acc_dtype, check, check_dim, check_float, check_same_device
+
+_OP = "tdqkr_retrieval"
+
+
+def _check_args(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int) -> None:
+    check_dim(row_scores, 4, _OP, "row_scores", "[tokens, heads, row_keys, rank]")
+    check_dim(col_scores, 4, _OP, "col_scores", "[tokens, heads, col_keys, rank]")
+    check_dim(cores, 4, _OP, "cores", "[heads, cores, rank, rank]")
+    check_dim(u, 2, _OP, "u", "[heads, rank]")
+    check_dim(v, 2, _OP, "v", "[heads, rank]")
+    for name, t in (("row_scores", row_scores), ("col_scores", col_scores), ("cores", cores), ("u", u), ("v", v)):
+        check_float(t, _OP, name)
+    check_same_device(_OP, row_scores=row_scores, col_scores=col_scores, cores=cores, u=u, v=v)
+    t, h, n_row, r = row_scores.shape
+    check(col_scores.shape[0] == t and col_scores.shape[1] == h and col_scores.shape[3] == r, _OP,
+          f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
+          f"{tuple(row_scores.shape)} in tokens, heads and rank")
+    check(cores.shape[0] == h and cores.shape[2] == r and cores.shape[3] == r, _OP,
+          f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})")
+    check(tuple(u.shape) == (h, r) and tuple(v.shape) == (h, r), _OP,
+          f"u {tuple(u.shape)} and v {tuple(v.shape)} must both be (heads={h}, rank={r})")
+    n_col = col_scores.shape[2]
+    check(1 <= knn <= min(n_row, n_col), _OP,
+          f"knn={knn} must be in [1, min(row_keys={n_row}, col_keys={n_col})]")
+
+
+def _kept_pair_scores(row_sel: Tensor, col_sel: Tensor, cores: Tensor) -> Tensor:
+    """s[t,h,e,m] = row_sel[t,h,e] · C_m[h] · col_sel[t,h,e]ᵀ for paired rows/columns."""
+    return torch.einsum("ther,hmrs,thes->them", row_sel, cores, col_sel)
+
+
+def _gather_keys(scores: Tensor, idx: Tensor) -> Tensor:
+    """scores[t, h, idx[t, h, e], :] → [T, H, E, r]."""
+    return scores.gather(2, idx.unsqueeze(-1).expand(*idx.shape, scores.shape[-1]))
+
+
+@torch.library.custom_op("ultramem::tdqkr_retrieval", mutates_args=())
+def tdqkr_retrieval(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor,
+                    knn: int) -> tuple[Tensor, Tensor]:
+    """Reference kernel (CPU; CUDA until a faster one is registered)."""
+    _check_args(row_scores, col_scores, cores, u, v, knn)
+    acc = acc_dtype(row_scores, col_scores, cores)
+    a_full, b_full, c = row_scores.to(acc), col_scores.to(acc), cores.to(acc)
+    t, h, _, r = a_full.shape
+    n_col = b_full.shape[2]
+    coarse_a = torch.einsum("thnr,hr->thn", a_full, u.to(acc))
+    coarse_b = torch.einsum("thnr,hr->thn", b_full, v.to(acc))
+    top_i = coarse_a.topk(knn, dim=-1).indices  # [T, H, k]
+    top_j = coarse_b.topk(knn, dim=-1).indices
+    a_sel = _gather_keys(a_full, top_i)  # [T, H, k, r]
+    b_sel = _gather_keys(b_full, top_j)
+    grid = torch.einsum("thir,hmrs,thjs->thijm", a_sel, c, b_sel)  # [T, H, k, k, M]
+    m = c.shape[1]
+    grid = grid.reshape(t, h, knn * knn, m)
+    best = grid.sum(-1).topk(knn, dim=-1).indices  # [T, H, k] into the flattened grid
+    ids = top_i.gather(2, best // knn) * n_col + top_j.gather(2, best % knn)
+    scores = grid.gather(2, best.unsqueeze(-1).expand(t, h, knn, m))
+    return ids, scores.to(row_scores.dtype)
+
+
+@tdqkr_retrieval.register_fake
+def _(row_scores, col_scores, cores, u, v, knn):
+    _check_args(row_scores, col_scores, cores, u, v, knn)
+    t, h = row_scores.shape[:2]
+    ids = row_scores.new_empty((t, h, knn), dtype=torch.int64)
+    return ids, row_scores.new_empty((t, h, knn, cores.shape[1]))
+
+
+@torch.library.custom_op("ultramem::tdqkr_retrieval_backward", mutates_args=())
+def tdqkr_retrieval_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
+                             ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype."""
+    acc = acc_dtype(row_scores, col_scores, cores, grad_scores)
+    n_col = col_scores.shape[2]
+    i, j = ids // n_col, ids % n_col
+    a_full, b_full, c, g = row_scores.to(acc), col_scores.to(acc), cores.to(acc), grad_scores.to(acc)
+    a_sel, b_sel = _gather_keys(a_full, i), _gather_keys(b_full, j)
+    grad_a_sel = torch.einsum("them,hmrs,thes->ther", g, c, b_sel)
+    grad_b_sel = torch.einsum("them,hmrs,ther->thes", g, c, a_sel)
+    grad_cores = torch.einsum("them,ther,thes->hmrs", g, a_sel, b_sel)
+    r = a_full.shape[-1]
+    grad_a = torch.zeros_like(a_full).scatter_add_(2, i.unsqueeze(-1).expand(*i.shape, r), grad_a_sel)
+    grad_b = torch.zeros_like(b_full).scatter_add_(2, j.unsqueeze(-1).expand(*j.shape, r), grad_b_sel)
+    return grad_a.to(row_scores.dtype), grad_b.to(col_scores.dtype), grad_cores.to(cores.dtype)
+
+
+@tdqkr_retrieval_backward.register_fake
+def _(grad_scores, row_scores, col_scores, cores, ids):
+    return torch.empty_like(row_scores), torch.empty_like(col_scores), torch.empty_like(cores)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    row_scores, col_scores, cores, _u, _v, _knn = inputs
+    ids, _scores = output
+    ctx.save_for_backward(row_scores, col_scores, cores, ids)
+
+
+def _backward(ctx, grad_ids, grad_scores):
+    row_scores, col_scores, cores, ids = ctx.saved_tensors
+    grad_a, grad_b, grad_c = tdqkr_retrieval_backward(grad_scores.contiguous(), row_scores, col_scores, cores, ids)
+    return grad_a, grad_b, grad_c, None, None, None
+
+
+tdqkr_retrieval.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,104 @@
+"""ultramem::weighted_lookup: the multi-core weighted sum of value rows (SPEC §3 step 7).
+
+    out[t, chunk m] = Σ_e scores[t, e, m] · table[rows[t, e], chunk m]
+
+`table` has `D` columns split into `M` equal chunks, one per core; `scores` carries the core
+scores already multiplied by the gate. Duplicate rows (within a token or across tokens) are
+allowed; their contributions add.
+
+Shapes: rows [T, E] int32/int64, table [N, D] float, scores [T, E, M] float → out [T, D] in
+scores' dtype. Backward gives the table a row-scattered gradient in fp32 (fp64 for fp64 input)
+and the scores their gradient in scores' dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
+
+_OP = "weighted_lookup"
+
+
+def _check_args(rows: Tensor, table: Tensor, scores: Tensor) -> None:
+    check_dim(rows, 2, _OP, "rows", "[tokens, entries]")
+    check_dim(table, 2, _OP, "table", "[num_rows, dim]")
+    check_dim(scores, 3, _OP, "scores", "[tokens, entries, cores]")
+    check_index(rows, _OP, "rows")
+    check_float(table, _OP, "table")
+    check_float(scores, _OP, "scores")
+    check_same_device(_OP, rows=rows, table=table, scores=scores)
+    check(
+        tuple(scores.shape[:2]) == tuple(rows.shape), _OP,
+        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
+    )
+    m = scores.shape[2]
+    check(m >= 1 and table.shape[1] % m == 0, _OP,
+          f"table dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
+
+
+def _check_grad_out(grad_out: Tensor, rows: Tensor, table: Tensor) -> None:
+    check(
+        tuple(grad_out.shape) == (rows.shape[0], table.shape[1]), _OP,
+        f"grad_out shape {tuple(grad_out.shape)} must be (tokens, dim) = ({rows.shape[0]}, {table.shape[1]})",
+    )
+
+
+def _gather_chunks(rows: Tensor, table: Tensor, cores: int, dtype: torch.dtype) -> Tensor:
+    """table[rows] as [T, E, M, D/M] in `dtype`."""
+    t, e = rows.shape
+    return table.index_select(0, rows.reshape(-1).long()).to(dtype).view(t, e, cores, -1)
+
+
+@torch.library.custom_op("ultramem::weighted_lookup", mutates_args=())
+def weighted_lookup(rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
+    """Reference kernel (CPU; CUDA until a faster one is registered)."""
+    _check_args(rows, table, scores)
+    check_index_range(rows, table.shape[0], _OP, "rows")
+    acc = acc_dtype(table, scores)
+    values = _gather_chunks(rows, table, scores.shape[2], acc)  # [T, E, M, Dm]
+    out = torch.einsum("temd,tem->tmd", values, scores.to(acc))
+    return out.reshape(rows.shape[0], table.shape[1]).to(scores.dtype)
+
+
+@weighted_lookup.register_fake
+def _(rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
+    _check_args(rows, table, scores)
+    return scores.new_empty((rows.shape[0], table.shape[1]))
+
+
+@torch.library.custom_op("ultramem::weighted_lookup_backward", mutates_args=())
+def weighted_lookup_backward(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns (grad_table [N, D] fp32/fp64, grad_scores [T, E, M] in scores' dtype)."""
+    _check_grad_out(grad_out, rows, table)
+    acc = acc_dtype(table, scores, grad_out)
+    t, e = rows.shape
+    m = scores.shape[2]
+    g = grad_out.to(acc).view(t, 1, m, -1)
+    values = _gather_chunks(rows, table, m, acc)
+    grad_scores = (values * g).sum(-1)  # [T, E, M]
+    contrib = (scores.to(acc).unsqueeze(-1) * g).reshape(t * e, table.shape[1])
+    grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
+    grad_table.index_add_(0, rows.reshape(-1).long(), contrib)
+    return grad_table, grad_scores.to(scores.dtype)
+
+
+@weighted_lookup_backward.register_fake
+def _(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    _check_grad_out(grad_out, rows, table)
+    acc = acc_dtype(table, scores, grad_out)
+    return table.new_empty(table.shape, dtype=acc), torch.empty_like(scores)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    rows, table, scores = inputs
+    ctx.save_for_backward(rows, table, scores)
+
+
+def _backward(ctx, grad_out: Tensor):
+    rows, table, scores = ctx.saved_tensors
+    grad_table, grad_scores = weighted_lookup_backward(grad_out.contiguous(), rows, table, scores)
+    return None, grad_table, grad_scores
+
+
+weighted_lookup.register_autograd(_backward, setup_context=_setup_context)
