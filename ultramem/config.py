@@ -1,0 +1,68 @@
+"""Model and memory-layer configuration (the `[model]` and `[model.memory]` TOML sections).
+
+Training, data, optimizer and parallelism settings live in `ultramem.train.config`; this module
+holds only what a layer or the model needs, so that `ops ← layers ← model ← train` stays one-way.
+Field names follow SPEC.md; the authors' names are given in comments where they differ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MEMORY_TYPES = ("ultramem_v2", "ultramem_v1", "memory_plus", "none")
+MEMORY_INITS = ("paper", "released")
+
+
+class ConfigError(ValueError):
+    """A configuration value that breaks a rule; the message names the key and the rule."""
+
+
+@dataclass
+class MemoryConfig:
+    type: str = "ultramem_v2"  # one of MEMORY_TYPES; "none" gives the dense baseline
+    insert: str = "full"  # mem_insert: "full" or skip form "a:b/c:e/..." (SPEC §1)
+    knum: int = 360  # mem_knum: keys per side for v1 / Memory+; table rows per layer = knum² (v2)
+    kdim: int = 192
+    vdim: int = 192
+    pre_vdim: int = 192  # 0 disables the pre-value gate (g = 1)
+    knn: int = 32  # values kept per head and token
+    heads: int = 1  # mem_head
+    share_ratio: float = 0.5  # v2: fraction of the pooled table one layer addresses
+    tucker_rank: int = 2
+    tucker_cores: int = 2  # tucker_multihead (M)
+    key_expand: int = 1  # E: n' = E·n keys per side
+    q_per_rank: bool = False
+    glu_act: bool = True  # GELU on the pre-value gate
+    init: str = "paper"  # mem_init: "paper" or "released"
+    dropout: float = 0.0  # mem_dropout
+    # Tucker rank penalty coefficient; None means the type's default (v1: 0.001, else 0).
+    tucker_rank_penalty: float | None = None
+    tucker_rank_margin: float = 0.15
+    key_balance_coef: float = 0.0
+    log_interval: int = 100  # mem_log_interval: steps between metric reports
+    calibration_rounds: int = 3  # "paper" init: rounds of norm-scale calibration
+
+    @property
+    def rank_penalty(self) -> float:
+        if self.tucker_rank_penalty is not None:
+            return self.tucker_rank_penalty
+        return 0.001 if self.type == "ultramem_v1" else 0.0
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    dim: int = 768
+    n_layers: int = 20
+    n_heads: int = 12
+    ffn_hidden: int = 2496
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float | None = None  # None: sqrt(2 / (5·dim)), the paper's Appendix A
+    tie_embeddings: bool = True
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def std(self) -> float:
+        return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.dim))
