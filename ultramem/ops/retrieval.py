@@ -111,6 +111,7 @@ def _(grad_scores, row_scores, col_scores, cores, ids):
 def _setup_context(ctx, inputs, output) -> None:
     row_scores, col_scores, cores, _u, _v, _knn = inputs
     ids, _scores = output
+    ctx.mark_non_differentiable(ids)
     ctx.save_for_backward(row_scores, col_scores, cores, ids)
 
 
