@@ -1,0 +1,282 @@
+"""The decoder language model with sparse memory layers (SPEC §1, §8).
+
+    x = embed(tokens)
+    for each block:  h = x + Attn(norm_attn(x));  u = norm_ffn(h);  x = h + FFN(u) [+ Mem(u)]
+    logits = norm(x) @ embedᵀ   (tied head)
+
+Memory layers live beside the blocks (`Transformer.memory_layers`) and share their value tables
+(`Transformer.memory_tables`). `model.memory.insert` says where each one reads and writes:
+"full" puts layer l at block l; the skip form "a:b/c:e" lets a layer read `u` of block a and add
+its output to the residual after block b. Blocks are separate modules so that they can be
+compiled, checkpointed and sharded one at a time.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ultramem.config import ConfigError, ModelConfig
+
+_INSERT_KEY = "model.memory.insert"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory placement
+
+
+def parse_memory_insert(insert: str, n_layers: int) -> list[tuple[int, int]]:
+    """"full" or "a:b/c:e/..." → [(read_block, write_block), ...] in layer order.
+
+    Rules: 0 <= a <= b < n_layers; each block reads for at most one layer; spans may not
+    overlap (a layer must finish writing before the next one reads), so pairs are increasing.
+    """
+    text = insert.strip()
+    if text == "full":
+        return [(i, i) for i in range(n_layers)]
+    if not text:
+        raise ConfigError(f"{_INSERT_KEY}={insert!r}: empty; use 'full' or 'a:b/c:e/...'")
+    pairs: list[tuple[int, int]] = []
+    for part in text.split("/"):
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+        if m is None:
+            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is not 'a:b' with integers a <= b")
+        a, b = int(m.group(1)), int(m.group(2))
+        if b < a:
+            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} writes before it reads (b={b} < a={a})")
+        if b >= n_layers:
+            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is out of range "
+                              f"(blocks are 0..{n_layers - 1})")
+        if pairs and a <= pairs[-1][1]:
+            prev = f"{pairs[-1][0]}:{pairs[-1][1]}"
+            kind = "duplicates" if (a, b) == pairs[-1] else "overlaps or precedes"
+            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} {kind} {prev!r}; "
+                              f"parts must be disjoint and in increasing block order")
+        pairs.append((a, b))
+    return pairs
+
+
+def memory_placement(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The (read_block, write_block) pairs of the model's memory layers; [] for the dense model."""
+    if cfg.memory.type == "none":
+        return []
+    return parse_memory_insert(cfg.memory.insert, cfg.n_layers)
+
+
+def _build_memory(cfg: ModelConfig, n_memory: int):
+    from ultramem.layers import build_memory  # memory layers are optional for the dense model
+
+    return build_memory(cfg, n_memory)
+
+
+def validate_memory(cfg: ModelConfig) -> None:
+    """Let the memory layers check their own rules by building them on the meta device."""
+    n_memory = len(memory_placement(cfg))
+    if n_memory:
+        with torch.device("meta"):
+            _build_memory(cfg, n_memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [max_seq_len, head_dim/2] for rotary embeddings (fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, S, H, hd]; rotates consecutive pairs (x0, x1) by the position's angle."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        bsz, seq, dim = x.shape
+        q, k, v = self.wqkv(x).view(bsz, seq, 3, self.n_heads, self.head_dim).unbind(2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seq, dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """One decoder block. Returns the new residual and the FFN input `u` (memory layers read it)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_attn = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm_ffn = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        h = x + self.attn(self.norm_attn(x), cos, sin)
+        u = self.norm_ffn(h)
+        return h + self.ffn(u), u
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+        self.placement = memory_placement(cfg)
+        self.memory_tables: nn.Module | None = None
+        self.memory_layers = nn.ModuleList()
+        if self.placement:
+            tables, layers = _build_memory(cfg, len(self.placement))
+            self.memory_tables = tables
+            self.memory_layers = nn.ModuleList(layers)
+        # block index → memory layers reading / writing there (static, so compile sees constants)
+        self._reads = {a: [l for l, (r, _) in enumerate(self.placement) if r == a] for a, _ in self.placement}
+        self._writes = {b: [l for l, (_, w) in enumerate(self.placement) if w == b] for _, b in self.placement}
+
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    # -- init ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Paper init (SPEC §3): linears and embedding N(0, std), wo/w2 × 1/sqrt(2·n_layers),
+        norm scales 1, memory layers by their own reset_parameters. Draws come from one CPU
+        generator in a fixed order, so the result depends only on the seed (not on the device,
+        nor on the number of ranks); also fills buffers after `to_empty` from the meta device."""
+        cfg = self.cfg
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = cfg.std
+        out_std = std / math.sqrt(2 * cfg.n_layers)
+
+        def normal_(p: Tensor, s: float) -> None:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s))
+
+        normal_(self.tok_embeddings.weight, std)
+        for block in self.blocks:
+            block.norm_attn.reset_parameters()
+            block.norm_ffn.reset_parameters()
+            normal_(block.attn.wqkv.weight, std)
+            normal_(block.attn.wo.weight, out_std)
+            normal_(block.ffn.w1.weight, std)
+            normal_(block.ffn.w3.weight, std)
+            normal_(block.ffn.w2.weight, out_std)
+        self.norm.reset_parameters()
+        if self.output is not None:
+            normal_(self.output.weight, std)
+        if self.memory_layers:
+            mem_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+            for layer in self.memory_layers:
+                layer.reset_parameters(mem_gen, self.memory_tables)
+        device = self.tok_embeddings.weight.device
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        self.refresh_rank1()
+
+    @torch.no_grad()
+    def refresh_rank1(self) -> None:
+        """Recompute the memory layers' rank-1 core approximations (after every optimizer step)."""
+        for layer in self.memory_layers:
+            layer.refresh_rank1()
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None):
+        """tokens [B, S] → logits [B, S, V]; with targets [B, S] → (loss, aux) where
+        loss = mean cross-entropy + aux and aux is the sum of the memory layers' auxiliary losses."""
+        seq = tokens.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        x = self.tok_embeddings(tokens)
+        aux = x.new_zeros((), dtype=torch.float32)
+        pending: dict[int, Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x, u = block(x, cos, sin)
+            for l in self._reads.get(i, ()):
+                y, layer_aux = self.memory_layers[l](u, self.memory_tables)
+                pending[l] = y
+                aux = aux + layer_aux
+            for l in self._writes.get(i, ()):
+                x = x + pending.pop(l)
+        x = self.norm(x)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        logits = F.linear(x, weight)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+        return loss + aux, aux
+
+    def memory_metrics(self) -> dict[str, float]:
+        """Every memory layer's metrics, keyed `mem{l}/{name}` (call on reporting steps only)."""
+        out: dict[str, float] = {}
+        for l, layer in enumerate(self.memory_layers):
+            for name, value in layer.metrics().items():
+                out[f"mem{l}/{name}"] = value
+        return out
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed: int | None = 0) -> Transformer:
+    """Build on `device` (e.g. "meta" for no allocation) and, unless meta or seed is None, init."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "meta":
+        with torch.device("meta"):
+            return Transformer(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    if seed is not None:
+        model.init_weights(seed)
+    return model

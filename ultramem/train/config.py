@@ -1,0 +1,350 @@
+"""The training configuration: one dataclass tree loaded from TOML, validated once.
+
+Sections: `[model]` (+ `[model.memory]`) are `ultramem.config.ModelConfig` / `MemoryConfig`;
+`[data]`, `[optim]`, `[train]`, `[parallel]`, `[checkpoint]`, `[metrics]` are defined here.
+Command-line overrides `--section.key=value` (also nested: `--model.memory.knn=16`) are parsed
+with the type of the field they set. Every error is a `ConfigError` naming the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, MemoryConfig, ModelConfig
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+BUILT_PARALLEL_MODES = ("none",)  # the others have a config slot but no implementation yet
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (embedded corpus) or a path: shard directory or text file
+    vocab_size: int = 4096  # BPE vocabulary to train; must fit in model.vocab_size
+    max_corpus_bytes: int = 4_000_000  # cap on text read from the corpus (stdlib or text file)
+    val_fraction: float = 0.05  # tail of the token stream held out for validation
+    cache_dir: str = ""  # "" → $ULTRAMEM_CACHE or ~/.cache/ultramem
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_frac: float = 0.1  # warmup starts and cosine ends at this fraction of the peak
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    value_lr_mult: float = 1.0  # SPEC §4: tables' lr multiplier at step 0, decays to 1
+    value_lr_decay_frac: float = 1.0  # fraction of max_steps over which the multiplier decays
+    value_weight_decay: float | None = None  # None: same as weight_decay
+    fused: bool | None = None  # None: fused AdamW on CUDA, foreach elsewhere
+
+    @property
+    def table_weight_decay(self) -> float:
+        return self.weight_decay if self.value_weight_decay is None else self.value_weight_decay
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000
+    batch_size: int = 8  # micro-batch per rank
+    seq_len: int = 256
+    grad_accum: int = 1
+    seed: int = 0
+    dtype: str = "float32"  # "bfloat16" → autocast; parameters stay fp32
+    compile: bool = False  # per-block torch.compile
+    device: str = "auto"
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: no validation during training
+    eval_batches: int = 4
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "none"
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    interval: int = 0  # 0: no checkpoints
+
+
+@dataclass
+class MetricsConfig:
+    tensorboard_dir: str = ""  # "" disables tensorboard
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a config file
+
+
+def packaged_config_names() -> list[str]:
+    root = importlib.resources.files("ultramem.configs")
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def read_config_text(name_or_path: str) -> tuple[str, str]:
+    """Return (text, where) for a packaged config name (`227m` or `227m.toml`) or a file path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text(), str(path)
+    bare = name_or_path if name_or_path.endswith(".toml") else name_or_path + ".toml"
+    if "/" not in name_or_path and bare in packaged_config_names():
+        resource = importlib.resources.files("ultramem.configs").joinpath(bare)
+        return resource.read_text(), f"ultramem/configs/{bare}"
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a file nor a packaged config; "
+        f"packaged configs: {', '.join(packaged_config_names()) or '(none)'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed conversion of TOML values and command-line strings
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check a TOML value against a field type (with the int→float widening TOML needs)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _convert(value, opt, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values ({_type_name(tp)}), "
+                              f"got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    else:
+        raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _parse_cli_value(text: str, tp: Any, key: str) -> Any:
+    """A command-line string → a value for a field of type `tp` (TOML literal syntax accepted)."""
+    if tp is str:
+        return text
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp):
+        return text
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+        return None
+    if tp is bool or (type(None) in typing.get_args(tp) and bool in typing.get_args(tp)):
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected bool (true/false), got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if typing.get_origin(tp) is tuple:  # allow `--optim.betas=0.9,0.95`
+            try:
+                value = tomllib.loads(f"v = [{text}]")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"{key}: cannot parse {text!r} as {_type_name(tp)}") from None
+        else:
+            raise ConfigError(f"{key}: cannot parse {text!r} as {_type_name(tp)}") from None
+    return _convert(value, tp, key)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = _fields(cls)
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise _unknown_key(key, name, list(known))
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table [{key}], got {type(value).__name__} {value!r}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _convert(value, tp, key)
+    return cls(**kwargs)
+
+
+def _set_override(cfg: TrainConfig, dotted: str, text: str) -> None:
+    parts = dotted.split(".")
+    obj: Any = cfg
+    for i, name in enumerate(parts):
+        key = ".".join(parts[: i + 1])
+        known = _fields(type(obj))
+        if name not in known:
+            raise _unknown_key(key, name, list(known))
+        tp = typing.get_type_hints(type(obj))[name]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{key} is a section; override one of its keys ({key}.<key>=...)")
+            setattr(obj, name, _parse_cli_value(text, tp, key))
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{key} is a value of type {_type_name(tp)}, not a section")
+            obj = getattr(obj, name)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`--a.b=1`, `--a.b 1` → [("a.b", "1")]; anything else is a ConfigError naming it."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value; use {arg}=VALUE")
+            key, value = body, args[i + 1]
+            i += 2
+        out.append((key, value))
+    return out
+
+
+def load_config(name_or_path: str | None = None, overrides: list[tuple[str, str]] | list[str] = (),
+                validate: bool = True) -> TrainConfig:
+    """Load a TOML config (packaged name or path; None = all defaults), apply overrides, validate."""
+    table: dict[str, Any] = {}
+    if name_or_path is not None:
+        text, where = read_config_text(name_or_path)
+        try:
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config {where}: invalid TOML: {e}") from None
+    cfg = _build(TrainConfig, table, "")
+    pairs = parse_overrides(list(overrides)) if overrides and isinstance(overrides[0], str) else overrides
+    for key, value in pairs:
+        _set_override(cfg, key, value)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (sizes that must fit together)
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
+    _require(value in options, f"{key}={value!r}: must be one of {', '.join(options)}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    m, mem, t, o, d = cfg.model, cfg.model.memory, cfg.train, cfg.optim, cfg.data
+    for key, value in (("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                       ("model.ffn_hidden", m.ffn_hidden), ("model.vocab_size", m.vocab_size),
+                       ("model.max_seq_len", m.max_seq_len), ("train.max_steps", t.max_steps),
+                       ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
+                       ("train.grad_accum", t.grad_accum), ("train.log_interval", t.log_interval),
+                       ("data.vocab_size", d.vocab_size), ("data.max_corpus_bytes", d.max_corpus_bytes),
+                       ("model.memory.log_interval", mem.log_interval)):
+        _require(value >= 1, f"{key}={value}: must be >= 1")
+    _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
+    _require((m.dim // m.n_heads) % 2 == 0,
+             f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE rotates pairs)")
+    _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
+    _require(m.init_std is None or m.init_std > 0, f"model.init_std={m.init_std}: must be > 0")
+    _require(t.seq_len <= m.max_seq_len,
+             f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
+    _require(d.vocab_size <= m.vocab_size,
+             f"data.vocab_size={d.vocab_size} (tokenizer) must be <= model.vocab_size={m.vocab_size}")
+    _require(d.vocab_size >= 256 + 1, f"data.vocab_size={d.vocab_size}: byte-level BPE needs >= 257")
+    _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+    _one_of(t.dtype, DTYPES, "train.dtype")
+    _one_of(t.device, DEVICES, "train.device")
+    _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
+    _require(cfg.parallel.mode in BUILT_PARALLEL_MODES,
+             f"parallel.mode={cfg.parallel.mode!r} is not implemented yet (built: "
+             f"{', '.join(BUILT_PARALLEL_MODES)}); run single-process with parallel.mode='none'")
+    _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0")
+    _require(cfg.checkpoint.interval == 0,
+             f"checkpoint.interval={cfg.checkpoint.interval}: checkpointing is not implemented yet; use 0")
+    _require(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas={o.betas}: each must be in [0, 1)")
+    _require(o.eps > 0, f"optim.eps={o.eps}: must be > 0")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    _require(o.table_weight_decay >= 0, f"optim.value_weight_decay={o.value_weight_decay}: must be >= 0")
+    _require(0 <= o.warmup_steps <= t.max_steps,
+             f"optim.warmup_steps={o.warmup_steps}: must be in [0, train.max_steps={t.max_steps}]")
+    _require(0.0 <= o.min_lr_frac <= 1.0, f"optim.min_lr_frac={o.min_lr_frac}: must be in [0, 1]")
+    _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables)")
+    _require(o.value_lr_mult > 0, f"optim.value_lr_mult={o.value_lr_mult}: must be > 0")
+    _require(0.0 <= o.value_lr_decay_frac <= 1.0,
+             f"optim.value_lr_decay_frac={o.value_lr_decay_frac}: must be in [0, 1]")
+    _require(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval}: must be >= 0")
+    _require(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches}: must be >= 1")
+    _one_of(mem.type, MEMORY_TYPES, "model.memory.type")
+    _one_of(mem.init, MEMORY_INITS, "model.memory.init")
+    # Placement is parsed here so a bad insert string fails before anything is built; the
+    # remaining memory rules (knum, knn, share_ratio, ...) belong to the layers' own validation.
+    from ultramem.model import memory_placement
+
+    memory_placement(m)
+    if mem.type != "none":
+        from ultramem.model import validate_memory
+
+        validate_memory(m)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
