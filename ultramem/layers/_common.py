@@ -1,0 +1,238 @@
+"""Pieces shared by the memory layers: config rules, RMSNorm, rank-1 refresh, init draws, stats."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ultramem.config import MEMORY_INITS, ConfigError, ModelConfig
+
+LAYER_TYPES = ("ultramem_v2", "ultramem_v1", "memory_plus")
+_KEY = "model.memory."
+# Tokens of random unit-variance input used by the "paper" init's norm-scale calibration.
+CALIBRATION_TOKENS = 2048
+# Rows drawn per chunk when filling a big table, so init never needs a second full-size copy.
+_INIT_CHUNK_ROWS = 1 << 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Config rules
+
+
+def window_keys(knum: int, num_layers: int, share_ratio: float) -> int:
+    """n = floor(sqrt(N · share_ratio)) with N = knum²·L (SPEC §2).
+
+    A relative tolerance of 1e-9 keeps exact ratios such as 1/3 from losing a key to rounding
+    (knum²·3·(1/3) evaluates to a hair under knum² in floating point)."""
+    n_rows = knum * knum * num_layers
+    return math.isqrt(int(math.floor(n_rows * share_ratio * (1.0 + 1e-9))))
+
+
+def _require(cond: bool, key: str, value, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def validate_memory_config(cfg: ModelConfig, num_layers: int) -> None:
+    """Raise ConfigError naming the key for any memory setting the layers cannot build."""
+    m = cfg.memory
+    _require(m.type in LAYER_TYPES, _KEY + "type", m.type, f"must be one of {LAYER_TYPES} to build memory layers")
+    _require(m.init in MEMORY_INITS, _KEY + "init", m.init, f"must be one of {MEMORY_INITS}")
+    _require(isinstance(num_layers, int) and num_layers >= 1, "num_memory_layers", num_layers, "must be >= 1")
+    _require(cfg.dim >= 1, "model.dim", cfg.dim, "must be >= 1")
+    _require(cfg.ffn_hidden >= 1, "model.ffn_hidden", cfg.ffn_hidden, "must be >= 1 (the paper init uses it)")
+    for name in ("heads", "knum", "kdim", "vdim", "knn", "log_interval"):
+        _require(getattr(m, name) >= 1, _KEY + name, getattr(m, name), "must be >= 1")
+    _require(0.0 <= m.dropout < 1.0, _KEY + "dropout", m.dropout, "must be in [0, 1)")
+    _require(m.key_balance_coef >= 0.0, _KEY + "key_balance_coef", m.key_balance_coef, "must be >= 0")
+    if m.type == "memory_plus":
+        _require(m.knn <= m.knum, _KEY + "knn", m.knn, f"must be <= keys per side (model.memory.knum={m.knum})")
+        return
+    for name in ("tucker_rank", "tucker_cores", "key_expand"):
+        _require(getattr(m, name) >= 1, _KEY + name, getattr(m, name), "must be >= 1")
+    _require(m.vdim % m.tucker_cores == 0, _KEY + "vdim", m.vdim,
+             f"must be divisible by model.memory.tucker_cores={m.tucker_cores} (one chunk per core)")
+    _require(m.rank_penalty >= 0.0, _KEY + "tucker_rank_penalty", m.tucker_rank_penalty, "must be >= 0")
+    _require(m.tucker_rank_margin >= 0.0, _KEY + "tucker_rank_margin", m.tucker_rank_margin, "must be >= 0")
+    if m.init == "paper":
+        _require(m.calibration_rounds >= 1, _KEY + "calibration_rounds", m.calibration_rounds,
+                 "must be >= 1 with model.memory.init='paper'")
+    if m.type == "ultramem_v2":
+        _require(m.pre_vdim >= 0, _KEY + "pre_vdim", m.pre_vdim, "must be >= 0 (0 disables the gate)")
+        _require(0.0 < m.share_ratio <= 1.0, _KEY + "share_ratio", m.share_ratio, "must be in (0, 1]")
+        n = window_keys(m.knum, num_layers, m.share_ratio)
+        _require(n >= 1, _KEY + "share_ratio", m.share_ratio,
+                 f"gives n = floor(sqrt(knum²·L·share_ratio)) = {n} keys per side; need >= 1")
+    else:
+        n = m.knum
+    keys_per_side = m.key_expand * n
+    _require(m.knn <= keys_per_side, _KEY + "knn", m.knn,
+             f"must be <= keys per side (key_expand·n = {m.key_expand}·{n} = {keys_per_side})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules and tensor helpers
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learnable scale; computed in fp32 (fp64 for fp64 input)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of a parameter that may be sharded as a DTensor (FSDP2)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def rank1_refresh(cores: Tensor, u_old: Tensor, v_old: Tensor) -> tuple[Tensor, Tensor]:
+    """First singular vectors (u, v) of S_h = Σ_m C_m[h] per head, float32 (SPEC "Rank-1 refresh").
+
+    The sign σ of each head's pair is the one minimizing |σu − u_old|₁ + |σv − v_old|₁; on a tie
+    (the first refresh, where u_old = v_old = 0) σ makes Σu + Σv >= 0, so the first result does
+    not depend on the SVD backend's sign convention."""
+    s = cores.detach().to(torch.float32).sum(1)  # [H, r, r]
+    left, _, right_h = torch.linalg.svd(s)
+    u, v = left[..., :, 0], right_h[..., 0, :]
+    u_old, v_old = u_old.to(torch.float32), v_old.to(torch.float32)
+    keep = (u - u_old).abs().sum(-1) + (v - v_old).abs().sum(-1)
+    flip = (u + u_old).abs().sum(-1) + (v + v_old).abs().sum(-1)
+    tie_flip = (flip == keep) & ((u.sum(-1) + v.sum(-1)) < 0)
+    sign = torch.where((flip < keep) | tie_flip, -1.0, 1.0).unsqueeze(-1)
+    return u * sign, v * sign
+
+
+def tucker_rank_penalty(cores: Tensor, margin: float) -> Tensor:
+    """mean over heads of Σ_{i>=2} relu(σ_i − margin)², σ the singular values of Σ_m C_m[h].
+
+    The SPEC's "mean(relu(σ_2..σ_r − margin)²) over heads" is read as: sum over the trailing
+    singular values of one head, then average over heads (for r = 2 the two readings agree)."""
+    sv = torch.linalg.svdvals(cores.to(torch.float32).sum(1))  # [H, r], descending
+    return F.relu(sv[:, 1:] - margin).pow(2).sum(-1).mean()
+
+
+def key_balance_side(coarse: Tensor, kept: Tensor) -> Tensor:
+    """n'·Σ_i p_i f_i for one side (Switch-style).
+
+    coarse [T, H, n'] are the coarse scores of the side's keys; p_i is the softmax probability of
+    key i averaged over tokens and heads. kept [T, H, k] are the keys (of this side) of the final
+    top-k pairs; f_i is the fraction of those entries that use key i (not differentiated)."""
+    n_keys = coarse.shape[-1]
+    p = torch.softmax(coarse.to(torch.float32), dim=-1).reshape(-1, n_keys).mean(0)
+    counts = torch.zeros(n_keys, device=coarse.device, dtype=torch.float32)
+    counts = counts.index_add(0, kept.reshape(-1), torch.ones(kept.numel(), device=coarse.device,
+                                                                 dtype=torch.float32))
+    f = counts / kept.numel()
+    return n_keys * (p * f).sum()
+
+
+def normal_from(generator: torch.Generator, like: Tensor, std: float) -> Tensor:
+    """N(0, std²) draws shaped like `like`, from `generator` (on its device), in like's dtype/device."""
+    draw = torch.randn(like.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return draw.mul_(std).to(device=like.device, dtype=like.dtype)
+
+
+def uniform_from(generator: torch.Generator, like: Tensor, low: float, high: float) -> Tensor:
+    draw = torch.rand(like.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return draw.mul_(high - low).add_(low).to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def fill_normal_rows(param: Tensor, generator: torch.Generator, std: float) -> None:
+    """param[:] ~ N(0, std²), drawn in row chunks (same draws as one big call's row order)."""
+    rows = param.shape[0]
+    for start in range(0, rows, _INIT_CHUNK_ROWS):
+        chunk = param[start:start + _INIT_CHUNK_ROWS]
+        chunk.copy_(normal_from(generator, chunk, std))
+
+
+def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: bool) -> float:
+    """σ_V of the "paper" init (SPEC §3) from the calibrated variance σ_s² of the selected scores.
+
+    With the gate:  σ_V⁴ = 0.2·k_inner·d / (k·H·(1+σ_s²)·pre_vdim·vdim·L),  k_inner = ffn_hidden/d.
+    Without it (pre_vdim = 0, and v1): the gate contributed the factor E[g²] = pre_vdim·σ_V²·c_p to
+    the output variance, c_p = Var(W_p x) = d·std² for unit-variance x; dropping the gate while
+    keeping the same target variance turns σ_V⁴·pre_vdim into σ_V²/c_p, i.e.
+        σ_V² = 0.2·k_inner·d·(d·std²) / (k·H·(1+σ_s²)·vdim·L)     (d·std² = 0.4 at the paper std).
+    """
+    m = cfg.memory
+    k_inner = cfg.ffn_hidden / cfg.dim
+    base = 0.2 * k_inner * cfg.dim / (m.knn * m.heads * (1.0 + score_var) * m.vdim * num_layers)
+    if gated:
+        return (base / m.pre_vdim) ** 0.25
+    return math.sqrt(base * cfg.dim * cfg.std ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (SPEC §7)
+
+
+class LayerStats(nn.Module):
+    """Running statistics of one memory layer, updated in place during training forwards.
+
+    Nothing here reads a value back to the host until `report()`, so accumulating costs no sync
+    and compiles into the layer's graph. Buffers are not saved in checkpoints."""
+
+    def __init__(self, num_values: int):
+        super().__init__()
+        self.num_values = num_values
+        self.register_buffer("hits", torch.zeros(num_values, dtype=torch.float32), persistent=False)
+        # [Σy, Σy², count(y), Σ top-1 score, Σ k-th score, count(scores)]
+        self.register_buffer("sums", torch.zeros(6, dtype=torch.float64), persistent=False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.hits.zero_()
+        self.sums.zero_()
+
+    @torch.no_grad()
+    def accumulate(self, logical: Tensor, y: Tensor, top1: Tensor, kth: Tensor) -> None:
+        """logical: the layer's logical value ids hit (any shape); y: the layer output;
+        top1 / kth: the best and the k-th (ranking) score per (token, head)."""
+        flat = logical.reshape(-1)
+        self.hits.index_add_(0, flat, torch.ones_like(flat, dtype=self.hits.dtype))
+        yd = y.detach().to(self.sums.dtype)
+        part = torch.stack([
+            yd.sum(), yd.pow(2).sum(), yd.new_ones(()) * y.numel(),
+            top1.detach().to(self.sums.dtype).sum(), kth.detach().to(self.sums.dtype).sum(),
+            yd.new_ones(()) * top1.numel(),
+        ])
+        self.sums.add_(part)
+
+    @torch.no_grad()
+    def report(self) -> dict[str, float]:
+        """coverage, KL(hits ‖ uniform), output std, mean top-1 / k-th score; then reset.
+
+        With no accumulated forward since the last report the values are NaN (coverage 0)."""
+        hits = self.hits.to(torch.float64)
+        total = hits.sum()
+        coverage = (hits > 0).to(torch.float64).mean()
+        p = hits / total.clamp_min(1.0)
+        # 0·log 0 = 0: only nonzero p contribute
+        kl = torch.where(p > 0, p * torch.log(p * self.num_values), torch.zeros_like(p)).sum()
+        s = self.sums.tolist()
+        hit_total = float(total)
+        nan = float("nan")
+        out = {
+            "coverage": float(coverage),
+            "kl_uniform": float(kl) if hit_total > 0 else nan,
+        }
+        if s[2] > 0:
+            mean = s[0] / s[2]
+            out["out_std"] = math.sqrt(max(s[1] / s[2] - mean * mean, 0.0))
+        else:
+            out["out_std"] = nan
+        out["top1_score"] = s[3] / s[5] if s[5] > 0 else nan
+        out["kth_score"] = s[4] / s[5] if s[5] > 0 else nan
+        self.reset()
+        return out
