@@ -1,0 +1,318 @@
+"""The training loop and the pieces it is built from, one job each.
+
+    dist = setup_distributed()          # process group when launched by torchrun
+    model = build_training_model(cfg)   # built on meta, materialized on the device, paper init
+    model = parallelize(model, cfg)     # per-block compile now; DDP / FSDP2 / AC slot in here
+    opt, sched = build_optimizer(...)   # AdamW, three groups, LambdaLR schedule
+    Trainer(...).train()                # accumulation, clipping, rank-1 refresh, logging
+
+Only single-process training is implemented; `parallel.mode` other than "none" is refused at
+config validation.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ultramem.model import Transformer, build_model
+
+from .config import TrainConfig
+from .optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group and device
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized: bool = False  # whether this process created the process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device='cuda' but CUDA is not available; use 'cpu' or 'auto'")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def setup_distributed(device: torch.device | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE set): gloo on CPU, nccl on CUDA."""
+    if "WORLD_SIZE" not in os.environ:
+        return DistInfo()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    initialized = False
+    if not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        initialized = True
+    return DistInfo(rank, world, local_rank, initialized)
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    if info.initialized and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and parallelism
+
+
+def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
+    model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+    model.train()
+    return model
+
+
+def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo) -> Transformer:
+    """Apply (in torchtitan's order) activation checkpointing → compile → sharding.
+    Built so far: per-block torch.compile. DDP/FSDP2 are refused at config validation."""
+    if info.world_size > 1:
+        raise NotImplementedError(
+            f"world_size={info.world_size}: only single-process training is implemented "
+            f"(parallel.mode={cfg.parallel.mode!r})")
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()
+        for layer in model.memory_layers:
+            layer.compile()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (stub: DCP save / exact resume slots in here)
+
+
+class CheckpointManager:
+    def __init__(self, directory: str, interval: int):
+        self.directory, self.interval = directory, interval
+
+    def maybe_save(self, step: int, **state) -> bool:
+        """Save at multiples of `interval`; not built yet (config validation refuses interval > 0)."""
+        if self.interval and step % self.interval == 0:
+            raise NotImplementedError("checkpoint saving is not implemented yet")
+        return False
+
+    def load_latest(self, **state) -> int:
+        """Step to resume from (0: fresh start)."""
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics sink
+
+
+class MetricsWriter:
+    """Tensorboard scalars on the main rank (no-op elsewhere or when no directory is set)."""
+
+    def __init__(self, directory: str, enabled: bool):
+        self._writer = None
+        if directory and enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=directory)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    value_lr_mult: float
+    grad_norm: float
+    tokens_per_s: float
+    aux: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, train_batches, device: torch.device,
+                 info: DistInfo, val_batches=None):
+        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.train_batches, self.val_batches = train_batches, val_batches
+        self.device, self.info = device, info
+        self.step = 0
+        self.history: list[StepRecord] = []
+        self.metrics = MetricsWriter(cfg.metrics.tensorboard_dir, info.is_main)
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.interval)
+        self._value_group = next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "values"), None)
+
+    def _autocast(self):
+        if self.cfg.train.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _value_lr_mult(self) -> float:
+        if self._value_group is None:
+            return 1.0
+        lrs = self.scheduler.get_last_lr()
+        base = lrs[0]
+        return lrs[self._value_group] / base if base > 0 else 1.0
+
+    def train_step(self) -> StepRecord:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        value_mult = self._value_lr_mult()
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        accum = cfg.train.grad_accum
+        for micro in range(accum):
+            batch = self.train_batches.batch(self.step * accum + micro).to(self.device, non_blocking=True)
+            with self._autocast():
+                loss, aux = self.model(batch[:, :-1], batch[:, 1:])
+            (loss / accum).backward()
+            loss_sum += loss.detach().float()
+            aux_sum += aux.detach().float()
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.refresh_rank1()
+        self.step += 1
+
+        record = None
+        if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
+            loss_v = loss_sum.item() / accum  # the only host sync of a step, on logging steps
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - t0
+            tokens = cfg.train.batch_size * cfg.train.seq_len * accum * self.info.world_size
+            record = StepRecord(self.step, loss_v, lr, value_mult, float(grad_norm), tokens / elapsed,
+                                aux_sum.item() / accum)
+        if self.model.memory_layers and self.step % cfg.model.memory.log_interval == 0:
+            mem = self.model.memory_metrics()
+            if record is not None:
+                record.extra.update(mem)
+            if self.info.is_main:
+                log.info("step %d memory metrics: %s", self.step,
+                         " ".join(f"{k}={v:.4g}" for k, v in sorted(mem.items())))
+                self.metrics.scalars(self.step, {f"memory/{k}": v for k, v in mem.items()})
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = 0.0
+        for i in range(self.cfg.train.eval_batches):
+            batch = self.val_batches.batch(i).to(self.device)
+            with self._autocast():
+                loss, aux = self.model(batch[:, :-1], batch[:, 1:])
+            total += (loss - aux).item()
+        self.model.train()
+        return total / self.cfg.train.eval_batches
+
+    def train(self) -> list[StepRecord]:
+        cfg = self.cfg
+        self.step = self.checkpoints.load_latest(model=self.model, optimizer=self.optimizer)
+        self.model.refresh_rank1()  # before the first forward
+        while self.step < cfg.train.max_steps:
+            record = self.train_step()
+            if record is not None:
+                self.history.append(record)
+                if self.info.is_main:
+                    log.info("step %5d | loss %.4f | lr %.3e | value lr x%.3f | grad norm %.3f | %.0f tok/s",
+                             record.step, record.loss, record.lr, record.value_lr_mult, record.grad_norm,
+                             record.tokens_per_s)
+                    self.metrics.scalars(record.step, {
+                        "train/loss": record.loss, "train/aux_loss": record.aux, "train/lr": record.lr,
+                        "train/value_lr_mult": record.value_lr_mult, "train/grad_norm": record.grad_norm,
+                        "train/tokens_per_s": record.tokens_per_s})
+            if (self.val_batches is not None and cfg.train.eval_interval
+                    and self.step % cfg.train.eval_interval == 0):
+                val = self.evaluate()
+                if self.info.is_main:
+                    log.info("step %5d | val loss %.4f", self.step, val)
+                    self.metrics.scalars(self.step, {"val/loss": val})
+            self.checkpoints.maybe_save(self.step, model=self.model, optimizer=self.optimizer)
+        self.metrics.close()
+        return self.history
+
+
+# ---------------------------------------------------------------------------------------------
+# Putting it together
+
+
+def build_data(cfg: TrainConfig, info: DistInfo):
+    """(train windows, validation windows or None, tokenizer vocab). The main rank builds the
+    token cache first so that other ranks only read it."""
+    from ultramem.data import TokenWindows, load_token_splits
+
+    def load():
+        return load_token_splits(cfg.data.source, cfg.data.vocab_size, cfg.data.max_corpus_bytes,
+                                 cfg.data.val_fraction, cfg.data.cache_dir or None)
+
+    if info.world_size > 1 and dist.is_initialized():
+        splits = load() if info.is_main else None
+        dist.barrier()
+        if splits is None:
+            splits = load()
+    else:
+        splits = load()
+    if splits.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}; raise model.vocab_size")
+    t = cfg.train
+    train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size)
+    val = None
+    if len(splits.val) >= t.seq_len + 2:
+        val = TokenWindows(splits.val, t.batch_size, t.seq_len, t.seed + 1, info.rank, info.world_size)
+    log.info("data: %d train tokens, %d validation tokens, vocab %d", len(splits.train), len(splits.val),
+             splits.vocab_size)
+    return train, val, splits.vocab_size
+
+
+def run_training(cfg: TrainConfig) -> list[StepRecord]:
+    device_hint = torch.device("cuda") if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available() \
+        else torch.device("cpu")
+    info = setup_distributed(device_hint)
+    try:
+        device = resolve_device(cfg.train.device, info.local_rank)
+        torch.manual_seed(cfg.train.seed)
+        train_batches, val_batches, _ = build_data(cfg, info)
+        model = build_training_model(cfg, device)
+        model = parallelize(model, cfg, info)
+        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model: %.2f M parameters on %s, dtype %s, compile=%s", n_params / 1e6, device,
+                 cfg.train.dtype, cfg.train.compile)
+        trainer = Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches)
+        return trainer.train()
+    finally:
+        teardown_distributed(info)
