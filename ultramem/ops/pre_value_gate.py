@@ -79,3 +79,9 @@ def _backward(ctx, grad_gate: Tensor):
 
 
 pre_value_gate.register_autograd(_backward, setup_context=_setup_context)
+
+from ._triton import pre_value_gate as _triton_pre_value_gate  # noqa: E402  (None without Triton)
+
+if _triton_pre_value_gate is not None:
+    pre_value_gate.register_kernel("cuda")(_triton_pre_value_gate.pre_value_gate_cuda)
+    pre_value_gate_backward.register_kernel("cuda")(_triton_pre_value_gate.pre_value_gate_backward_cuda)

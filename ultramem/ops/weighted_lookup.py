@@ -102,3 +102,9 @@ def _backward(ctx, grad_out: Tensor):
 
 
 weighted_lookup.register_autograd(_backward, setup_context=_setup_context)
+
+from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402  (None without Triton)
+
+if _triton_weighted_lookup is not None:
+    weighted_lookup.register_kernel("cuda")(_triton_weighted_lookup.weighted_lookup_cuda)
+    weighted_lookup_backward.register_kernel("cuda")(_triton_weighted_lookup.weighted_lookup_backward_cuda)

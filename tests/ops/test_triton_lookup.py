@@ -1,0 +1,361 @@
+"""The Triton kernels of weighted_lookup, pre_value_gate and gate_lookup under the Triton
+interpreter, on CPU tensors, against float64 oracles written here with explicit loops.
+
+The kernel tests run only when TRITON_INTERPRET=1 is set before Triton is imported;
+`test_interpreter_suite` starts this module that way in a subprocess, so a plain `pytest` run
+covers them too.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_interpreter_suite():
+    if INTERPRET:
+        pytest.skip("already running under the interpreter")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (see test_interpreter_suite)")
+
+
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter keeps scalars as 1-element arrays and calls int() on them for
+    `range(...)` bounds, which NumPy >= 2.4 refuses; read the element instead."""
+    try:
+        import triton.runtime.interpreter as interp
+        original = interp._patch_lang_tensor
+    except (ImportError, AttributeError):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _patch_interpreter_index()
+    from ultramem.ops._triton import gate_lookup as tgl
+    from ultramem.ops._triton import pre_value_gate as tpg
+    from ultramem.ops._triton import weighted_lookup as twl
+
+SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
+SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1}
+
+
+# ----------------------------------------------------------------------------- oracles
+
+def lookup_oracle(rows, table, scores):
+    t, e = rows.shape
+    m = scores.shape[2]
+    dm = table.shape[1] // m
+    out = torch.zeros(t, table.shape[1], dtype=torch.float64)
+    for ti in range(t):
+        for ei in range(e):
+            r = int(rows[ti, ei])
+            for c in range(table.shape[1]):
+                out[ti, c] += float(scores[ti, ei, c // dm]) * float(table[r, c])
+    return out
+
+
+def lookup_backward_oracle(grad_out, rows, table, scores):
+    t, e = rows.shape
+    m = scores.shape[2]
+    dm = table.shape[1] // m
+    g_table = torch.zeros(table.shape, dtype=torch.float64)
+    g_scores = torch.zeros(t, e, m, dtype=torch.float64)
+    for ti in range(t):
+        for ei in range(e):
+            r = int(rows[ti, ei])
+            for c in range(table.shape[1]):
+                g_table[r, c] += float(scores[ti, ei, c // dm]) * float(grad_out[ti, c])
+                g_scores[ti, ei, c // dm] += float(table[r, c]) * float(grad_out[ti, c])
+    return g_table, g_scores
+
+
+def gate_oracle(rows, table, x):
+    t, e = rows.shape
+    out = torch.zeros(t, e, dtype=torch.float64)
+    for ti in range(t):
+        for ei in range(e):
+            out[ti, ei] = sum(float(a) * float(b) for a, b in zip(table[int(rows[ti, ei])], x[ti]))
+    return out
+
+
+def gate_backward_oracle(grad_gate, rows, table, x):
+    t, e = rows.shape
+    g_table = torch.zeros(table.shape, dtype=torch.float64)
+    g_x = torch.zeros(x.shape, dtype=torch.float64)
+    for ti in range(t):
+        for ei in range(e):
+            r, gg = int(rows[ti, ei]), float(grad_gate[ti, ei])
+            g_table[r] += gg * x[ti].double()
+            g_x[ti] += gg * table[r].double()
+    return g_table, g_x
+
+
+def gelu64(v: float) -> float:
+    import math
+    return 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))
+
+
+def gate_lookup_oracle(rows, values, pre_values, x, scores, gelu):
+    g = gate_oracle(rows, pre_values, x)
+    act = g.clone().apply_(gelu64) if gelu else g
+    return lookup_oracle(rows, values, scores.double() * act.unsqueeze(-1)), g
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rows(t, e, n, g, dtype):
+    rows = torch.randint(0, n, (t, e), generator=g)
+    if t > 1 and e > 1:
+        rows[0, 1] = rows[0, 0]  # a row twice within one token
+        rows[1, :] = rows[0, 0]  # and across tokens
+    return rows.to(dtype)
+
+
+def _rand(shape, g, dtype):
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (an output element was not written?)"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _tol(*dtypes):
+    if any(d == torch.float16 for d in dtypes):
+        return 3e-3
+    if all(d == torch.float64 for d in dtypes):
+        return 1e-12
+    return 1e-5
+
+
+def _noncontig(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a tensor whose last dim is not contiguous in memory."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan") if t.is_floating_point() else 7,
+                      dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+# ----------------------------------------------------------------------------- weighted_lookup
+
+LOOKUP_CASES = [
+    # (tokens, entries, rows, dim, cores, table dtype, index dtype, blocks)
+    (6, 5, 23, 24, 2, torch.float32, torch.int64, None),
+    (6, 5, 23, 24, 3, torch.float16, torch.int32, SMALL_BLOCKS),
+    (5, 7, 11, 20, 2, torch.float32, torch.int32, SMALL_BLOCKS),  # dim not a multiple of 8
+    (4, 3, 9, 16, 1, torch.float64, torch.int64, SMALL_BLOCKS),
+    (3, 4, 13, 32, 4, torch.float16, torch.int64, None),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", LOOKUP_CASES)
+def test_lookup_forward(case):
+    t, e, n, d, m, dtype, idx, blocks = case
+    g = _gen(t * 100 + d + m)
+    rows, table, scores = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, e, m), g, dtype)
+    ref = lookup_oracle(rows, table, scores)
+    out = torch.full((t, d), float("nan"), dtype=dtype)
+    twl.weighted_gather(rows, table, scores, out, torch.float64 if dtype == torch.float64 else torch.float32, blocks)
+    assert _rel(out, ref) < _tol(dtype)
+    # The registered launcher: validation, output dtype, non-contiguous inputs.
+    out2 = twl.weighted_lookup_cuda(rows.t().contiguous().t(), _noncontig(table), scores.transpose(1, 2)
+                                    .contiguous().transpose(1, 2), blocks)
+    assert out2.dtype == dtype and out2.shape == (t, d)
+    assert _rel(out2, ref) < _tol(dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", LOOKUP_CASES)
+def test_lookup_backward(case, deterministic):
+    t, e, n, d, m, dtype, idx, blocks = case
+    g = _gen(t * 10 + e + d + m + deterministic)
+    rows, table, scores = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, e, m), g, dtype)
+    grad_out = _rand((t, d), g, dtype)
+    ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    configs = {"bwd": blocks, "segment": SMALL_SEGMENT if blocks else None}
+    grad_table = torch.zeros(n, d, dtype=acc)
+    grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=False,
+                                        deterministic=deterministic, configs=configs)
+    assert grad_table.dtype == acc and grad_scores.dtype == dtype
+    assert _rel(grad_table, ref_table) < _tol(dtype)
+    assert _rel(grad_scores, ref_scores) < _tol(dtype)
+    # Accumulating into a persistent buffer adds to what is there.
+    start = _rand((n, d), g, acc)
+    buf = start.clone()
+    grad_scores2 = twl.lookup_table_grad(grad_out, rows, table, scores, buf, accumulate=True,
+                                         deterministic=deterministic, configs=configs)
+    assert _rel(buf, start.double() + ref_table) < _tol(dtype)
+    assert _rel(grad_scores2, ref_scores) < _tol(dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_lookup_backward_launchers(deterministic, monkeypatch):
+    from ultramem.ops import determinism
+    monkeypatch.setattr(determinism, "_deterministic", deterministic)
+    g = _gen(5)
+    t, e, n, d, m = 5, 6, 17, 24, 2
+    rows, table = _rows(t, e, n, g, torch.int64), _rand((n, d), g, torch.float16)
+    scores, grad_out = _rand((t, e, m), g, torch.float16), _rand((t, d), g, torch.float16)
+    ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
+    grad_table, grad_scores = twl.weighted_lookup_backward_cuda(grad_out, rows, _noncontig(table), scores)
+    assert grad_table.dtype == torch.float32 and grad_scores.dtype == torch.float16
+    assert _rel(grad_table, ref_table) < 3e-3 and _rel(grad_scores, ref_scores) < 3e-3
+    buf = torch.ones(n, d)
+    grad_scores = twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows, table, scores)
+    assert _rel(buf, ref_table + 1) < 3e-3 and _rel(grad_scores, ref_scores) < 3e-3
+
+
+@needs_interpreter
+def test_deterministic_split_columns_path(monkeypatch):
+    """Rows wider than the fused segment kernel takes: dots in token order, columns split."""
+    monkeypatch.setattr(twl, "_FUSED_SEGMENT_MAX_D", 8)
+    g = _gen(9)
+    t, e, n, d, m = 4, 5, 7, 24, 3
+    rows, table = _rows(t, e, n, g, torch.int32), _rand((n, d), g, torch.float32)
+    scores, grad_out = _rand((t, e, m), g, torch.float32), _rand((t, d), g, torch.float32)
+    ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
+    grad_table = torch.zeros(n, d)
+    grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=False,
+                                        deterministic=True, configs={"dots": SMALL_BLOCKS, "segment": SMALL_SEGMENT})
+    assert _rel(grad_table, ref_table) < 1e-5 and _rel(grad_scores, ref_scores) < 1e-5
+
+
+@needs_interpreter
+def test_out_of_range_rows_contribute_nothing():
+    """Range checks are off on CUDA outside debug mode: bad ids must be skipped, not followed."""
+    g = _gen(3)
+    t, e, n, d, m = 4, 3, 10, 16, 2
+    rows = _rows(t, e, n, g, torch.int64)
+    bad = rows.clone()
+    bad[0, 0], bad[2, 1] = n + 3, -1
+    table, scores = _rand((n, d), g, torch.float32), _rand((t, e, m), g, torch.float32)
+    keep = scores.clone()
+    keep[0, 0], keep[2, 1] = 0, 0
+    out = torch.full((t, d), float("nan"))
+    twl.weighted_gather(bad, table, scores, out, torch.float32)
+    assert _rel(out, lookup_oracle(rows, table, keep)) < 1e-5
+    grad_out = _rand((t, d), g, torch.float32)
+    ref_table, _ = lookup_backward_oracle(grad_out, rows, table, keep)
+    for deterministic in (False, True):
+        grad_table = torch.zeros(n, d)
+        twl.lookup_table_grad(grad_out, bad, table, scores, grad_table, accumulate=False,
+                              deterministic=deterministic)
+        assert _rel(grad_table, ref_table) < 1e-5
+
+
+@needs_interpreter
+def test_empty_inputs():
+    table, rows = torch.randn(5, 8), torch.zeros(3, 0, dtype=torch.int64)
+    out = twl.weighted_lookup_cuda(rows, table, torch.zeros(3, 0, 2))
+    assert out.shape == (3, 8) and (out == 0).all()
+    out = twl.weighted_lookup_cuda(torch.zeros(0, 4, dtype=torch.int64), table, torch.zeros(0, 4, 2))
+    assert out.shape == (0, 8)
+    grad_table, grad_scores = twl.weighted_lookup_backward_cuda(torch.zeros(3, 8), rows, table, torch.zeros(3, 0, 2))
+    assert (grad_table == 0).all() and grad_scores.shape == (3, 0, 2)
+
+
+@needs_interpreter
+def test_launchers_validate_like_the_reference():
+    with pytest.raises(ValueError, match="scores"):
+        twl.weighted_lookup_cuda(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(5, 8), torch.zeros(3, 4, 3))
+    with pytest.raises(ValueError, match="rows"):
+        twl.weighted_lookup_cuda(torch.zeros(3, 4), torch.zeros(5, 8), torch.zeros(3, 4, 2))
+    with pytest.raises(ValueError, match="x"):
+        tpg.pre_value_gate_cuda(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(5, 8), torch.zeros(3, 6))
+    with pytest.raises(ValueError, match=r"outside the valid range"):
+        twl.weighted_lookup_cuda(torch.full((3, 4), 9), torch.zeros(5, 8), torch.zeros(3, 4, 2))
+
+
+# ----------------------------------------------------------------------------- pre_value_gate
+
+GATE_CASES = [
+    (6, 5, 23, 24, torch.float32, torch.int64, None),
+    (5, 7, 11, 20, torch.float16, torch.int32, SMALL_BLOCKS),
+    (4, 3, 9, 16, torch.float64, torch.int32, SMALL_BLOCKS),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", GATE_CASES)
+def test_gate_forward(case):
+    t, e, n, d, dtype, idx, blocks = case
+    g = _gen(t + e + d)
+    rows, table, x = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, d), g, dtype)
+    gate = tpg.pre_value_gate_cuda(rows, _noncontig(table), x, blocks)
+    assert gate.dtype == dtype and gate.shape == (t, e)
+    assert _rel(gate, gate_oracle(rows, table, x)) < _tol(dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", GATE_CASES)
+def test_gate_backward(case, deterministic):
+    t, e, n, d, dtype, idx, blocks = case
+    g = _gen(t + 2 * e + d)
+    rows, table, x = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, d), g, dtype)
+    grad_gate = _rand((t, e), g, dtype)
+    ref_table, ref_x = gate_backward_oracle(grad_gate, rows, table, x)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    configs = {"fwd": blocks, "bwd": blocks, "segment": SMALL_SEGMENT if blocks else None}
+    start = _rand((n, d), g, acc)
+    buf = start.clone()
+    grad_x = tpg.gate_table_grad(grad_gate, rows, table, x, buf, accumulate=True, deterministic=deterministic,
+                                 configs=configs)
+    assert grad_x.dtype == dtype
+    assert _rel(buf, start.double() + ref_table) < _tol(dtype)
+    assert _rel(grad_x, ref_x) < _tol(dtype)
+    grad_table, grad_x = tpg.pre_value_gate_backward_cuda(grad_gate, rows, table, x)
+    assert grad_table.dtype == acc
+    assert _rel(grad_table, ref_table) < _tol(dtype) and _rel(grad_x, ref_x) < _tol(dtype)
+
+
+# ----------------------------------------------------------------------------- gate_lookup (fused)
+
+FUSED_CASES = [
+    # (tokens, entries, rows, vdim, pre_dim, cores, gelu, dtype, index dtype, blocks)
+    (6, 5, 23, 24, 16, 2, True, torch.float32, torch.int64, None),
+    (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, {**SMALL_BLOCKS, "BLOCK_DP": 8}),
+    (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**SMALL_BLOCKS, "BLOCK_DP": 8}),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_gate_lookup_forward(case):
+    t, e, n, dv, dp, m, gelu, dtype, idx, blocks = case
+    g = _gen(t + e + dv + dp)
+    rows = _rows(t, e, n, g, idx)
+    values, pre_values = _rand((n, dv), g, dtype), _rand((n, dp), g, dtype)
+    x, scores = _rand((t, dp), g, dtype), _rand((t, e, m), g, dtype)
+    ref_out, ref_gate = gate_lookup_oracle(rows, values, pre_values, x, scores, gelu)
+    out, gate = tgl.gate_lookup_cuda(rows, values, _noncontig(pre_values), x, scores, gelu, blocks)
+    assert out.dtype == dtype and gate.dtype == dtype
+    assert _rel(out, ref_out) < _tol(dtype)
+    assert _rel(gate, ref_gate) < _tol(dtype)

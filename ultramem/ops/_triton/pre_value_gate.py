@@ -1,0 +1,75 @@
+"""Triton launchers for ultramem::pre_value_gate.
+
+The gate is a one-core lookup seen from the other side, so it runs on the kernels of
+`weighted_lookup`'s module:
+- forward: gate[t, e] = <P[row], x[t]> is the lookup backward's "dots" with grad_out = x;
+- grad_x[t] = Σ_e grad_gate[t, e] · P[row] is a lookup forward with scores = grad_gate;
+- grad_P[row] += grad_gate[t, e] · x[t] is the lookup's table-gradient scatter with g = x.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import acc_dtype, check, check_index_range
+from ..determinism import deterministic_enabled
+from . import weighted_lookup as _wl
+
+_OP = "pre_value_gate"
+
+
+def pre_value_gate_cuda(rows: Tensor, table: Tensor, x: Tensor, config: dict | None = None) -> Tensor:
+    # Imported late: the op module imports this one at its end to register the kernels.
+    from ..pre_value_gate import _check_args  # noqa: PLC0415
+    _check_args(rows, table, x)
+    check_index_range(rows, table.shape[0], _OP, "rows")
+    gate = x.new_empty(rows.shape)
+    if table.shape[1] == 0:
+        return gate.zero_()
+    _wl.gather_dots_scatter(rows, x, 1, acc_dtype(table, x), table=table, dots=gate, config=config)
+    return gate
+
+
+def _check_grad_gate(grad_gate: Tensor, rows: Tensor) -> None:
+    check(tuple(grad_gate.shape) == tuple(rows.shape), _OP,
+          f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}")
+
+
+def gate_table_grad(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, grad_table: Tensor, *,
+                    accumulate: bool, deterministic: bool | None = None,
+                    configs: dict | None = None) -> Tensor:
+    """Adds grad_P into grad_table (pre-zeroed when not `accumulate`); returns grad_x in x's dtype."""
+    configs = configs or {}
+    if deterministic is None:
+        deterministic = deterministic_enabled()
+    acc = acc_dtype(table, x, grad_gate)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[1] == 0:
+        return grad_x.zero_()
+    _wl.weighted_gather(rows, table, grad_gate, grad_x, acc, configs.get("fwd"))
+    if deterministic:
+        _wl.segment_scatter(rows, x, grad_gate, grad_table, acc, accumulate=accumulate,
+                            config=configs.get("segment"))
+    else:
+        _wl.gather_dots_scatter(rows, x, 1, acc, scores=grad_gate, grad_table=grad_table, config=configs.get("bwd"))
+    return grad_x
+
+
+def pre_value_gate_backward_cuda(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The dense contract of the reference: a zero-filled [N, D] gradient per call."""
+    _check_grad_gate(grad_gate, rows)
+    check_index_range(rows, table.shape[0], _OP, "rows")
+    acc = acc_dtype(table, x, grad_gate)
+    grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
+    grad_x = gate_table_grad(grad_gate, rows, table, x, grad_table, accumulate=False)
+    return grad_table, grad_x
+
+
+def pre_value_gate_backward_accumulate_cuda(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor,
+                                            x: Tensor) -> Tensor:
+    """Adds grad_P into the persistent `grad_table` buffer; returns grad_x."""
+    _check_grad_gate(grad_gate, rows)
+    check_index_range(rows, table.shape[0], _OP, "rows")
+    check(tuple(grad_table.shape) == tuple(table.shape), _OP,
+          f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
+    return gate_table_grad(grad_gate, rows, table, x, grad_table, accumulate=True)

@@ -1,0 +1,357 @@
+"""Triton kernels for ultramem::weighted_lookup, and the gather kernels it shares with
+pre_value_gate.
+
+Three kernels cover both ops (a gate is a lookup with one core whose "grad_out" is x):
+
+- `_weighted_gather_kernel`: out[t, d] = Σ_e w[t, e, core(d)] · table[rows[t, e], d]
+  (lookup forward; the gate's grad_x).
+- `_gather_dot_scatter_kernel`: per entry, dots[t, e, m] = <table[row] chunk m, g[t] chunk m>
+  (lookup grad_scores; the gate forward) and/or grad_table[row, d] += w[t, e, core(d)] · g[t, d]
+  with fp32 atomics (lookup and gate table gradients).
+- `_segment_scatter_kernel`: the same table gradient with one writer per row, over entries sorted
+  by row (deterministic mode); optionally fused with the dots, reading each row once.
+
+All loads are upcast to the accumulation dtype (fp32, or fp64 for fp64 inputs) right away;
+columns are split into `M` chunks of `D / M`, core(d) = d // (D / M). Index values outside
+[0, N) contribute nothing and are never dereferenced (the range check itself runs in debug
+mode only, as it needs a host sync).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._checks import acc_dtype, check, check_index_range
+from ..determinism import deterministic_enabled
+
+_OP = "weighted_lookup"
+
+# Launch shapes. Chosen on an H200 at the 227M shapes (perf/NOTES.md); any value is correct.
+# BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step.
+FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
+BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
+DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
+SEGMENT_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 256, "num_warps": 4}
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block_d(requested: int, d: int) -> int:
+    return max(8, min(int(requested), triton.next_power_of_2(d)))
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _core_weights(s_ptrs, s_sm, mask, chunk, M: tl.constexpr, ACC: tl.constexpr):
+    """[..., BD] weights: the score of core chunk[d] for every column (0 past the last core)."""
+    w = tl.where(chunk == 0, tl.expand_dims(tl.load(s_ptrs, mask=mask, other=0.0).to(ACC), -1), 0.0)
+    for mm in tl.static_range(1, M):
+        s_m = tl.load(s_ptrs + mm * s_sm, mask=mask, other=0.0).to(ACC)
+        w = tl.where(chunk == mm, tl.expand_dims(s_m, -1), w)
+    return w
+
+
+@triton.jit
+def _weighted_gather_kernel(
+    rows_ptr, r_st, r_se,
+    table_ptr, tb_sn, tb_sd,
+    s_ptr, s_st, s_se, s_sm,
+    out_ptr, o_st, o_sd,
+    T, E, N, D, DM,
+    M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = t < T
+    d_ok = d < D
+    chunk = (d // DM)[None, None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        te_ok = t_ok[:, None] & (e < E)[None, :]
+        ids = tl.load(rows_ptr + t[:, None] * r_st + e[None, :] * r_se, mask=te_ok, other=0).to(tl.int64)
+        ok = te_ok & (ids >= 0) & (ids < N)
+        vals = tl.load(table_ptr + ids[:, :, None] * tb_sn + d[None, None, :] * tb_sd,
+                       mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(ACC)
+        w = _core_weights(s_ptr + t[:, None] * s_st + e[None, :] * s_se, s_sm, ok, chunk, M, ACC)
+        acc += tl.sum(vals * w, axis=1)
+    tl.store(out_ptr + t[:, None] * o_st + d[None, :] * o_sd, acc.to(out_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _gather_dot_scatter_kernel(
+    rows_ptr, r_st, r_se,
+    table_ptr, tb_sn, tb_sd,
+    g_ptr, g_st, g_sd,
+    s_ptr, s_st, s_se, s_sm,
+    dots_ptr, dt_st, dt_se, dt_sm,
+    gt_ptr, gt_sn, gt_sd,
+    T, E, N, D, DM,
+    M: tl.constexpr, MP: tl.constexpr, COMPUTE_DOTS: tl.constexpr, SCATTER: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_ok = t < T
+    core = tl.arange(0, MP)[None, None, :]
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        te_ok = t_ok[:, None] & (e < E)[None, :]
+        ids = tl.load(rows_ptr + t[:, None] * r_st + e[None, :] * r_se, mask=te_ok, other=0).to(tl.int64)
+        ok = te_ok & (ids >= 0) & (ids < N)
+        dots = tl.zeros((BLOCK_T, BLOCK_E, MP), dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            chunk = (d // DM)[None, None, :]
+            gv = tl.load(g_ptr + t[:, None] * g_st + d[None, :] * g_sd,
+                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)[:, None, :]
+            vd_mask = ok[:, :, None] & d_ok[None, None, :]
+            if COMPUTE_DOTS:
+                vals = tl.load(table_ptr + ids[:, :, None] * tb_sn + d[None, None, :] * tb_sd,
+                               mask=vd_mask, other=0.0).to(ACC)
+                prod = vals * gv
+                for mm in tl.static_range(M):
+                    part = tl.sum(tl.where(chunk == mm, prod, 0.0), axis=2)
+                    dots = tl.where(core == mm, dots + part[:, :, None], dots)
+            if SCATTER:
+                w = _core_weights(s_ptr + t[:, None] * s_st + e[None, :] * s_se, s_sm, ok, chunk, M, ACC)
+                tl.atomic_add(gt_ptr + ids[:, :, None] * gt_sn + d[None, None, :] * gt_sd,
+                              (w * gv).to(gt_ptr.dtype.element_ty), mask=vd_mask, sem="relaxed")
+        if COMPUTE_DOTS:
+            tl.store(dots_ptr + t[:, None, None] * dt_st + e[None, :, None] * dt_se + core * dt_sm,
+                     dots.to(dots_ptr.dtype.element_ty), mask=te_ok[:, :, None] & (core < M))
+
+
+@triton.jit
+def _segment_scatter_kernel(
+    sorted_ptr, perm_ptr, L,
+    g_ptr, g_st, g_sd,
+    s_ptr, s_st, s_se, s_sm,
+    gt_ptr, gt_sn, gt_sd,
+    table_ptr, tb_sn, tb_sd,
+    dots_ptr, dt_st, dt_se, dt_sm,
+    E, N, D, DM,
+    M: tl.constexpr, ACCUMULATE: tl.constexpr, FUSE_DOTS: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Each lane starts at one position of the row-sorted entries; lanes at the first entry of
+    a row walk that row's run in order and write the row once (no atomics, fixed order)."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    j = (pid * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    j_ok = j < L
+    row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
+    prev = tl.load(sorted_ptr + j - 1, mask=j_ok & (j > 0), other=-1).to(tl.int64)
+    head = j_ok & (row != prev) & (row >= 0) & (row < N)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    chunk = (d // DM)[None, :]
+    row_mask = head[:, None] & d_ok[None, :]
+    if FUSE_DOTS:
+        vals = tl.load(table_ptr + row[:, None] * tb_sn + d[None, :] * tb_sd, mask=row_mask, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+    active = head
+    pos = j
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        ent = tl.load(perm_ptr + pos, mask=active, other=0).to(tl.int64)
+        tok = ent // E
+        en = ent - tok * E
+        gv = tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd,
+                     mask=active[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        s_ptrs = s_ptr + tok * s_st + en * s_se
+        w = _core_weights(s_ptrs, s_sm, active, chunk, M, ACC)
+        acc += w * gv
+        if FUSE_DOTS:
+            prod = vals * gv
+            for mm in tl.static_range(M):
+                part = tl.sum(tl.where(chunk == mm, prod, 0.0), axis=1)
+                tl.store(dots_ptr + tok * dt_st + en * dt_se + mm * dt_sm,
+                         part.to(dots_ptr.dtype.element_ty), mask=active)
+        pos += 1
+        more = active & (pos < L)
+        nxt = tl.load(sorted_ptr + pos, mask=more, other=-1).to(tl.int64)
+        active = more & (nxt == row)
+    out_ptrs = gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=row_mask, other=0.0).to(ACC)
+    tl.store(out_ptrs, acc.to(gt_ptr.dtype.element_ty), mask=row_mask)
+
+
+# ------------------------------------------------------------------------- generic launchers
+
+def _scores3(s: Tensor) -> tuple[Tensor, tuple[int, int, int], int]:
+    """Scores as [T, E, M] strides; a [T, E] tensor is one core (stride 0)."""
+    if s.dim() == 2:
+        return s, (s.stride(0), s.stride(1), 0), 1
+    return s, (s.stride(0), s.stride(1), s.stride(2)), s.shape[2]
+
+
+def weighted_gather(rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, acc: torch.dtype,
+                    config: dict | None = None) -> Tensor:
+    """out[t, chunk m] = Σ_e scores[t, e, m] · table[rows[t, e], chunk m]; scores [T, E] = one core."""
+    cfg = {**FWD_CONFIG, **(config or {})}
+    t, e = rows.shape
+    n, d = table.shape
+    s, s_strides, m = _scores3(scores)
+    if out.numel() == 0:
+        return out
+    bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
+    grid = (triton.cdiv(t, bt), triton.cdiv(d, bd))
+    _weighted_gather_kernel[grid](
+        rows, rows.stride(0), rows.stride(1),
+        table, table.stride(0), table.stride(1),
+        s, *s_strides,
+        out, out.stride(0), out.stride(1),
+        t, e, n, d, d // m,
+        M=m, BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, ACC=_tl_acc(acc), num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def gather_dots_scatter(rows: Tensor, g: Tensor, m: int, acc: torch.dtype, *,
+                        table: Tensor | None = None, dots: Tensor | None = None,
+                        scores: Tensor | None = None, grad_table: Tensor | None = None,
+                        config: dict | None = None) -> None:
+    """dots[t, e, m] = <table[rows[t, e]] chunk m, g[t] chunk m> when `dots` is given (a [T, E]
+    tensor for one core); grad_table[rows[t, e], chunk m] += scores[t, e, m] · g[t, chunk m]
+    (fp32 atomics) when `grad_table` is given."""
+    cfg = {**(BWD_CONFIG if grad_table is not None else DOTS_CONFIG), **(config or {})}
+    t, e = rows.shape
+    d = g.shape[1]
+    n = table.shape[0] if table is not None else grad_table.shape[0]
+    if t == 0 or e == 0 or d == 0:
+        return
+    compute_dots, scatter = dots is not None, grad_table is not None
+    tab = table if compute_dots else g
+    dts, dt_strides, _ = _scores3(dots) if compute_dots else (g, (0, 0, 0), m)
+    sc, s_strides, _ = _scores3(scores) if scatter else (g, (0, 0, 0), m)
+    gt = grad_table if scatter else g
+    bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
+    _gather_dot_scatter_kernel[(triton.cdiv(t, bt),)](
+        rows, rows.stride(0), rows.stride(1),
+        tab, tab.stride(0), tab.stride(1),
+        g, g.stride(0), g.stride(1),
+        sc, *s_strides,
+        dts, *dt_strides,
+        gt, gt.stride(0), gt.stride(1),
+        t, e, n, d, d // m,
+        M=m, MP=triton.next_power_of_2(m), COMPUTE_DOTS=compute_dots, SCATTER=scatter,
+        BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, ACC=_tl_acc(acc), num_warps=cfg["num_warps"],
+    )
+
+
+def sort_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Entries sorted by row (stable): (sorted row ids, flat entry index t*E + e)."""
+    return torch.sort(rows.reshape(-1), stable=True)
+
+
+def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
+                    accumulate: bool, table: Tensor | None = None, dots: Tensor | None = None,
+                    order: tuple[Tensor, Tensor] | None = None, config: dict | None = None) -> None:
+    """grad_table[row] (+)= Σ over the row's entries of scores · g[token], one writer per row, in
+    a fixed order. With `table` and `dots` also dots[t, e, m] (needs all of D in one block)."""
+    cfg = {**SEGMENT_CONFIG, **(config or {})}
+    t, e = rows.shape
+    n, d = grad_table.shape
+    if t == 0 or e == 0 or d == 0:
+        return
+    sc, s_strides, m = _scores3(scores)
+    sorted_ids, perm = order if order is not None else sort_rows(rows)
+    fuse = dots is not None
+    bd = _block_d(cfg["BLOCK_D"], d)
+    if fuse:
+        bd = triton.next_power_of_2(d)
+    tab = table if fuse else g
+    dts, dt_strides, _ = _scores3(dots) if fuse else (g, (0, 0, 0), m)
+    bj = cfg["BLOCK_J"]
+    _segment_scatter_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd))](
+        sorted_ids, perm, t * e,
+        g, g.stride(0), g.stride(1),
+        sc, *s_strides,
+        grad_table, grad_table.stride(0), grad_table.stride(1),
+        tab, tab.stride(0), tab.stride(1),
+        dts, *dt_strides,
+        e, n, d, d // m,
+        M=m, ACCUMULATE=accumulate, FUSE_DOTS=fuse, BLOCK_J=bj, BLOCK_D=bd, ACC=_tl_acc(acc),
+        num_warps=cfg["num_warps"],
+    )
+
+
+# The fused segment kernel keeps a whole row in registers; above this width it splits columns
+# and computes the dots in the token-order kernel instead.
+_FUSED_SEGMENT_MAX_D = 512
+
+
+def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_table: Tensor, *,
+                      accumulate: bool, deterministic: bool | None = None,
+                      configs: dict | None = None) -> Tensor:
+    """Adds the table gradient into grad_table (pre-zeroed when not `accumulate`) and returns
+    grad_scores in scores' dtype."""
+    configs = configs or {}
+    if deterministic is None:
+        deterministic = deterministic_enabled()
+    acc = acc_dtype(table, scores, grad_out)
+    m = scores.shape[2]
+    if not deterministic:
+        grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
+        gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, scores=scores,
+                            grad_table=grad_table, config=configs.get("bwd"))
+        return grad_scores
+    if table.shape[1] <= _FUSED_SEGMENT_MAX_D:
+        # Entries of an out-of-range row are never visited: keep their dots defined.
+        grad_scores = torch.zeros_like(scores, memory_format=torch.contiguous_format)
+        segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate, table=table,
+                        dots=grad_scores, config=configs.get("segment"))
+        return grad_scores
+    grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
+    gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, config=configs.get("dots"))
+    segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate,
+                    config=configs.get("segment"))
+    return grad_scores
+
+
+# ------------------------------------------------------------------------ the op's launchers
+
+def _op_checks():
+    # Imported late: the op module imports this one at its end to register the kernels.
+    from ..weighted_lookup import _check_args, _check_grad_out  # noqa: PLC0415
+    return _check_args, _check_grad_out
+
+
+def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor, config: dict | None = None) -> Tensor:
+    _op_checks()[0](rows, table, scores)
+    check_index_range(rows, table.shape[0], _OP, "rows")
+    out = scores.new_empty((rows.shape[0], table.shape[1]))
+    if rows.shape[1] == 0:
+        return out.zero_()
+    return weighted_gather(rows, table, scores, out, acc_dtype(table, scores), config)
+
+
+def weighted_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """The dense contract of the reference: a zero-filled [N, D] gradient per call."""
+    _op_checks()[1](grad_out, rows, table)
+    check_index_range(rows, table.shape[0], _OP, "rows")
+    acc = acc_dtype(table, scores, grad_out)
+    grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
+    grad_scores = lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=False)
+    return grad_table, grad_scores
+
+
+def weighted_lookup_backward_accumulate_cuda(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor,
+                                             scores: Tensor) -> Tensor:
+    """Adds the table gradient into the persistent `grad_table` buffer; returns grad_scores."""
+    _op_checks()[1](grad_out, rows, table)
+    check_index_range(rows, table.shape[0], _OP, "rows")
+    check(tuple(grad_table.shape) == tuple(table.shape), _OP,
+          f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
+    return lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=True)

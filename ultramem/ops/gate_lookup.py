@@ -1,0 +1,113 @@
+"""ultramem::gate_lookup: the pre-value gate and the weighted lookup fused (SPEC §3 steps 6–7).
+
+    g[t, e]         = <pre_values[rows[t, e]], x[t]>
+    out[t, chunk m] = Σ_e scores[t, e, m] · act(g[t, e]) · values[rows[t, e], chunk m]
+
+with act = GELU (exact, erf form) when `gelu` is true, else the identity. It equals
+`weighted_lookup(rows, values, scores * act(pre_value_gate(rows, pre_values, x))[..., None])`
+but reads each entry's two rows in one pass and never writes the effective scores.
+
+Shapes: rows [T, E] int32/int64, values [N, Dv] (Dv divisible by M), pre_values [N, Dp],
+x [T, Dp], scores [T, E, M] → (out [T, Dv] in scores' dtype, g [T, E] in x's dtype, before the
+activation). The backward goes through `weighted_lookup_backward` and
+`pre_value_gate_backward`, so it has their CUDA kernels and their deterministic mode.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
+from .pre_value_gate import pre_value_gate_backward
+from .weighted_lookup import weighted_lookup_backward
+
+_OP = "gate_lookup"
+
+
+def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor) -> None:
+    check_dim(rows, 2, _OP, "rows", "[tokens, entries]")
+    check_dim(values, 2, _OP, "values", "[num_rows, dim]")
+    check_dim(pre_values, 2, _OP, "pre_values", "[num_rows, pre_dim]")
+    check_dim(x, 2, _OP, "x", "[tokens, pre_dim]")
+    check_dim(scores, 3, _OP, "scores", "[tokens, entries, cores]")
+    check_index(rows, _OP, "rows")
+    for name, t in (("values", values), ("pre_values", pre_values), ("x", x), ("scores", scores)):
+        check_float(t, _OP, name)
+    check_same_device(_OP, rows=rows, values=values, pre_values=pre_values, x=x, scores=scores)
+    check(pre_values.shape[0] == values.shape[0], _OP,
+          f"pre_values has {pre_values.shape[0]} rows but values has {values.shape[0]}; rows index both")
+    check(x.shape[0] == rows.shape[0], _OP, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
+    check(x.shape[1] == pre_values.shape[1], _OP,
+          f"x dim {x.shape[1]} must equal pre_values dim {pre_values.shape[1]}")
+    check(tuple(scores.shape[:2]) == tuple(rows.shape), _OP,
+          f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}")
+    m = scores.shape[2]
+    check(m >= 1 and values.shape[1] % m == 0, _OP,
+          f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
+
+
+def _gelu_and_slope(g: Tensor) -> tuple[Tensor, Tensor]:
+    """GELU(g) = g·Φ(g) and its derivative Φ(g) + g·φ(g)."""
+    cdf = 0.5 * (1.0 + torch.erf(g * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi))
+    return g * cdf, cdf + g * pdf
+
+
+@torch.library.custom_op("ultramem::gate_lookup", mutates_args=())
+def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
+                gelu: bool) -> tuple[Tensor, Tensor]:
+    """Reference kernel (CPU; CUDA when Triton is missing)."""
+    _check_args(rows, values, pre_values, x, scores)
+    check_index_range(rows, values.shape[0], _OP, "rows")
+    acc = acc_dtype(values, pre_values, x, scores)
+    t, e = rows.shape
+    m = scores.shape[2]
+    flat = rows.reshape(-1).long()
+    pre = pre_values.index_select(0, flat).to(acc).view(t, e, -1)
+    g = torch.einsum("ted,td->te", pre, x.to(acc))
+    act = _gelu_and_slope(g)[0] if gelu else g
+    vals = values.index_select(0, flat).to(acc).view(t, e, m, -1)
+    out = torch.einsum("temd,tem->tmd", vals, scores.to(acc) * act.unsqueeze(-1))
+    return out.reshape(t, values.shape[1]).to(scores.dtype), g.to(x.dtype)
+
+
+@gate_lookup.register_fake
+def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
+      gelu: bool) -> tuple[Tensor, Tensor]:
+    _check_args(rows, values, pre_values, x, scores)
+    return scores.new_empty((rows.shape[0], values.shape[1])), x.new_empty(rows.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    rows, values, pre_values, x, scores, gelu = inputs
+    ctx.gelu = gelu
+    ctx.save_for_backward(rows, values, pre_values, x, scores, output[1])
+
+
+def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
+    rows, values, pre_values, x, scores, gate = ctx.saved_tensors
+    acc = acc_dtype(values, pre_values, x, scores)
+    g = gate.to(acc)
+    act, slope = _gelu_and_slope(g) if ctx.gelu else (g, torch.ones_like(g))
+    s = scores.to(acc)
+    if grad_out is None:
+        grad_out = scores.new_zeros((rows.shape[0], values.shape[1]))
+    # The effective scores stay in the accumulation dtype, so the lookup's backward returns
+    # their gradient unrounded.
+    grad_values, grad_eff = weighted_lookup_backward(grad_out.contiguous(), rows, values, s * act.unsqueeze(-1))
+    grad_scores = (grad_eff * act.unsqueeze(-1)).to(scores.dtype)
+    grad_g = (grad_eff * s).sum(-1) * slope
+    if grad_gate is not None:
+        grad_g = grad_g + grad_gate.to(acc)
+    grad_pre_values, grad_x = pre_value_gate_backward(grad_g.contiguous(), rows, pre_values, x)
+    return None, grad_values, grad_pre_values, grad_x, grad_scores, None
+
+
+gate_lookup.register_autograd(_backward, setup_context=_setup_context)
+
+from ._triton import gate_lookup as _triton_gate_lookup  # noqa: E402  (None without Triton)
+
+if _triton_gate_lookup is not None:
+    gate_lookup.register_kernel("cuda")(_triton_gate_lookup.gate_lookup_cuda)

@@ -1,0 +1,93 @@
+"""Accumulate-style backwards of the gather ops: the table gradient is added in place into a
+persistent buffer instead of being returned as a fresh dense [N, D] tensor.
+
+    ultramem::weighted_lookup_backward_accumulate(grad_table!, grad_out, rows, table, scores) -> grad_scores
+    ultramem::pre_value_gate_backward_accumulate(grad_table!, grad_gate, rows, table, x) -> grad_x
+
+`grad_table` is an fp32 (or fp64) tensor of the table's shape, zeroed once by its owner (for
+instance after each optimizer step), so gradient accumulation over micro-batches is free and no
+call pays for a 2 GB zero-fill. The other outputs are those of the public backward ops. On CUDA
+the adds are fp32 atomics, or sorted and one writer per row in deterministic mode
+(`ultramem.ops.determinism`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check, check_same_device
+
+_FLOAT_ACC = (torch.float32, torch.float64)
+
+
+def _check_buffer(op: str, grad_table: Tensor, table: Tensor) -> None:
+    check(tuple(grad_table.shape) == tuple(table.shape), op,
+          f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
+    check(grad_table.dtype in _FLOAT_ACC, op, f"grad_table must be float32 or float64, got {grad_table.dtype}")
+    check_same_device(op, grad_table=grad_table, table=table)
+
+
+@torch.library.custom_op("ultramem::weighted_lookup_backward_accumulate", mutates_args=("grad_table",))
+def weighted_lookup_backward_accumulate(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor,
+                                        scores: Tensor) -> Tensor:
+    """grad_table[rows[t, e], chunk m] += scores[t, e, m] · grad_out[t, chunk m]; returns grad_scores."""
+    op = "weighted_lookup_backward_accumulate"
+    _check_buffer(op, grad_table, table)
+    check(tuple(grad_out.shape) == (rows.shape[0], table.shape[1]), op,
+          f"grad_out shape {tuple(grad_out.shape)} must be (tokens, dim) = ({rows.shape[0]}, {table.shape[1]})")
+    acc = grad_table.dtype
+    t, e = rows.shape
+    m = scores.shape[2]
+    flat = rows.reshape(-1).long()
+    g = grad_out.to(acc).view(t, 1, m, -1)
+    vals = table.index_select(0, flat).to(acc).view(t, e, m, -1)
+    grad_scores = (vals * g).sum(-1)
+    grad_table.index_add_(0, flat, (scores.to(acc).unsqueeze(-1) * g).reshape(t * e, table.shape[1]))
+    return grad_scores.to(scores.dtype)
+
+
+@weighted_lookup_backward_accumulate.register_fake
+def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
+    _check_buffer("weighted_lookup_backward_accumulate", grad_table, table)
+    return torch.empty_like(scores)
+
+
+@torch.library.custom_op("ultramem::pre_value_gate_backward_accumulate", mutates_args=("grad_table",))
+def pre_value_gate_backward_accumulate(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor,
+                                       x: Tensor) -> Tensor:
+    """grad_table[rows[t, e]] += grad_gate[t, e] · x[t]; returns grad_x."""
+    op = "pre_value_gate_backward_accumulate"
+    _check_buffer(op, grad_table, table)
+    check(tuple(grad_gate.shape) == tuple(rows.shape), op,
+          f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}")
+    acc = grad_table.dtype
+    t, e = rows.shape
+    flat = rows.reshape(-1).long()
+    gg = grad_gate.to(acc)
+    pre = table.index_select(0, flat).to(acc).view(t, e, -1)
+    grad_x = torch.einsum("te,ted->td", gg, pre)
+    grad_table.index_add_(0, flat, (gg.unsqueeze(-1) * x.to(acc).unsqueeze(1)).reshape(t * e, -1))
+    return grad_x.to(x.dtype)
+
+
+@pre_value_gate_backward_accumulate.register_fake
+def _(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
+    _check_buffer("pre_value_gate_backward_accumulate", grad_table, table)
+    return torch.empty_like(x)
+
+
+from ._triton import pre_value_gate as _triton_pre_value_gate  # noqa: E402  (None without Triton)
+from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402
+
+if _triton_weighted_lookup is not None:
+    @weighted_lookup_backward_accumulate.register_kernel("cuda")
+    def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
+        _check_buffer("weighted_lookup_backward_accumulate", grad_table, table)
+        return _triton_weighted_lookup.weighted_lookup_backward_accumulate_cuda(grad_table, grad_out, rows, table,
+                                                                                scores)
+
+if _triton_pre_value_gate is not None:
+    @pre_value_gate_backward_accumulate.register_kernel("cuda")
+    def _(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
+        _check_buffer("pre_value_gate_backward_accumulate", grad_table, table)
+        return _triton_pre_value_gate.pre_value_gate_backward_accumulate_cuda(grad_table, grad_gate, rows, table, x)
