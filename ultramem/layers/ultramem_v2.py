@@ -259,7 +259,8 @@ class UltraMemV2(TuckerMemoryBase):
             value_std = RELEASED_TABLE_STD
         else:
             score_var = self.calibrate(generator, m.calibration_rounds)
-            value_std = paper_value_std(self.cfg, self.num_layers, score_var, gated=self.pre_vdim > 0)
+            value_std = paper_value_std(self.cfg, self.num_layers, score_var, gated=self.pre_vdim > 0,
+                                        gelu=self.glu_act)
         self.value_init_std = value_std
         if tables is not None:
             tables.note_layer_init(self.layer_index, value_std, generator)
