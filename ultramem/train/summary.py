@@ -49,6 +49,7 @@ class ModelSummary:
     n_memory_layers: int
     seq_len: int
     attention_flops_per_token: int
+    memory_layer_breakdown: dict[str, int]  # parameters of memory layer 0 by name
 
     @property
     def total_without_embedding(self) -> int:
@@ -86,8 +87,11 @@ def summarize(model: torch.nn.Module, cfg: ModelConfig, seq_len: int) -> ModelSu
     activated = total - table_params + reads
     one_d = sum(p.numel() for p in params.values() if p.ndim < 2 and p not in tables_set)
     attention = 6 * cfg.n_layers * cfg.dim * seq_len
+    breakdown = {}
+    if n_mem:
+        breakdown = {n: p.numel() for n, p in model.memory_layers[0].named_parameters() if p not in tables_set}
     return ModelSummary(total, embedding, tables, table_params, total - table_params, memory_dense, reads,
-                        activated, activated - one_d, n_mem, seq_len, attention)
+                        activated, activated - one_d, n_mem, seq_len, attention, breakdown)
 
 
 def _m(n: int) -> str:
@@ -106,6 +110,10 @@ def format_summary(s: ModelSummary, cfg: ModelConfig) -> str:
         f"  value tables                        {_m(s.table_params)}",
         f"  dense (all but tables)              {_m(s.dense_params)}",
         f"    of which memory layers' own       {_m(s.memory_dense_params)}",
+    ]
+    if s.memory_layer_breakdown:
+        lines.append("    one memory layer: " + ", ".join(f"{n} {v:,d}" for n, v in s.memory_layer_breakdown.items()))
+    lines += [
         "activated per token (dense params + table entries read: heads·knn·width per table and layer)",
         f"  table entries read per token        {_m(s.table_reads_per_token)}",
         f"  activated (with embedding)          {_m(s.activated)}",

@@ -1,0 +1,131 @@
+"""Config loading: name resolution, unknown keys, types, overrides, size rules."""
+import pytest
+
+from ultramem.config import ConfigError
+from ultramem.train.config import load_config, packaged_config_names, parse_overrides
+
+
+def write(tmp_path, text, name="cfg.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_packaged_names_resolve_with_and_without_suffix():
+    assert {"227m.toml", "debug.toml", "dense-debug.toml"} <= set(packaged_config_names())
+    a, b = load_config("227m"), load_config("227m.toml")
+    assert a == b
+    assert a.model.dim == 768 and a.model.memory.knn == 32 and a.optim.betas == (0.9, 0.95)
+
+
+def test_227m_matches_spec_section_8():
+    c = load_config("227m")
+    m, mem, o = c.model, c.model.memory, c.optim
+    assert (m.dim, m.n_layers, m.n_heads, m.ffn_hidden, m.vocab_size, m.max_seq_len) == (768, 20, 12, 2496, 50304, 4096)
+    assert m.tie_embeddings and abs(m.std - 0.0228) < 1e-4
+    assert (mem.type, mem.insert, mem.knum, mem.kdim, mem.vdim, mem.pre_vdim, mem.knn, mem.heads) == \
+        ("ultramem_v2", "full", 360, 192, 192, 192, 32, 1)
+    assert (mem.share_ratio, mem.tucker_rank, mem.tucker_cores, mem.key_expand) == (0.5, 2, 2, 1)
+    assert (o.lr, o.betas, o.weight_decay, o.grad_clip, o.value_lr_mult) == (4e-4, (0.9, 0.95), 0.1, 1.0, 4.0)
+    assert c.train.dtype == "bfloat16" and c.train.seq_len == 4096
+    assert c.train.batch_size * c.train.grad_accum == 768
+
+
+def test_path_resolution(tmp_path):
+    path = write(tmp_path, "[train]\nmax_steps = 700\n")
+    assert load_config(path).train.max_steps == 700
+
+
+def test_missing_file_names_it_and_lists_packaged():
+    with pytest.raises(ConfigError) as e:
+        load_config("no-such-config")
+    msg = str(e.value)
+    assert "no-such-config" in msg and "227m.toml" in msg and "debug.toml" in msg
+
+
+def test_unknown_key_names_dotted_key_and_suggests(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "[model.memory]\nknnn = 4\n"))
+    assert "model.memory.knnn" in str(e.value) and "knn" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "[optimm]\nlr = 1e-3\n"))
+    assert "'optimm'" in str(e.value) and "optim" in str(e.value)
+
+
+def test_wrong_type_names_key_expected_and_got(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, '[model]\ndim = "wide"\n'))
+    msg = str(e.value)
+    assert "model.dim" in msg and "int" in msg and "wide" in msg
+    with pytest.raises(ConfigError, match=r"train\.compile.*bool.*int"):
+        load_config(write(tmp_path, "[train]\ncompile = 1\n"))
+    with pytest.raises(ConfigError, match=r"optim\.betas"):
+        load_config(write(tmp_path, "[optim]\nbetas = [0.9]\n"))
+    with pytest.raises(ConfigError, match=r"model\.memory.*table"):
+        load_config(write(tmp_path, "[model]\nmemory = 3\n"))
+    # ints widen to float fields; floats do not narrow to int fields
+    assert load_config(write(tmp_path, "[optim]\nlr = 1\n"), validate=False).optim.lr == 1.0
+    with pytest.raises(ConfigError, match=r"model\.dim"):
+        load_config(write(tmp_path, "[model]\ndim = 64.0\n"))
+
+
+def test_overrides_parse_with_field_types():
+    cfg = load_config("debug", ["--model.memory.knn=4", "--optim.lr", "1e-3", "--train.compile=true",
+                                "--optim.betas=[0.8, 0.9]", "--optim.value_weight_decay=0.0",
+                                "--data.source=somewhere/file.txt", "--model.init_std=none"], validate=False)
+    assert cfg.model.memory.knn == 4 and isinstance(cfg.model.memory.knn, int)
+    assert cfg.optim.lr == 1e-3 and cfg.train.compile is True
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.optim.value_weight_decay == 0.0 and cfg.optim.table_weight_decay == 0.0
+    assert cfg.data.source == "somewhere/file.txt" and cfg.model.init_std is None
+    assert load_config("debug", ["--optim.betas=0.5,0.6"]).optim.betas == (0.5, 0.6)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model.memory.kn=4"], "model.memory.kn"),
+    (["--model.dim=abc"], "model.dim"),
+    (["--train.compile=maybe"], "train.compile"),
+    (["--model=3"], "section"),
+    (["--model.dim.x=3"], "not a section"),
+    (["positional"], "positional"),
+    (["--train.max_steps"], "no value"),
+])
+def test_bad_overrides(args, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", args)
+    assert fragment in str(e.value)
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a.b=1", "--c", "2"]) == [("a.b", "1"), ("c", "2")]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model.dim=130"], "divisible by model.n_heads"),
+    (["--model.dim=120", "--model.n_heads=8"], "must be even"),
+    (["--train.seq_len=256"], "train.seq_len=256 must be <= model.max_seq_len=128"),
+    (["--data.vocab_size=5000"], "data.vocab_size=5000"),
+    (["--model.vocab_size=1000"], "model.vocab_size=1000"),
+    (["--train.batch_size=0"], "train.batch_size=0"),
+    (["--optim.warmup_steps=1000"], "optim.warmup_steps=1000"),
+    (["--train.dtype=float16"], "train.dtype='float16'"),
+    (["--train.device=tpu"], "train.device='tpu'"),
+    (["--parallel.mode=fsdp"], "not implemented yet"),
+    (["--parallel.mode=tp"], "parallel.mode='tp'"),
+    (["--checkpoint.interval=10"], "checkpoint.interval=10"),
+    (["--optim.value_lr_decay_frac=2"], "optim.value_lr_decay_frac"),
+    (["--model.memory.type=ultramem_v3"], "model.memory.type"),
+    (["--model.memory.insert=2:1"], "model.memory.insert"),
+    (["--model.memory.insert=0:4"], "out of range"),
+    # memory rules come from the layers' own validation, named by key
+    (["--model.memory.knn=100"], "model.memory.knn"),
+])
+def test_size_rules(args, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", args)
+    assert fragment in str(e.value)
+
+
+def test_valid_packaged_configs_load():
+    for name in packaged_config_names():
+        load_config(name)
