@@ -118,7 +118,7 @@ def tucker_rank_penalty(cores: Tensor, margin: float) -> Tensor:
 
     The SPEC's "mean(relu(σ_2..σ_r − margin)²) over heads" is read as: sum over the trailing
     singular values of one head, then average over heads (for r = 2 the two readings agree)."""
-    sv = torch.linalg.svdvals(cores.to(torch.float32).sum(1))  # [H, r], descending
+    sv = torch.linalg.svdvals(cores.to(torch.promote_types(cores.dtype, torch.float32)).sum(1))  # [H, r]
     return F.relu(sv[:, 1:] - margin).pow(2).sum(-1).mean()
 
 
@@ -129,10 +129,9 @@ def key_balance_side(coarse: Tensor, kept: Tensor) -> Tensor:
     key i averaged over tokens and heads. kept [T, H, k] are the keys (of this side) of the final
     top-k pairs; f_i is the fraction of those entries that use key i (not differentiated)."""
     n_keys = coarse.shape[-1]
-    p = torch.softmax(coarse.to(torch.float32), dim=-1).reshape(-1, n_keys).mean(0)
-    counts = torch.zeros(n_keys, device=coarse.device, dtype=torch.float32)
-    counts = counts.index_add(0, kept.reshape(-1), torch.ones(kept.numel(), device=coarse.device,
-                                                                 dtype=torch.float32))
+    p = torch.softmax(coarse.to(torch.promote_types(coarse.dtype, torch.float32)), dim=-1).reshape(-1, n_keys).mean(0)
+    counts = torch.zeros(n_keys, device=coarse.device, dtype=p.dtype)
+    counts = counts.index_add(0, kept.reshape(-1), torch.ones(kept.numel(), device=coarse.device, dtype=p.dtype))
     f = counts / kept.numel()
     return n_keys * (p * f).sum()
 

@@ -68,7 +68,7 @@ class MemoryPlus(nn.Module):
         row = idx_a.gather(-1, torch.div(best, k, rounding_mode="floor"))
         col = idx_b.gather(-1, best % k)
         ids = row * self.knum + col
-        weights = torch.softmax(scores.float(), dim=-1).to(act)
+        weights = torch.softmax(scores.to(torch.promote_types(act, torch.float32)), dim=-1).to(act)
         out = weighted_lookup(ids.reshape(t, h * k), tables.values, weights.reshape(t, h * k, 1))
         y2 = self.w_o(out * F.silu(self.w_s(x2)))
         aux = torch.zeros((), device=x2.device, dtype=torch.float32)

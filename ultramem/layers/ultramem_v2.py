@@ -102,8 +102,9 @@ class TuckerMemoryBase(nn.Module):
         if self.rank_penalty > 0:
             aux = aux + self.rank_penalty * tucker_rank_penalty(self.cores, self.rank_margin)
         if self.key_balance_coef > 0:
-            coarse_a = torch.einsum("thir,hr->thi", a.float(), self.rank1_u.float())
-            coarse_b = torch.einsum("thir,hr->thi", b.float(), self.rank1_v.float())
+            acc = torch.promote_types(a.dtype, torch.float32)
+            coarse_a = torch.einsum("thir,hr->thi", a.to(acc), self.rank1_u.to(acc))
+            coarse_b = torch.einsum("thir,hr->thi", b.to(acc), self.rank1_v.to(acc))
             balance = (key_balance_side(coarse_a, torch.div(ids, self.n_side, rounding_mode="floor"))
                        + key_balance_side(coarse_b, ids % self.n_side))
             aux = aux + self.key_balance_coef * balance
