@@ -122,3 +122,10 @@ def _backward(ctx, grad_ids, grad_scores):
 
 
 tdqkr_retrieval.register_autograd(_backward, setup_context=_setup_context)
+
+
+from ._triton import retrieval as _triton_retrieval  # noqa: E402  (None without Triton)
+
+if _triton_retrieval is not None:
+    tdqkr_retrieval.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_cuda)
+    tdqkr_retrieval_backward.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_backward_cuda)

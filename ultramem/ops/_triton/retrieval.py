@@ -1,0 +1,508 @@
+"""Triton kernels for ultramem::tdqkr_retrieval (forward and backward).
+
+Forward, one program per (token, head), everything on chip except three tiny scratch rows:
+  1. coarse scores a = A·u, b = B·v over all sub-keys (u, v folded into the load);
+  2. the k-th largest coarse score per side by bisection on a count (`_kth_threshold`), then the
+     kept keys are compacted (prefix count) into a scratch row;
+  3. the k×k grid S = A_I (Σ_m C_m) B_Jᵀ, its k-th largest entry by the same bisection, the kept
+     pairs compacted into scratch; kept pairs are then sorted (bitonic, k entries) and their
+     per-core scores recomputed and written with the ids.
+Bisection keeps the invariant count(x >= lo) >= k > count(x >= hi); it halves the value
+interval for a few steps (fast on real data) and then the interval of the floats' order-
+preserving integer keys (at most 32 more steps, so it ends on any input). Among exactly equal
+scores at the threshold the lowest positions are kept, so the kept set is the reference's set
+whenever scores are distinct.
+
+Backward, one program per (token, head): zero the program's whole row of grad_row / grad_col,
+then (after a CTA barrier) write the gradient of each kept row/column once, duplicates summed
+in registers; per-program partial grad_cores sums are reduced by a small deterministic sum.
+No atomics: results are bit-reproducible.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._checks import check, check_index, check_index_range
+from ..retrieval import _check_args
+
+_log = logging.getLogger(__name__)
+_OP = "tdqkr_retrieval"
+
+# Sub-keys per side held in registers by one program; larger sides use the reference.
+MAX_KEYS = 16384
+# Largest Tucker rank unrolled in the kernels.
+MAX_RANK = 8
+# Grid entries held at once; larger k×k grids are walked in row tiles of this many entries.
+GRID_TILE = 4096  # 16 per thread at 8 warps
+# Bisection steps in value space before switching to integer-key bisection.
+VALUE_STEPS = 16
+# Warps per forward program for k <= 32 (8 above); elements zeroed per backward store.
+FWD_NUM_WARPS_SMALL_K = 4
+BWD_ZERO_BLOCK = 2048
+
+_warned: set[str] = set()
+
+
+def _fallback_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        _log.warning("ultramem::%s: Triton kernel skipped (%s); using the reference kernel", _OP, reason)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+@triton.jit
+def _key32(x):
+    """int32 whose signed order is the float order of x (non-NaN; -0.0 sorts just below +0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _unkey32(key):
+    bits = key ^ ((key >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bisect_step(lo, hi, step, VALUE_STEPS: tl.constexpr):
+    """Next probe in (lo, hi) and whether lo, hi are adjacent floats (nothing left to probe)."""
+    klo = _key32(lo)
+    khi = _key32(hi)
+    adjacent = klo + 1 >= khi
+    vmid = lo * 0.5 + hi * 0.5
+    kmid = (klo >> 1) + (khi >> 1) + (klo & khi & 1)  # floor((klo + khi) / 2) without overflow
+    use_key = (step >= VALUE_STEPS) | (vmid <= lo) | (vmid >= hi) | (vmid != vmid)
+    mid = tl.where(use_key, _unkey32(kmid), vmid)
+    return mid, adjacent
+
+
+@triton.jit
+def _kth_threshold(x, valid, knn, VALUE_STEPS: tl.constexpr):
+    """(thr, n_gt): thr = the knn-th largest valid x, n_gt = count of valid x > thr.
+
+    x must be -inf wherever valid is false (probes are always > lo >= -inf, so padding never
+    counts inside the loop)."""
+    lo = tl.min(tl.where(valid, x, float("inf")))
+    hi = tl.max(tl.where(valid, x, float("-inf")))
+    n_at_hi = tl.sum((valid & (x >= hi)).to(tl.int32))
+    todo = n_at_hi < knn
+    lo = tl.where(todo, lo, hi)
+    step = n_at_hi * 0
+    while todo:
+        mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
+        cnt = tl.sum((x >= mid).to(tl.int32))
+        ge = cnt >= knn
+        lo = tl.where(ge & ~adjacent, mid, lo)
+        hi = tl.where(ge | adjacent, hi, mid)
+        step += 1
+        todo = (cnt != knn) & ~adjacent & (step < VALUE_STEPS + 40)
+    n_gt = tl.sum((valid & (x > lo)).to(tl.int32))
+    return lo, n_gt
+
+
+@triton.jit
+def _kept_slots_1d(x, valid, thr, n_gt, knn):
+    """Slot in [0, knn) of every kept element (all x > thr, then the first x == thr)."""
+    gt = valid & (x > thr)
+    eq = valid & (x == thr)
+    packed = gt.to(tl.int32) + eq.to(tl.int32) * 65536  # two prefix counts in one scan
+    before = tl.cumsum(packed, axis=0) - packed
+    slot = tl.where(gt, before & 0xFFFF, n_gt + (before >> 16))
+    keep = (gt | eq) & (slot < knn)
+    return slot, keep
+
+
+@triton.jit
+def _kept_slots_2d(x, valid, thr, n_gt, knn, gt_base, eq_base):
+    """As _kept_slots_1d over a row-major 2-D tile, after gt_base / eq_base earlier entries.
+    Also returns the tile's own gt and eq counts."""
+    gt = valid & (x > thr)
+    eq = valid & (x == thr)
+    packed = gt.to(tl.int32) + eq.to(tl.int32) * 65536
+    row_total = tl.sum(packed, axis=1)
+    row_before = tl.cumsum(row_total, axis=0) - row_total
+    before = row_before[:, None] + tl.cumsum(packed, axis=1) - packed
+    slot = tl.where(gt, gt_base + (before & 0xFFFF), n_gt + eq_base + (before >> 16))
+    keep = (gt | eq) & (slot < knn)
+    tile_total = tl.sum(row_total)
+    return slot, keep, tile_total & 0xFFFF, tile_total >> 16
+
+
+@triton.jit
+def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
+                   R: tl.constexpr, R_P: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_STEPS: tl.constexpr):
+    """Write the positions of the knn largest <row, w> of one [n, R] score block to dst[0:knn]."""
+    offs = tl.arange(0, BLOCK_N)
+    comp = tl.arange(0, R_P)
+    valid = offs < n
+    tile = tl.load(base + offs[:, None] * s_n + comp[None, :] * s_r,
+                   mask=valid[:, None] & (comp[None, :] < R), other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + comp * s_w, mask=comp < R, other=0.0).to(tl.float32)
+    x = tl.where(valid, tl.sum(tile * w[None, :], axis=1), float("-inf"))
+    thr, n_gt = _kth_threshold(x, valid, knn, VALUE_STEPS)
+    slot, keep = _kept_slots_1d(x, valid, thr, n_gt, knn)
+    tl.store(dst_ptr + slot, offs, mask=keep)
+
+
+@triton.jit
+def _load_kept(ws_ptr, slots, mask, n):
+    """Kept key positions from scratch (L2 path: they were written by other threads of this
+    program), clamped so that garbage (NaN inputs) can never address outside the row."""
+    idx = tl.load(ws_ptr + slots, mask=mask, other=0, cache_modifier=".cg")
+    return tl.minimum(tl.maximum(idx, 0), n - 1)
+
+
+@triton.jit
+def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+               ws_ptr, i0, knn, n_row, n_col,
+               R: tl.constexpr, M: tl.constexpr, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows i0..i0+TILE_I of the grid S[i, j] = A[I_i] (Σ_m C_m) B[J_j]ᵀ, -inf outside k×k;
+    also the valid mask and the flat grid position i * BLOCK_K + j."""
+    ii = i0 + tl.arange(0, TILE_I)
+    jj = tl.arange(0, BLOCK_K)
+    i_ok = ii < knn
+    j_ok = jj < knn
+    rows = _load_kept(ws_ptr, ii, i_ok, n_row)
+    cols = _load_kept(ws_ptr + BLOCK_K, jj, j_ok, n_col)
+    s = tl.zeros((TILE_I, BLOCK_K), dtype=tl.float32)
+    for q in tl.static_range(R):
+        b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
+        p_q = tl.zeros((TILE_I,), dtype=tl.float32)
+        for p in tl.static_range(R):
+            c_pq = tl.load(c_base + p * sc_r + q * sc_s).to(tl.float32)
+            for m in tl.static_range(1, M):
+                c_pq += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32)
+            a_p = tl.load(a_base + rows * sa_n + p * sa_r, mask=i_ok, other=0.0).to(tl.float32)
+            p_q += a_p * c_pq
+        s += p_q[:, None] * b_q[None, :]
+    valid = i_ok[:, None] & j_ok[None, :]
+    s = tl.where(valid, s, float("-inf"))
+    flat = ii[:, None] * BLOCK_K + jj[None, :]
+    return s, valid, flat
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
+def _retrieval_fwd_kernel(
+    a_ptr, sa_t, sa_h, sa_n, sa_r,
+    b_ptr, sb_t, sb_h, sb_n, sb_r,
+    c_ptr, sc_h, sc_m, sc_r, sc_s,
+    u_ptr, su_h, su_r,
+    v_ptr, sv_h, sv_r,
+    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr,
+    heads, n_row, n_col, knn,
+    R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr,
+    BLOCK_NR: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
+    VALUE_STEPS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // heads
+    h = pid % heads
+    a_base = a_ptr + t * sa_t + h * sa_h
+    b_base = b_ptr + t * sb_t + h * sb_h
+    c_base = c_ptr + h * sc_h
+    keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)  # [rows kept | cols kept]
+    pairs_ws = pairs_ws_ptr + pid * BLOCK_K
+    vals_ws = vals_ws_ptr + pid * BLOCK_K
+
+    # 1-2. coarse top-k per side
+    _coarse_select(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws,
+                   R, R_P, BLOCK_NR, VALUE_STEPS)
+    _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
+                   R, R_P, BLOCK_NC, VALUE_STEPS)
+    tl.debug_barrier()
+
+    # 3. top-k of the k×k grid by Σ_m s_m
+    if TILE_I == BLOCK_K:
+        s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                    keys_ws, 0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        thr, n_gt = _kth_threshold(s, valid, knn, VALUE_STEPS)
+        slot, keep, _, _ = _kept_slots_2d(s, valid, thr, n_gt, knn, 0, 0)
+        tl.store(pairs_ws + slot, flat, mask=keep)
+        tl.store(vals_ws + slot, s, mask=keep)
+    else:
+        # Grid too large for registers: recompute it tile by tile on every pass.
+        lo = tl.full((), float("inf"), tl.float32)
+        hi = tl.full((), float("-inf"), tl.float32)
+        for i0 in range(0, BLOCK_K, TILE_I):
+            s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                     keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+            lo = tl.minimum(lo, tl.min(tl.where(valid, s, float("inf"))))
+            hi = tl.maximum(hi, tl.max(s))
+        n_at_hi = knn * 0
+        for i0 in range(0, BLOCK_K, TILE_I):
+            s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                     keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+            n_at_hi += tl.sum((valid & (s >= hi)).to(tl.int32))
+        todo = n_at_hi < knn
+        lo = tl.where(todo, lo, hi)
+        step = n_at_hi * 0
+        while todo:
+            mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
+            cnt = knn * 0
+            for i0 in range(0, BLOCK_K, TILE_I):
+                s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                         keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+                cnt += tl.sum((s >= mid).to(tl.int32))
+            ge = cnt >= knn
+            lo = tl.where(ge & ~adjacent, mid, lo)
+            hi = tl.where(ge | adjacent, hi, mid)
+            step += 1
+            todo = (cnt != knn) & ~adjacent & (step < VALUE_STEPS + 40)
+        thr = lo
+        n_gt = knn * 0
+        for i0 in range(0, BLOCK_K, TILE_I):
+            s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                     keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+            n_gt += tl.sum((valid & (s > thr)).to(tl.int32))
+        gt_base = knn * 0
+        eq_base = knn * 0
+        for i0 in range(0, BLOCK_K, TILE_I):
+            s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                        keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+            slot, keep, n_gt_tile, n_eq_tile = _kept_slots_2d(s, valid, thr, n_gt, knn, gt_base, eq_base)
+            tl.store(pairs_ws + slot, flat, mask=keep)
+            tl.store(vals_ws + slot, s, mask=keep)
+            gt_base += n_gt_tile
+            eq_base += n_eq_tile
+    tl.debug_barrier()
+
+    # 4. sort the kept pairs by descending grid score; write ids and per-core scores
+    e = tl.arange(0, BLOCK_K)
+    e_ok = e < knn
+    pair = tl.load(pairs_ws + e, mask=e_ok, other=0, cache_modifier=".cg")
+    val = tl.load(vals_ws + e, mask=e_ok, other=0.0, cache_modifier=".cg")
+    key = tl.where(e_ok, _key32(val), -2147483648).to(tl.int64)
+    packed = tl.sort((key << 32) | pair.to(tl.int64), descending=True)
+    pair = (packed & 0x7FFFFFFF).to(tl.int32)
+    rows = _load_kept(keys_ws, pair // BLOCK_K, e_ok, n_row)
+    cols = _load_kept(keys_ws + BLOCK_K, pair % BLOCK_K, e_ok, n_col)
+    out_row = pid * knn + e
+    tl.store(ids_ptr + out_row, rows.to(tl.int64) * n_col + cols, mask=e_ok)
+    for m in tl.static_range(M):
+        score = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for p in tl.static_range(R):
+            a_p = tl.load(a_base + rows * sa_n + p * sa_r, mask=e_ok, other=0.0).to(tl.float32)
+            ca = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for q in tl.static_range(R):
+                b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=e_ok, other=0.0).to(tl.float32)
+                ca += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_q
+            score += a_p * ca
+        tl.store(scores_ptr + out_row * M + m, score.to(scores_ptr.dtype.element_ty), mask=e_ok)
+
+
+@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
+def _retrieval_bwd_kernel(
+    g_ptr, sg_t, sg_h, sg_k, sg_m,
+    a_ptr, sa_t, sa_h, sa_n, sa_r,
+    b_ptr, sb_t, sb_h, sb_n, sb_r,
+    c_ptr, sc_h, sc_m, sc_r, sc_s,
+    ids_ptr, si_t, si_h, si_k,
+    ga_ptr, gb_ptr, gc_part_ptr,
+    heads, n_row, n_col, knn,
+    R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // heads
+    h = pid % heads
+    g_base = g_ptr + t * sg_t + h * sg_h
+    a_base = a_ptr + t * sa_t + h * sa_h
+    b_base = b_ptr + t * sb_t + h * sb_h
+    c_base = c_ptr + h * sc_h
+    id_base = ids_ptr + t * si_t + h * si_h
+    ga_row = ga_ptr + pid * n_row * R  # the gradients are fresh contiguous [T, H, n, R]
+    gb_row = gb_ptr + pid * n_col * R
+
+    # Zero this program's rows of both gradients; the kept entries are overwritten below.
+    # (while loops: a range() over a runtime bound breaks the interpreter under numpy >= 2.4)
+    z = tl.arange(0, ZERO_BLOCK)
+    z0 = n_row * 0
+    while z0 < n_row * R:
+        tl.store(ga_row + z0 + z, tl.zeros((ZERO_BLOCK,), dtype=ga_ptr.dtype.element_ty), mask=z0 + z < n_row * R)
+        z0 += ZERO_BLOCK
+    z0 = n_col * 0
+    while z0 < n_col * R:
+        tl.store(gb_row + z0 + z, tl.zeros((ZERO_BLOCK,), dtype=gb_ptr.dtype.element_ty), mask=z0 + z < n_col * R)
+        z0 += ZERO_BLOCK
+
+    e = tl.arange(0, BLOCK_K)
+    vid = tl.load(id_base + e * si_k, mask=e < knn, other=-1).to(tl.int64)
+    ok = (vid >= 0) & (vid < n_row * n_col)  # out-of-range ids contribute nothing
+    i_e = tl.where(ok, vid // n_col, -1).to(tl.int32)
+    j_e = tl.where(ok, vid % n_col, -1).to(tl.int32)
+
+    # grad_cores partial sums over this program's entries
+    for m in tl.static_range(M):
+        g_m = tl.load(g_base + e * sg_k + m * sg_m, mask=ok, other=0.0).to(tl.float32)
+        for p in tl.static_range(R):
+            ga_p = g_m * tl.load(a_base + i_e * sa_n + p * sa_r, mask=ok, other=0.0).to(tl.float32)
+            for q in tl.static_range(R):
+                b_q = tl.load(b_base + j_e * sb_n + q * sb_r, mask=ok, other=0.0).to(tl.float32)
+                tl.store(gc_part_ptr + pid * (M * R * R) + (m * R + p) * R + q, tl.sum(ga_p * b_q))
+
+    tl.debug_barrier()  # the zero stores above must land before the kept rows below
+
+    # grad_row[i] = Σ_{e: i_e = i} Σ_m g[e,m] C_m B[j_e]ᵀ  (and likewise grad_col); duplicates are
+    # summed over chunks of entries so that each kept key gets one complete write.
+    for p in tl.static_range(R):
+        acc_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for f0 in range(0, BLOCK_K, CHUNK):
+            f = f0 + tl.arange(0, CHUNK)
+            vid_f = tl.load(id_base + f * si_k, mask=f < knn, other=-1).to(tl.int64)
+            ok_f = (vid_f >= 0) & (vid_f < n_row * n_col)
+            i_f = tl.where(ok_f, vid_f // n_col, -1).to(tl.int32)
+            j_f = tl.where(ok_f, vid_f % n_col, -1).to(tl.int32)
+            da = tl.zeros((CHUNK,), dtype=tl.float32)  # d/dA[i_f, p]
+            db = tl.zeros((CHUNK,), dtype=tl.float32)  # d/dB[j_f, p]
+            for m in tl.static_range(M):
+                g_m = tl.load(g_base + f * sg_k + m * sg_m, mask=ok_f, other=0.0).to(tl.float32)
+                cb = tl.zeros((CHUNK,), dtype=tl.float32)
+                ca = tl.zeros((CHUNK,), dtype=tl.float32)
+                for q in tl.static_range(R):
+                    b_q = tl.load(b_base + j_f * sb_n + q * sb_r, mask=ok_f, other=0.0).to(tl.float32)
+                    a_q = tl.load(a_base + i_f * sa_n + q * sa_r, mask=ok_f, other=0.0).to(tl.float32)
+                    cb += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_q
+                    ca += tl.load(c_base + m * sc_m + q * sc_r + p * sc_s).to(tl.float32) * a_q
+                da += g_m * cb
+                db += g_m * ca
+            same_i = (i_e[:, None] == i_f[None, :]) & ok_f[None, :]
+            same_j = (j_e[:, None] == j_f[None, :]) & ok_f[None, :]
+            acc_a += tl.sum(tl.where(same_i, da[None, :], 0.0), axis=1)
+            acc_b += tl.sum(tl.where(same_j, db[None, :], 0.0), axis=1)
+        tl.store(ga_row + i_e * R + p, acc_a.to(ga_ptr.dtype.element_ty), mask=ok)
+        tl.store(gb_row + j_e * R + p, acc_b.to(gb_ptr.dtype.element_ty), mask=ok)
+
+
+# ------------------------------------------------------------------------------------ launchers
+
+def _device_ctx(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _block_k(knn: int) -> int:
+    return max(16, triton.next_power_of_2(knn))
+
+
+def _num_warps(block_k: int) -> int:
+    return FWD_NUM_WARPS_SMALL_K if block_k <= 32 else 8
+
+
+def _unsupported(row_scores: Tensor, col_scores: Tensor, cores: Tensor, *more: Tensor) -> str | None:
+    if any(x.dtype == torch.float64 for x in (row_scores, col_scores, cores, *more)):
+        return "float64 inputs"
+    if max(row_scores.shape[2], col_scores.shape[2]) > MAX_KEYS:
+        return f"more than {MAX_KEYS} sub-keys per side"
+    if row_scores.shape[3] > MAX_RANK:
+        return f"rank above {MAX_RANK}"
+    return None
+
+
+def _reference(op):
+    return getattr(op, "_init_fn", op)
+
+
+def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor,
+                         knn: int) -> tuple[Tensor, Tensor]:
+    """CUDA kernel of ultramem::tdqkr_retrieval (runs on CPU tensors under TRITON_INTERPRET=1)."""
+    _check_args(row_scores, col_scores, cores, u, v, knn)
+    reason = _unsupported(row_scores, col_scores, cores, u, v)
+    if reason is not None:
+        from .. import retrieval as ref
+        _fallback_once(reason)
+        return _reference(ref.tdqkr_retrieval)(row_scores, col_scores, cores, u, v, knn)
+    return launch_forward(row_scores, col_scores, cores, u, v, knn)
+
+
+def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
+                   grid_tile: int = GRID_TILE, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+    """The forward launch on checked arguments; `grid_tile` (grid entries held at once, a power
+    of 2) and `num_warps` are exposed for tests of the tiled path and for tuning."""
+    t, h, n_row, r = row_scores.shape
+    n_col = col_scores.shape[2]
+    m = cores.shape[1]
+    dev = row_scores.device
+    ids = torch.empty((t, h, knn), dtype=torch.int64, device=dev)
+    scores = torch.empty((t, h, knn, m), dtype=row_scores.dtype, device=dev)
+    if t * h == 0:
+        return ids, scores
+    block_k = _block_k(knn)
+    tile_i = max(1, min(block_k, grid_tile // block_k))
+    keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
+    pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
+    vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
+    with _device_ctx(row_scores):
+        _retrieval_fwd_kernel[(t * h,)](
+            row_scores, *row_scores.stride(),
+            col_scores, *col_scores.stride(),
+            cores, *cores.stride(),
+            u, *u.stride(),
+            v, *v.stride(),
+            ids, scores, keys_ws, pairs_ws, vals_ws,
+            h, n_row, n_col, knn,
+            R=r, R_P=triton.next_power_of_2(r), M=m,
+            BLOCK_NR=triton.next_power_of_2(n_row), BLOCK_NC=triton.next_power_of_2(n_col),
+            BLOCK_K=block_k, TILE_I=tile_i, VALUE_STEPS=VALUE_STEPS,
+            num_warps=num_warps or _num_warps(block_k),
+        )
+    return ids, scores
+
+
+def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
+                                  ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CUDA kernel of ultramem::tdqkr_retrieval_backward."""
+    t, h, n_row, r = row_scores.shape
+    n_col = col_scores.shape[2]
+    m = cores.shape[1]
+    check_index(ids, _OP, "ids")
+    check(ids.dim() == 3 and tuple(ids.shape[:2]) == (t, h), _OP,
+          f"ids shape {tuple(ids.shape)} must be (tokens={t}, heads={h}, knn)")
+    knn = ids.shape[2]
+    check(tuple(grad_scores.shape) == (t, h, knn, m), _OP,
+          f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})")
+    check_index_range(ids, n_row * n_col, _OP, "ids")
+    reason = _unsupported(row_scores, col_scores, cores, grad_scores)
+    if reason is not None:
+        from .. import retrieval as ref
+        _fallback_once(reason)
+        return _reference(ref.tdqkr_retrieval_backward)(grad_scores, row_scores, col_scores, cores, ids)
+    return launch_backward(grad_scores, row_scores, col_scores, cores, ids)
+
+
+def launch_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
+                    ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward launch on checked arguments (ids outside [0, n_row·n_col) are skipped)."""
+    t, h, n_row, r = row_scores.shape
+    n_col = col_scores.shape[2]
+    m = cores.shape[1]
+    knn = ids.shape[2]
+    dev = row_scores.device
+    grad_row = torch.empty((t, h, n_row, r), dtype=row_scores.dtype, device=dev)
+    grad_col = torch.empty((t, h, n_col, r), dtype=col_scores.dtype, device=dev)
+    if t * h == 0 or knn == 0:
+        return grad_row.zero_(), grad_col.zero_(), torch.zeros_like(cores)
+    partial = torch.empty((t, h, m, r, r), dtype=torch.float32, device=dev)
+    block_k = _block_k(knn)
+    with _device_ctx(row_scores):
+        _retrieval_bwd_kernel[(t * h,)](
+            grad_scores, *grad_scores.stride(),
+            row_scores, *row_scores.stride(),
+            col_scores, *col_scores.stride(),
+            cores, *cores.stride(),
+            ids, *ids.stride(),
+            grad_row, grad_col, partial,
+            h, n_row, n_col, knn,
+            R=r, M=m, BLOCK_K=block_k, CHUNK=min(block_k, max(16, 1024 // block_k)),
+            ZERO_BLOCK=BWD_ZERO_BLOCK, num_warps=4 if block_k <= 64 else 8,
+        )
+    grad_cores = partial.sum(0).to(cores.dtype)
+    return grad_row, grad_col, grad_cores
