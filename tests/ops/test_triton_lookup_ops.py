@@ -1,0 +1,199 @@
+"""The ops added with the lookup kernels, on CPU: ultramem::gate_lookup (fused gate + lookup), the
+accumulate-style backwards, and the deterministic-mode flag. Oracles are explicit loops in float64."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ultramem.ops import determinism
+from ultramem.ops.gate_lookup import gate_lookup
+from ultramem.ops.table_grad import pre_value_gate_backward_accumulate, weighted_lookup_backward_accumulate
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rows(t, e, n, g, dtype=torch.int64):
+    rows = torch.randint(0, n, (t, e), generator=g)
+    rows[0, 1] = rows[0, 0]
+    rows[1, :] = rows[0, 0]
+    return rows.to(dtype)
+
+
+def _rand(shape, g, dtype=torch.float64, requires_grad=False):
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+
+
+def gate_lookup_oracle(rows, values, pre_values, x, scores, gelu):
+    t, e = rows.shape
+    m = scores.shape[2]
+    dm = values.shape[1] // m
+    out = torch.zeros(t, values.shape[1], dtype=torch.float64)
+    gate = torch.zeros(t, e, dtype=torch.float64)
+    for ti in range(t):
+        for ei in range(e):
+            r = int(rows[ti, ei])
+            gv = sum(float(a) * float(b) for a, b in zip(pre_values[r], x[ti]))
+            gate[ti, ei] = gv
+            act = 0.5 * gv * (1 + math.erf(gv / math.sqrt(2))) if gelu else gv
+            for c in range(values.shape[1]):
+                out[ti, c] += float(scores[ti, ei, c // dm]) * act * float(values[r, c])
+    return out, gate
+
+
+@pytest.mark.parametrize("gelu", [True, False])
+@pytest.mark.parametrize("cores,index_dtype", [(1, torch.int64), (2, torch.int32), (3, torch.int64)])
+def test_gate_lookup_matches_oracle(gelu, cores, index_dtype):
+    g = _gen(cores + 10 * gelu)
+    t, e, n, dv, dp = 5, 4, 9, 12, 7
+    rows = _rows(t, e, n, g, index_dtype)
+    values, pre_values, x = _rand((n, dv), g), _rand((n, dp), g), _rand((t, dp), g)
+    scores = _rand((t, e, cores), g)
+    out, gate = gate_lookup(rows, values, pre_values, x, scores, gelu)
+    ref_out, ref_gate = gate_lookup_oracle(rows, values, pre_values, x, scores, gelu)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gate, ref_gate, rtol=1e-12, atol=1e-12)
+
+
+def test_gate_lookup_bf16_returns_input_dtypes():
+    g = _gen(1)
+    rows = _rows(4, 3, 6, g)
+    out, gate = gate_lookup(rows, _rand((6, 8), g, torch.bfloat16), _rand((6, 4), g, torch.bfloat16),
+                            _rand((4, 4), g, torch.float32), _rand((4, 3, 2), g, torch.bfloat16), True)
+    assert out.dtype == torch.bfloat16 and gate.dtype == torch.float32
+
+
+@pytest.mark.parametrize("gelu", [True, False])
+def test_gate_lookup_gradcheck(gelu):
+    g = _gen(2 + gelu)
+    t, e, n, dv, dp, m = 3, 3, 5, 4, 3, 2
+    rows = _rows(t, e, n, g)
+    args = (_rand((n, dv), g, requires_grad=True), _rand((n, dp), g, requires_grad=True),
+            _rand((t, dp), g, requires_grad=True), _rand((t, e, m), g, requires_grad=True))
+
+    def both_outputs(values, pre_values, x, scores):
+        out, gate = gate_lookup(rows, values, pre_values, x, scores, gelu)
+        return out, gate.sin()  # the gate output carries gradient too
+
+    assert torch.autograd.gradcheck(both_outputs, args)
+
+
+def test_gate_lookup_opcheck():
+    g = _gen(4)
+    t, e, n = 4, 3, 6
+    args = (_rows(t, e, n, g), _rand((n, 6), g, torch.float32, True), _rand((n, 5), g, torch.float32, True),
+            _rand((t, 5), g, torch.float32, True), _rand((t, e, 2), g, torch.float32, True), True)
+    torch.library.opcheck(torch.ops.ultramem.gate_lookup.default, args)
+
+
+def test_gate_lookup_compiles_fullgraph():
+    g = _gen(5)
+    t, e, n = 4, 3, 6
+    rows = _rows(t, e, n, g)
+    base = [_rand((n, 6), g, torch.float32), _rand((n, 5), g, torch.float32), _rand((t, 5), g, torch.float32),
+            _rand((t, e, 2), g, torch.float32)]
+
+    def loss(values, pre_values, x, scores):
+        out, gate = gate_lookup(rows, values, pre_values, x, scores, True)
+        return (out * out).sum() + gate.sum()
+
+    eager = [b.clone().requires_grad_() for b in base]
+    compiled = [b.clone().requires_grad_() for b in base]
+    loss(*eager).backward()
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(*compiled).backward()
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_gate_lookup_bad_inputs_name_the_argument():
+    rows = torch.zeros(3, 2, dtype=torch.int64)
+    v, p, x, s = torch.zeros(5, 8), torch.zeros(5, 4), torch.zeros(3, 4), torch.zeros(3, 2, 2)
+    with pytest.raises(ValueError, match="pre_values has 4 rows"):
+        gate_lookup(rows, v, torch.zeros(4, 4), x, s, True)
+    with pytest.raises(ValueError, match="x dim 3"):
+        gate_lookup(rows, v, p, torch.zeros(3, 3), s, True)
+    with pytest.raises(ValueError, match="cores 3"):
+        gate_lookup(rows, v, p, x, torch.zeros(3, 2, 3), True)
+    with pytest.raises(ValueError, match="outside the valid range"):
+        gate_lookup(rows + 7, v, p, x, s, True)
+
+
+# ----------------------------------------------------------------------------- accumulate ops
+
+def _lookup_grads_oracle(grad_out, rows, table, scores):
+    t, e = rows.shape
+    m = scores.shape[2]
+    dm = table.shape[1] // m
+    g_table = torch.zeros(table.shape, dtype=torch.float64)
+    g_scores = torch.zeros(t, e, m, dtype=torch.float64)
+    for ti in range(t):
+        for ei in range(e):
+            r = int(rows[ti, ei])
+            for c in range(table.shape[1]):
+                g_table[r, c] += float(scores[ti, ei, c // dm]) * float(grad_out[ti, c])
+                g_scores[ti, ei, c // dm] += float(table[r, c]) * float(grad_out[ti, c])
+    return g_table, g_scores
+
+
+def test_weighted_lookup_backward_accumulate_adds_into_buffer():
+    g = _gen(6)
+    t, e, n, d, m = 4, 3, 5, 6, 2
+    rows, table, scores, grad_out = _rows(t, e, n, g), _rand((n, d), g), _rand((t, e, m), g), _rand((t, d), g)
+    buf = _rand((n, d), g)
+    start = buf.clone()
+    grad_scores = weighted_lookup_backward_accumulate(buf, grad_out, rows, table, scores)
+    ref_table, ref_scores = _lookup_grads_oracle(grad_out, rows, table, scores)
+    torch.testing.assert_close(buf, start + ref_table)
+    torch.testing.assert_close(grad_scores, ref_scores)
+
+
+def test_pre_value_gate_backward_accumulate_adds_into_buffer():
+    g = _gen(7)
+    t, e, n, d = 4, 3, 5, 6
+    rows, table, x, grad_gate = _rows(t, e, n, g), _rand((n, d), g), _rand((t, d), g), _rand((t, e), g)
+    buf = _rand((n, d), g)
+    start = buf.clone()
+    grad_x = pre_value_gate_backward_accumulate(buf, grad_gate, rows, table, x)
+    ref_table = torch.zeros(n, d, dtype=torch.float64)
+    ref_x = torch.zeros(t, d, dtype=torch.float64)
+    for ti in range(t):
+        for ei in range(e):
+            ref_table[int(rows[ti, ei])] += grad_gate[ti, ei] * x[ti]
+            ref_x[ti] += grad_gate[ti, ei] * table[int(rows[ti, ei])]
+    torch.testing.assert_close(buf, start + ref_table)
+    torch.testing.assert_close(grad_x, ref_x)
+
+
+def test_accumulate_ops_opcheck_and_buffer_checks():
+    g = _gen(8)
+    t, e, n, d = 4, 3, 5, 6
+    rows, table = _rows(t, e, n, g), _rand((n, d), g, torch.bfloat16)
+    torch.library.opcheck(torch.ops.ultramem.weighted_lookup_backward_accumulate.default,
+                          (torch.zeros(n, d), _rand((t, d), g, torch.float32), rows, table,
+                           _rand((t, e, 2), g, torch.float32)))
+    torch.library.opcheck(torch.ops.ultramem.pre_value_gate_backward_accumulate.default,
+                          (torch.zeros(n, d), _rand((t, e), g, torch.float32), rows, table,
+                           _rand((t, d), g, torch.float32)))
+    with pytest.raises(ValueError, match="grad_table must be float32 or float64"):
+        weighted_lookup_backward_accumulate(torch.zeros(n, d, dtype=torch.bfloat16), torch.zeros(t, d), rows,
+                                            table, torch.zeros(t, e, 2))
+    with pytest.raises(ValueError, match="grad_table shape"):
+        pre_value_gate_backward_accumulate(torch.zeros(n + 1, d), torch.zeros(t, e), rows, table, torch.zeros(t, d))
+
+
+def test_deterministic_flag(monkeypatch):
+    monkeypatch.setattr(determinism, "_deterministic", False)
+    assert not determinism.deterministic_enabled()
+    determinism.set_deterministic(True)
+    assert determinism.deterministic_enabled()
+    determinism.set_deterministic(False)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert determinism.deterministic_enabled()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert not determinism.deterministic_enabled()
