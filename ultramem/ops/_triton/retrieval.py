@@ -201,8 +201,9 @@ def _retrieval_fwd_kernel(
     heads, n_row, n_col, knn,
     R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr,
     BLOCK_NR: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
-    VALUE_STEPS: tl.constexpr,
+    VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
 ):
+    # PHASES < 3 stops early (timing breakdown only): 1 = coarse selection, 2 = + grid selection.
     pid = tl.program_id(0).to(tl.int64)
     t = pid // heads
     h = pid % heads
@@ -219,6 +220,8 @@ def _retrieval_fwd_kernel(
     _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
                    R, R_P, BLOCK_NC, VALUE_STEPS)
     tl.debug_barrier()
+    if PHASES < 2:
+        return
 
     # 3. top-k of the k×k grid by Σ_m s_m
     if TILE_I == BLOCK_K:
@@ -274,6 +277,8 @@ def _retrieval_fwd_kernel(
             gt_base += n_gt_tile
             eq_base += n_eq_tile
     tl.debug_barrier()
+    if PHASES < 3:
+        return
 
     # 4. sort the kept pairs by descending grid score; write ids and per-core scores
     e = tl.arange(0, BLOCK_K)
@@ -424,9 +429,11 @@ def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, 
 
 
 def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
-                   grid_tile: int = GRID_TILE, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+                   grid_tile: int = GRID_TILE, num_warps: int | None = None,
+                   phases: int = 3) -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments; `grid_tile` (grid entries held at once, a power
-    of 2) and `num_warps` are exposed for tests of the tiled path and for tuning."""
+    of 2), `num_warps` and `phases` (< 3: stop early, outputs unwritten) are exposed for tests of
+    the tiled path and for timing."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -451,7 +458,7 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
             h, n_row, n_col, knn,
             R=r, R_P=triton.next_power_of_2(r), M=m,
             BLOCK_NR=triton.next_power_of_2(n_row), BLOCK_NC=triton.next_power_of_2(n_col),
-            BLOCK_K=block_k, TILE_I=tile_i, VALUE_STEPS=VALUE_STEPS,
+            BLOCK_K=block_k, TILE_I=tile_i, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
             num_warps=num_warps or _num_warps(block_k),
         )
     return ids, scores

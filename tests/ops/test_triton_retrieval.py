@@ -1,0 +1,292 @@
+"""The Triton kernels of ultramem::tdqkr_retrieval, run on CPU tensors by Triton's interpreter,
+against float64 formulas written here with explicit loops.
+
+The kernel tests need TRITON_INTERPRET=1 before Triton is imported, so they are skipped in a
+normal run and executed by `test_kernels_under_interpreter`, which re-runs this file in a
+subprocess with the variable set.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+triton = pytest.importorskip("triton")
+
+from ultramem.ops import retrieval as ref_mod  # noqa: E402
+from ultramem.ops._triton import retrieval as tri  # noqa: E402
+
+interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+
+def test_cuda_kernels_registered():
+    for name in ("ultramem::tdqkr_retrieval", "ultramem::tdqkr_retrieval_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the launcher of the interpreted run")
+def test_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-x", "-q",
+                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- float64 oracles (explicit loops)
+
+def oracle_forward(a, b, cores, u, v, knn):
+    """Per token/head: coarse scores, the coarse top-k sets, and the top-k pairs (sorted)."""
+    t, h, n_row, _ = a.shape
+    n_col = b.shape[2]
+    out = {}
+    for ti in range(t):
+        for hi in range(h):
+            a64, b64 = a[ti, hi].double(), b[ti, hi].double()
+            ca = [float(a64[i] @ u[hi].double()) for i in range(n_row)]
+            cb = [float(b64[j] @ v[hi].double()) for j in range(n_col)]
+            rows = sorted(range(n_row), key=lambda i: -ca[i])[:knn]
+            cols = sorted(range(n_col), key=lambda j: -cb[j])[:knn]
+            pairs = []
+            for i in rows:
+                for j in cols:
+                    per_core = [float(a64[i] @ cores[hi, m].double() @ b64[j]) for m in range(cores.shape[1])]
+                    pairs.append((sum(per_core), i * n_col + j, per_core))
+            pairs.sort(key=lambda p: -p[0])
+            out[ti, hi] = dict(ca=ca, cb=cb, kth_a=ca[rows[-1]], kth_b=cb[cols[-1]], pairs=pairs[:knn])
+    return out
+
+
+def pair_scores64(a, b, cores, ti, hi, vid):
+    n_col = b.shape[2]
+    i, j = vid // n_col, vid % n_col
+    return [float(a[ti, hi, i].double() @ cores[hi, m].double() @ b[ti, hi, j].double())
+            for m in range(cores.shape[1])]
+
+
+def assert_selection(ids, scores, a, b, cores, u, v, knn, tol, exact_ids=False):
+    """ids/scores must be a top-k selection: ids distinct, rows/cols in the coarse top-k (up to
+    ties within tol), per-core scores right, sorted by total, and totals as good as the oracle's."""
+    t, h = a.shape[:2]
+    n_col = b.shape[2]
+    assert ids.shape == (t, h, knn) and ids.dtype == torch.int64
+    assert scores.shape == (t, h, knn, cores.shape[1]) and scores.dtype == a.dtype
+    want = oracle_forward(a, b, cores, u, v, knn)
+    for ti in range(t):
+        for hi in range(h):
+            w = want[ti, hi]
+            got = [int(x) for x in ids[ti, hi]]
+            assert len(set(got)) == knn, f"duplicate ids at {(ti, hi)}: {got}"
+            if exact_ids:
+                assert got == [p[1] for p in w["pairs"]], (ti, hi)
+            totals = []
+            for e, vid in enumerate(got):
+                i, j = divmod(vid, n_col)
+                assert w["ca"][i] >= w["kth_a"] - tol and w["cb"][j] >= w["kth_b"] - tol, (ti, hi, vid)
+                per_core = pair_scores64(a, b, cores, ti, hi, vid)
+                assert scores[ti, hi, e].double().tolist() == pytest.approx(per_core, abs=tol, rel=tol)
+                totals.append(sum(per_core))
+            assert all(x >= y - tol for x, y in zip(totals, totals[1:])), f"not sorted at {(ti, hi)}"
+            for got_total, want_pair in zip(totals, w["pairs"]):
+                assert got_total == pytest.approx(want_pair[0], abs=tol, rel=tol), (ti, hi)
+
+
+def oracle_backward(grad, a, b, cores, ids):
+    """d(Σ grad·scores)/d(a, b, cores) with scores[t,h,e,m] = a[i_e] C_m b[j_e]ᵀ; ids outside
+    [0, n_row·n_col) contribute nothing."""
+    t, h, n_row, r = a.shape
+    n_col = b.shape[2]
+    ga = torch.zeros(a.shape, dtype=torch.float64)
+    gb = torch.zeros(b.shape, dtype=torch.float64)
+    gc = torch.zeros(cores.shape, dtype=torch.float64)
+    for ti in range(t):
+        for hi in range(h):
+            for e in range(ids.shape[2]):
+                vid = int(ids[ti, hi, e])
+                if not 0 <= vid < n_row * n_col:
+                    continue
+                i, j = divmod(vid, n_col)
+                ai, bj = a[ti, hi, i].double(), b[ti, hi, j].double()
+                for m in range(cores.shape[1]):
+                    g = float(grad[ti, hi, e, m])
+                    cm = cores[hi, m].double()
+                    ga[ti, hi, i] += g * (cm @ bj)
+                    gb[ti, hi, j] += g * (ai @ cm)
+                    gc[hi, m] += g * torch.outer(ai, bj)
+    return ga, gb, gc
+
+
+def _inputs(seed, t, h, n_row, n_col, r, m, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(t, h, n_row, r, generator=g).to(dtype)
+    b = torch.randn(t, h, n_col, r, generator=g).to(dtype)
+    cores = torch.randn(h, m, r, r, generator=g)
+    u = torch.randn(h, r, generator=g)
+    v = torch.randn(h, r, generator=g)
+    return a, b, cores, u, v
+
+
+# ---------------------------------------------------------------- forward
+
+@interpreted_only
+@pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn", [
+    (0, 3, 2, 37, 50, 2, 2, 5),
+    (1, 2, 1, 100, 70, 3, 1, 16),
+    (2, 2, 2, 33, 20, 1, 4, 1),
+    (3, 2, 1, 19, 23, 2, 3, 19),   # every row kept
+    (4, 1, 1, 40, 300, 4, 2, 33),  # k just above a power of 2
+])
+def test_forward_fp32_matches_oracle(seed, t, h, n_row, n_col, r, m, knn):
+    a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m)
+    ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, knn)
+    assert_selection(ids, scores, a, b, cores, u, v, knn, tol=1e-5, exact_ids=True)
+
+
+@interpreted_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_half_inputs(dtype):
+    a, b, cores, u, v = _inputs(5, 2, 2, 60, 45, 2, 2, dtype)
+    ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, 8)
+    assert_selection(ids, scores, a, b, cores, u, v, 8, tol=2e-2)
+
+
+@interpreted_only
+def test_forward_tiled_grid_matches_oracle():
+    # grid_tile=64 with k=9 (block 16): the k×k grid is walked in 4 tiles of 4 rows
+    a, b, cores, u, v = _inputs(6, 2, 1, 30, 26, 2, 2)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, 9, grid_tile=64)
+    assert_selection(ids, scores, a, b, cores, u, v, 9, tol=1e-5, exact_ids=True)
+
+
+@interpreted_only
+def test_forward_strided_inputs():
+    a, b, cores, u, v = _inputs(7, 3, 2, 41, 29, 2, 2)
+    a_t = a.transpose(0, 1).contiguous().transpose(0, 1)           # token stride != H·n·r
+    b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]     # rank stride 1, key stride 4
+    c_t = cores.transpose(2, 3).contiguous().transpose(2, 3)
+    u_s = torch.stack([u, u], dim=-1).flatten(-2)[:, ::2]
+    ids, scores = tri.tdqkr_retrieval_cuda(a_t, b_s, c_t, u_s, v, 6)
+    assert not (a_t.is_contiguous() or b_s.is_contiguous() or c_t.is_contiguous() or u_s.is_contiguous())
+    assert_selection(ids, scores, a, b, cores, u, v, 6, tol=1e-5, exact_ids=True)
+
+
+@interpreted_only
+def test_forward_exact_ties_in_grid():
+    # Grid totals A[i,0]·B[j,0] are small integers (many exact ties at the threshold) while the
+    # coarse scores are distinct: the kept totals must equal the oracle's top totals exactly.
+    g = torch.Generator().manual_seed(8)
+    t, n, knn = 3, 24, 7
+    a = torch.stack([torch.randint(-3, 4, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1)
+    b = torch.stack([torch.randint(-3, 4, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1)
+    cores = torch.zeros(1, 1, 2, 2)
+    cores[0, 0, 0, 0] = 1.0
+    u = torch.tensor([[1.0, 1e-3]])
+    ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, u, knn)
+    want = oracle_forward(a, b, cores, u, u, knn)
+    for ti in range(t):
+        assert len(set(ids[ti, 0].tolist())) == knn
+        assert scores[ti, 0, :, 0].tolist() == [p[0] for p in want[ti, 0]["pairs"]]
+    assert_selection(ids, scores, a, b, cores, u, u, knn, tol=0.0)
+
+
+@interpreted_only
+def test_forward_exact_ties_in_coarse_scores():
+    # Many keys share a coarse score: any tie order is fine, the kept rows must still be a top-k.
+    g = torch.Generator().manual_seed(9)
+    a = torch.randint(-2, 3, (2, 1, 30, 1), generator=g).float()
+    b = torch.randint(-2, 3, (2, 1, 30, 1), generator=g).float()
+    ones = torch.ones(1, 1)
+    ids, scores = tri.tdqkr_retrieval_cuda(a, b, ones.view(1, 1, 1, 1), ones, ones, 5)
+    for ti in range(2):
+        assert len(set(ids[ti, 0].tolist())) == 5
+        i, j = ids[ti, 0] // 30, ids[ti, 0] % 30
+        assert (a[ti, 0, i, 0] == a[ti, 0, :, 0].max()).all() and (b[ti, 0, j, 0] == b[ti, 0, :, 0].max()).all()
+        assert torch.equal(scores[ti, 0, :, 0], a[ti, 0, i, 0] * b[ti, 0, j, 0])
+
+
+@interpreted_only
+def test_forward_nan_input_stays_in_bounds():
+    a, b, cores, u, v = _inputs(10, 2, 1, 20, 20, 2, 2)
+    a[0, 0, 3:9] = float("nan")
+    b[1, 0, :] = float("nan")
+    ids, _ = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, 4)
+    assert ((ids >= 0) & (ids < 400)).all()
+
+
+def test_forward_float64_falls_back_to_reference(caplog):
+    a, b, cores, u, v = (x.double() for x in _inputs(11, 2, 1, 12, 10, 2, 2))
+    with caplog.at_level(logging.WARNING, logger=tri.__name__):
+        ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, 3)
+    want_ids, want_scores = ref_mod.tdqkr_retrieval(a, b, cores, u, v, 3)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    assert "float64" in caplog.text or "float64 inputs" in tri._warned
+
+
+def test_forward_rejects_bad_arguments():
+    a, b, cores, u, v = _inputs(12, 2, 1, 12, 10, 2, 2)
+    with pytest.raises(ValueError, match="knn=11"):
+        tri.tdqkr_retrieval_cuda(a, b, cores, u, v, 11)
+    with pytest.raises(ValueError, match="cores"):
+        tri.tdqkr_retrieval_cuda(a, b, cores[:, :, :1], u, v, 3)
+
+
+# ---------------------------------------------------------------- backward
+
+def _kept_ids_with_duplicates(a, b, cores, u, v, knn, dtype):
+    ids, _ = ref_mod.tdqkr_retrieval(a, b, cores, u, v, knn)
+    ids[0, 0, 1] = ids[0, 0, 0]               # the same pair twice
+    n_col = b.shape[2]
+    ids[-1, -1, -1] = (ids[-1, -1, 0] // n_col) * n_col + (n_col - 1)  # a row shared, a new column
+    return ids.to(dtype)
+
+
+@interpreted_only
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
+    (20, 3, 2, 37, 50, 2, 2, 5, torch.float32),
+    (21, 2, 1, 45, 50, 3, 3, 40, torch.float32),  # entries deduplicated over 4 chunks
+    (22, 2, 2, 16, 12, 1, 1, 2, torch.float16),
+])
+def test_backward_matches_oracle(index_dtype, seed, t, h, n_row, n_col, r, m, knn, dtype):
+    a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
+    ids = _kept_ids_with_duplicates(a.float(), b.float(), cores, u, v, knn, index_dtype)
+    grad = torch.randn(t, h, knn, m, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids)
+    want = oracle_backward(grad, a, b, cores, ids)
+    assert (ga.dtype, gb.dtype, gc.dtype) == (a.dtype, b.dtype, cores.dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for got, exp in zip((ga, gb, gc), want):
+        torch.testing.assert_close(got.double(), exp, rtol=tol, atol=tol)
+    assert torch.equal(ga.double()[want[0] == 0], torch.zeros_like(want[0][want[0] == 0]))
+    assert torch.equal(gb.double()[want[1] == 0], torch.zeros_like(want[1][want[1] == 0]))
+
+
+@interpreted_only
+def test_backward_strided_grad():
+    a, b, cores, u, v = _inputs(23, 2, 1, 20, 20, 2, 2)
+    ids = _kept_ids_with_duplicates(a, b, cores, u, v, 6, torch.int64)
+    grad = torch.randn(2, 1, 6, 4)[..., ::2]
+    ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids)
+    for got, exp in zip((ga, gb, gc), oracle_backward(grad, a, b, cores, ids)):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
+
+
+@interpreted_only
+def test_backward_skips_out_of_range_ids():
+    a, b, cores, u, v = _inputs(24, 2, 1, 10, 8, 2, 2)
+    ids = _kept_ids_with_duplicates(a, b, cores, u, v, 4, torch.int64)
+    ids[0, 0, 2] = 80   # one past the end
+    ids[1, 0, 0] = -3
+    grad = torch.randn(2, 1, 4, 2)
+    with pytest.raises(ValueError, match="ids"):  # CPU tensors are always range-checked
+        tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids)
+    ga, gb, gc = tri.launch_backward(grad, a, b, cores, ids)  # the kernel itself skips them
+    for got, exp in zip((ga, gb, gc), oracle_backward(grad, a, b, cores, ids)):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
