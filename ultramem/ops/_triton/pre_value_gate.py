@@ -37,7 +37,7 @@ def _check_grad_gate(grad_gate: Tensor, rows: Tensor) -> None:
 
 def gate_table_grad(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, grad_table: Tensor, *,
                     accumulate: bool, deterministic: bool | None = None,
-                    configs: dict | None = None) -> Tensor:
+                    order: tuple[Tensor, Tensor] | None = None, configs: dict | None = None) -> Tensor:
     """Adds grad_P into grad_table (pre-zeroed when not `accumulate`); returns grad_x in x's dtype."""
     configs = configs or {}
     if deterministic is None:
@@ -48,7 +48,7 @@ def gate_table_grad(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, g
         return grad_x.zero_()
     _wl.weighted_gather(rows, table, grad_gate, grad_x, acc, configs.get("fwd"))
     if deterministic:
-        _wl.segment_scatter(rows, x, grad_gate, grad_table, acc, accumulate=accumulate,
+        _wl.segment_scatter(rows, x, grad_gate, grad_table, acc, accumulate=accumulate, order=order,
                             config=configs.get("segment"))
     else:
         _wl.gather_dots_scatter(rows, x, 1, acc, scores=grad_gate, grad_table=grad_table, config=configs.get("bwd"))

@@ -31,9 +31,9 @@ _OP = "weighted_lookup"
 # Launch shapes. Chosen on an H200 at the 227M shapes (perf/NOTES.md); any value is correct.
 # BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step.
 FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
-BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
+BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8}
 DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
-SEGMENT_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 256, "num_warps": 4}
+SEGMENT_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 256, "num_warps": 8}
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -294,9 +294,10 @@ _FUSED_SEGMENT_MAX_D = 512
 
 def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_table: Tensor, *,
                       accumulate: bool, deterministic: bool | None = None,
-                      configs: dict | None = None) -> Tensor:
+                      order: tuple[Tensor, Tensor] | None = None, configs: dict | None = None) -> Tensor:
     """Adds the table gradient into grad_table (pre-zeroed when not `accumulate`) and returns
-    grad_scores in scores' dtype."""
+    grad_scores in scores' dtype. `order` is a precomputed `sort_rows(rows)` for the
+    deterministic path (the gate's and the lookup's backward share their rows)."""
     configs = configs or {}
     if deterministic is None:
         deterministic = deterministic_enabled()
@@ -311,11 +312,11 @@ def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Ten
         # Entries of an out-of-range row are never visited: keep their dots defined.
         grad_scores = torch.zeros_like(scores, memory_format=torch.contiguous_format)
         segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate, table=table,
-                        dots=grad_scores, config=configs.get("segment"))
+                        dots=grad_scores, order=order, config=configs.get("segment"))
         return grad_scores
     grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
     gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, config=configs.get("dots"))
-    segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate,
+    segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate, order=order,
                     config=configs.get("segment"))
     return grad_scores
 

@@ -1,0 +1,207 @@
+"""The one GPU benchmark of the ultramem ops: measures the copy ceiling, then runs every module
+in perf/benches/ (each exposes `run(ctx) -> list[dict]`), prints one table and writes one JSON.
+
+    PYTHONPATH=. ULTRAMEM_GIT_REV=$(git rev-parse HEAD) python perf/bench_ops.py [--only lookup]
+        [--out perf/results/h200.json] [--compile]
+
+Every kernel is checked against a float64 reference on fresh random inputs (outputs poisoned
+with NaN first) before it is timed; times are `triton.testing.do_bench` medians. A row: op,
+shape, variant, median µs, minimum bytes, GB/s (minimum bytes / time), fraction of the copy
+ceiling, relative error. `--small` runs tiny shapes (on CPU under TRITON_INTERPRET=1 too) to
+check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import logging
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+log = logging.getLogger("bench_ops")
+
+
+class Context:
+    """What a benchmark module gets: device, timing, checking, and the row format."""
+
+    def __init__(self, device: torch.device, small: bool, compile_variants: bool):
+        self.device = device
+        self.small = small
+        self.compile_variants = compile_variants
+        self.ceiling_gbps = float("nan")
+        self.checks: list[dict] = []
+
+    # -- timing
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def do_bench(self, fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+        """Median time of fn() in µs (CUDA events via triton.testing.do_bench, L2 flushed between
+        calls); on CPU a few wall-clock calls (smoke runs only)."""
+        if self.device.type == "cuda":
+            import triton.testing
+            return 1000.0 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        fn()
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times)
+
+    # -- checking
+    def poison_allocator(self, nbytes: int) -> None:
+        """Fill a block of that size with NaN and free it, so the next allocations of that size
+        come back poisoned from the caching allocator (kernels must write every element)."""
+        if self.device.type == "cuda":
+            torch.empty(nbytes // 4 + 1, dtype=torch.float32, device=self.device).fill_(float("nan"))
+
+    def check(self, name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> float:
+        """‖out − ref‖ / ‖ref‖ in float64; non-finite output counts as a failure (inf)."""
+        out64 = out.detach().to(torch.float64)
+        if not torch.isfinite(out64).all():
+            rel = math.inf
+        else:
+            rel = float((out64 - ref.to(torch.float64)).norm() / ref.to(torch.float64).norm().clamp_min(1e-300))
+        ok = rel <= tol
+        self.checks.append({"name": name, "rel_err": rel, "tol": tol, "ok": ok})
+        log.info("check %-48s rel_err %.3e %s", name, rel, "ok" if ok else "FAILED")
+        return rel
+
+    # -- rows
+    def row(self, op: str, shape: str, variant: str, us: float, min_bytes: float | None,
+            rel_err: float | None = None, **extra) -> dict:
+        gbps = (min_bytes / (us * 1e-6) / 1e9) if (min_bytes and us and us > 0) else None
+        frac = (gbps / self.ceiling_gbps) if (gbps and self.ceiling_gbps == self.ceiling_gbps) else None
+        row = {"op": op, "shape": shape, "variant": variant, "median_us": round(us, 2) if us else us,
+               "min_bytes": min_bytes, "gbps": round(gbps, 1) if gbps else None,
+               "frac_of_ceiling": round(frac, 3) if frac else None,
+               "rel_err": rel_err, **extra}
+        log.info("%-22s %-30s %9.1f us %s", op, variant, us or float("nan"),
+                 f"{gbps:7.0f} GB/s {frac:5.2f}" if frac else "")
+        return row
+
+
+def _patch_interpreter_index() -> None:
+    """Smoke runs under TRITON_INTERPRET=1: Triton 3.6's interpreter calls int() on 1-element
+    arrays for `range(...)` bounds, which NumPy >= 2.4 refuses; read the element instead."""
+    try:
+        import triton.runtime.interpreter as interp
+        original = interp._patch_lang_tensor
+    except (ImportError, AttributeError):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+def measure_copy_ceiling(ctx: Context) -> float:
+    """Device-to-device copy of a large buffer: (bytes read + bytes written) / time, in GB/s."""
+    nbytes = (1 << 20) if ctx.small else (2 << 30)
+    src = torch.randn(nbytes // 4, device=ctx.device)
+    dst = torch.empty_like(src)
+    us = ctx.do_bench(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def git_revision() -> str:
+    rev = os.environ.get("ULTRAMEM_GIT_REV")
+    if rev:
+        return rev
+    head = HERE.parent / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (HERE.parent / ".git" / ref[5:]).read_text().strip()
+        return ref
+    except OSError:
+        return "unknown"
+
+
+def _fmt(value, spec: str, width: int) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and value is not None else " " * width
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'op':<24} {'variant':<44} {'us':>9} {'GB/s':>7} {'ceil':>5} {'rel_err':>9}  shape"]
+    for r in rows:
+        line = " ".join([
+            f"{r['op']:<24}", f"{r['variant']:<44}", _fmt(r.get("median_us"), "9.1f", 9),
+            _fmt(r.get("gbps"), "7.0f", 7), _fmt(r.get("frac_of_ceiling"), "5.2f", 5),
+            _fmt(r.get("rel_err"), "9.2e", 9),
+        ])
+        line += f"  {r.get('shape', '')}"
+        if r.get("error"):
+            line += f"  ERROR {r['error']}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="benchmark modules to run (default: all in perf/benches)")
+    parser.add_argument("--out", default=None, help="JSON path (default: $OUT/h200.json, else perf/results/h200.json)")
+    parser.add_argument("--small", action="store_true", help="tiny shapes: checks the script, not the speed")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile baselines (slow to build)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _patch_interpreter_index()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = Context(device, small=args.small or device.type != "cuda", compile_variants=args.compile)
+    ctx.ceiling_gbps = measure_copy_ceiling(ctx)
+    log.info("copy ceiling: %.0f GB/s", ctx.ceiling_gbps)
+
+    names = args.only or sorted(p.stem for p in (HERE / "benches").glob("*.py") if not p.stem.startswith("_"))
+    rows: list[dict] = []
+    for name in names:
+        t0 = time.time()
+        try:
+            module = importlib.import_module(f"perf.benches.{name}")
+            rows.extend(module.run(ctx))
+        except Exception as exc:  # one broken module must not cost the others their numbers
+            traceback.print_exc()
+            rows.append({"op": name, "shape": "", "variant": "module", "median_us": None, "error": repr(exc)[:300]})
+        log.info("module %s took %.0f s", name, time.time() - t0)
+
+    import triton
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "git_revision": git_revision(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_ceiling_gbps": round(ctx.ceiling_gbps, 1), "small": ctx.small,
+        "checks": ctx.checks, "rows": rows,
+    }
+    out = args.out or (os.path.join(os.environ["OUT"], "h200.json") if os.environ.get("OUT")
+                       else str(HERE / "results" / "h200.json"))
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(out).write_text(json.dumps(result, indent=1))
+    failed = [c for c in ctx.checks if not c["ok"]]
+    print(f"\ncopy ceiling {ctx.ceiling_gbps:.0f} GB/s on {result['device']}; torch {torch.__version__}, "
+          f"triton {triton.__version__}; {len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed")
+    for c in failed:
+        print(f"CHECK FAILED: {c['name']} rel_err {c['rel_err']:.3e} > {c['tol']}")
+    print(format_table(rows))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

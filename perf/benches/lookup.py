@@ -1,0 +1,412 @@
+"""weighted_lookup, pre_value_gate and the fused gate_lookup at the 227M shapes (PERF.md):
+T = 12,288 tokens, k = 32 entries (H = 1), vdim = pre_vdim = 192, M = 2, N = 2,592,000 rows,
+bf16 tables, ids of one layer's window (n² = 1,295,044 rows from offset 10·360²).
+
+Backward variants of the table gradient (issue 3):
+  dense      the reference contract: a zero-filled [N, D] fp32 gradient per call + atomics
+  accumulate into a persistent fp32 buffer with atomics (no zero-fill)
+  det-*      deterministic: entries sorted by row, one writer per row (sort timed inside,
+             or "presorted" with the order computed once for the gate and the lookup)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ultramem.ops._triton import gate_lookup as tgl
+from ultramem.ops._triton import pre_value_gate as tpg
+from ultramem.ops._triton import weighted_lookup as twl
+
+BF16 = torch.bfloat16
+
+
+def _shapes(small: bool) -> dict:
+    if small:
+        return {"T": 16, "E": 5, "D": 24, "M": 2, "N": 97, "window": 60, "offset": 70}
+    return {"T": 12288, "E": 32, "D": 192, "M": 2, "N": 2_592_000, "window": 1138 * 1138, "offset": 10 * 360 * 360}
+
+
+def _cfg_name(cfg: dict) -> str:
+    short = {"BLOCK_T": "T", "BLOCK_E": "E", "BLOCK_D": "D", "BLOCK_DP": "P", "BLOCK_J": "J", "num_warps": "w"}
+    return ",".join(f"{short.get(k, k)}{v}" for k, v in cfg.items())
+
+
+class Inputs:
+    """Fresh random inputs for one check or timing (never zeros)."""
+
+    def __init__(self, sh: dict, seed: int, device: torch.device, tables: tuple[torch.Tensor, torch.Tensor]):
+        g = torch.Generator(device=device).manual_seed(seed)
+        t, e, d, m = sh["T"], sh["E"], sh["D"], sh["M"]
+        self.rows = (torch.randint(0, sh["window"], (t, e), generator=g, device=device) + sh["offset"]) % sh["N"]
+        self.values, self.pre_values = tables
+        self.scores = torch.randn(t, e, m, generator=g, device=device).to(BF16)
+        self.x = torch.randn(t, d, generator=g, device=device).to(BF16)
+        self.grad_out = torch.randn(t, d, generator=g, device=device).to(BF16)
+        self.grad_gate = torch.randn(t, e, generator=g, device=device).to(BF16)
+
+
+# ------------------------------------------------------------------ float64 references
+
+def _gathered64(rows, table):
+    return table.index_select(0, rows.reshape(-1)).double().view(*rows.shape, -1)
+
+
+def lookup_ref(rows, table, scores):
+    t, e, m = scores.shape
+    vals = _gathered64(rows, table).view(t, e, m, -1)
+    return (vals * scores.double().unsqueeze(-1)).sum(1).reshape(t, -1)
+
+
+def lookup_bwd_ref(grad_out, rows, table, scores):
+    t, e, m = scores.shape
+    g = grad_out.double().view(t, 1, m, -1)
+    grad_scores = (_gathered64(rows, table).view(t, e, m, -1) * g).sum(-1)
+    grad_table = torch.zeros(table.shape, dtype=torch.float64, device=table.device)
+    grad_table.index_add_(0, rows.reshape(-1), (scores.double().unsqueeze(-1) * g).reshape(t * e, -1))
+    return grad_table, grad_scores
+
+
+def gate_ref(rows, table, x):
+    return torch.einsum("ted,td->te", _gathered64(rows, table), x.double())
+
+
+def gate_bwd_ref(grad_gate, rows, table, x):
+    t, e = rows.shape
+    gg = grad_gate.double()
+    grad_x = torch.einsum("te,ted->td", gg, _gathered64(rows, table))
+    grad_table = torch.zeros(table.shape, dtype=torch.float64, device=table.device)
+    grad_table.index_add_(0, rows.reshape(-1), (gg.unsqueeze(-1) * x.double().unsqueeze(1)).reshape(t * e, -1))
+    return grad_table, grad_x
+
+
+# ------------------------------------------------------------------ eager baselines (bf16)
+
+def lookup_eager(rows, table, scores):
+    t, e, m = scores.shape
+    vals = F.embedding(rows, table).view(t, e, m, -1)
+    return torch.einsum("temd,tem->tmd", vals, scores).reshape(t, -1)
+
+
+def lookup_bwd_eager(grad_out, rows, table, scores):
+    t, e, m = scores.shape
+    g = grad_out.float().view(t, 1, m, -1)
+    flat = rows.reshape(-1)
+    grad_scores = (table.index_select(0, flat).float().view(t, e, m, -1) * g).sum(-1).to(scores.dtype)
+    grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    grad_table.index_add_(0, flat, (scores.float().unsqueeze(-1) * g).reshape(t * e, -1))
+    return grad_table, grad_scores
+
+
+def gate_eager(rows, table, x):
+    return torch.einsum("ted,td->te", F.embedding(rows, table), x)
+
+
+def gate_bwd_eager(grad_gate, rows, table, x):
+    t, e = rows.shape
+    flat = rows.reshape(-1)
+    grad_x = torch.einsum("te,ted->td", grad_gate, F.embedding(rows, table))
+    grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    grad_table.index_add_(0, flat, (grad_gate.float().unsqueeze(-1) * x.float().unsqueeze(1)).reshape(t * e, -1))
+    return grad_table, grad_x
+
+
+def gate_lookup_eager(rows, values, pre_values, x, scores):
+    gate = gate_eager(rows, pre_values, x)
+    return lookup_eager(rows, values, scores * F.gelu(gate).unsqueeze(-1)), gate
+
+
+# ------------------------------------------------------------------ the run
+
+FWD_CONFIGS = [
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8},
+    {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "num_warps": 4},
+    {"BLOCK_T": 2, "BLOCK_E": 16, "BLOCK_D": 256, "num_warps": 4},
+    {"BLOCK_T": 2, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8},
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 2},
+    {"BLOCK_T": 4, "BLOCK_E": 8, "BLOCK_D": 64, "num_warps": 4},
+]
+BWD_CONFIGS = [
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8},
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
+    {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "num_warps": 4},
+    {"BLOCK_T": 2, "BLOCK_E": 16, "BLOCK_D": 256, "num_warps": 8},
+    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4},
+]
+SEGMENT_CONFIGS = [
+    {"BLOCK_J": 32, "BLOCK_D": 256, "num_warps": 8},
+    {"BLOCK_J": 16, "BLOCK_D": 256, "num_warps": 8},
+    {"BLOCK_J": 16, "BLOCK_D": 256, "num_warps": 4},
+]
+FUSED_CONFIGS = [
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 8},
+    {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
+    {"BLOCK_T": 2, "BLOCK_E": 16, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 8},
+    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
+]
+
+
+def run(ctx) -> list[dict]:
+    sh = _shapes(ctx.small)
+    dev = ctx.device
+    t, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
+    shape = f"T={t} E={e} D={d} M={m} N={n} bf16"
+    g = torch.Generator(device=dev).manual_seed(1234)
+    # Values and pre-values at a scale where <P, x> is O(1), so the GELU is exercised.
+    tables = (torch.randn(n, d, generator=g, device=dev).to(BF16),
+              (torch.randn(n, d, generator=g, device=dev) / d ** 0.5).to(BF16))
+    seed = iter(range(1, 10_000))
+    rows_out: list[dict] = []
+
+    def fresh():
+        return Inputs(sh, next(seed), dev, tables)
+
+    probe = fresh()
+    uniq = int(probe.rows.unique().numel())
+    ids_b, s_b, tok_b = t * e * 8, t * e * m * 2, t * d * 2
+    row_b = t * e * d * 2            # every entry's row, bf16
+    grad_rows_b = uniq * d * 4       # the touched fp32 gradient rows, once
+    dense_b = n * d * 4              # a whole fp32 gradient
+    rows_out.append(ctx.row("info", shape, f"unique rows {uniq} of {t * e} entries", 0.0, None))
+
+    def add(op, variant, us, min_bytes, rel=None, **extra):
+        rows_out.append(ctx.row(op, shape, variant, us, min_bytes, rel, **extra))
+
+    def guarded(op, variant, fn):
+        try:
+            fn()
+        except Exception as exc:  # keep the other variants' numbers
+            import traceback
+            traceback.print_exc()
+            rows_out.append({"op": op, "shape": shape, "variant": variant, "median_us": None, "error": repr(exc)[:300]})
+
+    # ---------------------------------------------------------------- lookup forward
+    fwd_bytes = row_b + ids_b + s_b + tok_b
+
+    def lookup_fwd():
+        inp = fresh()
+        ref = lookup_ref(inp.rows, inp.values, inp.scores)
+        rel = ctx.check("lookup fwd eager", lookup_eager(inp.rows, inp.values, inp.scores), ref)
+        add("weighted_lookup_fwd", "eager", ctx.do_bench(lambda: lookup_eager(inp.rows, inp.values, inp.scores)),
+            fwd_bytes, rel)
+        if ctx.compile_variants:
+            compiled = torch.compile(lookup_eager)
+            rel = ctx.check("lookup fwd compile", compiled(inp.rows, inp.values, inp.scores), ref)
+            add("weighted_lookup_fwd", "torch.compile", ctx.do_bench(lambda: compiled(inp.rows, inp.values,
+                                                                                      inp.scores)), fwd_bytes, rel)
+        for cfg in FWD_CONFIGS:
+            inp = fresh()
+            ref = lookup_ref(inp.rows, inp.values, inp.scores)
+            out = torch.full((t, d), float("nan"), dtype=BF16, device=dev)
+            twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32, cfg)
+            rel = ctx.check(f"lookup fwd {_cfg_name(cfg)}", out, ref)
+            add("weighted_lookup_fwd", f"ours[{_cfg_name(cfg)}]",
+                ctx.do_bench(lambda: twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32, cfg)),
+                fwd_bytes, rel)
+        inp = fresh()
+        rows32 = inp.rows.to(torch.int32)
+        out = twl.weighted_lookup_cuda(rows32, inp.values, inp.scores)
+        rel = ctx.check("lookup fwd op int32 ids", out, lookup_ref(inp.rows, inp.values, inp.scores))
+        add("weighted_lookup_fwd", "ours op (int32 ids)",
+            ctx.do_bench(lambda: twl.weighted_lookup_cuda(rows32, inp.values, inp.scores)),
+            fwd_bytes - ids_b // 2, rel)
+
+    guarded("weighted_lookup_fwd", "all", lookup_fwd)
+
+    # ---------------------------------------------------------------- lookup backward
+    acc_bytes = row_b + 2 * grad_rows_b + ids_b + 2 * s_b + tok_b
+    det_acc_bytes = uniq * d * 2 + 2 * grad_rows_b + ids_b + 2 * s_b + tok_b
+    dense_bytes = dense_b + row_b + ids_b + 2 * s_b + tok_b
+
+    def check_bwd(name, grad_table, grad_scores, ref_table, ref_scores, start=None):
+        got = grad_table.double() - start.double() if start is not None else grad_table
+        rel_t = ctx.check(f"{name} grad_table", got, ref_table)
+        rel_s = ctx.check(f"{name} grad_scores", grad_scores, ref_scores)
+        return max(rel_t, rel_s)
+
+    def lookup_bwd():
+        inp = fresh()
+        ref_table, ref_scores = lookup_bwd_ref(inp.grad_out, inp.rows, inp.values, inp.scores)
+        args = (inp.grad_out, inp.rows, inp.values, inp.scores)
+        rel = check_bwd("lookup bwd eager", *lookup_bwd_eager(*args), ref_table, ref_scores)
+        add("weighted_lookup_bwd", "eager (dense, index_add_)", ctx.do_bench(lambda: lookup_bwd_eager(*args)),
+            dense_bytes, rel)
+        ctx.poison_allocator(t * e * m * 2)
+        rel = check_bwd("lookup bwd dense", *twl.weighted_lookup_backward_cuda(*args), ref_table, ref_scores)
+        add("weighted_lookup_bwd", "ours (a) dense: zero-fill + atomics",
+            ctx.do_bench(lambda: twl.weighted_lookup_backward_cuda(*args)), dense_bytes, rel)
+        zero_us = ctx.do_bench(lambda: torch.zeros(inp.values.shape, dtype=torch.float32, device=dev))
+        add("weighted_lookup_bwd", "  of which zero-fill of [N, D] fp32", zero_us, dense_b)
+        del ref_table, ref_scores
+        buf = torch.empty(inp.values.shape, dtype=torch.float32, device=dev)
+        for cfg in BWD_CONFIGS:
+            inp = fresh()
+            args = (inp.grad_out, inp.rows, inp.values, inp.scores)
+            ref_table, ref_scores = lookup_bwd_ref(*args)
+            buf.normal_()
+            start = buf.clone()
+            ctx.poison_allocator(t * e * m * 2)
+            grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False,
+                                                configs={"bwd": cfg})
+            rel = check_bwd(f"lookup bwd acc {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
+            del ref_table, ref_scores, start
+            add("weighted_lookup_bwd", f"ours (b) accumulate[{_cfg_name(cfg)}]",
+                ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False,
+                                                           configs={"bwd": cfg})), acc_bytes, rel)
+        # Atomics reorder the adds: how far apart are two runs?
+        twice = []
+        for _ in range(2):
+            buf.zero_()
+            twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False)
+            twice.append(buf.clone())
+        atomic_spread = float((twice[0] - twice[1]).abs().max())
+        del twice
+        # Decomposition: the scores' dots alone, the scatter alone.
+        gs = torch.empty_like(inp.scores)
+        add("weighted_lookup_bwd", "  part: grad_scores dots only", ctx.do_bench(
+            lambda: twl.gather_dots_scatter(inp.rows, inp.grad_out, m, torch.float32, table=inp.values, dots=gs)),
+            row_b + ids_b + s_b + tok_b)
+        add("weighted_lookup_bwd", "  part: atomic scatter only", ctx.do_bench(
+            lambda: twl.gather_dots_scatter(inp.rows, inp.grad_out, m, torch.float32, scores=inp.scores,
+                                            grad_table=buf)), 2 * grad_rows_b + ids_b + s_b + tok_b,
+            atomic_max_abs_diff_between_runs=atomic_spread)
+        # Deterministic.
+        for key in (torch.int64, torch.int32):
+            r = inp.rows.to(key)
+            add("sort_rows", f"torch.sort stable ({str(key).split('.')[-1]} ids)",
+                ctx.do_bench(lambda: twl.sort_rows(r)), None)
+        for cfg in SEGMENT_CONFIGS:
+            inp = fresh()
+            args = (inp.grad_out, inp.rows, inp.values, inp.scores)
+            ref_table, ref_scores = lookup_bwd_ref(*args)
+            buf.normal_()
+            start = buf.clone()
+            grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
+                                                configs={"segment": cfg})
+            rel = check_bwd(f"lookup bwd det {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
+            del ref_table, ref_scores
+            results = []
+            for _ in range(2):
+                buf.copy_(start)
+                gsc = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs={"segment": cfg})
+                results.append((buf.clone(), gsc))
+            bitwise = bool(torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]))
+            ctx.checks.append({"name": f"lookup bwd det {_cfg_name(cfg)} bitwise repeatable", "rel_err": 0.0,
+                               "tol": 0.0, "ok": bitwise})
+            del results, start
+            add("weighted_lookup_bwd", f"ours (c) det-accumulate[{_cfg_name(cfg)}]",
+                ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
+                                                           configs={"segment": cfg})), det_acc_bytes, rel,
+                bitwise_repeatable=bitwise)
+            order = twl.sort_rows(inp.rows)
+            add("weighted_lookup_bwd", f"ours (c) det-accumulate presorted[{_cfg_name(cfg)}]",
+                ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
+                                                           order=order, configs={"segment": cfg})), det_acc_bytes)
+        inp = fresh()
+        args = (inp.grad_out, inp.rows, inp.values, inp.scores)
+        ref_table, ref_scores = lookup_bwd_ref(*args)
+        gt = torch.zeros(inp.values.shape, dtype=torch.float32, device=dev)
+        gsc = twl.lookup_table_grad(*args, gt, accumulate=False, deterministic=True)
+        rel = check_bwd("lookup bwd det dense", gt, gsc, ref_table, ref_scores)
+        del gt, ref_table, ref_scores
+
+        def det_dense():
+            gt = torch.zeros(inp.values.shape, dtype=torch.float32, device=dev)
+            twl.lookup_table_grad(*args, gt, accumulate=False, deterministic=True)
+        add("weighted_lookup_bwd", "ours det-dense: zero-fill + sorted", ctx.do_bench(det_dense),
+            dense_b + uniq * d * 2 + ids_b + 2 * s_b + tok_b, rel)
+        del buf
+
+    guarded("weighted_lookup_bwd", "all", lookup_bwd)
+
+    # ---------------------------------------------------------------- gate forward / backward
+    gate_bytes = row_b + ids_b + tok_b + t * e * 2
+
+    def gate_fwd():
+        inp = fresh()
+        ref = gate_ref(inp.rows, inp.pre_values, inp.x)
+        rel = ctx.check("gate fwd eager", gate_eager(inp.rows, inp.pre_values, inp.x), ref)
+        add("pre_value_gate_fwd", "eager", ctx.do_bench(lambda: gate_eager(inp.rows, inp.pre_values, inp.x)),
+            gate_bytes, rel)
+        for cfg in BWD_CONFIGS:
+            inp = fresh()
+            ref = gate_ref(inp.rows, inp.pre_values, inp.x)
+            out = torch.full((t, e), float("nan"), dtype=BF16, device=dev)
+            twl.gather_dots_scatter(inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out, config=cfg)
+            rel = ctx.check(f"gate fwd {_cfg_name(cfg)}", out, ref)
+            add("pre_value_gate_fwd", f"ours[{_cfg_name(cfg)}]", ctx.do_bench(
+                lambda: twl.gather_dots_scatter(inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out,
+                                                config=cfg)), gate_bytes, rel)
+
+    guarded("pre_value_gate_fwd", "all", gate_fwd)
+
+    gate_acc_bytes = row_b + 2 * grad_rows_b + ids_b + 2 * tok_b + t * e * 2
+
+    def gate_bwd():
+        inp = fresh()
+        args = (inp.grad_gate, inp.rows, inp.pre_values, inp.x)
+        ref_table, ref_x = gate_bwd_ref(*args)
+        rel = check_bwd("gate bwd eager", *gate_bwd_eager(*args), ref_table, ref_x)
+        add("pre_value_gate_bwd", "eager (dense, index_add_)", ctx.do_bench(lambda: gate_bwd_eager(*args)),
+            dense_b + row_b + ids_b + 2 * tok_b + t * e * 2, rel)
+        ctx.poison_allocator(t * d * 2)
+        rel = check_bwd("gate bwd dense", *tpg.pre_value_gate_backward_cuda(*args), ref_table, ref_x)
+        add("pre_value_gate_bwd", "ours (a) dense: zero-fill + atomics",
+            ctx.do_bench(lambda: tpg.pre_value_gate_backward_cuda(*args)),
+            dense_b + row_b + ids_b + 2 * tok_b + t * e * 2, rel)
+        del ref_table, ref_x
+        buf = torch.empty(inp.pre_values.shape, dtype=torch.float32, device=dev)
+        for deterministic in (False, True):
+            inp = fresh()
+            args = (inp.grad_gate, inp.rows, inp.pre_values, inp.x)
+            ref_table, ref_x = gate_bwd_ref(*args)
+            buf.normal_()
+            start = buf.clone()
+            ctx.poison_allocator(t * d * 2)
+            grad_x = tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=deterministic)
+            name = "det-accumulate" if deterministic else "accumulate"
+            rel = check_bwd(f"gate bwd {name}", buf, grad_x, ref_table, ref_x, start)
+            del ref_table, ref_x, start
+            add("pre_value_gate_bwd", f"ours ({'c' if deterministic else 'b'}) {name}",
+                ctx.do_bench(lambda: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=deterministic)),
+                gate_acc_bytes, rel)
+        order = twl.sort_rows(inp.rows)
+        add("pre_value_gate_bwd", "ours (c) det-accumulate presorted",
+            ctx.do_bench(lambda: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=True, order=order)),
+            gate_acc_bytes)
+        del buf
+
+    guarded("pre_value_gate_bwd", "all", gate_bwd)
+
+    # ---------------------------------------------------------------- fused gate + lookup forward
+    fused_bytes = 2 * row_b + ids_b + s_b + 2 * tok_b + t * e * 2
+
+    def fused():
+        inp = fresh()
+        gate64 = gate_ref(inp.rows, inp.pre_values, inp.x)
+        ref = lookup_ref(inp.rows, inp.values, inp.scores.double() * F.gelu(gate64).unsqueeze(-1))
+        out, gate = gate_lookup_eager(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores)
+        rel = ctx.check("fused fwd eager", out, ref, tol=2e-2)
+        add("gate_lookup_fwd", "eager (gate, GELU, lookup)", ctx.do_bench(
+            lambda: gate_lookup_eager(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores)), fused_bytes, rel)
+
+        def unfused():
+            gate = tpg.pre_value_gate_cuda(inp.rows, inp.pre_values, inp.x)
+            return twl.weighted_lookup_cuda(inp.rows, inp.values, inp.scores * F.gelu(gate).unsqueeze(-1)), gate
+        rel = ctx.check("fused fwd unfused-ours", unfused()[0], ref, tol=2e-2)
+        add("gate_lookup_fwd", "ours unfused (gate op, GELU, lookup op)", ctx.do_bench(unfused), fused_bytes, rel)
+        for cfg in FUSED_CONFIGS:
+            inp = fresh()
+            gate64 = gate_ref(inp.rows, inp.pre_values, inp.x)
+            ref = lookup_ref(inp.rows, inp.values, inp.scores.double() * F.gelu(gate64).unsqueeze(-1))
+            ctx.poison_allocator(t * d * 2)
+            out, gate = tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True, cfg)
+            rel = max(ctx.check(f"fused fwd {_cfg_name(cfg)} out", out, ref),
+                      ctx.check(f"fused fwd {_cfg_name(cfg)} gate", gate, gate64))
+            add("gate_lookup_fwd", f"ours fused[{_cfg_name(cfg)}]", ctx.do_bench(
+                lambda: tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True, cfg)),
+                fused_bytes, rel)
+
+    guarded("gate_lookup_fwd", "all", fused)
+    return rows_out
