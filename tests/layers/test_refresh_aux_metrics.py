@@ -1,0 +1,230 @@
+"""Rank-1 refresh, auxiliary losses and metrics of the memory layers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ultramem.layers.ultramem_v2 as v2_module
+from memory_layer_oracle import memory_plus_oracle, tucker_oracle
+from memory_layer_setup import build_random, make_cfg, make_input
+from ultramem.layers import build_memory
+from ultramem.layers._common import LayerStats
+
+# ------------------------------------------------------------------------------ rank-1 refresh
+
+
+def _layer_with_random_cores(rank=3, heads=2, seed=0):
+    cfg = make_cfg(type="ultramem_v2", heads=heads, tucker_rank=rank, tucker_cores=2)
+    tables, layers, g = build_random(cfg, 2, seed=seed)
+    layer = layers[0]
+    layer.rank1_u.zero_()
+    layer.rank1_v.zero_()
+    return layer, g
+
+
+def test_refresh_gives_first_singular_vectors():
+    layer, _ = _layer_with_random_cores()
+    layer.refresh_rank1()
+    for h in range(layer.heads):
+        s = layer.cores.detach()[h].sum(0).numpy()
+        left, sv, right_t = np.linalg.svd(s)
+        u, v = layer.rank1_u[h].numpy(), layer.rank1_v[h].numpy()
+        assert abs(abs(u @ left[:, 0]) - 1) < 1e-6 and abs(abs(v @ right_t[0]) - 1) < 1e-6
+        assert u @ s @ v == pytest.approx(sv[0], rel=1e-6)  # u and v carry the same sign
+        assert u.sum() + v.sum() >= 0  # the first refresh's sign convention
+
+
+def test_refresh_keeps_the_sign_when_the_svd_flips(monkeypatch):
+    layer, _ = _layer_with_random_cores()
+    layer.refresh_rank1()
+    u0, v0 = layer.rank1_u.clone(), layer.rank1_v.clone()
+    real_svd = torch.linalg.svd
+
+    def flipped_svd(a, *args, **kwargs):
+        left, s, right_h = real_svd(a, *args, **kwargs)
+        return -left, s, -right_h
+
+    monkeypatch.setattr(torch.linalg, "svd", flipped_svd)
+    layer.refresh_rank1()
+    torch.testing.assert_close(layer.rank1_u, u0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.rank1_v, v0, rtol=0, atol=1e-6)
+
+
+def test_refresh_after_a_small_perturbation_does_not_flip():
+    layer, g = _layer_with_random_cores(seed=3)
+    layer.refresh_rank1()
+    for _ in range(5):
+        u_old, v_old = layer.rank1_u.clone(), layer.rank1_v.clone()
+        with torch.no_grad():
+            layer.cores.add_(1e-2 * torch.randn(layer.cores.shape, generator=g, dtype=layer.cores.dtype))
+        layer.refresh_rank1()
+        assert torch.all((layer.rank1_u * u_old).sum(-1) > 0)
+        assert torch.all((layer.rank1_v * v_old).sum(-1) > 0)
+
+
+# ------------------------------------------------------------------------------ auxiliary losses
+
+
+def _balance_from_trace(trace, n_side, side):
+    """n'·Σ_i p_i f_i from the oracle's coarse scores and kept pairs (numpy)."""
+    coarse = np.array(trace[side])  # [T·H, n']
+    p = np.exp(coarse - coarse.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).mean(0)
+    kept = [e[0] if side == "a" else e[1] for entries in trace["kept"] for e in entries]
+    f = np.bincount(kept, minlength=n_side) / len(kept)
+    return n_side * float((p * f).sum())
+
+
+def test_aux_losses_match_direct_formulas():
+    coef_rank, margin, coef_bal = 0.05, 0.01, 0.3
+    cfg = make_cfg(type="ultramem_v2", heads=2, tucker_rank=3, key_expand=2, tucker_rank_penalty=coef_rank,
+                   tucker_rank_margin=margin, key_balance_coef=coef_bal)
+    tables, layers, g = build_random(cfg, 2, seed=8)
+    layer = layers[1]
+    x = make_input((3, 3), g)
+    _, aux = layer(x, tables)
+    _, trace = tucker_oracle(layer, x, tables, kind="v2", n=layer.n, offset=36, num_rows=72)
+    # Tucker penalty: mean over heads of Σ_{i>=2} relu(σ_i − margin)², and its gradient
+    # d/dC_m = coef/H · Σ_{i>=2} 2·relu(σ_i − margin)·u_i v_iᵀ (numpy SVD)
+    cores = layer.cores.detach().numpy()
+    penalty, grad_cores = 0.0, np.zeros_like(cores)
+    for h in range(cores.shape[0]):
+        left, sv, right_t = np.linalg.svd(cores[h].sum(0))
+        excess = np.maximum(sv[1:] - margin, 0)
+        penalty += (excess ** 2).sum() / cores.shape[0]
+        g_s = sum(2 * excess[i - 1] * np.outer(left[:, i], right_t[i]) for i in range(1, len(sv)))
+        grad_cores[h] = coef_rank / cores.shape[0] * g_s
+    balance = _balance_from_trace(trace, layer.n_side, "a") + _balance_from_trace(trace, layer.n_side, "b")
+    assert float(aux.detach()) == pytest.approx(coef_rank * penalty + coef_bal * balance, rel=1e-10)
+    assert penalty > 0 and balance > 0
+    # the balance loss's gradient reaches the queries (through p), the penalty's the cores
+    grad_c, grad_q = torch.autograd.grad(aux, [layer.cores, layer.w_q.weight])
+    assert float(grad_q.abs().sum()) > 0
+    # only the penalty depends on the cores (selection is not differentiated, u/v are constants)
+    np.testing.assert_allclose(grad_c.numpy(), grad_cores, rtol=1e-8, atol=1e-12)
+
+
+def test_memory_plus_key_balance_matches_formula():
+    cfg = make_cfg(type="memory_plus", heads=2, key_balance_coef=0.7)
+    tables, layers, g = build_random(cfg, 1, seed=4)
+    x = make_input((5,), g)
+    _, aux = layers[0](x, tables)
+    _, trace = memory_plus_oracle(layers[0], x, tables)
+    want = _balance_from_trace(trace, 6, "a") + _balance_from_trace(trace, 6, "b")
+    assert float(aux.detach()) == pytest.approx(0.7 * want, rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["ultramem_v2", "ultramem_v1", "memory_plus"])
+def test_aux_losses_off_means_zero_and_no_compute(kind, monkeypatch):
+    import ultramem.layers.memory_plus as mp_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("auxiliary loss computed while its coefficient is 0")
+
+    for module in (v2_module, mp_module):
+        for name in ("tucker_rank_penalty", "key_balance_side"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, forbidden)
+    # SPEC defaults except v1's rank penalty (on by default for v1: 0.001)
+    memory = {"type": kind}
+    if kind == "ultramem_v1":
+        memory["tucker_rank_penalty"] = 0.0
+    tables, layers, g = build_random(make_cfg(**memory), 2, seed=1)
+    y, aux = layers[0](make_input((4,), g), tables)
+    assert aux.dim() == 0 and float(aux) == 0.0 and not aux.requires_grad
+
+
+def test_v1_rank_penalty_is_on_by_default():
+    cfg = make_cfg(type="ultramem_v1")
+    assert cfg.memory.rank_penalty == 0.001
+    tables, layers, g = build_random(cfg, 1, seed=2)
+    with torch.no_grad():
+        layers[0].cores.copy_(torch.eye(2, dtype=torch.float64).expand_as(layers[0].cores))  # σ = (2, 2)
+    _, aux = layers[0](make_input((3,), g), None)
+    assert float(aux.detach()) == pytest.approx(0.001 * (2 - 0.15) ** 2, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_stats_report_matches_numpy():
+    stats = LayerStats(8)
+    hist = np.array([3, 0, 1, 0, 5, 0, 0, 7], dtype=np.float64)
+    stats.hits.copy_(torch.from_numpy(hist))
+    stats.sums.copy_(torch.tensor([2.0, 10.0, 4.0, 6.0, 3.0, 2.0], dtype=torch.float64))
+    out = stats.report()
+    p = hist / hist.sum()
+    nz = p > 0
+    assert out["coverage"] == pytest.approx(4 / 8)
+    assert out["kl_uniform"] == pytest.approx(float((p[nz] * np.log(p[nz] * 8)).sum()), rel=1e-12)
+    assert out["out_std"] == pytest.approx(np.sqrt(10 / 4 - (2 / 4) ** 2))
+    assert out["top1_score"] == pytest.approx(3.0) and out["kth_score"] == pytest.approx(1.5)
+    again = stats.report()  # reset after reading
+    assert again["coverage"] == 0 and np.isnan(again["kl_uniform"]) and np.isnan(again["out_std"])
+    uniform = LayerStats(5)
+    uniform.hits.fill_(2.0)
+    assert uniform.report()["kl_uniform"] == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["ultramem_v2", "ultramem_v1", "memory_plus"])
+def test_layer_metrics_accumulate_in_training_only(kind):
+    cfg = make_cfg(type=kind, heads=2, key_expand=2 if kind == "ultramem_v1" else 1)
+    tables, layers, g = build_random(cfg, 2, seed=6)
+    layer = layers[1]
+    layer.stats.reset()
+    x1, x2 = make_input((5,), g), make_input((2, 2), g)
+    layer.eval()
+    layer(x1, tables)
+    assert float(layer.stats.hits.sum()) == 0 and float(layer.stats.sums.abs().sum()) == 0
+    layer.train()
+    ys, traces = [], []
+    for x in (x1, x2):
+        y, _ = layer(x, tables)
+        ys.append(y.detach().reshape(-1))
+        if kind == "memory_plus":
+            traces.append(memory_plus_oracle(layer, x, tables)[1])
+        else:
+            traces.append(tucker_oracle(layer, x, tables, kind=kind[-2:], n=layer.n,
+                                        offset=36, num_rows=72)[1])
+    entries = [e for tr in traces for kept in tr["kept"] for e in kept]
+    n_values = layer.stats.num_values
+    hist = np.bincount([e[2] for e in entries], minlength=n_values).astype(np.float64)
+    np.testing.assert_array_equal(layer.stats.hits.numpy(), hist)
+    per_head = [kept for tr in traces for kept in tr["kept"]]
+    y_all = torch.cat(ys).numpy()
+    out = layer.metrics()
+    p = hist / hist.sum()
+    nz = p > 0
+    assert out["coverage"] == pytest.approx(nz.mean())
+    assert out["kl_uniform"] == pytest.approx(float((p[nz] * np.log(p[nz] * n_values)).sum()), rel=1e-9)
+    assert out["out_std"] == pytest.approx(float(y_all.std()), rel=1e-9)
+    assert out["top1_score"] == pytest.approx(np.mean([k[0][4] for k in per_head]), rel=1e-9)
+    assert out["kth_score"] == pytest.approx(np.mean([k[-1][4] for k in per_head]), rel=1e-9)
+    if kind != "memory_plus":
+        for h in range(layer.heads):
+            sv = np.linalg.svd(layer.cores.detach()[h].sum(0).numpy(), compute_uv=False)
+            for i, s in enumerate(sv):
+                assert out[f"sv_h{h}_{i}"] == pytest.approx(float(s), rel=1e-5)
+    assert float(layer.stats.hits.sum()) == 0  # reset by metrics()
+
+
+@pytest.mark.parametrize("kind", ["ultramem_v2", "ultramem_v1", "memory_plus"])
+def test_training_forward_reads_nothing_back_to_the_host(kind, monkeypatch):
+    """The stats update stays on the device: no .item()/.tolist()/float()/bool() on a tensor."""
+    tables, layers = build_memory(make_cfg(type=kind, key_balance_coef=0.1), 2)
+    g = torch.Generator().manual_seed(0)
+    for layer in layers:
+        layer.reset_parameters(g, tables)
+    layer = layers[0].train()
+    x = torch.randn(3, 4, 16, generator=g)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync during a training forward")
+
+    for name in ("item", "tolist", "__float__", "__bool__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    y, aux = layer(x, tables)
+    (y.sum() + aux).backward()
+    monkeypatch.undo()
+    assert float(layer.stats.hits.sum()) == 12 * layer.knn
