@@ -308,7 +308,9 @@ def validate_config(cfg: TrainConfig) -> None:
              f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     _require(d.vocab_size <= m.vocab_size,
              f"data.vocab_size={d.vocab_size} (tokenizer) must be <= model.vocab_size={m.vocab_size}")
-    _require(d.vocab_size >= 256 + 1, f"data.vocab_size={d.vocab_size}: byte-level BPE needs >= 257")
+    if d.source == "stdlib" or not Path(d.source).expanduser().is_dir():  # a BPE will be trained
+        _require(d.vocab_size >= 256 + 1,
+                 f"data.vocab_size={d.vocab_size}: a byte-level BPE needs >= 257 (256 bytes + end of text)")
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     _one_of(t.dtype, DTYPES, "train.dtype")
     _one_of(t.device, DEVICES, "train.device")
