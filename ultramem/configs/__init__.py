@@ -1,0 +1,1 @@
+"""Packaged training configs: `--config NAME` (e.g. `227m`, `debug.toml`) resolves here."""
