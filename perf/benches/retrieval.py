@@ -223,12 +223,16 @@ def time_main(ctx, ceiling: float, compile_ref: bool = True) -> list[dict]:
 def run(ctx=None) -> list[dict]:
     ceiling = _ceiling_gbps(ctx)
     checks = []
-    for i, s in enumerate([MAIN] + EXTRA):
-        checks.append(check_forward(s, seed=10 + i))
-        checks.append(check_backward(s, seed=20 + i))
-    checks.append(check_forward(EXTRA[1], seed=99, noncontig=True))
-    checks.append(check_backward(EXTRA[1], seed=98, noncontig=True))
-    for c in checks:
+    jobs = [(check_forward, s, 10 + i, False) for i, s in enumerate([MAIN] + EXTRA)]
+    jobs += [(check_backward, s, 20 + i, False) for i, s in enumerate([MAIN] + EXTRA)]
+    jobs += [(check_forward, EXTRA[1], 99, True), (check_backward, EXTRA[1], 98, True)]
+    for fn, s, seed, strided in jobs:
+        try:
+            c = fn(s, seed, strided)
+        except Exception as exc:  # keep going: one broken shape must not hide the others
+            c = dict(check=fn.__name__, shape=_label(s), ok=False, error=repr(exc)[:500])
+        c["check"] = fn.__name__
+        checks.append(c)
         print(json.dumps(c), flush=True)
     rows = time_main(ctx, ceiling, compile_ref=os.environ.get("RETRIEVAL_BENCH_COMPILE", "1") != "0")
     for row in rows:

@@ -370,16 +370,16 @@ def _retrieval_bwd_kernel(
             da = tl.zeros((CHUNK,), dtype=tl.float32)  # d/dA[i_f, p]
             db = tl.zeros((CHUNK,), dtype=tl.float32)  # d/dB[j_f, p]
             for m in tl.static_range(M):
-                g_m = tl.load(g_base + f * sg_k + m * sg_m, mask=ok_f, other=0.0).to(tl.float32)
-                cb = tl.zeros((CHUNK,), dtype=tl.float32)
-                ca = tl.zeros((CHUNK,), dtype=tl.float32)
+                g_fm = tl.load(g_base + f * sg_k + m * sg_m, mask=ok_f, other=0.0).to(tl.float32)
+                c_b = tl.zeros((CHUNK,), dtype=tl.float32)
+                c_a = tl.zeros((CHUNK,), dtype=tl.float32)
                 for q in tl.static_range(R):
-                    b_q = tl.load(b_base + j_f * sb_n + q * sb_r, mask=ok_f, other=0.0).to(tl.float32)
-                    a_q = tl.load(a_base + i_f * sa_n + q * sa_r, mask=ok_f, other=0.0).to(tl.float32)
-                    cb += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_q
-                    ca += tl.load(c_base + m * sc_m + q * sc_r + p * sc_s).to(tl.float32) * a_q
-                da += g_m * cb
-                db += g_m * ca
+                    b_fq = tl.load(b_base + j_f * sb_n + q * sb_r, mask=ok_f, other=0.0).to(tl.float32)
+                    a_fq = tl.load(a_base + i_f * sa_n + q * sa_r, mask=ok_f, other=0.0).to(tl.float32)
+                    c_b += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_fq
+                    c_a += tl.load(c_base + m * sc_m + q * sc_r + p * sc_s).to(tl.float32) * a_fq
+                da += g_fm * c_b
+                db += g_fm * c_a
             same_i = (i_e[:, None] == i_f[None, :]) & ok_f[None, :]
             same_j = (j_e[:, None] == j_f[None, :]) & ok_f[None, :]
             acc_a += tl.sum(tl.where(same_i, da[None, :], 0.0), axis=1)
