@@ -1,0 +1,114 @@
+"""Launch-shape sweep of the gather kernels at the 227M shapes, and a one-launch-each mode for
+Nsight Compute. A tuning aid beside perf/bench_ops.py (which holds the reported numbers).
+
+    PYTHONPATH=. python perf/sweep_lookup.py                       # check + time every config
+    ncu --clock-control none -k regex:_kernel python perf/sweep_lookup.py --once fwd:T1,E32,D256,w4
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+import triton.testing
+
+from ultramem.ops._triton import gate_lookup as tgl
+from ultramem.ops._triton import weighted_lookup as twl
+
+T, E, D, M, N = 12288, 32, 192, 2, 2_592_000
+WINDOW, OFFSET = 1138 * 1138, 10 * 360 * 360
+BF16 = torch.bfloat16
+
+
+def parse_cfg(text: str) -> dict:
+    keys = {"T": "BLOCK_T", "E": "BLOCK_E", "D": "BLOCK_D", "P": "BLOCK_DP", "J": "BLOCK_J", "w": "num_warps"}
+    return {keys[part[0]]: int(part[1:]) for part in text.split(",")}
+
+
+def make_inputs(seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rows = (torch.randint(0, WINDOW, (T, E), generator=g, device="cuda") + OFFSET) % N
+    values = torch.randn(N, D, generator=g, device="cuda").to(BF16)
+    pre = (torch.randn(N, D, generator=g, device="cuda") / D ** 0.5).to(BF16)
+    scores = torch.randn(T, E, M, generator=g, device="cuda").to(BF16)
+    x = torch.randn(T, D, generator=g, device="cuda").to(BF16)
+    return rows, values, pre, scores, x
+
+
+def launcher(kind: str, cfg: dict, inp):
+    rows, values, pre, scores, x = inp
+    if kind == "fwd":
+        out = torch.full((T, D), float("nan"), dtype=BF16, device="cuda")
+        return out, lambda: twl.weighted_gather(rows, values, scores, out, torch.float32, cfg)
+    if kind == "gate":
+        out = torch.full((T, E), float("nan"), dtype=BF16, device="cuda")
+        return out, lambda: twl.gather_dots_scatter(rows, x, 1, torch.float32, table=pre, dots=out, config=cfg)
+    if kind == "fused":
+        box = {}
+
+        def fn():
+            box["out"] = tgl.gate_lookup_cuda(rows, values, pre, x, scores, True, cfg)[0]
+        fn()
+        return box, fn
+    raise ValueError(f"unknown kernel kind {kind!r}; expected fwd, gate or fused")
+
+
+def reference(kind: str, inp):
+    rows, values, pre, scores, x = inp
+    flat = rows.reshape(-1)
+    if kind == "gate":
+        return torch.einsum("ted,td->te", pre.index_select(0, flat).double().view(T, E, D), x.double())
+    s = scores.double()
+    if kind == "fused":
+        gate = torch.einsum("ted,td->te", pre.index_select(0, flat).double().view(T, E, D), x.double())
+        s = s * torch.nn.functional.gelu(gate).unsqueeze(-1)
+    vals = values.index_select(0, flat).double().view(T, E, M, -1)
+    return (vals * s.unsqueeze(-1)).sum(1).reshape(T, D)
+
+
+SWEEP = {
+    "fwd": ["T1,E32,D64,w2", "T1,E32,D64,w1", "T1,E32,D64,w4", "T1,E32,D32,w1", "T1,E32,D32,w2",
+            "T1,E32,D128,w2", "T1,E32,D128,w4", "T1,E16,D64,w1", "T2,E16,D64,w2", "T2,E16,D256,w4",
+            "T2,E16,D256,w2", "T4,E8,D256,w4", "T1,E32,D256,w4", "T1,E32,D256,w2", "T2,E32,D64,w4"],
+    "gate": ["T1,E32,D256,w4", "T1,E32,D256,w2", "T2,E16,D256,w4", "T1,E16,D256,w2", "T2,E32,D256,w4",
+             "T4,E8,D256,w4", "T1,E32,D256,w1"],
+    "fused": ["T1,E32,D256,P256,w4", "T1,E32,D256,P256,w2", "T2,E16,D256,P256,w4", "T2,E16,D256,P256,w2",
+              "T1,E16,D256,P256,w2", "T4,E8,D256,P256,w4", "T1,E32,D64,P256,w2", "T1,E32,D256,P256,w1"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--once", nargs="*", help="kind:config launches for a profiler (one each after warm-up)")
+    parser.add_argument("--kinds", nargs="*", default=list(SWEEP))
+    args = parser.parse_args()
+    inp = make_inputs(0)
+    if args.once:
+        for item in args.once:
+            kind, cfg = item.split(":")
+            _, fn = launcher(kind, parse_cfg(cfg), inp)
+            fn()
+            torch.cuda.synchronize()
+        return 0
+    results = []
+    for kind in args.kinds:
+        inp = make_inputs(len(results) + 1)
+        ref = reference(kind, inp)
+        for text in SWEEP[kind]:
+            out, fn = launcher(kind, parse_cfg(text), inp)
+            fn()
+            got = out["out"] if isinstance(out, dict) else out
+            rel = float((got.double() - ref).norm() / ref.norm()) if torch.isfinite(got).all() else float("inf")
+            us = 1000 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            results.append((kind, text, us, rel))
+            print(f"{kind:6} {text:22} {us:8.1f} us  rel_err {rel:.2e}", flush=True)
+    print("\nbest per kind:")
+    for kind in args.kinds:
+        best = min((r for r in results if r[0] == kind and r[3] < 1e-2), key=lambda r: r[2], default=None)
+        print(f"  {kind:6} {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
