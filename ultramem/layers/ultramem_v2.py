@@ -93,6 +93,9 @@ class TuckerMemoryBase(nn.Module):
     def _retrieve(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """→ (A, B, ids [T, H, k] int64, scores [T, H, k, M] sorted by descending Σ_m s_m)."""
         a, b = self._subkey_scores(x2)
+        # the einsum may hand back a head-major layout; the retrieval kernels want [T, H, n', r]
+        # contiguous (on CUDA the backward's strides must match its fake kernel's)
+        a, b = a.contiguous(), b.contiguous()
         ids, scores = tdqkr_retrieval(a, b, self.cores, self.rank1_u, self.rank1_v, self.knn)
         return a, b, ids, scores
 
