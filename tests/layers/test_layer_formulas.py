@@ -7,6 +7,7 @@ import torch
 
 from memory_layer_oracle import memory_plus_oracle, tucker_oracle, window_n
 from memory_layer_setup import build_random, make_cfg, make_input
+from ultramem.layers import build_memory
 
 def check_against_oracle(layer, tables, x, g, oracle):
     params = [p for p in list(layer.parameters()) + (list(tables.parameters()) if tables is not None else [])]
@@ -86,3 +87,24 @@ def test_eval_and_train_give_the_same_output():
     layers[0].eval()
     y_eval, _ = layers[0](x, tables)
     torch.testing.assert_close(y_train, y_eval, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ultramem_v2", "ultramem_v1", "memory_plus"])
+def test_bf16_autocast_forward_backward(kind):
+    """Under autocast the ops get consistent inputs: output in bf16, fp32 gradients everywhere."""
+    cfg = make_cfg(type=kind, heads=2, key_balance_coef=0.1, key_expand=2 if kind == "ultramem_v1" else 1)
+    tables, layers = build_memory(cfg, 2)
+    g = torch.Generator().manual_seed(0)
+    for layer in layers:
+        layer.reset_parameters(g, tables)
+    layer = layers[1].train()
+    x = torch.randn(4, 5, 16, generator=g)
+    y32, _ = layer(x, tables)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x, tables)
+    assert y.dtype == torch.bfloat16 and aux.dtype == torch.float32
+    (y.float().sum() + aux).backward()
+    params = list(layer.parameters()) + (list(tables.parameters()) if tables is not None else [])
+    for p in params:
+        assert p.grad is not None and p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all())
+    assert float((y.float() - y32).abs().mean()) < 0.02 * float(y32.abs().mean()) + 1e-3
