@@ -22,7 +22,8 @@ BF16 = torch.bfloat16
 
 
 def parse_cfg(text: str) -> dict:
-    keys = {"T": "BLOCK_T", "E": "BLOCK_E", "D": "BLOCK_D", "P": "BLOCK_DP", "J": "BLOCK_J", "w": "num_warps"}
+    keys = {"T": "BLOCK_T", "E": "BLOCK_E", "D": "BLOCK_D", "P": "BLOCK_DP", "J": "BLOCK_J", "w": "num_warps",
+            "F": "D_FASTEST"}
     return {keys[part[0]]: int(part[1:]) for part in text.split(",")}
 
 
@@ -44,14 +45,22 @@ def launcher(kind: str, cfg: dict, inp):
     if kind == "gate":
         out = torch.full((T, E), float("nan"), dtype=BF16, device="cuda")
         return out, lambda: twl.gather_dots_scatter(rows, x, 1, torch.float32, table=pre, dots=out, config=cfg)
-    if kind == "fused":
+    if kind in ("fused", "bwd", "seg"):
         box = {}
+        if kind == "fused":
+            def fn():
+                box["out"] = tgl.gate_lookup_cuda(rows, values, pre, x, scores, True, cfg)[0]
+        else:
+            buf = torch.zeros(N, D, dtype=torch.float32, device="cuda")
+            order = twl.sort_rows(rows, N)
 
-        def fn():
-            box["out"] = tgl.gate_lookup_cuda(rows, values, pre, x, scores, True, cfg)[0]
+            def fn():  # grad_out = x; the check looks at grad_scores
+                box["out"] = twl.lookup_table_grad(x, rows, values, scores, buf, accumulate=True,
+                                                   deterministic=kind == "seg", order=order,
+                                                   configs={"bwd": cfg, "segment": cfg})
         fn()
         return box, fn
-    raise ValueError(f"unknown kernel kind {kind!r}; expected fwd, gate or fused")
+    raise ValueError(f"unknown kernel kind {kind!r}; expected fwd, gate, fused, bwd or seg")
 
 
 def reference(kind: str, inp):
@@ -59,22 +68,28 @@ def reference(kind: str, inp):
     flat = rows.reshape(-1)
     if kind == "gate":
         return torch.einsum("ted,td->te", pre.index_select(0, flat).double().view(T, E, D), x.double())
+    vals = values.index_select(0, flat).double().view(T, E, M, -1)
+    if kind in ("bwd", "seg"):  # grad_scores with grad_out = x
+        return (vals * x.double().view(T, 1, M, -1)).sum(-1)
     s = scores.double()
     if kind == "fused":
         gate = torch.einsum("ted,td->te", pre.index_select(0, flat).double().view(T, E, D), x.double())
         s = s * torch.nn.functional.gelu(gate).unsqueeze(-1)
-    vals = values.index_select(0, flat).double().view(T, E, M, -1)
     return (vals * s.unsqueeze(-1)).sum(1).reshape(T, D)
 
 
 SWEEP = {
-    "fwd": ["T1,E32,D64,w2", "T1,E32,D64,w1", "T1,E32,D64,w4", "T1,E32,D32,w1", "T1,E32,D32,w2",
-            "T1,E32,D128,w2", "T1,E32,D128,w4", "T1,E16,D64,w1", "T2,E16,D64,w2", "T2,E16,D256,w4",
-            "T2,E16,D256,w2", "T4,E8,D256,w4", "T1,E32,D256,w4", "T1,E32,D256,w2", "T2,E32,D64,w4"],
-    "gate": ["T1,E32,D256,w4", "T1,E32,D256,w2", "T2,E16,D256,w4", "T1,E16,D256,w2", "T2,E32,D256,w4",
-             "T4,E8,D256,w4", "T1,E32,D256,w1"],
-    "fused": ["T1,E32,D256,P256,w4", "T1,E32,D256,P256,w2", "T2,E16,D256,P256,w4", "T2,E16,D256,P256,w2",
-              "T1,E16,D256,P256,w2", "T4,E8,D256,P256,w4", "T1,E32,D64,P256,w2", "T1,E32,D256,P256,w1"],
+    "fwd": ["T1,E32,D64,w1", "T1,E32,D64,w1,F1", "T1,E16,D64,w1,F1", "T1,E8,D64,w1,F1", "T1,E32,D128,w1,F1",
+            "T1,E16,D128,w1,F1", "T1,E32,D256,w1", "T1,E16,D256,w1", "T2,E16,D256,w2", "T1,E32,D32,w1,F1",
+            "T2,E16,D64,w2,F1", "T1,E32,D64,w2,F1"],
+    "gate": ["T1,E32,D256,w1", "T1,E32,D64,w1", "T1,E32,D128,w1", "T1,E16,D256,w1", "T2,E16,D256,w2",
+             "T1,E16,D64,w1", "T1,E32,D256,w4", "T1,E8,D256,w1"],
+    "fused": ["T1,E32,D256,P256,w1", "T1,E16,D256,P256,w1", "T2,E16,D256,P256,w2", "T1,E32,D64,P256,w1,F1",
+              "T1,E32,D64,P64,w1,F1", "T1,E16,D64,P64,w1,F1", "T1,E32,D256,P64,w1", "T1,E16,D256,P64,w1",
+              "T1,E32,D128,P128,w1,F1"],
+    "bwd": ["T1,E8,D256,w4", "T1,E16,D256,w4", "T1,E8,D256,w2", "T1,E16,D256,w2", "T1,E32,D256,w2",
+            "T1,E8,D256,w1", "T1,E16,D256,w1", "T2,E8,D256,w4"],
+    "seg": ["J16,D256,w4", "J8,D256,w2", "J16,D256,w2", "J32,D256,w4", "J8,D256,w1", "J4,D256,w1"],
 }
 
 

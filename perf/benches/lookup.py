@@ -299,7 +299,7 @@ def run(ctx) -> list[dict]:
                 ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
                                                            configs={"segment": cfg})), det_acc_bytes, rel,
                 bitwise_repeatable=bitwise)
-            order = twl.sort_rows(inp.rows)
+            order = twl.sort_rows(inp.rows, n)
             add("weighted_lookup_bwd", f"ours (c) det-accumulate presorted[{_cfg_name(cfg)}]",
                 ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
                                                            order=order, configs={"segment": cfg})), det_acc_bytes)
@@ -371,7 +371,7 @@ def run(ctx) -> list[dict]:
             add("pre_value_gate_bwd", f"ours ({'c' if deterministic else 'b'}) {name}",
                 ctx.do_bench(lambda: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=deterministic)),
                 gate_acc_bytes, rel)
-        order = twl.sort_rows(inp.rows)
+        order = twl.sort_rows(inp.rows, n)
         add("pre_value_gate_bwd", "ours (c) det-accumulate presorted",
             ctx.do_bench(lambda: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=True, order=order)),
             gate_acc_bytes)

@@ -54,6 +54,7 @@ if INTERPRET:
     from ultramem.ops._triton import weighted_lookup as twl
 
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
+SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True}
 SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1}
 
 
@@ -165,7 +166,7 @@ LOOKUP_CASES = [
     # (tokens, entries, rows, dim, cores, table dtype, index dtype, blocks)
     (6, 5, 23, 24, 2, torch.float32, torch.int64, None),
     (6, 5, 23, 24, 3, torch.float16, torch.int32, SMALL_BLOCKS),
-    (5, 7, 11, 20, 2, torch.float32, torch.int32, SMALL_BLOCKS),  # dim not a multiple of 8
+    (5, 7, 11, 20, 2, torch.float32, torch.int32, SMALL_BLOCKS_DFAST),  # dim not a multiple of 8
     (4, 3, 9, 16, 1, torch.float64, torch.int64, SMALL_BLOCKS),
     (3, 4, 13, 32, 4, torch.float16, torch.int64, None),
 ]
@@ -342,7 +343,7 @@ FUSED_CASES = [
     # (tokens, entries, rows, vdim, pre_dim, cores, gelu, dtype, index dtype, blocks)
     (6, 5, 23, 24, 16, 2, True, torch.float32, torch.int64, None),
     (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, {**SMALL_BLOCKS, "BLOCK_DP": 8}),
-    (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**SMALL_BLOCKS, "BLOCK_DP": 8}),
+    (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**SMALL_BLOCKS_DFAST, "BLOCK_DP": 8}),
 ]
 
 

@@ -33,10 +33,16 @@ def _gate_lookup_fwd_kernel(
     gate_ptr, ga_st, ga_se,
     T, E, N, DV, DP, DM,
     M: tl.constexpr, GELU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, D_FASTEST: tl.constexpr, SUM_ONCE: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    if D_FASTEST:  # a token's column blocks run next to each other: its P rows are hot in L2
+        n_d = tl.cdiv(DV, BLOCK_D)
+        pid_t = tl.program_id(0) // n_d
+        pid_d = tl.program_id(0) % n_d
+    else:
+        pid_t = tl.program_id(0)
+        pid_d = tl.program_id(1)
     t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_ok = t < T
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -48,7 +54,11 @@ def _gate_lookup_fwd_kernel(
         te_ok = t_ok[:, None] & (e < E)[None, :]
         ids = tl.load(rows_ptr + t[:, None] * r_st + e[None, :] * r_se, mask=te_ok, other=0).to(tl.int64)
         ok = te_ok & (ids >= 0) & (ids < N)
-        g = tl.zeros((BLOCK_T, BLOCK_E), dtype=ACC)
+        # Over several column blocks add products elementwise and reduce once.
+        if SUM_ONCE:
+            g_parts = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_DP), dtype=ACC)
+        else:
+            g = tl.zeros((BLOCK_T, BLOCK_E), dtype=ACC)
         for p0 in range(0, DP, BLOCK_DP):
             dp = p0 + tl.arange(0, BLOCK_DP)
             dp_ok = dp < DP
@@ -56,7 +66,12 @@ def _gate_lookup_fwd_kernel(
                          mask=t_ok[:, None] & dp_ok[None, :], other=0.0).to(ACC)
             pv = tl.load(p_ptr + ids[:, :, None] * p_sn + dp[None, None, :] * p_sd,
                          mask=ok[:, :, None] & dp_ok[None, None, :], other=0.0).to(ACC)
-            g += tl.sum(pv * xv[:, None, :], axis=2)
+            if SUM_ONCE:
+                g_parts += pv * xv[:, None, :]
+            else:
+                g += tl.sum(pv * xv[:, None, :], axis=2)
+        if SUM_ONCE:
+            g = tl.sum(g_parts, axis=2)
         tl.store(gate_ptr + t[:, None] * ga_st + e[None, :] * ga_se, g.to(gate_ptr.dtype.element_ty),
                  mask=te_ok & (pid_d == 0))
         if GELU:
@@ -89,7 +104,10 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
     acc = acc_dtype(values, pre_values, x, scores)
     bt, be = cfg["BLOCK_T"], cfg["BLOCK_E"]
     bd, bdp = _block_d(cfg["BLOCK_D"], max(dv, 1)), _block_d(cfg["BLOCK_DP"], max(dp, 1))
-    _gate_lookup_fwd_kernel[(triton.cdiv(t, bt), max(1, triton.cdiv(dv, bd)))](
+    n_d = max(1, triton.cdiv(dv, bd))
+    d_fastest = bool(cfg.get("D_FASTEST", False)) and dv > 0
+    grid = (triton.cdiv(t, bt) * n_d, 1) if d_fastest else (triton.cdiv(t, bt), n_d)
+    _gate_lookup_fwd_kernel[grid](
         rows, rows.stride(0), rows.stride(1),
         values, values.stride(0), values.stride(1),
         pre_values, pre_values.stride(0), pre_values.stride(1),
@@ -98,7 +116,8 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
         out, out.stride(0), out.stride(1),
         gate, gate.stride(0), gate.stride(1),
         t, e, n, dv, dp, max(dv // m, 1),
-        M=m, GELU=bool(gelu), BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, ACC=_tl_acc(acc),
+        M=m, GELU=bool(gelu), BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, D_FASTEST=d_fastest, SUM_ONCE=dp > bdp,
+        ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )
     return out, gate

@@ -30,7 +30,7 @@ _OP = "weighted_lookup"
 
 # Launch shapes. Chosen on an H200 at the 227M shapes (perf/NOTES.md); any value is correct.
 # BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step.
-FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
+FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 2}
 BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8}
 DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
 SEGMENT_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 256, "num_warps": 8}
@@ -64,10 +64,15 @@ def _weighted_gather_kernel(
     out_ptr, o_st, o_sd,
     T, E, N, D, DM,
     M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
+    D_FASTEST: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    if D_FASTEST:  # a token's column blocks run next to each other: its ids and rows are hot
+        n_d = tl.cdiv(D, BLOCK_D)
+        pid_t = tl.program_id(0) // n_d
+        pid_d = tl.program_id(0) % n_d
+    else:
+        pid_t = tl.program_id(0)
+        pid_d = tl.program_id(1)
     t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = t < T
@@ -97,7 +102,8 @@ def _gather_dot_scatter_kernel(
     gt_ptr, gt_sn, gt_sd,
     T, E, N, D, DM,
     M: tl.constexpr, MP: tl.constexpr, COMPUTE_DOTS: tl.constexpr, SCATTER: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, SUM_ONCE: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -109,6 +115,8 @@ def _gather_dot_scatter_kernel(
         ids = tl.load(rows_ptr + t[:, None] * r_st + e[None, :] * r_se, mask=te_ok, other=0).to(tl.int64)
         ok = te_ok & (ids >= 0) & (ids < N)
         dots = tl.zeros((BLOCK_T, BLOCK_E, MP), dtype=ACC)
+        if SUM_ONCE:  # one core, several column blocks: add products elementwise, reduce once
+            prod_acc = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_D), dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
@@ -119,15 +127,20 @@ def _gather_dot_scatter_kernel(
             if COMPUTE_DOTS:
                 vals = tl.load(table_ptr + ids[:, :, None] * tb_sn + d[None, None, :] * tb_sd,
                                mask=vd_mask, other=0.0).to(ACC)
-                prod = vals * gv
-                for mm in tl.static_range(M):
-                    part = tl.sum(tl.where(chunk == mm, prod, 0.0), axis=2)
-                    dots = tl.where(core == mm, dots + part[:, :, None], dots)
+                if SUM_ONCE:
+                    prod_acc += vals * gv
+                else:
+                    prod = vals * gv
+                    for mm in tl.static_range(M):
+                        part = tl.sum(tl.where(chunk == mm, prod, 0.0), axis=2)
+                        dots = tl.where(core == mm, dots + part[:, :, None], dots)
             if SCATTER:
                 w = _core_weights(s_ptr + t[:, None] * s_st + e[None, :] * s_se, s_sm, ok, chunk, M, ACC)
                 tl.atomic_add(gt_ptr + ids[:, :, None] * gt_sn + d[None, None, :] * gt_sd,
                               (w * gv).to(gt_ptr.dtype.element_ty), mask=vd_mask, sem="relaxed")
         if COMPUTE_DOTS:
+            if SUM_ONCE:
+                dots = tl.sum(prod_acc, axis=2)[:, :, None]
             tl.store(dots_ptr + t[:, None, None] * dt_st + e[None, :, None] * dt_se + core * dt_sm,
                      dots.to(dots_ptr.dtype.element_ty), mask=te_ok[:, :, None] & (core < M))
 
@@ -157,9 +170,14 @@ def _segment_scatter_kernel(
     d_ok = d < D
     chunk = (d // DM)[None, :]
     row_mask = head[:, None] & d_ok[None, :]
+    # Both row reads depend only on the row id: issue them before walking the run.
     if FUSE_DOTS:
         vals = tl.load(table_ptr + row[:, None] * tb_sn + d[None, :] * tb_sd, mask=row_mask, other=0.0).to(ACC)
-    acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+    out_ptrs = gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd
+    if ACCUMULATE:
+        acc = tl.load(out_ptrs, mask=row_mask, other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
     active = head
     pos = j
     while tl.max(active.to(tl.int32), axis=0) > 0:
@@ -181,9 +199,6 @@ def _segment_scatter_kernel(
         more = active & (pos < L)
         nxt = tl.load(sorted_ptr + pos, mask=more, other=-1).to(tl.int64)
         active = more & (nxt == row)
-    out_ptrs = gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=row_mask, other=0.0).to(ACC)
     tl.store(out_ptrs, acc.to(gt_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -206,14 +221,16 @@ def weighted_gather(rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, ac
     if out.numel() == 0:
         return out
     bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
-    grid = (triton.cdiv(t, bt), triton.cdiv(d, bd))
+    d_fastest = bool(cfg.get("D_FASTEST", False))
+    grid = (triton.cdiv(t, bt) * triton.cdiv(d, bd), 1) if d_fastest else (triton.cdiv(t, bt), triton.cdiv(d, bd))
     _weighted_gather_kernel[grid](
         rows, rows.stride(0), rows.stride(1),
         table, table.stride(0), table.stride(1),
         s, *s_strides,
         out, out.stride(0), out.stride(1),
         t, e, n, d, d // m,
-        M=m, BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, ACC=_tl_acc(acc), num_warps=cfg["num_warps"],
+        M=m, BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, D_FASTEST=d_fastest, ACC=_tl_acc(acc),
+        num_warps=cfg["num_warps"],
     )
     return out
 
@@ -246,13 +263,18 @@ def gather_dots_scatter(rows: Tensor, g: Tensor, m: int, acc: torch.dtype, *,
         gt, gt.stride(0), gt.stride(1),
         t, e, n, d, d // m,
         M=m, MP=triton.next_power_of_2(m), COMPUTE_DOTS=compute_dots, SCATTER=scatter,
-        BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, ACC=_tl_acc(acc), num_warps=cfg["num_warps"],
+        BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, SUM_ONCE=compute_dots and m == 1 and d > bd,
+        ACC=_tl_acc(acc), num_warps=cfg["num_warps"],
     )
 
 
-def sort_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Entries sorted by row (stable): (sorted row ids, flat entry index t*E + e)."""
-    return torch.sort(rows.reshape(-1), stable=True)
+def sort_rows(rows: Tensor, num_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """Entries sorted by row (stable): (sorted row ids, flat entry index t*E + e). Keys go
+    through int32 when the ids fit (a 32-bit radix sort takes about 60% of the 64-bit one)."""
+    flat = rows.reshape(-1)
+    if flat.dtype == torch.int64 and num_rows is not None and num_rows < 2**31:
+        flat = flat.to(torch.int32)
+    return torch.sort(flat, stable=True)
 
 
 def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
@@ -266,7 +288,7 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
     if t == 0 or e == 0 or d == 0:
         return
     sc, s_strides, m = _scores3(scores)
-    sorted_ids, perm = order if order is not None else sort_rows(rows)
+    sorted_ids, perm = order if order is not None else sort_rows(rows, n)
     fuse = dots is not None
     bd = _block_d(cfg["BLOCK_D"], d)
     if fuse:
