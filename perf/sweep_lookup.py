@@ -23,13 +23,15 @@ BF16 = torch.bfloat16
 
 def parse_cfg(text: str) -> dict:
     keys = {"T": "BLOCK_T", "E": "BLOCK_E", "D": "BLOCK_D", "P": "BLOCK_DP", "J": "BLOCK_J", "w": "num_warps",
-            "F": "D_FASTEST"}
+            "F": "D_FASTEST", "H": "HOIST_V", "V": "EVICT_FIRST"}
     return {keys[part[0]]: int(part[1:]) for part in text.split(",")}
 
 
-def make_inputs(seed: int):
+def make_inputs(seed: int, pattern: str = "random"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     rows = (torch.randint(0, WINDOW, (T, E), generator=g, device="cuda") + OFFSET) % N
+    if pattern == "sequential":  # consecutive entries read consecutive rows: the DRAM-friendly case
+        rows = torch.arange(T * E, device="cuda").view(T, E) % N
     values = torch.randn(N, D, generator=g, device="cuda").to(BF16)
     pre = (torch.randn(N, D, generator=g, device="cuda") / D ** 0.5).to(BF16)
     scores = torch.randn(T, E, M, generator=g, device="cuda").to(BF16)
@@ -79,17 +81,13 @@ def reference(kind: str, inp):
 
 
 SWEEP = {
-    "fwd": ["T1,E32,D64,w1", "T1,E32,D64,w1,F1", "T1,E16,D64,w1,F1", "T1,E8,D64,w1,F1", "T1,E32,D128,w1,F1",
-            "T1,E16,D128,w1,F1", "T1,E32,D256,w1", "T1,E16,D256,w1", "T2,E16,D256,w2", "T1,E32,D32,w1,F1",
-            "T2,E16,D64,w2,F1", "T1,E32,D64,w2,F1"],
-    "gate": ["T1,E32,D256,w1", "T1,E32,D64,w1", "T1,E32,D128,w1", "T1,E16,D256,w1", "T2,E16,D256,w2",
-             "T1,E16,D64,w1", "T1,E32,D256,w4", "T1,E8,D256,w1"],
-    "fused": ["T1,E32,D256,P256,w1", "T1,E16,D256,P256,w1", "T2,E16,D256,P256,w2", "T1,E32,D64,P256,w1,F1",
-              "T1,E32,D64,P64,w1,F1", "T1,E16,D64,P64,w1,F1", "T1,E32,D256,P64,w1", "T1,E16,D256,P64,w1",
-              "T1,E32,D128,P128,w1,F1"],
-    "bwd": ["T1,E8,D256,w4", "T1,E16,D256,w4", "T1,E8,D256,w2", "T1,E16,D256,w2", "T1,E32,D256,w2",
-            "T1,E8,D256,w1", "T1,E16,D256,w1", "T2,E8,D256,w4"],
-    "seg": ["J16,D256,w4", "J8,D256,w2", "J16,D256,w2", "J32,D256,w4", "J8,D256,w1", "J4,D256,w1"],
+    "fwd": ["T1,E32,D64,w1", "T1,E32,D64,w1,V1", "T1,E32,D128,w1,F1", "T1,E32,D128,w1,F1,V1", "T1,E32,D256,w1",
+            "T1,E16,D64,w1,F1"],
+    "gate": ["T1,E8,D256,w1", "T1,E32,D128,w1", "T1,E8,D128,w1", "T1,E4,D256,w1", "T1,E16,D128,w1"],
+    "fused": ["T1,E16,D256,P64,w1", "T1,E16,D256,P64,w1,H0", "T1,E8,D256,P64,w1", "T1,E16,D256,P128,w1",
+              "T1,E32,D256,P64,w1", "T1,E16,D256,P64,w2", "T1,E8,D256,P256,w1", "T1,E16,D256,P256,w1"],
+    "bwd": ["T1,E8,D256,w4"],
+    "seg": ["J4,D256,w1", "J2,D256,w1", "J8,D256,w1"],
 }
 
 
@@ -97,8 +95,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--once", nargs="*", help="kind:config launches for a profiler (one each after warm-up)")
     parser.add_argument("--kinds", nargs="*", default=list(SWEEP))
+    parser.add_argument("--pattern", default="random", choices=["random", "sequential"])
     args = parser.parse_args()
-    inp = make_inputs(0)
+    inp = make_inputs(0, args.pattern)
     if args.once:
         for item in args.once:
             kind, cfg = item.split(":")
@@ -108,7 +107,7 @@ def main() -> int:
         return 0
     results = []
     for kind in args.kinds:
-        inp = make_inputs(len(results) + 1)
+        inp = make_inputs(len(results) + 1, args.pattern)
         ref = reference(kind, inp)
         for text in SWEEP[kind]:
             out, fn = launcher(kind, parse_cfg(text), inp)

@@ -54,7 +54,7 @@ if INTERPRET:
     from ultramem.ops._triton import weighted_lookup as twl
 
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
-SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True}
+SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True, "EVICT_FIRST": True, "HOIST_V": False}
 SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1}
 
 

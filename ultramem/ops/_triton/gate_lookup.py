@@ -34,7 +34,7 @@ def _gate_lookup_fwd_kernel(
     T, E, N, DV, DP, DM,
     M: tl.constexpr, GELU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, D_FASTEST: tl.constexpr, SUM_ONCE: tl.constexpr,
-    ACC: tl.constexpr,
+    HOIST_V: tl.constexpr, ACC: tl.constexpr,
 ):
     if D_FASTEST:  # a token's column blocks run next to each other: its P rows are hot in L2
         n_d = tl.cdiv(DV, BLOCK_D)
@@ -54,6 +54,10 @@ def _gate_lookup_fwd_kernel(
         te_ok = t_ok[:, None] & (e < E)[None, :]
         ids = tl.load(rows_ptr + t[:, None] * r_st + e[None, :] * r_se, mask=te_ok, other=0).to(tl.int64)
         ok = te_ok & (ids >= 0) & (ids < N)
+        v_ptrs = v_ptr + ids[:, :, None] * v_sn + d[None, None, :] * v_sd
+        v_mask = ok[:, :, None] & d_ok[None, None, :]
+        if HOIST_V:  # V's rows do not depend on the gate: have them in flight together with P's
+            v_raw = tl.load(v_ptrs, mask=v_mask, other=0.0)
         # Over several column blocks add products elementwise and reduce once.
         if SUM_ONCE:
             g_parts = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_DP), dtype=ACC)
@@ -79,9 +83,9 @@ def _gate_lookup_fwd_kernel(
         else:
             act = g
         w = _core_weights(s_ptr + t[:, None] * s_st + e[None, :] * s_se, s_sm, ok, chunk, M, ACC)
-        vals = tl.load(v_ptr + ids[:, :, None] * v_sn + d[None, None, :] * v_sd,
-                       mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(ACC)
-        acc += tl.sum(vals * (w * act[:, :, None]), axis=1)
+        if not HOIST_V:
+            v_raw = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        acc += tl.sum(v_raw.to(ACC) * (w * act[:, :, None]), axis=1)
     tl.store(out_ptr + t[:, None] * o_st + d[None, :] * o_sd, acc.to(out_ptr.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])
 
@@ -117,6 +121,7 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
         gate, gate.stride(0), gate.stride(1),
         t, e, n, dv, dp, max(dv // m, 1),
         M=m, GELU=bool(gelu), BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, D_FASTEST=d_fastest, SUM_ONCE=dp > bdp,
+        HOIST_V=bool(cfg.get("HOIST_V", True)),
         ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )

@@ -64,7 +64,7 @@ def _weighted_gather_kernel(
     out_ptr, o_st, o_sd,
     T, E, N, D, DM,
     M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_FASTEST: tl.constexpr, ACC: tl.constexpr,
+    D_FASTEST: tl.constexpr, EVICT_FIRST: tl.constexpr, ACC: tl.constexpr,
 ):
     if D_FASTEST:  # a token's column blocks run next to each other: its ids and rows are hot
         n_d = tl.cdiv(D, BLOCK_D)
@@ -84,8 +84,12 @@ def _weighted_gather_kernel(
         te_ok = t_ok[:, None] & (e < E)[None, :]
         ids = tl.load(rows_ptr + t[:, None] * r_st + e[None, :] * r_se, mask=te_ok, other=0).to(tl.int64)
         ok = te_ok & (ids >= 0) & (ids < N)
-        vals = tl.load(table_ptr + ids[:, :, None] * tb_sn + d[None, None, :] * tb_sd,
-                       mask=ok[:, :, None] & d_ok[None, None, :], other=0.0).to(ACC)
+        v_ptrs = table_ptr + ids[:, :, None] * tb_sn + d[None, None, :] * tb_sd
+        v_mask = ok[:, :, None] & d_ok[None, None, :]
+        if EVICT_FIRST:  # gathered rows are read once: keep them from pushing ids/scores out of L2
+            vals = tl.load(v_ptrs, mask=v_mask, other=0.0, eviction_policy="evict_first").to(ACC)
+        else:
+            vals = tl.load(v_ptrs, mask=v_mask, other=0.0).to(ACC)
         w = _core_weights(s_ptr + t[:, None] * s_st + e[None, :] * s_se, s_sm, ok, chunk, M, ACC)
         acc += tl.sum(vals * w, axis=1)
     tl.store(out_ptr + t[:, None] * o_st + d[None, :] * o_sd, acc.to(out_ptr.dtype.element_ty),
@@ -229,7 +233,8 @@ def weighted_gather(rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, ac
         s, *s_strides,
         out, out.stride(0), out.stride(1),
         t, e, n, d, d // m,
-        M=m, BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, D_FASTEST=d_fastest, ACC=_tl_acc(acc),
+        M=m, BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, D_FASTEST=d_fastest,
+        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)), ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )
     return out
