@@ -117,33 +117,27 @@ def gate_lookup_eager(rows, values, pre_values, x, scores):
 
 # ------------------------------------------------------------------ the run
 
+# The defaults of the launchers first, then a few neighbours (perf/sweep_lookup.py has more).
 FWD_CONFIGS = [
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1},
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 128, "num_warps": 1, "D_FASTEST": True},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
-    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8},
-    {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "num_warps": 4},
-    {"BLOCK_T": 2, "BLOCK_E": 16, "BLOCK_D": 256, "num_warps": 4},
-    {"BLOCK_T": 2, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8},
-    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 2},
-    {"BLOCK_T": 4, "BLOCK_E": 8, "BLOCK_D": 64, "num_warps": 4},
 ]
 BWD_CONFIGS = [
-    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8},
-    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
-    {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "num_warps": 4},
-    {"BLOCK_T": 2, "BLOCK_E": 16, "BLOCK_D": 256, "num_warps": 8},
     {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4},
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
+]
+DOTS_CONFIGS = [
+    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 1},
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
 ]
 SEGMENT_CONFIGS = [
-    {"BLOCK_J": 32, "BLOCK_D": 256, "num_warps": 8},
-    {"BLOCK_J": 16, "BLOCK_D": 256, "num_warps": 8},
+    {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1},
     {"BLOCK_J": 16, "BLOCK_D": 256, "num_warps": 4},
 ]
 FUSED_CONFIGS = [
+    {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "BLOCK_DP": 64, "num_warps": 1},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
-    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 8},
-    {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
-    {"BLOCK_T": 2, "BLOCK_E": 16, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 8},
-    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
 ]
 
 
@@ -329,7 +323,7 @@ def run(ctx) -> list[dict]:
         rel = ctx.check("gate fwd eager", gate_eager(inp.rows, inp.pre_values, inp.x), ref)
         add("pre_value_gate_fwd", "eager", ctx.do_bench(lambda: gate_eager(inp.rows, inp.pre_values, inp.x)),
             gate_bytes, rel)
-        for cfg in BWD_CONFIGS:
+        for cfg in DOTS_CONFIGS:
             inp = fresh()
             ref = gate_ref(inp.rows, inp.pre_values, inp.x)
             out = torch.full((t, e), float("nan"), dtype=BF16, device=dev)

@@ -30,10 +30,10 @@ _OP = "weighted_lookup"
 
 # Launch shapes. Chosen on an H200 at the 227M shapes (perf/NOTES.md); any value is correct.
 # BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step.
-FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 2}
-BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 8}
-DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4}
-SEGMENT_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 256, "num_warps": 8}
+FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1}
+BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4}
+DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 1}
+SEGMENT_CONFIG = {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1}
 
 
 def _tl_acc(dtype: torch.dtype):
