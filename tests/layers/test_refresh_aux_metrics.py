@@ -23,8 +23,9 @@ def _layer_with_random_cores(rank=3, heads=2, seed=0):
     return layer, g
 
 
-def test_refresh_gives_first_singular_vectors():
-    layer, _ = _layer_with_random_cores()
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_refresh_gives_first_singular_vectors(rank):
+    layer, _ = _layer_with_random_cores(rank=rank)
     layer.refresh_rank1()
     for h in range(layer.heads):
         s = layer.cores.detach()[h].sum(0).numpy()
@@ -36,7 +37,7 @@ def test_refresh_gives_first_singular_vectors():
 
 
 def test_refresh_keeps_the_sign_when_the_svd_flips(monkeypatch):
-    layer, _ = _layer_with_random_cores()
+    layer, _ = _layer_with_random_cores(rank=3)  # r >= 3 goes through torch.linalg.svd
     layer.refresh_rank1()
     u0, v0 = layer.rank1_u.clone(), layer.rank1_v.clone()
     real_svd = torch.linalg.svd
@@ -51,8 +52,9 @@ def test_refresh_keeps_the_sign_when_the_svd_flips(monkeypatch):
     torch.testing.assert_close(layer.rank1_v, v0, rtol=0, atol=1e-6)
 
 
-def test_refresh_after_a_small_perturbation_does_not_flip():
-    layer, g = _layer_with_random_cores(seed=3)
+@pytest.mark.parametrize("rank", [2, 3])
+def test_refresh_after_a_small_perturbation_does_not_flip(rank):
+    layer, g = _layer_with_random_cores(rank=rank, seed=3)
     layer.refresh_rank1()
     for _ in range(5):
         u_old, v_old = layer.rank1_u.clone(), layer.rank1_v.clone()
@@ -76,9 +78,10 @@ def _balance_from_trace(trace, n_side, side):
     return n_side * float((p * f).sum())
 
 
-def test_aux_losses_match_direct_formulas():
+@pytest.mark.parametrize("rank", [2, 3])
+def test_aux_losses_match_direct_formulas(rank):
     coef_rank, margin, coef_bal = 0.05, 0.01, 0.3
-    cfg = make_cfg(type="ultramem_v2", heads=2, tucker_rank=3, key_expand=2, tucker_rank_penalty=coef_rank,
+    cfg = make_cfg(type="ultramem_v2", heads=2, tucker_rank=rank, key_expand=2, tucker_rank_penalty=coef_rank,
                    tucker_rank_margin=margin, key_balance_coef=coef_bal)
     tables, layers, g = build_random(cfg, 2, seed=8)
     layer = layers[1]
@@ -103,6 +106,20 @@ def test_aux_losses_match_direct_formulas():
     assert float(grad_q.abs().sum()) > 0
     # only the penalty depends on the cores (selection is not differentiated, u/v are constants)
     np.testing.assert_allclose(grad_c.numpy(), grad_cores, rtol=1e-8, atol=1e-12)
+
+
+def test_rank2_penalty_is_finite_at_degenerate_cores():
+    """Equal singular values (σ1 = σ2) and σ2 = 0 are where the closed form's square roots kink."""
+    from ultramem.layers._common import tucker_rank_penalty
+
+    for s in (torch.eye(2), torch.tensor([[1.0, 2.0], [2.0, 4.0]]), torch.zeros(2, 2)):
+        cores = (s / 2).expand(1, 2, 2, 2).clone().double().requires_grad_(True)
+        for margin in (0.0, 0.15):
+            penalty = tucker_rank_penalty(cores, margin)
+            want = sum(max(x - margin, 0.0) ** 2 for x in np.linalg.svd(s.numpy(), compute_uv=False)[1:])
+            assert float(penalty.detach()) == pytest.approx(want, abs=1e-12)
+            (grad,) = torch.autograd.grad(penalty, cores)
+            assert bool(torch.isfinite(grad).all())
 
 
 def test_memory_plus_key_balance_matches_formula():

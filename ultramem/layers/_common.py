@@ -96,15 +96,51 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+# The CUDA SVD/eigen solvers check their status on the host (a sync), so the rank-1 refresh and
+# the Tucker penalty use closed forms for rank 1 and 2 (every configuration in SPEC §8 has r = 2)
+# and fall back to torch.linalg (which syncs on CUDA) only for r >= 3.
+_TINY = 1e-30
+
+
+def _top_pair_rank2(s: Tensor) -> tuple[Tensor, Tensor]:
+    """First singular vectors of 2×2 matrices s [H, 2, 2] in closed form (pure tensor ops).
+
+    v is the top eigenvector of sᵀs = [[p, q], [q, t]]: angle ½·atan2(2q, p − t); u = s·v/‖s·v‖."""
+    p = s[:, 0, 0] ** 2 + s[:, 1, 0] ** 2
+    t = s[:, 0, 1] ** 2 + s[:, 1, 1] ** 2
+    q = s[:, 0, 0] * s[:, 0, 1] + s[:, 1, 0] * s[:, 1, 1]
+    angle = 0.5 * torch.atan2(2 * q, p - t)
+    v = torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
+    sv = torch.einsum("hij,hj->hi", s, v)
+    u = sv / sv.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+    return u, v
+
+
+def _singular_values_rank2(s: Tensor) -> Tensor:
+    """[σ1, σ2] of 2×2 matrices s [H, 2, 2], differentiable and finite at σ1 = σ2 or σ2 = 0."""
+    frob = s.pow(2).sum((-1, -2))
+    det = s[:, 0, 0] * s[:, 1, 1] - s[:, 0, 1] * s[:, 1, 0]
+    half = 0.5 * frob
+    root = torch.sqrt((half * half - det * det).clamp_min(_TINY))  # eigenvalues of sᵀs: half ± root
+    return torch.stack([torch.sqrt((half + root).clamp_min(_TINY)), torch.sqrt((half - root).clamp_min(_TINY))],
+                       dim=-1)
+
+
 def rank1_refresh(cores: Tensor, u_old: Tensor, v_old: Tensor) -> tuple[Tensor, Tensor]:
     """First singular vectors (u, v) of S_h = Σ_m C_m[h] per head, float32 (SPEC "Rank-1 refresh").
 
     The sign σ of each head's pair is the one minimizing |σu − u_old|₁ + |σv − v_old|₁; on a tie
     (the first refresh, where u_old = v_old = 0) σ makes Σu + Σv >= 0, so the first result does
-    not depend on the SVD backend's sign convention."""
+    not depend on the SVD backend's sign convention. No host sync for r <= 2."""
     s = cores.detach().to(torch.float32).sum(1)  # [H, r, r]
-    left, _, right_h = torch.linalg.svd(s)
-    u, v = left[..., :, 0], right_h[..., 0, :]
+    r = s.shape[-1]
+    if r == 1:
+        u, v = torch.ones_like(s[:, 0]), torch.where(s[:, 0] < 0, -1.0, 1.0)
+    elif r == 2:
+        u, v = _top_pair_rank2(s)
+    else:
+        left, _, right_h = torch.linalg.svd(s)
+        u, v = left[..., :, 0], right_h[..., 0, :]
     u_old, v_old = u_old.to(torch.float32), v_old.to(torch.float32)
     keep = (u - u_old).abs().sum(-1) + (v - v_old).abs().sum(-1)
     flip = (u + u_old).abs().sum(-1) + (v + v_old).abs().sum(-1)
@@ -118,7 +154,11 @@ def tucker_rank_penalty(cores: Tensor, margin: float) -> Tensor:
 
     The SPEC's "mean(relu(σ_2..σ_r − margin)²) over heads" is read as: sum over the trailing
     singular values of one head, then average over heads (for r = 2 the two readings agree)."""
-    sv = torch.linalg.svdvals(cores.to(torch.promote_types(cores.dtype, torch.float32)).sum(1))  # [H, r]
+    s = cores.to(torch.promote_types(cores.dtype, torch.float32)).sum(1)  # [H, r, r]
+    r = s.shape[-1]
+    if r == 1:
+        return s.new_zeros(())
+    sv = _singular_values_rank2(s) if r == 2 else torch.linalg.svdvals(s)  # [H, r], descending
     return F.relu(sv[:, 1:] - margin).pow(2).sum(-1).mean()
 
 
