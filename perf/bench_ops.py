@@ -5,10 +5,12 @@ in perf/benches/ (each exposes `run(ctx) -> list[dict]`), prints one table and w
         [--out perf/results/h200.json] [--compile]
 
 Every kernel is checked against a float64 reference on fresh random inputs (outputs poisoned
-with NaN first) before it is timed; times are `triton.testing.do_bench` medians. A row: op,
-shape, variant, median µs, minimum bytes, GB/s (minimum bytes / time), fraction of the copy
-ceiling, relative error. `--small` runs tiny shapes (on CPU under TRITON_INTERPRET=1 too) to
-check the script itself.
+with NaN first) before it is timed. Times are GPU times from CUDA-graph replays (an L2 flush
+before every call, its time subtracted); the median of event-timed single Python calls
+(`triton.testing.do_bench`, which also counts host launch time when that is the longer part) is
+kept beside them as `events_us`. A row: op, shape, variant, median µs, minimum bytes, GB/s
+(minimum bytes / time), fraction of the copy ceiling, relative error. `--small` runs tiny
+shapes (on CPU under TRITON_INTERPRET=1 too) to check the script itself.
 """
 from __future__ import annotations
 
@@ -33,6 +35,45 @@ sys.path.insert(0, str(HERE.parent))
 log = logging.getLogger("bench_ops")
 
 
+def gpu_time_us(fn, calls: int = 10, reps: int = 7, flush_bytes: int = 256 << 20) -> float:
+    """GPU time of fn() in µs without the host's launch overhead: `calls` x (L2 flush, fn) captured
+    in one CUDA graph, replayed `reps` times (median), minus the same graph with the flushes only.
+    The ops launch from Python, so plain event timing of one short call can include host time."""
+    flush = torch.empty(flush_bytes, dtype=torch.int8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture (compilation, allocator)
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graphs = []
+    for with_fn in (True, False):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        graphs.append(graph)
+
+    def replay_ms(graph) -> float:
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    work, flush_only = replay_ms(graphs[0]), replay_ms(graphs[1])
+    del graphs
+    return 1000.0 * (work - flush_only) / calls
+
+
 class Context:
     """What a benchmark module gets: device, timing, checking, and the row format."""
 
@@ -42,6 +83,7 @@ class Context:
         self.compile_variants = compile_variants
         self.ceiling_gbps = float("nan")
         self.checks: list[dict] = []
+        self._last_timing: dict = {}
 
     # -- timing
     def sync(self) -> None:
@@ -49,11 +91,21 @@ class Context:
             torch.cuda.synchronize()
 
     def do_bench(self, fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-        """Median time of fn() in µs (CUDA events via triton.testing.do_bench, L2 flushed between
-        calls); on CPU a few wall-clock calls (smoke runs only)."""
+        """GPU time of fn() in µs: CUDA-graph replays with an L2 flush before each call (see
+        gpu_time_us). Also times it with triton.testing.do_bench (events around each Python call,
+        median), which includes host launch time where that exceeds the flush; the row gets both.
+        On CPU a few wall-clock calls (smoke runs only)."""
         if self.device.type == "cuda":
             import triton.testing
-            return 1000.0 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+            events_us = 1000.0 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+            try:
+                graph_us = gpu_time_us(fn)
+            except Exception as exc:  # not capturable: keep the event time
+                log.warning("graph timing failed (%s); using event timing", exc)
+                graph_us = None
+            self._last_timing = {"events_us": round(events_us, 2),
+                                 "graph_us": round(graph_us, 2) if graph_us is not None else None}
+            return graph_us if graph_us is not None else events_us
         fn()
         times = []
         for _ in range(2):
@@ -89,7 +141,8 @@ class Context:
         row = {"op": op, "shape": shape, "variant": variant, "median_us": round(us, 2) if us else us,
                "min_bytes": min_bytes, "gbps": round(gbps, 1) if gbps else None,
                "frac_of_ceiling": round(frac, 3) if frac else None,
-               "rel_err": rel_err, **extra}
+               "rel_err": rel_err, **self._last_timing, **extra}
+        self._last_timing = {}
         log.info("%-22s %-30s %9.1f us %s", op, variant, us or float("nan"),
                  f"{gbps:7.0f} GB/s {frac:5.2f}" if frac else "")
         return row
@@ -140,14 +193,13 @@ def _fmt(value, spec: str, width: int) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'op':<24} {'variant':<44} {'us':>9} {'GB/s':>7} {'ceil':>5} {'rel_err':>9}  shape"]
+    lines = [f"{'op':<24} {'variant':<44} {'us':>9} {'GB/s':>7} {'ceil':>5} {'rel_err':>9} {'events_us':>9}"]
     for r in rows:
         line = " ".join([
             f"{r['op']:<24}", f"{r['variant']:<44}", _fmt(r.get("median_us"), "9.1f", 9),
             _fmt(r.get("gbps"), "7.0f", 7), _fmt(r.get("frac_of_ceiling"), "5.2f", 5),
-            _fmt(r.get("rel_err"), "9.2e", 9),
+            _fmt(r.get("rel_err"), "9.2e", 9), _fmt(r.get("events_us"), "9.1f", 9),
         ])
-        line += f"  {r.get('shape', '')}"
         if r.get("error"):
             line += f"  ERROR {r['error']}"
         lines.append(line)
@@ -169,6 +221,7 @@ def main(argv=None) -> int:
     ctx = Context(device, small=args.small or device.type != "cuda", compile_variants=args.compile)
     ctx.ceiling_gbps = measure_copy_ceiling(ctx)
     log.info("copy ceiling: %.0f GB/s", ctx.ceiling_gbps)
+    ctx._last_timing = {}
 
     names = args.only or sorted(p.stem for p in (HERE / "benches").glob("*.py") if not p.stem.startswith("_"))
     rows: list[dict] = []

@@ -1,7 +1,7 @@
 """Launch-shape sweep of the gather kernels at the 227M shapes, and a one-launch-each mode for
 Nsight Compute. A tuning aid beside perf/bench_ops.py (which holds the reported numbers).
 
-    PYTHONPATH=. python perf/sweep_lookup.py                       # check + time every config
+    PYTHONPATH=. python perf/sweep_lookup.py                       # check + time (GPU time) every config
     ncu --clock-control none -k regex:_kernel python perf/sweep_lookup.py --once fwd:T1,E32,D256,w4
 """
 from __future__ import annotations
@@ -10,9 +10,7 @@ import argparse
 import sys
 
 import torch
-import triton
-import triton.testing
-
+from perf.bench_ops import gpu_time_us
 from ultramem.ops._triton import gate_lookup as tgl
 from ultramem.ops._triton import weighted_lookup as twl
 
@@ -23,7 +21,7 @@ BF16 = torch.bfloat16
 
 def parse_cfg(text: str) -> dict:
     keys = {"T": "BLOCK_T", "E": "BLOCK_E", "D": "BLOCK_D", "P": "BLOCK_DP", "J": "BLOCK_J", "w": "num_warps",
-            "F": "D_FASTEST", "H": "HOIST_V", "V": "EVICT_FIRST"}
+            "F": "D_FASTEST", "H": "HOIST_V", "V": "EVICT_FIRST", "U": "fuse_dots"}
     return {keys[part[0]]: int(part[1:]) for part in text.split(",")}
 
 
@@ -59,7 +57,8 @@ def launcher(kind: str, cfg: dict, inp):
             def fn():  # grad_out = x; the check looks at grad_scores
                 box["out"] = twl.lookup_table_grad(x, rows, values, scores, buf, accumulate=True,
                                                    deterministic=kind == "seg", order=order,
-                                                   configs={"bwd": cfg, "segment": cfg})
+                                                   configs={"bwd": cfg, "segment": cfg,
+                                                            "fuse_dots": bool(cfg.get("fuse_dots", 1))})
         fn()
         return box, fn
     raise ValueError(f"unknown kernel kind {kind!r}; expected fwd, gate, fused, bwd or seg")
@@ -81,13 +80,14 @@ def reference(kind: str, inp):
 
 
 SWEEP = {
-    "fwd": ["T1,E32,D64,w1", "T1,E32,D64,w1,V1", "T1,E32,D128,w1,F1", "T1,E32,D128,w1,F1,V1", "T1,E32,D256,w1",
-            "T1,E16,D64,w1,F1"],
-    "gate": ["T1,E8,D256,w1", "T1,E32,D128,w1", "T1,E8,D128,w1", "T1,E4,D256,w1", "T1,E16,D128,w1"],
-    "fused": ["T1,E16,D256,P64,w1", "T1,E16,D256,P64,w1,H0", "T1,E8,D256,P64,w1", "T1,E16,D256,P128,w1",
-              "T1,E32,D256,P64,w1", "T1,E16,D256,P64,w2", "T1,E8,D256,P256,w1", "T1,E16,D256,P256,w1"],
-    "bwd": ["T1,E8,D256,w4"],
-    "seg": ["J4,D256,w1", "J2,D256,w1", "J8,D256,w1"],
+    "fwd": ["T1,E32,D64,w1,V1", "T1,E32,D64,w1", "T1,E32,D128,w1,V1", "T1,E32,D256,w1,V1", "T1,E16,D64,w1,V1",
+            "T1,E32,D64,w2,V1", "T1,E32,D256,w4"],
+    "gate": ["T1,E4,D256,w1", "T1,E8,D256,w1", "T1,E2,D256,w1", "T1,E32,D256,w4", "T1,E4,D256,w2",
+             "T2,E4,D256,w2"],
+    "fused": ["T1,E8,D256,P256,w1,H0", "T1,E8,D256,P256,w1,H1", "T1,E16,D256,P64,w1,H0", "T1,E4,D256,P256,w1,H0",
+              "T1,E8,D256,P128,w1,H0", "T1,E16,D256,P256,w1,H0", "T1,E8,D256,P256,w2,H0"],
+    "bwd": ["T1,E8,D256,w4", "T1,E4,D256,w4", "T1,E8,D256,w2", "T1,E16,D256,w4"],
+    "seg": ["J2,D256,w1", "J2,D256,w1,U0", "J4,D256,w1,U0", "J1,D256,w1", "J8,D256,w2,U0", "J16,D256,w4,U0"],
 }
 
 
@@ -114,7 +114,7 @@ def main() -> int:
             fn()
             got = out["out"] if isinstance(out, dict) else out
             rel = float((got.double() - ref).norm() / ref.norm()) if torch.isfinite(got).all() else float("inf")
-            us = 1000 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            us = gpu_time_us(fn)
             results.append((kind, text, us, rel))
             print(f"{kind:6} {text:22} {us:8.1f} us  rel_err {rel:.2e}", flush=True)
     print("\nbest per kind:")

@@ -119,8 +119,8 @@ def gate_lookup_eager(rows, values, pre_values, x, scores):
 
 # The defaults of the launchers first, then a few neighbours (perf/sweep_lookup.py has more).
 FWD_CONFIGS = [
+    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1},
-    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 128, "num_warps": 1, "D_FASTEST": True},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
 ]
 BWD_CONFIGS = [
@@ -128,15 +128,16 @@ BWD_CONFIGS = [
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
 ]
 DOTS_CONFIGS = [
-    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 1},
+    {"BLOCK_T": 1, "BLOCK_E": 4, "BLOCK_D": 256, "num_warps": 1},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
 ]
 SEGMENT_CONFIGS = [
-    {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1},
+    {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1},
+    {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": False},
     {"BLOCK_J": 16, "BLOCK_D": 256, "num_warps": 4},
 ]
 FUSED_CONFIGS = [
-    {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "BLOCK_DP": 64, "num_warps": 1},
+    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
 ]
 
@@ -199,12 +200,15 @@ def run(ctx) -> list[dict]:
                 ctx.do_bench(lambda: twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32, cfg)),
                 fwd_bytes, rel)
         inp = fresh()
-        rows32 = inp.rows.to(torch.int32)
-        out = twl.weighted_lookup_cuda(rows32, inp.values, inp.scores)
-        rel = ctx.check("lookup fwd op int32 ids", out, lookup_ref(inp.rows, inp.values, inp.scores))
-        add("weighted_lookup_fwd", "ours op (int32 ids)",
-            ctx.do_bench(lambda: twl.weighted_lookup_cuda(rows32, inp.values, inp.scores)),
-            fwd_bytes - ids_b // 2, rel)
+        ref = lookup_ref(inp.rows, inp.values, inp.scores)
+        for ids in (inp.rows, inp.rows.to(torch.int32)):
+            name = "int32" if ids.dtype == torch.int32 else "int64"
+            ctx.poison_allocator(t * d * 2)
+            rel = ctx.check(f"lookup fwd op {name} ids", torch.ops.ultramem.weighted_lookup(ids, inp.values,
+                                                                                            inp.scores), ref)
+            add("weighted_lookup_fwd", f"ours: the op ({name} ids)",
+                ctx.do_bench(lambda: torch.ops.ultramem.weighted_lookup(ids, inp.values, inp.scores)),
+                fwd_bytes - (ids_b // 2 if name == "int32" else 0), rel)
 
     guarded("weighted_lookup_fwd", "all", lookup_fwd)
 
@@ -271,19 +275,20 @@ def run(ctx) -> list[dict]:
             add("sort_rows", f"torch.sort stable ({str(key).split('.')[-1]} ids)",
                 ctx.do_bench(lambda: twl.sort_rows(r)), None)
         for cfg in SEGMENT_CONFIGS:
+            seg = {"segment": cfg, "fuse_dots": cfg.get("fuse_dots", True)}
             inp = fresh()
             args = (inp.grad_out, inp.rows, inp.values, inp.scores)
             ref_table, ref_scores = lookup_bwd_ref(*args)
             buf.normal_()
             start = buf.clone()
             grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
-                                                configs={"segment": cfg})
+                                                configs=seg)
             rel = check_bwd(f"lookup bwd det {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
             del ref_table, ref_scores
             results = []
             for _ in range(2):
                 buf.copy_(start)
-                gsc = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs={"segment": cfg})
+                gsc = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs=seg)
                 results.append((buf.clone(), gsc))
             bitwise = bool(torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]))
             ctx.checks.append({"name": f"lookup bwd det {_cfg_name(cfg)} bitwise repeatable", "rel_err": 0.0,
@@ -291,12 +296,12 @@ def run(ctx) -> list[dict]:
             del results, start
             add("weighted_lookup_bwd", f"ours (c) det-accumulate[{_cfg_name(cfg)}]",
                 ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
-                                                           configs={"segment": cfg})), det_acc_bytes, rel,
+                                                           configs=seg)), det_acc_bytes, rel,
                 bitwise_repeatable=bitwise)
             order = twl.sort_rows(inp.rows, n)
             add("weighted_lookup_bwd", f"ours (c) det-accumulate presorted[{_cfg_name(cfg)}]",
                 ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
-                                                           order=order, configs={"segment": cfg})), det_acc_bytes)
+                                                           order=order, configs=seg)), det_acc_bytes)
         inp = fresh()
         args = (inp.grad_out, inp.rows, inp.values, inp.scores)
         ref_table, ref_scores = lookup_bwd_ref(*args)

@@ -19,7 +19,7 @@ from .weighted_lookup import _block_d, _core_weights, _tl_acc
 
 _OP = "gate_lookup"
 
-CONFIG = {"BLOCK_T": 1, "BLOCK_E": 16, "BLOCK_D": 256, "BLOCK_DP": 64, "num_warps": 1}
+CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": False}
 
 
 @triton.jit
@@ -121,7 +121,7 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
         gate, gate.stride(0), gate.stride(1),
         t, e, n, dv, dp, max(dv // m, 1),
         M=m, GELU=bool(gelu), BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, D_FASTEST=d_fastest, SUM_ONCE=dp > bdp,
-        HOIST_V=bool(cfg.get("HOIST_V", True)),
+        HOIST_V=bool(cfg.get("HOIST_V", False)),
         ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )

@@ -30,10 +30,10 @@ _OP = "weighted_lookup"
 
 # Launch shapes. Chosen on an H200 at the 227M shapes (perf/NOTES.md); any value is correct.
 # BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step.
-FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1}
+FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True}
 BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4}
-DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 1}
-SEGMENT_CONFIG = {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1}
+DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 4, "BLOCK_D": 256, "num_warps": 1}
+SEGMENT_CONFIG = {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1}
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -317,6 +317,9 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
 # The fused segment kernel keeps a whole row in registers; above this width it splits columns
 # and computes the dots in the token-order kernel instead.
 _FUSED_SEGMENT_MAX_D = 512
+# Deterministic mode: compute grad_scores inside the segment kernel (each row read once) or in
+# the token-order kernel beside it (lighter segment kernel).
+FUSE_SEGMENT_DOTS = True
 
 
 def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_table: Tensor, *,
@@ -335,7 +338,7 @@ def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Ten
         gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, scores=scores,
                             grad_table=grad_table, config=configs.get("bwd"))
         return grad_scores
-    if table.shape[1] <= _FUSED_SEGMENT_MAX_D:
+    if table.shape[1] <= _FUSED_SEGMENT_MAX_D and configs.get("fuse_dots", FUSE_SEGMENT_DOTS):
         # Entries of an out-of-range row are never visited: keep their dots defined.
         grad_scores = torch.zeros_like(scores, memory_format=torch.contiguous_format)
         segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate, table=table,
