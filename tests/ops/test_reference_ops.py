@@ -192,6 +192,20 @@ def _opcheck_cases():
         c = torch.rand(2, 2, 2, 2, generator=g, dtype=dtype, requires_grad=True)
         u, v = torch.randn(2, 2, generator=g, dtype=dtype), torch.randn(2, 2, generator=g, dtype=dtype)
         yield torch.ops.ultramem.tdqkr_retrieval.default, (a, b, c, u, v, 3)
+    # non-contiguous inputs: the fake kernels must report the real kernels' (contiguous) strides
+    yield torch.ops.ultramem.weighted_lookup.default, (
+        rows, torch.randn(8, 10, generator=g).t().requires_grad_(), torch.randn(2, 4, 5, generator=g).permute(2, 1, 0))
+    yield torch.ops.ultramem.pre_value_gate.default, (
+        rows, torch.randn(10, 8, generator=g), torch.randn(8, 5, generator=g).t().requires_grad_())
+    yield torch.ops.ultramem.tdqkr_retrieval.default, (
+        torch.randn(3, 2, 2, 6, generator=g).transpose(2, 3).requires_grad_(),
+        torch.randn(3, 2, 2, 6, generator=g).transpose(2, 3).requires_grad_(),
+        torch.rand(2, 2, 2, 2, generator=g).requires_grad_(), torch.randn(2, 2, generator=g),
+        torch.randn(2, 2, generator=g), 3)
+    a_nc = torch.randn(3, 2, 2, 6, generator=g).transpose(2, 3)
+    ids = ops.tdqkr_retrieval(a_nc, a_nc, torch.rand(2, 2, 2, 2), torch.randn(2, 2), torch.randn(2, 2), 3)[0]
+    yield torch.ops.ultramem.tdqkr_retrieval_backward.default, (
+        torch.randn(3, 2, 3, 2, generator=g), a_nc, a_nc, torch.rand(2, 2, 2, 2, generator=g), ids)
     yield torch.ops.ultramem.weighted_lookup_backward.default, (
         torch.randn(5, 8, generator=g), rows, torch.randn(10, 8, generator=g), torch.randn(5, 4, 2, generator=g))
 

@@ -58,13 +58,13 @@ def pre_value_gate_backward(grad_gate: Tensor, rows: Tensor, table: Tensor, x: T
     contrib = (g.unsqueeze(-1) * x.to(acc).unsqueeze(1)).reshape(t * e, -1)
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
     grad_table.index_add_(0, rows.reshape(-1).long(), contrib)
-    return grad_table, grad_x.to(x.dtype)
+    return grad_table, grad_x.to(x.dtype).contiguous()
 
 
 @pre_value_gate_backward.register_fake
 def _(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(table, x, grad_gate)
-    return table.new_empty(table.shape, dtype=acc), torch.empty_like(x)
+    return table.new_empty(table.shape, dtype=acc), torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -98,14 +98,15 @@ def tdqkr_retrieval_backward(grad_scores: Tensor, row_scores: Tensor, col_scores
     grad_b_sel = torch.einsum("them,hmrs,ther->thes", g, c, a_sel)
     grad_cores = torch.einsum("them,ther,thes->hmrs", g, a_sel, b_sel)
     r = a_full.shape[-1]
-    grad_a = torch.zeros_like(a_full).scatter_add_(2, i.unsqueeze(-1).expand(*i.shape, r), grad_a_sel)
-    grad_b = torch.zeros_like(b_full).scatter_add_(2, j.unsqueeze(-1).expand(*j.shape, r), grad_b_sel)
-    return grad_a.to(row_scores.dtype), grad_b.to(col_scores.dtype), grad_cores.to(cores.dtype)
+    grad_a = torch.zeros(a_full.shape, dtype=acc, device=a_full.device).scatter_add_(2, i.unsqueeze(-1).expand(*i.shape, r), grad_a_sel)
+    grad_b = torch.zeros(b_full.shape, dtype=acc, device=b_full.device).scatter_add_(2, j.unsqueeze(-1).expand(*j.shape, r), grad_b_sel)
+    return (grad_a.to(row_scores.dtype).contiguous(), grad_b.to(col_scores.dtype).contiguous(),
+            grad_cores.to(cores.dtype).contiguous())
 
 
 @tdqkr_retrieval_backward.register_fake
 def _(grad_scores, row_scores, col_scores, cores, ids):
-    return torch.empty_like(row_scores), torch.empty_like(col_scores), torch.empty_like(cores)
+    return torch.empty_like(row_scores, memory_format=torch.contiguous_format), torch.empty_like(col_scores, memory_format=torch.contiguous_format), torch.empty_like(cores, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -43,13 +43,13 @@ def weighted_lookup_backward_accumulate(grad_table: Tensor, grad_out: Tensor, ro
     vals = table.index_select(0, flat).to(acc).view(t, e, m, -1)
     grad_scores = (vals * g).sum(-1)
     grad_table.index_add_(0, flat, (scores.to(acc).unsqueeze(-1) * g).reshape(t * e, table.shape[1]))
-    return grad_scores.to(scores.dtype)
+    return grad_scores.to(scores.dtype).contiguous()
 
 
 @weighted_lookup_backward_accumulate.register_fake
 def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
     _check_buffer("weighted_lookup_backward_accumulate", grad_table, table)
-    return torch.empty_like(scores)
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("ultramem::pre_value_gate_backward_accumulate", mutates_args=("grad_table",))
@@ -67,13 +67,13 @@ def pre_value_gate_backward_accumulate(grad_table: Tensor, grad_gate: Tensor, ro
     pre = table.index_select(0, flat).to(acc).view(t, e, -1)
     grad_x = torch.einsum("te,ted->td", gg, pre)
     grad_table.index_add_(0, flat, (gg.unsqueeze(-1) * x.to(acc).unsqueeze(1)).reshape(t * e, -1))
-    return grad_x.to(x.dtype)
+    return grad_x.to(x.dtype).contiguous()
 
 
 @pre_value_gate_backward_accumulate.register_fake
 def _(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
     _check_buffer("pre_value_gate_backward_accumulate", grad_table, table)
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 from ._triton import pre_value_gate as _triton_pre_value_gate  # noqa: E402  (None without Triton)

@@ -80,14 +80,14 @@ def weighted_lookup_backward(grad_out: Tensor, rows: Tensor, table: Tensor, scor
     contrib = (scores.to(acc).unsqueeze(-1) * g).reshape(t * e, table.shape[1])
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
     grad_table.index_add_(0, rows.reshape(-1).long(), contrib)
-    return grad_table, grad_scores.to(scores.dtype)
+    return grad_table, grad_scores.to(scores.dtype).contiguous()
 
 
 @weighted_lookup_backward.register_fake
 def _(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     _check_grad_out(grad_out, rows, table)
     acc = acc_dtype(table, scores, grad_out)
-    return table.new_empty(table.shape, dtype=acc), torch.empty_like(scores)
+    return table.new_empty(table.shape, dtype=acc), torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
