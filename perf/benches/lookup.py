@@ -132,12 +132,12 @@ DOTS_CONFIGS = [
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
 ]
 SEGMENT_CONFIGS = [
-    {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1},
-    {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": False},
-    {"BLOCK_J": 16, "BLOCK_D": 256, "num_warps": 4},
+    {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": False},
+    {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": True},
 ]
 FUSED_CONFIGS = [
-    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1},
+    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True},
+    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": False},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
 ]
 
@@ -275,7 +275,7 @@ def run(ctx) -> list[dict]:
             add("sort_rows", f"torch.sort stable ({str(key).split('.')[-1]} ids)",
                 ctx.do_bench(lambda: twl.sort_rows(r)), None)
         for cfg in SEGMENT_CONFIGS:
-            seg = {"segment": cfg, "fuse_dots": cfg.get("fuse_dots", True)}
+            seg = {"segment": cfg, "fuse_dots": cfg.get("fuse_dots", twl.FUSE_SEGMENT_DOTS)}
             inp = fresh()
             args = (inp.grad_out, inp.rows, inp.values, inp.scores)
             ref_table, ref_scores = lookup_bwd_ref(*args)

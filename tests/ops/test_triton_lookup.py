@@ -190,16 +190,18 @@ def test_lookup_forward(case):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("mode", ["atomic", "sorted", "sorted-fused-dots"])
 @pytest.mark.parametrize("case", LOOKUP_CASES)
-def test_lookup_backward(case, deterministic):
+def test_lookup_backward(case, mode):
     t, e, n, d, m, dtype, idx, blocks = case
-    g = _gen(t * 10 + e + d + m + deterministic)
+    deterministic = mode != "atomic"
+    g = _gen(t * 10 + e + d + m + len(mode))
     rows, table, scores = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, e, m), g, dtype)
     grad_out = _rand((t, d), g, dtype)
     ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    configs = {"bwd": blocks, "segment": SMALL_SEGMENT if blocks else None}
+    configs = {"bwd": blocks, "dots": blocks, "segment": SMALL_SEGMENT if blocks else None,
+               "fuse_dots": mode == "sorted-fused-dots"}
     grad_table = torch.zeros(n, d, dtype=acc)
     grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=False,
                                         deterministic=deterministic, configs=configs)

@@ -33,7 +33,7 @@ _OP = "weighted_lookup"
 FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True}
 BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4}
 DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 4, "BLOCK_D": 256, "num_warps": 1}
-SEGMENT_CONFIG = {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1}
+SEGMENT_CONFIG = {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1}
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -319,7 +319,7 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
 _FUSED_SEGMENT_MAX_D = 512
 # Deterministic mode: compute grad_scores inside the segment kernel (each row read once) or in
 # the token-order kernel beside it (lighter segment kernel).
-FUSE_SEGMENT_DOTS = True
+FUSE_SEGMENT_DOTS = False  # measured: 212 µs unfused against 255 µs fused (presorted)
 
 
 def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_table: Tensor, *,
