@@ -70,7 +70,7 @@ def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
     act = _gelu_and_slope(g)[0] if gelu else g
     vals = values.index_select(0, flat).to(acc).view(t, e, m, -1)
     out = torch.einsum("temd,tem->tmd", vals, scores.to(acc) * act.unsqueeze(-1))
-    return out.reshape(t, values.shape[1]).to(scores.dtype), g.to(x.dtype)
+    return out.reshape(t, values.shape[1]).to(scores.dtype).contiguous(), g.to(x.dtype).contiguous()
 
 
 @gate_lookup.register_fake
