@@ -181,7 +181,6 @@ def time_main(ctx, ceiling: float, compile_ref: bool = True) -> list[dict]:
     variants = {
         ("fwd", "eager"): lambda: ref_fwd(a, b, cores, u, v, k),
         ("fwd", "ours"): lambda: tri.launch_forward(a, b, cores, u, v, k),
-        ("fwd", "ours nw=8"): lambda: tri.launch_forward(a, b, cores, u, v, k, num_warps=8),
         ("fwd", "ours coarse only"): lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1),
         ("fwd", "ours coarse+grid"): lambda: tri.launch_forward(a, b, cores, u, v, k, phases=2),
         ("bwd", "eager"): lambda: ref_bwd(g, a, b, cores, ids),
@@ -189,6 +188,12 @@ def time_main(ctx, ceiling: float, compile_ref: bool = True) -> list[dict]:
         ("fwd+bwd", "eager"): lambda: ref_bwd(g, a, b, cores, ref_fwd(a, b, cores, u, v, k)[0]),
         ("fwd+bwd", "ours"): lambda: tri.launch_backward(g, a, b, cores, tri.launch_forward(a, b, cores, u, v, k)[0]),
     }
+    # launch-shape variants (RETRIEVAL_BENCH_VARIANTS="bound:2,bisect:4,..." ; bound = group-maximum bound)
+    for spec in filter(None, os.environ.get("RETRIEVAL_BENCH_VARIANTS", "").split(",")):
+        path, nw = spec.split(":")
+        variants[("fwd", f"ours {path} nw={nw}")] = (
+            lambda bound=(path == "bound"), nw=int(nw): tri.launch_forward(a, b, cores, u, v, k, num_warps=nw,
+                                                                           bound=bound))
     a_req = a.detach().requires_grad_(True)
     b_req = b.detach().requires_grad_(True)
     c_req = cores.detach().requires_grad_(True)

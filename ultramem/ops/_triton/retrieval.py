@@ -42,6 +42,8 @@ MAX_RANK = 8
 GRID_TILE = 4096  # 16 per thread at 8 warps
 # Bisection steps in value space before switching to integer-key bisection.
 VALUE_STEPS = 16
+# Largest (padded) k for the group-maximum bound in the forward; above it, bisection only.
+FAST_MAX_K = 64
 # Warps per forward program for k <= 32 (8 above); elements zeroed per backward store.
 FWD_NUM_WARPS_SMALL_K = 4
 BWD_ZERO_BLOCK = 2048
@@ -108,21 +110,41 @@ def _kth_threshold(x, valid, knn, VALUE_STEPS: tl.constexpr):
 
 
 @triton.jit
-def _kept_slots_1d(x, valid, thr, n_gt, knn):
-    """Slot in [0, knn) of every kept element (all x > thr, then the first x == thr)."""
+def _select_kept(x, valid, idx, knn, counter, dst_ptr, dst_vals_ptr, n_idx,
+                 VALUE_STEPS: tl.constexpr, STORE_VALS: tl.constexpr):
+    """Write idx (and x, if STORE_VALS) of the knn largest x to dst[0:knn], in no fixed order.
+
+    x: -inf where not valid; idx: distinct values in [0, n_idx). All x above the threshold are
+    kept, and of those equal to it the ones with the smallest idx (found by bisection on an idx
+    cut, only when there are more than needed). Slots come from an atomic counter (zero on
+    entry), so no prefix scan is needed."""
+    thr, n_gt = _kth_threshold(x, valid, knn, VALUE_STEPS)
     gt = valid & (x > thr)
     eq = valid & (x == thr)
-    packed = gt.to(tl.int32) + eq.to(tl.int32) * 65536  # two prefix counts in one scan
-    before = tl.cumsum(packed, axis=0) - packed
-    slot = tl.where(gt, before & 0xFFFF, n_gt + (before >> 16))
-    keep = (gt | eq) & (slot < knn)
-    return slot, keep
+    need = knn - n_gt
+    n_eq = tl.sum(eq.to(tl.int32))
+    cut_lo = n_eq * 0       # count(eq & idx < cut_lo) < need
+    cut_hi = cut_lo + n_idx  # count(eq & idx < cut_hi) >= need
+    if n_eq <= need:
+        cut_lo = cut_hi - 1
+    while cut_hi - cut_lo > 1:
+        cut_mid = (cut_lo + cut_hi) // 2
+        enough = tl.sum((eq & (idx < cut_mid)).to(tl.int32)) >= need
+        cut_lo = tl.where(enough, cut_lo, cut_mid)
+        cut_hi = tl.where(enough, cut_mid, cut_hi)
+    keep = gt | (eq & (idx < cut_hi))
+    slot = tl.atomic_add(counter + idx * 0, 1, mask=keep, sem="relaxed")
+    keep = keep & (slot < knn)
+    tl.store(dst_ptr + slot, idx, mask=keep)
+    if STORE_VALS:
+        tl.store(dst_vals_ptr + slot, x, mask=keep)
 
 
 @triton.jit
 def _kept_slots_2d(x, valid, thr, n_gt, knn, gt_base, eq_base):
-    """As _kept_slots_1d over a row-major 2-D tile, after gt_base / eq_base earlier entries.
-    Also returns the tile's own gt and eq counts."""
+    """Slot in [0, knn) of every kept element of a row-major 2-D tile (all x > thr, then the
+    first x == thr), after gt_base / eq_base such entries of earlier tiles. Also returns the
+    tile's own gt and eq counts."""
     gt = valid & (x > thr)
     eq = valid & (x == thr)
     packed = gt.to(tl.int32) + eq.to(tl.int32) * 65536
@@ -136,19 +158,71 @@ def _kept_slots_2d(x, valid, thr, n_gt, knn, gt_base, eq_base):
 
 
 @triton.jit
-def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
-                   R: tl.constexpr, R_P: tl.constexpr, BLOCK_N: tl.constexpr, VALUE_STEPS: tl.constexpr):
+def _top_by_bound(x, valid, idx, knn, counters, cand_vals, cand_idx, dst_ptr, dst_vals_ptr, n_idx,
+                  BLOCK_K: tl.constexpr, C: tl.constexpr, VALUE_STEPS: tl.constexpr, STORE_VALS: tl.constexpr,
+                  RANK_CHUNK: tl.constexpr = 16):
+    """As _select_kept, and sorted: dst[0:knn] gets the idx of the knn largest x by descending x
+    (equal x: ascending idx) on the fast path.
+
+    x, valid, idx: [PER, G], G >= BLOCK_K groups along dim 1. Fast path: t0 = the knn-th largest
+    group maximum; knn groups reach it, so at least knn elements are >= t0, and on real data only
+    a few more (group maxima sit near the top). Those candidates go to scratch (cand_vals /
+    cand_idx, C entries, slots from counters[0]) and are ranked by counting; the rank is the
+    slot. With more than C candidates: _select_kept over all of x (counters[1]), unsorted."""
+    gmax = tl.max(x, axis=0)
+    top = tl.topk(gmax, BLOCK_K)
+    t0 = tl.max(tl.where(tl.arange(0, BLOCK_K) == knn - 1, top, float("-inf")))
+    cand = valid & (x >= t0)
+    n_cand = tl.sum(cand.to(tl.int32))
+    if n_cand <= C:
+        slot = tl.atomic_add(counters + idx * 0, 1, mask=cand, sem="relaxed")
+        cand = cand & (slot < C)
+        tl.store(cand_vals + slot, x, mask=cand)
+        tl.store(cand_idx + slot, idx, mask=cand)
+        tl.debug_barrier()
+        c = tl.arange(0, C)
+        c_ok = c < n_cand
+        cv = tl.load(cand_vals + c, mask=c_ok, other=float("-inf"), cache_modifier=".cg")
+        cp = tl.load(cand_idx + c, mask=c_ok, other=0, cache_modifier=".cg")
+        rank = tl.zeros((C,), dtype=tl.int32)
+        for f0 in range(0, C, RANK_CHUNK):  # count, per candidate, the candidates ranked above it
+            f = f0 + tl.arange(0, RANK_CHUNK)
+            f_ok = f < n_cand
+            fv = tl.load(cand_vals + f, mask=f_ok, other=float("-inf"), cache_modifier=".cg")
+            fp = tl.load(cand_idx + f, mask=f_ok, other=0, cache_modifier=".cg")
+            beats = ((fv[None, :] > cv[:, None]) | ((fv[None, :] == cv[:, None]) & (fp[None, :] < cp[:, None])))
+            rank += tl.sum((beats & f_ok[None, :]).to(tl.int32), axis=1)
+        keep = c_ok & (rank < knn)
+        tl.store(dst_ptr + rank, cp, mask=keep)
+        if STORE_VALS:
+            tl.store(dst_vals_ptr + rank, cv, mask=keep)
+    else:
+        _select_kept(x, valid, idx, knn, counters + 1, dst_ptr, dst_vals_ptr, n_idx, VALUE_STEPS, STORE_VALS)
+
+
+@triton.jit
+def _coarse_scores(base, s_n, s_r, w_ptr, s_w, n, R: tl.constexpr, PER: tl.constexpr, G: tl.constexpr):
+    """x[p, g] = <row p·G + g, w> of one [n, R] score block ([PER, G], -inf past n), valid, positions."""
+    pos = tl.arange(0, PER)[:, None] * G + tl.arange(0, G)[None, :]
+    valid = pos < n
+    x = tl.zeros((PER, G), dtype=tl.float32)
+    for q in tl.static_range(R):
+        w_q = tl.load(w_ptr + q * s_w).to(tl.float32)
+        x += w_q * tl.load(base + pos * s_n + q * s_r, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(valid, x, float("-inf")), valid, pos
+
+
+@triton.jit
+def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr, counters, cand_vals, cand_idx,
+                   R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   G: tl.constexpr, C: tl.constexpr, VALUE_STEPS: tl.constexpr):
     """Write the positions of the knn largest <row, w> of one [n, R] score block to dst[0:knn]."""
-    offs = tl.arange(0, BLOCK_N)
-    comp = tl.arange(0, R_P)
-    valid = offs < n
-    tile = tl.load(base + offs[:, None] * s_n + comp[None, :] * s_r,
-                   mask=valid[:, None] & (comp[None, :] < R), other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + comp * s_w, mask=comp < R, other=0.0).to(tl.float32)
-    x = tl.where(valid, tl.sum(tile * w[None, :], axis=1), float("-inf"))
-    thr, n_gt = _kth_threshold(x, valid, knn, VALUE_STEPS)
-    slot, keep = _kept_slots_1d(x, valid, thr, n_gt, knn)
-    tl.store(dst_ptr + slot, offs, mask=keep)
+    x, valid, pos = _coarse_scores(base, s_n, s_r, w_ptr, s_w, n, R, BLOCK_N // G, G)
+    if C > 0:
+        _top_by_bound(x, valid, pos, knn, counters, cand_vals, cand_idx, dst_ptr, dst_ptr, n,
+                      BLOCK_K, C, VALUE_STEPS, False)
+    else:
+        _select_kept(x, valid, pos, knn, counters, dst_ptr, dst_ptr, n, VALUE_STEPS, False)
 
 
 @triton.jit
@@ -197,12 +271,15 @@ def _retrieval_fwd_kernel(
     c_ptr, sc_h, sc_m, sc_r, sc_s,
     u_ptr, su_h, su_r,
     v_ptr, sv_h, sv_r,
-    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr,
+    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, cand_vals_ptr, cand_idx_ptr, counters_ptr,
     heads, n_row, n_col, knn,
-    R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr,
+    R: tl.constexpr, M: tl.constexpr,
     BLOCK_NR: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
+    G_ROW: tl.constexpr, G_COL: tl.constexpr, G_GRID: tl.constexpr, C: tl.constexpr,
     VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
 ):
+    # C > 0: selections by the group-maximum bound (_top_by_bound) with C candidate slots each;
+    # C == 0 (large k): bisection over all entries.
     # PHASES < 3 stops early (timing breakdown only): 1 = coarse selection, 2 = + grid selection.
     pid = tl.program_id(0).to(tl.int64)
     t = pid // heads
@@ -213,24 +290,33 @@ def _retrieval_fwd_kernel(
     keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)  # [rows kept | cols kept]
     pairs_ws = pairs_ws_ptr + pid * BLOCK_K
     vals_ws = vals_ws_ptr + pid * BLOCK_K
+    cand_vals = cand_vals_ptr + pid * (3 * C)  # [rows | cols | grid] candidates
+    cand_idx = cand_idx_ptr + pid * (3 * C)
+    counters = counters_ptr + pid * 8  # slot counters: [rows: 2 | cols: 2 | grid: 2 | -]
+    tl.store(counters + tl.arange(0, 8), tl.zeros((8,), dtype=tl.int32))
+    tl.debug_barrier()
 
     # 1-2. coarse top-k per side
-    _coarse_select(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws,
-                   R, R_P, BLOCK_NR, VALUE_STEPS)
-    _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
-                   R, R_P, BLOCK_NC, VALUE_STEPS)
+    _coarse_select(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws, counters, cand_vals,
+                   cand_idx, R, BLOCK_NR, BLOCK_K, G_ROW, C, VALUE_STEPS)
+    _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K, counters + 2,
+                   cand_vals + C, cand_idx + C, R, BLOCK_NC, BLOCK_K, G_COL, C, VALUE_STEPS)
     tl.debug_barrier()
     if PHASES < 2:
         return
 
     # 3. top-k of the k×k grid by Σ_m s_m
-    if TILE_I == BLOCK_K:
+    if C > 0:
+        s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                    keys_ws, 0, knn, n_row, n_col, R, M, BLOCK_K, BLOCK_K)
+        PER: tl.constexpr = BLOCK_K * BLOCK_K // G_GRID
+        _top_by_bound(tl.reshape(s, (PER, G_GRID)), tl.reshape(valid, (PER, G_GRID)),
+                      tl.reshape(flat, (PER, G_GRID)), knn, counters + 4, cand_vals + 2 * C, cand_idx + 2 * C,
+                      pairs_ws, vals_ws, BLOCK_K * BLOCK_K, BLOCK_K, C, VALUE_STEPS, True)
+    elif TILE_I == BLOCK_K:
         s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                                     keys_ws, 0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
-        thr, n_gt = _kth_threshold(s, valid, knn, VALUE_STEPS)
-        slot, keep, _, _ = _kept_slots_2d(s, valid, thr, n_gt, knn, 0, 0)
-        tl.store(pairs_ws + slot, flat, mask=keep)
-        tl.store(vals_ws + slot, s, mask=keep)
+        _select_kept(s, valid, flat, knn, counters + 4, pairs_ws, vals_ws, BLOCK_K * BLOCK_K, VALUE_STEPS, True)
     else:
         # Grid too large for registers: recompute it tile by tile on every pass.
         lo = tl.full((), float("inf"), tl.float32)
@@ -398,6 +484,11 @@ def _block_k(knn: int) -> int:
     return max(16, triton.next_power_of_2(knn))
 
 
+def _groups(n_block: int, block_k: int, per_k: int) -> int:
+    """Groups for the group-maximum bound: per_k·block_k of them (at least block_k, at most the block)."""
+    return max(block_k, min(n_block, per_k * block_k))
+
+
 def _num_warps(block_k: int) -> int:
     return FWD_NUM_WARPS_SMALL_K if block_k <= 32 else 8
 
@@ -430,10 +521,10 @@ def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, 
 
 def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
                    grid_tile: int = GRID_TILE, num_warps: int | None = None,
-                   phases: int = 3) -> tuple[Tensor, Tensor]:
-    """The forward launch on checked arguments; `grid_tile` (grid entries held at once, a power
-    of 2), `num_warps` and `phases` (< 3: stop early, outputs unwritten) are exposed for tests of
-    the tiled path and for timing."""
+                   phases: int = 3, bound: bool = True) -> tuple[Tensor, Tensor]:
+    """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
+    entries held at once, a power of 2; used when `bound` is off or k > FAST_MAX_K), `num_warps`,
+    `phases` (< 3: stop early, outputs unwritten) and `bound` (off: bisection-only selections)."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -447,6 +538,12 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
     keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
     pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
     vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
+    n_cand = 2 * block_k if (bound and block_k <= FAST_MAX_K) else 0
+    cand_vals = torch.empty((t * h, 3 * max(n_cand, 1)), dtype=torch.float32, device=dev)
+    cand_idx = torch.empty((t * h, 3 * max(n_cand, 1)), dtype=torch.int32, device=dev)
+    counters = torch.empty((t * h, 8), dtype=torch.int32, device=dev)  # zeroed by the kernel
+    block_nr = max(triton.next_power_of_2(n_row), block_k)
+    block_nc = max(triton.next_power_of_2(n_col), block_k)
     with _device_ctx(row_scores):
         _retrieval_fwd_kernel[(t * h,)](
             row_scores, *row_scores.stride(),
@@ -454,11 +551,11 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
             cores, *cores.stride(),
             u, *u.stride(),
             v, *v.stride(),
-            ids, scores, keys_ws, pairs_ws, vals_ws,
+            ids, scores, keys_ws, pairs_ws, vals_ws, cand_vals, cand_idx, counters,
             h, n_row, n_col, knn,
-            R=r, R_P=triton.next_power_of_2(r), M=m,
-            BLOCK_NR=triton.next_power_of_2(n_row), BLOCK_NC=triton.next_power_of_2(n_col),
-            BLOCK_K=block_k, TILE_I=tile_i, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
+            R=r, M=m, BLOCK_NR=block_nr, BLOCK_NC=block_nc, BLOCK_K=block_k, TILE_I=tile_i,
+            G_ROW=_groups(block_nr, block_k, 4), G_COL=_groups(block_nc, block_k, 4),
+            G_GRID=_groups(block_k * block_k, block_k, 8), C=n_cand, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
             num_warps=num_warps or _num_warps(block_k),
         )
     return ids, scores
