@@ -2,16 +2,17 @@
 
 Forward, one program per (token, head), everything on chip except three tiny scratch rows:
   1. coarse scores a = A·u, b = B·v over all sub-keys (u, v folded into the load);
-  2. the k-th largest coarse score per side by bisection on a count (`_kth_threshold`), then the
-     kept keys are compacted (prefix count) into a scratch row;
+  2. the k-th largest coarse score per side by bisection on a count (`_kth_threshold`); the
+     kept keys take slots in a scratch row from an atomic counter (no prefix scan);
   3. the k×k grid S = A_I (Σ_m C_m) B_Jᵀ, its k-th largest entry by the same bisection, the kept
-     pairs compacted into scratch; kept pairs are then sorted (bitonic, k entries) and their
+     pairs written to scratch the same way; they are then sorted (bitonic, k entries) and their
      per-core scores recomputed and written with the ids.
 Bisection keeps the invariant count(x >= lo) >= k > count(x >= hi); it halves the value
 interval for a few steps (fast on real data) and then the interval of the floats' order-
 preserving integer keys (at most 32 more steps, so it ends on any input). Among exactly equal
-scores at the threshold the lowest positions are kept, so the kept set is the reference's set
-whenever scores are distinct.
+scores at a threshold the lowest positions are kept, so the kept set is the reference's set
+whenever scores are distinct. (Coarse keys land in scratch in atomic order, so among exactly
+equal grid totals the kept pairs and their order may change from run to run.)
 
 Backward, one program per (token, head): zero the program's whole row of grad_row / grad_col,
 then (after a CTA barrier) write the gradient of each kept row/column once, duplicates summed
@@ -42,8 +43,8 @@ MAX_RANK = 8
 GRID_TILE = 4096  # 16 per thread at 8 warps
 # Bisection steps in value space before switching to integer-key bisection.
 VALUE_STEPS = 16
-# Largest (padded) k for the group-maximum bound in the forward; above it, bisection only.
-FAST_MAX_K = 64
+# Coarse scores are held as [n / G, G] (G threads' worth of keys per row of the tile).
+COARSE_GROUPS = 128
 # Warps per forward program for k <= 32 (8 above); elements zeroed per backward store.
 FWD_NUM_WARPS_SMALL_K = 4
 BWD_ZERO_BLOCK = 2048
@@ -158,49 +159,6 @@ def _kept_slots_2d(x, valid, thr, n_gt, knn, gt_base, eq_base):
 
 
 @triton.jit
-def _top_by_bound(x, valid, idx, knn, counters, cand_vals, cand_idx, dst_ptr, dst_vals_ptr, n_idx,
-                  BLOCK_K: tl.constexpr, C: tl.constexpr, VALUE_STEPS: tl.constexpr, STORE_VALS: tl.constexpr,
-                  RANK_CHUNK: tl.constexpr = 16):
-    """As _select_kept, and sorted: dst[0:knn] gets the idx of the knn largest x by descending x
-    (equal x: ascending idx) on the fast path.
-
-    x, valid, idx: [PER, G], G >= BLOCK_K groups along dim 1. Fast path: t0 = the knn-th largest
-    group maximum; knn groups reach it, so at least knn elements are >= t0, and on real data only
-    a few more (group maxima sit near the top). Those candidates go to scratch (cand_vals /
-    cand_idx, C entries, slots from counters[0]) and are ranked by counting; the rank is the
-    slot. With more than C candidates: _select_kept over all of x (counters[1]), unsorted."""
-    gmax = tl.max(x, axis=0)
-    top = tl.topk(gmax, BLOCK_K)
-    t0 = tl.max(tl.where(tl.arange(0, BLOCK_K) == knn - 1, top, float("-inf")))
-    cand = valid & (x >= t0)
-    n_cand = tl.sum(cand.to(tl.int32))
-    if n_cand <= C:
-        slot = tl.atomic_add(counters + idx * 0, 1, mask=cand, sem="relaxed")
-        cand = cand & (slot < C)
-        tl.store(cand_vals + slot, x, mask=cand)
-        tl.store(cand_idx + slot, idx, mask=cand)
-        tl.debug_barrier()
-        c = tl.arange(0, C)
-        c_ok = c < n_cand
-        cv = tl.load(cand_vals + c, mask=c_ok, other=float("-inf"), cache_modifier=".cg")
-        cp = tl.load(cand_idx + c, mask=c_ok, other=0, cache_modifier=".cg")
-        rank = tl.zeros((C,), dtype=tl.int32)
-        for f0 in range(0, C, RANK_CHUNK):  # count, per candidate, the candidates ranked above it
-            f = f0 + tl.arange(0, RANK_CHUNK)
-            f_ok = f < n_cand
-            fv = tl.load(cand_vals + f, mask=f_ok, other=float("-inf"), cache_modifier=".cg")
-            fp = tl.load(cand_idx + f, mask=f_ok, other=0, cache_modifier=".cg")
-            beats = ((fv[None, :] > cv[:, None]) | ((fv[None, :] == cv[:, None]) & (fp[None, :] < cp[:, None])))
-            rank += tl.sum((beats & f_ok[None, :]).to(tl.int32), axis=1)
-        keep = c_ok & (rank < knn)
-        tl.store(dst_ptr + rank, cp, mask=keep)
-        if STORE_VALS:
-            tl.store(dst_vals_ptr + rank, cv, mask=keep)
-    else:
-        _select_kept(x, valid, idx, knn, counters + 1, dst_ptr, dst_vals_ptr, n_idx, VALUE_STEPS, STORE_VALS)
-
-
-@triton.jit
 def _coarse_scores(base, s_n, s_r, w_ptr, s_w, n, R: tl.constexpr, PER: tl.constexpr, G: tl.constexpr):
     """x[p, g] = <row p·G + g, w> of one [n, R] score block ([PER, G], -inf past n), valid, positions."""
     pos = tl.arange(0, PER)[:, None] * G + tl.arange(0, G)[None, :]
@@ -213,16 +171,11 @@ def _coarse_scores(base, s_n, s_r, w_ptr, s_w, n, R: tl.constexpr, PER: tl.const
 
 
 @triton.jit
-def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr, counters, cand_vals, cand_idx,
-                   R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   G: tl.constexpr, C: tl.constexpr, VALUE_STEPS: tl.constexpr):
+def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr, counter,
+                   R: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, VALUE_STEPS: tl.constexpr):
     """Write the positions of the knn largest <row, w> of one [n, R] score block to dst[0:knn]."""
     x, valid, pos = _coarse_scores(base, s_n, s_r, w_ptr, s_w, n, R, BLOCK_N // G, G)
-    if C > 0:
-        _top_by_bound(x, valid, pos, knn, counters, cand_vals, cand_idx, dst_ptr, dst_ptr, n,
-                      BLOCK_K, C, VALUE_STEPS, False)
-    else:
-        _select_kept(x, valid, pos, knn, counters, dst_ptr, dst_ptr, n, VALUE_STEPS, False)
+    _select_kept(x, valid, pos, knn, counter, dst_ptr, dst_ptr, n, VALUE_STEPS, False)
 
 
 @triton.jit
@@ -271,15 +224,12 @@ def _retrieval_fwd_kernel(
     c_ptr, sc_h, sc_m, sc_r, sc_s,
     u_ptr, su_h, su_r,
     v_ptr, sv_h, sv_r,
-    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, cand_vals_ptr, cand_idx_ptr, counters_ptr,
+    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, counters_ptr,
     heads, n_row, n_col, knn,
     R: tl.constexpr, M: tl.constexpr,
     BLOCK_NR: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
-    G_ROW: tl.constexpr, G_COL: tl.constexpr, G_GRID: tl.constexpr, C: tl.constexpr,
-    VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
+    G: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
 ):
-    # C > 0: selections by the group-maximum bound (_top_by_bound) with C candidate slots each;
-    # C == 0 (large k): bisection over all entries.
     # PHASES < 3 stops early (timing breakdown only): 1 = coarse selection, 2 = + grid selection.
     pid = tl.program_id(0).to(tl.int64)
     t = pid // heads
@@ -290,33 +240,24 @@ def _retrieval_fwd_kernel(
     keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)  # [rows kept | cols kept]
     pairs_ws = pairs_ws_ptr + pid * BLOCK_K
     vals_ws = vals_ws_ptr + pid * BLOCK_K
-    cand_vals = cand_vals_ptr + pid * (3 * C)  # [rows | cols | grid] candidates
-    cand_idx = cand_idx_ptr + pid * (3 * C)
-    counters = counters_ptr + pid * 8  # slot counters: [rows: 2 | cols: 2 | grid: 2 | -]
-    tl.store(counters + tl.arange(0, 8), tl.zeros((8,), dtype=tl.int32))
+    counters = counters_ptr + pid * 4  # slot counters of the three selections
+    tl.store(counters + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
     tl.debug_barrier()
 
     # 1-2. coarse top-k per side
-    _coarse_select(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws, counters, cand_vals,
-                   cand_idx, R, BLOCK_NR, BLOCK_K, G_ROW, C, VALUE_STEPS)
-    _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K, counters + 2,
-                   cand_vals + C, cand_idx + C, R, BLOCK_NC, BLOCK_K, G_COL, C, VALUE_STEPS)
+    _coarse_select(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws, counters,
+                   R, BLOCK_NR, G, VALUE_STEPS)
+    _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K, counters + 1,
+                   R, BLOCK_NC, G, VALUE_STEPS)
     tl.debug_barrier()
     if PHASES < 2:
         return
 
     # 3. top-k of the k×k grid by Σ_m s_m
-    if C > 0:
-        s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                    keys_ws, 0, knn, n_row, n_col, R, M, BLOCK_K, BLOCK_K)
-        PER: tl.constexpr = BLOCK_K * BLOCK_K // G_GRID
-        _top_by_bound(tl.reshape(s, (PER, G_GRID)), tl.reshape(valid, (PER, G_GRID)),
-                      tl.reshape(flat, (PER, G_GRID)), knn, counters + 4, cand_vals + 2 * C, cand_idx + 2 * C,
-                      pairs_ws, vals_ws, BLOCK_K * BLOCK_K, BLOCK_K, C, VALUE_STEPS, True)
-    elif TILE_I == BLOCK_K:
+    if TILE_I == BLOCK_K:
         s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                                     keys_ws, 0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
-        _select_kept(s, valid, flat, knn, counters + 4, pairs_ws, vals_ws, BLOCK_K * BLOCK_K, VALUE_STEPS, True)
+        _select_kept(s, valid, flat, knn, counters + 2, pairs_ws, vals_ws, BLOCK_K * BLOCK_K, VALUE_STEPS, True)
     else:
         # Grid too large for registers: recompute it tile by tile on every pass.
         lo = tl.full((), float("inf"), tl.float32)
@@ -484,11 +425,6 @@ def _block_k(knn: int) -> int:
     return max(16, triton.next_power_of_2(knn))
 
 
-def _groups(n_block: int, block_k: int, per_k: int) -> int:
-    """Groups for the group-maximum bound: per_k·block_k of them (at least block_k, at most the block)."""
-    return max(block_k, min(n_block, per_k * block_k))
-
-
 def _num_warps(block_k: int) -> int:
     return FWD_NUM_WARPS_SMALL_K if block_k <= 32 else 8
 
@@ -521,10 +457,10 @@ def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, 
 
 def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
                    grid_tile: int = GRID_TILE, num_warps: int | None = None,
-                   phases: int = 3, bound: bool = True) -> tuple[Tensor, Tensor]:
+                   phases: int = 3) -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
-    entries held at once, a power of 2; used when `bound` is off or k > FAST_MAX_K), `num_warps`,
-    `phases` (< 3: stop early, outputs unwritten) and `bound` (off: bisection-only selections)."""
+    entries held at once, a power of 2), `num_warps` and `phases` (< 3: stop early, outputs
+    unwritten)."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -538,12 +474,9 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
     keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
     pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
     vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
-    n_cand = 2 * block_k if (bound and block_k <= FAST_MAX_K) else 0
-    cand_vals = torch.empty((t * h, 3 * max(n_cand, 1)), dtype=torch.float32, device=dev)
-    cand_idx = torch.empty((t * h, 3 * max(n_cand, 1)), dtype=torch.int32, device=dev)
-    counters = torch.empty((t * h, 8), dtype=torch.int32, device=dev)  # zeroed by the kernel
-    block_nr = max(triton.next_power_of_2(n_row), block_k)
-    block_nc = max(triton.next_power_of_2(n_col), block_k)
+    counters = torch.empty((t * h, 4), dtype=torch.int32, device=dev)  # zeroed by the kernel
+    block_nr, block_nc = triton.next_power_of_2(n_row), triton.next_power_of_2(n_col)
+    groups = min(COARSE_GROUPS, block_nr, block_nc)
     with _device_ctx(row_scores):
         _retrieval_fwd_kernel[(t * h,)](
             row_scores, *row_scores.stride(),
@@ -551,11 +484,10 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
             cores, *cores.stride(),
             u, *u.stride(),
             v, *v.stride(),
-            ids, scores, keys_ws, pairs_ws, vals_ws, cand_vals, cand_idx, counters,
+            ids, scores, keys_ws, pairs_ws, vals_ws, counters,
             h, n_row, n_col, knn,
             R=r, M=m, BLOCK_NR=block_nr, BLOCK_NC=block_nc, BLOCK_K=block_k, TILE_I=tile_i,
-            G_ROW=_groups(block_nr, block_k, 4), G_COL=_groups(block_nc, block_k, 4),
-            G_GRID=_groups(block_k * block_k, block_k, 8), C=n_cand, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
+            G=groups, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
             num_warps=num_warps or _num_warps(block_k),
         )
     return ids, scores
