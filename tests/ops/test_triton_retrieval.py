@@ -244,6 +244,15 @@ def test_forward_float64_falls_back_to_reference(caplog):
     assert "float64" in caplog.text or "float64 inputs" in tri._warned
 
 
+def test_unsupported_shapes_use_the_reference():
+    a, b, cores, _, _ = _inputs(13, 1, 1, 400, 300, 2, 2)
+    assert tri._unsupported(257, a, b, cores) == "knn above 256"
+    assert tri._unsupported(256, a, b, cores) is None
+    assert tri._unsupported(3, a.double(), b, cores) == "float64 inputs"
+    a9 = torch.zeros(1, 1, 4, 9)
+    assert tri._unsupported(2, a9, a9, torch.zeros(1, 1, 9, 9)) == "rank above 8"
+
+
 def test_forward_rejects_bad_arguments():
     a, b, cores, u, v = _inputs(12, 2, 1, 12, 10, 2, 2)
     with pytest.raises(ValueError, match="knn=11"):

@@ -37,6 +37,8 @@ _OP = "tdqkr_retrieval"
 
 # Sub-keys per side held in registers by one program; larger sides use the reference.
 MAX_KEYS = 16384
+# Largest k (kept pairs per token and head) handled by the kernels.
+MAX_KNN = 256
 # Largest Tucker rank unrolled in the kernels.
 MAX_RANK = 8
 # Grid entries held at once; larger k×k grids are walked in row tiles of this many entries.
@@ -429,9 +431,11 @@ def _num_warps(block_k: int) -> int:
     return FWD_NUM_WARPS_SMALL_K if block_k <= 32 else 8
 
 
-def _unsupported(row_scores: Tensor, col_scores: Tensor, cores: Tensor, *more: Tensor) -> str | None:
+def _unsupported(knn: int, row_scores: Tensor, col_scores: Tensor, cores: Tensor, *more: Tensor) -> str | None:
     if any(x.dtype == torch.float64 for x in (row_scores, col_scores, cores, *more)):
         return "float64 inputs"
+    if knn > MAX_KNN:
+        return f"knn above {MAX_KNN}"
     if max(row_scores.shape[2], col_scores.shape[2]) > MAX_KEYS:
         return f"more than {MAX_KEYS} sub-keys per side"
     if row_scores.shape[3] > MAX_RANK:
@@ -447,7 +451,7 @@ def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, 
                          knn: int) -> tuple[Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval (runs on CPU tensors under TRITON_INTERPRET=1)."""
     _check_args(row_scores, col_scores, cores, u, v, knn)
-    reason = _unsupported(row_scores, col_scores, cores, u, v)
+    reason = _unsupported(knn, row_scores, col_scores, cores, u, v)
     if reason is not None:
         from .. import retrieval as ref
         _fallback_once(reason)
@@ -506,7 +510,7 @@ def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_s
     check(tuple(grad_scores.shape) == (t, h, knn, m), _OP,
           f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})")
     check_index_range(ids, n_row * n_col, _OP, "ids")
-    reason = _unsupported(row_scores, col_scores, cores, grad_scores)
+    reason = _unsupported(knn, row_scores, col_scores, cores, grad_scores)
     if reason is not None:
         from .. import retrieval as ref
         _fallback_once(reason)
