@@ -9,6 +9,12 @@ only known after that layer's `reset_parameters`. So each layer reports the σ i
 tables fill themselves from that generator with σ = (mean_l σ_l⁴)^(1/4) (the output variance of
 a gated layer is ∝ σ_V⁴, so this matches the layers' average target) and forget the reports.
 Calling `reset_parameters(generator, sigma)` directly does the same with an explicit σ.
+
+Gradients. By default the tables get ordinary dense gradients from autograd. Training code should
+call `use_grad_buffers()`: the tables' gradients then accumulate in persistent fp32 buffers that the
+ops' backwards add into row by row (no dense [N, D] gradient allocated and zero-filled per layer
+and micro-batch), `param.grad` aliases each buffer so clipping and the optimizer read it as usual,
+and `zero_grad_buffers()` clears them once per optimizer step.
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import logging
 
 import torch
 from torch import nn
+
+from ultramem.ops import register_grad_buffer, release_grad_buffer, update_grad_buffer
 
 from ._common import fill_normal_rows
 
@@ -29,10 +37,59 @@ class ValueTables(nn.Module):
         self.values = nn.Parameter(torch.empty(num_rows, vdim))
         self.pre_values = nn.Parameter(torch.empty(num_rows, pre_vdim)) if pre_vdim > 0 else None
         self._noted_std: dict[int, float] = {}
+        self.register_buffer("values_grad", None, persistent=False)
+        self.register_buffer("pre_values_grad", None, persistent=False)
+        # ids of the buffers registered with the ops (-1: none); the layers pass them to the ops
+        self.values_grad_id = -1
+        self.pre_values_grad_id = -1
 
     def value_parameters(self) -> list[nn.Parameter]:
         """The table parameters (the trainer's value group)."""
         return [p for p in (self.values, self.pre_values) if p is not None]
+
+    def _params_and_buffers(self):
+        return [(p, getattr(self, name + "_grad")) for name, p in (("values", self.values),
+                                                                   ("pre_values", self.pre_values)) if p is not None]
+
+    def use_grad_buffers(self, enabled: bool = True) -> None:
+        """Accumulate the tables' gradients in place in persistent buffers (see the module doc)."""
+        for name in ("values", "pre_values"):
+            p = getattr(self, name)
+            buf = None
+            if enabled and p is not None:
+                if p.dtype not in (torch.float32, torch.float64):
+                    raise ValueError(f"ValueTables.{name} is {p.dtype}: gradient buffers need float32 (or float64) "
+                                     f"tables; keep the tables in fp32 and use autocast for bf16 compute")
+                buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            elif p is not None:
+                p.grad = None
+            setattr(self, name + "_grad", buf)
+            handle = getattr(self, name + "_grad_id")
+            if buf is None and handle != -1:
+                release_grad_buffer(handle)
+                handle = -1
+            elif buf is not None:
+                if handle == -1:
+                    handle = register_grad_buffer(buf)
+            setattr(self, name + "_grad_id", handle)
+        self.attach_grad_buffers()
+
+    def attach_grad_buffers(self) -> None:
+        """Point each table's `.grad` and its registered id at its buffer (again after
+        `zero_grad(set_to_none=True)` dropped `.grad`, or a move replaced the buffer)."""
+        for name, p in (("values", self.values), ("pre_values", self.pre_values)):
+            buf = getattr(self, name + "_grad")
+            if p is not None and buf is not None:
+                p.grad = buf
+                update_grad_buffer(getattr(self, name + "_grad_id"), buf)
+
+    @torch.no_grad()
+    def zero_grad_buffers(self) -> None:
+        """Clear the accumulated table gradients; call once per optimizer step."""
+        for _, buf in self._params_and_buffers():
+            if buf is not None:
+                buf.zero_()
+        self.attach_grad_buffers()
 
     def note_layer_init(self, layer_index: int, std: float, generator: torch.Generator) -> None:
         """Record the σ_V memory layer `layer_index` wants; fill the tables when all have reported."""

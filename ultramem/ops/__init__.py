@@ -1,21 +1,42 @@
 """The memory layers' hot paths as `ultramem::` custom ops.
 
-Each op has a plain-PyTorch kernel (CPU, and the test oracle), a fake kernel, and an autograd
-formula whose backward is itself a custom op, so `torch.compile(fullgraph=True)` traces
-through them. Nothing here imports layers or training code.
+Each op has a plain-PyTorch kernel (CPU, and the test oracle), a Triton kernel on CUDA, a fake
+kernel, and an autograd formula whose backward is itself a custom op, so
+`torch.compile(fullgraph=True)` traces through them. Nothing here imports layers or training code.
 """
 from ._checks import debug_enabled, set_debug
+from .determinism import deterministic_enabled, set_deterministic
+from .gate_lookup import gate_lookup
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
 from .retrieval import tdqkr_retrieval, tdqkr_retrieval_backward
+from .table_grad import (
+    pre_value_gate_backward_accumulate,
+    pre_value_gate_backward_into,
+    register_grad_buffer,
+    release_grad_buffer,
+    update_grad_buffer,
+    weighted_lookup_backward_accumulate,
+    weighted_lookup_backward_into,
+)
 from .weighted_lookup import weighted_lookup, weighted_lookup_backward
 
 __all__ = [
     "debug_enabled",
+    "deterministic_enabled",
+    "gate_lookup",
     "pre_value_gate",
     "pre_value_gate_backward",
+    "pre_value_gate_backward_accumulate",
+    "pre_value_gate_backward_into",
+    "register_grad_buffer",
+    "release_grad_buffer",
     "set_debug",
+    "set_deterministic",
     "tdqkr_retrieval",
     "tdqkr_retrieval_backward",
+    "update_grad_buffer",
     "weighted_lookup",
     "weighted_lookup_backward",
+    "weighted_lookup_backward_accumulate",
+    "weighted_lookup_backward_into",
 ]

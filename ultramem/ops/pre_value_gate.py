@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
+from .table_grad import registered_grad_buffer, pre_value_gate_backward_into
 
 _OP = "pre_value_gate"
 
 
-def _check_args(rows: Tensor, table: Tensor, x: Tensor) -> None:
+def _check_args(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -> None:
     check_dim(rows, 2, _OP, "rows", "[tokens, entries]")
     check_dim(table, 2, _OP, "table", "[num_rows, dim]")
     check_dim(x, 2, _OP, "x", "[tokens, dim]")
@@ -26,12 +27,15 @@ def _check_args(rows: Tensor, table: Tensor, x: Tensor) -> None:
     check_same_device(_OP, rows=rows, table=table, x=x)
     check(x.shape[0] == rows.shape[0], _OP, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
     check(x.shape[1] == table.shape[1], _OP, f"x dim {x.shape[1]} must equal table dim {table.shape[1]}")
+    if grad_buffer != -1:
+        registered_grad_buffer(_OP, grad_buffer, table)
 
 
 @torch.library.custom_op("ultramem::pre_value_gate", mutates_args=())
-def pre_value_gate(rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
-    """Reference kernel (CPU; CUDA until a faster one is registered)."""
-    _check_args(rows, table, x)
+def pre_value_gate(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -> Tensor:
+    """Reference kernel (CPU; CUDA until a faster one is registered). `grad_buffer`: the id of
+    a registered persistent gradient buffer, as for `weighted_lookup` (see its module doc)."""
+    _check_args(rows, table, x, grad_buffer)
     check_index_range(rows, table.shape[0], _OP, "rows")
     acc = acc_dtype(table, x)
     t, e = rows.shape
@@ -40,8 +44,8 @@ def pre_value_gate(rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
 
 
 @pre_value_gate.register_fake
-def _(rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
-    _check_args(rows, table, x)
+def _(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -> Tensor:
+    _check_args(rows, table, x, grad_buffer)
     return x.new_empty(rows.shape)
 
 
@@ -68,14 +72,18 @@ def _(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> tuple[Tensor
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    rows, table, x = inputs
+    rows, table, x, grad_buffer = inputs
     ctx.save_for_backward(rows, table, x)
+    ctx.grad_buffer = grad_buffer
 
 
 def _backward(ctx, grad_gate: Tensor):
     rows, table, x = ctx.saved_tensors
+    if ctx.grad_buffer != -1:
+        grad_x = pre_value_gate_backward_into(grad_gate.contiguous(), rows, table, x, ctx.grad_buffer)
+        return None, None, grad_x, None
     grad_table, grad_x = pre_value_gate_backward(grad_gate.contiguous(), rows, table, x)
-    return None, grad_table, grad_x
+    return None, grad_table, grad_x, None
 
 
 pre_value_gate.register_autograd(_backward, setup_context=_setup_context)
@@ -83,5 +91,9 @@ pre_value_gate.register_autograd(_backward, setup_context=_setup_context)
 from ._triton import pre_value_gate as _triton_pre_value_gate  # noqa: E402  (None without Triton)
 
 if _triton_pre_value_gate is not None:
-    pre_value_gate.register_kernel("cuda")(_triton_pre_value_gate.pre_value_gate_cuda)
+    @pre_value_gate.register_kernel("cuda")
+    def _(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -> Tensor:
+        _check_args(rows, table, x, grad_buffer)
+        return _triton_pre_value_gate.pre_value_gate_cuda(rows, table, x)
+
     pre_value_gate_backward.register_kernel("cuda")(_triton_pre_value_gate.pre_value_gate_backward_cuda)

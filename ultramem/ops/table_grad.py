@@ -9,18 +9,64 @@ instance after each optimizer step), so gradient accumulation over micro-batches
 call pays for a 2 GB zero-fill. The other outputs are those of the public backward ops. On CUDA
 the adds are fp32 atomics, or sorted and one writer per row in deterministic mode
 (`ultramem.ops.determinism`).
+
+The public forward ops reach these through a registered buffer id rather than a tensor argument:
+
+    handle = register_grad_buffer(buf)                       # once (ValueTables.use_grad_buffers)
+    out = weighted_lookup(rows, table, scores, grad_buffer=handle)
+
+Their backward then calls `ultramem::{weighted_lookup,pre_value_gate}_backward_into`, which adds
+into the registered buffer. The buffer is deliberately not a graph input: under per-layer
+`torch.compile`, AOTAutograd saves every tensor input it needs for the backward and checks its
+version counter, so a buffer shared by several compiled layers (each adding into it during the
+backward) would fail that check. An integer id keeps the buffer out of the graphs; the side
+effect lives inside opaque custom ops whose outputs are always used, so it runs exactly once.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+import itertools
+import weakref
+
 from ._checks import check, check_same_device
 
 _FLOAT_ACC = (torch.float32, torch.float64)
 
+# Weak references: the owner (ValueTables) keeps its buffers alive; a dropped model frees them.
+_grad_buffers: dict[int, weakref.ref] = {}
+_next_handle = itertools.count()
 
-def _check_buffer(op: str, grad_table: Tensor, table: Tensor) -> None:
+
+def register_grad_buffer(buf: Tensor) -> int:
+    """Register a persistent gradient buffer; returns the id to pass as `grad_buffer`."""
+    handle = next(_next_handle)
+    _grad_buffers[handle] = weakref.ref(buf)
+    return handle
+
+
+def update_grad_buffer(handle: int, buf: Tensor) -> None:
+    """Point an id at another tensor (after the owner moved or re-allocated its buffer)."""
+    if handle not in _grad_buffers:
+        raise KeyError(f"grad_buffer={handle} is not registered")
+    _grad_buffers[handle] = weakref.ref(buf)
+
+
+def release_grad_buffer(handle: int) -> None:
+    _grad_buffers.pop(handle, None)
+
+
+def registered_grad_buffer(op: str, handle: int, table: Tensor) -> Tensor:
+    ref = _grad_buffers.get(handle)
+    buf = ref() if ref is not None else None
+    check(buf is not None, op, f"grad_buffer={handle} is not a registered buffer id, or its buffer was freed "
+                               f"(register_grad_buffer gives one; -1 means none)")
+    check_grad_buffer(op, buf, table)
+    return buf
+
+
+def check_grad_buffer(op: str, grad_table: Tensor, table: Tensor) -> None:
     check(tuple(grad_table.shape) == tuple(table.shape), op,
           f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
     check(grad_table.dtype in _FLOAT_ACC, op, f"grad_table must be float32 or float64, got {grad_table.dtype}")
@@ -32,7 +78,7 @@ def weighted_lookup_backward_accumulate(grad_table: Tensor, grad_out: Tensor, ro
                                         scores: Tensor) -> Tensor:
     """grad_table[rows[t, e], chunk m] += scores[t, e, m] · grad_out[t, chunk m]; returns grad_scores."""
     op = "weighted_lookup_backward_accumulate"
-    _check_buffer(op, grad_table, table)
+    check_grad_buffer(op, grad_table, table)
     check(tuple(grad_out.shape) == (rows.shape[0], table.shape[1]), op,
           f"grad_out shape {tuple(grad_out.shape)} must be (tokens, dim) = ({rows.shape[0]}, {table.shape[1]})")
     acc = grad_table.dtype
@@ -48,7 +94,7 @@ def weighted_lookup_backward_accumulate(grad_table: Tensor, grad_out: Tensor, ro
 
 @weighted_lookup_backward_accumulate.register_fake
 def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
-    _check_buffer("weighted_lookup_backward_accumulate", grad_table, table)
+    check_grad_buffer("weighted_lookup_backward_accumulate", grad_table, table)
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
@@ -57,7 +103,7 @@ def pre_value_gate_backward_accumulate(grad_table: Tensor, grad_gate: Tensor, ro
                                        x: Tensor) -> Tensor:
     """grad_table[rows[t, e]] += grad_gate[t, e] · x[t]; returns grad_x."""
     op = "pre_value_gate_backward_accumulate"
-    _check_buffer(op, grad_table, table)
+    check_grad_buffer(op, grad_table, table)
     check(tuple(grad_gate.shape) == tuple(rows.shape), op,
           f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}")
     acc = grad_table.dtype
@@ -72,7 +118,7 @@ def pre_value_gate_backward_accumulate(grad_table: Tensor, grad_gate: Tensor, ro
 
 @pre_value_gate_backward_accumulate.register_fake
 def _(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
-    _check_buffer("pre_value_gate_backward_accumulate", grad_table, table)
+    check_grad_buffer("pre_value_gate_backward_accumulate", grad_table, table)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -82,12 +128,39 @@ from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402
 if _triton_weighted_lookup is not None:
     @weighted_lookup_backward_accumulate.register_kernel("cuda")
     def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
-        _check_buffer("weighted_lookup_backward_accumulate", grad_table, table)
+        check_grad_buffer("weighted_lookup_backward_accumulate", grad_table, table)
         return _triton_weighted_lookup.weighted_lookup_backward_accumulate_cuda(grad_table, grad_out, rows, table,
                                                                                 scores)
 
 if _triton_pre_value_gate is not None:
     @pre_value_gate_backward_accumulate.register_kernel("cuda")
     def _(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
-        _check_buffer("pre_value_gate_backward_accumulate", grad_table, table)
+        check_grad_buffer("pre_value_gate_backward_accumulate", grad_table, table)
         return _triton_pre_value_gate.pre_value_gate_backward_accumulate_cuda(grad_table, grad_gate, rows, table, x)
+
+
+@torch.library.custom_op("ultramem::weighted_lookup_backward_into", mutates_args=())
+def weighted_lookup_backward_into(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor,
+                                  grad_buffer: int) -> Tensor:
+    """Adds the table gradient into registered buffer `grad_buffer` (a hidden side effect: see the
+    module doc); returns grad_scores."""
+    buf = registered_grad_buffer("weighted_lookup_backward_into", grad_buffer, table)
+    return weighted_lookup_backward_accumulate(buf, grad_out, rows, table, scores)
+
+
+@weighted_lookup_backward_into.register_fake
+def _(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int) -> Tensor:
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("ultramem::pre_value_gate_backward_into", mutates_args=())
+def pre_value_gate_backward_into(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor,
+                                 grad_buffer: int) -> Tensor:
+    """Adds the table gradient into registered buffer `grad_buffer`; returns grad_x."""
+    buf = registered_grad_buffer("pre_value_gate_backward_into", grad_buffer, table)
+    return pre_value_gate_backward_accumulate(buf, grad_gate, rows, table, x)
+
+
+@pre_value_gate_backward_into.register_fake
+def _(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -9,6 +9,14 @@ allowed; their contributions add.
 Shapes: rows [T, E] int32/int64, table [N, D] float, scores [T, E, M] float → out [T, D] in
 scores' dtype. Backward gives the table a row-scattered gradient in fp32 (fp64 for fp64 input)
 and the scores their gradient in scores' dtype.
+
+Table gradient: with `grad_buffer=-1` the backward returns a fresh dense gradient (simple, and
+what a standalone user of the op expects). With the id of a buffer registered through
+`ultramem.ops.register_grad_buffer` (an fp32 tensor of the table's shape, owned by the caller and
+zeroed once per optimizer step) the backward adds into it in place and returns no table gradient:
+no [N, D] allocation or zero-fill per call, and micro-batches accumulate for free. `ValueTables`
+aliases `param.grad` to that buffer so clipping and the optimizer see it as the parameter's
+gradient. Why an id and not a tensor argument: see `ultramem.ops.table_grad`.
 """
 from __future__ import annotations
 
@@ -16,11 +24,12 @@ import torch
 from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
+from .table_grad import registered_grad_buffer, weighted_lookup_backward_into
 
 _OP = "weighted_lookup"
 
 
-def _check_args(rows: Tensor, table: Tensor, scores: Tensor) -> None:
+def _check_args(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> None:
     check_dim(rows, 2, _OP, "rows", "[tokens, entries]")
     check_dim(table, 2, _OP, "table", "[num_rows, dim]")
     check_dim(scores, 3, _OP, "scores", "[tokens, entries, cores]")
@@ -35,6 +44,8 @@ def _check_args(rows: Tensor, table: Tensor, scores: Tensor) -> None:
     m = scores.shape[2]
     check(m >= 1 and table.shape[1] % m == 0, _OP,
           f"table dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
+    if grad_buffer != -1:
+        registered_grad_buffer(_OP, grad_buffer, table)
 
 
 def _check_grad_out(grad_out: Tensor, rows: Tensor, table: Tensor) -> None:
@@ -51,9 +62,9 @@ def _gather_chunks(rows: Tensor, table: Tensor, cores: int, dtype: torch.dtype) 
 
 
 @torch.library.custom_op("ultramem::weighted_lookup", mutates_args=())
-def weighted_lookup(rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
-    """Reference kernel (CPU; CUDA until a faster one is registered)."""
-    _check_args(rows, table, scores)
+def weighted_lookup(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
+    """Reference kernel (CPU; CUDA until a faster one is registered). `grad_buffer`: see the module doc."""
+    _check_args(rows, table, scores, grad_buffer)
     check_index_range(rows, table.shape[0], _OP, "rows")
     acc = acc_dtype(table, scores)
     values = _gather_chunks(rows, table, scores.shape[2], acc)  # [T, E, M, Dm]
@@ -62,8 +73,8 @@ def weighted_lookup(rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
 
 
 @weighted_lookup.register_fake
-def _(rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
-    _check_args(rows, table, scores)
+def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
+    _check_args(rows, table, scores, grad_buffer)
     return scores.new_empty((rows.shape[0], table.shape[1]))
 
 
@@ -91,14 +102,18 @@ def _(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Te
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    rows, table, scores = inputs
+    rows, table, scores, grad_buffer = inputs
     ctx.save_for_backward(rows, table, scores)
+    ctx.grad_buffer = grad_buffer
 
 
 def _backward(ctx, grad_out: Tensor):
     rows, table, scores = ctx.saved_tensors
+    if ctx.grad_buffer != -1:
+        grad_scores = weighted_lookup_backward_into(grad_out.contiguous(), rows, table, scores, ctx.grad_buffer)
+        return None, None, grad_scores, None
     grad_table, grad_scores = weighted_lookup_backward(grad_out.contiguous(), rows, table, scores)
-    return None, grad_table, grad_scores
+    return None, grad_table, grad_scores, None
 
 
 weighted_lookup.register_autograd(_backward, setup_context=_setup_context)
@@ -106,5 +121,9 @@ weighted_lookup.register_autograd(_backward, setup_context=_setup_context)
 from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402  (None without Triton)
 
 if _triton_weighted_lookup is not None:
-    weighted_lookup.register_kernel("cuda")(_triton_weighted_lookup.weighted_lookup_cuda)
+    @weighted_lookup.register_kernel("cuda")
+    def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
+        _check_args(rows, table, scores, grad_buffer)
+        return _triton_weighted_lookup.weighted_lookup_cuda(rows, table, scores)
+
     weighted_lookup_backward.register_kernel("cuda")(_triton_weighted_lookup.weighted_lookup_backward_cuda)

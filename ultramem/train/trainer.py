@@ -82,6 +82,10 @@ def teardown_distributed(info: DistInfo) -> None:
 def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
     model.train()
+    if model.memory_tables is not None:
+        # The shared tables' gradients accumulate row by row into persistent fp32 buffers instead
+        # of a dense [N, D] gradient per layer and micro-batch (ultramem.ops.weighted_lookup).
+        model.memory_tables.use_grad_buffers()
     return model
 
 
@@ -204,6 +208,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.model.memory_tables is not None:
+            self.model.memory_tables.zero_grad_buffers()
         self.model.refresh_rank1()
         self.step += 1
 

@@ -1,0 +1,102 @@
+"""Table gradients accumulated in persistent buffers (ValueTables.use_grad_buffers) equal the
+dense autograd gradients: several layers sharing one table, several micro-batches, compiled."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ultramem import ops
+from memory_layer_setup import build_random, make_cfg, make_input
+
+
+def _table_grads(tables, layers, inputs, buffers: bool, compile_backend: str | None = None):
+    tables.use_grad_buffers(buffers)
+    for p in tables.parameters():
+        if not buffers:
+            p.grad = None
+    fns = [torch.compile(layer, fullgraph=True, backend=compile_backend) if compile_backend else layer
+           for layer in layers]
+    for x in inputs:  # micro-batches
+        loss = sum((fn(x, tables)[0] ** 2).sum() for fn in fns)
+        loss.backward()
+    return [p.grad.clone() for p in tables.value_parameters()]
+
+
+@pytest.mark.parametrize("mem_type,pre_vdim", [("ultramem_v2", 4), ("ultramem_v2", 0), ("memory_plus", 0)])
+def test_buffers_match_dense_gradients(mem_type, pre_vdim):
+    cfg = make_cfg(type=mem_type, pre_vdim=pre_vdim, share_ratio=1.0)  # windows overlap: shared rows
+    tables, layers, g = build_random(cfg, 3, seed=11)
+    inputs = [make_input((2, 5), g) for _ in range(2)]
+    dense = _table_grads(tables, layers, inputs, buffers=False)
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    buffered = _table_grads(tables, layers, inputs, buffers=True)
+    assert tables.values_grad is not None and tables.values.grad is tables.values_grad
+    for d, b in zip(dense, buffered):
+        assert d.abs().sum() > 0
+        torch.testing.assert_close(b, d, rtol=1e-12, atol=1e-12)
+    tables.zero_grad_buffers()
+    assert torch.all(tables.values.grad == 0) and tables.values.grad is tables.values_grad
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_buffers_under_compile_match_eager(backend):
+    cfg = make_cfg(share_ratio=1.0)
+    tables, layers, g = build_random(cfg, 2, seed=12)
+    inputs = [make_input((3, 4), g) for _ in range(2)]
+    eager = _table_grads(tables, layers, inputs, buffers=True)
+    torch._dynamo.reset()
+    compiled = _table_grads(tables, layers, inputs, buffers=True, compile_backend=backend)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-10)
+
+
+def test_survives_zero_grad_set_to_none():
+    cfg = make_cfg()
+    tables, layers, g = build_random(cfg, 1, seed=13)
+    tables.use_grad_buffers()
+    opt = torch.optim.SGD(tables.parameters(), lr=0.1)
+    opt.zero_grad(set_to_none=True)
+    assert tables.values.grad is None
+    tables.zero_grad_buffers()
+    assert tables.values.grad is tables.values_grad
+
+
+def test_bad_buffer_is_rejected():
+    rows = torch.zeros(2, 3, dtype=torch.int64)
+    table = torch.randn(5, 4)
+    keep = [torch.zeros(5, 3), torch.zeros(5, 4, dtype=torch.bfloat16)]  # the registry holds weak references
+    bad_shape, bad_dtype = (ops.register_grad_buffer(b) for b in keep)
+    try:
+        with pytest.raises(ValueError, match=r"grad_table shape \(5, 3\) must equal table shape \(5, 4\)"):
+            ops.weighted_lookup(rows, table, torch.randn(2, 3, 1), bad_shape)
+        with pytest.raises(ValueError, match="grad_table must be float32 or float64"):
+            ops.pre_value_gate(rows, table, torch.randn(2, 4), bad_dtype)
+    finally:
+        ops.release_grad_buffer(bad_shape)
+        ops.release_grad_buffer(bad_dtype)
+    with pytest.raises(ValueError, match="grad_buffer=123456 is not a registered buffer id"):
+        ops.weighted_lookup(rows, table, torch.randn(2, 3, 1), 123456)
+    freed = ops.register_grad_buffer(torch.zeros(5, 4))  # nothing else holds it
+    with pytest.raises(ValueError, match=f"grad_buffer={freed} is not a registered buffer id, or its buffer was freed"):
+        ops.weighted_lookup(rows, table, torch.randn(2, 3, 1), freed)
+    cfg = make_cfg()
+    tables, _, _ = build_random(cfg, 1, seed=14)
+    tables.bfloat16()
+    with pytest.raises(ValueError, match="ValueTables.values is torch.bfloat16"):
+        tables.use_grad_buffers()
+
+
+def test_opcheck_with_buffer():
+    g = torch.Generator().manual_seed(15)
+    rows = torch.randint(0, 7, (4, 3), generator=g)
+    table = torch.randn(7, 6, generator=g, requires_grad=True)
+    buf = torch.zeros(7, 6)
+    handle = ops.register_grad_buffer(buf)
+    try:
+        torch.library.opcheck(torch.ops.ultramem.weighted_lookup.default,
+                              (rows, table, torch.randn(4, 3, 2, generator=g, requires_grad=True), handle))
+        torch.library.opcheck(torch.ops.ultramem.pre_value_gate.default,
+                              (rows, table, torch.randn(4, 6, generator=g, requires_grad=True), handle))
+    finally:
+        ops.release_grad_buffer(handle)
