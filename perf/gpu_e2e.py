@@ -1,0 +1,180 @@
+"""End-to-end GPU evidence for the memory layers, in one run (writes one JSON):
+
+1. The debug UltraMemV2 model on CUDA with the Triton kernels registered: graph breaks under
+   torch._dynamo.explain (must be 0), and torch.compile(fullgraph=True) forward + backward in bf16
+   against eager.
+2. One UltraMemV2 layer at the 227M shapes (SPEC §8, 3 x 4096 tokens, the pooled 2.59M-row tables
+   with persistent gradient buffers), forward and forward + backward, eager and compiled, next to
+   the block's SwiGLU FFN on the same tokens.
+3. The debug training run on the GPU (bf16 autocast, per-block compile) against the CPU fp32
+   reference run of the same config, data and seed: both loss curves.
+
+    PYTHONPATH=. ULTRAMEM_GIT_REV=$(git rev-parse HEAD) python perf/gpu_e2e.py --out $OUT/e2e.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from ultramem.layers import build_memory
+from ultramem.model import FeedForward, build_model
+from ultramem.train.config import load_config
+from ultramem.train.trainer import run_training
+
+log = logging.getLogger("gpu_e2e")
+
+
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def check_compile(result: dict) -> None:
+    cfg = load_config("debug.toml").model
+    model = build_model(cfg, device="cuda", seed=0)
+    model.memory_tables.use_grad_buffers()
+    model.refresh_rank1()
+    result["cuda_kernels_registered"] = {
+        op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ultramem::{op}", "CUDA")
+        for op in ("tdqkr_retrieval", "tdqkr_retrieval_backward", "pre_value_gate", "weighted_lookup",
+                   "weighted_lookup_backward_accumulate", "pre_value_gate_backward_accumulate")}
+    tokens = torch.randint(0, cfg.vocab_size, (4, 129), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explain = torch._dynamo.explain(model)(x, y)
+    result["graph_breaks"] = explain.graph_break_count
+    result["graphs"] = explain.graph_count
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    losses = {}
+    for name, fn in (("eager", model), ("compiled", compiled)):
+        model.memory_tables.zero_grad_buffers()
+        model.zero_grad(set_to_none=True)
+        model.memory_tables.attach_grad_buffers()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, aux = fn(x, y)
+        loss.backward()
+        losses[name] = (loss.item(), model.memory_tables.values.grad.norm().item(),
+                        model.blocks[0].attn.wqkv.weight.grad.norm().item())
+    result["compile_vs_eager"] = {"eager": losses["eager"], "compiled": losses["compiled"],
+                                  "fields": ["loss", "|grad values|", "|grad block0 wqkv|"]}
+
+
+def time_layer(result: dict) -> None:
+    mcfg = load_config("227m.toml").model
+    n_mem = mcfg.n_layers
+    with torch.device("meta"):
+        tables, layers = build_memory(mcfg, n_mem)
+    layer = layers[0]
+    tables.to_empty(device="cuda")
+    layer.to_empty(device="cuda")
+    gen = torch.Generator().manual_seed(0)
+    layer.reset_parameters(gen, None)
+    with torch.no_grad():  # fill the 2.59M-row tables on the GPU (the CPU generator would take minutes)
+        for p in tables.value_parameters():
+            p.normal_(0.0, layer.value_init_std or 0.02)
+    layer.refresh_rank1()
+    tables.use_grad_buffers()
+    ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).cuda()
+    t = 3 * 4096
+    u = torch.randn(3, 4096, mcfg.dim, device="cuda", requires_grad=True)
+    grad_y = torch.randn(3, 4096, mcfg.dim, device="cuda", dtype=torch.bfloat16)
+    rows = {"tokens": t, "N": tables.num_rows, "table_dtype": str(tables.values.dtype)}
+
+    def run(mod, is_ffn: bool, backward: bool):
+        def fn():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = mod(u) if is_ffn else mod(u, tables)[0]
+            if backward:
+                out.backward(grad_y)
+        return fn
+
+    variants = (("layer_eager", layer, False), ("layer_compiled", torch.compile(layer, fullgraph=True), False),
+                ("ffn_eager", ffn, True), ("ffn_compiled", torch.compile(ffn), True))
+    for name, mod, is_ffn in variants:
+        with torch.no_grad():
+            rows[f"{name}_fwd_ms"] = cuda_time_ms(run(mod, is_ffn, False))
+        rows[f"{name}_fwd_bwd_ms"] = cuda_time_ms(run(mod, is_ffn, True))
+        log.info("%s: fwd %.3f ms, fwd+bwd %.3f ms", name, rows[f"{name}_fwd_ms"], rows[f"{name}_fwd_bwd_ms"])
+    # the ops alone inside the layer's forward (profile by difference is noisy; use the profiler)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            run(layer, False, True)()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    rows["profile_top"] = table
+    result["layer_227m"] = rows
+
+
+def training_curves(result: dict, steps: int) -> None:
+    common = [f"--train.max_steps={steps}", "--train.log_interval=1", "--train.eval_interval=0"]
+    t0 = time.perf_counter()
+    cpu = run_training(load_config("debug.toml", common + ["--train.device=cpu", "--train.dtype=float32"]))
+    t1 = time.perf_counter()
+    gpu = run_training(load_config("debug.toml", common + ["--train.device=cuda", "--train.dtype=bfloat16",
+                                                           "--train.compile=true"]))
+    t2 = time.perf_counter()
+    lc, lg = [r.loss for r in cpu], [r.loss for r in gpu]
+    diffs = [abs(a - b) for a, b in zip(lc, lg)]
+    result["training"] = {
+        "steps": steps, "cpu_fp32_loss": lc, "gpu_bf16_compiled_loss": lg,
+        "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+        "last10_cpu": sum(lc[-10:]) / 10, "last10_gpu": sum(lg[-10:]) / 10,
+        "first10_gpu": sum(lg[:10]) / 10, "cpu_seconds": t1 - t0, "gpu_seconds": t2 - t1,
+        "gpu_tokens_per_s_last": gpu[-1].tokens_per_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "e2e.json"))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--only", nargs="*", default=["compile", "layer", "training"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "errors": {}}
+    sections = {"compile": check_compile, "layer": time_layer,
+                "training": lambda r: training_curves(r, args.steps)}
+    for name in args.only:
+        try:
+            sections[name](result)
+        except Exception:  # keep going: each section is evidence on its own
+            result["errors"][name] = traceback.format_exc()
+            log.error("section %s failed:\n%s", name, result["errors"][name])
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    summary = {k: v for k, v in result.items() if k not in ("training",)}
+    if "layer_227m" in summary:
+        summary["layer_227m"] = {k: v for k, v in summary["layer_227m"].items() if k != "profile_top"}
+        print(result["layer_227m"]["profile_top"])
+    print(json.dumps(summary, indent=1)[:6000])
+    if "training" in result:
+        tr = result["training"]
+        print("training: cpu last10 %.4f gpu last10 %.4f gpu first10 %.4f mean|diff| %.4f max|diff| %.4f"
+              % (tr["last10_cpu"], tr["last10_gpu"], tr["first10_gpu"], tr["mean_abs_diff"], tr["max_abs_diff"]))
+    return 0 if not result["errors"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
