@@ -78,6 +78,22 @@ def test_scheduler_lrs_per_group_over_steps():
         sched.step()
 
 
+def test_memory_plus_table_takes_a_constant_lr():
+    mem = MemoryConfig(type="memory_plus", knum=4, kdim=8, vdim=16, knn=2, heads=2)
+    model = build_model(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=48,
+                                    max_seq_len=16, memory=mem), seed=0)
+    cfg = OptimConfig(lr=1e-2, warmup_steps=4, value_lr_mult=4.0, memory_plus_value_lr=2e-3)
+    opt, sched = build_optimizer(model, cfg, max_steps=12)
+    names = [g["name"] for g in opt.param_groups]
+    schedule = GlobalSchedule(4, 12, 0.1)
+    for step in range(13):
+        lrs = dict(zip(names, sched.get_last_lr()))
+        assert lrs["values"] == pytest.approx(2e-3), step
+        assert lrs["decay"] == pytest.approx(1e-2 * schedule(step))
+        opt.step()
+        sched.step()
+
+
 def test_dense_model_has_no_value_group():
     model = build_model(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=8,
                                     memory=MemoryConfig(type="none")), seed=0)

@@ -46,6 +46,7 @@ class OptimConfig:
     value_lr_mult: float = 1.0  # SPEC §4: tables' lr multiplier at step 0, decays to 1
     value_lr_decay_frac: float = 1.0  # fraction of max_steps over which the multiplier decays
     value_weight_decay: float | None = None  # None: same as weight_decay
+    memory_plus_value_lr: float = 1e-3  # SPEC §4: Memory+ tables take this constant lr, no schedule
     fused: bool | None = None  # None: fused AdamW on CUDA, foreach elsewhere
 
     @property

@@ -4,7 +4,8 @@ Groups: "decay" (weights of two or more dims), "no_decay" (1-D: norm scales, bia
 (the memory value / pre-value tables: their own weight decay and a learning-rate multiplier that
 decays linearly from `value_lr_mult` to 1 over `value_lr_decay_frac · max_steps` steps, on top of
 the global schedule). Global schedule: linear warmup from `min_lr_frac`·peak to the peak over
-`warmup_steps`, then cosine down to `min_lr_frac`·peak at `max_steps`.
+`warmup_steps`, then cosine down to `min_lr_frac`·peak at `max_steps`. Memory+ models instead
+give their value table the constant `memory_plus_value_lr` (SPEC §4).
 """
 from __future__ import annotations
 
@@ -48,13 +49,14 @@ class ValueLrMultiplier:
 
 
 class _GroupLambda:
-    """Picklable per-group LambdaLR factor: global schedule × optional value multiplier."""
+    """Picklable per-group LambdaLR factor: global schedule × optional value multiplier, or a
+    constant 1 when `schedule` is None."""
 
-    def __init__(self, schedule: GlobalSchedule, value_mult: ValueLrMultiplier | None):
+    def __init__(self, schedule: GlobalSchedule | None, value_mult: ValueLrMultiplier | None):
         self.schedule, self.value_mult = schedule, value_mult
 
     def __call__(self, step: int) -> float:
-        f = self.schedule(step)
+        f = self.schedule(step) if self.schedule is not None else 1.0
         return f * self.value_mult(step) if self.value_mult is not None else f
 
 
@@ -95,11 +97,24 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int,
                     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     groups = param_groups(model, cfg)
+    model_cfg = getattr(model, "cfg", None)
+    constant_values = model_cfg is not None and model_cfg.memory.type == "memory_plus"
+    if constant_values:
+        for g in groups:
+            if g["name"] == "values":
+                g["lr"] = cfg.memory_plus_value_lr
     device_type = next(model.parameters()).device.type
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None,
                             foreach=None if fused else True)
     schedule = GlobalSchedule(cfg.warmup_steps, max_steps, cfg.min_lr_frac)
     value_mult = ValueLrMultiplier(cfg.value_lr_mult, cfg.value_lr_decay_frac, max_steps)
-    lambdas = [_GroupLambda(schedule, value_mult if g["name"] == "values" else None) for g in groups]
+    lambdas = []
+    for g in groups:
+        if g["name"] != "values":
+            lambdas.append(_GroupLambda(schedule, None))
+        elif constant_values:
+            lambdas.append(_GroupLambda(None, None))
+        else:
+            lambdas.append(_GroupLambda(schedule, value_mult))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
