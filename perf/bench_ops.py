@@ -150,22 +150,6 @@ class Context:
         return row
 
 
-def _patch_interpreter_index() -> None:
-    """Smoke runs under TRITON_INTERPRET=1: Triton 3.6's interpreter calls int() on 1-element
-    arrays for `range(...)` bounds, which NumPy >= 2.4 refuses; read the element instead."""
-    try:
-        import triton.runtime.interpreter as interp
-        original = interp._patch_lang_tensor
-    except (ImportError, AttributeError):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-
-
 def measure_copy_ceiling(ctx: Context) -> float:
     """Device-to-device copy of a large buffer: (bytes read + bytes written) / time, in GB/s."""
     nbytes = (1 << 20) if ctx.small else (2 << 30)
@@ -220,7 +204,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _patch_interpreter_index()
+        from ultramem.ops._triton._interpreter_compat import patch_index
+
+        patch_index()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = Context(device, small=args.small or device.type != "cuda", compile_variants=args.compile)
     ctx.ceiling_gbps = measure_copy_ceiling(ctx)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ultramem import ops
+from op_oracles import gate_backward_oracle, gate_oracle, lookup_backward_oracle, lookup_oracle, retrieval_oracle
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -19,54 +20,6 @@ def _rows_with_duplicates(t: int, e: int, n: int, g: torch.Generator, dtype=torc
     rows[0, 1] = rows[0, 0]  # the same row twice within one token
     rows[1, :] = rows[0, 0]  # and across tokens
     return rows.to(dtype)
-
-
-# ---------------------------------------------------------------- independent oracles (loops)
-
-def lookup_oracle(rows, table, scores):
-    t, e = rows.shape
-    m = scores.shape[2]
-    dm = table.shape[1] // m
-    out = torch.zeros(t, table.shape[1], dtype=torch.float64)
-    for ti in range(t):
-        for ei in range(e):
-            row = table[int(rows[ti, ei])].double()
-            for mi in range(m):
-                out[ti, mi * dm:(mi + 1) * dm] += scores[ti, ei, mi].double() * row[mi * dm:(mi + 1) * dm]
-    return out
-
-
-def gate_oracle(rows, table, x):
-    t, e = rows.shape
-    out = torch.zeros(t, e, dtype=torch.float64)
-    for ti in range(t):
-        for ei in range(e):
-            out[ti, ei] = torch.dot(table[int(rows[ti, ei])].double(), x[ti].double())
-    return out
-
-
-def retrieval_oracle(a_scores, b_scores, cores, u, v, knn):
-    """Brute force: all n_row x n_col pairs restricted to the coarse top-k rows/cols."""
-    t, h, n_row, _ = a_scores.shape
-    n_col = b_scores.shape[2]
-    ids = torch.zeros(t, h, knn, dtype=torch.int64)
-    scores = torch.zeros(t, h, knn, cores.shape[1], dtype=torch.float64)
-    for ti, hi in itertools.product(range(t), range(h)):
-        a, b = a_scores[ti, hi].double(), b_scores[ti, hi].double()
-        coarse_a = [float(a[i] @ u[hi].double()) for i in range(n_row)]
-        coarse_b = [float(b[j] @ v[hi].double()) for j in range(n_col)]
-        rows_kept = sorted(range(n_row), key=lambda i: -coarse_a[i])[:knn]
-        cols_kept = sorted(range(n_col), key=lambda j: -coarse_b[j])[:knn]
-        cands = []
-        for i in rows_kept:
-            for j in cols_kept:
-                per_core = [float(a[i] @ cores[hi, m].double() @ b[j]) for m in range(cores.shape[1])]
-                cands.append((sum(per_core), i * n_col + j, per_core))
-        cands.sort(key=lambda c: -c[0])
-        for e, (_, vid, per_core) in enumerate(cands[:knn]):
-            ids[ti, hi, e] = vid
-            scores[ti, hi, e] = torch.tensor(per_core, dtype=torch.float64)
-    return ids, scores
 
 
 # ---------------------------------------------------------------- forward vs oracle
@@ -118,7 +71,7 @@ def test_weighted_lookup_backward_matches_oracle():
     scores = torch.randn(4, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(4, 6, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(ops.weighted_lookup(rows, table, scores), (table, scores), grad_out)
-    want = torch.autograd.grad(lookup_oracle(rows, table, scores), (table, scores), grad_out)
+    want = lookup_backward_oracle(grad_out, rows, table.detach(), scores.detach())
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     # rows never picked get exactly zero gradient
@@ -133,7 +86,7 @@ def test_pre_value_gate_backward_matches_oracle():
     x = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(4, 5, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(ops.pre_value_gate(rows, table, x), (table, x), grad)
-    want = torch.autograd.grad(gate_oracle(rows, table, x), (table, x), grad)
+    want = gate_backward_oracle(grad, rows, table.detach(), x.detach())
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 

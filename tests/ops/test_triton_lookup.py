@@ -31,24 +31,10 @@ def test_interpreter_suite():
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (see test_interpreter_suite)")
 
 
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter keeps scalars as 1-element arrays and calls int() on them for
-    `range(...)` bounds, which NumPy >= 2.4 refuses; read the element instead."""
-    try:
-        import triton.runtime.interpreter as interp
-        original = interp._patch_lang_tensor
-    except (ImportError, AttributeError):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-
-
 if INTERPRET:
-    _patch_interpreter_index()
+    from ultramem.ops._triton._interpreter_compat import patch_index
+
+    patch_index()
     from ultramem.ops._triton import gate_lookup as tgl
     from ultramem.ops._triton import pre_value_gate as tpg
     from ultramem.ops._triton import weighted_lookup as twl
@@ -58,66 +44,7 @@ SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True, "EVICT_FIRST": True, "H
 SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1}
 
 
-# ----------------------------------------------------------------------------- oracles
-
-def lookup_oracle(rows, table, scores):
-    t, e = rows.shape
-    m = scores.shape[2]
-    dm = table.shape[1] // m
-    out = torch.zeros(t, table.shape[1], dtype=torch.float64)
-    for ti in range(t):
-        for ei in range(e):
-            r = int(rows[ti, ei])
-            for c in range(table.shape[1]):
-                out[ti, c] += float(scores[ti, ei, c // dm]) * float(table[r, c])
-    return out
-
-
-def lookup_backward_oracle(grad_out, rows, table, scores):
-    t, e = rows.shape
-    m = scores.shape[2]
-    dm = table.shape[1] // m
-    g_table = torch.zeros(table.shape, dtype=torch.float64)
-    g_scores = torch.zeros(t, e, m, dtype=torch.float64)
-    for ti in range(t):
-        for ei in range(e):
-            r = int(rows[ti, ei])
-            for c in range(table.shape[1]):
-                g_table[r, c] += float(scores[ti, ei, c // dm]) * float(grad_out[ti, c])
-                g_scores[ti, ei, c // dm] += float(table[r, c]) * float(grad_out[ti, c])
-    return g_table, g_scores
-
-
-def gate_oracle(rows, table, x):
-    t, e = rows.shape
-    out = torch.zeros(t, e, dtype=torch.float64)
-    for ti in range(t):
-        for ei in range(e):
-            out[ti, ei] = sum(float(a) * float(b) for a, b in zip(table[int(rows[ti, ei])], x[ti]))
-    return out
-
-
-def gate_backward_oracle(grad_gate, rows, table, x):
-    t, e = rows.shape
-    g_table = torch.zeros(table.shape, dtype=torch.float64)
-    g_x = torch.zeros(x.shape, dtype=torch.float64)
-    for ti in range(t):
-        for ei in range(e):
-            r, gg = int(rows[ti, ei]), float(grad_gate[ti, ei])
-            g_table[r] += gg * x[ti].double()
-            g_x[ti] += gg * table[r].double()
-    return g_table, g_x
-
-
-def gelu64(v: float) -> float:
-    import math
-    return 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))
-
-
-def gate_lookup_oracle(rows, values, pre_values, x, scores, gelu):
-    g = gate_oracle(rows, pre_values, x)
-    act = g.clone().apply_(gelu64) if gelu else g
-    return lookup_oracle(rows, values, scores.double() * act.unsqueeze(-1)), g
+from op_oracles import lookup_oracle, lookup_backward_oracle, gate_oracle, gate_backward_oracle, gelu64, gate_lookup_oracle  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -2,11 +2,10 @@
 accumulate-style backwards, and the deterministic-mode flag. Oracles are explicit loops in float64."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from op_oracles import gate_lookup_oracle, lookup_backward_oracle
 from ultramem.ops import determinism
 from ultramem.ops.gate_lookup import gate_lookup
 from ultramem.ops.table_grad import pre_value_gate_backward_accumulate, weighted_lookup_backward_accumulate
@@ -25,23 +24,6 @@ def _rows(t, e, n, g, dtype=torch.int64):
 
 def _rand(shape, g, dtype=torch.float64, requires_grad=False):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-
-
-def gate_lookup_oracle(rows, values, pre_values, x, scores, gelu):
-    t, e = rows.shape
-    m = scores.shape[2]
-    dm = values.shape[1] // m
-    out = torch.zeros(t, values.shape[1], dtype=torch.float64)
-    gate = torch.zeros(t, e, dtype=torch.float64)
-    for ti in range(t):
-        for ei in range(e):
-            r = int(rows[ti, ei])
-            gv = sum(float(a) * float(b) for a, b in zip(pre_values[r], x[ti]))
-            gate[ti, ei] = gv
-            act = 0.5 * gv * (1 + math.erf(gv / math.sqrt(2))) if gelu else gv
-            for c in range(values.shape[1]):
-                out[ti, c] += float(scores[ti, ei, c // dm]) * act * float(values[r, c])
-    return out, gate
 
 
 @pytest.mark.parametrize("gelu", [True, False])
@@ -123,21 +105,6 @@ def test_gate_lookup_bad_inputs_name_the_argument():
 
 # ----------------------------------------------------------------------------- accumulate ops
 
-def _lookup_grads_oracle(grad_out, rows, table, scores):
-    t, e = rows.shape
-    m = scores.shape[2]
-    dm = table.shape[1] // m
-    g_table = torch.zeros(table.shape, dtype=torch.float64)
-    g_scores = torch.zeros(t, e, m, dtype=torch.float64)
-    for ti in range(t):
-        for ei in range(e):
-            r = int(rows[ti, ei])
-            for c in range(table.shape[1]):
-                g_table[r, c] += float(scores[ti, ei, c // dm]) * float(grad_out[ti, c])
-                g_scores[ti, ei, c // dm] += float(table[r, c]) * float(grad_out[ti, c])
-    return g_table, g_scores
-
-
 def test_weighted_lookup_backward_accumulate_adds_into_buffer():
     g = _gen(6)
     t, e, n, d, m = 4, 3, 5, 6, 2
@@ -145,7 +112,7 @@ def test_weighted_lookup_backward_accumulate_adds_into_buffer():
     buf = _rand((n, d), g)
     start = buf.clone()
     grad_scores = weighted_lookup_backward_accumulate(buf, grad_out, rows, table, scores)
-    ref_table, ref_scores = _lookup_grads_oracle(grad_out, rows, table, scores)
+    ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
     torch.testing.assert_close(buf, start + ref_table)
     torch.testing.assert_close(grad_scores, ref_scores)
 
