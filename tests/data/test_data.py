@@ -70,11 +70,16 @@ def test_corrupt_or_interrupted_cache_is_rebuilt(fake_stdlib, tmp_path, monkeypa
     # a build that dies while writing leaves no complete entry and no stray files
     cache2 = tmp_path / "cache2"
 
-    def explode(path, array):
-        raise KeyboardInterrupt
+    original = corpus._atomic_write
+
+    def explode_on_tokens(path, write):
+        def interrupted(f):  # dies half-way through writing the tokens file
+            f.write(b"partial")
+            raise KeyboardInterrupt
+        return original(path, interrupted if path.name == "tokens.npy" else write)
 
     with monkeypatch.context() as mp:
-        mp.setattr(corpus, "_atomic_save_npy", explode)
+        mp.setattr(corpus, "_atomic_write", explode_on_tokens)
         with pytest.raises(KeyboardInterrupt):
             stdlib_corpus(300, 10**6, cache2)
     entry = next(cache2.iterdir())

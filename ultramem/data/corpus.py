@@ -19,6 +19,7 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -86,24 +87,12 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """write(f) into a temporary file beside `path`, then rename: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -152,11 +141,11 @@ def _tokenize_and_cache(kind: str, documents: list[tuple[str, int]], read_texts,
         pieces.append(np.asarray([eot_id], dtype=dtype))
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
     # tokenizer and tokens first, meta last: meta's presence marks a complete entry
-    _atomic_write_bytes(tok_path, tok.to_str().encode())
-    _atomic_save_npy(tokens_path, tokens)
+    _atomic_write(tok_path, lambda f: f.write(tok.to_str().encode()))
+    _atomic_write(tokens_path, lambda f: np.save(f, tokens))
     meta = {"n_tokens": int(tokens.shape[0]), "vocab_size": real_vocab, "eot_id": eot_id,
             "documents": len(documents), "kind": kind}
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     log.info("cached %d tokens (vocab %d) in %s", tokens.shape[0], real_vocab, entry)
     return TokenizedCorpus(tokens, tok_path, real_vocab, eot_id, entry, True)
 
