@@ -80,7 +80,7 @@ def check_compile(result: dict) -> None:
                                   "fields": ["loss", "|grad values|", "|grad block0 wqkv|"]}
 
 
-def time_layer(result: dict) -> None:
+def time_layer(result: dict, cudagraphs: bool = False) -> None:
     mcfg = load_config("227m.toml").model
     n_mem = mcfg.n_layers
     with torch.device("meta"):
@@ -109,8 +109,11 @@ def time_layer(result: dict) -> None:
                 out.backward(grad_y)
         return fn
 
-    variants = (("layer_eager", layer, False), ("layer_compiled", torch.compile(layer, fullgraph=True), False),
-                ("ffn_eager", ffn, True), ("ffn_compiled", torch.compile(ffn), True))
+    variants = [("layer_eager", layer, False), ("layer_compiled", torch.compile(layer, fullgraph=True), False),
+                ("ffn_eager", ffn, True), ("ffn_compiled", torch.compile(ffn), True)]
+    if cudagraphs:  # the host out of the way: the compiled layer replayed as CUDA graphs
+        variants.insert(2, ("layer_compiled_cudagraphs",
+                            torch.compile(layer, fullgraph=True, mode="reduce-overhead"), False))
     for name, mod, is_ffn in variants:
         with torch.no_grad():
             rows[f"{name}_fwd_ms"] = cuda_time_ms(run(mod, is_ffn, False))
@@ -123,6 +126,8 @@ def time_layer(result: dict) -> None:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     rows["profile_top"] = table
+    gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
+    rows["layer_eager_gpu_time_per_fwd_bwd_ms"] = gpu_us / 3 / 1000
     result["layer_227m"] = rows
 
 
@@ -149,12 +154,13 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "e2e.json"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--only", nargs="*", default=["compile", "layer", "training"])
+    parser.add_argument("--cudagraphs", action="store_true", help="also time the layer under mode='reduce-overhead'")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "errors": {}}
-    sections = {"compile": check_compile, "layer": time_layer,
+    sections = {"compile": check_compile, "layer": lambda r: time_layer(r, args.cudagraphs),
                 "training": lambda r: training_curves(r, args.steps)}
     for name in args.only:
         try:
