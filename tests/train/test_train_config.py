@@ -129,3 +129,22 @@ def test_size_rules(args, fragment):
 def test_valid_packaged_configs_load():
     for name in packaged_config_names():
         load_config(name)
+
+
+def test_missing_data_source_is_a_config_error(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(ConfigError, match=f"data.source='{missing}': no such file or directory"):
+        load_config("debug.toml", [f"--data.source={missing}"])
+    text = tmp_path / "book.txt"
+    text.write_text("hello world " * 100)
+    assert load_config("debug.toml", [f"--data.source={text}"]).data.source == str(text)
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from ultramem.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", "debug.toml", f"--data.source={tmp_path / 'gone'}", "--dry-run"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "config error: data.source=" in err and "Traceback" not in err

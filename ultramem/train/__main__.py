@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from ultramem.train.trainer import run_training
 
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except (ConfigError, FileNotFoundError) as e:  # bad input found late (e.g. a data shard): no traceback
+        parser.exit(2, f"error: {e}\n")
     return 0
 
 

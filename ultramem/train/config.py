@@ -309,6 +309,9 @@ def validate_config(cfg: TrainConfig) -> None:
              f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     _require(d.vocab_size <= m.vocab_size,
              f"data.vocab_size={d.vocab_size} (tokenizer) must be <= model.vocab_size={m.vocab_size}")
+    _require(d.source == "stdlib" or Path(d.source).expanduser().exists(),
+             f"data.source={d.source!r}: no such file or directory "
+             f"(use 'stdlib', a text file or a directory of token shards)")
     if d.source == "stdlib" or not Path(d.source).expanduser().is_dir():  # a BPE will be trained
         _require(d.vocab_size >= 256 + 1,
                  f"data.vocab_size={d.vocab_size}: a byte-level BPE needs >= 257 (256 bytes + end of text)")
