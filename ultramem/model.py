@@ -31,8 +31,9 @@ _INSERT_KEY = "model.memory.insert"
 def parse_memory_insert(insert: str, n_layers: int) -> list[tuple[int, int]]:
     """"full" or "a:b/c:e/..." → [(read_block, write_block), ...] in layer order.
 
-    Rules: 0 <= a <= b < n_layers; each block reads for at most one layer; spans may not
-    overlap (a layer must finish writing before the next one reads), so pairs are increasing.
+    Rule (SPEC §1): 0 <= a <= b < n_layers for every part. Spans may overlap or share blocks
+    (a layer reading at block 1 does not depend on another writing after block 2), so no order
+    between parts is imposed; layer l is the l-th part.
     """
     text = insert.strip()
     if text == "full":
@@ -50,11 +51,6 @@ def parse_memory_insert(insert: str, n_layers: int) -> list[tuple[int, int]]:
         if b >= n_layers:
             raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is out of range "
                               f"(blocks are 0..{n_layers - 1})")
-        if pairs and a <= pairs[-1][1]:
-            prev = f"{pairs[-1][0]}:{pairs[-1][1]}"
-            kind = "duplicates" if (a, b) == pairs[-1] else "overlaps or precedes"
-            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} {kind} {prev!r}; "
-                              f"parts must be disjoint and in increasing block order")
         pairs.append((a, b))
     return pairs
 

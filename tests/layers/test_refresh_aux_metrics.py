@@ -180,8 +180,17 @@ def test_stats_report_matches_numpy():
     again = stats.report()  # reset after reading
     assert again["coverage"] == 0 and np.isnan(again["kl_uniform"]) and np.isnan(again["out_std"])
     uniform = LayerStats(5)
-    uniform.hits.fill_(2.0)
+    uniform.hits.fill_(2)
     assert uniform.report()["kl_uniform"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_hit_counter_does_not_saturate():
+    """A busy value passes 2^24 hits within one report interval at the 227M shapes; the count
+    (and the KL) must keep growing past it."""
+    stats = LayerStats(4)
+    stats.hits[0] = 2 ** 24
+    stats.accumulate(torch.zeros(1000, dtype=torch.int64), torch.zeros(3), torch.zeros(2), torch.zeros(2))
+    assert int(stats.hits[0]) == 2 ** 24 + 1000
 
 
 @pytest.mark.parametrize("kind", ["ultramem_v2", "ultramem_v1", "memory_plus"])

@@ -264,7 +264,9 @@ class LayerStats(nn.Module):
     def __init__(self, num_values: int):
         super().__init__()
         self.num_values = num_values
-        self.register_buffer("hits", torch.zeros(num_values, dtype=torch.float32), persistent=False)
+        # int64: a float32 counter stops at 2^24, which one busy value passes within a report
+        # interval at the 227M shapes (~1e10 hits per layer per 100 steps)
+        self.register_buffer("hits", torch.zeros(num_values, dtype=torch.int64), persistent=False)
         # [Σy, Σy², count(y), Σ top-1 score, Σ k-th score, count(scores)]
         self.register_buffer("sums", torch.zeros(6, dtype=torch.float64), persistent=False)
 
