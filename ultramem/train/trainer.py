@@ -201,7 +201,7 @@ class Trainer:
             with self._autocast():
                 loss, aux = self.model(batch[:, :-1], batch[:, 1:])
             (loss / accum).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += (loss - aux).detach().float()  # the LM loss, comparable with val/loss; aux apart
             aux_sum += aux.detach().float()
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
