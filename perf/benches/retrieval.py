@@ -7,7 +7,8 @@ reference (a row may differ only by a near tie), per-core scores and all gradien
 float64 formulas at the kernel's ids, ids in range and distinct, rows sorted, gradients zero
 outside the kept keys. Timed: the reference op (eager, and torch.compile with --compile), the
 Triton kernels, their phases (coarse selection only; + grid selection), and forward + backward
-through the op and autograd.
+through the op and autograd; the non-default forward variants (`tri.FWD_VARIANTS`, e.g. v4) get
+the same forward checks and timed rows next to the default.
 
 Run through perf/bench_ops.py (`--only retrieval`); `python perf/benches/retrieval.py [args]`
 does exactly that.
@@ -83,12 +84,15 @@ def _pair_scores64(a, b, cores, ids):
     return torch.einsum("ther,hmrs,thes->them", a_sel, cores.double(), b_sel)
 
 
-def check_forward(ctx, s: dict, seed: int, strided: bool = False) -> dict:
+def check_forward(ctx, s: dict, seed: int, strided: bool = False, variant: str = "v3") -> dict:
     a, b, cores, u, v = _inputs(s, seed, ctx.device, strided)
     t, h, k, m = s["t"], s["h"], s["k"], s["m"]
     ctx.poison_allocator(t * h * k * 8)
     ctx.poison_allocator(t * h * k * m * a.element_size())
-    ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k)
+    if variant == "v3":
+        ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k)
+    else:
+        ids, scores = tri.launch_forward(a, b, cores, u, v, k, variant=variant)
     ctx.sync()
     in_range = bool(((ids >= 0) & (ids < s["n_row"] * s["n_col"])).all())
     distinct = bool((ids.sort(-1).values.diff(dim=-1) != 0).all()) if k > 1 else True
@@ -102,7 +106,8 @@ def check_forward(ctx, s: dict, seed: int, strided: bool = False) -> dict:
     ordered = bool((tot_mine.diff(dim=-1) <= 1e-5 * scale.unsqueeze(-1)).all()) if k > 1 else True
     rel = _rel(scores, mine64)
     tol = 1e-5 if s["dtype"] == torch.float32 else 1e-2
-    result = dict(name=f"{OP} fwd {_label(s)}{' strided' if strided else ''}", rel_err=rel, tol=tol,
+    tag = (" strided" if strided else "") + (f" {variant}" if variant != "v3" else "")
+    result = dict(name=f"{OP} fwd {_label(s)}{tag}", rel_err=rel, tol=tol,
                   rows=t * h, rows_differing=int((~same).sum()), rows_not_near_tie=not_near_tie,
                   in_range=in_range, distinct=distinct, sorted=ordered)
     result["ok"] = in_range and distinct and ordered and not_near_tie == 0 and rel <= tol
@@ -141,6 +146,10 @@ def run(ctx) -> list[dict]:
         check_forward(ctx, s, seed=10 + i)
         check_backward(ctx, s, seed=20 + i)
     check_forward(ctx, extra[1], seed=99, strided=True)
+    for variant in tri.FWD_VARIANTS:  # non-default forward variants: same checks
+        for i, s in enumerate([main] + extra):
+            check_forward(ctx, s, seed=30 + i, variant=variant)
+        check_forward(ctx, extra[1], seed=97, strided=True, variant=variant)
     check_backward(ctx, extra[1], seed=98, strided=True)
 
     s = main
@@ -164,6 +173,12 @@ def run(ctx) -> list[dict]:
         ("fwd", "ours", lambda: tri.launch_forward(a, b, cores, u, v, k)),
         ("fwd", "ours, coarse selection only", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1)),
         ("fwd", "ours, coarse + grid selection", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=2)),
+        # v4 (not the default): no padding of n, group-bound start, interpolated probes
+        ("fwd", "ours v4", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v4")),
+        ("fwd", "ours v4, coarse selection only",
+         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4")),
+        ("fwd", "ours v4-split-only, coarse selection only",
+         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4-split-only")),
         ("bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ids)),
         ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),
         ("fwd+bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ref_fwd(a, b, cores, u, v, k)[0])),

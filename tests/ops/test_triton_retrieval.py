@@ -314,3 +314,81 @@ def test_backward_skips_out_of_range_ids():
     ga, gb, gc = tri.launch_backward(grad, a, b, cores, ids)  # the kernel itself skips them
     for got, exp in zip((ga, gb, gc), oracle_backward(grad, a, b, cores, ids)):
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- forward variant v4 (not the default)
+
+@interpreted_only
+@pytest.mark.parametrize("variant", ["v4", "v4-split-only"])
+@pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
+    (30, 2, 2, 37, 130, 2, 2, 7, torch.float32),      # 37: one partial block; 130: 128 + a remainder
+    (31, 1, 1, 1138, 1138, 2, 2, 32, torch.float32),  # the PERF shape: 1024 + 128
+    (32, 2, 1, 130, 37, 3, 1, 1, torch.float16),
+    (33, 1, 2, 1138, 130, 1, 2, 32, torch.float16),
+    (34, 2, 1, 300, 37, 2, 3, 37, torch.float32),      # k = n on one side (every key kept)
+])
+def test_forward_v4_matches_oracle(variant, seed, t, h, n_row, n_col, r, m, knn, dtype):
+    a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, knn, variant=variant)
+    want_ids, _ = tri.launch_forward(a, b, cores, u, v, knn)  # the default kernel
+    assert torch.equal(ids.sort(-1).values, want_ids.sort(-1).values)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_selection(ids, scores, a, b, cores, u, v, knn, tol=tol, exact_ids=dtype == torch.float32)
+
+
+@interpreted_only
+def test_forward_v4_strided_and_tiled():
+    a, b, cores, u, v = _inputs(35, 2, 2, 150, 1138, 2, 2)
+    a_t = a.transpose(0, 1).contiguous().transpose(0, 1)
+    b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]
+    ids, scores = tri.launch_forward(a_t, b_s, cores, u, v, 9, grid_tile=64, variant="v4")
+    assert_selection(ids, scores, a, b, cores, u, v, 9, tol=1e-5, exact_ids=True)
+
+
+@interpreted_only
+def test_forward_v4_coarse_ties_keep_lowest_positions():
+    # Integer coarse scores: many keys equal the k-th. Like the default, the kept rows/columns
+    # are all keys above it and the lowest positions among those equal to it.
+    g = torch.Generator().manual_seed(36)
+    t, n, knn = 2, 300, 20
+    a = torch.randint(-3, 4, (t, 1, n, 1), generator=g).float()
+    b = torch.randint(-3, 4, (t, 1, 140, 1), generator=g).float()
+    ones = torch.ones(1, 1)
+    cores = ones.view(1, 1, 1, 1)
+    _, want_scores = tri.launch_forward(a, b, cores, ones, ones, knn)
+    for variant in ("v4", "v4-split-only"):
+        ids, scores = tri.launch_forward(a, b, cores, ones, ones, knn, variant=variant)
+        for ti in range(t):
+            assert len(set(ids[ti, 0].tolist())) == knn
+            for side, x, got_keys in ((0, a, ids[ti, 0] // 140), (1, b, ids[ti, 0] % 140)):
+                vals = x[ti, 0, :, 0]
+                first_k = sorted(range(len(vals)), key=lambda p: (-float(vals[p]), p))[:knn]
+                assert set(got_keys.tolist()) <= set(first_k), (variant, ti, side)
+        # grid totals tie massively: which pairs are kept may differ, their totals may not
+        assert torch.equal(scores[..., 0], want_scores[..., 0])
+
+
+@interpreted_only
+def test_forward_v4_layout():
+    # 1138 keys in 128 groups: an [8, 128] block and a [1, 128] remainder; first probe rank
+    # j = 29 for k = 32 (29 + 29·28/256 ≈ 32.2)
+    lay = tri._coarse_layout(1138, 32, split=True)
+    assert (lay["p1"], lay["p2"], lay["has_rem"], lay["g"], lay["groups"], lay["rank"]) == (8, 1, True, 128, 128, 29)
+    lay = tri._coarse_layout(1024, 7, split=True)
+    assert (lay["p1"], lay["has_rem"], lay["rank"]) == (8, False, 7)
+    lay = tri._coarse_layout(1900, 64, split=True)  # 15 rows of 128: 8 + 7 (padded to 8)
+    assert (lay["p1"], lay["p2"], lay["has_rem"]) == (8, 8, True)
+    assert tri._coarse_layout(37, 1, split=True)["g"] == 64 and tri._coarse_layout(37, 1, split=True)["rank"] == 1
+
+
+@interpreted_only
+def test_forward_v4_all_equal_and_nan_inputs():
+    a, b = torch.ones(1, 1, 130, 2), torch.ones(1, 1, 90, 2)
+    cores, u = torch.randn(1, 2, 2, 2), torch.ones(1, 2)
+    ids, _ = tri.launch_forward(a, b, cores, u, u, 20, variant="v4")
+    assert len(set(ids[0, 0].tolist())) == 20 and ((ids // 90 < 20) & (ids % 90 < 20)).all()
+    a, b, cores, u, v = _inputs(37, 2, 1, 150, 20, 2, 2)
+    a[0, 0, 3:9] = float("nan")
+    a[1, 0, 129:140] = float("nan")
+    ids, _ = tri.launch_forward(a, b, cores, u, v, 4, variant="v4")
+    assert ((ids >= 0) & (ids < 150 * 20)).all()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 import triton
@@ -50,6 +51,14 @@ COARSE_GROUPS = 128
 # Warps per forward program for k <= 32 (8 above); elements zeroed per backward store.
 FWD_NUM_WARPS_SMALL_K = 4
 BWD_ZERO_BLOCK = 2048
+
+# Non-default forward variants for benchmarking (launch_forward(..., variant=...)); the public op
+# uses "v3". "v4": no padding + group-bound start + interpolated probes; "v4-split-only": no
+# padding, with the default's search (min/max bracket, halving), to separate the two gains.
+FWD_VARIANTS = {
+    "v4": dict(split=True, group_start=True, interp=True),
+    "v4-split-only": dict(split=True, group_start=False, interp=False),
+}
 
 _warned: set[str] = set()
 
@@ -217,45 +226,13 @@ def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
     return s, valid, flat
 
 
-# ------------------------------------------------------------------------------------ kernels
-
-@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
-def _retrieval_fwd_kernel(
-    a_ptr, sa_t, sa_h, sa_n, sa_r,
-    b_ptr, sb_t, sb_h, sb_n, sb_r,
-    c_ptr, sc_h, sc_m, sc_r, sc_s,
-    u_ptr, su_h, su_r,
-    v_ptr, sv_h, sv_r,
-    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, counters_ptr,
-    heads, n_row, n_col, knn,
-    R: tl.constexpr, M: tl.constexpr,
-    BLOCK_NR: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
-    G: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
-):
-    # PHASES < 3 stops early (timing breakdown only): 1 = coarse selection, 2 = + grid selection.
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid // heads
-    h = pid % heads
-    a_base = a_ptr + t * sa_t + h * sa_h
-    b_base = b_ptr + t * sb_t + h * sb_h
-    c_base = c_ptr + h * sc_h
-    keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)  # [rows kept | cols kept]
-    pairs_ws = pairs_ws_ptr + pid * BLOCK_K
-    vals_ws = vals_ws_ptr + pid * BLOCK_K
-    counters = counters_ptr + pid * 4  # slot counters of the three selections
-    tl.store(counters + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
-    tl.debug_barrier()
-
-    # 1-2. coarse top-k per side
-    _coarse_select(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws, counters,
-                   R, BLOCK_NR, G, VALUE_STEPS)
-    _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K, counters + 1,
-                   R, BLOCK_NC, G, VALUE_STEPS)
-    tl.debug_barrier()
-    if PHASES < 2:
-        return
-
-    # 3. top-k of the k×k grid by Σ_m s_m
+@triton.jit
+def _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                 keys_ws, pairs_ws, vals_ws, counters, knn, n_row, n_col,
+                 R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
+                 VALUE_STEPS: tl.constexpr):
+    """Phase 3 of the forward: the knn best pairs of the k×k grid of kept keys (from keys_ws) to
+    pairs_ws / vals_ws, in no fixed order."""
     if TILE_I == BLOCK_K:
         s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                                     keys_ws, 0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
@@ -305,11 +282,14 @@ def _retrieval_fwd_kernel(
             tl.store(vals_ws + slot, s, mask=keep)
             gt_base += n_gt_tile
             eq_base += n_eq_tile
-    tl.debug_barrier()
-    if PHASES < 3:
-        return
 
-    # 4. sort the kept pairs by descending grid score; write ids and per-core scores
+
+@triton.jit
+def _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col,
+                    R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase 4 of the forward: sort the kept pairs by descending grid score; write ids and
+    per-core scores."""
     e = tl.arange(0, BLOCK_K)
     e_ok = e < knn
     pair = tl.load(pairs_ws + e, mask=e_ok, other=0, cache_modifier=".cg")
@@ -317,6 +297,8 @@ def _retrieval_fwd_kernel(
     key = tl.where(e_ok, _key32(val), -2147483648).to(tl.int64)
     packed = tl.sort((key << 32) | pair.to(tl.int64), descending=True)
     pair = (packed & 0x7FFFFFFF).to(tl.int32)
+    # fewer than knn pairs were kept when scores are NaN: the rest is unwritten scratch
+    pair = tl.minimum(pair, BLOCK_K * BLOCK_K - 1)
     rows = _load_kept(keys_ws, pair // BLOCK_K, e_ok, n_row)
     cols = _load_kept(keys_ws + BLOCK_K, pair % BLOCK_K, e_ok, n_col)
     out_row = pid * knn + e
@@ -331,6 +313,240 @@ def _retrieval_fwd_kernel(
                 ca += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_q
             score += a_p * ca
         tl.store(scores_ptr + out_row * M + m, score.to(scores_ptr.dtype.element_ty), mask=e_ok)
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
+def _retrieval_fwd_kernel(
+    a_ptr, sa_t, sa_h, sa_n, sa_r,
+    b_ptr, sb_t, sb_h, sb_n, sb_r,
+    c_ptr, sc_h, sc_m, sc_r, sc_s,
+    u_ptr, su_h, su_r,
+    v_ptr, sv_h, sv_r,
+    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, counters_ptr,
+    heads, n_row, n_col, knn,
+    R: tl.constexpr, M: tl.constexpr,
+    BLOCK_NR: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
+    G: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
+):
+    # PHASES < 3 stops early (timing breakdown only): 1 = coarse selection, 2 = + grid selection.
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // heads
+    h = pid % heads
+    a_base = a_ptr + t * sa_t + h * sa_h
+    b_base = b_ptr + t * sb_t + h * sb_h
+    c_base = c_ptr + h * sc_h
+    keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)  # [rows kept | cols kept]
+    pairs_ws = pairs_ws_ptr + pid * BLOCK_K
+    vals_ws = vals_ws_ptr + pid * BLOCK_K
+    counters = counters_ptr + pid * 4  # slot counters of the three selections
+    tl.store(counters + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
+    tl.debug_barrier()
+
+    # 1-2. coarse top-k per side
+    _coarse_select(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws, counters,
+                   R, BLOCK_NR, G, VALUE_STEPS)
+    _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K, counters + 1,
+                   R, BLOCK_NC, G, VALUE_STEPS)
+    tl.debug_barrier()
+    if PHASES < 2:
+        return
+
+    # 3. top-k of the k×k grid by Σ_m s_m; 4. sort, write ids and per-core scores
+    _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                 keys_ws, pairs_ws, vals_ws, counters, knn, n_row, n_col,
+                 R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+    tl.debug_barrier()
+    if PHASES < 3:
+        return
+
+    _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col,
+                    R, M, BLOCK_K)
+
+
+# ------------------------------------------------------------------------------------ v4 coarse selection
+# Non-default forward variant (launch_forward(..., variant="v4")), kept apart from the default:
+#  - no padding to a power of 2: a side's keys are a [P1, G] block plus a [P2, G] remainder block
+#    (1138 keys: 1024 + 128 instead of 2048); every count sums both blocks;
+#  - fewer passes: the bracket starts at g_k, the k-th largest of the G group maxima (group g =
+#    keys g, g + G, ...; k groups have a key >= g_k, so count(x >= g_k) >= k), the first probe is
+#    g_j with j + j(j-1)/(2G) ~ k (k top keys spread over G groups share ~k²/(2G) of them), and
+#    later probes interpolate the counts at the bracket ends, with a halving step whenever the
+#    last probe did not halve the bracket. After VALUE_STEPS passes, integer-key halving as in
+#    the default, so it ends on any input; same kept set and tie rule as the default.
+
+@triton.jit
+def _coarse_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, PER: tl.constexpr, G: tl.constexpr):
+    """x[p, g] = <row p0 + p·G + g, w> of one [n, R] score block ([PER, G], -inf past n), valid, positions."""
+    pos = p0 + tl.arange(0, PER)[:, None] * G + tl.arange(0, G)[None, :]
+    valid = pos < n
+    x = tl.zeros((PER, G), dtype=tl.float32)
+    for q in tl.static_range(R):
+        w_q = tl.load(w_ptr + q * s_w).to(tl.float32)
+        x += w_q * tl.load(base + pos * s_n + q * s_r, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(valid, x, float("-inf")), valid, pos
+
+
+@triton.jit
+def _count2(m1, m2, HAS_REM: tl.constexpr):
+    """Number of true entries of m1 and (if HAS_REM) m2. (Two full sums: adding per-group sums
+    first makes the compiler move the [P1, G] mask to the remainder's layout on every call.)"""
+    c = tl.sum(m1.to(tl.int32))
+    if HAS_REM:
+        c += tl.sum(m2.to(tl.int32))
+    return c
+
+
+@triton.jit
+def _kth_threshold_v4(x1, v1, x2, v2, knn, n, n_groups, probe_rank,
+                      HAS_REM: tl.constexpr, G: tl.constexpr, VALUE_STEPS: tl.constexpr,
+                      GROUP_START: tl.constexpr, INTERP: tl.constexpr):
+    """(thr, exact): thr = the knn-th largest valid x of both blocks, or a value with exactly knn
+    valid x >= thr (then exact is true). x is -inf where not valid."""
+    gmax = tl.max(x1, axis=0)
+    gmin = tl.min(tl.where(v1, x1, float("inf")), axis=0)
+    if HAS_REM:
+        gmax = tl.maximum(gmax, tl.max(x2, axis=0))
+        gmin = tl.minimum(gmin, tl.min(tl.where(v2, x2, float("inf")), axis=0))
+    vmax = tl.max(gmax)
+    # hi = the float just above the maximum: count(x >= hi) = 0, no counting pass (±0 -> +denormal)
+    kmax = tl.where(vmax == 0.0, 0, _key32(vmax))
+    hi = tl.where(vmax < float("inf"), _unkey32(kmax + 1), vmax)
+    c_hi = knn * 0
+    lo = tl.min(gmin)
+    c_lo = n + knn * 0
+    known = c_lo == c_lo  # c_lo is the measured count at lo
+    if GROUP_START:
+        group_ok = knn <= n_groups
+        ranked = tl.sort(gmax, descending=True)
+        rank = tl.arange(0, G)
+        g_k = tl.max(tl.where(rank == knn - 1, ranked, float("-inf")))
+        g_j = tl.max(tl.where(rank == probe_rank - 1, ranked, float("-inf")))
+        lo = tl.where(group_ok, g_k, lo)
+        known = ~group_ok
+    step = knn * 0
+    use_interp = known | ~known
+    todo = ~known | (c_lo != knn)
+    while todo:
+        mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
+        if INTERP:
+            frac = (c_lo - knn).to(tl.float32) - 0.5
+            frac = frac / (c_lo - c_hi).to(tl.float32)
+            mid_i = lo + (hi - lo) * frac
+            take = use_interp & known & (step < VALUE_STEPS) & (mid_i > lo) & (mid_i < hi)
+            mid = tl.where(take, mid_i, mid)
+        if GROUP_START:
+            mid = tl.where(~known, lo, mid)  # measure the count at g_k ...
+            mid = tl.where(group_ok & (step == 0), g_j, mid)  # ... unless g_j, probed first, is enough
+        cnt = _count2(x1 >= mid, x2 >= mid, HAS_REM)
+        width = hi - lo
+        ge = cnt >= knn
+        lo_new = ge & ~adjacent
+        lo = tl.where(lo_new, mid, lo)
+        c_lo = tl.where(lo_new, cnt, c_lo)
+        known = known | lo_new
+        hi = tl.where(ge | adjacent, hi, mid)
+        c_hi = tl.where(ge | adjacent, c_hi, cnt)
+        use_interp = (hi - lo) <= width * 0.5
+        step += 1
+        todo = (cnt != knn) & ~adjacent & (step < VALUE_STEPS + 40)
+    return lo, known & (c_lo == knn)
+
+
+@triton.jit
+def _store_kept(keep, idx, knn, counter, dst_ptr):
+    slot = tl.atomic_add(counter + idx * 0, 1, mask=keep, sem="relaxed")
+    tl.store(dst_ptr + slot, idx, mask=keep & (slot < knn))
+
+
+@triton.jit
+def _coarse_select_v4(base, s_n, s_r, w_ptr, s_w, n, knn, n_groups, probe_rank, dst_ptr, counter,
+                      R: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_REM: tl.constexpr,
+                      G: tl.constexpr, VALUE_STEPS: tl.constexpr, GROUP_START: tl.constexpr,
+                      INTERP: tl.constexpr):
+    """Write the positions of the knn largest <row, w> of one [n, R] score block to dst[0:knn]
+    (any order; among scores equal to the k-th the lowest positions)."""
+    x1, v1, p1 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G)
+    if HAS_REM:
+        x2, v2, p2 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G)
+    else:  # unused placeholders
+        p2 = tl.arange(0, P2)[:, None] * G + tl.arange(0, G)[None, :]
+        v2 = p2 < 0
+        x2 = tl.full((P2, G), float("-inf"), tl.float32)
+    thr, exact = _kth_threshold_v4(x1, v1, x2, v2, knn, n, n_groups, probe_rank,
+                                   HAS_REM, G, VALUE_STEPS, GROUP_START, INTERP)
+    if exact:
+        keep1 = v1 & (x1 >= thr)
+        keep2 = v2 & (x2 >= thr)
+    else:
+        # ties at thr: all x > thr, then of those equal to thr the lowest positions (a bisection
+        # on a position cut, only when there are more than needed)
+        need = knn - _count2(v1 & (x1 > thr), v2 & (x2 > thr), HAS_REM)
+        eq1 = v1 & (x1 == thr)
+        eq2 = v2 & (x2 == thr)
+        cut_lo = need * 0        # count(eq & pos < cut_lo) < need
+        cut_hi = cut_lo + n      # count(eq & pos < cut_hi) >= need
+        if _count2(eq1, eq2, HAS_REM) <= need:
+            cut_lo = cut_hi - 1
+        while cut_hi - cut_lo > 1:
+            cut_mid = (cut_lo + cut_hi) // 2
+            enough = _count2(eq1 & (p1 < cut_mid), eq2 & (p2 < cut_mid), HAS_REM) >= need
+            cut_lo = tl.where(enough, cut_lo, cut_mid)
+            cut_hi = tl.where(enough, cut_mid, cut_hi)
+        keep1 = (v1 & (x1 > thr)) | (eq1 & (p1 < cut_hi))
+        keep2 = (v2 & (x2 > thr)) | (eq2 & (p2 < cut_hi))
+    _store_kept(keep1, p1, knn, counter, dst_ptr)
+    if HAS_REM:
+        _store_kept(keep2, p2, knn, counter, dst_ptr)
+
+
+@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn", "groups_row", "groups_col", "rank_row", "rank_col"])
+def _retrieval_fwd_v4_kernel(
+    a_ptr, sa_t, sa_h, sa_n, sa_r,
+    b_ptr, sb_t, sb_h, sb_n, sb_r,
+    c_ptr, sc_h, sc_m, sc_r, sc_s,
+    u_ptr, su_h, su_r,
+    v_ptr, sv_h, sv_r,
+    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, counters_ptr,
+    heads, n_row, n_col, knn, groups_row, groups_col, rank_row, rank_col,
+    R: tl.constexpr, M: tl.constexpr,
+    P1_R: tl.constexpr, P2_R: tl.constexpr, REM_R: tl.constexpr, G_R: tl.constexpr,
+    P1_C: tl.constexpr, P2_C: tl.constexpr, REM_C: tl.constexpr, G_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, TILE_I: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
+    GROUP_START: tl.constexpr, INTERP: tl.constexpr,
+):
+    # The default kernel with steps 1-2 replaced by _coarse_select_v4.
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // heads
+    h = pid % heads
+    a_base = a_ptr + t * sa_t + h * sa_h
+    b_base = b_ptr + t * sb_t + h * sb_h
+    c_base = c_ptr + h * sc_h
+    keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)
+    pairs_ws = pairs_ws_ptr + pid * BLOCK_K
+    vals_ws = vals_ws_ptr + pid * BLOCK_K
+    counters = counters_ptr + pid * 4
+    tl.store(counters + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
+    tl.debug_barrier()
+
+    _coarse_select_v4(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, groups_row, rank_row,
+                      keys_ws, counters, R, P1_R, P2_R, REM_R, G_R, VALUE_STEPS, GROUP_START, INTERP)
+    _coarse_select_v4(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, groups_col, rank_col,
+                      keys_ws + BLOCK_K, counters + 1, R, P1_C, P2_C, REM_C, G_C, VALUE_STEPS, GROUP_START, INTERP)
+    tl.debug_barrier()
+    if PHASES < 2:
+        return
+    _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                 keys_ws, pairs_ws, vals_ws, counters, knn, n_row, n_col,
+                 R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+    tl.debug_barrier()
+    if PHASES < 3:
+        return
+    _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col,
+                    R, M, BLOCK_K)
 
 
 @triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
@@ -459,12 +675,32 @@ def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, 
     return launch_forward(row_scores, col_scores, cores, u, v, knn)
 
 
+def _coarse_layout(n: int, knn: int, split: bool) -> dict:
+    """Block shapes of one side for the v4 kernel: [P1, G] (+ [P2, G] when there is a remainder),
+    the number of non-empty groups and the rank j of the first probe (j + j(j-1)/(2G) ~ knn)."""
+    g = min(COARSE_GROUPS, triton.next_power_of_2(n))
+    rows = -(-n // g)
+    if split:
+        p1 = 1 << (rows.bit_length() - 1)
+        rem = rows - p1
+    else:
+        p1, rem = triton.next_power_of_2(rows), 0
+    groups = min(n, g)
+    rank = int(math.floor(-groups + math.sqrt(groups * groups + 2 * groups * (knn + 0.5))))
+    return dict(p1=p1, p2=triton.next_power_of_2(rem) if rem else 1, has_rem=rem > 0, g=g, groups=groups,
+                rank=min(max(rank, 1), knn))
+
+
 def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
                    grid_tile: int = GRID_TILE, num_warps: int | None = None,
-                   phases: int = 3) -> tuple[Tensor, Tensor]:
+                   phases: int = 3, variant: str = "v3") -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
-    entries held at once, a power of 2), `num_warps` and `phases` (< 3: stop early, outputs
-    unwritten)."""
+    entries held at once, a power of 2), `num_warps`, `phases` (< 3: stop early, outputs
+    unwritten) and `variant`: "v3" (the default kernel) or one of FWD_VARIANTS (the coarse
+    selection of `_coarse_select_v4`; same kept set)."""
+    if variant != "v3":
+        return _launch_forward_v4(row_scores, col_scores, cores, u, v, knn, grid_tile, num_warps, phases,
+                                  **FWD_VARIANTS[variant])
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -492,6 +728,43 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
             h, n_row, n_col, knn,
             R=r, M=m, BLOCK_NR=block_nr, BLOCK_NC=block_nc, BLOCK_K=block_k, TILE_I=tile_i,
             G=groups, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
+            num_warps=num_warps or _num_warps(block_k),
+        )
+    return ids, scores
+
+
+def _launch_forward_v4(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
+                       grid_tile: int, num_warps: int | None, phases: int, split: bool, group_start: bool,
+                       interp: bool) -> tuple[Tensor, Tensor]:
+    t, h, n_row, r = row_scores.shape
+    n_col = col_scores.shape[2]
+    m = cores.shape[1]
+    dev = row_scores.device
+    ids = torch.empty((t, h, knn), dtype=torch.int64, device=dev)
+    scores = torch.empty((t, h, knn, m), dtype=row_scores.dtype, device=dev)
+    if t * h == 0:
+        return ids, scores
+    block_k = _block_k(knn)
+    tile_i = max(1, min(block_k, grid_tile // block_k))
+    keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
+    pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
+    vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
+    counters = torch.empty((t * h, 4), dtype=torch.int32, device=dev)  # zeroed by the kernel
+    lr, lc = _coarse_layout(n_row, knn, split), _coarse_layout(n_col, knn, split)
+    with _device_ctx(row_scores):
+        _retrieval_fwd_v4_kernel[(t * h,)](
+            row_scores, *row_scores.stride(),
+            col_scores, *col_scores.stride(),
+            cores, *cores.stride(),
+            u, *u.stride(),
+            v, *v.stride(),
+            ids, scores, keys_ws, pairs_ws, vals_ws, counters,
+            h, n_row, n_col, knn, lr["groups"], lc["groups"], lr["rank"], lc["rank"],
+            R=r, M=m,
+            P1_R=lr["p1"], P2_R=lr["p2"], REM_R=lr["has_rem"], G_R=lr["g"],
+            P1_C=lc["p1"], P2_C=lc["p2"], REM_C=lc["has_rem"], G_C=lc["g"],
+            BLOCK_K=block_k, TILE_I=tile_i, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
+            GROUP_START=group_start, INTERP=interp,
             num_warps=num_warps or _num_warps(block_k),
         )
     return ids, scores
