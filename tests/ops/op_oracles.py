@@ -66,25 +66,35 @@ def gate_lookup_oracle(rows, values, pre_values, x, scores, gelu):
     return lookup_oracle(rows, values, scores.double() * act.unsqueeze(-1)), g
 
 
-def retrieval_oracle(a_scores, b_scores, cores, u, v, knn):
-    """Brute force: all n_row x n_col pairs restricted to the coarse top-k rows/cols."""
-    t, h, n_row, _ = a_scores.shape
-    n_col = b_scores.shape[2]
+def retrieval_selection_oracle(a, b, cores, u, v, knn):
+    """Per (token, head): the coarse scores, the k-th coarse score of each side, and the k best
+    pairs (total, virtual id i·n_col + j, per-core scores), sorted by descending total."""
+    t, h, n_row, _ = a.shape
+    n_col = b.shape[2]
+    out = {}
+    for ti, hi in itertools.product(range(t), range(h)):
+        a64, b64 = a[ti, hi].double(), b[ti, hi].double()
+        ca = [float(a64[i] @ u[hi].double()) for i in range(n_row)]
+        cb = [float(b64[j] @ v[hi].double()) for j in range(n_col)]
+        rows = sorted(range(n_row), key=lambda i: -ca[i])[:knn]
+        cols = sorted(range(n_col), key=lambda j: -cb[j])[:knn]
+        pairs = []
+        for i in rows:
+            for j in cols:
+                per_core = [float(a64[i] @ cores[hi, m].double() @ b64[j]) for m in range(cores.shape[1])]
+                pairs.append((sum(per_core), i * n_col + j, per_core))
+        pairs.sort(key=lambda p: -p[0])
+        out[ti, hi] = dict(ca=ca, cb=cb, kth_a=ca[rows[-1]], kth_b=cb[cols[-1]], pairs=pairs[:knn])
+    return out
+
+
+def retrieval_oracle(a, b, cores, u, v, knn):
+    """The op's outputs from the brute-force selection: ids [T, H, k], scores [T, H, k, M] (float64)."""
+    t, h = a.shape[:2]
     ids = torch.zeros(t, h, knn, dtype=torch.int64)
     scores = torch.zeros(t, h, knn, cores.shape[1], dtype=torch.float64)
-    for ti, hi in itertools.product(range(t), range(h)):
-        a, b = a_scores[ti, hi].double(), b_scores[ti, hi].double()
-        coarse_a = [float(a[i] @ u[hi].double()) for i in range(n_row)]
-        coarse_b = [float(b[j] @ v[hi].double()) for j in range(n_col)]
-        rows_kept = sorted(range(n_row), key=lambda i: -coarse_a[i])[:knn]
-        cols_kept = sorted(range(n_col), key=lambda j: -coarse_b[j])[:knn]
-        cands = []
-        for i in rows_kept:
-            for j in cols_kept:
-                per_core = [float(a[i] @ cores[hi, m].double() @ b[j]) for m in range(cores.shape[1])]
-                cands.append((sum(per_core), i * n_col + j, per_core))
-        cands.sort(key=lambda c: -c[0])
-        for e, (_, vid, per_core) in enumerate(cands[:knn]):
+    for (ti, hi), sel in retrieval_selection_oracle(a, b, cores, u, v, knn).items():
+        for e, (_, vid, per_core) in enumerate(sel["pairs"]):
             ids[ti, hi, e] = vid
             scores[ti, hi, e] = torch.tensor(per_core, dtype=torch.float64)
     return ids, scores

@@ -62,7 +62,7 @@ def test_retrieval_matches_oracle(seed, heads, rank, cores, knn, n_row, n_col):
     torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12)
 
 
-# ---------------------------------------------------------------- backward vs oracle (autograd of the loop formula)
+# ---------------------------------------------------------------- backward vs oracle
 
 def test_weighted_lookup_backward_matches_oracle():
     g = _gen(3)

@@ -19,6 +19,7 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton")
 
+from op_oracles import retrieval_selection_oracle  # noqa: E402
 from ultramem.ops import retrieval as ref_mod  # noqa: E402
 from ultramem.ops._triton import retrieval as tri  # noqa: E402
 
@@ -42,28 +43,6 @@ def test_kernels_under_interpreter():
 
 # ---------------------------------------------------------------- float64 oracles (explicit loops)
 
-def oracle_forward(a, b, cores, u, v, knn):
-    """Per token/head: coarse scores, the coarse top-k sets, and the top-k pairs (sorted)."""
-    t, h, n_row, _ = a.shape
-    n_col = b.shape[2]
-    out = {}
-    for ti in range(t):
-        for hi in range(h):
-            a64, b64 = a[ti, hi].double(), b[ti, hi].double()
-            ca = [float(a64[i] @ u[hi].double()) for i in range(n_row)]
-            cb = [float(b64[j] @ v[hi].double()) for j in range(n_col)]
-            rows = sorted(range(n_row), key=lambda i: -ca[i])[:knn]
-            cols = sorted(range(n_col), key=lambda j: -cb[j])[:knn]
-            pairs = []
-            for i in rows:
-                for j in cols:
-                    per_core = [float(a64[i] @ cores[hi, m].double() @ b64[j]) for m in range(cores.shape[1])]
-                    pairs.append((sum(per_core), i * n_col + j, per_core))
-            pairs.sort(key=lambda p: -p[0])
-            out[ti, hi] = dict(ca=ca, cb=cb, kth_a=ca[rows[-1]], kth_b=cb[cols[-1]], pairs=pairs[:knn])
-    return out
-
-
 def pair_scores64(a, b, cores, ti, hi, vid):
     n_col = b.shape[2]
     i, j = vid // n_col, vid % n_col
@@ -78,7 +57,7 @@ def assert_selection(ids, scores, a, b, cores, u, v, knn, tol, exact_ids=False):
     n_col = b.shape[2]
     assert ids.shape == (t, h, knn) and ids.dtype == torch.int64
     assert scores.shape == (t, h, knn, cores.shape[1]) and scores.dtype == a.dtype
-    want = oracle_forward(a, b, cores, u, v, knn)
+    want = retrieval_selection_oracle(a, b, cores, u, v, knn)
     for ti in range(t):
         for hi in range(h):
             w = want[ti, hi]
@@ -204,7 +183,7 @@ def test_forward_exact_ties_in_grid(grid_tile):
     cores[0, 0, 0, 0] = 1.0
     u = torch.tensor([[1.0, 1e-3]])
     ids, scores = tri.launch_forward(a, b, cores, u, u, knn, grid_tile=grid_tile)
-    want = oracle_forward(a, b, cores, u, u, knn)
+    want = retrieval_selection_oracle(a, b, cores, u, u, knn)
     for ti in range(t):
         assert len(set(ids[ti, 0].tolist())) == knn
         assert scores[ti, 0, :, 0].tolist() == [p[0] for p in want[ti, 0]["pairs"]]
