@@ -93,7 +93,8 @@ from ._triton import pre_value_gate as _triton_pre_value_gate  # noqa: E402  (No
 if _triton_pre_value_gate is not None:
     @pre_value_gate.register_kernel("cuda")
     def _(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -> Tensor:
-        _check_args(rows, table, x, grad_buffer)
+        if grad_buffer != -1:  # the launcher checks the other arguments
+            registered_grad_buffer(_OP, grad_buffer, table)
         return _triton_pre_value_gate.pre_value_gate_cuda(rows, table, x)
 
     pre_value_gate_backward.register_kernel("cuda")(_triton_pre_value_gate.pre_value_gate_backward_cuda)

@@ -123,7 +123,8 @@ from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402  (
 if _triton_weighted_lookup is not None:
     @weighted_lookup.register_kernel("cuda")
     def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
-        _check_args(rows, table, scores, grad_buffer)
+        if grad_buffer != -1:  # the launcher checks the other arguments
+            registered_grad_buffer(_OP, grad_buffer, table)
         return _triton_weighted_lookup.weighted_lookup_cuda(rows, table, scores)
 
     weighted_lookup_backward.register_kernel("cuda")(_triton_weighted_lookup.weighted_lookup_backward_cuda)
