@@ -119,15 +119,23 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
             rows[f"{name}_fwd_ms"] = cuda_time_ms(run(mod, is_ffn, False))
         rows[f"{name}_fwd_bwd_ms"] = cuda_time_ms(run(mod, is_ffn, True))
         log.info("%s: fwd %.3f ms, fwd+bwd %.3f ms", name, rows[f"{name}_fwd_ms"], rows[f"{name}_fwd_bwd_ms"])
-    # the ops alone inside the layer's forward (profile by difference is noisy; use the profiler)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            run(layer, False, True)()
+    # where the GPU time goes: per-kernel self time per forward + backward, eager and compiled
+    for name, mod in (("layer_eager", layer), ("layer_compiled", variants[1][1])):
+        fn = run(mod, False, True)
+        fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    rows["profile_top"] = table
-    gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
-    rows["layer_eager_gpu_time_per_fwd_bwd_ms"] = gpu_us / 3 / 1000
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        events = [(e.key, e.self_device_time_total / 3, e.count // 3) for e in prof.key_averages()
+                  if e.self_device_time_total > 0]
+        events.sort(key=lambda item: -item[1])
+        rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000
+        rows[f"{name}_kernels_us"] = [{"kernel": k[:160], "us": round(us, 1), "calls": c} for k, us, c in events[:40]]
+        log.info("%s: GPU time per fwd+bwd %.3f ms", name, rows[f"{name}_gpu_time_per_fwd_bwd_ms"])
+        for k, us, c in events[:25]:
+            log.info("  %8.1f us  x%-3d %s", us, c, k[:110])
     result["layer_227m"] = rows
 
 

@@ -138,6 +138,7 @@ SEGMENT_CONFIGS = [
 FUSED_CONFIGS = [
     {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True},
     {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": False},
+    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True, "EVICT_FIRST": True},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
 ]
 

@@ -100,3 +100,43 @@ def test_opcheck_with_buffer():
                               (rows, table, torch.randn(4, 6, generator=g, requires_grad=True), handle))
     finally:
         ops.release_grad_buffer(handle)
+
+
+@pytest.mark.parametrize("mem_type,pre_vdim", [("ultramem_v2", 4), ("memory_plus", 0)])
+def test_compute_copy_gathers_from_the_copy_and_grads_reach_the_tables(mem_type, pre_vdim):
+    cfg = make_cfg(type=mem_type, pre_vdim=pre_vdim, share_ratio=1.0)
+    tables, layers, g = build_random(cfg, 2, seed=14)
+    inputs = [make_input((2, 5), g) for _ in range(2)]
+    exact = _table_grads(tables, layers, inputs, buffers=True)
+    out_exact = layers[0](inputs[0], tables)[0]
+    tables.zero_grad_buffers()
+    tables.use_compute_copy(torch.float32)  # float64 tables, float32 copy: the copy is what is read
+    assert tables.values_compute.dtype == torch.float32
+    assert tables.gather_tables()[0] is tables.values_compute
+    copied = _table_grads(tables, layers, inputs, buffers=True)
+    out_copy = layers[0](inputs[0], tables)[0]
+    assert not torch.equal(out_copy, out_exact)  # rounded tables ...
+    torch.testing.assert_close(out_copy, out_exact, rtol=1e-5, atol=1e-5)  # ... within fp32 rounding
+    for e, c in zip(exact, copied):
+        assert c.dtype == torch.float64 and c.abs().sum() > 0
+        assert (c - e).norm() / e.norm() < 1e-5  # float32 rounding of the gathered rows
+
+
+def test_stale_compute_copy_raises_and_refresh_follows_the_tables():
+    cfg = make_cfg()
+    tables, layers, g = build_random(cfg, 1, seed=15)
+    x = make_input((2, 3), g)
+    with pytest.raises(ValueError, match="use_grad_buffers"):
+        tables.use_compute_copy(torch.float32)
+    tables.use_grad_buffers()
+    tables.use_compute_copy(torch.float32)
+    layers[0](x, tables)
+    with torch.no_grad():
+        tables.values.mul_(2.0)  # what an optimizer step does: an in-place update
+    with pytest.raises(RuntimeError, match="refresh_compute_copy"):
+        layers[0](x, tables)
+    tables.refresh_compute_copy()
+    torch.testing.assert_close(tables.values_compute, tables.values.float())
+    layers[0](x, tables)
+    tables.use_compute_copy(None)
+    assert tables.values_compute is None and tables.gather_tables()[0] is tables.values

@@ -12,7 +12,7 @@ from ultramem.data import TokenWindows
 from ultramem.model import build_model
 from ultramem.train.config import load_config
 from ultramem.train.optim import build_optimizer
-from ultramem.train.trainer import DistInfo, Trainer
+from ultramem.train.trainer import DistInfo, Trainer, build_training_model
 
 TINY = ["--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2",
         "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4", "--model.memory.kdim=8",
@@ -66,6 +66,26 @@ def test_grad_clip_bounds_the_update_norm():
     assert record.grad_norm > 1e-3  # the norm before clipping is logged
     assert grads["norm"].item() == pytest.approx(1e-3, rel=1e-3)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_bf16_run_gathers_from_a_table_copy_refreshed_each_step(copy):
+    cfg = load_config("debug", TINY + ["--train.max_steps=3", "--train.dtype=bfloat16", "--metrics.tensorboard_dir=",
+                                       f"--train.bf16_table_copy={str(copy).lower()}"])
+    model = build_training_model(cfg, torch.device("cpu"))
+    tables = model.memory_tables
+    assert (tables.values_compute is not None) == copy
+    start = tables.values.detach().clone()
+    opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    tokens = np.random.default_rng(0).integers(0, 300, size=5000).astype(np.uint16)
+    batches = TokenWindows(tokens, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
+    history = Trainer(cfg, model, opt, sched, batches, torch.device("cpu"), DistInfo()).train()
+    assert len(history) == 3 and all(np.isfinite(r.loss) for r in history)
+    assert not torch.equal(tables.values, start)  # the tables learned ...
+    if copy:  # ... and the copy the layers read followed them
+        assert tables.values_compute.dtype == torch.bfloat16
+        torch.testing.assert_close(tables.values_compute, tables.values.to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(tables.pre_values_compute, tables.pre_values.to(torch.bfloat16), rtol=0, atol=0)
 
 
 @pytest.mark.slow

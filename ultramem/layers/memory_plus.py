@@ -69,7 +69,7 @@ class MemoryPlus(nn.Module):
         col = idx_b.gather(-1, best % k)
         ids = row * self.knum + col
         weights = torch.softmax(scores.to(torch.promote_types(act, torch.float32)), dim=-1).to(act)
-        out = weighted_lookup(ids.reshape(t, h * k), tables.values, weights.reshape(t, h * k, 1), tables.values_grad_id)
+        out = weighted_lookup(ids.reshape(t, h * k), tables.gather_tables()[0], weights.reshape(t, h * k, 1), tables.values_grad_id)
         y2 = self.w_o(out * F.silu(self.w_s(x2)))
         aux = torch.zeros((), device=x2.device, dtype=torch.float32)
         if self.key_balance_coef > 0:

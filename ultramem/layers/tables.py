@@ -15,6 +15,12 @@ call `use_grad_buffers()`: the tables' gradients then accumulate in persistent f
 ops' backwards add into row by row (no dense [N, D] gradient allocated and zero-filled per layer
 and micro-batch), `param.grad` aliases each buffer so clipping and the optimizer read it as usual,
 and `zero_grad_buffers()` clears them once per optimizer step.
+
+Compute copy. With gradient buffers on, `use_compute_copy(torch.bfloat16)` makes the layers gather
+from a bf16 copy of the tables (half the bytes of every gather; autocast does not reach the custom
+ops, so without it they read the fp32 tables). The gradients still go to the fp32 buffers. The
+copy must follow the tables: call `refresh_compute_copy()` after every change of them (the
+trainer does after each optimizer step); an eager forward that sees a stale copy raises.
 """
 from __future__ import annotations
 
@@ -42,6 +48,9 @@ class ValueTables(nn.Module):
         # ids of the buffers registered with the ops (-1: none); the layers pass them to the ops
         self.values_grad_id = -1
         self.pre_values_grad_id = -1
+        self.register_buffer("values_compute", None, persistent=False)
+        self.register_buffer("pre_values_compute", None, persistent=False)
+        self._compute_versions: tuple[int, ...] | None = None
 
     def value_parameters(self) -> list[nn.Parameter]:
         """The table parameters (the trainer's value group)."""
@@ -63,6 +72,7 @@ class ValueTables(nn.Module):
                 buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
             elif p is not None:
                 p.grad = None
+                setattr(self, name + "_compute", None)  # a copy's gradient has no way back without buffers
             setattr(self, name + "_grad", buf)
             handle = getattr(self, name + "_grad_id")
             if buf is None and handle != -1:
@@ -91,6 +101,42 @@ class ValueTables(nn.Module):
                 buf.zero_()
         self.attach_grad_buffers()
 
+    def use_compute_copy(self, dtype: torch.dtype | None = torch.bfloat16) -> None:
+        """Gather from a `dtype` copy of the tables (None: from the tables themselves); see the module doc."""
+        if dtype is not None:
+            if not dtype.is_floating_point:
+                raise ValueError(f"compute copy dtype={dtype} must be a floating dtype")
+            if self.values_grad is None:
+                raise ValueError("use_compute_copy needs use_grad_buffers() first: the gradients of a copy reach "
+                                 "the tables only through the gradient buffers")
+        for name, p in (("values", self.values), ("pre_values", self.pre_values)):
+            copy = None
+            if dtype is not None and p is not None:
+                copy = torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            setattr(self, name + "_compute", copy)
+        self.refresh_compute_copy()
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.value_parameters())
+
+    @torch.no_grad()
+    def refresh_compute_copy(self) -> None:
+        """Copy the tables into their compute copies (after each optimizer step, load, init)."""
+        for name, p in (("values", self.values), ("pre_values", self.pre_values)):
+            copy = getattr(self, name + "_compute")
+            if copy is not None:
+                copy.copy_(p)
+        self._compute_versions = self._versions()
+
+    def gather_tables(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, pre_values) for the layers' ops: the compute copies when in use, else the tables."""
+        if self.values_compute is None:
+            return self.values, self.pre_values
+        if not torch.compiler.is_compiling() and self._versions() != self._compute_versions:
+            raise RuntimeError("ValueTables: the tables changed since the last refresh_compute_copy(); call it "
+                               "after every update of the tables (the trainer does after each optimizer step)")
+        return self.values_compute, self.pre_values_compute
+
     def note_layer_init(self, layer_index: int, std: float, generator: torch.Generator) -> None:
         """Record the σ_V memory layer `layer_index` wants; fill the tables when all have reported."""
         if not 0 <= layer_index < self.num_layers:
@@ -109,6 +155,7 @@ class ValueTables(nn.Module):
         for p in self.value_parameters():
             fill_normal_rows(p, generator, sigma)
         self._noted_std.clear()
+        self.refresh_compute_copy()
 
     def extra_repr(self) -> str:
         return f"num_rows={self.num_rows}, vdim={self.vdim}, pre_vdim={self.pre_vdim}"

@@ -233,13 +233,14 @@ class UltraMemV2(TuckerMemoryBase):
         logical, _ = self._logical_and_group(ids)
         rows = ((logical + self.offset) % self.num_rows).reshape(t, hk)
         act = a.dtype
+        values, pre_values = tables.gather_tables()
         lookup_scores = scores.to(act).reshape(t, hk, self.num_cores)
         if self.w_p is not None:
-            gate = pre_value_gate(rows, tables.pre_values, self.w_p(x2).to(act), tables.pre_values_grad_id)
+            gate = pre_value_gate(rows, pre_values, self.w_p(x2).to(act), tables.pre_values_grad_id)
             if self.glu_act:
                 gate = F.gelu(gate)
             lookup_scores = lookup_scores * gate.unsqueeze(-1)
-        out = weighted_lookup(rows, tables.values, lookup_scores, tables.values_grad_id)
+        out = weighted_lookup(rows, values, lookup_scores, tables.values_grad_id)
         y2 = self.w_o(out)
         aux = self._aux_loss(x2, a, b, ids)
         return self._finish(x, y2, logical, scores), aux

@@ -63,6 +63,9 @@ class TrainSection:
     seed: int = 0
     dtype: str = "float32"  # "bfloat16" → autocast; parameters stay fp32
     compile: bool = False  # per-block torch.compile
+    # bfloat16 runs: the memory layers gather from a bf16 copy of the value tables, refreshed
+    # after each optimizer step (half the bytes per gather; the fp32 tables stay the master)
+    bf16_table_copy: bool = True
     device: str = "auto"
     log_interval: int = 1
     eval_interval: int = 0  # 0: no validation during training

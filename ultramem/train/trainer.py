@@ -86,6 +86,8 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         # The shared tables' gradients accumulate row by row into persistent fp32 buffers instead
         # of a dense [N, D] gradient per layer and micro-batch (ultramem.ops.weighted_lookup).
         model.memory_tables.use_grad_buffers()
+        if cfg.train.dtype == "bfloat16" and cfg.train.bf16_table_copy:
+            model.memory_tables.use_compute_copy(torch.bfloat16)
     return model
 
 
@@ -210,6 +212,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.model.memory_tables is not None:
             self.model.memory_tables.zero_grad_buffers()
+            self.model.memory_tables.refresh_compute_copy()
         self.model.refresh_rank1()
         self.step += 1
 
@@ -247,6 +250,8 @@ class Trainer:
     def train(self) -> list[StepRecord]:
         cfg = self.cfg
         self.step = self.checkpoints.load_latest(model=self.model, optimizer=self.optimizer)
+        if self.model.memory_tables is not None:
+            self.model.memory_tables.refresh_compute_copy()  # after a checkpoint load
         self.model.refresh_rank1()  # before the first forward
         while self.step < cfg.train.max_steps:
             record = self.train_step()

@@ -23,6 +23,14 @@ CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warp
 
 
 @triton.jit
+def _load_rows(ptrs, mask, EVICT_FIRST: tl.constexpr):
+    # Gathered rows are read once: evict_first keeps them from pushing ids, scores and x out of L2.
+    if EVICT_FIRST:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _gate_lookup_fwd_kernel(
     rows_ptr, r_st, r_se,
     v_ptr, v_sn, v_sd,
@@ -34,7 +42,7 @@ def _gate_lookup_fwd_kernel(
     T, E, N, DV, DP, DM,
     M: tl.constexpr, GELU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, D_FASTEST: tl.constexpr, SUM_ONCE: tl.constexpr,
-    HOIST_V: tl.constexpr, ACC: tl.constexpr,
+    HOIST_V: tl.constexpr, EVICT_FIRST: tl.constexpr, ACC: tl.constexpr,
 ):
     if D_FASTEST:  # a token's column blocks run next to each other: its P rows are hot in L2
         n_d = tl.cdiv(DV, BLOCK_D)
@@ -57,7 +65,7 @@ def _gate_lookup_fwd_kernel(
         v_ptrs = v_ptr + ids[:, :, None] * v_sn + d[None, None, :] * v_sd
         v_mask = ok[:, :, None] & d_ok[None, None, :]
         if HOIST_V:  # V's rows do not depend on the gate: have them in flight together with P's
-            v_raw = tl.load(v_ptrs, mask=v_mask, other=0.0)
+            v_raw = _load_rows(v_ptrs, v_mask, EVICT_FIRST)
         # Over several column blocks add products elementwise and reduce once.
         if SUM_ONCE:
             g_parts = tl.zeros((BLOCK_T, BLOCK_E, BLOCK_DP), dtype=ACC)
@@ -68,8 +76,8 @@ def _gate_lookup_fwd_kernel(
             dp_ok = dp < DP
             xv = tl.load(x_ptr + t[:, None] * x_st + dp[None, :] * x_sd,
                          mask=t_ok[:, None] & dp_ok[None, :], other=0.0).to(ACC)
-            pv = tl.load(p_ptr + ids[:, :, None] * p_sn + dp[None, None, :] * p_sd,
-                         mask=ok[:, :, None] & dp_ok[None, None, :], other=0.0).to(ACC)
+            pv = _load_rows(p_ptr + ids[:, :, None] * p_sn + dp[None, None, :] * p_sd,
+                            ok[:, :, None] & dp_ok[None, None, :], EVICT_FIRST).to(ACC)
             if SUM_ONCE:
                 g_parts += pv * xv[:, None, :]
             else:
@@ -84,7 +92,7 @@ def _gate_lookup_fwd_kernel(
             act = g
         w = _core_weights(s_ptr + t[:, None] * s_st + e[None, :] * s_se, s_sm, ok, chunk, M, ACC)
         if not HOIST_V:
-            v_raw = tl.load(v_ptrs, mask=v_mask, other=0.0)
+            v_raw = _load_rows(v_ptrs, v_mask, EVICT_FIRST)
         acc += tl.sum(v_raw.to(ACC) * (w * act[:, :, None]), axis=1)
     tl.store(out_ptr + t[:, None] * o_st + d[None, :] * o_sd, acc.to(out_ptr.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])
@@ -121,7 +129,7 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
         gate, gate.stride(0), gate.stride(1),
         t, e, n, dv, dp, max(dv // m, 1),
         M=m, GELU=bool(gelu), BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, D_FASTEST=d_fastest, SUM_ONCE=dp > bdp,
-        HOIST_V=bool(cfg.get("HOIST_V", False)),
+        HOIST_V=bool(cfg.get("HOIST_V", False)), EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)),
         ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )
