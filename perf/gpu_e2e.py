@@ -95,11 +95,13 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
             p.normal_(0.0, layer.value_init_std or 0.02)
     layer.refresh_rank1()
     tables.use_grad_buffers()
+    tables.use_compute_copy(torch.bfloat16)  # as the trainer does for bf16 runs
     ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).cuda()
     t = 3 * 4096
     u = torch.randn(3, 4096, mcfg.dim, device="cuda", requires_grad=True)
     grad_y = torch.randn(3, 4096, mcfg.dim, device="cuda", dtype=torch.bfloat16)
-    rows = {"tokens": t, "N": tables.num_rows, "table_dtype": str(tables.values.dtype)}
+    rows = {"tokens": t, "N": tables.num_rows, "table_dtype": str(tables.values.dtype),
+            "gather_dtype": str(tables.gather_tables()[0].dtype)}
 
     def run(mod, is_ffn: bool, backward: bool):
         def fn():

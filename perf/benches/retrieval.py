@@ -177,6 +177,7 @@ def run(ctx) -> list[dict]:
         ("fwd", "ours v4", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v4")),
         ("fwd", "ours v4, coarse selection only",
          lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4")),
+        ("fwd", "ours v4-split-only", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v4-split-only")),
         ("fwd", "ours v4-split-only, coarse selection only",
          lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4-split-only")),
         ("bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ids)),

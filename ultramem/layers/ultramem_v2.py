@@ -31,6 +31,15 @@ RELEASED_NORM_EXPONENT = -0.4
 RELEASED_TABLE_STD = 0.02
 
 
+def _keys_contiguous(scores: Tensor) -> Tensor:
+    """scores [T, H, n', r] itself when each (token, head)'s [n', r] block is contiguous (the
+    retrieval reads such views in place), else a contiguous copy (the q_per_rank einsum hands
+    back a rank-major layout)."""
+    if scores.stride(-1) == 1 and scores.stride(-2) == scores.shape[-1]:
+        return scores
+    return scores.contiguous()
+
+
 class TuckerMemoryBase(nn.Module):
     """Query, keys, Tucker cores and TDQKR retrieval over n' = E·n keys per side (SPEC §3 steps 1–5)."""
 
@@ -84,18 +93,18 @@ class TuckerMemoryBase(nn.Module):
             b = torch.einsum("thrd,hird->thir", q[:, :, 1], keys[:, 1])
         else:
             q = self.norm_q(q.view(t, h, 2, kd))
-            # keys folded to [H, n'·r, kdim]: one batched matmul per side
-            folded = keys.reshape(h, 2, ns * r, kd)
-            a = torch.einsum("thd,hcd->thc", q[:, :, 0], folded[:, 0]).view(t, h, ns, r)
-            b = torch.einsum("thd,hcd->thc", q[:, :, 1], folded[:, 1]).view(t, h, ns, r)
+            # keys folded to [H, n'·r, kdim]: one batched matmul per side, its output padded to a
+            # multiple of 8 columns (16-byte rows: n'·r = 2276 at 227M made cuBLAS fall back to
+            # 2-element-aligned GEMMs, ~4× slower); A and B are views of the unpadded columns
+            folded = F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (-ns * r) % 8))
+            a = torch.einsum("thd,hcd->thc", q[:, :, 0], folded[:, 0])[..., :ns * r].view(t, h, ns, r)
+            b = torch.einsum("thd,hcd->thc", q[:, :, 1], folded[:, 1])[..., :ns * r].view(t, h, ns, r)
         return a, b
 
     def _retrieve(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """→ (A, B, ids [T, H, k] int64, scores [T, H, k, M] sorted by descending Σ_m s_m)."""
         a, b = self._subkey_scores(x2)
-        # the einsum may hand back a head-major layout; the retrieval kernels want [T, H, n', r]
-        # contiguous (on CUDA the backward's strides must match its fake kernel's)
-        a, b = a.contiguous(), b.contiguous()
+        a, b = _keys_contiguous(a), _keys_contiguous(b)
         ids, scores = tdqkr_retrieval(a, b, self.cores, self.rank1_u, self.rank1_v, self.knn)
         return a, b, ids, scores
 
