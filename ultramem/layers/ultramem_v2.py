@@ -26,6 +26,10 @@ from .tables import ValueTables
 
 logger = logging.getLogger(__name__)
 
+# Sub-key score rows are padded to a multiple of this many elements (128 bytes in bf16, the
+# alignment Inductor pads strides to), so eager and compiled code agree on one aligned layout.
+SCORE_ROW_ALIGN = 64
+
 # "released" init constants of the authors' public code (SPEC §3).
 RELEASED_NORM_EXPONENT = -0.4
 RELEASED_TABLE_STD = 0.02
@@ -94,9 +98,10 @@ class TuckerMemoryBase(nn.Module):
         else:
             q = self.norm_q(q.view(t, h, 2, kd))
             # keys folded to [H, n'·r, kdim]: one batched matmul per side, its output padded to a
-            # multiple of 8 columns (16-byte rows: n'·r = 2276 at 227M made cuBLAS fall back to
-            # 2-element-aligned GEMMs, ~4× slower); A and B are views of the unpadded columns
-            folded = F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (-ns * r) % 8))
+            # multiple of SCORE_ROW_ALIGN columns: n'·r = 2276 at 227M made cuBLAS fall back to
+            # 2-element-aligned GEMMs (~4× slower), and Inductor pads such rows itself, then copies
+            # them back to the eager strides the custom ops expect. A, B: views of the real columns
+            folded = F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (-ns * r) % SCORE_ROW_ALIGN))
             a = torch.einsum("thd,hcd->thc", q[:, :, 0], folded[:, 0])[..., :ns * r].view(t, h, ns, r)
             b = torch.einsum("thd,hcd->thc", q[:, :, 1], folded[:, 1])[..., :ns * r].view(t, h, ns, r)
         return a, b

@@ -1,0 +1,58 @@
+"""Where the host time of one compiled UltraMemV2 layer (227M shapes) goes, forward + backward:
+the Inductor code's calls (kernels, GEMMs, custom ops, with the tensors they take) and a cProfile
+of the Python side. A diagnostic beside perf/gpu_e2e.py (which holds the reported times).
+
+    PYTHONPATH=. python perf/layer_host_profile.py
+"""
+from __future__ import annotations
+
+import cProfile
+import pstats
+import re
+import sys
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from perf.gpu_e2e import build_layer_227m
+
+
+def main() -> int:
+    _, layer, tables, u, grad_y = build_layer_227m()
+    compiled = torch.compile(layer, fullgraph=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = compiled(u, tables)[0]
+        y.backward(grad_y)
+
+    _, codes = run_and_get_code(step)
+    wanted = re.compile(r"extern_kernels|torch\.ops\.|\.run\(|def call|empty_strided_cuda\(\(12288|reinterpret_tensor")
+    for code in codes:
+        print("=" * 100)
+        for line in code.splitlines():
+            if wanted.search(line) and not line.lstrip().startswith(("#", "from", "import")):
+                print(line.strip()[:230])
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof, stream=sys.stdout)
+    stats.sort_stats("tottime").print_stats(25)
+    # CUDA runtime calls (launches, allocations, syncs) with their host time
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as tprof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
