@@ -7,7 +7,9 @@
    with persistent gradient buffers), forward and forward + backward, eager and compiled, next to
    the block's SwiGLU FFN on the same tokens.
 3. The debug training run on the GPU (bf16 autocast, per-block compile) against the CPU fp32
-   reference run of the same config, data and seed: both loss curves.
+   reference run of the same config, data and seed: both loss curves; and the same GPU run with
+   CUDA graphs (train.compile_mode="reduce-overhead").
+4. Training throughput of the 227M configs: dense baseline, UltraMemV2, UltraMemV2 + CUDA graphs.
 
     PYTHONPATH=. ULTRAMEM_GIT_REV=$(git rev-parse HEAD) python perf/gpu_e2e.py --out $OUT/e2e.json
 """
@@ -156,6 +158,14 @@ def training_curves(result: dict, steps: int) -> None:
     gpu = run_training(load_config("debug.toml", common + ["--train.device=cuda", "--train.dtype=bfloat16",
                                                            "--train.compile=true"]))
     t2 = time.perf_counter()
+    graphs = run_training(load_config("debug.toml", common + ["--train.device=cuda", "--train.dtype=bfloat16",
+                                                              "--train.compile=true",
+                                                              "--train.compile_mode=reduce-overhead"]))
+    lgr = [r.loss for r in graphs]
+    result["training_cudagraphs"] = {
+        "gpu_bf16_cudagraphs_loss": lgr, "mean_abs_diff_vs_gpu_compiled": sum(abs(a - b) for a, b in zip(lg, lgr)) / len(lg),
+        "last10": sum(lgr[-10:]) / 10, "tokens_per_s_last": graphs[-1].tokens_per_s,
+        "seconds": time.perf_counter() - t2}
     lc, lg = [r.loss for r in cpu], [r.loss for r in gpu]
     diffs = [abs(a - b) for a, b in zip(lc, lg)]
     result["training"] = {
@@ -166,11 +176,36 @@ def training_curves(result: dict, steps: int) -> None:
         "gpu_tokens_per_s_last": gpu[-1].tokens_per_s}
 
 
+def throughput_227m(result: dict, steps: int = 8) -> None:
+    """Training throughput of the 227M configs on this GPU (same trainer, data and settings):
+    the dense baseline, UltraMemV2 with the per-block compile, and with CUDA graphs."""
+    common = [f"--train.max_steps={steps}", "--train.log_interval=1", "--train.eval_interval=0",
+              "--model.memory.log_interval=1000", "--optim.warmup_steps=2"]
+    runs = {"dense": ["--model.memory.type=none"],
+            "ultramem_v2_cudagraphs": ["--train.compile_mode=reduce-overhead"],
+            "ultramem_v2": []}
+    out = result.setdefault("throughput_227m", {})
+    for name, extra in runs.items():
+        t0 = time.perf_counter()
+        records = run_training(load_config("227m.toml", common + extra))
+        tail = records[steps // 2:]  # after compilation and warm-up
+        out[name] = {"tokens_per_s": statistics.median(r.tokens_per_s for r in tail),
+                     "losses": [r.loss for r in records], "wall_s": time.perf_counter() - t0,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        torch.cuda.reset_peak_memory_stats()
+        torch._dynamo.reset()
+        log.info("227m %s: %.0f tokens/s (median of the last %d steps)", name, out[name]["tokens_per_s"], len(tail))
+    if "dense" in out:
+        for name in runs:
+            if name != "dense" and name in out:
+                out[name]["vs_dense"] = out[name]["tokens_per_s"] / out["dense"]["tokens_per_s"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "e2e.json"))
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--only", nargs="*", default=["compile", "layer", "training"])
+    parser.add_argument("--only", nargs="*", default=["compile", "layer", "training", "throughput"])
     parser.add_argument("--cudagraphs", action="store_true", help="also time the layer under mode='reduce-overhead'")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -178,7 +213,7 @@ def main() -> int:
               "triton": __import__("triton").__version__, "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "errors": {}}
     sections = {"compile": check_compile, "layer": lambda r: time_layer(r, args.cudagraphs),
-                "training": lambda r: training_curves(r, args.steps)}
+                "training": lambda r: training_curves(r, args.steps), "throughput": throughput_227m}
     for name in args.only:
         try:
             sections[name](result)
@@ -187,7 +222,7 @@ def main() -> int:
             log.error("section %s failed:\n%s", name, result["errors"][name])
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    summary = {k: v for k, v in result.items() if k not in ("training",)}
+    summary = {k: v for k, v in result.items() if k not in ("training", "training_cudagraphs")}
     if "layer_227m" in summary:  # the per-kernel lists were logged above
         summary["layer_227m"] = {k: v for k, v in summary["layer_227m"].items() if not k.endswith("_kernels_us")}
     print(json.dumps(summary, indent=1)[:6000])

@@ -113,6 +113,8 @@ class ValueTables(nn.Module):
             copy = None
             if dtype is not None and p is not None:
                 copy = torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                # refreshed in place only: CUDA graphs may keep its address instead of copying it
+                torch._dynamo.mark_static_address(copy)
             setattr(self, name + "_compute", copy)
         self.refresh_compute_copy()
 

@@ -21,6 +21,7 @@ from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, MemoryConfi
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 BUILT_PARALLEL_MODES = ("none",)  # the others have a config slot but no implementation yet
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -63,6 +64,9 @@ class TrainSection:
     seed: int = 0
     dtype: str = "float32"  # "bfloat16" → autocast; parameters stay fp32
     compile: bool = False  # per-block torch.compile
+    # torch.compile mode of the blocks and memory layers; "reduce-overhead" replays them as CUDA
+    # graphs (the memory layers launch many small kernels: host-bound without graphs)
+    compile_mode: str = "default"
     # bfloat16 runs: the memory layers gather from a bf16 copy of the value tables, refreshed
     # after each optimizer step (half the bytes per gather; the fp32 tables stay the master)
     bf16_table_copy: bool = True
@@ -321,6 +325,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     _one_of(t.dtype, DTYPES, "train.dtype")
     _one_of(t.device, DEVICES, "train.device")
+    _one_of(t.compile_mode, COMPILE_MODES, "train.compile_mode")
     _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
     _require(cfg.parallel.mode in BUILT_PARALLEL_MODES,
              f"parallel.mode={cfg.parallel.mode!r} is not implemented yet (built: "

@@ -99,11 +99,16 @@ def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo) -> Transfo
             f"world_size={info.world_size}: only single-process training is implemented "
             f"(parallel.mode={cfg.parallel.mode!r})")
     if cfg.train.compile:
+        mode = cfg.train.compile_mode
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=mode)
         for layer in model.memory_layers:
-            layer.compile()
+            layer.compile(mode=mode)
     return model
+
+
+def uses_cudagraphs(cfg: TrainConfig) -> bool:
+    return cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,12 +181,19 @@ class Trainer:
         self.history: list[StepRecord] = []
         self.metrics = MetricsWriter(cfg.metrics.tensorboard_dir, info.is_main)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.interval)
+        self._cudagraphs = uses_cudagraphs(cfg) and device.type == "cuda"
         self._value_group = next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "values"), None)
 
     def _autocast(self):
         if self.cfg.train.dtype == "bfloat16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _mark_step(self) -> None:
+        # CUDA-graph trees reuse their output memory from one forward to the next: tell them a
+        # new forward (micro-batch or evaluation batch) begins
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _value_lr_mult(self) -> float:
         if self._value_group is None:
@@ -200,6 +212,7 @@ class Trainer:
         accum = cfg.train.grad_accum
         for micro in range(accum):
             batch = self.train_batches.batch(self.step * accum + micro).to(self.device, non_blocking=True)
+            self._mark_step()
             with self._autocast():
                 loss, aux = self.model(batch[:, :-1], batch[:, 1:])
             (loss / accum).backward()
@@ -241,6 +254,7 @@ class Trainer:
         total = 0.0
         for i in range(self.cfg.train.eval_batches):
             batch = self.val_batches.batch(i).to(self.device)
+            self._mark_step()
             with self._autocast():
                 loss, aux = self.model(batch[:, :-1], batch[:, 1:])
             total += (loss - aux).item()
