@@ -8,7 +8,10 @@ float64 formulas at the kernel's ids, ids in range and distinct, rows sorted, gr
 outside the kept keys. Timed: the reference op (eager, and torch.compile with --compile), the
 Triton kernels, their phases (coarse selection only; + grid selection), and forward + backward
 through the op and autograd; the non-default forward variants (`tri.FWD_VARIANTS`, e.g. v4) get
-the same forward checks and timed rows next to the default.
+the same forward checks and timed rows next to the default. Backward: the default (v2, zero-fill
+fused) beside `tri.BWD_VARIANTS` "v2-memset" and "v1" (same checks), v2 also with preallocated
+NaN-filled outputs (misaligned flat blocks; rank-strided), and the bare zero-fill of both
+gradients by torch (the write floor).
 
 Run through perf/bench_ops.py (`--only retrieval`); `python perf/benches/retrieval.py [args]`
 does exactly that.
@@ -115,7 +118,25 @@ def check_forward(ctx, s: dict, seed: int, strided: bool = False, variant: str =
     return result
 
 
-def check_backward(ctx, s: dict, seed: int, strided: bool = False) -> dict:
+def _poisoned_out(a: torch.Tensor, b: torch.Tensor, kind: str):
+    """NaN-filled (grad_row, grad_col) views for launch_backward(out=...): "padded" = views into
+    larger buffers (token stride above n·r, storage offset 3: each [n, r] block is still one
+    contiguous range, its start not 16-byte aligned); "strided" = rank stride 2 (the element-wise
+    zero-fill fallback)."""
+    views = []
+    for x in (a, b):
+        t, h, n, r = x.shape
+        if kind == "padded":
+            buf = torch.full((t, h, n * r + 8), float("nan"), dtype=x.dtype, device=x.device)
+            views.append(buf[:, :, 3:3 + n * r].unflatten(-1, (n, r)))
+        else:
+            buf = torch.full((t, h, n, 2 * r), float("nan"), dtype=x.dtype, device=x.device)
+            views.append(buf[..., ::2])
+    return tuple(views)
+
+
+def check_backward(ctx, s: dict, seed: int, strided: bool = False, variant: str = "v2",
+                   out_kind: str | None = None) -> dict:
     a, b, cores, u, v = _inputs(s, seed, ctx.device, strided)
     t, h, k, m = s["t"], s["h"], s["k"], s["m"]
     ids, _ = ref_fwd(a, b, cores, u, v, k)
@@ -126,13 +147,19 @@ def check_backward(ctx, s: dict, seed: int, strided: bool = False) -> dict:
         g = torch.cat([g, g], dim=-1)[..., :m]
     ctx.poison_allocator(a.numel() * a.element_size())
     ctx.poison_allocator(b.numel() * b.element_size())
-    ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(g, a, b, cores, ids)
+    if variant == "v2" and out_kind is None:  # the default, through the registered entry point
+        ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(g, a, b, cores, ids)
+    else:
+        out = _poisoned_out(a, b, out_kind) if out_kind else None
+        ga, gb, gc = tri.launch_backward(g, a, b, cores, ids, variant=variant, out=out)
     ctx.sync()
     ra, rb, rc = ref_bwd(g.double(), a.double(), b.double(), cores.double(), ids)
     zero_outside = bool((ga.double()[ra == 0] == 0).all() and (gb.double()[rb == 0] == 0).all())
     rel = max(_rel(ga, ra), _rel(gb, rb), _rel(gc, rc))
     tol = 1e-5 if s["dtype"] == torch.float32 else 1e-2
-    result = dict(name=f"{OP} bwd {_label(s)}{' strided' if strided else ''}", rel_err=rel, tol=tol,
+    tag = (" strided" if strided else "") + (f" {variant}" if variant != "v2" else "") + \
+        (f" out={out_kind}" if out_kind else "")
+    result = dict(name=f"{OP} bwd {_label(s)}{tag}", rel_err=rel, tol=tol,
                   grad_row_rel_err=_rel(ga, ra), grad_col_rel_err=_rel(gb, rb), grad_cores_rel_err=_rel(gc, rc),
                   zero_outside=zero_outside)
     result["ok"] = zero_outside and rel <= tol
@@ -151,6 +178,13 @@ def run(ctx) -> list[dict]:
             check_forward(ctx, s, seed=30 + i, variant=variant)
         check_forward(ctx, extra[1], seed=97, strided=True, variant=variant)
     check_backward(ctx, extra[1], seed=98, strided=True)
+    for variant in tri.BWD_VARIANTS[1:]:  # non-default backward variants: same checks
+        for i, s in enumerate([main] + extra):
+            check_backward(ctx, s, seed=40 + i, variant=variant)
+    for variant in ("v2", "v2-memset"):  # preallocated outputs: misaligned flat blocks, strided
+        for out_kind in ("padded", "strided"):
+            check_backward(ctx, main, seed=50, variant=variant, out_kind=out_kind)
+            check_backward(ctx, extra[0], seed=51, variant=variant, out_kind=out_kind)  # fp32, r = 3
 
     s = main
     a, b, cores, u, v = _inputs(s, 1234, ctx.device)
@@ -162,6 +196,7 @@ def run(ctx) -> list[dict]:
     bwd_bytes = t * h * ((n_row + n_col) * r * es + k * 8 + k * m * es + 2 * k * r * es)
     ids, _ = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k)
     g = torch.randn(t, h, k, m, device=ctx.device, dtype=s["dtype"])
+    grad_row, grad_col = torch.empty_like(a), torch.empty_like(b)  # the zero-fill floor row
     a_req, b_req, c_req = (x.detach().requires_grad_(True) for x in (a, b, cores))
 
     def through_op():
@@ -181,7 +216,11 @@ def run(ctx) -> list[dict]:
         ("fwd", "ours v4-split-only, coarse selection only",
          lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4-split-only")),
         ("bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ids)),
-        ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),
+        ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),  # v2: zero-fill fused
+        ("bwd", "ours v2-memset (torch zero_ + kept rows)",
+         lambda: tri.launch_backward(g, a, b, cores, ids, variant="v2-memset")),
+        ("bwd", "ours v1 (previous default)", lambda: tri.launch_backward(g, a, b, cores, ids, variant="v1")),
+        ("bwd_zero_fill", "torch zero_ of both gradients only", lambda: (grad_row.zero_(), grad_col.zero_())),
         ("fwd+bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ref_fwd(a, b, cores, u, v, k)[0])),
         ("fwd+bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, tri.launch_forward(a, b, cores, u, v, k)[0])),
         ("fwd+bwd", "ours via op + autograd", through_op),
@@ -195,7 +234,8 @@ def run(ctx) -> list[dict]:
             ("fwd+bwd", "torch.compile", lambda: cb(g, a, b, cores, cf(a, b, cores, u, v, k)[0])),
         ]
     rows = []
-    nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes}
+    nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes,
+              "bwd_zero_fill": (grad_row.numel() + grad_col.numel()) * grad_row.element_size()}
     for phase, variant, fn in timed:
         try:
             us = ctx.do_bench(fn)

@@ -251,17 +251,23 @@ def _kept_ids_with_duplicates(a, b, cores, u, v, knn, dtype):
 
 
 @interpreted_only
+@pytest.mark.parametrize("variant", tri.BWD_VARIANTS)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
     (20, 3, 2, 37, 50, 2, 2, 5, torch.float32),
-    (21, 2, 1, 45, 50, 3, 3, 40, torch.float32),  # entries deduplicated over 4 chunks
+    (21, 2, 1, 45, 50, 3, 3, 40, torch.float32),  # entries deduplicated over chunks (v1: 4, v2: 2)
     (22, 2, 2, 16, 12, 1, 1, 2, torch.float16),
 ])
-def test_backward_matches_oracle(index_dtype, seed, t, h, n_row, n_col, r, m, knn, dtype):
+def test_backward_matches_oracle(variant, index_dtype, seed, t, h, n_row, n_col, r, m, knn, dtype):
+    if variant == "v1" and index_dtype == torch.int32:
+        pytest.skip("v1 (timing only) runs with int64 ids")
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
     ids = _kept_ids_with_duplicates(a.float(), b.float(), cores, u, v, knn, index_dtype)
     grad = torch.randn(t, h, knn, m, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids)
+    if variant == "v2":  # the default: through the registered entry point
+        ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids)
+    else:
+        ga, gb, gc = tri.launch_backward(grad, a, b, cores, ids, variant=variant)
     want = oracle_backward(grad, a, b, cores, ids)
     assert (ga.dtype, gb.dtype, gc.dtype) == (a.dtype, b.dtype, cores.dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -371,3 +377,91 @@ def test_forward_v4_all_equal_and_nan_inputs():
     a[1, 0, 129:140] = float("nan")
     ids, _ = tri.launch_forward(a, b, cores, u, v, 4, variant="v4")
     assert ((ids >= 0) & (ids < 150 * 20)).all()
+
+
+# ---------------------------------------------------------------- backward v2: outputs written in full
+
+def _poisoned_outputs(kind, a, b):
+    """(grad_row, grad_col) views full of NaN, plus the buffers they live in. kind: "fresh"
+    (contiguous), "padded" (views into larger buffers: token stride above n·r and storage offsets
+    that are not multiples of 8 elements; each [n, r] block still one contiguous range), "strided"
+    (rank stride 2: the element-wise fallback), "transposed" (key stride 1, rank stride n)."""
+    views, buffers = [], []
+    for x in (a, b):
+        t, h, n, r = x.shape
+        if kind == "fresh":
+            buf = torch.full(x.shape, float("nan"), dtype=x.dtype)
+            view = buf
+        elif kind == "padded":
+            buf = torch.full((t, h, n * r + 5 + 3), float("nan"), dtype=x.dtype)
+            view = buf[:, :, 3:3 + n * r].unflatten(-1, (n, r))
+        elif kind == "strided":
+            buf = torch.full((t, h, n, 2 * r), float("nan"), dtype=x.dtype)
+            view = buf[..., ::2]
+        else:
+            buf = torch.full((t, h, r, n), float("nan"), dtype=x.dtype)
+            view = buf.transpose(2, 3)
+        views.append(view)
+        buffers.append(buf)
+    return tuple(views), buffers
+
+
+@interpreted_only
+@pytest.mark.parametrize("kind,dtype,variant", [
+    ("fresh", torch.bfloat16, "v2"),
+    ("padded", torch.bfloat16, "v2"),
+    ("padded", torch.float32, "v2"),
+    ("strided", torch.float16, "v2"),
+    ("transposed", torch.float32, "v2"),
+    ("padded", torch.bfloat16, "v2-memset"),
+    ("strided", torch.float32, "v2-memset"),
+])
+def test_backward_v2_writes_every_element(kind, dtype, variant):
+    # n·r of 3·1, 13·3 and 7·3 elements per (token, head) over 6 blocks: the 16-byte-aligned
+    # interior, the ragged head and tail and blocks inside one 16-byte group all occur
+    for seed, (n_row, n_col, r, knn) in enumerate([(3, 13, 1, 3), (13, 7, 3, 6)]):
+        a, b, cores, u, v = _inputs(40 + seed, 3, 2, n_row, n_col, r, 2, dtype)
+        ids = _kept_ids_with_duplicates(a.float(), b.float(), cores, u, v, knn, torch.int64)
+        grad = torch.randn(3, 2, knn, 2, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        out, buffers = _poisoned_outputs(kind, a, b)
+        # rank 1 transposed is still one contiguous range per block
+        assert tri._flat_slabs(out[0]) == (kind in ("fresh", "padded") or (kind == "transposed" and r == 1))
+        ga, gb, gc = tri.launch_backward(grad, a, b, cores, ids, variant=variant, out=out)
+        assert ga is out[0] and gb is out[1]
+        want = oracle_backward(grad, a, b, cores, ids)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for got, exp in zip((ga, gb, gc), want):
+            torch.testing.assert_close(got.double(), exp, rtol=tol, atol=tol)
+        for got, exp in zip((ga, gb), want[:2]):
+            assert torch.equal(got.double()[exp == 0], torch.zeros_like(exp[exp == 0]))
+        if kind != "fresh":  # nothing written outside the views
+            for buf, view in zip(buffers, out):
+                written = torch.zeros(buf.shape, dtype=torch.bool)
+                written.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
+                assert buf[~written].isnan().all()
+
+
+@interpreted_only
+def test_backward_v2_large_k_is_bit_reproducible():
+    # k = 100: four chunks of 32 entries; many entries share a row or a column
+    a, b, cores, u, v = _inputs(26, 2, 1, 110, 105, 2, 2)
+    ids = _kept_ids_with_duplicates(a, b, cores, u, v, 100, torch.int64)
+    grad = torch.randn(2, 1, 100, 2, generator=torch.Generator().manual_seed(26))
+    first = tri.launch_backward(grad, a, b, cores, ids)
+    for got, exp in zip(first, oracle_backward(grad, a, b, cores, ids)):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
+    for again in (tri.launch_backward(grad, a, b, cores, ids),
+                  tri.launch_backward(grad, a, b, cores, ids, variant="v2-memset")):
+        assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_launch_backward_rejects_bad_variant_and_out():
+    a, b, cores, u, v = _inputs(27, 2, 1, 12, 10, 2, 2)
+    ids = torch.zeros(2, 1, 3, dtype=torch.int64)
+    grad = torch.randn(2, 1, 3, 2)
+    with pytest.raises(ValueError, match="variant 'v9'"):
+        tri.launch_backward(grad, a, b, cores, ids, variant="v9")
+    with pytest.raises(ValueError, match="v1"):
+        tri.launch_backward(grad, a, b, cores, ids, variant="v1", out=(torch.empty_like(a), torch.empty_like(b)))
+    with pytest.raises(ValueError, match=r"out\[1\] \(grad_col\)"):
+        tri.launch_backward(grad, a, b, cores, ids, out=(torch.empty_like(a), torch.empty_like(a)))

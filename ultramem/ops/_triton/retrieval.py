@@ -14,10 +14,13 @@ scores at a threshold the lowest positions are kept, so the kept set is the refe
 whenever scores are distinct. (Coarse keys land in scratch in atomic order, so among exactly
 equal grid totals the kept pairs and their order may change from run to run.)
 
-Backward, one program per (token, head): zero the program's whole row of grad_row / grad_col,
-then (after a CTA barrier) write the gradient of each kept row/column once, duplicates summed
-in registers; per-program partial grad_cores sums are reduced by a small deterministic sum.
-No atomics: results are bit-reproducible.
+Backward (v2, `_retrieval_bwd_v2_kernel`), one single-warp program per (token, head): zero the
+program's whole block of grad_row / grad_col (16-byte stores when the [n, r] block is one
+contiguous range, element by element otherwise), then (after a CTA barrier) write the gradient
+of each kept row/column once, duplicates summed in registers; per-program partial grad_cores
+sums are reduced by a small deterministic sum. No atomics: results are bit-reproducible. The
+previous kernel (v1) and a variant that leaves the zero-fill to one torch fill stay selectable
+for timing (`launch_backward(..., variant=...)`).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ GRID_TILE = 4096  # 16 per thread at 8 warps
 VALUE_STEPS = 16
 # Coarse scores are held as [n / G, G] (G threads' worth of keys per row of the tile).
 COARSE_GROUPS = 128
-# Warps per forward program for k <= 32 (8 above); elements zeroed per backward store.
+# Warps per forward program for k <= 32 (8 above); elements zeroed per store by backward v1.
 FWD_NUM_WARPS_SMALL_K = 4
 BWD_ZERO_BLOCK = 2048
 
@@ -633,6 +636,161 @@ def _retrieval_bwd_kernel(
         tl.store(gb_row + j_e * R + p, acc_b.to(gb_ptr.dtype.element_ty), mask=ok)
 
 
+# ------------------------------------------------------------------------------------ backward v2
+# The default backward (launch_backward(..., variant="v2")). v1 above spent its time issuing
+# instructions, not moving bytes: every [k] vector was replicated over 4 warps, ids were split
+# by 64-bit division, duplicate sums reduced across lanes (shuffles), and the zero-fill stored
+# 4 bytes per thread. v2: one warp per 32 entries, 32-bit id split, the [chunk, k] duplicate
+# matrix reduced along the axis each lane holds whole, and the zero-fill as 16-byte stores over
+# the program's [n·r] slab when it is one contiguous range (row stride r, rank stride 1).
+
+@triton.jit
+def _bwd_split_ids(id_base, si_k, e, knn, n_row, n_col):
+    """(i, j, ok) of entries e: ok = an id in [0, n_row·n_col); i = j = -1 where not ok."""
+    vid = tl.load(id_base + e * si_k, mask=e < knn, other=-1).to(tl.int64)
+    ok = (vid >= 0) & (vid < n_row.to(tl.int64) * n_col)
+    v32 = tl.where(ok, vid, 0).to(tl.int32)  # n_row·n_col <= MAX_KEYS² < 2³¹
+    i = v32 // n_col
+    j = v32 - i * n_col
+    return tl.where(ok, i, -1), tl.where(ok, j, -1), ok
+
+
+@triton.jit
+def _bwd_entry_grads(g_base, sg_k, sg_m, a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                     f, i_f, j_f, ok_f, p, R: tl.constexpr, M: tl.constexpr):
+    """d/dA[i_f, p] and d/dB[j_f, p] of entries f: Σ_m g[f,m] (C_m B[j_f]ᵀ)_p, Σ_m g[f,m] (A[i_f] C_m)_p."""
+    da = tl.zeros(f.shape, dtype=tl.float32)
+    db = tl.zeros(f.shape, dtype=tl.float32)
+    for m in tl.static_range(M):
+        g_fm = tl.load(g_base + f * sg_k + m * sg_m, mask=ok_f, other=0.0).to(tl.float32)
+        c_b = tl.zeros(f.shape, dtype=tl.float32)
+        c_a = tl.zeros(f.shape, dtype=tl.float32)
+        for q in tl.static_range(R):
+            b_fq = tl.load(b_base + j_f * sb_n + q * sb_r, mask=ok_f, other=0.0).to(tl.float32)
+            a_fq = tl.load(a_base + i_f * sa_n + q * sa_r, mask=ok_f, other=0.0).to(tl.float32)
+            c_b += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_fq
+            c_a += tl.load(c_base + m * sc_m + q * sc_r + p * sc_s).to(tl.float32) * a_fq
+        da += g_fm * c_b
+        db += g_fm * c_a
+    return da, db
+
+
+@triton.jit
+def _zero_span_flat(ptr, start, length, ZBLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Zero ptr[start : start + length]. VEC elements are 16 bytes; when ptr is 16-byte aligned
+    (Triton specializes on that) the VEC-aligned interior goes out as full 16-byte stores (offsets
+    and mask bounds provably multiples of VEC); the ragged ends (< VEC elements each) as one
+    small masked store. Correct for any ptr, only slower."""
+    end = start + length
+    a0 = (start + VEC - 1) // VEC * VEC
+    a1 = end // VEC * VEC
+    zeros = tl.zeros((ZBLOCK,), dtype=ptr.dtype.element_ty)
+    o = a0
+    while o < a1:
+        offs = o + tl.arange(0, ZBLOCK)
+        tl.store(ptr + offs, zeros, mask=offs < a1)
+        o += ZBLOCK
+    lane = tl.arange(0, 2 * VEC)
+    edge = tl.where(lane < VEC, start + lane, a1 + lane - VEC)
+    # head [start, min(a0, end)); tail [a1, end) when a1 >= a0 (else the head covered it all)
+    edge_ok = tl.where(lane < VEC, edge < tl.minimum(a0, end), (edge >= a0) & (edge < end))
+    tl.store(ptr + edge, tl.zeros((2 * VEC,), dtype=ptr.dtype.element_ty), mask=edge_ok)
+
+
+@triton.jit
+def _zero_rows_strided(base, s_n, s_r, n, R: tl.constexpr, ZBLOCK: tl.constexpr):
+    """Zero an [n, R] block with any strides (element by element)."""
+    z = tl.arange(0, ZBLOCK)
+    z0 = n * 0
+    while z0 < n * R:
+        flat = z0 + z
+        tl.store(base + (flat // R) * s_n + (flat % R) * s_r, tl.zeros((ZBLOCK,), dtype=base.dtype.element_ty),
+                 mask=flat < n * R)
+        z0 += ZBLOCK
+
+
+@triton.jit
+def _zero_rows(ptr, off, s_n, s_r, n, R: tl.constexpr, FLAT: tl.constexpr, ZBLOCK: tl.constexpr,
+               VEC: tl.constexpr):
+    if FLAT:
+        _zero_span_flat(ptr, off, n * R, ZBLOCK, VEC)
+    else:
+        _zero_rows_strided(ptr + off, s_n, s_r, n, R, ZBLOCK)
+
+
+@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
+def _retrieval_bwd_v2_kernel(
+    g_ptr, sg_t, sg_h, sg_k, sg_m,
+    a_ptr, sa_t, sa_h, sa_n, sa_r,
+    b_ptr, sb_t, sb_h, sb_n, sb_r,
+    c_ptr, sc_h, sc_m, sc_r, sc_s,
+    ids_ptr, si_t, si_h, si_k,
+    ga_ptr, sga_t, sga_h, sga_n, sga_r,
+    gb_ptr, sgb_t, sgb_h, sgb_n, sgb_r,
+    gc_part_ptr,
+    heads, n_row, n_col, knn,
+    R: tl.constexpr, M: tl.constexpr, MRRP: tl.constexpr,
+    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    ZERO_FILL: tl.constexpr, FLAT_A: tl.constexpr, FLAT_B: tl.constexpr,
+    ZBLOCK: tl.constexpr, VEC: tl.constexpr,
+):
+    # One program per (token, head). ZERO_FILL: zero this program's rows of grad_row / grad_col
+    # here (else the launcher zeroed the whole tensors), then after one CTA barrier write each
+    # kept row once, duplicates summed in registers; no atomics, bit-reproducible.
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // heads
+    h = pid % heads
+    g_base = g_ptr + t * sg_t + h * sg_h
+    a_base = a_ptr + t * sa_t + h * sa_h
+    b_base = b_ptr + t * sb_t + h * sb_h
+    c_base = c_ptr + h * sc_h
+    id_base = ids_ptr + t * si_t + h * si_h
+    ga_off = t * sga_t + h * sga_h
+    gb_off = t * sgb_t + h * sgb_h
+
+    e = tl.arange(0, BLOCK_K)
+    i_e, j_e, ok_e = _bwd_split_ids(id_base, si_k, e, knn, n_row, n_col)
+    if ZERO_FILL:  # stores issue while the ids above are in flight
+        _zero_rows(ga_ptr, ga_off, sga_n, sga_r, n_row, R, FLAT_A, ZBLOCK, VEC)
+        _zero_rows(gb_ptr, gb_off, sgb_n, sgb_r, n_col, R, FLAT_B, ZBLOCK, VEC)
+
+    # grad_cores partials Σ_e g[e,m] A[i_e,p] B[j_e,q], packed in one vector (slot (m·R + p)·R + q)
+    slot = tl.arange(0, MRRP)
+    gc = tl.zeros((MRRP,), dtype=tl.float32)
+    for m in tl.static_range(M):
+        g_m = tl.load(g_base + e * sg_k + m * sg_m, mask=ok_e, other=0.0).to(tl.float32)
+        for p in tl.static_range(R):
+            ga_p = g_m * tl.load(a_base + i_e * sa_n + p * sa_r, mask=ok_e, other=0.0).to(tl.float32)
+            for q in tl.static_range(R):
+                b_q = tl.load(b_base + j_e * sb_n + q * sb_r, mask=ok_e, other=0.0).to(tl.float32)
+                gc += tl.where(slot == (m * R + p) * R + q, tl.sum(ga_p * b_q), 0.0)
+
+    if ZERO_FILL:
+        tl.debug_barrier()  # the zero stores above must land before the kept rows below
+
+    # grad_row[i, p] = Σ_{f: i_f = i} d/dA[i_f, p] (likewise grad_col), as a [CHUNK, BLOCK_K] match
+    # matrix per chunk of entries f summed over f: each lane holds its entry's whole column, so
+    # the sum needs no shuffles. Entries that are not ok have i = j = -1 and match only each
+    # other (and are not stored). Duplicates sum the same terms in the same order: equal bits.
+    for p in tl.static_range(R):
+        acc_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for f0 in range(0, BLOCK_K, CHUNK):  # one iteration for k <= 32: the matches are shared over p
+            if CHUNK == BLOCK_K:
+                f = e
+                i_f, j_f, ok_f = i_e, j_e, ok_e
+            else:
+                f = f0 + tl.arange(0, CHUNK)
+                i_f, j_f, ok_f = _bwd_split_ids(id_base, si_k, f, knn, n_row, n_col)
+            da, db = _bwd_entry_grads(g_base, sg_k, sg_m, a_base, sa_n, sa_r, b_base, sb_n, sb_r,
+                                      c_base, sc_m, sc_r, sc_s, f, i_f, j_f, ok_f, p, R, M)
+            acc_a += tl.sum(tl.where(i_f[:, None] == i_e[None, :], da[:, None], 0.0), axis=0)
+            acc_b += tl.sum(tl.where(j_f[:, None] == j_e[None, :], db[:, None], 0.0), axis=0)
+        tl.store(ga_ptr + ga_off + i_e * sga_n + p * sga_r, acc_a.to(ga_ptr.dtype.element_ty), mask=ok_e)
+        tl.store(gb_ptr + gb_off + j_e * sgb_n + p * sgb_r, acc_b.to(gb_ptr.dtype.element_ty), mask=ok_e)
+    tl.store(gc_part_ptr + pid * (M * R * R) + slot, gc, mask=slot < M * R * R)
+
+
 # ------------------------------------------------------------------------------------ launchers
 
 def _device_ctx(t: Tensor):
@@ -791,31 +949,93 @@ def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_s
     return launch_backward(grad_scores, row_scores, col_scores, cores, ids)
 
 
+# Backward variants (launch_backward(..., variant=...)); the public op uses "v2".
+#   "v2": the v2 kernel zeroes its own rows of the gradients (fused, one pass over 112 MB at the
+#         PERF shape), then writes the kept rows;
+#   "v2-memset": the launcher zeroes the whole gradients (one fill kernel), the v2 kernel only
+#         writes the kept rows (two passes, but each simple);
+#   "v1": the previous kernel, kept for side-by-side timing (fresh contiguous outputs only).
+BWD_VARIANTS = ("v2", "v2-memset", "v1")
+
+
+def _flat_slabs(x: Tensor) -> bool:
+    """Whether every [token, head] block [n, r] of x is one contiguous range of n·r elements."""
+    n, r = x.shape[2], x.shape[3]
+    return (r == 1 or x.stride(3) == 1) and (n == 1 or x.stride(2) == r)
+
+
+def _bwd_num_warps(block_k: int) -> int:
+    # One warp for any k: one lane per entry for k <= 32 (no replicated [k] vectors), and chunks
+    # of 32 entries with no more threads than elements, so that Triton converts the chunk's
+    # values to the broadcast layout instead of reloading them there on every lane.
+    return 1
+
+
+def _bwd_outputs(row_scores: Tensor, col_scores: Tensor,
+                 out: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    if out is None:
+        return torch.empty_like(row_scores, memory_format=torch.contiguous_format), \
+            torch.empty_like(col_scores, memory_format=torch.contiguous_format)
+    for name, o, like in (("out[0] (grad_row)", out[0], row_scores), ("out[1] (grad_col)", out[1], col_scores)):
+        check(o.shape == like.shape and o.dtype == like.dtype and o.device == like.device, _OP,
+              f"{name} must match the scores: shape {tuple(like.shape)}, {like.dtype} on {like.device}; "
+              f"got {tuple(o.shape)}, {o.dtype} on {o.device}")
+    return out
+
+
 def launch_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
-                    ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward launch on checked arguments (ids outside [0, n_row·n_col) are skipped)."""
+                    ids: Tensor, variant: str = "v2", num_warps: int | None = None,
+                    out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward launch on checked arguments (ids outside [0, n_row·n_col) are skipped).
+    Exposed for tests and timing: `variant` (one of BWD_VARIANTS), `num_warps`, and `out`:
+    (grad_row, grad_col) to write in full instead of fresh tensors, any strides (e.g. views into
+    a larger buffer; a view's own elements must not overlap; not with "v1")."""
+    check(variant in BWD_VARIANTS, _OP, f"backward variant {variant!r} must be one of {BWD_VARIANTS}")
+    check(variant != "v1" or out is None, _OP, "backward variant 'v1' writes fresh outputs only (out=None)")
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
     knn = ids.shape[2]
     dev = row_scores.device
-    grad_row = torch.empty((t, h, n_row, r), dtype=row_scores.dtype, device=dev)
-    grad_col = torch.empty((t, h, n_col, r), dtype=col_scores.dtype, device=dev)
+    grad_row, grad_col = _bwd_outputs(row_scores, col_scores, out)
     if t * h == 0 or knn == 0:
         return grad_row.zero_(), grad_col.zero_(), torch.zeros_like(cores)
     partial = torch.empty((t, h, m, r, r), dtype=torch.float32, device=dev)
     block_k = _block_k(knn)
+    if variant == "v1":
+        with _device_ctx(row_scores):
+            _retrieval_bwd_kernel[(t * h,)](
+                grad_scores, *grad_scores.stride(),
+                row_scores, *row_scores.stride(),
+                col_scores, *col_scores.stride(),
+                cores, *cores.stride(),
+                ids, *ids.stride(),
+                grad_row, grad_col, partial,
+                h, n_row, n_col, knn,
+                R=r, M=m, BLOCK_K=block_k, CHUNK=min(block_k, max(16, 1024 // block_k)),
+                ZERO_BLOCK=BWD_ZERO_BLOCK, num_warps=num_warps or (4 if block_k <= 64 else 8),
+            )
+        return grad_row, grad_col, partial.sum(0).to(cores.dtype)
+    zero_fill = variant == "v2"
+    if not zero_fill:
+        grad_row.zero_()
+        grad_col.zero_()
+    warps = num_warps or _bwd_num_warps(block_k)
+    vec = max(1, 16 // grad_row.element_size())  # elements per 16-byte store
     with _device_ctx(row_scores):
-        _retrieval_bwd_kernel[(t * h,)](
+        _retrieval_bwd_v2_kernel[(t * h,)](
             grad_scores, *grad_scores.stride(),
             row_scores, *row_scores.stride(),
             col_scores, *col_scores.stride(),
             cores, *cores.stride(),
             ids, *ids.stride(),
-            grad_row, grad_col, partial,
+            grad_row, *grad_row.stride(),
+            grad_col, *grad_col.stride(),
+            partial,
             h, n_row, n_col, knn,
-            R=r, M=m, BLOCK_K=block_k, CHUNK=min(block_k, max(16, 1024 // block_k)),
-            ZERO_BLOCK=BWD_ZERO_BLOCK, num_warps=4 if block_k <= 64 else 8,
+            R=r, M=m, MRRP=triton.next_power_of_2(m * r * r),
+            BLOCK_K=block_k, CHUNK=min(block_k, 32),
+            ZERO_FILL=zero_fill, FLAT_A=_flat_slabs(grad_row), FLAT_B=_flat_slabs(grad_col),
+            ZBLOCK=4 * vec * 32 * warps, VEC=vec, num_warps=warps,
         )
-    grad_cores = partial.sum(0).to(cores.dtype)
-    return grad_row, grad_col, grad_cores
+    return grad_row, grad_col, partial.sum(0).to(cores.dtype)
