@@ -87,12 +87,12 @@ def _pair_scores64(a, b, cores, ids):
     return torch.einsum("ther,hmrs,thes->them", a_sel, cores.double(), b_sel)
 
 
-def check_forward(ctx, s: dict, seed: int, strided: bool = False, variant: str = "v3") -> dict:
+def check_forward(ctx, s: dict, seed: int, strided: bool = False, variant: str = tri.DEFAULT_FWD_VARIANT) -> dict:
     a, b, cores, u, v = _inputs(s, seed, ctx.device, strided)
     t, h, k, m = s["t"], s["h"], s["k"], s["m"]
     ctx.poison_allocator(t * h * k * 8)
     ctx.poison_allocator(t * h * k * m * a.element_size())
-    if variant == "v3":
+    if variant == tri.DEFAULT_FWD_VARIANT:  # through the registered entry point
         ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k)
     else:
         ids, scores = tri.launch_forward(a, b, cores, u, v, k, variant=variant)
@@ -109,7 +109,7 @@ def check_forward(ctx, s: dict, seed: int, strided: bool = False, variant: str =
     ordered = bool((tot_mine.diff(dim=-1) <= 1e-5 * scale.unsqueeze(-1)).all()) if k > 1 else True
     rel = _rel(scores, mine64)
     tol = 1e-5 if s["dtype"] == torch.float32 else 1e-2
-    tag = (" strided" if strided else "") + (f" {variant}" if variant != "v3" else "")
+    tag = (" strided" if strided else "") + (f" {variant}" if variant != tri.DEFAULT_FWD_VARIANT else "")
     result = dict(name=f"{OP} fwd {_label(s)}{tag}", rel_err=rel, tol=tol,
                   rows=t * h, rows_differing=int((~same).sum()), rows_not_near_tie=not_near_tie,
                   in_range=in_range, distinct=distinct, sorted=ordered)
@@ -173,7 +173,7 @@ def run(ctx) -> list[dict]:
         check_forward(ctx, s, seed=10 + i)
         check_backward(ctx, s, seed=20 + i)
     check_forward(ctx, extra[1], seed=99, strided=True)
-    for variant in tri.FWD_VARIANTS:  # non-default forward variants: same checks
+    for variant in (v for v in tri.FWD_VARIANTS if v != tri.DEFAULT_FWD_VARIANT):  # same checks
         for i, s in enumerate([main] + extra):
             check_forward(ctx, s, seed=30 + i, variant=variant)
         check_forward(ctx, extra[1], seed=97, strided=True, variant=variant)
@@ -208,13 +208,14 @@ def run(ctx) -> list[dict]:
         ("fwd", "ours", lambda: tri.launch_forward(a, b, cores, u, v, k)),
         ("fwd", "ours, coarse selection only", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1)),
         ("fwd", "ours, coarse + grid selection", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=2)),
-        # v4 (not the default): no padding of n, group-bound start, interpolated probes
+        # the other variants: v3 (previous default: keys padded to 2048), v4 (+ group-bound start,
+        # interpolated probes)
+        ("fwd", "ours v3 (previous default)", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v3")),
+        ("fwd", "ours v3, coarse selection only",
+         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v3")),
         ("fwd", "ours v4", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v4")),
         ("fwd", "ours v4, coarse selection only",
          lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4")),
-        ("fwd", "ours v4-split-only", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v4-split-only")),
-        ("fwd", "ours v4-split-only, coarse selection only",
-         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4-split-only")),
         ("bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ids)),
         ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),  # v2: zero-fill fused
         ("bwd", "ours v2-memset (torch zero_ + kept rows)",

@@ -301,10 +301,10 @@ def test_backward_skips_out_of_range_ids():
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------- forward variant v4 (not the default)
+# ------------------------------------------------- forward variants (v4-split-only is the default)
 
 @interpreted_only
-@pytest.mark.parametrize("variant", ["v4", "v4-split-only"])
+@pytest.mark.parametrize("variant", ["v3", "v4"])
 @pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
     (30, 2, 2, 37, 130, 2, 2, 7, torch.float32),      # 37: one partial block; 130: 128 + a remainder
     (31, 1, 1, 1138, 1138, 2, 2, 32, torch.float32),  # the PERF shape: 1024 + 128
@@ -312,21 +312,22 @@ def test_backward_skips_out_of_range_ids():
     (33, 1, 2, 1138, 130, 1, 2, 32, torch.float16),
     (34, 2, 1, 300, 37, 2, 3, 37, torch.float32),      # k = n on one side (every key kept)
 ])
-def test_forward_v4_matches_oracle(variant, seed, t, h, n_row, n_col, r, m, knn, dtype):
+def test_forward_variants_match_the_default(variant, seed, t, h, n_row, n_col, r, m, knn, dtype):
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
     ids, scores = tri.launch_forward(a, b, cores, u, v, knn, variant=variant)
-    want_ids, _ = tri.launch_forward(a, b, cores, u, v, knn)  # the default kernel
+    want_ids, _ = tri.launch_forward(a, b, cores, u, v, knn)  # the default variant
     assert torch.equal(ids.sort(-1).values, want_ids.sort(-1).values)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_selection(ids, scores, a, b, cores, u, v, knn, tol=tol, exact_ids=dtype == torch.float32)
 
 
 @interpreted_only
-def test_forward_v4_strided_and_tiled():
+@pytest.mark.parametrize("variant", list(tri.FWD_VARIANTS))
+def test_forward_variants_strided_and_tiled(variant):
     a, b, cores, u, v = _inputs(35, 2, 2, 150, 1138, 2, 2)
     a_t = a.transpose(0, 1).contiguous().transpose(0, 1)
     b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]
-    ids, scores = tri.launch_forward(a_t, b_s, cores, u, v, 9, grid_tile=64, variant="v4")
+    ids, scores = tri.launch_forward(a_t, b_s, cores, u, v, 9, grid_tile=64, variant=variant)
     assert_selection(ids, scores, a, b, cores, u, v, 9, tol=1e-5, exact_ids=True)
 
 
@@ -341,7 +342,7 @@ def test_forward_v4_coarse_ties_keep_lowest_positions():
     ones = torch.ones(1, 1)
     cores = ones.view(1, 1, 1, 1)
     _, want_scores = tri.launch_forward(a, b, cores, ones, ones, knn)
-    for variant in ("v4", "v4-split-only"):
+    for variant in tri.FWD_VARIANTS:
         ids, scores = tri.launch_forward(a, b, cores, ones, ones, knn, variant=variant)
         for ti in range(t):
             assert len(set(ids[ti, 0].tolist())) == knn
@@ -367,15 +368,16 @@ def test_forward_v4_layout():
 
 
 @interpreted_only
-def test_forward_v4_all_equal_and_nan_inputs():
+@pytest.mark.parametrize("variant", list(tri.FWD_VARIANTS))
+def test_forward_variants_all_equal_and_nan_inputs(variant):
     a, b = torch.ones(1, 1, 130, 2), torch.ones(1, 1, 90, 2)
     cores, u = torch.randn(1, 2, 2, 2), torch.ones(1, 2)
-    ids, _ = tri.launch_forward(a, b, cores, u, u, 20, variant="v4")
+    ids, _ = tri.launch_forward(a, b, cores, u, u, 20, variant=variant)
     assert len(set(ids[0, 0].tolist())) == 20 and ((ids // 90 < 20) & (ids % 90 < 20)).all()
     a, b, cores, u, v = _inputs(37, 2, 1, 150, 20, 2, 2)
     a[0, 0, 3:9] = float("nan")
     a[1, 0, 129:140] = float("nan")
-    ids, _ = tri.launch_forward(a, b, cores, u, v, 4, variant="v4")
+    ids, _ = tri.launch_forward(a, b, cores, u, v, 4, variant=variant)
     assert ((ids >= 0) & (ids < 150 * 20)).all()
 
 

@@ -55,13 +55,16 @@ COARSE_GROUPS = 128
 FWD_NUM_WARPS_SMALL_K = 4
 BWD_ZERO_BLOCK = 2048
 
-# Non-default forward variants for benchmarking (launch_forward(..., variant=...)); the public op
-# uses "v3". "v4": no padding + group-bound start + interpolated probes; "v4-split-only": no
-# padding, with the default's search (min/max bracket, halving), to separate the two gains.
+# Forward variants (launch_forward(..., variant=...)). "v3": keys padded to a power of 2,
+# min/max bracket, halving; "v4": no padding + group-bound start + interpolated probes;
+# "v4-split-only": no padding, v3's search. Measured on an H200 at the 227M shapes (perf/NOTES.md):
+# v3 491 µs, v4 421 µs, v4-split-only 360 µs, so the public op uses "v4-split-only".
 FWD_VARIANTS = {
+    "v3": None,
     "v4": dict(split=True, group_start=True, interp=True),
     "v4-split-only": dict(split=True, group_start=False, interp=False),
 }
+DEFAULT_FWD_VARIANT = "v4-split-only"
 
 _warned: set[str] = set()
 
@@ -830,7 +833,7 @@ def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, 
         from .. import retrieval as ref
         _fallback_once(reason)
         return _reference(ref.tdqkr_retrieval)(row_scores, col_scores, cores, u, v, knn)
-    return launch_forward(row_scores, col_scores, cores, u, v, knn)
+    return launch_forward(row_scores, col_scores, cores, u, v, knn, variant=DEFAULT_FWD_VARIANT)
 
 
 def _coarse_layout(n: int, knn: int, split: bool) -> dict:
@@ -851,11 +854,12 @@ def _coarse_layout(n: int, knn: int, split: bool) -> dict:
 
 def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
                    grid_tile: int = GRID_TILE, num_warps: int | None = None,
-                   phases: int = 3, variant: str = "v3") -> tuple[Tensor, Tensor]:
+                   phases: int = 3, variant: str = DEFAULT_FWD_VARIANT) -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
     entries held at once, a power of 2), `num_warps`, `phases` (< 3: stop early, outputs
-    unwritten) and `variant`: "v3" (the default kernel) or one of FWD_VARIANTS (the coarse
-    selection of `_coarse_select_v4`; same kept set)."""
+    unwritten) and `variant`: one of FWD_VARIANTS (same kept set; default DEFAULT_FWD_VARIANT)."""
+    if variant not in FWD_VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {list(FWD_VARIANTS)}")
     if variant != "v3":
         return _launch_forward_v4(row_scores, col_scores, cores, u, v, knn, grid_tile, num_warps, phases,
                                   **FWD_VARIANTS[variant])
