@@ -182,6 +182,13 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.metrics.tensorboard_dir, info.is_main)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.interval)
         self._cudagraphs = uses_cudagraphs(cfg) and device.type == "cuda"
+        if self._cudagraphs:
+            # A gradient first set from a CUDA-graph output aliases the graph's memory, which the
+            # next micro-batch's replay overwrites: give every parameter its own .grad up front
+            # (kept, zeroed in place each step) so the backward adds into it instead.
+            for p in model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         self._value_group = next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "values"), None)
 
     def _autocast(self):
@@ -222,7 +229,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self._cudagraphs)
         if self.model.memory_tables is not None:
             self.model.memory_tables.zero_grad_buffers()
             self.model.memory_tables.refresh_compute_copy()
