@@ -181,7 +181,7 @@ class Trainer:
         self.history: list[StepRecord] = []
         self.metrics = MetricsWriter(cfg.metrics.tensorboard_dir, info.is_main)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.interval)
-        self._cudagraphs = uses_cudagraphs(cfg) and device.type == "cuda"
+        self._cudagraphs = uses_cudagraphs(cfg)  # (on CPU Inductor skips the graphs; the rest holds)
         if self._cudagraphs:
             # A gradient first set from a CUDA-graph output aliases the graph's memory, which the
             # next micro-batch's replay overwrites: give every parameter its own .grad up front
