@@ -9,7 +9,7 @@ outside the kept keys. Timed: the reference op (eager, and torch.compile with --
 Triton kernels, their phases (coarse selection only; + grid selection), and forward + backward
 through the op and autograd; the non-default forward variants (`tri.FWD_VARIANTS`, e.g. v4) get
 the same forward checks and timed rows next to the default. Backward: the default (v2, zero-fill
-fused) beside `tri.BWD_VARIANTS` "v2-memset" and "v1" (same checks), v2 also with preallocated
+fused) beside `tri.BWD_VARIANTS` "v2-memset" (same checks), v2 also with preallocated
 NaN-filled outputs (misaligned flat blocks; rank-strided), and the bare zero-fill of both
 gradients by torch (the write floor).
 
@@ -220,7 +220,6 @@ def run(ctx) -> list[dict]:
         ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),  # v2: zero-fill fused
         ("bwd", "ours v2-memset (torch zero_ + kept rows)",
          lambda: tri.launch_backward(g, a, b, cores, ids, variant="v2-memset")),
-        ("bwd", "ours v1 (previous default)", lambda: tri.launch_backward(g, a, b, cores, ids, variant="v1")),
         ("bwd_zero_fill", "torch zero_ of both gradients only", lambda: (grad_row.zero_(), grad_col.zero_())),
         ("fwd+bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ref_fwd(a, b, cores, u, v, k)[0])),
         ("fwd+bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, tri.launch_forward(a, b, cores, u, v, k)[0])),

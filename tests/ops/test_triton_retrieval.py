@@ -255,12 +255,10 @@ def _kept_ids_with_duplicates(a, b, cores, u, v, knn, dtype):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
     (20, 3, 2, 37, 50, 2, 2, 5, torch.float32),
-    (21, 2, 1, 45, 50, 3, 3, 40, torch.float32),  # entries deduplicated over chunks (v1: 4, v2: 2)
+    (21, 2, 1, 45, 50, 3, 3, 40, torch.float32),  # entries deduplicated over chunks (2 of 32)
     (22, 2, 2, 16, 12, 1, 1, 2, torch.float16),
 ])
 def test_backward_matches_oracle(variant, index_dtype, seed, t, h, n_row, n_col, r, m, knn, dtype):
-    if variant == "v1" and index_dtype == torch.int32:
-        pytest.skip("v1 (timing only) runs with int64 ids")
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
     ids = _kept_ids_with_duplicates(a.float(), b.float(), cores, u, v, knn, index_dtype)
     grad = torch.randn(t, h, knn, m, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -463,7 +461,7 @@ def test_launch_backward_rejects_bad_variant_and_out():
     grad = torch.randn(2, 1, 3, 2)
     with pytest.raises(ValueError, match="variant 'v9'"):
         tri.launch_backward(grad, a, b, cores, ids, variant="v9")
-    with pytest.raises(ValueError, match="v1"):
-        tri.launch_backward(grad, a, b, cores, ids, variant="v1", out=(torch.empty_like(a), torch.empty_like(b)))
+    with pytest.raises(ValueError, match=r"out\[0\] \(grad_row\).*float16"):
+        tri.launch_backward(grad, a, b, cores, ids, out=(torch.empty_like(a, dtype=torch.float16), torch.empty_like(b)))
     with pytest.raises(ValueError, match=r"out\[1\] \(grad_col\)"):
         tri.launch_backward(grad, a, b, cores, ids, out=(torch.empty_like(a), torch.empty_like(a)))

@@ -18,9 +18,9 @@ Backward (v2, `_retrieval_bwd_v2_kernel`), one single-warp program per (token, h
 program's whole block of grad_row / grad_col (16-byte stores when the [n, r] block is one
 contiguous range, element by element otherwise), then (after a CTA barrier) write the gradient
 of each kept row/column once, duplicates summed in registers; per-program partial grad_cores
-sums are reduced by a small deterministic sum. No atomics: results are bit-reproducible. The
-previous kernel (v1) and a variant that leaves the zero-fill to one torch fill stay selectable
-for timing (`launch_backward(..., variant=...)`).
+sums are reduced by a small deterministic sum. No atomics: results are bit-reproducible. A variant
+that leaves the zero-fill to one torch fill stays selectable for timing
+(`launch_backward(..., variant=...)`).
 """
 from __future__ import annotations
 
@@ -51,9 +51,8 @@ GRID_TILE = 4096  # 16 per thread at 8 warps
 VALUE_STEPS = 16
 # Coarse scores are held as [n / G, G] (G threads' worth of keys per row of the tile).
 COARSE_GROUPS = 128
-# Warps per forward program for k <= 32 (8 above); elements zeroed per store by backward v1.
+# Warps per forward program for k <= 32 (8 above).
 FWD_NUM_WARPS_SMALL_K = 4
-BWD_ZERO_BLOCK = 2048
 
 # Forward variants (launch_forward(..., variant=...)). "v3": keys padded to a power of 2,
 # min/max bracket, halving; "v4": no padding + group-bound start + interpolated probes;
@@ -555,92 +554,9 @@ def _retrieval_fwd_v4_kernel(
                     R, M, BLOCK_K)
 
 
-@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
-def _retrieval_bwd_kernel(
-    g_ptr, sg_t, sg_h, sg_k, sg_m,
-    a_ptr, sa_t, sa_h, sa_n, sa_r,
-    b_ptr, sb_t, sb_h, sb_n, sb_r,
-    c_ptr, sc_h, sc_m, sc_r, sc_s,
-    ids_ptr, si_t, si_h, si_k,
-    ga_ptr, gb_ptr, gc_part_ptr,
-    heads, n_row, n_col, knn,
-    R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-    ZERO_BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid // heads
-    h = pid % heads
-    g_base = g_ptr + t * sg_t + h * sg_h
-    a_base = a_ptr + t * sa_t + h * sa_h
-    b_base = b_ptr + t * sb_t + h * sb_h
-    c_base = c_ptr + h * sc_h
-    id_base = ids_ptr + t * si_t + h * si_h
-    ga_row = ga_ptr + pid * n_row * R  # the gradients are fresh contiguous [T, H, n, R]
-    gb_row = gb_ptr + pid * n_col * R
-
-    # Zero this program's rows of both gradients; the kept entries are overwritten below.
-    # (while loops: a range() over a runtime bound breaks the interpreter under numpy >= 2.4)
-    z = tl.arange(0, ZERO_BLOCK)
-    z0 = n_row * 0
-    while z0 < n_row * R:
-        tl.store(ga_row + z0 + z, tl.zeros((ZERO_BLOCK,), dtype=ga_ptr.dtype.element_ty), mask=z0 + z < n_row * R)
-        z0 += ZERO_BLOCK
-    z0 = n_col * 0
-    while z0 < n_col * R:
-        tl.store(gb_row + z0 + z, tl.zeros((ZERO_BLOCK,), dtype=gb_ptr.dtype.element_ty), mask=z0 + z < n_col * R)
-        z0 += ZERO_BLOCK
-
-    e = tl.arange(0, BLOCK_K)
-    vid = tl.load(id_base + e * si_k, mask=e < knn, other=-1).to(tl.int64)
-    ok = (vid >= 0) & (vid < n_row * n_col)  # out-of-range ids contribute nothing
-    i_e = tl.where(ok, vid // n_col, -1).to(tl.int32)
-    j_e = tl.where(ok, vid % n_col, -1).to(tl.int32)
-
-    # grad_cores partial sums over this program's entries
-    for m in tl.static_range(M):
-        g_m = tl.load(g_base + e * sg_k + m * sg_m, mask=ok, other=0.0).to(tl.float32)
-        for p in tl.static_range(R):
-            ga_p = g_m * tl.load(a_base + i_e * sa_n + p * sa_r, mask=ok, other=0.0).to(tl.float32)
-            for q in tl.static_range(R):
-                b_q = tl.load(b_base + j_e * sb_n + q * sb_r, mask=ok, other=0.0).to(tl.float32)
-                tl.store(gc_part_ptr + pid * (M * R * R) + (m * R + p) * R + q, tl.sum(ga_p * b_q))
-
-    tl.debug_barrier()  # the zero stores above must land before the kept rows below
-
-    # grad_row[i] = Σ_{e: i_e = i} Σ_m g[e,m] C_m B[j_e]ᵀ  (and likewise grad_col); duplicates are
-    # summed over chunks of entries so that each kept key gets one complete write.
-    for p in tl.static_range(R):
-        acc_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for f0 in range(0, BLOCK_K, CHUNK):
-            f = f0 + tl.arange(0, CHUNK)
-            vid_f = tl.load(id_base + f * si_k, mask=f < knn, other=-1).to(tl.int64)
-            ok_f = (vid_f >= 0) & (vid_f < n_row * n_col)
-            i_f = tl.where(ok_f, vid_f // n_col, -1).to(tl.int32)
-            j_f = tl.where(ok_f, vid_f % n_col, -1).to(tl.int32)
-            da = tl.zeros((CHUNK,), dtype=tl.float32)  # d/dA[i_f, p]
-            db = tl.zeros((CHUNK,), dtype=tl.float32)  # d/dB[j_f, p]
-            for m in tl.static_range(M):
-                g_fm = tl.load(g_base + f * sg_k + m * sg_m, mask=ok_f, other=0.0).to(tl.float32)
-                c_b = tl.zeros((CHUNK,), dtype=tl.float32)
-                c_a = tl.zeros((CHUNK,), dtype=tl.float32)
-                for q in tl.static_range(R):
-                    b_fq = tl.load(b_base + j_f * sb_n + q * sb_r, mask=ok_f, other=0.0).to(tl.float32)
-                    a_fq = tl.load(a_base + i_f * sa_n + q * sa_r, mask=ok_f, other=0.0).to(tl.float32)
-                    c_b += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_fq
-                    c_a += tl.load(c_base + m * sc_m + q * sc_r + p * sc_s).to(tl.float32) * a_fq
-                da += g_fm * c_b
-                db += g_fm * c_a
-            same_i = (i_e[:, None] == i_f[None, :]) & ok_f[None, :]
-            same_j = (j_e[:, None] == j_f[None, :]) & ok_f[None, :]
-            acc_a += tl.sum(tl.where(same_i, da[None, :], 0.0), axis=1)
-            acc_b += tl.sum(tl.where(same_j, db[None, :], 0.0), axis=1)
-        tl.store(ga_row + i_e * R + p, acc_a.to(ga_ptr.dtype.element_ty), mask=ok)
-        tl.store(gb_row + j_e * R + p, acc_b.to(gb_ptr.dtype.element_ty), mask=ok)
-
-
 # ------------------------------------------------------------------------------------ backward v2
-# The default backward (launch_backward(..., variant="v2")). v1 above spent its time issuing
+# The default backward (launch_backward(..., variant="v2")). The previous kernel (v1, removed
+# after it was timed: 113 µs against v2's 65 µs at the PERF shape) spent its time issuing
 # instructions, not moving bytes: every [k] vector was replicated over 4 warps, ids were split
 # by 64-bit division, duplicate sums reduced across lanes (shuffles), and the zero-fill stored
 # 4 bytes per thread. v2: one warp per 32 entries, 32-bit id split, the [chunk, k] duplicate
@@ -958,8 +874,7 @@ def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_s
 #         PERF shape), then writes the kept rows;
 #   "v2-memset": the launcher zeroes the whole gradients (one fill kernel), the v2 kernel only
 #         writes the kept rows (two passes, but each simple);
-#   "v1": the previous kernel, kept for side-by-side timing (fresh contiguous outputs only).
-BWD_VARIANTS = ("v2", "v2-memset", "v1")
+BWD_VARIANTS = ("v2", "v2-memset")
 
 
 def _flat_slabs(x: Tensor) -> bool:
@@ -993,9 +908,8 @@ def launch_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor,
     """The backward launch on checked arguments (ids outside [0, n_row·n_col) are skipped).
     Exposed for tests and timing: `variant` (one of BWD_VARIANTS), `num_warps`, and `out`:
     (grad_row, grad_col) to write in full instead of fresh tensors, any strides (e.g. views into
-    a larger buffer; a view's own elements must not overlap; not with "v1")."""
+    a larger buffer; a view's own elements must not overlap)."""
     check(variant in BWD_VARIANTS, _OP, f"backward variant {variant!r} must be one of {BWD_VARIANTS}")
-    check(variant != "v1" or out is None, _OP, "backward variant 'v1' writes fresh outputs only (out=None)")
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -1006,20 +920,6 @@ def launch_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor,
         return grad_row.zero_(), grad_col.zero_(), torch.zeros_like(cores)
     partial = torch.empty((t, h, m, r, r), dtype=torch.float32, device=dev)
     block_k = _block_k(knn)
-    if variant == "v1":
-        with _device_ctx(row_scores):
-            _retrieval_bwd_kernel[(t * h,)](
-                grad_scores, *grad_scores.stride(),
-                row_scores, *row_scores.stride(),
-                col_scores, *col_scores.stride(),
-                cores, *cores.stride(),
-                ids, *ids.stride(),
-                grad_row, grad_col, partial,
-                h, n_row, n_col, knn,
-                R=r, M=m, BLOCK_K=block_k, CHUNK=min(block_k, max(16, 1024 // block_k)),
-                ZERO_BLOCK=BWD_ZERO_BLOCK, num_warps=num_warps or (4 if block_k <= 64 else 8),
-            )
-        return grad_row, grad_col, partial.sum(0).to(cores.dtype)
     zero_fill = variant == "v2"
     if not zero_fill:
         grad_row.zero_()
