@@ -140,3 +140,18 @@ def test_stale_compute_copy_raises_and_refresh_follows_the_tables():
     layers[0](x, tables)
     tables.use_compute_copy(None)
     assert tables.values_compute is None and tables.gather_tables()[0] is tables.values
+
+
+def test_compute_copy_under_compile_matches_eager():
+    cfg = make_cfg(share_ratio=1.0)
+    tables, layers, g = build_random(cfg, 2, seed=16)
+    inputs = [make_input((3, 4), g) for _ in range(2)]
+    tables.use_grad_buffers()
+    tables.use_compute_copy(torch.float32)
+    eager = _table_grads(tables, layers, inputs, buffers=True)
+    tables.zero_grad_buffers()
+    torch._dynamo.reset()
+    compiled = _table_grads(tables, layers, inputs, buffers=True, compile_backend="aot_eager")
+    for e, c in zip(eager, compiled):
+        assert e.abs().sum() > 0
+        torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-10)
