@@ -145,6 +145,7 @@ def _opcheck_cases():
         c = torch.rand(2, 2, 2, 2, generator=g, dtype=dtype, requires_grad=True)
         u, v = torch.randn(2, 2, generator=g, dtype=dtype), torch.randn(2, 2, generator=g, dtype=dtype)
         yield torch.ops.ultramem.tdqkr_retrieval.default, (a, b, c, u, v, 3)
+        yield torch.ops.ultramem.tdqkr_retrieval.default, (a, b, c, u, v, 3, 4)  # 2 padding keys per side
     # non-contiguous inputs: the fake kernels must report the real kernels' (contiguous) strides
     yield torch.ops.ultramem.weighted_lookup.default, (
         rows, torch.randn(8, 10, generator=g).t().requires_grad_(), torch.randn(2, 4, 5, generator=g).permute(2, 1, 0))
@@ -172,6 +173,32 @@ def test_opcheck(case):
         # when an int64 output (ids) comes before a float one; test_retrieval_compiles covers it.
         utils = utils[:3]
     torch.library.opcheck(op, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_retrieval_padded_keys_equal_the_real_keys_alone(dtype):
+    # n_keys: A/B rows past n_keys are padding (here huge values, which would win every top-k if
+    # read); results equal the op on the real rows, gradients keep the padded shape, zero there.
+    g = _gen(10)
+    t, h, n, pad, r, m, k = 5, 2, 9, 3, 2, 2, 4
+    a = torch.randn(t, h, n + pad, r, generator=g, dtype=dtype)
+    b = torch.randn(t, h, n + pad, r, generator=g, dtype=dtype)
+    a[:, :, n:] = b[:, :, n:] = 1e4
+    c = torch.rand(h, m, r, r, generator=g, dtype=dtype)
+    u, v = torch.rand(h, r, generator=g, dtype=dtype), torch.rand(h, r, generator=g, dtype=dtype)
+    grad = torch.randn(t, h, k, m, generator=g, dtype=dtype)
+    want = ops.tdqkr_retrieval(a[:, :, :n].contiguous(), b[:, :, :n].contiguous(), c, u, v, k)
+    got = ops.tdqkr_retrieval(a, b, c, u, v, k, n)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    want_g = ops.tdqkr_retrieval_backward(grad, a[:, :, :n].contiguous(), b[:, :, :n].contiguous(), c, want[0])
+    got_g = ops.tdqkr_retrieval_backward(grad, a, b, c, got[0], n)
+    for w, x in zip(want_g[:2], got_g[:2]):
+        assert x.shape == (t, h, n + pad, r) and torch.equal(x[:, :, :n], w) and not x[:, :, n:].any()
+    torch.testing.assert_close(got_g[2], want_g[2])
+    with pytest.raises(ValueError, match=r"n_keys=0 must be -1 \(all keys\) or in \[1, min"):
+        ops.tdqkr_retrieval(a, b, c, u, v, k, 0)
+    with pytest.raises(ValueError, match=r"knn=5 must be in \[1, min\(row_keys=4"):
+        ops.tdqkr_retrieval(a, b, c, u, v, 5, 4)
 
 
 def test_retrieval_compiles_fullgraph_and_matches_eager():

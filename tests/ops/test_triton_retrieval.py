@@ -299,6 +299,26 @@ def test_backward_skips_out_of_range_ids():
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
 
 
+@interpreted_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padded_keys_equal_the_real_keys_alone(dtype):
+    # The layer's layout: A/B rows past n_keys pad each token's block to an aligned width.
+    n, pad, k = 45, 19, 8
+    a, b, cores, u, v = _inputs(60, 3, 2, n + pad, n + pad, 2, 2, dtype)
+    a[:, :, n:] = 1e4  # would win every top-k if read
+    b[:, :, n:] = float("nan")
+    ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k, n)
+    want_ids, want_scores = tri.tdqkr_retrieval_cuda(a[:, :, :n].contiguous(), b[:, :, :n].contiguous(), cores, u, v, k)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    grad = torch.randn(scores.shape).to(dtype)
+    ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids, n)
+    wa, wb, wc = tri.tdqkr_retrieval_backward_cuda(grad, a[:, :, :n].contiguous(), b[:, :, :n].contiguous(), cores, ids)
+    for got, want in ((ga, wa), (gb, wb)):
+        assert got.shape == a.shape and got.is_contiguous()
+        assert torch.equal(got[:, :, :n], want) and not got[:, :, n:].any()
+    assert torch.equal(gc, wc)
+
+
 # ------------------------------------------------- forward variants (v4-split-only is the default)
 
 @interpreted_only

@@ -11,6 +11,7 @@ Layouts: `w_q` output is [heads, side (row, col), (rank when q_per_rank), kdim];
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,8 @@ class TuckerMemoryBase(nn.Module):
     # -- retrieval ----------------------------------------------------------------------------
 
     def _subkey_scores(self, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """A, B [T, H, n', r]: <q_side(ρ), norm_k(K[h, side, i, :, ρ])> (SPEC §3 steps 1–2)."""
+        """A, B [T, H, n'', r]: <q_side(ρ), norm_k(K[h, side, i, :, ρ])> (SPEC §3 steps 1–2) for
+        i < n'; rows n' ≤ i < n'' (when n'' > n') are padding, see `_padded_keys`."""
         t = x2.shape[0]
         h, r, kd, ns = self.heads, self.rank, self.kdim, self.n_side
         q = self.w_q(x2)
@@ -97,21 +99,30 @@ class TuckerMemoryBase(nn.Module):
             b = torch.einsum("thrd,hird->thir", q[:, :, 1], keys[:, 1])
         else:
             q = self.norm_q(q.view(t, h, 2, kd))
-            # keys folded to [H, n'·r, kdim]: one batched matmul per side, its output padded to a
-            # multiple of SCORE_ROW_ALIGN columns: n'·r = 2276 at 227M made cuBLAS fall back to
-            # 2-element-aligned GEMMs (~4× slower), and Inductor pads such rows itself, then copies
-            # them back to the eager strides the custom ops expect. A, B: views of the real columns
-            folded = F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (-ns * r) % SCORE_ROW_ALIGN))
-            a = torch.einsum("thd,hcd->thc", q[:, :, 0], folded[:, 0])[..., :ns * r].view(t, h, ns, r)
-            b = torch.einsum("thd,hcd->thc", q[:, :, 1], folded[:, 1])[..., :ns * r].view(t, h, ns, r)
+            # keys folded to [H, n'·r, kdim]: one batched matmul per side
+            ns_pad = self._padded_keys()
+            folded = F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (ns_pad - ns) * r))
+            a = torch.einsum("thd,hcd->thc", q[:, :, 0], folded[:, 0]).view(t, h, ns_pad, r)
+            b = torch.einsum("thd,hcd->thc", q[:, :, 1], folded[:, 1]).view(t, h, ns_pad, r)
         return a, b
 
+    def _padded_keys(self) -> int:
+        """n'' ≥ n' keys per side with n''·r a multiple of SCORE_ROW_ALIGN. The sub-key GEMM writes
+        rows of n''·r scores: at 227M n'·r = 2276 made cuBLAS fall back to 2-element-aligned GEMMs
+        (~4× slower), and Inductor pads such rows itself, then copies them to the eager strides
+        the custom ops expect. The retrieval reads the first n' keys (n_keys) and hands back a
+        gradient of the padded shape, which the GEMM's backward reads in place."""
+        step = SCORE_ROW_ALIGN // math.gcd(SCORE_ROW_ALIGN, self.rank)
+        return -(-self.n_side // step) * step
+
     def _retrieve(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """→ (A, B, ids [T, H, k] int64, scores [T, H, k, M] sorted by descending Σ_m s_m)."""
+        """→ (A, B [T, H, n', r] (views without the padding), ids [T, H, k] int64,
+        scores [T, H, k, M] sorted by descending Σ_m s_m)."""
         a, b = self._subkey_scores(x2)
         a, b = _keys_contiguous(a), _keys_contiguous(b)
-        ids, scores = tdqkr_retrieval(a, b, self.cores, self.rank1_u, self.rank1_v, self.knn)
-        return a, b, ids, scores
+        n_keys = self.n_side if a.shape[2] != self.n_side else -1
+        ids, scores = tdqkr_retrieval(a, b, self.cores, self.rank1_u, self.rank1_v, self.knn, n_keys)
+        return a[:, :, :self.n_side], b[:, :, :self.n_side], ids, scores
 
     def _aux_loss(self, x2: Tensor, a: Tensor, b: Tensor, ids: Tensor) -> Tensor:
         """The enabled auxiliary losses times their coefficients (a constant 0 when none is on)."""

@@ -10,6 +10,11 @@ Outputs: ids [T, H, k] int64, the virtual id i·n_col + j of each kept pair, sor
 descending Σ_m s_m; scores [T, H, k, M] in A's dtype.
 Selection is not differentiated; the backward gives A and B their gradient at the kept
 rows/columns (zero elsewhere) and the cores theirs. u and v get none.
+
+n_keys (default -1: all): only the first n_keys rows of each side are keys, the rest of A and B
+along dim 2 is padding that is never read (a caller can then hand over a GEMM output padded for
+alignment as is, and take back a gradient of the same padded shape, zero in the padding);
+ids are then i·n_keys + j.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from ._checks import acc_dtype, check, check_dim, check_float, check_same_device
 _OP = "tdqkr_retrieval"
 
 
-def _check_args(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int) -> None:
+def _check_args(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
+                n_keys: int = -1) -> None:
     check_dim(row_scores, 4, _OP, "row_scores", "[tokens, heads, row_keys, rank]")
     check_dim(col_scores, 4, _OP, "col_scores", "[tokens, heads, col_keys, rank]")
     check_dim(cores, 4, _OP, "cores", "[heads, cores, rank, rank]")
@@ -39,6 +45,10 @@ def _check_args(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor
     check(tuple(u.shape) == (h, r) and tuple(v.shape) == (h, r), _OP,
           f"u {tuple(u.shape)} and v {tuple(v.shape)} must both be (heads={h}, rank={r})")
     n_col = col_scores.shape[2]
+    check(n_keys == -1 or 1 <= n_keys <= min(n_row, n_col), _OP,
+          f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]")
+    if n_keys != -1:
+        n_row = n_col = n_keys
     check(1 <= knn <= min(n_row, n_col), _OP,
           f"knn={knn} must be in [1, min(row_keys={n_row}, col_keys={n_col})]")
 
@@ -55,9 +65,11 @@ def _gather_keys(scores: Tensor, idx: Tensor) -> Tensor:
 
 @torch.library.custom_op("ultramem::tdqkr_retrieval", mutates_args=())
 def tdqkr_retrieval(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor,
-                    knn: int) -> tuple[Tensor, Tensor]:
+                    knn: int, n_keys: int = -1) -> tuple[Tensor, Tensor]:
     """Reference kernel (CPU; CUDA until a faster one is registered)."""
-    _check_args(row_scores, col_scores, cores, u, v, knn)
+    _check_args(row_scores, col_scores, cores, u, v, knn, n_keys)
+    if n_keys != -1:
+        row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
     acc = acc_dtype(row_scores, col_scores, cores)
     a_full, b_full, c = row_scores.to(acc), col_scores.to(acc), cores.to(acc)
     t, h, _, r = a_full.shape
@@ -78,8 +90,8 @@ def tdqkr_retrieval(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Te
 
 
 @tdqkr_retrieval.register_fake
-def _(row_scores, col_scores, cores, u, v, knn):
-    _check_args(row_scores, col_scores, cores, u, v, knn)
+def _(row_scores, col_scores, cores, u, v, knn, n_keys=-1):
+    _check_args(row_scores, col_scores, cores, u, v, knn, n_keys)
     t, h = row_scores.shape[:2]
     ids = row_scores.new_empty((t, h, knn), dtype=torch.int64)
     return ids, row_scores.new_empty((t, h, knn, cores.shape[1]))
@@ -87,10 +99,11 @@ def _(row_scores, col_scores, cores, u, v, knn):
 
 @torch.library.custom_op("ultramem::tdqkr_retrieval_backward", mutates_args=())
 def tdqkr_retrieval_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
-                             ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype."""
+                             ids: Tensor, n_keys: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype and
+    (padding included) shape."""
     acc = acc_dtype(row_scores, col_scores, cores, grad_scores)
-    n_col = col_scores.shape[2]
+    n_col = col_scores.shape[2] if n_keys == -1 else n_keys
     i, j = ids // n_col, ids % n_col
     a_full, b_full, c, g = row_scores.to(acc), col_scores.to(acc), cores.to(acc), grad_scores.to(acc)
     a_sel, b_sel = _gather_keys(a_full, i), _gather_keys(b_full, j)
@@ -105,21 +118,23 @@ def tdqkr_retrieval_backward(grad_scores: Tensor, row_scores: Tensor, col_scores
 
 
 @tdqkr_retrieval_backward.register_fake
-def _(grad_scores, row_scores, col_scores, cores, ids):
+def _(grad_scores, row_scores, col_scores, cores, ids, n_keys=-1):
     return torch.empty_like(row_scores, memory_format=torch.contiguous_format), torch.empty_like(col_scores, memory_format=torch.contiguous_format), torch.empty_like(cores, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    row_scores, col_scores, cores, _u, _v, _knn = inputs
+    row_scores, col_scores, cores, _u, _v, _knn, n_keys = inputs
     ids, _scores = output
     ctx.mark_non_differentiable(ids)
     ctx.save_for_backward(row_scores, col_scores, cores, ids)
+    ctx.n_keys = n_keys
 
 
 def _backward(ctx, grad_ids, grad_scores):
     row_scores, col_scores, cores, ids = ctx.saved_tensors
-    grad_a, grad_b, grad_c = tdqkr_retrieval_backward(grad_scores.contiguous(), row_scores, col_scores, cores, ids)
-    return grad_a, grad_b, grad_c, None, None, None
+    grad_a, grad_b, grad_c = tdqkr_retrieval_backward(grad_scores.contiguous(), row_scores, col_scores, cores, ids,
+                                                      ctx.n_keys)
+    return grad_a, grad_b, grad_c, None, None, None, None
 
 
 tdqkr_retrieval.register_autograd(_backward, setup_context=_setup_context)

@@ -741,9 +741,11 @@ def _reference(op):
 
 
 def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor,
-                         knn: int) -> tuple[Tensor, Tensor]:
+                         knn: int, n_keys: int = -1) -> tuple[Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval (runs on CPU tensors under TRITON_INTERPRET=1)."""
-    _check_args(row_scores, col_scores, cores, u, v, knn)
+    _check_args(row_scores, col_scores, cores, u, v, knn, n_keys)
+    if n_keys != -1:  # the kernels read strided views of the real keys
+        row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
     reason = _unsupported(knn, row_scores, col_scores, cores, u, v)
     if reason is not None:
         from .. import retrieval as ref
@@ -849,8 +851,18 @@ def _launch_forward_v4(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u:
 
 
 def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
-                                  ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """CUDA kernel of ultramem::tdqkr_retrieval_backward."""
+                                  ids: Tensor, n_keys: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+    """CUDA kernel of ultramem::tdqkr_retrieval_backward. With n_keys the gradients keep the
+    padded shape of the scores (the caller's GEMM reads them in place): the kernel writes the
+    real keys' rows through views, the padding rows are zeroed apart."""
+    padded = None
+    if n_keys != -1:
+        check(1 <= n_keys <= min(row_scores.shape[2], col_scores.shape[2]), _OP,
+              f"n_keys={n_keys} must be -1 or in [1, min(row_keys={row_scores.shape[2]}, "
+              f"col_keys={col_scores.shape[2]})]")
+        padded = (torch.empty_like(row_scores, memory_format=torch.contiguous_format),
+                  torch.empty_like(col_scores, memory_format=torch.contiguous_format))
+        row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -861,12 +873,25 @@ def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_s
     check(tuple(grad_scores.shape) == (t, h, knn, m), _OP,
           f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})")
     check_index_range(ids, n_row * n_col, _OP, "ids")
+    out = None if padded is None else (padded[0][:, :, :n_row], padded[1][:, :, :n_col])
     reason = _unsupported(knn, row_scores, col_scores, cores, grad_scores)
     if reason is not None:
         from .. import retrieval as ref
         _fallback_once(reason)
-        return _reference(ref.tdqkr_retrieval_backward)(grad_scores, row_scores, col_scores, cores, ids)
-    return launch_backward(grad_scores, row_scores, col_scores, cores, ids)
+        grads = _reference(ref.tdqkr_retrieval_backward)(grad_scores, row_scores, col_scores, cores, ids)
+        if out is None:
+            return grads
+        out[0].copy_(grads[0])
+        out[1].copy_(grads[1])
+        grad_cores = grads[2]
+    else:
+        grads = launch_backward(grad_scores, row_scores, col_scores, cores, ids, out=out)
+        if out is None:
+            return grads
+        grad_cores = grads[2]
+    padded[0][:, :, n_row:].zero_()
+    padded[1][:, :, n_col:].zero_()
+    return padded[0], padded[1], grad_cores
 
 
 # Backward variants (launch_backward(..., variant=...)); the public op uses "v2".
