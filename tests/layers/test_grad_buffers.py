@@ -155,3 +155,44 @@ def test_compute_copy_under_compile_matches_eager():
     for e, c in zip(eager, compiled):
         assert e.abs().sum() > 0
         torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-10)
+
+
+def test_compute_copy_refreshes_after_optimizer_steps_and_state_dict_loads():
+    cfg = make_cfg()
+    tables, layers, g = build_random(cfg, 1, seed=17)
+    tables.float()
+    tables.use_grad_buffers()
+    tables.use_compute_copy(torch.bfloat16)
+    # fused AdamW updates in place without moving the version counter: the hook must refresh
+    opt = torch.optim.AdamW(tables.parameters(), lr=0.1, fused=True)
+    handle = tables.refresh_after_steps(opt)
+    for p in tables.value_parameters():
+        p.grad.normal_(generator=g)
+    before = tables.values_compute.clone()
+    opt.step()
+    assert not torch.equal(tables.values_compute, before)
+    torch.testing.assert_close(tables.values_compute, tables.values.to(torch.bfloat16), rtol=0, atol=0)
+    handle.remove()
+    state = {k: v * 2 for k, v in tables.state_dict().items()}
+    holder = torch.nn.ModuleDict({"tables": tables})  # loading through a parent module refreshes too
+    holder.load_state_dict({f"tables.{k}": v for k, v in state.items()})
+    torch.testing.assert_close(tables.values_compute, tables.values.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(tables.values, state["values"])
+
+
+def test_compute_copy_trains_the_tables_of_a_frozen_layer():
+    # Nothing of the layer needs a gradient: the ops' backwards must still run for the tables.
+    cfg = make_cfg(share_ratio=1.0)
+    tables, layers, g = build_random(cfg, 1, seed=18)
+    layers[0].requires_grad_(False)
+    x = make_input((2, 5), g).detach()
+    grads = []
+    for copy in (None, torch.float32):
+        tables.use_grad_buffers()
+        tables.use_compute_copy(copy)
+        (layers[0](x, tables)[0] ** 2).sum().backward()
+        grads.append([p.grad.clone() for p in tables.value_parameters()])
+        assert tables.values_compute is None or tables.values_compute.grad is None
+    for exact, copied in zip(*grads):
+        assert exact.abs().sum() > 0
+        assert (copied - exact).norm() / exact.norm() < 1e-5

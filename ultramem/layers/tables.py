@@ -19,8 +19,15 @@ and `zero_grad_buffers()` clears them once per optimizer step.
 Compute copy. With gradient buffers on, `use_compute_copy(torch.bfloat16)` makes the layers gather
 from a bf16 copy of the tables (half the bytes of every gather; autocast does not reach the custom
 ops, so without it they read the fp32 tables). The gradients still go to the fp32 buffers. The
-copy must follow the tables: call `refresh_compute_copy()` after every change of them (the
-trainer does after each optimizer step); an eager forward that sees a stale copy raises.
+copy must follow the tables. It refreshes itself after `load_state_dict` and, once
+`refresh_after_steps(optimizer)` was called, after every step of that optimizer; after any other
+change call `refresh_compute_copy()`. As a safety net an eager (not compiled) forward raises if
+a table's version counter moved since the last refresh; fused optimizers (`AdamW(fused=True)`)
+update in place without moving it, so the net is not a substitute for the refresh.
+
+Under CUDA graphs the captured backward keeps the address of each gradient buffer and of each
+compute copy: after the first captured step, only zero / refresh them in place (no second
+`use_grad_buffers()` or `use_compute_copy()`, no move to another device).
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ class ValueTables(nn.Module):
         self.register_buffer("values_compute", None, persistent=False)
         self.register_buffer("pre_values_compute", None, persistent=False)
         self._compute_versions: tuple[int, ...] | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_compute_copy())
 
     def value_parameters(self) -> list[nn.Parameter]:
         """The table parameters (the trainer's value group)."""
@@ -115,8 +123,16 @@ class ValueTables(nn.Module):
                 copy = torch.empty_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                 # refreshed in place only: CUDA graphs may keep its address instead of copying it
                 torch._dynamo.mark_static_address(copy)
+                # The ops' backwards (which add the table gradient to the buffers) must run even
+                # when nothing else of the layer needs a gradient (e.g. a frozen layer): the copy
+                # asks for one; the ops return None for it, so its .grad stays empty.
+                copy.requires_grad_(p.requires_grad)
             setattr(self, name + "_compute", copy)
         self.refresh_compute_copy()
+
+    def refresh_after_steps(self, optimizer: torch.optim.Optimizer):
+        """Refresh the compute copy after every `optimizer.step()`; returns the hook's handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.refresh_compute_copy())
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.value_parameters())
