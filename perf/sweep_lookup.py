@@ -21,7 +21,8 @@ BF16 = torch.bfloat16
 
 def parse_cfg(text: str) -> dict:
     keys = {"T": "BLOCK_T", "E": "BLOCK_E", "D": "BLOCK_D", "P": "BLOCK_DP", "J": "BLOCK_J", "w": "num_warps",
-            "F": "D_FASTEST", "H": "HOIST_V", "V": "EVICT_FIRST", "U": "fuse_dots"}
+            "F": "D_FASTEST", "H": "HOIST_V", "V": "EVICT_FIRST", "U": "fuse_dots", "C": "D_CHUNKS",
+            "R": "maxnreg"}
     return {keys[part[0]]: int(part[1:]) for part in text.split(",")}
 
 
@@ -86,7 +87,12 @@ SWEEP = {
              "T2,E4,D256,w2"],
     "fused": ["T1,E8,D256,P256,w1,H1", "T1,E8,D256,P256,w1,H1,V1", "T1,E8,D256,P256,w1,H0,V1",
               "T1,E4,D256,P256,w1,H1,V1", "T1,E16,D256,P256,w1,H1,V1", "T1,E8,D256,P256,w2,H1,V1",
-              "T1,E8,D64,P256,w1,H1,V1,F1", "T1,E16,D128,P256,w1,H1,V1,F1", "T1,E8,D128,P128,w1,H1,V1,F1"],
+              "T1,E8,D64,P256,w1,H1,V1,F1", "T1,E16,D128,P256,w1,H1,V1,F1", "T1,E8,D128,P128,w1,H1,V1,F1",
+              # fused v2 (C1): one warp per token with all entries, columns in chunks of D (V) and P (P);
+              # R = maxnreg (R0: ptxas's choice), H = V chunks issued before the gate
+              "C1,D64,P64,w1,H0,V1,R136", "C1,D64,P64,w1,H0,V1,R144", "C1,D64,P64,w1,H0,V1,R152",
+              "C1,D64,P64,w1,H0,V1,R128", "C1,D64,P64,w1,H0,V1,R0", "C1,D64,P64,w1,H1,V1,R0",
+              "C1,D64,P64,w1,H0,V0,R136", "C1,D32,P32,w1,H0,V1,R128", "C1,D64,P64,w2,H0,V1,R0"],
     "bwd": ["T1,E8,D256,w4", "T1,E4,D256,w4", "T1,E8,D256,w2", "T1,E16,D256,w4"],
     "seg": ["J2,D256,w1", "J2,D256,w1,U0", "J4,D256,w1,U0", "J1,D256,w1", "J8,D256,w2,U0", "J16,D256,w4,U0"],
 }

@@ -27,7 +27,8 @@ def _shapes(small: bool) -> dict:
 
 
 def _cfg_name(cfg: dict) -> str:
-    short = {"BLOCK_T": "T", "BLOCK_E": "E", "BLOCK_D": "D", "BLOCK_DP": "P", "BLOCK_J": "J", "num_warps": "w"}
+    short = {"BLOCK_T": "T", "BLOCK_E": "E", "BLOCK_D": "D", "BLOCK_DP": "P", "BLOCK_J": "J", "num_warps": "w",
+             "D_CHUNKS": "chunks"}
     return ",".join(f"{short.get(k, k)}{v}" for k, v in cfg.items())
 
 
@@ -140,6 +141,12 @@ FUSED_CONFIGS = [
     {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": False},
     {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True, "EVICT_FIRST": True},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
+    # fused v2, the column-chunk kernel: one warp per token, all entries, 64-column chunks
+    tgl.CHUNKS_CONFIG,
+    {**tgl.CHUNKS_CONFIG, "maxnreg": 152},
+    {**tgl.CHUNKS_CONFIG, "maxnreg": None},
+    {**tgl.CHUNKS_CONFIG, "HOIST_V": 1, "maxnreg": None},
+    {**tgl.CHUNKS_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32, "maxnreg": 128},
 ]
 
 

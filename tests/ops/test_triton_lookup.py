@@ -42,6 +42,8 @@ if INTERPRET:
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
 SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True, "EVICT_FIRST": True, "HOIST_V": False}
 SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1}
+CHUNKS = {"BLOCK_D": 16, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0, "EVICT_FIRST": True,
+          "maxnreg": 136}
 
 
 from op_oracles import lookup_oracle, lookup_backward_oracle, gate_oracle, gate_backward_oracle, gelu64, gate_lookup_oracle  # noqa: E402
@@ -273,6 +275,17 @@ FUSED_CASES = [
     (6, 5, 23, 24, 16, 2, True, torch.float32, torch.int64, None),
     (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, {**SMALL_BLOCKS, "BLOCK_DP": 8}),
     (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**SMALL_BLOCKS_DFAST, "BLOCK_DP": 8}),
+    # The column-chunk kernel (D_CHUNKS): entries not a power of 2, dims not multiples of the chunk
+    # (a masked last chunk), chunks within one core and chunks straddling two, several groups of
+    # chunks, V chunks hoisted before the gate, fp16, int32 ids.
+    (6, 5, 23, 40, 24, 2, True, torch.float32, torch.int64, CHUNKS),
+    (6, 5, 23, 40, 24, 2, True, torch.float32, torch.int32, {**CHUNKS, "GROUP_CHUNKS": 1, "HOIST_V": 3}),
+    (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, {**CHUNKS, "HOIST_V": 1}),
+    (3, 12, 9, 48, 40, 4, True, torch.float16, torch.int32, {**CHUNKS, "BLOCK_DP": 16, "GROUP_CHUNKS": 2,
+                                                             "HOIST_V": 1}),
+    (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**CHUNKS, "EVICT_FIRST": False}),
+    (3, 1, 5, 8, 8, 1, True, torch.float32, torch.int64, CHUNKS),
+    (2, 200, 300, 24, 16, 2, True, torch.float32, torch.int64, CHUNKS),  # 256 x 16 > CHUNK_TILE: 8 columns
 ]
 
 
@@ -289,3 +302,50 @@ def test_gate_lookup_forward(case):
     assert out.dtype == dtype and gate.dtype == dtype
     assert _rel(out, ref_out) < _tol(dtype)
     assert _rel(gate, ref_gate) < _tol(dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("blocks", [None, CHUNKS])
+def test_gate_lookup_out_of_range_rows_contribute_nothing(blocks, monkeypatch):
+    """Bad ids give a gate of 0 and no output contribution; they are never dereferenced. (The
+    launcher's range check runs on CPU tensors; on CUDA it is off outside debug mode.)"""
+    monkeypatch.setattr(tgl, "check_index_range", lambda *args: None)
+    g = _gen(17)
+    t, e, n, dv, dp, m = 4, 5, 10, 24, 16, 2
+    rows = _rows(t, e, n, g, torch.int64)
+    bad = rows.clone()
+    bad[0, 0], bad[2, 4], bad[3, 1] = n, -1, n + 1000
+    values, pre_values = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
+    x, scores = _rand((t, dp), g, torch.float32), _rand((t, e, m), g, torch.float32)
+    keep = scores.clone()
+    for ti, ei in ((0, 0), (2, 4), (3, 1)):
+        keep[ti, ei] = 0
+        scores[ti, ei] = float("inf")  # not even a bad score may leak in
+    ref_out, ref_gate = gate_lookup_oracle(rows, values, pre_values, x, keep, True)
+    for ti, ei in ((0, 0), (2, 4), (3, 1)):
+        ref_gate[ti, ei] = 0
+    out, gate = tgl.gate_lookup_cuda(bad, values, pre_values, x, scores, True, blocks)
+    assert _rel(out, ref_out) < 1e-5 and _rel(gate, ref_gate) < 1e-5
+
+
+@needs_interpreter
+def test_gate_lookup_chunks_mixed_dtypes_and_layouts():
+    """bf16 tables, fp32 activations (the layers' compute copy), transposed ids and scores."""
+    g = _gen(23)
+    t, e, n, dv, dp, m = 5, 6, 19, 32, 24, 2
+    rows = _rows(t, e, n, g, torch.int32)
+    values, pre_values = _rand((n, dv), g, torch.bfloat16), _rand((n, dp), g, torch.bfloat16)
+    x, scores = _rand((t, dp), g, torch.float32), _rand((t, e, m), g, torch.float32)
+    ref_out, ref_gate = gate_lookup_oracle(rows, values, pre_values, x, scores, True)
+    out, gate = tgl.gate_lookup_cuda(rows.t().contiguous().t(), _noncontig(values), pre_values, _noncontig(x),
+                                     scores.transpose(1, 2).contiguous().transpose(1, 2), True, CHUNKS)
+    assert out.dtype == torch.float32 and gate.dtype == torch.float32
+    assert _rel(out, ref_out) < 1e-5 and _rel(gate, ref_gate) < 1e-5
+
+
+@needs_interpreter
+def test_gate_lookup_chunks_no_entries():
+    rows = torch.zeros(3, 0, dtype=torch.int64)
+    out, gate = tgl.gate_lookup_cuda(rows, torch.randn(5, 8), torch.randn(5, 4), torch.randn(3, 4),
+                                     torch.zeros(3, 0, 2), True, CHUNKS)
+    assert out.shape == (3, 8) and (out == 0).all() and gate.shape == (3, 0)

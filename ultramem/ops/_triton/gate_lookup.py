@@ -7,6 +7,10 @@ One program owns a block of tokens and a block of V's columns; it gathers each e
 forms the gate in registers, and folds it into the weights of the V rows it gathers next, so
 neither the gate nor the effective scores go through memory in between. When V is wider than
 one column block, every column block recomputes the gate (only the first one stores it).
+
+With `D_CHUNKS` in the config a second kernel runs instead: one program (one warp) per token
+holds all of the token's entries at once and walks the columns in chunks, so no lane is masked
+when the dims are not powers of 2 and all P chunks of all entries are in flight together.
 """
 from __future__ import annotations
 
@@ -20,6 +24,24 @@ from .weighted_lookup import _block_d, _core_weights, _tl_acc
 _OP = "gate_lookup"
 
 CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True}
+
+# The column-chunk kernel ("D_CHUNKS"; unmeasured, perf/NOTES.md "fused v2"). Prediction at the
+# 227M shapes: 85 µs (82-88; 317 MB at the lookup forward's 87% of the copy ceiling) against
+# 92.8 µs for the best config of the kernel above: a token waits for 3 memory round trips (ids;
+# all 24 P loads; all 24 V loads) instead of 5, and issues 2,240 instructions instead of ~5,400
+# (sm_90 SASS: no lane idles on D = 192 of 256; of the 3 chunks only the middle one straddles
+# the two cores and needs a per-column select). maxnreg=136 (no spill) gives 15 one-warp programs
+# per SM instead of 12 with ptxas's own choice (167 registers; it then also issues the last 6 V
+# loads after the first V math, one round trip late). Any config value is correct; other maxnreg
+# values can spill or let the math start before the last loads are out (checked in the SASS).
+CHUNKS_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0,
+                 "EVICT_FIRST": True, "maxnreg": 136}
+# Upper bound on entries x columns of one gathered chunk (2048 = 64 bf16 values, 8 16-byte loads per
+# lane of one warp); above it the column chunk shrinks (down to 8) so that a large k does not spill.
+CHUNK_TILE = 2048
+# Elements of one table gathered together (one group of chunks in flight): 3 chunks of 32 x 64 =
+# 96 registers per lane of one warp for bf16, a whole row of 192 at the 227M shapes.
+CHUNK_GROUP = 6144
 
 
 @triton.jit
@@ -98,6 +120,108 @@ def _gate_lookup_fwd_kernel(
              mask=t_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _gate_lookup_fwd_chunks_kernel(
+    rows_ptr, r_st, r_se,
+    v_ptr, v_sn, v_sd,
+    p_ptr, p_sn, p_sd,
+    x_ptr, x_st, x_sd,
+    s_ptr, s_st, s_se, s_sm,
+    out_ptr, o_st, o_sd,
+    gate_ptr, ga_st, ga_se,
+    E, N, DV, DP,
+    DM: tl.constexpr, M: tl.constexpr, GELU: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr, CHUNKS_P: tl.constexpr, GROUP_V: tl.constexpr,
+    GROUP_P: tl.constexpr, HOIST_V: tl.constexpr, EVICT_FIRST: tl.constexpr, ACC: tl.constexpr,
+):
+    """One token per program, all its E <= BLOCK_E entries at once, columns in chunks.
+
+    gate: g[e] = Σ over P's column chunks of <P[id_e, chunk], x[t, chunk]> (kept in registers);
+    then, per V column chunk, out[t, chunk] = Σ_e act(g[e]) · scores[e, core] · V[id_e, chunk],
+    stored right away (an output chunk needs only the weights and its own V chunk).
+
+    What decides the speed is how many memory round trips a program waits for one after the
+    other (each ~1.5-2 µs under load) and how many bytes it has in flight meanwhile. The loads
+    go out in groups (GROUP_P / GROUP_V chunks: a whole row at the 227M shapes) collected in
+    tuples, and every load of a group is issued before the first one is waited for. ptxas does
+    not order them so by itself (it starts the first chunk's math, stalls on it, and issues the
+    rest one round trip later), and it deletes a bare tl.debug_barrier; what it keeps, and moves
+    no load over, is the barrier of a layout change through shared memory. So:
+    - x is loaded after the group's P chunks, and its change of layout is where the group's
+      math starts (loaded before them, its barrier held the later P loads back behind x);
+    - the scores are loaded after V's chunks, the same way (they are needed only there);
+    - the first HOIST_V chunks of V can go out with P's, before the gate (more registers).
+    At the 227M shapes (sm_90 SASS checked) a token waits for 3 round trips: its ids; 24 P
+    loads of 16 bytes per lane (+ x); 24 V loads (+ scores).
+    """
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e_ok, other=0).to(tl.int64)
+    ok = e_ok & (ids >= 0) & (ids < N)
+    p_rows = p_ptr + ids[:, None] * p_sn
+    cols_v = tl.arange(0, BLOCK_D)[None, :]
+    cols_p = tl.arange(0, BLOCK_DP)[None, :]
+
+    vs = ()
+    for c in tl.static_range(HOIST_V):  # V's first chunks do not depend on the gate
+        d = c * BLOCK_D + cols_v
+        vs = vs + (_load_rows(v_ptr + ids[:, None] * v_sn + d * v_sd, ok[:, None] & (d < DV), EVICT_FIRST),)
+    g = tl.zeros((BLOCK_E,), dtype=ACC)
+    for g0 in tl.static_range(0, CHUNKS_P, GROUP_P):
+        ps = ()
+        for c in tl.static_range(g0, g0 + GROUP_P):
+            if c < CHUNKS_P:
+                dp = c * BLOCK_DP + cols_p
+                ps = ps + (_load_rows(p_rows + dp * p_sd, ok[:, None] & (dp < DP), EVICT_FIRST),)
+        xs = ()
+        for c in tl.static_range(g0, g0 + GROUP_P):
+            if c < CHUNKS_P:
+                dp1 = c * BLOCK_DP + tl.arange(0, BLOCK_DP)
+                xs = xs + (tl.load(x_ptr + t * x_st + dp1 * x_sd, mask=dp1 < DP, other=0.0),)
+        for c in tl.static_range(g0, g0 + GROUP_P):
+            if c < CHUNKS_P:
+                g += tl.sum(ps[c - g0].to(ACC) * xs[c - g0].to(ACC)[None, :], axis=1)
+    tl.store(gate_ptr + t * ga_st + e * ga_se, g.to(gate_ptr.dtype.element_ty), mask=e_ok)
+    if GELU:
+        act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        act = g
+    v_rows = v_ptr + ids[:, None] * v_sn  # (here, not above: fewer registers live during P's loads)
+
+    for g0 in tl.static_range(0, CHUNKS_V, GROUP_V):
+        if g0 > 0:
+            vs = ()
+        for c in tl.static_range(g0, g0 + GROUP_V):
+            if c >= HOIST_V and c < CHUNKS_V:  # (the first HOIST_V are in flight already)
+                d = c * BLOCK_D + cols_v
+                vs = vs + (_load_rows(v_rows + d * v_sd, ok[:, None] & (d < DV), EVICT_FIRST),)
+        if g0 == 0:  # scores after V's loads: their layout change fences the loads from the math
+            scores = ()  # (masked by `ok`: an id out of range adds nothing, whatever its score)
+            for m in tl.static_range(M):
+                scores = scores + (tl.load(s_ptr + t * s_st + e * s_se + m * s_sm, mask=ok, other=0.0),)
+            weights = ()  # per core: act(g) · score; all M loads are out before the first layout change
+            for m in tl.static_range(M):
+                weights = weights + (scores[m].to(ACC) * act,)
+        for c in tl.static_range(g0, g0 + GROUP_V):
+            if c < CHUNKS_V:
+                d = c * BLOCK_D + cols_v
+                # The cores this chunk's columns belong to, first and last, are known at compile
+                # time (DM is a constexpr; written inline: a name assigned a constexpr expression
+                # in a static loop is not one): a chunk within one core needs no per-column select.
+                if (c * BLOCK_D) // DM == min(((c + 1) * BLOCK_D - 1) // DM, M - 1):
+                    w = weights[(c * BLOCK_D) // DM][:, None]
+                else:
+                    core = d // DM
+                    w = tl.where(core == (c * BLOCK_D) // DM, weights[(c * BLOCK_D) // DM][:, None], 0.0)
+                    for m in tl.static_range((c * BLOCK_D) // DM + 1,
+                                             min(((c + 1) * BLOCK_D - 1) // DM, M - 1) + 1):
+                        w = tl.where(core == m, weights[m][:, None], w)
+                o = tl.sum(vs[c - g0].to(ACC) * w, axis=0)
+                d1 = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                tl.store(out_ptr + t * o_st + d1 * o_sd, o.to(out_ptr.dtype.element_ty), mask=d1 < DV)
+
+
 def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool,
                      config: dict | None = None) -> tuple[Tensor, Tensor]:
     # Imported late: the op module imports this one at its end to register the kernel.
@@ -105,6 +229,8 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
     _check_args(rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
     cfg = {**CONFIG, **(config or {})}
+    if cfg.get("D_CHUNKS", False):
+        cfg = {**CHUNKS_CONFIG, **(config or {})}
     t, e = rows.shape
     n, dv = values.shape
     dp = pre_values.shape[1]
@@ -114,6 +240,9 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
     if t == 0:
         return out, gate
     acc = acc_dtype(values, pre_values, x, scores)
+    if cfg.get("D_CHUNKS", False):
+        _launch_chunks(rows, values, pre_values, x, scores, out, gate, bool(gelu), acc, cfg)
+        return out, gate
     bt, be = cfg["BLOCK_T"], cfg["BLOCK_E"]
     bd, bdp = _block_d(cfg["BLOCK_D"], max(dv, 1)), _block_d(cfg["BLOCK_DP"], max(dp, 1))
     n_d = max(1, triton.cdiv(dv, bd))
@@ -134,3 +263,40 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
         num_warps=cfg["num_warps"],
     )
     return out, gate
+
+
+def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cfg) -> None:
+    """`_gate_lookup_fwd_chunks_kernel`: one program per token; BLOCK_E covers all entries, the
+    column chunks shrink when entries x chunk would exceed CHUNK_TILE, and a group of chunks in
+    flight together holds at most CHUNK_GROUP elements per table (or `GROUP_CHUNKS` chunks)."""
+    t, e = rows.shape
+    dv, dp = values.shape[1], pre_values.shape[1]
+    m = scores.shape[2]
+    nw = int(cfg.get("num_warps", 1))
+    be = triton.next_power_of_2(max(e, 1))
+    bd = _block_d(cfg.get("BLOCK_D", 64), dv)
+    bdp = _block_d(cfg.get("BLOCK_DP", cfg.get("BLOCK_D", 64)), dp)
+    while be * bd > CHUNK_TILE and bd > 8:
+        bd //= 2
+    while be * bdp > CHUNK_TILE and bdp > 8:
+        bdp //= 2
+    chunks_v, chunks_p = triton.cdiv(dv, bd), triton.cdiv(dp, bdp)
+    group_v = max(1, min(chunks_v, cfg.get("GROUP_CHUNKS") or CHUNK_GROUP // (be * bd)))
+    group_p = max(1, min(chunks_p, cfg.get("GROUP_CHUNKS") or CHUNK_GROUP // (be * bdp)))
+    launch = {"num_warps": nw}
+    if cfg.get("maxnreg"):
+        launch["maxnreg"] = int(cfg["maxnreg"])
+    _gate_lookup_fwd_chunks_kernel[(t,)](
+        rows, rows.stride(0), rows.stride(1),
+        values, values.stride(0), values.stride(1),
+        pre_values, pre_values.stride(0), pre_values.stride(1),
+        x, x.stride(0), x.stride(1),
+        scores, scores.stride(0), scores.stride(1), scores.stride(2),
+        out, out.stride(0), out.stride(1),
+        gate, gate.stride(0), gate.stride(1),
+        e, values.shape[0], dv, dp,
+        DM=max(dv // m, 1), M=m, GELU=gelu, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, CHUNKS_V=chunks_v,
+        CHUNKS_P=chunks_p, GROUP_V=group_v, GROUP_P=group_p, HOIST_V=min(int(cfg.get("HOIST_V", 0)), group_v),
+        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc),
+        **launch,
+    )
