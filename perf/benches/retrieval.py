@@ -7,7 +7,7 @@ reference (a row may differ only by a near tie), per-core scores and all gradien
 float64 formulas at the kernel's ids, ids in range and distinct, rows sorted, gradients zero
 outside the kept keys. Timed: the reference op (eager, and torch.compile with --compile), the
 Triton kernels, their phases (coarse selection only; + grid selection), and forward + backward
-through the op and autograd; the non-default forward variants (`tri.FWD_VARIANTS`, e.g. v4) get
+through the op and autograd; the non-default forward variants (`tri.FWD_VARIANTS`, e.g. v4, v5) get
 the same forward checks and timed rows next to the default. Backward: the default (v2, zero-fill
 fused) beside `tri.BWD_VARIANTS` "v2-memset" (same checks), v2 also with preallocated
 NaN-filled outputs (misaligned flat blocks; rank-strided), and the bare zero-fill of both
@@ -216,6 +216,16 @@ def run(ctx) -> list[dict]:
         ("fwd", "ours v4", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v4")),
         ("fwd", "ours v4, coarse selection only",
          lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4")),
+        # v5: v4-split-only's kept sets with less code per program (perf/NOTES.md), 4 warps as the
+        # others; v5-2warps: 2 warps, at most 64 registers (fewer instructions, as many warps per SM)
+        ("fwd", "ours v5", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v5")),
+        ("fwd", "ours v5, coarse selection only",
+         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v5")),
+        ("fwd", "ours v5, coarse + grid selection",
+         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=2, variant="v5")),
+        ("fwd", "ours v5-2warps", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v5-2warps")),
+        ("fwd", "ours v5-2warps, coarse selection only",
+         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v5-2warps")),
         ("bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ids)),
         ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),  # v2: zero-fill fused
         ("bwd", "ours v2-memset (torch zero_ + kept rows)",

@@ -322,7 +322,7 @@ def test_padded_keys_equal_the_real_keys_alone(dtype):
 # ------------------------------------------------- forward variants (v4-split-only is the default)
 
 @interpreted_only
-@pytest.mark.parametrize("variant", ["v3", "v4"])
+@pytest.mark.parametrize("variant", ["v3", "v4", "v5", "v5-2warps"])
 @pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
     (30, 2, 2, 37, 130, 2, 2, 7, torch.float32),      # 37: one partial block; 130: 128 + a remainder
     (31, 1, 1, 1138, 1138, 2, 2, 32, torch.float32),  # the PERF shape: 1024 + 128
@@ -397,6 +397,67 @@ def test_forward_variants_all_equal_and_nan_inputs(variant):
     a[1, 0, 129:140] = float("nan")
     ids, _ = tri.launch_forward(a, b, cores, u, v, 4, variant=variant)
     assert ((ids >= 0) & (ids < 150 * 20)).all()
+
+
+@interpreted_only
+@pytest.mark.parametrize("num_warps,knn,n_row,n_col,dtype", [
+    (None, 1, 129, 300, torch.float32),   # 128 + a one-key remainder
+    (1, 32, 1138, 700, torch.float32),     # 32 threads: [32, 32] + [4, 32] blocks
+    (2, 20, 256, 130, torch.float16),      # no remainder, no padding on one side; k < block (grid padding)
+    (None, 33, 300, 520, torch.float32),   # 8 warps, [64, 64] grid in registers
+    (None, 100, 250, 260, torch.float32),  # tiled grid (v4's)
+    (None, 256, 256, 300, torch.float32),  # k = n on one side, tiled grid
+])
+def test_forward_v5_matches_the_default(num_warps, knn, n_row, n_col, dtype):
+    # v5 computes in the same order as the default: equal ids in equal order, equal scores
+    a, b, cores, u, v = _inputs(38 + knn, 2 if knn < 100 else 1, 1, n_row, n_col, 2, 2, dtype)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, knn, variant="v5", num_warps=num_warps)
+    want_ids, want_scores = tri.launch_forward(a, b, cores, u, v, knn, num_warps=num_warps)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    if knn <= 33:
+        assert_selection(ids, scores, a, b, cores, u, v, knn, tol=1e-5 if dtype == torch.float32 else 2e-2,
+                         exact_ids=dtype == torch.float32)
+
+
+@interpreted_only
+def test_forward_v5_infinite_scores_and_strided_keys():
+    # -inf coarse scores (the value of v5's padding) are real keys, kept by the tie rule when fewer
+    # than k keys are finite; their grid totals are NaN (never kept) or infinite. A key stride that
+    # is not the rank takes the kernel's runtime-stride path.
+    a, b, cores, u, v = _inputs(39, 3, 1, 150, 140, 2, 2)
+    u = torch.ones(1, 2)
+    a[0, 0, :140] = float("-inf")  # 10 finite keys, k = 12
+    a[1, 0, 7] = float("inf")
+    b[2, 0, 3:9] = float("-inf")
+    b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]
+    ids, scores = tri.launch_forward(a, b_s, cores, u, v, 12, variant="v5")
+    want_ids, want_scores = tri.launch_forward(a, b_s, cores, u, v, 12)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    assert ((ids >= 0) & (ids < 150 * 140)).all()
+
+
+@interpreted_only
+@pytest.mark.parametrize("variant", ["v5", "v5-2warps"])
+def test_forward_v5_ties_with_group_start(variant):
+    # k = 16 = the grid block and sides of >= 128 keys: every selection starts from group maxima.
+    # Integer coarse scores and grid totals tie at every threshold: the kept keys are the lowest
+    # positions among those equal to the k-th, the kept totals the k largest.
+    g = torch.Generator().manual_seed(41)
+    t, knn = 2, 16
+    a = torch.randint(-3, 4, (t, 1, 300, 1), generator=g).float()
+    b = torch.randint(-3, 4, (t, 1, 140, 1), generator=g).float()
+    ones = torch.ones(1, 1)
+    ids, scores = tri.launch_forward(a, b, ones.view(1, 1, 1, 1), ones, ones, knn, variant=variant)
+    for ti in range(t):
+        assert len(set(ids[ti, 0].tolist())) == knn
+        for x, got_keys in ((a, ids[ti, 0] // 140), (b, ids[ti, 0] % 140)):
+            vals = x[ti, 0, :, 0]
+            first_k = sorted(range(len(vals)), key=lambda p: (-float(vals[p]), p))[:knn]
+            assert set(got_keys.tolist()) <= set(first_k)
+        kept_a = sorted(a[ti, 0, :, 0].tolist())[::-1][:knn]
+        kept_b = sorted(b[ti, 0, :, 0].tolist())[::-1][:knn]
+        totals = sorted((x * y for x in kept_a for y in kept_b), reverse=True)[:knn]
+        assert scores[ti, 0, :, 0].tolist() == totals
 
 
 # ---------------------------------------------------------------- backward v2: outputs written in full

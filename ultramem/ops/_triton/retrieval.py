@@ -14,6 +14,9 @@ scores at a threshold the lowest positions are kept, so the kept set is the refe
 whenever scores are distinct. (Coarse keys land in scratch in atomic order, so among exactly
 equal grid totals the kept pairs and their order may change from run to run.)
 
+Forward variant v5 (`_retrieval_fwd_v5_kernel`, not the default until timed) makes the same
+selections with less code per program; see its section below.
+
 Backward (v2, `_retrieval_bwd_v2_kernel`), one single-warp program per (token, head): zero the
 program's whole block of grad_row / grad_col (16-byte stores when the [n, r] block is one
 contiguous range, element by element otherwise), then (after a CTA barrier) write the gradient
@@ -58,10 +61,15 @@ FWD_NUM_WARPS_SMALL_K = 4
 # min/max bracket, halving; "v4": no padding + group-bound start + interpolated probes;
 # "v4-split-only": no padding, v3's search. Measured on an H200 at the 227M shapes (perf/NOTES.md):
 # v3 491 µs, v4 421 µs, v4-split-only 360 µs, so the public op uses "v4-split-only".
+# "v5" (its own kernel, not yet timed): v4-split-only's kept sets with less code per program;
+# "v5-2warps": the same with 2 warps per program for k <= 32 and at most 64 registers per thread
+# (25% fewer instructions per program than 4 warps, as many warps per SM; perf/NOTES.md).
 FWD_VARIANTS = {
     "v3": None,
     "v4": dict(split=True, group_start=True, interp=True),
     "v4-split-only": dict(split=True, group_start=False, interp=False),
+    "v5": dict(small_k_warps=None, small_k_maxnreg=None),
+    "v5-2warps": dict(small_k_warps=2, small_k_maxnreg=64),
 }
 DEFAULT_FWD_VARIANT = "v4-split-only"
 
@@ -554,6 +562,332 @@ def _retrieval_fwd_v4_kernel(
                     R, M, BLOCK_K)
 
 
+# ------------------------------------------------------------------------------------ v5
+# Forward variant "v5" (launch_forward(..., variant="v5")): the kept sets of v4-split-only (exact
+# top-k; among values equal to the k-th the lowest positions) with less code per pass and per
+# program (SASS counts for sm_90 in perf/NOTES.md):
+#  - a side's keys are 1-D blocks ([P1·G] and a [P2·G] remainder, G = threads of the program)
+#    viewed as [P, G] with axis 0 in each thread's registers: every count sums a thread's entries
+#    first and both blocks then share one reduction across threads (v4: two per count);
+#  - padding is -inf, never counted (every probe lies above the bracket's low end); masks only in
+#    blocks that have padding and only in one-time code;
+#  - the bracket starts at [least of > k group maxima, the float above the maximum]: no count
+#    needed at either end, ~1.2 passes fewer than from the minimum (see _v5_threshold);
+#  - value halving and integer-key halving are two loops, so the common passes carry no key math;
+#  - kept slots from one exclusive scan over per-thread counts (no atomics, no counters; the kept
+#    keys land in scratch in a fixed order, so v5 is deterministic even among tied grid totals);
+#  - a constant key stride when a side's rows are contiguous (row stride R): immediate offsets;
+#    heads == 1 as a constant (no 64-bit division of the program id);
+#  - the k×k grid as [k·k / G, G] with the row fixed per thread: one row of A·ΣC per thread,
+#    column loads per entry.
+# The arithmetic of coarse scores and grid totals is v4's, so the kept sets are v4-split-only's
+# and, where grid totals do not tie exactly, so are the outputs bit for bit. Grids that do not
+# fit in registers use v4's tiled grid selection; the sort and the output writes are v4's.
+
+@triton.jit
+def _v5_minmax(lo_a, hi_a, lo_b, hi_b):
+    # minnum/maxnum on the GPU (NaN ignored); the interpreter's generic reduce propagates NaN
+    return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+
+
+@triton.jit
+def _v5_count(m1, m2, HAS2: tl.constexpr):
+    """Number of true entries of the [P, G] masks m1 and (if HAS2) m2: per-thread sums along
+    axis 0, then one reduction across threads."""
+    c = tl.sum(m1.to(tl.int32), axis=0)
+    if HAS2:
+        c += tl.sum(m2.to(tl.int32), axis=0)
+    return tl.sum(c)
+
+
+@triton.jit
+def _v5_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr,
+                  GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
+    """(thr, exact): thr = the knn-th largest real entry of x1 (and x2), or a value with exactly knn
+    entries >= thr (then exact is true). Padding is -inf (v false); n_all real entries.
+
+    GS > 0: the search starts at lo = the least of the maxima of groups of GS threads' entries:
+    there are more than knn groups and each has a real entry (the launcher checks), so more than
+    knn entries are >= lo, and lo lies below the knn-th largest unless values tie (simulated at the
+    PERF shape: 1.0-1.3 passes fewer than from the minimum). GS = 0: lo = the least real entry."""
+    hi_g = tl.max(x1, axis=0)
+    if HAS2:
+        hi_g = tl.maximum(hi_g, tl.max(x2, axis=0))
+    if GS > 0:
+        G: tl.constexpr = hi_g.shape[0]
+        lo_g = tl.max(tl.reshape(hi_g, (G // GS, GS)), axis=1)
+        lo, vmax = tl.reduce((lo_g, lo_g), 0, _v5_minmax)
+    else:
+        if MASK1:
+            lo_g = tl.min(tl.where(v1, x1, float("inf")), axis=0)
+        else:
+            lo_g = tl.min(x1, axis=0)
+        if HAS2:
+            if MASK2:
+                lo_g = tl.minimum(lo_g, tl.min(tl.where(v2, x2, float("inf")), axis=0))
+            else:
+                lo_g = tl.minimum(lo_g, tl.min(x2, axis=0))
+        lo = tl.min(lo_g)
+        vmax = tl.max(hi_g)
+    # hi = the float just above the maximum: count(x >= hi) = 0 without a pass (±0 -> +denormal)
+    kmax = tl.where(vmax == 0.0, 0, _key32(vmax))
+    hi = tl.where(vmax < float("inf"), _unkey32(kmax + 1), vmax)
+    if GS > 0:
+        c_lo = knn * 0 - 1  # count(x >= lo) > knn, not measured
+    else:
+        c_lo = n_all + knn * 0  # count(x >= lo)
+    step = knn * 0
+    todo = c_lo != knn
+    while todo:  # value halving: count(x >= lo) >= knn > count(x >= hi)
+        mid = lo * 0.5 + hi * 0.5
+        cnt = _v5_count(x1 >= mid, x2 >= mid, HAS2)
+        # mid = lo or hi once they are (nearly) adjacent floats: then stop (updating with such a
+        # mid changes nothing: count(x >= hi) < knn; a NaN mid, from lo = -inf and hi = inf, only
+        # makes hi NaN, which the key halving below treats as above every float)
+        inside = (mid > lo) & (mid < hi)
+        up = cnt >= knn
+        lo = tl.where(up, mid, lo)
+        c_lo = tl.where(up, cnt, c_lo)
+        hi = tl.where(up, hi, mid)
+        step += 1
+        todo = (cnt != knn) & inside & (step < VALUE_STEPS)
+    # integer-key halving (ties, or values too close for value halving): ends on any input
+    klo = _key32(lo)
+    khi = _key32(hi)
+    todo = (c_lo != knn) & (klo + 1 < khi)
+    while todo:
+        kmid = (klo >> 1) + (khi >> 1) + (klo & khi & 1)  # floor((klo + khi) / 2) without overflow
+        mid = _unkey32(kmid)
+        cnt = _v5_count(x1 >= mid, x2 >= mid, HAS2)
+        ge = cnt >= knn
+        klo = tl.where(ge, kmid, klo)
+        khi = tl.where(ge, khi, kmid)
+        lo = tl.where(ge, mid, lo)
+        c_lo = tl.where(ge, cnt, c_lo)
+        step += 1
+        todo = (cnt != knn) & (klo + 1 < khi) & (step < VALUE_STEPS + 40)
+    return lo, c_lo == knn
+
+
+@triton.jit
+def _v5_keep(x1, v1, p1, x2, v2, p2, thr, exact, knn, n_idx,
+             HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr):
+    """Masks of the kept entries: all x > thr, and of those equal to thr the lowest positions p
+    (distinct, in [0, n_idx)) up to knn in all. Padding (v false, -inf) is never kept."""
+    if exact:
+        keep1 = x1 >= thr
+        keep2 = x2 >= thr
+    else:
+        # ties at thr: a bisection on a position cut, only when there are more than needed
+        eq1 = x1 == thr
+        eq2 = x2 == thr
+        need = knn - _v5_count(x1 > thr, x2 > thr, HAS2)
+        cut_lo = need * 0        # count(eq & p < cut_lo) < need
+        cut_hi = cut_lo + n_idx  # count(eq & p < cut_hi) >= need
+        if _v5_count(eq1 & v1, eq2 & v2, HAS2) <= need:
+            cut_lo = cut_hi - 1
+        while cut_hi - cut_lo > 1:
+            cut_mid = (cut_lo + cut_hi) // 2
+            enough = _v5_count(eq1 & v1 & (p1 < cut_mid), eq2 & v2 & (p2 < cut_mid), HAS2) >= need
+            cut_lo = tl.where(enough, cut_lo, cut_mid)
+            cut_hi = tl.where(enough, cut_mid, cut_hi)
+        keep1 = (x1 > thr) | (eq1 & (p1 < cut_hi))
+        keep2 = (x2 > thr) | (eq2 & (p2 < cut_hi))
+    if MASK1:
+        keep1 = keep1 & v1
+    if MASK2:
+        keep2 = keep2 & v2
+    return keep1, keep2
+
+
+@triton.jit
+def _v5_flat(x):
+    """[P, G] -> [P·G] (same registers: 1-D memory accesses get Triton's 1-D layout, which is
+    this one; 2-D ones with data-dependent addresses would be moved to another layout)."""
+    return tl.reshape(x, (x.shape[0] * x.shape[1],))
+
+
+@triton.jit
+def _v5_store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_idx, dst_val,
+                   HAS2: tl.constexpr, STORE_VALS: tl.constexpr):
+    """Write p (and x, if STORE_VALS) of the kept entries to dst[0:knn]: slots from an exclusive
+    scan over the threads' kept counts, then in register order within a thread."""
+    k1 = keep1.to(tl.int32)
+    c1 = tl.sum(k1, axis=0)
+    c = c1
+    if HAS2:
+        k2 = keep2.to(tl.int32)
+        c += tl.sum(k2, axis=0)
+    last = tl.cumsum(c, axis=0) - c - 1  # the slot before this thread's first
+    s1 = last[None, :] + tl.cumsum(k1, axis=0)
+    ok1 = _v5_flat(keep1 & (s1 < knn))
+    s1 = _v5_flat(s1)
+    tl.store(dst_idx + s1, _v5_flat(p1), mask=ok1)
+    if STORE_VALS:
+        tl.store(dst_val + s1, _v5_flat(x1), mask=ok1)
+    if HAS2:
+        s2 = (last + c1)[None, :] + tl.cumsum(k2, axis=0)
+        ok2 = _v5_flat(keep2 & (s2 < knn))
+        s2 = _v5_flat(s2)
+        tl.store(dst_idx + s2, _v5_flat(p2), mask=ok2)
+        if STORE_VALS:
+            tl.store(dst_val + s2, _v5_flat(x2), mask=ok2)
+
+
+@triton.jit
+def _v5_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+              MASKED: tl.constexpr):
+    """Scores <key, w> of keys p0 + e (e < P·G) as [P, G] (entry [p, g] = key p0 + p·G + g, -inf
+    past n), the mask of real keys and the positions."""
+    e = tl.arange(0, P * G)
+    pos = p0 + e
+    valid = pos < n
+    # one address per thread plus an offset per register row (an immediate for a constant s_n)
+    ptr = (base + (e % G) * s_n) + (p0 + e // G * G) * s_n
+    x = tl.zeros((P * G,), dtype=tl.float32)
+    for q in tl.static_range(R):
+        w_q = tl.load(w_ptr + q * s_w).to(tl.float32)
+        if MASKED:
+            a_q = tl.load(ptr + q * s_r, mask=valid, other=0.0)
+        else:
+            a_q = tl.load(ptr + q * s_r)
+        x += w_q * a_q.to(tl.float32)
+    if MASKED:
+        x = tl.where(valid, x, float("-inf"))
+    return tl.reshape(x, (P, G)), tl.reshape(valid, (P, G)), tl.reshape(pos, (P, G))
+
+
+@triton.jit
+def _v5_coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
+                      R: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_REM: tl.constexpr,
+                      MASK1: tl.constexpr, MASK2: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
+                      VALUE_STEPS: tl.constexpr):
+    """Write the positions of the knn largest <key, w> of one [n, R] score block to dst[0:knn]."""
+    x1, v1, p1 = _v5_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
+    if HAS_REM:
+        x2, v2, p2 = _v5_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G, MASK2)
+    else:  # unused placeholders
+        p2 = tl.reshape(tl.arange(0, P2 * G), (P2, G))
+        v2 = p2 < 0
+        x2 = tl.full((P2, G), float("-inf"), tl.float32)
+    thr, exact = _v5_threshold(x1, v1, x2, v2, knn, n, HAS_REM, MASK1, MASK2, GS, VALUE_STEPS)
+    keep1, keep2 = _v5_keep(x1, v1, p1, x2, v2, p2, thr, exact, knn, n, HAS_REM, MASK1, MASK2)
+    _v5_store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_ptr, dst_ptr, HAS_REM, False)
+
+
+@triton.jit
+def _v5_grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                    keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
+                    R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
+                    FULL_K: tl.constexpr, GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
+    """Phase 3 of the forward with the k×k grid in registers as [BLOCK_K² / G, G] (entry e = p·G + g
+    holds row slot e % BLOCK_K, column slot e // BLOCK_K): the knn best pairs (i·BLOCK_K + j) and
+    their totals to pairs_ws / vals_ws, in no fixed order. Loads are 1-D (see _v5_flat)."""
+    PG: tl.constexpr = BLOCK_K * BLOCK_K // G
+    e = tl.arange(0, BLOCK_K * BLOCK_K)
+    j_ok = e // BLOCK_K < knn
+    cols = _load_kept(keys_ws + BLOCK_K, e // BLOCK_K, j_ok, n_col)
+    if G % BLOCK_K == 0:  # the row slot is the same for all of a thread's entries: one row per thread
+        ii = tl.arange(0, G) % BLOCK_K
+    else:
+        ii = e % BLOCK_K
+    i_ok = ii < knn
+    rows = _load_kept(keys_ws, ii, i_ok, n_row)
+    # same arithmetic (order of operations) as v4's _grid_tile; s starts as a reshape, not as a
+    # 2-D constant, so that it gets the layout of the reshaped loads
+    s = tl.reshape(tl.zeros((BLOCK_K * BLOCK_K,), dtype=tl.float32), (PG, G))
+    for q in tl.static_range(R):
+        b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
+        p_q = tl.zeros(ii.shape, dtype=tl.float32)
+        for p in tl.static_range(R):
+            c_pq = tl.load(c_base + p * sc_r + q * sc_s).to(tl.float32)
+            for m in tl.static_range(1, M):
+                c_pq += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32)
+            a_p = tl.load(a_base + rows * sa_n + p * sa_r, mask=i_ok, other=0.0).to(tl.float32)
+            p_q += a_p * c_pq
+        if G % BLOCK_K == 0:
+            s += p_q[None, :] * tl.reshape(b_q, (PG, G))
+        else:
+            s += tl.reshape(p_q * b_q, (PG, G))
+    e = tl.reshape(e, (PG, G))
+    jj = e // BLOCK_K
+    if G % BLOCK_K == 0:
+        ii = ii[None, :]
+    else:
+        ii = e % BLOCK_K
+    valid = (ii < knn) & (jj < knn)
+    if not FULL_K:
+        s = tl.where(valid, s, float("-inf"))
+    flat = ii * BLOCK_K + jj
+    thr, exact = _v5_threshold(s, valid, s, valid, knn, knn * knn, False, not FULL_K, False, GS, VALUE_STEPS)
+    keep, _ = _v5_keep(s, valid, flat, s, valid, flat, thr, exact, knn, BLOCK_K * BLOCK_K,
+                       False, not FULL_K, False)
+    _v5_store_kept(keep, flat, s, keep, flat, s, knn, pairs_ws, vals_ws, False, True)
+
+
+@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
+def _retrieval_fwd_v5_kernel(
+    a_ptr, sa_t, sa_h, sa_n, sa_r,
+    b_ptr, sb_t, sb_h, sb_n, sb_r,
+    c_ptr, sc_h, sc_m, sc_r, sc_s,
+    u_ptr, su_h, su_r,
+    v_ptr, sv_h, sv_r,
+    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr,
+    heads, n_row, n_col, knn,
+    R: tl.constexpr, M: tl.constexpr, G: tl.constexpr,
+    P1_R: tl.constexpr, P2_R: tl.constexpr, REM_R: tl.constexpr, MASK1_R: tl.constexpr, MASK2_R: tl.constexpr,
+    P1_C: tl.constexpr, P2_C: tl.constexpr, REM_C: tl.constexpr, MASK1_C: tl.constexpr, MASK2_C: tl.constexpr,
+    KEY_STRIDE_A: tl.constexpr, KEY_STRIDE_B: tl.constexpr, GS_R: tl.constexpr, GS_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, TILE_I: tl.constexpr, GRID_G: tl.constexpr, FULL_K: tl.constexpr, GS_K: tl.constexpr,
+    ONE_HEAD: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
+):
+    # KEY_STRIDE_A/B > 0: the key stride of that side as a constant (rows are contiguous);
+    # ONE_HEAD: heads == 1 (no 64-bit division of the program id)
+    pid = tl.program_id(0).to(tl.int64)
+    if ONE_HEAD:
+        t = pid
+        h = pid * 0
+    else:
+        t = pid // heads
+        h = pid % heads
+    a_base = a_ptr + t * sa_t + h * sa_h
+    b_base = b_ptr + t * sb_t + h * sb_h
+    c_base = c_ptr + h * sc_h
+    keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)
+    pairs_ws = pairs_ws_ptr + pid * BLOCK_K
+    vals_ws = vals_ws_ptr + pid * BLOCK_K
+    if KEY_STRIDE_A > 0:
+        ka_n = KEY_STRIDE_A
+    else:
+        ka_n = sa_n
+    if KEY_STRIDE_B > 0:
+        kb_n = KEY_STRIDE_B
+    else:
+        kb_n = sb_n
+
+    _v5_coarse_select(a_base, ka_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws,
+                      R, P1_R, P2_R, REM_R, MASK1_R, MASK2_R, G, GS_R, VALUE_STEPS)
+    _v5_coarse_select(b_base, kb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
+                      R, P1_C, P2_C, REM_C, MASK1_C, MASK2_C, G, GS_C, VALUE_STEPS)
+    tl.debug_barrier()
+    if PHASES < 2:
+        return
+    if TILE_I == BLOCK_K:
+        _v5_grid_select(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                        keys_ws, pairs_ws, vals_ws, knn, n_row, n_col, R, M, BLOCK_K, GRID_G, FULL_K, GS_K,
+                        VALUE_STEPS)
+    else:  # v4's tiled grid (its untiled branch, which needs slot counters, is not compiled here)
+        _grid_select(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                     keys_ws, pairs_ws, vals_ws, pairs_ws, knn, n_row, n_col,
+                     R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+    tl.debug_barrier()
+    if PHASES < 3:
+        return
+    _sort_and_write(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col,
+                    R, M, BLOCK_K)
+
+
 # ------------------------------------------------------------------------------------ backward v2
 # The default backward (launch_backward(..., variant="v2")). The previous kernel (v1, removed
 # after it was timed: 113 µs against v2's 65 µs at the PERF shape) spent its time issuing
@@ -778,6 +1112,9 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
     unwritten) and `variant`: one of FWD_VARIANTS (same kept set; default DEFAULT_FWD_VARIANT)."""
     if variant not in FWD_VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {list(FWD_VARIANTS)}")
+    if variant.startswith("v5"):
+        return _launch_forward_v5(row_scores, col_scores, cores, u, v, knn, grid_tile, num_warps, phases,
+                                  **FWD_VARIANTS[variant])
     if variant != "v3":
         return _launch_forward_v4(row_scores, col_scores, cores, u, v, knn, grid_tile, num_warps, phases,
                                   **FWD_VARIANTS[variant])
@@ -846,6 +1183,75 @@ def _launch_forward_v4(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u:
             BLOCK_K=block_k, TILE_I=tile_i, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
             GROUP_START=group_start, INTERP=interp,
             num_warps=num_warps or _num_warps(block_k),
+        )
+    return ids, scores
+
+
+def _v5_layout(n: int, g: int) -> dict:
+    """Blocks of one side for the v5 kernel: [P1·G] keys (P1 the largest power of 2 with P1·G keys
+    within the rows of G) plus a [P2·G] remainder (P2 a power of 2), and which of them hold padding."""
+    rows = -(-n // g)
+    p1 = 1 << (rows.bit_length() - 1)
+    rem = rows - p1
+    p2 = triton.next_power_of_2(rem) if rem else 1
+    return dict(p1=p1, p2=p2, has_rem=rem > 0, mask1=p1 * g > n, mask2=rem > 0 and (p1 + p2) * g > n)
+
+
+def _v5_group_threads(knn: int, g: int, every_thread_real: bool) -> int:
+    """Threads per group for v5's group-maximum start (see _v5_threshold): the smallest power of 2
+    above knn groups over g threads, each thread holding at least one real entry; 0 (start at
+    the minimum) when that is impossible."""
+    groups = 1 << knn.bit_length()
+    return g // groups if every_thread_real and groups <= g else 0
+
+
+def _contiguous_key_stride(x: Tensor) -> int:
+    """x's key stride when each [n, R] block has rows of R contiguous elements (the kernel then
+    takes it as a constant), else 0."""
+    r = x.shape[3]
+    return r if x.stride(2) == r and (r == 1 or x.stride(3) == 1) else 0
+
+
+def _launch_forward_v5(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
+                       grid_tile: int, num_warps: int | None, phases: int, small_k_warps: int | None,
+                       small_k_maxnreg: int | None) -> tuple[Tensor, Tensor]:
+    t, h, n_row, r = row_scores.shape
+    n_col = col_scores.shape[2]
+    m = cores.shape[1]
+    dev = row_scores.device
+    ids = torch.empty((t, h, knn), dtype=torch.int64, device=dev)
+    scores = torch.empty((t, h, knn, m), dtype=row_scores.dtype, device=dev)
+    if t * h == 0:
+        return ids, scores
+    block_k = _block_k(knn)
+    tile_i = max(1, min(block_k, grid_tile // block_k))
+    small_k = block_k <= 32
+    warps = num_warps or (small_k and small_k_warps) or _num_warps(block_k)
+    limits = dict(maxnreg=small_k_maxnreg) if small_k and small_k_maxnreg and not num_warps else {}
+    g = 32 * warps  # keys per register row: one per thread
+    keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
+    pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
+    vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
+    lr, lc = _v5_layout(n_row, g), _v5_layout(n_col, g)
+    grid_g = min(g, block_k * block_k)
+    with _device_ctx(row_scores):
+        _retrieval_fwd_v5_kernel[(t * h,)](
+            row_scores, *row_scores.stride(),
+            col_scores, *col_scores.stride(),
+            cores, *cores.stride(),
+            u, *u.stride(),
+            v, *v.stride(),
+            ids, scores, keys_ws, pairs_ws, vals_ws,
+            h, n_row, n_col, knn,
+            R=r, M=m, G=g,
+            P1_R=lr["p1"], P2_R=lr["p2"], REM_R=lr["has_rem"], MASK1_R=lr["mask1"], MASK2_R=lr["mask2"],
+            P1_C=lc["p1"], P2_C=lc["p2"], REM_C=lc["has_rem"], MASK1_C=lc["mask1"], MASK2_C=lc["mask2"],
+            KEY_STRIDE_A=_contiguous_key_stride(row_scores), KEY_STRIDE_B=_contiguous_key_stride(col_scores),
+            GS_R=_v5_group_threads(knn, g, n_row >= g), GS_C=_v5_group_threads(knn, g, n_col >= g),
+            BLOCK_K=block_k, TILE_I=tile_i, GRID_G=grid_g, FULL_K=knn == block_k,
+            GS_K=_v5_group_threads(knn, grid_g, knn == block_k),
+            ONE_HEAD=h == 1, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
+            num_warps=warps, **limits,
         )
     return ids, scores
 
