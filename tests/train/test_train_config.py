@@ -63,7 +63,9 @@ def test_wrong_type_names_key_expected_and_got(tmp_path):
         load_config(write(tmp_path, "[optim]\nbetas = [0.9]\n"))
     with pytest.raises(ConfigError, match=r"train\.compile_mode.*'graphs'.*reduce-overhead"):
         load_config("debug", ["--train.compile_mode=graphs"])
-    assert load_config("debug", ["--train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"
+    assert load_config("debug", ["--train.compile=true", "--train.compile_mode=reduce-overhead"]).train.compile
+    with pytest.raises(ConfigError, match=r"train\.compile_mode='reduce-overhead' needs train\.compile=true"):
+        load_config("debug", ["--train.compile_mode=reduce-overhead"])
     with pytest.raises(ConfigError, match=r"model\.memory.*table"):
         load_config(write(tmp_path, "[model]\nmemory = 3\n"))
     # ints widen to float fields; floats do not narrow to int fields

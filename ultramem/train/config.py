@@ -326,6 +326,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _one_of(t.dtype, DTYPES, "train.dtype")
     _one_of(t.device, DEVICES, "train.device")
     _one_of(t.compile_mode, COMPILE_MODES, "train.compile_mode")
+    _require(t.compile or t.compile_mode == "default",
+             f"train.compile_mode={t.compile_mode!r} needs train.compile=true (it is the mode of that compile)")
     _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
     _require(cfg.parallel.mode in BUILT_PARALLEL_MODES,
              f"parallel.mode={cfg.parallel.mode!r} is not implemented yet (built: "
