@@ -85,9 +85,10 @@ SWEEP = {
             "T1,E32,D64,w2,V1", "T1,E32,D256,w4"],
     "gate": ["T1,E4,D256,w1", "T1,E8,D256,w1", "T1,E2,D256,w1", "T1,E32,D256,w4", "T1,E4,D256,w2",
              "T2,E4,D256,w2"],
-    "fused": ["T1,E8,D256,P256,w1,H1", "T1,E8,D256,P256,w1,H1,V1", "T1,E8,D256,P256,w1,H0,V1",
-              "T1,E4,D256,P256,w1,H1,V1", "T1,E16,D256,P256,w1,H1,V1", "T1,E8,D256,P256,w2,H1,V1",
-              "T1,E8,D64,P256,w1,H1,V1,F1", "T1,E16,D128,P256,w1,H1,V1,F1", "T1,E8,D128,P128,w1,H1,V1,F1",
+    # entry-block kernel (C0): E entries at a time, D/P columns per program
+    "fused": ["C0,T1,E8,D256,P256,w1,H1,V0", "C0,T1,E8,D256,P256,w1,H1,V1", "C0,T1,E8,D256,P256,w1,H0,V1",
+              "C0,T1,E4,D256,P256,w1,H1,V1", "C0,T1,E16,D256,P256,w1,H1,V1", "C0,T1,E8,D256,P256,w2,H1,V1",
+              "C0,T1,E8,D64,P256,w1,H1,V1,F1", "C0,T1,E16,D128,P256,w1,H1,V1,F1", "C0,T1,E8,D128,P128,w1,H1,V1,F1",
               # fused v2 (C1): one warp per token with all entries, columns in chunks of D (V) and P (P);
               # R = maxnreg (R0: ptxas's choice), H = V chunks issued before the gate
               "C1,D64,P64,w1,H0,V1,R136", "C1,D64,P64,w1,H0,V1,R144", "C1,D64,P64,w1,H0,V1,R152",

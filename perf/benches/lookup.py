@@ -137,16 +137,11 @@ SEGMENT_CONFIGS = [
     {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": True},
 ]
 FUSED_CONFIGS = [
-    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True},
-    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": False},
-    {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True, "EVICT_FIRST": True},
-    {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 4},
-    # fused v2, the column-chunk kernel: one warp per token, all entries, 64-column chunks
-    tgl.CHUNKS_CONFIG,
-    {**tgl.CHUNKS_CONFIG, "maxnreg": 152},
-    {**tgl.CHUNKS_CONFIG, "maxnreg": None},
-    {**tgl.CHUNKS_CONFIG, "HOIST_V": 1, "maxnreg": None},
+    tgl.CONFIG,  # the column-chunk kernel: one warp per token, all entries, 64-column chunks
+    {**tgl.CHUNKS_CONFIG, "maxnreg": 136},
     {**tgl.CHUNKS_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32, "maxnreg": 128},
+    tgl.ENTRY_BLOCK_CONFIG,  # the entry-block kernel (the default before)
+    {**tgl.ENTRY_BLOCK_CONFIG, "EVICT_FIRST": False},
 ]
 
 

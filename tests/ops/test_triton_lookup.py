@@ -42,6 +42,8 @@ if INTERPRET:
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
 SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True, "EVICT_FIRST": True, "HOIST_V": False}
 SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1}
+# The fused entry-block kernel (the column-chunk kernel is the default).
+ENTRY_BLOCKS = {**SMALL_BLOCKS, "BLOCK_DP": 8, "D_CHUNKS": False}
 CHUNKS = {"BLOCK_D": 16, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0, "EVICT_FIRST": True,
           "maxnreg": 136}
 
@@ -273,8 +275,8 @@ def test_gate_backward(case, deterministic):
 FUSED_CASES = [
     # (tokens, entries, rows, vdim, pre_dim, cores, gelu, dtype, index dtype, blocks)
     (6, 5, 23, 24, 16, 2, True, torch.float32, torch.int64, None),
-    (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, {**SMALL_BLOCKS, "BLOCK_DP": 8}),
-    (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**SMALL_BLOCKS_DFAST, "BLOCK_DP": 8}),
+    (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, ENTRY_BLOCKS),
+    (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**SMALL_BLOCKS_DFAST, "BLOCK_DP": 8, "D_CHUNKS": False}),
     # The column-chunk kernel (D_CHUNKS): entries not a power of 2, dims not multiples of the chunk
     # (a masked last chunk), chunks within one core and chunks straddling two, several groups of
     # chunks, V chunks hoisted before the gate, fp16, int32 ids.
@@ -305,7 +307,7 @@ def test_gate_lookup_forward(case):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("blocks", [None, CHUNKS])
+@pytest.mark.parametrize("blocks", [ENTRY_BLOCKS, CHUNKS])
 def test_gate_lookup_out_of_range_rows_contribute_nothing(blocks, monkeypatch):
     """Bad ids give a gate of 0 and no output contribution; they are never dereferenced. (The
     launcher's range check runs on CPU tensors; on CUDA it is off outside debug mode.)"""

@@ -23,19 +23,19 @@ from .weighted_lookup import _block_d, _core_weights, _tl_acc
 
 _OP = "gate_lookup"
 
-CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True}
+# The entry-block kernel (config without D_CHUNKS): 93.0 µs at the 227M shapes with evict_first.
+ENTRY_BLOCK_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True,
+                      "EVICT_FIRST": True, "D_CHUNKS": False}
 
-# The column-chunk kernel ("D_CHUNKS"; unmeasured, perf/NOTES.md "fused v2"). Prediction at the
-# 227M shapes: 85 µs (82-88; 317 MB at the lookup forward's 87% of the copy ceiling) against
-# 92.8 µs for the best config of the kernel above: a token waits for 3 memory round trips (ids;
-# all 24 P loads; all 24 V loads) instead of 5, and issues 2,240 instructions instead of ~5,400
-# (sm_90 SASS: no lane idles on D = 192 of 256; of the 3 chunks only the middle one straddles
-# the two cores and needs a per-column select). maxnreg=136 (no spill) gives 15 one-warp programs
-# per SM instead of 12 with ptxas's own choice (167 registers; it then also issues the last 6 V
-# loads after the first V math, one round trip late). Any config value is correct; other maxnreg
-# values can spill or let the math start before the last loads are out (checked in the SASS).
+# The column-chunk kernel ("D_CHUNKS", perf/NOTES.md "fused v2"): predicted 85 µs at the 227M
+# shapes, measured 83.6-84.5 µs on an H200 (0.88 of the copy ceiling) against 93.0 µs for the
+# entry-block kernel: a token waits for 3 memory round trips (ids; all P loads; all V loads)
+# instead of 5, and no lane idles on D = 192. maxnreg 136 measured within 1 µs of ptxas's own
+# choice, so none is forced (a forced cap can spill at other shapes).
 CHUNKS_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0,
-                 "EVICT_FIRST": True, "maxnreg": 136}
+                 "EVICT_FIRST": True, "maxnreg": None}
+# The default: the column-chunk kernel (83.6-84.5 µs vs 93.0 on an H200, perf/NOTES.md "fused v2").
+CONFIG = CHUNKS_CONFIG
 # Upper bound on entries x columns of one gathered chunk (2048 = 64 bf16 values, 8 16-byte loads per
 # lane of one warp); above it the column chunk shrinks (down to 8) so that a large k does not spill.
 CHUNK_TILE = 2048
@@ -229,8 +229,8 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
     _check_args(rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
     cfg = {**CONFIG, **(config or {})}
-    if cfg.get("D_CHUNKS", False):
-        cfg = {**CHUNKS_CONFIG, **(config or {})}
+    if not cfg.get("D_CHUNKS", False):
+        cfg = {**ENTRY_BLOCK_CONFIG, **(config or {})}
     t, e = rows.shape
     n, dv = values.shape
     dp = pre_values.shape[1]

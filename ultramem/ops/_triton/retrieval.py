@@ -71,7 +71,7 @@ FWD_VARIANTS = {
     "v5": dict(small_k_warps=None, small_k_maxnreg=None),
     "v5-2warps": dict(small_k_warps=2, small_k_maxnreg=64),
 }
-DEFAULT_FWD_VARIANT = "v4-split-only"
+DEFAULT_FWD_VARIANT = "v5-2warps"
 
 _warned: set[str] = set()
 
