@@ -177,7 +177,10 @@ def training_curves(result: dict, steps: int) -> None:
         "seconds": time.perf_counter() - t2}
 
 
-def throughput_227m(result: dict, steps: int = 8) -> None:
+THROUGHPUT_RUNS = ("dense", "ultramem_v2_cudagraphs", "ultramem_v2")
+
+
+def throughput_227m(result: dict, steps: int = 8, only: tuple[str, ...] = THROUGHPUT_RUNS) -> None:
     """Training throughput of the 227M configs on this GPU (same trainer, data and settings):
     the dense baseline, UltraMemV2 with the per-block compile, and with CUDA graphs."""
     common = [f"--train.max_steps={steps}", "--train.log_interval=1", "--train.eval_interval=0",
@@ -185,6 +188,7 @@ def throughput_227m(result: dict, steps: int = 8) -> None:
     runs = {"dense": ["--model.memory.type=none"],
             "ultramem_v2_cudagraphs": ["--train.compile_mode=reduce-overhead"],
             "ultramem_v2": []}
+    runs = {name: extra for name, extra in runs.items() if name in only}
     out = result.setdefault("throughput_227m", {})
     for name, extra in runs.items():
         t0 = time.perf_counter()
@@ -208,13 +212,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--only", nargs="*", default=["compile", "layer", "training", "throughput"])
     parser.add_argument("--cudagraphs", action="store_true", help="also time the layer under mode='reduce-overhead'")
+    parser.add_argument("--throughput-runs", nargs="*", default=list(THROUGHPUT_RUNS), choices=THROUGHPUT_RUNS)
+    parser.add_argument("--throughput-steps", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "errors": {}}
     sections = {"compile": check_compile, "layer": lambda r: time_layer(r, args.cudagraphs),
-                "training": lambda r: training_curves(r, args.steps), "throughput": throughput_227m}
+                "training": lambda r: training_curves(r, args.steps), "throughput": lambda r: throughput_227m(r, args.throughput_steps, tuple(args.throughput_runs))}
     for name in args.only:
         try:
             sections[name](result)

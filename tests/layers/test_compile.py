@@ -43,3 +43,28 @@ def test_compiled_layer_matches_eager(kind, backend):
     torch.testing.assert_close(compiled[3], eager[3], rtol=0, atol=0)  # hits updated in the graph
     torch.testing.assert_close(compiled[4], eager[4], rtol=1e-4, atol=1e-4)
     assert float(eager[3].sum()) == 10 * 2 * layer.knn  # tokens × heads × k
+
+
+def test_layers_share_one_compiled_graph():
+    """Every UltraMemV2 layer runs the same forward; their per-layer row offsets must not be
+    graph constants (one recompile per layer: past torch's recompile limit of 8, the 227M model's
+    later layers silently ran uncompiled). aot_eager: the guards are what is tested here."""
+    torch._dynamo.reset()
+    tables, layers, g = build_random(make_cfg(type="ultramem_v2", pre_vdim=4), 4, seed=5)
+    assert len({layer.offset for layer in layers}) == 4
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    eager = [layer(x, tables)[0] for layer in layers]
+    compiled = [torch.compile(layer, fullgraph=True, backend="aot_eager") for layer in layers]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = [c(x, tables)[0] for c in compiled]
+    for want, out in zip(eager, got):
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_row_offset_filled_after_meta_build():
+    """The offsets are buffers outside the state dict: init fills them after to_empty."""
+    from ultramem.model import build_model  # noqa: PLC0415
+
+    model = build_model(make_cfg(type="ultramem_v2"), device="cpu", seed=0)
+    layers = [m for m in model.modules() if hasattr(m, "row_offset")]
+    assert layers and [int(m.row_offset) for m in layers] == [m.offset for m in layers]

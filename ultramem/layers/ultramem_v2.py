@@ -233,6 +233,11 @@ class UltraMemV2(TuckerMemoryBase):
         super().__init__(cfg, layer_index, num_layers, n)
         self.num_rows = m.knum * m.knum * num_layers  # N
         self.offset = (layer_index * m.knum * m.knum) % self.num_rows  # o_l
+        # o_l as a tensor for forward: an int attribute that differs per layer is a constant to
+        # torch.compile, so each layer would recompile the shared forward (past the recompile
+        # limit, layers ran uncompiled); as a buffer all layers share one graph. Filled again by
+        # reset_parameters (after to_empty from the meta device); not in the state dict.
+        self.register_buffer("row_offset", torch.tensor(self.offset, dtype=torch.int64), persistent=False)
         self.vdim, self.pre_vdim, self.glu_act = m.vdim, m.pre_vdim, m.glu_act
         self.w_p = nn.Linear(self.dim, self.pre_vdim, bias=False) if self.pre_vdim > 0 else None
         self.w_o = nn.Linear(self.vdim, self.dim, bias=False)
@@ -256,7 +261,7 @@ class UltraMemV2(TuckerMemoryBase):
         hk = self.heads * self.knn
         a, b, ids, scores = self._retrieve(x2)
         logical, _ = self._logical_and_group(ids)
-        rows = ((logical + self.offset) % self.num_rows).reshape(t, hk)
+        rows = ((logical + self.row_offset) % self.num_rows).reshape(t, hk)
         act = a.dtype
         values, pre_values = tables.gather_tables()
         lookup_scores = scores.to(act).reshape(t, hk, self.num_cores)
@@ -277,6 +282,7 @@ class UltraMemV2(TuckerMemoryBase):
         Draw order: perm, cores, W_q, keys, W_p, W_o, calibration inputs. The tables fill
         themselves once every layer has reported (see ValueTables.note_layer_init)."""
         self._reset_retrieval(generator)
+        self.row_offset.fill_(self.offset)
         m = self.cfg.memory
         if m.init == "released":
             wp_std, wo_std = self.dim ** -0.5, self.vdim ** -0.5  # value_expand = 1 in v2
