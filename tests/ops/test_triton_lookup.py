@@ -288,7 +288,24 @@ FUSED_CASES = [
     (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**CHUNKS, "EVICT_FIRST": False}),
     (3, 1, 5, 8, 8, 1, True, torch.float32, torch.int64, CHUNKS),
     (2, 200, 300, 24, 16, 2, True, torch.float32, torch.int64, CHUNKS),  # 256 x 16 > CHUNK_TILE: 8 columns
+    # The default's choice by shape: many entries, narrow rows -> entry-block; wide rows -> chunks.
+    (2, 40, 50, 16, 8, 2, True, torch.float32, torch.int64, None),
+    (2, 40, 50, 264, 8, 2, True, torch.float32, torch.int32, None),
 ]
+
+
+@needs_interpreter
+def test_gate_lookup_default_kernel_by_shape(monkeypatch):
+    picked = []
+    real = tgl._launch_chunks
+    monkeypatch.setattr(tgl, "_launch_chunks", lambda *a: (picked.append("chunks"), real(*a)))
+    for e, dv in ((32, 16), (33, 16), (33, 264), (129, 264)):
+        picked.clear()
+        g = _gen(e + dv)
+        rows = _rows(2, e, 50, g, torch.int64)
+        tgl.gate_lookup_cuda(rows, _rand((50, dv), g, torch.float32), _rand((50, 8), g, torch.float32),
+                             _rand((2, 8), g, torch.float32), _rand((2, e, 2), g, torch.float32), True)
+        assert (picked == ["chunks"]) == tgl._use_chunks(e, dv, 8) == (e <= 32 or (dv > 256 and e <= 128))
 
 
 @needs_interpreter

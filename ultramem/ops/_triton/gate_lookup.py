@@ -34,8 +34,20 @@ ENTRY_BLOCK_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 25
 # choice, so none is forced (a forced cap can spill at other shapes).
 CHUNKS_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0,
                  "EVICT_FIRST": True, "maxnreg": None}
-# The default: the column-chunk kernel (83.6-84.5 µs vs 93.0 on an H200, perf/NOTES.md "fused v2").
+# The default: the column-chunk kernel (83.6-84.5 µs vs 93.0 on an H200, perf/NOTES.md "fused v2"),
+# except where the shape sweep (perf/results/h200_gate_lookup_sweep.json) found the entry-block
+# kernel faster: many entries with narrow rows (E=64: 0.95x of the chunk kernel's time at D<=192,
+# E=128: 0.67x, E=256: 0.38x), where the chunk kernel's one warp per token holds too many entries.
 CONFIG = CHUNKS_CONFIG
+CHUNKS_MAX_ENTRIES = 32          # above this, narrow rows go to the entry-block kernel
+CHUNKS_MAX_ENTRIES_WIDE = 128    # above this, all rows do
+WIDE_ROW = 256                   # "wide": vdim or pre_vdim above this
+
+
+def _use_chunks(entries: int, dv: int, dp: int) -> bool:
+    if entries <= CHUNKS_MAX_ENTRIES:
+        return True
+    return entries <= CHUNKS_MAX_ENTRIES_WIDE and max(dv, dp) > WIDE_ROW
 # Upper bound on entries x columns of one gathered chunk (2048 = 64 bf16 values, 8 16-byte loads per
 # lane of one warp); above it the column chunk shrinks (down to 8) so that a large k does not spill.
 CHUNK_TILE = 2048
@@ -228,9 +240,9 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
     from ..gate_lookup import _check_args  # noqa: PLC0415
     _check_args(rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
-    cfg = {**CONFIG, **(config or {})}
-    if not cfg.get("D_CHUNKS", False):
-        cfg = {**ENTRY_BLOCK_CONFIG, **(config or {})}
+    config = config or {}
+    chunks = config.get("D_CHUNKS", _use_chunks(rows.shape[1], values.shape[1], pre_values.shape[1]))
+    cfg = {**(CHUNKS_CONFIG if chunks else ENTRY_BLOCK_CONFIG), **config, "D_CHUNKS": bool(chunks)}
     t, e = rows.shape
     n, dv = values.shape
     dp = pre_values.shape[1]
