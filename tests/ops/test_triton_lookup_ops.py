@@ -71,6 +71,40 @@ def test_gate_lookup_opcheck():
     torch.library.opcheck(torch.ops.ultramem.gate_lookup.default, args)
 
 
+def test_gate_lookup_grad_buffers_accumulate_what_autograd_returns():
+    """With buffer ids the table gradients are added into the registered buffers (twice: two
+    micro-batches) and the op returns none for the tables; x and scores get the same gradients."""
+    from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer  # noqa: PLC0415
+    g = _gen(6)
+    t, e, n, dv, dp, m = 4, 3, 6, 6, 5, 2
+    rows = _rows(t, e, n, g)
+    values, pre_values = _rand((n, dv), g, requires_grad=True), _rand((n, dp), g, requires_grad=True)
+    x, scores = _rand((t, dp), g, requires_grad=True), _rand((t, e, m), g, requires_grad=True)
+    grad_out, grad_gate = _rand((t, dv), g), _rand((t, e), g)
+
+    def backward(ids):
+        out, gate = gate_lookup(rows, values, pre_values, x, scores, True, *ids)
+        return torch.autograd.grad((out * grad_out).sum() + (gate * grad_gate).sum(), (values, pre_values, x, scores),
+                                   allow_unused=True)
+
+    dense = backward((-1, -1))
+    bufs = torch.zeros(n, dv, dtype=torch.float64), torch.zeros(n, dp, dtype=torch.float64)
+    ids = [register_grad_buffer(b) for b in bufs]
+    try:
+        for step in (1, 2):
+            got = backward(ids)
+            assert got[0] is None and got[1] is None
+            torch.testing.assert_close(got[2], dense[2], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got[3], dense[3], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(bufs[0], step * dense[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(bufs[1], step * dense[1], rtol=1e-12, atol=1e-12)
+        torch.library.opcheck(torch.ops.ultramem.gate_lookup.default,
+                              (rows, values.detach(), pre_values.detach(), x, scores, False, *ids))
+    finally:
+        for i in ids:
+            release_grad_buffer(i)
+
+
 def test_gate_lookup_compiles_fullgraph():
     g = _gen(5)
     t, e, n = 4, 3, 6

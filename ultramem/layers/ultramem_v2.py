@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
-from ultramem.ops import pre_value_gate, tdqkr_retrieval, weighted_lookup
+from ultramem.ops import gate_lookup, tdqkr_retrieval, weighted_lookup
 
 from ._common import (CALIBRATION_TOKENS, LayerStats, RMSNorm, full_tensor, key_balance_side, normal_from,
                       paper_value_std, rank1_refresh, tucker_rank_penalty, uniform_from, validate_memory_config,
@@ -266,11 +266,11 @@ class UltraMemV2(TuckerMemoryBase):
         values, pre_values = tables.gather_tables()
         lookup_scores = scores.to(act).reshape(t, hk, self.num_cores)
         if self.w_p is not None:
-            gate = pre_value_gate(rows, pre_values, self.w_p(x2).to(act), tables.pre_values_grad_id)
-            if self.glu_act:
-                gate = F.gelu(gate)
-            lookup_scores = lookup_scores * gate.unsqueeze(-1)
-        out = weighted_lookup(rows, values, lookup_scores, tables.values_grad_id)
+            # scores · act(<P[row], W_p x>) weight the V rows: one fused pass over both tables
+            out, _ = gate_lookup(rows, values, pre_values, self.w_p(x2).to(act), lookup_scores, self.glu_act,
+                                 tables.values_grad_id, tables.pre_values_grad_id)
+        else:
+            out = weighted_lookup(rows, values, lookup_scores, tables.values_grad_id)
         y2 = self.w_o(out)
         aux = self._aux_loss(x2, a, b, ids)
         return self._finish(x, y2, logical, scores), aux

@@ -11,6 +11,9 @@ Shapes: rows [T, E] int32/int64, values [N, Dv] (Dv divisible by M), pre_values 
 x [T, Dp], scores [T, E, M] → (out [T, Dv] in scores' dtype, g [T, E] in x's dtype, before the
 activation). The backward goes through `weighted_lookup_backward` and
 `pre_value_gate_backward`, so it has their CUDA kernels and their deterministic mode.
+`values_grad_buffer` / `pre_values_grad_buffer` (ids from `register_grad_buffer`, -1 for none)
+work as `grad_buffer` of `weighted_lookup` / `pre_value_gate`: the table's gradient is added
+into that persistent buffer and the op returns none for the table.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
 from .pre_value_gate import pre_value_gate_backward
+from .table_grad import pre_value_gate_backward_into, weighted_lookup_backward_into
 from .weighted_lookup import weighted_lookup_backward
 
 _OP = "gate_lookup"
@@ -57,7 +61,7 @@ def _gelu_and_slope(g: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("ultramem::gate_lookup", mutates_args=())
 def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
-                gelu: bool) -> tuple[Tensor, Tensor]:
+                gelu: bool, values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
     """Reference kernel (CPU; CUDA when Triton is missing)."""
     _check_args(rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
@@ -75,14 +79,15 @@ def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
 
 @gate_lookup.register_fake
 def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
-      gelu: bool) -> tuple[Tensor, Tensor]:
+      gelu: bool, values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
     _check_args(rows, values, pre_values, x, scores)
     return scores.new_empty((rows.shape[0], values.shape[1])), x.new_empty(rows.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    rows, values, pre_values, x, scores, gelu = inputs
+    rows, values, pre_values, x, scores, gelu, values_grad_buffer, pre_values_grad_buffer = inputs
     ctx.gelu = gelu
+    ctx.grad_buffers = values_grad_buffer, pre_values_grad_buffer
     ctx.save_for_backward(rows, values, pre_values, x, scores, output[1])
 
 
@@ -96,13 +101,23 @@ def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
         grad_out = scores.new_zeros((rows.shape[0], values.shape[1]))
     # The effective scores stay in the accumulation dtype, so the lookup's backward returns
     # their gradient unrounded.
-    grad_values, grad_eff = weighted_lookup_backward(grad_out.contiguous(), rows, values, s * act.unsqueeze(-1))
+    values_buf, pre_values_buf = ctx.grad_buffers
+    eff = s * act.unsqueeze(-1)
+    if values_buf != -1:
+        grad_values = None
+        grad_eff = weighted_lookup_backward_into(grad_out.contiguous(), rows, values, eff, values_buf)
+    else:
+        grad_values, grad_eff = weighted_lookup_backward(grad_out.contiguous(), rows, values, eff)
     grad_scores = (grad_eff * act.unsqueeze(-1)).to(scores.dtype)
     grad_g = (grad_eff * s).sum(-1) * slope
     if grad_gate is not None:
         grad_g = grad_g + grad_gate.to(acc)
-    grad_pre_values, grad_x = pre_value_gate_backward(grad_g.contiguous(), rows, pre_values, x)
-    return None, grad_values, grad_pre_values, grad_x, grad_scores, None
+    if pre_values_buf != -1:
+        grad_pre_values = None
+        grad_x = pre_value_gate_backward_into(grad_g.contiguous(), rows, pre_values, x, pre_values_buf)
+    else:
+        grad_pre_values, grad_x = pre_value_gate_backward(grad_g.contiguous(), rows, pre_values, x)
+    return None, grad_values, grad_pre_values, grad_x, grad_scores, None, None, None
 
 
 gate_lookup.register_autograd(_backward, setup_context=_setup_context)
@@ -110,4 +125,7 @@ gate_lookup.register_autograd(_backward, setup_context=_setup_context)
 from ._triton import gate_lookup as _triton_gate_lookup  # noqa: E402  (None without Triton)
 
 if _triton_gate_lookup is not None:
-    gate_lookup.register_kernel("cuda")(_triton_gate_lookup.gate_lookup_cuda)
+    @gate_lookup.register_kernel("cuda")
+    def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool,
+          values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
+        return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
