@@ -6,12 +6,11 @@ Checks (fresh random inputs, outputs' memory poisoned first): the kept ids again
 reference (a row may differ only by a near tie), per-core scores and all gradients against
 float64 formulas at the kernel's ids, ids in range and distinct, rows sorted, gradients zero
 outside the kept keys. Timed: the reference op (eager, and torch.compile with --compile), the
-Triton kernels, their phases (coarse selection only; + grid selection), and forward + backward
-through the op and autograd; the non-default forward variants (`tri.FWD_VARIANTS`, e.g. v4, v5) get
-the same forward checks and timed rows next to the default. Backward: the default (v2, zero-fill
-fused) beside `tri.BWD_VARIANTS` "v2-memset" (same checks), v2 also with preallocated
-NaN-filled outputs (misaligned flat blocks; rank-strided), and the bare zero-fill of both
-gradients by torch (the write floor).
+Triton kernels, the forward's phases (coarse selection only; + grid selection), and forward +
+backward through the op and autograd. Backward: the default (v2, zero-fill fused) beside
+`tri.BWD_VARIANTS` "v2-memset" (same checks), v2 also with preallocated NaN-filled outputs
+(misaligned flat blocks; rank-strided), and the bare zero-fill of both gradients by torch (the
+write floor).
 
 Run through perf/bench_ops.py (`--only retrieval`); `python perf/benches/retrieval.py [args]`
 does exactly that.
@@ -87,15 +86,12 @@ def _pair_scores64(a, b, cores, ids):
     return torch.einsum("ther,hmrs,thes->them", a_sel, cores.double(), b_sel)
 
 
-def check_forward(ctx, s: dict, seed: int, strided: bool = False, variant: str = tri.DEFAULT_FWD_VARIANT) -> dict:
+def check_forward(ctx, s: dict, seed: int, strided: bool = False) -> dict:
     a, b, cores, u, v = _inputs(s, seed, ctx.device, strided)
     t, h, k, m = s["t"], s["h"], s["k"], s["m"]
     ctx.poison_allocator(t * h * k * 8)
     ctx.poison_allocator(t * h * k * m * a.element_size())
-    if variant == tri.DEFAULT_FWD_VARIANT:  # through the registered entry point
-        ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k)
-    else:
-        ids, scores = tri.launch_forward(a, b, cores, u, v, k, variant=variant)
+    ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k)  # through the registered entry point
     ctx.sync()
     in_range = bool(((ids >= 0) & (ids < s["n_row"] * s["n_col"])).all())
     distinct = bool((ids.sort(-1).values.diff(dim=-1) != 0).all()) if k > 1 else True
@@ -109,7 +105,7 @@ def check_forward(ctx, s: dict, seed: int, strided: bool = False, variant: str =
     ordered = bool((tot_mine.diff(dim=-1) <= 1e-5 * scale.unsqueeze(-1)).all()) if k > 1 else True
     rel = _rel(scores, mine64)
     tol = 1e-5 if s["dtype"] == torch.float32 else 1e-2
-    tag = (" strided" if strided else "") + (f" {variant}" if variant != tri.DEFAULT_FWD_VARIANT else "")
+    tag = " strided" if strided else ""
     result = dict(name=f"{OP} fwd {_label(s)}{tag}", rel_err=rel, tol=tol,
                   rows=t * h, rows_differing=int((~same).sum()), rows_not_near_tie=not_near_tie,
                   in_range=in_range, distinct=distinct, sorted=ordered)
@@ -173,10 +169,6 @@ def run(ctx) -> list[dict]:
         check_forward(ctx, s, seed=10 + i)
         check_backward(ctx, s, seed=20 + i)
     check_forward(ctx, extra[1], seed=99, strided=True)
-    for variant in (v for v in tri.FWD_VARIANTS if v != tri.DEFAULT_FWD_VARIANT):  # same checks
-        for i, s in enumerate([main] + extra):
-            check_forward(ctx, s, seed=30 + i, variant=variant)
-        check_forward(ctx, extra[1], seed=97, strided=True, variant=variant)
     check_backward(ctx, extra[1], seed=98, strided=True)
     for variant in tri.BWD_VARIANTS[1:]:  # non-default backward variants: same checks
         for i, s in enumerate([main] + extra):
@@ -208,24 +200,6 @@ def run(ctx) -> list[dict]:
         ("fwd", "ours", lambda: tri.launch_forward(a, b, cores, u, v, k)),
         ("fwd", "ours, coarse selection only", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1)),
         ("fwd", "ours, coarse + grid selection", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=2)),
-        # the other variants: v3 (previous default: keys padded to 2048), v4 (+ group-bound start,
-        # interpolated probes)
-        ("fwd", "ours v3 (previous default)", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v3")),
-        ("fwd", "ours v3, coarse selection only",
-         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v3")),
-        ("fwd", "ours v4", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v4")),
-        ("fwd", "ours v4, coarse selection only",
-         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v4")),
-        # v5: v4-split-only's kept sets with less code per program (perf/NOTES.md), 4 warps as the
-        # others; v5-2warps: 2 warps, at most 64 registers (fewer instructions, as many warps per SM)
-        ("fwd", "ours v5", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v5")),
-        ("fwd", "ours v5, coarse selection only",
-         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v5")),
-        ("fwd", "ours v5, coarse + grid selection",
-         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=2, variant="v5")),
-        ("fwd", "ours v5-2warps", lambda: tri.launch_forward(a, b, cores, u, v, k, variant="v5-2warps")),
-        ("fwd", "ours v5-2warps, coarse selection only",
-         lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1, variant="v5-2warps")),
         ("bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ids)),
         ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),  # v2: zero-fill fused
         ("bwd", "ours v2-memset (torch zero_ + kept rows)",

@@ -319,135 +319,61 @@ def test_padded_keys_equal_the_real_keys_alone(dtype):
     assert torch.equal(gc, wc)
 
 
-# ------------------------------------------------- forward variants (v4-split-only is the default)
+# ---------------------------------------------------------------- forward: block layouts, launch settings
 
 @interpreted_only
-@pytest.mark.parametrize("variant", ["v3", "v4", "v5", "v5-2warps"])
 @pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
     (30, 2, 2, 37, 130, 2, 2, 7, torch.float32),      # 37: one partial block; 130: 128 + a remainder
-    (31, 1, 1, 1138, 1138, 2, 2, 32, torch.float32),  # the PERF shape: 1024 + 128
+    (31, 1, 1, 1138, 1138, 2, 2, 32, torch.float32),  # the PERF shape: 1024 + 128 keys (16 + 2 rows of 64)
     (32, 2, 1, 130, 37, 3, 1, 1, torch.float16),
     (33, 1, 2, 1138, 130, 1, 2, 32, torch.float16),
     (34, 2, 1, 300, 37, 2, 3, 37, torch.float32),      # k = n on one side (every key kept)
 ])
-def test_forward_variants_match_the_default(variant, seed, t, h, n_row, n_col, r, m, knn, dtype):
+def test_forward_block_layouts_match_oracle(seed, t, h, n_row, n_col, r, m, knn, dtype):
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
-    ids, scores = tri.launch_forward(a, b, cores, u, v, knn, variant=variant)
-    want_ids, _ = tri.launch_forward(a, b, cores, u, v, knn)  # the default variant
-    assert torch.equal(ids.sort(-1).values, want_ids.sort(-1).values)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, knn)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_selection(ids, scores, a, b, cores, u, v, knn, tol=tol, exact_ids=dtype == torch.float32)
 
 
+def test_coarse_layout_and_group_start():
+    # 1138 keys over 64 threads (2 warps, the k <= 32 launch): 18 register rows = 16 + a
+    # remainder of 2, whose last 14 keys are padding; over 128 threads: 8 + 1
+    assert tri._coarse_layout(1138, 64) == dict(p1=16, p2=2, has_rem=True, mask1=False, mask2=True)
+    assert tri._coarse_layout(1138, 128) == dict(p1=8, p2=1, has_rem=True, mask1=False, mask2=True)
+    assert tri._coarse_layout(1024, 64) == dict(p1=16, p2=1, has_rem=False, mask1=False, mask2=False)
+    assert tri._coarse_layout(37, 64) == dict(p1=1, p2=1, has_rem=False, mask1=True, mask2=False)
+    assert tri._coarse_layout(300, 64) == dict(p1=4, p2=1, has_rem=True, mask1=False, mask2=True)  # 256 + 44
+    # group-maximum start: more than k groups of threads, each thread with a real key
+    assert tri._group_threads(32, 64, True) == 1    # 64 groups of 1 thread
+    assert tri._group_threads(16, 64, True) == 2    # 32 groups of 2
+    assert tri._group_threads(1, 128, True) == 64   # 2 groups
+    assert tri._group_threads(64, 64, True) == 0    # 128 groups do not fit in 64 threads
+    assert tri._group_threads(7, 64, False) == 0    # fewer keys than threads
+
+
 @interpreted_only
-@pytest.mark.parametrize("variant", list(tri.FWD_VARIANTS))
-def test_forward_variants_strided_and_tiled(variant):
+def test_forward_strided_and_tiled():
     a, b, cores, u, v = _inputs(35, 2, 2, 150, 1138, 2, 2)
     a_t = a.transpose(0, 1).contiguous().transpose(0, 1)
     b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]
-    ids, scores = tri.launch_forward(a_t, b_s, cores, u, v, 9, grid_tile=64, variant=variant)
+    ids, scores = tri.launch_forward(a_t, b_s, cores, u, v, 9, grid_tile=64)
     assert_selection(ids, scores, a, b, cores, u, v, 9, tol=1e-5, exact_ids=True)
 
 
 @interpreted_only
-def test_forward_v4_coarse_ties_keep_lowest_positions():
-    # Integer coarse scores: many keys equal the k-th. Like the default, the kept rows/columns
-    # are all keys above it and the lowest positions among those equal to it.
-    g = torch.Generator().manual_seed(36)
-    t, n, knn = 2, 300, 20
-    a = torch.randint(-3, 4, (t, 1, n, 1), generator=g).float()
-    b = torch.randint(-3, 4, (t, 1, 140, 1), generator=g).float()
-    ones = torch.ones(1, 1)
-    cores = ones.view(1, 1, 1, 1)
-    _, want_scores = tri.launch_forward(a, b, cores, ones, ones, knn)
-    for variant in tri.FWD_VARIANTS:
-        ids, scores = tri.launch_forward(a, b, cores, ones, ones, knn, variant=variant)
-        for ti in range(t):
-            assert len(set(ids[ti, 0].tolist())) == knn
-            for side, x, got_keys in ((0, a, ids[ti, 0] // 140), (1, b, ids[ti, 0] % 140)):
-                vals = x[ti, 0, :, 0]
-                first_k = sorted(range(len(vals)), key=lambda p: (-float(vals[p]), p))[:knn]
-                assert set(got_keys.tolist()) <= set(first_k), (variant, ti, side)
-        # grid totals tie massively: which pairs are kept may differ, their totals may not
-        assert torch.equal(scores[..., 0], want_scores[..., 0])
-
-
-@interpreted_only
-def test_forward_v4_layout():
-    # 1138 keys in 128 groups: an [8, 128] block and a [1, 128] remainder; first probe rank
-    # j = 29 for k = 32 (29 + 29·28/256 ≈ 32.2)
-    lay = tri._coarse_layout(1138, 32, split=True)
-    assert (lay["p1"], lay["p2"], lay["has_rem"], lay["g"], lay["groups"], lay["rank"]) == (8, 1, True, 128, 128, 29)
-    lay = tri._coarse_layout(1024, 7, split=True)
-    assert (lay["p1"], lay["has_rem"], lay["rank"]) == (8, False, 7)
-    lay = tri._coarse_layout(1900, 64, split=True)  # 15 rows of 128: 8 + 7 (padded to 8)
-    assert (lay["p1"], lay["p2"], lay["has_rem"]) == (8, 8, True)
-    assert tri._coarse_layout(37, 1, split=True)["g"] == 64 and tri._coarse_layout(37, 1, split=True)["rank"] == 1
-
-
-@interpreted_only
-@pytest.mark.parametrize("variant", list(tri.FWD_VARIANTS))
-def test_forward_variants_all_equal_and_nan_inputs(variant):
-    a, b = torch.ones(1, 1, 130, 2), torch.ones(1, 1, 90, 2)
-    cores, u = torch.randn(1, 2, 2, 2), torch.ones(1, 2)
-    ids, _ = tri.launch_forward(a, b, cores, u, u, 20, variant=variant)
-    assert len(set(ids[0, 0].tolist())) == 20 and ((ids // 90 < 20) & (ids % 90 < 20)).all()
-    a, b, cores, u, v = _inputs(37, 2, 1, 150, 20, 2, 2)
-    a[0, 0, 3:9] = float("nan")
-    a[1, 0, 129:140] = float("nan")
-    ids, _ = tri.launch_forward(a, b, cores, u, v, 4, variant=variant)
-    assert ((ids >= 0) & (ids < 150 * 20)).all()
-
-
-@interpreted_only
-@pytest.mark.parametrize("num_warps,knn,n_row,n_col,dtype", [
-    (None, 1, 129, 300, torch.float32),   # 128 + a one-key remainder
-    (1, 32, 1138, 700, torch.float32),     # 32 threads: [32, 32] + [4, 32] blocks
-    (2, 20, 256, 130, torch.float16),      # no remainder, no padding on one side; k < block (grid padding)
-    (None, 33, 300, 520, torch.float32),   # 8 warps, [64, 64] grid in registers
-    (None, 100, 250, 260, torch.float32),  # tiled grid (v4's)
-    (None, 256, 256, 300, torch.float32),  # k = n on one side, tiled grid
-])
-def test_forward_v5_matches_the_default(num_warps, knn, n_row, n_col, dtype):
-    # v5 computes in the same order as the default: equal ids in equal order, equal scores
-    a, b, cores, u, v = _inputs(38 + knn, 2 if knn < 100 else 1, 1, n_row, n_col, 2, 2, dtype)
-    ids, scores = tri.launch_forward(a, b, cores, u, v, knn, variant="v5", num_warps=num_warps)
-    want_ids, want_scores = tri.launch_forward(a, b, cores, u, v, knn, num_warps=num_warps)
-    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
-    if knn <= 33:
-        assert_selection(ids, scores, a, b, cores, u, v, knn, tol=1e-5 if dtype == torch.float32 else 2e-2,
-                         exact_ids=dtype == torch.float32)
-
-
-@interpreted_only
-def test_forward_v5_infinite_scores_and_strided_keys():
-    # -inf coarse scores (the value of v5's padding) are real keys, kept by the tie rule when fewer
-    # than k keys are finite; their grid totals are NaN (never kept) or infinite. A key stride that
-    # is not the rank takes the kernel's runtime-stride path.
-    a, b, cores, u, v = _inputs(39, 3, 1, 150, 140, 2, 2)
-    u = torch.ones(1, 2)
-    a[0, 0, :140] = float("-inf")  # 10 finite keys, k = 12
-    a[1, 0, 7] = float("inf")
-    b[2, 0, 3:9] = float("-inf")
-    b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]
-    ids, scores = tri.launch_forward(a, b_s, cores, u, v, 12, variant="v5")
-    want_ids, want_scores = tri.launch_forward(a, b_s, cores, u, v, 12)
-    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
-    assert ((ids >= 0) & (ids < 150 * 140)).all()
-
-
-@interpreted_only
-@pytest.mark.parametrize("variant", ["v5", "v5-2warps"])
-def test_forward_v5_ties_with_group_start(variant):
-    # k = 16 = the grid block and sides of >= 128 keys: every selection starts from group maxima.
-    # Integer coarse scores and grid totals tie at every threshold: the kept keys are the lowest
-    # positions among those equal to the k-th, the kept totals the k largest.
+@pytest.mark.parametrize("knn,num_warps", [(16, None), (16, 4), (20, None)])
+def test_forward_coarse_and_grid_ties(knn, num_warps):
+    # Integer coarse scores and grid totals tie at every threshold. k = 16 (the grid block) with
+    # sides of >= 128 keys: every selection starts from group maxima; k = 20: grid padding.
+    # The kept keys are the lowest positions among those equal to the k-th, the kept totals the
+    # k largest products of the kept values.
     g = torch.Generator().manual_seed(41)
-    t, knn = 2, 16
+    t = 2
     a = torch.randint(-3, 4, (t, 1, 300, 1), generator=g).float()
     b = torch.randint(-3, 4, (t, 1, 140, 1), generator=g).float()
     ones = torch.ones(1, 1)
-    ids, scores = tri.launch_forward(a, b, ones.view(1, 1, 1, 1), ones, ones, knn, variant=variant)
+    ids, scores = tri.launch_forward(a, b, ones.view(1, 1, 1, 1), ones, ones, knn, num_warps=num_warps)
     for ti in range(t):
         assert len(set(ids[ti, 0].tolist())) == knn
         for x, got_keys in ((a, ids[ti, 0] // 140), (b, ids[ti, 0] % 140)):
@@ -458,6 +384,77 @@ def test_forward_v5_ties_with_group_start(variant):
         kept_b = sorted(b[ti, 0, :, 0].tolist())[::-1][:knn]
         totals = sorted((x * y for x in kept_a for y in kept_b), reverse=True)[:knn]
         assert scores[ti, 0, :, 0].tolist() == totals
+        i, j = ids[ti, 0] // 140, ids[ti, 0] % 140
+        assert torch.equal(scores[ti, 0, :, 0], a[ti, 0, i, 0] * b[ti, 0, j, 0])
+
+
+@interpreted_only
+def test_forward_all_equal_and_nan_in_remainder_block():
+    a, b = torch.ones(1, 1, 130, 2), torch.ones(1, 1, 90, 2)
+    cores, u = torch.randn(1, 2, 2, 2), torch.ones(1, 2)
+    ids, _ = tri.launch_forward(a, b, cores, u, u, 20)
+    assert len(set(ids[0, 0].tolist())) == 20 and ((ids // 90 < 20) & (ids % 90 < 20)).all()
+    a, b, cores, u, v = _inputs(37, 2, 1, 150, 20, 2, 2)
+    a[0, 0, 3:9] = float("nan")
+    a[1, 0, 129:140] = float("nan")  # 150 keys over 64 threads: 128 + a remainder block
+    ids, _ = tri.launch_forward(a, b, cores, u, v, 4)
+    assert ((ids >= 0) & (ids < 150 * 20)).all()
+
+
+@interpreted_only
+@pytest.mark.parametrize("num_warps,knn,n_row,n_col,dtype", [
+    (None, 1, 129, 300, torch.float32),   # 2 warps: 128 + a one-key remainder
+    (1, 32, 1138, 700, torch.float32),     # 32 threads: [32, 32] + [4, 32] blocks
+    (2, 20, 256, 130, torch.float16),      # no remainder, no padding on one side; k < block (grid padding)
+    (4, 32, 1138, 1138, torch.float32),    # 128 threads: [8, 128] + [1, 128]
+    (None, 33, 300, 520, torch.float32),   # 8 warps, [64, 64] grid in registers
+    (None, 100, 250, 260, torch.float32),  # tiled grid
+    (None, 256, 256, 300, torch.float32),  # k = n on one side, tiled grid
+])
+def test_forward_launch_settings_match_oracle(num_warps, knn, n_row, n_col, dtype):
+    a, b, cores, u, v = _inputs(38 + knn, 2 if knn < 100 else 1, 1, n_row, n_col, 2, 2, dtype)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, knn, num_warps=num_warps)
+    assert_selection(ids, scores, a, b, cores, u, v, knn, tol=1e-5 if dtype == torch.float32 else 2e-2,
+                     exact_ids=dtype == torch.float32)
+
+
+def _first_keys64(x, w, knn):
+    """Positions of the knn largest <x[p], w> in float64, in descending order (NaN never kept;
+    among equal values the lowest positions first)."""
+    c = [float(x[p].double() @ w.double()) for p in range(x.shape[0])]
+    return sorted((p for p in range(len(c)) if c[p] == c[p]), key=lambda p: (-c[p], p))[:knn]
+
+
+@interpreted_only
+def test_forward_infinite_scores_and_strided_keys():
+    # -inf coarse scores (the value of the kernel's padding) are real keys, kept by the tie rule
+    # when fewer than k keys are finite; +inf ones are kept first. Their grid totals are NaN
+    # (never kept) or infinite. A key stride that is not the rank takes the kernel's
+    # runtime-stride path.
+    a, b, cores, u, v = _inputs(39, 3, 1, 150, 140, 2, 2)
+    u = torch.ones(1, 2)
+    a[0, 0, :140] = float("-inf")  # 10 finite keys, k = 12
+    a[1, 0, 7] = float("inf")
+    b[2, 0, 3:9] = float("-inf")
+    b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]
+    knn = 12
+    ids, scores = tri.launch_forward(a, b_s, cores, u, v, knn)
+    assert ((ids >= 0) & (ids < 150 * 140)).all()
+    c_sum = cores[0].double().sum(0)
+    for ti in range(3):
+        rows = _first_keys64(a[ti, 0], u[0], knn)
+        cols = _first_keys64(b[ti, 0], v[0], knn)
+        assert (ti != 0 or sorted(rows) == [0, 1, *range(140, 150)]) and (ti != 1 or rows[0] == 7)
+        totals = [float(a[ti, 0, i].double() @ c_sum @ b[ti, 0, j].double()) for i in rows for j in cols]
+        best = sorted((x for x in totals if x == x), reverse=True)[:knn]
+        got = [int(x) for x in ids[ti, 0]]
+        assert len(set(got)) == knn
+        assert all(vid // 140 in rows and vid % 140 in cols for vid in got), ti
+        got_totals = [sum(pair_scores64(a, b, cores, ti, 0, vid)) for vid in got]
+        assert got_totals == pytest.approx(best, rel=1e-5, abs=1e-5), ti
+        for e, vid in enumerate(got):
+            assert scores[ti, 0, e].double().tolist() == pytest.approx(pair_scores64(a, b, cores, ti, 0, vid),
+                                                                       rel=1e-5, abs=1e-5)
 
 
 # ---------------------------------------------------------------- backward v2: outputs written in full

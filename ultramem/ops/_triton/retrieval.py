@@ -1,21 +1,24 @@
 """Triton kernels for ultramem::tdqkr_retrieval (forward and backward).
 
-Forward, one program per (token, head), everything on chip except three tiny scratch rows:
-  1. coarse scores a = A·u, b = B·v over all sub-keys (u, v folded into the load);
-  2. the k-th largest coarse score per side by bisection on a count (`_kth_threshold`); the
-     kept keys take slots in a scratch row from an atomic counter (no prefix scan);
-  3. the k×k grid S = A_I (Σ_m C_m) B_Jᵀ, its k-th largest entry by the same bisection, the kept
-     pairs written to scratch the same way; they are then sorted (bitonic, k entries) and their
-     per-core scores recomputed and written with the ids.
-Bisection keeps the invariant count(x >= lo) >= k > count(x >= hi); it halves the value
-interval for a few steps (fast on real data) and then the interval of the floats' order-
-preserving integer keys (at most 32 more steps, so it ends on any input). Among exactly equal
-scores at a threshold the lowest positions are kept, so the kept set is the reference's set
-whenever scores are distinct. (Coarse keys land in scratch in atomic order, so among exactly
-equal grid totals the kept pairs and their order may change from run to run.)
-
-Forward variant v5 (`_retrieval_fwd_v5_kernel`, not the default until timed) makes the same
-selections with less code per program; see its section below.
+Forward (`_retrieval_fwd_kernel`), one program per (token, head), everything on chip except
+three tiny scratch rows (kept rows | kept columns, kept pairs, their grid totals):
+  1. coarse scores a = A·u, b = B·v of all sub-keys (u, v folded into the load), held as [P, G]
+     blocks, G = the program's threads (one key per thread in each register row);
+  2. per side, the k-th largest coarse score by a search on counts (`_kth_threshold`): value
+     halving from [least of more than k group maxima, the float above the maximum], then halving
+     of the floats' order-preserving integer keys (capped at 40 more steps, so it ends on any
+     input); the kept keys take scratch slots from one exclusive scan over per-thread counts;
+  3. the k×k grid S = A_I (Σ_m C_m) B_Jᵀ, its k-th largest entry and the kept pairs the same way
+     (in registers up to k = 64 at the default GRID_TILE; larger grids are recomputed in row
+     tiles on every pass, searched from [min, max] by `_bisect_step`: `_grid_select_tiled`);
+  4. the kept pairs sorted (bitonic, k entries), their per-core scores recomputed and written
+     with the ids.
+Every selection keeps all scores above the k-th and, of those equal to it, the lowest positions:
+the reference's set whenever scores are distinct. No atomics: kept entries land in scratch in a
+fixed order, so the outputs are deterministic also among exactly tied grid totals.
+Launch: 2 warps with at most 64 registers per thread for k <= 32, 8 warps above. Measured on an
+H200 at the 227M shapes (T = 12,288, 1138 sub-keys per side, r = 2, M = 2, k = 32, bf16):
+145.5 µs, against 359.9 µs for the previous kernel (history in perf/NOTES.md).
 
 Backward (v2, `_retrieval_bwd_v2_kernel`), one single-warp program per (token, head): zero the
 program's whole block of grad_row / grad_col (16-byte stores when the [n, r] block is one
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 import torch
 import triton
@@ -50,28 +52,12 @@ MAX_KNN = 256
 MAX_RANK = 8
 # Grid entries held at once; larger k×k grids are walked in row tiles of this many entries.
 GRID_TILE = 4096  # 16 per thread at 8 warps
-# Bisection steps in value space before switching to integer-key bisection.
+# Value-halving steps of a threshold search before it switches to integer-key halving.
 VALUE_STEPS = 16
-# Coarse scores are held as [n / G, G] (G threads' worth of keys per row of the tile).
-COARSE_GROUPS = 128
-# Warps per forward program for k <= 32 (8 above).
-FWD_NUM_WARPS_SMALL_K = 4
-
-# Forward variants (launch_forward(..., variant=...)). "v3": keys padded to a power of 2,
-# min/max bracket, halving; "v4": no padding + group-bound start + interpolated probes;
-# "v4-split-only": no padding, v3's search. Measured on an H200 at the 227M shapes (perf/NOTES.md):
-# v3 491 µs, v4 421 µs, v4-split-only 360 µs, so the public op uses "v4-split-only".
-# "v5" (its own kernel, not yet timed): v4-split-only's kept sets with less code per program;
-# "v5-2warps": the same with 2 warps per program for k <= 32 and at most 64 registers per thread
-# (25% fewer instructions per program than 4 warps, as many warps per SM; perf/NOTES.md).
-FWD_VARIANTS = {
-    "v3": None,
-    "v4": dict(split=True, group_start=True, interp=True),
-    "v4-split-only": dict(split=True, group_start=False, interp=False),
-    "v5": dict(small_k_warps=None, small_k_maxnreg=None),
-    "v5-2warps": dict(small_k_warps=2, small_k_maxnreg=64),
-}
-DEFAULT_FWD_VARIANT = "v5-2warps"
+# Forward launch for k <= 32 (8 warps above): 2 warps with at most 64 registers per thread issue
+# 25% fewer instructions per program than 4 warps and keep as many warps per SM (perf/NOTES.md).
+FWD_NUM_WARPS_SMALL_K = 2
+FWD_MAXNREG_SMALL_K = 64
 
 _warned: set[str] = set()
 
@@ -111,61 +97,6 @@ def _bisect_step(lo, hi, step, VALUE_STEPS: tl.constexpr):
 
 
 @triton.jit
-def _kth_threshold(x, valid, knn, VALUE_STEPS: tl.constexpr):
-    """(thr, n_gt): thr = the knn-th largest valid x, n_gt = count of valid x > thr.
-
-    x must be -inf wherever valid is false (probes are always > lo >= -inf, so padding never
-    counts inside the loop)."""
-    lo = tl.min(tl.where(valid, x, float("inf")))
-    hi = tl.max(tl.where(valid, x, float("-inf")))
-    n_at_hi = tl.sum((valid & (x >= hi)).to(tl.int32))
-    todo = n_at_hi < knn
-    lo = tl.where(todo, lo, hi)
-    step = n_at_hi * 0
-    while todo:
-        mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
-        cnt = tl.sum((x >= mid).to(tl.int32))
-        ge = cnt >= knn
-        lo = tl.where(ge & ~adjacent, mid, lo)
-        hi = tl.where(ge | adjacent, hi, mid)
-        step += 1
-        todo = (cnt != knn) & ~adjacent & (step < VALUE_STEPS + 40)
-    n_gt = tl.sum((valid & (x > lo)).to(tl.int32))
-    return lo, n_gt
-
-
-@triton.jit
-def _select_kept(x, valid, idx, knn, counter, dst_ptr, dst_vals_ptr, n_idx,
-                 VALUE_STEPS: tl.constexpr, STORE_VALS: tl.constexpr):
-    """Write idx (and x, if STORE_VALS) of the knn largest x to dst[0:knn], in no fixed order.
-
-    x: -inf where not valid; idx: distinct values in [0, n_idx). All x above the threshold are
-    kept, and of those equal to it the ones with the smallest idx (found by bisection on an idx
-    cut, only when there are more than needed). Slots come from an atomic counter (zero on
-    entry), so no prefix scan is needed."""
-    thr, n_gt = _kth_threshold(x, valid, knn, VALUE_STEPS)
-    gt = valid & (x > thr)
-    eq = valid & (x == thr)
-    need = knn - n_gt
-    n_eq = tl.sum(eq.to(tl.int32))
-    cut_lo = n_eq * 0       # count(eq & idx < cut_lo) < need
-    cut_hi = cut_lo + n_idx  # count(eq & idx < cut_hi) >= need
-    if n_eq <= need:
-        cut_lo = cut_hi - 1
-    while cut_hi - cut_lo > 1:
-        cut_mid = (cut_lo + cut_hi) // 2
-        enough = tl.sum((eq & (idx < cut_mid)).to(tl.int32)) >= need
-        cut_lo = tl.where(enough, cut_lo, cut_mid)
-        cut_hi = tl.where(enough, cut_mid, cut_hi)
-    keep = gt | (eq & (idx < cut_hi))
-    slot = tl.atomic_add(counter + idx * 0, 1, mask=keep, sem="relaxed")
-    keep = keep & (slot < knn)
-    tl.store(dst_ptr + slot, idx, mask=keep)
-    if STORE_VALS:
-        tl.store(dst_vals_ptr + slot, x, mask=keep)
-
-
-@triton.jit
 def _kept_slots_2d(x, valid, thr, n_gt, knn, gt_base, eq_base):
     """Slot in [0, knn) of every kept element of a row-major 2-D tile (all x > thr, then the
     first x == thr), after gt_base / eq_base such entries of earlier tiles. Also returns the
@@ -180,26 +111,6 @@ def _kept_slots_2d(x, valid, thr, n_gt, knn, gt_base, eq_base):
     keep = (gt | eq) & (slot < knn)
     tile_total = tl.sum(row_total)
     return slot, keep, tile_total & 0xFFFF, tile_total >> 16
-
-
-@triton.jit
-def _coarse_scores(base, s_n, s_r, w_ptr, s_w, n, R: tl.constexpr, PER: tl.constexpr, G: tl.constexpr):
-    """x[p, g] = <row p·G + g, w> of one [n, R] score block ([PER, G], -inf past n), valid, positions."""
-    pos = tl.arange(0, PER)[:, None] * G + tl.arange(0, G)[None, :]
-    valid = pos < n
-    x = tl.zeros((PER, G), dtype=tl.float32)
-    for q in tl.static_range(R):
-        w_q = tl.load(w_ptr + q * s_w).to(tl.float32)
-        x += w_q * tl.load(base + pos * s_n + q * s_r, mask=valid, other=0.0).to(tl.float32)
-    return tl.where(valid, x, float("-inf")), valid, pos
-
-
-@triton.jit
-def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr, counter,
-                   R: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, VALUE_STEPS: tl.constexpr):
-    """Write the positions of the knn largest <row, w> of one [n, R] score block to dst[0:knn]."""
-    x, valid, pos = _coarse_scores(base, s_n, s_r, w_ptr, s_w, n, R, BLOCK_N // G, G)
-    _select_kept(x, valid, pos, knn, counter, dst_ptr, dst_ptr, n, VALUE_STEPS, False)
 
 
 @triton.jit
@@ -240,61 +151,56 @@ def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
 
 
 @triton.jit
-def _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                 keys_ws, pairs_ws, vals_ws, counters, knn, n_row, n_col,
-                 R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
-                 VALUE_STEPS: tl.constexpr):
-    """Phase 3 of the forward: the knn best pairs of the k×k grid of kept keys (from keys_ws) to
-    pairs_ws / vals_ws, in no fixed order."""
-    if TILE_I == BLOCK_K:
+def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                       keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
+                       R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
+                       VALUE_STEPS: tl.constexpr):
+    """Phase 3 of the forward for grids too large for registers: the knn best pairs of the k×k
+    grid of kept keys (from keys_ws) to pairs_ws / vals_ws, the grid recomputed tile by tile
+    (TILE_I rows) on every pass."""
+    lo = tl.full((), float("inf"), tl.float32)
+    hi = tl.full((), float("-inf"), tl.float32)
+    for i0 in range(0, BLOCK_K, TILE_I):
+        s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                 keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        lo = tl.minimum(lo, tl.min(tl.where(valid, s, float("inf"))))
+        hi = tl.maximum(hi, tl.max(s))
+    n_at_hi = knn * 0
+    for i0 in range(0, BLOCK_K, TILE_I):
+        s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                 keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        n_at_hi += tl.sum((valid & (s >= hi)).to(tl.int32))
+    todo = n_at_hi < knn
+    lo = tl.where(todo, lo, hi)
+    step = n_at_hi * 0
+    while todo:
+        mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
+        cnt = knn * 0
+        for i0 in range(0, BLOCK_K, TILE_I):
+            s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                     keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+            cnt += tl.sum((s >= mid).to(tl.int32))
+        ge = cnt >= knn
+        lo = tl.where(ge & ~adjacent, mid, lo)
+        hi = tl.where(ge | adjacent, hi, mid)
+        step += 1
+        todo = (cnt != knn) & ~adjacent & (step < VALUE_STEPS + 40)
+    thr = lo
+    n_gt = knn * 0
+    for i0 in range(0, BLOCK_K, TILE_I):
+        s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                 keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        n_gt += tl.sum((valid & (s > thr)).to(tl.int32))
+    gt_base = knn * 0
+    eq_base = knn * 0
+    for i0 in range(0, BLOCK_K, TILE_I):
         s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                    keys_ws, 0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
-        _select_kept(s, valid, flat, knn, counters + 2, pairs_ws, vals_ws, BLOCK_K * BLOCK_K, VALUE_STEPS, True)
-    else:
-        # Grid too large for registers: recompute it tile by tile on every pass.
-        lo = tl.full((), float("inf"), tl.float32)
-        hi = tl.full((), float("-inf"), tl.float32)
-        for i0 in range(0, BLOCK_K, TILE_I):
-            s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                     keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
-            lo = tl.minimum(lo, tl.min(tl.where(valid, s, float("inf"))))
-            hi = tl.maximum(hi, tl.max(s))
-        n_at_hi = knn * 0
-        for i0 in range(0, BLOCK_K, TILE_I):
-            s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                     keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
-            n_at_hi += tl.sum((valid & (s >= hi)).to(tl.int32))
-        todo = n_at_hi < knn
-        lo = tl.where(todo, lo, hi)
-        step = n_at_hi * 0
-        while todo:
-            mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
-            cnt = knn * 0
-            for i0 in range(0, BLOCK_K, TILE_I):
-                s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                         keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
-                cnt += tl.sum((s >= mid).to(tl.int32))
-            ge = cnt >= knn
-            lo = tl.where(ge & ~adjacent, mid, lo)
-            hi = tl.where(ge | adjacent, hi, mid)
-            step += 1
-            todo = (cnt != knn) & ~adjacent & (step < VALUE_STEPS + 40)
-        thr = lo
-        n_gt = knn * 0
-        for i0 in range(0, BLOCK_K, TILE_I):
-            s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                     keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
-            n_gt += tl.sum((valid & (s > thr)).to(tl.int32))
-        gt_base = knn * 0
-        eq_base = knn * 0
-        for i0 in range(0, BLOCK_K, TILE_I):
-            s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                        keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
-            slot, keep, n_gt_tile, n_eq_tile = _kept_slots_2d(s, valid, thr, n_gt, knn, gt_base, eq_base)
-            tl.store(pairs_ws + slot, flat, mask=keep)
-            tl.store(vals_ws + slot, s, mask=keep)
-            gt_base += n_gt_tile
-            eq_base += n_eq_tile
+                                    keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        slot, keep, n_gt_tile, n_eq_tile = _kept_slots_2d(s, valid, thr, n_gt, knn, gt_base, eq_base)
+        tl.store(pairs_ws + slot, flat, mask=keep)
+        tl.store(vals_ws + slot, s, mask=keep)
+        gt_base += n_gt_tile
+        eq_base += n_eq_tile
 
 
 @triton.jit
@@ -328,270 +234,30 @@ def _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, 
         tl.store(scores_ptr + out_row * M + m, score.to(scores_ptr.dtype.element_ty), mask=e_ok)
 
 
-# ------------------------------------------------------------------------------------ kernels
-
-@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
-def _retrieval_fwd_kernel(
-    a_ptr, sa_t, sa_h, sa_n, sa_r,
-    b_ptr, sb_t, sb_h, sb_n, sb_r,
-    c_ptr, sc_h, sc_m, sc_r, sc_s,
-    u_ptr, su_h, su_r,
-    v_ptr, sv_h, sv_r,
-    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, counters_ptr,
-    heads, n_row, n_col, knn,
-    R: tl.constexpr, M: tl.constexpr,
-    BLOCK_NR: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
-    G: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
-):
-    # PHASES < 3 stops early (timing breakdown only): 1 = coarse selection, 2 = + grid selection.
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid // heads
-    h = pid % heads
-    a_base = a_ptr + t * sa_t + h * sa_h
-    b_base = b_ptr + t * sb_t + h * sb_h
-    c_base = c_ptr + h * sc_h
-    keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)  # [rows kept | cols kept]
-    pairs_ws = pairs_ws_ptr + pid * BLOCK_K
-    vals_ws = vals_ws_ptr + pid * BLOCK_K
-    counters = counters_ptr + pid * 4  # slot counters of the three selections
-    tl.store(counters + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
-    tl.debug_barrier()
-
-    # 1-2. coarse top-k per side
-    _coarse_select(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws, counters,
-                   R, BLOCK_NR, G, VALUE_STEPS)
-    _coarse_select(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K, counters + 1,
-                   R, BLOCK_NC, G, VALUE_STEPS)
-    tl.debug_barrier()
-    if PHASES < 2:
-        return
-
-    # 3. top-k of the k×k grid by Σ_m s_m; 4. sort, write ids and per-core scores
-    _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                 keys_ws, pairs_ws, vals_ws, counters, knn, n_row, n_col,
-                 R, M, BLOCK_K, TILE_I, VALUE_STEPS)
-    tl.debug_barrier()
-    if PHASES < 3:
-        return
-
-    _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col,
-                    R, M, BLOCK_K)
-
-
-# ------------------------------------------------------------------------------------ v4 coarse selection
-# Non-default forward variant (launch_forward(..., variant="v4")), kept apart from the default:
-#  - no padding to a power of 2: a side's keys are a [P1, G] block plus a [P2, G] remainder block
-#    (1138 keys: 1024 + 128 instead of 2048); every count sums both blocks;
-#  - fewer passes: the bracket starts at g_k, the k-th largest of the G group maxima (group g =
-#    keys g, g + G, ...; k groups have a key >= g_k, so count(x >= g_k) >= k), the first probe is
-#    g_j with j + j(j-1)/(2G) ~ k (k top keys spread over G groups share ~k²/(2G) of them), and
-#    later probes interpolate the counts at the bracket ends, with a halving step whenever the
-#    last probe did not halve the bracket. After VALUE_STEPS passes, integer-key halving as in
-#    the default, so it ends on any input; same kept set and tie rule as the default.
-
-@triton.jit
-def _coarse_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, PER: tl.constexpr, G: tl.constexpr):
-    """x[p, g] = <row p0 + p·G + g, w> of one [n, R] score block ([PER, G], -inf past n), valid, positions."""
-    pos = p0 + tl.arange(0, PER)[:, None] * G + tl.arange(0, G)[None, :]
-    valid = pos < n
-    x = tl.zeros((PER, G), dtype=tl.float32)
-    for q in tl.static_range(R):
-        w_q = tl.load(w_ptr + q * s_w).to(tl.float32)
-        x += w_q * tl.load(base + pos * s_n + q * s_r, mask=valid, other=0.0).to(tl.float32)
-    return tl.where(valid, x, float("-inf")), valid, pos
-
-
-@triton.jit
-def _count2(m1, m2, HAS_REM: tl.constexpr):
-    """Number of true entries of m1 and (if HAS_REM) m2. (Two full sums: adding per-group sums
-    first makes the compiler move the [P1, G] mask to the remainder's layout on every call.)"""
-    c = tl.sum(m1.to(tl.int32))
-    if HAS_REM:
-        c += tl.sum(m2.to(tl.int32))
-    return c
-
-
-@triton.jit
-def _kth_threshold_v4(x1, v1, x2, v2, knn, n, n_groups, probe_rank,
-                      HAS_REM: tl.constexpr, G: tl.constexpr, VALUE_STEPS: tl.constexpr,
-                      GROUP_START: tl.constexpr, INTERP: tl.constexpr):
-    """(thr, exact): thr = the knn-th largest valid x of both blocks, or a value with exactly knn
-    valid x >= thr (then exact is true). x is -inf where not valid."""
-    gmax = tl.max(x1, axis=0)
-    gmin = tl.min(tl.where(v1, x1, float("inf")), axis=0)
-    if HAS_REM:
-        gmax = tl.maximum(gmax, tl.max(x2, axis=0))
-        gmin = tl.minimum(gmin, tl.min(tl.where(v2, x2, float("inf")), axis=0))
-    vmax = tl.max(gmax)
-    # hi = the float just above the maximum: count(x >= hi) = 0, no counting pass (±0 -> +denormal)
-    kmax = tl.where(vmax == 0.0, 0, _key32(vmax))
-    hi = tl.where(vmax < float("inf"), _unkey32(kmax + 1), vmax)
-    c_hi = knn * 0
-    lo = tl.min(gmin)
-    c_lo = n + knn * 0
-    known = c_lo == c_lo  # c_lo is the measured count at lo
-    if GROUP_START:
-        group_ok = knn <= n_groups
-        ranked = tl.sort(gmax, descending=True)
-        rank = tl.arange(0, G)
-        g_k = tl.max(tl.where(rank == knn - 1, ranked, float("-inf")))
-        g_j = tl.max(tl.where(rank == probe_rank - 1, ranked, float("-inf")))
-        lo = tl.where(group_ok, g_k, lo)
-        known = ~group_ok
-    step = knn * 0
-    use_interp = known | ~known
-    todo = ~known | (c_lo != knn)
-    while todo:
-        mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
-        if INTERP:
-            frac = (c_lo - knn).to(tl.float32) - 0.5
-            frac = frac / (c_lo - c_hi).to(tl.float32)
-            mid_i = lo + (hi - lo) * frac
-            take = use_interp & known & (step < VALUE_STEPS) & (mid_i > lo) & (mid_i < hi)
-            mid = tl.where(take, mid_i, mid)
-        if GROUP_START:
-            mid = tl.where(~known, lo, mid)  # measure the count at g_k ...
-            mid = tl.where(group_ok & (step == 0), g_j, mid)  # ... unless g_j, probed first, is enough
-        cnt = _count2(x1 >= mid, x2 >= mid, HAS_REM)
-        width = hi - lo
-        ge = cnt >= knn
-        lo_new = ge & ~adjacent
-        lo = tl.where(lo_new, mid, lo)
-        c_lo = tl.where(lo_new, cnt, c_lo)
-        known = known | lo_new
-        hi = tl.where(ge | adjacent, hi, mid)
-        c_hi = tl.where(ge | adjacent, c_hi, cnt)
-        use_interp = (hi - lo) <= width * 0.5
-        step += 1
-        todo = (cnt != knn) & ~adjacent & (step < VALUE_STEPS + 40)
-    return lo, known & (c_lo == knn)
-
-
-@triton.jit
-def _store_kept(keep, idx, knn, counter, dst_ptr):
-    slot = tl.atomic_add(counter + idx * 0, 1, mask=keep, sem="relaxed")
-    tl.store(dst_ptr + slot, idx, mask=keep & (slot < knn))
-
-
-@triton.jit
-def _coarse_select_v4(base, s_n, s_r, w_ptr, s_w, n, knn, n_groups, probe_rank, dst_ptr, counter,
-                      R: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_REM: tl.constexpr,
-                      G: tl.constexpr, VALUE_STEPS: tl.constexpr, GROUP_START: tl.constexpr,
-                      INTERP: tl.constexpr):
-    """Write the positions of the knn largest <row, w> of one [n, R] score block to dst[0:knn]
-    (any order; among scores equal to the k-th the lowest positions)."""
-    x1, v1, p1 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G)
-    if HAS_REM:
-        x2, v2, p2 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G)
-    else:  # unused placeholders
-        p2 = tl.arange(0, P2)[:, None] * G + tl.arange(0, G)[None, :]
-        v2 = p2 < 0
-        x2 = tl.full((P2, G), float("-inf"), tl.float32)
-    thr, exact = _kth_threshold_v4(x1, v1, x2, v2, knn, n, n_groups, probe_rank,
-                                   HAS_REM, G, VALUE_STEPS, GROUP_START, INTERP)
-    if exact:
-        keep1 = v1 & (x1 >= thr)
-        keep2 = v2 & (x2 >= thr)
-    else:
-        # ties at thr: all x > thr, then of those equal to thr the lowest positions (a bisection
-        # on a position cut, only when there are more than needed)
-        need = knn - _count2(v1 & (x1 > thr), v2 & (x2 > thr), HAS_REM)
-        eq1 = v1 & (x1 == thr)
-        eq2 = v2 & (x2 == thr)
-        cut_lo = need * 0        # count(eq & pos < cut_lo) < need
-        cut_hi = cut_lo + n      # count(eq & pos < cut_hi) >= need
-        if _count2(eq1, eq2, HAS_REM) <= need:
-            cut_lo = cut_hi - 1
-        while cut_hi - cut_lo > 1:
-            cut_mid = (cut_lo + cut_hi) // 2
-            enough = _count2(eq1 & (p1 < cut_mid), eq2 & (p2 < cut_mid), HAS_REM) >= need
-            cut_lo = tl.where(enough, cut_lo, cut_mid)
-            cut_hi = tl.where(enough, cut_mid, cut_hi)
-        keep1 = (v1 & (x1 > thr)) | (eq1 & (p1 < cut_hi))
-        keep2 = (v2 & (x2 > thr)) | (eq2 & (p2 < cut_hi))
-    _store_kept(keep1, p1, knn, counter, dst_ptr)
-    if HAS_REM:
-        _store_kept(keep2, p2, knn, counter, dst_ptr)
-
-
-@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn", "groups_row", "groups_col", "rank_row", "rank_col"])
-def _retrieval_fwd_v4_kernel(
-    a_ptr, sa_t, sa_h, sa_n, sa_r,
-    b_ptr, sb_t, sb_h, sb_n, sb_r,
-    c_ptr, sc_h, sc_m, sc_r, sc_s,
-    u_ptr, su_h, su_r,
-    v_ptr, sv_h, sv_r,
-    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, counters_ptr,
-    heads, n_row, n_col, knn, groups_row, groups_col, rank_row, rank_col,
-    R: tl.constexpr, M: tl.constexpr,
-    P1_R: tl.constexpr, P2_R: tl.constexpr, REM_R: tl.constexpr, G_R: tl.constexpr,
-    P1_C: tl.constexpr, P2_C: tl.constexpr, REM_C: tl.constexpr, G_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, TILE_I: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
-    GROUP_START: tl.constexpr, INTERP: tl.constexpr,
-):
-    # The default kernel with steps 1-2 replaced by _coarse_select_v4.
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid // heads
-    h = pid % heads
-    a_base = a_ptr + t * sa_t + h * sa_h
-    b_base = b_ptr + t * sb_t + h * sb_h
-    c_base = c_ptr + h * sc_h
-    keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)
-    pairs_ws = pairs_ws_ptr + pid * BLOCK_K
-    vals_ws = vals_ws_ptr + pid * BLOCK_K
-    counters = counters_ptr + pid * 4
-    tl.store(counters + tl.arange(0, 4), tl.zeros((4,), dtype=tl.int32))
-    tl.debug_barrier()
-
-    _coarse_select_v4(a_base, sa_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, groups_row, rank_row,
-                      keys_ws, counters, R, P1_R, P2_R, REM_R, G_R, VALUE_STEPS, GROUP_START, INTERP)
-    _coarse_select_v4(b_base, sb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, groups_col, rank_col,
-                      keys_ws + BLOCK_K, counters + 1, R, P1_C, P2_C, REM_C, G_C, VALUE_STEPS, GROUP_START, INTERP)
-    tl.debug_barrier()
-    if PHASES < 2:
-        return
-    _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                 keys_ws, pairs_ws, vals_ws, counters, knn, n_row, n_col,
-                 R, M, BLOCK_K, TILE_I, VALUE_STEPS)
-    tl.debug_barrier()
-    if PHASES < 3:
-        return
-    _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col,
-                    R, M, BLOCK_K)
-
-
-# ------------------------------------------------------------------------------------ v5
-# Forward variant "v5" (launch_forward(..., variant="v5")): the kept sets of v4-split-only (exact
-# top-k; among values equal to the k-th the lowest positions) with less code per pass and per
-# program (SASS counts for sm_90 in perf/NOTES.md):
+# ------------------------------------------------------------------------------------ forward
+# How the forward keeps its passes cheap (SASS counts for sm_90 in perf/NOTES.md):
 #  - a side's keys are 1-D blocks ([P1·G] and a [P2·G] remainder, G = threads of the program)
 #    viewed as [P, G] with axis 0 in each thread's registers: every count sums a thread's entries
-#    first and both blocks then share one reduction across threads (v4: two per count);
+#    first and both blocks then share one reduction across threads;
 #  - padding is -inf, never counted (every probe lies above the bracket's low end); masks only in
 #    blocks that have padding and only in one-time code;
 #  - the bracket starts at [least of > k group maxima, the float above the maximum]: no count
-#    needed at either end, ~1.2 passes fewer than from the minimum (see _v5_threshold);
+#    needed at either end, ~1.2 passes fewer than from the minimum (see _kth_threshold);
 #  - value halving and integer-key halving are two loops, so the common passes carry no key math;
-#  - kept slots from one exclusive scan over per-thread counts (no atomics, no counters; the kept
-#    keys land in scratch in a fixed order, so v5 is deterministic even among tied grid totals);
+#  - kept slots from one exclusive scan over per-thread counts (no atomics, no counters);
 #  - a constant key stride when a side's rows are contiguous (row stride R): immediate offsets;
 #    heads == 1 as a constant (no 64-bit division of the program id);
 #  - the k×k grid as [k·k / G, G] with the row fixed per thread: one row of A·ΣC per thread,
 #    column loads per entry.
-# The arithmetic of coarse scores and grid totals is v4's, so the kept sets are v4-split-only's
-# and, where grid totals do not tie exactly, so are the outputs bit for bit. Grids that do not
-# fit in registers use v4's tiled grid selection; the sort and the output writes are v4's.
 
 @triton.jit
-def _v5_minmax(lo_a, hi_a, lo_b, hi_b):
+def _min_max(lo_a, hi_a, lo_b, hi_b):
     # minnum/maxnum on the GPU (NaN ignored); the interpreter's generic reduce propagates NaN
     return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
 
 
 @triton.jit
-def _v5_count(m1, m2, HAS2: tl.constexpr):
+def _count_true(m1, m2, HAS2: tl.constexpr):
     """Number of true entries of the [P, G] masks m1 and (if HAS2) m2: per-thread sums along
     axis 0, then one reduction across threads."""
     c = tl.sum(m1.to(tl.int32), axis=0)
@@ -601,8 +267,8 @@ def _v5_count(m1, m2, HAS2: tl.constexpr):
 
 
 @triton.jit
-def _v5_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr,
-                  GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
+def _kth_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr,
+                   GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
     """(thr, exact): thr = the knn-th largest real entry of x1 (and x2), or a value with exactly knn
     entries >= thr (then exact is true). Padding is -inf (v false); n_all real entries.
 
@@ -616,7 +282,7 @@ def _v5_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.cons
     if GS > 0:
         G: tl.constexpr = hi_g.shape[0]
         lo_g = tl.max(tl.reshape(hi_g, (G // GS, GS)), axis=1)
-        lo, vmax = tl.reduce((lo_g, lo_g), 0, _v5_minmax)
+        lo, vmax = tl.reduce((lo_g, lo_g), 0, _min_max)
     else:
         if MASK1:
             lo_g = tl.min(tl.where(v1, x1, float("inf")), axis=0)
@@ -640,7 +306,7 @@ def _v5_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.cons
     todo = c_lo != knn
     while todo:  # value halving: count(x >= lo) >= knn > count(x >= hi)
         mid = lo * 0.5 + hi * 0.5
-        cnt = _v5_count(x1 >= mid, x2 >= mid, HAS2)
+        cnt = _count_true(x1 >= mid, x2 >= mid, HAS2)
         # mid = lo or hi once they are (nearly) adjacent floats: then stop (updating with such a
         # mid changes nothing: count(x >= hi) < knn; a NaN mid, from lo = -inf and hi = inf, only
         # makes hi NaN, which the key halving below treats as above every float)
@@ -658,7 +324,7 @@ def _v5_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.cons
     while todo:
         kmid = (klo >> 1) + (khi >> 1) + (klo & khi & 1)  # floor((klo + khi) / 2) without overflow
         mid = _unkey32(kmid)
-        cnt = _v5_count(x1 >= mid, x2 >= mid, HAS2)
+        cnt = _count_true(x1 >= mid, x2 >= mid, HAS2)
         ge = cnt >= knn
         klo = tl.where(ge, kmid, klo)
         khi = tl.where(ge, khi, kmid)
@@ -670,8 +336,8 @@ def _v5_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.cons
 
 
 @triton.jit
-def _v5_keep(x1, v1, p1, x2, v2, p2, thr, exact, knn, n_idx,
-             HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr):
+def _kept_masks(x1, v1, p1, x2, v2, p2, thr, exact, knn, n_idx,
+                HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr):
     """Masks of the kept entries: all x > thr, and of those equal to thr the lowest positions p
     (distinct, in [0, n_idx)) up to knn in all. Padding (v false, -inf) is never kept."""
     if exact:
@@ -681,14 +347,14 @@ def _v5_keep(x1, v1, p1, x2, v2, p2, thr, exact, knn, n_idx,
         # ties at thr: a bisection on a position cut, only when there are more than needed
         eq1 = x1 == thr
         eq2 = x2 == thr
-        need = knn - _v5_count(x1 > thr, x2 > thr, HAS2)
+        need = knn - _count_true(x1 > thr, x2 > thr, HAS2)
         cut_lo = need * 0        # count(eq & p < cut_lo) < need
         cut_hi = cut_lo + n_idx  # count(eq & p < cut_hi) >= need
-        if _v5_count(eq1 & v1, eq2 & v2, HAS2) <= need:
+        if _count_true(eq1 & v1, eq2 & v2, HAS2) <= need:
             cut_lo = cut_hi - 1
         while cut_hi - cut_lo > 1:
             cut_mid = (cut_lo + cut_hi) // 2
-            enough = _v5_count(eq1 & v1 & (p1 < cut_mid), eq2 & v2 & (p2 < cut_mid), HAS2) >= need
+            enough = _count_true(eq1 & v1 & (p1 < cut_mid), eq2 & v2 & (p2 < cut_mid), HAS2) >= need
             cut_lo = tl.where(enough, cut_lo, cut_mid)
             cut_hi = tl.where(enough, cut_mid, cut_hi)
         keep1 = (x1 > thr) | (eq1 & (p1 < cut_hi))
@@ -701,15 +367,15 @@ def _v5_keep(x1, v1, p1, x2, v2, p2, thr, exact, knn, n_idx,
 
 
 @triton.jit
-def _v5_flat(x):
+def _as_1d(x):
     """[P, G] -> [P·G] (same registers: 1-D memory accesses get Triton's 1-D layout, which is
     this one; 2-D ones with data-dependent addresses would be moved to another layout)."""
     return tl.reshape(x, (x.shape[0] * x.shape[1],))
 
 
 @triton.jit
-def _v5_store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_idx, dst_val,
-                   HAS2: tl.constexpr, STORE_VALS: tl.constexpr):
+def _store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_idx, dst_val,
+                HAS2: tl.constexpr, STORE_VALS: tl.constexpr):
     """Write p (and x, if STORE_VALS) of the kept entries to dst[0:knn]: slots from an exclusive
     scan over the threads' kept counts, then in register order within a thread."""
     k1 = keep1.to(tl.int32)
@@ -720,23 +386,23 @@ def _v5_store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_idx, dst_val,
         c += tl.sum(k2, axis=0)
     last = tl.cumsum(c, axis=0) - c - 1  # the slot before this thread's first
     s1 = last[None, :] + tl.cumsum(k1, axis=0)
-    ok1 = _v5_flat(keep1 & (s1 < knn))
-    s1 = _v5_flat(s1)
-    tl.store(dst_idx + s1, _v5_flat(p1), mask=ok1)
+    ok1 = _as_1d(keep1 & (s1 < knn))
+    s1 = _as_1d(s1)
+    tl.store(dst_idx + s1, _as_1d(p1), mask=ok1)
     if STORE_VALS:
-        tl.store(dst_val + s1, _v5_flat(x1), mask=ok1)
+        tl.store(dst_val + s1, _as_1d(x1), mask=ok1)
     if HAS2:
         s2 = (last + c1)[None, :] + tl.cumsum(k2, axis=0)
-        ok2 = _v5_flat(keep2 & (s2 < knn))
-        s2 = _v5_flat(s2)
-        tl.store(dst_idx + s2, _v5_flat(p2), mask=ok2)
+        ok2 = _as_1d(keep2 & (s2 < knn))
+        s2 = _as_1d(s2)
+        tl.store(dst_idx + s2, _as_1d(p2), mask=ok2)
         if STORE_VALS:
-            tl.store(dst_val + s2, _v5_flat(x2), mask=ok2)
+            tl.store(dst_val + s2, _as_1d(x2), mask=ok2)
 
 
 @triton.jit
-def _v5_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
-              MASKED: tl.constexpr):
+def _coarse_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
+                  MASKED: tl.constexpr):
     """Scores <key, w> of keys p0 + e (e < P·G) as [P, G] (entry [p, g] = key p0 + p·G + g, -inf
     past n), the mask of real keys and the positions."""
     e = tl.arange(0, P * G)
@@ -758,31 +424,31 @@ def _v5_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.constexp
 
 
 @triton.jit
-def _v5_coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
-                      R: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_REM: tl.constexpr,
-                      MASK1: tl.constexpr, MASK2: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
-                      VALUE_STEPS: tl.constexpr):
+def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
+                   R: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_REM: tl.constexpr,
+                   MASK1: tl.constexpr, MASK2: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
+                   VALUE_STEPS: tl.constexpr):
     """Write the positions of the knn largest <key, w> of one [n, R] score block to dst[0:knn]."""
-    x1, v1, p1 = _v5_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
+    x1, v1, p1 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
     if HAS_REM:
-        x2, v2, p2 = _v5_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G, MASK2)
+        x2, v2, p2 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G, MASK2)
     else:  # unused placeholders
         p2 = tl.reshape(tl.arange(0, P2 * G), (P2, G))
         v2 = p2 < 0
         x2 = tl.full((P2, G), float("-inf"), tl.float32)
-    thr, exact = _v5_threshold(x1, v1, x2, v2, knn, n, HAS_REM, MASK1, MASK2, GS, VALUE_STEPS)
-    keep1, keep2 = _v5_keep(x1, v1, p1, x2, v2, p2, thr, exact, knn, n, HAS_REM, MASK1, MASK2)
-    _v5_store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_ptr, dst_ptr, HAS_REM, False)
+    thr, exact = _kth_threshold(x1, v1, x2, v2, knn, n, HAS_REM, MASK1, MASK2, GS, VALUE_STEPS)
+    keep1, keep2 = _kept_masks(x1, v1, p1, x2, v2, p2, thr, exact, knn, n, HAS_REM, MASK1, MASK2)
+    _store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_ptr, dst_ptr, HAS_REM, False)
 
 
 @triton.jit
-def _v5_grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                    keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
-                    R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
-                    FULL_K: tl.constexpr, GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
+def _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                 keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
+                 R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
+                 FULL_K: tl.constexpr, GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
     """Phase 3 of the forward with the k×k grid in registers as [BLOCK_K² / G, G] (entry e = p·G + g
     holds row slot e % BLOCK_K, column slot e // BLOCK_K): the knn best pairs (i·BLOCK_K + j) and
-    their totals to pairs_ws / vals_ws, in no fixed order. Loads are 1-D (see _v5_flat)."""
+    their totals to pairs_ws / vals_ws, in no fixed order. Loads are 1-D (see _as_1d)."""
     PG: tl.constexpr = BLOCK_K * BLOCK_K // G
     e = tl.arange(0, BLOCK_K * BLOCK_K)
     j_ok = e // BLOCK_K < knn
@@ -793,8 +459,8 @@ def _v5_grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, 
         ii = e % BLOCK_K
     i_ok = ii < knn
     rows = _load_kept(keys_ws, ii, i_ok, n_row)
-    # same arithmetic (order of operations) as v4's _grid_tile; s starts as a reshape, not as a
-    # 2-D constant, so that it gets the layout of the reshaped loads
+    # same arithmetic (order of operations) as _grid_tile of the tiled path; s starts as a
+    # reshape, not as a 2-D constant, so that it gets the layout of the reshaped loads
     s = tl.reshape(tl.zeros((BLOCK_K * BLOCK_K,), dtype=tl.float32), (PG, G))
     for q in tl.static_range(R):
         b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
@@ -819,14 +485,14 @@ def _v5_grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, 
     if not FULL_K:
         s = tl.where(valid, s, float("-inf"))
     flat = ii * BLOCK_K + jj
-    thr, exact = _v5_threshold(s, valid, s, valid, knn, knn * knn, False, not FULL_K, False, GS, VALUE_STEPS)
-    keep, _ = _v5_keep(s, valid, flat, s, valid, flat, thr, exact, knn, BLOCK_K * BLOCK_K,
-                       False, not FULL_K, False)
-    _v5_store_kept(keep, flat, s, keep, flat, s, knn, pairs_ws, vals_ws, False, True)
+    thr, exact = _kth_threshold(s, valid, s, valid, knn, knn * knn, False, not FULL_K, False, GS, VALUE_STEPS)
+    keep, _ = _kept_masks(s, valid, flat, s, valid, flat, thr, exact, knn, BLOCK_K * BLOCK_K,
+                          False, not FULL_K, False)
+    _store_kept(keep, flat, s, keep, flat, s, knn, pairs_ws, vals_ws, False, True)
 
 
 @triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
-def _retrieval_fwd_v5_kernel(
+def _retrieval_fwd_kernel(
     a_ptr, sa_t, sa_h, sa_n, sa_r,
     b_ptr, sb_t, sb_h, sb_n, sb_r,
     c_ptr, sc_h, sc_m, sc_r, sc_s,
@@ -865,21 +531,21 @@ def _retrieval_fwd_v5_kernel(
     else:
         kb_n = sb_n
 
-    _v5_coarse_select(a_base, ka_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws,
-                      R, P1_R, P2_R, REM_R, MASK1_R, MASK2_R, G, GS_R, VALUE_STEPS)
-    _v5_coarse_select(b_base, kb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
-                      R, P1_C, P2_C, REM_C, MASK1_C, MASK2_C, G, GS_C, VALUE_STEPS)
+    _coarse_select(a_base, ka_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws,
+                   R, P1_R, P2_R, REM_R, MASK1_R, MASK2_R, G, GS_R, VALUE_STEPS)
+    _coarse_select(b_base, kb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
+                   R, P1_C, P2_C, REM_C, MASK1_C, MASK2_C, G, GS_C, VALUE_STEPS)
     tl.debug_barrier()
     if PHASES < 2:
         return
     if TILE_I == BLOCK_K:
-        _v5_grid_select(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                        keys_ws, pairs_ws, vals_ws, knn, n_row, n_col, R, M, BLOCK_K, GRID_G, FULL_K, GS_K,
-                        VALUE_STEPS)
-    else:  # v4's tiled grid (its untiled branch, which needs slot counters, is not compiled here)
         _grid_select(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                     keys_ws, pairs_ws, vals_ws, pairs_ws, knn, n_row, n_col,
-                     R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+                     keys_ws, pairs_ws, vals_ws, knn, n_row, n_col, R, M, BLOCK_K, GRID_G, FULL_K, GS_K,
+                     VALUE_STEPS)
+    else:  # grid too large for registers: row tiles
+        _grid_select_tiled(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                           keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
+                           R, M, BLOCK_K, TILE_I, VALUE_STEPS)
     tl.debug_barrier()
     if PHASES < 3:
         return
@@ -1054,10 +720,6 @@ def _block_k(knn: int) -> int:
     return max(16, triton.next_power_of_2(knn))
 
 
-def _num_warps(block_k: int) -> int:
-    return FWD_NUM_WARPS_SMALL_K if block_k <= 32 else 8
-
-
 def _unsupported(knn: int, row_scores: Tensor, col_scores: Tensor, cores: Tensor, *more: Tensor) -> str | None:
     if any(x.dtype == torch.float64 for x in (row_scores, col_scores, cores, *more)):
         return "float64 inputs"
@@ -1085,111 +747,12 @@ def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, 
         from .. import retrieval as ref
         _fallback_once(reason)
         return _reference(ref.tdqkr_retrieval)(row_scores, col_scores, cores, u, v, knn)
-    return launch_forward(row_scores, col_scores, cores, u, v, knn, variant=DEFAULT_FWD_VARIANT)
+    return launch_forward(row_scores, col_scores, cores, u, v, knn)
 
 
-def _coarse_layout(n: int, knn: int, split: bool) -> dict:
-    """Block shapes of one side for the v4 kernel: [P1, G] (+ [P2, G] when there is a remainder),
-    the number of non-empty groups and the rank j of the first probe (j + j(j-1)/(2G) ~ knn)."""
-    g = min(COARSE_GROUPS, triton.next_power_of_2(n))
-    rows = -(-n // g)
-    if split:
-        p1 = 1 << (rows.bit_length() - 1)
-        rem = rows - p1
-    else:
-        p1, rem = triton.next_power_of_2(rows), 0
-    groups = min(n, g)
-    rank = int(math.floor(-groups + math.sqrt(groups * groups + 2 * groups * (knn + 0.5))))
-    return dict(p1=p1, p2=triton.next_power_of_2(rem) if rem else 1, has_rem=rem > 0, g=g, groups=groups,
-                rank=min(max(rank, 1), knn))
-
-
-def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
-                   grid_tile: int = GRID_TILE, num_warps: int | None = None,
-                   phases: int = 3, variant: str = DEFAULT_FWD_VARIANT) -> tuple[Tensor, Tensor]:
-    """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
-    entries held at once, a power of 2), `num_warps`, `phases` (< 3: stop early, outputs
-    unwritten) and `variant`: one of FWD_VARIANTS (same kept set; default DEFAULT_FWD_VARIANT)."""
-    if variant not in FWD_VARIANTS:
-        raise ValueError(f"variant={variant!r}: expected one of {list(FWD_VARIANTS)}")
-    if variant.startswith("v5"):
-        return _launch_forward_v5(row_scores, col_scores, cores, u, v, knn, grid_tile, num_warps, phases,
-                                  **FWD_VARIANTS[variant])
-    if variant != "v3":
-        return _launch_forward_v4(row_scores, col_scores, cores, u, v, knn, grid_tile, num_warps, phases,
-                                  **FWD_VARIANTS[variant])
-    t, h, n_row, r = row_scores.shape
-    n_col = col_scores.shape[2]
-    m = cores.shape[1]
-    dev = row_scores.device
-    ids = torch.empty((t, h, knn), dtype=torch.int64, device=dev)
-    scores = torch.empty((t, h, knn, m), dtype=row_scores.dtype, device=dev)
-    if t * h == 0:
-        return ids, scores
-    block_k = _block_k(knn)
-    tile_i = max(1, min(block_k, grid_tile // block_k))
-    keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
-    pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
-    vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
-    counters = torch.empty((t * h, 4), dtype=torch.int32, device=dev)  # zeroed by the kernel
-    block_nr, block_nc = triton.next_power_of_2(n_row), triton.next_power_of_2(n_col)
-    groups = min(COARSE_GROUPS, block_nr, block_nc)
-    with _device_ctx(row_scores):
-        _retrieval_fwd_kernel[(t * h,)](
-            row_scores, *row_scores.stride(),
-            col_scores, *col_scores.stride(),
-            cores, *cores.stride(),
-            u, *u.stride(),
-            v, *v.stride(),
-            ids, scores, keys_ws, pairs_ws, vals_ws, counters,
-            h, n_row, n_col, knn,
-            R=r, M=m, BLOCK_NR=block_nr, BLOCK_NC=block_nc, BLOCK_K=block_k, TILE_I=tile_i,
-            G=groups, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
-            num_warps=num_warps or _num_warps(block_k),
-        )
-    return ids, scores
-
-
-def _launch_forward_v4(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
-                       grid_tile: int, num_warps: int | None, phases: int, split: bool, group_start: bool,
-                       interp: bool) -> tuple[Tensor, Tensor]:
-    t, h, n_row, r = row_scores.shape
-    n_col = col_scores.shape[2]
-    m = cores.shape[1]
-    dev = row_scores.device
-    ids = torch.empty((t, h, knn), dtype=torch.int64, device=dev)
-    scores = torch.empty((t, h, knn, m), dtype=row_scores.dtype, device=dev)
-    if t * h == 0:
-        return ids, scores
-    block_k = _block_k(knn)
-    tile_i = max(1, min(block_k, grid_tile // block_k))
-    keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
-    pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
-    vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
-    counters = torch.empty((t * h, 4), dtype=torch.int32, device=dev)  # zeroed by the kernel
-    lr, lc = _coarse_layout(n_row, knn, split), _coarse_layout(n_col, knn, split)
-    with _device_ctx(row_scores):
-        _retrieval_fwd_v4_kernel[(t * h,)](
-            row_scores, *row_scores.stride(),
-            col_scores, *col_scores.stride(),
-            cores, *cores.stride(),
-            u, *u.stride(),
-            v, *v.stride(),
-            ids, scores, keys_ws, pairs_ws, vals_ws, counters,
-            h, n_row, n_col, knn, lr["groups"], lc["groups"], lr["rank"], lc["rank"],
-            R=r, M=m,
-            P1_R=lr["p1"], P2_R=lr["p2"], REM_R=lr["has_rem"], G_R=lr["g"],
-            P1_C=lc["p1"], P2_C=lc["p2"], REM_C=lc["has_rem"], G_C=lc["g"],
-            BLOCK_K=block_k, TILE_I=tile_i, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
-            GROUP_START=group_start, INTERP=interp,
-            num_warps=num_warps or _num_warps(block_k),
-        )
-    return ids, scores
-
-
-def _v5_layout(n: int, g: int) -> dict:
-    """Blocks of one side for the v5 kernel: [P1·G] keys (P1 the largest power of 2 with P1·G keys
-    within the rows of G) plus a [P2·G] remainder (P2 a power of 2), and which of them hold padding."""
+def _coarse_layout(n: int, g: int) -> dict:
+    """Blocks of one side: [P1·G] keys (P1 the largest power of 2 with P1·G keys within the rows
+    of G) plus a [P2·G] remainder (P2 a power of 2), and which of them hold padding."""
     rows = -(-n // g)
     p1 = 1 << (rows.bit_length() - 1)
     rem = rows - p1
@@ -1197,10 +760,10 @@ def _v5_layout(n: int, g: int) -> dict:
     return dict(p1=p1, p2=p2, has_rem=rem > 0, mask1=p1 * g > n, mask2=rem > 0 and (p1 + p2) * g > n)
 
 
-def _v5_group_threads(knn: int, g: int, every_thread_real: bool) -> int:
-    """Threads per group for v5's group-maximum start (see _v5_threshold): the smallest power of 2
-    above knn groups over g threads, each thread holding at least one real entry; 0 (start at
-    the minimum) when that is impossible."""
+def _group_threads(knn: int, g: int, every_thread_real: bool) -> int:
+    """Threads per group for the group-maximum start of a threshold search (see _kth_threshold):
+    the smallest power of 2 above knn groups over g threads, each thread holding at least one real
+    entry; 0 (start at the minimum) when that is impossible."""
     groups = 1 << knn.bit_length()
     return g // groups if every_thread_real and groups <= g else 0
 
@@ -1212,9 +775,13 @@ def _contiguous_key_stride(x: Tensor) -> int:
     return r if x.stride(2) == r and (r == 1 or x.stride(3) == 1) else 0
 
 
-def _launch_forward_v5(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
-                       grid_tile: int, num_warps: int | None, phases: int, small_k_warps: int | None,
-                       small_k_maxnreg: int | None) -> tuple[Tensor, Tensor]:
+def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
+                   grid_tile: int = GRID_TILE, num_warps: int | None = None,
+                   phases: int = 3) -> tuple[Tensor, Tensor]:
+    """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
+    entries held at once, a power of 2), `num_warps` (default FWD_NUM_WARPS_SMALL_K with at most
+    FWD_MAXNREG_SMALL_K registers per thread for k <= 32, 8 above; a number given here launches
+    without a register cap) and `phases` (< 3: stop early, outputs unwritten)."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -1226,16 +793,16 @@ def _launch_forward_v5(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u:
     block_k = _block_k(knn)
     tile_i = max(1, min(block_k, grid_tile // block_k))
     small_k = block_k <= 32
-    warps = num_warps or (small_k and small_k_warps) or _num_warps(block_k)
-    limits = dict(maxnreg=small_k_maxnreg) if small_k and small_k_maxnreg and not num_warps else {}
+    warps = num_warps or (FWD_NUM_WARPS_SMALL_K if small_k else 8)
+    limits = dict(maxnreg=FWD_MAXNREG_SMALL_K) if small_k and not num_warps else {}
     g = 32 * warps  # keys per register row: one per thread
     keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
     pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
     vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
-    lr, lc = _v5_layout(n_row, g), _v5_layout(n_col, g)
+    lr, lc = _coarse_layout(n_row, g), _coarse_layout(n_col, g)
     grid_g = min(g, block_k * block_k)
     with _device_ctx(row_scores):
-        _retrieval_fwd_v5_kernel[(t * h,)](
+        _retrieval_fwd_kernel[(t * h,)](
             row_scores, *row_scores.stride(),
             col_scores, *col_scores.stride(),
             cores, *cores.stride(),
@@ -1247,14 +814,13 @@ def _launch_forward_v5(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u:
             P1_R=lr["p1"], P2_R=lr["p2"], REM_R=lr["has_rem"], MASK1_R=lr["mask1"], MASK2_R=lr["mask2"],
             P1_C=lc["p1"], P2_C=lc["p2"], REM_C=lc["has_rem"], MASK1_C=lc["mask1"], MASK2_C=lc["mask2"],
             KEY_STRIDE_A=_contiguous_key_stride(row_scores), KEY_STRIDE_B=_contiguous_key_stride(col_scores),
-            GS_R=_v5_group_threads(knn, g, n_row >= g), GS_C=_v5_group_threads(knn, g, n_col >= g),
+            GS_R=_group_threads(knn, g, n_row >= g), GS_C=_group_threads(knn, g, n_col >= g),
             BLOCK_K=block_k, TILE_I=tile_i, GRID_G=grid_g, FULL_K=knn == block_k,
-            GS_K=_v5_group_threads(knn, grid_g, knn == block_k),
+            GS_K=_group_threads(knn, grid_g, knn == block_k),
             ONE_HEAD=h == 1, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
             num_warps=warps, **limits,
         )
     return ids, scores
-
 
 def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
                                   ids: Tensor, n_keys: int = -1) -> tuple[Tensor, Tensor, Tensor]:
