@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ultramem.ops._triton import gate_lookup as tgl
 
-from .lookup import BF16, gate_ref, lookup_ref
+from .lookup import BF16, gate_ref, lookup_ref, min_bytes
 
 # The entry-block kernel's best config at the 227M shape (perf/NOTES.md), for comparison.
 ENTRY_BLOCK = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True,
@@ -42,8 +42,7 @@ def run(ctx) -> list[dict]:
         c = min(t, CHECK_TOKENS)
         gate64 = gate_ref(rows[:c], pre_values, x[:c])
         ref = lookup_ref(rows[:c], values, scores[:c].double() * F.gelu(gate64).unsqueeze(-1))
-        row_b = t * e * d * 2
-        min_bytes = 2 * row_b + t * e * 8 + t * e * m * 2 + 2 * t * d * 2 + t * e * 2
+        least = min_bytes(t, e, d, m, 0)["gate_lookup_fwd"]
         for name, cfg in (("column-chunk (default)", None), ("entry-block", ENTRY_BLOCK)):
             try:
                 ctx.poison_allocator(t * d * 2)
@@ -51,7 +50,7 @@ def run(ctx) -> list[dict]:
                 rel = max(ctx.check(f"fused sweep {name} {shape} out", out[:c], ref),
                           ctx.check(f"fused sweep {name} {shape} gate", gate[:c], gate64))
                 us = ctx.do_bench(lambda: tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, True, cfg))
-                out_rows.append(ctx.row("gate_lookup_fwd_sweep", shape, name, us, min_bytes, rel))
+                out_rows.append(ctx.row("gate_lookup_fwd_sweep", shape, name, us, least, rel))
             except Exception as exc:  # keep the other shapes' numbers
                 out_rows.append({"op": "gate_lookup_fwd_sweep", "shape": shape, "variant": name,
                                  "median_us": None, "error": repr(exc)[:300]})

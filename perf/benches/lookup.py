@@ -88,12 +88,14 @@ def lookup_eager(rows, table, scores):
     return torch.einsum("temd,tem->tmd", vals, scores).reshape(t, -1)
 
 
-def lookup_bwd_eager(grad_out, rows, table, scores):
+def lookup_bwd_eager(grad_out, rows, table, scores, grad_table=None):
+    """Dense: a zero-filled fp32 gradient per call; with `grad_table`, accumulates into it."""
     t, e, m = scores.shape
     g = grad_out.float().view(t, 1, m, -1)
     flat = rows.reshape(-1)
     grad_scores = (table.index_select(0, flat).float().view(t, e, m, -1) * g).sum(-1).to(scores.dtype)
-    grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    if grad_table is None:
+        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
     grad_table.index_add_(0, flat, (scores.float().unsqueeze(-1) * g).reshape(t * e, -1))
     return grad_table, grad_scores
 
@@ -102,11 +104,13 @@ def gate_eager(rows, table, x):
     return torch.einsum("ted,td->te", F.embedding(rows, table), x)
 
 
-def gate_bwd_eager(grad_gate, rows, table, x):
+def gate_bwd_eager(grad_gate, rows, table, x, grad_table=None):
+    """Dense: a zero-filled fp32 gradient per call; with `grad_table`, accumulates into it."""
     t, e = rows.shape
     flat = rows.reshape(-1)
     grad_x = torch.einsum("te,ted->td", grad_gate, F.embedding(rows, table))
-    grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    if grad_table is None:
+        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
     grad_table.index_add_(0, flat, (grad_gate.float().unsqueeze(-1) * x.float().unsqueeze(1)).reshape(t * e, -1))
     return grad_table, grad_x
 
@@ -114,6 +118,24 @@ def gate_bwd_eager(grad_gate, rows, table, x):
 def gate_lookup_eager(rows, values, pre_values, x, scores):
     gate = gate_eager(rows, pre_values, x)
     return lookup_eager(rows, values, scores * F.gelu(gate).unsqueeze(-1)), gate
+
+
+# ------------------------------------------------------------------ least bytes moved
+
+def min_bytes(t: int, e: int, d: int, m: int, uniq: int) -> dict:
+    """Least bytes each op moves with bf16 tables/activations, int64 ids and an fp32 gradient
+    buffer: every entry's row read once, each of the `uniq` touched gradient rows read and
+    written once (accumulate), the per-token tensors once."""
+    ids_b, s_b, tok_b = t * e * 8, t * e * m * 2, t * d * 2
+    row_b = t * e * d * 2            # every entry's row, bf16
+    grad_rows_b = uniq * d * 4       # the touched fp32 gradient rows, once
+    return {
+        "lookup_fwd": row_b + ids_b + s_b + tok_b,
+        "lookup_bwd_acc": row_b + 2 * grad_rows_b + ids_b + 2 * s_b + tok_b,
+        "gate_fwd": row_b + ids_b + tok_b + t * e * 2,
+        "gate_bwd_acc": row_b + 2 * grad_rows_b + ids_b + 2 * tok_b + t * e * 2,
+        "gate_lookup_fwd": 2 * row_b + ids_b + s_b + 2 * tok_b + t * e * 2,
+    }
 
 
 # ------------------------------------------------------------------ the run
@@ -166,10 +188,11 @@ def run(ctx) -> list[dict]:
     row_b = t * e * d * 2            # every entry's row, bf16
     grad_rows_b = uniq * d * 4       # the touched fp32 gradient rows, once
     dense_b = n * d * 4              # a whole fp32 gradient
+    least = min_bytes(t, e, d, m, uniq)
     rows_out.append(ctx.row("info", shape, f"unique rows {uniq} of {t * e} entries", 0.0, None))
 
-    def add(op, variant, us, min_bytes, rel=None, **extra):
-        rows_out.append(ctx.row(op, shape, variant, us, min_bytes, rel, **extra))
+    def add(op, variant, us, nbytes, rel=None, **extra):
+        rows_out.append(ctx.row(op, shape, variant, us, nbytes, rel, **extra))
 
     def guarded(op, variant, fn):
         try:
@@ -180,7 +203,7 @@ def run(ctx) -> list[dict]:
             rows_out.append({"op": op, "shape": shape, "variant": variant, "median_us": None, "error": repr(exc)[:300]})
 
     # ---------------------------------------------------------------- lookup forward
-    fwd_bytes = row_b + ids_b + s_b + tok_b
+    fwd_bytes = least["lookup_fwd"]
 
     def lookup_fwd():
         inp = fresh()
@@ -216,7 +239,7 @@ def run(ctx) -> list[dict]:
     guarded("weighted_lookup_fwd", "all", lookup_fwd)
 
     # ---------------------------------------------------------------- lookup backward
-    acc_bytes = row_b + 2 * grad_rows_b + ids_b + 2 * s_b + tok_b
+    acc_bytes = least["lookup_bwd_acc"]
     det_acc_bytes = uniq * d * 2 + 2 * grad_rows_b + ids_b + 2 * s_b + tok_b
     dense_bytes = dense_b + row_b + ids_b + 2 * s_b + tok_b
 
@@ -323,7 +346,7 @@ def run(ctx) -> list[dict]:
     guarded("weighted_lookup_bwd", "all", lookup_bwd)
 
     # ---------------------------------------------------------------- gate forward / backward
-    gate_bytes = row_b + ids_b + tok_b + t * e * 2
+    gate_bytes = least["gate_fwd"]
 
     def gate_fwd():
         inp = fresh()
@@ -343,7 +366,7 @@ def run(ctx) -> list[dict]:
 
     guarded("pre_value_gate_fwd", "all", gate_fwd)
 
-    gate_acc_bytes = row_b + 2 * grad_rows_b + ids_b + 2 * tok_b + t * e * 2
+    gate_acc_bytes = least["gate_bwd_acc"]
 
     def gate_bwd():
         inp = fresh()
@@ -382,7 +405,7 @@ def run(ctx) -> list[dict]:
     guarded("pre_value_gate_bwd", "all", gate_bwd)
 
     # ---------------------------------------------------------------- fused gate + lookup forward
-    fused_bytes = 2 * row_b + ids_b + s_b + 2 * tok_b + t * e * 2
+    fused_bytes = least["gate_lookup_fwd"]
 
     def fused():
         inp = fresh()
