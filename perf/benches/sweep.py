@@ -207,65 +207,38 @@ def _lookup_shape(sw: _Sweep, n: int, t: int, e: int, d: int, axes: str, compile
         rel_o = ctx.check(f"{name} {'grad_scores' if grad_other.dim() == 3 else 'grad_x'}", grad_other, ref_other)
         return max(rel_t, rel_o)
 
-    # ------------------------------------------------------------ weighted_lookup backward
-    op = "weighted_lookup_bwd_sweep"
+    # ------------------------------------------------------------ accumulate backwards
+    def accumulate_bwd(op, what, make_args, ref_fn, eager_fn, compiled_key, ours_fn, poison_bytes, least_key):
+        """One accumulate backward (lookup or gate): eager, torch.compile, ours into `buf`."""
+        def one(variant, fn, poison: bool):
+            args = make_args(fresh())
+            ref_table, ref_other = ref_fn(*args)
+            buf.normal_()
+            start = buf.clone()
+            if poison:
+                ctx.poison_allocator(poison_bytes)
+            other = fn(*args)
+            rel = check_acc(f"sweep {what} bwd {variant} {shape}", other, ref_table, ref_other, start)
+            del ref_table, ref_other, start, other
+            add(op, variant, lambda: fn(*args), least[least_key], rel)
 
-    def lookup_bwd(variant, fn, poison: bool):
-        inp = fresh()
-        args = (inp.grad_out, inp.rows, values, inp.scores)
-        ref_table, ref_scores = lookup_bwd_ref(*args)
-        buf.normal_()
-        start = buf.clone()
-        if poison:
-            ctx.poison_allocator(t * e * m * 2)
-        grad_scores = fn(*args)
-        rel = check_acc(f"sweep lookup bwd {variant} {shape}", grad_scores, ref_table, ref_scores, start)
-        del ref_table, ref_scores, start, grad_scores
-        add(op, variant, lambda: fn(*args), least["lookup_bwd_acc"], rel)
+        def into_buf(fn):
+            return lambda *args: fn(*args, buf)[1]
 
-    def lookup_bwd_base(fn):
-        return lambda *args: fn(*args, buf)[1]
+        sw.guarded(op, shape, "eager (index_add_)", lambda: one("eager (index_add_)", into_buf(eager_fn), False))
+        if compiled_key in compiled:
+            sw.guarded(op, shape, "torch.compile",
+                       lambda: one("torch.compile", into_buf(compiled[compiled_key]), False))
+        sw.guarded(op, shape, "ours (accumulate, atomics)", lambda: one("ours (accumulate, atomics)", ours_fn, True))
 
-    def lookup_bwd_ours(*args):
-        return twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False)
-
-    sw.guarded(op, shape, "eager (index_add_)",
-               lambda: lookup_bwd("eager (index_add_)", lookup_bwd_base(lookup_bwd_eager), False))
-    if "lookup_bwd" in compiled:
-        sw.guarded(op, shape, "torch.compile",
-                   lambda: lookup_bwd("torch.compile", lookup_bwd_base(compiled["lookup_bwd"]), False))
-    sw.guarded(op, shape, "ours (accumulate, atomics)",
-               lambda: lookup_bwd("ours (accumulate, atomics)", lookup_bwd_ours, True))
-
-    # ------------------------------------------------------------ pre_value_gate backward
-    op = "pre_value_gate_bwd_sweep"
-
-    def gate_bwd(variant, fn, poison: bool):
-        inp = fresh()
-        args = (inp.grad_gate, inp.rows, pre_values, inp.x)
-        ref_table, ref_x = gate_bwd_ref(*args)
-        buf.normal_()
-        start = buf.clone()
-        if poison:
-            ctx.poison_allocator(t * d * 2)
-        grad_x = fn(*args)
-        rel = check_acc(f"sweep gate bwd {variant} {shape}", grad_x, ref_table, ref_x, start)
-        del ref_table, ref_x, start, grad_x
-        add(op, variant, lambda: fn(*args), least["gate_bwd_acc"], rel)
-
-    def gate_bwd_base(fn):
-        return lambda *args: fn(*args, buf)[1]
-
-    def gate_bwd_ours(*args):
-        return tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=False)
-
-    sw.guarded(op, shape, "eager (index_add_)",
-               lambda: gate_bwd("eager (index_add_)", gate_bwd_base(gate_bwd_eager), False))
-    if "gate_bwd" in compiled:
-        sw.guarded(op, shape, "torch.compile",
-                   lambda: gate_bwd("torch.compile", gate_bwd_base(compiled["gate_bwd"]), False))
-    sw.guarded(op, shape, "ours (accumulate, atomics)",
-               lambda: gate_bwd("ours (accumulate, atomics)", gate_bwd_ours, True))
+    accumulate_bwd("weighted_lookup_bwd_sweep", "lookup", lambda inp: (inp.grad_out, inp.rows, values, inp.scores),
+                   lookup_bwd_ref, lookup_bwd_eager, "lookup_bwd",
+                   lambda *args: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False),
+                   t * e * m * 2, "lookup_bwd_acc")
+    accumulate_bwd("pre_value_gate_bwd_sweep", "gate", lambda inp: (inp.grad_gate, inp.rows, pre_values, inp.x),
+                   gate_bwd_ref, gate_bwd_eager, "gate_bwd",
+                   lambda *args: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=False),
+                   t * d * 2, "gate_bwd_acc")
     del buf
 
     # ------------------------------------------------------------ fused gate_lookup forward
