@@ -217,11 +217,22 @@ class Transformer(nn.Module):
             mem_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
             for layer in self.memory_layers:
                 layer.reset_parameters(mem_gen, self.memory_tables)
+        self.init_buffers()
+        self.refresh_rank1()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the buffers that are derived from the config, not saved in the state dict (RoPE
+        tables, the memory layers' row offsets): after `to_empty` they hold garbage, and a
+        state-dict load does not write them."""
+        cfg = self.cfg
         device = self.tok_embeddings.weight.device
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        self.refresh_rank1()
+        for layer in self.memory_layers:
+            if hasattr(layer, "init_buffers"):
+                layer.init_buffers()
 
     @torch.no_grad()
     def refresh_rank1(self) -> None:
@@ -275,4 +286,6 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     model.to_empty(device=device)
     if seed is not None:
         model.init_weights(seed)
+    else:
+        model.init_buffers()
     return model

@@ -1,4 +1,4 @@
-"""Shape sweep of the fused gate + lookup forward: the column-chunk kernel (the default) against
+"""Shape sweep of the fused gate + lookup forward: the column-chunk kernel against
 the entry-block kernel, over entries per token, value widths and token counts, so the choice of
 the default is not made at the 227M shape alone. Each kernel is checked against the float64
 reference (on the first tokens: the reference gathers in float64) before it is timed.
@@ -43,7 +43,7 @@ def run(ctx) -> list[dict]:
         gate64 = gate_ref(rows[:c], pre_values, x[:c])
         ref = lookup_ref(rows[:c], values, scores[:c].double() * F.gelu(gate64).unsqueeze(-1))
         least = min_bytes(t, e, d, m, 0)["gate_lookup_fwd"]
-        for name, cfg in (("column-chunk (default)", None), ("entry-block", ENTRY_BLOCK)):
+        for name, cfg in (("column-chunk", tgl.CHUNKS_CONFIG), ("entry-block", ENTRY_BLOCK)):
             try:
                 ctx.poison_allocator(t * d * 2)
                 out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, True, cfg)

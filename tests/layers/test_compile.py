@@ -68,3 +68,12 @@ def test_row_offset_filled_after_meta_build():
     model = build_model(make_cfg(type="ultramem_v2"), device="cpu", seed=0)
     layers = [m for m in model.modules() if hasattr(m, "row_offset")]
     assert layers and [int(m.row_offset) for m in layers] == [m.offset for m in layers]
+    # Built without init (to load a checkpoint into), and after a load into a corrupted buffer.
+    bare = build_model(make_cfg(type="ultramem_v2"), device="cpu", seed=None)
+    bare_layers = [m for m in bare.modules() if hasattr(m, "row_offset")]
+    assert [int(m.row_offset) for m in bare_layers] == [m.offset for m in layers]
+    torch.testing.assert_close(bare.rope_cos, model.rope_cos, rtol=0, atol=0)
+    for m in bare_layers:
+        m.row_offset.fill_(123456789)
+    bare.load_state_dict(model.state_dict())
+    assert [int(m.row_offset) for m in bare_layers] == [m.offset for m in layers]

@@ -295,6 +295,16 @@ FUSED_CASES = [
 
 
 @needs_interpreter
+def test_gate_lookup_config_must_name_its_kernel():
+    g = _gen(3)
+    rows = _rows(2, 3, 10, g, torch.int64)
+    with pytest.raises(ValueError, match="D_CHUNKS"):
+        tgl.gate_lookup_cuda(rows, _rand((10, 8), g, torch.float32), _rand((10, 8), g, torch.float32),
+                             _rand((2, 8), g, torch.float32), _rand((2, 3, 2), g, torch.float32), True,
+                             {"BLOCK_D": 8})
+
+
+@needs_interpreter
 def test_gate_lookup_default_kernel_by_shape(monkeypatch):
     picked = []
     real = tgl._launch_chunks

@@ -100,6 +100,8 @@ def test_gate_lookup_grad_buffers_accumulate_what_autograd_returns():
             torch.testing.assert_close(bufs[1], step * dense[1], rtol=1e-12, atol=1e-12)
         torch.library.opcheck(torch.ops.ultramem.gate_lookup.default,
                               (rows, values.detach(), pre_values.detach(), x, scores, False, *ids))
+        with pytest.raises(ValueError, match="grad_table shape"):  # the forward checks the ids, not only the backward
+            gate_lookup(rows, values, pre_values, x, scores, True, ids[1], ids[0])
     finally:
         for i in ids:
             release_grad_buffer(i)

@@ -235,12 +235,19 @@ class UltraMemV2(TuckerMemoryBase):
         self.offset = (layer_index * m.knum * m.knum) % self.num_rows  # o_l
         # o_l as a tensor for forward: an int attribute that differs per layer is a constant to
         # torch.compile, so each layer would recompile the shared forward (past the recompile
-        # limit, layers ran uncompiled); as a buffer all layers share one graph. Filled again by
-        # reset_parameters (after to_empty from the meta device); not in the state dict.
+        # limit, layers ran uncompiled); as a buffer all layers share one graph. Not in the state
+        # dict: refilled by init_buffers (reset_parameters, the model's init_buffers after
+        # to_empty from the meta device) and after every load_state_dict.
         self.register_buffer("row_offset", torch.tensor(self.offset, dtype=torch.int64), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.init_buffers())
         self.vdim, self.pre_vdim, self.glu_act = m.vdim, m.pre_vdim, m.glu_act
         self.w_p = nn.Linear(self.dim, self.pre_vdim, bias=False) if self.pre_vdim > 0 else None
         self.w_o = nn.Linear(self.vdim, self.dim, bias=False)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Buffers derived from the config (not in the state dict): the row offset o_l."""
+        self.row_offset.fill_(self.offset)
 
     def _check_tables(self, tables: ValueTables | None) -> ValueTables:
         if tables is None or tables.values.shape != (self.num_rows, self.vdim):
@@ -282,7 +289,7 @@ class UltraMemV2(TuckerMemoryBase):
         Draw order: perm, cores, W_q, keys, W_p, W_o, calibration inputs. The tables fill
         themselves once every layer has reported (see ValueTables.note_layer_init)."""
         self._reset_retrieval(generator)
-        self.row_offset.fill_(self.offset)
+        self.init_buffers()
         m = self.cfg.memory
         if m.init == "released":
             wp_std, wo_std = self.dim ** -0.5, self.vdim ** -0.5  # value_expand = 1 in v2

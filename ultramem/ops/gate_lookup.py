@@ -24,13 +24,14 @@ from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
 from .pre_value_gate import pre_value_gate_backward
-from .table_grad import pre_value_gate_backward_into, weighted_lookup_backward_into
+from .table_grad import pre_value_gate_backward_into, registered_grad_buffer, weighted_lookup_backward_into
 from .weighted_lookup import weighted_lookup_backward
 
 _OP = "gate_lookup"
 
 
-def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor) -> None:
+def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
+                values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> None:
     check_dim(rows, 2, _OP, "rows", "[tokens, entries]")
     check_dim(values, 2, _OP, "values", "[num_rows, dim]")
     check_dim(pre_values, 2, _OP, "pre_values", "[num_rows, pre_dim]")
@@ -50,6 +51,11 @@ def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
     m = scores.shape[2]
     check(m >= 1 and values.shape[1] % m == 0, _OP,
           f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
+    # A bad or freed buffer id fails here (and at trace time), not only in the backward.
+    if values_grad_buffer != -1:
+        registered_grad_buffer(_OP, values_grad_buffer, values)
+    if pre_values_grad_buffer != -1:
+        registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values)
 
 
 def _gelu_and_slope(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,7 +69,7 @@ def _gelu_and_slope(g: Tensor) -> tuple[Tensor, Tensor]:
 def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
                 gelu: bool, values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
     """Reference kernel (CPU; CUDA when Triton is missing)."""
-    _check_args(rows, values, pre_values, x, scores)
+    _check_args(rows, values, pre_values, x, scores, values_grad_buffer, pre_values_grad_buffer)
     check_index_range(rows, values.shape[0], _OP, "rows")
     acc = acc_dtype(values, pre_values, x, scores)
     t, e = rows.shape
@@ -80,7 +86,7 @@ def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
 @gate_lookup.register_fake
 def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
       gelu: bool, values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
-    _check_args(rows, values, pre_values, x, scores)
+    _check_args(rows, values, pre_values, x, scores, values_grad_buffer, pre_values_grad_buffer)
     return scores.new_empty((rows.shape[0], values.shape[1])), x.new_empty(rows.shape)
 
 
@@ -128,4 +134,8 @@ if _triton_gate_lookup is not None:
     @gate_lookup.register_kernel("cuda")
     def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool,
           values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
+        # The kernel does not touch the buffers (the backward does); check the ids up front.
+        for handle, table in ((values_grad_buffer, values), (pre_values_grad_buffer, pre_values)):
+            if handle != -1:
+                registered_grad_buffer(_OP, handle, table)
         return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)

@@ -241,6 +241,9 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
     _check_args(rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
     config = config or {}
+    if config and "D_CHUNKS" not in config:  # the two kernels read the same keys differently
+        raise ValueError(f"gate_lookup: a config must say which kernel it is for (D_CHUNKS True or False), "
+                         f"got {config}")
     chunks = config.get("D_CHUNKS", _use_chunks(rows.shape[1], values.shape[1], pre_values.shape[1]))
     cfg = {**(CHUNKS_CONFIG if chunks else ENTRY_BLOCK_CONFIG), **config, "D_CHUNKS": bool(chunks)}
     t, e = rows.shape
@@ -288,13 +291,16 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
     be = triton.next_power_of_2(max(e, 1))
     bd = _block_d(cfg.get("BLOCK_D", 64), dv)
     bdp = _block_d(cfg.get("BLOCK_DP", cfg.get("BLOCK_D", 64)), dp)
-    while be * bd > CHUNK_TILE and bd > 8:
+    # The limits are sized for 2-byte tables; 4-byte values take twice the registers each.
+    wide = max(values.element_size(), pre_values.element_size()) // 2 or 1
+    tile, group = CHUNK_TILE // wide, CHUNK_GROUP // wide
+    while be * bd > tile and bd > 8:
         bd //= 2
-    while be * bdp > CHUNK_TILE and bdp > 8:
+    while be * bdp > tile and bdp > 8:
         bdp //= 2
     chunks_v, chunks_p = triton.cdiv(dv, bd), triton.cdiv(dp, bdp)
-    group_v = max(1, min(chunks_v, cfg.get("GROUP_CHUNKS") or CHUNK_GROUP // (be * bd)))
-    group_p = max(1, min(chunks_p, cfg.get("GROUP_CHUNKS") or CHUNK_GROUP // (be * bdp)))
+    group_v = max(1, min(chunks_v, cfg.get("GROUP_CHUNKS") or group // (be * bd)))
+    group_p = max(1, min(chunks_p, cfg.get("GROUP_CHUNKS") or group // (be * bdp)))
     launch = {"num_warps": nw}
     if cfg.get("maxnreg"):
         launch["maxnreg"] = int(cfg["maxnreg"])

@@ -794,7 +794,10 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
     tile_i = max(1, min(block_k, grid_tile // block_k))
     small_k = block_k <= 32
     warps = num_warps or (FWD_NUM_WARPS_SMALL_K if small_k else 8)
-    limits = dict(maxnreg=FWD_MAXNREG_SMALL_K) if small_k and not num_warps else {}
+    # The register cap was measured at rank 2 with 2 cores; larger ranks and core counts keep
+    # more per-key values live, so they get ptxas's own choice rather than risk a spill.
+    capped = small_k and not num_warps and r * m <= 4
+    limits = dict(maxnreg=FWD_MAXNREG_SMALL_K) if capped else {}
     g = 32 * warps  # keys per register row: one per thread
     keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
     pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
