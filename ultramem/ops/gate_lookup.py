@@ -51,11 +51,14 @@ def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
     m = scores.shape[2]
     check(m >= 1 and values.shape[1] % m == 0, _OP,
           f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
-    # A bad or freed buffer id fails here (and at trace time), not only in the backward.
-    if values_grad_buffer != -1:
-        registered_grad_buffer(_OP, values_grad_buffer, values)
-    if pre_values_grad_buffer != -1:
-        registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values)
+    _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
+
+
+def _check_grad_buffers(values: Tensor, pre_values: Tensor, values_grad_buffer: int, pre_values_grad_buffer: int) -> None:
+    """A bad or freed buffer id fails in the forward (and at trace time), not only in the backward."""
+    for handle, table in ((values_grad_buffer, values), (pre_values_grad_buffer, pre_values)):
+        if handle != -1:
+            registered_grad_buffer(_OP, handle, table)
 
 
 def _gelu_and_slope(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,8 +137,5 @@ if _triton_gate_lookup is not None:
     @gate_lookup.register_kernel("cuda")
     def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool,
           values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
-        # The kernel does not touch the buffers (the backward does); check the ids up front.
-        for handle, table in ((values_grad_buffer, values), (pre_values_grad_buffer, pre_values)):
-            if handle != -1:
-                registered_grad_buffer(_OP, handle, table)
+        _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
         return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)

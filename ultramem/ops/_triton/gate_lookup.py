@@ -23,7 +23,7 @@ from .weighted_lookup import _block_d, _core_weights, _tl_acc
 
 _OP = "gate_lookup"
 
-# The entry-block kernel (config without D_CHUNKS): 93.0 µs at the 227M shapes with evict_first.
+# The entry-block kernel (D_CHUNKS False): 93.0 µs at the 227M shapes with evict_first.
 ENTRY_BLOCK_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True,
                       "EVICT_FIRST": True, "D_CHUNKS": False}
 
@@ -48,6 +48,8 @@ def _use_chunks(entries: int, dv: int, dp: int) -> bool:
     if entries <= CHUNKS_MAX_ENTRIES:
         return True
     return entries <= CHUNKS_MAX_ENTRIES_WIDE and max(dv, dp) > WIDE_ROW
+
+
 # Upper bound on entries x columns of one gathered chunk (2048 = 64 bf16 values, 8 16-byte loads per
 # lane of one warp); above it the column chunk shrinks (down to 8) so that a large k does not spill.
 CHUNK_TILE = 2048
