@@ -236,6 +236,11 @@ def _gate_lookup_fwd_chunks_kernel(
                 tl.store(out_ptr + t * o_st + d1 * o_sd, o.to(out_ptr.dtype.element_ty), mask=d1 < DV)
 
 
+def _tensor_args(*tensors: Tensor) -> list:
+    """Each tensor followed by its strides: the leading arguments of both fused kernels."""
+    return [item for t in tensors for item in (t, *t.stride())]
+
+
 def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool,
                      config: dict | None = None) -> tuple[Tensor, Tensor]:
     # Imported late: the op module imports this one at its end to register the kernel.
@@ -266,13 +271,7 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
     d_fastest = bool(cfg.get("D_FASTEST", False)) and dv > 0
     grid = (triton.cdiv(t, bt) * n_d, 1) if d_fastest else (triton.cdiv(t, bt), n_d)
     _gate_lookup_fwd_kernel[grid](
-        rows, rows.stride(0), rows.stride(1),
-        values, values.stride(0), values.stride(1),
-        pre_values, pre_values.stride(0), pre_values.stride(1),
-        x, x.stride(0), x.stride(1),
-        scores, scores.stride(0), scores.stride(1), scores.stride(2),
-        out, out.stride(0), out.stride(1),
-        gate, gate.stride(0), gate.stride(1),
+        *_tensor_args(rows, values, pre_values, x, scores, out, gate),
         t, e, n, dv, dp, max(dv // m, 1),
         M=m, GELU=bool(gelu), BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, D_FASTEST=d_fastest, SUM_ONCE=dp > bdp,
         HOIST_V=bool(cfg.get("HOIST_V", False)), EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)),
@@ -307,13 +306,7 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
     if cfg.get("maxnreg"):
         launch["maxnreg"] = int(cfg["maxnreg"])
     _gate_lookup_fwd_chunks_kernel[(t,)](
-        rows, rows.stride(0), rows.stride(1),
-        values, values.stride(0), values.stride(1),
-        pre_values, pre_values.stride(0), pre_values.stride(1),
-        x, x.stride(0), x.stride(1),
-        scores, scores.stride(0), scores.stride(1), scores.stride(2),
-        out, out.stride(0), out.stride(1),
-        gate, gate.stride(0), gate.stride(1),
+        *_tensor_args(rows, values, pre_values, x, scores, out, gate),
         e, values.shape[0], dv, dp,
         DM=max(dv // m, 1), M=m, GELU=gelu, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, CHUNKS_V=chunks_v,
         CHUNKS_P=chunks_p, GROUP_V=group_v, GROUP_P=group_p, HOIST_V=min(int(cfg.get("HOIST_V", 0)), group_v),
