@@ -214,7 +214,18 @@ def main(argv=None) -> int:
     ctx._last_timing = {}
 
     names = args.only or sorted(p.stem for p in (HERE / "benches").glob("*.py") if not p.stem.startswith("_"))
-    rows: list[dict] = []
+    out = args.out or (os.path.join(os.environ["OUT"], "h200.json") if os.environ.get("OUT")
+                       else str(HERE / "results" / "h200.json"))
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    import triton
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "git_revision": git_revision(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_ceiling_gbps": round(ctx.ceiling_gbps, 1), "small": ctx.small, "compile": args.compile,
+        "modules_done": [], "checks": ctx.checks, "rows": [],
+    }
+    rows: list[dict] = result["rows"]
     for name in names:
         t0 = time.time()
         try:
@@ -224,19 +235,9 @@ def main(argv=None) -> int:
             traceback.print_exc()
             rows.append({"op": name, "shape": "", "variant": "module", "median_us": None, "error": repr(exc)[:300]})
         log.info("module %s took %.0f s", name, time.time() - t0)
-
-    import triton
-    result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "git_revision": git_revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "copy_ceiling_gbps": round(ctx.ceiling_gbps, 1), "small": ctx.small,
-        "checks": ctx.checks, "rows": rows,
-    }
-    out = args.out or (os.path.join(os.environ["OUT"], "h200.json") if os.environ.get("OUT")
-                       else str(HERE / "results" / "h200.json"))
-    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(out).write_text(json.dumps(result, indent=1))
+        result["modules_done"].append(name)
+        # Written after every module: a run stopped by a time limit keeps what it finished.
+        pathlib.Path(out).write_text(json.dumps(result, indent=1))
     failed = [c for c in ctx.checks if not c["ok"]]
     print(f"\ncopy ceiling {ctx.ceiling_gbps:.0f} GB/s on {result['device']}; torch {torch.__version__}, "
           f"triton {triton.__version__}; {len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed")
