@@ -120,6 +120,25 @@ def gate_lookup_eager(rows, values, pre_values, x, scores):
     return lookup_eager(rows, values, scores * F.gelu(gate).unsqueeze(-1)), gate
 
 
+def gate_lookup_bwd_ref(grad_out, grad_gate, rows, values, pre_values, x, scores, gate):
+    """float64: (grad_values, grad_pre_values, grad_x, grad_scores), GELU taken at the saved gate."""
+    t, e, m = scores.shape
+    g = gate.double()
+    cdf = 0.5 * (1.0 + torch.erf(g / 2 ** 0.5))
+    act, slope = g * cdf, cdf + g * torch.exp(-0.5 * g * g) / (2 * torch.pi) ** 0.5
+    go = grad_out.double().view(t, 1, m, -1)
+    s = scores.double()
+    flat = rows.reshape(-1)
+    q = (_gathered64(rows, values).view(t, e, m, -1) * go).sum(-1)
+    grad_values = torch.zeros(values.shape, dtype=torch.float64, device=values.device)
+    grad_values.index_add_(0, flat, ((s * act.unsqueeze(-1)).unsqueeze(-1) * go).reshape(t * e, -1))
+    grad_g = (q * s).sum(-1) * slope + grad_gate.double()
+    grad_x = torch.einsum("te,ted->td", grad_g, _gathered64(rows, pre_values))
+    grad_pre = torch.zeros(pre_values.shape, dtype=torch.float64, device=values.device)
+    grad_pre.index_add_(0, flat, (grad_g.unsqueeze(-1) * x.double().unsqueeze(1)).reshape(t * e, -1))
+    return grad_values, grad_pre, grad_x, q * act.unsqueeze(-1)
+
+
 # ------------------------------------------------------------------ least bytes moved
 
 def min_bytes(t: int, e: int, d: int, m: int, uniq: int) -> dict:
@@ -135,6 +154,8 @@ def min_bytes(t: int, e: int, d: int, m: int, uniq: int) -> dict:
         "gate_fwd": row_b + ids_b + tok_b + t * e * 2,
         "gate_bwd_acc": row_b + 2 * grad_rows_b + ids_b + 2 * tok_b + t * e * 2,
         "gate_lookup_fwd": 2 * row_b + ids_b + s_b + 2 * tok_b + t * e * 2,
+        # both tables' rows and gradient rows; grad_out, x, grad_x; scores, grad_scores, gate, grad_gate
+        "gate_lookup_bwd_acc": 2 * row_b + 4 * grad_rows_b + ids_b + 2 * s_b + 3 * tok_b + 2 * t * e * 2,
     }
 
 
@@ -157,6 +178,13 @@ DOTS_CONFIGS = [
 SEGMENT_CONFIGS = [
     {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": False},
     {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": True},
+]
+FUSED_BWD_CONFIGS = [
+    tgl.BWD_CONFIG,
+    {**tgl.BWD_CONFIG, "num_warps": 2},
+    {**tgl.BWD_CONFIG, "num_warps": 4},
+    {**tgl.BWD_CONFIG, "GROUP_CHUNKS": 1},
+    {**tgl.BWD_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32},
 ]
 FUSED_CONFIGS = [
     tgl.CONFIG,  # the column-chunk kernel: one warp per token, all entries, 64-column chunks
@@ -434,4 +462,45 @@ def run(ctx) -> list[dict]:
                 fused_bytes, rel)
 
     guarded("gate_lookup_fwd", "all", fused)
+
+    # ---------------------------------------------------------------- fused gate + lookup backward
+    fused_bwd_bytes = least["gate_lookup_bwd_acc"]
+
+    def fused_bwd():
+        bufs = (torch.empty(inp.values.shape, dtype=torch.float32, device=dev),
+                torch.empty(inp.pre_values.shape, dtype=torch.float32, device=dev))
+
+        def composed(a):  # what the layer ran before: lookup accumulate, glue, gate accumulate
+            grad_out, grad_gate, rows, values, pre_values, x, scores, gate = a
+            g = gate.float()
+            act, slope = F.gelu(g), torch.ops.aten.gelu_backward(torch.ones_like(g), g)
+            grad_eff = twl.lookup_table_grad(grad_out, rows, values, scores.float() * act.unsqueeze(-1), bufs[0],
+                                             accumulate=True, deterministic=False)
+            grad_g = (grad_eff * scores.float()).sum(-1) * slope + grad_gate.float()
+            grad_x = tpg.gate_table_grad(grad_g, rows, pre_values, x, bufs[1], accumulate=True, deterministic=False)
+            return (grad_eff * act.unsqueeze(-1)).to(scores.dtype), grad_x
+
+        def fused_cfg(cfg):
+            return lambda a: tgl.gate_lookup_backward_cuda(*a[:7], a[7], True, *bufs, cfg)
+
+        for name, fn in [("ours composed (lookup acc, glue, gate acc)", composed)] + [
+                (f"ours fused[{_cfg_name(cfg)}]", fused_cfg(cfg)) for cfg in FUSED_BWD_CONFIGS]:
+            inp2 = fresh()
+            gate = tpg.pre_value_gate_cuda(inp2.rows, inp2.pre_values, inp2.x)
+            a = (inp2.grad_out, inp2.grad_gate, inp2.rows, inp2.values, inp2.pre_values, inp2.x, inp2.scores, gate)
+            refs = gate_lookup_bwd_ref(*a)
+            for b in bufs:
+                b.normal_()
+            starts = [b.clone() for b in bufs]
+            ctx.poison_allocator(t * d * 2)
+            grad_scores, grad_x = fn(a)
+            rel = max(ctx.check(f"fused bwd {name} grad_values", bufs[0].double() - starts[0].double(), refs[0]),
+                      ctx.check(f"fused bwd {name} grad_pre_values", bufs[1].double() - starts[1].double(), refs[1]),
+                      ctx.check(f"fused bwd {name} grad_x", grad_x, refs[2]),
+                      ctx.check(f"fused bwd {name} grad_scores", grad_scores, refs[3]))
+            del refs, starts
+            add("gate_lookup_bwd", name, ctx.do_bench(lambda: fn(a)), fused_bwd_bytes, rel)
+
+    inp = fresh()
+    guarded("gate_lookup_bwd", "all", fused_bwd)
     return rows_out

@@ -66,6 +66,39 @@ def gate_lookup_oracle(rows, values, pre_values, x, scores, gelu):
     return lookup_oracle(rows, values, scores.double() * act.unsqueeze(-1)), g
 
 
+def gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu):
+    """(grad_values, grad_pre_values, grad_x, grad_scores) of gate_lookup, the activation taken
+    at the saved `gate` (as the op's backward does)."""
+    t, e = rows.shape
+    m = scores.shape[2]
+    dm = values.shape[1] // m
+    g_values = torch.zeros(values.shape, dtype=torch.float64)
+    g_pre = torch.zeros(pre_values.shape, dtype=torch.float64)
+    g_x = torch.zeros(x.shape, dtype=torch.float64)
+    g_scores = torch.zeros(t, e, m, dtype=torch.float64)
+    for ti in range(t):
+        for ei in range(e):
+            r, g = int(rows[ti, ei]), float(gate[ti, ei])
+            if gelu:
+                cdf = 0.5 * (1.0 + math.erf(g / math.sqrt(2.0)))
+                act, slope = g * cdf, cdf + g * math.exp(-0.5 * g * g) / math.sqrt(2.0 * math.pi)
+            else:
+                act, slope = g, 1.0
+            q = [0.0] * m
+            for c in range(values.shape[1]):
+                s = float(scores[ti, ei, c // dm])
+                g_values[r, c] += s * act * float(grad_out[ti, c])
+                q[c // dm] += float(values[r, c]) * float(grad_out[ti, c])
+            grad_g = slope * sum(q[k] * float(scores[ti, ei, k]) for k in range(m))
+            if grad_gate is not None:
+                grad_g += float(grad_gate[ti, ei])
+            for k in range(m):
+                g_scores[ti, ei, k] = q[k] * act
+            g_x[ti] += grad_g * pre_values[r].double()
+            g_pre[r] += grad_g * x[ti].double()
+    return g_values, g_pre, g_x, g_scores
+
+
 def retrieval_selection_oracle(a, b, cores, u, v, knn):
     """Per (token, head): the coarse scores, the k-th coarse score of each side, and the k best
     pairs (total, virtual id i·n_col + j, per-core scores), sorted by descending total."""

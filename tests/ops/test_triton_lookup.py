@@ -48,7 +48,7 @@ CHUNKS = {"BLOCK_D": 16, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True, "HOIST
           "maxnreg": 136}
 
 
-from op_oracles import lookup_oracle, lookup_backward_oracle, gate_oracle, gate_backward_oracle, gelu64, gate_lookup_oracle  # noqa: E402
+from op_oracles import lookup_oracle, lookup_backward_oracle, gate_oracle, gate_backward_oracle, gelu64, gate_lookup_oracle, gate_lookup_backward_oracle  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -378,3 +378,72 @@ def test_gate_lookup_chunks_no_entries():
     out, gate = tgl.gate_lookup_cuda(rows, torch.randn(5, 8), torch.randn(5, 4), torch.randn(3, 4),
                                      torch.zeros(3, 0, 2), True, CHUNKS)
     assert out.shape == (3, 8) and (out == 0).all() and gate.shape == (3, 0)
+
+
+# ----------------------------------------------------------------------------- gate_lookup backward
+
+FUSED_BWD_CASES = [
+    # (tokens, entries, rows, vdim, pre_vdim, cores, gelu, dtype, index dtype, grad_gate, config)
+    (5, 6, 13, 24, 16, 2, True, torch.float32, torch.int64, True, {"BLOCK_D": 8, "BLOCK_DP": 8}),
+    (4, 7, 9, 24, 20, 3, False, torch.float32, torch.int32, False, {"BLOCK_D": 16, "BLOCK_DP": 8}),  # chunks span cores
+    (3, 5, 11, 32, 24, 4, True, torch.float16, torch.int64, True, None),
+    (6, 3, 8, 16, 8, 1, True, torch.float32, torch.int32, True, {"BLOCK_D": 8, "GROUP_CHUNKS": 1}),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", FUSED_BWD_CASES)
+def test_gate_lookup_backward(case):
+    """One kernel: both tables' gradients added into buffers that already hold something, grad_x
+    and grad_scores returned, all against the float64 loops."""
+    t, e, n, dv, dp, m, gelu, dtype, idx, with_grad_gate, config = case
+    g = _gen(t * e + dv + m)
+    rows = _rows(t, e, n, g, idx)
+    values, pre_values = _rand((n, dv), g, dtype), _rand((n, dp), g, dtype)
+    x, scores = _noncontig(_rand((t, dp), g, dtype)), _rand((t, e, m), g, dtype)
+    gate = _rand((t, e), g, dtype)
+    grad_out = _rand((t, dv), g, dtype)
+    grad_gate = _rand((t, e), g, dtype) if with_grad_gate else None
+    start_v, start_p = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
+    buf_v, buf_p = start_v.clone(), start_p.clone()
+    grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores,
+                                                        gate, gelu, buf_v, buf_p, config)
+    want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu)
+    assert grad_scores.dtype == dtype and grad_x.dtype == dtype
+    assert _rel(buf_v - start_v, want[0]) < _tol(dtype)
+    assert _rel(buf_p - start_p, want[1]) < _tol(dtype)
+    assert _rel(grad_x, want[2]) < _tol(dtype)
+    assert _rel(grad_scores, want[3]) < _tol(dtype)
+
+
+@needs_interpreter
+def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(monkeypatch):
+    g = _gen(29)
+    t, e, n, dv, dp, m = 4, 5, 10, 16, 8, 2
+    rows = _rows(t, e, n, g, torch.int64)
+    bad = rows.clone()
+    bad[0, 0], bad[2, 4] = n, -1
+    values, pre_values = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
+    x, scores, gate = _rand((t, dp), g, torch.float32), _rand((t, e, m), g, torch.float32), _rand((t, e), g, torch.float32)
+    grad_out, grad_gate = _rand((t, dv), g, torch.float32), _rand((t, e), g, torch.float32)
+    keep_scores, keep_gate, keep_grad_gate = scores.clone(), gate.clone(), grad_gate.clone()
+    for ti, ei in ((0, 0), (2, 4)):
+        keep_scores[ti, ei] = keep_gate[ti, ei] = keep_grad_gate[ti, ei] = 0
+        scores[ti, ei] = gate[ti, ei] = float("inf")  # not even a bad score may leak in
+    want = gate_lookup_backward_oracle(grad_out, keep_grad_gate, rows, values, pre_values, x, keep_scores, keep_gate,
+                                       True)
+    buf_v, buf_p = torch.zeros(n, dv), torch.zeros(n, dp)
+    grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, bad, values, pre_values, x, scores, gate,
+                                                        True, buf_v, buf_p)
+    assert _rel(buf_v, want[0]) < 1e-5 and _rel(buf_p, want[1]) < 1e-5 and _rel(grad_x, want[2]) < 1e-5
+    for ti, ei in ((0, 0), (2, 4)):
+        want[3][ti, ei] = 0
+    assert _rel(grad_scores, want[3]) < 1e-5
+
+
+@needs_interpreter
+def test_gate_lookup_backward_no_entries():
+    grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
+        torch.randn(3, 8), None, torch.zeros(3, 0, dtype=torch.int64), torch.randn(5, 8), torch.randn(5, 4),
+        torch.randn(3, 4), torch.zeros(3, 0, 2), torch.zeros(3, 0), True, torch.zeros(5, 8), torch.zeros(5, 4))
+    assert grad_scores.shape == (3, 0, 2) and grad_x.shape == (3, 4) and (grad_x == 0).all()

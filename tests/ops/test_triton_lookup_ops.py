@@ -107,6 +107,35 @@ def test_gate_lookup_grad_buffers_accumulate_what_autograd_returns():
             release_grad_buffer(i)
 
 
+@pytest.mark.parametrize("with_grad_gate", [True, False])
+def test_gate_lookup_backward_into_matches_the_loops(with_grad_gate):
+    """The backward op the layer's training path uses (both tables into buffers): opcheck, and the
+    buffers and outputs against the float64 loops."""
+    from op_oracles import gate_lookup_backward_oracle  # noqa: PLC0415
+    from ultramem.ops.gate_lookup import gate_lookup_backward_into  # noqa: PLC0415
+    from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer  # noqa: PLC0415
+    g = _gen(8)
+    t, e, n, dv, dp, m = 4, 3, 6, 6, 5, 3
+    rows = _rows(t, e, n, g, torch.int32)
+    values, pre_values, x = _rand((n, dv), g), _rand((n, dp), g), _rand((t, dp), g)
+    scores, gate, grad_out = _rand((t, e, m), g), _rand((t, e), g), _rand((t, dv), g)
+    grad_gate = _rand((t, e), g) if with_grad_gate else None
+    bufs = torch.zeros(n, dv, dtype=torch.float64), torch.zeros(n, dp, dtype=torch.float64)
+    ids = [register_grad_buffer(b) for b in bufs]
+    try:
+        args = (grad_out, grad_gate, rows, values, pre_values, x, scores, gate, True, *ids)
+        grad_scores, grad_x = gate_lookup_backward_into(*args)
+        want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, True)
+        for got, ref in zip((*bufs, grad_x, grad_scores), want):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        torch.library.opcheck(torch.ops.ultramem.gate_lookup_backward_into.default, args)
+        with pytest.raises(ValueError, match="grad_gate shape"):
+            gate_lookup_backward_into(grad_out, gate[:, :2], *args[2:])
+    finally:
+        for i in ids:
+            release_grad_buffer(i)
+
+
 def test_gate_lookup_compiles_fullgraph():
     g = _gen(5)
     t, e, n = 4, 3, 6

@@ -9,11 +9,11 @@ but reads each entry's two rows in one pass and never writes the effective score
 
 Shapes: rows [T, E] int32/int64, values [N, Dv] (Dv divisible by M), pre_values [N, Dp],
 x [T, Dp], scores [T, E, M] → (out [T, Dv] in scores' dtype, g [T, E] in x's dtype, before the
-activation). The backward goes through `weighted_lookup_backward` and
-`pre_value_gate_backward`, so it has their CUDA kernels and their deterministic mode.
-`values_grad_buffer` / `pre_values_grad_buffer` (ids from `register_grad_buffer`, -1 for none)
-work as `grad_buffer` of `weighted_lookup` / `pre_value_gate`: the table's gradient is added
-into that persistent buffer and the op returns none for the table.
+activation). `values_grad_buffer` / `pre_values_grad_buffer` (ids from `register_grad_buffer`,
+-1 for none) work as `grad_buffer` of `weighted_lookup` / `pre_value_gate`: the table's gradient
+is added into that persistent buffer and the op returns none for the table. With both ids (the
+trainer's case) the backward is one op, `gate_lookup_backward_into`, one kernel on CUDA;
+otherwise, and in deterministic mode, it goes through the lookup's and the gate's backward ops.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ._checks import acc_dtype, check, check_dim, check_float, check_index, chec
 from .pre_value_gate import pre_value_gate_backward
 from .table_grad import pre_value_gate_backward_into, registered_grad_buffer, weighted_lookup_backward_into
 from .weighted_lookup import weighted_lookup_backward
+from .determinism import deterministic_enabled
 
 _OP = "gate_lookup"
 
@@ -100,32 +101,78 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(rows, values, pre_values, x, scores, output[1])
 
 
-def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
-    rows, values, pre_values, x, scores, gate = ctx.saved_tensors
+def _composed_backward(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor,
+                       x: Tensor, scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int,
+                       pre_values_grad_buffer: int):
+    """The backward through the lookup's and the gate's backward ops (each table's gradient
+    into its buffer, or returned): (grad_values, grad_pre_values, grad_x, grad_scores)."""
     acc = acc_dtype(values, pre_values, x, scores)
     g = gate.to(acc)
-    act, slope = _gelu_and_slope(g) if ctx.gelu else (g, torch.ones_like(g))
+    act, slope = _gelu_and_slope(g) if gelu else (g, torch.ones_like(g))
     s = scores.to(acc)
-    if grad_out is None:
-        grad_out = scores.new_zeros((rows.shape[0], values.shape[1]))
     # The effective scores stay in the accumulation dtype, so the lookup's backward returns
     # their gradient unrounded.
-    values_buf, pre_values_buf = ctx.grad_buffers
     eff = s * act.unsqueeze(-1)
-    if values_buf != -1:
+    if values_grad_buffer != -1:
         grad_values = None
-        grad_eff = weighted_lookup_backward_into(grad_out.contiguous(), rows, values, eff, values_buf)
+        grad_eff = weighted_lookup_backward_into(grad_out, rows, values, eff, values_grad_buffer)
     else:
-        grad_values, grad_eff = weighted_lookup_backward(grad_out.contiguous(), rows, values, eff)
+        grad_values, grad_eff = weighted_lookup_backward(grad_out, rows, values, eff)
     grad_scores = (grad_eff * act.unsqueeze(-1)).to(scores.dtype)
     grad_g = (grad_eff * s).sum(-1) * slope
     if grad_gate is not None:
         grad_g = grad_g + grad_gate.to(acc)
-    if pre_values_buf != -1:
+    if pre_values_grad_buffer != -1:
         grad_pre_values = None
-        grad_x = pre_value_gate_backward_into(grad_g.contiguous(), rows, pre_values, x, pre_values_buf)
+        grad_x = pre_value_gate_backward_into(grad_g.contiguous(), rows, pre_values, x, pre_values_grad_buffer)
     else:
         grad_pre_values, grad_x = pre_value_gate_backward(grad_g.contiguous(), rows, pre_values, x)
+    return grad_values, grad_pre_values, grad_x, grad_scores
+
+
+@torch.library.custom_op("ultramem::gate_lookup_backward_into", mutates_args=())
+def gate_lookup_backward_into(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
+                              pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor, gelu: bool,
+                              values_grad_buffer: int, pre_values_grad_buffer: int) -> tuple[Tensor, Tensor]:
+    """The backward of gate_lookup with both tables' gradients added into registered buffers (a
+    hidden side effect, as `weighted_lookup_backward_into`); returns (grad_scores, grad_x). On
+    CUDA one kernel does it all (fp32 atomics), or the composed deterministic path."""
+    _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
+    _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
+                                                   gelu, values_grad_buffer, pre_values_grad_buffer)
+    return grad_scores.contiguous(), grad_x.contiguous()
+
+
+@gate_lookup_backward_into.register_fake
+def _(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor,
+      scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
+    _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
+    return (torch.empty_like(scores, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _check_backward_args(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
+                         pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor) -> None:
+    op = "gate_lookup_backward_into"
+    check(tuple(grad_out.shape) == (rows.shape[0], values.shape[1]), op,
+          f"grad_out shape {tuple(grad_out.shape)} must be (tokens, vdim) = ({rows.shape[0]}, {values.shape[1]})")
+    for name, t in (("gate", gate), ("grad_gate", grad_gate)):
+        check(t is None or tuple(t.shape) == tuple(rows.shape), op,
+              f"{name} shape {None if t is None else tuple(t.shape)} must equal rows shape {tuple(rows.shape)}")
+
+
+def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
+    rows, values, pre_values, x, scores, gate = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = scores.new_zeros((rows.shape[0], values.shape[1]))
+    grad_out = grad_out.contiguous()
+    values_buf, pre_values_buf = ctx.grad_buffers
+    if values_buf != -1 and pre_values_buf != -1:  # the trainer's case: one fused backward
+        grad_scores, grad_x = gate_lookup_backward_into(grad_out, grad_gate, rows, values, pre_values, x, scores,
+                                                        gate, ctx.gelu, values_buf, pre_values_buf)
+        return None, None, None, grad_x, grad_scores, None, None, None
+    grad_values, grad_pre_values, grad_x, grad_scores = _composed_backward(
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, ctx.gelu, values_buf, pre_values_buf)
     return None, grad_values, grad_pre_values, grad_x, grad_scores, None, None, None
 
 
@@ -139,3 +186,17 @@ if _triton_gate_lookup is not None:
           values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
         _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
         return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
+
+    @gate_lookup_backward_into.register_kernel("cuda")
+    def _(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor,
+          scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
+        _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
+        if deterministic_enabled() or acc_dtype(values, pre_values, x, scores) == torch.float64:
+            _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores,
+                                                           gate, gelu, values_grad_buffer, pre_values_grad_buffer)
+            return grad_scores.contiguous(), grad_x.contiguous()
+        check_index_range(rows, values.shape[0], "gate_lookup_backward_into", "rows")
+        return _triton_gate_lookup.gate_lookup_backward_cuda(
+            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu,
+            registered_grad_buffer("gate_lookup_backward_into", values_grad_buffer, values),
+            registered_grad_buffer("gate_lookup_backward_into", pre_values_grad_buffer, pre_values))
