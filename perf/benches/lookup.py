@@ -180,8 +180,8 @@ SEGMENT_CONFIGS = [
     {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": True},
 ]
 FUSED_BWD_CONFIGS = [
-    tgl.BWD_CONFIG,
-    {**tgl.BWD_CONFIG, "num_warps": 2},
+    tgl.BWD_CONFIG,  # 2 warps
+    {**tgl.BWD_CONFIG, "num_warps": 1},
     {**tgl.BWD_CONFIG, "num_warps": 4},
     {**tgl.BWD_CONFIG, "GROUP_CHUNKS": 1},
     {**tgl.BWD_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32},
@@ -480,11 +480,13 @@ def run(ctx) -> list[dict]:
             grad_x = tpg.gate_table_grad(grad_g, rows, pre_values, x, bufs[1], accumulate=True, deterministic=False)
             return (grad_eff * act.unsqueeze(-1)).to(scores.dtype), grad_x
 
-        def fused_cfg(cfg):
-            return lambda a: tgl.gate_lookup_backward_cuda(*a[:7], a[7], True, *bufs, cfg)
+        def fused_cfg(cfg, deterministic=False):
+            return lambda a: tgl.gate_lookup_backward_cuda(*a[:7], a[7], True, *bufs, cfg, deterministic)
 
         for name, fn in [("ours composed (lookup acc, glue, gate acc)", composed)] + [
-                (f"ours fused[{_cfg_name(cfg)}]", fused_cfg(cfg)) for cfg in FUSED_BWD_CONFIGS]:
+                (f"ours fused[{_cfg_name(cfg)}]", fused_cfg(cfg)) for cfg in FUSED_BWD_CONFIGS] + [
+                (f"ours fused deterministic (sorted)[{_cfg_name(cfg)}]", fused_cfg(cfg, True))
+                for cfg in FUSED_BWD_CONFIGS[:3]]:
             inp2 = fresh()
             gate = tpg.pre_value_gate_cuda(inp2.rows, inp2.pre_values, inp2.x)
             a = (inp2.grad_out, inp2.grad_gate, inp2.rows, inp2.values, inp2.pre_values, inp2.x, inp2.scores, gate)

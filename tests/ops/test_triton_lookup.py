@@ -392,10 +392,11 @@ FUSED_BWD_CASES = [
 
 
 @needs_interpreter
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("case", FUSED_BWD_CASES)
-def test_gate_lookup_backward(case):
-    """One kernel: both tables' gradients added into buffers that already hold something, grad_x
-    and grad_scores returned, all against the float64 loops."""
+def test_gate_lookup_backward(case, deterministic):
+    """Both tables' gradients added into buffers that already hold something, grad_x and
+    grad_scores returned, all against the float64 loops; atomics, or sorted (deterministic)."""
     t, e, n, dv, dp, m, gelu, dtype, idx, with_grad_gate, config = case
     g = _gen(t * e + dv + m)
     rows = _rows(t, e, n, g, idx)
@@ -407,7 +408,13 @@ def test_gate_lookup_backward(case):
     start_v, start_p = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
     buf_v, buf_p = start_v.clone(), start_p.clone()
     grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores,
-                                                        gate, gelu, buf_v, buf_p, config)
+                                                        gate, gelu, buf_v, buf_p, config, deterministic)
+    if deterministic:  # bit-identical when run again
+        again_v, again_p = start_v.clone(), start_p.clone()
+        again = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu,
+                                              again_v, again_p, config, True)
+        assert torch.equal(again_v, buf_v) and torch.equal(again_p, buf_p)
+        assert torch.equal(again[0], grad_scores) and torch.equal(again[1], grad_x)
     want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu)
     assert grad_scores.dtype == dtype and grad_x.dtype == dtype
     assert _rel(buf_v - start_v, want[0]) < _tol(dtype)
@@ -417,7 +424,8 @@ def test_gate_lookup_backward(case):
 
 
 @needs_interpreter
-def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(monkeypatch):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(deterministic):
     g = _gen(29)
     t, e, n, dv, dp, m = 4, 5, 10, 16, 8, 2
     rows = _rows(t, e, n, g, torch.int64)
@@ -434,7 +442,7 @@ def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(monkeypatch):
                                        True)
     buf_v, buf_p = torch.zeros(n, dv), torch.zeros(n, dp)
     grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, bad, values, pre_values, x, scores, gate,
-                                                        True, buf_v, buf_p)
+                                                        True, buf_v, buf_p, deterministic=deterministic)
     assert _rel(buf_v, want[0]) < 1e-5 and _rel(buf_p, want[1]) < 1e-5 and _rel(grad_x, want[2]) < 1e-5
     for ti, ei in ((0, 0), (2, 4)):
         want[3][ti, ei] = 0

@@ -12,8 +12,10 @@ x [T, Dp], scores [T, E, M] → (out [T, Dv] in scores' dtype, g [T, E] in x's d
 activation). `values_grad_buffer` / `pre_values_grad_buffer` (ids from `register_grad_buffer`,
 -1 for none) work as `grad_buffer` of `weighted_lookup` / `pre_value_gate`: the table's gradient
 is added into that persistent buffer and the op returns none for the table. With both ids (the
-trainer's case) the backward is one op, `gate_lookup_backward_into`, one kernel on CUDA;
-otherwise, and in deterministic mode, it goes through the lookup's and the gate's backward ops.
+trainer's case) the backward is one op, `gate_lookup_backward_into`: on CUDA one kernel for the
+gathers and dots, then each table's gradient sorted by row with one writer per row (faster than
+atomics here, and deterministic); otherwise it goes through the lookup's and the gate's
+backward ops.
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ def gate_lookup_backward_into(grad_out: Tensor, grad_gate: Tensor | None, rows: 
                               values_grad_buffer: int, pre_values_grad_buffer: int) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup with both tables' gradients added into registered buffers (a
     hidden side effect, as `weighted_lookup_backward_into`); returns (grad_scores, grad_x). On
-    CUDA one kernel does it all (fp32 atomics), or the composed deterministic path."""
+    CUDA: `gate_lookup_backward_cuda` (sorted, deterministic)."""
     _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
     _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
                                                    gelu, values_grad_buffer, pre_values_grad_buffer)
@@ -191,7 +193,7 @@ if _triton_gate_lookup is not None:
     def _(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor,
           scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
         _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
-        if deterministic_enabled() or acc_dtype(values, pre_values, x, scores) == torch.float64:
+        if acc_dtype(values, pre_values, x, scores) == torch.float64:
             _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores,
                                                            gate, gelu, values_grad_buffer, pre_values_grad_buffer)
             return grad_scores.contiguous(), grad_x.contiguous()
@@ -199,4 +201,5 @@ if _triton_gate_lookup is not None:
         return _triton_gate_lookup.gate_lookup_backward_cuda(
             grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu,
             registered_grad_buffer("gate_lookup_backward_into", values_grad_buffer, values),
-            registered_grad_buffer("gate_lookup_backward_into", pre_values_grad_buffer, pre_values))
+            registered_grad_buffer("gate_lookup_backward_into", pre_values_grad_buffer, pre_values),
+            deterministic=_triton_gate_lookup.SORTED_BACKWARD or deterministic_enabled())
