@@ -517,8 +517,6 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     )
     if deterministic:
         order = _wl.sort_rows(rows, values.shape[0])
-        _wl.segment_scatter(rows, grad_out, eff, grad_values, acc, accumulate=True, order=order,
-                            config=cfg.get("segment"))
-        _wl.segment_scatter(rows, x, grad_g, grad_pre_values, acc, accumulate=True, order=order,
-                            config=cfg.get("segment"))
+        for g, w, buf in ((grad_out, eff, grad_values), (x, grad_g, grad_pre_values)):
+            _wl.segment_scatter(rows, g, w, buf, acc, accumulate=True, order=order, config=cfg.get("segment"))
     return grad_scores, grad_x
