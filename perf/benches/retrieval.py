@@ -12,11 +12,20 @@ backward through the op and autograd. Backward: the default (v2, zero-fill fused
 (misaligned flat blocks; rank-strided), and the bare zero-fill of both gradients by torch (the
 write floor).
 
+Large k (`run_large_k`, also part of `run`): the forward at the PERF shape with k = 64, 100, 128,
+256, checked against float64 on its first tokens, every launch variant required to give the
+default's ids and scores bit for bit, and each timed: the tiled grid's candidate selection
+(default) against the bisection over the whole grid (the previous default), register caps,
+warps, row-tile sizes, and for k = 128 the grid held in registers in one 16384-entry tile.
+
 Run through perf/bench_ops.py (`--only retrieval`); `python perf/benches/retrieval.py [args]`
-does exactly that.
+does exactly that; `python perf/benches/retrieval.py --large-k` runs the large-k part alone.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import multiprocessing
 import os
 import sys
 
@@ -178,6 +187,88 @@ def min_bytes(s: dict, element_size: int) -> dict:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
+LARGE_K = (64, 100, 128, 256)
+LARGE_K_CHECK_TOKENS = 256
+
+
+def _large_k_variants(k: int) -> list[tuple[str, dict]]:
+    """(label, launch_forward arguments) timed at one large k; the first is the default."""
+    block_k = tri._block_k(k)
+    variants = [("ours (default)", {})]
+    if block_k <= 64:  # the grid in registers by default
+        variants += [("in-register grid, 4 warps", dict(num_warps=4)),
+                     ("in-register grid, 16 warps", dict(num_warps=16)),
+                     ("candidates, 2 row tiles", dict(grid_tile=block_k * block_k // 2))]
+        return variants
+    other_slots = block_k * (2 if block_k <= 128 else 1)
+    variants += [("bisection over all tiles (previous default)", dict(tiled_select="bisect")),
+                 ("candidates, no register cap", dict(maxnreg=255)),
+                 (f"candidates, {other_slots} slots per tile", dict(cand_tile=other_slots)),
+                 ("coarse selection only", dict(phases=1)),
+                 ("coarse + grid selection (no sort, no write)", dict(phases=2))]
+    if k == 128:
+        variants += [("in-register grid, grid_tile 16384, 16 warps", dict(grid_tile=16384, num_warps=16))]
+    return variants
+
+
+def _compile_one(k: int, kwargs: dict) -> str:
+    """Run one launch variant on a few tokens (a worker process: fills Triton's disk cache)."""
+    try:
+        s = dict(t=64, h=1, n_row=1138, n_col=1138, r=2, m=2, k=k, dtype=torch.bfloat16)
+        a, b, cores, u, v = _inputs(s, 0, torch.device("cuda"))
+        tri.launch_forward(a, b, cores, u, v, k, **kwargs)
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as exc:  # reported, and the variant fails again in the main process
+        return repr(exc)[:300]
+
+
+def _precompile(jobs: list[tuple[int, dict]]) -> None:
+    """Compile the variants in parallel worker processes (Triton caches them on disk)."""
+    workers = min(len(jobs), max(1, (os.cpu_count() or 2) - 1))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for (k, kw), res in zip(jobs, pool.map(_compile_one, *zip(*jobs))):
+            if res != "ok":
+                print(f"precompile k={k} {kw}: {res}", flush=True)
+
+
+def run_large_k(ctx) -> list[dict]:
+    """The forward at k = 64 .. 256 (PERF shape otherwise): checks, bit-identity of the variants, times."""
+    ks = LARGE_K if not ctx.small else (64, 100)
+    base = dict(t=12288, h=1, n_row=1138, n_col=1138, r=2, m=2, dtype=torch.bfloat16)
+    if ctx.small:
+        base = dict(base, t=2, n_row=150, n_col=140)
+    if ctx.device.type == "cuda":
+        _precompile([(k, kw) for k in ks for _, kw in _large_k_variants(k)])
+    rows = []
+    for k in ks:
+        s = dict(base, k=k)
+        check_forward(ctx, s, seed=70 + k, check_tokens=LARGE_K_CHECK_TOKENS)
+        a, b, cores, u, v = _inputs(s, 80 + k, ctx.device)
+        least = min_bytes(s, a.element_size())["fwd"]
+        want = None
+        for label, kw in _large_k_variants(k):
+            ctx.poison_allocator(s["t"] * k * 8)
+            got = tri.launch_forward(a, b, cores, u, v, k, **kw)
+            ctx.sync()
+            if want is None:
+                want = got
+            same = None
+            # Same warps, same coarse layout: the kept keys land in the same slots, so even exact ties
+            # (frequent with bf16 inputs) must resolve alike. Other warps order the keys otherwise.
+            if "num_warps" not in kw and kw.get("phases", 3) == 3:
+                same = torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))
+                ctx.checks.append(dict(name=f"{OP} fwd {_label(s)} {label}: same ids and scores as the default",
+                                       rel_err=0.0 if same else float("inf"), tol=0.0, ok=same))
+            try:
+                us = ctx.do_bench(lambda: tri.launch_forward(a, b, cores, u, v, k, **kw))
+                rows.append(ctx.row(f"{OP}_fwd", _label(s), label, us, least, identical=same))
+            except Exception as exc:  # keep the other rows
+                rows.append({"op": f"{OP}_fwd", "shape": _label(s), "variant": label, "median_us": None,
+                             "error": repr(exc)[:300]})
+    return rows
+
+
 def run(ctx) -> list[dict]:
     main, extra = _shapes(ctx.small)
     for i, s in enumerate([main] + extra):
@@ -238,9 +329,32 @@ def run(ctx) -> list[dict]:
         except Exception as exc:  # keep the other rows
             rows.append({"op": f"{OP}_{phase}", "shape": _label(s), "variant": variant, "median_us": None,
                          "error": repr(exc)[:300]})
-    return rows
+    return rows + run_large_k(ctx)
+
+
+def _main_large_k(argv: list[str]) -> int:
+    """The large-k part alone: checks, a table, and JSON under $OUT (or perf/results)."""
+    import logging
+
+    from perf import bench_ops
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = bench_ops.Context(device, small="--small" in argv or device.type != "cuda", compile_variants=False)
+    rows = run_large_k(ctx)
+    failed = [c for c in ctx.checks if not c["ok"]]
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "..", "results")
+    with open(os.path.join(out_dir, "retrieval_large_k.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   "git_revision": bench_ops.git_revision(), "checks": ctx.checks, "rows": rows}, f, indent=1)
+    print(f"\n{len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed")
+    for c in failed:
+        print(f"CHECK FAILED: {c['name']} rel_err {c['rel_err']}")
+    print(bench_ops.format_table(rows))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
+    if "--large-k" in sys.argv:
+        sys.exit(_main_large_k(sys.argv[1:]))
     from perf import bench_ops
     sys.exit(bench_ops.main(["--only", "retrieval", *sys.argv[1:]]))

@@ -543,3 +543,112 @@ def test_launch_backward_rejects_bad_variant_and_out():
         tri.launch_backward(grad, a, b, cores, ids, out=(torch.empty_like(a, dtype=torch.float16), torch.empty_like(b)))
     with pytest.raises(ValueError, match=r"out\[1\] \(grad_col\)"):
         tri.launch_backward(grad, a, b, cores, ids, out=(torch.empty_like(a), torch.empty_like(a)))
+
+
+# ---------------------------------------------------------------- forward: tiled grid, candidate selection
+
+@pytest.fixture
+def bisection_calls(monkeypatch):
+    """Counts the programs that fall back from the candidate selection to the bisection over the
+    whole grid (the interpreter runs kernels as Python, so a wrapper sees every call)."""
+    calls = []
+    bisect = tri._grid_select_tiled
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return bisect(*args, **kwargs)
+
+    monkeypatch.setattr(tri, "_grid_select_tiled", counted)
+    return calls
+
+
+def _same_as_bisection(a, b, cores, u, v, knn, calls, **launch):
+    """The candidate selection's outputs, checked bit for bit against the bisection's; returns
+    them and the number of programs that fell back."""
+    ids, scores = tri.launch_forward(a, b, cores, u, v, knn, **launch)
+    fallbacks = len(calls)
+    want_ids, want_scores = tri.launch_forward(a, b, cores, u, v, knn, tiled_select="bisect", **launch)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    return ids, scores, fallbacks
+
+
+@interpreted_only
+@pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,launch", [
+    (50, 2, 2, 60, 45, 2, 2, 9, dict(grid_tile=64)),            # H > 1; 3 row tiles of 4 (block 16)
+    (51, 1, 1, 130, 120, 4, 3, 100, {}),                        # k not a power of 2, rank 4, 3 cores
+    (52, 2, 1, 80, 70, 2, 2, 33, dict(grid_tile=1024)),         # 8 row tiles of 16, 3 of them padding
+    (53, 1, 1, 50, 40, 1, 1, 20, dict(grid_tile=128, cand_tile=32)),  # few slots: floors raised often
+])
+def test_forward_candidates_match_bisection_and_oracle(bisection_calls, seed, t, h, n_row, n_col, r, m, knn, launch):
+    a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m)
+    ids, scores, fallbacks = _same_as_bisection(a, b, cores, u, v, knn, bisection_calls, **launch)
+    assert fallbacks == 0
+    assert_selection(ids, scores, a, b, cores, u, v, knn, tol=1e-5, exact_ids=True)
+
+
+@interpreted_only
+def test_forward_candidates_knn_256():
+    # 16 row tiles of 16 rows (block 256) at a tiny n; every row key kept on one side (k = n)
+    a, b, cores, u, v = _inputs(54, 1, 1, 256, 270, 2, 2)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, 256)
+    assert_selection(ids, scores, a, b, cores, u, v, 256, tol=1e-5, exact_ids=True)
+
+
+@interpreted_only
+@pytest.mark.parametrize("cand_tile", [32, 64])
+def test_forward_candidates_all_scores_equal(bisection_calls, cand_tile):
+    # All 20x20 grid totals tie. 32 slots per tile of 4 rows (80 entries): no floor separates them,
+    # the slots overflow and every program falls back; 64: the 5 tiles' 400 entries fit in the
+    # 512 slots, selected among the candidates. Both keep the lowest positions: row 0, columns 0..19.
+    a, b = torch.ones(2, 1, 100, 2), torch.ones(2, 1, 90, 2)
+    cores, u = torch.randn(1, 2, 2, 2), torch.ones(1, 2)
+    ids, scores, fallbacks = _same_as_bisection(a, b, cores, u, u, 20, bisection_calls,
+                                                grid_tile=128, cand_tile=cand_tile)
+    assert fallbacks == (2 if cand_tile == 32 else 0)
+    assert sorted(ids[0, 0].tolist()) == list(range(20)) and sorted(ids[1, 0].tolist()) == list(range(20))
+    torch.testing.assert_close(scores, cores[0].sum((1, 2)).expand(2, 1, 20, 2))
+
+
+@interpreted_only
+@pytest.mark.parametrize("cand_tile", [32, 256])
+def test_forward_candidates_ties_at_threshold(bisection_calls, cand_tile):
+    # Grid totals are products of small integers: many equal the k-th. With 32 slots per tile the
+    # ties overflow (fallback), with 256 they fit; either way the bisection's pairs, bit for bit,
+    # and the oracle's totals.
+    g = torch.Generator().manual_seed(55)
+    t, n, knn = 3, 40, 30
+    a = torch.stack([torch.randint(-2, 3, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1)
+    b = torch.stack([torch.randint(-2, 3, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1)
+    cores = torch.zeros(1, 1, 2, 2)
+    cores[0, 0, 0, 0] = 1.0
+    u = torch.tensor([[1.0, 1e-3]])
+    ids, scores, fallbacks = _same_as_bisection(a, b, cores, u, u, knn, bisection_calls,
+                                                grid_tile=256, cand_tile=cand_tile)
+    assert (fallbacks > 0) == (cand_tile == 32)
+    want = retrieval_selection_oracle(a, b, cores, u, u, knn)
+    for ti in range(t):
+        assert scores[ti, 0, :, 0].tolist() == [p[0] for p in want[ti, 0]["pairs"]]
+    assert_selection(ids, scores, a, b, cores, u, u, knn, tol=0.0)
+
+
+@interpreted_only
+def test_forward_candidates_nan_stays_in_bounds():
+    a, b, cores, u, v = _inputs(56, 3, 1, 60, 50, 2, 2)
+    a[0, 0, 5:20] = float("nan")
+    b[1, 0, :] = float("nan")
+    a[2, 0, 7] = float("inf")  # inf · 0 in the grid: NaN totals next to finite ones
+    b[2, 0, :, 1] = 0.0
+    for launch in (dict(grid_tile=128), dict(grid_tile=128, cand_tile=32)):
+        ids, _ = tri.launch_forward(a, b, cores, u, v, 20, **launch)
+        assert ((ids >= 0) & (ids < 60 * 50)).all()
+
+
+def test_candidate_slots():
+    assert tri._candidate_slots(128, 128, 32, None) == (128, 512)    # 4 tiles of BLOCK_K slots
+    assert tri._candidate_slots(256, 256, 16, None) == (512, 8192)   # 16 tiles of 2·BLOCK_K slots
+    assert tri._candidate_slots(100, 128, 32, 256) == (256, 1024)
+    assert tri._candidate_slots(20, 32, 4, None) == (32, 256)        # 5 tiles with a real row
+    with pytest.raises(ValueError, match="cand_tile=16"):
+        tri._candidate_slots(20, 32, 4, 16)
+    with pytest.raises(ValueError, match="cand_tile=48"):
+        tri._candidate_slots(20, 32, 4, 48)

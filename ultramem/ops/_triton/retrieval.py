@@ -1,7 +1,8 @@
 """Triton kernels for ultramem::tdqkr_retrieval (forward and backward).
 
 Forward (`_retrieval_fwd_kernel`), one program per (token, head), everything on chip except
-three tiny scratch rows (kept rows | kept columns, kept pairs, their grid totals):
+small scratch rows (kept rows | kept columns, kept pairs, their grid totals; the candidates of a
+grid walked in row tiles):
   1. coarse scores a = A·u, b = B·v of all sub-keys (u, v folded into the load), held as [P, G]
      blocks, G = the program's threads (one key per thread in each register row);
   2. per side, the k-th largest coarse score by a search on counts (`_kth_threshold`): value
@@ -9,14 +10,21 @@ three tiny scratch rows (kept rows | kept columns, kept pairs, their grid totals
      of the floats' order-preserving integer keys (capped at 40 more steps, so it ends on any
      input); the kept keys take scratch slots from one exclusive scan over per-thread counts;
   3. the k×k grid S = A_I (Σ_m C_m) B_Jᵀ, its k-th largest entry and the kept pairs the same way
-     (in registers up to k = 64 at the default GRID_TILE; larger grids are recomputed in row
-     tiles on every pass, searched from [min, max] by `_bisect_step`: `_grid_select_tiled`);
+     (in registers up to k = 64 at the default GRID_TILE). Larger grids are computed once in
+     row tiles (`_grid_select_candidates`): each tile appends its entries at or above a running
+     floor to a candidate scratch row, raising the floor first when more than CAND_TILE of them
+     are (so each tile appends at most CAND_TILE); the exact selection then runs on the
+     candidates in registers. The floor is at most the k-th largest total whenever at least k
+     candidates reach it, so the kept set is the whole grid's; when they do not, or ties
+     overflow the slots, the bisection that recomputes every tile on each pass
+     (`_grid_select_tiled`) decides. k = 128 at the PERF shape: 1.97 ms against 21.1 ms;
   4. the kept pairs sorted (bitonic, k entries), their per-core scores recomputed and written
      with the ids.
 Every selection keeps all scores above the k-th and, of those equal to it, the lowest positions:
 the reference's set whenever scores are distinct. No atomics: kept entries land in scratch in a
 fixed order, so the outputs are deterministic also among exactly tied grid totals.
-Launch: 2 warps with at most 64 registers per thread for k <= 32, 8 warps above. Measured on an
+Launch: 2 warps with at most 64 registers per thread for k <= 32, 8 warps above (at most 128
+registers per thread for the candidate selection: two programs per SM). Measured on an
 H200 at the 227M shapes (T = 12,288, 1138 sub-keys per side, r = 2, M = 2, k = 32, bf16):
 145.5 µs, against 359.9 µs for the previous kernel (history in perf/NOTES.md).
 
@@ -54,6 +62,21 @@ MAX_RANK = 8
 GRID_TILE = 4096  # 16 per thread at 8 warps
 # Value-halving steps of a threshold search before it switches to integer-key halving.
 VALUE_STEPS = 16
+# Selection of a grid walked in row tiles (launch_forward(tiled_select=...)): "candidates" (one
+# pass over the tiles keeps the entries above a running floor, then an exact selection among them
+# in registers; _grid_select_candidates) or "bisect" (bisection with every tile recomputed on each
+# pass; _grid_select_tiled, also the candidates' fallback).
+TILED_SELECTS = ("candidates", "bisect")
+# Candidate slots per row tile, in units of BLOCK_K, up to BLOCK_K = 128 and above it: a tile's
+# floor is raised once more than this many of its entries lie at or above it. Fewer slots mean a
+# longer search in the tiles that raise the floor, more slots a larger final selection (H200,
+# T = 12,288, n = 1138, bf16: k = 128 1.97 ms with 1 against 2.41 with 2; k = 256 5.38 ms with 2
+# against 9.82 with 1).
+CAND_TILE_FACTOR = (1, 2)
+# Register cap of the candidate selection at the default 8 warps: ptxas takes ~210 registers per
+# thread without one (one 256-thread program per SM); 128 lets two programs share an SM, for a
+# handful of spilled values (sm_90 compile).
+FWD_MAXNREG_TILED = 128
 # Forward launch for k <= 32 (8 warps above): 2 warps with at most 64 registers per thread issue
 # 25% fewer instructions per program than 4 warps and keep as many warps per SM (perf/NOTES.md).
 FWD_NUM_WARPS_SMALL_K = 2
@@ -442,26 +465,26 @@ def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
 
 
 @triton.jit
-def _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                 keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
-                 R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
-                 FULL_K: tl.constexpr, GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
-    """Phase 3 of the forward with the k×k grid in registers as [BLOCK_K² / G, G] (entry e = p·G + g
-    holds row slot e % BLOCK_K, column slot e // BLOCK_K): the knn best pairs (i·BLOCK_K + j) and
-    their totals to pairs_ws / vals_ws, in no fixed order. Loads are 1-D (see _as_1d)."""
-    PG: tl.constexpr = BLOCK_K * BLOCK_K // G
-    e = tl.arange(0, BLOCK_K * BLOCK_K)
-    j_ok = e // BLOCK_K < knn
-    cols = _load_kept(keys_ws + BLOCK_K, e // BLOCK_K, j_ok, n_col)
-    if G % BLOCK_K == 0:  # the row slot is the same for all of a thread's entries: one row per thread
-        ii = tl.arange(0, G) % BLOCK_K
+def _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+               keys_ws, i0, knn, n_row, n_col,
+               R: tl.constexpr, M: tl.constexpr, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr,
+               G: tl.constexpr, FULL_K: tl.constexpr):
+    """Rows i0..i0+TILE_I of the k×k grid as [TILE_I·BLOCK_K / G, G] (entry e = p·G + g holds row
+    slot i0 + e % TILE_I, column slot e // TILE_I; -inf outside k×k), the valid mask and the flat
+    grid positions i·BLOCK_K + j. Loads are 1-D (see _as_1d)."""
+    PG: tl.constexpr = TILE_I * BLOCK_K // G
+    e = tl.arange(0, TILE_I * BLOCK_K)
+    j_ok = e // TILE_I < knn
+    cols = _load_kept(keys_ws + BLOCK_K, e // TILE_I, j_ok, n_col)
+    if G % TILE_I == 0:  # the row slot is the same for all of a thread's entries: one row per thread
+        ii = i0 + tl.arange(0, G) % TILE_I
     else:
-        ii = e % BLOCK_K
+        ii = i0 + e % TILE_I
     i_ok = ii < knn
     rows = _load_kept(keys_ws, ii, i_ok, n_row)
-    # same arithmetic (order of operations) as _grid_tile of the tiled path; s starts as a
+    # same arithmetic (order of operations) as _grid_tile of the bisection path; s starts as a
     # reshape, not as a 2-D constant, so that it gets the layout of the reshaped loads
-    s = tl.reshape(tl.zeros((BLOCK_K * BLOCK_K,), dtype=tl.float32), (PG, G))
+    s = tl.reshape(tl.zeros((TILE_I * BLOCK_K,), dtype=tl.float32), (PG, G))
     for q in tl.static_range(R):
         b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
         p_q = tl.zeros(ii.shape, dtype=tl.float32)
@@ -471,24 +494,129 @@ def _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_
                 c_pq += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32)
             a_p = tl.load(a_base + rows * sa_n + p * sa_r, mask=i_ok, other=0.0).to(tl.float32)
             p_q += a_p * c_pq
-        if G % BLOCK_K == 0:
+        if G % TILE_I == 0:
             s += p_q[None, :] * tl.reshape(b_q, (PG, G))
         else:
             s += tl.reshape(p_q * b_q, (PG, G))
     e = tl.reshape(e, (PG, G))
-    jj = e // BLOCK_K
-    if G % BLOCK_K == 0:
+    jj = e // TILE_I
+    if G % TILE_I == 0:
         ii = ii[None, :]
     else:
-        ii = e % BLOCK_K
+        ii = i0 + e % TILE_I
     valid = (ii < knn) & (jj < knn)
     if not FULL_K:
         s = tl.where(valid, s, float("-inf"))
-    flat = ii * BLOCK_K + jj
+    return s, valid, ii * BLOCK_K + jj
+
+
+@triton.jit
+def _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                 keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
+                 R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
+                 FULL_K: tl.constexpr, GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
+    """Phase 3 of the forward with the k×k grid in registers as [BLOCK_K² / G, G] (see _grid_rows):
+    the knn best pairs (i·BLOCK_K + j) and their totals to pairs_ws / vals_ws, in no fixed order."""
+    s, valid, flat = _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                keys_ws, 0, knn, n_row, n_col, R, M, BLOCK_K, BLOCK_K, G, FULL_K)
     thr, exact = _kth_threshold(s, valid, s, valid, knn, knn * knn, False, not FULL_K, False, GS, VALUE_STEPS)
     keep, _ = _kept_masks(s, valid, flat, s, valid, flat, thr, exact, knn, BLOCK_K * BLOCK_K,
                           False, not FULL_K, False)
     _store_kept(keep, flat, s, keep, flat, s, knn, pairs_ws, vals_ws, False, True)
+
+
+@triton.jit
+def _raise_floor(s, valid, floor, knn, cap, VALUE_STEPS: tl.constexpr):
+    """A floor >= `floor` with knn <= count(s >= floor) <= cap in this tile, found by halving from
+    [max(floor, least entry), the float above the largest] (value halving, then integer keys, as
+    in _bisect_step); `floor` itself when no probe has knn entries at or above it. Ties can leave
+    more than cap entries at the floor found (the caller falls back then)."""
+    vmax = tl.max(s)
+    kmax = tl.where(vmax == 0.0, 0, _key32(vmax))
+    hi = tl.where(vmax < float("inf"), _unkey32(kmax + 1), vmax)
+    lo = tl.maximum(floor, tl.min(tl.where(valid, s, float("inf"))))
+    step = knn * 0
+    todo = step == 0
+    while todo:
+        mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
+        cnt = _count_true(s >= mid, s >= mid, False)  # mid > lo >= -inf: padding never counted
+        up = (cnt >= knn) & ~adjacent
+        lo = tl.where(up, mid, lo)
+        floor = tl.where(up, mid, floor)
+        hi = tl.where(up | adjacent, hi, mid)
+        step += 1
+        todo = ((cnt < knn) | (cnt > cap)) & ~adjacent & (step < VALUE_STEPS + 40)
+    return floor
+
+
+@triton.jit
+def _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                     keys_ws, cand_pos, cand_val, knn, n_row, n_col,
+                     R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
+                     G: tl.constexpr, FULL_K: tl.constexpr, CAND: tl.constexpr, CAND_TILE: tl.constexpr,
+                     VALUE_STEPS: tl.constexpr):
+    """One pass over the row tiles of the grid: a running floor, raised in a tile (_raise_floor)
+    when more than CAND_TILE of its entries are at or above it, and every entry at or above the
+    floor (value, flat position) appended to cand_pos / cand_val (slots from a scan over the
+    threads, in tile order: deterministic). Returns (floor, entries appended, CAND slots or not).
+    Each tile appends at most CAND_TILE entries unless ties stop _raise_floor, and every entry at
+    or above the final floor was appended (the floor only rises)."""
+    floor = tl.full((), float("-inf"), tl.float32)
+    n_cand = knn * 0
+    i0 = knn * 0
+    while i0 < knn:  # the tiles with a real row
+        s, valid, flat = _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                    keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K, G, FULL_K)
+        ge = valid & (s >= floor)
+        if _count_true(ge, ge, False) > CAND_TILE:
+            floor = _raise_floor(s, valid, floor, knn, CAND_TILE, VALUE_STEPS)
+            ge = valid & (s >= floor)
+        k1 = ge.to(tl.int32)
+        c = tl.sum(k1, axis=0)
+        slot = (n_cand + tl.cumsum(c, axis=0) - c - 1)[None, :] + tl.cumsum(k1, axis=0)
+        ok = _as_1d(ge & (slot < CAND))
+        slot = _as_1d(slot)
+        tl.store(cand_pos + slot, _as_1d(flat), mask=ok)
+        tl.store(cand_val + slot, _as_1d(s), mask=ok)
+        n_cand += tl.sum(c)
+        i0 += TILE_I
+    return floor, n_cand
+
+
+@triton.jit
+def _grid_select_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                            keys_ws, pairs_ws, vals_ws, cand_pos, cand_val, knn, n_row, n_col,
+                            R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
+                            TILE_G: tl.constexpr, FULL_K: tl.constexpr, CAND: tl.constexpr,
+                            CAND_TILE: tl.constexpr, CAND_G: tl.constexpr, VALUE_STEPS: tl.constexpr):
+    """Phase 3 of the forward for grids walked in row tiles: candidates at or above a floor
+    (_grid_candidates), then the exact selection among those in registers. The selection is the
+    grid's own (all totals above the k-th, then the lowest positions among those equal to it)
+    whenever the candidates hold every entry at or above the floor (no slot overflow) and at least
+    knn of them are at or above it: then the floor is at most the k-th largest total, so every
+    entry the grid's selection keeps is a candidate. Otherwise (ties at the floor beyond the
+    slots, NaN totals) the bisection over the whole grid (_grid_select_tiled) decides."""
+    floor, n_cand = _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                     keys_ws, cand_pos, cand_val, knn, n_row, n_col,
+                                     R, M, BLOCK_K, TILE_I, TILE_G, FULL_K, CAND, CAND_TILE, VALUE_STEPS)
+    tl.debug_barrier()  # the candidates were written by other threads of this program
+    e = tl.arange(0, CAND)
+    stored = e < n_cand
+    x = tl.load(cand_val + e, mask=stored, other=float("-inf"), cache_modifier=".cg")
+    p = tl.load(cand_pos + e, mask=stored, other=0, cache_modifier=".cg")
+    ok = stored & (x >= floor)
+    x = tl.reshape(tl.where(ok, x, float("-inf")), (CAND // CAND_G, CAND_G))
+    p = tl.reshape(p, (CAND // CAND_G, CAND_G))
+    ok = tl.reshape(ok, (CAND // CAND_G, CAND_G))
+    n_ok = _count_true(ok, ok, False)
+    if (n_cand <= CAND) & (n_ok >= knn):
+        thr, exact = _kth_threshold(x, ok, x, ok, knn, n_ok, False, True, False, 0, VALUE_STEPS)
+        keep, _ = _kept_masks(x, ok, p, x, ok, p, thr, exact, knn, BLOCK_K * BLOCK_K, False, True, False)
+        _store_kept(keep, p, x, keep, p, x, knn, pairs_ws, vals_ws, False, True)
+    else:
+        _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                           keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
+                           R, M, BLOCK_K, TILE_I, VALUE_STEPS)
 
 
 @triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
@@ -498,17 +626,19 @@ def _retrieval_fwd_kernel(
     c_ptr, sc_h, sc_m, sc_r, sc_s,
     u_ptr, su_h, su_r,
     v_ptr, sv_h, sv_r,
-    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr,
+    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, cand_pos_ptr, cand_val_ptr,
     heads, n_row, n_col, knn,
     R: tl.constexpr, M: tl.constexpr, G: tl.constexpr,
     P1_R: tl.constexpr, P2_R: tl.constexpr, REM_R: tl.constexpr, MASK1_R: tl.constexpr, MASK2_R: tl.constexpr,
     P1_C: tl.constexpr, P2_C: tl.constexpr, REM_C: tl.constexpr, MASK1_C: tl.constexpr, MASK2_C: tl.constexpr,
     KEY_STRIDE_A: tl.constexpr, KEY_STRIDE_B: tl.constexpr, GS_R: tl.constexpr, GS_C: tl.constexpr,
     BLOCK_K: tl.constexpr, TILE_I: tl.constexpr, GRID_G: tl.constexpr, FULL_K: tl.constexpr, GS_K: tl.constexpr,
+    TILE_G: tl.constexpr, CAND: tl.constexpr, CAND_TILE: tl.constexpr, CAND_G: tl.constexpr,
     ONE_HEAD: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
 ):
     # KEY_STRIDE_A/B > 0: the key stride of that side as a constant (rows are contiguous);
-    # ONE_HEAD: heads == 1 (no 64-bit division of the program id)
+    # ONE_HEAD: heads == 1 (no 64-bit division of the program id); CAND > 0: a tiled grid is
+    # selected through CAND candidate slots per program (else by bisection over the whole grid)
     pid = tl.program_id(0).to(tl.int64)
     if ONE_HEAD:
         t = pid
@@ -542,7 +672,12 @@ def _retrieval_fwd_kernel(
         _grid_select(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                      keys_ws, pairs_ws, vals_ws, knn, n_row, n_col, R, M, BLOCK_K, GRID_G, FULL_K, GS_K,
                      VALUE_STEPS)
-    else:  # grid too large for registers: row tiles
+    elif CAND > 0:  # grid too large for registers: row tiles, candidates above a floor
+        _grid_select_candidates(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                keys_ws, pairs_ws, vals_ws, cand_pos_ptr + pid * CAND, cand_val_ptr + pid * CAND,
+                                knn, n_row, n_col, R, M, BLOCK_K, TILE_I, TILE_G, FULL_K, CAND, CAND_TILE,
+                                CAND_G, VALUE_STEPS)
+    else:  # row tiles, bisection over the whole grid
         _grid_select_tiled(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                            keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
                            R, M, BLOCK_K, TILE_I, VALUE_STEPS)
@@ -775,13 +910,26 @@ def _contiguous_key_stride(x: Tensor) -> int:
     return r if x.stride(2) == r and (r == 1 or x.stride(3) == 1) else 0
 
 
+def _candidate_slots(knn: int, block_k: int, tile_i: int, cand_tile: int | None) -> tuple[int, int]:
+    """(slots per row tile, slots per program) of the candidate selection of a tiled grid."""
+    per_tile = cand_tile or CAND_TILE_FACTOR[block_k > 128] * block_k
+    check(per_tile >= knn and per_tile & (per_tile - 1) == 0, _OP,
+          f"cand_tile={per_tile} must be a power of 2 and at least knn={knn}")
+    return per_tile, triton.next_power_of_2(-(-knn // tile_i) * per_tile)
+
+
 def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
                    grid_tile: int = GRID_TILE, num_warps: int | None = None,
-                   phases: int = 3) -> tuple[Tensor, Tensor]:
+                   phases: int = 3, tiled_select: str = "candidates",
+                   cand_tile: int | None = None, maxnreg: int | None = None) -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
     entries held at once, a power of 2), `num_warps` (default FWD_NUM_WARPS_SMALL_K with at most
     FWD_MAXNREG_SMALL_K registers per thread for k <= 32, 8 above; a number given here launches
-    without a register cap) and `phases` (< 3: stop early, outputs unwritten)."""
+    without a register cap), `phases` (< 3: stop early, outputs unwritten), and for grids larger
+    than grid_tile `tiled_select` (one of TILED_SELECTS) and `cand_tile` (candidate slots per row
+    tile, a power of 2 >= knn; default from CAND_TILE_FACTOR); `maxnreg`: a register cap per
+    thread (replaces the default one)."""
+    check(tiled_select in TILED_SELECTS, _OP, f"tiled_select {tiled_select!r} must be one of {TILED_SELECTS}")
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -792,18 +940,27 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
         return ids, scores
     block_k = _block_k(knn)
     tile_i = max(1, min(block_k, grid_tile // block_k))
+    cand_tile_slots, cand = 0, 0
+    if tile_i < block_k and tiled_select == "candidates":
+        cand_tile_slots, cand = _candidate_slots(knn, block_k, tile_i, cand_tile)
     small_k = block_k <= 32
     warps = num_warps or (FWD_NUM_WARPS_SMALL_K if small_k else 8)
     # The register cap was measured at rank 2 with 2 cores; larger ranks and core counts keep
     # more per-key values live, so they get ptxas's own choice rather than risk a spill.
     capped = small_k and not num_warps and r * m <= 4
     limits = dict(maxnreg=FWD_MAXNREG_SMALL_K) if capped else {}
+    if cand and not num_warps and r * m <= 4:
+        limits = dict(maxnreg=FWD_MAXNREG_TILED)
+    if maxnreg:
+        limits = dict(maxnreg=maxnreg)
     g = 32 * warps  # keys per register row: one per thread
     keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
     pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
     vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
     lr, lc = _coarse_layout(n_row, g), _coarse_layout(n_col, g)
     grid_g = min(g, block_k * block_k)
+    cand_pos = torch.empty((t * h, cand) if cand else (1,), dtype=torch.int32, device=dev)
+    cand_val = torch.empty((t * h, cand) if cand else (1,), dtype=torch.float32, device=dev)
     with _device_ctx(row_scores):
         _retrieval_fwd_kernel[(t * h,)](
             row_scores, *row_scores.stride(),
@@ -811,7 +968,7 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
             cores, *cores.stride(),
             u, *u.stride(),
             v, *v.stride(),
-            ids, scores, keys_ws, pairs_ws, vals_ws,
+            ids, scores, keys_ws, pairs_ws, vals_ws, cand_pos, cand_val,
             h, n_row, n_col, knn,
             R=r, M=m, G=g,
             P1_R=lr["p1"], P2_R=lr["p2"], REM_R=lr["has_rem"], MASK1_R=lr["mask1"], MASK2_R=lr["mask2"],
@@ -820,6 +977,7 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
             GS_R=_group_threads(knn, g, n_row >= g), GS_C=_group_threads(knn, g, n_col >= g),
             BLOCK_K=block_k, TILE_I=tile_i, GRID_G=grid_g, FULL_K=knn == block_k,
             GS_K=_group_threads(knn, grid_g, knn == block_k),
+            TILE_G=min(g, tile_i * block_k), CAND=cand, CAND_TILE=cand_tile_slots, CAND_G=min(g, max(cand, 1)),
             ONE_HEAD=h == 1, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
             num_warps=warps, **limits,
         )
