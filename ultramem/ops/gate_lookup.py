@@ -13,9 +13,9 @@ activation). `values_grad_buffer` / `pre_values_grad_buffer` (ids from `register
 -1 for none) work as `grad_buffer` of `weighted_lookup` / `pre_value_gate`: the table's gradient
 is added into that persistent buffer and the op returns none for the table. With both ids (the
 trainer's case) the backward is one op, `gate_lookup_backward_into`: on CUDA one kernel for the
-gathers and dots, then each table's gradient sorted by row with one writer per row (faster than
-atomics here, and deterministic); otherwise it goes through the lookup's and the gate's
-backward ops.
+gathers, dots and fp32 atomics (in deterministic mode the same kernel without atomics, then each
+table's gradient sorted by row with one writer per row); otherwise it goes through the lookup's
+and the gate's backward ops.
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def gate_lookup_backward_into(grad_out: Tensor, grad_gate: Tensor | None, rows: 
                               values_grad_buffer: int, pre_values_grad_buffer: int) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup with both tables' gradients added into registered buffers (a
     hidden side effect, as `weighted_lookup_backward_into`); returns (grad_scores, grad_x). On
-    CUDA: `gate_lookup_backward_cuda` (sorted, deterministic)."""
+    CUDA: `gate_lookup_backward_cuda` (atomics, or sorted in deterministic mode)."""
     _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
     _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
                                                    gelu, values_grad_buffer, pre_values_grad_buffer)

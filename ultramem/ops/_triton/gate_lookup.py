@@ -475,9 +475,12 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
 # sort, two one-writer-per-row segment passes) 504 µs at 2 warps; the composed path (lookup
 # accumulate, glue, gate accumulate) 598. In the compiled layer: 1.255 ms sorted, 1.263 atomics.
 BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True, "maxnreg": None}
-# The op's CUDA backward sorts always: it measured faster than the atomics (above) and is
-# bit-reproducible, so deterministic mode costs nothing here.
-SORTED_BACKWARD = True
+# The op's CUDA backward uses atomics unless deterministic mode is on. Sorted was faster on
+# uniformly random rows (504 vs 532 µs) but a `_segment_scatter_kernel` lane walks a row's whole
+# run of entries alone: when training concentrates the picks on a few hot rows, runs get long and
+# the 227M training throughput fell from 140k to 46k tokens/s (perf/NOTES.md). Atomics do not
+# have that serial tail.
+SORTED_BACKWARD = False
 
 
 def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
