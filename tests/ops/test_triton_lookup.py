@@ -41,7 +41,7 @@ if INTERPRET:
 
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
 SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True, "EVICT_FIRST": True, "HOIST_V": False}
-SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1}
+SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1, "PIECE": 2}  # runs cut every 2 entries
 # The fused entry-block kernel (the column-chunk kernel is the default).
 ENTRY_BLOCKS = {**SMALL_BLOCKS, "BLOCK_DP": 8, "D_CHUNKS": False}
 CHUNKS = {"BLOCK_D": 16, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0, "EVICT_FIRST": True,
@@ -164,6 +164,30 @@ def test_lookup_backward_launchers(deterministic, monkeypatch):
     buf = torch.ones(n, d)
     grad_scores = twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows, table, scores)
     assert _rel(buf, ref_table + 1) < 3e-3 and _rel(grad_scores, ref_scores) < 3e-3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fuse_dots", [False, True])
+@pytest.mark.parametrize("piece", [3, None])
+def test_sorted_backward_hot_rows(fuse_dots, piece):
+    """Most entries on two rows (runs longer than a piece, the default 64 too): the pieces are
+    summed in parallel and added in order; same result as the loops, and bit-identical again."""
+    g = _gen(31)
+    t, e, n, d, m = 30, 5, 9, 16, 2
+    rows = torch.randint(0, n, (t, e), generator=g)
+    rows[:, :4] = torch.where(torch.rand(t, 4, generator=g) < 0.7, 2, 5)
+    table, scores = _rand((n, d), g, torch.float32), _rand((t, e, m), g, torch.float32)
+    grad_out = _rand((t, d), g, torch.float32)
+    ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
+    seg = {"BLOCK_J": 4, "BLOCK_D": 16, "num_warps": 1, **({"PIECE": piece} if piece else {})}
+    results = []
+    for _ in range(2):
+        buf = torch.ones(n, d)
+        grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, buf, accumulate=True, deterministic=True,
+                                            configs={"segment": seg, "fuse_dots": fuse_dots})
+        results.append((buf, grad_scores))
+    assert _rel(results[0][0], ref_table + 1) < 1e-5 and _rel(results[0][1], ref_scores) < 1e-5
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @needs_interpreter

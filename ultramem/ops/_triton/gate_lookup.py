@@ -479,7 +479,9 @@ BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True
 # uniformly random rows (504 vs 532 µs) but a `_segment_scatter_kernel` lane walks a row's whole
 # run of entries alone: when training concentrates the picks on a few hot rows, runs get long and
 # the 227M training throughput fell from 140k to 46k tokens/s (perf/NOTES.md). Atomics do not
-# have that serial tail.
+# have that serial tail. The segment kernel now cuts runs into pieces (SEGMENT_PIECE in
+# weighted_lookup.py), not yet timed on a GPU: re-measure (perf/benches/hot_rows.py and the 227M
+# throughput) before making sorted the default again.
 SORTED_BACKWARD = False
 
 

@@ -9,7 +9,9 @@ Three kernels cover both ops (a gate is a lookup with one core whose "grad_out" 
   (lookup grad_scores; the gate forward) and/or grad_table[row, d] += w[t, e, core(d)] · g[t, d]
   with fp32 atomics (lookup and gate table gradients).
 - `_segment_scatter_kernel`: the same table gradient with one writer per row, over entries sorted
-  by row (deterministic mode); optionally fused with the dots, reading each row once.
+  by row (deterministic mode); optionally fused with the dots, reading each row once. A row's
+  run of entries is cut into pieces of at most SEGMENT_PIECE, summed in parallel and added in
+  order, so a hot row picked by many tokens does not leave one lane walking its whole run.
 
 All loads are upcast to the accumulation dtype (fp32, or fp64 for fp64 inputs) right away;
 columns are split into `M` chunks of `D / M`, core(d) = d // (D / M). Index values outside
@@ -34,6 +36,9 @@ FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT
 BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4}
 DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 4, "BLOCK_D": 256, "num_warps": 1}
 SEGMENT_CONFIG = {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1}
+# Longest stretch of one row's sorted entries a lane of the segment kernel sums alone (see
+# `_segment_scatter_kernel`); longer runs (hot rows) are cut into pieces summed in parallel.
+SEGMENT_PIECE = 64
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -150,48 +155,21 @@ def _gather_dot_scatter_kernel(
 
 
 @triton.jit
-def _segment_scatter_kernel(
-    sorted_ptr, perm_ptr, L,
-    g_ptr, g_st, g_sd,
-    s_ptr, s_st, s_se, s_sm,
-    gt_ptr, gt_sn, gt_sd,
-    table_ptr, tb_sn, tb_sd,
-    dots_ptr, dt_st, dt_se, dt_sm,
-    E, N, D, DM,
-    M: tl.constexpr, ACCUMULATE: tl.constexpr, FUSE_DOTS: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-):
-    """Each lane starts at one position of the row-sorted entries; lanes at the first entry of
-    a row walk that row's run in order and write the row once (no atomics, fixed order)."""
-    pid = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    j = (pid * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
-    j_ok = j < L
-    row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
-    prev = tl.load(sorted_ptr + j - 1, mask=j_ok & (j > 0), other=-1).to(tl.int64)
-    head = j_ok & (row != prev) & (row >= 0) & (row < N)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    chunk = (d // DM)[None, :]
-    row_mask = head[:, None] & d_ok[None, :]
-    # Both row reads depend only on the row id: issue them before walking the run.
-    if FUSE_DOTS:
-        vals = tl.load(table_ptr + row[:, None] * tb_sn + d[None, :] * tb_sd, mask=row_mask, other=0.0).to(ACC)
-    out_ptrs = gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd
-    if ACCUMULATE:
-        acc = tl.load(out_ptrs, mask=row_mask, other=0.0).to(ACC)
-    else:
-        acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
-    active = head
-    pos = j
+def _walk_piece(start, row, L, sorted_ptr, perm_ptr, g_ptr, g_st, g_sd, s_ptr, s_st, s_se, s_sm,
+                dots_ptr, dt_st, dt_se, dt_sm, vals, acc, d, d_ok, chunk, E,
+                M: tl.constexpr, FUSE_DOTS: tl.constexpr, PIECE: tl.constexpr, ACC: tl.constexpr):
+    """acc + Σ scores · g[token] over the entries of `row` from sorted position `start` (lanes where
+    start >= 0) up to the row's end or the next multiple of PIECE, in order; with FUSE_DOTS also
+    each entry's dots with `vals` (the row's table values)."""
+    active = start >= 0
+    pos = tl.maximum(start, 0)
     while tl.max(active.to(tl.int32), axis=0) > 0:
         ent = tl.load(perm_ptr + pos, mask=active, other=0).to(tl.int64)
         tok = ent // E
         en = ent - tok * E
         gv = tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd,
                      mask=active[:, None] & d_ok[None, :], other=0.0).to(ACC)
-        s_ptrs = s_ptr + tok * s_st + en * s_se
-        w = _core_weights(s_ptrs, s_sm, active, chunk, M, ACC)
+        w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, active, chunk, M, ACC)
         acc += w * gv
         if FUSE_DOTS:
             prod = vals * gv
@@ -200,10 +178,80 @@ def _segment_scatter_kernel(
                 tl.store(dots_ptr + tok * dt_st + en * dt_se + mm * dt_sm,
                          part.to(dots_ptr.dtype.element_ty), mask=active)
         pos += 1
-        more = active & (pos < L)
+        more = active & (pos < L) & (pos % PIECE != 0)
         nxt = tl.load(sorted_ptr + pos, mask=more, other=-1).to(tl.int64)
         active = more & (nxt == row)
-    tl.store(out_ptrs, acc.to(gt_ptr.dtype.element_ty), mask=row_mask)
+    return acc
+
+
+@triton.jit
+def _segment_scatter_kernel(
+    sorted_ptr, perm_ptr, L,
+    g_ptr, g_st, g_sd,
+    s_ptr, s_st, s_se, s_sm,
+    gt_ptr, gt_sn, gt_sd,
+    table_ptr, tb_sn, tb_sd,
+    dots_ptr, dt_st, dt_se, dt_sm,
+    part_ptr, pa_sp, pa_sd,
+    E, N, D, DM,
+    M: tl.constexpr, ACCUMULATE: tl.constexpr, FUSE_DOTS: tl.constexpr, PIECES_PASS: tl.constexpr,
+    PIECE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """One writer per row over the row-sorted entries, in a fixed order, with no lane walking more
+    than PIECE entries: a row's run is cut at the multiples of PIECE of the sorted positions.
+
+    PIECES_PASS: lane p sums the piece starting at position p·PIECE into part[p] when that
+    position continues a run (is not its row's first entry).
+    Otherwise: lanes at a row's first entry sum up to the next cut, then add the part of every
+    later piece of the same row in order, and write the row once (added to it if ACCUMULATE).
+    So a hot row picked by many entries costs its lane PIECE entries plus one part per piece,
+    not the whole run."""
+    pid_d = tl.program_id(1)
+    lane = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    if PIECES_PASS:
+        j = lane * PIECE
+    else:
+        j = lane
+    j_ok = j < L
+    row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
+    prev = tl.load(sorted_ptr + j - 1, mask=j_ok & (j > 0), other=-1).to(tl.int64)
+    real = j_ok & (row >= 0) & (row < N)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    chunk = (d // DM)[None, :]
+    if PIECES_PASS:
+        starts = real & (row == prev)
+    else:
+        starts = real & (row != prev)
+    row_mask = starts[:, None] & d_ok[None, :]
+    # Both row reads depend only on the row id: issue them before walking the run.
+    if FUSE_DOTS:
+        vals = tl.load(table_ptr + row[:, None] * tb_sn + d[None, :] * tb_sd, mask=row_mask, other=0.0).to(ACC)
+    else:
+        vals = 0.0
+    out_ptrs = gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd
+    if ACCUMULATE and not PIECES_PASS:
+        acc = tl.load(out_ptrs, mask=row_mask, other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
+    acc = _walk_piece(tl.where(starts, j, -1), row, L, sorted_ptr, perm_ptr, g_ptr, g_st, g_sd,
+                      s_ptr, s_st, s_se, s_sm, dots_ptr, dt_st, dt_se, dt_sm, vals, acc, d, d_ok, chunk, E,
+                      M, FUSE_DOTS, PIECE, ACC)
+    if PIECES_PASS:
+        tl.store(part_ptr + lane[:, None] * pa_sp + d[None, :] * pa_sd, acc, mask=row_mask)
+    else:
+        cut = (j // PIECE + 1) * PIECE  # the first later piece
+        more = starts & (cut < L)
+        nxt = tl.load(sorted_ptr + cut, mask=more, other=-1).to(tl.int64)
+        active = more & (nxt == row)
+        while tl.max(active.to(tl.int32), axis=0) > 0:
+            acc += tl.load(part_ptr + (cut // PIECE)[:, None] * pa_sp + d[None, :] * pa_sd,
+                           mask=active[:, None] & d_ok[None, :], other=0.0)
+            cut += PIECE
+            more = active & (cut < L)
+            nxt = tl.load(sorted_ptr + cut, mask=more, other=-1).to(tl.int64)
+            active = more & (nxt == row)
+        tl.store(out_ptrs, acc.to(gt_ptr.dtype.element_ty), mask=row_mask)
 
 
 # ------------------------------------------------------------------------- generic launchers
@@ -300,18 +348,23 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
         bd = triton.next_power_of_2(d)
     tab = table if fuse else g
     dts, dt_strides, _ = _scores3(dots) if fuse else (g, (0, 0, 0), m)
-    bj = cfg["BLOCK_J"]
-    _segment_scatter_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd))](
-        sorted_ids, perm, t * e,
-        g, g.stride(0), g.stride(1),
-        sc, *s_strides,
-        grad_table, grad_table.stride(0), grad_table.stride(1),
-        tab, tab.stride(0), tab.stride(1),
-        dts, *dt_strides,
-        e, n, d, d // m,
-        M=m, ACCUMULATE=accumulate, FUSE_DOTS=fuse, BLOCK_J=bj, BLOCK_D=bd, ACC=_tl_acc(acc),
-        num_warps=cfg["num_warps"],
-    )
+    bj, piece = cfg["BLOCK_J"], int(cfg.get("PIECE", SEGMENT_PIECE))
+    n_pieces = triton.cdiv(t * e, piece)
+    # part[p]: the sum over piece p when it continues a run (written by the pieces pass only there)
+    part = torch.empty((n_pieces, d), dtype=torch.float64 if acc == torch.float64 else torch.float32,
+                       device=grad_table.device)
+    common = dict(M=m, ACCUMULATE=accumulate, FUSE_DOTS=fuse, PIECE=piece, BLOCK_J=bj, BLOCK_D=bd,
+                  ACC=_tl_acc(acc), num_warps=cfg["num_warps"])
+    args = [sorted_ids, perm, t * e,
+            g, g.stride(0), g.stride(1),
+            sc, *s_strides,
+            grad_table, grad_table.stride(0), grad_table.stride(1),
+            tab, tab.stride(0), tab.stride(1),
+            dts, *dt_strides,
+            part, part.stride(0), part.stride(1),
+            e, n, d, d // m]
+    _segment_scatter_kernel[(triton.cdiv(n_pieces, bj), triton.cdiv(d, bd))](*args, PIECES_PASS=True, **common)
+    _segment_scatter_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd))](*args, PIECES_PASS=False, **common)
 
 
 # The fused segment kernel keeps a whole row in registers; above this width it splits columns
