@@ -170,18 +170,24 @@ def test_forward_strided_inputs():
     assert_selection(ids, scores, a, b, cores, u, v, 6, tol=1e-5, exact_ids=True)
 
 
+def _integer_grid_inputs(seed, t, n, span):
+    """Grid totals A[i,0]·B[j,0] with A, B integers in [-span, span] (many exact ties at the k-th),
+    coarse scores made distinct by a small second rank component."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = (torch.stack([torch.randint(-span, span + 1, (t, 1, n), generator=g).float(),
+                         torch.rand(t, 1, n, generator=g)], -1) for _ in range(2))
+    cores = torch.zeros(1, 1, 2, 2)
+    cores[0, 0, 0, 0] = 1.0
+    return a, b, cores, torch.tensor([[1.0, 1e-3]])
+
+
 @interpreted_only
 @pytest.mark.parametrize("grid_tile", [4096, 16])
 def test_forward_exact_ties_in_grid(grid_tile):
     # Grid totals A[i,0]·B[j,0] are small integers (many exact ties at the threshold) while the
     # coarse scores are distinct: the kept totals must equal the oracle's top totals exactly.
-    g = torch.Generator().manual_seed(8)
     t, n, knn = 3, 24, 7
-    a = torch.stack([torch.randint(-3, 4, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1)
-    b = torch.stack([torch.randint(-3, 4, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1)
-    cores = torch.zeros(1, 1, 2, 2)
-    cores[0, 0, 0, 0] = 1.0
-    u = torch.tensor([[1.0, 1e-3]])
+    a, b, cores, u = _integer_grid_inputs(8, t, n, 3)
     ids, scores = tri.launch_forward(a, b, cores, u, u, knn, grid_tile=grid_tile)
     want = retrieval_selection_oracle(a, b, cores, u, u, knn)
     for ti in range(t):
@@ -615,13 +621,8 @@ def test_forward_candidates_ties_at_threshold(bisection_calls, cand_tile):
     # Grid totals are products of small integers: many equal the k-th. With 32 slots per tile the
     # ties overflow (fallback), with 256 they fit; either way the bisection's pairs, bit for bit,
     # and the oracle's totals.
-    g = torch.Generator().manual_seed(55)
     t, n, knn = 3, 40, 30
-    a = torch.stack([torch.randint(-2, 3, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1)
-    b = torch.stack([torch.randint(-2, 3, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1)
-    cores = torch.zeros(1, 1, 2, 2)
-    cores[0, 0, 0, 0] = 1.0
-    u = torch.tensor([[1.0, 1e-3]])
+    a, b, cores, u = _integer_grid_inputs(55, t, n, 2)
     ids, scores, fallbacks = _same_as_bisection(a, b, cores, u, u, knn, bisection_calls,
                                                 grid_tile=256, cand_tile=cand_tile)
     assert (fallbacks > 0) == (cand_tile == 32)

@@ -248,6 +248,21 @@ def _per_core(x2, core, M: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk_group(row_ptrs, s_d, row_ok, tok_ptr, tok_sd, cols, DIM, g0: tl.constexpr, GROUP: tl.constexpr,
+                      CHUNKS: tl.constexpr, EVICT_FIRST: tl.constexpr):
+    """Chunks g0 .. g0 + GROUP of the entries' rows ([BLOCK_E, BLOCK] each) and of the token's
+    vector, all issued before any is used: two tuples."""
+    rows = ()
+    tok = ()
+    for c in tl.static_range(g0, g0 + GROUP):
+        if c < CHUNKS:
+            d = c * cols.shape[0] + cols
+            rows = rows + (_load_rows(row_ptrs + d[None, :] * s_d, row_ok & (d < DIM)[None, :], EVICT_FIRST),)
+            tok = tok + (tl.load(tok_ptr + d * tok_sd, mask=d < DIM, other=0.0),)
+    return rows, tok
+
+
+@triton.jit
 def _gate_lookup_bwd_kernel(
     rows_ptr, r_st, r_se,
     v_ptr, v_sn, v_sd,
@@ -310,14 +325,8 @@ def _gate_lookup_bwd_kernel(
     for m in tl.static_range(M):
         q = q + (tl.zeros((BLOCK_E,), dtype=ACC),)
     for g0 in tl.static_range(0, CHUNKS_V, GROUP_V):
-        vs = ()
-        gos = ()
-        for c in tl.static_range(g0, g0 + GROUP_V):
-            if c < CHUNKS_V:
-                d = c * BLOCK_D + cols_v
-                vs = vs + (_load_rows(v_ptr + ids[:, None] * v_sn + d[None, :] * v_sd, row_ok & (d < DV)[None, :],
-                                      EVICT_FIRST),)
-                gos = gos + (tl.load(go_ptr + t * go_st + d * go_sd, mask=d < DV, other=0.0),)
+        vs, gos = _load_chunk_group(v_ptr + ids[:, None] * v_sn, v_sd, row_ok, go_ptr + t * go_st, go_sd, cols_v, DV,
+                                    g0, GROUP_V, CHUNKS_V, EVICT_FIRST)
         for c in tl.static_range(g0, g0 + GROUP_V):
             if c < CHUNKS_V:
                 d = c * BLOCK_D + cols_v
@@ -352,14 +361,8 @@ def _gate_lookup_bwd_kernel(
             tl.store(ef_ptr + t * ef_st + e * ef_se + m * ef_sm, eff[m], mask=e_ok)
 
     for g0 in tl.static_range(0, CHUNKS_P, GROUP_P):
-        ps = ()
-        xs = ()
-        for c in tl.static_range(g0, g0 + GROUP_P):
-            if c < CHUNKS_P:
-                dp = c * BLOCK_DP + cols_p
-                ps = ps + (_load_rows(p_ptr + ids[:, None] * p_sn + dp[None, :] * p_sd, row_ok & (dp < DP)[None, :],
-                                      EVICT_FIRST),)
-                xs = xs + (tl.load(x_ptr + t * x_st + dp * x_sd, mask=dp < DP, other=0.0),)
+        ps, xs = _load_chunk_group(p_ptr + ids[:, None] * p_sn, p_sd, row_ok, x_ptr + t * x_st, x_sd, cols_p, DP,
+                                   g0, GROUP_P, CHUNKS_P, EVICT_FIRST)
         for c in tl.static_range(g0, g0 + GROUP_P):
             if c < CHUNKS_P:
                 dp = c * BLOCK_DP + cols_p
