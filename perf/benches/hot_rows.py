@@ -1,7 +1,8 @@
 """The fused gate + lookup backward when a few rows take many of the picks (as in training, where
 retrieval concentrates on hot rows): fp32 atomics vs the sorted one-writer-per-row path, at the
-227M shapes with a fraction of all entries sent to a handful of rows. A sorted segment lane walks
-its row's whole run alone, so a hot row's run length sets that path's time."""
+227M shapes with a fraction of all entries sent to a handful of rows. A sorted segment lane once
+walked its row's whole run alone (a hot row's run length set that path's time); runs are now cut
+into pieces of SEGMENT_PIECE entries: this checks that the cut works on the GPU."""
 from __future__ import annotations
 
 import torch

@@ -171,7 +171,8 @@ def test_lookup_backward_launchers(deterministic, monkeypatch):
 @pytest.mark.parametrize("piece", [3, None])
 def test_sorted_backward_hot_rows(fuse_dots, piece):
     """Most entries on two rows (runs longer than a piece, the default 64 too): the pieces are
-    summed in parallel and added in order; same result as the loops, and bit-identical again."""
+    summed in parallel and added in order; same result as the loops. (Bit-reproducibility needs
+    a GPU to be tested: the interpreter runs programs one after another.)"""
     g = _gen(31)
     t, e, n, d, m = 30, 5, 9, 16, 2
     rows = torch.randint(0, n, (t, e), generator=g)
@@ -180,14 +181,10 @@ def test_sorted_backward_hot_rows(fuse_dots, piece):
     grad_out = _rand((t, d), g, torch.float32)
     ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
     seg = {"BLOCK_J": 4, "BLOCK_D": 16, "num_warps": 1, **({"PIECE": piece} if piece else {})}
-    results = []
-    for _ in range(2):
-        buf = torch.ones(n, d)
-        grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, buf, accumulate=True, deterministic=True,
-                                            configs={"segment": seg, "fuse_dots": fuse_dots})
-        results.append((buf, grad_scores))
-    assert _rel(results[0][0], ref_table + 1) < 1e-5 and _rel(results[0][1], ref_scores) < 1e-5
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    buf = torch.ones(n, d)
+    grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, buf, accumulate=True, deterministic=True,
+                                        configs={"segment": seg, "fuse_dots": fuse_dots})
+    assert _rel(buf, ref_table + 1) < 1e-5 and _rel(grad_scores, ref_scores) < 1e-5
 
 
 @needs_interpreter
@@ -435,12 +432,6 @@ def test_gate_lookup_backward(case, deterministic):
     buf_v, buf_p = start_v.clone(), start_p.clone()
     grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores,
                                                         gate, gelu, buf_v, buf_p, config, deterministic)
-    if deterministic:  # bit-identical when run again
-        again_v, again_p = start_v.clone(), start_p.clone()
-        again = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu,
-                                              again_v, again_p, config, True)
-        assert torch.equal(again_v, buf_v) and torch.equal(again_p, buf_p)
-        assert torch.equal(again[0], grad_scores) and torch.equal(again[1], grad_x)
     want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu)
     assert grad_scores.dtype == dtype and grad_x.dtype == dtype
     assert _rel(buf_v - start_v, want[0]) < _tol(dtype)

@@ -131,6 +131,43 @@ def test_gate_lookup_backward_into_matches_the_loops(with_grad_gate):
         torch.library.opcheck(torch.ops.ultramem.gate_lookup_backward_into.default, args)
         with pytest.raises(ValueError, match="grad_gate shape"):
             gate_lookup_backward_into(grad_out, gate[:, :2], *args[2:])
+        with pytest.raises(ValueError, match="pre_values_grad_buffer=-1"):
+            gate_lookup_backward_into(*args[:-1], -1)
+        with pytest.raises(ValueError, match="pre_values has 5 rows"):  # rows index both tables
+            gate_lookup_backward_into(*args[:4], pre_values[:5], *args[5:])
+    finally:
+        for i in ids:
+            release_grad_buffer(i)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_buffers_filled_under_compile_when_only_tables_need_grad(backend):
+    """The backward ops that add into registered buffers return nothing anybody uses when x and
+    scores need no gradient (a frozen network around the tables): compiled graphs must still run them."""
+    from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer  # noqa: PLC0415
+    from ultramem.ops.weighted_lookup import weighted_lookup  # noqa: PLC0415
+    g = _gen(12)
+    t, e, n, dv, dp, m = 4, 3, 6, 6, 5, 2
+    rows = _rows(t, e, n, g)
+    values, pre_values = _rand((n, dv), g, torch.float32, True), _rand((n, dp), g, torch.float32, True)
+    x, scores = _rand((t, dp), g, torch.float32), _rand((t, e, m), g, torch.float32)
+    bufs = [torch.zeros(n, dv), torch.zeros(n, dp), torch.zeros(n, dv)]
+    ids = [register_grad_buffer(b) for b in bufs]
+
+    def loss(values, pre_values, x, scores):
+        out, _ = gate_lookup(rows, values, pre_values, x, scores, True, ids[0], ids[1])
+        return out.square().sum() + weighted_lookup(rows, values, scores, ids[2]).sum()
+
+    torch._dynamo.reset()  # fresh ids: compile this function from scratch (no dynamic-int recompile)
+    try:
+        loss(values, pre_values, x, scores).backward()
+        eager = [b.clone() for b in bufs]
+        assert all(float(b.abs().sum()) > 0 for b in eager)
+        for b in bufs:
+            b.zero_()
+        torch.compile(loss, fullgraph=True, backend=backend)(values, pre_values, x, scores).backward()
+        for got, want in zip(bufs, eager):
+            torch.testing.assert_close(got, want)
     finally:
         for i in ids:
             release_grad_buffer(i)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
 from .pre_value_gate import pre_value_gate_backward
-from .table_grad import pre_value_gate_backward_into, registered_grad_buffer, weighted_lookup_backward_into
+from .table_grad import keep_in_graphs, pre_value_gate_backward_into, registered_grad_buffer, weighted_lookup_backward_into
 from .weighted_lookup import weighted_lookup_backward
 from .determinism import deterministic_enabled
 
@@ -60,7 +60,8 @@ def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
 def _check_grad_buffers(values: Tensor, pre_values: Tensor, values_grad_buffer: int, pre_values_grad_buffer: int) -> None:
     """A bad or freed buffer id fails in the forward (and at trace time), not only in the backward."""
     for handle, table in ((values_grad_buffer, values), (pre_values_grad_buffer, pre_values)):
-        if handle != -1:
+        # (a symbolic id, from tracing a function recompiled with other ids, is checked at run time)
+        if isinstance(handle, int) and handle != -1:
             registered_grad_buffer(_OP, handle, table)
 
 
@@ -139,7 +140,8 @@ def gate_lookup_backward_into(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     """The backward of gate_lookup with both tables' gradients added into registered buffers (a
     hidden side effect, as `weighted_lookup_backward_into`); returns (grad_scores, grad_x). On
     CUDA: `gate_lookup_backward_cuda` (atomics, or sorted in deterministic mode)."""
-    _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
+    _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
+                         pre_values_grad_buffer)
     _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
                                                    gelu, values_grad_buffer, pre_values_grad_buffer)
     return grad_scores.contiguous(), grad_x.contiguous()
@@ -148,14 +150,23 @@ def gate_lookup_backward_into(grad_out: Tensor, grad_gate: Tensor | None, rows: 
 @gate_lookup_backward_into.register_fake
 def _(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor,
       scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
-    _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
+    _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
+                         pre_values_grad_buffer)
     return (torch.empty_like(scores, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
+keep_in_graphs(gate_lookup_backward_into)
+
+
 def _check_backward_args(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
-                         pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor) -> None:
+                         pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor,
+                         values_grad_buffer: int, pre_values_grad_buffer: int) -> None:
     op = "gate_lookup_backward_into"
+    _check_args(rows, values, pre_values, x, scores)
+    for name, handle in (("values_grad_buffer", values_grad_buffer), ("pre_values_grad_buffer", pre_values_grad_buffer)):
+        check(handle != -1, op, f"{name}={handle}: both tables' buffer ids are required (register_grad_buffer)")
+    check_same_device(op, grad_out=grad_out, gate=gate, rows=rows, **({} if grad_gate is None else {"grad_gate": grad_gate}))
     check(tuple(grad_out.shape) == (rows.shape[0], values.shape[1]), op,
           f"grad_out shape {tuple(grad_out.shape)} must be (tokens, vdim) = ({rows.shape[0]}, {values.shape[1]})")
     for name, t in (("gate", gate), ("grad_gate", grad_gate)):
@@ -192,8 +203,10 @@ if _triton_gate_lookup is not None:
     @gate_lookup_backward_into.register_kernel("cuda")
     def _(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor,
           scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
-        _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
-        if acc_dtype(values, pre_values, x, scores) == torch.float64:
+        _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
+                             pre_values_grad_buffer)
+        if (acc_dtype(values, pre_values, x, scores) == torch.float64
+                or rows.shape[1] > _triton_gate_lookup.BWD_MAX_ENTRIES):
             _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores,
                                                            gate, gelu, values_grad_buffer, pre_values_grad_buffer)
             return grad_scores.contiguous(), grad_x.contiguous()

@@ -39,6 +39,13 @@ _grad_buffers: dict[int, weakref.ref] = {}
 _next_handle = itertools.count()
 
 
+def keep_in_graphs(op) -> None:
+    """Mark an op whose real output is a side effect (adding into a registered buffer) as
+    side-effectful, so that graph passes (AOTAutograd's dead-code elimination, Inductor) keep it
+    when none of its returned tensors is used: e.g. when only the tables need gradients."""
+    torch.fx.node.has_side_effect(op._opoverload)
+
+
 def register_grad_buffer(buf: Tensor) -> int:
     """Register a persistent gradient buffer; returns the id to pass as `grad_buffer`."""
     handle = next(_next_handle)
@@ -164,3 +171,7 @@ def pre_value_gate_backward_into(grad_gate: Tensor, rows: Tensor, table: Tensor,
 @pre_value_gate_backward_into.register_fake
 def _(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+keep_in_graphs(weighted_lookup_backward_into)
+keep_in_graphs(pre_value_gate_backward_into)

@@ -478,6 +478,10 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
 # sort, two one-writer-per-row segment passes) 504 µs at 2 warps; the composed path (lookup
 # accumulate, glue, gate accumulate) 598. In the compiled layer: 1.255 ms sorted, 1.263 atomics.
 BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True, "maxnreg": None}
+# The fused backward holds all of a token's entries in one program (like the forward's chunk
+# kernel); above this many entries the op uses the separate lookup and gate backwards instead
+# (measured up to 128 entries in the sweep; the fused kernel only at 32).
+BWD_MAX_ENTRIES = 128
 # The op's CUDA backward uses atomics unless deterministic mode is on. Sorted was faster on
 # uniformly random rows (504 vs 532 µs) but a `_segment_scatter_kernel` lane walks a row's whole
 # run of entries alone: when training concentrates the picks on a few hot rows, runs get long and
