@@ -6,7 +6,7 @@ kernel, and an autograd formula whose backward is itself a custom op, so
 """
 from ._checks import debug_enabled, set_debug
 from .determinism import deterministic_enabled, set_deterministic
-from .gate_lookup import gate_lookup
+from .gate_lookup import gate_lookup, gate_lookup_backward_into
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
 from .retrieval import tdqkr_retrieval, tdqkr_retrieval_backward
 from .table_grad import (
@@ -24,6 +24,7 @@ __all__ = [
     "debug_enabled",
     "deterministic_enabled",
     "gate_lookup",
+    "gate_lookup_backward_into",
     "pre_value_gate",
     "pre_value_gate_backward",
     "pre_value_gate_backward_accumulate",
