@@ -410,7 +410,8 @@ FUSED_BWD_CASES = [
     (3, 5, 11, 32, 24, 4, True, torch.float16, torch.int64, True, None),
     (6, 3, 8, 16, 8, 1, True, torch.float32, torch.int32, True, {"BLOCK_D": 8, "GROUP_CHUNKS": 1}),
     # sorted path: two positions per segment program, split columns
-    (5, 4, 7, 24, 16, 3, True, torch.float32, torch.int32, False, {"segment": {"BLOCK_J": 2, "BLOCK_D": 8, "num_warps": 1}}),
+    (5, 4, 7, 24, 16, 3, True, torch.float32, torch.int32, False,
+     {"segment": {"BLOCK_J": 2, "BLOCK_D": 8, "num_warps": 1}}),
 ]
 
 

@@ -173,6 +173,35 @@ def test_buffers_filled_under_compile_when_only_tables_need_grad(backend):
             release_grad_buffer(i)
 
 
+def test_compiled_function_takes_new_buffer_ids():
+    """A compiled function called again with the ids of freshly registered buffers (a new model in
+    the same process): Dynamo retraces with the ids as symbolic ints; every round fills its buffers."""
+    from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer  # noqa: PLC0415
+    g = _gen(13)
+    t, e, n, dv, dp, m = 4, 3, 6, 6, 5, 2
+    rows = _rows(t, e, n, g)
+    values, pre_values = _rand((n, dv), g, torch.float32, True), _rand((n, dp), g, torch.float32, True)
+    x, scores = _rand((t, dp), g, torch.float32, True), _rand((t, e, m), g, torch.float32)
+    ids = [-1, -1]
+
+    def loss(values, pre_values, x, scores):
+        return gate_lookup(rows, values, pre_values, x, scores, True, ids[0], ids[1])[0].square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    sums = []
+    for _ in range(3):
+        bufs = [torch.zeros(n, dv), torch.zeros(n, dp)]
+        ids[:] = [register_grad_buffer(b) for b in bufs]
+        try:
+            compiled(values, pre_values, x, scores).backward()
+        finally:
+            for i in ids:
+                release_grad_buffer(i)
+        sums.append([float(b.abs().sum()) for b in bufs])
+    assert sums[0][0] > 0 and sums[0][1] > 0 and sums[1] == sums[0] and sums[2] == sums[0]
+
+
 def test_gate_lookup_compiles_fullgraph():
     g = _gen(5)
     t, e, n = 4, 3, 6

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
 from .pre_value_gate import pre_value_gate_backward
-from .table_grad import keep_in_graphs, pre_value_gate_backward_into, registered_grad_buffer, weighted_lookup_backward_into
+from .table_grad import (check_grad_buffer_id, keep_in_graphs, pre_value_gate_backward_into, registered_grad_buffer,
+                         weighted_lookup_backward_into)
 from .weighted_lookup import weighted_lookup_backward
 from .determinism import deterministic_enabled
 
@@ -59,10 +60,8 @@ def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
 
 def _check_grad_buffers(values: Tensor, pre_values: Tensor, values_grad_buffer: int, pre_values_grad_buffer: int) -> None:
     """A bad or freed buffer id fails in the forward (and at trace time), not only in the backward."""
-    for handle, table in ((values_grad_buffer, values), (pre_values_grad_buffer, pre_values)):
-        # (a symbolic id, from tracing a function recompiled with other ids, is checked at run time)
-        if isinstance(handle, int) and handle != -1:
-            registered_grad_buffer(_OP, handle, table)
+    check_grad_buffer_id(_OP, values_grad_buffer, values)
+    check_grad_buffer_id(_OP, pre_values_grad_buffer, pre_values)
 
 
 def _gelu_and_slope(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,9 +163,11 @@ def _check_backward_args(grad_out: Tensor, grad_gate: Tensor | None, rows: Tenso
                          values_grad_buffer: int, pre_values_grad_buffer: int) -> None:
     op = "gate_lookup_backward_into"
     _check_args(rows, values, pre_values, x, scores)
-    for name, handle in (("values_grad_buffer", values_grad_buffer), ("pre_values_grad_buffer", pre_values_grad_buffer)):
+    for name, handle in (("values_grad_buffer", values_grad_buffer),
+                         ("pre_values_grad_buffer", pre_values_grad_buffer)):
         check(handle != -1, op, f"{name}={handle}: both tables' buffer ids are required (register_grad_buffer)")
-    check_same_device(op, grad_out=grad_out, gate=gate, rows=rows, **({} if grad_gate is None else {"grad_gate": grad_gate}))
+    extra = {} if grad_gate is None else {"grad_gate": grad_gate}
+    check_same_device(op, grad_out=grad_out, gate=gate, rows=rows, **extra)
     check(tuple(grad_out.shape) == (rows.shape[0], values.shape[1]), op,
           f"grad_out shape {tuple(grad_out.shape)} must be (tokens, vdim) = ({rows.shape[0]}, {values.shape[1]})")
     for name, t in (("gate", gate), ("grad_gate", grad_gate)):

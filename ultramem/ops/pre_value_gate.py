@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
-from .table_grad import registered_grad_buffer, pre_value_gate_backward_into
+from .table_grad import check_grad_buffer_id, registered_grad_buffer, pre_value_gate_backward_into
 
 _OP = "pre_value_gate"
 
@@ -27,8 +27,7 @@ def _check_args(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -
     check_same_device(_OP, rows=rows, table=table, x=x)
     check(x.shape[0] == rows.shape[0], _OP, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
     check(x.shape[1] == table.shape[1], _OP, f"x dim {x.shape[1]} must equal table dim {table.shape[1]}")
-    if grad_buffer != -1:
-        registered_grad_buffer(_OP, grad_buffer, table)
+    check_grad_buffer_id(_OP, grad_buffer, table)
 
 
 @torch.library.custom_op("ultramem::pre_value_gate", mutates_args=())

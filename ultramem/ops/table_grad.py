@@ -73,6 +73,14 @@ def registered_grad_buffer(op: str, handle: int, table: Tensor) -> Tensor:
     return buf
 
 
+def check_grad_buffer_id(op: str, handle: int, table: Tensor) -> None:
+    """A forward's check of its buffer id (-1: none): a bad or freed id fails there, not only in
+    the backward. A symbolic id (Dynamo retracing a function called with other ids) is checked
+    when the backward runs."""
+    if isinstance(handle, int) and handle != -1:
+        registered_grad_buffer(op, handle, table)
+
+
 def check_grad_buffer(op: str, grad_table: Tensor, table: Tensor) -> None:
     check(tuple(grad_table.shape) == tuple(table.shape), op,
           f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")

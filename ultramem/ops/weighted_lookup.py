@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
-from .table_grad import registered_grad_buffer, weighted_lookup_backward_into
+from .table_grad import check_grad_buffer_id, registered_grad_buffer, weighted_lookup_backward_into
 
 _OP = "weighted_lookup"
 
@@ -44,8 +44,7 @@ def _check_args(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = 
     m = scores.shape[2]
     check(m >= 1 and table.shape[1] % m == 0, _OP,
           f"table dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
-    if grad_buffer != -1:
-        registered_grad_buffer(_OP, grad_buffer, table)
+    check_grad_buffer_id(_OP, grad_buffer, table)
 
 
 def _check_grad_out(grad_out: Tensor, rows: Tensor, table: Tensor) -> None:
