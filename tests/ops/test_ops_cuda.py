@@ -1,0 +1,60 @@
+"""The table-gradient backwards on a CUDA device (skipped without one): what the interpreter cannot
+show. The op's dispatch (atomics, sorted in deterministic mode, the separate backwards above
+BWD_MAX_ENTRIES), bit-reproducibility of the sorted path, and hot rows (runs longer than a
+segment piece) against a float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from op_oracles import gate_lookup_backward_oracle
+from ultramem.ops import determinism
+from ultramem.ops._triton import gate_lookup as tgl
+from ultramem.ops.gate_lookup import gate_lookup_backward_into
+from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _inputs(t, e, n, dv, dp, m, hot: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, n, (t, e), generator=g)
+    if hot:  # a share of all picks on two rows: runs far longer than a segment piece
+        rows = torch.where(torch.rand(t, e, generator=g) < hot, torch.randint(0, 2, (t, e), generator=g), rows)
+    values, pre_values = torch.randn(n, dv, generator=g), torch.randn(n, dp, generator=g) / dp ** 0.5
+    x, scores, gate = torch.randn(t, dp, generator=g), torch.randn(t, e, m, generator=g), torch.randn(t, e, generator=g)
+    grad_out, grad_gate = torch.randn(t, dv, generator=g), torch.randn(t, e, generator=g)
+    return grad_out, grad_gate, rows, values, pre_values, x, scores, gate
+
+
+def _run(args, deterministic: bool, monkeypatch):
+    monkeypatch.setattr(determinism, "_deterministic", deterministic)
+    dev = [a.cuda() for a in args]
+    bufs = [torch.zeros(args[3].shape, device="cuda"), torch.zeros(args[4].shape, device="cuda")]
+    ids = [register_grad_buffer(b) for b in bufs]
+    try:
+        grad_scores, grad_x = gate_lookup_backward_into(*dev[:8], True, *ids)
+    finally:
+        for i in ids:
+            release_grad_buffer(i)
+    return [b.cpu() for b in bufs] + [grad_x.cpu(), grad_scores.cpu()]
+
+
+def _rel(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("hot", [0.0, 0.6])
+@pytest.mark.parametrize("entries", [8, 160])  # 160: above BWD_MAX_ENTRIES, the separate backwards
+def test_gate_lookup_backward_into_on_cuda(hot, entries, monkeypatch):
+    assert 160 > tgl.BWD_MAX_ENTRIES >= 8
+    args = _inputs(64, entries, 50, 24, 16, 2, hot, seed=entries + int(hot * 10))
+    want = gate_lookup_backward_oracle(*args, True)
+    atomics = _run(args, False, monkeypatch)
+    sorted_1 = _run(args, True, monkeypatch)
+    sorted_2 = _run(args, True, monkeypatch)
+    for got in (atomics, sorted_1):
+        for g, w in zip(got, want):
+            assert _rel(g, w) < 1e-5
+    for a, b in zip(sorted_1, sorted_2):  # the sorted path is bit-reproducible
+        assert torch.equal(a, b)
