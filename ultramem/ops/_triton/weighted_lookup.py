@@ -223,6 +223,10 @@ def _segment_scatter_kernel(
         starts = real & (row == prev)
     else:
         starts = real & (row != prev)
+        # whether the run goes on past the next cut: loaded now, beside the row ids, so that
+        # it adds no round trip after the walk when (as usual) runs are short
+        cut = (j // PIECE + 1) * PIECE
+        at_cut = tl.load(sorted_ptr + cut, mask=starts & (cut < L), other=-1).to(tl.int64)
     row_mask = starts[:, None] & d_ok[None, :]
     # Both row reads depend only on the row id: issue them before walking the run.
     if FUSE_DOTS:
@@ -240,10 +244,7 @@ def _segment_scatter_kernel(
     if PIECES_PASS:
         tl.store(part_ptr + lane[:, None] * pa_sp + d[None, :] * pa_sd, acc, mask=row_mask)
     else:
-        cut = (j // PIECE + 1) * PIECE  # the first later piece
-        more = starts & (cut < L)
-        nxt = tl.load(sorted_ptr + cut, mask=more, other=-1).to(tl.int64)
-        active = more & (nxt == row)
+        active = starts & (at_cut == row)  # the run continues into later pieces
         while tl.max(active.to(tl.int32), axis=0) > 0:
             acc += tl.load(part_ptr + (cut // PIECE)[:, None] * pa_sp + d[None, :] * pa_sd,
                            mask=active[:, None] & d_ok[None, :], other=0.0)
