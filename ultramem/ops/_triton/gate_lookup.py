@@ -11,6 +11,10 @@ one column block, every column block recomputes the gate (only the first one sto
 With `D_CHUNKS` in the config a second kernel runs instead: one program (one warp) per token
 holds all of the token's entries at once and walks the columns in chunks, so no lane is masked
 when the dims are not powers of 2 and all P chunks of all entries are in flight together.
+
+The backward (`_gate_lookup_bwd_kernel`, `gate_lookup_backward_cuda`) has the same shape: one
+program per token with all its entries, V chunks then P chunks, both tables' gradients as fp32
+atomics, or (deterministic) written out for two sorted one-writer-per-row passes.
 """
 from __future__ import annotations
 
