@@ -180,12 +180,11 @@ SEGMENT_CONFIGS = [
     {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": True},
 ]
 FUSED_BWD_CONFIGS = [
-    tgl.BWD_CONFIG,  # row owners add plainly, the rest with atomics after them; 2 warps
+    tgl.BWD_CONFIG,  # 2 warps
     {**tgl.BWD_CONFIG, "num_warps": 1},
     {**tgl.BWD_CONFIG, "num_warps": 4},
-    {**tgl.BWD_CONFIG, "rest_warps": 4},
-    {**tgl.BWD_CONFIG, "OWNERS": False},  # atomics for every entry
-    {**tgl.BWD_CONFIG, "OWNERS": False, "num_warps": 4},
+    {**tgl.BWD_CONFIG, "GROUP_CHUNKS": 1},
+    {**tgl.BWD_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32},
 ]
 FUSED_CONFIGS = [
     tgl.CONFIG,  # the column-chunk kernel: one warp per token, all entries, 64-column chunks
@@ -487,7 +486,7 @@ def run(ctx) -> list[dict]:
         for name, fn in [("ours composed (lookup acc, glue, gate acc)", composed)] + [
                 (f"ours fused[{_cfg_name(cfg)}]", fused_cfg(cfg)) for cfg in FUSED_BWD_CONFIGS] + [
                 (f"ours fused deterministic (sorted)[{_cfg_name(cfg)}]", fused_cfg(cfg, True))
-                for cfg in FUSED_BWD_CONFIGS[:1]]:
+                for cfg in FUSED_BWD_CONFIGS[:3]]:
             inp2 = fresh()
             gate = tpg.pre_value_gate_cuda(inp2.rows, inp2.pre_values, inp2.x)
             a = (inp2.grad_out, inp2.grad_gate, inp2.rows, inp2.values, inp2.pre_values, inp2.x, inp2.scores, gate)

@@ -1,6 +1,5 @@
 """The table-gradient backwards on a CUDA device (skipped without one): what the interpreter cannot
-show. The op's dispatch (row owners with atomics for the rest by default, atomics for all, sorted
-in deterministic mode, the separate backwards above
+show. The op's dispatch (atomics, sorted in deterministic mode, the separate backwards above
 BWD_MAX_ENTRIES), bit-reproducibility of the sorted path, and hot rows (runs longer than a
 segment piece) against a float64 reference."""
 from __future__ import annotations
@@ -28,9 +27,8 @@ def _inputs(t, e, n, dv, dp, m, hot: float, seed: int):
     return grad_out, grad_gate, rows, values, pre_values, x, scores, gate
 
 
-def _run(args, deterministic: bool, monkeypatch, owners: bool = True):
+def _run(args, deterministic: bool, monkeypatch):
     monkeypatch.setattr(determinism, "_deterministic", deterministic)
-    monkeypatch.setitem(tgl.BWD_CONFIG, "OWNERS", owners)
     dev = [a.cuda() for a in args]
     bufs = [torch.zeros(args[3].shape, device="cuda"), torch.zeros(args[4].shape, device="cuda")]
     ids = [register_grad_buffer(b) for b in bufs]
@@ -52,11 +50,10 @@ def test_gate_lookup_backward_into_on_cuda(hot, entries, monkeypatch):
     assert 160 > tgl.BWD_MAX_ENTRIES >= 8
     args = _inputs(64, entries, 50, 24, 16, 2, hot, seed=entries + int(hot * 10))
     want = gate_lookup_backward_oracle(*args, True)
-    owners = _run(args, False, monkeypatch)
-    atomics = _run(args, False, monkeypatch, owners=False)
+    atomics = _run(args, False, monkeypatch)
     sorted_1 = _run(args, True, monkeypatch)
     sorted_2 = _run(args, True, monkeypatch)
-    for got in (owners, atomics, sorted_1):
+    for got in (atomics, sorted_1):
         for g, w in zip(got, want):
             assert _rel(g, w) < 1e-5
     for a, b in zip(sorted_1, sorted_2):  # the sorted path is bit-reproducible

@@ -282,10 +282,9 @@ def _gate_lookup_bwd_kernel(
     gx_ptr, gx_st, gx_sd,
     ef_ptr, ef_st, ef_se, ef_sm,
     gg_out_ptr, go2_st, go2_se,
-    owner_ptr,
     E, N, DV, DP,
     DM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, GELU: tl.constexpr, HAS_GRAD_GATE: tl.constexpr,
-    SCATTER: tl.constexpr, OWNERS: tl.constexpr,
+    SCATTER: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr,
     CHUNKS_P: tl.constexpr, GROUP_V: tl.constexpr, GROUP_P: tl.constexpr, EVICT_FIRST: tl.constexpr,
     ACC: tl.constexpr,
@@ -303,21 +302,12 @@ def _gate_lookup_bwd_kernel(
     chunk kernel). Ids out of [0, N) are never dereferenced and contribute nothing.
 
     SCATTER False (deterministic mode): no atomics; the effective scores act(g)·s and grad_g are
-    written instead (to ef / gg_out), for the sorted one-writer-per-row table gradients.
-
-    OWNERS (with SCATTER): no atomics either. owner[row] names one entry per row (written by
-    `_claim_rows_kernel` just before); that entry adds its share with a plain load, add, store
-    (the only writer of the row in this kernel), and the others are left to
-    `_gate_lookup_bwd_rest_kernel` (atomics, after this kernel), which reads ef / gg_out."""
+    written instead (to ef / gg_out), for the sorted one-writer-per-row table gradients."""
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
     ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e_ok, other=0).to(tl.int64)
     ok = e_ok & (ids >= 0) & (ids < N)
-    if OWNERS:
-        mine = ok & (tl.load(owner_ptr + ids, mask=ok, other=-1) == (t * E + e).to(tl.int32))
-    else:
-        mine = ok
     g = tl.load(gate_ptr + t * ga_st + e * ga_se, mask=ok, other=0.0).to(ACC)
     if GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
@@ -359,8 +349,8 @@ def _gate_lookup_bwd_kernel(
                         w = tl.where(cd == m, eff[m][:, None], w)
                         q = _add_at(q, m, tl.sum(tl.where(cd == m, prod, 0.0), axis=1), M)
                 if SCATTER:
-                    _scatter_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd, w * go,
-                                 mine[:, None] & (d < DV)[None, :], OWNERS)
+                    tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
+                                  (w * go).to(gv_ptr.dtype.element_ty), mask=row_ok & (d < DV)[None, :], sem="relaxed")
 
     grad_g = tl.zeros((BLOCK_E,), dtype=ACC)
     for m in tl.static_range(M):
@@ -369,7 +359,7 @@ def _gate_lookup_bwd_kernel(
     grad_g = grad_g * slope
     if HAS_GRAD_GATE:
         grad_g += tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0).to(ACC)
-    if (not SCATTER) or OWNERS:
+    if not SCATTER:
         tl.store(gg_out_ptr + t * go2_st + e * go2_se, grad_g, mask=e_ok)
         for m in tl.static_range(M):
             tl.store(ef_ptr + t * ef_st + e * ef_se + m * ef_sm, eff[m], mask=e_ok)
@@ -383,75 +373,9 @@ def _gate_lookup_bwd_kernel(
                 gx = tl.sum(ps[c - g0].to(ACC) * grad_g[:, None], axis=0)
                 tl.store(gx_ptr + t * gx_st + dp * gx_sd, gx.to(gx_ptr.dtype.element_ty), mask=dp < DP)
                 if SCATTER:
-                    _scatter_add(gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
-                                 grad_g[:, None] * xs[c - g0].to(ACC)[None, :], mine[:, None] & (dp < DP)[None, :],
-                                 OWNERS)
-
-
-@triton.jit
-def _scatter_add(ptrs, vals, mask, PLAIN: tl.constexpr):
-    """*ptrs += vals where mask: a plain load, add, store when the caller is the only writer of
-    those addresses (PLAIN), else fp32 atomics."""
-    if PLAIN:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + vals.to(ptrs.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ptrs, vals.to(ptrs.dtype.element_ty), mask=mask, sem="relaxed")
-
-
-@triton.jit
-def _claim_rows_kernel(rows_ptr, r_st, r_se, owner_ptr, TE, E, N, BLOCK: tl.constexpr):
-    """owner[rows[t, e]] = t·E + e for every entry with an id in [0, N): where entries share a row,
-    one of them (whichever store lands last) becomes its owner."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = i < TE
-    ids = tl.load(rows_ptr + (i // E) * r_st + (i % E) * r_se, mask=inside, other=-1).to(tl.int64)
-    tl.store(owner_ptr + ids, i.to(tl.int32), mask=inside & (ids >= 0) & (ids < N))
-
-
-@triton.jit
-def _gate_lookup_bwd_rest_kernel(
-    rows_ptr, r_st, r_se,
-    x_ptr, x_st, x_sd,
-    go_ptr, go_st, go_sd,
-    ef_ptr, ef_st, ef_se, ef_sm,
-    gg_ptr, gg_st, gg_se,
-    gv_ptr, gv_sn, gv_sd,
-    gp_ptr, gp_sn, gp_sd,
-    owner_ptr,
-    E, N, DV, DP,
-    DM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr, CHUNKS_P: tl.constexpr,
-):
-    """The table-gradient shares of the entries that do not own their row (after
-    `_gate_lookup_bwd_kernel` with OWNERS): fp32 atomics from the effective scores and grad_g
-    it wrote. One program per token; a token whose entries all own their rows does nothing."""
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e_ok, other=0).to(tl.int64)
-    ok = e_ok & (ids >= 0) & (ids < N)
-    rest = ok & (tl.load(owner_ptr + ids, mask=ok, other=-1) != (t * E + e).to(tl.int32))
-    if tl.sum(rest.to(tl.int32), axis=0) > 0:
-        core = tl.arange(0, MP)
-        eff = _per_core(tl.load(ef_ptr + t * ef_st + e[:, None] * ef_se + core[None, :] * ef_sm,
-                                mask=rest[:, None] & (core < M)[None, :], other=0.0), core, M)
-        for c in tl.static_range(CHUNKS_V):
-            d = c * BLOCK_D + tl.arange(0, BLOCK_D)
-            go = tl.load(go_ptr + t * go_st + d * go_sd, mask=d < DV, other=0.0).to(eff[0].dtype)
-            cd = tl.minimum(d // DM, M - 1)[None, :]  # the last core takes any remainder columns
-            w = tl.zeros((BLOCK_E, BLOCK_D), dtype=eff[0].dtype)
-            for m in tl.static_range(M):
-                w = tl.where(cd == m, eff[m][:, None], w)
-            tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
-                          (w * go[None, :]).to(gv_ptr.dtype.element_ty), mask=rest[:, None] & (d < DV)[None, :],
-                          sem="relaxed")
-        grad_g = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=rest, other=0.0)
-        for c in tl.static_range(CHUNKS_P):
-            dp = c * BLOCK_DP + tl.arange(0, BLOCK_DP)
-            xc = tl.load(x_ptr + t * x_st + dp * x_sd, mask=dp < DP, other=0.0).to(grad_g.dtype)
-            tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
-                          (grad_g[:, None] * xc[None, :]).to(gp_ptr.dtype.element_ty),
-                          mask=rest[:, None] & (dp < DP)[None, :], sem="relaxed")
+                    tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
+                                  (grad_g[:, None] * xs[c - g0].to(ACC)[None, :]).to(gp_ptr.dtype.element_ty),
+                                  mask=row_ok & (dp < DP)[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -557,8 +481,7 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
 # atomics 2 warps 532 µs, 1 warp 563, 4 warps 533; sorted (kernel without atomics, one shared
 # sort, two one-writer-per-row segment passes) 504 µs at 2 warps; the composed path (lookup
 # accumulate, glue, gate accumulate) 598. In the compiled layer: 1.255 ms sorted, 1.263 atomics.
-BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True, "maxnreg": None, "OWNERS": True,
-              "rest_warps": 2}
+BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True, "maxnreg": None}
 # The fused backward holds all of a token's entries in one program (like the forward's chunk
 # kernel); above this many entries the op uses the separate lookup and gate backwards instead
 # (measured up to 128 entries in the sweep; the fused kernel only at 32).
@@ -594,33 +517,20 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
         return grad_scores, grad_x.zero_()
     acc = acc_dtype(values, pre_values, x, scores)
     has_grad_gate = grad_gate is not None
-    n = values.shape[0]
-    # Row owners are entry numbers t·E + e in int32.
-    owners = not deterministic and bool(cfg.get("OWNERS", True)) and t * e < 2 ** 31
-    if deterministic or owners:
+    if deterministic:
         eff = torch.empty((t, e, m), dtype=acc, device=scores.device)
         grad_g = torch.empty((t, e), dtype=acc, device=scores.device)
     else:
         eff, grad_g = grad_scores, gate  # unused placeholders
-    owner = torch.empty(n if owners else 1, dtype=torch.int32, device=rows.device)
-    if owners:
-        claim_block = 1024
-        _claim_rows_kernel[(triton.cdiv(t * e, claim_block),)](rows, *rows.stride(), owner, t * e, e, n,
-                                                              BLOCK=claim_block, num_warps=4)
     plan = _chunk_plan(e, values, pre_values, cfg)
-    dims = dict(DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m))
     _gate_lookup_bwd_kernel[(t,)](
         *_tensor_args(rows, values, pre_values, x, scores, gate, grad_out, grad_gate if has_grad_gate else gate,
                       grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g),
-        owner, e, n, dv, dp, **dims, GELU=bool(gelu), HAS_GRAD_GATE=has_grad_gate,
-        SCATTER=not deterministic, OWNERS=owners, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc),
-        **plan, **_launch_options(cfg),
+        e, values.shape[0], dv, dp,
+        DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=has_grad_gate,
+        SCATTER=not deterministic, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
+        **_launch_options(cfg),
     )
-    if owners:
-        _gate_lookup_bwd_rest_kernel[(t,)](
-            *_tensor_args(rows, x, grad_out, eff, grad_g, grad_values, grad_pre_values), owner, e, n, dv, dp, **dims,
-            BLOCK_E=plan["BLOCK_E"], BLOCK_D=plan["BLOCK_D"], BLOCK_DP=plan["BLOCK_DP"], CHUNKS_V=plan["CHUNKS_V"],
-            CHUNKS_P=plan["CHUNKS_P"], num_warps=int(cfg.get("rest_warps", 2)))
     if deterministic:
         order = _wl.sort_rows(rows, values.shape[0])
         for g, w, buf in ((grad_out, eff, grad_values), (x, grad_g, grad_pre_values)):
