@@ -44,6 +44,7 @@ def run(ctx) -> list[dict]:
             grad_scores, grad_x = tgl.gate_lookup_backward_cuda(*args, True, *bufs, deterministic=deterministic)
             name = "sorted" if deterministic else "atomics"
             rel = max(ctx.check(f"hot rows {frac} {name} grad_values", bufs[0], refs[0]),
+                      ctx.check(f"hot rows {frac} {name} grad_pre_values", bufs[1], refs[1]),
                       ctx.check(f"hot rows {frac} {name} grad_x", grad_x, refs[2]))
             us = ctx.do_bench(lambda: tgl.gate_lookup_backward_cuda(*args, True, *bufs, deterministic=deterministic))
             rows_out.append(ctx.row("gate_lookup_bwd_hot_rows", shape, name, us, None, rel))

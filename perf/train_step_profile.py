@@ -1,0 +1,94 @@
+"""Where a 227M training step's GPU time goes, dense and UltraMemV2, with the trainer's own step
+(CUDA graphs, bf16, the config's compile): the step's wall time, the GPU's busy time (sum of
+kernel times: whatever is left is the GPU waiting on the host), and the kernels grouped by name,
+per micro-batch. Writes $OUT/train_step_profile.json.
+
+    PYTHONPATH=. ULTRAMEM_GIT_REV=<rev> python perf/train_step_profile.py [--grad-accum 8]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from ultramem.train.config import load_config
+from ultramem.train.optim import build_optimizer
+from ultramem.train.trainer import (Trainer, build_data, build_training_model, parallelize, resolve_device,
+                                    setup_distributed, teardown_distributed)
+
+log = logging.getLogger("train_step_profile")
+
+
+def profile_config(name: str, overrides: list[str], grad_accum: int, warmup_steps: int = 2) -> dict:
+    cfg = load_config("227m.toml", overrides + [f"--train.grad_accum={grad_accum}", "--train.log_interval=1",
+                                                "--train.eval_interval=0", "--model.memory.log_interval=100000",
+                                                "--optim.warmup_steps=2", "--train.max_steps=100"])
+    info = setup_distributed(torch.device("cuda"))
+    try:
+        device = resolve_device(cfg.train.device, info.local_rank)
+        torch.manual_seed(cfg.train.seed)
+        train_batches, val_batches, _ = build_data(cfg, info)
+        model = parallelize(build_training_model(cfg, device), cfg, info)
+        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+        trainer = Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches)
+        if model.memory_tables is not None:
+            model.memory_tables.refresh_compute_copy()
+        model.refresh_rank1()
+        for _ in range(warmup_steps):  # compilation, CUDA-graph recording
+            trainer.train_step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.train_step()
+        torch.cuda.synchronize()
+        step_s = time.perf_counter() - t0
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            trainer.train_step()
+            torch.cuda.synchronize()
+    finally:
+        teardown_distributed(info)
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.key_averages():
+        if e.self_device_time_total > 0:
+            kernels[e.key][0] += e.self_device_time_total
+            kernels[e.key][1] += e.count
+    busy_us = sum(us for us, _ in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:60]
+    out = {"grad_accum": grad_accum, "step_ms": 1000 * step_s,
+           "tokens_per_s": cfg.train.batch_size * cfg.train.seq_len * grad_accum / step_s,
+           "gpu_busy_ms_per_step": busy_us / 1000, "gpu_busy_fraction": busy_us / 1e6 / step_s,
+           "per_micro_batch_ms": 1000 * step_s / grad_accum,
+           "kernels_us_per_micro_batch": [{"kernel": k[:160], "us": round(us / grad_accum, 1),
+                                           "calls": round(c / grad_accum, 2)} for k, (us, c) in top]}
+    log.info("%s: step %.1f ms (%d micro-batches), %.0f tokens/s, GPU busy %.1f%%", name, out["step_ms"],
+             grad_accum, out["tokens_per_s"], 100 * out["gpu_busy_fraction"])
+    for row in out["kernels_us_per_micro_batch"][:30]:
+        log.info("  %9.1f us  x%-6g %s", row["us"], row["calls"], row["kernel"][:110])
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grad-accum", type=int, default=8)
+    parser.add_argument("--only", nargs="*", default=["dense", "ultramem_v2"])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_step_profile.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    runs = {"dense": ["--model.memory.type=none"], "ultramem_v2": []}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "git_revision": os.environ.get("ULTRAMEM_GIT_REV"), "runs": {}}
+    for name in args.only:
+        result["runs"][name] = profile_config(name, runs[name], args.grad_accum)
+        torch._dynamo.reset()
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
