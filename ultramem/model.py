@@ -151,7 +151,14 @@ class Block(nn.Module):
         self.norm_ffn = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, residual_adds: tuple[Tensor, ...] = ()
+                ) -> tuple[Tensor, Tensor]:
+        """residual_adds: memory layers' outputs that belong to the residual before this block.
+        They are added here rather than between blocks so that, with blocks compiled one at a
+        time, the add fuses into the block's first kernel (between compiled blocks it was an
+        eager fp32 + bf16 add and, in the backward, an eager cast of its gradient to bf16)."""
+        for y in residual_adds:
+            x = x + y
         h = x + self.attn(self.norm_attn(x), cos, sin)
         u = self.norm_ffn(h)
         return h + self.ffn(u), u
@@ -250,14 +257,16 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         aux = x.new_zeros((), dtype=torch.float32)
         pending: dict[int, Tensor] = {}
+        written: tuple[Tensor, ...] = ()  # memory outputs written after the previous block
         for i, block in enumerate(self.blocks):
-            x, u = block(x, cos, sin)
+            x, u = block(x, cos, sin, written)
             for l in self._reads.get(i, ()):
                 y, layer_aux = self.memory_layers[l](u, self.memory_tables)
                 pending[l] = y
                 aux = aux + layer_aux
-            for l in self._writes.get(i, ()):
-                x = x + pending.pop(l)
+            written = tuple(pending.pop(l) for l in self._writes.get(i, ()))
+        for y in written:
+            x = x + y
         x = self.norm(x)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = F.linear(x, weight)
