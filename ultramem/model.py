@@ -142,7 +142,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder block. Returns the new residual and the FFN input `u` (memory layers read it)."""
+    """One decoder block. Returns the new residual and the FFN input `u` (memory layers read it;
+    in autocast's dtype when autocast is on)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -161,7 +162,13 @@ class Block(nn.Module):
             x = x + y
         h = x + self.attn(self.norm_attn(x), cos, sin)
         u = self.norm_ffn(h)
-        return h + self.ffn(u), u
+        out = h + self.ffn(u)
+        if torch.is_autocast_enabled(u.device.type):
+            # Memory layers use u only through matmuls, which autocast runs in its dtype: hand it
+            # over in that dtype. The cast fuses into the norm here (no fp32 u is written, nor cast
+            # again in each memory layer's graph) and u's gradient comes back at half the bytes.
+            u = u.to(torch.get_autocast_dtype(u.device.type))
+        return out, u
 
 
 # ---------------------------------------------------------------------------------------------

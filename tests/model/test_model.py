@@ -74,6 +74,38 @@ def test_tied_embeddings_share_one_tensor():
     assert untied.output is not None and untied.output.weight is not untied.tok_embeddings.weight
 
 
+def _spec_forward(model, tokens):
+    """The module doc's formula written out: memory layer l reads u of block a and adds its output
+    to the residual right after block b (in placement order)."""
+    cos, sin = model.rope_cos[:tokens.shape[1]], model.rope_sin[:tokens.shape[1]]
+    x, pending = model.tok_embeddings(tokens), {}
+    for i, block in enumerate(model.blocks):
+        h = x + block.attn(block.norm_attn(x), cos, sin)
+        u = block.norm_ffn(h)
+        x = h + block.ffn(u)
+        for l, (a, _) in enumerate(model.placement):
+            if a == i:
+                pending[l] = model.memory_layers[l](u, model.memory_tables)[0]
+        for l, (_, b) in enumerate(model.placement):
+            if b == i:
+                x = x + pending.pop(l)
+    return model.norm(x) @ model.tok_embeddings.weight.T
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("insert", ["full", "0:2/1:1/0:0/2:2"])  # two writes after block 0; one after the last
+def test_memory_outputs_join_the_residual_after_their_block(insert, autocast):
+    """The model adds memory outputs inside the next block and, under autocast, hands memory
+    layers u in autocast's dtype: the same logits as the formula (bit for bit in eager)."""
+    model = build_model(tiny_cfg(insert=insert), seed=3).eval()
+    tokens = torch.randint(0, 97, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, want = model(tokens), _spec_forward(model, tokens)
+        u_dtype = model.blocks[0](model.tok_embeddings(tokens), model.rope_cos[:9], model.rope_sin[:9])[1].dtype
+    assert u_dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_rope_rotates_pairs_by_position():
     x = torch.randn(1, 3, 1, 4, dtype=torch.float64)
     cos, sin = torch.tensor([[1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
