@@ -130,7 +130,7 @@ def test_init_is_reproducible_and_works_after_meta(kind):
     for layer in layers:
         if hasattr(layer, "perm"):  # a permutation of the virtual ids
             assert torch.equal(layer.perm.sort().values, torch.arange(layer.num_virtual))
-        assert float(layer.stats.total_hits().sum()) == 0
+        assert float(layer.stats.hits.sum()) == 0
     if tables is not None:  # the shared tables were filled after the last layer reported
         want = (sum(layer.value_init_std ** 4 for layer in layers) / 3) ** 0.25
         assert abs(_sample_std(tables.values) / want - 1) < 0.15

@@ -259,13 +259,7 @@ class LayerStats(nn.Module):
     """Running statistics of one memory layer, updated in place during training forwards.
 
     Nothing here reads a value back to the host until `report()`, so accumulating costs no sync
-    and compiles into the layer's graph. Buffers are not saved in checkpoints.
-
-    Forwards count hits in int32 (`recent_hits`: an atomic scatter, nothing else per forward);
-    `fold()` moves them into the int64 totals (`hits`). The layers fold in `refresh_rank1()`,
-    which runs after every optimizer step, and `report()` folds first: int32 holds a value hit by
-    every token of 2^31 / (tokens · heads) forwards (~175,000 at the 227M shapes), far more than
-    one step's micro-batches."""
+    and compiles into the layer's graph. Buffers are not saved in checkpoints."""
 
     def __init__(self, num_values: int):
         super().__init__()
@@ -273,36 +267,25 @@ class LayerStats(nn.Module):
         # int64: a float32 counter stops at 2^24, which one busy value passes within a report
         # interval at the 227M shapes (~1e10 hits per layer per 100 steps)
         self.register_buffer("hits", torch.zeros(num_values, dtype=torch.int64), persistent=False)
-        self.register_buffer("recent_hits", torch.zeros(num_values, dtype=torch.int32), persistent=False)
         # [Σy, Σy², count(y), Σ top-1 score, Σ k-th score, count(scores)]
         self.register_buffer("sums", torch.zeros(6, dtype=torch.float64), persistent=False)
 
     @torch.no_grad()
     def reset(self) -> None:
         self.hits.zero_()
-        self.recent_hits.zero_()
         self.sums.zero_()
-
-    @torch.no_grad()
-    def fold(self) -> None:
-        """Add the forwards' int32 counts to the int64 totals and clear them."""
-        self.hits.add_(self.recent_hits)
-        self.recent_hits.zero_()
-
-    @torch.no_grad()
-    def total_hits(self) -> Tensor:
-        """Hits per value since the last report (totals plus counts not yet folded)."""
-        return self.hits + self.recent_hits
 
     @torch.no_grad()
     def accumulate(self, logical: Tensor, y: Tensor, top1: Tensor, kth: Tensor) -> None:
         """logical: the layer's logical value ids hit (any shape); y: the layer output;
         top1 / kth: the best and the k-th (ranking) score per (token, head)."""
         flat = logical.reshape(-1)
-        # int32: under Inductor an int64 index_add_ becomes a sort-based index_put_ (~120 µs at
-        # the 227M shapes), an int32 one an atomic scatter. Straight into the persistent counts: a
-        # zeroed per-forward count added to the int64 totals cost 18 µs per layer in training.
-        self.recent_hits.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        # count in int32 (one forward cannot overflow it), add to the int64 totals: under Inductor
+        # an int64 index_add_ becomes a sort-based index_put_ (~120 µs at the 227M shapes), an
+        # int32 one an atomic scatter
+        counts = torch.zeros(self.num_values, dtype=torch.int32, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        self.hits.add_(counts)
         # per-forward sums in at least fp32 (a float64 copy of a bf16 y cost a 75 MB write at
         # 227M), totals in fp64
         acc = torch.promote_types(y.dtype, torch.float32)
@@ -318,7 +301,6 @@ class LayerStats(nn.Module):
         """coverage, KL(hits ‖ uniform), output std, mean top-1 / k-th score; then reset.
 
         With no accumulated forward since the last report the values are NaN (coverage 0)."""
-        self.fold()
         hits = self.hits.to(torch.float64)
         total = hits.sum()
         coverage = (hits > 0).to(torch.float64).mean()

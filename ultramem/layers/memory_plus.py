@@ -79,11 +79,8 @@ class MemoryPlus(nn.Module):
             self.stats.accumulate(ids, y2, scores[:, :, 0], scores[:, :, -1])
         return y2.reshape(x.shape[:-1] + (self.dim,)), aux
 
-    @torch.no_grad()
     def refresh_rank1(self) -> None:
-        """No Tucker cores: nothing to refresh. Folds the forwards' hit counts into the totals
-        (LayerStats), as the other layers do after every optimizer step."""
-        self.stats.fold()
+        """No Tucker cores: nothing to refresh."""
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:

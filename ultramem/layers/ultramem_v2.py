@@ -153,13 +153,10 @@ class TuckerMemoryBase(nn.Module):
 
     @torch.no_grad()
     def refresh_rank1(self) -> None:
-        """u, v ← first singular vectors of Σ_m C_m per head, with sign continuity (SPEC §3).
-        Also folds the forwards' hit counts into the totals (LayerStats): this runs after
-        every optimizer step."""
+        """u, v ← first singular vectors of Σ_m C_m per head, with sign continuity (SPEC §3)."""
         u, v = rank1_refresh(full_tensor(self.cores), self.rank1_u, self.rank1_v)
         self.rank1_u.copy_(u)
         self.rank1_v.copy_(v)
-        self.stats.fold()
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
