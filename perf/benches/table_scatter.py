@@ -21,8 +21,10 @@ BLOCK_D = 64
 
 
 @triton.jit
-def _scatter_atomics_kernel(ids_ptr, w_ptr, g_ptr, buf_ptr, E, D, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                            CHUNKS: tl.constexpr):
+def _scatter_rows_kernel(ids_ptr, w_ptr, g_ptr, buf_ptr, E, D, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                         CHUNKS: tl.constexpr, PLAIN: tl.constexpr):
+    """One program per token: atomics, or (PLAIN) load + add + store, correct only without
+    duplicate ids."""
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
@@ -31,8 +33,12 @@ def _scatter_atomics_kernel(ids_ptr, w_ptr, g_ptr, buf_ptr, E, D, BLOCK_E: tl.co
     for c in tl.static_range(CHUNKS):
         d = c * BLOCK_D + tl.arange(0, BLOCK_D)
         g = tl.load(g_ptr + t * D + d, mask=d < D, other=0.0).to(tl.float32)
-        tl.atomic_add(buf_ptr + ids[:, None] * D + d[None, :], w[:, None] * g[None, :],
-                      mask=e_ok[:, None] & (d < D)[None, :], sem="relaxed")
+        ptrs = buf_ptr + ids[:, None] * D + d[None, :]
+        m = e_ok[:, None] & (d < D)[None, :]
+        if PLAIN:
+            tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + w[:, None] * g[None, :], mask=m)
+        else:
+            tl.atomic_add(ptrs, w[:, None] * g[None, :], mask=m, sem="relaxed")
 
 
 @triton.jit
@@ -50,22 +56,6 @@ def _scatter_tma_kernel(ids_ptr, w_ptr, g_ptr, buf_desc, E, D, E_CONST: tl.const
             buf_desc.atomic_add([row, c * BLOCK_D], (w * gs[c])[None, :])
 
 
-@triton.jit
-def _scatter_plain_kernel(ids_ptr, w_ptr, g_ptr, buf_ptr, E, D, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                          CHUNKS: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    ids = tl.load(ids_ptr + t * E + e, mask=e_ok, other=0).to(tl.int64)
-    w = tl.load(w_ptr + t * E + e, mask=e_ok, other=0.0)
-    for c in tl.static_range(CHUNKS):
-        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
-        g = tl.load(g_ptr + t * D + d, mask=d < D, other=0.0).to(tl.float32)
-        ptrs = buf_ptr + ids[:, None] * D + d[None, :]
-        m = e_ok[:, None] & (d < D)[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + w[:, None] * g[None, :], mask=m)
-
-
 def scatter(kind: str, ids: torch.Tensor, w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor,
             num_warps: int = 2, block_d: int = BLOCK_D) -> None:
     t, e = ids.shape
@@ -78,9 +68,8 @@ def scatter(kind: str, ids: torch.Tensor, w: torch.Tensor, g: torch.Tensor, buf:
         _scatter_tma_kernel[(t,)](ids, w, g, desc, e, d, E_CONST=e, BLOCK_D=block_d, CHUNKS=chunks,
                                   num_warps=num_warps)
         return
-    kernel = _scatter_atomics_kernel if kind == "atomics" else _scatter_plain_kernel
-    kernel[(t,)](ids, w, g, buf, e, d, BLOCK_E=triton.next_power_of_2(e), BLOCK_D=block_d, CHUNKS=chunks,
-                 num_warps=num_warps)
+    _scatter_rows_kernel[(t,)](ids, w, g, buf, e, d, BLOCK_E=triton.next_power_of_2(e), BLOCK_D=block_d,
+                               CHUNKS=chunks, PLAIN=kind == "plain", num_warps=num_warps)
 
 
 def run(ctx) -> list[dict]:
