@@ -143,17 +143,19 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     """One decoder block. Returns the new residual and the FFN input `u` (memory layers read it;
-    in autocast's dtype when autocast is on)."""
+    in autocast's dtype when autocast is on), or None for `u` when `feeds_memory` is False (the
+    model sets that on blocks no memory layer reads: a compiled block then writes no `u`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.feeds_memory = True
         self.norm_attn = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm_ffn = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, residual_adds: tuple[Tensor, ...] = ()
-                ) -> tuple[Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor | None]:
         """residual_adds: memory layers' outputs that belong to the residual before this block.
         They are added here rather than between blocks so that, with blocks compiled one at a
         time, the add fuses into the block's first kernel (between compiled blocks it was an
@@ -163,6 +165,8 @@ class Block(nn.Module):
         h = x + self.attn(self.norm_attn(x), cos, sin)
         u = self.norm_ffn(h)
         out = h + self.ffn(u)
+        if not self.feeds_memory:
+            return out, None
         if torch.is_autocast_enabled(u.device.type):
             # Memory layers use u only through matmuls, which autocast runs in its dtype: hand it
             # over in that dtype. The cast fuses into the norm here (no fp32 u is written, nor cast
@@ -194,6 +198,8 @@ class Transformer(nn.Module):
         # block index → memory layers reading / writing there (static, so compile sees constants)
         self._reads = {a: [l for l, (r, _) in enumerate(self.placement) if r == a] for a, _ in self.placement}
         self._writes = {b: [l for l, (_, w) in enumerate(self.placement) if w == b] for _, b in self.placement}
+        for i, block in enumerate(self.blocks):
+            block.feeds_memory = i in self._reads
 
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)

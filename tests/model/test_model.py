@@ -106,6 +106,22 @@ def test_memory_outputs_join_the_residual_after_their_block(insert, autocast):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_only_blocks_read_by_memory_layers_return_u():
+    """A block no memory layer reads returns no u (compiled, it would be written for nothing)."""
+    dense = build_model(tiny_cfg("none"), seed=0)
+    skip = build_model(tiny_cfg(insert="1:2", n_layers=4), seed=0)
+    assert [b.feeds_memory for b in dense.blocks] == [False] * 3
+    assert [b.feeds_memory for b in skip.blocks] == [False, True, False, False]
+    x = torch.randn(1, 5, 32)
+    cos, sin = dense.rope_cos[:5], dense.rope_sin[:5]
+    out, u = dense.blocks[0](x, cos, sin)
+    assert u is None
+    out_read, u_read = skip.blocks[1](x, cos, sin)
+    assert u_read is not None and u_read.shape == x.shape
+    torch.testing.assert_close(skip.blocks[1].norm_ffn(x + skip.blocks[1].attn(skip.blocks[1].norm_attn(x), cos, sin)),
+                               u_read)
+
+
 def test_rope_rotates_pairs_by_position():
     x = torch.randn(1, 3, 1, 4, dtype=torch.float64)
     cos, sin = torch.tensor([[1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
