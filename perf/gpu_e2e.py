@@ -110,16 +110,23 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
     ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).cuda()
     t = u.shape[0] * u.shape[1]
     rows = {"tokens": t, "N": tables.num_rows, "table_dtype": str(tables.values.dtype),
-            "gather_dtype": str(tables.gather_tables()[0].dtype)}
+            "gather_dtype": str(tables.gather_tables()[0].dtype), "layer_input_dtype": "torch.bfloat16",
+            "ffn_input_dtype": str(u.dtype)}
+
+    # As in the model under autocast: the FFN gets the fp32 norm output (its cast fuses into the
+    # block's graph), the memory layer the same activations in bf16 (Block hands u over so).
+    u_mem = u.detach().to(torch.bfloat16).requires_grad_()
 
     def run(mod, is_ffn: bool, backward: bool):
+        inp = u if is_ffn else u_mem
+
         def fn():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = mod(u) if is_ffn else mod(u, tables)[0]
+                out = mod(inp) if is_ffn else mod(inp, tables)[0]
             if backward:
-                # u stands for the block's activations, not a parameter: its gradient is handed on
-                # (as in a model), not summed over the timed calls (a 38 MB fp32 add per call).
-                u.grad = None
+                # the input stands for the block's activations, not a parameter: its gradient is
+                # handed on (as in a model), not summed over the timed calls
+                inp.grad = None
                 out.backward(grad_y)
         return fn
 
