@@ -145,6 +145,21 @@ def _load_kept(ws_ptr, slots, mask, n):
 
 
 @triton.jit
+def _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q: tl.constexpr, R: tl.constexpr,
+                     M: tl.constexpr):
+    """Σ_p A[rows, p] · (Σ_m C_m)[p, q] in fp32: the row factor of the grid's rank term q (the
+    grid is Σ_q this · B[cols, q]). Shared by both grid layouts, same order of operations."""
+    p_q = tl.zeros(rows.shape, dtype=tl.float32)
+    for p in tl.static_range(R):
+        c_pq = tl.load(c_base + p * sc_r + q * sc_s).to(tl.float32)
+        for m in tl.static_range(1, M):
+            c_pq += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32)
+        a_p = tl.load(a_base + rows * sa_n + p * sa_r, mask=i_ok, other=0.0).to(tl.float32)
+        p_q += a_p * c_pq
+    return p_q
+
+
+@triton.jit
 def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                ws_ptr, i0, knn, n_row, n_col,
                R: tl.constexpr, M: tl.constexpr, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -159,13 +174,7 @@ def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
     s = tl.zeros((TILE_I, BLOCK_K), dtype=tl.float32)
     for q in tl.static_range(R):
         b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
-        p_q = tl.zeros((TILE_I,), dtype=tl.float32)
-        for p in tl.static_range(R):
-            c_pq = tl.load(c_base + p * sc_r + q * sc_s).to(tl.float32)
-            for m in tl.static_range(1, M):
-                c_pq += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32)
-            a_p = tl.load(a_base + rows * sa_n + p * sa_r, mask=i_ok, other=0.0).to(tl.float32)
-            p_q += a_p * c_pq
+        p_q = _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q, R, M)
         s += p_q[:, None] * b_q[None, :]
     valid = i_ok[:, None] & j_ok[None, :]
     s = tl.where(valid, s, float("-inf"))
@@ -487,13 +496,7 @@ def _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
     s = tl.reshape(tl.zeros((TILE_I * BLOCK_K,), dtype=tl.float32), (PG, G))
     for q in tl.static_range(R):
         b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
-        p_q = tl.zeros(ii.shape, dtype=tl.float32)
-        for p in tl.static_range(R):
-            c_pq = tl.load(c_base + p * sc_r + q * sc_s).to(tl.float32)
-            for m in tl.static_range(1, M):
-                c_pq += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32)
-            a_p = tl.load(a_base + rows * sa_n + p * sa_r, mask=i_ok, other=0.0).to(tl.float32)
-            p_q += a_p * c_pq
+        p_q = _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q, R, M)
         if G % TILE_I == 0:
             s += p_q[None, :] * tl.reshape(b_q, (PG, G))
         else:
