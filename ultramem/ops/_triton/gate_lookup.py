@@ -225,18 +225,7 @@ def _gate_lookup_fwd_chunks_kernel(
                 weights = weights + (scores[m].to(ACC) * act,)
         for c in tl.static_range(g0, g0 + GROUP_V):
             if c < CHUNKS_V:
-                d = c * BLOCK_D + cols_v
-                # The cores this chunk's columns belong to, first and last, are known at compile
-                # time (DM is a constexpr; written inline: a name assigned a constexpr expression
-                # in a static loop is not one): a chunk within one core needs no per-column select.
-                if (c * BLOCK_D) // DM == min(((c + 1) * BLOCK_D - 1) // DM, M - 1):
-                    w = weights[(c * BLOCK_D) // DM][:, None]
-                else:
-                    core = d // DM
-                    w = tl.where(core == (c * BLOCK_D) // DM, weights[(c * BLOCK_D) // DM][:, None], 0.0)
-                    for m in tl.static_range((c * BLOCK_D) // DM + 1,
-                                             min(((c + 1) * BLOCK_D - 1) // DM, M - 1) + 1):
-                        w = tl.where(core == m, weights[m][:, None], w)
+                w = _chunk_weights(weights, c, cols_v, BLOCK_D, DM, M)
                 o = tl.sum(vs[c - g0].to(ACC) * w, axis=0)
                 d1 = c * BLOCK_D + tl.arange(0, BLOCK_D)
                 tl.store(out_ptr + t * o_st + d1 * o_sd, o.to(out_ptr.dtype.element_ty), mask=d1 < DV)
@@ -336,17 +325,13 @@ def _gate_lookup_bwd_kernel(
                 d = c * BLOCK_D + cols_v
                 go = gos[c - g0].to(ACC)[None, :]
                 prod = vs[c - g0].to(ACC) * go
-                # cores of this chunk's columns, first and last, known at compile time (as in the forward)
+                w = _chunk_weights(eff, c, cols_v[None, :], BLOCK_D, DM, M)
+                # q[m] += the row dots over this chunk's columns of core m (cores known at compile time)
                 if (c * BLOCK_D) // DM == min(((c + 1) * BLOCK_D - 1) // DM, M - 1):
-                    w = eff[(c * BLOCK_D) // DM][:, None]
                     q = _add_at(q, (c * BLOCK_D) // DM, tl.sum(prod, axis=1), M)
                 else:
                     cd = (d // DM)[None, :]
-                    w = tl.where(cd == (c * BLOCK_D) // DM, eff[(c * BLOCK_D) // DM][:, None], 0.0)
-                    q = _add_at(q, (c * BLOCK_D) // DM,
-                                tl.sum(tl.where(cd == (c * BLOCK_D) // DM, prod, 0.0), axis=1), M)
-                    for m in tl.static_range((c * BLOCK_D) // DM + 1, min(((c + 1) * BLOCK_D - 1) // DM, M - 1) + 1):
-                        w = tl.where(cd == m, eff[m][:, None], w)
+                    for m in tl.static_range((c * BLOCK_D) // DM, min(((c + 1) * BLOCK_D - 1) // DM, M - 1) + 1):
                         q = _add_at(q, m, tl.sum(tl.where(cd == m, prod, 0.0), axis=1), M)
                 if SCATTER:
                     tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
@@ -376,6 +361,23 @@ def _gate_lookup_bwd_kernel(
                     tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
                                   (grad_g[:, None] * xs[c - g0].to(ACC)[None, :]).to(gp_ptr.dtype.element_ty),
                                   mask=row_ok & (dp < DP)[None, :], sem="relaxed")
+
+
+@triton.jit
+def _chunk_weights(weights, c: tl.constexpr, cols, BLOCK: tl.constexpr, DM: tl.constexpr, M: tl.constexpr):
+    """Per-entry weights of column chunk c ([BLOCK_E, 1], or [BLOCK_E, BLOCK] when the chunk spans
+    cores): weights[core(d)] for its columns d = c·BLOCK + cols (cols a [1, BLOCK] range). The
+    cores the chunk covers, first and last, are known at compile time (DM is a constexpr;
+    written inline: a name assigned a constexpr expression in a static loop is not one), so a
+    chunk within one core needs no per-column select."""
+    if (c * BLOCK) // DM == min(((c + 1) * BLOCK - 1) // DM, M - 1):
+        w = weights[(c * BLOCK) // DM][:, None]
+    else:
+        core = (c * BLOCK + cols) // DM
+        w = tl.where(core == (c * BLOCK) // DM, weights[(c * BLOCK) // DM][:, None], 0.0)
+        for m in tl.static_range((c * BLOCK) // DM + 1, min(((c + 1) * BLOCK - 1) // DM, M - 1) + 1):
+            w = tl.where(core == m, weights[m][:, None], w)
+    return w
 
 
 @triton.jit
