@@ -18,9 +18,7 @@ import time
 import torch
 
 from ultramem.train.config import load_config
-from ultramem.train.optim import build_optimizer
-from ultramem.train.trainer import (Trainer, build_data, build_training_model, parallelize, resolve_device,
-                                    setup_distributed, teardown_distributed)
+from ultramem.train.trainer import build_trainer, setup_distributed, teardown_distributed
 
 log = logging.getLogger("train_step_profile")
 
@@ -31,15 +29,8 @@ def profile_config(name: str, overrides: list[str], grad_accum: int, warmup_step
                                                 "--optim.warmup_steps=2", "--train.max_steps=100"])
     info = setup_distributed(torch.device("cuda"))
     try:
-        device = resolve_device(cfg.train.device, info.local_rank)
-        torch.manual_seed(cfg.train.seed)
-        train_batches, val_batches, _ = build_data(cfg, info)
-        model = parallelize(build_training_model(cfg, device), cfg, info)
-        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
-        trainer = Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches)
-        if model.memory_tables is not None:
-            model.memory_tables.refresh_compute_copy()
-        model.refresh_rank1()
+        trainer = build_trainer(cfg, info)
+        trainer.prepare()
         for _ in range(warmup_steps):  # compilation, CUDA-graph recording
             trainer.train_step()
         torch.cuda.synchronize()

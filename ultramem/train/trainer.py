@@ -268,12 +268,17 @@ class Trainer:
         self.model.train()
         return total / self.cfg.train.eval_batches
 
-    def train(self) -> list[StepRecord]:
-        cfg = self.cfg
+    def prepare(self) -> None:
+        """Before the first step: resume from the latest checkpoint, then refresh what derives
+        from the parameters (the tables' compute copy, the rank-1 approximations)."""
         self.step = self.checkpoints.load_latest(model=self.model, optimizer=self.optimizer)
         if self.model.memory_tables is not None:
             self.model.memory_tables.refresh_compute_copy()  # after a checkpoint load
         self.model.refresh_rank1()  # before the first forward
+
+    def train(self) -> list[StepRecord]:
+        cfg = self.cfg
+        self.prepare()
         while self.step < cfg.train.max_steps:
             record = self.train_step()
             if record is not None:
@@ -335,16 +340,20 @@ def run_training(cfg: TrainConfig) -> list[StepRecord]:
         else torch.device("cpu")
     info = setup_distributed(device_hint)
     try:
-        device = resolve_device(cfg.train.device, info.local_rank)
-        torch.manual_seed(cfg.train.seed)
-        train_batches, val_batches, _ = build_data(cfg, info)
-        model = build_training_model(cfg, device)
-        model = parallelize(model, cfg, info)
-        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("model: %.2f M parameters on %s, dtype %s, compile=%s", n_params / 1e6, device,
-                 cfg.train.dtype, cfg.train.compile)
-        trainer = Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches)
-        return trainer.train()
+        return build_trainer(cfg, info).train()
     finally:
         teardown_distributed(info)
+
+
+def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
+    """Data, model (compiled as configured), optimizer and schedule on this rank's device."""
+    device = resolve_device(cfg.train.device, info.local_rank)
+    torch.manual_seed(cfg.train.seed)
+    train_batches, val_batches, _ = build_data(cfg, info)
+    model = build_training_model(cfg, device)
+    model = parallelize(model, cfg, info)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2f M parameters on %s, dtype %s, compile=%s", n_params / 1e6, device,
+             cfg.train.dtype, cfg.train.compile)
+    return Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches)
