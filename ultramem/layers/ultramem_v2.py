@@ -85,12 +85,13 @@ class TuckerMemoryBase(nn.Module):
 
     # -- retrieval ----------------------------------------------------------------------------
 
-    def _subkey_scores(self, x2: Tensor) -> tuple[Tensor, Tensor]:
+    def _subkey_scores(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """A, B [T, H, n'', r]: <q_side(ρ), norm_k(K[h, side, i, :, ρ])> (SPEC §3 steps 1–2) for
-        i < n'; rows n' ≤ i < n'' (when n'' > n') are padding, see `_padded_keys`."""
+        i < n'; rows n' ≤ i < n'' (when n'' > n') are padding, see `_padded_keys`. q: W_q x2
+        when the caller computed it already."""
         t = x2.shape[0]
         h, r, kd, ns = self.heads, self.rank, self.kdim, self.n_side
-        q = self.w_q(x2)
+        q = self.w_q(x2) if q is None else q
         act = q.dtype
         keys = self.norm_k(self.keys.transpose(-1, -2)).to(act)  # [H, 2, n', r, kdim]
         if self.q_per_rank:
@@ -115,10 +116,10 @@ class TuckerMemoryBase(nn.Module):
         step = SCORE_ROW_ALIGN // math.gcd(SCORE_ROW_ALIGN, self.rank)
         return -(-self.n_side // step) * step
 
-    def _retrieve(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _retrieve(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """→ (A, B [T, H, n', r] (views without the padding), ids [T, H, k] int64,
         scores [T, H, k, M] sorted by descending Σ_m s_m)."""
-        a, b = self._subkey_scores(x2)
+        a, b = self._subkey_scores(x2, q)
         a, b = _keys_contiguous(a), _keys_contiguous(b)
         n_keys = self.n_side if a.shape[2] != self.n_side else -1
         ids, scores = tdqkr_retrieval(a, b, self.cores, self.rank1_u, self.rank1_v, self.knn, n_keys)
@@ -266,7 +267,8 @@ class UltraMemV2(TuckerMemoryBase):
         x2 = x.reshape(-1, self.dim)
         t = x2.shape[0]
         hk = self.heads * self.knn
-        a, b, ids, scores = self._retrieve(x2)
+        q, gate_in = self._project(x2)
+        a, b, ids, scores = self._retrieve(x2, q)
         logical, _ = self._logical_and_group(ids)
         rows = ((logical + self.row_offset) % self.num_rows).reshape(t, hk)
         act = a.dtype
@@ -274,13 +276,22 @@ class UltraMemV2(TuckerMemoryBase):
         lookup_scores = scores.to(act).reshape(t, hk, self.num_cores)
         if self.w_p is not None:
             # scores · act(<P[row], W_p x>) weight the V rows: one fused pass over both tables
-            out, _ = gate_lookup(rows, values, pre_values, self.w_p(x2).to(act), lookup_scores, self.glu_act,
+            out, _ = gate_lookup(rows, values, pre_values, gate_in.to(act), lookup_scores, self.glu_act,
                                  tables.values_grad_id, tables.pre_values_grad_id)
         else:
             out = weighted_lookup(rows, values, lookup_scores, tables.values_grad_id)
         y2 = self.w_o(out)
         aux = self._aux_loss(x2, a, b, ids)
         return self._finish(x, y2, logical, scores), aux
+
+    def _project(self, x2: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(W_q x2, W_p x2 or None) as one GEMM over the stacked weights: the backward then forms
+        the input's gradient in one GEMM too, where two had to be summed (an addmm that first
+        copied its addend: a [T, d] copy per layer), and the weights' gradients in one."""
+        if self.w_p is None:
+            return self.w_q(x2), None
+        qp = F.linear(x2, torch.cat([self.w_q.weight, self.w_p.weight]))
+        return qp.split([self.w_q.out_features, self.pre_vdim], dim=-1)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, tables: ValueTables | None = None) -> None:
