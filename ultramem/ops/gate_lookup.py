@@ -98,6 +98,8 @@ def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tenso
 
 def _setup_context(ctx, inputs, output) -> None:
     rows, values, pre_values, x, scores, gelu, values_grad_buffer, pre_values_grad_buffer = inputs
+    # the gate output is usually unused: its gradient then comes as None, not a zero-filled tensor
+    ctx.set_materialize_grads(False)
     ctx.gelu = gelu
     ctx.grad_buffers = values_grad_buffer, pre_values_grad_buffer
     ctx.save_for_backward(rows, values, pre_values, x, scores, output[1])
