@@ -146,8 +146,8 @@ class TuckerMemoryBase(nn.Module):
     def _finish(self, x: Tensor, y2: Tensor, logical: Tensor, scores: Tensor) -> Tensor:
         y2 = F.dropout(y2, self.dropout, self.training)
         if self.training:
-            total = scores.sum(-1)  # [T, H, k], descending along k
-            self.stats.accumulate(logical, y2, total[:, :, 0], total[:, :, -1])
+            # Σ_m s_m of the first and the k-th entry ([T, H, k, M], descending along k)
+            self.stats.accumulate(logical, y2, scores[:, :, 0].sum(-1), scores[:, :, -1].sum(-1))
         return y2.reshape(x.shape[:-1] + (y2.shape[-1],))
 
     # -- rank-1 refresh, metrics ----------------------------------------------------------------
