@@ -292,18 +292,15 @@ class LayerStats(nn.Module):
         counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         self.hits.add_(counts)
         # per-forward sums in at least fp32 (a float64 copy of a bf16 y cost a 75 MB write at
-        # 227M), totals in fp64. Σy and Σy² from one var_mean pass over y: as two sums, Inductor
-        # wrote an fp32 copy of y for the second (~20 µs per layer at 227M)
+        # 227M), totals in fp64. Σy and Σy² each straight from y: written as sums of one fp32 copy
+        # of y, Inductor wrote that copy out (~20 µs per layer at 227M)
         acc = torch.promote_types(y.dtype, torch.float32)
-        n = y.numel()
-        if n:
-            var, mean = torch.var_mean(y.detach().to(acc), correction=0)
-            y_sums = torch.stack([mean * n, (var + mean * mean) * n])
-        else:
-            y_sums = torch.zeros(2, dtype=acc, device=y.device)
+        yd = y.detach()
+        y_sum = torch.sum(yd, dtype=acc)
+        y_sq = torch.linalg.vector_norm(yd, dtype=acc).square()
         score_sums = torch.stack([top1.detach(), kth.detach()]).to(acc).reshape(2, -1).sum(1)
-        one = y_sums.new_ones(())
-        part = torch.stack([y_sums[0], y_sums[1], one * n, score_sums[0], score_sums[1], one * top1.numel()])
+        one = y_sum.new_ones(())
+        part = torch.stack([y_sum, y_sq, one * y.numel(), score_sums[0], score_sums[1], one * top1.numel()])
         self.sums.add_(part.to(self.sums.dtype))
 
     @torch.no_grad()
