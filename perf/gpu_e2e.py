@@ -197,30 +197,34 @@ def throughput_227m(result: dict, steps: int = 8, only: tuple[str, ...] = THROUG
                     grad_accum: int | None = None) -> None:
     """Training throughput of the 227M configs on this GPU (same trainer, data and settings):
     the dense baseline, UltraMemV2 with the per-block compile, and with CUDA graphs.
-    grad_accum (default: the config's 256) shortens a step; the micro-batch stays the same."""
+    grad_accum (default: the config's 256) shortens a step; the micro-batch stays the same.
+    Runs go in the order of `only`; a name given twice runs twice (e.g. dense, ultramem, dense,
+    ultramem, to see the drift within a run): its tokens_per_s is then the median over its runs,
+    and `tokens_per_s_runs` lists each run's."""
     common = [f"--train.max_steps={steps}", "--train.log_interval=1", "--train.eval_interval=0",
               "--model.memory.log_interval=1000", "--optim.warmup_steps=2"]
     if grad_accum:
         common.append(f"--train.grad_accum={grad_accum}")
-    runs = {"dense": ["--model.memory.type=none"],
-            "ultramem_v2_cudagraphs": ["--train.compile_mode=reduce-overhead"],
-            "ultramem_v2": []}
-    runs = {name: runs[name] for name in only}  # in the order asked for (to check order effects)
+    extra_args = {"dense": ["--model.memory.type=none"],
+                  "ultramem_v2_cudagraphs": ["--train.compile_mode=reduce-overhead"],
+                  "ultramem_v2": []}
     out = result.setdefault("throughput_227m", {})
-    for name, extra in runs.items():
+    for name in only:
         t0 = time.perf_counter()
-        records = run_training(load_config("227m.toml", common + extra))
+        records = run_training(load_config("227m.toml", common + extra_args[name]))
         tail = records[steps // 2:]  # after compilation and warm-up
-        out[name] = {"tokens_per_s": statistics.median(r.tokens_per_s for r in tail),
+        rate = statistics.median(r.tokens_per_s for r in tail)
+        earlier = out.get(name, {}).get("tokens_per_s_runs", [])
+        out[name] = {"tokens_per_s": statistics.median(earlier + [rate]), "tokens_per_s_runs": earlier + [rate],
                      "tokens_per_s_per_step": [r.tokens_per_s for r in records], "grad_accum": grad_accum or 256,
                      "losses": [r.loss for r in records], "wall_s": time.perf_counter() - t0,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         torch.cuda.reset_peak_memory_stats()
         torch._dynamo.reset()
-        log.info("227m %s: %.0f tokens/s (median of the last %d steps)", name, out[name]["tokens_per_s"], len(tail))
+        log.info("227m %s: %.0f tokens/s (median of the last %d steps)", name, rate, len(tail))
     if "dense" in out:
-        for name in runs:
-            if name != "dense" and name in out:
+        for name in out:
+            if name != "dense":
                 out[name]["vs_dense"] = out[name]["tokens_per_s"] / out["dense"]["tokens_per_s"]
 
 
