@@ -500,12 +500,16 @@ SORTED_BACKWARD = False
 
 def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
                               pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor, gelu: bool,
-                              grad_values: Tensor, grad_pre_values: Tensor, config: dict | None = None,
-                              deterministic: bool = False) -> tuple[Tensor, Tensor]:
+                              grad_values: Tensor | None, grad_pre_values: Tensor | None, config: dict | None = None,
+                              deterministic: bool = False,
+                              stage: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup: adds the tables' gradients into grad_values and
     grad_pre_values (no zero-fill) and returns (grad_scores, grad_x) in scores' and x's dtypes.
     One kernel with fp32 atomics; `deterministic`: the same kernel without atomics, then each
     table's gradient sorted by row, one writer per row (one sort shared by both tables).
+    `stage` = (eff [T, E, M], grad_g [T, E], fp32): no table gradient at all; the kernel writes
+    each entry's effective scores act(g)·s and its gate gradient there instead, for a later
+    sorted pass over many micro-batches (`ultramem.ops.staged_grad`).
     Arguments are checked by the op (`gate_lookup_backward_into`)."""
     cfg = {**BWD_CONFIG, **(config or {})}
     t, e = rows.shape
@@ -519,7 +523,10 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
         return grad_scores, grad_x.zero_()
     acc = acc_dtype(values, pre_values, x, scores)
     has_grad_gate = grad_gate is not None
-    if deterministic:
+    if stage is not None:
+        eff, grad_g = stage
+        grad_values = grad_pre_values = grad_x  # unused placeholders (2-D, as the buffers)
+    elif deterministic:
         eff = torch.empty((t, e, m), dtype=acc, device=scores.device)
         grad_g = torch.empty((t, e), dtype=acc, device=scores.device)
     else:
@@ -530,10 +537,10 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
                       grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g),
         e, values.shape[0], dv, dp,
         DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=has_grad_gate,
-        SCATTER=not deterministic, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
+        SCATTER=not deterministic and stage is None, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
         **_launch_options(cfg),
     )
-    if deterministic:
+    if deterministic and stage is None:
         order = _wl.sort_rows(rows, values.shape[0])
         for g, w, buf in ((grad_out, eff, grad_values), (x, grad_g, grad_pre_values)):
             _wl.segment_scatter(rows, g, w, buf, acc, accumulate=True, order=order, config=cfg.get("segment"))
