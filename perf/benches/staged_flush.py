@@ -10,8 +10,8 @@ read and written once per flush, not once per entry.
 
 Measured here at the 227M shapes (T = 12,288, E = 32, D = 192, N = 2.59M, L = 20 windows of
 1138² rows at offsets l·360², uniform picks): the fused backward with atomics and with staging,
-the sort of F·L·T·E row ids, and the two segment passes; per layer and micro-batch
-amortized: staged = kernel + copies + (sort + passes) / (F·L)."""
+the sort of F·L·T·E row ids, the two block-add passes and the whole flush; per layer and
+micro-batch amortized: staged = kernel + flush / (F·L)."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +28,7 @@ def _layer_rows(sh: dict, layer: int, gen: torch.Generator, dev) -> torch.Tensor
 def run(ctx) -> list[dict]:
     from ultramem.ops._triton import gate_lookup as tgl
     from ultramem.ops._triton import weighted_lookup as twl
+    from ultramem.ops.staged_grad import GradStaging
 
     from .lookup import _shapes
 
@@ -35,6 +36,7 @@ def run(ctx) -> list[dict]:
     dev = ctx.device
     t, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
     layers = 2 if ctx.small else 20
+    kernels = dev.type == "cuda"
     gen = torch.Generator(device=dev).manual_seed(11)
     values = (0.02 * torch.randn(n, d, generator=gen, device=dev)).to(BF16)
     pre_values = (0.02 * torch.randn(n, d, generator=gen, device=dev)).to(BF16)
@@ -49,59 +51,78 @@ def run(ctx) -> list[dict]:
     out = []
     shape = f"T={t} E={e} D={d} N={n} L={layers}"
 
-    # The per-layer kernels: atomics (today) and staging (no table writes).
+    # One layer's backward: atomics (without staging), staged (room left; the fill level is reset
+    # before each call), and the fallback when the staging area is full (atomics again).
     us_atomic = ctx.do_bench(lambda: tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p))
     out.append(ctx.row("staged_flush", shape, "fused bwd, atomics (per layer)", us_atomic, None))
-    eff = torch.empty(t, e, m, device=dev)
-    grad_g = torch.empty(t, e, device=dev)
-    us_stage = ctx.do_bench(lambda: tgl.gate_lookup_backward_cuda(*args, None, None, stage=(eff, grad_g)))
-    out.append(ctx.row("staged_flush", shape, "fused bwd, staged (per layer)", us_stage, None))
-    # The staging copies of the token rows (grad_out and x: the sources of both tables' rows).
-    go_copy, x_copy = torch.empty_like(grad_out), torch.empty_like(x)
-    us_copy = ctx.do_bench(lambda: (go_copy.copy_(grad_out), x_copy.copy_(x)))
-    out.append(ctx.row("staged_flush", shape, "copy grad_out and x (per layer)", us_copy, 4 * t * d * 2))
+    one = GradStaging(t, e, m, d, d, BF16, dev)
 
-    # Check the staged kernel + one flush against the atomics on one layer (fp32 buffers).
+    def staged_call():
+        one.fill.zero_()
+        tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p, staging=one)
+
+    us_stage = ctx.do_bench(staged_call)
+    out.append(ctx.row("staged_flush", shape, "fused bwd, staged (per layer, with a fill reset)", us_stage, None))
+    one.fill.fill_(1)
+    us_full = ctx.do_bench(lambda: tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p, staging=one))
+    out.append(ctx.row("staged_flush", shape, "fused bwd, staging full: atomics", us_full, None))
+
+    # Check: one staged layer + its flush against the atomics (fp32 buffers).
     buf_v.zero_(), buf_p.zero_()
     tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p)
     ref_v, ref_p = buf_v.double(), buf_p.double()
     buf_v.zero_(), buf_p.zero_()
-    tgl.gate_lookup_backward_cuda(*args, None, None, stage=(eff, grad_g))
-    order = twl.sort_rows(rows0, n)
-    twl.segment_scatter(rows0, grad_out, eff, buf_v, torch.float32, accumulate=True, order=order)
-    twl.segment_scatter(rows0, x, grad_g, buf_p, torch.float32, accumulate=True, order=order)
-    rel_v = ctx.check("staged flush V vs atomics", buf_v, ref_v, tol=1e-5)
-    rel_p = ctx.check("staged flush P vs atomics", buf_p, ref_p, tol=1e-5)
-    del ref_v, ref_p
+    one.fill.zero_()
+    tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p, staging=one)
+    one.flush(buf_v, buf_p, kernels=kernels)
+    ctx.check("staged + flush V vs atomics", buf_v, ref_v, tol=1e-5)
+    ctx.check("staged + flush P vs atomics", buf_p, ref_p, tol=1e-5)
+    del ref_v, ref_p, one
 
     for f in ((1,) if ctx.small else (1, 4, 16)):
         tokens = f * layers * t
         try:
-            rows = torch.cat([_layer_rows(sh, i % layers, gen, dev) for i in range(f * layers)])
-            w_v = torch.randn(tokens, e, m, generator=gen, device=dev)
-            w_p = torch.randn(tokens, e, generator=gen, device=dev)
-            g_v = torch.randn(tokens, d, generator=gen, device=dev).to(BF16)
-            g_p = torch.randn(tokens, d, generator=gen, device=dev).to(BF16)
-            uniq = int(torch.unique(rows).numel())
-            us_sort = ctx.do_bench(lambda: twl.sort_rows(rows, n), graph=False)
-            order = twl.sort_rows(rows, n)
-            us_v = ctx.do_bench(lambda: twl.segment_scatter(rows, g_v, w_v, buf_v, torch.float32, accumulate=True,
-                                                            order=order), graph=False)
-            us_p = ctx.do_bench(lambda: twl.segment_scatter(rows, g_p, w_p, buf_p, torch.float32, accumulate=True,
-                                                            order=order), graph=False)
+            st = GradStaging(tokens, e, m, d, d, BF16, dev)
+            st.rows.copy_(torch.cat([_layer_rows(sh, i % layers, gen, dev) for i in range(f * layers)]))
+            st.eff.normal_(generator=gen)
+            st.grad_g.normal_(generator=gen)
+            st.grad_out.normal_(generator=gen)
+            st.x.normal_(generator=gen)
+            uniq = int(torch.unique(st.rows).numel())
+            us_sort = ctx.do_bench(lambda: twl.sort_rows(st.rows, n), graph=False)
+            order = twl.sort_rows(st.rows, n)
+            us_v = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32,
+                                                             order=order), graph=False)
+            us_p = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.x, st.grad_g, buf_p, torch.float32,
+                                                             order=order), graph=False)
+
+            def flush():
+                st.fill.fill_(tokens)
+                st.flush(buf_v, buf_p, kernels=kernels)
+
+            us_flush = ctx.do_bench(flush, graph=False)
+            if f == 4:  # launch shapes of the block add (the default is BLOCK_ADD_CONFIG)
+                for cfg in ({"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 2}, {"BLOCK_J": 128, "BLOCK_D": 64, "num_warps": 4},
+                            {"BLOCK_J": 128, "BLOCK_D": 64, "num_warps": 8}, {"BLOCK_J": 64, "BLOCK_D": 256, "num_warps": 4},
+                            {"BLOCK_J": 32, "BLOCK_D": 256, "num_warps": 4}, {"BLOCK_J": 256, "BLOCK_D": 32, "num_warps": 4}):
+                    us = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32,
+                                                                   order=order, config=cfg), graph=False)
+                    out.append(ctx.row("staged_flush", shape, f"F={f}: block add V {cfg}", us, None))
         except torch.OutOfMemoryError as exc:
-            out.append(ctx.row("staged_flush", shape, f"F={f}: out of memory", float("nan"), None, error=str(exc)[:200]))
+            out.append(ctx.row("staged_flush", shape, f"F={f}: out of memory", float("nan"), None,
+                               error=str(exc)[:200]))
             break
         per = f * layers
         # floor of one pass: each distinct row read + written in fp32, each entry's bf16 source row
         floor = uniq * d * 8 + tokens * e * d * 2
         out.append(ctx.row("staged_flush", shape, f"F={f}: sort {tokens * e / 1e6:.0f}M ids", us_sort, None,
                            distinct_rows=uniq))
-        out.append(ctx.row("staged_flush", shape, f"F={f}: segment pass V", us_v, floor))
-        out.append(ctx.row("staged_flush", shape, f"F={f}: segment pass P", us_p, floor))
-        amortized = us_stage + us_copy + (us_sort + us_v + us_p) / per
-        out.append(ctx.row("staged_flush", shape, f"F={f}: staged per layer and micro-batch", amortized, None,
-                           versus_atomics_us=round(us_atomic, 1)))
-        del rows, w_v, w_p, g_v, g_p, order
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
+        out.append(ctx.row("staged_flush", shape, f"F={f}: block add V", us_v, floor))
+        out.append(ctx.row("staged_flush", shape, f"F={f}: block add P", us_p, floor))
+        out.append(ctx.row("staged_flush", shape, f"F={f}: whole flush", us_flush, 2 * floor))
+        out.append(ctx.row("staged_flush", shape, f"F={f}: staged per layer and micro-batch",
+                           us_stage + us_flush / per, None, versus_atomics_us=round(us_atomic, 1)))
+        del st, order
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return out

@@ -473,3 +473,66 @@ def test_gate_lookup_backward_no_entries():
         torch.randn(3, 8), None, torch.zeros(3, 0, dtype=torch.int64), torch.randn(5, 8), torch.randn(5, 4),
         torch.randn(3, 4), torch.zeros(3, 0, 2), torch.zeros(3, 0), True, torch.zeros(5, 8), torch.zeros(5, 4))
     assert grad_scores.shape == (3, 0, 2) and grad_x.shape == (3, 4) and (grad_x == 0).all()
+
+
+# ----------------------------------------------------------------------------- staged table gradients
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [(37, 5, 11, 24, 2, torch.float32, 16, 8), (20, 7, 200, 16, 1, torch.float32, 8, 16),
+                                  (30, 4, 3, 32, 4, torch.float16, 64, 8)])
+def test_sorted_block_add(case):
+    """grad_table[row] += Σ scores · g[token] over row-sorted blocks (runs crossing blocks, a
+    few hot rows, ids out of range skipped) against float64 loops."""
+    t, e, n, d, m, dtype, bj, bd = case
+    g = _gen(t + e + n)
+    rows = _rows(t, e, n, g, torch.int32)
+    rows[2, 0], rows[3, 1] = n + 3, -1  # out of range: contribute nothing
+    src = _rand((t, d), g, dtype)
+    scores = _rand((t, e, m), g, torch.float32) if m > 1 else _rand((t, e), g, torch.float32)
+    start = _rand((n, d), g, torch.float32)
+    want = start.double().clone()
+    s3 = scores.double().reshape(t, e, m)
+    for ti in range(t):
+        for ei in range(e):
+            r = int(rows[ti, ei])
+            if 0 <= r < n:
+                want[r] += (s3[ti, ei].repeat_interleave(d // m) * src[ti].double())
+    buf = start.clone()
+    twl.sorted_block_add(rows, src, scores, buf, torch.float32, config={"BLOCK_J": bj, "BLOCK_D": bd, "num_warps": 1})
+    assert _rel(buf - start, want - start.double()) < _tol(dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gate_lookup_backward_staged_then_flushed(dtype):
+    """Three backwards into a staging area with room for two: the first two are staged (no
+    table writes), the third adds with atomics; after the flush (sort + block adds) both
+    buffers hold the sum of all three, grad_x and grad_scores come out as without staging."""
+    from ultramem.ops.staged_grad import GradStaging
+
+    t, e, n, dv, dp, m = 6, 5, 9, 24, 16, 2
+    g = _gen(17)
+    values, pre_values = _rand((n, dv), g, dtype), _rand((n, dp), g, dtype)
+    staging = GradStaging(2 * t + 1, e, m, dv, dp, dtype, "cpu")
+    start_v, start_p = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
+    buf_v, buf_p = start_v.clone(), start_p.clone()
+    want_v, want_p = torch.zeros(n, dv, dtype=torch.float64), torch.zeros(n, dp, dtype=torch.float64)
+    for call in range(3):
+        rows = _rows(t, e, n, g, torch.int64 if call else torch.int32)
+        x, scores = _rand((t, dp), g, dtype), _rand((t, e, m), g, dtype)
+        gate, grad_out = _rand((t, e), g, dtype), _rand((t, dv), g, dtype)
+        grad_gate = _rand((t, e), g, dtype) if call == 1 else None
+        want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, True)
+        want_v += want[0]
+        want_p += want[1]
+        grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores,
+                                                            gate, True, buf_v, buf_p, CHUNKS, staging=staging)
+        assert _rel(grad_x, want[2]) < _tol(dtype) and _rel(grad_scores, want[3]) < _tol(dtype)
+        assert staging.staged_tokens() == min(call + 1, 2) * t
+        if call < 2:  # staged: the buffers are untouched so far
+            assert torch.equal(buf_v, start_v) and torch.equal(buf_p, start_p)
+            assert torch.equal(staging.rows[call * t:(call + 1) * t], rows.to(torch.int32))
+    assert _rel(buf_v - start_v, want[0]) < _tol(dtype)  # the third call's atomics
+    assert staging.flush(buf_v, buf_p, kernels=True) == 2 * t
+    assert staging.staged_tokens() == 0
+    assert _rel(buf_v - start_v, want_v) < _tol(dtype) and _rel(buf_p - start_p, want_p) < _tol(dtype)

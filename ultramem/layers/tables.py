@@ -16,6 +16,14 @@ ops' backwards add into row by row (no dense [N, D] gradient allocated and zero-
 and micro-batch), `param.grad` aliases each buffer so clipping and the optimizer read it as usual,
 and `zero_grad_buffers()` clears them once per optimizer step.
 
+Staged gradients (UltraMemV2 with pre-values, CUDA or CPU). After `use_grad_buffers()`,
+`use_grad_staging(tokens, entries, cores, dtype)` makes the layers' backwards stage what the two
+tables' gradients are made of instead of adding it to the buffers entry by entry; then
+`flush_grad_staging()` adds all of it at once, one sorted pass per table, and must run before
+anything reads the buffers (the trainer flushes every `table_grad_flush` micro-batches and before
+each optimizer step). A backward that finds the staging area full adds directly, as without
+staging. `zero_grad_buffers()` drops what is staged too. See `ultramem.ops.staged_grad`.
+
 Compute copy. With gradient buffers on, `use_compute_copy(torch.bfloat16)` makes the layers gather
 from a bf16 copy of the tables (half the bytes of every gather; autocast does not reach the custom
 ops, so without it they read the fp32 tables). The gradients still go to the fp32 buffers. The
@@ -36,7 +44,7 @@ import logging
 import torch
 from torch import nn
 
-from ultramem.ops import register_grad_buffer, release_grad_buffer, update_grad_buffer
+from ultramem.ops import GradStaging, register_grad_buffer, register_staging, release_grad_buffer, update_grad_buffer
 
 from ._common import fill_normal_rows
 
@@ -58,6 +66,7 @@ class ValueTables(nn.Module):
         self.register_buffer("values_compute", None, persistent=False)
         self.register_buffer("pre_values_compute", None, persistent=False)
         self._compute_versions: tuple[int, ...] | None = None
+        self.grad_staging: GradStaging | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_compute_copy())
 
     def value_parameters(self) -> list[nn.Parameter]:
@@ -70,6 +79,8 @@ class ValueTables(nn.Module):
 
     def use_grad_buffers(self, enabled: bool = True) -> None:
         """Accumulate the tables' gradients in place in persistent buffers (see the module doc)."""
+        if not enabled:
+            self.use_grad_staging(0)
         for name in ("values", "pre_values"):
             p = getattr(self, name)
             buf = None
@@ -92,6 +103,29 @@ class ValueTables(nn.Module):
             setattr(self, name + "_grad_id", handle)
         self.attach_grad_buffers()
 
+    def use_grad_staging(self, tokens: int, entries: int = 0, cores: int = 1,
+                         dtype: torch.dtype = torch.bfloat16) -> None:
+        """Stage the gate_lookup backwards' table gradients, room for `tokens` tokens (all layers'
+        together: L·T per micro-batch), `entries` entries per token, `cores` cores, grad_out and x
+        of the layers in `dtype`; tokens=0 turns staging off (after flushing what is staged)."""
+        if tokens and (self.values_grad is None or self.pre_values is None):
+            raise ValueError("use_grad_staging needs use_grad_buffers() first and a pre-value table "
+                             f"(pre_vdim={self.pre_vdim}): the staged path is gate_lookup's backward")
+        if self.grad_staging is not None:
+            self.flush_grad_staging()
+            register_staging(self.values_grad_id, None)
+            self.grad_staging = None
+        if tokens:
+            self.grad_staging = GradStaging(tokens, entries, cores, self.vdim, self.pre_vdim, dtype,
+                                            self.values.device)
+            register_staging(self.values_grad_id, self.grad_staging)
+
+    def flush_grad_staging(self) -> int:
+        """Add the staged gradients into the buffers (a host sync); returns the tokens flushed."""
+        if self.grad_staging is None:
+            return 0
+        return self.grad_staging.flush(self.values_grad, self.pre_values_grad)
+
     def attach_grad_buffers(self) -> None:
         """Point each table's `.grad` and its registered id at its buffer (again after
         `zero_grad(set_to_none=True)` dropped `.grad`, or a move replaced the buffer)."""
@@ -107,6 +141,8 @@ class ValueTables(nn.Module):
         for _, buf in self._params_and_buffers():
             if buf is not None:
                 buf.zero_()
+        if self.grad_staging is not None:
+            self.grad_staging.fill.zero_()
         self.attach_grad_buffers()
 
     def use_compute_copy(self, dtype: torch.dtype | None = torch.bfloat16) -> None:

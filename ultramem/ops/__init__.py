@@ -8,6 +8,7 @@ from ._checks import debug_enabled, set_debug
 from .determinism import deterministic_enabled, set_deterministic
 from .gate_lookup import gate_lookup, gate_lookup_backward_into
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
+from .staged_grad import GradStaging, register_staging, staging_for
 from .retrieval import tdqkr_retrieval, tdqkr_retrieval_backward
 from .table_grad import (
     pre_value_gate_backward_accumulate,
@@ -21,6 +22,7 @@ from .table_grad import (
 from .weighted_lookup import weighted_lookup, weighted_lookup_backward
 
 __all__ = [
+    "GradStaging",
     "debug_enabled",
     "deterministic_enabled",
     "gate_lookup",
@@ -30,9 +32,11 @@ __all__ = [
     "pre_value_gate_backward_accumulate",
     "pre_value_gate_backward_into",
     "register_grad_buffer",
+    "register_staging",
     "release_grad_buffer",
     "set_debug",
     "set_deterministic",
+    "staging_for",
     "tdqkr_retrieval",
     "tdqkr_retrieval_backward",
     "update_grad_buffer",

@@ -30,6 +30,7 @@ from .table_grad import (check_grad_buffer_id, keep_in_graphs, pre_value_gate_ba
                          weighted_lookup_backward_into)
 from .weighted_lookup import weighted_lookup_backward
 from .determinism import deterministic_enabled
+from .staged_grad import GradStaging, add_weighted_rows, staging_for
 
 _OP = "gate_lookup"
 
@@ -139,10 +140,16 @@ def gate_lookup_backward_into(grad_out: Tensor, grad_gate: Tensor | None, rows: 
                               pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor, gelu: bool,
                               values_grad_buffer: int, pre_values_grad_buffer: int) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup with both tables' gradients added into registered buffers (a
-    hidden side effect, as `weighted_lookup_backward_into`); returns (grad_scores, grad_x). On
-    CUDA: `gate_lookup_backward_cuda` (atomics, or sorted in deterministic mode)."""
+    hidden side effect, as `weighted_lookup_backward_into`), or staged for a later flush when a
+    `GradStaging` is registered for the values buffer (`ultramem.ops.staged_grad`); returns
+    (grad_scores, grad_x). On CUDA: `gate_lookup_backward_cuda` (atomics, staged, or sorted in
+    deterministic mode)."""
     _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
                          pre_values_grad_buffer)
+    staging = _staging(values_grad_buffer, rows, values, pre_values, x, scores, grad_out)
+    if staging is not None:
+        return _staged_backward_reference(staging, grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
+                                          gelu, values_grad_buffer, pre_values_grad_buffer)
     _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
                                                    gelu, values_grad_buffer, pre_values_grad_buffer)
     return grad_scores.contiguous(), grad_x.contiguous()
@@ -175,6 +182,42 @@ def _check_backward_args(grad_out: Tensor, grad_gate: Tensor | None, rows: Tenso
     for name, t in (("gate", gate), ("grad_gate", grad_gate)):
         check(t is None or tuple(t.shape) == tuple(rows.shape), op,
               f"{name} shape {None if t is None else tuple(t.shape)} must equal rows shape {tuple(rows.shape)}")
+
+
+def _staging(values_grad_buffer: int, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
+             grad_out: Tensor) -> GradStaging | None:
+    """The staging area registered for this values buffer, if this backward can use it."""
+    staging = staging_for(values_grad_buffer)
+    if (staging is None or deterministic_enabled() or acc_dtype(values, pre_values, x, scores) != torch.float32
+            or values.shape[0] >= 2**31 or not staging.accepts(rows, grad_out, x, scores)):  # (int32 row ids)
+        return None
+    return staging
+
+
+def _staged_backward_reference(staging: GradStaging, grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor,
+                               values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor,
+                               gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
+    """The staged backward in plain tensor ops: (grad_scores, grad_x); each entry's effective
+    scores and gate gradient go to the staging area, or into the buffers when it is full."""
+    acc = torch.float32
+    t, e = rows.shape
+    m = scores.shape[2]
+    flat = rows.reshape(-1).long()
+    g = gate.to(acc)
+    act, slope = _gelu_and_slope(g) if gelu else (g, torch.ones_like(g))
+    s = scores.to(acc)
+    eff = s * act.unsqueeze(-1)
+    vals = values.index_select(0, flat).to(acc).view(t, e, m, -1)
+    grad_eff = (vals * grad_out.to(acc).view(t, 1, m, -1)).sum(-1)
+    grad_g = (grad_eff * s).sum(-1) * slope
+    if grad_gate is not None:
+        grad_g = grad_g + grad_gate.to(acc)
+    pre = pre_values.index_select(0, flat).to(acc).view(t, e, -1)
+    grad_x = torch.einsum("te,ted->td", grad_g, pre)
+    if not staging.stage_reference(rows, grad_out, x, eff, grad_g):
+        add_weighted_rows(rows, grad_out, eff, registered_grad_buffer(_OP, values_grad_buffer, values))
+        add_weighted_rows(rows, x, grad_g.unsqueeze(-1), registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values))
+    return (grad_eff * act.unsqueeze(-1)).to(scores.dtype).contiguous(), grad_x.to(x.dtype).contiguous()
 
 
 def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
@@ -214,8 +257,9 @@ if _triton_gate_lookup is not None:
                                                            gate, gelu, values_grad_buffer, pre_values_grad_buffer)
             return grad_scores.contiguous(), grad_x.contiguous()
         check_index_range(rows, values.shape[0], "gate_lookup_backward_into", "rows")
+        staging = _staging(values_grad_buffer, rows, values, pre_values, x, scores, grad_out)
         return _triton_gate_lookup.gate_lookup_backward_cuda(
             grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu,
             registered_grad_buffer("gate_lookup_backward_into", values_grad_buffer, values),
             registered_grad_buffer("gate_lookup_backward_into", pre_values_grad_buffer, pre_values),
-            deterministic=_triton_gate_lookup.SORTED_BACKWARD or deterministic_enabled())
+            deterministic=_triton_gate_lookup.SORTED_BACKWARD or deterministic_enabled(), staging=staging)

@@ -88,7 +88,23 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         model.memory_tables.use_grad_buffers()
         if cfg.train.dtype == "bfloat16" and cfg.train.bf16_table_copy:
             model.memory_tables.use_compute_copy(torch.bfloat16)
+        flush = staged_flush_interval(cfg)
+        if flush:
+            mem = cfg.model.memory
+            tokens = flush * len(model.memory_layers) * cfg.train.batch_size * cfg.train.seq_len
+            model.memory_tables.use_grad_staging(
+                tokens, mem.heads * mem.knn, mem.tucker_cores,
+                torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32)
     return model
+
+
+def staged_flush_interval(cfg: TrainConfig) -> int:
+    """Micro-batches per flush of the staged table gradients (0: not staged). Staging is
+    gate_lookup's backward: UltraMemV2 layers with a pre-value table."""
+    mem = cfg.model.memory
+    if mem.type != "ultramem_v2" or mem.pre_vdim <= 0:
+        return 0
+    return min(cfg.train.table_grad_flush, cfg.train.grad_accum)
 
 
 def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo) -> Transformer:
@@ -182,6 +198,8 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.metrics.tensorboard_dir, info.is_main)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.interval)
         self._cudagraphs = uses_cudagraphs(cfg)  # (on CPU Inductor skips the graphs; the rest holds)
+        tables = self.model.memory_tables
+        self._flush_every = staged_flush_interval(cfg) if tables is not None and tables.grad_staging is not None else 0
         if self._cudagraphs:
             # A gradient first set from a CUDA-graph output aliases the graph's memory, which the
             # next micro-batch's replay overwrites: give every parameter its own .grad up front
@@ -225,6 +243,10 @@ class Trainer:
             (loss / accum).backward()
             loss_sum += (loss - aux).detach().float()  # the LM loss, comparable with val/loss; aux apart
             aux_sum += aux.detach().float()
+            if self._flush_every and ((micro + 1) % self._flush_every == 0 or micro + 1 == accum):
+                # staged table gradients into the buffers: before the staging area fills up, and
+                # before clipping and the optimizer read them
+                self.model.memory_tables.flush_grad_staging()
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         self.optimizer.step()

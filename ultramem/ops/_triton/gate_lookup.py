@@ -271,9 +271,13 @@ def _gate_lookup_bwd_kernel(
     gx_ptr, gx_st, gx_sd,
     ef_ptr, ef_st, ef_se, ef_sm,
     gg_out_ptr, go2_st, go2_se,
+    sr_ptr, sr_st, sr_se,
+    sgo_ptr, sgo_st, sgo_sd,
+    sx_ptr, sx_st, sx_sd,
+    fill_ptr, T, CAP,
     E, N, DV, DP,
     DM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, GELU: tl.constexpr, HAS_GRAD_GATE: tl.constexpr,
-    SCATTER: tl.constexpr,
+    SCATTER: tl.constexpr, STAGED: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr,
     CHUNKS_P: tl.constexpr, GROUP_V: tl.constexpr, GROUP_P: tl.constexpr, EVICT_FIRST: tl.constexpr,
     ACC: tl.constexpr,
@@ -291,12 +295,27 @@ def _gate_lookup_bwd_kernel(
     chunk kernel). Ids out of [0, N) are never dereferenced and contribute nothing.
 
     SCATTER False (deterministic mode): no atomics; the effective scores act(g)·s and grad_g are
-    written instead (to ef / gg_out), for the sorted one-writer-per-row table gradients."""
+    written instead (to ef / gg_out), for the sorted one-writer-per-row table gradients.
+
+    STAGED: the same, into a staging area of CAP tokens (`ultramem.ops.staged_grad`) at token
+    fill + t, with fill = the tokens staged so far (read from fill_ptr), together with the row
+    ids, grad_out and x; when the T tokens of this call do not fit, the atomics instead."""
     t = tl.program_id(0).to(tl.int64)
+    if STAGED:
+        ts = tl.load(fill_ptr).to(tl.int64)
+        fits = ts + T <= CAP
+        scatter_now = ts + T > CAP
+        ts += t
+    else:
+        ts = t
+        fits = True
+        scatter_now = SCATTER
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
     ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e_ok, other=0).to(tl.int64)
     ok = e_ok & (ids >= 0) & (ids < N)
+    if STAGED:
+        tl.store(sr_ptr + ts * sr_st + e * sr_se, ids.to(sr_ptr.dtype.element_ty), mask=e_ok & fits)
     g = tl.load(gate_ptr + t * ga_st + e * ga_se, mask=ok, other=0.0).to(ACC)
     if GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
@@ -333,9 +352,12 @@ def _gate_lookup_bwd_kernel(
                     cd = (d // DM)[None, :]
                     for m in tl.static_range((c * BLOCK_D) // DM, min(((c + 1) * BLOCK_D - 1) // DM, M - 1) + 1):
                         q = _add_at(q, m, tl.sum(tl.where(cd == m, prod, 0.0), axis=1), M)
-                if SCATTER:
+                if STAGED:
+                    tl.store(sgo_ptr + ts * sgo_st + d * sgo_sd, gos[c - g0], mask=(d < DV) & fits)
+                if SCATTER or STAGED:
                     tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
-                                  (w * go).to(gv_ptr.dtype.element_ty), mask=row_ok & (d < DV)[None, :], sem="relaxed")
+                                  (w * go).to(gv_ptr.dtype.element_ty),
+                                  mask=row_ok & (d < DV)[None, :] & scatter_now, sem="relaxed")
 
     grad_g = tl.zeros((BLOCK_E,), dtype=ACC)
     for m in tl.static_range(M):
@@ -345,9 +367,9 @@ def _gate_lookup_bwd_kernel(
     if HAS_GRAD_GATE:
         grad_g += tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0).to(ACC)
     if not SCATTER:
-        tl.store(gg_out_ptr + t * go2_st + e * go2_se, grad_g, mask=e_ok)
+        tl.store(gg_out_ptr + ts * go2_st + e * go2_se, grad_g, mask=e_ok & fits)
         for m in tl.static_range(M):
-            tl.store(ef_ptr + t * ef_st + e * ef_se + m * ef_sm, eff[m], mask=e_ok)
+            tl.store(ef_ptr + ts * ef_st + e * ef_se + m * ef_sm, eff[m], mask=e_ok & fits)
 
     for g0 in tl.static_range(0, CHUNKS_P, GROUP_P):
         ps, xs = _load_chunk_group(p_ptr + ids[:, None] * p_sn, p_sd, row_ok, x_ptr + t * x_st, x_sd, cols_p, DP,
@@ -357,10 +379,19 @@ def _gate_lookup_bwd_kernel(
                 dp = c * BLOCK_DP + cols_p
                 gx = tl.sum(ps[c - g0].to(ACC) * grad_g[:, None], axis=0)
                 tl.store(gx_ptr + t * gx_st + dp * gx_sd, gx.to(gx_ptr.dtype.element_ty), mask=dp < DP)
-                if SCATTER:
+                if STAGED:
+                    tl.store(sx_ptr + ts * sx_st + dp * sx_sd, xs[c - g0], mask=(dp < DP) & fits)
+                if SCATTER or STAGED:
                     tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
                                   (grad_g[:, None] * xs[c - g0].to(ACC)[None, :]).to(gp_ptr.dtype.element_ty),
-                                  mask=row_ok & (dp < DP)[None, :], sem="relaxed")
+                                  mask=row_ok & (dp < DP)[None, :] & scatter_now, sem="relaxed")
+
+
+@triton.jit
+def _advance_fill_kernel(fill_ptr, T, CAP):
+    """fill += T when the T tokens just staged fitted (the backward kernel read fill before)."""
+    f = tl.load(fill_ptr)
+    tl.store(fill_ptr, f + T, mask=f + T <= CAP)
 
 
 @triton.jit
@@ -501,15 +532,15 @@ SORTED_BACKWARD = False
 def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
                               pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor, gelu: bool,
                               grad_values: Tensor | None, grad_pre_values: Tensor | None, config: dict | None = None,
-                              deterministic: bool = False,
-                              stage: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                              deterministic: bool = False, staging=None) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup: adds the tables' gradients into grad_values and
     grad_pre_values (no zero-fill) and returns (grad_scores, grad_x) in scores' and x's dtypes.
     One kernel with fp32 atomics; `deterministic`: the same kernel without atomics, then each
     table's gradient sorted by row, one writer per row (one sort shared by both tables).
-    `stage` = (eff [T, E, M], grad_g [T, E], fp32): no table gradient at all; the kernel writes
-    each entry's effective scores act(g)·s and its gate gradient there instead, for a later
-    sorted pass over many micro-batches (`ultramem.ops.staged_grad`).
+    `staging` (a `GradStaging` with room for these T tokens): no table writes; the kernel stages
+    each entry's row, effective scores act(g)·s and gate gradient, and the token's grad_out and
+    x, for a later sorted pass over many micro-batches (`ultramem.ops.staged_grad`); without
+    room (checked on the device) it adds with atomics as usual.
     Arguments are checked by the op (`gate_lookup_backward_into`)."""
     cfg = {**BWD_CONFIG, **(config or {})}
     t, e = rows.shape
@@ -523,24 +554,29 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
         return grad_scores, grad_x.zero_()
     acc = acc_dtype(values, pre_values, x, scores)
     has_grad_gate = grad_gate is not None
-    if stage is not None:
-        eff, grad_g = stage
-        grad_values = grad_pre_values = grad_x  # unused placeholders (2-D, as the buffers)
+    if staging is not None:
+        eff, grad_g = staging.eff, staging.grad_g
+        stage_args = (staging.rows, staging.grad_out, staging.x)
+        fill, cap = staging.fill, staging.capacity
     elif deterministic:
         eff = torch.empty((t, e, m), dtype=acc, device=scores.device)
         grad_g = torch.empty((t, e), dtype=acc, device=scores.device)
     else:
         eff, grad_g = grad_scores, gate  # unused placeholders
+    if staging is None:
+        stage_args, fill, cap = (rows, grad_out, x), rows, 0  # unused placeholders
     plan = _chunk_plan(e, values, pre_values, cfg)
     _gate_lookup_bwd_kernel[(t,)](
         *_tensor_args(rows, values, pre_values, x, scores, gate, grad_out, grad_gate if has_grad_gate else gate,
-                      grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g),
-        e, values.shape[0], dv, dp,
+                      grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g, *stage_args),
+        fill, t, cap, e, values.shape[0], dv, dp,
         DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=has_grad_gate,
-        SCATTER=not deterministic and stage is None, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
+        SCATTER=not deterministic and staging is None, STAGED=staging is not None, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
         **_launch_options(cfg),
     )
-    if deterministic and stage is None:
+    if staging is not None:
+        _advance_fill_kernel[(1,)](fill, t, cap)
+    elif deterministic:
         order = _wl.sort_rows(rows, values.shape[0])
         for g, w, buf in ((grad_out, eff, grad_values), (x, grad_g, grad_pre_values)):
             _wl.segment_scatter(rows, g, w, buf, acc, accumulate=True, order=order, config=cfg.get("segment"))

@@ -255,6 +255,47 @@ def _segment_scatter_kernel(
         tl.store(out_ptrs, acc.to(gt_ptr.dtype.element_ty), mask=row_mask)
 
 
+@triton.jit
+def _same_row_sum(row_a, val_a, row_b, val_b):
+    """Combine of a segmented scan: b's running sum, plus a's when both are in the same row."""
+    return row_b, val_b + tl.where(row_a == row_b, val_a, 0.0)
+
+
+@triton.jit
+def _sorted_block_add_kernel(
+    sorted_ptr, perm_ptr, L,
+    g_ptr, g_st, g_sd,
+    s_ptr, s_st, s_se, s_sm,
+    gt_ptr, gt_sn, gt_sd,
+    E, N, D, DM,
+    M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """grad_table[row] += Σ scores · g[token] over entries sorted by row, BLOCK_J entries per
+    program: all their source rows are loaded at once (many entries in flight, which the
+    run-walking segment kernel lacks when g is not in L2), summed per row by a segmented scan,
+    and each row's sum in the block goes out as one fp32 atomic add from its last entry. A row
+    whose run crosses blocks gets one add per block, so the result is not bitwise reproducible."""
+    j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    j_ok = j < L
+    row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
+    nxt = tl.load(sorted_ptr + j + 1, mask=j_ok & (j + 1 < L), other=-1).to(tl.int64)
+    ent = tl.load(perm_ptr + j, mask=j_ok, other=0).to(tl.int64)
+    real = j_ok & (row >= 0) & (row < N)
+    tok = ent // E
+    en = ent - tok * E
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    chunk = (d // DM)[None, :]
+    gv = tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd, mask=real[:, None] & d_ok[None, :],
+                 other=0.0).to(ACC)
+    w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, real, chunk, M, ACC)
+    rows2 = tl.broadcast_to(row[:, None], (BLOCK_J, BLOCK_D))
+    _, run = tl.associative_scan((rows2, w * gv), 0, _same_row_sum)
+    last = real & ((nxt != row) | (tl.arange(0, BLOCK_J) == BLOCK_J - 1))
+    tl.atomic_add(gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd, run.to(gt_ptr.dtype.element_ty),
+                  mask=last[:, None] & d_ok[None, :], sem="relaxed")
+
+
 # ------------------------------------------------------------------------- generic launchers
 
 def _scores3(s: Tensor) -> tuple[Tensor, tuple[int, int, int], int]:
@@ -366,6 +407,33 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
             e, n, d, d // m]
     _segment_scatter_kernel[(triton.cdiv(n_pieces, bj), triton.cdiv(d, bd))](*args, PIECES_PASS=True, **common)
     _segment_scatter_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd))](*args, PIECES_PASS=False, **common)
+
+
+# The staged flush's block add (`sorted_block_add`): entries per program and columns per program.
+BLOCK_ADD_CONFIG = {"BLOCK_J": 64, "BLOCK_D": 64, "num_warps": 4}
+
+
+def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
+                     order: tuple[Tensor, Tensor] | None = None, config: dict | None = None) -> None:
+    """grad_table[row] += Σ over the row's entries of scores · g[token] (`_sorted_block_add_kernel`:
+    blocks of row-sorted entries, one atomic add per row and block). For many entries whose
+    source rows are not in L2 (the staged flush); not bitwise reproducible."""
+    cfg = {**BLOCK_ADD_CONFIG, **(config or {})}
+    t, e = rows.shape
+    n, d = grad_table.shape
+    if t == 0 or e == 0 or d == 0:
+        return
+    sc, s_strides, m = _scores3(scores)
+    sorted_ids, perm = order if order is not None else sort_rows(rows, n)
+    bj, bd = cfg["BLOCK_J"], _block_d(cfg["BLOCK_D"], d)
+    _sorted_block_add_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd))](
+        sorted_ids, perm, t * e,
+        g, g.stride(0), g.stride(1),
+        sc, *s_strides,
+        grad_table, grad_table.stride(0), grad_table.stride(1),
+        e, n, d, d // m,
+        M=m, BLOCK_J=bj, BLOCK_D=bd, ACC=_tl_acc(acc), num_warps=cfg["num_warps"],
+    )
 
 
 # The fused segment kernel keeps a whole row in registers; above this width it splits columns
