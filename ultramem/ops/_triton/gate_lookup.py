@@ -277,7 +277,7 @@ def _gate_lookup_bwd_kernel(
     fill_ptr, T, CAP,
     E, N, DV, DP,
     DM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, GELU: tl.constexpr, HAS_GRAD_GATE: tl.constexpr,
-    SCATTER: tl.constexpr, STAGED: tl.constexpr,
+    SCATTER: tl.constexpr, STAGED: tl.constexpr, FALLBACK: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr,
     CHUNKS_P: tl.constexpr, GROUP_V: tl.constexpr, GROUP_P: tl.constexpr, EVICT_FIRST: tl.constexpr,
     ACC: tl.constexpr,
@@ -354,7 +354,7 @@ def _gate_lookup_bwd_kernel(
                         q = _add_at(q, m, tl.sum(tl.where(cd == m, prod, 0.0), axis=1), M)
                 if STAGED:
                     tl.store(sgo_ptr + ts * sgo_st + d * sgo_sd, gos[c - g0], mask=(d < DV) & fits)
-                if SCATTER or STAGED:
+                if SCATTER or FALLBACK:
                     tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
                                   (w * go).to(gv_ptr.dtype.element_ty),
                                   mask=row_ok & (d < DV)[None, :] & scatter_now, sem="relaxed")
@@ -381,7 +381,7 @@ def _gate_lookup_bwd_kernel(
                 tl.store(gx_ptr + t * gx_st + dp * gx_sd, gx.to(gx_ptr.dtype.element_ty), mask=dp < DP)
                 if STAGED:
                     tl.store(sx_ptr + ts * sx_st + dp * sx_sd, xs[c - g0], mask=(dp < DP) & fits)
-                if SCATTER or STAGED:
+                if SCATTER or FALLBACK:
                     tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
                                   (grad_g[:, None] * xs[c - g0].to(ACC)[None, :]).to(gp_ptr.dtype.element_ty),
                                   mask=row_ok & (dp < DP)[None, :] & scatter_now, sem="relaxed")
@@ -571,7 +571,8 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
                       grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g, *stage_args),
         fill, t, cap, e, values.shape[0], dv, dp,
         DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=has_grad_gate,
-        SCATTER=not deterministic and staging is None, STAGED=staging is not None, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
+        SCATTER=not deterministic and staging is None, STAGED=staging is not None,
+        FALLBACK=staging is not None and cfg.get("FALLBACK", True), EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
         **_launch_options(cfg),
     )
     if staging is not None:

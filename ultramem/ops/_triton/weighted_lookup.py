@@ -268,7 +268,7 @@ def _sorted_block_add_kernel(
     s_ptr, s_st, s_se, s_sm,
     gt_ptr, gt_sn, gt_sd,
     E, N, D, DM,
-    M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, SCAN: tl.constexpr,
 ):
     """grad_table[row] += Σ scores · g[token] over entries sorted by row, BLOCK_J entries per
     program: all their source rows are loaded at once (many entries in flight, which the
@@ -289,9 +289,13 @@ def _sorted_block_add_kernel(
     gv = tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd, mask=real[:, None] & d_ok[None, :],
                  other=0.0).to(ACC)
     w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, real, chunk, M, ACC)
-    rows2 = tl.broadcast_to(row[:, None], (BLOCK_J, BLOCK_D))
-    _, run = tl.associative_scan((rows2, w * gv), 0, _same_row_sum)
-    last = real & ((nxt != row) | (tl.arange(0, BLOCK_J) == BLOCK_J - 1))
+    if SCAN:
+        rows2 = tl.broadcast_to(row.to(tl.int32)[:, None], (BLOCK_J, BLOCK_D))
+        _, run = tl.associative_scan((rows2, w * gv), 0, _same_row_sum)
+        last = real & ((nxt != row) | (tl.arange(0, BLOCK_J) == BLOCK_J - 1))
+    else:  # every entry adds its own product; in row order the adds to one row meet in L2
+        run = w * gv
+        last = real
     tl.atomic_add(gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd, run.to(gt_ptr.dtype.element_ty),
                   mask=last[:, None] & d_ok[None, :], sem="relaxed")
 
@@ -410,7 +414,7 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
 
 
 # The staged flush's block add (`sorted_block_add`): entries per program and columns per program.
-BLOCK_ADD_CONFIG = {"BLOCK_J": 64, "BLOCK_D": 64, "num_warps": 4}
+BLOCK_ADD_CONFIG = {"BLOCK_J": 64, "BLOCK_D": 64, "num_warps": 4, "SCAN": True}
 
 
 def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
@@ -432,7 +436,7 @@ def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor
         sc, *s_strides,
         grad_table, grad_table.stride(0), grad_table.stride(1),
         e, n, d, d // m,
-        M=m, BLOCK_J=bj, BLOCK_D=bd, ACC=_tl_acc(acc), num_warps=cfg["num_warps"],
+        M=m, BLOCK_J=bj, BLOCK_D=bd, ACC=_tl_acc(acc), SCAN=bool(cfg.get("SCAN", True)), num_warps=cfg["num_warps"],
     )
 
 
