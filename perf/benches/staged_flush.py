@@ -63,13 +63,6 @@ def run(ctx) -> list[dict]:
 
     us_stage = ctx.do_bench(staged_call)
     out.append(ctx.row("staged_flush", shape, "fused bwd, staged (per layer, with a fill reset)", us_stage, None))
-
-    def staged_no_fallback():
-        one.fill.zero_()
-        tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p, {"FALLBACK": False}, staging=one)
-
-    us = ctx.do_bench(staged_no_fallback)
-    out.append(ctx.row("staged_flush", shape, "fused bwd, staged without the atomics fallback", us, None))
     us = ctx.do_bench(lambda: one.fill.zero_())
     out.append(ctx.row("staged_flush", shape, "(the fill reset alone)", us, None))
     one.fill.fill_(1)
@@ -111,12 +104,10 @@ def run(ctx) -> list[dict]:
 
             us_flush = ctx.do_bench(flush, graph=False)
             if f == 4:  # launch shapes of the block add (the default is BLOCK_ADD_CONFIG)
-                for cfg in ({"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 2}, {"BLOCK_J": 16, "BLOCK_D": 64, "num_warps": 1},
-                            {"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 1}, {"BLOCK_J": 8, "BLOCK_D": 256, "num_warps": 2},
-                            {"BLOCK_J": 16, "BLOCK_D": 64, "num_warps": 1, "SCAN": False},
-                            {"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 2, "SCAN": False},
-                            {"BLOCK_J": 8, "BLOCK_D": 256, "num_warps": 2, "SCAN": False},
-                            {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1, "SCAN": False}):
+                for cfg in ({"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 1}, {"BLOCK_J": 64, "BLOCK_D": 64, "num_warps": 1},
+                            {"BLOCK_J": 64, "BLOCK_D": 32, "num_warps": 1}, {"BLOCK_J": 32, "BLOCK_D": 128, "num_warps": 1},
+                            {"BLOCK_J": 32, "BLOCK_D": 32, "num_warps": 1}, {"BLOCK_J": 128, "BLOCK_D": 64, "num_warps": 2},
+                            {"BLOCK_J": 64, "BLOCK_D": 64, "num_warps": 2}, {"BLOCK_J": 16, "BLOCK_D": 128, "num_warps": 1}):
                     us = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32,
                                                                    order=order, config=cfg), graph=False)
                     out.append(ctx.row("staged_flush", shape, f"F={f}: block add V {cfg}", us, None))

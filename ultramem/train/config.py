@@ -74,8 +74,8 @@ class TrainSection:
     # sorted pass per table adds them every this many micro-batches (and before each optimizer
     # step), instead of adding each entry at once: fewer row reads and writes of the fp32
     # gradients (ultramem.ops.staged_grad). Memory: about 1.3 kB per token, layer and
-    # micro-batch staged (5 GB at 227M with 16). 0: add at once.
-    table_grad_flush: int = 16
+    # micro-batch staged (1.3 GB at 227M with 4). 0: add at once.
+    table_grad_flush: int = 4
     device: str = "auto"
     log_interval: int = 1
     eval_interval: int = 0  # 0: no validation during training

@@ -274,10 +274,12 @@ def _gate_lookup_bwd_kernel(
     sr_ptr, sr_st, sr_se,
     sgo_ptr, sgo_st, sgo_sd,
     sx_ptr, sx_st, sx_sd,
+    xef_ptr, xef_st, xef_se, xef_sm,
+    xgg_ptr, xgg_st, xgg_se,
     fill_ptr, T, CAP,
     E, N, DV, DP,
     DM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, GELU: tl.constexpr, HAS_GRAD_GATE: tl.constexpr,
-    SCATTER: tl.constexpr, STAGED: tl.constexpr, FALLBACK: tl.constexpr,
+    SCATTER: tl.constexpr, STAGED: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr,
     CHUNKS_P: tl.constexpr, GROUP_V: tl.constexpr, GROUP_P: tl.constexpr, EVICT_FIRST: tl.constexpr,
     ACC: tl.constexpr,
@@ -299,17 +301,18 @@ def _gate_lookup_bwd_kernel(
 
     STAGED: the same, into a staging area of CAP tokens (`ultramem.ops.staged_grad`) at token
     fill + t, with fill = the tokens staged so far (read from fill_ptr), together with the row
-    ids, grad_out and x; when the T tokens of this call do not fit, the atomics instead."""
+    ids, grad_out and x. When the T tokens of this call do not fit, effective scores and grad_g
+    go to xef / xgg instead, for `_overflow_add_kernel` (atomics here, even masked off, cost
+    this kernel 80 µs at the 227M shapes)."""
     t = tl.program_id(0).to(tl.int64)
     if STAGED:
         ts = tl.load(fill_ptr).to(tl.int64)
         fits = ts + T <= CAP
-        scatter_now = ts + T > CAP
+        over = ts + T > CAP
         ts += t
     else:
         ts = t
         fits = True
-        scatter_now = SCATTER
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
     ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e_ok, other=0).to(tl.int64)
@@ -354,10 +357,9 @@ def _gate_lookup_bwd_kernel(
                         q = _add_at(q, m, tl.sum(tl.where(cd == m, prod, 0.0), axis=1), M)
                 if STAGED:
                     tl.store(sgo_ptr + ts * sgo_st + d * sgo_sd, gos[c - g0], mask=(d < DV) & fits)
-                if SCATTER or FALLBACK:
+                if SCATTER:
                     tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
-                                  (w * go).to(gv_ptr.dtype.element_ty),
-                                  mask=row_ok & (d < DV)[None, :] & scatter_now, sem="relaxed")
+                                  (w * go).to(gv_ptr.dtype.element_ty), mask=row_ok & (d < DV)[None, :], sem="relaxed")
 
     grad_g = tl.zeros((BLOCK_E,), dtype=ACC)
     for m in tl.static_range(M):
@@ -370,6 +372,10 @@ def _gate_lookup_bwd_kernel(
         tl.store(gg_out_ptr + ts * go2_st + e * go2_se, grad_g, mask=e_ok & fits)
         for m in tl.static_range(M):
             tl.store(ef_ptr + ts * ef_st + e * ef_se + m * ef_sm, eff[m], mask=e_ok & fits)
+        if STAGED:
+            tl.store(xgg_ptr + t * xgg_st + e * xgg_se, grad_g, mask=e_ok & over)
+            for m in tl.static_range(M):
+                tl.store(xef_ptr + t * xef_st + e * xef_se + m * xef_sm, eff[m], mask=e_ok & over)
 
     for g0 in tl.static_range(0, CHUNKS_P, GROUP_P):
         ps, xs = _load_chunk_group(p_ptr + ids[:, None] * p_sn, p_sd, row_ok, x_ptr + t * x_st, x_sd, cols_p, DP,
@@ -381,10 +387,47 @@ def _gate_lookup_bwd_kernel(
                 tl.store(gx_ptr + t * gx_st + dp * gx_sd, gx.to(gx_ptr.dtype.element_ty), mask=dp < DP)
                 if STAGED:
                     tl.store(sx_ptr + ts * sx_st + dp * sx_sd, xs[c - g0], mask=(dp < DP) & fits)
-                if SCATTER or FALLBACK:
+                if SCATTER:
                     tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
                                   (grad_g[:, None] * xs[c - g0].to(ACC)[None, :]).to(gp_ptr.dtype.element_ty),
-                                  mask=row_ok & (dp < DP)[None, :] & scatter_now, sem="relaxed")
+                                  mask=row_ok & (dp < DP)[None, :], sem="relaxed")
+
+
+@triton.jit
+def _overflow_add_kernel(
+    fill_ptr, T, CAP,
+    rows_ptr, r_st, r_se,
+    ef_ptr, ef_st, ef_se, ef_sm,
+    gg_ptr, gg_st, gg_se,
+    go_ptr, go_st, go_sd,
+    x_ptr, x_st, x_sd,
+    gv_ptr, gv_sn, gv_sd,
+    gp_ptr, gp_sn, gp_sd,
+    E, N, DV, DP,
+    DM: tl.constexpr, M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS_V: tl.constexpr,
+    CHUNKS_P: tl.constexpr,
+):
+    """A staged backward's table gradients when the staging area had no room for its T tokens
+    (fill + T > CAP; otherwise every access is masked off): token t's entries add
+    eff · grad_out[t] to V's rows and grad_g · x[t] to P's, with fp32 atomics."""
+    t = tl.program_id(0).to(tl.int64)
+    over = tl.load(fill_ptr) + T > CAP
+    e = tl.arange(0, BLOCK_E)
+    ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=(e < E) & over, other=-1).to(tl.int64)
+    ok = (e < E) & over & (ids >= 0) & (ids < N)
+    cols = tl.arange(0, BLOCK_D)
+    for c in tl.static_range(CHUNKS_V):
+        d = c * BLOCK_D + cols
+        go = tl.load(go_ptr + t * go_st + d * go_sd, mask=(d < DV) & over, other=0.0).to(tl.float32)
+        w = _core_weights(ef_ptr + t * ef_st + e * ef_se, ef_sm, ok, (d // DM)[None, :], M, tl.float32)
+        tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd, w * go[None, :],
+                      mask=ok[:, None] & (d < DV)[None, :], sem="relaxed")
+    gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
+    for c in tl.static_range(CHUNKS_P):
+        d = c * BLOCK_D + cols
+        xv = tl.load(x_ptr + t * x_st + d * x_sd, mask=(d < DP) & over, other=0.0).to(tl.float32)
+        tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + d[None, :] * gp_sd, gg[:, None] * xv[None, :],
+                      mask=ok[:, None] & (d < DP)[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -556,7 +599,10 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     has_grad_gate = grad_gate is not None
     if staging is not None:
         eff, grad_g = staging.eff, staging.grad_g
-        stage_args = (staging.rows, staging.grad_out, staging.x)
+        # where the effective scores and grad_g go when the staging area is full
+        over_eff = torch.empty((t, e, m), dtype=torch.float32, device=scores.device)
+        over_gg = torch.empty((t, e), dtype=torch.float32, device=scores.device)
+        stage_args = (staging.rows, staging.grad_out, staging.x, over_eff, over_gg)
         fill, cap = staging.fill, staging.capacity
     elif deterministic:
         eff = torch.empty((t, e, m), dtype=acc, device=scores.device)
@@ -564,18 +610,23 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     else:
         eff, grad_g = grad_scores, gate  # unused placeholders
     if staging is None:
-        stage_args, fill, cap = (rows, grad_out, x), rows, 0  # unused placeholders
+        stage_args, fill, cap = (rows, grad_out, x, scores, gate), rows, 0  # unused placeholders
     plan = _chunk_plan(e, values, pre_values, cfg)
     _gate_lookup_bwd_kernel[(t,)](
         *_tensor_args(rows, values, pre_values, x, scores, gate, grad_out, grad_gate if has_grad_gate else gate,
                       grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g, *stage_args),
         fill, t, cap, e, values.shape[0], dv, dp,
         DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=has_grad_gate,
-        SCATTER=not deterministic and staging is None, STAGED=staging is not None,
-        FALLBACK=staging is not None and cfg.get("FALLBACK", True), EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
+        SCATTER=not deterministic and staging is None, STAGED=staging is not None, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
         **_launch_options(cfg),
     )
     if staging is not None:
+        bd = 64
+        _overflow_add_kernel[(t,)](
+            fill, t, cap, *_tensor_args(rows, over_eff, over_gg, grad_out, x, grad_values, grad_pre_values),
+            e, values.shape[0], dv, dp,
+            DM=max(dv // m, 1), M=m, BLOCK_E=triton.next_power_of_2(e), BLOCK_D=bd, CHUNKS_V=triton.cdiv(dv, bd),
+            CHUNKS_P=triton.cdiv(dp, bd), num_warps=1)
         _advance_fill_kernel[(1,)](fill, t, cap)
     elif deterministic:
         order = _wl.sort_rows(rows, values.shape[0])

@@ -414,7 +414,7 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
 
 
 # The staged flush's block add (`sorted_block_add`): entries per program and columns per program.
-BLOCK_ADD_CONFIG = {"BLOCK_J": 64, "BLOCK_D": 64, "num_warps": 4, "SCAN": True}
+BLOCK_ADD_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 1, "SCAN": True}
 
 
 def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
