@@ -160,6 +160,35 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
         log.info("%s: GPU time per fwd+bwd %.3f ms", name, rows[f"{name}_gpu_time_per_fwd_bwd_ms"])
         for k, us, c in events[:25]:
             log.info("  %8.1f us  x%-3d %s", us, c, k[:110])
+    # Staged table gradients (the trainer's default): the backward stages instead of adding; the
+    # flush, once per `table_grad_flush` micro-batches for all layers, is timed by
+    # perf/benches/staged_flush.py (per layer and micro-batch it adds flush / (F·L)). The fill
+    # level is reset before each call, so every timed call stages.
+    mem = mcfg.memory
+    tables.use_grad_staging(t, mem.heads * mem.knn, mem.tucker_cores, torch.bfloat16)
+    staged = run(variants[1][1], False, True)
+
+    def staged_call():
+        tables.grad_staging.fill.zero_()
+        staged()
+
+    rows["layer_compiled_staged_fwd_bwd_ms"] = cuda_time_ms(staged_call)
+    staged_call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            staged_call()
+        torch.cuda.synchronize()
+    events = sorted(((e.key, e.self_device_time_total / 3, e.count // 3) for e in prof.key_averages()
+                     if e.self_device_time_total > 0), key=lambda item: -item[1])
+    rows["layer_compiled_staged_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000
+    rows["layer_compiled_staged_kernels_us"] = [{"kernel": k[:160], "us": round(us, 1), "calls": c}
+                                                for k, us, c in events[:40]]
+    log.info("layer_compiled_staged: GPU time per fwd+bwd %.3f ms (without the flush)",
+             rows["layer_compiled_staged_gpu_time_per_fwd_bwd_ms"])
+    for k, us, c in events[:12]:
+        log.info("  %8.1f us  x%-3d %s", us, c, k[:110])
+    tables.use_grad_staging(0)
     result["layer_227m"] = rows
 
 

@@ -408,26 +408,28 @@ def _overflow_add_kernel(
     CHUNKS_P: tl.constexpr,
 ):
     """A staged backward's table gradients when the staging area had no room for its T tokens
-    (fill + T > CAP; otherwise every access is masked off): token t's entries add
-    eff · grad_out[t] to V's rows and grad_g · x[t] to P's, with fp32 atomics."""
-    t = tl.program_id(0).to(tl.int64)
-    over = tl.load(fill_ptr) + T > CAP
-    e = tl.arange(0, BLOCK_E)
-    ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=(e < E) & over, other=-1).to(tl.int64)
-    ok = (e < E) & over & (ids >= 0) & (ids < N)
-    cols = tl.arange(0, BLOCK_D)
-    for c in tl.static_range(CHUNKS_V):
-        d = c * BLOCK_D + cols
-        go = tl.load(go_ptr + t * go_st + d * go_sd, mask=(d < DV) & over, other=0.0).to(tl.float32)
-        w = _core_weights(ef_ptr + t * ef_st + e * ef_se, ef_sm, ok, (d // DM)[None, :], M, tl.float32)
-        tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd, w * go[None, :],
-                      mask=ok[:, None] & (d < DV)[None, :], sem="relaxed")
-    gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
-    for c in tl.static_range(CHUNKS_P):
-        d = c * BLOCK_D + cols
-        xv = tl.load(x_ptr + t * x_st + d * x_sd, mask=(d < DP) & over, other=0.0).to(tl.float32)
-        tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + d[None, :] * gp_sd, gg[:, None] * xv[None, :],
-                      mask=ok[:, None] & (d < DP)[None, :], sem="relaxed")
+    (fill + T > CAP; otherwise the programs stop at once): each token's entries add
+    eff · grad_out[t] to V's rows and grad_g · x[t] to P's, with fp32 atomics. Programs loop
+    over tokens, so that the usual case (room left) costs a few programs, not one per token."""
+    if tl.load(fill_ptr) + T > CAP:
+        e = tl.arange(0, BLOCK_E)
+        cols = tl.arange(0, BLOCK_D)
+        for t in range(tl.program_id(0), T, tl.num_programs(0)):
+            t = t + tl.zeros((), dtype=tl.int64)  # (64-bit offsets; an int under the interpreter)
+            ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e < E, other=-1).to(tl.int64)
+            ok = (e < E) & (ids >= 0) & (ids < N)
+            for c in tl.static_range(CHUNKS_V):
+                d = c * BLOCK_D + cols
+                go = tl.load(go_ptr + t * go_st + d * go_sd, mask=d < DV, other=0.0).to(tl.float32)
+                w = _core_weights(ef_ptr + t * ef_st + e * ef_se, ef_sm, ok, (d // DM)[None, :], M, tl.float32)
+                tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd, w * go[None, :],
+                              mask=ok[:, None] & (d < DV)[None, :], sem="relaxed")
+            gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
+            for c in tl.static_range(CHUNKS_P):
+                d = c * BLOCK_D + cols
+                xv = tl.load(x_ptr + t * x_st + d * x_sd, mask=d < DP, other=0.0).to(tl.float32)
+                tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + d[None, :] * gp_sd, gg[:, None] * xv[None, :],
+                              mask=ok[:, None] & (d < DP)[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -570,6 +572,9 @@ BWD_MAX_ENTRIES = 128
 # weighted_lookup.py), not yet timed on a GPU: re-measure (perf/benches/hot_rows.py and the 227M
 # throughput) before making sorted the default again.
 SORTED_BACKWARD = False
+# Programs of `_overflow_add_kernel` (each loops over tokens; they stop at once when the staging
+# area had room, the usual case: one program per token cost 33 µs there at the 227M shapes).
+OVERFLOW_PROGRAMS = 1024
 
 
 def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
@@ -622,7 +627,7 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     )
     if staging is not None:
         bd = 64
-        _overflow_add_kernel[(t,)](
+        _overflow_add_kernel[(min(t, OVERFLOW_PROGRAMS),)](
             fill, t, cap, *_tensor_args(rows, over_eff, over_gg, grad_out, x, grad_values, grad_pre_values),
             e, values.shape[0], dv, dp,
             DM=max(dv // m, 1), M=m, BLOCK_E=triton.next_power_of_2(e), BLOCK_D=bd, CHUNKS_V=triton.cdiv(dv, bd),
