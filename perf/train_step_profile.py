@@ -70,7 +70,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_step_profile.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    runs = {"dense": ["--model.memory.type=none"], "ultramem_v2": []}
+    runs = {"dense": ["--model.memory.type=none"], "ultramem_v2": [],
+            "ultramem_v2_unstaged": ["--train.table_grad_flush=0"]}  # tables' gradients added at once
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "git_revision": os.environ.get("ULTRAMEM_GIT_REV"), "runs": {}}
     for name in args.only:
