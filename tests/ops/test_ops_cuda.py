@@ -1,7 +1,7 @@
 """The table-gradient backwards on a CUDA device (skipped without one): what the interpreter cannot
 show. The op's dispatch (atomics, sorted in deterministic mode, the separate backwards above
-BWD_MAX_ENTRIES), bit-reproducibility of the sorted path, and hot rows (runs longer than a
-segment piece) against a float64 reference."""
+BWD_MAX_ENTRIES), bit-reproducibility of the sorted path, hot rows (runs longer than a
+segment piece), and the staged path with its overflow and flush, against a float64 reference."""
 from __future__ import annotations
 
 import pytest
@@ -58,3 +58,35 @@ def test_gate_lookup_backward_into_on_cuda(hot, entries, monkeypatch):
             assert _rel(g, w) < 1e-5
     for a, b in zip(sorted_1, sorted_2):  # the sorted path is bit-reproducible
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hot", [0.0, 0.6])
+def test_gate_lookup_backward_staged_on_cuda(hot, monkeypatch):
+    """Through the op with a registered staging area (room for one call and a half): the first
+    call stages, the second adds with atomics (overflow), the flush adds the first; both buffers
+    then hold the sum of both calls' gradients (float64 oracle), the other outputs are as usual."""
+    from ultramem.ops.staged_grad import GradStaging, register_staging
+
+    monkeypatch.setattr(determinism, "_deterministic", False)
+    t, e, n, dv, dp, m = 96, 8, 50, 24, 16, 2
+    calls = [_inputs(t, e, n, dv, dp, m, hot, seed=40 + i) for i in range(2)]
+    bufs = [torch.zeros(n, dv, device="cuda"), torch.zeros(n, dp, device="cuda")]
+    ids = [register_grad_buffer(b) for b in bufs]
+    staging = GradStaging(t + t // 2, e, m, dv, dp, torch.float32, "cuda")
+    register_staging(ids[0], staging)
+    try:
+        for i, args in enumerate(calls):
+            want = gate_lookup_backward_oracle(*args, True)
+            grad_scores, grad_x = gate_lookup_backward_into(*[a.cuda() for a in args], True, *ids)
+            assert _rel(grad_x.cpu(), want[2]) < 1e-5 and _rel(grad_scores.cpu(), want[3]) < 1e-5
+            assert staging.staged_tokens() == t
+            if i == 0:
+                assert not bufs[0].any() and not bufs[1].any()
+        total = [gate_lookup_backward_oracle(*a, True) for a in calls]
+        assert staging.flush(*bufs) == t and staging.staged_tokens() == 0
+        for k in range(2):
+            assert _rel(bufs[k].cpu(), total[0][k] + total[1][k]) < 1e-5
+    finally:
+        register_staging(ids[0], None)
+        for i in ids:
+            release_grad_buffer(i)

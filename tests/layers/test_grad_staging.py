@@ -1,0 +1,117 @@
+"""Staged table gradients (ValueTables.use_grad_staging, ultramem.ops.staged_grad): after a
+flush the buffers hold what the unstaged backward adds, over several layers sharing rows and
+several micro-batches, eager and compiled, also when the staging area fills up; the trainer's
+staged runs match its unstaged ones."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memory_layer_setup import build_random, make_cfg, make_input
+from ultramem.data import TokenWindows
+from ultramem.train.config import load_config
+from ultramem.train.optim import build_optimizer
+from ultramem.train.trainer import DistInfo, Trainer, build_training_model
+
+
+def _fp32(tables, layers, g, inputs: int):
+    """The float64 test layers in float32 (staging holds fp32 and the layers' activation dtype)."""
+    tables.float()
+    for layer in layers:
+        layer.float()
+    return [make_input((2, 5), g).float() for _ in range(inputs)]
+
+
+def _grads(tables, layers, inputs, staging_tokens: int | None, backend: str | None = None):
+    tables.use_grad_buffers()
+    m = layers[0].cfg.memory
+    tables.use_grad_staging(staging_tokens or 0, m.heads * m.knn, m.tucker_cores, torch.float32)
+    fns = [torch.compile(layer, fullgraph=True, backend=backend) if backend else layer for layer in layers]
+    for x in inputs:  # micro-batches
+        sum((fn(x, tables)[0] ** 2).sum() for fn in fns).backward()
+    staged = tables.grad_staging.staged_tokens() if staging_tokens else 0
+    before = [b.clone() for b in (tables.values_grad, tables.pre_values_grad)]
+    flushed = tables.flush_grad_staging()
+    assert flushed == staged
+    out = [b.clone() for b in (tables.values_grad, tables.pre_values_grad)]
+    tables.use_grad_buffers(False)
+    return out, before, staged
+
+
+@pytest.mark.parametrize("capacity", ["all", "part"])
+@pytest.mark.parametrize("backend", [None, "inductor"])
+def test_staged_equals_unstaged(capacity, backend):
+    cfg = make_cfg(share_ratio=1.0)  # windows overlap: the layers share rows
+    tables, layers, g = build_random(cfg, 3, seed=21)
+    inputs = _fp32(tables, layers, g, 2)
+    calls = len(inputs) * len(layers)
+    tokens = 10 * calls if capacity == "all" else 10 * (calls - 2)  # "part": the last two backwards add at once
+    torch._dynamo.reset()
+    want, _, _ = _grads(tables, layers, inputs, None, backend)
+    torch._dynamo.reset()
+    got, before, staged = _grads(tables, layers, inputs, tokens, backend)
+    assert staged == tokens
+    for w, b, gt in zip(want, before, got):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(gt, w, rtol=1e-5, atol=1e-6)
+        if capacity == "all":  # nothing reached the buffers before the flush
+            assert not b.any()
+        else:  # the backwards without room added straight away
+            assert b.any() and not torch.allclose(b, w)
+
+
+def test_zero_grad_drops_what_is_staged_and_bad_setups_are_refused():
+    cfg = make_cfg()
+    tables, layers, g = build_random(cfg, 1, seed=22)
+    x = _fp32(tables, layers, g, 1)[0]
+    m = cfg.memory
+    with pytest.raises(ValueError, match="use_grad_staging needs use_grad_buffers"):
+        tables.use_grad_staging(16, m.heads * m.knn, m.tucker_cores, torch.float32)
+    tables.use_grad_buffers()
+    tables.use_grad_staging(64, m.heads * m.knn, m.tucker_cores, torch.float32)
+    (layers[0](x, tables)[0] ** 2).sum().backward()
+    assert tables.grad_staging.staged_tokens() == 10
+    tables.zero_grad_buffers()
+    assert tables.flush_grad_staging() == 0 and not tables.values_grad.any()
+    with pytest.raises(ValueError, match="capacity=0 tokens must be > 0|entries=0"):
+        from ultramem.ops import GradStaging
+        GradStaging(0, 4, 2, 8, 4, torch.float32, "cpu")
+    tables.use_grad_buffers(False)  # turns staging off too
+    assert tables.grad_staging is None
+
+
+TINY = ["--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2",
+        "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4", "--model.memory.kdim=8",
+        "--model.memory.vdim=16", "--model.memory.pre_vdim=8", "--model.memory.knn=2",
+        "--model.memory.calibration_rounds=1", "--data.vocab_size=300", "--train.seq_len=16",
+        "--train.batch_size=2", "--optim.warmup_steps=2", "--train.max_steps=3", "--train.grad_accum=4",
+        "--metrics.tensorboard_dir="]
+
+
+def _train(flush: int):
+    cfg = load_config("debug", TINY + [f"--train.table_grad_flush={flush}"])
+    model = build_training_model(cfg, torch.device("cpu"))
+    assert (model.memory_tables.grad_staging is not None) == (flush > 0)
+    opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    tokens = np.random.default_rng(0).integers(0, 300, size=5000).astype(np.uint16)
+    batches = TokenWindows(tokens, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
+    tables, flushed = model.memory_tables, []
+    flush_method = tables.flush_grad_staging
+    tables.flush_grad_staging = lambda: flushed.append(flush_method()) or flushed[-1]
+    history = Trainer(cfg, model, opt, sched, batches, torch.device("cpu"), DistInfo()).train()
+    # every flush found each layer's tokens of the micro-batches since the last one staged
+    per_micro_batch = len(model.memory_layers) * cfg.train.batch_size * cfg.train.seq_len
+    want = {1: [per_micro_batch] * 4, 3: [3 * per_micro_batch, per_micro_batch]}.get(flush, [])
+    assert flushed == want * cfg.train.max_steps
+    return history, model
+
+
+def test_trainer_staged_matches_unstaged():
+    ref, ref_model = _train(0)
+    for flush in (1, 3):  # 3: flushes after micro-batches 3 and 4 (the step's end) of 4
+        got, model = _train(flush)
+        assert [r.loss for r in got] == pytest.approx([r.loss for r in ref], rel=1e-5)
+        assert [r.grad_norm for r in got] == pytest.approx([r.grad_norm for r in ref], rel=1e-4)
+        torch.testing.assert_close(model.memory_tables.values, ref_model.memory_tables.values, rtol=1e-4, atol=1e-6)
+        assert model.memory_tables.grad_staging.staged_tokens() == 0
