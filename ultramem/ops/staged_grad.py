@@ -93,23 +93,30 @@ class GradStaging:
         return True
 
     @torch.no_grad()
-    def flush(self, grad_values: Tensor, grad_pre_values: Tensor, kernels: bool | None = None) -> int:
+    def flush(self, grad_values: Tensor, grad_pre_values: Tensor, kernels: bool | None = None,
+              tokens: int | None = None) -> int:
         """Add everything staged into the two gradient buffers and empty the staging area;
-        returns the number of tokens flushed (a host sync: reads the fill level). `kernels`:
-        the sort and the Triton passes (default: on CUDA), else plain `index_add_`."""
-        n = self.staged_tokens()
+        returns the number of tokens flushed. `kernels`: the sort and the Triton passes (default:
+        on CUDA), else plain `index_add_`. Without `tokens` this reads the fill level (a host
+        sync); with it (what the caller expects to be staged: the trainer knows) the kernels
+        sort that many tokens and skip those at or past the fill level on the device, so the
+        host does not wait; the return value is then `tokens`."""
+        if kernels is None:
+            kernels = self.rows.is_cuda
+        if tokens is None or not kernels:
+            n = self.staged_tokens()
+        else:
+            n = min(int(tokens), self.capacity)
         if n == 0:
             return 0
         rows, eff, grad_g = self.rows[:n], self.eff[:n], self.grad_g[:n]
         grad_out, x = self.grad_out[:n], self.x[:n]
         from ._triton import weighted_lookup as _twl  # noqa: PLC0415  (None without Triton)
 
-        if kernels is None:
-            kernels = rows.is_cuda and _twl is not None
-        if kernels:
+        if kernels and _twl is not None:
             order = _twl.sort_rows(rows, grad_values.shape[0])
-            _twl.sorted_block_add(rows, grad_out, eff, grad_values, torch.float32, order=order)
-            _twl.sorted_block_add(rows, x, grad_g, grad_pre_values, torch.float32, order=order)
+            _twl.sorted_block_add(rows, grad_out, eff, grad_values, torch.float32, order=order, limit=self.fill)
+            _twl.sorted_block_add(rows, x, grad_g, grad_pre_values, torch.float32, order=order, limit=self.fill)
         else:
             add_weighted_rows(rows, grad_out, eff, grad_values)
             add_weighted_rows(rows, x, grad_g.unsqueeze(-1), grad_pre_values)

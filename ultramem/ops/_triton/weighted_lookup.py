@@ -267,14 +267,17 @@ def _sorted_block_add_kernel(
     g_ptr, g_st, g_sd,
     s_ptr, s_st, s_se, s_sm,
     gt_ptr, gt_sn, gt_sd,
+    limit_ptr,
     E, N, D, DM,
     M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, SCAN: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
 ):
     """grad_table[row] += Σ scores · g[token] over entries sorted by row, BLOCK_J entries per
     program: all their source rows are loaded at once (many entries in flight, which the
     run-walking segment kernel lacks when g is not in L2), summed per row by a segmented scan,
     and each row's sum in the block goes out as one fp32 atomic add from its last entry. A row
-    whose run crosses blocks gets one add per block, so the result is not bitwise reproducible."""
+    whose run crosses blocks gets one add per block, so the result is not bitwise reproducible.
+    HAS_LIMIT: only tokens below *limit_ptr (read on the device) count."""
     j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
     j_ok = j < L
     row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
@@ -283,6 +286,8 @@ def _sorted_block_add_kernel(
     real = j_ok & (row >= 0) & (row < N)
     tok = ent // E
     en = ent - tok * E
+    if HAS_LIMIT:
+        real = real & (tok < tl.load(limit_ptr))
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     chunk = (d // DM)[None, :]
@@ -418,10 +423,12 @@ BLOCK_ADD_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 1, "SCAN": True}
 
 
 def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
-                     order: tuple[Tensor, Tensor] | None = None, config: dict | None = None) -> None:
+                     order: tuple[Tensor, Tensor] | None = None, limit: Tensor | None = None,
+                     config: dict | None = None) -> None:
     """grad_table[row] += Σ over the row's entries of scores · g[token] (`_sorted_block_add_kernel`:
     blocks of row-sorted entries, one atomic add per row and block). For many entries whose
-    source rows are not in L2 (the staged flush); not bitwise reproducible."""
+    source rows are not in L2 (the staged flush); not bitwise reproducible. `limit`: a
+    one-element device tensor; tokens at or past its value are skipped (no host sync)."""
     cfg = {**BLOCK_ADD_CONFIG, **(config or {})}
     t, e = rows.shape
     n, d = grad_table.shape
@@ -435,8 +442,10 @@ def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor
         g, g.stride(0), g.stride(1),
         sc, *s_strides,
         grad_table, grad_table.stride(0), grad_table.stride(1),
+        limit if limit is not None else sorted_ids,
         e, n, d, d // m,
-        M=m, BLOCK_J=bj, BLOCK_D=bd, ACC=_tl_acc(acc), SCAN=bool(cfg.get("SCAN", True)), num_warps=cfg["num_warps"],
+        M=m, BLOCK_J=bj, BLOCK_D=bd, ACC=_tl_acc(acc), SCAN=bool(cfg.get("SCAN", True)), HAS_LIMIT=limit is not None,
+        num_warps=cfg["num_warps"],
     )
 
 
