@@ -283,9 +283,10 @@ def _sorted_block_add_kernel(
     row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
     nxt = tl.load(sorted_ptr + j + 1, mask=j_ok & (j + 1 < L), other=-1).to(tl.int64)
     ent = tl.load(perm_ptr + j, mask=j_ok, other=0).to(tl.int64)
-    real = j_ok & (row >= 0) & (row < N)
+    in_table = j_ok & (row >= 0) & (row < N)
     tok = ent // E
     en = ent - tok * E
+    real = in_table  # entries that add (their products are 0 otherwise)
     if HAS_LIMIT:
         real = real & (tok < tl.load(limit_ptr))
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -297,7 +298,8 @@ def _sorted_block_add_kernel(
     if SCAN:
         rows2 = tl.broadcast_to(row.to(tl.int32)[:, None], (BLOCK_J, BLOCK_D))
         _, run = tl.associative_scan((rows2, w * gv), 0, _same_row_sum)
-        last = real & ((nxt != row) | (tl.arange(0, BLOCK_J) == BLOCK_J - 1))
+        # (a row's last entry in the block writes its sum, whether or not that entry itself adds)
+        last = in_table & ((nxt != row) | (tl.arange(0, BLOCK_J) == BLOCK_J - 1))
     else:  # every entry adds its own product; in row order the adds to one row meet in L2
         run = w * gv
         last = real
