@@ -104,10 +104,12 @@ def run(ctx) -> list[dict]:
 
             us_flush = ctx.do_bench(flush, graph=False)
             if f == 4:  # launch shapes of the block add (the default is BLOCK_ADD_CONFIG)
-                for cfg in ({"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 1}, {"BLOCK_J": 64, "BLOCK_D": 64, "num_warps": 1},
-                            {"BLOCK_J": 64, "BLOCK_D": 32, "num_warps": 1}, {"BLOCK_J": 32, "BLOCK_D": 128, "num_warps": 1},
-                            {"BLOCK_J": 32, "BLOCK_D": 32, "num_warps": 1}, {"BLOCK_J": 128, "BLOCK_D": 64, "num_warps": 2},
-                            {"BLOCK_J": 64, "BLOCK_D": 64, "num_warps": 2}, {"BLOCK_J": 16, "BLOCK_D": 128, "num_warps": 1}):
+                for cfg in ({"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 1, "num_warps": 1},
+                            {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1},
+                            {"BLOCK_J": 16, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1},
+                            {"BLOCK_J": 64, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 2},
+                            {"BLOCK_J": 32, "BLOCK_D": 32, "CHUNKS": 6, "num_warps": 1},
+                            {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 2, "num_warps": 1}):
                     us = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32,
                                                                    order=order, config=cfg), graph=False)
                     out.append(ctx.row("staged_flush", shape, f"F={f}: block add V {cfg}", us, None))

@@ -478,12 +478,13 @@ def test_gate_lookup_backward_no_entries():
 # ----------------------------------------------------------------------------- staged table gradients
 
 @needs_interpreter
-@pytest.mark.parametrize("case", [(37, 5, 11, 24, 2, torch.float32, 16, 8), (20, 7, 200, 16, 1, torch.float32, 8, 16),
-                                  (30, 4, 3, 32, 4, torch.float16, 64, 8)])
+@pytest.mark.parametrize("case", [(37, 5, 11, 24, 2, torch.float32, 16, 8, 1), (20, 7, 200, 16, 1, torch.float32, 8, 16, 1),
+                                  (30, 4, 3, 32, 4, torch.float16, 64, 8, 3), (25, 3, 17, 40, 2, torch.float32, 8, 16, 2)])
 def test_sorted_block_add(case):
     """grad_table[row] += Σ scores · g[token] over row-sorted blocks (runs crossing blocks, a
-    few hot rows, ids out of range skipped) against float64 loops."""
-    t, e, n, d, m, dtype, bj, bd = case
+    few hot rows, ids out of range skipped, several column chunks per program, one past the
+    last column) against float64 loops."""
+    t, e, n, d, m, dtype, bj, bd, chunks = case
     g = _gen(t + e + n)
     rows = _rows(t, e, n, g, torch.int32)
     rows[2, 0], rows[3, 1] = n + 3, -1  # out of range: contribute nothing
@@ -498,7 +499,8 @@ def test_sorted_block_add(case):
             if 0 <= r < n:
                 want[r] += (s3[ti, ei].repeat_interleave(d // m) * src[ti].double())
     buf = start.clone()
-    twl.sorted_block_add(rows, src, scores, buf, torch.float32, config={"BLOCK_J": bj, "BLOCK_D": bd, "num_warps": 1})
+    twl.sorted_block_add(rows, src, scores, buf, torch.float32, config={"BLOCK_J": bj, "BLOCK_D": bd, "CHUNKS": chunks,
+                                                                                  "num_warps": 1})
     assert _rel(buf - start, want - start.double()) < _tol(dtype)
 
 

@@ -269,15 +269,15 @@ def _sorted_block_add_kernel(
     gt_ptr, gt_sn, gt_sd,
     limit_ptr,
     E, N, D, DM,
-    M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, SCAN: tl.constexpr,
+    M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, ACC: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
 ):
-    """grad_table[row] += Σ scores · g[token] over entries sorted by row, BLOCK_J entries per
-    program: all their source rows are loaded at once (many entries in flight, which the
-    run-walking segment kernel lacks when g is not in L2), summed per row by a segmented scan,
-    and each row's sum in the block goes out as one fp32 atomic add from its last entry. A row
-    whose run crosses blocks gets one add per block, so the result is not bitwise reproducible.
-    HAS_LIMIT: only tokens below *limit_ptr (read on the device) count."""
+    """grad_table[row] += Σ scores · g[token] over entries sorted by row, BLOCK_J entries and
+    CHUNKS column chunks of BLOCK_D per program: all their source rows are loaded at once (many
+    entries in flight, which the run-walking segment kernel lacks when g is not in L2), summed
+    per row by a segmented scan, and each row's sum in the block goes out as one fp32 atomic add
+    from its last entry. A row whose run crosses blocks gets one add per block, so the result is
+    not bitwise reproducible. HAS_LIMIT: only tokens below *limit_ptr (read on the device) count."""
     j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
     j_ok = j < L
     row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
@@ -289,22 +289,21 @@ def _sorted_block_add_kernel(
     real = in_table  # entries that add (their products are 0 otherwise)
     if HAS_LIMIT:
         real = real & (tok < tl.load(limit_ptr))
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    chunk = (d // DM)[None, :]
-    gv = tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd, mask=real[:, None] & d_ok[None, :],
-                 other=0.0).to(ACC)
-    w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, real, chunk, M, ACC)
-    if SCAN:
-        rows2 = tl.broadcast_to(row.to(tl.int32)[:, None], (BLOCK_J, BLOCK_D))
-        _, run = tl.associative_scan((rows2, w * gv), 0, _same_row_sum)
-        # (a row's last entry in the block writes its sum, whether or not that entry itself adds)
-        last = in_table & ((nxt != row) | (tl.arange(0, BLOCK_J) == BLOCK_J - 1))
-    else:  # every entry adds its own product; in row order the adds to one row meet in L2
-        run = w * gv
-        last = real
-    tl.atomic_add(gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd, run.to(gt_ptr.dtype.element_ty),
-                  mask=last[:, None] & d_ok[None, :], sem="relaxed")
+    # (a row's last entry in the block writes its sum, whether or not that entry itself adds)
+    last = in_table & ((nxt != row) | (tl.arange(0, BLOCK_J) == BLOCK_J - 1))
+    rows2 = tl.broadcast_to(row.to(tl.int32)[:, None], (BLOCK_J, BLOCK_D))
+    d0 = tl.program_id(1) * (CHUNKS * BLOCK_D)
+    gvs = ()
+    for c in tl.static_range(CHUNKS):  # every chunk's source rows in flight before any math
+        d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
+        gvs = gvs + (tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd, mask=real[:, None] & (d < D)[None, :],
+                             other=0.0),)
+    for c in tl.static_range(CHUNKS):
+        d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
+        w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, real, (d // DM)[None, :], M, ACC)
+        _, run = tl.associative_scan((rows2, w * gvs[c].to(ACC)), 0, _same_row_sum)
+        tl.atomic_add(gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd, run.to(gt_ptr.dtype.element_ty),
+                      mask=last[:, None] & (d < D)[None, :], sem="relaxed")
 
 
 # ------------------------------------------------------------------------- generic launchers
@@ -421,7 +420,7 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
 
 
 # The staged flush's block add (`sorted_block_add`): entries per program and columns per program.
-BLOCK_ADD_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 64, "num_warps": 1, "SCAN": True}
+BLOCK_ADD_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 1, "num_warps": 1}
 
 
 def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
@@ -439,14 +438,15 @@ def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor
     sc, s_strides, m = _scores3(scores)
     sorted_ids, perm = order if order is not None else sort_rows(rows, n)
     bj, bd = cfg["BLOCK_J"], _block_d(cfg["BLOCK_D"], d)
-    _sorted_block_add_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd))](
+    chunks = max(1, min(int(cfg.get("CHUNKS", 1)), triton.cdiv(d, bd)))
+    _sorted_block_add_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd * chunks))](
         sorted_ids, perm, t * e,
         g, g.stride(0), g.stride(1),
         sc, *s_strides,
         grad_table, grad_table.stride(0), grad_table.stride(1),
         limit if limit is not None else sorted_ids,
         e, n, d, d // m,
-        M=m, BLOCK_J=bj, BLOCK_D=bd, ACC=_tl_acc(acc), SCAN=bool(cfg.get("SCAN", True)), HAS_LIMIT=limit is not None,
+        M=m, BLOCK_J=bj, BLOCK_D=bd, CHUNKS=chunks, ACC=_tl_acc(acc), HAS_LIMIT=limit is not None,
         num_warps=cfg["num_warps"],
     )
 
