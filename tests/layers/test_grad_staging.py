@@ -98,9 +98,10 @@ def _train(flush: int):
     batches = TokenWindows(tokens, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
     tables, flushed = model.memory_tables, []
     flush_method = tables.flush_grad_staging
-    tables.flush_grad_staging = lambda tokens=None: flushed.append(flush_method(tokens)) or flushed[-1]
+    tables.flush_grad_staging = lambda wait=True: flushed.append(flush_method(wait)) or flushed[-1]
     history = Trainer(cfg, model, opt, sched, batches, torch.device("cpu"), DistInfo()).train()
-    # every flush found each layer's tokens of the micro-batches since the last one staged
+    # every flush found each layer's tokens of the micro-batches since the last one staged (the
+    # CPU path reads the count even when not asked to wait)
     per_micro_batch = len(model.memory_layers) * cfg.train.batch_size * cfg.train.seq_len
     want = {1: [per_micro_batch] * 4, 3: [3 * per_micro_batch, per_micro_batch]}.get(flush, [])
     assert flushed == want * cfg.train.max_steps

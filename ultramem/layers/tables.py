@@ -120,13 +120,12 @@ class ValueTables(nn.Module):
                                             self.values.device)
             register_staging(self.values_grad_id, self.grad_staging)
 
-    def flush_grad_staging(self, tokens: int | None = None) -> int:
-        """Add the staged gradients into the buffers; returns the tokens flushed. `tokens`: how
-        many the caller knows were staged, so the host need not read the fill level (see
-        `GradStaging.flush`)."""
+    def flush_grad_staging(self, wait: bool = True) -> int | None:
+        """Add the staged gradients into the buffers; returns the tokens flushed (None when not
+        waited for: `wait=False` spares the host sync, see `GradStaging.flush`)."""
         if self.grad_staging is None:
             return 0
-        return self.grad_staging.flush(self.values_grad, self.pre_values_grad, tokens=tokens)
+        return self.grad_staging.flush(self.values_grad, self.pre_values_grad, wait=wait)
 
     def attach_grad_buffers(self) -> None:
         """Point each table's `.grad` and its registered id at its buffer (again after

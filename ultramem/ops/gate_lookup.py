@@ -14,8 +14,9 @@ activation). `values_grad_buffer` / `pre_values_grad_buffer` (ids from `register
 is added into that persistent buffer and the op returns none for the table. With both ids (the
 trainer's case) the backward is one op, `gate_lookup_backward_into`: on CUDA one kernel for the
 gathers, dots and fp32 atomics (in deterministic mode the same kernel without atomics, then each
-table's gradient sorted by row with one writer per row); otherwise it goes through the lookup's
-and the gate's backward ops.
+table's gradient sorted by row with one writer per row; with a `GradStaging` registered for the
+values buffer, the same kernel staging the gradients' parts for a later flush,
+`ultramem.ops.staged_grad`); otherwise it goes through the lookup's and the gate's backward ops.
 """
 from __future__ import annotations
 
@@ -216,7 +217,8 @@ def _staged_backward_reference(staging: GradStaging, grad_out: Tensor, grad_gate
     grad_x = torch.einsum("te,ted->td", grad_g, pre)
     if not staging.stage_reference(rows, grad_out, x, eff, grad_g):
         add_weighted_rows(rows, grad_out, eff, registered_grad_buffer(_OP, values_grad_buffer, values))
-        add_weighted_rows(rows, x, grad_g.unsqueeze(-1), registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values))
+        add_weighted_rows(rows, x, grad_g.unsqueeze(-1),
+                          registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values))
     return (grad_eff * act.unsqueeze(-1)).to(scores.dtype).contiguous(), grad_x.to(x.dtype).contiguous()
 
 

@@ -94,26 +94,22 @@ class GradStaging:
 
     @torch.no_grad()
     def flush(self, grad_values: Tensor, grad_pre_values: Tensor, kernels: bool | None = None,
-              tokens: int | None = None) -> int:
+              wait: bool = True) -> int | None:
         """Add everything staged into the two gradient buffers and empty the staging area;
         returns the number of tokens flushed. `kernels`: the sort and the Triton passes (default:
-        on CUDA), else plain `index_add_`. Without `tokens` this reads the fill level (a host
-        sync); with it (what the caller expects to be staged: the trainer knows) the kernels
-        sort that many tokens and skip those at or past the fill level on the device, so the
-        host does not wait; the return value is then `tokens`."""
-        if kernels is None:
-            kernels = self.rows.is_cuda
-        if tokens is None or not kernels:
-            n = self.staged_tokens()
-        else:
-            n = min(int(tokens), self.capacity)
+        on CUDA), else plain `index_add_`. `wait` reads the fill level first (a host sync);
+        without it the kernels sort the whole staging area and skip, on the device, the tokens
+        at or past the fill level (nothing staged is missed; a staging area far from full costs
+        more), and the count returned is None."""
+        from ._triton import weighted_lookup as _twl  # noqa: PLC0415  (None without Triton)
+
+        kernels = (self.rows.is_cuda if kernels is None else kernels) and _twl is not None
+        n = self.staged_tokens() if wait or not kernels else self.capacity
         if n == 0:
             return 0
         rows, eff, grad_g = self.rows[:n], self.eff[:n], self.grad_g[:n]
         grad_out, x = self.grad_out[:n], self.x[:n]
-        from ._triton import weighted_lookup as _twl  # noqa: PLC0415  (None without Triton)
-
-        if kernels and _twl is not None:
+        if kernels:
             order = _twl.sort_rows(rows, grad_values.shape[0])
             _twl.sorted_block_add(rows, grad_out, eff, grad_values, torch.float32, order=order, limit=self.fill)
             _twl.sorted_block_add(rows, x, grad_g, grad_pre_values, torch.float32, order=order, limit=self.fill)
@@ -121,7 +117,7 @@ class GradStaging:
             add_weighted_rows(rows, grad_out, eff, grad_values)
             add_weighted_rows(rows, x, grad_g.unsqueeze(-1), grad_pre_values)
         self.fill.zero_()
-        return n
+        return n if wait or not kernels else None
 
 
 def add_weighted_rows(rows: Tensor, g: Tensor, w: Tensor, buf: Tensor) -> None:

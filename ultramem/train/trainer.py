@@ -200,7 +200,6 @@ class Trainer:
         self._cudagraphs = uses_cudagraphs(cfg)  # (on CPU Inductor skips the graphs; the rest holds)
         tables = self.model.memory_tables
         self._flush_every = staged_flush_interval(cfg) if tables is not None and tables.grad_staging is not None else 0
-        self._staged_per_micro_batch = len(self.model.memory_layers) * cfg.train.batch_size * cfg.train.seq_len
         if self._cudagraphs:
             # A gradient first set from a CUDA-graph output aliases the graph's memory, which the
             # next micro-batch's replay overwrites: give every parameter its own .grad up front
@@ -246,10 +245,9 @@ class Trainer:
             aux_sum += aux.detach().float()
             if self._flush_every and ((micro + 1) % self._flush_every == 0 or micro + 1 == accum):
                 # staged table gradients into the buffers: before the staging area fills up, and
-                # before clipping and the optimizer read them. Each memory layer staged its tokens
-                # once per micro-batch since the last flush (told, so the host does not wait).
-                staged = (micro % self._flush_every + 1) * self._staged_per_micro_batch
-                self.model.memory_tables.flush_grad_staging(staged)
+                # before clipping and the optimizer read them (without a host sync: the staging
+                # area holds table_grad_flush micro-batches, full at each regular flush)
+                self.model.memory_tables.flush_grad_staging(wait=False)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         self.optimizer.step()

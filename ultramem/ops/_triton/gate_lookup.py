@@ -579,16 +579,16 @@ OVERFLOW_PROGRAMS = 1024
 
 def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
                               pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor, gelu: bool,
-                              grad_values: Tensor | None, grad_pre_values: Tensor | None, config: dict | None = None,
+                              grad_values: Tensor, grad_pre_values: Tensor, config: dict | None = None,
                               deterministic: bool = False, staging=None) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup: adds the tables' gradients into grad_values and
     grad_pre_values (no zero-fill) and returns (grad_scores, grad_x) in scores' and x's dtypes.
     One kernel with fp32 atomics; `deterministic`: the same kernel without atomics, then each
     table's gradient sorted by row, one writer per row (one sort shared by both tables).
-    `staging` (a `GradStaging` with room for these T tokens): no table writes; the kernel stages
-    each entry's row, effective scores act(g)·s and gate gradient, and the token's grad_out and
-    x, for a later sorted pass over many micro-batches (`ultramem.ops.staged_grad`); without
-    room (checked on the device) it adds with atomics as usual.
+    `staging` (a `GradStaging`): no table writes; the kernel stages each entry's row, effective
+    scores act(g)·s and gate gradient, and the token's grad_out and x, for a later sorted pass
+    over many micro-batches (`ultramem.ops.staged_grad`); when the T tokens do not fit (checked
+    on the device) `_overflow_add_kernel` adds them into the buffers with atomics.
     Arguments are checked by the op (`gate_lookup_backward_into`)."""
     cfg = {**BWD_CONFIG, **(config or {})}
     t, e = rows.shape
@@ -622,7 +622,8 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
                       grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g, *stage_args),
         fill, t, cap, e, values.shape[0], dv, dp,
         DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=has_grad_gate,
-        SCATTER=not deterministic and staging is None, STAGED=staging is not None, EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
+        SCATTER=not deterministic and staging is None, STAGED=staging is not None,
+        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
         **_launch_options(cfg),
     )
     if staging is not None:
