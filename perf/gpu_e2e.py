@@ -105,6 +105,24 @@ def build_layer_227m(gather_dtype: torch.dtype | None = torch.bfloat16):
     return mcfg, layer, tables, u, grad_y
 
 
+def profile_kernels(rows: dict, name: str, fn, calls: int = 3) -> None:
+    """Per-kernel GPU self time per call of fn (after one warm-up call): rows gets
+    `{name}_gpu_time_per_fwd_bwd_ms` and the top 40 kernels as `{name}_kernels_us`."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted(((e.key, e.self_device_time_total / calls, e.count // calls) for e in prof.key_averages()
+                     if e.self_device_time_total > 0), key=lambda item: -item[1])
+    rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000
+    rows[f"{name}_kernels_us"] = [{"kernel": k[:160], "us": round(us, 1), "calls": c} for k, us, c in events[:40]]
+    log.info("%s: GPU time per fwd+bwd %.3f ms", name, rows[f"{name}_gpu_time_per_fwd_bwd_ms"])
+    for k, us, c in events[:25]:
+        log.info("  %8.1f us  x%-3d %s", us, c, k[:110])
+
+
 def time_layer(result: dict, cudagraphs: bool = False) -> None:
     mcfg, layer, tables, u, grad_y = build_layer_227m()
     ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).cuda()
@@ -145,21 +163,7 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
     profiled = [("layer_eager", layer, False), ("layer_compiled", variants[1][1], False),
                 ("ffn_eager", ffn, True), ("ffn_compiled", variants[-1][1], True)]
     for name, mod, is_ffn in profiled:
-        fn = run(mod, is_ffn, True)
-        fn()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-        events = [(e.key, e.self_device_time_total / 3, e.count // 3) for e in prof.key_averages()
-                  if e.self_device_time_total > 0]
-        events.sort(key=lambda item: -item[1])
-        rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000
-        rows[f"{name}_kernels_us"] = [{"kernel": k[:160], "us": round(us, 1), "calls": c} for k, us, c in events[:40]]
-        log.info("%s: GPU time per fwd+bwd %.3f ms", name, rows[f"{name}_gpu_time_per_fwd_bwd_ms"])
-        for k, us, c in events[:25]:
-            log.info("  %8.1f us  x%-3d %s", us, c, k[:110])
+        profile_kernels(rows, name, run(mod, is_ffn, True))
     # Staged table gradients (the trainer's default): the backward stages instead of adding; the
     # flush, once per `table_grad_flush` micro-batches for all layers, is timed by
     # perf/benches/staged_flush.py (per layer and micro-batch it adds flush / (F·L)). The fill
@@ -173,21 +177,7 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
         staged()
 
     rows["layer_compiled_staged_fwd_bwd_ms"] = cuda_time_ms(staged_call)
-    staged_call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            staged_call()
-        torch.cuda.synchronize()
-    events = sorted(((e.key, e.self_device_time_total / 3, e.count // 3) for e in prof.key_averages()
-                     if e.self_device_time_total > 0), key=lambda item: -item[1])
-    rows["layer_compiled_staged_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000
-    rows["layer_compiled_staged_kernels_us"] = [{"kernel": k[:160], "us": round(us, 1), "calls": c}
-                                                for k, us, c in events[:40]]
-    log.info("layer_compiled_staged: GPU time per fwd+bwd %.3f ms (without the flush)",
-             rows["layer_compiled_staged_gpu_time_per_fwd_bwd_ms"])
-    for k, us, c in events[:12]:
-        log.info("  %8.1f us  x%-3d %s", us, c, k[:110])
+    profile_kernels(rows, "layer_compiled_staged", staged_call)  # (without the flush)
     tables.use_grad_staging(0)
     result["layer_227m"] = rows
 

@@ -392,8 +392,7 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
     n, d = grad_table.shape
     if t == 0 or e == 0 or d == 0:
         return
-    sc, s_strides, m = _scores3(scores)
-    sorted_ids, perm = order if order is not None else sort_rows(rows, n)
+    (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
     fuse = dots is not None
     bd = _block_d(cfg["BLOCK_D"], d)
     if fuse:
@@ -433,13 +432,12 @@ def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor
     blocks of row-sorted entries, one atomic add per row and block). For many entries whose
     source rows are not in L2 (the staged flush); not bitwise reproducible. `limit`: a
     one-element device tensor; tokens at or past its value are skipped (no host sync)."""
-    cfg = {**BLOCK_ADD_CONFIG, **(config or {})}
     t, e = rows.shape
     n, d = grad_table.shape
     if t == 0 or e == 0 or d == 0:
         return
-    sc, s_strides, m = _scores3(scores)
-    sorted_ids, perm = order if order is not None else sort_rows(rows, n)
+    cfg = {**BLOCK_ADD_CONFIG, **(config or {})}
+    (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
     bj, bd = cfg["BLOCK_J"], _block_d(cfg["BLOCK_D"], d)
     chunks = max(1, min(int(cfg.get("CHUNKS", 1)), triton.cdiv(d, bd)))
     _sorted_block_add_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd * chunks))](
