@@ -33,9 +33,10 @@ change call `refresh_compute_copy()`. As a safety net an eager (not compiled) fo
 a table's version counter moved since the last refresh; fused optimizers (`AdamW(fused=True)`)
 update in place without moving it, so the net is not a substitute for the refresh.
 
-Under CUDA graphs the captured backward keeps the address of each gradient buffer and of each
-compute copy: after the first captured step, only zero / refresh them in place (no second
-`use_grad_buffers()` or `use_compute_copy()`, no move to another device).
+Under CUDA graphs the captured backward keeps the address of each gradient buffer, of each
+compute copy and of the staging area: after the first captured step, only zero / refresh / flush
+them in place (no second `use_grad_buffers()`, `use_compute_copy()` or `use_grad_staging()`, no
+move to another device).
 """
 from __future__ import annotations
 
