@@ -39,10 +39,11 @@ def _grads(tables, layers, inputs, staging_tokens: int | None, backend: str | No
     return out, before, staged
 
 
-@pytest.mark.parametrize("capacity", ["all", "part"])
-@pytest.mark.parametrize("backend", [None, "inductor"])
-def test_staged_equals_unstaged(capacity, backend):
-    cfg = make_cfg(share_ratio=1.0)  # windows overlap: the layers share rows
+@pytest.mark.parametrize("capacity,backend,memory", [("all", None, {}), ("part", None, {}), ("all", "inductor", {}),
+                                                     ("part", "inductor", {}),
+                                                     ("all", None, {"heads": 2, "tucker_cores": 4, "glu_act": False})])
+def test_staged_equals_unstaged(capacity, backend, memory):
+    cfg = make_cfg(share_ratio=1.0, **memory)  # windows overlap: the layers share rows
     tables, layers, g = build_random(cfg, 3, seed=21)
     inputs = _fp32(tables, layers, g, 2)
     calls = len(inputs) * len(layers)

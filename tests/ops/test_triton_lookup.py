@@ -442,8 +442,10 @@ def test_gate_lookup_backward(case, deterministic):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(deterministic):
+@pytest.mark.parametrize("mode", ["atomics", "deterministic", "staged"])
+def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(mode):
+    from ultramem.ops.staged_grad import GradStaging
+
     g = _gen(29)
     t, e, n, dv, dp, m = 4, 5, 10, 16, 8, 2
     rows = _rows(t, e, n, g, torch.int64)
@@ -459,8 +461,12 @@ def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(deterministic
     want = gate_lookup_backward_oracle(grad_out, keep_grad_gate, rows, values, pre_values, x, keep_scores, keep_gate,
                                        True)
     buf_v, buf_p = torch.zeros(n, dv), torch.zeros(n, dp)
+    staging = GradStaging(t, e, m, dv, dp, torch.float32, "cpu") if mode == "staged" else None
     grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, bad, values, pre_values, x, scores, gate,
-                                                        True, buf_v, buf_p, deterministic=deterministic)
+                                                        True, buf_v, buf_p, deterministic=mode == "deterministic",
+                                                        staging=staging)
+    if staging is not None:  # the bad ids are staged as they are; the flush skips them
+        assert staging.flush(buf_v, buf_p, kernels=True) == t
     assert _rel(buf_v, want[0]) < 1e-5 and _rel(buf_p, want[1]) < 1e-5 and _rel(grad_x, want[2]) < 1e-5
     for ti, ei in ((0, 0), (2, 4)):
         want[3][ti, ei] = 0
@@ -505,15 +511,17 @@ def test_sorted_block_add(case):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gate_lookup_backward_staged_then_flushed(dtype):
+@pytest.mark.parametrize("case", [(torch.float32, 5, 24, 16, 2, True), (torch.float16, 5, 24, 16, 2, True),
+                                  (torch.float32, 7, 16, 8, 1, False), (torch.float32, 3, 24, 40, 3, True)])
+def test_gate_lookup_backward_staged_then_flushed(case):
     """Three backwards into a staging area with room for two: the first two are staged (no
     table writes), the third adds with atomics; after the flush (sort + block adds) both
     buffers hold the sum of all three, grad_x and grad_scores come out as without staging."""
     from ultramem.ops.staged_grad import GradStaging
 
-    t, e, n, dv, dp, m = 6, 5, 9, 24, 16, 2
-    g = _gen(17)
+    dtype, e, dv, dp, m, gelu = case
+    t, n = 6, 9
+    g = _gen(17 + e + m)
     values, pre_values = _rand((n, dv), g, dtype), _rand((n, dp), g, dtype)
     staging = GradStaging(2 * t + 1, e, m, dv, dp, dtype, "cpu")
     start_v, start_p = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
@@ -524,11 +532,11 @@ def test_gate_lookup_backward_staged_then_flushed(dtype):
         x, scores = _rand((t, dp), g, dtype), _rand((t, e, m), g, dtype)
         gate, grad_out = _rand((t, e), g, dtype), _rand((t, dv), g, dtype)
         grad_gate = _rand((t, e), g, dtype) if call == 1 else None
-        want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, True)
+        want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu)
         want_v += want[0]
         want_p += want[1]
         grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores,
-                                                            gate, True, buf_v, buf_p, CHUNKS, staging=staging)
+                                                            gate, gelu, buf_v, buf_p, CHUNKS, staging=staging)
         assert _rel(grad_x, want[2]) < _tol(dtype) and _rel(grad_scores, want[3]) < _tol(dtype)
         assert staging.staged_tokens() == min(call + 1, 2) * t
         if call < 2:  # staged: the buffers are untouched so far
