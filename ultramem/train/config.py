@@ -74,7 +74,8 @@ class TrainSection:
     # sorted pass per table adds them every this many micro-batches (and before each optimizer
     # step), instead of adding each entry at once: fewer row reads and writes of the fp32
     # gradients (ultramem.ops.staged_grad). Memory: about 1.3 kB per token, layer and
-    # micro-batch staged (1.3 GB at 227M with 4). 0: add at once.
+    # micro-batch staged (1.3 GB at 227M with 4). 0: add at once. On CUDA it applies with
+    # CUDA graphs (compile_mode "reduce-overhead"), where it was measured.
     table_grad_flush: int = 4
     device: str = "auto"
     log_interval: int = 1
