@@ -202,7 +202,8 @@ class Trainer:
         self._cudagraphs = uses_cudagraphs(cfg)  # (on CPU Inductor skips the graphs; the rest holds)
         tables = self.model.memory_tables
         staged = tables is not None and tables.grad_staging is not None
-        self._flush_every = min(cfg.train.table_grad_flush, cfg.train.grad_accum) if staged else 0
+        # (at least once per step whenever the tables stage, whatever the config says)
+        self._flush_every = max(1, min(cfg.train.table_grad_flush, cfg.train.grad_accum)) if staged else 0
         if self._cudagraphs:
             # A gradient first set from a CUDA-graph output aliases the graph's memory, which the
             # next micro-batch's replay overwrites: give every parameter its own .grad up front
