@@ -71,6 +71,8 @@ def test_zero_grad_drops_what_is_staged_and_bad_setups_are_refused():
         tables.use_grad_staging(16, m.heads * m.knn, m.tucker_cores, torch.float32)
     tables.use_grad_buffers()
     tables.use_grad_staging(64, m.heads * m.knn, m.tucker_cores, torch.float32)
+    # per token: E row ids, E·M effective scores and E gate gradients (4 bytes each), vdim + pre_vdim values
+    assert tables.grad_staging.nbytes == 64 * (m.heads * m.knn * (4 + 4 * m.tucker_cores + 4) + 4 * (m.vdim + m.pre_vdim))
     (layers[0](x, tables)[0] ** 2).sum().backward()
     assert tables.grad_staging.staged_tokens() == 10
     tables.zero_grad_buffers()

@@ -62,10 +62,9 @@ class GradStaging:
         for t in (self.rows, self.eff, self.grad_g, self.grad_out, self.x, self.fill):
             torch._dynamo.mark_static_address(t)  # CUDA graphs keep these addresses
 
-    @staticmethod
-    def bytes_per_token(entries: int, cores: int, vdim: int, pre_vdim: int, dtype: torch.dtype) -> int:
-        item = torch.empty((), dtype=dtype).element_size()
-        return entries * (4 + 4 * cores + 4) + (vdim + pre_vdim) * item
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.eff, self.grad_g, self.grad_out, self.x))
 
     def accepts(self, rows: Tensor, grad_out: Tensor, x: Tensor, scores: Tensor) -> bool:
         """Whether a backward with these tensors can be staged here (else it uses the atomics)."""

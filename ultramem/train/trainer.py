@@ -95,6 +95,8 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
             model.memory_tables.use_grad_staging(
                 tokens, mem.heads * mem.knn, mem.tucker_cores,
                 torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32)
+            log.info("table gradients staged, flushed every %d micro-batches (%.2f GB)", flush,
+                     model.memory_tables.grad_staging.nbytes / 1e9)
     return model
 
 
