@@ -107,27 +107,35 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(rows, values, pre_values, x, scores, output[1])
 
 
+def _effective_scores(scores: Tensor, gate: Tensor, gelu: bool, acc: torch.dtype):
+    """(s, act(g), act'(g), eff = s · act(g)) in `acc`. The effective scores stay in the
+    accumulation dtype, so the lookup's backward returns their gradient unrounded."""
+    g = gate.to(acc)
+    act, slope = _gelu_and_slope(g) if gelu else (g, torch.ones_like(g))
+    s = scores.to(acc)
+    return s, act, slope, s * act.unsqueeze(-1)
+
+
+def _gate_gradient(grad_eff: Tensor, s: Tensor, slope: Tensor, grad_gate: Tensor | None) -> Tensor:
+    """grad_g = Σ_m grad_eff · s · act'(g) (+ the gate output's own gradient)."""
+    grad_g = (grad_eff * s).sum(-1) * slope
+    return grad_g if grad_gate is None else grad_g + grad_gate.to(grad_g.dtype)
+
+
 def _composed_backward(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor,
                        x: Tensor, scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int,
                        pre_values_grad_buffer: int):
     """The backward through the lookup's and the gate's backward ops (each table's gradient
     into its buffer, or returned): (grad_values, grad_pre_values, grad_x, grad_scores)."""
     acc = acc_dtype(values, pre_values, x, scores)
-    g = gate.to(acc)
-    act, slope = _gelu_and_slope(g) if gelu else (g, torch.ones_like(g))
-    s = scores.to(acc)
-    # The effective scores stay in the accumulation dtype, so the lookup's backward returns
-    # their gradient unrounded.
-    eff = s * act.unsqueeze(-1)
+    s, act, slope, eff = _effective_scores(scores, gate, gelu, acc)
     if values_grad_buffer != -1:
         grad_values = None
         grad_eff = weighted_lookup_backward_into(grad_out, rows, values, eff, values_grad_buffer)
     else:
         grad_values, grad_eff = weighted_lookup_backward(grad_out, rows, values, eff)
     grad_scores = (grad_eff * act.unsqueeze(-1)).to(scores.dtype)
-    grad_g = (grad_eff * s).sum(-1) * slope
-    if grad_gate is not None:
-        grad_g = grad_g + grad_gate.to(acc)
+    grad_g = _gate_gradient(grad_eff, s, slope, grad_gate)
     if pre_values_grad_buffer != -1:
         grad_pre_values = None
         grad_x = pre_value_gate_backward_into(grad_g.contiguous(), rows, pre_values, x, pre_values_grad_buffer)
@@ -204,15 +212,10 @@ def _staged_backward_reference(staging: GradStaging, grad_out: Tensor, grad_gate
     t, e = rows.shape
     m = scores.shape[2]
     flat = rows.reshape(-1).long()
-    g = gate.to(acc)
-    act, slope = _gelu_and_slope(g) if gelu else (g, torch.ones_like(g))
-    s = scores.to(acc)
-    eff = s * act.unsqueeze(-1)
+    s, act, slope, eff = _effective_scores(scores, gate, gelu, acc)
     vals = values.index_select(0, flat).to(acc).view(t, e, m, -1)
     grad_eff = (vals * grad_out.to(acc).view(t, 1, m, -1)).sum(-1)
-    grad_g = (grad_eff * s).sum(-1) * slope
-    if grad_gate is not None:
-        grad_g = grad_g + grad_gate.to(acc)
+    grad_g = _gate_gradient(grad_eff, s, slope, grad_gate)
     pre = pre_values.index_select(0, flat).to(acc).view(t, e, -1)
     grad_x = torch.einsum("te,ted->td", grad_g, pre)
     if not staging.stage_reference(rows, grad_out, x, eff, grad_g):
