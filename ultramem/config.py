@@ -48,6 +48,12 @@ class MemoryConfig:
             return self.tucker_rank_penalty
         return 0.001 if self.type == "ultramem_v1" else 0.0
 
+    @property
+    def lookup_shape(self) -> tuple[int, int]:
+        """(entries, cores) of each token's lookup in the shared tables: heads·knn rows, weighted
+        per Tucker core (UltraMemV2) or by one score (Memory+)."""
+        return self.heads * self.knn, (1 if self.type == "memory_plus" else self.tucker_cores)
+
 
 @dataclass
 class ModelConfig:

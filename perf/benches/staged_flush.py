@@ -130,4 +130,78 @@ def run(ctx) -> list[dict]:
         del st, order
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    del values, pre_values, buf_p
+    out += _one_table(ctx, sh, layers, gen, buf_v)
+    return out
+
+
+def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tensor) -> list[dict]:
+    """The standalone ops' backwards (`weighted_lookup`: Memory+, UltraMemV2 without
+    pre-values; `pre_value_gate`) with atomics and staged into a one-table staging area, and
+    the flush of F = 4 micro-batches × L layers of one table; per call amortized: staged =
+    kernel + flush / (F·L)."""
+    from ultramem.ops._triton import gate_lookup as tgl
+    from ultramem.ops._triton import pre_value_gate as tpg
+    from ultramem.ops._triton import weighted_lookup as twl
+    from ultramem.ops.staged_grad import GradStaging
+
+    dev = ctx.device
+    t, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
+    kernels = dev.type == "cuda"
+    table = (0.02 * torch.randn(n, d, generator=gen, device=dev)).to(BF16)
+    rows0 = _layer_rows(sh, 0, gen, dev)
+    scores = torch.randn(t, e, m, generator=gen, device=dev).to(BF16)
+    grad_gate = torch.randn(t, e, generator=gen, device=dev).to(BF16)
+    x = torch.randn(t, d, generator=gen, device=dev).to(BF16)
+    grad_out = torch.randn(t, d, generator=gen, device=dev).to(BF16)
+    shape = f"T={t} E={e} D={d} N={n} L={layers}"
+    out = []
+    ops = {
+        "lookup": (lambda: twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows0, table, scores),
+                   lambda st: tgl.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st),
+                   GradStaging(t, e, m, d, 0, BF16, dev), m),
+        "gate": (lambda: tpg.pre_value_gate_backward_accumulate_cuda(buf, grad_gate, rows0, table, x),
+                 lambda st: tgl.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st),
+                 GradStaging(t, e, 1, 0, d, BF16, dev), 1),
+    }
+    f = 1 if ctx.small else 4
+    tokens = f * layers * t
+    for name, (atomics, staged, one, cores) in ops.items():
+        us_atomic = ctx.do_bench(atomics)
+        out.append(ctx.row("staged_flush", shape, f"{name} bwd, atomics", us_atomic, None))
+
+        def staged_call():
+            one.fill.zero_()
+            return staged(one)
+
+        us_stage = ctx.do_bench(staged_call)
+        out.append(ctx.row("staged_flush", shape, f"{name} bwd, staged (with a fill reset)", us_stage, None))
+        # check: staged + flush against the atomics, and the same grad_scores / grad_x
+        buf.zero_()
+        want_grad = atomics().double()
+        want = buf.double()
+        buf.zero_()
+        got_grad = staged_call()
+        one.flush(buf if name == "lookup" else None, None if name == "lookup" else buf, kernels=kernels)
+        ctx.check(f"{name}: staged + flush vs atomics", buf, want, tol=1e-5)
+        ctx.check(f"{name}: staged grad vs atomics path", got_grad, want_grad, tol=1e-2)
+        del want, want_grad
+        # the flush of F micro-batches of L layers of this one table
+        st = GradStaging(tokens, e, cores, d if name == "lookup" else 0, 0 if name == "lookup" else d, BF16, dev)
+        st.rows.copy_(torch.cat([_layer_rows(sh, i % layers, gen, dev) for i in range(f * layers)]))
+        for part in (st.eff, st.grad_out, st.grad_g, st.x):
+            if part is not None:
+                part.normal_(generator=gen)
+
+        def flush():
+            st.fill.fill_(tokens)
+            st.flush(buf if name == "lookup" else None, None if name == "lookup" else buf, kernels=kernels)
+
+        us_flush = ctx.do_bench(flush, graph=False)
+        out.append(ctx.row("staged_flush", shape, f"{name}: F={f} flush of one table", us_flush, None))
+        out.append(ctx.row("staged_flush", shape, f"{name} bwd, staged, per call with its flush share (F={f})",
+                           us_stage + us_flush / (f * layers), None, versus_atomics_us=round(us_atomic, 1)))
+        del st
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return out

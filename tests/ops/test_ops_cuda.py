@@ -90,3 +90,45 @@ def test_gate_lookup_backward_staged_on_cuda(hot, monkeypatch):
         register_staging(ids[0], None)
         for i in ids:
             release_grad_buffer(i)
+
+
+@pytest.mark.parametrize("op", ["lookup", "gate"])
+@pytest.mark.parametrize("hot", [0.0, 0.6])
+def test_one_table_backward_staged_on_cuda(op, hot, monkeypatch):
+    """weighted_lookup's / pre_value_gate's backward into a registered buffer with a one-table
+    staging area (room for one call and a half): the first call stages, the second adds with
+    atomics, the flush adds the first; the buffer then holds both calls' gradients (float64
+    oracle), grad_scores / grad_x as usual. bf16 inputs, as in training."""
+    from op_oracles import gate_backward_oracle, lookup_backward_oracle
+    from ultramem.ops.staged_grad import GradStaging, register_staging
+    from ultramem.ops.table_grad import pre_value_gate_backward_into, weighted_lookup_backward_into
+
+    monkeypatch.setattr(determinism, "_deterministic", False)
+    t, e, n, d, m = 96, 8, 50, 24, 2 if op == "lookup" else 1
+    bf = torch.bfloat16
+    buf = torch.zeros(n, d, device="cuda")
+    handle = register_grad_buffer(buf)
+    staging = GradStaging(t + t // 2, e, m, d if op == "lookup" else 0, 0 if op == "lookup" else d, bf, "cuda")
+    register_staging(handle, staging)
+    total = torch.zeros(n, d, dtype=torch.float64)
+    try:
+        for i in range(2):
+            grad_out, _, rows, table, _, x, scores, _ = _inputs(t, e, n, d, d, m, hot, seed=60 + i)
+            table, x, scores, grad_out = table.to(bf), x.to(bf), scores.to(bf), grad_out.to(bf)
+            if op == "lookup":
+                want = lookup_backward_oracle(grad_out, rows, table, scores)
+                got = weighted_lookup_backward_into(grad_out.cuda(), rows.cuda(), table.cuda(), scores.cuda(), handle)
+            else:
+                grad_gate = scores[:, :, 0].contiguous()
+                want = gate_backward_oracle(grad_gate, rows, table, x)
+                got = pre_value_gate_backward_into(grad_gate.cuda(), rows.cuda(), table.cuda(), x.cuda(), handle)
+            assert got.dtype == bf and _rel(got.cpu(), want[1]) < 1e-2  # (rounded to bf16)
+            assert staging.staged_tokens() == t
+            if i == 0:
+                assert not buf.any()
+            total += want[0]
+        assert staging.flush(buf if op == "lookup" else None, None if op == "lookup" else buf) == t
+        assert _rel(buf.cpu(), total) < 1e-5
+    finally:
+        register_staging(handle, None)
+        release_grad_buffer(handle)

@@ -551,3 +551,55 @@ def test_gate_lookup_backward_staged_then_flushed(case):
     assert staging.flush(buf_v, buf_p, kernels=True, wait=False) is None
     assert staging.staged_tokens() == 0
     assert _rel(buf_v - start_v, want_v) < _tol(dtype) and _rel(buf_p - start_p, want_p) < _tol(dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("op", ["lookup", "gate"])
+@pytest.mark.parametrize("case", [(torch.float32, 5, 24, 2), (torch.float16, 7, 16, 1), (torch.float32, 3, 40, 4)])
+def test_one_table_backward_staged_then_flushed(op, case):
+    """`weighted_lookup`'s and `pre_value_gate`'s staged backwards (the fused backward kernel
+    with one table): three calls into a staging area with room for two, the third added with
+    atomics; after the flush the buffer holds all three, and grad_scores / grad_x are those of
+    the float64 oracle."""
+    from ultramem.ops.staged_grad import GradStaging
+
+    dtype, e, d, m = case
+    m = m if op == "lookup" else 1
+    t, n = 6, 9
+    g = _gen(31 + e + d + m + len(op))
+    table = _rand((n, d), g, dtype)
+    staging = GradStaging(2 * t + 1, e, m, d if op == "lookup" else 0, 0 if op == "lookup" else d, dtype, "cpu")
+    start = _rand((n, d), g, torch.float32)
+    buf = start.clone()
+    want_table = torch.zeros(n, d, dtype=torch.float64)
+    for call in range(3):
+        rows = _rows(t, e, n, g, torch.int64 if call else torch.int32)
+        if call == 1:
+            rows[2, 0] = n + 1  # out of range: staged as it is, skipped by the flush
+        src = _rand((t, d), g, dtype)  # grad_out (lookup) or x (gate)
+        if op == "lookup":
+            scores = _rand((t, e, m), g, dtype)
+            want = lookup_backward_oracle(src, rows.clamp(max=n - 1), table, scores * (rows < n)[..., None])
+            grad = tgl.staged_lookup_backward_cuda(src, rows, table, scores, buf, staging, CHUNKS)
+        else:
+            grad_gate = _rand((t, e), g, dtype)
+            want = gate_backward_oracle(grad_gate * (rows < n), rows.clamp(max=n - 1), table, src)
+            grad = tgl.staged_gate_backward_cuda(grad_gate, rows, table, src, buf, staging, CHUNKS)
+        want_table += want[0]
+        if op == "lookup":  # an out-of-range entry's dots are 0
+            oor = (rows >= n)[..., None]
+            assert not grad.masked_select(oor).any()
+            assert _rel(grad.masked_fill(oor, 0), want[1].masked_fill(oor, 0)) < _tol(dtype)
+        else:
+            assert _rel(grad, want[1]) < _tol(dtype)
+        assert grad.dtype == dtype
+        assert staging.staged_tokens() == min(call + 1, 2) * t
+        if call < 2:
+            assert torch.equal(buf, start) and torch.equal(staging.rows[call * t:(call + 1) * t], rows.to(torch.int32))
+    assert _rel(buf - start, want[0]) < _tol(dtype)  # the third call's atomics
+    staging.rows[2 * t] = 0  # a stale slot past the fill level: skipped
+    (staging.eff if op == "lookup" else staging.grad_g)[2 * t] = 1e6
+    assert staging.flush(buf if op == "lookup" else None, None if op == "lookup" else buf, kernels=True,
+                         wait=False) is None
+    assert staging.staged_tokens() == 0
+    assert _rel(buf - start, want_table) < _tol(dtype)

@@ -14,7 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("module", ["table_scatter"])
+@pytest.mark.parametrize("module", ["table_scatter", "staged_flush"])
 def test_bench_ops_small_runs_and_checks(module, tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "bench.json"

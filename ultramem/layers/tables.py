@@ -16,8 +16,8 @@ ops' backwards add into row by row (no dense [N, D] gradient allocated and zero-
 and micro-batch), `param.grad` aliases each buffer so clipping and the optimizer read it as usual,
 and `zero_grad_buffers()` clears them once per optimizer step.
 
-Staged gradients (UltraMemV2 with pre-values, CUDA or CPU). After `use_grad_buffers()`,
-`use_grad_staging(tokens, entries, cores, dtype)` makes the layers' backwards stage what the two
+Staged gradients (UltraMemV2 and Memory+, CUDA or CPU). After `use_grad_buffers()`,
+`use_grad_staging(tokens, entries, cores, dtype)` makes the layers' backwards stage what the
 tables' gradients are made of instead of adding it to the buffers entry by entry; then
 `flush_grad_staging()` adds all of it at once, one sorted pass per table, and must run before
 anything reads the buffers (the trainer flushes every `table_grad_flush` micro-batches and before
@@ -106,12 +106,14 @@ class ValueTables(nn.Module):
 
     def use_grad_staging(self, tokens: int, entries: int = 0, cores: int = 1,
                          dtype: torch.dtype = torch.bfloat16) -> None:
-        """Stage the gate_lookup backwards' table gradients, room for `tokens` tokens (all layers'
-        together: L·T per micro-batch), `entries` entries per token, `cores` cores, grad_out and x
-        of the layers in `dtype`; tokens=0 turns staging off (after flushing what is staged)."""
-        if tokens and (self.values_grad is None or self.pre_values is None):
-            raise ValueError("use_grad_staging needs use_grad_buffers() first and a pre-value table "
-                             f"(pre_vdim={self.pre_vdim}): the staged path is gate_lookup's backward")
+        """Stage the layers' table gradients, room for `tokens` tokens (all layers' together:
+        L·T per micro-batch), `entries` entries per token, `cores` cores, the layers' grad_out
+        (and x) in `dtype`; tokens=0 turns staging off (after flushing what is staged). With a
+        pre-value table the staged backward is gate_lookup's (both tables), else
+        weighted_lookup's (UltraMemV2 without pre-values, Memory+)."""
+        if tokens and self.values_grad is None:
+            raise ValueError("use_grad_staging needs use_grad_buffers() first: the staged gradients are flushed "
+                             "into the gradient buffers")
         if self.grad_staging is not None:
             self.flush_grad_staging()
             register_staging(self.values_grad_id, None)

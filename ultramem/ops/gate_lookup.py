@@ -31,7 +31,7 @@ from .table_grad import (check_grad_buffer_id, keep_in_graphs, pre_value_gate_ba
                          weighted_lookup_backward_into)
 from .weighted_lookup import weighted_lookup_backward
 from .determinism import deterministic_enabled
-from .staged_grad import GradStaging, add_weighted_rows, staging_for
+from .staged_grad import GradStaging, add_weighted_rows, stageable
 
 _OP = "gate_lookup"
 
@@ -196,11 +196,8 @@ def _check_backward_args(grad_out: Tensor, grad_gate: Tensor | None, rows: Tenso
 def _staging(values_grad_buffer: int, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
              grad_out: Tensor) -> GradStaging | None:
     """The staging area registered for this values buffer, if this backward can use it."""
-    staging = staging_for(values_grad_buffer)
-    if (staging is None or deterministic_enabled() or acc_dtype(values, pre_values, x, scores) != torch.float32
-            or values.shape[0] >= 2**31 or not staging.accepts(rows, grad_out, x, scores)):  # (int32 row ids)
-        return None
-    return staging
+    staging = stageable(values_grad_buffer, rows, values, pre_values, x, scores)
+    return staging if staging is not None and staging.accepts(rows, grad_out, x, scores) else None
 
 
 def _staged_backward_reference(staging: GradStaging, grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor,

@@ -35,86 +35,120 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check
+from ._checks import acc_dtype, check, check_index_range
+from .determinism import deterministic_enabled
 
 _stagings: dict[int, "GradStaging"] = {}
 
 
 class GradStaging:
-    """Room for `capacity` tokens of `gate_lookup` backward with `entries` entries per token and
-    `cores` cores, tables of widths vdim / pre_vdim, token rows (grad_out, x) in `dtype`."""
+    """Room for `capacity` tokens of backward with `entries` entries per token, token rows
+    (grad_out, x) in `dtype`. Two halves, either may be absent (width 0):
+
+    - the values half (`vdim` > 0): per entry the weight of each of `cores` cores (`eff`), per
+      token grad_out: `weighted_lookup`'s table gradient, grad_V[row] += eff · grad_out[t];
+    - the pre-values half (`pre_vdim` > 0): per entry one weight (`grad_g`), per token x:
+      `pre_value_gate`'s, grad_P[row] += grad_g · x[t].
+
+    Both halves: `gate_lookup`'s backward (registered under the values buffer id). Values only:
+    `weighted_lookup`'s; pre-values only: `pre_value_gate`'s (each under its table's buffer id)."""
 
     def __init__(self, capacity: int, entries: int, cores: int, vdim: int, pre_vdim: int, dtype: torch.dtype,
                  device: torch.device | str):
         check(capacity > 0, "GradStaging", f"capacity={capacity} tokens must be > 0")
-        check(entries > 0 and cores > 0 and vdim % cores == 0 and pre_vdim > 0, "GradStaging",
-              f"entries={entries}, cores={cores}, vdim={vdim}, pre_vdim={pre_vdim}: need entries, cores, pre_vdim "
-              f"> 0 and vdim divisible by cores")
+        check(entries > 0 and cores > 0 and vdim >= 0 and pre_vdim >= 0 and vdim + pre_vdim > 0
+              and vdim % cores == 0, "GradStaging",
+              f"entries={entries}, cores={cores}, vdim={vdim}, pre_vdim={pre_vdim}: need entries, cores > 0, "
+              f"vdim and pre_vdim >= 0 (not both 0) and vdim divisible by cores")
         self.capacity, self.entries, self.cores = capacity, entries, cores
         self.vdim, self.pre_vdim, self.dtype = vdim, pre_vdim, dtype
         kw = {"device": device}
         self.rows = torch.empty(capacity, entries, dtype=torch.int32, **kw)
-        self.eff = torch.empty(capacity, entries, cores, dtype=torch.float32, **kw)
-        self.grad_g = torch.empty(capacity, entries, dtype=torch.float32, **kw)
-        self.grad_out = torch.empty(capacity, vdim, dtype=dtype, **kw)
-        self.x = torch.empty(capacity, pre_vdim, dtype=dtype, **kw)
+        self.eff = torch.empty(capacity, entries, cores, dtype=torch.float32, **kw) if vdim else None
+        self.grad_out = torch.empty(capacity, vdim, dtype=dtype, **kw) if vdim else None
+        self.grad_g = torch.empty(capacity, entries, dtype=torch.float32, **kw) if pre_vdim else None
+        self.x = torch.empty(capacity, pre_vdim, dtype=dtype, **kw) if pre_vdim else None
         self.fill = torch.zeros(1, dtype=torch.int64, **kw)  # tokens staged so far
-        for t in (self.rows, self.eff, self.grad_g, self.grad_out, self.x, self.fill):
+        for t in self._tensors() + [self.fill]:
             torch._dynamo.mark_static_address(t)  # CUDA graphs keep these addresses
+
+    def _tensors(self) -> list[Tensor]:
+        return [t for t in (self.rows, self.eff, self.grad_out, self.grad_g, self.x) if t is not None]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rows, self.eff, self.grad_g, self.grad_out, self.x))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _fits(self, rows: Tensor, *token_rows: Tensor) -> bool:
+        return (rows.shape[1] == self.entries and rows.device == self.fill.device
+                and all(t.dtype == self.dtype and t.device == self.fill.device for t in token_rows))
 
     def accepts(self, rows: Tensor, grad_out: Tensor, x: Tensor, scores: Tensor) -> bool:
-        """Whether a backward with these tensors can be staged here (else it uses the atomics)."""
-        return (rows.shape[1] == self.entries and scores.shape[2] == self.cores
-                and grad_out.shape[1] == self.vdim and x.shape[1] == self.pre_vdim
-                and grad_out.dtype == self.dtype and x.dtype == self.dtype
-                and grad_out.device == self.fill.device and rows.device == self.fill.device)
+        """Whether a `gate_lookup` backward with these tensors can be staged here (else it adds
+        with atomics)."""
+        return (self.vdim > 0 and self.pre_vdim > 0 and self._fits(rows, grad_out, x) and scores.shape[2] == self.cores
+                and grad_out.shape[1] == self.vdim and x.shape[1] == self.pre_vdim)
+
+    def accepts_lookup(self, rows: Tensor, grad_out: Tensor, scores: Tensor) -> bool:
+        """The same for a `weighted_lookup` backward (a values-only staging area)."""
+        return (self.vdim > 0 and self.pre_vdim == 0 and self._fits(rows, grad_out)
+                and scores.shape[2] == self.cores and grad_out.shape[1] == self.vdim)
+
+    def accepts_gate(self, rows: Tensor, x: Tensor) -> bool:
+        """The same for a `pre_value_gate` backward (a pre-values-only staging area)."""
+        return self.vdim == 0 and self.pre_vdim > 0 and self._fits(rows, x) and x.shape[1] == self.pre_vdim
 
     def staged_tokens(self) -> int:
         return int(self.fill.item())
 
-    def stage_reference(self, rows: Tensor, grad_out: Tensor, x: Tensor, eff: Tensor, grad_g: Tensor) -> bool:
-        """Stage one backward with plain tensor ops (the CPU path); False when it does not fit."""
+    def stage_reference(self, rows: Tensor, grad_out: Tensor | None, x: Tensor | None, eff: Tensor | None,
+                        grad_g: Tensor | None) -> bool:
+        """Stage one backward with plain tensor ops (the CPU path; the halves this area has);
+        False when it does not fit."""
         t = rows.shape[0]
         start = int(self.fill.item())
         if start + t > self.capacity:
             return False
         end = start + t
         self.rows[start:end].copy_(rows)
-        self.eff[start:end].copy_(eff)
-        self.grad_g[start:end].copy_(grad_g)
-        self.grad_out[start:end].copy_(grad_out)
-        self.x[start:end].copy_(x)
+        if self.vdim:
+            self.eff[start:end].copy_(eff)
+            self.grad_out[start:end].copy_(grad_out)
+        if self.pre_vdim:
+            self.grad_g[start:end].copy_(grad_g)
+            self.x[start:end].copy_(x)
         self.fill.add_(t)
         return True
 
     @torch.no_grad()
-    def flush(self, grad_values: Tensor, grad_pre_values: Tensor, kernels: bool | None = None,
+    def flush(self, grad_values: Tensor | None, grad_pre_values: Tensor | None = None, kernels: bool | None = None,
               wait: bool = True) -> int | None:
-        """Add everything staged into the two gradient buffers and empty the staging area;
-        returns the number of tokens flushed. `kernels`: the sort and the Triton passes (default:
-        on CUDA), else plain `index_add_`. `wait` reads the fill level first (a host sync);
-        without it the kernels sort the whole staging area and skip, on the device, the tokens
-        at or past the fill level (nothing staged is missed; a staging area far from full costs
-        more), and the count returned is None."""
+        """Add everything staged into the gradient buffers of the halves this area has (the
+        values' and the pre-values' buffers) and empty the staging area; returns the number of
+        tokens flushed. `kernels`: the sort and the Triton passes (default: on CUDA), else plain
+        `index_add_`. `wait` reads the fill level first (a host sync); without it the kernels
+        sort the whole staging area and skip, on the device, the tokens at or past the fill
+        level (nothing staged is missed; a staging area far from full costs more), and the
+        count returned is None."""
         from ._triton import weighted_lookup as _twl  # noqa: PLC0415  (None without Triton)
 
+        halves = [(self.grad_out, self.eff, grad_values, "grad_values"),
+                  (self.x, self.grad_g, grad_pre_values, "grad_pre_values")]
+        halves = [h for h in halves if h[0] is not None]
+        for _, _, buf, name in halves:
+            check(buf is not None, "GradStaging.flush", f"{name} is None but this staging area holds its half")
         kernels = (self.rows.is_cuda if kernels is None else kernels) and _twl is not None
         n = self.staged_tokens() if wait or not kernels else self.capacity
         if n == 0:
             return 0
-        rows, eff, grad_g = self.rows[:n], self.eff[:n], self.grad_g[:n]
-        grad_out, x = self.grad_out[:n], self.x[:n]
+        rows = self.rows[:n]
         if kernels:
-            order = _twl.sort_rows(rows, grad_values.shape[0])
-            _twl.sorted_block_add(rows, grad_out, eff, grad_values, torch.float32, order=order, limit=self.fill)
-            _twl.sorted_block_add(rows, x, grad_g, grad_pre_values, torch.float32, order=order, limit=self.fill)
+            order = _twl.sort_rows(rows, halves[0][2].shape[0])
+            for g, w, buf, _ in halves:
+                _twl.sorted_block_add(rows, g[:n], w[:n], buf, torch.float32, order=order, limit=self.fill)
         else:
-            add_weighted_rows(rows, grad_out, eff, grad_values)
-            add_weighted_rows(rows, x, grad_g.unsqueeze(-1), grad_pre_values)
+            for g, w, buf, _ in halves:
+                add_weighted_rows(rows, g[:n], w[:n] if w.dim() == 3 else w[:n].unsqueeze(-1), buf)
         self.fill.zero_()
         return n if wait or not kernels else None
 
@@ -130,14 +164,72 @@ def add_weighted_rows(rows: Tensor, g: Tensor, w: Tensor, buf: Tensor) -> None:
     buf.index_add_(0, flat[ok], contrib[ok])
 
 
-def register_staging(values_grad_buffer: int, staging: GradStaging | None) -> None:
-    """Stage the backwards of `gate_lookup` calls whose values buffer id is `values_grad_buffer`
-    (None: stop staging; flush first)."""
+def stageable(grad_buffer: int, rows: Tensor, table: Tensor, *tensors: Tensor) -> GradStaging | None:
+    """The staging area registered for this buffer id when a backward on these tensors may stage
+    (not in deterministic mode, fp32 accumulation, int32 row ids; on CUDA at most the fused
+    backward kernel's entries per token)."""
+    staging = _stagings.get(grad_buffer)
+    if (staging is None or deterministic_enabled() or acc_dtype(table, *tensors) != torch.float32
+            or table.shape[0] >= 2**31):
+        return None
+    if rows.is_cuda:
+        from ._triton import gate_lookup as _tgl  # noqa: PLC0415  (None without Triton)
+        if _tgl is None or rows.shape[1] > _tgl.BWD_MAX_ENTRIES:
+            return None
+    return staging
+
+
+def staged_lookup_backward(grad_buffer: int, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor,
+                           buf: Tensor) -> Tensor | None:
+    """`weighted_lookup`'s backward staged into the values-only `GradStaging` registered for
+    `grad_buffer` (into `buf` directly when it is full); returns grad_scores, or None when no
+    staging applies (then the caller adds into `buf` itself)."""
+    staging = stageable(grad_buffer, rows, table, scores, grad_out)
+    if staging is None or not staging.accepts_lookup(rows, grad_out, scores):
+        return None
+    check_index_range(rows, table.shape[0], "weighted_lookup_backward_into", "rows")
+    if rows.is_cuda:
+        from ._triton import gate_lookup as _tgl  # noqa: PLC0415
+        return _tgl.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
+    t, e = rows.shape
+    m = scores.shape[2]
+    g = grad_out.float().view(t, 1, m, -1)
+    grad_scores = (table.index_select(0, rows.reshape(-1).long()).float().view(t, e, m, -1) * g).sum(-1)
+    if not staging.stage_reference(rows, grad_out, None, scores.float(), None):
+        add_weighted_rows(rows, grad_out, scores.float(), buf)
+    return grad_scores.to(scores.dtype)
+
+
+def staged_gate_backward(grad_buffer: int, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor,
+                         buf: Tensor) -> Tensor | None:
+    """`pre_value_gate`'s backward staged into the pre-values-only `GradStaging` registered for
+    `grad_buffer`; returns grad_x, or None when no staging applies."""
+    staging = stageable(grad_buffer, rows, table, x, grad_gate)
+    if staging is None or not staging.accepts_gate(rows, x):
+        return None
+    check_index_range(rows, table.shape[0], "pre_value_gate_backward_into", "rows")
+    if rows.is_cuda:
+        from ._triton import gate_lookup as _tgl  # noqa: PLC0415
+        return _tgl.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
+    t, e = rows.shape
+    gg = grad_gate.float()
+    grad_x = torch.einsum("te,ted->td", gg, table.index_select(0, rows.reshape(-1).long()).float().view(t, e, -1))
+    if not staging.stage_reference(rows, None, x, None, gg):
+        add_weighted_rows(rows, x, gg.unsqueeze(-1), buf)
+    return grad_x.to(x.dtype)
+
+
+def register_staging(grad_buffer: int, staging: GradStaging | None) -> None:
+    """Stage the backwards of the calls that pass `grad_buffer` (a `register_grad_buffer` id):
+    `gate_lookup` calls whose values buffer it is (a staging area with both halves),
+    `weighted_lookup` calls (values only), `pre_value_gate` calls (pre-values only). A call
+    whose shapes or dtypes do not match the area adds into the buffer as without staging.
+    None: stop staging (flush first)."""
     if staging is None:
-        _stagings.pop(values_grad_buffer, None)
+        _stagings.pop(grad_buffer, None)
     else:
-        _stagings[values_grad_buffer] = staging
+        _stagings[grad_buffer] = staging
 
 
-def staging_for(values_grad_buffer: int) -> GradStaging | None:
-    return _stagings.get(values_grad_buffer)
+def staging_for(grad_buffer: int) -> GradStaging | None:
+    return _stagings.get(grad_buffer)

@@ -31,6 +31,7 @@ import itertools
 import weakref
 
 from ._checks import check, check_same_device
+from .staged_grad import staged_gate_backward, staged_lookup_backward
 
 _FLOAT_ACC = (torch.float32, torch.float64)
 
@@ -160,6 +161,9 @@ def weighted_lookup_backward_into(grad_out: Tensor, rows: Tensor, table: Tensor,
     """Adds the table gradient into registered buffer `grad_buffer` (a hidden side effect: see the
     module doc); returns grad_scores."""
     buf = registered_grad_buffer("weighted_lookup_backward_into", grad_buffer, table)
+    grad_scores = staged_lookup_backward(grad_buffer, grad_out, rows, table, scores, buf)
+    if grad_scores is not None:  # a GradStaging is registered for this buffer
+        return grad_scores
     return weighted_lookup_backward_accumulate(buf, grad_out, rows, table, scores)
 
 
@@ -173,6 +177,9 @@ def pre_value_gate_backward_into(grad_gate: Tensor, rows: Tensor, table: Tensor,
                                  grad_buffer: int) -> Tensor:
     """Adds the table gradient into registered buffer `grad_buffer`; returns grad_x."""
     buf = registered_grad_buffer("pre_value_gate_backward_into", grad_buffer, table)
+    grad_x = staged_gate_backward(grad_buffer, grad_gate, rows, table, x, buf)
+    if grad_x is not None:
+        return grad_x
     return pre_value_gate_backward_accumulate(buf, grad_gate, rows, table, x)
 
 

@@ -90,23 +90,22 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
             model.memory_tables.use_compute_copy(torch.bfloat16)
         flush = staged_flush_interval(cfg, device)
         if flush:
-            mem = cfg.model.memory
             tokens = flush * len(model.memory_layers) * cfg.train.batch_size * cfg.train.seq_len
             model.memory_tables.use_grad_staging(
-                tokens, mem.heads * mem.knn, mem.tucker_cores,
-                torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32)
+                tokens, *cfg.model.memory.lookup_shape, torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32)
             log.info("table gradients staged, flushed every %d micro-batches (%.2f GB)", flush,
                      model.memory_tables.grad_staging.nbytes / 1e9)
     return model
 
 
 def staged_flush_interval(cfg: TrainConfig, device: torch.device) -> int:
-    """Micro-batches per flush of the staged table gradients (0: not staged). Staging is
-    gate_lookup's backward: UltraMemV2 layers with a pre-value table. On CUDA only with CUDA
-    graphs, where it was measured (+1.3% at 227M): without graphs the memory layers are
-    host-bound, and the staged backward launches three kernels where the unstaged one launches one."""
+    """Micro-batches per flush of the staged table gradients (0: not staged). The layers with
+    shared tables stage: UltraMemV2 (gate_lookup's backward, or weighted_lookup's without
+    pre-values) and Memory+ (weighted_lookup's). On CUDA only with CUDA graphs, where it was
+    measured (+1.3% at 227M): without graphs the memory layers are host-bound, and the staged
+    backward launches three kernels where the unstaged one launches one."""
     mem = cfg.model.memory
-    if mem.type != "ultramem_v2" or mem.pre_vdim <= 0 or (device.type == "cuda" and not uses_cudagraphs(cfg)):
+    if mem.type not in ("ultramem_v2", "memory_plus") or (device.type == "cuda" and not uses_cudagraphs(cfg)):
         return 0
     return min(cfg.train.table_grad_flush, cfg.train.grad_accum)
 

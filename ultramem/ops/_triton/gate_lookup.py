@@ -279,7 +279,7 @@ def _gate_lookup_bwd_kernel(
     fill_ptr, T, CAP,
     E, N, DV, DP,
     DM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, GELU: tl.constexpr, HAS_GRAD_GATE: tl.constexpr,
-    SCATTER: tl.constexpr, STAGED: tl.constexpr,
+    SCATTER: tl.constexpr, STAGED: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr,
     CHUNKS_P: tl.constexpr, GROUP_V: tl.constexpr, GROUP_P: tl.constexpr, EVICT_FIRST: tl.constexpr,
     ACC: tl.constexpr,
@@ -303,7 +303,12 @@ def _gate_lookup_bwd_kernel(
     fill + t, with fill = the tokens staged so far (read from fill_ptr), together with the row
     ids, grad_out and x. When the T tokens of this call do not fit, effective scores and grad_g
     go to xef / xgg instead, for `_overflow_add_kernel` (atomics here, even masked off, cost
-    this kernel 80 µs at the 227M shapes)."""
+    this kernel 80 µs at the 227M shapes).
+
+    One table alone (the staged backwards of `weighted_lookup` and `pre_value_gate`): HAS_GATE
+    False takes act(g) = 1 (no gate), and CHUNKS_P = 0 (a lookup: grad_scores = q) or CHUNKS_V = 0
+    (a gate: grad_g = grad_gate, grad_x) skips the other table's pass; pointers of the absent
+    half are never dereferenced."""
     t = tl.program_id(0).to(tl.int64)
     if STAGED:
         ts = tl.load(fill_ptr).to(tl.int64)
@@ -319,17 +324,24 @@ def _gate_lookup_bwd_kernel(
     ok = e_ok & (ids >= 0) & (ids < N)
     if STAGED:
         tl.store(sr_ptr + ts * sr_st + e * sr_se, ids.to(sr_ptr.dtype.element_ty), mask=e_ok & fits)
-    g = tl.load(gate_ptr + t * ga_st + e * ga_se, mask=ok, other=0.0).to(ACC)
-    if GELU:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        act = g * cdf
-        slope = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327  # Φ(g) + g·φ(g)
+    if HAS_GATE:
+        g = tl.load(gate_ptr + t * ga_st + e * ga_se, mask=ok, other=0.0).to(ACC)
+        if GELU:
+            cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+            act = g * cdf
+            slope = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327  # Φ(g) + g·φ(g)
+        else:
+            act = g
+            slope = tl.full((BLOCK_E,), 1.0, ACC)
     else:
-        act = g
+        act = tl.full((BLOCK_E,), 1.0, ACC)
         slope = tl.full((BLOCK_E,), 1.0, ACC)
     core = tl.arange(0, MP)
-    s2 = tl.load(s_ptr + t * s_st + e[:, None] * s_se + core[None, :] * s_sm,
-                 mask=ok[:, None] & (core < M)[None, :], other=0.0).to(ACC)
+    if CHUNKS_V > 0:
+        s2 = tl.load(s_ptr + t * s_st + e[:, None] * s_se + core[None, :] * s_sm,
+                     mask=ok[:, None] & (core < M)[None, :], other=0.0).to(ACC)
+    else:
+        s2 = tl.zeros((BLOCK_E, MP), dtype=ACC)
     s_m = _per_core(s2, core, M)
     eff = _per_core(s2 * act[:, None], core, M)
     row_ok = ok[:, None]
@@ -362,20 +374,25 @@ def _gate_lookup_bwd_kernel(
                                   (w * go).to(gv_ptr.dtype.element_ty), mask=row_ok & (d < DV)[None, :], sem="relaxed")
 
     grad_g = tl.zeros((BLOCK_E,), dtype=ACC)
-    for m in tl.static_range(M):
-        tl.store(gs_ptr + t * gs_st + e * gs_se + m * gs_sm, (q[m] * act).to(gs_ptr.dtype.element_ty), mask=e_ok)
-        grad_g += q[m] * s_m[m]
-    grad_g = grad_g * slope
+    if CHUNKS_V > 0:
+        for m in tl.static_range(M):
+            tl.store(gs_ptr + t * gs_st + e * gs_se + m * gs_sm, (q[m] * act).to(gs_ptr.dtype.element_ty), mask=e_ok)
+            grad_g += q[m] * s_m[m]
+        grad_g = grad_g * slope
     if HAS_GRAD_GATE:
         grad_g += tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0).to(ACC)
     if not SCATTER:
-        tl.store(gg_out_ptr + ts * go2_st + e * go2_se, grad_g, mask=e_ok & fits)
-        for m in tl.static_range(M):
-            tl.store(ef_ptr + ts * ef_st + e * ef_se + m * ef_sm, eff[m], mask=e_ok & fits)
-        if STAGED:
-            tl.store(xgg_ptr + t * xgg_st + e * xgg_se, grad_g, mask=e_ok & over)
+        if CHUNKS_P > 0:
+            tl.store(gg_out_ptr + ts * go2_st + e * go2_se, grad_g, mask=e_ok & fits)
+        if CHUNKS_V > 0:
             for m in tl.static_range(M):
-                tl.store(xef_ptr + t * xef_st + e * xef_se + m * xef_sm, eff[m], mask=e_ok & over)
+                tl.store(ef_ptr + ts * ef_st + e * ef_se + m * ef_sm, eff[m], mask=e_ok & fits)
+        if STAGED:
+            if CHUNKS_P > 0:
+                tl.store(xgg_ptr + t * xgg_st + e * xgg_se, grad_g, mask=e_ok & over)
+            if CHUNKS_V > 0:
+                for m in tl.static_range(M):
+                    tl.store(xef_ptr + t * xef_st + e * xef_se + m * xef_sm, eff[m], mask=e_ok & over)
 
     for g0 in tl.static_range(0, CHUNKS_P, GROUP_P):
         ps, xs = _load_chunk_group(p_ptr + ids[:, None] * p_sn, p_sd, row_ok, x_ptr + t * x_st, x_sd, cols_p, DP,
@@ -424,7 +441,8 @@ def _overflow_add_kernel(
                 w = _core_weights(ef_ptr + t * ef_st + e * ef_se, ef_sm, ok, (d // DM)[None, :], M, tl.float32)
                 tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd, w * go[None, :],
                               mask=ok[:, None] & (d < DV)[None, :], sem="relaxed")
-            gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
+            if CHUNKS_P > 0:  # (no pre-values half: gg_ptr is a placeholder)
+                gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
             for c in tl.static_range(CHUNKS_P):
                 d = c * BLOCK_D + cols
                 xv = tl.load(x_ptr + t * x_st + d * x_sd, mask=d < DP, other=0.0).to(tl.float32)
@@ -590,9 +608,7 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     over many micro-batches (`ultramem.ops.staged_grad`); when the T tokens do not fit (checked
     on the device) `_overflow_add_kernel` adds them into the buffers with atomics.
     Arguments are checked by the op (`gate_lookup_backward_into`)."""
-    cfg = {**BWD_CONFIG, **(config or {})}
     t, e = rows.shape
-    dv, dp = values.shape[1], pre_values.shape[1]
     m = scores.shape[2]
     grad_scores = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -601,28 +617,82 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     if e == 0:
         return grad_scores, grad_x.zero_()
     acc = acc_dtype(values, pre_values, x, scores)
-    has_grad_gate = grad_gate is not None
-    if staging is not None:
-        eff, grad_g = staging.eff, staging.grad_g
-        # where the effective scores and grad_g go when the staging area is full
-        over_eff = torch.empty((t, e, m), dtype=torch.float32, device=scores.device)
-        over_gg = torch.empty((t, e), dtype=torch.float32, device=scores.device)
-        stage_args = (staging.rows, staging.grad_out, staging.x, over_eff, over_gg)
-        fill, cap = staging.fill, staging.capacity
-    elif deterministic:
+    if deterministic and staging is None:
         eff = torch.empty((t, e, m), dtype=acc, device=scores.device)
         grad_g = torch.empty((t, e), dtype=acc, device=scores.device)
     else:
-        eff, grad_g = grad_scores, gate  # unused placeholders
-    if staging is None:
+        eff, grad_g = grad_scores, gate  # placeholders (unused, or the staging area's)
+    _launch_backward(rows, values, pre_values, x, scores, gate, grad_out, grad_gate, grad_values, grad_pre_values,
+                     grad_scores, grad_x, eff, grad_g, gelu=gelu, has_gate=True, acc=acc,
+                     scatter=not deterministic, staging=staging, config=config)
+    if deterministic and staging is None:
+        cfg = {**BWD_CONFIG, **(config or {})}
+        order = _wl.sort_rows(rows, values.shape[0])
+        for g, w, buf in ((grad_out, eff, grad_values), (x, grad_g, grad_pre_values)):
+            _wl.segment_scatter(rows, g, w, buf, acc, accumulate=True, order=order, config=cfg.get("segment"))
+    return grad_scores, grad_x
+
+
+def staged_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, values: Tensor, scores: Tensor, grad_values: Tensor,
+                                staging, config: dict | None = None) -> Tensor:
+    """`weighted_lookup`'s backward with its table gradient staged (a values-only `GradStaging`):
+    the backward kernel's values pass alone, no gate (grad_scores = the row dots); returns
+    grad_scores. Tokens that do not fit go into `grad_values` with atomics."""
+    t, e = rows.shape
+    grad_scores = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+    if t == 0 or e == 0:
+        return grad_scores.zero_()
+    none = values[:, :0]  # the absent pre-value table: 0 columns, never read
+    _launch_backward(rows, values, none, grad_out, scores, rows, grad_out, None, grad_values, grad_values,
+                     grad_scores, grad_out, grad_scores, rows, gelu=False, has_gate=False,
+                     acc=acc_dtype(values, scores, grad_out), scatter=False, staging=staging, config=config)
+    return grad_scores
+
+
+def staged_gate_backward_cuda(grad_gate: Tensor, rows: Tensor, pre_values: Tensor, x: Tensor,
+                              grad_pre_values: Tensor, staging, config: dict | None = None) -> Tensor:
+    """`pre_value_gate`'s backward with its table gradient staged (a pre-values-only
+    `GradStaging`): the backward kernel's pre-values pass alone with grad_g = grad_gate; returns
+    grad_x. Tokens that do not fit go into `grad_pre_values` with atomics."""
+    t, e = rows.shape
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if t == 0 or e == 0:
+        return grad_x.zero_()
+    none = pre_values[:, :0]  # the absent value table
+    one_core = grad_gate.unsqueeze(-1)  # placeholder scores [T, E, 1], never read
+    _launch_backward(rows, none, pre_values, x, one_core, grad_gate, x, grad_gate, grad_pre_values, grad_pre_values,
+                     one_core, grad_x, one_core, grad_gate, gelu=False, has_gate=False,
+                     acc=acc_dtype(pre_values, x, grad_gate), scatter=False, staging=staging, config=config)
+    return grad_x
+
+
+def _launch_backward(rows, values, pre_values, x, scores, gate, grad_out, grad_gate, grad_values, grad_pre_values,
+                     grad_scores, grad_x, eff, grad_g, *, gelu: bool, has_gate: bool, acc: torch.dtype,
+                     scatter: bool, staging, config: dict | None) -> None:
+    """`_gate_lookup_bwd_kernel` (one program per token), then with `staging` the overflow
+    kernel and the fill update. A table of 0 columns is absent (its pass is skipped). Without
+    staging and without `scatter`, eff / grad_g receive the effective scores and grad_g."""
+    cfg = {**BWD_CONFIG, **(config or {})}
+    t, e = rows.shape
+    dv, dp = values.shape[1], pre_values.shape[1]
+    m = scores.shape[2]
+    if staging is not None:
+        eff = staging.eff if dv else eff
+        grad_g = staging.grad_g if dp else grad_g
+        # where the effective scores and grad_g go when the staging area is full
+        over_eff = torch.empty((t, e, m), dtype=torch.float32, device=rows.device)
+        over_gg = torch.empty((t, e), dtype=torch.float32, device=rows.device)
+        stage_args = (staging.rows, staging.grad_out if dv else grad_out, staging.x if dp else x, over_eff, over_gg)
+        fill, cap = staging.fill, staging.capacity
+    else:
         stage_args, fill, cap = (rows, grad_out, x, scores, gate), rows, 0  # unused placeholders
     plan = _chunk_plan(e, values, pre_values, cfg)
     _gate_lookup_bwd_kernel[(t,)](
-        *_tensor_args(rows, values, pre_values, x, scores, gate, grad_out, grad_gate if has_grad_gate else gate,
+        *_tensor_args(rows, values, pre_values, x, scores, gate, grad_out, grad_gate if grad_gate is not None else gate,
                       grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g, *stage_args),
         fill, t, cap, e, values.shape[0], dv, dp,
-        DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=has_grad_gate,
-        SCATTER=not deterministic and staging is None, STAGED=staging is not None,
+        DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=grad_gate is not None,
+        SCATTER=scatter and staging is None, STAGED=staging is not None, HAS_GATE=has_gate,
         EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
         **_launch_options(cfg),
     )
@@ -634,8 +704,3 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
             DM=max(dv // m, 1), M=m, BLOCK_E=triton.next_power_of_2(e), BLOCK_D=bd, CHUNKS_V=triton.cdiv(dv, bd),
             CHUNKS_P=triton.cdiv(dp, bd), num_warps=1)
         _advance_fill_kernel[(1,)](fill, t, cap)
-    elif deterministic:
-        order = _wl.sort_rows(rows, values.shape[0])
-        for g, w, buf in ((grad_out, eff, grad_values), (x, grad_g, grad_pre_values)):
-            _wl.segment_scatter(rows, g, w, buf, acc, accumulate=True, order=order, config=cfg.get("segment"))
-    return grad_scores, grad_x
