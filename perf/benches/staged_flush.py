@@ -104,12 +104,11 @@ def run(ctx) -> list[dict]:
 
             us_flush = ctx.do_bench(flush, graph=False)
             if f == 4:  # launch shapes of the block add (the default is BLOCK_ADD_CONFIG)
-                for cfg in ({"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 1, "num_warps": 1},
-                            {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1},
-                            {"BLOCK_J": 16, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1},
-                            {"BLOCK_J": 64, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 2},
-                            {"BLOCK_J": 32, "BLOCK_D": 32, "CHUNKS": 6, "num_warps": 1},
-                            {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 2, "num_warps": 1}):
+                base = {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1}
+                for cfg in ({**base, "PROGRAMS_PER_SM": 0}, {**base, "PROGRAMS_PER_SM": 4},
+                            {**base, "PROGRAMS_PER_SM": 8}, {**base, "PROGRAMS_PER_SM": 16},
+                            {**base, "PROGRAMS_PER_SM": 32}, {**base, "BLOCK_J": 64, "num_warps": 2, "PROGRAMS_PER_SM": 8},
+                            {**base, "BLOCK_J": 16, "PROGRAMS_PER_SM": 32}):
                     us = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32,
                                                                    order=order, config=cfg), graph=False)
                     out.append(ctx.row("staged_flush", shape, f"F={f}: block add V {cfg}", us, None))
@@ -158,10 +157,10 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
     out = []
     ops = {
         "lookup": (lambda: twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows0, table, scores),
-                   lambda st: tgl.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st),
+                   lambda st, cfg=None: tgl.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st, cfg),
                    GradStaging(t, e, m, d, 0, BF16, dev), m),
         "gate": (lambda: tpg.pre_value_gate_backward_accumulate_cuda(buf, grad_gate, rows0, table, x),
-                 lambda st: tgl.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st),
+                 lambda st, cfg=None: tgl.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st, cfg),
                  GradStaging(t, e, 1, 0, d, BF16, dev), 1),
     }
     f = 1 if ctx.small else 4
@@ -176,6 +175,13 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
 
         us_stage = ctx.do_bench(staged_call)
         out.append(ctx.row("staged_flush", shape, f"{name} bwd, staged (with a fill reset)", us_stage, None))
+        for cfg in ({"num_warps": 1}, {"num_warps": 4}, {"num_warps": 1, "GROUP_CHUNKS": 1}):
+            def staged_cfg(cfg=cfg):
+                one.fill.zero_()
+                return staged(one, cfg)
+
+            us = ctx.do_bench(staged_cfg)
+            out.append(ctx.row("staged_flush", shape, f"{name} bwd, staged {cfg}", us, None))
         # check: staged + flush against the atomics, and the same grad_scores / grad_x
         buf.zero_()
         want_grad = atomics().double()

@@ -505,8 +505,9 @@ def test_sorted_block_add(case):
             if 0 <= r < n:
                 want[r] += (s3[ti, ei].repeat_interleave(d // m) * src[ti].double())
     buf = start.clone()
-    twl.sorted_block_add(rows, src, scores, buf, torch.float32, config={"BLOCK_J": bj, "BLOCK_D": bd, "CHUNKS": chunks,
-                                                                                  "num_warps": 1})
+    # programs looping over blocks (3 under the interpreter), and one program per block (chunks 2)
+    config = {"BLOCK_J": bj, "BLOCK_D": bd, "CHUNKS": chunks, "num_warps": 1, "PROGRAMS_PER_SM": 0 if chunks == 2 else 1}
+    twl.sorted_block_add(rows, src, scores, buf, torch.float32, config=config)
     assert _rel(buf - start, want - start.double()) < _tol(dtype)
 
 

@@ -262,6 +262,18 @@ def _same_row_sum(row_a, val_a, row_b, val_b):
 
 
 @triton.jit
+def _block_entries(sorted_ptr, perm_ptr, L, blk, BLOCK_J: tl.constexpr):
+    """Block `blk` of the row-sorted entries: (row, the next entry's row, flat entry index);
+    rows -1 past the end."""
+    j = (blk * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    j_ok = j < L
+    row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
+    nxt = tl.load(sorted_ptr + j + 1, mask=j_ok & (j + 1 < L), other=-1).to(tl.int64)
+    ent = tl.load(perm_ptr + j, mask=j_ok, other=0).to(tl.int64)
+    return row, nxt, ent
+
+
+@triton.jit
 def _sorted_block_add_kernel(
     sorted_ptr, perm_ptr, L,
     g_ptr, g_st, g_sd,
@@ -272,38 +284,47 @@ def _sorted_block_add_kernel(
     M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, ACC: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
 ):
-    """grad_table[row] += Σ scores · g[token] over entries sorted by row, BLOCK_J entries and
-    CHUNKS column chunks of BLOCK_D per program: all their source rows are loaded at once (many
-    entries in flight, which the run-walking segment kernel lacks when g is not in L2), summed
-    per row by a segmented scan, and each row's sum in the block goes out as one fp32 atomic add
-    from its last entry. A row whose run crosses blocks gets one add per block, so the result is
-    not bitwise reproducible. HAS_LIMIT: only tokens below *limit_ptr (read on the device) count."""
-    j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
-    j_ok = j < L
-    row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
-    nxt = tl.load(sorted_ptr + j + 1, mask=j_ok & (j + 1 < L), other=-1).to(tl.int64)
-    ent = tl.load(perm_ptr + j, mask=j_ok, other=0).to(tl.int64)
-    in_table = j_ok & (row >= 0) & (row < N)
-    tok = ent // E
-    en = ent - tok * E
-    real = in_table  # entries that add (their products are 0 otherwise)
-    if HAS_LIMIT:
-        real = real & (tok < tl.load(limit_ptr))
-    # (a row's last entry in the block writes its sum, whether or not that entry itself adds)
-    last = in_table & ((nxt != row) | (tl.arange(0, BLOCK_J) == BLOCK_J - 1))
-    rows2 = tl.broadcast_to(row.to(tl.int32)[:, None], (BLOCK_J, BLOCK_D))
+    """grad_table[row] += Σ scores · g[token] over entries sorted by row, in blocks of BLOCK_J
+    entries × CHUNKS column chunks of BLOCK_D: all of a block's source rows are loaded at once
+    (many entries in flight, which the run-walking segment kernel lacks when g is not in L2),
+    summed per row by a segmented scan, and each row's sum in the block goes out as one fp32
+    atomic add from its last entry. A row whose run crosses blocks gets one add per block, so
+    the result is not bitwise reproducible. HAS_LIMIT: only tokens below *limit_ptr (read on the
+    device) count.
+
+    Programs loop over blocks (block b, b + programs, ...) and load the next block's row ids and
+    entry indices while this block's source rows are in flight, so that a block waits for one
+    memory round trip (its source rows), not two (its entry indices, then the rows they name)."""
+    n_blocks = tl.cdiv(L, BLOCK_J)
+    step = tl.num_programs(0)
     d0 = tl.program_id(1) * (CHUNKS * BLOCK_D)
-    gvs = ()
-    for c in tl.static_range(CHUNKS):  # every chunk's source rows in flight before any math
-        d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
-        gvs = gvs + (tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd, mask=real[:, None] & (d < D)[None, :],
-                             other=0.0),)
-    for c in tl.static_range(CHUNKS):
-        d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
-        w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, real, (d // DM)[None, :], M, ACC)
-        _, run = tl.associative_scan((rows2, w * gvs[c].to(ACC)), 0, _same_row_sum)
-        tl.atomic_add(gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd, run.to(gt_ptr.dtype.element_ty),
-                      mask=last[:, None] & (d < D)[None, :], sem="relaxed")
+    lane = tl.arange(0, BLOCK_J)
+    if HAS_LIMIT:
+        limit = tl.load(limit_ptr)
+    row, nxt, ent = _block_entries(sorted_ptr, perm_ptr, L, tl.program_id(0), BLOCK_J)
+    for blk in range(tl.program_id(0), n_blocks, step):
+        in_table = (row >= 0) & (row < N)
+        tok = ent // E
+        en = ent - tok * E
+        real = in_table  # entries that add (their products are 0 otherwise)
+        if HAS_LIMIT:
+            real = real & (tok < limit)
+        gvs = ()
+        for c in tl.static_range(CHUNKS):  # every chunk's source rows in flight before any math
+            d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
+            gvs = gvs + (tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd,
+                                 mask=real[:, None] & (d < D)[None, :], other=0.0),)
+        # (a row's last entry in the block writes its sum, whether or not that entry itself adds)
+        last = in_table & ((nxt != row) | (lane == BLOCK_J - 1))
+        rows2 = tl.broadcast_to(row.to(tl.int32)[:, None], (BLOCK_J, BLOCK_D))
+        out_rows = row
+        row, nxt, ent = _block_entries(sorted_ptr, perm_ptr, L, blk + step, BLOCK_J)  # the next block's
+        for c in tl.static_range(CHUNKS):
+            d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
+            w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, real, (d // DM)[None, :], M, ACC)
+            _, run = tl.associative_scan((rows2, w * gvs[c].to(ACC)), 0, _same_row_sum)
+            tl.atomic_add(gt_ptr + out_rows[:, None] * gt_sn + d[None, :] * gt_sd, run.to(gt_ptr.dtype.element_ty),
+                          mask=last[:, None] & (d < D)[None, :], sem="relaxed")
 
 
 # ------------------------------------------------------------------------- generic launchers
@@ -422,7 +443,19 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
 # chunks per program. H200, 31M entries of 192 columns (h200_staged_flush_007da7d.json): 6.7 ms
 # with 3 chunks of 64 against 7.3 with 1, 8.4 with 6 of 32, 8.6 with 16 entries, 11.7 with 64
 # entries and 2 warps.
-BLOCK_ADD_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1}
+# PROGRAMS_PER_SM: programs per multiprocessor, each looping over blocks (0: one program per
+# block, no loop).
+BLOCK_ADD_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1, "PROGRAMS_PER_SM": 16}
+# Programs of the block add where the device has no multiprocessor count (the interpreter).
+_BLOCK_ADD_PROGRAMS_CPU = 3
+
+
+def _block_add_programs(n_blocks: int, device: torch.device, per_sm: int) -> int:
+    if per_sm <= 0:
+        return n_blocks
+    if device.type == "cuda":
+        return min(n_blocks, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(n_blocks, _BLOCK_ADD_PROGRAMS_CPU)
 
 
 def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
@@ -440,7 +473,8 @@ def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor
     (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
     bj, bd = cfg["BLOCK_J"], _block_d(cfg["BLOCK_D"], d)
     chunks = max(1, min(int(cfg.get("CHUNKS", 1)), triton.cdiv(d, bd)))
-    _sorted_block_add_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd * chunks))](
+    programs = _block_add_programs(triton.cdiv(t * e, bj), grad_table.device, int(cfg.get("PROGRAMS_PER_SM", 0)))
+    _sorted_block_add_kernel[(programs, triton.cdiv(d, bd * chunks))](
         sorted_ids, perm, t * e,
         g, g.stride(0), g.stride(1),
         sc, *s_strides,
