@@ -71,7 +71,11 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     runs = {"dense": ["--model.memory.type=none"], "ultramem_v2": [],
-            "ultramem_v2_unstaged": ["--train.table_grad_flush=0"]}  # tables' gradients added at once
+            "ultramem_v2_unstaged": ["--train.table_grad_flush=0"],  # tables' gradients added at once
+            "ultramem_v2_no_pre_values": ["--model.memory.pre_vdim=0"],
+            "ultramem_v2_no_pre_values_unstaged": ["--model.memory.pre_vdim=0", "--train.table_grad_flush=0"],
+            "memory_plus": ["--model.memory.type=memory_plus"],
+            "memory_plus_unstaged": ["--model.memory.type=memory_plus", "--train.table_grad_flush=0"]}
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "git_revision": os.environ.get("ULTRAMEM_GIT_REV"), "runs": {}}
     for name in args.only:
