@@ -182,8 +182,8 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
     result["layer_227m"] = rows
 
 
-def training_curves(result: dict, steps: int) -> None:
-    common = [f"--train.max_steps={steps}", "--train.log_interval=1", "--train.eval_interval=0"]
+def training_curves(result: dict, steps: int, overrides: tuple[str, ...] = ()) -> None:
+    common = [f"--train.max_steps={steps}", "--train.log_interval=1", "--train.eval_interval=0", *overrides]
     t0 = time.perf_counter()
     cpu = run_training(load_config("debug.toml", common + ["--train.device=cpu", "--train.dtype=float32"]))
     t1 = time.perf_counter()
@@ -194,7 +194,7 @@ def training_curves(result: dict, steps: int) -> None:
     lc, lg = [r.loss for r in cpu], [r.loss for r in gpu]
     diffs = [abs(a - b) for a, b in zip(lc, lg)]
     result["training"] = {
-        "steps": steps, "cpu_fp32_loss": lc, "gpu_bf16_compiled_loss": lg,
+        "steps": steps, "overrides": list(overrides), "cpu_fp32_loss": lc, "gpu_bf16_compiled_loss": lg,
         "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
         "last10_cpu": sum(lc[-10:]) / 10, "last10_gpu": sum(lg[-10:]) / 10,
         "first10_gpu": sum(lg[:10]) / 10, "cpu_seconds": t1 - t0, "gpu_seconds": t2 - t1,
@@ -254,6 +254,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "e2e.json"))
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--training-overrides", nargs="*", default=[],
+                        help="config overrides for the training curves, e.g. --model.memory.pre_vdim=0")
     parser.add_argument("--only", nargs="*", default=["compile", "layer", "training", "throughput"])
     parser.add_argument("--cudagraphs", action="store_true", help="also time the layer under mode='reduce-overhead'")
     parser.add_argument("--throughput-runs", nargs="*", default=list(THROUGHPUT_RUNS), choices=THROUGHPUT_RUNS)
@@ -266,7 +268,7 @@ def main() -> int:
               "triton": __import__("triton").__version__, "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "errors": {}}
     sections = {"compile": check_compile, "layer": lambda r: time_layer(r, args.cudagraphs),
-                "training": lambda r: training_curves(r, args.steps), "throughput": lambda r: throughput_227m(r, args.throughput_steps, tuple(args.throughput_runs),
+                "training": lambda r: training_curves(r, args.steps, tuple(args.training_overrides)), "throughput": lambda r: throughput_227m(r, args.throughput_steps, tuple(args.throughput_runs),
                                                      args.throughput_grad_accum)}
     for name in args.only:
         try:

@@ -99,8 +99,8 @@ TINY = ["--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2", "--mod
         "--metrics.tensorboard_dir="]
 
 
-def _train(flush: int, memory_type: str = "ultramem_v2"):
-    cfg = load_config("debug", TINY + [f"--train.table_grad_flush={flush}", f"--model.memory.type={memory_type}"])
+def _train(flush: int, pre_vdim: int = 8):
+    cfg = load_config("debug", TINY + [f"--train.table_grad_flush={flush}", f"--model.memory.pre_vdim={pre_vdim}"])
     model = build_training_model(cfg, torch.device("cpu"))
     assert (model.memory_tables.grad_staging is not None) == (flush > 0)
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_steps)
@@ -118,11 +118,11 @@ def _train(flush: int, memory_type: str = "ultramem_v2"):
     return history, model
 
 
-@pytest.mark.parametrize("memory_type", ["ultramem_v2", "memory_plus"])
-def test_trainer_staged_matches_unstaged(memory_type):
-    ref, ref_model = _train(0, memory_type)
+@pytest.mark.parametrize("pre_vdim", [8, 0])  # 0: weighted_lookup's staged backward
+def test_trainer_staged_matches_unstaged(pre_vdim):
+    ref, ref_model = _train(0, pre_vdim)
     for flush in (1, 3):  # 3: flushes after micro-batches 3 and 4 (the step's end) of 4
-        got, model = _train(flush, memory_type)
+        got, model = _train(flush, pre_vdim)
         assert [r.loss for r in got] == pytest.approx([r.loss for r in ref], rel=1e-5)
         assert [r.grad_norm for r in got] == pytest.approx([r.grad_norm for r in ref], rel=1e-4)
         torch.testing.assert_close(model.memory_tables.values, ref_model.memory_tables.values, rtol=1e-4, atol=1e-6)
@@ -182,3 +182,12 @@ def test_one_table_ops_stage_through_their_buffer_id(op):
     finally:
         register_staging(handle, None)
         release_grad_buffer(handle)
+
+
+def test_trainer_stages_ultramem_v2_only():
+    from ultramem.train.trainer import staged_flush_interval
+    cpu = torch.device("cpu")
+    assert staged_flush_interval(load_config("debug", TINY), cpu) == 4
+    assert staged_flush_interval(load_config("debug", TINY + ["--model.memory.pre_vdim=0"]), cpu) == 4
+    assert staged_flush_interval(load_config("debug", TINY + ["--model.memory.type=memory_plus"]), cpu) == 0
+    assert staged_flush_interval(load_config("debug", TINY + ["--train.table_grad_flush=0"]), cpu) == 0

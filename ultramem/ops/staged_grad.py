@@ -1,4 +1,5 @@
-"""Staged table gradients for `gate_lookup` (the UltraMemV2 layers' value and pre-value tables).
+"""Staged table gradients for `gate_lookup` (the UltraMemV2 layers' value and pre-value tables),
+and for `weighted_lookup` and `pre_value_gate` alone (one table each).
 
 With gradient buffers (`register_grad_buffer`) each layer's backward adds its entries into both
 persistent fp32 buffers right away: every entry reads and writes a whole fp32 row of each table
@@ -24,6 +25,13 @@ calls every `table_grad_flush` micro-batches and before each optimizer step.
     register_staging(values_grad_id, staging)        # ValueTables.use_grad_staging does both
     ...backward passes...
     staging.flush(values_grad_buffer, pre_values_grad_buffer)
+
+One table: a `GradStaging` with only the values half (vdim > 0, pre_vdim = 0) registered under
+a table's buffer id stages the backwards of `weighted_lookup(..., grad_buffer=id)` (per entry the
+core weights, per token grad_out); one with only the pre-values half stages those of
+`pre_value_gate(..., grad_buffer=id)` (per entry grad_gate, per token x). On CUDA their
+backward is the fused backward kernel with one table and no gate, and `flush(grad, None)` /
+`flush(None, grad)` adds them.
 
 Results: the sums of the same products as the atomics, in another order (fp32 rounding only).
 Deterministic mode (`ultramem.ops.determinism`) does not stage: its sorted per-call path stays.

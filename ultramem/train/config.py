@@ -70,7 +70,7 @@ class TrainSection:
     # bfloat16 runs: the memory layers gather from a bf16 copy of the value tables, refreshed
     # after each optimizer step (half the bytes per gather; the fp32 tables stay the master)
     bf16_table_copy: bool = True
-    # UltraMemV2 and Memory+: the layers' backwards stage the shared tables' gradients and one
+    # UltraMemV2: the layers' backwards stage the shared tables' gradients and one
     # sorted pass per table adds them every this many micro-batches (and before each optimizer
     # step), instead of adding each entry at once: fewer row reads and writes of the fp32
     # gradients (ultramem.ops.staged_grad). Memory: about 1.3 kB per token, layer and
