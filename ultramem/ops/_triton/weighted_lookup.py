@@ -52,13 +52,27 @@ def _block_d(requested: int, d: int) -> int:
 # ------------------------------------------------------------------------------------ kernels
 
 @triton.jit
+def _load_core_scores(s_ptrs, s_sm, mask, M: tl.constexpr, ACC: tl.constexpr):
+    """Each entry's M core scores: a tuple of M tensors shaped like s_ptrs (0 where masked)."""
+    out = ()
+    for mm in tl.static_range(M):
+        out = out + (tl.load(s_ptrs + mm * s_sm, mask=mask, other=0.0).to(ACC),)
+    return out
+
+
+@triton.jit
+def _select_core(scores, chunk, M: tl.constexpr):
+    """[..., BD] weights: scores[chunk[d]] for every column (0 past the last core)."""
+    w = tl.where(chunk == 0, tl.expand_dims(scores[0], -1), 0.0)
+    for mm in tl.static_range(1, M):
+        w = tl.where(chunk == mm, tl.expand_dims(scores[mm], -1), w)
+    return w
+
+
+@triton.jit
 def _core_weights(s_ptrs, s_sm, mask, chunk, M: tl.constexpr, ACC: tl.constexpr):
     """[..., BD] weights: the score of core chunk[d] for every column (0 past the last core)."""
-    w = tl.where(chunk == 0, tl.expand_dims(tl.load(s_ptrs, mask=mask, other=0.0).to(ACC), -1), 0.0)
-    for mm in tl.static_range(1, M):
-        s_m = tl.load(s_ptrs + mm * s_sm, mask=mask, other=0.0).to(ACC)
-        w = tl.where(chunk == mm, tl.expand_dims(s_m, -1), w)
-    return w
+    return _select_core(_load_core_scores(s_ptrs, s_sm, mask, M, ACC), chunk, M)
 
 
 @triton.jit
@@ -314,6 +328,9 @@ def _sorted_block_add_kernel(
             d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
             gvs = gvs + (tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd,
                                  mask=real[:, None] & (d < D)[None, :], other=0.0),)
+        # the weights too, before the first atomic add: loads after it could not be hoisted above
+        # it (the adds might alias them) and would cost a round trip per chunk
+        s_cores = _load_core_scores(s_ptr + tok * s_st + en * s_se, s_sm, real, M, ACC)
         # (a row's last entry in the block writes its sum, whether or not that entry itself adds)
         last = in_table & ((nxt != row) | (lane == BLOCK_J - 1))
         rows2 = tl.broadcast_to(row.to(tl.int32)[:, None], (BLOCK_J, BLOCK_D))
@@ -321,7 +338,7 @@ def _sorted_block_add_kernel(
         row, nxt, ent = _block_entries(sorted_ptr, perm_ptr, L, blk + step, BLOCK_J)  # the next block's
         for c in tl.static_range(CHUNKS):
             d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
-            w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, real, (d // DM)[None, :], M, ACC)
+            w = _select_core(s_cores, (d // DM)[None, :], M)
             _, run = tl.associative_scan((rows2, w * gvs[c].to(ACC)), 0, _same_row_sum)
             tl.atomic_add(gt_ptr + out_rows[:, None] * gt_sn + d[None, :] * gt_sd, run.to(gt_ptr.dtype.element_ty),
                           mask=last[:, None] & (d < D)[None, :], sem="relaxed")

@@ -1,0 +1,32 @@
+"""One staged flush's block add at the 227M shapes (F = 4 micro-batches × L = 20 layers of one
+table: 31M entries), run once, for a profiler to look at:
+
+    PYTHONPATH=. ncu --clock-control none -k regex:_sorted_block_add_kernel -c 1 \\
+        --section SpeedOfLight --section WarpStateStats --section Occupancy python perf/block_add_probe.py
+"""
+from __future__ import annotations
+
+import torch
+
+from perf.benches.lookup import _shapes
+from perf.benches.staged_flush import _layer_rows
+from ultramem.ops._triton import weighted_lookup as twl
+
+
+def main() -> None:
+    sh = _shapes(False)
+    dev = torch.device("cuda")
+    t, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
+    micro_batches, layers = 4, 20
+    gen = torch.Generator(device=dev).manual_seed(3)
+    rows = torch.cat([_layer_rows(sh, i % layers, gen, dev) for i in range(micro_batches * layers)])
+    weights = torch.randn(rows.shape[0], e, m, generator=gen, device=dev)
+    src = torch.randn(rows.shape[0], d, generator=gen, device=dev).to(torch.bfloat16)
+    buf = torch.zeros(n, d, device=dev)
+    order = twl.sort_rows(rows, n)
+    twl.sorted_block_add(rows, src, weights, buf, torch.float32, order=order)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
