@@ -105,10 +105,15 @@ def run(ctx) -> list[dict]:
             us_flush = ctx.do_bench(flush, graph=False)
             if f == 4:  # launch shapes of the block add (the default is BLOCK_ADD_CONFIG)
                 base = {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1}
-                for cfg in ({**base, "PROGRAMS_PER_SM": 0}, {**base, "PROGRAMS_PER_SM": 4},
-                            {**base, "PROGRAMS_PER_SM": 8}, {**base, "PROGRAMS_PER_SM": 16},
-                            {**base, "PROGRAMS_PER_SM": 32}, {**base, "BLOCK_J": 64, "num_warps": 2, "PROGRAMS_PER_SM": 8},
-                            {**base, "BLOCK_J": 16, "PROGRAMS_PER_SM": 32}):
+                # 128-column chunks: one lane holds a column strip of all 32 entries, so the
+                # segmented scan runs in registers instead of through shuffles
+                for cfg in ({**base, "PROGRAMS_PER_SM": 0}, {**base, "PROGRAMS_PER_SM": 16},
+                            {**base, "BLOCK_D": 128, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
+                            {**base, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 16},
+                            {**base, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 8},
+                            {**base, "BLOCK_J": 16, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 16},
+                            {**base, "BLOCK_D": 256, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
+                            {**base, "BLOCK_J": 64, "BLOCK_D": 128, "CHUNKS": 1, "PROGRAMS_PER_SM": 16}):
                     us = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32,
                                                                    order=order, config=cfg), graph=False)
                     out.append(ctx.row("staged_flush", shape, f"F={f}: block add V {cfg}", us, None))
