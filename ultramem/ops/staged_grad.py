@@ -199,10 +199,10 @@ def staged_lookup_backward(grad_buffer: int, grad_out: Tensor, rows: Tensor, tab
     if rows.is_cuda:
         from ._triton import gate_lookup as _tgl  # noqa: PLC0415
         return _tgl.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
-    t, e = rows.shape
+    from .weighted_lookup import _gather_chunks  # noqa: PLC0415  (it imports this module)
     m = scores.shape[2]
-    g = grad_out.float().view(t, 1, m, -1)
-    grad_scores = (table.index_select(0, rows.reshape(-1).long()).float().view(t, e, m, -1) * g).sum(-1)
+    g = grad_out.float().view(rows.shape[0], 1, m, -1)
+    grad_scores = (_gather_chunks(rows, table, m, torch.float32) * g).sum(-1)
     if not staging.stage_reference(rows, grad_out, None, scores.float(), None):
         add_weighted_rows(rows, grad_out, scores.float(), buf)
     return grad_scores.to(scores.dtype)
@@ -219,9 +219,9 @@ def staged_gate_backward(grad_buffer: int, grad_gate: Tensor, rows: Tensor, tabl
     if rows.is_cuda:
         from ._triton import gate_lookup as _tgl  # noqa: PLC0415
         return _tgl.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
-    t, e = rows.shape
+    from .weighted_lookup import _gather_chunks  # noqa: PLC0415
     gg = grad_gate.float()
-    grad_x = torch.einsum("te,ted->td", gg, table.index_select(0, rows.reshape(-1).long()).float().view(t, e, -1))
+    grad_x = torch.einsum("te,ted->td", gg, _gather_chunks(rows, table, 1, torch.float32)[:, :, 0])
     if not staging.stage_reference(rows, None, x, None, gg):
         add_weighted_rows(rows, x, gg.unsqueeze(-1), buf)
     return grad_x.to(x.dtype)
