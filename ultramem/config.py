@@ -1,4 +1,4 @@
-"""Model and memory-layer configuration (the `[model]` and `[model.memory]` TOML sections).
+"""Model, memory-layer and MoE configuration (the `[model]`, `[model.memory]`, `[model.moe]` TOML sections).
 
 Training, data, optimizer and parallelism settings live in `ultramem.train.config`; this module
 holds only what a layer or the model needs, so that `ops ← layers ← model ← train` stays one-way.
@@ -15,6 +15,11 @@ MEMORY_INITS = ("paper", "released")
 
 class ConfigError(ValueError):
     """A configuration value that breaks a rule; the message names the key and the rule."""
+
+
+def _require(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
 
 
 @dataclass
@@ -56,6 +61,40 @@ class MemoryConfig:
 
 
 @dataclass
+class MoEConfig:
+    """A mixture-of-experts FFN in every block (the OLMoE baseline, arXiv 2409.02060), in place of
+    the dense SwiGLU. It may sit beside memory layers: they read the FFN's input either way."""
+
+    num_experts: int = 0  # 0: the dense FFN
+    top_k: int = 8  # experts per token
+    expert_hidden: int | None = None  # SwiGLU width of one expert; None: model.ffn_hidden // top_k
+    num_shared: int = 0  # always-active experts of expert_hidden each, beside the routed ones
+    lb_coef: float = 0.01  # load-balancing loss E·Σ_e f_e·P_e
+    z_coef: float = 0.001  # router z-loss mean(logsumexp(logits)²)
+
+    def __post_init__(self) -> None:
+        validate_moe(self)  # TOML values; command-line overrides are checked when the model is built
+
+    def hidden(self, ffn_hidden: int) -> int:
+        return self.expert_hidden if self.expert_hidden is not None else max(1, ffn_hidden // self.top_k)
+
+
+def validate_moe(moe: MoEConfig) -> None:
+    """Raise ConfigError naming the `model.moe.*` key that breaks a rule."""
+    key = "model.moe."
+    _require(moe.num_experts >= 0, key + "num_experts", moe.num_experts, "must be >= 0 (0: dense FFN)")
+    if moe.num_experts == 0:
+        return
+    _require(1 <= moe.top_k <= moe.num_experts, key + "top_k", moe.top_k,
+             f"must be in [1, model.moe.num_experts={moe.num_experts}]")
+    _require(moe.expert_hidden is None or moe.expert_hidden >= 1, key + "expert_hidden", moe.expert_hidden,
+             "must be >= 1 (or unset: model.ffn_hidden // top_k)")
+    _require(moe.num_shared >= 0, key + "num_shared", moe.num_shared, "must be >= 0")
+    _require(moe.lb_coef >= 0.0, key + "lb_coef", moe.lb_coef, "must be >= 0")
+    _require(moe.z_coef >= 0.0, key + "z_coef", moe.z_coef, "must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 50304
     dim: int = 768
@@ -68,6 +107,7 @@ class ModelConfig:
     init_std: float | None = None  # None: sqrt(2 / (5·dim)), the paper's Appendix A
     tie_embeddings: bool = True
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def std(self) -> float:

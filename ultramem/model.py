@@ -4,6 +4,9 @@
     for each block:  h = x + Attn(norm_attn(x));  u = norm_ffn(h);  x = h + FFN(u) [+ Mem(u)]
     logits = norm(x) @ embedᵀ   (tied head)
 
+With `model.moe.num_experts > 0` every block's FFN is a mixture of experts (`ultramem.moe`); its
+router losses join the memory layers' in the auxiliary loss.
+
 Memory layers live beside the blocks (`Transformer.memory_layers`) and share their value tables
 (`Transformer.memory_tables`). `model.memory.insert` says where each one reads and writes:
 "full" puts layer l at block l; the skip form "a:b/c:e" lets a layer read `u` of block a and add
@@ -19,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ultramem.config import ConfigError, ModelConfig
+from ultramem.config import ConfigError, ModelConfig, validate_moe
+from ultramem.moe import MoE
 
 _INSERT_KEY = "model.memory.insert"
 
@@ -144,7 +148,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One decoder block. Returns the new residual and the FFN input `u` (memory layers read it;
     in autocast's dtype when autocast is on), or None for `u` when `feeds_memory` is False (the
-    model sets that on blocks no memory layer reads: a compiled block then writes no `u`)."""
+    model sets that on blocks no memory layer reads: a compiled block then writes no `u`). An MoE
+    block returns its router losses as a third element: returning them, rather than keeping them
+    on the module, lets a compiled block stay a pure function."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -152,10 +158,11 @@ class Block(nn.Module):
         self.norm_attn = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm_ffn = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.is_moe = cfg.moe.num_experts > 0
+        self.ffn = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, residual_adds: tuple[Tensor, ...] = ()
-                ) -> tuple[Tensor, Tensor | None]:
+                ) -> tuple[Tensor, ...]:
         """residual_adds: memory layers' outputs that belong to the residual before this block.
         They are added here rather than between blocks so that, with blocks compiled one at a
         time, the add fuses into the block's first kernel (between compiled blocks it was an
@@ -164,15 +171,20 @@ class Block(nn.Module):
             x = x + y
         h = x + self.attn(self.norm_attn(x), cos, sin)
         u = self.norm_ffn(h)
-        out = h + self.ffn(u)
+        if self.is_moe:
+            y, aux = self.ffn(u)
+            extra = (aux,)
+        else:
+            y, extra = self.ffn(u), ()
+        out = h + y
         if not self.feeds_memory:
-            return out, None
+            return out, None, *extra
         if torch.is_autocast_enabled(u.device.type):
             # Memory layers use u only through matmuls, which autocast runs in its dtype: hand it
             # over in that dtype. The cast fuses into the norm here (no fp32 u is written, nor cast
             # again in each memory layer's graph) and u's gradient comes back at half the bytes.
             u = u.to(torch.get_autocast_dtype(u.device.type))
-        return out, u
+        return out, u, *extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +194,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        validate_moe(cfg.moe)  # again: command-line overrides skip the check at config load
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -227,9 +240,17 @@ class Transformer(nn.Module):
             block.norm_ffn.reset_parameters()
             normal_(block.attn.wqkv.weight, std)
             normal_(block.attn.wo.weight, out_std)
-            normal_(block.ffn.w1.weight, std)
-            normal_(block.ffn.w3.weight, std)
-            normal_(block.ffn.w2.weight, out_std)
+            if block.is_moe:  # as the dense FFN: inputs N(0, std), output projection out_std
+                normal_(block.ffn.router, std)
+                normal_(block.ffn.w13, std)
+                normal_(block.ffn.w2, out_std)
+                if block.ffn.shared_w13 is not None:
+                    normal_(block.ffn.shared_w13, std)
+                    normal_(block.ffn.shared_w2, out_std)
+            else:
+                normal_(block.ffn.w1.weight, std)
+                normal_(block.ffn.w3.weight, std)
+                normal_(block.ffn.w2.weight, out_std)
         self.norm.reset_parameters()
         if self.output is not None:
             normal_(self.output.weight, std)
@@ -264,7 +285,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None):
         """tokens [B, S] → logits [B, S, V]; with targets [B, S] → (loss, aux) where
-        loss = mean cross-entropy + aux and aux is the sum of the memory layers' auxiliary losses."""
+        loss = mean cross-entropy + aux and aux is the sum of the memory layers' auxiliary losses
+        and the MoE blocks' router losses."""
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.tok_embeddings(tokens)
@@ -272,7 +294,9 @@ class Transformer(nn.Module):
         pending: dict[int, Tensor] = {}
         written: tuple[Tensor, ...] = ()  # memory outputs written after the previous block
         for i, block in enumerate(self.blocks):
-            x, u = block(x, cos, sin, written)
+            x, u, *block_aux = block(x, cos, sin, written)
+            for a in block_aux:
+                aux = aux + a
             for l in self._reads.get(i, ()):
                 y, layer_aux = self.memory_layers[l](u, self.memory_tables)
                 pending[l] = y
