@@ -60,33 +60,34 @@ def test_cache_rebuilds_when_inputs_change(fake_stdlib, tmp_path):
     assert len(changed.tokens) > len(base.tokens)
 
 
-def test_corrupt_or_interrupted_cache_is_rebuilt(fake_stdlib, tmp_path, monkeypatch):
+def test_corrupt_or_interrupted_cache_is_rebuilt(fake_stdlib, tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
     good = stdlib_corpus(300, 10**6, cache)
     # truncate the tokens: the entry no longer matches its meta and is rebuilt
-    np.save(good.cache_dir / "tokens.npy", np.asarray(good.tokens)[:10])
-    again = stdlib_corpus(300, 10**6, cache)
+    shard = good.cache_dir / "tokens-00000.npy"
+    np.save(shard, np.asarray(good.tokens)[:10])
+    with caplog.at_level("WARNING"):
+        again = stdlib_corpus(300, 10**6, cache)
     assert again.built and len(again.tokens) == len(good.tokens)
-    # a build that dies while writing leaves no complete entry and no stray files
+    assert "tokens-00000.npy" in caplog.text
+    # a build that dies while writing leaves no entry and no stray files
     cache2 = tmp_path / "cache2"
+    original = corpus.ShardWriter.write
 
-    original = corpus._atomic_write
-
-    def explode_on_tokens(path, write):
-        def interrupted(f):  # dies half-way through writing the tokens file
-            f.write(b"partial")
-            raise KeyboardInterrupt
-        return original(path, interrupted if path.name == "tokens.npy" else write)
+    def interrupted(self, tokens):  # dies half-way through writing the tokens
+        original(self, tokens[:5])
+        raise KeyboardInterrupt
 
     with monkeypatch.context() as mp:
-        mp.setattr(corpus, "_atomic_write", explode_on_tokens)
+        mp.setattr(corpus.ShardWriter, "write", interrupted)
         with pytest.raises(KeyboardInterrupt):
             stdlib_corpus(300, 10**6, cache2)
-    entry = next(cache2.iterdir())
-    assert not (entry / "meta.json").exists()
+    assert sorted(p.name for p in cache2.iterdir()) == [".lock"]
     rebuilt = stdlib_corpus(300, 10**6, cache2)
     assert rebuilt.built
-    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokenizer.json", "tokens.npy"]
+    entry = rebuilt.cache_dir
+    assert sorted(p.name for p in cache2.iterdir()) == [".lock", entry.name]
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokenizer.json", "tokens-00000.npy"]
 
 
 def test_text_file_source_and_missing_path(tmp_path, monkeypatch):

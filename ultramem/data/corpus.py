@@ -3,31 +3,42 @@
 The default corpus is the Python standard library's own `.py` sources: real text present on
 every machine, no download. Files are read in sorted relative-path order up to a byte cap. A
 byte-level BPE is trained on the text with HF `tokenizers`, and the tokenizer JSON plus the token
-stream (`uint16`/`uint32` `.npy`) are cached under a directory keyed by a hash of everything
-they depend on (file list + sizes, vocab, byte cap, Python and tokenizers versions). Writes go to
-a temporary name and are renamed into place, so an interrupted build never leaves a corrupt cache.
+stream are cached as a token directory (`.npy` shards + `meta.json`, see `shards.py`) under a
+name keyed by a hash of everything they depend on (file list + sizes, vocab, byte cap, Python
+and tokenizers versions). The entry is built in a temporary directory and renamed into place;
+`meta.json` records a checksum of the tokenizer, and an entry that fails any check on reuse
+(edited tokenizer, truncated shard, unreadable meta) is rebuilt with a warning. Builds hold a
+lock on the cache directory and first remove what killed builds left behind.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import numpy as np
+
+from .documents import Utf8Decoder, decode_text
+from .shards import (DEFAULT_SHARD_TOKENS, META_NAME, TOKENIZER_NAME, ShardedTokens, ShardWriter, clean_stale_temps,
+                     dir_lock, file_sha256, make_temp_dir, open_token_directory, read_meta, remove_path, token_dtype,
+                     write_meta)
+from .tokenizer import EOT, encode_texts, find_eos_id, load_tokenizer, tokenizer_vocab_size, train_in_subprocess
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "ULTRAMEM_CACHE"
-_FORMAT_VERSION = 1  # bump when the cache layout or the tokenizer recipe changes
+_FORMAT_VERSION = 2  # bump when the cache layout or the tokenizer recipe changes
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_ENTRY_RE = re.compile(r"^(stdlib|text|val)-.*[0-9a-f]{16}$")
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +70,7 @@ def _select(files: list[Path], root: Path, max_bytes: int) -> list[tuple[Path, i
 
 @dataclass
 class TokenizedCorpus:
-    tokens: np.ndarray  # 1-D uint16/uint32, documents joined with the end-of-text token
+    tokens: ShardedTokens  # 1-D uint16/uint32 stream, documents joined with the end-of-text token
     tokenizer_path: Path
     vocab_size: int  # the tokenizer's real size (<= requested)
     eot_id: int
@@ -67,15 +78,10 @@ class TokenizedCorpus:
     built: bool  # True when this call built the cache (False: reused)
 
     def tokenizer(self):
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(self.tokenizer_path))
+        return load_tokenizer(self.tokenizer_path)
 
 
-EOT = "<|endoftext|>"
-
-
-def _train_tokenizer(texts: list[str], vocab_size: int):
+def _train_tokenizer(texts, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -87,67 +93,115 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """write(f) into a temporary file beside `path`, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def train_tokenizer(make_texts: Callable, vocab_size: int, out_path: Path):
+    """Train our byte-level BPE on make_texts() in a child process (Ctrl-C stops it at once),
+    save it to out_path and return it loaded."""
+    train_in_subprocess(_train_tokenizer, make_texts, vocab_size, out_path)
+    return load_tokenizer(out_path)
 
 
-def _cache_key(kind: str, files: list[tuple[str, int]], vocab_size: int, max_bytes: int) -> str:
+def _cache_key(kind: str, files: list[tuple[str, int]], vocab_size: int, max_bytes: int,
+               tokenizer_sha: str | None = None) -> str:
     import tokenizers
 
     payload = json.dumps({
         "format": _FORMAT_VERSION, "kind": kind, "files": files, "vocab": vocab_size, "max_bytes": max_bytes,
-        "python": sys.version.split()[0], "tokenizers": tokenizers.__version__,
+        "python": sys.version.split()[0], "tokenizers": tokenizers.__version__, "tokenizer": tokenizer_sha,
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _load_entry(entry: Path, warn: bool) -> TokenizedCorpus | None:
+    """The complete, intact cache entry at `entry`, or None (with a warning when it is damaged)."""
+    if not (entry / META_NAME).is_file():
+        if warn and entry.exists():
+            log.warning("rebuilding incomplete cache entry %s (no %s)", entry, META_NAME)
+        return None
+    try:
+        meta = read_meta(entry)
+        tok_path = entry / meta["tokenizer"]
+        if file_sha256(tok_path) != meta["tokenizer_sha256"]:
+            raise ValueError(f"{tok_path} does not match the checksum in {META_NAME} (edited or damaged)")
+        tokens, _ = open_token_directory(entry, what=f"cache entry {entry}")
+        if len(tokens) != meta["n_tokens"]:
+            raise ValueError(f"{len(tokens)} tokens on disk, {META_NAME} records {meta['n_tokens']}")
+        corpus = TokenizedCorpus(tokens, tok_path, meta["vocab_size"], meta["eos_id"], entry, False)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        if warn:
+            log.warning("rebuilding cache entry %s: %s", entry, e)
+        return None
+    log.info("reusing tokenized corpus %s (%d tokens)", entry, len(corpus.tokens))
+    return corpus
+
+
+def _install_dir(tmp: Path, entry: Path) -> None:
+    """Rename the finished temporary directory to `entry`, moving a previous (damaged) one aside."""
+    if entry.exists():
+        aside = make_temp_dir(entry.parent, entry.name)
+        aside.rmdir()
+        os.rename(entry, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(tmp, entry)
+
+
 def _tokenize_and_cache(kind: str, documents: list[tuple[str, int]], read_texts, vocab_size: int,
-                        max_bytes: int, cache_root: Path) -> TokenizedCorpus:
+                        max_bytes: int, cache_root: Path, what: str = "data.source",
+                        tokenizer_path: Path | None = None, eos_id: int | None = None) -> TokenizedCorpus:
     """documents: (name, size) pairs that key the cache; read_texts() → list of document texts
-    (called only when the entry must be built)."""
-    key = _cache_key(kind, documents, vocab_size, max_bytes)
-    entry = cache_root / f"{kind}-v{vocab_size}-{key}"
-    tok_path, tokens_path, meta_path = entry / "tokenizer.json", entry / "tokens.npy", entry / "meta.json"
-    if meta_path.is_file() and tok_path.is_file() and tokens_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            tokens = np.load(tokens_path, mmap_mode="r")
-            if tokens.shape == (meta["n_tokens"],):
-                log.info("reusing tokenized corpus %s (%d tokens)", entry, tokens.shape[0])
-                return TokenizedCorpus(tokens, tok_path, meta["vocab_size"], meta["eot_id"], entry, False)
-        except (ValueError, KeyError, OSError) as e:
-            log.warning("rebuilding unreadable cache %s: %s", entry, e)
-    entry.mkdir(parents=True, exist_ok=True)
+    (called only when the entry must be built). With tokenizer_path the texts are encoded with
+    that tokenizer (and eos_id) instead of a BPE trained on them."""
+    tok_sha = file_sha256(tokenizer_path) if tokenizer_path is not None else None
+    key = _cache_key(kind, documents, vocab_size, max_bytes, tok_sha)
+    entry = cache_root / (f"{kind}-v{vocab_size}-{key}" if tokenizer_path is None else f"{kind}-{key}")
+    cached = _load_entry(entry, warn=True)
+    if cached is not None:
+        return cached
     texts = read_texts()
-    log.info("training a %d-token byte-level BPE on %d documents (%.1f MB)", vocab_size, len(texts),
-             sum(len(t) for t in texts) / 1e6)
-    tok = _train_tokenizer(texts, vocab_size)
-    eot_id = tok.token_to_id(EOT)
-    real_vocab = tok.get_vocab_size()
-    dtype = np.uint16 if real_vocab <= 1 << 16 else np.uint32
-    pieces = []
-    for enc in tok.encode_batch(texts):
-        pieces.append(np.asarray(enc.ids, dtype=dtype))
-        pieces.append(np.asarray([eot_id], dtype=dtype))
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    # tokenizer and tokens first, meta last: meta's presence marks a complete entry
-    _atomic_write(tok_path, lambda f: f.write(tok.to_str().encode()))
-    _atomic_write(tokens_path, lambda f: np.save(f, tokens))
-    meta = {"n_tokens": int(tokens.shape[0]), "vocab_size": real_vocab, "eot_id": eot_id,
-            "documents": len(documents), "kind": kind}
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    log.info("cached %d tokens (vocab %d) in %s", tokens.shape[0], real_vocab, entry)
-    return TokenizedCorpus(tokens, tok_path, real_vocab, eot_id, entry, True)
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"{what}: no text to tokenize ({len(documents)} input file(s), all empty or whitespace)")
+    with dir_lock(cache_root):
+        cached = _load_entry(entry, warn=False)  # another process may have built it while we waited
+        if cached is not None:
+            return cached
+        clean_stale_temps(cache_root, legacy_subdirs=_ENTRY_RE.match)
+        tmp = make_temp_dir(cache_root, entry.name)
+        try:
+            tok_file = tmp / TOKENIZER_NAME
+            if tokenizer_path is None:
+                log.info("training a %d-token byte-level BPE on %d documents (%.1f MB)", vocab_size, len(texts),
+                         sum(len(t) for t in texts) / 1e6)
+                tok = train_tokenizer(functools.partial(iter, texts), vocab_size, tok_file)
+                eot_id = tok.token_to_id(EOT)
+            else:
+                shutil.copyfile(tokenizer_path, tok_file)
+                tok = load_tokenizer(tok_file, what=str(tokenizer_path))
+                eot_id = find_eos_id(tok, what=str(tokenizer_path)) if eos_id is None else eos_id
+            real_vocab = tokenizer_vocab_size(tok)
+            dtype = token_dtype(real_vocab)
+            writer = ShardWriter(tmp, dtype, DEFAULT_SHARD_TOKENS)
+            try:
+                writer.write(encode_texts(tok, texts, eot_id, dtype))
+                shards = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            if writer.n_tokens <= len(texts):  # nothing but the end-of-text separators
+                raise ValueError(f"{what}: the text tokenizes to 0 tokens")
+            write_meta(tmp, {
+                "format": _FORMAT_VERSION, "kind": kind, "n_tokens": writer.n_tokens, "vocab_size": real_vocab,
+                "eos_id": eot_id, "dtype": dtype.name, "shards": shards, "tokenizer": TOKENIZER_NAME,
+                "tokenizer_sha256": file_sha256(tok_file), "documents": len(documents),
+            })
+            _install_dir(tmp, entry)
+        except BaseException:
+            remove_path(tmp)
+            raise
+    log.info("cached %d tokens (vocab %d) in %s", writer.n_tokens, real_vocab, entry)
+    corpus = _load_entry(entry, warn=True)
+    if corpus is None:
+        raise RuntimeError(f"the cache entry {entry} just built does not read back")
+    corpus.built = True
+    return corpus
 
 
 def stdlib_corpus(vocab_size: int, max_bytes: int, cache_dir: str | Path | None = None) -> TokenizedCorpus:
@@ -159,26 +213,48 @@ def stdlib_corpus(vocab_size: int, max_bytes: int, cache_dir: str | Path | None 
     docs = [(p.relative_to(root).as_posix(), size) for p, size in chosen]
 
     def read_texts() -> list[str]:
-        return [p.read_text(encoding="utf-8", errors="replace") for p, _ in chosen]
+        return [decode_text(p.read_bytes(), str(p)) for p, _ in chosen]
 
     return _tokenize_and_cache("stdlib", docs, read_texts, vocab_size, max_bytes,
-                               Path(cache_dir or default_cache_dir()))
+                               Path(cache_dir or default_cache_dir()).expanduser(), what="data.source='stdlib'")
+
+
+def _text_file_documents(p: Path, max_bytes: int) -> list[str]:
+    dec = Utf8Decoder()
+    with p.open("rb") as f:
+        data = f.read(max_bytes)
+    # a cap that cuts a character in two drops it instead of counting it as invalid
+    text = dec.decode(data, final=len(data) < max_bytes)
+    dec.warn(str(p))
+    # paragraphs as documents: the BPE trainer and the encoder work per document
+    return [t for t in re.split(r"\n\s*\n", text) if t.strip()]
+
+
+def _text_file_key(p: Path, what: str) -> list[tuple[str, int]]:
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: text file {str(p)!r} does not exist")
+    stat = p.stat()
+    return [(f"{p.resolve().as_posix()}@{stat.st_mtime_ns}", stat.st_size)]
 
 
 def text_file_corpus(path: str | Path, vocab_size: int, max_bytes: int,
-                     cache_dir: str | Path | None = None) -> TokenizedCorpus:
-    """A single text file, tokenized with a BPE trained on it (cached like the stdlib corpus)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data.source: text file {str(p)!r} does not exist")
-    stat = p.stat()
-    name = f"{p.resolve().as_posix()}@{stat.st_mtime_ns}"
+                     cache_dir: str | Path | None = None, what: str = "data.source") -> TokenizedCorpus:
+    """A single text file, tokenized with a BPE trained on it (cached like the stdlib corpus).
+    Blank-line-separated paragraphs are the documents; bytes that are not UTF-8 are replaced."""
+    p = Path(path).expanduser()
+    docs = _text_file_key(p, what)
+    return _tokenize_and_cache("text", docs, lambda: _text_file_documents(p, max_bytes), vocab_size, max_bytes,
+                               Path(cache_dir or default_cache_dir()).expanduser(), what=f"{what} {str(p)!r}")
 
-    def read_texts() -> list[str]:
-        with p.open("rb") as f:
-            text = f.read(max_bytes).decode("utf-8", errors="replace")
-        # paragraphs as documents: the BPE trainer and the encoder work per document
-        return [t for t in re.split(r"\n\s*\n", text) if t.strip()]
 
-    return _tokenize_and_cache("text", [(name, stat.st_size)], read_texts, vocab_size, max_bytes,
-                               Path(cache_dir or default_cache_dir()))
+def tokenized_text_file(path: str | Path, tokenizer_path: Path, max_bytes: int, cache_dir: str | Path | None = None,
+                        eos_id: int | None = None, what: str = "data.val_source") -> TokenizedCorpus:
+    """A text file encoded with an existing tokenizer (a validation text for a corpus whose
+    tokenizer is fixed), paragraphs as documents, cached like the corpora."""
+    p = Path(path).expanduser()
+    docs = _text_file_key(p, what)
+    tokenizer_path = Path(tokenizer_path)
+    load_tokenizer(tokenizer_path)  # a damaged tokenizer fails here, naming its file
+    return _tokenize_and_cache("val", docs, lambda: _text_file_documents(p, max_bytes), 0, max_bytes,
+                               Path(cache_dir or default_cache_dir()).expanduser(), what=f"{what} {str(p)!r}",
+                               tokenizer_path=tokenizer_path, eos_id=eos_id)
