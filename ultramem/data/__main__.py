@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 from .documents import JSONL_SUFFIXES, TEXT_SUFFIXES
-from .prepare import DEFAULT_VOCAB, default_workers, prepare
+from .pipeline import DEFAULT_VOCAB, default_workers, prepare
 from .shards import DEFAULT_SHARD_TOKENS
 
 
