@@ -139,3 +139,50 @@ def test_windows_are_deterministic_and_sharded_by_rank():
         TokenWindows(tokens, 4, 16, 0, rank=2, world_size=2)
     with pytest.raises(ValueError, match="seq_len=20000"):
         TokenWindows(tokens, 4, 20_000, 0)
+
+
+def test_damaged_tokenizer_in_the_cache_is_rebuilt(fake_stdlib, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    good = stdlib_corpus(300, 10**6, cache)
+    tok_file = good.cache_dir / "tokenizer.json"
+    original = tok_file.read_text()
+    tok_file.write_text(original.replace('"<|endoftext|>"', '"<|endoftexx|>"', 1))  # still valid JSON
+    with caplog.at_level("WARNING"):
+        again = stdlib_corpus(300, 10**6, cache)
+    assert again.built and "tokenizer.json does not match the checksum" in caplog.text
+    assert tok_file.read_text() == original
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(good.tokens))
+    assert not stdlib_corpus(300, 10**6, cache).built
+
+
+def test_empty_text_leaves_no_cache_entry(tmp_path):
+    cache = tmp_path / "cache"
+    for content in ["", "\n \n\t\n"]:
+        empty = tmp_path / "empty.txt"
+        empty.write_text(content)
+        with pytest.raises(ValueError, match=r"empty\.txt.*no text to tokenize"):
+            load_token_splits(str(empty), 300, 10**6, 0.1, str(cache))
+        assert not cache.exists() or not [p for p in cache.iterdir() if p.name != ".lock"]
+
+
+def test_next_build_removes_stale_temporaries(fake_stdlib, tmp_path):
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = cache / ".stdlib-v300-0123456789abcdef.tmpk2j3h4"  # a killed build's directory
+    dead.mkdir()
+    (dead / "tokens-00000.npy").write_bytes(b"partial")
+    (cache / ".meta.json.tmpq1w2e3").write_bytes(b"{")
+    legacy = cache / "text-v300-0123456789abcdef"  # an older layout's entry with a temporary inside
+    legacy.mkdir()
+    old_tmp, fresh_tmp = legacy / "tokens.npy.tmpab12.npy", legacy / "tokens.npy.tmpcd34.npy"
+    old_tmp.write_bytes(b"x")
+    fresh_tmp.write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old_tmp, (past, past))
+    (cache / "notes.tmpl").write_text("not ours")
+    stdlib_corpus(300, 10**6, cache)
+    assert not dead.exists() and not (cache / ".meta.json.tmpq1w2e3").exists() and not old_tmp.exists()
+    assert fresh_tmp.exists() and (cache / "notes.tmpl").exists()
