@@ -32,7 +32,7 @@ def test_227m_matches_spec_section_8():
 
 
 def test_path_resolution(tmp_path):
-    path = write(tmp_path, "[train]\nmax_steps = 700\n")
+    path = write(tmp_path, "[model]\nn_layers = 20\n[train]\nmax_steps = 700\n")
     assert load_config(path).train.max_steps == 700
 
 
@@ -115,9 +115,13 @@ def test_parse_overrides_forms():
     (["--optim.warmup_steps=1000"], "optim.warmup_steps=1000"),
     (["--train.dtype=float16"], "train.dtype='float16'"),
     (["--train.device=tpu"], "train.device='tpu'"),
-    (["--parallel.mode=fsdp"], "not implemented yet"),
+    (["--parallel.mode=fsdp", "--train.compile=true", "--train.compile_mode=reduce-overhead"],
+     "FSDP's gathers and hooks do not run inside CUDA graphs"),
+    (["--train.ac=some"], "train.ac='some'"),
+    (["--train.ac_every=0"], "train.ac_every=0"),
+    (["--checkpoint.keep=-1"], "checkpoint.keep=-1"),
     (["--parallel.mode=tp"], "parallel.mode='tp'"),
-    (["--checkpoint.interval=10"], "checkpoint.interval=10"),
+    (["--checkpoint.interval=-1"], "checkpoint.interval=-1"),
     (["--optim.value_lr_decay_frac=2"], "optim.value_lr_decay_frac"),
     (["--model.memory.type=ultramem_v3"], "model.memory.type"),
     (["--model.memory.insert=2:1"], "model.memory.insert"),
@@ -153,3 +157,34 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "config error: data.source=" in err and "Traceback" not in err
+
+
+def test_a_config_without_a_model_section_is_refused(tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="has no \\[model\\] section"):
+        load_config(str(empty))
+
+
+def test_run_dir_defaults_to_the_config_name():
+    from ultramem.train.config import default_run_dir
+
+    assert default_run_dir("debug.toml") == "outputs/debug"
+    assert default_run_dir("/some/where/exp1.toml") == "outputs/exp1"
+    assert load_config("debug.toml", ["--run.dir=/tmp/x"]).run.dir == "/tmp/x"
+
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    from ultramem.train.__main__ import main
+    from ultramem.train.config import config_help
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    rows = config_help()
+    assert len(rows) > 60
+    for key, default, _ in rows:
+        assert f"  {key} " in out, key
+    undocumented = [key for key, _, meaning in rows if not meaning and not key.startswith("model.")]
+    assert not undocumented, undocumented

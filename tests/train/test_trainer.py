@@ -1,13 +1,11 @@
 """The training loop: in-process mechanics on a tiny model, and a real debug run under torchrun."""
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from launch import env, records, run, timeout_for, train_cmd
 from ultramem.data import TokenWindows
 from ultramem.model import build_model
 from ultramem.train.config import load_config
@@ -97,7 +95,7 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
     for mode in ("default", "reduce-overhead"):
         torch._dynamo.reset()
         trainer = tiny_trainer(extra + [f"--train.compile_mode={mode}"])
-        parallelize(trainer.model, trainer.cfg, DistInfo())
+        parallelize(trainer.model, trainer.cfg, DistInfo(), torch.device("cpu"))
         grads = {n: p.grad for n, p in trainer.model.named_parameters()}
         if mode == "reduce-overhead":
             assert all(g is not None and not g.any() for g in grads.values())
@@ -111,12 +109,18 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
 
 @pytest.mark.slow
 def test_debug_run_under_torchrun_loss_falls(tmp_path):
-    """100 steps of debug.toml (UltraMemV2 on the embedded stdlib corpus) in one torchrun process."""
-    env = dict(os.environ, ULTRAMEM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone",
-           "-m", "ultramem.train", "--config", "debug.toml", f"--metrics.tensorboard_dir={tmp_path / 'tb'}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    """100 steps of debug.toml (UltraMemV2 on the embedded stdlib corpus) in one torchrun process,
+    with the run directory the README promises."""
+    cmd = train_cmd(["--config", "debug.toml", f"--metrics.tensorboard_dir={tmp_path / 'tb'}"], nproc=1)
+    # + a BPE trained on the corpus
+    out = run(cmd, timeout_for(100) + 120, tmp_path, env(tmp_path, OMP_NUM_THREADS="2"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "debug"
+    assert "run directory outputs/debug" in out.stdout
+    assert (run_dir / "config.json").is_file() and (run_dir / "train.log").is_file()
+    assert [r["step"] for r in records(run_dir, "val")] == [100]
+    assert (run_dir / "checkpoints" / "step_00000100" / ".metadata").is_file()
+    assert re.search(r"done: step 100/100 in .*, loss [0-9.]+, val loss [0-9.]+", out.stdout)
     losses = [float(x) for x in re.findall(r"step +\d+ \| loss ([0-9.]+)", out.stdout)]
     assert len(losses) == 100, out.stdout[-2000:]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])

@@ -19,23 +19,63 @@ def _setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def _keys_epilog() -> str:
+    from ultramem.train.config import config_help
+
+    rows = config_help()
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (set in the TOML file, or override with --section.key=value):", ""]
+    section = None
+    for key, default, meaning in rows:
+        top = key.split(".")[0]
+        if top != section:
+            if section is not None:
+                lines.append("")
+            section = top
+        lines.append(f"  {key:<{width}}  {default:<14} {meaning}")
+    return "\n".join(lines)
+
+
+def _prefix() -> str:
+    rank = os.environ.get("RANK")
+    return f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ultramem.train",
-        description="Train an ultramem language model. Any --section.key=value after the known "
-                    "options overrides a config value (e.g. --model.memory.knn=16).")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train an ultramem language model, alone or under torchrun. Any --section.key=value after "
+                    "the known options overrides a config value (e.g. --model.memory.knn=16).",
+        epilog=_keys_epilog())
     parser.add_argument("--config", default=None,
                         help="packaged config name (e.g. 227m or debug.toml) or path to a TOML file")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device, print its summary, exit")
+    parser.add_argument("--resume", metavar="PATH", default=None,
+                        help="resume from this checkpoint (or the latest in this directory); by default a run "
+                             "resumes from the latest checkpoint in its own run directory")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if the run directory has "
+                        "checkpoints (they are replaced as the new run saves)")
     args, rest = parser.parse_known_args(argv)
     _setup_logging()
     from ultramem.train.config import load_config
 
+    if args.config is None:
+        parser.exit(2, f"{_prefix()}config error: --config is required (packaged: debug.toml, 227m.toml, ...; "
+                       f"see --help)\n")
+    if args.resume is not None:
+        rest = rest + [f"--run.resume={args.resume}"]
+    if args.no_resume:
+        rest = rest + ["--run.resume="]
     try:
         cfg = load_config(args.config, rest)
     except ConfigError as e:
-        parser.exit(2, f"config error: {e}\n")
+        parser.exit(2, f"{_prefix()}config error: {e}\n")
+    if not cfg.run.dir:
+        from ultramem.train.config import default_run_dir
+
+        cfg.run.dir = default_run_dir(args.config)
 
     if args.dry_run:
         from ultramem.model import build_model
@@ -46,12 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(summarize(model, cfg.model, cfg.train.seq_len), cfg.model))
         return 0
 
-    from ultramem.train.trainer import run_training
+    from ultramem.train.trainer import TrainingDiverged, run_training
 
     try:
         run_training(cfg)
     except (ConfigError, FileNotFoundError) as e:  # bad input found late (e.g. a data shard): no traceback
-        parser.exit(2, f"error: {e}\n")
+        parser.exit(2, f"{_prefix()}error: {e}\n")
+    except TrainingDiverged as e:
+        parser.exit(3, f"{_prefix()}error: training diverged: {e}; the last good checkpoint is kept\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{_prefix()}interrupted\n")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The training configuration: one dataclass tree loaded from TOML, validated once.
 
 Sections: `[model]` (+ `[model.memory]`) are `ultramem.config.ModelConfig` / `MemoryConfig`;
-`[data]`, `[optim]`, `[train]`, `[parallel]`, `[checkpoint]`, `[metrics]` are defined here.
+`[data]`, `[optim]`, `[train]`, `[parallel]`, `[checkpoint]`, `[metrics]`, `[run]` are defined here.
+The comment after each field is its help text (`python -m ultramem.train --help` lists them).
 Command-line overrides `--section.key=value` (also nested: `--model.memory.knn=16`) are parsed
 with the type of the field they set. Every error is a `ConfigError` naming the dotted key.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import re
 import tomllib
 import types
 import typing
@@ -20,7 +22,7 @@ from typing import Any
 from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, MemoryConfig, ModelConfig
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
-BUILT_PARALLEL_MODES = ("none",)  # the others have a config slot but no implementation yet
+AC_MODES = ("none", "full", "selective")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,15 +35,16 @@ class DataConfig:
     max_corpus_bytes: int = 4_000_000  # cap on text read from the corpus (stdlib or text file)
     val_fraction: float = 0.05  # tail of the token stream held out for validation
     cache_dir: str = ""  # "" → $ULTRAMEM_CACHE or ~/.cache/ultramem
+    val_source: str = ""  # validation data apart from source (shard directory or text file); "" → tail of source
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 4e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
+    lr: float = 4e-4  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # AdamW weight decay of matrices (norm scales and biases get none)
+    warmup_steps: int = 100  # linear warmup steps, then cosine decay to max_steps
     min_lr_frac: float = 0.1  # warmup starts and cosine ends at this fraction of the peak
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     value_lr_mult: float = 1.0  # SPEC §4: tables' lr multiplier at step 0, decays to 1
@@ -57,11 +60,11 @@ class OptimConfig:
 
 @dataclass
 class TrainSection:
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps of the whole run
     batch_size: int = 8  # micro-batch per rank
-    seq_len: int = 256
-    grad_accum: int = 1
-    seed: int = 0
+    seq_len: int = 256  # tokens per training sequence
+    grad_accum: int = 1  # micro-batches per optimizer step (gradients reduced once, on the last)
+    seed: int = 0  # model init and data order
     dtype: str = "float32"  # "bfloat16" → autocast; parameters stay fp32
     compile: bool = False  # per-block torch.compile
     # torch.compile mode of the blocks and memory layers; "reduce-overhead" replays them as CUDA
@@ -77,26 +80,38 @@ class TrainSection:
     # micro-batch staged with pre-values (1.3 GB at 227M with 4), 0.7 kB without. 0: add at once. On CUDA it applies with
     # CUDA graphs (compile_mode "reduce-overhead"), where it was measured.
     table_grad_flush: int = 4
-    device: str = "auto"
-    log_interval: int = 1
-    eval_interval: int = 0  # 0: no validation during training
-    eval_batches: int = 4
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    log_interval: int = 1  # steps between log lines
+    eval_interval: int = 100  # validation every this many steps and at the end; 0: never
+    eval_batches: int = 4  # validation batches per evaluation (per rank)
+    ac: str = "none"  # activation checkpointing: "none", "full" (every block) or "selective"
+    ac_every: int = 2  # with ac="selective": recompute every this-many-th block (0, n, 2n, ...)
 
 
 @dataclass
 class ParallelConfig:
-    mode: str = "none"
+    mode: str = "none"  # "none", "ddp" or "fsdp" (FSDP2); with one process "ddp" is "none"
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = ""
-    interval: int = 0  # 0: no checkpoints
+    dir: str = ""  # "" → <run.dir>/checkpoints
+    interval: int = 500  # save every this many steps (and always at the end); 0: only at the end
+    keep: int = 3  # complete checkpoints kept (the newest); 0: keep all
+    enabled: bool = True  # false: save nothing
 
 
 @dataclass
 class MetricsConfig:
-    tensorboard_dir: str = ""  # "" disables tensorboard
+    tensorboard: bool = True  # write tensorboard events
+    tensorboard_dir: str = ""  # "" → <run.dir>/tb
+    progress: bool = True  # a progress bar with ETA when stderr is a terminal
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""  # run directory (config copy, logs, tensorboard, checkpoints); the command line's "" → outputs/<config name>
+    resume: str = "auto"  # "auto": from the run directory's latest checkpoint; a checkpoint path; "": fresh
 
 
 @dataclass
@@ -108,6 +123,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +299,10 @@ def load_config(name_or_path: str | None = None, overrides: list[tuple[str, str]
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config {where}: invalid TOML: {e}") from None
     cfg = _build(TrainConfig, table, "")
+    if validate and name_or_path is not None and "model" not in table:
+        # every default together is the 1.2B-parameter model: never what an empty file meant
+        raise ConfigError(f"config {where} has no [model] section; start from a packaged config "
+                          f"({', '.join(packaged_config_names())})")
     pairs = parse_overrides(list(overrides)) if overrides and isinstance(overrides[0], str) else overrides
     for key, value in pairs:
         _set_override(cfg, key, value)
@@ -337,12 +357,16 @@ def validate_config(cfg: TrainConfig) -> None:
     _require(t.compile or t.compile_mode == "default",
              f"train.compile_mode={t.compile_mode!r} needs train.compile=true (it is the mode of that compile)")
     _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
-    _require(cfg.parallel.mode in BUILT_PARALLEL_MODES,
-             f"parallel.mode={cfg.parallel.mode!r} is not implemented yet (built: "
-             f"{', '.join(BUILT_PARALLEL_MODES)}); run single-process with parallel.mode='none'")
-    _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0")
-    _require(cfg.checkpoint.interval == 0,
-             f"checkpoint.interval={cfg.checkpoint.interval}: checkpointing is not implemented yet; use 0")
+    _require(not (cfg.parallel.mode == "fsdp" and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
+             f"parallel.mode='fsdp' with train.compile_mode={t.compile_mode!r}: FSDP's gathers and hooks do not "
+             f"run inside CUDA graphs; use train.compile_mode='default' (or parallel.mode='ddp')")
+    _one_of(t.ac, AC_MODES, "train.ac")
+    _require(t.ac_every >= 1, f"train.ac_every={t.ac_every}: must be >= 1")
+    _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0 "
+             f"(0: only at the end)")
+    _require(cfg.checkpoint.keep >= 0, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 0 (0: keep all)")
+    _require(not d.val_source or Path(d.val_source).expanduser().exists(),
+             f"data.val_source={d.val_source!r}: no such file or directory")
     _require(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas={o.betas}: each must be in [0, 1)")
     _require(o.eps > 0, f"optim.eps={o.eps}: must be > 0")
@@ -370,5 +394,55 @@ def validate_config(cfg: TrainConfig) -> None:
         validate_memory(m)
 
 
+def default_run_dir(name_or_path: str | None) -> str:
+    """Where a command-line run writes unless run.dir says otherwise: outputs/<config name>."""
+    return str(Path("outputs") / (Path(name_or_path).stem if name_or_path else "default"))
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Help: every key with its default and the comment written beside its field
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    import inspect
+
+    out: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return out
+    above: list[str] = []  # comment lines right above a field describe it when it has none beside it
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        m = re.match(r"\s+(\w+)\s*:[^=]+=(.*)$", line)
+        if m:
+            beside = re.search(r"#\s*(.+)$", m.group(2))
+            text = beside.group(1).strip() if beside else " ".join(above)
+            if text:
+                out[m.group(1)] = text
+        above = []
+    return out
+
+
+def config_help(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) for every config key, in field order."""
+    rows: list[tuple[str, str, str]] = []
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(config_help(tp, f"{prefix}{f.name}."))
+        else:
+            value = getattr(default, f.name)
+            shown = list(value) if isinstance(value, tuple) else value
+            rows.append((f"{prefix}{f.name}", repr(shown), comments.get(f.name, "")))
+    return rows

@@ -1,82 +1,48 @@
 """The training loop and the pieces it is built from, one job each.
 
-    dist = setup_distributed()          # process group when launched by torchrun
-    model = build_training_model(cfg)   # built on meta, materialized on the device, paper init
-    model = parallelize(model, cfg)     # per-block compile now; DDP / FSDP2 / AC slot in here
-    opt, sched = build_optimizer(...)   # AdamW, three groups, LambdaLR schedule
-    Trainer(...).train()                # accumulation, clipping, rank-1 refresh, logging
-
-Only single-process training is implemented; `parallel.mode` other than "none" is refused at
-config validation.
+    info = setup_distributed(device)          # process group when launched by torchrun
+    model = build_training_model(cfg, dev)    # built on meta, materialized on the device, paper init
+    par = parallelize(model, cfg, info, dev)  # activation checkpointing → compile → FSDP2 / DDP
+    opt, sched = build_optimizer(...)         # AdamW, three groups, LambdaLR schedule
+    Trainer(...).train()                      # accumulation, table-gradient all-reduce, clipping,
+                                              # rank-1 refresh, validation, checkpoints, metrics
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
-import os
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from ultramem.config import ConfigError
 from ultramem.model import Transformer, build_model
 
+from .checkpoint import CheckpointManager, flatten_config
 from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum_, resolve_device, set_cpu_threads, setup_distributed, teardown_distributed
+from .metrics import MetricsLogger, format_duration, peak_flops
 from .optim import build_optimizer
+from .parallelize import Parallelized, TableGradReducer, parallelize, uses_cudagraphs
 
 log = logging.getLogger(__name__)
 
-
-# ---------------------------------------------------------------------------------------------
-# Process group and device
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized: bool = False  # whether this process created the process group
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+__all__ = ["DistInfo", "Trainer", "TrainingDiverged", "build_trainer", "build_training_model", "parallelize",
+           "run_training", "staged_flush_interval", "uses_cudagraphs"]
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device='cuda' but CUDA is not available; use 'cpu' or 'auto'")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-def setup_distributed(device: torch.device | None = None) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE set): gloo on CPU, nccl on CUDA."""
-    if "WORLD_SIZE" not in os.environ:
-        return DistInfo()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    initialized = False
-    if not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-        initialized = True
-    return DistInfo(rank, world, local_rank, initialized)
-
-
-def teardown_distributed(info: DistInfo) -> None:
-    if info.initialized and dist.is_initialized():
-        dist.destroy_process_group()
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite; nothing was updated with it."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Model and parallelism
+# Model
 
 
 def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
@@ -100,79 +66,35 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
 
 def staged_flush_interval(cfg: TrainConfig, device: torch.device) -> int:
     """Micro-batches per flush of the staged table gradients (0: not staged). UltraMemV2 layers
-    stage (gate_lookup's backward, or weighted_lookup's without pre-values): at 227M with CUDA
-    graphs +1.3% tokens/s with pre-values, +2.4% without. Memory+ does not: its layers' lookups
-    can stage (ValueTables.use_grad_staging), but at 227M its 129,600-row table keeps the
-    atomics in L2 and staging measured +0.2% for 0.7 GB. On CUDA only with CUDA graphs: without
-    them the memory layers are host-bound, and the staged backward launches three kernels where
-    the unstaged one launches one."""
+    stage; Memory+ does not (its small table keeps the atomics in L2: measured no faster). On
+    CUDA only with CUDA graphs: without them the layers are host-bound, and the staged backward
+    launches more kernels than the unstaged one (docs/table-gradients.md)."""
     mem = cfg.model.memory
     if mem.type != "ultramem_v2" or (device.type == "cuda" and not uses_cudagraphs(cfg)):
         return 0
     return min(cfg.train.table_grad_flush, cfg.train.grad_accum)
 
 
-def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo) -> Transformer:
-    """Apply (in torchtitan's order) activation checkpointing → compile → sharding.
-    Built so far: per-block torch.compile. DDP/FSDP2 are refused at config validation."""
-    if info.world_size > 1:
-        raise NotImplementedError(
-            f"world_size={info.world_size}: only single-process training is implemented "
-            f"(parallel.mode={cfg.parallel.mode!r})")
-    if cfg.train.compile:
-        mode = cfg.train.compile_mode
-        for block in model.blocks:
-            block.compile(mode=mode)
-        for layer in model.memory_layers:
-            layer.compile(mode=mode)
-    return model
-
-
-def uses_cudagraphs(cfg: TrainConfig) -> bool:
-    return cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (stub: DCP save / exact resume slots in here)
-
-
-class CheckpointManager:
-    def __init__(self, directory: str, interval: int):
-        self.directory, self.interval = directory, interval
-
-    def maybe_save(self, step: int, **state) -> bool:
-        """Save at multiples of `interval`; not built yet (config validation refuses interval > 0)."""
-        if self.interval and step % self.interval == 0:
-            raise NotImplementedError("checkpoint saving is not implemented yet")
-        return False
-
-    def load_latest(self, **state) -> int:
-        """Step to resume from (0: fresh start)."""
-        return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics sink
-
-
-class MetricsWriter:
-    """Tensorboard scalars on the main rank (no-op elsewhere or when no directory is set)."""
-
-    def __init__(self, directory: str, enabled: bool):
-        self._writer = None
-        if directory and enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=directory)
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is not None:
-            for key, value in values.items():
-                self._writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The global gradient norm over all ranks, and clipping to `max_norm`. FSDP's sharded
+    gradients give partial norms that are summed over ranks; replicated ones (DDP, the value
+    tables after their all-reduce) are whole on every rank and count once."""
+    sharded = [p for p in params if p.grad is not None and isinstance(p.grad, DTensor)]
+    local = [p for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+    squares = []
+    if sharded:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded], 2.0, foreach=True)
+        squares.append(norm.full_tensor().float().square())
+    if local:
+        squares.append(torch.nn.utils.get_total_norm([p.grad for p in local], 2.0, foreach=True).float().square())
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    if math.isfinite(max_norm):
+        for group in (sharded, local):
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,25 +110,68 @@ class StepRecord:
     grad_norm: float
     tokens_per_s: float
     aux: float = 0.0
+    mfu: float | None = None
+    peak_memory_gb: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM ask for a checkpoint and a clean exit at the end of the current step;
+    all ranks agree on it through the step's all-reduce. A second signal exits at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                return
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_batches, device: torch.device,
-                 info: DistInfo, val_batches=None):
+                 info: DistInfo, val_batches=None, parallel: Parallelized | None = None):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.train_batches, self.val_batches = train_batches, val_batches
         self.device, self.info = device, info
+        self.parallel = parallel or Parallelized(model, model, "none")
         self.step = 0
         self.history: list[StepRecord] = []
-        self.metrics = MetricsWriter(cfg.metrics.tensorboard_dir, info.is_main)
-        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.interval)
+        self.val_history: list[tuple[int, float]] = []
+        self.run_dir = Path(cfg.run.dir) if cfg.run.dir else None
+        # (a Trainer built in code without a run directory or checkpoint.dir saves nothing)
+        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else (
+            self.run_dir / "checkpoints" if self.run_dir else None)
+        self.checkpoints = CheckpointManager(ckpt_dir or Path("checkpoints"), cfg.checkpoint.interval,
+                                             cfg.checkpoint.keep, info)
+        self._saving = cfg.checkpoint.enabled and ckpt_dir is not None
+        tb_dir = None
+        if cfg.metrics.tensorboard:
+            tb_dir = Path(cfg.metrics.tensorboard_dir) if cfg.metrics.tensorboard_dir else (
+                self.run_dir / "tb" if self.run_dir else None)
+        if info.is_main and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLogger(self.run_dir, tb_dir, info.is_main, cfg.train.max_steps, cfg.metrics.progress)
         self._cudagraphs = uses_cudagraphs(cfg)  # (on CPU Inductor skips the graphs; the rest holds)
         tables = self.model.memory_tables
         staged = tables is not None and tables.grad_staging is not None
         # (at least once per step whenever the tables stage, whatever the config says)
         self._flush_every = max(1, min(cfg.train.table_grad_flush, cfg.train.grad_accum)) if staged else 0
+        self.table_reducer = TableGradReducer(model, info)
         if self._cudagraphs:
             # A gradient first set from a CUDA-graph output aliases the graph's memory, which the
             # next micro-batch's replay overwrites: give every parameter its own .grad up front
@@ -215,6 +180,13 @@ class Trainer:
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         self._value_group = next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "values"), None)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._flops_per_token = _flops_per_token(cfg)
+        self._peak_flops = peak_flops(device)
+        self._stop = _StopRequest()
+        self.last_checkpoint: Path | None = None
+
+    # -- pieces ---------------------------------------------------------------------------
 
     def _autocast(self):
         if self.cfg.train.dtype == "bfloat16":
@@ -234,29 +206,58 @@ class Trainer:
         base = lrs[0]
         return lrs[self._value_group] / base if base > 0 else 1.0
 
-    def train_step(self) -> StepRecord:
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.seq_len * t.grad_accum * self.info.world_size
+
+    def _peak_memory_gb(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+        except ImportError:
+            return None
+
+    # -- one optimizer step ----------------------------------------------------------------
+
+    def train_step(self) -> StepRecord | None:
         cfg = self.cfg
-        t0 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         value_mult = self._value_lr_mult()
-        loss_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
+        # [LM loss, aux loss, stop requested]: summed over micro-batches, then over ranks
+        totals = torch.zeros(3, device=self.device)
         accum = cfg.train.grad_accum
         for micro in range(accum):
+            last = micro + 1 == accum
             batch = self.train_batches.batch(self.step * accum + micro).to(self.device, non_blocking=True)
             self._mark_step()
-            with self._autocast():
-                loss, aux = self.model(batch[:, :-1], batch[:, 1:])
-            (loss / accum).backward()
-            loss_sum += (loss - aux).detach().float()  # the LM loss, comparable with val/loss; aux apart
-            aux_sum += aux.detach().float()
-            if self._flush_every and ((micro + 1) % self._flush_every == 0 or micro + 1 == accum):
+            with self.parallel.grad_sync(last):
+                with self._autocast():
+                    loss, aux = self.parallel.forward(batch[:, :-1], batch[:, 1:])
+                (loss / accum).backward()
+            totals[0] += (loss - aux).detach().float()  # the LM loss, comparable with val/loss; aux apart
+            totals[1] += aux.detach().float()
+            if self._flush_every and ((micro + 1) % self._flush_every == 0 or last):
                 # staged table gradients into the buffers: before the staging area fills up, and
                 # before clipping and the optimizer read them (without a host sync: the staging
                 # area holds table_grad_flush micro-batches, full at each regular flush)
                 self.model.memory_tables.flush_grad_staging(wait=False)
+        self.table_reducer.start()
+        totals[2] = float(self._stop.signal is not None)
+        all_reduce_sum_(totals, self.info)
+        self.table_reducer.wait()
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        grad_norm = clip_grad_norm_(self._params, max_norm)
+        # one host sync per optimizer step: a diverged step must not reach the weights
+        loss_sum, aux_sum, stops = totals.tolist()
+        loss_v = loss_sum / (accum * self.info.world_size)
+        norm_v = float(grad_norm)
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            raise TrainingDiverged(f"step {self.step + 1}: loss {loss_v} and gradient norm {norm_v}; stopped "
+                                   f"before the optimizer step")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=not self._cudagraphs)
@@ -265,71 +266,162 @@ class Trainer:
             self.model.memory_tables.refresh_compute_copy()
         self.model.refresh_rank1()
         self.step += 1
+        if stops > 0 and self._stop.signal is None:
+            self._stop.signal = signal.SIGTERM  # another rank was asked to stop
 
         record = None
         if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
-            loss_v = loss_sum.item() / accum  # the only host sync of a step, on logging steps
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            elapsed = time.perf_counter() - t0
-            tokens = cfg.train.batch_size * cfg.train.seq_len * accum * self.info.world_size
-            record = StepRecord(self.step, loss_v, lr, value_mult, float(grad_norm), tokens / elapsed,
-                                aux_sum.item() / accum)
+            record = StepRecord(self.step, loss_v, lr, value_mult, norm_v, 0.0, aux_sum / (accum * self.info.world_size))
         if self.model.memory_layers and self.step % cfg.model.memory.log_interval == 0:
-            mem = self.model.memory_metrics()
+            mem = self.memory_metrics()
             if record is not None:
                 record.extra.update(mem)
             if self.info.is_main:
-                log.info("step %d memory metrics: %s", self.step,
-                         " ".join(f"{k}={v:.4g}" for k, v in sorted(mem.items())))
-                self.metrics.scalars(self.step, {f"memory/{k}": v for k, v in mem.items()})
+                self.metrics.line(f"step {self.step} memory metrics: "
+                                  + " ".join(f"{k}={v:.4g}" for k, v in sorted(mem.items())))
+                self.metrics.scalars(self.step, {f"memory/{k}": v for k, v in mem.items()}, kind="memory")
         return record
+
+    def memory_metrics(self) -> dict[str, float]:
+        """Every memory layer's metrics over all ranks' tokens since the last report."""
+        if self.info.distributed:
+            for layer in self.model.memory_layers:
+                for buf in layer.stats.buffers():
+                    all_reduce_sum_(buf, self.info)
+        return self.model.memory_metrics()
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean validation loss over `eval_batches` batches per rank, averaged over ranks."""
         self.model.eval()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for i in range(self.cfg.train.eval_batches):
             batch = self.val_batches.batch(i).to(self.device)
             self._mark_step()
             with self._autocast():
                 loss, aux = self.model(batch[:, :-1], batch[:, 1:])
-            total += (loss - aux).item()
+            total += (loss - aux).float()
+        all_reduce_sum_(total, self.info)
         self.model.train()
-        return total / self.cfg.train.eval_batches
+        return total.item() / (self.cfg.train.eval_batches * self.info.world_size)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        if not self._saving:
+            return None
+        if self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{self.step:08d}":
+            return self.last_checkpoint
+        self.last_checkpoint = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.cfg)
+        return self.last_checkpoint
 
     def prepare(self) -> None:
-        """Before the first step: resume from the latest checkpoint, then refresh what derives
-        from the parameters (the tables' compute copy, the rank-1 approximations)."""
-        self.step = self.checkpoints.load_latest(model=self.model, optimizer=self.optimizer)
+        """Before the first step: resume as asked, then refresh what derives from the parameters
+        (the tables' compute copy, the rank-1 approximations)."""
+        resume = self.cfg.run.resume
+        found = self.checkpoints.resolve(resume) if self._saving or resume not in ("", "auto") else None
+        if found is not None:
+            self.step = self.checkpoints.load(found, self.model, self.optimizer, self.scheduler, self.cfg)
+            self.last_checkpoint = found
+            self.metrics.line(f"resumed from {found} at step {self.step} of {self.cfg.train.max_steps}")
         if self.model.memory_tables is not None:
+            self.model.memory_tables.zero_grad_buffers()
             self.model.memory_tables.refresh_compute_copy()  # after a checkpoint load
         self.model.refresh_rank1()  # before the first forward
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def _log_record(self, record: StepRecord, seconds: float, steps: int) -> None:
+        record.tokens_per_s = self.tokens_per_step * steps / max(seconds, 1e-9)
+        if self._peak_flops is not None:
+            record.mfu = record.tokens_per_s * self._flops_per_token / (self._peak_flops * self.info.world_size)
+        record.peak_memory_gb = self._peak_memory_gb()
+        self.history.append(record)
+        if not self.info.is_main:
+            return
+        left = (self.cfg.train.max_steps - record.step) * seconds / max(steps, 1)
+        mfu = f" | mfu {record.mfu:.1%}" if record.mfu is not None else ""
+        mem = f" | mem {record.peak_memory_gb:.2f} GB" if record.peak_memory_gb is not None else ""
+        self.metrics.line(
+            f"step {record.step:5d} | loss {record.loss:.4f} | lr {record.lr:.3e} | value lr x{record.value_lr_mult:.3f}"
+            f" | grad norm {record.grad_norm:.3f} | {record.tokens_per_s:.0f} tok/s{mfu}{mem}"
+            f" | eta {format_duration(left)}")
+        values = {"train/loss": record.loss, "train/aux_loss": record.aux, "train/lr": record.lr,
+                  "train/value_lr_mult": record.value_lr_mult, "train/grad_norm": record.grad_norm,
+                  "train/tokens_per_s": record.tokens_per_s}
+        if record.mfu is not None:
+            values["train/mfu"] = record.mfu
+        if record.peak_memory_gb is not None:
+            values["train/peak_memory_gb"] = record.peak_memory_gb
+        self.metrics.scalars(record.step, values)
+        self.metrics.advance(record.step, f"loss {record.loss:.3f}")
+
+    def _validate(self) -> None:
+        if self.val_batches is None:
+            return
+        val = self.evaluate()
+        self.val_history.append((self.step, val))
+        if self.info.is_main:
+            self.metrics.line(f"step {self.step:5d} | val loss {val:.4f}")
+            self.metrics.scalars(self.step, {"val/loss": val}, kind="val")
 
     def train(self) -> list[StepRecord]:
         cfg = self.cfg
         self.prepare()
-        while self.step < cfg.train.max_steps:
-            record = self.train_step()
-            if record is not None:
-                self.history.append(record)
-                if self.info.is_main:
-                    log.info("step %5d | loss %.4f | lr %.3e | value lr x%.3f | grad norm %.3f | %.0f tok/s",
-                             record.step, record.loss, record.lr, record.value_lr_mult, record.grad_norm,
-                             record.tokens_per_s)
-                    self.metrics.scalars(record.step, {
-                        "train/loss": record.loss, "train/aux_loss": record.aux, "train/lr": record.lr,
-                        "train/value_lr_mult": record.value_lr_mult, "train/grad_norm": record.grad_norm,
-                        "train/tokens_per_s": record.tokens_per_s})
-            if (self.val_batches is not None and cfg.train.eval_interval
-                    and self.step % cfg.train.eval_interval == 0):
-                val = self.evaluate()
-                if self.info.is_main:
-                    log.info("step %5d | val loss %.4f", self.step, val)
-                    self.metrics.scalars(self.step, {"val/loss": val})
-            self.checkpoints.maybe_save(self.step, model=self.model, optimizer=self.optimizer)
-        self.metrics.close()
+        self.metrics.start(self.step)
+        start_step, t_start = self.step, time.perf_counter()
+        if self.step >= cfg.train.max_steps:
+            self.metrics.line(f"nothing to do: the checkpoint is at step {self.step}, train.max_steps="
+                              f"{cfg.train.max_steps} (raise it to train on, or --run.resume= to start afresh)")
+        self._stop.install()
+        t_log, steps_since = time.perf_counter(), 0
+        stopped_by = None
+        try:
+            while self.step < cfg.train.max_steps:
+                record = self.train_step()
+                steps_since += 1
+                if record is not None:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    self._log_record(record, now - t_log, steps_since)
+                    t_log, steps_since = now, 0
+                paused = time.perf_counter()
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                    self._validate()
+                if self.checkpoints.due(self.step):
+                    self.save_checkpoint()
+                if self._stop.signal is not None:
+                    stopped_by = signal.Signals(self._stop.signal).name
+                    break
+                t_log += time.perf_counter() - paused  # evaluation and saving are not training time
+            else:
+                if (cfg.train.eval_interval and self.step % cfg.train.eval_interval
+                        and self.step > start_step):
+                    self._validate()  # the final one, when the interval did not land on the end
+            if self.step > start_step or stopped_by:
+                self.save_checkpoint()
+        finally:
+            self._stop.restore()
+            self.metrics.close()
+        elapsed = time.perf_counter() - t_start
+        if stopped_by:
+            log.warning("rank %d: stopped by %s at step %d%s", self.info.rank, stopped_by, self.step,
+                        f"; checkpoint {self.last_checkpoint}" if self.last_checkpoint else "")
+        if self.info.is_main and self.step > start_step:
+            last = self.history[-1] if self.history else None
+            val = f", val loss {self.val_history[-1][1]:.4f}" if self.val_history else ""
+            rate = self.tokens_per_step * (self.step - start_step) / max(elapsed, 1e-9)
+            log.info("done: step %d/%d in %s, loss %s%s, %.0f tok/s%s", self.step, cfg.train.max_steps,
+                     format_duration(elapsed), f"{last.loss:.4f}" if last else "?", val, rate,
+                     f", checkpoint {self.last_checkpoint}" if self.last_checkpoint else "")
         return self.history
+
+
+def _flops_per_token(cfg: TrainConfig) -> float:
+    from .summary import summarize
+
+    return float(summarize(build_model(cfg.model, device="meta"), cfg.model, cfg.train.seq_len).flops_per_token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,48 +434,86 @@ def build_data(cfg: TrainConfig, info: DistInfo):
     from ultramem.data import TokenWindows, load_token_splits
 
     def load():
+        kwargs = {"val_source": cfg.data.val_source} if cfg.data.val_source else {}
         return load_token_splits(cfg.data.source, cfg.data.vocab_size, cfg.data.max_corpus_bytes,
-                                 cfg.data.val_fraction, cfg.data.cache_dir or None)
+                                 cfg.data.val_fraction, cfg.data.cache_dir or None, **kwargs)
 
-    if info.world_size > 1 and dist.is_initialized():
+    if info.distributed:
+        from .distributed import barrier
+
         splits = load() if info.is_main else None
-        dist.barrier()
+        barrier(info)
         if splits is None:
             splits = load()
     else:
         splits = load()
     if splits.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}; raise model.vocab_size")
+        raise ConfigError(f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}; raise model.vocab_size")
     t = cfg.train
     train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size)
     val = None
-    if len(splits.val) >= t.seq_len + 2:
+    if t.eval_interval:
+        if len(splits.val) < t.seq_len + 2:
+            where = f"data.val_source={cfg.data.val_source!r}" if cfg.data.val_source else \
+                f"data.val_fraction={cfg.data.val_fraction}"
+            raise ConfigError(f"{where} leaves {len(splits.val)} validation tokens, fewer than one window "
+                              f"(train.seq_len + 2 = {t.seq_len + 2}); raise it, or set train.eval_interval=0")
         val = TokenWindows(splits.val, t.batch_size, t.seq_len, t.seed + 1, info.rank, info.world_size)
     log.info("data: %d train tokens, %d validation tokens, vocab %d", len(splits.train), len(splits.val),
              splits.vocab_size)
     return train, val, splits.vocab_size
 
 
+def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+    run_dir = Path(cfg.run.dir)
+    if not cfg.run.dir:
+        raise ConfigError("run.dir is empty: a training run needs a directory for its logs and checkpoints")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(flatten_config(cfg), indent=1) + "\n")
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+        ckpt = cfg.checkpoint.dir or str(run_dir / "checkpoints")
+        log.info("run directory %s: config.json, train.log, metrics.jsonl%s, checkpoints in %s", run_dir,
+                 ", tb/" if cfg.metrics.tensorboard and not cfg.metrics.tensorboard_dir else "",
+                 ckpt if cfg.checkpoint.enabled else "(none: checkpoint.enabled=false)")
+    return run_dir
+
+
+def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
+    """Data, model (parallelized as configured), optimizer and schedule on this rank's device."""
+    device = resolve_device(cfg.train.device, info.local_rank)
+    _start_run_dir(cfg, info)
+    torch.manual_seed(cfg.train.seed)
+    train_batches, val_batches, _ = build_data(cfg, info)
+    model = build_training_model(cfg, device)
+    par = parallelize(model, cfg, info, device)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    if info.world_size > 1 or par.checkpointed:
+        log.info("parallel: %s on %d ranks; activation checkpointing on %d of %d blocks", par.mode,
+                 info.world_size, len(par.checkpointed), cfg.model.n_layers)
+    log.info("model: %.2f M parameters on %s, dtype %s, compile=%s", n_params / 1e6, device,
+             cfg.train.dtype, cfg.train.compile)
+    trainer = Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches, par)
+    if trainer.table_reducer.active:
+        log.info("value tables replicated; their gradients (%.3f GB) are all-reduced once per step",
+                 trainer.table_reducer.nbytes / 1e9)
+    return trainer
+
+
 def run_training(cfg: TrainConfig) -> list[StepRecord]:
+    from .distributed import env_dist_info
+
+    set_cpu_threads(env_dist_info())
     device_hint = torch.device("cuda") if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available() \
         else torch.device("cpu")
+    if device_hint.type == "cuda":
+        device_hint = resolve_device("cuda", env_dist_info().local_rank)
     info = setup_distributed(device_hint)
     try:
         return build_trainer(cfg, info).train()
     finally:
         teardown_distributed(info)
-
-
-def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
-    """Data, model (compiled as configured), optimizer and schedule on this rank's device."""
-    device = resolve_device(cfg.train.device, info.local_rank)
-    torch.manual_seed(cfg.train.seed)
-    train_batches, val_batches, _ = build_data(cfg, info)
-    model = build_training_model(cfg, device)
-    model = parallelize(model, cfg, info)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %.2f M parameters on %s, dtype %s, compile=%s", n_params / 1e6, device,
-             cfg.train.dtype, cfg.train.compile)
-    return Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches)

@@ -1,0 +1,160 @@
+"""Activation checkpointing, compile and data parallelism, applied to a built model in one place.
+
+Order (as torchtitan): activation checkpointing wraps each chosen block and the memory layers
+that read there, then each block and memory layer is compiled on its own, then FSDP2 shards each
+block and memory layer and finally the root (or DDP wraps the whole model).
+
+The value tables stay outside both: each rank holds them whole, and their gradients, which the
+memory ops add into persistent buffers that autograd's hooks never see, are summed over ranks by
+`TableGradReducer` once per optimizer step (docs/distributed.md has the bytes this moves).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+from ultramem.model import Transformer
+
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum_
+
+log = logging.getLogger(__name__)
+
+
+def uses_cudagraphs(cfg: TrainConfig) -> bool:
+    return cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+
+
+def checkpointed_blocks(cfg: TrainConfig) -> list[int]:
+    """Blocks whose activations are recomputed in the backward: all ("full"), every
+    `ac_every`-th starting with block 0 ("selective"), or none."""
+    n = cfg.model.n_layers
+    if cfg.train.ac == "full":
+        return list(range(n))
+    if cfg.train.ac == "selective":
+        return list(range(0, n, cfg.train.ac_every))
+    return []
+
+
+def apply_ac(model: Transformer, blocks: list[int]) -> None:
+    """Recompute the chosen blocks, and the memory layers reading at them, in the backward.
+    A memory layer's table gradient is added by its ops' backwards, which run once whatever is
+    recomputed: the recompute repeats only forward work."""
+    chosen = set(blocks)
+    for i in chosen:
+        model.blocks[i] = checkpoint_wrapper(model.blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    for l, (read, _) in enumerate(model.placement):
+        if read in chosen:
+            model.memory_layers[l] = checkpoint_wrapper(model.memory_layers[l],
+                                                        checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def apply_compile(model: Transformer, mode: str) -> None:
+    """One compiled graph per block and per memory layer (a whole-model graph would break at the
+    FSDP hooks between blocks)."""
+    for block in model.blocks:
+        block.compile(mode=mode)
+    for layer in model.memory_layers:
+        layer.compile(mode=mode)
+
+
+def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) -> None:
+    """FSDP2 per block and per memory layer, then the root. bf16 runs gather the blocks' weights
+    in bf16 and reduce gradients in fp32 (the fp32 shards stay the master weights); memory layers
+    keep fp32 weights, since their ops take the retrieval weights as given."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = cfg.train.dtype == "bfloat16"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None)
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32 if bf16 else None)
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        # the last block's weights are needed again at once by the backward: keep them gathered
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < n - 1)
+    for layer in model.memory_layers:
+        fully_shard(layer, mp_policy=fp32)
+    fully_shard(model, mp_policy=mp, ignored_params=tables or None)
+
+
+def apply_ddp(model: Transformer, info: DistInfo, device: torch.device, tables: set[nn.Parameter]) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    names = [n for n, p in model.named_parameters() if p in tables]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+    # Buffers are not broadcast: u, v and the permutation are identical on every rank by
+    # construction, and the usage counters are per rank (summed when reported).
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+@dataclass
+class Parallelized:
+    """The model as built (for state dicts, refreshes, metrics) and the module to call forward
+    on (the DDP wrapper under DDP, else the model itself)."""
+
+    model: Transformer
+    forward: nn.Module
+    mode: str
+    checkpointed: list[int] = field(default_factory=list)
+
+    def grad_sync(self, enabled: bool):
+        """Context for one micro-batch: reduce gradients only when `enabled` (the last one)."""
+        if self.mode == "ddp" and not enabled:
+            return self.forward.no_sync()
+        if self.mode == "fsdp":
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+
+def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo, device: torch.device) -> Parallelized:
+    mode = cfg.parallel.mode
+    tables = set(model.memory_tables.parameters()) if model.memory_tables is not None else set()
+    blocks = checkpointed_blocks(cfg)
+    if blocks:
+        apply_ac(model, blocks)
+    if cfg.train.compile:
+        apply_compile(model, cfg.train.compile_mode)
+    forward: nn.Module = model
+    if mode == "fsdp":
+        apply_fsdp(model, cfg, tables)
+    elif mode == "ddp" and info.world_size > 1:
+        forward = apply_ddp(model, info, device, tables)
+    elif mode == "ddp":
+        mode = "none"  # one process: nothing to reduce
+    return Parallelized(model, forward, mode, blocks)
+
+
+class TableGradReducer:
+    """Sums the shared value tables' gradient buffers over ranks, once per optimizer step, after
+    the last flush, as a mean like the data-parallel gradients. The all-reduces are issued
+    asynchronously, one per table, and waited for just before the gradients are read."""
+
+    def __init__(self, model: Transformer, info: DistInfo):
+        self.info = info
+        tables = model.memory_tables
+        self.buffers = [] if tables is None else [b for b in (tables.values_grad, tables.pre_values_grad)
+                                                   if b is not None]
+        self._work: list = []
+        self.active = info.distributed and bool(self.buffers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def start(self) -> None:
+        if self.active:
+            self._work = [all_reduce_sum_(b, self.info, async_op=True) for b in self.buffers]
+
+    def wait(self) -> None:
+        if not self.active:
+            return
+        for w in self._work:
+            w.wait()
+        self._work = []
+        for b in self.buffers:
+            b.div_(self.info.world_size)
