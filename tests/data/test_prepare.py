@@ -348,3 +348,21 @@ def test_val_source_text_and_directory(corpus_dir, tmp_path):
     assert len(s3.train) == len(load_token_splits(str(src), 300, 10**6, 0.0, str(cache)).train)
     tok3 = load_tokenizer(s3.tokenizer_path)
     assert [tok3.decode(d) for d in _documents(s3.val, tok3.token_to_id("<|endoftext|>"))] == paragraphs
+
+
+def test_gzip_inputs_in_a_directory(tmp_path):
+    import gzip
+
+    root = tmp_path / "gz"
+    root.mkdir()
+    docs = ["first document\nwith two lines", "second one", "a plain text file, compressed"]
+    with gzip.open(root / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in docs[:2]))
+    with gzip.open(root / "b.txt.gz", "wt") as f:
+        f.write(docs[2])
+    (root / "c.bin.gz").write_bytes(gzip.compress(b"\x00\x01"))  # not a text suffix inside
+    meta = prepare([root], tmp_path / "o", vocab_size=300, workers=2, progress=False)
+    assert meta["n_documents"] == 3 and meta["n_files"] == 2
+    tok = load_tokenizer(tmp_path / "o" / "tokenizer.json")
+    tokens = load_token_splits(str(tmp_path / "o"), 4096, 0, 0.0).train
+    assert [tok.decode(d) for d in _documents(tokens, meta["eos_id"])] == docs

@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -101,30 +101,34 @@ def _stop_executor(ex: cf.ProcessPoolExecutor) -> None:
 
 
 def encode_stream(tasks: Iterable[tuple[list, int]], tokenizer_path: Path, eos_id: int, dtype: np.dtype,
-                  workers: int, writer: ShardWriter, bar) -> None:
-    """Encode the tasks in order (in `workers` processes when > 1) into the writer."""
+                  workers: int, writer: ShardWriter, make_bar: Callable[[], ContextManager]) -> None:
+    """Encode the tasks in order (in `workers` processes when > 1) into the writer; make_bar()
+    gives the progress bar, updated with each task's character count."""
     if workers <= 1:
         tok = load_tokenizer(tokenizer_path)
-        for pieces, n in tasks:
-            writer.write(encode_texts(tok, [t for t, _ in pieces], eos_id, dtype, [e for _, e in pieces]))
-            bar.update(n)
+        with make_bar() as bar:
+            for pieces, n in tasks:
+                writer.write(encode_texts(tok, [t for t, _ in pieces], eos_id, dtype, [e for _, e in pieces]))
+                bar.update(n)
         return
     # the workers encode one task each; the tokenizer's own thread pool would oversubscribe the cores
     with _env("TOKENIZERS_PARALLELISM", "false"):
         ex = cf.ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_init_worker,
                                     initargs=(str(tokenizer_path), eos_id, dtype.str))
         try:
+            ex.submit(int).result()  # starts the workers now, before the bar's monitor thread exists
             pending: collections.deque = collections.deque()
-            for pieces, n in tasks:
-                pending.append((ex.submit(_encode_task, pieces), n))
-                if len(pending) >= 2 * workers:  # bounded: the input is read as fast as it is encoded
+            with make_bar() as bar:
+                for pieces, n in tasks:
+                    pending.append((ex.submit(_encode_task, pieces), n))
+                    if len(pending) >= 2 * workers:  # bounded: the input is read as fast as it is encoded
+                        fut, m = pending.popleft()
+                        writer.write(fut.result())
+                        bar.update(m)
+                while pending:
                     fut, m = pending.popleft()
                     writer.write(fut.result())
                     bar.update(m)
-            while pending:
-                fut, m = pending.popleft()
-                writer.write(fut.result())
-                bar.update(m)
         except BaseException:
             _stop_executor(ex)
             raise
@@ -201,14 +205,15 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
             real_vocab = tokenizer_vocab_size(tok)
             dtype = token_dtype(real_vocab)
             writer = ShardWriter(tmp, dtype, shard_tokens)
-            total = sum(f.stat().st_size for f in files)
+            size = sum(f.stat().st_size for f in files)
             counts = {"documents": 0}
             tasks = _tasks(iter_pieces(files, warn=True, max_chars=PIECE_CHARS), TASK_CHARS, counts)
-            log.info("tokenizing %d files (%.1f MB) with %d worker(s)", len(files), total / 1e6, workers)
-            with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
-                      disable=not progress, dynamic_ncols=True) as bar:
-                encode_stream(tasks, tok_file, eos_id, dtype, workers, writer, bar)
-                bar.update(max(0, bar.total - bar.n))  # it counts characters against a total in bytes
+            log.info("tokenizing %d files (%.1f MB) with %d worker(s)", len(files), size / 1e6, workers)
+            # the bar counts characters; file sizes are the total unless some are compressed
+            total = None if any(f.suffix.lower() == ".gz" for f in files) else size
+            encode_stream(tasks, tok_file, eos_id, dtype, workers, writer,
+                          lambda: tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+                                       disable=not progress, dynamic_ncols=True))
             shards = writer.close()
             n_docs = counts["documents"]
             if writer.n_tokens <= n_docs:  # nothing but the end-of-text separators
