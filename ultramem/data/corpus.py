@@ -111,7 +111,7 @@ def _cache_key(kind: str, files: list[tuple[str, int]], vocab_size: int, max_byt
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _load_entry(entry: Path, warn: bool) -> TokenizedCorpus | None:
+def _load_entry(entry: Path, warn: bool, announce: bool = True) -> TokenizedCorpus | None:
     """The complete, intact cache entry at `entry`, or None (with a warning when it is damaged)."""
     if not (entry / META_NAME).is_file():
         if warn and entry.exists():
@@ -130,7 +130,8 @@ def _load_entry(entry: Path, warn: bool) -> TokenizedCorpus | None:
         if warn:
             log.warning("rebuilding cache entry %s: %s", entry, e)
         return None
-    log.info("reusing tokenized corpus %s (%d tokens)", entry, len(corpus.tokens))
+    if announce:
+        log.info("reusing tokenized corpus %s (%d tokens)", entry, len(corpus.tokens))
     return corpus
 
 
@@ -197,7 +198,7 @@ def _tokenize_and_cache(kind: str, documents: list[tuple[str, int]], read_texts,
             remove_path(tmp)
             raise
     log.info("cached %d tokens (vocab %d) in %s", writer.n_tokens, real_vocab, entry)
-    corpus = _load_entry(entry, warn=True)
+    corpus = _load_entry(entry, warn=True, announce=False)
     if corpus is None:
         raise RuntimeError(f"the cache entry {entry} just built does not read back")
     corpus.built = True
