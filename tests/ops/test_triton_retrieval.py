@@ -434,9 +434,10 @@ def _first_keys64(x, w, knn):
 @interpreted_only
 def test_forward_infinite_scores_and_strided_keys():
     # -inf coarse scores (the value of the kernel's padding) are real keys, kept by the tie rule
-    # when fewer than k keys are finite; +inf ones are kept first. Their grid totals are NaN
-    # (never kept) or infinite. A key stride that is not the rank takes the kernel's
-    # runtime-stride path.
+    # when fewer than k keys are finite; +inf ones are kept first. Their grid totals are infinite,
+    # or NaN (∞ − ∞): then all of the token's scores are NaN (the op's NaN rule), its ids still
+    # distinct and in range. A key stride that is not the rank takes the kernel's runtime-stride
+    # path.
     a, b, cores, u, v = _inputs(39, 3, 1, 150, 140, 2, 2)
     u = torch.ones(1, 2)
     a[0, 0, :140] = float("-inf")  # 10 finite keys, k = 12
@@ -447,20 +448,27 @@ def test_forward_infinite_scores_and_strided_keys():
     ids, scores = tri.launch_forward(a, b_s, cores, u, v, knn)
     assert ((ids >= 0) & (ids < 150 * 140)).all()
     c_sum = cores[0].double().sum(0)
+    poisoned = []
     for ti in range(3):
         rows = _first_keys64(a[ti, 0], u[0], knn)
         cols = _first_keys64(b[ti, 0], v[0], knn)
         assert (ti != 0 or sorted(rows) == [0, 1, *range(140, 150)]) and (ti != 1 or rows[0] == 7)
+        # the grid totals as the kernel forms them (cores summed first)
         totals = [float(a[ti, 0, i].double() @ c_sum @ b[ti, 0, j].double()) for i in rows for j in cols]
-        best = sorted((x for x in totals if x == x), reverse=True)[:knn]
         got = [int(x) for x in ids[ti, 0]]
         assert len(set(got)) == knn
         assert all(vid // 140 in rows and vid % 140 in cols for vid in got), ti
+        if any(x != x for x in totals):
+            poisoned.append(ti)
+            assert scores[ti].isnan().all(), ti
+            continue
+        best = sorted(totals, reverse=True)[:knn]
         got_totals = [sum(pair_scores64(a, b, cores, ti, 0, vid)) for vid in got]
         assert got_totals == pytest.approx(best, rel=1e-5, abs=1e-5), ti
         for e, vid in enumerate(got):
             assert scores[ti, 0, e].double().tolist() == pytest.approx(pair_scores64(a, b, cores, ti, 0, vid),
                                                                        rel=1e-5, abs=1e-5)
+    assert len(poisoned) < 3  # the finite path is exercised too
 
 
 # ---------------------------------------------------------------- backward v2: outputs written in full

@@ -9,7 +9,11 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Range checks on indices read the data, which costs a host sync on CUDA; they always run
-# on CPU and run on CUDA only in debug mode (ULTRAMEM_DEBUG=1 or set_debug(True)).
+# on CPU and run on CUDA only in debug mode (ULTRAMEM_DEBUG=1 or set_debug(True)). Backward ops
+# check before they write anything (a registered gradient buffer is left as it was). Without
+# the check on CUDA, the Triton kernels mask ids outside [0, N): such an entry reads and writes
+# nothing (its gathered row counts as zero); the PyTorch fallbacks (float64, no Triton) stop on
+# PyTorch's device-side index assert. Neither writes out of bounds.
 _debug = os.environ.get("ULTRAMEM_DEBUG", "0") not in ("", "0")
 
 
@@ -53,6 +57,47 @@ def check_index_range(idx: torch.Tensor, upper: int, op: str, name: str) -> None
         return
     lo, hi = int(idx.min()), int(idx.max())
     check(lo >= 0 and hi < upper, op, f"{name} has values in [{lo}, {hi}], outside the valid range [0, {upper})")
+
+
+def check_lookup_args(op: str, rows: torch.Tensor, table: torch.Tensor, scores: torch.Tensor,
+                      grad_out: torch.Tensor | None = None) -> None:
+    """The arguments of `weighted_lookup` (and of its backwards, with grad_out [T, D])."""
+    check_dim(rows, 2, op, "rows", "[tokens, entries]")
+    check_dim(table, 2, op, "table", "[num_rows, dim]")
+    check_dim(scores, 3, op, "scores", "[tokens, entries, cores]")
+    check_index(rows, op, "rows")
+    check_float(table, op, "table")
+    check_float(scores, op, "scores")
+    check_same_device(op, rows=rows, table=table, scores=scores)
+    check(tuple(scores.shape[:2]) == tuple(rows.shape), op,
+          f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}")
+    m = scores.shape[2]
+    check(m >= 1 and table.shape[1] % m == 0, op,
+          f"table dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
+    if grad_out is not None:
+        check_float(grad_out, op, "grad_out")
+        check_same_device(op, grad_out=grad_out, rows=rows)
+        check(tuple(grad_out.shape) == (rows.shape[0], table.shape[1]), op,
+              f"grad_out shape {tuple(grad_out.shape)} must be (tokens, dim) = ({rows.shape[0]}, {table.shape[1]})")
+
+
+def check_gate_args(op: str, rows: torch.Tensor, table: torch.Tensor, x: torch.Tensor,
+                    grad_gate: torch.Tensor | None = None) -> None:
+    """The arguments of `pre_value_gate` (and of its backwards, with grad_gate [T, E])."""
+    check_dim(rows, 2, op, "rows", "[tokens, entries]")
+    check_dim(table, 2, op, "table", "[num_rows, dim]")
+    check_dim(x, 2, op, "x", "[tokens, dim]")
+    check_index(rows, op, "rows")
+    check_float(table, op, "table")
+    check_float(x, op, "x")
+    check_same_device(op, rows=rows, table=table, x=x)
+    check(x.shape[0] == rows.shape[0], op, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
+    check(x.shape[1] == table.shape[1], op, f"x dim {x.shape[1]} must equal table dim {table.shape[1]}")
+    if grad_gate is not None:
+        check_float(grad_gate, op, "grad_gate")
+        check_same_device(op, grad_gate=grad_gate, rows=rows)
+        check(tuple(grad_gate.shape) == tuple(rows.shape), op,
+              f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}")
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -34,28 +34,29 @@ from .determinism import deterministic_enabled
 from .staged_grad import GradStaging, add_weighted_rows, stageable
 
 _OP = "gate_lookup"
+_BWD = "gate_lookup_backward_into"
 
 
 def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
-                values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> None:
-    check_dim(rows, 2, _OP, "rows", "[tokens, entries]")
-    check_dim(values, 2, _OP, "values", "[num_rows, dim]")
-    check_dim(pre_values, 2, _OP, "pre_values", "[num_rows, pre_dim]")
-    check_dim(x, 2, _OP, "x", "[tokens, pre_dim]")
-    check_dim(scores, 3, _OP, "scores", "[tokens, entries, cores]")
-    check_index(rows, _OP, "rows")
+                values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1, op: str = _OP) -> None:
+    check_dim(rows, 2, op, "rows", "[tokens, entries]")
+    check_dim(values, 2, op, "values", "[num_rows, dim]")
+    check_dim(pre_values, 2, op, "pre_values", "[num_rows, pre_dim]")
+    check_dim(x, 2, op, "x", "[tokens, pre_dim]")
+    check_dim(scores, 3, op, "scores", "[tokens, entries, cores]")
+    check_index(rows, op, "rows")
     for name, t in (("values", values), ("pre_values", pre_values), ("x", x), ("scores", scores)):
-        check_float(t, _OP, name)
-    check_same_device(_OP, rows=rows, values=values, pre_values=pre_values, x=x, scores=scores)
-    check(pre_values.shape[0] == values.shape[0], _OP,
+        check_float(t, op, name)
+    check_same_device(op, rows=rows, values=values, pre_values=pre_values, x=x, scores=scores)
+    check(pre_values.shape[0] == values.shape[0], op,
           f"pre_values has {pre_values.shape[0]} rows but values has {values.shape[0]}; rows index both")
-    check(x.shape[0] == rows.shape[0], _OP, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
-    check(x.shape[1] == pre_values.shape[1], _OP,
+    check(x.shape[0] == rows.shape[0], op, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
+    check(x.shape[1] == pre_values.shape[1], op,
           f"x dim {x.shape[1]} must equal pre_values dim {pre_values.shape[1]}")
-    check(tuple(scores.shape[:2]) == tuple(rows.shape), _OP,
+    check(tuple(scores.shape[:2]) == tuple(rows.shape), op,
           f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}")
     m = scores.shape[2]
-    check(m >= 1 and values.shape[1] % m == 0, _OP,
+    check(m >= 1 and values.shape[1] % m == 0, op,
           f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
     _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
 
@@ -83,10 +84,10 @@ def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
     t, e = rows.shape
     m = scores.shape[2]
     flat = rows.reshape(-1).long()
-    pre = pre_values.index_select(0, flat).to(acc).view(t, e, -1)
+    pre = pre_values.index_select(0, flat).to(acc).view(t, e, pre_values.shape[1])
     g = torch.einsum("ted,td->te", pre, x.to(acc))
     act = _gelu_and_slope(g)[0] if gelu else g
-    vals = values.index_select(0, flat).to(acc).view(t, e, m, -1)
+    vals = values.index_select(0, flat).to(acc).view(t, e, m, values.shape[1] // m)
     out = torch.einsum("temd,tem->tmd", vals, scores.to(acc) * act.unsqueeze(-1))
     return out.reshape(t, values.shape[1]).to(scores.dtype).contiguous(), g.to(x.dtype).contiguous()
 
@@ -152,9 +153,11 @@ def gate_lookup_backward_into(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     hidden side effect, as `weighted_lookup_backward_into`), or staged for a later flush when a
     `GradStaging` is registered for the values buffer (`ultramem.ops.staged_grad`); returns
     (grad_scores, grad_x). On CUDA: `gate_lookup_backward_cuda` (atomics, staged, or sorted in
-    deterministic mode)."""
+    deterministic mode). Arguments, buffer ids and the range of rows are checked before either
+    buffer is touched."""
     _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
                          pre_values_grad_buffer)
+    check_index_range(rows, values.shape[0], _BWD, "rows")
     staging = _staging(values_grad_buffer, rows, values, pre_values, x, scores, grad_out)
     if staging is not None:
         return _staged_backward_reference(staging, grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
@@ -179,13 +182,20 @@ keep_in_graphs(gate_lookup_backward_into)
 def _check_backward_args(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
                          pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor,
                          values_grad_buffer: int, pre_values_grad_buffer: int) -> None:
-    op = "gate_lookup_backward_into"
-    _check_args(rows, values, pre_values, x, scores)
+    op = _BWD
+    _check_args(rows, values, pre_values, x, scores, op=op)
     for name, handle in (("values_grad_buffer", values_grad_buffer),
                          ("pre_values_grad_buffer", pre_values_grad_buffer)):
         check(handle != -1, op, f"{name}={handle}: both tables' buffer ids are required (register_grad_buffer)")
+    # both ids resolve before the first buffer is written (a freed second buffer would otherwise
+    # fail after the first one had been added into)
+    check_grad_buffer_id(op, values_grad_buffer, values)
+    check_grad_buffer_id(op, pre_values_grad_buffer, pre_values)
     extra = {} if grad_gate is None else {"grad_gate": grad_gate}
     check_same_device(op, grad_out=grad_out, gate=gate, rows=rows, **extra)
+    for name, t in (("grad_out", grad_out), ("gate", gate), ("grad_gate", grad_gate)):
+        if t is not None:
+            check_float(t, op, name)
     check(tuple(grad_out.shape) == (rows.shape[0], values.shape[1]), op,
           f"grad_out shape {tuple(grad_out.shape)} must be (tokens, vdim) = ({rows.shape[0]}, {values.shape[1]})")
     for name, t in (("gate", gate), ("grad_gate", grad_gate)):
@@ -208,12 +218,13 @@ def _staged_backward_reference(staging: GradStaging, grad_out: Tensor, grad_gate
     acc = torch.float32
     t, e = rows.shape
     m = scores.shape[2]
+    dm = values.shape[1] // m
     flat = rows.reshape(-1).long()
     s, act, slope, eff = _effective_scores(scores, gate, gelu, acc)
-    vals = values.index_select(0, flat).to(acc).view(t, e, m, -1)
-    grad_eff = (vals * grad_out.to(acc).view(t, 1, m, -1)).sum(-1)
+    vals = values.index_select(0, flat).to(acc).view(t, e, m, dm)
+    grad_eff = (vals * grad_out.to(acc).view(t, 1, m, dm)).sum(-1)
     grad_g = _gate_gradient(grad_eff, s, slope, grad_gate)
-    pre = pre_values.index_select(0, flat).to(acc).view(t, e, -1)
+    pre = pre_values.index_select(0, flat).to(acc).view(t, e, pre_values.shape[1])
     grad_x = torch.einsum("te,ted->td", grad_g, pre)
     if not staging.stage_reference(rows, grad_out, x, eff, grad_g):
         add_weighted_rows(rows, grad_out, eff, registered_grad_buffer(_OP, values_grad_buffer, values))
@@ -253,15 +264,15 @@ if _triton_gate_lookup is not None:
           scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
         _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
                              pre_values_grad_buffer)
+        check_index_range(rows, values.shape[0], _BWD, "rows")
         if (acc_dtype(values, pre_values, x, scores) == torch.float64
                 or rows.shape[1] > _triton_gate_lookup.BWD_MAX_ENTRIES):
             _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores,
                                                            gate, gelu, values_grad_buffer, pre_values_grad_buffer)
             return grad_scores.contiguous(), grad_x.contiguous()
-        check_index_range(rows, values.shape[0], "gate_lookup_backward_into", "rows")
         staging = _staging(values_grad_buffer, rows, values, pre_values, x, scores, grad_out)
         return _triton_gate_lookup.gate_lookup_backward_cuda(
             grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu,
-            registered_grad_buffer("gate_lookup_backward_into", values_grad_buffer, values),
-            registered_grad_buffer("gate_lookup_backward_into", pre_values_grad_buffer, pre_values),
+            registered_grad_buffer(_BWD, values_grad_buffer, values),
+            registered_grad_buffer(_BWD, pre_values_grad_buffer, pre_values),
             deterministic=_triton_gate_lookup.SORTED_BACKWARD or deterministic_enabled(), staging=staging)

@@ -11,23 +11,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
+from ._checks import acc_dtype, check_gate_args, check_index_range
 from .table_grad import check_grad_buffer_id, registered_grad_buffer, pre_value_gate_backward_into
 
 _OP = "pre_value_gate"
+_BWD = "pre_value_gate_backward"
 
 
 def _check_args(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -> None:
-    check_dim(rows, 2, _OP, "rows", "[tokens, entries]")
-    check_dim(table, 2, _OP, "table", "[num_rows, dim]")
-    check_dim(x, 2, _OP, "x", "[tokens, dim]")
-    check_index(rows, _OP, "rows")
-    check_float(table, _OP, "table")
-    check_float(x, _OP, "x")
-    check_same_device(_OP, rows=rows, table=table, x=x)
-    check(x.shape[0] == rows.shape[0], _OP, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
-    check(x.shape[1] == table.shape[1], _OP, f"x dim {x.shape[1]} must equal table dim {table.shape[1]}")
+    check_gate_args(_OP, rows, table, x)
     check_grad_buffer_id(_OP, grad_buffer, table)
+
+
+def _gather(rows: Tensor, table: Tensor, dtype: torch.dtype) -> Tensor:
+    """table[rows] as [T, E, D] in `dtype` (explicit sizes: T or E may be 0)."""
+    t, e = rows.shape
+    return table.index_select(0, rows.reshape(-1).long()).to(dtype).view(t, e, table.shape[1])
 
 
 @torch.library.custom_op("ultramem::pre_value_gate", mutates_args=())
@@ -37,9 +36,7 @@ def pre_value_gate(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1
     _check_args(rows, table, x, grad_buffer)
     check_index_range(rows, table.shape[0], _OP, "rows")
     acc = acc_dtype(table, x)
-    t, e = rows.shape
-    pre = table.index_select(0, rows.reshape(-1).long()).to(acc).view(t, e, -1)
-    return torch.einsum("ted,td->te", pre, x.to(acc)).to(x.dtype)
+    return torch.einsum("ted,td->te", _gather(rows, table, acc), x.to(acc)).to(x.dtype)
 
 
 @pre_value_gate.register_fake
@@ -51,14 +48,13 @@ def _(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -> Tensor:
 @torch.library.custom_op("ultramem::pre_value_gate_backward", mutates_args=())
 def pre_value_gate_backward(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """Returns (grad_table [N, D] fp32/fp64, grad_x [T, D] in x's dtype)."""
-    check(tuple(grad_gate.shape) == tuple(rows.shape), _OP,
-          f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}")
+    check_gate_args(_BWD, rows, table, x, grad_gate)
+    check_index_range(rows, table.shape[0], _BWD, "rows")
     acc = acc_dtype(table, x, grad_gate)
     t, e = rows.shape
     g = grad_gate.to(acc)
-    pre = table.index_select(0, rows.reshape(-1).long()).to(acc).view(t, e, -1)
-    grad_x = torch.einsum("te,ted->td", g, pre)
-    contrib = (g.unsqueeze(-1) * x.to(acc).unsqueeze(1)).reshape(t * e, -1)
+    grad_x = torch.einsum("te,ted->td", g, _gather(rows, table, acc))
+    contrib = (g.unsqueeze(-1) * x.to(acc).unsqueeze(1)).reshape(t * e, table.shape[1])
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
     grad_table.index_add_(0, rows.reshape(-1).long(), contrib)
     return grad_table, grad_x.to(x.dtype).contiguous()
@@ -66,6 +62,7 @@ def pre_value_gate_backward(grad_gate: Tensor, rows: Tensor, table: Tensor, x: T
 
 @pre_value_gate_backward.register_fake
 def _(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    check_gate_args(_BWD, rows, table, x, grad_gate)
     acc = acc_dtype(table, x, grad_gate)
     return table.new_empty(table.shape, dtype=acc), torch.empty_like(x, memory_format=torch.contiguous_format)
 

@@ -15,15 +15,25 @@ n_keys (default -1: all): only the first n_keys rows of each side are keys, the 
 along dim 2 is padding that is never read (a caller can then hand over a GEMM output padded for
 alignment as is, and take back a gradient of the same padded shape, zero in the padding);
 ids are then i·n_keys + j.
+
+NaN and infinities. ±Inf are ordinary values: +Inf coarse scores and grid totals rank first and
+-Inf last, as in torch.topk. NaN propagates: when a (token, head)'s coarse scores (over the real
+keys) or its k×k grid totals hold a NaN, whether from a NaN in A, B, C, u or v or from ∞ − ∞ /
+∞ · 0, all k of its scores are NaN, so the fault reaches the loss instead of a silently finite
+output; its ids are still k distinct ids in range (downstream gathers stay safe), which ones
+unspecified. The backward is that of the same pairs, whatever their scores. (The CUDA kernel
+sums the cores before the grid, the reference after; NaN from infinite inputs alone can then
+depend on that order. A NaN in the inputs poisons both alike.)
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_dim, check_float, check_same_device
+from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
 
 _OP = "tdqkr_retrieval"
+_BWD = "tdqkr_retrieval_backward"
 
 
 def _check_args(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
@@ -53,6 +63,39 @@ def _check_args(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor
           f"knn={knn} must be in [1, min(row_keys={n_row}, col_keys={n_col})]")
 
 
+def _check_backward_args(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor,
+                         n_keys: int = -1) -> int:
+    """The backward's arguments; returns the number of virtual ids (ids must lie in [0, that))."""
+    op = _BWD
+    check_dim(row_scores, 4, op, "row_scores", "[tokens, heads, row_keys, rank]")
+    check_dim(col_scores, 4, op, "col_scores", "[tokens, heads, col_keys, rank]")
+    check_dim(cores, 4, op, "cores", "[heads, cores, rank, rank]")
+    check_dim(ids, 3, op, "ids", "[tokens, heads, knn]")
+    check_dim(grad_scores, 4, op, "grad_scores", "[tokens, heads, knn, cores]")
+    for name, t in (("grad_scores", grad_scores), ("row_scores", row_scores), ("col_scores", col_scores),
+                    ("cores", cores)):
+        check_float(t, op, name)
+    check_index(ids, op, "ids")
+    check_same_device(op, grad_scores=grad_scores, row_scores=row_scores, col_scores=col_scores, cores=cores,
+                      ids=ids)
+    t, h, n_row, r = row_scores.shape
+    n_col = col_scores.shape[2]
+    check(tuple(col_scores.shape[:2]) == (t, h) and col_scores.shape[3] == r, op,
+          f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
+          f"{tuple(row_scores.shape)} in tokens, heads and rank")
+    check(cores.shape[0] == h and tuple(cores.shape[2:]) == (r, r), op,
+          f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})")
+    check(n_keys == -1 or 1 <= n_keys <= min(n_row, n_col), op,
+          f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]")
+    check(tuple(ids.shape[:2]) == (t, h), op, f"ids shape {tuple(ids.shape)} must be (tokens={t}, heads={h}, knn)")
+    knn, m = ids.shape[2], cores.shape[1]
+    check(tuple(grad_scores.shape) == (t, h, knn, m), op,
+          f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})")
+    if n_keys != -1:
+        n_row = n_col = n_keys
+    return n_row * n_col
+
+
 def _kept_pair_scores(row_sel: Tensor, col_sel: Tensor, cores: Tensor) -> Tensor:
     """s[t,h,e,m] = row_sel[t,h,e] · C_m[h] · col_sel[t,h,e]ᵀ for paired rows/columns."""
     return torch.einsum("ther,hmrs,thes->them", row_sel, cores, col_sel)
@@ -78,14 +121,18 @@ def tdqkr_retrieval(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Te
     coarse_b = torch.einsum("thnr,hr->thn", b_full, v.to(acc))
     top_i = coarse_a.topk(knn, dim=-1).indices  # [T, H, k]
     top_j = coarse_b.topk(knn, dim=-1).indices
+    poisoned = coarse_a.isnan().any(-1) | coarse_b.isnan().any(-1)  # [T, H] (see the module doc)
     a_sel = _gather_keys(a_full, top_i)  # [T, H, k, r]
     b_sel = _gather_keys(b_full, top_j)
     grid = torch.einsum("thir,hmrs,thjs->thijm", a_sel, c, b_sel)  # [T, H, k, k, M]
     m = c.shape[1]
     grid = grid.reshape(t, h, knn * knn, m)
-    best = grid.sum(-1).topk(knn, dim=-1).indices  # [T, H, k] into the flattened grid
+    totals = grid.sum(-1)
+    poisoned = poisoned | totals.isnan().any(-1)
+    best = totals.topk(knn, dim=-1).indices  # [T, H, k] into the flattened grid
     ids = top_i.gather(2, best // knn) * n_col + top_j.gather(2, best % knn)
     scores = grid.gather(2, best.unsqueeze(-1).expand(t, h, knn, m))
+    scores = scores.masked_fill(poisoned[:, :, None, None], float("nan"))
     return ids, scores.to(row_scores.dtype)
 
 
@@ -101,7 +148,9 @@ def _(row_scores, col_scores, cores, u, v, knn, n_keys=-1):
 def tdqkr_retrieval_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
                              ids: Tensor, n_keys: int = -1) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype and
-    (padding included) shape."""
+    (padding included) shape. ids must lie in [0, row keys · col keys) (real keys with n_keys)."""
+    n_ids = _check_backward_args(grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    check_index_range(ids, n_ids, _BWD, "ids")
     acc = acc_dtype(row_scores, col_scores, cores, grad_scores)
     n_col = col_scores.shape[2] if n_keys == -1 else n_keys
     i, j = ids // n_col, ids % n_col
@@ -119,6 +168,7 @@ def tdqkr_retrieval_backward(grad_scores: Tensor, row_scores: Tensor, col_scores
 
 @tdqkr_retrieval_backward.register_fake
 def _(grad_scores, row_scores, col_scores, cores, ids, n_keys=-1):
+    _check_backward_args(grad_scores, row_scores, col_scores, cores, ids, n_keys)
     return torch.empty_like(row_scores, memory_format=torch.contiguous_format), torch.empty_like(col_scores, memory_format=torch.contiguous_format), torch.empty_like(cores, memory_format=torch.contiguous_format)
 
 

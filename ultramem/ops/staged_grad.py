@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_index_range
+from ._checks import acc_dtype, check
 from .determinism import deterministic_enabled
 
 _stagings: dict[int, "GradStaging"] = {}
@@ -168,7 +168,7 @@ def add_weighted_rows(rows: Tensor, g: Tensor, w: Tensor, buf: Tensor) -> None:
     acc = buf.dtype
     flat = rows.reshape(-1).long()
     ok = (flat >= 0) & (flat < buf.shape[0])
-    contrib = (w.to(acc).unsqueeze(-1) * g.to(acc).view(t, 1, m, -1)).reshape(t * e, -1)
+    contrib = (w.to(acc).unsqueeze(-1) * g.to(acc).view(t, 1, m, buf.shape[1] // m)).reshape(t * e, buf.shape[1])
     buf.index_add_(0, flat[ok], contrib[ok])
 
 
@@ -191,17 +191,16 @@ def staged_lookup_backward(grad_buffer: int, grad_out: Tensor, rows: Tensor, tab
                            buf: Tensor) -> Tensor | None:
     """`weighted_lookup`'s backward staged into the values-only `GradStaging` registered for
     `grad_buffer` (into `buf` directly when it is full); returns grad_scores, or None when no
-    staging applies (then the caller adds into `buf` itself)."""
+    staging applies (then the caller adds into `buf` itself). The caller checked the arguments."""
     staging = stageable(grad_buffer, rows, table, scores, grad_out)
     if staging is None or not staging.accepts_lookup(rows, grad_out, scores):
         return None
-    check_index_range(rows, table.shape[0], "weighted_lookup_backward_into", "rows")
     if rows.is_cuda:
         from ._triton import gate_lookup as _tgl  # noqa: PLC0415
         return _tgl.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
     from .weighted_lookup import _gather_chunks  # noqa: PLC0415  (it imports this module)
     m = scores.shape[2]
-    g = grad_out.float().view(rows.shape[0], 1, m, -1)
+    g = grad_out.float().view(rows.shape[0], 1, m, table.shape[1] // m)
     grad_scores = (_gather_chunks(rows, table, m, torch.float32) * g).sum(-1)
     if not staging.stage_reference(rows, grad_out, None, scores.float(), None):
         add_weighted_rows(rows, grad_out, scores.float(), buf)
@@ -211,11 +210,10 @@ def staged_lookup_backward(grad_buffer: int, grad_out: Tensor, rows: Tensor, tab
 def staged_gate_backward(grad_buffer: int, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor,
                          buf: Tensor) -> Tensor | None:
     """`pre_value_gate`'s backward staged into the pre-values-only `GradStaging` registered for
-    `grad_buffer`; returns grad_x, or None when no staging applies."""
+    `grad_buffer`; returns grad_x, or None when no staging applies. The caller checked the arguments."""
     staging = stageable(grad_buffer, rows, table, x, grad_gate)
     if staging is None or not staging.accepts_gate(rows, x):
         return None
-    check_index_range(rows, table.shape[0], "pre_value_gate_backward_into", "rows")
     if rows.is_cuda:
         from ._triton import gate_lookup as _tgl  # noqa: PLC0415
         return _tgl.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)

@@ -30,7 +30,7 @@ from torch import Tensor
 import itertools
 import weakref
 
-from ._checks import check, check_same_device
+from ._checks import check, check_gate_args, check_index_range, check_lookup_args, check_same_device
 from .staged_grad import staged_gate_backward, staged_lookup_backward
 
 _FLOAT_ACC = (torch.float32, torch.float64)
@@ -89,20 +89,33 @@ def check_grad_buffer(op: str, grad_table: Tensor, table: Tensor) -> None:
     check_same_device(op, grad_table=grad_table, table=table)
 
 
+def _check_lookup_accumulate(op: str, grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor,
+                             scores: Tensor) -> None:
+    check_lookup_args(op, rows, table, scores, grad_out)
+    check_grad_buffer(op, grad_table, table)
+
+
+def _check_gate_accumulate(op: str, grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor,
+                           x: Tensor) -> None:
+    check_gate_args(op, rows, table, x, grad_gate)
+    check_grad_buffer(op, grad_table, table)
+
+
 @torch.library.custom_op("ultramem::weighted_lookup_backward_accumulate", mutates_args=("grad_table",))
 def weighted_lookup_backward_accumulate(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor,
                                         scores: Tensor) -> Tensor:
-    """grad_table[rows[t, e], chunk m] += scores[t, e, m] · grad_out[t, chunk m]; returns grad_scores."""
+    """grad_table[rows[t, e], chunk m] += scores[t, e, m] · grad_out[t, chunk m]; returns grad_scores.
+    Every argument (and the range of rows) is checked before grad_table is touched."""
     op = "weighted_lookup_backward_accumulate"
-    check_grad_buffer(op, grad_table, table)
-    check(tuple(grad_out.shape) == (rows.shape[0], table.shape[1]), op,
-          f"grad_out shape {tuple(grad_out.shape)} must be (tokens, dim) = ({rows.shape[0]}, {table.shape[1]})")
+    _check_lookup_accumulate(op, grad_table, grad_out, rows, table, scores)
+    check_index_range(rows, table.shape[0], op, "rows")
     acc = grad_table.dtype
     t, e = rows.shape
     m = scores.shape[2]
+    dm = table.shape[1] // m
     flat = rows.reshape(-1).long()
-    g = grad_out.to(acc).view(t, 1, m, -1)
-    vals = table.index_select(0, flat).to(acc).view(t, e, m, -1)
+    g = grad_out.to(acc).view(t, 1, m, dm)
+    vals = table.index_select(0, flat).to(acc).view(t, e, m, dm)
     grad_scores = (vals * g).sum(-1)
     grad_table.index_add_(0, flat, (scores.to(acc).unsqueeze(-1) * g).reshape(t * e, table.shape[1]))
     return grad_scores.to(scores.dtype).contiguous()
@@ -110,31 +123,32 @@ def weighted_lookup_backward_accumulate(grad_table: Tensor, grad_out: Tensor, ro
 
 @weighted_lookup_backward_accumulate.register_fake
 def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
-    check_grad_buffer("weighted_lookup_backward_accumulate", grad_table, table)
+    _check_lookup_accumulate("weighted_lookup_backward_accumulate", grad_table, grad_out, rows, table, scores)
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("ultramem::pre_value_gate_backward_accumulate", mutates_args=("grad_table",))
 def pre_value_gate_backward_accumulate(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor,
                                        x: Tensor) -> Tensor:
-    """grad_table[rows[t, e]] += grad_gate[t, e] · x[t]; returns grad_x."""
+    """grad_table[rows[t, e]] += grad_gate[t, e] · x[t]; returns grad_x. Every argument (and the
+    range of rows) is checked before grad_table is touched."""
     op = "pre_value_gate_backward_accumulate"
-    check_grad_buffer(op, grad_table, table)
-    check(tuple(grad_gate.shape) == tuple(rows.shape), op,
-          f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}")
+    _check_gate_accumulate(op, grad_table, grad_gate, rows, table, x)
+    check_index_range(rows, table.shape[0], op, "rows")
     acc = grad_table.dtype
     t, e = rows.shape
+    d = table.shape[1]
     flat = rows.reshape(-1).long()
     gg = grad_gate.to(acc)
-    pre = table.index_select(0, flat).to(acc).view(t, e, -1)
+    pre = table.index_select(0, flat).to(acc).view(t, e, d)
     grad_x = torch.einsum("te,ted->td", gg, pre)
-    grad_table.index_add_(0, flat, (gg.unsqueeze(-1) * x.to(acc).unsqueeze(1)).reshape(t * e, -1))
+    grad_table.index_add_(0, flat, (gg.unsqueeze(-1) * x.to(acc).unsqueeze(1)).reshape(t * e, d))
     return grad_x.to(x.dtype).contiguous()
 
 
 @pre_value_gate_backward_accumulate.register_fake
 def _(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
-    check_grad_buffer("pre_value_gate_backward_accumulate", grad_table, table)
+    _check_gate_accumulate("pre_value_gate_backward_accumulate", grad_table, grad_gate, rows, table, x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -144,7 +158,7 @@ from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402
 if _triton_weighted_lookup is not None:
     @weighted_lookup_backward_accumulate.register_kernel("cuda")
     def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
-        check_grad_buffer("weighted_lookup_backward_accumulate", grad_table, table)
+        check_grad_buffer("weighted_lookup_backward_accumulate", grad_table, table)  # (the launcher checks the rest)
         return _triton_weighted_lookup.weighted_lookup_backward_accumulate_cuda(grad_table, grad_out, rows, table,
                                                                                 scores)
 
@@ -159,8 +173,11 @@ if _triton_pre_value_gate is not None:
 def weighted_lookup_backward_into(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor,
                                   grad_buffer: int) -> Tensor:
     """Adds the table gradient into registered buffer `grad_buffer` (a hidden side effect: see the
-    module doc); returns grad_scores."""
-    buf = registered_grad_buffer("weighted_lookup_backward_into", grad_buffer, table)
+    module doc); returns grad_scores. Arguments are checked before the buffer is touched."""
+    op = "weighted_lookup_backward_into"
+    buf = registered_grad_buffer(op, grad_buffer, table)
+    check_lookup_args(op, rows, table, scores, grad_out)
+    check_index_range(rows, table.shape[0], op, "rows")
     grad_scores = staged_lookup_backward(grad_buffer, grad_out, rows, table, scores, buf)
     if grad_scores is not None:  # a GradStaging is registered for this buffer
         return grad_scores
@@ -169,14 +186,19 @@ def weighted_lookup_backward_into(grad_out: Tensor, rows: Tensor, table: Tensor,
 
 @weighted_lookup_backward_into.register_fake
 def _(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int) -> Tensor:
+    check_lookup_args("weighted_lookup_backward_into", rows, table, scores, grad_out)
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("ultramem::pre_value_gate_backward_into", mutates_args=())
 def pre_value_gate_backward_into(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor,
                                  grad_buffer: int) -> Tensor:
-    """Adds the table gradient into registered buffer `grad_buffer`; returns grad_x."""
-    buf = registered_grad_buffer("pre_value_gate_backward_into", grad_buffer, table)
+    """Adds the table gradient into registered buffer `grad_buffer`; returns grad_x. Arguments are
+    checked before the buffer is touched."""
+    op = "pre_value_gate_backward_into"
+    buf = registered_grad_buffer(op, grad_buffer, table)
+    check_gate_args(op, rows, table, x, grad_gate)
+    check_index_range(rows, table.shape[0], op, "rows")
     grad_x = staged_gate_backward(grad_buffer, grad_gate, rows, table, x, buf)
     if grad_x is not None:
         return grad_x
@@ -185,6 +207,7 @@ def pre_value_gate_backward_into(grad_gate: Tensor, rows: Tensor, table: Tensor,
 
 @pre_value_gate_backward_into.register_fake
 def _(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int) -> Tensor:
+    check_gate_args("pre_value_gate_backward_into", rows, table, x, grad_gate)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

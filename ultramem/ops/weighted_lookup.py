@@ -23,41 +23,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
+from ._checks import acc_dtype, check_index_range, check_lookup_args
 from .table_grad import check_grad_buffer_id, registered_grad_buffer, weighted_lookup_backward_into
 
 _OP = "weighted_lookup"
+_BWD = "weighted_lookup_backward"
 
 
 def _check_args(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> None:
-    check_dim(rows, 2, _OP, "rows", "[tokens, entries]")
-    check_dim(table, 2, _OP, "table", "[num_rows, dim]")
-    check_dim(scores, 3, _OP, "scores", "[tokens, entries, cores]")
-    check_index(rows, _OP, "rows")
-    check_float(table, _OP, "table")
-    check_float(scores, _OP, "scores")
-    check_same_device(_OP, rows=rows, table=table, scores=scores)
-    check(
-        tuple(scores.shape[:2]) == tuple(rows.shape), _OP,
-        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
-    )
-    m = scores.shape[2]
-    check(m >= 1 and table.shape[1] % m == 0, _OP,
-          f"table dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
+    check_lookup_args(_OP, rows, table, scores)
     check_grad_buffer_id(_OP, grad_buffer, table)
 
 
-def _check_grad_out(grad_out: Tensor, rows: Tensor, table: Tensor) -> None:
-    check(
-        tuple(grad_out.shape) == (rows.shape[0], table.shape[1]), _OP,
-        f"grad_out shape {tuple(grad_out.shape)} must be (tokens, dim) = ({rows.shape[0]}, {table.shape[1]})",
-    )
-
-
 def _gather_chunks(rows: Tensor, table: Tensor, cores: int, dtype: torch.dtype) -> Tensor:
-    """table[rows] as [T, E, M, D/M] in `dtype`."""
+    """table[rows] as [T, E, M, D/M] in `dtype` (explicit sizes: T or E may be 0)."""
     t, e = rows.shape
-    return table.index_select(0, rows.reshape(-1).long()).to(dtype).view(t, e, cores, -1)
+    return table.index_select(0, rows.reshape(-1).long()).to(dtype).view(t, e, cores, table.shape[1] // cores)
 
 
 @torch.library.custom_op("ultramem::weighted_lookup", mutates_args=())
@@ -80,11 +61,12 @@ def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Ten
 @torch.library.custom_op("ultramem::weighted_lookup_backward", mutates_args=())
 def weighted_lookup_backward(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """Returns (grad_table [N, D] fp32/fp64, grad_scores [T, E, M] in scores' dtype)."""
-    _check_grad_out(grad_out, rows, table)
+    check_lookup_args(_BWD, rows, table, scores, grad_out)
+    check_index_range(rows, table.shape[0], _BWD, "rows")
     acc = acc_dtype(table, scores, grad_out)
     t, e = rows.shape
     m = scores.shape[2]
-    g = grad_out.to(acc).view(t, 1, m, -1)
+    g = grad_out.to(acc).view(t, 1, m, table.shape[1] // m)
     values = _gather_chunks(rows, table, m, acc)
     grad_scores = (values * g).sum(-1)  # [T, E, M]
     contrib = (scores.to(acc).unsqueeze(-1) * g).reshape(t * e, table.shape[1])
@@ -95,7 +77,7 @@ def weighted_lookup_backward(grad_out: Tensor, rows: Tensor, table: Tensor, scor
 
 @weighted_lookup_backward.register_fake
 def _(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    _check_grad_out(grad_out, rows, table)
+    check_lookup_args(_BWD, rows, table, scores, grad_out)
     acc = acc_dtype(table, scores, grad_out)
     return table.new_empty(table.shape, dtype=acc), torch.empty_like(scores, memory_format=torch.contiguous_format)
 

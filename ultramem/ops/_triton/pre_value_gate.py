@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import acc_dtype, check, check_index_range
+from .._checks import acc_dtype, check, check_gate_args, check_index_range
 from ..determinism import deterministic_enabled
 from . import weighted_lookup as _wl
 
@@ -19,20 +19,13 @@ _OP = "pre_value_gate"
 
 
 def pre_value_gate_cuda(rows: Tensor, table: Tensor, x: Tensor, config: dict | None = None) -> Tensor:
-    # Imported late: the op module imports this one at its end to register the kernels.
-    from ..pre_value_gate import _check_args  # noqa: PLC0415
-    _check_args(rows, table, x)
+    check_gate_args(_OP, rows, table, x)
     check_index_range(rows, table.shape[0], _OP, "rows")
     gate = x.new_empty(rows.shape)
     if table.shape[1] == 0:
         return gate.zero_()
     _wl.gather_dots_scatter(rows, x, 1, acc_dtype(table, x), table=table, dots=gate, config=config)
     return gate
-
-
-def _check_grad_gate(grad_gate: Tensor, rows: Tensor) -> None:
-    check(tuple(grad_gate.shape) == tuple(rows.shape), _OP,
-          f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}")
 
 
 def gate_table_grad(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, grad_table: Tensor, *,
@@ -57,8 +50,9 @@ def gate_table_grad(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, g
 
 def pre_value_gate_backward_cuda(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """The dense contract of the reference: a zero-filled [N, D] gradient per call."""
-    _check_grad_gate(grad_gate, rows)
-    check_index_range(rows, table.shape[0], _OP, "rows")
+    op = "pre_value_gate_backward"
+    check_gate_args(op, rows, table, x, grad_gate)
+    check_index_range(rows, table.shape[0], op, "rows")
     acc = acc_dtype(table, x, grad_gate)
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
     grad_x = gate_table_grad(grad_gate, rows, table, x, grad_table, accumulate=False)
@@ -67,9 +61,11 @@ def pre_value_gate_backward_cuda(grad_gate: Tensor, rows: Tensor, table: Tensor,
 
 def pre_value_gate_backward_accumulate_cuda(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor,
                                             x: Tensor) -> Tensor:
-    """Adds grad_P into the persistent `grad_table` buffer; returns grad_x."""
-    _check_grad_gate(grad_gate, rows)
-    check_index_range(rows, table.shape[0], _OP, "rows")
-    check(tuple(grad_table.shape) == tuple(table.shape), _OP,
+    """Adds grad_P into the persistent `grad_table` buffer; returns grad_x (nothing is written
+    when the arguments are refused)."""
+    op = "pre_value_gate_backward_accumulate"
+    check_gate_args(op, rows, table, x, grad_gate)
+    check_index_range(rows, table.shape[0], op, "rows")
+    check(tuple(grad_table.shape) == tuple(table.shape), op,
           f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
     return gate_table_grad(grad_gate, rows, table, x, grad_table, accumulate=True)

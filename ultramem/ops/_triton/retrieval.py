@@ -46,11 +46,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check, check_index, check_index_range
-from ..retrieval import _check_args
+from .._checks import check, check_index_range
+from ..retrieval import _check_args, _check_backward_args
 
 _log = logging.getLogger(__name__)
 _OP = "tdqkr_retrieval"
+_BWD = "tdqkr_retrieval_backward"
 
 # Sub-keys per side held in registers by one program; larger sides use the reference.
 MAX_KEYS = 16384
@@ -163,8 +164,9 @@ def _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q
 def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                ws_ptr, i0, knn, n_row, n_col,
                R: tl.constexpr, M: tl.constexpr, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows i0..i0+TILE_I of the grid S[i, j] = A[I_i] (Σ_m C_m) B[J_j]ᵀ, -inf outside k×k;
-    also the valid mask and the flat grid position i * BLOCK_K + j."""
+    """Rows i0..i0+TILE_I of the grid S[i, j] = A[I_i] (Σ_m C_m) B[J_j]ᵀ, -inf outside k×k and
+    for NaN totals; also the valid mask, the flat grid position i * BLOCK_K + j and the number of
+    NaN totals."""
     ii = i0 + tl.arange(0, TILE_I)
     jj = tl.arange(0, BLOCK_K)
     i_ok = ii < knn
@@ -177,9 +179,10 @@ def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
         p_q = _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q, R, M)
         s += p_q[:, None] * b_q[None, :]
     valid = i_ok[:, None] & j_ok[None, :]
-    s = tl.where(valid, s, float("-inf"))
+    nan = valid & (s != s)
+    s = tl.where(valid & ~nan, s, float("-inf"))
     flat = ii[:, None] * BLOCK_K + jj[None, :]
-    return s, valid, flat
+    return s, valid, flat, tl.sum(nan.to(tl.int32))
 
 
 @triton.jit
@@ -189,18 +192,20 @@ def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_
                        VALUE_STEPS: tl.constexpr):
     """Phase 3 of the forward for grids too large for registers: the knn best pairs of the k×k
     grid of kept keys (from keys_ws) to pairs_ws / vals_ws, the grid recomputed tile by tile
-    (TILE_I rows) on every pass."""
+    (TILE_I rows) on every pass. Returns the number of NaN totals (ranked last)."""
     lo = tl.full((), float("inf"), tl.float32)
     hi = tl.full((), float("-inf"), tl.float32)
+    n_nan = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                 keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        s, valid, _, nan_tile = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                           keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
         lo = tl.minimum(lo, tl.min(tl.where(valid, s, float("inf"))))
         hi = tl.maximum(hi, tl.max(s))
+        n_nan += nan_tile
     n_at_hi = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                 keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        s, valid, _, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                    keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
         n_at_hi += tl.sum((valid & (s >= hi)).to(tl.int32))
     todo = n_at_hi < knn
     lo = tl.where(todo, lo, hi)
@@ -209,8 +214,8 @@ def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_
         mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
         cnt = knn * 0
         for i0 in range(0, BLOCK_K, TILE_I):
-            s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                     keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+            s, valid, _, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                        keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
             cnt += tl.sum((s >= mid).to(tl.int32))
         ge = cnt >= knn
         lo = tl.where(ge & ~adjacent, mid, lo)
@@ -220,27 +225,28 @@ def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_
     thr = lo
     n_gt = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                 keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        s, valid, _, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                    keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
         n_gt += tl.sum((valid & (s > thr)).to(tl.int32))
     gt_base = knn * 0
     eq_base = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, flat = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                    keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        s, valid, flat, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                       keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
         slot, keep, n_gt_tile, n_eq_tile = _kept_slots_2d(s, valid, thr, n_gt, knn, gt_base, eq_base)
         tl.store(pairs_ws + slot, flat, mask=keep)
         tl.store(vals_ws + slot, s, mask=keep)
         gt_base += n_gt_tile
         eq_base += n_eq_tile
+    return n_nan
 
 
 @triton.jit
 def _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col,
+                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col, poisoned,
                     R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase 4 of the forward: sort the kept pairs by descending grid score; write ids and
-    per-core scores."""
+    per-core scores (all NaN when `poisoned`: a NaN coarse score or grid total was seen)."""
     e = tl.arange(0, BLOCK_K)
     e_ok = e < knn
     pair = tl.load(pairs_ws + e, mask=e_ok, other=0, cache_modifier=".cg")
@@ -248,7 +254,7 @@ def _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, 
     key = tl.where(e_ok, _key32(val), -2147483648).to(tl.int64)
     packed = tl.sort((key << 32) | pair.to(tl.int64), descending=True)
     pair = (packed & 0x7FFFFFFF).to(tl.int32)
-    # fewer than knn pairs were kept when scores are NaN: the rest is unwritten scratch
+    # (NaN totals rank last, so knn pairs are always kept; the clamp only guards the scratch read)
     pair = tl.minimum(pair, BLOCK_K * BLOCK_K - 1)
     rows = _load_kept(keys_ws, pair // BLOCK_K, e_ok, n_row)
     cols = _load_kept(keys_ws + BLOCK_K, pair % BLOCK_K, e_ok, n_col)
@@ -263,6 +269,7 @@ def _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, 
                 b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=e_ok, other=0.0).to(tl.float32)
                 ca += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_q
             score += a_p * ca
+        score = tl.where(poisoned, float("nan"), score)
         tl.store(scores_ptr + out_row * M + m, score.to(scores_ptr.dtype.element_ty), mask=e_ok)
 
 
@@ -335,13 +342,14 @@ def _kth_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.con
     else:
         c_lo = n_all + knn * 0  # count(x >= lo)
     step = knn * 0
-    todo = c_lo != knn
+    # value halving needs a finite low end: from lo = -inf the midpoint is -inf (counting the
+    # padding) or NaN (with hi = inf; its sign, and so its key, differs between GPU and interpreter)
+    todo = (c_lo != knn) & (lo > float("-inf"))
     while todo:  # value halving: count(x >= lo) >= knn > count(x >= hi)
         mid = lo * 0.5 + hi * 0.5
         cnt = _count_true(x1 >= mid, x2 >= mid, HAS2)
         # mid = lo or hi once they are (nearly) adjacent floats: then stop (updating with such a
-        # mid changes nothing: count(x >= hi) < knn; a NaN mid, from lo = -inf and hi = inf, only
-        # makes hi NaN, which the key halving below treats as above every float)
+        # mid changes nothing: count(x >= hi) < knn)
         inside = (mid > lo) & (mid < hi)
         up = cnt >= knn
         lo = tl.where(up, mid, lo)
@@ -351,7 +359,8 @@ def _kth_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.con
         todo = (cnt != knn) & inside & (step < VALUE_STEPS)
     # integer-key halving (ties, or values too close for value halving): ends on any input
     klo = _key32(lo)
-    khi = _key32(hi)
+    # hi = +inf not yet probed may have k or more entries at it: search up to the key above it
+    khi = _key32(hi) + (hi == float("inf")).to(tl.int32)
     todo = (c_lo != knn) & (klo + 1 < khi)
     while todo:
         kmid = (klo >> 1) + (khi >> 1) + (klo & khi & 1)  # floor((klo + khi) / 2) without overflow
@@ -452,7 +461,11 @@ def _coarse_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.cons
         x += w_q * a_q.to(tl.float32)
     if MASKED:
         x = tl.where(valid, x, float("-inf"))
-    return tl.reshape(x, (P, G)), tl.reshape(valid, (P, G)), tl.reshape(pos, (P, G))
+    # a NaN score ranks last (its token's scores become NaN: see _sort_and_write)
+    nan = x != x
+    x = tl.where(nan, float("-inf"), x)
+    n_nan = tl.sum(nan.to(tl.int32))
+    return tl.reshape(x, (P, G)), tl.reshape(valid, (P, G)), tl.reshape(pos, (P, G)), n_nan
 
 
 @triton.jit
@@ -460,10 +473,12 @@ def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
                    R: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_REM: tl.constexpr,
                    MASK1: tl.constexpr, MASK2: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
                    VALUE_STEPS: tl.constexpr):
-    """Write the positions of the knn largest <key, w> of one [n, R] score block to dst[0:knn]."""
-    x1, v1, p1 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
+    """Write the positions of the knn largest <key, w> of one [n, R] score block to dst[0:knn];
+    returns the number of NaN scores (ranked last)."""
+    x1, v1, p1, n_nan = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
     if HAS_REM:
-        x2, v2, p2 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G, MASK2)
+        x2, v2, p2, n_nan2 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G, MASK2)
+        n_nan += n_nan2
     else:  # unused placeholders
         p2 = tl.reshape(tl.arange(0, P2 * G), (P2, G))
         v2 = p2 < 0
@@ -471,6 +486,7 @@ def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
     thr, exact = _kth_threshold(x1, v1, x2, v2, knn, n, HAS_REM, MASK1, MASK2, GS, VALUE_STEPS)
     keep1, keep2 = _kept_masks(x1, v1, p1, x2, v2, p2, thr, exact, knn, n, HAS_REM, MASK1, MASK2)
     _store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_ptr, dst_ptr, HAS_REM, False)
+    return n_nan
 
 
 @triton.jit
@@ -479,8 +495,9 @@ def _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                R: tl.constexpr, M: tl.constexpr, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr,
                G: tl.constexpr, FULL_K: tl.constexpr):
     """Rows i0..i0+TILE_I of the k×k grid as [TILE_I·BLOCK_K / G, G] (entry e = p·G + g holds row
-    slot i0 + e % TILE_I, column slot e // TILE_I; -inf outside k×k), the valid mask and the flat
-    grid positions i·BLOCK_K + j. Loads are 1-D (see _as_1d)."""
+    slot i0 + e % TILE_I, column slot e // TILE_I; -inf outside k×k, and for NaN totals), the valid
+    mask, the flat grid positions i·BLOCK_K + j and the number of NaN totals. Loads are 1-D (see
+    _as_1d)."""
     PG: tl.constexpr = TILE_I * BLOCK_K // G
     e = tl.arange(0, TILE_I * BLOCK_K)
     j_ok = e // TILE_I < knn
@@ -510,7 +527,8 @@ def _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
     valid = (ii < knn) & (jj < knn)
     if not FULL_K:
         s = tl.where(valid, s, float("-inf"))
-    return s, valid, ii * BLOCK_K + jj
+    nan = s != s
+    return tl.where(nan, float("-inf"), s), valid, ii * BLOCK_K + jj, _count_true(nan, nan, False)
 
 
 @triton.jit
@@ -519,13 +537,15 @@ def _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_
                  R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
                  FULL_K: tl.constexpr, GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
     """Phase 3 of the forward with the k×k grid in registers as [BLOCK_K² / G, G] (see _grid_rows):
-    the knn best pairs (i·BLOCK_K + j) and their totals to pairs_ws / vals_ws, in no fixed order."""
-    s, valid, flat = _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                keys_ws, 0, knn, n_row, n_col, R, M, BLOCK_K, BLOCK_K, G, FULL_K)
+    the knn best pairs (i·BLOCK_K + j) and their totals to pairs_ws / vals_ws, in no fixed order.
+    Returns the number of NaN totals (ranked last)."""
+    s, valid, flat, n_nan = _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                       keys_ws, 0, knn, n_row, n_col, R, M, BLOCK_K, BLOCK_K, G, FULL_K)
     thr, exact = _kth_threshold(s, valid, s, valid, knn, knn * knn, False, not FULL_K, False, GS, VALUE_STEPS)
     keep, _ = _kept_masks(s, valid, flat, s, valid, flat, thr, exact, knn, BLOCK_K * BLOCK_K,
                           False, not FULL_K, False)
     _store_kept(keep, flat, s, keep, flat, s, knn, pairs_ws, vals_ws, False, True)
+    return n_nan
 
 
 @triton.jit
@@ -561,15 +581,17 @@ def _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r,
     """One pass over the row tiles of the grid: a running floor, raised in a tile (_raise_floor)
     when more than CAND_TILE of its entries are at or above it, and every entry at or above the
     floor (value, flat position) appended to cand_pos / cand_val (slots from a scan over the
-    threads, in tile order: deterministic). Returns (floor, entries appended, CAND slots or not).
+    threads, in tile order: deterministic). Returns (floor, entries appended, NaN totals seen).
     Each tile appends at most CAND_TILE entries unless ties stop _raise_floor, and every entry at
     or above the final floor was appended (the floor only rises)."""
     floor = tl.full((), float("-inf"), tl.float32)
     n_cand = knn * 0
+    n_nan = knn * 0
     i0 = knn * 0
     while i0 < knn:  # the tiles with a real row
-        s, valid, flat = _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                    keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K, G, FULL_K)
+        s, valid, flat, nan_tile = _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                              keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K, G, FULL_K)
+        n_nan += nan_tile
         ge = valid & (s >= floor)
         if _count_true(ge, ge, False) > CAND_TILE:
             floor = _raise_floor(s, valid, floor, knn, CAND_TILE, VALUE_STEPS)
@@ -583,7 +605,7 @@ def _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r,
         tl.store(cand_val + slot, _as_1d(s), mask=ok)
         n_cand += tl.sum(c)
         i0 += TILE_I
-    return floor, n_cand
+    return floor, n_cand, n_nan
 
 
 @triton.jit
@@ -598,10 +620,11 @@ def _grid_select_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m
     whenever the candidates hold every entry at or above the floor (no slot overflow) and at least
     knn of them are at or above it: then the floor is at most the k-th largest total, so every
     entry the grid's selection keeps is a candidate. Otherwise (ties at the floor beyond the
-    slots, NaN totals) the bisection over the whole grid (_grid_select_tiled) decides."""
-    floor, n_cand = _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                     keys_ws, cand_pos, cand_val, knn, n_row, n_col,
-                                     R, M, BLOCK_K, TILE_I, TILE_G, FULL_K, CAND, CAND_TILE, VALUE_STEPS)
+    slots) the bisection over the whole grid (_grid_select_tiled) decides. Returns the number of
+    NaN totals (ranked last; every tile is visited once by the candidates pass)."""
+    floor, n_cand, n_nan = _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                            keys_ws, cand_pos, cand_val, knn, n_row, n_col,
+                                            R, M, BLOCK_K, TILE_I, TILE_G, FULL_K, CAND, CAND_TILE, VALUE_STEPS)
     tl.debug_barrier()  # the candidates were written by other threads of this program
     e = tl.arange(0, CAND)
     stored = e < n_cand
@@ -620,6 +643,7 @@ def _grid_select_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m
         _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                            keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
                            R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+    return n_nan
 
 
 @triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
@@ -664,31 +688,33 @@ def _retrieval_fwd_kernel(
     else:
         kb_n = sb_n
 
-    _coarse_select(a_base, ka_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws,
-                   R, P1_R, P2_R, REM_R, MASK1_R, MASK2_R, G, GS_R, VALUE_STEPS)
-    _coarse_select(b_base, kb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
-                   R, P1_C, P2_C, REM_C, MASK1_C, MASK2_C, G, GS_C, VALUE_STEPS)
+    # NaN coarse scores and grid totals rank last; any of them makes this (token, head)'s scores NaN
+    n_nan = _coarse_select(a_base, ka_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws,
+                           R, P1_R, P2_R, REM_R, MASK1_R, MASK2_R, G, GS_R, VALUE_STEPS)
+    n_nan += _coarse_select(b_base, kb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
+                            R, P1_C, P2_C, REM_C, MASK1_C, MASK2_C, G, GS_C, VALUE_STEPS)
     tl.debug_barrier()
     if PHASES < 2:
         return
     if TILE_I == BLOCK_K:
-        _grid_select(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+        n_grid_nan = _grid_select(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
                      keys_ws, pairs_ws, vals_ws, knn, n_row, n_col, R, M, BLOCK_K, GRID_G, FULL_K, GS_K,
                      VALUE_STEPS)
     elif CAND > 0:  # grid too large for registers: row tiles, candidates above a floor
-        _grid_select_candidates(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                keys_ws, pairs_ws, vals_ws, cand_pos_ptr + pid * CAND, cand_val_ptr + pid * CAND,
-                                knn, n_row, n_col, R, M, BLOCK_K, TILE_I, TILE_G, FULL_K, CAND, CAND_TILE,
-                                CAND_G, VALUE_STEPS)
+        n_grid_nan = _grid_select_candidates(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                             keys_ws, pairs_ws, vals_ws, cand_pos_ptr + pid * CAND,
+                                             cand_val_ptr + pid * CAND, knn, n_row, n_col, R, M, BLOCK_K, TILE_I,
+                                             TILE_G, FULL_K, CAND, CAND_TILE, CAND_G, VALUE_STEPS)
     else:  # row tiles, bisection over the whole grid
-        _grid_select_tiled(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                           keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
-                           R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+        n_grid_nan = _grid_select_tiled(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
+                                        keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
+                                        R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+    n_nan += n_grid_nan
     tl.debug_barrier()
     if PHASES < 3:
         return
     _sort_and_write(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col,
+                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col, n_nan > 0,
                     R, M, BLOCK_K)
 
 
@@ -993,24 +1019,15 @@ def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_s
     """CUDA kernel of ultramem::tdqkr_retrieval_backward. With n_keys the gradients keep the
     padded shape of the scores (the caller's GEMM reads them in place): the kernel writes the
     real keys' rows through views, the padding rows are zeroed apart."""
+    n_ids = _check_backward_args(grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    check_index_range(ids, n_ids, _BWD, "ids")  # (CPU and debug mode; the kernel skips such ids)
     padded = None
     if n_keys != -1:
-        check(1 <= n_keys <= min(row_scores.shape[2], col_scores.shape[2]), _OP,
-              f"n_keys={n_keys} must be -1 or in [1, min(row_keys={row_scores.shape[2]}, "
-              f"col_keys={col_scores.shape[2]})]")
         padded = (torch.empty_like(row_scores, memory_format=torch.contiguous_format),
                   torch.empty_like(col_scores, memory_format=torch.contiguous_format))
         row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
-    t, h, n_row, r = row_scores.shape
-    n_col = col_scores.shape[2]
-    m = cores.shape[1]
-    check_index(ids, _OP, "ids")
-    check(ids.dim() == 3 and tuple(ids.shape[:2]) == (t, h), _OP,
-          f"ids shape {tuple(ids.shape)} must be (tokens={t}, heads={h}, knn)")
+    n_row, n_col = row_scores.shape[2], col_scores.shape[2]
     knn = ids.shape[2]
-    check(tuple(grad_scores.shape) == (t, h, knn, m), _OP,
-          f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})")
-    check_index_range(ids, n_row * n_col, _OP, "ids")
     out = None if padded is None else (padded[0][:, :, :n_row], padded[1][:, :, :n_col])
     reason = _unsupported(knn, row_scores, col_scores, cores, grad_scores)
     if reason is not None:

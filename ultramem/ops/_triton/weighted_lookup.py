@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import acc_dtype, check, check_index_range
+from .._checks import acc_dtype, check, check_index_range, check_lookup_args
 from ..determinism import deterministic_enabled
 
 _OP = "weighted_lookup"
@@ -523,6 +523,8 @@ def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Ten
         deterministic = deterministic_enabled()
     acc = acc_dtype(table, scores, grad_out)
     m = scores.shape[2]
+    if table.shape[1] == 0:  # no columns: every dot is an empty sum (the kernels launch nothing)
+        return torch.zeros_like(scores, memory_format=torch.contiguous_format)
     if not deterministic:
         grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
         gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, scores=scores,
@@ -543,14 +545,8 @@ def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Ten
 
 # ------------------------------------------------------------------------ the op's launchers
 
-def _op_checks():
-    # Imported late: the op module imports this one at its end to register the kernels.
-    from ..weighted_lookup import _check_args, _check_grad_out  # noqa: PLC0415
-    return _check_args, _check_grad_out
-
-
 def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor, config: dict | None = None) -> Tensor:
-    _op_checks()[0](rows, table, scores)
+    check_lookup_args(_OP, rows, table, scores)
     check_index_range(rows, table.shape[0], _OP, "rows")
     out = scores.new_empty((rows.shape[0], table.shape[1]))
     if rows.shape[1] == 0:
@@ -560,8 +556,9 @@ def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor, config: di
 
 def weighted_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """The dense contract of the reference: a zero-filled [N, D] gradient per call."""
-    _op_checks()[1](grad_out, rows, table)
-    check_index_range(rows, table.shape[0], _OP, "rows")
+    op = "weighted_lookup_backward"
+    check_lookup_args(op, rows, table, scores, grad_out)
+    check_index_range(rows, table.shape[0], op, "rows")
     acc = acc_dtype(table, scores, grad_out)
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
     grad_scores = lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=False)
@@ -570,9 +567,12 @@ def weighted_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, table: Tensor,
 
 def weighted_lookup_backward_accumulate_cuda(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor,
                                              scores: Tensor) -> Tensor:
-    """Adds the table gradient into the persistent `grad_table` buffer; returns grad_scores."""
-    _op_checks()[1](grad_out, rows, table)
-    check_index_range(rows, table.shape[0], _OP, "rows")
-    check(tuple(grad_table.shape) == tuple(table.shape), _OP,
+    """Adds the table gradient into the persistent `grad_table` buffer; returns grad_scores.
+    Arguments and the range are checked first (the op checks the buffer): nothing is written
+    when they are refused."""
+    op = "weighted_lookup_backward_accumulate"
+    check_lookup_args(op, rows, table, scores, grad_out)
+    check_index_range(rows, table.shape[0], op, "rows")
+    check(tuple(grad_table.shape) == tuple(table.shape), op,
           f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
     return lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=True)
