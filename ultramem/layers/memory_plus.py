@@ -53,6 +53,14 @@ class MemoryPlus(nn.Module):
 
     def forward(self, x: Tensor, tables: ValueTables) -> tuple[Tensor, Tensor]:
         tables = self._check_tables(tables)
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            got = x.shape[-1] if x.dim() else "none (0-d input)"
+            raise ValueError(f"MemoryPlus layer {self.layer_index}: input last dim {got} != model.dim {self.dim}")
+        if x.numel() == 0:
+            # no tokens: an empty output and a zero aux loss (its terms are averages over tokens);
+            # W_o and x (both empty here) keep the output in the graph, so a backward runs as usual
+            y = self.w_o(x.new_zeros(x.shape[:-1] + (self.w_o.in_features,))) + x
+            return y, torch.zeros((), device=x.device, dtype=torch.float32)
         x2 = x.reshape(-1, self.dim)
         t, h, k = x2.shape[0], self.heads, self.knn
         q = self.w_q(x2)
