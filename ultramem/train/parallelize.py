@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,9 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) 
     for layer in model.memory_layers:
         fully_shard(layer, mp_policy=fp32)
     fully_shard(model, mp_policy=mp, ignored_params=tables or None)
+    # FSDP warns that a memory layer returns a view (its output reshaped to the input's shape):
+    # in-place ops on it would skip a hook, and the model adds it out of place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 def apply_ddp(model: Transformer, info: DistInfo, device: torch.device, tables: set[nn.Parameter]) -> nn.Module:
@@ -89,7 +93,10 @@ def apply_ddp(model: Transformer, info: DistInfo, device: torch.device, tables: 
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
     # Buffers are not broadcast: u, v and the permutation are identical on every rank by
     # construction, and the usage counters are per rank (summed when reported).
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    with warnings.catch_warnings():
+        # its replacement still syncs buffers at construction, which would overwrite rank-local counters
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated")
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 @dataclass

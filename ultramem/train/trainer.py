@@ -115,12 +115,16 @@ class StepRecord:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+_ECHO_S = 3.0
+
+
 class _StopRequest:
     """SIGINT / SIGTERM ask for a checkpoint and a clean exit at the end of the current step;
-    all ranks agree on it through the step's all-reduce. A second signal exits at once."""
+    all ranks agree on it through the step's all-reduce. Another signal later exits at once."""
 
     def __init__(self):
         self.signal: int | None = None
+        self._first = 0.0
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -131,9 +135,13 @@ class _StopRequest:
                 return
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
+        # torchrun forwards the Ctrl-C its workers already got from the terminal: a signal within
+        # a few seconds of the first is that echo; a later one means "now"
+        now = time.monotonic()
+        if self.signal is not None and now - self._first > _ECHO_S:
             raise KeyboardInterrupt
-        self.signal = signum
+        if self.signal is None:
+            self.signal, self._first = signum, now
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -465,10 +473,12 @@ def build_data(cfg: TrainConfig, info: DistInfo):
     return train, val, splits.vocab_size
 
 
-def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
+    if not cfg.run.dir:  # (the command line always sets one; code calling run_training may not)
+        if info.is_main:
+            log.info("no run directory (run.dir is empty): no log file, metrics file or checkpoints")
+        return None
     run_dir = Path(cfg.run.dir)
-    if not cfg.run.dir:
-        raise ConfigError("run.dir is empty: a training run needs a directory for its logs and checkpoints")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(flatten_config(cfg), indent=1) + "\n")

@@ -1,0 +1,165 @@
+"""The training command as a user meets it: its errors, signals, a kill during a save, and the
+path from raw text to an exported model."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch import env, kill_group, losses, records, run, timeout_for, token_shards, train_cmd, wait_for
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--config", "debug.toml", "--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2",
+        "--model.n_heads=2", "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4",
+        "--model.memory.kdim=8", "--model.memory.vdim=16", "--model.memory.pre_vdim=8", "--model.memory.knn=2",
+        "--model.memory.calibration_rounds=1", "--data.vocab_size=300", "--train.seq_len=16",
+        "--train.batch_size=2", "--optim.warmup_steps=1", "--train.eval_interval=0", "--metrics.tensorboard=false"]
+
+
+def _train(tmp_path, extra, steps=3, nproc=0, rc=0):
+    data = token_shards(tmp_path / "data") if not (tmp_path / "data").exists() else tmp_path / "data"
+    args = [*TINY, f"--data.source={data}", f"--train.max_steps={steps}", *extra]
+    out = run(train_cmd(args, nproc), timeout_for(steps, max(nproc, 1)), tmp_path, env(tmp_path))
+    assert out.returncode == rc, f"rc {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _one_line_error(out, *fragments):
+    err = out.stderr.strip()
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr[-3000:]
+    assert len(err.splitlines()) == 1, err
+    for f in fragments:
+        assert f in err, err
+
+
+def test_bad_config_and_missing_data_are_one_line_errors(tmp_path):
+    out = run(train_cmd([*TINY, "--train.max_stpes=3"]), timeout_for(0), tmp_path, env(tmp_path))
+    assert out.returncode == 2
+    _one_line_error(out, "train.max_stpes", "did you mean max_steps")
+    out = run(train_cmd([*TINY, f"--data.source={tmp_path / 'nowhere'}"]), timeout_for(0), tmp_path, env(tmp_path))
+    assert out.returncode == 2
+    _one_line_error(out, "data.source=", "nowhere")
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    out = run(train_cmd(["--config", str(empty)]), timeout_for(0), tmp_path, env(tmp_path))
+    assert out.returncode == 2
+    _one_line_error(out, "has no [model] section")
+
+
+def test_two_ranks_report_a_config_error_in_one_line_each(tmp_path):
+    out = run(train_cmd([*TINY, "--optim.lr=-1"], nproc=2), timeout_for(0, 2), tmp_path, env(tmp_path))
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if "optim.lr=-1.0: must be > 0" in line]
+    assert sorted(lines) == ["[rank 0] config error: optim.lr=-1.0: must be > 0",
+                             "[rank 1] config error: optim.lr=-1.0: must be > 0"], out.stderr[-3000:]
+    # torchrun adds its own summary of the failed workers (ChildFailedError); no worker traceback
+    assert "ultramem/" not in out.stderr.replace("-m ultramem.train", "")
+
+
+def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path):
+    _train(tmp_path, [f"--run.dir={tmp_path / 'a'}"], steps=2)
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000002"
+    out = _train(tmp_path, [f"--run.dir={tmp_path / 'b'}", f"--run.resume={ckpt}", "--model.ffn_hidden=64"], rc=2)
+    _one_line_error(out, "does not match this run's config", "model.ffn_hidden", "48", "64")
+
+
+def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    out = _train(tmp_path, [f"--run.dir={run_dir}", "--optim.lr=inf", "--optim.grad_clip=0",
+                            "--checkpoint.interval=1"], steps=5, rc=3)
+    _one_line_error(out, "training diverged", "step 2", "nan", "last good checkpoint is kept")
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_00000001"]
+    assert sorted(losses(run_dir)) == [1]
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly_on_every_rank(tmp_path):
+    data = token_shards(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"--data.source={data}", "--train.max_steps=100000", "--optim.warmup_steps=1",
+            f"--run.dir={run_dir}", "--checkpoint.interval=0", "--parallel.mode=ddp"]
+    proc = subprocess.Popen(train_cmd(args, nproc=2), cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert wait_for(lambda: len(records(run_dir)) >= 2, timeout_for(2, 2), proc), "no training steps seen"
+        # what a terminal's Ctrl-C does: SIGINT to the whole foreground group
+        import os
+
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=timeout_for(2, 2))
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    # (torchrun itself exits non-zero after a SIGINT, whatever its workers do)
+    step = max(losses(run_dir))
+    stopped = [line for line in (out + err).splitlines() if "stopped by SIG" in line]
+    assert len(stopped) == 2 and {"rank 0" in stopped[0] or "rank 0" in stopped[1]}, stopped
+    assert all(f"at step {step}" in line for line in stopped), (stopped, step)
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / ".metadata").is_file()
+    assert "ultramem/" not in err.replace("-m ultramem.train", "")  # no worker traceback (torchrun has its own)
+
+
+KILLER = """
+import os, signal, sys
+import torch.distributed.checkpoint as dcp
+from ultramem.train import __main__ as cli
+saves = []
+real_save = dcp.save
+def save_then_die(state, checkpoint_id):
+    saves.append(checkpoint_id)
+    if len(saves) == 2:  # the second save: write part of it, then die as a killed process does
+        real_save(state, checkpoint_id=checkpoint_id)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(state, checkpoint_id=checkpoint_id)
+dcp.save = save_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    data = token_shards(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"--data.source={data}", "--train.max_steps=6", f"--run.dir={run_dir}", "--checkpoint.interval=2"]
+    out = run([sys.executable, "-c", KILLER, *args], timeout_for(6), tmp_path, env(tmp_path))
+    assert out.returncode == -signal.SIGKILL, out.stdout[-2000:] + out.stderr[-2000:]
+    ckpt_dir = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [".step_00000004.tmp", "step_00000002"]
+    # the run directory's automatic resume picks step 2, clears the half-written one, and finishes
+    out = _train(tmp_path, [f"--run.dir={run_dir}", "--checkpoint.interval=2"], steps=6)
+    assert f"resumed from {ckpt_dir / 'step_00000002'} at step 2" in out.stdout
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+
+
+def test_prepare_train_export_reload_round_trip(tmp_path):
+    from ultramem.train.export import load_checkpoint_model, load_exported
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(4):
+        (texts / f"doc{i}.txt").write_text(" ".join(f"word{j % (7 + i)} line {j}" for j in range(400)) + "\n")
+    shards = tmp_path / "shards"
+    prep = run([sys.executable, "-m", "ultramem.data", "prepare", str(texts), "--out", str(shards),
+                "--vocab-size", "300", "--workers", "1", "--no-progress"], timeout_for(0), tmp_path, env(tmp_path))
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY] + [f"--data.source={shards}", "--train.max_steps=3", f"--run.dir={run_dir}",
+                                "--train.eval_interval=3", "--data.val_fraction=0.1"]
+    out = run(train_cmd(args), timeout_for(3), tmp_path, env(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for suffix in ("safetensors", "pt"):
+        dest = tmp_path / f"model.{suffix}"
+        exp = run([sys.executable, "-m", "ultramem.train.export", "--checkpoint", str(run_dir), "--out", str(dest)],
+                  timeout_for(0), tmp_path, env(tmp_path))
+        assert exp.returncode == 0, exp.stderr[-3000:]
+        exported = load_exported(dest)
+        trained, _ = load_checkpoint_model(run_dir)
+        tokens = torch.randint(0, 300, (2, 16))
+        with torch.no_grad():
+            torch.testing.assert_close(exported(tokens), trained(tokens), rtol=0, atol=0)
+        assert set(exported.state_dict()) == set(trained.state_dict())
+        for (name, a), b in zip(exported.state_dict().items(), trained.state_dict().values()):
+            assert torch.equal(a, b), name
