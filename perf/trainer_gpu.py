@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 COMMON_227M = ["--config", "227m.toml", "--train.eval_interval=0", "--model.memory.log_interval=100000",
-               "--optim.warmup_steps=10", "--data.vocab_size=8192", "--checkpoint.enabled=false",
+               "--optim.warmup_steps=10", "--data.vocab_size=8192", "--data.max_corpus_bytes=2000000",
+               "--checkpoint.enabled=false",
                "--metrics.tensorboard=false", "--metrics.progress=false"]
 
 VARIANTS = {
