@@ -95,7 +95,7 @@ class MoE(nn.Module):
 
     def _experts_dense(self, x: Tensor, gate: Tensor, expert: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
         """All experts on all tokens; experts not chosen get gate 0."""
-        combine = torch.zeros_like(gate[:, :1].expand(-1, self.num_experts)).scatter_add(1, expert, gate)
+        combine = gate.new_zeros(gate.shape[0], self.num_experts).scatter_add(1, expert, gate)
         hs = torch.einsum("td,efd->tef", x, w13)
         a = F.silu(hs[..., : self.hidden]) * hs[..., self.hidden:]
         return torch.einsum("teh,edh->td", a * combine.to(a.dtype).unsqueeze(-1), w2)
