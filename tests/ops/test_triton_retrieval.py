@@ -471,6 +471,69 @@ def test_forward_infinite_scores_and_strided_keys():
     assert len(poisoned) < 3  # the finite path is exercised too
 
 
+def _nan_inf_case(kind):
+    """Inputs for the NaN / Inf rule and the (token, head)s whose scores must be NaN."""
+    g = torch.Generator().manual_seed(70 + len(kind))
+    t, h, n, r, m = 3, 2, 40, 2, 2
+    if kind.startswith("inf"):  # rank 1, all positive: +inf totals and no ∞ − ∞
+        a, b = torch.rand(t, h, n, 1, generator=g) + 0.1, torch.rand(t, h, n, 1, generator=g) + 0.1
+        cores, u, v = torch.rand(h, m, 1, 1, generator=g) + 0.1, torch.ones(h, 1), torch.ones(h, 1)
+        a[0, 1, 17] = float("inf")  # kept first, with every kept column
+        b[2, 0, 3] = float("inf")
+        a[1, 0, :30] = float("-inf")  # 10 finite keys left
+        return a, b, cores, u, v, torch.zeros(t, h, dtype=torch.bool)
+    a, b = torch.randn(t, h, n, r, generator=g), torch.randn(t, h, n, r, generator=g)
+    cores, u, v = torch.rand(h, m, r, r, generator=g), torch.randn(h, r, generator=g), torch.randn(h, r, generator=g)
+    poisoned = torch.zeros(t, h, dtype=torch.bool)
+    if kind == "nan u":
+        u[1, 1] = float("nan")
+        poisoned[:, 1] = True
+    elif kind == "nan key":
+        a[2, 0, 33, 0] = float("nan")
+        b[0, 1, :, :] = float("nan")
+        poisoned[2, 0] = poisoned[0, 1] = True
+    elif kind == "nan cores":
+        cores[0, 1, 0, 1] = float("nan")
+        poisoned[:, 0] = True
+    return a, b, cores, u, v, poisoned
+
+
+@interpreted_only
+@pytest.mark.parametrize("kind", ["nan u", "nan key", "nan cores", "inf"])
+@pytest.mark.parametrize("launch", [{}, dict(grid_tile=64), dict(grid_tile=64, tiled_select="bisect")])
+def test_forward_nan_inf_rule_matches_the_reference(kind, launch):
+    """The op's NaN / Inf rule, kernel and reference alike: a NaN coarse score or grid total
+    makes all of its (token, head)'s scores NaN (ids still distinct and in range); +inf ranks
+    first, -inf last."""
+    a, b, cores, u, v, poisoned = _nan_inf_case(kind)
+    knn = 12 if launch else 5
+    got_ids, got = tri.launch_forward(a, b, cores, u, v, knn, **launch)
+    want_ids, want = ref_mod.tdqkr_retrieval(a, b, cores, u, v, knn)
+    for ids in (got_ids, want_ids):
+        assert ((ids >= 0) & (ids < 40 * 40)).all()
+        assert all(len(set(x.tolist())) == knn for x in ids.reshape(-1, knn))
+    for scores in (got, want):
+        assert torch.equal(scores.isnan().any(-1).any(-1), poisoned)
+        assert torch.equal(scores.isnan().all(-1).all(-1), poisoned)
+    keep = ~poisoned
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)  # infinities compare equal
+    if kind == "inf":
+        assert (got_ids[0, 1] // 40 == 17).all() and (got_ids[2, 0] % 40 == 3).all()
+        assert torch.isposinf(got[0, 1]).all() and torch.isposinf(got[2, 0]).all()
+        assert torch.equal(got_ids[keep].sort(-1).values, want_ids[keep].sort(-1).values)
+
+
+@interpreted_only
+def test_no_tokens_launch_nothing():
+    a, b, cores, u, v = _inputs(71, 0, 2, 12, 10, 2, 2)
+    ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, 3)
+    assert ids.shape == (0, 2, 3) and scores.shape == (0, 2, 3, 2)
+    ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(torch.zeros(0, 2, 3, 2), a, b, cores, ids)
+    assert ga.shape == a.shape and gb.shape == b.shape and not gc.any()
+    ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(torch.zeros(0, 2, 3, 2), a, b, cores, ids, 8)
+    assert ga.shape == a.shape and gb.shape == b.shape and not gc.any()
+
+
 # ---------------------------------------------------------------- backward v2: outputs written in full
 
 def _poisoned_outputs(kind, a, b):
