@@ -24,6 +24,7 @@ As a script (the fuzz tests start it in a subprocess; see tests/fuzz/test_op_fuz
     TRITON_INTERPRET=1 python tests/fuzz/op_fuzz.py --cases 600 --triton-cases 60 --seconds 100 \\
         --report report.json
     TRITON_INTERPRET=1 python tests/fuzz/op_fuzz.py --case 0:1234    # rerun one case: seed:index
+    python tests/fuzz/op_fuzz.py --device cuda --cases 0 --triton-cases 2000   # the kernels on a GPU
 """
 from __future__ import annotations
 
@@ -48,10 +49,13 @@ from ultramem.ops.table_grad import (pre_value_gate_backward_accumulate, pre_val
                                      weighted_lookup_backward_into)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# the Triton kernels run under the interpreter (CPU tensors) or on a GPU (--device cuda)
+TRITON = INTERPRETED or torch.cuda.is_available()
 if INTERPRETED:
     from ultramem.ops._triton._interpreter_compat import patch_index
 
     patch_index()
+if TRITON:
     from ultramem.ops._triton import gate_lookup as tgl
     from ultramem.ops._triton import pre_value_gate as tpg
     from ultramem.ops._triton import retrieval as tri
@@ -135,7 +139,7 @@ def rel_error(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> flo
         return math.inf
     if got.numel() == 0:
         return 0.0
-    diff = (got.double() - want).abs()
+    diff = (got.detach().cpu().double() - want).abs()
     if torch.isnan(diff).any():
         return math.inf
     floor = torch.finfo(got.dtype).tiny if got.is_floating_point() else 1.0
@@ -147,9 +151,10 @@ def rel_error(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> flo
 class Draw:
     """The random source of one case: Python's for choices, torch's for tensors."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, device: str = "cpu"):
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
+        self.device = device
 
     def choice(self, seq, weights=None):
         return self.rng.choices(list(seq), weights=weights)[0]
@@ -165,7 +170,7 @@ class Draw:
 
     def floats(self, shape, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
         x = torch.randn(shape, generator=self.gen, dtype=torch.float64) * scale
-        return self.layout(x.to(dtype))
+        return self.layout(x.to(dtype).to(self.device))
 
     def rows(self, t: int, e: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         rows = torch.randint(0, n, (t, e), generator=self.gen)
@@ -178,7 +183,7 @@ class Draw:
                 rows[0, 1] = rows[0, 0]
             if t > 1:
                 rows[t - 1, 0] = rows[0, 0]
-        return self.layout(rows.to(dtype))
+        return self.layout(rows.to(dtype).to(self.device))
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         """The same values as a contiguous tensor, a slice of a larger one (storage offset,
@@ -192,11 +197,11 @@ class Draw:
             dims = list(range(x.dim()))[::-1]
             return x.permute(dims).contiguous().permute(dims)
         if kind == "strided":
-            wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), fill, dtype=x.dtype)
+            wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), fill, dtype=x.dtype, device=x.device)
             wide[..., ::2] = x
             return wide[..., ::2]
         pads = [self.int(0, 2) for _ in x.shape]
-        big = torch.full([s + 2 * p for s, p in zip(x.shape, pads)], fill, dtype=x.dtype)
+        big = torch.full([s + 2 * p for s, p in zip(x.shape, pads)], fill, dtype=x.dtype, device=x.device)
         index = tuple(slice(p, p + s) for s, p in zip(x.shape, pads))
         big[index] = x
         return big[index]
@@ -226,29 +231,29 @@ def chunk_sums(x: torch.Tensor, m: int) -> torch.Tensor:
 def scatter_rows(n: int, rows: torch.Tensor, contrib: torch.Tensor) -> torch.Tensor:
     """[N, D] float64: Σ of contrib[t, e] into row rows[t, e]."""
     out = torch.zeros(n, contrib.shape[-1], dtype=torch.float64)
-    return out.index_add_(0, rows.reshape(-1).long(), contrib.reshape(-1, contrib.shape[-1]))
+    return out.index_add_(0, rows.reshape(-1).long().cpu(), contrib.reshape(-1, contrib.shape[-1]))
 
 
 def lookup64(rows, table, scores):
     """out, and grad_table / grad_scores given grad_out, of weighted_lookup (plain float64)."""
-    vals = table[rows.long()]  # [T, E, D]
+    vals = table[rows.long().cpu()]  # [T, E, D]
     return (vals * per_column(scores, table.shape[1])).sum(1)
 
 
 def lookup_backward64(grad_out, rows, table, scores):
-    vals = table[rows.long()]
+    vals = table[rows.long().cpu()]
     w = per_column(scores, table.shape[1])
     return scatter_rows(table.shape[0], rows, w * grad_out[:, None, :]), chunk_sums(vals * grad_out[:, None, :],
                                                                                    scores.shape[2])
 
 
 def gate64(rows, table, x):
-    return (table[rows.long()] * x[:, None, :]).sum(-1)
+    return (table[rows.long().cpu()] * x[:, None, :]).sum(-1)
 
 
 def gate_backward64(grad_gate, rows, table, x):
     return (scatter_rows(table.shape[0], rows, grad_gate[..., None] * x[:, None, :]),
-            (grad_gate[..., None] * table[rows.long()]).sum(1))
+            (grad_gate[..., None] * table[rows.long().cpu()]).sum(1))
 
 
 def activation64(g, gelu: bool, absolute: bool):
@@ -270,7 +275,7 @@ def gate_lookup_backward64(grad_out, grad_gate, rows, values, pre_values, x, sco
     """(grad_values, grad_pre_values, grad_x, grad_scores), the activation at the saved gate."""
     act, slope = activation64(gate, gelu, absolute)
     m = scores.shape[2]
-    q = chunk_sums(values[rows.long()] * grad_out[:, None, :], m)  # [T, E, M]
+    q = chunk_sums(values[rows.long().cpu()] * grad_out[:, None, :], m)  # [T, E, M]
     grad_values, _ = lookup_backward64(grad_out, rows, values, scores * act[..., None])
     grad_g = slope * (q * scores).sum(-1)
     if grad_gate is not None:
@@ -283,7 +288,7 @@ def d64(x, absolute=False):
     """A float64 copy (of the absolute values)."""
     if x is None:
         return None
-    y = x.detach().double()
+    y = x.detach().cpu().double()
     return y.abs() if absolute else y
 
 
@@ -312,7 +317,7 @@ class Checker:
         The tolerance: tolerance(got's dtype, length, the case's dtypes, mid), unless `tol`."""
         if tol is None:
             out = got.dtype if got is not None else torch.float64
-            if out == torch.bfloat16 and self.case.backend == "triton":
+            if out == torch.bfloat16 and self.case.backend == "triton" and INTERPRETED:
                 mid = (*mid, torch.bfloat16)  # the interpreter's bf16 casts truncate (module doc)
             tol = tolerance(out, length, self.dtypes, mid)
         want, scale = want_fn(False), want_fn(True)
@@ -403,7 +408,7 @@ def run_weighted_lookup(draw: Draw, case: Case, report: Report) -> None:
         staging = None
         if path == "staged":
             # room for all tokens, or too little (the backward then adds with atomics)
-            staging = GradStaging(max(1, t + draw.choice([0, 1, -1])), max(e, 1), m, d, 0, grad_out.dtype, "cpu")
+            staging = GradStaging(max(1, t + draw.choice([0, 1, -1])), max(e, 1), m, d, 0, grad_out.dtype, rows.device)
             register_staging(bufs.ids[0], staging)
         if case.backend == "cpu":
             if path == "accumulate":
@@ -481,7 +486,7 @@ def run_pre_value_gate(draw: Draw, case: Case, report: Report) -> None:
         buf, start = bufs.bufs[0], bufs.start[0]
         staging = None
         if path == "staged":
-            staging = GradStaging(max(1, t + draw.choice([0, 1, -1])), max(e, 1), 1, 0, d, x_dt, "cpu")
+            staging = GradStaging(max(1, t + draw.choice([0, 1, -1])), max(e, 1), 1, 0, d, x_dt, rows.device)
             register_staging(bufs.ids[0], staging)
         if case.backend == "cpu":
             if path == "accumulate":
@@ -557,7 +562,7 @@ def run_gate_lookup(draw: Draw, case: Case, report: Report) -> None:
         (buf_v, buf_p), (start_v, start_p) = bufs.bufs, bufs.start
         staging = None
         if path == "staged":
-            staging = GradStaging(max(1, t + draw.choice([0, 1, -1])), max(e, 1), m, dv, dp, x_dt, "cpu")
+            staging = GradStaging(max(1, t + draw.choice([0, 1, -1])), max(e, 1), m, dv, dp, x_dt, rows.device)
             register_staging(bufs.ids[0], staging)
         if case.backend == "cpu":
             gs, gx = gate_lookup_backward_into(grad_out, grad_gate, rows, values, pre_values, x, scores, saved, gelu,
@@ -638,6 +643,7 @@ def run_retrieval(draw: Draw, case: Case, report: Report) -> None:
 def retrieval_backward64(grad, a, b, cores, ids, n_col):
     """d(Σ grad · scores)/d(a, b, cores) at the given ids (float64; a, b padded as given)."""
     t, h, k = ids.shape
+    ids = ids.cpu()
     i, j = ids.long() // n_col, ids.long() % n_col
     hh = torch.arange(h).view(1, h, 1).expand(t, h, k)
     tt = torch.arange(t).view(t, 1, 1).expand(t, h, k)
@@ -661,6 +667,7 @@ def _check_selection(check: Checker, ids, scores, a, b, cores, u, v, knn, dts) -
     t, h, n_row, r = a.shape
     n_col = b.shape[2]
     m = cores.shape[1]
+    ids, scores = ids.cpu(), scores.cpu()
     ok_shape = tuple(ids.shape) == (t, h, knn) and tuple(scores.shape) == (t, h, knn, m) \
         and ids.dtype == torch.int64 and scores.dtype == a.dtype
     check("shapes", torch.tensor([float(not ok_shape)]), _measured(1), 0, tol=0.0)
@@ -741,8 +748,8 @@ def case_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7919) % (2 ** 62)
 
 
-def run_case(seed: int, index: int, backend: str, report: Report) -> None:
-    draw = Draw(case_seed(seed, index) + (1 if backend == "triton" else 0))
+def run_case(seed: int, index: int, backend: str, report: Report, device: str = "cpu") -> None:
+    draw = Draw(case_seed(seed, index) + (1 if backend == "triton" else 0), device if backend == "triton" else "cpu")
     family = draw.choice(FAMILIES, weights=WEIGHTS[backend])
     case = Case(family, backend, seed, index)
     report.count_case(backend)
@@ -752,13 +759,14 @@ def run_case(seed: int, index: int, backend: str, report: Report) -> None:
         report.fail(family, backend, "?", f"{case.tag} {case.label}", traceback.format_exc(limit=6)[-2000:])
 
 
-def run(seed: int, cpu_cases: int, triton_cases: int, seconds: float, report: Report) -> dict:
+def run(seed: int, cpu_cases: int, triton_cases: int, seconds: float, report: Report, device: str = "cpu") -> dict:
     """Triton cases first (each is slow under the interpreter), both within `seconds` of wall time."""
     start = time.monotonic()
     done = {"cpu": 0, "triton": 0}
-    plan = [("triton", triton_cases if INTERPRETED else 0), ("cpu", cpu_cases)]
-    if triton_cases and not INTERPRETED:
-        report.skipped["triton cases (TRITON_INTERPRET=1 not set)"] = triton_cases
+    runnable = INTERPRETED if device == "cpu" else TRITON
+    plan = [("triton", triton_cases if runnable else 0), ("cpu", cpu_cases)]
+    if triton_cases and not runnable:
+        report.skipped["triton cases (neither TRITON_INTERPRET=1 nor a GPU)"] = triton_cases
     stopped = False
     for backend, count in plan:
         # the Triton share gets at most 60% of the time, so the CPU cases always run
@@ -767,9 +775,9 @@ def run(seed: int, cpu_cases: int, triton_cases: int, seconds: float, report: Re
             if time.monotonic() > limit:
                 stopped = True
                 break
-            run_case(seed, index, backend, report)
+            run_case(seed, index, backend, report, device)
             done[backend] += 1
-    return dict(seed=seed, planned=dict(cpu=cpu_cases, triton=triton_cases if INTERPRETED else 0), done=done,
+    return dict(seed=seed, device=device, planned=dict(cpu=cpu_cases, triton=triton_cases if runnable else 0), done=done,
                 stopped_by_time=stopped, seconds=round(time.monotonic() - start, 1))
 
 
@@ -781,15 +789,16 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=100.0, help="wall-time budget; stops early past it")
     p.add_argument("--report", help="write the report here (JSON)")
     p.add_argument("--case", help="rerun one case, seed:index[:backend]")
+    p.add_argument("--device", default="cpu", help="where the Triton cases run: cpu (TRITON_INTERPRET=1) or cuda")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     report = Report()
     if args.case:
         parts = args.case.split(":")
-        run_case(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "cpu", report)
+        run_case(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "cpu", report, args.device)
         run_info = dict(case=args.case)
     else:
-        run_info = run(args.seed, args.cases, args.triton_cases, args.seconds, report)
+        run_info = run(args.seed, args.cases, args.triton_cases, args.seconds, report, args.device)
     out = dict(run_info, **report.as_json())
     print(report.summary())
     for f in report.failures[:10]:
