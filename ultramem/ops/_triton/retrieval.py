@@ -464,8 +464,7 @@ def _coarse_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.cons
     # a NaN score ranks last (its token's scores become NaN: see _sort_and_write)
     nan = x != x
     x = tl.where(nan, float("-inf"), x)
-    n_nan = tl.sum(nan.to(tl.int32))
-    return tl.reshape(x, (P, G)), tl.reshape(valid, (P, G)), tl.reshape(pos, (P, G)), n_nan
+    return tl.reshape(x, (P, G)), tl.reshape(valid, (P, G)), tl.reshape(pos, (P, G)), tl.reshape(nan, (P, G))
 
 
 @triton.jit
@@ -475,14 +474,15 @@ def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
                    VALUE_STEPS: tl.constexpr):
     """Write the positions of the knn largest <key, w> of one [n, R] score block to dst[0:knn];
     returns the number of NaN scores (ranked last)."""
-    x1, v1, p1, n_nan = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
+    x1, v1, p1, nan1 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
     if HAS_REM:
-        x2, v2, p2, n_nan2 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G, MASK2)
-        n_nan += n_nan2
+        x2, v2, p2, nan2 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G, MASK2)
     else:  # unused placeholders
         p2 = tl.reshape(tl.arange(0, P2 * G), (P2, G))
         v2 = p2 < 0
+        nan2 = v2
         x2 = tl.full((P2, G), float("-inf"), tl.float32)
+    n_nan = _count_true(nan1, nan2, HAS_REM)  # (one reduction across threads for both blocks)
     thr, exact = _kth_threshold(x1, v1, x2, v2, knn, n, HAS_REM, MASK1, MASK2, GS, VALUE_STEPS)
     keep1, keep2 = _kept_masks(x1, v1, p1, x2, v2, p2, thr, exact, knn, n, HAS_REM, MASK1, MASK2)
     _store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_ptr, dst_ptr, HAS_REM, False)
