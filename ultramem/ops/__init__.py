@@ -3,6 +3,12 @@
 Each op has a plain-PyTorch kernel (CPU, and the test oracle), a Triton kernel on CUDA, a fake
 kernel, and an autograd formula whose backward is itself a custom op, so
 `torch.compile(fullgraph=True)` traces through them. Nothing here imports layers or training code.
+
+Every op takes T = 0 tokens (and E = 0 entries): empty outputs of the right shapes, zero table
+gradients, no kernel launched on an empty grid. Row / id arguments are range-checked, forward and
+backward, on CPU always and on CUDA in debug mode (`set_debug`; the check syncs with the host),
+before anything is written: a refused backward leaves a registered gradient buffer as it was.
+Unchecked on CUDA, the Triton kernels skip ids out of range (nothing read or written for them).
 """
 from ._checks import debug_enabled, set_debug
 from .determinism import deterministic_enabled, set_deterministic

@@ -21,7 +21,9 @@ grid walked in row tiles):
   4. the kept pairs sorted (bitonic, k entries), their per-core scores recomputed and written
      with the ids.
 Every selection keeps all scores above the k-th and, of those equal to it, the lowest positions:
-the reference's set whenever scores are distinct. No atomics: kept entries land in scratch in a
+the reference's set whenever scores are distinct. A NaN coarse score or grid total ranks last
+(so k distinct pairs are always kept) and makes all of its (token, head)'s scores NaN: the op's
+NaN rule (ultramem.ops.retrieval); ±inf are ordinary values. No atomics: kept entries land in scratch in a
 fixed order, so the outputs are deterministic also among exactly tied grid totals.
 Launch: 2 warps with at most 64 registers per thread for k <= 32, 8 warps above (at most 128
 registers per thread for the candidate selection: two programs per SM). Measured on an
