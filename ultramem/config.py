@@ -2,7 +2,7 @@
 
 Training, data, optimizer and parallelism settings live in `ultramem.train.config`; this module
 holds only what a layer or the model needs, so that `ops ← layers ← model ← train` stays one-way.
-Field names follow SPEC.md; the authors' names are given in comments where they differ.
+The authors' names for the memory settings are given in comments where ours differ.
 """
 from __future__ import annotations
 
@@ -25,25 +25,25 @@ def _require(ok: bool, key: str, value, rule: str) -> None:
 @dataclass
 class MemoryConfig:
     type: str = "ultramem_v2"  # one of MEMORY_TYPES; "none" gives the dense baseline
-    insert: str = "full"  # mem_insert: "full" or skip form "a:b/c:e/..." (SPEC §1)
+    insert: str = "full"  # mem_insert: "full" (one per block) or "a:b/c:e/...": read at block a, add after block b
     knum: int = 360  # mem_knum: keys per side for v1 / Memory+; table rows per layer = knum² (v2)
-    kdim: int = 192
-    vdim: int = 192
+    kdim: int = 192  # width of the query and of each sub-key
+    vdim: int = 192  # width of a value row (the layer output before its projection)
     pre_vdim: int = 192  # 0 disables the pre-value gate (g = 1)
     knn: int = 32  # values kept per head and token
     heads: int = 1  # mem_head
     share_ratio: float = 0.5  # v2: fraction of the pooled table one layer addresses
-    tucker_rank: int = 2
+    tucker_rank: int = 2  # r: rank of the Tucker cores (r × r sub-key grid per core)
     tucker_cores: int = 2  # tucker_multihead (M)
     key_expand: int = 1  # E: n' = E·n keys per side
-    q_per_rank: bool = False
+    q_per_rank: bool = False  # one query per Tucker rank instead of one shared
     glu_act: bool = True  # GELU on the pre-value gate
     init: str = "paper"  # mem_init: "paper" or "released"
     dropout: float = 0.0  # mem_dropout
     # Tucker rank penalty coefficient; None means the type's default (v1: 0.001, else 0).
     tucker_rank_penalty: float | None = None
-    tucker_rank_margin: float = 0.15
-    key_balance_coef: float = 0.0
+    tucker_rank_margin: float = 0.15  # hinge margin of the Tucker rank penalty
+    key_balance_coef: float = 0.0  # weight of the key-usage balance loss (0: off)
     log_interval: int = 100  # mem_log_interval: steps between metric reports
     calibration_rounds: int = 3  # "paper" init: rounds of norm-scale calibration
 
@@ -96,16 +96,16 @@ def validate_moe(moe: MoEConfig) -> None:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50304
-    dim: int = 768
-    n_layers: int = 20
-    n_heads: int = 12
-    ffn_hidden: int = 2496
-    max_seq_len: int = 4096
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = 50304  # embedding rows (>= the tokenizer's vocabulary)
+    dim: int = 768  # model width
+    n_layers: int = 20  # decoder blocks
+    n_heads: int = 12  # attention heads
+    ffn_hidden: int = 2496  # SwiGLU hidden width
+    max_seq_len: int = 4096  # longest sequence (RoPE tables)
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float | None = None  # None: sqrt(2 / (5·dim)), the paper's Appendix A
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # the LM head is the embedding matrix
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -127,3 +127,25 @@ def test_debug_run_under_torchrun_loss_falls(tmp_path):
     assert last < first - 1.5, (first, last)
     assert "memory metrics" in out.stdout and "value lr x4.000" in out.stdout
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_threads_split_the_cores_between_the_ranks_of_a_node(monkeypatch):
+    import os
+
+    from ultramem.train.distributed import set_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(DistInfo(local_world_size=2)) == 4
+        # torchrun's own OMP_NUM_THREADS=1 is a default, not the user's choice ...
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_cpu_threads(DistInfo(local_world_size=4)) == 2
+        # ... and a user's value wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert set_cpu_threads(DistInfo(local_world_size=4)) == 3
+    finally:
+        torch.set_num_threads(before)

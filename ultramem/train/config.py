@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, MemoryConfig, ModelConfig
+from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, MemoryConfig, ModelConfig, validate_moe
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 AC_MODES = ("none", "full", "selective")
@@ -47,10 +47,10 @@ class OptimConfig:
     warmup_steps: int = 100  # linear warmup steps, then cosine decay to max_steps
     min_lr_frac: float = 0.1  # warmup starts and cosine ends at this fraction of the peak
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    value_lr_mult: float = 1.0  # SPEC §4: tables' lr multiplier at step 0, decays to 1
+    value_lr_mult: float = 1.0  # the tables' lr multiplier at step 0, decaying linearly to 1
     value_lr_decay_frac: float = 1.0  # fraction of max_steps over which the multiplier decays
     value_weight_decay: float | None = None  # None: same as weight_decay
-    memory_plus_value_lr: float = 1e-3  # SPEC §4: Memory+ tables take this constant lr, no schedule
+    memory_plus_value_lr: float = 1e-3  # Memory+ tables take this constant lr, no schedule
     fused: bool | None = None  # None: fused AdamW on CUDA, foreach elsewhere
 
     @property
@@ -67,19 +67,14 @@ class TrainSection:
     seed: int = 0  # model init and data order
     dtype: str = "float32"  # "bfloat16" → autocast; parameters stay fp32
     compile: bool = False  # per-block torch.compile
-    # torch.compile mode of the blocks and memory layers; "reduce-overhead" replays them as CUDA
-    # graphs (the memory layers launch many small kernels: host-bound without graphs)
-    compile_mode: str = "default"
-    # bfloat16 runs: the memory layers gather from a bf16 copy of the value tables, refreshed
-    # after each optimizer step (half the bytes per gather; the fp32 tables stay the master)
-    bf16_table_copy: bool = True
-    # UltraMemV2: the layers' backwards stage the shared tables' gradients and one
-    # sorted pass per table adds them every this many micro-batches (and before each optimizer
-    # step), instead of adding each entry at once: fewer row reads and writes of the fp32
-    # gradients (ultramem.ops.staged_grad). Memory: about 1.3 kB per token, layer and
-    # micro-batch staged with pre-values (1.3 GB at 227M with 4), 0.7 kB without. 0: add at once. On CUDA it applies with
-    # CUDA graphs (compile_mode "reduce-overhead"), where it was measured.
-    table_grad_flush: int = 4
+    # "reduce-overhead" replays the compiled blocks and memory layers as CUDA graphs (a memory
+    # layer launches many small kernels: without graphs the host sets the pace)
+    compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), ...
+    # half the bytes per gather; the fp32 tables stay the master copy
+    bf16_table_copy: bool = True  # bfloat16 runs: memory layers gather from a bf16 copy of the tables
+    # fewer read-modify-writes of the fp32 gradient rows (docs/table-gradients.md); about 1.3 kB per
+    # token, layer and micro-batch staged. On CUDA only with CUDA graphs, where it was measured faster.
+    table_grad_flush: int = 4  # UltraMemV2: stage table gradients, add them every this many micro-batches; 0: at once
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     log_interval: int = 1  # steps between log lines
     eval_interval: int = 100  # validation every this many steps and at the end; 0: never
@@ -392,6 +387,7 @@ def validate_config(cfg: TrainConfig) -> None:
         from ultramem.model import validate_memory
 
         validate_memory(m)
+    validate_moe(m.moe)  # (TOML values are checked on load; command-line overrides land here)
 
 
 def default_run_dir(name_or_path: str | None) -> str:

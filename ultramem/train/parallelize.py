@@ -6,7 +6,7 @@ block and memory layer and finally the root (or DDP wraps the whole model).
 
 The value tables stay outside both: each rank holds them whole, and their gradients, which the
 memory ops add into persistent buffers that autograd's hooks never see, are summed over ranks by
-`TableGradReducer` once per optimizer step (docs/distributed.md has the bytes this moves).
+`TableGradReducer` once per optimizer step (docs/training.md has the bytes this moves).
 """
 from __future__ import annotations
 
