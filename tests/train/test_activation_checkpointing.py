@@ -59,10 +59,13 @@ def test_recompute_under_compile_adds_once():
     ref_grads, ref_stats, _, _ = _one_backward("none", ["--train.compile=true"])
     grads, stats, _, _ = _one_backward("full", ["--train.compile=true"])
     torch._dynamo.reset()
+    # compiled with and without recompute, the kernels fuse differently: fp32 rounding apart,
+    # every gradient and counter is the same (a second add of the tables' would double them)
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
     for name in stats:
-        torch.testing.assert_close(stats[name], ref_stats[name], rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(stats[name], ref_stats[name], rtol=1e-5, atol=0, msg=name)
 
 
 def test_selective_picks_every_nth_block():
