@@ -7,6 +7,7 @@ The authors' names for the memory settings are given in comments where ours diff
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 MEMORY_TYPES = ("ultramem_v2", "ultramem_v1", "memory_plus", "none")
@@ -112,3 +113,44 @@ class ModelConfig:
     @property
     def std(self) -> float:
         return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory placement
+
+
+_INSERT_KEY = "model.memory.insert"
+
+
+def parse_memory_insert(insert: str, n_layers: int) -> list[tuple[int, int]]:
+    """"full" or "a:b/c:e/..." → [(read_block, write_block), ...] in layer order.
+
+    Rule (SPEC §1): 0 <= a <= b < n_layers for every part. Spans may overlap or share blocks
+    (a layer reading at block 1 does not depend on another writing after block 2), so no order
+    between parts is imposed; layer l is the l-th part.
+    """
+    text = insert.strip()
+    if text == "full":
+        return [(i, i) for i in range(n_layers)]
+    if not text:
+        raise ConfigError(f"{_INSERT_KEY}={insert!r}: empty; use 'full' or 'a:b/c:e/...'")
+    pairs: list[tuple[int, int]] = []
+    for part in text.split("/"):
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+        if m is None:
+            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is not 'a:b' with integers a <= b")
+        a, b = int(m.group(1)), int(m.group(2))
+        if b < a:
+            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} writes before it reads (b={b} < a={a})")
+        if b >= n_layers:
+            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is out of range "
+                              f"(blocks are 0..{n_layers - 1})")
+        pairs.append((a, b))
+    return pairs
+
+
+def memory_placement(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The (read_block, write_block) pairs of the model's memory layers; [] for the dense model."""
+    if cfg.memory.type == "none":
+        return []
+    return parse_memory_insert(cfg.memory.insert, cfg.n_layers)

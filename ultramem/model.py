@@ -1,4 +1,4 @@
-"""The decoder language model with sparse memory layers (SPEC §1, §8).
+"""The decoder language model with sparse memory layers (docs/layers.md).
 
     x = embed(tokens)
     for each block:  h = x + Attn(norm_attn(x));  u = norm_ffn(h);  x = h + FFN(u) [+ Mem(u)]
@@ -16,54 +16,17 @@ compiled, checkpointed and sharded one at a time.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ultramem.config import ConfigError, ModelConfig, validate_moe
+from ultramem.config import ModelConfig, memory_placement, parse_memory_insert, validate_moe  # noqa: F401
 from ultramem.moe import MoE
-
-_INSERT_KEY = "model.memory.insert"
-
+from ultramem.norm import RMSNorm
 
 # ---------------------------------------------------------------------------------------------
-# Memory placement
-
-
-def parse_memory_insert(insert: str, n_layers: int) -> list[tuple[int, int]]:
-    """"full" or "a:b/c:e/..." → [(read_block, write_block), ...] in layer order.
-
-    Rule (SPEC §1): 0 <= a <= b < n_layers for every part. Spans may overlap or share blocks
-    (a layer reading at block 1 does not depend on another writing after block 2), so no order
-    between parts is imposed; layer l is the l-th part.
-    """
-    text = insert.strip()
-    if text == "full":
-        return [(i, i) for i in range(n_layers)]
-    if not text:
-        raise ConfigError(f"{_INSERT_KEY}={insert!r}: empty; use 'full' or 'a:b/c:e/...'")
-    pairs: list[tuple[int, int]] = []
-    for part in text.split("/"):
-        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
-        if m is None:
-            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is not 'a:b' with integers a <= b")
-        a, b = int(m.group(1)), int(m.group(2))
-        if b < a:
-            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} writes before it reads (b={b} < a={a})")
-        if b >= n_layers:
-            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is out of range "
-                              f"(blocks are 0..{n_layers - 1})")
-        pairs.append((a, b))
-    return pairs
-
-
-def memory_placement(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """The (read_block, write_block) pairs of the model's memory layers; [] for the dense model."""
-    if cfg.memory.type == "none":
-        return []
-    return parse_memory_insert(cfg.memory.insert, cfg.n_layers)
+# Memory layers (optional: the dense model never imports them)
 
 
 def _build_memory(cfg: ModelConfig, n_memory: int):
@@ -82,21 +45,6 @@ def validate_memory(cfg: ModelConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).type_as(x)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:

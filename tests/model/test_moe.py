@@ -251,8 +251,11 @@ def test_toml_and_overrides_are_checked(tmp_path):
                     "[model.moe]\nnum_experts = 4\ntop_k = 8\n")
     with pytest.raises(ConfigError, match=r"model\.moe\.top_k=8"):
         load_config(str(path))
-    # an override is set after the dataclasses are built: the model build checks it
-    cfg = load_config("dense-debug", ["--model.moe.num_experts=4", "--model.moe.top_k=6"])
+    # an override is set after the dataclasses are built: config validation checks it, and so
+    # does the model build for configs made in code
+    with pytest.raises(ConfigError, match=r"model\.moe\.top_k=6"):
+        load_config("dense-debug", ["--model.moe.num_experts=4", "--model.moe.top_k=6"])
+    cfg = load_config("dense-debug", ["--model.moe.num_experts=4", "--model.moe.top_k=6"], validate=False)
     with pytest.raises(ConfigError, match=r"model\.moe\.top_k=6"):
         build_model(cfg.model, device="meta")
     cfg = load_config("dense-debug", ["--model.moe.num_experts=8", "--model.moe.top_k=2"])

@@ -1,4 +1,4 @@
-"""Pieces shared by the memory layers: config rules, RMSNorm, rank-1 refresh, init draws, stats."""
+"""Pieces shared by the memory layers: config rules, rank-1 refresh, init draws, stats."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import MEMORY_INITS, ConfigError, ModelConfig
+from ultramem.norm import RMSNorm, rms_norm  # noqa: F401  (the layers import them from here)
 
 LAYER_TYPES = ("ultramem_v2", "ultramem_v1", "memory_plus")
 _KEY = "model.memory."
@@ -75,25 +76,6 @@ def validate_memory_config(cfg: ModelConfig, num_layers: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Modules and tensor helpers
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim with a learnable scale; computed in fp32 (fp64 for fp64 input)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """x / rms(x) (· weight), computed in fp32 (fp64 for fp64 input), returned in x's dtype."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y if weight is None else y * weight.to(xf.dtype)).to(x.dtype)
 
 
 def full_tensor(t: Tensor) -> Tensor:

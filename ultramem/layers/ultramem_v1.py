@@ -11,7 +11,7 @@ from ultramem.config import ModelConfig
 from ultramem.ops import weighted_lookup
 
 from ._common import fill_normal_rows, normal_from, paper_value_std
-from .ultramem_v2 import RELEASED_TABLE_STD, TuckerMemoryBase
+from .tucker import RELEASED_TABLE_STD, TuckerMemoryBase
 
 
 class UltraMemV1(TuckerMemoryBase):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, MemoryConfig, ModelConfig, validate_moe
+from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, ModelConfig, validate_moe
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 AC_MODES = ("none", "full", "selective")
@@ -380,7 +380,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _one_of(mem.init, MEMORY_INITS, "model.memory.init")
     # Placement is parsed here so a bad insert string fails before anything is built; the
     # remaining memory rules (knum, knn, share_ratio, ...) belong to the layers' own validation.
-    from ultramem.model import memory_placement
+    from ultramem.config import memory_placement
 
     memory_placement(m)
     if mem.type != "none":
