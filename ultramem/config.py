@@ -125,7 +125,7 @@ _INSERT_KEY = "model.memory.insert"
 def parse_memory_insert(insert: str, n_layers: int) -> list[tuple[int, int]]:
     """"full" or "a:b/c:e/..." → [(read_block, write_block), ...] in layer order.
 
-    Rule (SPEC §1): 0 <= a <= b < n_layers for every part. Spans may overlap or share blocks
+    Rule (docs/layers.md): 0 <= a <= b < n_layers for every part. Spans may overlap or share blocks
     (a layer reading at block 1 does not depend on another writing after block 2), so no order
     between parts is imposed; layer l is the l-th part.
     """

@@ -170,7 +170,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Paper init (SPEC §3): linears and embedding N(0, std), wo/w2 × 1/sqrt(2·n_layers),
+        """Paper init (docs/layers.md): linears and embedding N(0, std), wo/w2 × 1/sqrt(2·n_layers),
         norm scales 1, memory layers by their own reset_parameters. Draws come from one CPU
         generator in a fixed order, so the result depends only on the seed (not on the device,
         nor on the number of ranks); also fills buffers after `to_empty` from the meta device."""

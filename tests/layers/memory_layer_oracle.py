@@ -1,4 +1,4 @@
-"""Step-by-step formulas of SPEC §3, §5 and §6, written with explicit loops over tokens, heads,
+"""Step-by-step formulas of docs/layers.md (UltraMemV2, v1, Memory+), written with explicit loops over tokens, heads,
 keys and grid cells. They read the layer's parameters and buffers but none of its helpers and
 none of the ultramem ops, so a test comparing the two can fail."""
 from __future__ import annotations

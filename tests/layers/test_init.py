@@ -137,7 +137,7 @@ def test_init_is_reproducible_and_works_after_meta(kind):
 
 
 def test_paper_value_std_against_the_spec_formula():
-    """Without GELU on the gate σ_V⁴ = F·ρ, F the SPEC formula and ρ = E[SiLU(h)²]/Var(h) for
+    """Without GELU on the gate σ_V⁴ = F·ρ, F the paper's formula and ρ = E[SiLU(h)²]/Var(h) for
     h ~ N(0, d·std²); with GELU σ_V stays within 10% of F^(1/4)."""
     from ultramem.layers._common import paper_value_std
 

@@ -1,4 +1,4 @@
-"""Each memory layer against the SPEC's step-by-step formulas (tests/layers/memory_layer_oracle.py)
+"""Each memory layer against the step-by-step formulas of docs/layers.md (tests/layers/memory_layer_oracle.py)
 in float64: same output and same gradients for every parameter, on tiny shapes."""
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ def test_aux_losses_off_means_zero_and_no_compute(kind, monkeypatch):
         for name in ("tucker_rank_penalty", "key_balance_side"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, forbidden)
-    # SPEC defaults except v1's rank penalty (on by default for v1: 0.001)
+    # documented defaults except v1's rank penalty (on by default for v1: 0.001)
     memory = {"type": kind}
     if kind == "ultramem_v1":
         memory["tucker_rank_penalty"] = 0.0

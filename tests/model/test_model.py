@@ -139,7 +139,7 @@ def test_parse_full_and_skip_forms():
     assert parse_memory_insert("full", 3) == [(0, 0), (1, 1), (2, 2)]
     assert parse_memory_insert("0:2/3:3/4:7", 8) == [(0, 2), (3, 3), (4, 7)]
     assert parse_memory_insert(" 1 : 2 ", 4) == [(1, 2)]
-    # SPEC §1 only asks b >= a: overlapping spans and shared blocks are allowed, in any order
+    # The placement rule only asks b >= a: overlapping spans and shared blocks are allowed, in any order
     assert parse_memory_insert("0:2/1:3/1:1/0:0", 4) == [(0, 2), (1, 3), (1, 1), (0, 0)]
 
 

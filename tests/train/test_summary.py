@@ -6,7 +6,7 @@ from ultramem.model import build_model
 from ultramem.train.config import load_config
 from ultramem.train.summary import format_summary, summarize
 
-# SPEC §8, by hand.
+# The 227M configuration of the UltraMemV2 paper, by hand.
 D, BLOCKS, VOCAB, FFN, SEQ = 768, 20, 50304, 2496, 4096
 KNUM, KDIM, VDIM, PRE, KNN, H, R, M = 360, 192, 192, 192, 32, 1, 2, 2
 N_ROWS = KNUM * KNUM * BLOCKS  # 2,592,000

@@ -1,4 +1,4 @@
-"""Memory layers built on the `ultramem.ops` custom ops (SPEC §2–§7).
+"""Memory layers built on the `ultramem.ops` custom ops (docs/layers.md).
 
     tables, layers = build_memory(model_cfg, num_memory_layers)
     for layer in layers:

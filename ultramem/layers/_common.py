@@ -24,7 +24,7 @@ _INIT_CHUNK_ROWS = 1 << 16
 
 
 def window_keys(knum: int, num_layers: int, share_ratio: float) -> int:
-    """n = floor(sqrt(N · share_ratio)) with N = knum²·L (SPEC §2).
+    """n = floor(sqrt(N · share_ratio)) with N = knum²·L (docs/layers.md).
 
     A relative tolerance of 1e-9 keeps exact ratios such as 1/3 from losing a key to rounding
     (knum²·3·(1/3) evaluates to a hair under knum² in floating point)."""
@@ -84,7 +84,7 @@ def full_tensor(t: Tensor) -> Tensor:
 
 
 # The CUDA SVD/eigen solvers check their status on the host (a sync), so the rank-1 refresh and
-# the Tucker penalty use closed forms for rank 1 and 2 (every configuration in SPEC §8 has r = 2)
+# the Tucker penalty use closed forms for rank 1 and 2 (every packaged configuration has r = 2)
 # and fall back to torch.linalg (which syncs on CUDA) only for r >= 3.
 _TINY = 1e-30
 
@@ -114,7 +114,7 @@ def _singular_values_rank2(s: Tensor) -> Tensor:
 
 
 def rank1_refresh(cores: Tensor, u_old: Tensor, v_old: Tensor) -> tuple[Tensor, Tensor]:
-    """First singular vectors (u, v) of S_h = Σ_m C_m[h] per head, float32 (SPEC "Rank-1 refresh").
+    """First singular vectors (u, v) of S_h = Σ_m C_m[h] per head, float32 (docs/layers.md, rank-1 refresh).
 
     The sign σ of each head's pair is the one minimizing |σu − u_old|₁ + |σv − v_old|₁; on a tie
     (the first refresh, where u_old = v_old = 0) σ makes Σu + Σv >= 0, so the first result does
@@ -139,7 +139,7 @@ def rank1_refresh(cores: Tensor, u_old: Tensor, v_old: Tensor) -> tuple[Tensor, 
 def tucker_rank_penalty(cores: Tensor, margin: float) -> Tensor:
     """mean over heads of Σ_{i>=2} relu(σ_i − margin)², σ the singular values of Σ_m C_m[h].
 
-    The SPEC's "mean(relu(σ_2..σ_r − margin)²) over heads" is read as: sum over the trailing
+    The penalty "mean(relu(σ_2..σ_r − margin)²) over heads" is read as: sum over the trailing
     singular values of one head, then average over heads (for r = 2 the two readings agree)."""
     s = cores.to(torch.promote_types(cores.dtype, torch.float32)).sum(1)  # [H, r, r]
     r = s.shape[-1]
@@ -198,9 +198,9 @@ def act_second_moment(act: str, var: float) -> float:
 
 
 def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: bool, gelu: bool = True) -> float:
-    """σ_V of the "paper" init (SPEC §3) from the calibrated variance σ_s² of the selected scores.
+    """σ_V of the "paper" init (docs/layers.md) from the calibrated variance σ_s² of the selected scores.
 
-    SPEC:  σ_V⁴ = F := 0.2·k_inner·d / (k·H·(1+σ_s²)·pre_vdim·vdim·L),  k_inner = ffn_hidden/d.
+    Paper:  σ_V⁴ = F := 0.2·k_inner·d / (k·H·(1+σ_s²)·pre_vdim·vdim·L),  k_inner = ffn_hidden/d.
     Its aim is a memory output variance equal to the FFN's. For unit-variance input x:
         Var(y) = vdim·std² · k·H·E[s²] · E[act(g)²] · σ_V²,
     E[s²] = 1+σ_s² (scores calibrated to mean 1), g = <P[row], W_p x> of variance
@@ -225,10 +225,10 @@ def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: 
     if not gated:
         return math.sqrt(target)
     # gated: E[act(g)²]·σ_V² = γ·pre_vdim·c_p·σ_V⁴
-    target_g = target / (m.pre_vdim * c_p)  # = γ·σ_V⁴; at std² = 2/(5d), γ = ρ gives the SPEC's F
+    target_g = target / (m.pre_vdim * c_p)  # = γ·σ_V⁴; at std² = 2/(5d), γ = ρ gives the paper's F
     if not gelu:
         return target_g ** 0.25
-    sigma4 = target_g / (silu_sq / c_p)  # start from the SPEC formula
+    sigma4 = target_g / (silu_sq / c_p)  # start from the paper's formula
     for _ in range(20):
         gate_var = m.pre_vdim * math.sqrt(sigma4) * c_p
         new = target_g / (act_second_moment("gelu", gate_var) / gate_var)
@@ -239,7 +239,7 @@ def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (SPEC §7)
+# Metrics (docs/layers.md)
 
 
 class LayerStats(nn.Module):

@@ -1,4 +1,4 @@
-"""Memory+ (SPEC §6): a product-key memory with a SiLU gate over one table shared by all layers.
+"""Memory+ (docs/layers.md): a product-key memory with a SiLU gate over one table shared by all layers.
 
 Per head: q = W_q x split into (q_row, q_col), each normalized by norm_q; a[i] = <q_row,
 norm_k(K[h,0,i])>, b[j] likewise; the top-k rows and columns give a k×k grid a[i] + b[j]; the
@@ -92,16 +92,16 @@ class MemoryPlus(nn.Module):
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        """SPEC §7 since the last call (a host sync), then resets the counters (no cores: no sv_*)."""
+        """The metrics (docs/layers.md) since the last call (a host sync), then resets the counters (no cores: no sv_*)."""
         return self.stats.report()
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, tables: ValueTables | None = None) -> None:
-        """SPEC §6 init, for either `init` scheme. Draw order: W_q, keys, W_s, W_o.
+        """Memory+ init (docs/layers.md), for either `init` scheme. Draw order: W_q, keys, W_s, W_o.
 
         W_q Xavier-uniform; K ~ U(±(2·kdim)^-1/2); norm scales 1; std is read per fan-in:
-        W_s (d → vdim) N(0, d^-1/2), W_o (vdim → d) and the table V N(0, vdim^-1/2) (the SPEC
-        writes d where the table width vdim is meant)."""
+        W_s (d → vdim) N(0, d^-1/2), W_o (vdim → d) and the table V N(0, vdim^-1/2) (written with d
+        in the usual statement, where the table width vdim is meant)."""
         fan_out, fan_in = self.w_q.weight.shape
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         self.w_q.weight.copy_(uniform_from(generator, self.w_q.weight, -bound, bound))

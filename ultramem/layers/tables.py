@@ -1,4 +1,4 @@
-"""The value tables shared by all memory layers of a model (SPEC §2).
+"""The value tables shared by all memory layers of a model (docs/layers.md).
 
 UltraMemV2: `values` [N, vdim] and `pre_values` [N, pre_vdim] (None when pre_vdim = 0), with
 N = knum²·L. Memory+: one `values` table [knum², vdim]. They are ordinary parameters, one copy.

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # alignment Inductor pads strides to), so eager and compiled code agree on one aligned layout.
 SCORE_ROW_ALIGN = 64
 
-# "released" init constants of the authors' public code (SPEC §3).
+# "released" init constants of the authors' public code (docs/layers.md).
 RELEASED_NORM_EXPONENT = -0.4
 RELEASED_TABLE_STD = 0.02
 
@@ -44,7 +44,7 @@ def _keys_contiguous(scores: Tensor) -> Tensor:
 
 
 class TuckerMemoryBase(nn.Module):
-    """Query, keys, Tucker cores and TDQKR retrieval over n' = E·n keys per side (SPEC §3 steps 1–5)."""
+    """Query, keys, Tucker cores and TDQKR retrieval over n' = E·n keys per side (docs/layers.md, UltraMemV2 steps 1–5)."""
 
     released_norm_exponent = RELEASED_NORM_EXPONENT
 
@@ -84,7 +84,7 @@ class TuckerMemoryBase(nn.Module):
     # -- retrieval ----------------------------------------------------------------------------
 
     def _subkey_scores(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """A, B [T, H, n'', r]: <q_side(ρ), norm_k(K[h, side, i, :, ρ])> (SPEC §3 steps 1–2) for
+        """A, B [T, H, n'', r]: <q_side(ρ), norm_k(K[h, side, i, :, ρ])> (docs/layers.md, UltraMemV2 steps 1–2) for
         i < n'; rows n' ≤ i < n'' (when n'' > n') are padding, see `_padded_keys`. q: W_q x2
         when the caller computed it already."""
         t = x2.shape[0]
@@ -156,14 +156,14 @@ class TuckerMemoryBase(nn.Module):
 
     @torch.no_grad()
     def refresh_rank1(self) -> None:
-        """u, v ← first singular vectors of Σ_m C_m per head, with sign continuity (SPEC §3)."""
+        """u, v ← first singular vectors of Σ_m C_m per head, with sign continuity (docs/layers.md)."""
         u, v = rank1_refresh(full_tensor(self.cores), self.rank1_u, self.rank1_v)
         self.rank1_u.copy_(u)
         self.rank1_v.copy_(v)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        """SPEC §7 since the last call (reads buffers: a host sync), then resets the counters."""
+        """The metrics (docs/layers.md) since the last call (reads buffers: a host sync), then resets the counters."""
         out = self.stats.report()
         sv = torch.linalg.svdvals(full_tensor(self.cores).detach().float().sum(1)).cpu()
         for h in range(sv.shape[0]):

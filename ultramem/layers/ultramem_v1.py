@@ -1,4 +1,4 @@
-"""UltraMem v1 (SPEC §5): UltraMemV2's retrieval over n = knum keys per side, a value table
+"""UltraMem v1 (docs/layers.md): UltraMemV2's retrieval over n = knum keys per side, a value table
 owned by the layer (no sharing, no pre-values, no gate), and implicit value expansion: the
 output has E² groups of vdim and an entry with virtual id t adds into group perm[t] div n².
 """
@@ -61,7 +61,7 @@ class UltraMemV1(TuckerMemoryBase):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, tables=None) -> None:
-        """Like UltraMemV2's (SPEC §3) with v1's norm scales (SPEC §5) and its own table.
+        """Like UltraMemV2's with v1's norm scales (docs/layers.md) and its own table.
 
         Draw order: perm, cores, W_q, keys, W_o, calibration inputs ("paper"), values. The "paper"
         σ_V is the no-gate form of the formula (see paper_value_std); the E² groups split the

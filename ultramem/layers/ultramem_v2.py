@@ -94,7 +94,7 @@ class UltraMemV2(TuckerMemoryBase):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, tables: ValueTables | None = None) -> None:
-        """SPEC §3 init of this layer's parameters and buffers; tells `tables` the σ_V it wants.
+        """UltraMemV2 init (docs/layers.md) of this layer's parameters and buffers; tells `tables` the σ_V it wants.
 
         Draw order: perm, cores, W_q, keys, W_p, W_o, calibration inputs. The tables fill
         themselves once every layer has reported (see ValueTables.note_layer_init)."""

@@ -1,4 +1,4 @@
-"""ultramem::gate_lookup: the pre-value gate and the weighted lookup fused (SPEC §3 steps 6–7).
+"""ultramem::gate_lookup: the pre-value gate and the weighted lookup fused (docs/layers.md, UltraMemV2 steps 6–7).
 
     g[t, e]         = <pre_values[rows[t, e]], x[t]>
     out[t, chunk m] = Σ_e scores[t, e, m] · act(g[t, e]) · values[rows[t, e], chunk m]

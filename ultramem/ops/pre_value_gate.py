@@ -1,4 +1,4 @@
-"""ultramem::pre_value_gate: the PEER-style gate of SPEC §3 step 6.
+"""ultramem::pre_value_gate: the PEER-style gate of docs/layers.md, UltraMemV2 step 6.
 
     gate[t, e] = <table[rows[t, e]], x[t]>
 

@@ -1,4 +1,4 @@
-"""ultramem::tdqkr_retrieval: Tucker-decomposed query-key retrieval (SPEC §3 steps 3–5).
+"""ultramem::tdqkr_retrieval: Tucker-decomposed query-key retrieval (docs/layers.md, UltraMemV2 steps 3–5).
 
 Inputs are the sub-key scores with their Tucker components, already computed by the layer:
     row_scores A [T, H, n_row, r], col_scores B [T, H, n_col, r],

@@ -1,4 +1,4 @@
-"""ultramem::weighted_lookup: the multi-core weighted sum of value rows (SPEC §3 step 7).
+"""ultramem::weighted_lookup: the multi-core weighted sum of value rows (docs/layers.md, UltraMemV2 step 7).
 
     out[t, chunk m] = Σ_e scores[t, e, m] · table[rows[t, e], chunk m]
 

@@ -1,11 +1,11 @@
-"""AdamW with three parameter groups and the learning-rate schedule (SPEC §4).
+"""AdamW with three parameter groups and the learning-rate schedule (docs/training.md).
 
 Groups: "decay" (weights of two or more dims), "no_decay" (1-D: norm scales, biases), "values"
 (the memory value / pre-value tables: their own weight decay and a learning-rate multiplier that
 decays linearly from `value_lr_mult` to 1 over `value_lr_decay_frac · max_steps` steps, on top of
 the global schedule). Global schedule: linear warmup from `min_lr_frac`·peak to the peak over
 `warmup_steps`, then cosine down to `min_lr_frac`·peak at `max_steps`. Memory+ models instead
-give their value table the constant `memory_plus_value_lr` (SPEC §4).
+give their value table the constant `memory_plus_value_lr` (docs/training.md).
 """
 from __future__ import annotations
 
