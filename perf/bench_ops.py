@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from ultramem.ops._triton._interpreter_compat import patch_index
+        from tests.triton_interpreter import patch_index
 
         patch_index()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,6 +37,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -52,7 +53,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # the Triton kernels run under the interpreter (CPU tensors) or on a GPU (--device cuda)
 TRITON = INTERPRETED or torch.cuda.is_available()
 if INTERPRETED:
-    from ultramem.ops._triton._interpreter_compat import patch_index
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, when run as a script
+    from triton_interpreter import patch_index
 
     patch_index()
 if TRITON:

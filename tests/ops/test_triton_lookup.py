@@ -32,7 +32,7 @@ needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTER
 
 
 if INTERPRET:
-    from ultramem.ops._triton._interpreter_compat import patch_index
+    from triton_interpreter import patch_index
 
     patch_index()
     from ultramem.ops._triton import gate_lookup as tgl

@@ -1,4 +1,4 @@
-"""A fix-up for running the kernels under TRITON_INTERPRET=1 (tests, CPU smoke runs of perf/).
+"""A fix-up for running the Triton kernels under TRITON_INTERPRET=1 (tests, CPU smoke runs of perf/).
 
 Triton 3.6's interpreter keeps scalars as 1-element NumPy arrays and calls int() on them for
 `range(...)` bounds, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted").
