@@ -41,6 +41,9 @@ def run(cmd: list[str], timeout: float, cwd: Path, environ: dict[str, str]) -> s
         kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout:.0f} s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
+    except BaseException:  # pytest-timeout, Ctrl-C: nothing of the command may outlive the test
+        kill_group(proc)
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

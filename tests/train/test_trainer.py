@@ -108,6 +108,7 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(timeout_for(100) + 300)
 def test_debug_run_under_torchrun_loss_falls(tmp_path):
     """100 steps of debug.toml (UltraMemV2 on the embedded stdlib corpus) in one torchrun process,
     with the run directory the README promises."""
