@@ -40,10 +40,13 @@ def _one_backward(ac: str, extra=()):
     return grads, stats, len(calls), par
 
 
+@pytest.mark.parametrize("early_stop", [True, False])
 @pytest.mark.parametrize("ac", ["full", "selective"])
-def test_recompute_adds_table_gradients_and_counters_once(ac):
+def test_recompute_adds_table_gradients_and_counters_once(ac, early_stop):
+    # without early stop the recompute runs each forward to its end, counters included
     ref_grads, ref_stats, ref_calls, _ = _one_backward("none")
-    grads, stats, calls, par = _one_backward(ac)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        grads, stats, calls, par = _one_backward(ac)
     assert par.checkpointed == ([0, 1, 2] if ac == "full" else [0, 2])
     assert calls > ref_calls  # the checkpointed memory layers really ran their forward again
     assert grads.keys() == ref_grads.keys()

@@ -268,6 +268,8 @@ class LayerStats(nn.Module):
     def accumulate(self, logical: Tensor, y: Tensor, top1: Tensor, kth: Tensor) -> None:
         """logical: the layer's logical value ids hit (any shape); y: the layer output;
         top1 / kth: the best and the k-th (ranking) score per (token, head)."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return  # activation checkpointing's recompute, inside the backward: counted in the forward
         flat = logical.reshape(-1)
         # straight into the totals: an int32 count per forward cost a zero-fill and an add over
         # all n² counters besides the scatter (~9 µs per layer at 227M)
