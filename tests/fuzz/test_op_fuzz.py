@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import subproc
 import sys
 
 import pytest
@@ -32,7 +32,7 @@ def test_op_fuzz(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(HERE / "op_fuzz.py"), "--seed", str(SEED), "--cases", str(OPS["cases"]),
            "--triton-cases", str(triton_cases), "--seconds", str(OPS["seconds"]), "--report", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=OPS["seconds"] + 500)
+    proc = subproc.run(cmd, timeout=OPS["seconds"] + 500, cwd=REPO, env=env)
     assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     print()

@@ -8,7 +8,7 @@ covers them too.
 from __future__ import annotations
 
 import os
-import subprocess
+import subproc
 import sys
 
 import pytest
@@ -22,8 +22,8 @@ def test_interpreter_suite():
         pytest.skip("already running under the interpreter")
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subproc.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__],
+                       timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 

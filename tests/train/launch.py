@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import subproc
+from subproc import kill_group  # noqa: F401  (tests import it from here)
 
 # One process: ~10 s to import torch and build on a busy machine; ~1 s per tiny step.
 START_S = 45.0
@@ -33,26 +34,7 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], timeout: float, cwd: Path, environ: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout:.0f} s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
-    except BaseException:  # pytest-timeout, Ctrl-C: nothing of the command may outlive the test
-        kill_group(proc)
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    return subproc.run(cmd, timeout, cwd, environ)
 
 
 def train_cmd(args: list[str], nproc: int = 0) -> list[str]:

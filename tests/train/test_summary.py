@@ -1,5 +1,5 @@
 """Dry-run numbers of the 227M config against hand arithmetic, and the CLI dry run itself."""
-import subprocess
+import subproc
 import sys
 
 from ultramem.model import build_model
@@ -57,10 +57,9 @@ def test_dense_summary_has_no_tables():
 
 
 def test_cli_dry_run_prints_summary_and_exits_zero():
-    out = subprocess.run([sys.executable, "-m", "ultramem.train", "--config", "227m.toml", "--dry-run"],
-                         capture_output=True, text=True, timeout=120)
+    out = subproc.run([sys.executable, "-m", "ultramem.train", "--config", "227m.toml", "--dry-run"], timeout=300)
     assert out.returncode == 0, out.stderr
     assert "activated (with embedding)" in out.stdout and f"{DENSE + BLOCKS * MEM_LAYER + TABLES:,d}" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "ultramem.train", "--config", "227m", "--dry-run",
-                          "--model.memory.knnn=3"], capture_output=True, text=True, timeout=120)
+    bad = subproc.run([sys.executable, "-m", "ultramem.train", "--config", "227m", "--dry-run",
+                       "--model.memory.knnn=3"], timeout=300)
     assert bad.returncode == 2 and "model.memory.knnn" in bad.stderr
