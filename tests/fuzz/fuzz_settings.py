@@ -20,7 +20,7 @@ LONG = MODE == "long"
 SEED = int(os.environ.get("ULTRAMEM_FUZZ_SEED", "1" if LONG else "0"))
 
 # op fuzzer: cases on the CPU kernels, on the Triton kernels (interpreter), wall-time cap
-OPS = dict(cases=24000, triton_cases=2400, seconds=38 * 60) if LONG else dict(cases=600, triton_cases=60, seconds=75)
+OPS = dict(cases=24000, triton_cases=2400, seconds=38 * 60) if LONG else dict(cases=600, triton_cases=40, seconds=60)
 OPS["seconds"] = float(os.environ.get("ULTRAMEM_FUZZ_SECONDS", OPS["seconds"]))
 # layer fuzzer: valid configs run, invalid configs refused, configs compiled (aot_eager)
 LAYERS = dict(valid=3000, invalid=2000, compiled=8) if LONG else dict(valid=60, invalid=60, compiled=2)
