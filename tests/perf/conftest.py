@@ -31,19 +31,21 @@ def train_step_figures() -> TrainStepFigures:
 
     torch._dynamo.reset()  # start from no cached graphs: the compile counts are of this model only
     trainer = build_compiled_trainer()
+    model = trainer.model
     assert trainer.cfg.model.memory.log_interval == 3
     with CompileRecorder() as first:
         trainer.train_step()
     host = optimizer_step_counters(trainer.optimizer)
+    limit = table_bytes(model.memory_tables)
     with CompileRecorder() as later:
         plain = OpCounter(host)
-        big, largest = backward_allocations(lambda: _under(plain, trainer.train_step), table_bytes(trainer.model.memory_tables))
+        big, largest = backward_allocations(lambda: _under(plain, trainer.train_step), limit)
         metrics = OpCounter(host)
         _under(metrics, trainer.train_step)
         trainer.train_step()
     assert trainer.step == 4
     names = code_names(Block, Transformer, UltraMemV2, UltraMemV1, MemoryPlus)
-    return TrainStepFigures(trainer, first, later, plain, metrics, big, largest, table_bytes(trainer.model.memory_tables), names)
+    return TrainStepFigures(trainer, first, later, plain, metrics, big, largest, limit, names)
 
 
 def _under(mode, fn):

@@ -164,7 +164,10 @@ def measure(name: str, pair, pairs: int) -> Ratio:
 def measure_all(trainer, pairs: int, names=None) -> dict[str, Ratio]:
     """Every ratio of the budgets (or those in `names`), measured once each."""
     out = {}
-    want = (lambda n: names is None or n in names)
+
+    def want(name: str) -> bool:
+        return names is None or name in names
+
     ops = op_pairs()
     try:
         for name, pair in ops.items():
