@@ -1,8 +1,11 @@
-"""The one GPU benchmark of the ultramem ops: measures the copy ceiling, then runs every module
-in perf/benches/ (each exposes `run(ctx) -> list[dict]`), prints one table and writes one JSON.
+"""The op benchmarks' library and a CLI for one module at a time: measures the copy ceiling, then
+runs modules of perf/benches/ (each exposes `run(ctx) -> list[dict]`), prints one table.
 
-    PYTHONPATH=. ULTRAMEM_GIT_REV=$(git rev-parse HEAD) python perf/bench_ops.py [--only lookup]
-        [--out perf/results/h200.json] [--compile]
+    PYTHONPATH=. python perf/bench_ops.py [--only lookup] [--out bench.json] [--compile] [--small]
+
+The suite runner, `python -m perf run --only op`, calls the same code and appends the rows to the
+results log; use this CLI to look at one module. `--only` also takes the diagnostic modules with
+the same interface (perf/diagnostics/sweep.py, gate_lookup_sweep.py, table_scatter.py).
 
 Every kernel is checked against a float64 reference on fresh random inputs (outputs poisoned
 with NaN first) before it is timed. Times are GPU times from CUDA-graph replays (an L2 flush
@@ -150,9 +153,12 @@ class Context:
         return row
 
 
+COPY_BYTES, COPY_BYTES_SMALL = 2 << 30, 1 << 20
+
+
 def measure_copy_ceiling(ctx: Context) -> float:
     """Device-to-device copy of a large buffer: (bytes read + bytes written) / time, in GB/s."""
-    nbytes = (1 << 20) if ctx.small else (2 << 30)
+    nbytes = COPY_BYTES_SMALL if ctx.small else COPY_BYTES
     src = torch.randn(nbytes // 4, device=ctx.device)
     dst = torch.empty_like(src)
     # Event-timed: a copy captured in a CUDA graph becomes a memcpy node that ran at ~2.7 TB/s
@@ -163,17 +169,9 @@ def measure_copy_ceiling(ctx: Context) -> float:
 
 
 def git_revision() -> str:
-    rev = os.environ.get("ULTRAMEM_GIT_REV")
-    if rev:
-        return rev
-    head = HERE.parent / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (HERE.parent / ".git" / ref[5:]).read_text().strip()
-        return ref
-    except OSError:
-        return "unknown"
+    from perf.records import current_commit
+
+    return current_commit()[0]
 
 
 def _fmt(value, spec: str, width: int) -> str:
@@ -194,56 +192,82 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", help="benchmark modules to run (default: all in perf/benches)")
-    parser.add_argument("--out", default=None, help="JSON path (default: $OUT/h200.json, else perf/results/h200.json)")
-    parser.add_argument("--small", action="store_true", help="tiny shapes: checks the script, not the speed")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile baselines (slow to build)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+def module_names() -> list[str]:
+    """The op benchmark modules: every perf/benches/*.py."""
+    return sorted(p.stem for p in (HERE / "benches").glob("*.py") if not p.stem.startswith("_"))
 
+
+def import_module(name: str):
+    """perf.benches.<name>, else perf.diagnostics.<name> (the sweeps share the interface)."""
+    if (HERE / "benches" / f"{name}.py").exists():
+        return importlib.import_module(f"perf.benches.{name}")
+    if (HERE / "diagnostics" / f"{name}.py").exists():
+        return importlib.import_module(f"perf.diagnostics.{name}")
+    raise SystemExit(f"no benchmark module {name!r} in perf/benches or perf/diagnostics")
+
+
+def patch_interpreter() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         from tests.triton_interpreter import patch_index
 
         patch_index()
+
+
+def run_modules(names: list[str], small: bool, compile_variants: bool, on_module=None) -> tuple[dict, Context]:
+    """Copy ceiling, then each module's rows. on_module(name, its rows, result so far) after every
+    module: a run stopped by a time limit keeps what it finished. Returns (result, ctx)."""
+    patch_interpreter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = Context(device, small=args.small or device.type != "cuda", compile_variants=args.compile)
+    ctx = Context(device, small=small or device.type != "cuda", compile_variants=compile_variants)
     ctx.ceiling_gbps = measure_copy_ceiling(ctx)
     log.info("copy ceiling: %.0f GB/s", ctx.ceiling_gbps)
     ctx._last_timing = {}
-
-    names = args.only or sorted(p.stem for p in (HERE / "benches").glob("*.py") if not p.stem.startswith("_"))
-    out = args.out or (os.path.join(os.environ["OUT"], "h200.json") if os.environ.get("OUT")
-                       else str(HERE / "results" / "h200.json"))
-    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     import triton
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "triton": triton.__version__, "git_revision": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "copy_ceiling_gbps": round(ctx.ceiling_gbps, 1), "small": ctx.small, "compile": args.compile,
+        "copy_ceiling_gbps": round(ctx.ceiling_gbps, 1), "copy_bytes": COPY_BYTES_SMALL if ctx.small else COPY_BYTES,
+        "small": ctx.small, "compile": compile_variants,
         "modules_done": [], "checks": ctx.checks, "rows": [],
     }
     rows: list[dict] = result["rows"]
     for name in names:
         t0 = time.time()
+        start = len(rows)
         try:
-            module = importlib.import_module(f"perf.benches.{name}")
-            rows.extend(module.run(ctx))
+            rows.extend(import_module(name).run(ctx))
         except Exception as exc:  # one broken module must not cost the others their numbers
             traceback.print_exc()
             rows.append({"op": name, "shape": "", "variant": "module", "median_us": None, "error": repr(exc)[:300]})
         log.info("module %s took %.0f s", name, time.time() - t0)
         result["modules_done"].append(name)
-        # Written after every module: a run stopped by a time limit keeps what it finished.
-        pathlib.Path(out).write_text(json.dumps(result, indent=1))
+        if on_module is not None:
+            on_module(name, rows[start:], result)
+    return result, ctx
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="modules to run (default: all in perf/benches)")
+    parser.add_argument("--out", default=None, help="also write the result as one JSON file")
+    parser.add_argument("--small", action="store_true", help="tiny shapes: checks the script, not the speed")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile baselines (slow to build)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+
+    def save(name, rows, result):
+        if args.out:
+            pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+
+    result, ctx = run_modules(args.only or module_names(), args.small, args.compile, on_module=save)
     failed = [c for c in ctx.checks if not c["ok"]]
-    print(f"\ncopy ceiling {ctx.ceiling_gbps:.0f} GB/s on {result['device']}; torch {torch.__version__}, "
-          f"triton {triton.__version__}; {len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed")
+    print(f"\ncopy ceiling {ctx.ceiling_gbps:.0f} GB/s on {result['device']}; torch {result['torch']}, "
+          f"triton {result['triton']}; {len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed")
     for c in failed:
         print(f"CHECK FAILED: {c['name']} rel_err {c['rel_err']:.3e} > {c['tol']}")
-    print(format_table(rows))
+    print(format_table(result["rows"]))
     return 1 if failed else 0
 
 

@@ -37,6 +37,15 @@ log = logging.getLogger("gpu_e2e")
 
 
 def cuda_time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    """Median of event-timed calls on CUDA; on CPU (smoke runs) wall-clock calls."""
+    if not torch.cuda.is_available():
+        fn()
+        times = []
+        for _ in range(max(2, iters // 10)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000.0 * (time.perf_counter() - t0))
+        return statistics.median(times)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -82,16 +91,17 @@ def check_compile(result: dict) -> None:
                                   "fields": ["loss", "|grad values|", "|grad block0 wqkv|"]}
 
 
-def build_layer_227m(gather_dtype: torch.dtype | None = torch.bfloat16):
-    """One UltraMemV2 layer of the 227M model on CUDA with the pooled tables (gradient buffers,
-    a `gather_dtype` compute copy as the trainer keeps for bf16 runs), a micro-batch input u of
-    3 x 4096 tokens and an output gradient."""
-    mcfg = load_config("227m.toml").model
+def build_layer_227m(gather_dtype: torch.dtype | None = torch.bfloat16, config: str = "227m.toml",
+                     device: str = "cuda", batch: int = 3, seq: int = 4096):
+    """One UltraMemV2 layer of the 227M model (or `config`'s) with the pooled tables (gradient
+    buffers, a `gather_dtype` compute copy as the trainer keeps for bf16 runs), a micro-batch
+    input u of batch x seq tokens and an output gradient."""
+    mcfg = load_config(config).model
     with torch.device("meta"):
         tables, layers = build_memory(mcfg, mcfg.n_layers)
     layer = layers[0]
-    tables.to_empty(device="cuda")
-    layer.to_empty(device="cuda")
+    tables.to_empty(device=device)
+    layer.to_empty(device=device)
     gen = torch.Generator().manual_seed(0)
     layer.reset_parameters(gen, None)
     with torch.no_grad():  # fill the 2.59M-row tables on the GPU (the CPU generator would take minutes)
@@ -100,8 +110,8 @@ def build_layer_227m(gather_dtype: torch.dtype | None = torch.bfloat16):
     layer.refresh_rank1()
     tables.use_grad_buffers()
     tables.use_compute_copy(gather_dtype)
-    u = torch.randn(3, 4096, mcfg.dim, device="cuda", requires_grad=True)
-    grad_y = torch.randn(3, 4096, mcfg.dim, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn(batch, seq, mcfg.dim, device=device, requires_grad=True)
+    grad_y = torch.randn(batch, seq, mcfg.dim, device=device, dtype=torch.bfloat16)
     return mcfg, layer, tables, u, grad_y
 
 
@@ -123,11 +133,22 @@ def profile_kernels(rows: dict, name: str, fn, calls: int = 3) -> None:
         log.info("  %8.1f us  x%-3d %s", us, c, k[:110])
 
 
-def time_layer(result: dict, cudagraphs: bool = False) -> None:
-    mcfg, layer, tables, u, grad_y = build_layer_227m()
-    ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).cuda()
+def layer_shape(config: str, tokens: int, batch: int, seq: int, rows: int) -> str:
+    """The layer benches' shape label (the log's `shape`)."""
+    return f"{config} layer: T={tokens} ({batch}x{seq}) N={rows}"
+
+
+def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> None:
+    """The layer at the 227M shapes on CUDA: eager and compiled against the block's FFN, per-kernel GPU
+    time, the staged backward. small: debug.toml's layer on 2 x 64 tokens, eager only (compiling on a
+    CPU takes minutes), to check the code path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config, batch, seq = ("debug.toml", 2, 64) if small else ("227m.toml", 3, 4096)
+    mcfg, layer, tables, u, grad_y = build_layer_227m(config=config, device=device, batch=batch, seq=seq)
+    ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).to(device)
     t = u.shape[0] * u.shape[1]
-    rows = {"tokens": t, "N": tables.num_rows, "table_dtype": str(tables.values.dtype),
+    rows = {"config": config, "shape": layer_shape(config, t, batch, seq, tables.num_rows),
+            "tokens": t, "N": tables.num_rows, "table_dtype": str(tables.values.dtype),
             "gather_dtype": str(tables.gather_tables()[0].dtype), "layer_input_dtype": "torch.bfloat16",
             "ffn_input_dtype": str(u.dtype)}
 
@@ -139,7 +160,7 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
         inp = u if is_ffn else u_mem
 
         def fn():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 out = mod(inp) if is_ffn else mod(inp, tables)[0]
             if backward:
                 # the input stands for the block's activations, not a parameter: its gradient is
@@ -148,9 +169,12 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
                 out.backward(grad_y)
         return fn
 
-    variants = [("layer_eager", layer, False), ("layer_compiled", torch.compile(layer, fullgraph=True), False),
-                ("ffn_eager", ffn, True), ("ffn_compiled", torch.compile(ffn), True)]
-    if cudagraphs:  # the host out of the way: the compiled layer replayed as CUDA graphs
+    if small:
+        variants = [("layer_eager", layer, False), ("ffn_eager", ffn, True)]
+    else:
+        variants = [("layer_eager", layer, False), ("layer_compiled", torch.compile(layer, fullgraph=True), False),
+                    ("ffn_eager", ffn, True), ("ffn_compiled", torch.compile(ffn), True)]
+    if cudagraphs and not small:  # the host out of the way: the compiled layer replayed as CUDA graphs
         variants.insert(2, ("layer_compiled_cudagraphs",
                             torch.compile(layer, fullgraph=True, mode="reduce-overhead"), False))
     for name, mod, is_ffn in variants:
@@ -158,6 +182,9 @@ def time_layer(result: dict, cudagraphs: bool = False) -> None:
             rows[f"{name}_fwd_ms"] = cuda_time_ms(run(mod, is_ffn, False))
         rows[f"{name}_fwd_bwd_ms"] = cuda_time_ms(run(mod, is_ffn, True))
         log.info("%s: fwd %.3f ms, fwd+bwd %.3f ms", name, rows[f"{name}_fwd_ms"], rows[f"{name}_fwd_bwd_ms"])
+    if small:
+        result["layer_227m"] = rows
+        return
     # where the GPU time goes: per-kernel self time per forward + backward, eager and compiled
     # (the FFN too: the layer's target is the FFN's time, measured the same way in the same run)
     profiled = [("layer_eager", layer, False), ("layer_compiled", variants[1][1], False),
@@ -213,17 +240,20 @@ THROUGHPUT_RUNS = ("dense", "ultramem_v2_cudagraphs", "ultramem_v2", "ultramem_v
 
 
 def throughput_227m(result: dict, steps: int = 8, only: tuple[str, ...] = THROUGHPUT_RUNS,
-                    grad_accum: int | None = None) -> None:
+                    grad_accum: int | None = None, config: str = "227m.toml",
+                    overrides: tuple[str, ...] = ()) -> None:
     """Training throughput of the 227M configs on this GPU (same trainer, data and settings):
     the dense baseline, UltraMemV2 with the per-block compile, and with CUDA graphs.
     grad_accum (default: the config's 256) shortens a step; the micro-batch stays the same.
     Runs go in the order of `only`; a name given twice runs twice (e.g. dense, ultramem, dense,
     ultramem, to see the drift within a run): its tokens_per_s is then the median over its runs,
-    and `tokens_per_s_runs` lists each run's."""
+    and `tokens_per_s_runs` lists each run's. `config` and `overrides` (e.g. debug.toml on the CPU
+    for a smoke run) replace the 227M config."""
     common = [f"--train.max_steps={steps}", "--train.log_interval=1", "--train.eval_interval=0",
               "--model.memory.log_interval=1000", "--optim.warmup_steps=2"]
     if grad_accum:
         common.append(f"--train.grad_accum={grad_accum}")
+    common += list(overrides)
     extra_args = {"dense": ["--model.memory.type=none"],
                   "ultramem_v2_cudagraphs": ["--train.compile_mode=reduce-overhead"],
                   "ultramem_v2": [],
@@ -233,17 +263,19 @@ def throughput_227m(result: dict, steps: int = 8, only: tuple[str, ...] = THROUG
     out = result.setdefault("throughput_227m", {})
     for name in only:
         t0 = time.perf_counter()
-        records = run_training(load_config("227m.toml", common + extra_args[name]))
+        cfg = load_config(config, common + extra_args[name])
+        records = run_training(cfg)
         tail = records[steps // 2:]  # after compilation and warm-up
         rate = statistics.median(r.tokens_per_s for r in tail)
         earlier = out.get(name, {}).get("tokens_per_s_runs", [])
         out[name] = {"tokens_per_s": statistics.median(earlier + [rate]), "tokens_per_s_runs": earlier + [rate],
-                     "tokens_per_s_per_step": [r.tokens_per_s for r in records], "grad_accum": grad_accum or 256,
-                     "losses": [r.loss for r in records], "wall_s": time.perf_counter() - t0,
-                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        torch.cuda.reset_peak_memory_stats()
+                     "tokens_per_s_per_step": [r.tokens_per_s for r in records], "grad_accum": cfg.train.grad_accum,
+                     "config": config, "losses": [r.loss for r in records], "wall_s": time.perf_counter() - t0,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         torch._dynamo.reset()
-        log.info("227m %s: %.0f tokens/s (median of the last %d steps)", name, rate, len(tail))
+        log.info("%s %s: %.0f tokens/s (median of the last %d steps)", config, name, rate, len(tail))
     if "dense" in out:
         for name in out:
             if name != "dense":

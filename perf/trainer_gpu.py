@@ -26,6 +26,11 @@ COMMON_227M = ["--config", "227m.toml", "--train.eval_interval=0", "--model.memo
                "--checkpoint.enabled=false",
                "--metrics.tensorboard=false", "--metrics.progress=false"]
 
+# The smoke mode of `python -m perf run --small`: debug.toml on the CPU, same variants' overrides.
+COMMON_SMALL = ["--config", "debug.toml", "--train.device=cpu", "--train.eval_interval=0",
+                "--model.memory.log_interval=100000", "--optim.warmup_steps=1", "--checkpoint.enabled=false",
+                "--metrics.tensorboard=false", "--metrics.progress=false"]
+
 VARIANTS = {
     "v2-graphs": (0, []),
     "dense-graphs": (0, ["--model.memory.type=none"]),
@@ -108,6 +113,33 @@ def smoke(work: Path, result: dict) -> None:
     print("resume", {k: v for k, v in info.items() if k != "log_tail"}, flush=True)
 
 
+def run_variants(names: list[str], steps: int, grad_accum: int, warmup: int, work: Path, timeout: float,
+                 small: bool = False, on_variant=None) -> dict:
+    """Each variant as a training subprocess; {name: summary}. on_variant(name, summary) after each."""
+    out = {}
+    for name in names:
+        nproc, extra = VARIANTS[name]
+        if small and nproc:
+            raise SystemExit(f"variant {name} needs torchrun and a GPU; the smoke mode runs single-process ones")
+        run_dir = work / name
+        overrides = [f"--train.max_steps={steps}", f"--train.grad_accum={grad_accum}",
+                     "--train.log_interval=1", *extra]
+        info = launch((COMMON_SMALL if small else COMMON_227M) + overrides, nproc, run_dir, work / f"{name}.log",
+                      timeout)
+        info.update(summarize(read_records(run_dir), warmup))
+        info["log_tail"] = (work / f"{name}.log").read_text()[-1200:]
+        out[name] = info
+        print(name, {k: v for k, v in info.items() if k not in ("log_tail", "loss_curve", "cmd")}, flush=True)
+        if on_variant is not None:
+            on_variant(name, info)
+    return out
+
+
+# UltraMemV2 variant -> the dense run it is compared with
+DENSE_OF = {"v2-graphs": "dense-graphs", "v2-graphs-ac": "dense-graphs-ac", "v2-default": "dense-default",
+            "v2-fsdp": "dense-fsdp"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -131,19 +163,14 @@ def main() -> int:
         smoke(work, result)
     else:
         result["tokens_per_step"] = 3 * 4096 * args.grad_accum
-        for name in args.variants.split(","):
-            nproc, extra = VARIANTS[name]
-            run_dir = work / name
-            overrides = [f"--train.max_steps={args.steps}", f"--train.grad_accum={args.grad_accum}",
-                         "--train.log_interval=1", *extra]
-            info = launch(COMMON_227M + overrides, nproc, run_dir, work / f"{name}.log", args.timeout)
-            info.update(summarize(read_records(run_dir), args.warmup))
-            info["log_tail"] = (work / f"{name}.log").read_text()[-1200:]
+
+        def save(name, info):
             result[name] = info
-            print(name, {k: v for k, v in info.items() if k not in ("log_tail", "loss_curve", "cmd")}, flush=True)
             out.write_text(json.dumps(result, indent=1))
-        for v2, dense in (("v2-graphs", "dense-graphs"), ("v2-graphs-ac", "dense-graphs-ac"),
-                          ("v2-default", "dense-default"), ("v2-fsdp", "dense-fsdp")):
+
+        run_variants(args.variants.split(","), args.steps, args.grad_accum, args.warmup, work, args.timeout,
+                     on_variant=save)
+        for v2, dense in DENSE_OF.items():
             if "tokens_per_s" in result.get(v2, {}) and "tokens_per_s" in result.get(dense, {}):
                 result[f"ratio {v2} / {dense}"] = result[v2]["tokens_per_s"] / result[dense]["tokens_per_s"]
                 print(f"ratio {v2} / {dense}: {result[f'ratio {v2} / {dense}']:.3f}")

@@ -1,0 +1,1 @@
+"""GPU benchmarks of ultramem: `python -m perf run | compare | plot` (see perf/NOTES.md)."""
