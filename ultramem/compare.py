@@ -20,6 +20,7 @@ started again and the trainer resumes it from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -431,6 +432,26 @@ def write_results(results: list[RunResult], out: Path, meta: dict) -> None:
 # Command line
 
 
+@contextlib.contextmanager
+def _cli_logging():
+    """INFO lines on stderr for the command, removed again when it returns (main() may be called
+    in a process that outlives it, and whose stderr changes)."""
+    root = logging.getLogger()
+    if root.handlers:  # the caller has its own logging
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ultramem.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__.split("\n\n", 1)[0], epilog=__doc__.split("\n\n", 2)[2])
@@ -462,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         i += 1
     args = parser.parse_args(argv)
     args.extra = " ".join(args.extra)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    with _cli_logging():
+        return _main(parser, args)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     out = Path(args.out)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not configs:

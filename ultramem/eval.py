@@ -36,6 +36,7 @@ predicted spans. For a text file that is the file's UTF-8 size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -213,7 +214,7 @@ def load_eval_data(spec: str, loaded: LoadedModel, split: str = "auto", tokenize
                    max_tokens: int | None = None) -> EvalData:
     """The token stream `--data spec` names, and the tokenizer that reads it back to bytes."""
     from ultramem.data import load_token_splits, open_token_directory
-    from ultramem.data.shards import TOKENIZER_NAME, read_meta
+    from ultramem.data.shards import TOKENIZER_NAME
     from ultramem.data.tokenizer import resolve_tokenizer_path
 
     cfg = loaded.cfg
@@ -251,7 +252,6 @@ def load_eval_data(spec: str, loaded: LoadedModel, split: str = "auto", tokenize
                                 f"'run' or 'stdlib')")
     if path.is_dir():
         split = _resolve_split(split, "all")
-        meta = read_meta(path)
         tokens, meta = open_token_directory(path, "--data")
         if meta is not None and meta["vocab_size"] > loaded.vocab_size:
             raise EvalError(f"--data {spec!r} was tokenized with a vocabulary of {meta['vocab_size']} (its meta.json) "
@@ -418,7 +418,7 @@ def _nats(model, batch: torch.Tensor, device: torch.device, dtype: str) -> torch
     return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
 
 
-def _batches_consecutive(tokens, windows, batch_size):
+def _batches_consecutive(windows, batch_size):
     """Batches of equal-length windows (consecutive windows of a stream all have seq_len but the last)."""
     group: list[tuple[int, int]] = []
     for w in windows:
@@ -452,18 +452,18 @@ def evaluate_stream(model, tokens, *, seq_len: int, batch_size: int, device: tor
         windows = consecutive_windows(len(tokens), seq_len, max_tokens)
         if not windows:
             raise EvalError("the data holds fewer than 2 tokens: nothing to predict")
-        for group in _batches_consecutive(tokens, windows, batch_size):
+        for group in _batches_consecutive(windows, batch_size):
             length = group[0][1]
             rows = [np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s, _ in group]
             total += _nats(model, torch.from_numpy(np.stack(rows)), device, dtype).double()
             n_tokens += length * len(group)
             n_windows += len(group)
         if count_bytes:
-            # the predicted tokens are one contiguous span: tokens 1 … n_tokens
-            step = 1 << 22
+            # the predicted tokens are one contiguous span, tokens 1 … n_tokens: per-token lengths
+            # add up chunk by chunk; a decoder sees the span whole (a cut could split a character)
+            step = 1 << 22 if counter.lengths is not None else n_tokens
             n_bytes = sum(counter.count(np.asarray(tokens[a:min(a + step, n_tokens + 1)]))
-                          for a in range(1, n_tokens + 1, step)) if counter.lengths is not None else \
-                counter.count(np.asarray(tokens[1:n_tokens + 1]))
+                          for a in range(1, n_tokens + 1, step))
         mode = "consecutive (non-overlapping)"
     nats = float(total.item())  # (waits for the device)
     seconds = time.perf_counter() - t0
@@ -548,6 +548,26 @@ def format_result(r: EvalResult) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _cli_logging():
+    """INFO lines on stderr for the command, removed again when it returns (main() may be called
+    in a process that outlives it, and whose stderr changes)."""
+    root = logging.getLogger()
+    if root.handlers:  # the caller has its own logging
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def _positive(value: str) -> int:
     n = int(value.replace("_", ""))
     if n < 1:
@@ -586,11 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from ultramem.config import ConfigError
 
     try:
-        result = run(args)
+        with _cli_logging():
+            result = run(args)
     except (FileNotFoundError, EvalError, ConfigError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     if args.json == "-":
