@@ -1,4 +1,4 @@
-"""Benchmark modules for perf/bench_ops.py, one per op family.
+"""The op suite's modules (`python -m perf run --only op`, through perf/bench_ops.py), one per op family.
 
 Each module exposes `run(ctx) -> list[dict]`, where ctx (perf.bench_ops.Context) gives:
 - `ctx.device`, `ctx.small` (tiny shapes: a smoke run of the script, e.g. on CPU under

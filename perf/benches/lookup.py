@@ -161,7 +161,7 @@ def min_bytes(t: int, e: int, d: int, m: int, uniq: int) -> dict:
 
 # ------------------------------------------------------------------ the run
 
-# The defaults of the launchers first, then a few neighbours (perf/sweep_lookup.py has more).
+# The defaults of the launchers first, then a few neighbours (perf/diagnostics/sweep_lookup.py has more).
 FWD_CONFIGS = [
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1},

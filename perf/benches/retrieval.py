@@ -18,8 +18,8 @@ default's ids and scores bit for bit, and each timed: the tiled grid's candidate
 (default) against the bisection over the whole grid (the previous default), register caps,
 warps, row-tile sizes, and for k = 128 the grid held in registers in one 16384-entry tile.
 
-Run through perf/bench_ops.py (`--only retrieval`); `python perf/benches/retrieval.py [args]`
-does exactly that; `python perf/benches/retrieval.py --large-k` runs the large-k part alone.
+Part of the op suite (`python -m perf run --only op`); `python -m perf.benches.retrieval [args]`
+runs this module alone through perf/bench_ops.py, and `--large-k` the large-k part alone.
 """
 from __future__ import annotations
 
@@ -333,19 +333,20 @@ def run(ctx) -> list[dict]:
 
 
 def _main_large_k(argv: list[str]) -> int:
-    """The large-k part alone: checks, a table, and JSON under $OUT (or perf/results)."""
+    """The large-k part alone: checks, a table, and JSON under $OUT if set."""
     import logging
 
     from perf import bench_ops
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bench_ops.patch_interpreter()
     ctx = bench_ops.Context(device, small="--small" in argv or device.type != "cuda", compile_variants=False)
     rows = run_large_k(ctx)
     failed = [c for c in ctx.checks if not c["ok"]]
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "..", "results")
-    with open(os.path.join(out_dir, "retrieval_large_k.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   "git_revision": bench_ops.git_revision(), "checks": ctx.checks, "rows": rows}, f, indent=1)
+    if os.environ.get("OUT"):  # the results log is for the op suite; this is a development aid
+        with open(os.path.join(os.environ["OUT"], "retrieval_large_k.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "git_revision": bench_ops.git_revision(), "checks": ctx.checks, "rows": rows}, f, indent=1)
     print(f"\n{len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed")
     for c in failed:
         print(f"CHECK FAILED: {c['name']} rel_err {c['rel_err']}")

@@ -1,10 +1,16 @@
 """One staged flush's block add at the 227M shapes (F = 4 micro-batches × L = 20 layers of one
 table: 31M entries), run once, for a profiler to look at:
 
-    PYTHONPATH=. ncu --clock-control none -k regex:_sorted_block_add_kernel -c 1 \\
-        --section SpeedOfLight --section WarpStateStats --section Occupancy python perf/block_add_probe.py
+    ncu --clock-control none -k regex:_sorted_block_add_kernel -c 1 \\
+        --section SpeedOfLight --section WarpStateStats --section Occupancy \\
+        python -m perf.diagnostics.block_add_probe
+
+(from the repository root; CUDA only). The timed flush is in perf/benches/staged_flush.py.
 """
 from __future__ import annotations
+
+import argparse
+import sys
 
 import torch
 
@@ -13,7 +19,11 @@ from perf.benches.staged_flush import _layer_rows
 from ultramem.ops._triton import weighted_lookup as twl
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("block_add_probe needs a CUDA device (it is a profiler target)", file=sys.stderr)
+        return 2
     sh = _shapes(False)
     dev = torch.device("cuda")
     t, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
@@ -26,7 +36,8 @@ def main() -> None:
     order = twl.sort_rows(rows, n)
     twl.sorted_block_add(rows, src, weights, buf, torch.float32, order=order)
     torch.cuda.synchronize()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

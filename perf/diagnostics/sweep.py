@@ -1,5 +1,7 @@
 """Shape sweep of every ultramem op around the 227M point, one axis at a time.
 
+    python -m perf.diagnostics.sweep [--compile] [--small]     # from the repository root
+
 The kernels' block configs, and the fused gate + lookup kernel's choice, were tuned at the 227M
 shapes (T = 12,288 tokens, E = 32 entries per token, D = 192, M = 2 cores, bf16). This module
 shows how ours, eager PyTorch (and torch.compile of it, with --compile) scale when one of those
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 import traceback
 
@@ -44,8 +47,8 @@ from ultramem.ops._triton import pre_value_gate as tpg
 from ultramem.ops._triton import retrieval as tri
 from ultramem.ops._triton import weighted_lookup as twl
 
-from . import retrieval as bench_retrieval
-from .lookup import (
+from perf.benches import retrieval as bench_retrieval
+from perf.benches.lookup import (
     BF16,
     Inputs,
     gate_bwd_eager,
@@ -335,3 +338,9 @@ def run(ctx) -> list[dict]:
             sw.free()
             log.info("sweep %s (%s) took %.1f s", bench_retrieval._label(s), axes, time.time() - t0)
     return sw.rows
+
+
+if __name__ == "__main__":  # python -m perf.diagnostics.sweep [--small] [--compile]
+    from perf import bench_ops
+
+    sys.exit(bench_ops.main(["--only", "sweep", *sys.argv[1:]]))

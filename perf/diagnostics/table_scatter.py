@@ -10,8 +10,14 @@ shapes (T = 12,288 tokens, E = 32, D = 192, N = 2,592,000), in isolation, severa
                     figure for one writer per row), in random order and in row order
 
 The bytes counted are the floor of an fp32 accumulate: each entry's row read and written
-(2 · 4 · D) plus its bf16 source row (2 · D)."""
+(2 · 4 · D) plus its bf16 source row (2 · D). The kernels here are the experiment's own, not the
+ops', so this is a diagnostic, not part of the op suite.
+
+    python -m perf.diagnostics.table_scatter [--small]         # from the repository root
+"""
 from __future__ import annotations
+
+import sys
 
 import torch
 import triton
@@ -73,7 +79,7 @@ def scatter(kind: str, ids: torch.Tensor, w: torch.Tensor, g: torch.Tensor, buf:
 
 
 def run(ctx) -> list[dict]:
-    from .lookup import _shapes
+    from perf.benches.lookup import _shapes
 
     sh = _shapes(ctx.small)
     dev = ctx.device
@@ -118,3 +124,9 @@ def run(ctx) -> list[dict]:
         us = ctx.do_bench(lambda: scatter(kind, ids_s, w_s, g_s, buf, 2))
         rows.append(ctx.row("table_scatter", shape, f"{name} [w2] (timing only)", us, min_bytes, None))
     return rows
+
+
+if __name__ == "__main__":  # python -m perf.diagnostics.table_scatter [--small] [--compile]
+    from perf import bench_ops
+
+    sys.exit(bench_ops.main(["--only", "table_scatter", *sys.argv[1:]]))

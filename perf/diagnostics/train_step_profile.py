@@ -3,7 +3,7 @@
 kernel times: whatever is left is the GPU waiting on the host), and the kernels grouped by name,
 per micro-batch. Writes $OUT/train_step_profile.json.
 
-    PYTHONPATH=. ULTRAMEM_GIT_REV=<rev> python perf/train_step_profile.py [--grad-accum 8]
+    ULTRAMEM_GIT_REV=<rev> python -m perf.diagnostics.train_step_profile [--grad-accum 8]   # CUDA only
 """
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=["dense", "ultramem_v2"])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_step_profile.json"))
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("train_step_profile needs a CUDA device", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     runs = {"dense": ["--model.memory.type=none"], "ultramem_v2": [],
             "ultramem_v2_unstaged": ["--train.table_grad_flush=0"],  # tables' gradients added at once

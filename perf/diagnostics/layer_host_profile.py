@@ -2,10 +2,11 @@
 the Inductor code's calls (kernels, GEMMs, custom ops, with the tensors they take) and a cProfile
 of the Python side. A diagnostic beside perf/gpu_e2e.py (which holds the reported times).
 
-    PYTHONPATH=. python perf/layer_host_profile.py
+    python -m perf.diagnostics.layer_host_profile      # from the repository root; CUDA only
 """
 from __future__ import annotations
 
+import argparse
 import cProfile
 import pstats
 import re
@@ -17,7 +18,11 @@ from torch._inductor.utils import run_and_get_code
 from perf.gpu_e2e import build_layer_227m
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("layer_host_profile needs a CUDA device", file=sys.stderr)
+        return 2
     _, layer, tables, u, grad_y = build_layer_227m()
     compiled = torch.compile(layer, fullgraph=True)
 

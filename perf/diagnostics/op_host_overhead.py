@@ -2,10 +2,11 @@
 negligible: the op through the dispatcher, its Triton launcher alone, and an empty Triton
 kernel, then a cProfile of the slowest op. A diagnostic for host-bound layers.
 
-    PYTHONPATH=. python perf/op_host_overhead.py
+    python -m perf.diagnostics.op_host_overhead        # from the repository root; CUDA only
 """
 from __future__ import annotations
 
+import argparse
 import cProfile
 import pstats
 import sys
@@ -37,7 +38,11 @@ def host_us(fn, calls: int = 300) -> float:
     return 1e6 * (t1 - t0) / calls
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("op_host_overhead needs a CUDA device (it times host launch overhead)", file=sys.stderr)
+        return 2
     dev = "cuda"
     t, e, d, n, m = 64, 8, 64, 4096, 2
     rows = torch.randint(0, n, (t, e), device=dev)

@@ -2,17 +2,21 @@
 the entry-block kernel, over entries per token, value widths and token counts, so the choice of
 the default is not made at the 227M shape alone. Each kernel is checked against the float64
 reference (on the first tokens: the reference gathers in float64) before it is timed.
+
+    python -m perf.diagnostics.gate_lookup_sweep [--small]     # from the repository root
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from ultramem.ops._triton import gate_lookup as tgl
 
-from .lookup import BF16, gate_ref, lookup_ref, min_bytes
+from perf.benches.lookup import BF16, gate_ref, lookup_ref, min_bytes
 
-# The entry-block kernel's best config at the 227M shape (perf/NOTES.md), for comparison.
+# The entry-block kernel's best config at the 227M shape (perf/history/gate_lookup.md), for comparison.
 ENTRY_BLOCK = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True,
                "EVICT_FIRST": True, "D_CHUNKS": False}
 CHECK_TOKENS = 512
@@ -56,3 +60,9 @@ def run(ctx) -> list[dict]:
                                  "median_us": None, "error": repr(exc)[:300]})
         del values, pre_values
     return out_rows
+
+
+if __name__ == "__main__":  # python -m perf.diagnostics.gate_lookup_sweep [--small] [--compile]
+    from perf import bench_ops
+
+    sys.exit(bench_ops.main(["--only", "gate_lookup_sweep", *sys.argv[1:]]))

@@ -2,10 +2,11 @@
 without them: the debug config with gradient accumulation (loss curves must agree), then the
 227M UltraMemV2 config's throughput both ways. Writes $OUT/cudagraph_training.json.
 
-    PYTHONPATH=. ULTRAMEM_GIT_REV=<rev> python perf/cudagraph_training_check.py
+    ULTRAMEM_GIT_REV=<rev> python -m perf.diagnostics.cudagraph_training_check   # repository root; CUDA
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -18,7 +19,11 @@ from ultramem.train.config import load_config
 from ultramem.train.trainer import run_training
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("cudagraph_training_check needs a CUDA device", file=sys.stderr)
+        return 2
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "git_revision": os.environ.get("ULTRAMEM_GIT_REV")}
     path = os.path.join(os.environ.get("OUT", "."), "cudagraph_training.json")

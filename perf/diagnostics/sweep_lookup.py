@@ -1,8 +1,9 @@
 """Launch-shape sweep of the gather kernels at the 227M shapes, and a one-launch-each mode for
-Nsight Compute. A tuning aid beside perf/bench_ops.py (which holds the reported numbers).
+Nsight Compute. A tuning aid beside perf/benches/lookup.py (which holds the reported numbers).
+From the repository root, CUDA only:
 
-    PYTHONPATH=. python perf/sweep_lookup.py                       # check + time (GPU time) every config
-    ncu --clock-control none -k regex:_kernel python perf/sweep_lookup.py --once fwd:T1,E32,D256,w4
+    python -m perf.diagnostics.sweep_lookup            # check + time (GPU time) every config
+    ncu --clock-control none -k regex:_kernel python -m perf.diagnostics.sweep_lookup --once fwd:T1,E32,D256,w4
 """
 from __future__ import annotations
 
@@ -100,11 +101,14 @@ SWEEP = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--once", nargs="*", help="kind:config launches for a profiler (one each after warm-up)")
     parser.add_argument("--kinds", nargs="*", default=list(SWEEP))
     parser.add_argument("--pattern", default="random", choices=["random", "sequential"])
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("sweep_lookup needs a CUDA device", file=sys.stderr)
+        return 2
     inp = make_inputs(0, args.pattern)
     if args.once:
         for item in args.once:
