@@ -56,7 +56,7 @@ def select(spec: str, default_log: str) -> tuple[list[dict], str]:
             key, pattern = term.split("=", 1)
             if key not in records.KEYS:
                 raise SystemExit(f"unknown field {key!r} in {term!r}; fields: {', '.join(records.KEYS)}")
-            if key == "commit":
+            if key == "commit" and not any(c in pattern for c in "*?["):
                 recs = [r for r in recs if _same_commit(r.get("commit"), records.resolve_commit(pattern) or pattern)]
             else:
                 recs = [r for r in recs if fnmatch.fnmatchcase(str(r.get(key)), pattern)]

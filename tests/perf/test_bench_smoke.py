@@ -1,6 +1,6 @@
-"""The GPU benchmark script runs end to end on CPU (Triton interpreter, tiny shapes): its
-modules' float64 checks pass and it writes its JSON. Timings are meaningless here; the point
-is that the script the GPU evidence comes from does not rot."""
+"""The GPU benchmark suite runs end to end on CPU (Triton interpreter, tiny shapes) and appends to
+a results log; `compare` fails on a regression. Timings are meaningless here; the point is that
+the commands the GPU evidence comes from do not rot."""
 from __future__ import annotations
 
 import json
@@ -12,19 +12,111 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+KEYS = {"schema", "run", "commit", "dirty", "date", "device", "torch", "triton", "suite", "bench", "shape",
+        "variant", "time", "unit", "frac_of_copy", "tokens_per_s", "small", "reference", "note", "error", "extra"}
 
 
-@pytest.mark.parametrize("module", ["table_scatter", "staged_flush"])
-def test_bench_ops_small_runs_and_checks(module, tmp_path):
-    pytest.importorskip("triton")
-    out = tmp_path / "bench.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+def _perf(*args: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     env.pop("OUT", None)
-    proc = subprocess.run([sys.executable, "perf/bench_ops.py", "--small", "--only", module, "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "perf", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _read(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_run_small_appends_op_layer_e2e_records(tmp_path):
+    pytest.importorskip("triton")
+    log = tmp_path / "log.jsonl"
+    earlier = {"schema": 1, "note": "a line from an earlier run"}
+    log.write_text(json.dumps(earlier) + "\n")
+    # one op module keeps this short (the others: python -m perf run --small --only op)
+    proc = _perf("run", "--small", "--only", "op,layer,e2e", "--benches", "staged_flush", "--log", str(log),
+                 "--work", str(tmp_path / "work"), TRITON_INTERPRET="1")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    result = json.loads(out.read_text())
-    assert result["modules_done"] == [module]
-    assert result["checks"] and all(c["ok"] for c in result["checks"])
-    rows = [r for r in result["rows"] if r["op"] == module]
-    assert rows and not any(r.get("error") for r in result["rows"])
+    lines = _read(log)
+    assert lines[0] == earlier  # appended, not rewritten
+    recs = lines[1:]
+    assert all(set(r) == KEYS for r in recs)
+    assert len({r["run"] for r in recs}) == 1 and all(r["commit"] and r["date"] for r in recs)
+    assert {r["suite"] for r in recs} == {"op", "layer", "e2e"}
+    assert not any(r["error"] for r in recs)
+    measured = [r for r in recs if not r["reference"]]
+    assert all(r["small"] for r in measured)
+
+    by = {(r["bench"], r["variant"]): r for r in recs}
+    staged = [r for r in measured if r["bench"] == "staged_flush"]
+    assert staged and all(r["unit"] == "us" and r["time"] > 0 for r in staged)
+    checks = by[("float64_checks", "all modules run")]
+    assert checks["extra"]["total"] > 0 and checks["extra"]["passed"] == checks["extra"]["total"]
+    assert by[("device_copy", "torch copy_ (event-timed)")]["frac_of_copy"] == 1.0
+    ref = by[("weighted_lookup_fwd", "authors-cuda")]
+    assert ref["reference"] and ref["time"] == 60.9 and "not re-measured" in ref["note"]
+
+    layer = by[("layer_fwd_bwd", "layer_eager")]
+    assert layer["unit"] == "ms" and layer["time"] > 0 and ("layer_fwd_bwd", "ffn_eager") in by
+
+    v2, dense = by[("trainer", "v2-graphs")], by[("trainer", "dense-graphs")]
+    assert v2["tokens_per_s"] > 0 and dense["tokens_per_s"] > 0
+    assert v2["extra"]["vs_dense"] == pytest.approx(v2["tokens_per_s"] / dense["tokens_per_s"], rel=1e-3)
+    assert len(v2["extra"]["loss_curve"]) == 3
+
+
+def _rec(commit: str, bench: str, variant: str, **fields) -> dict:
+    rec = {k: None for k in KEYS}
+    rec.update(schema=1, run=f"r-{commit}", commit=commit * 10, date=f"2026-12-0{1 if commit == 'a' else 2}",
+               device="NVIDIA H200", suite="op", bench=bench, shape="T=12288", variant=variant, small=False,
+               reference=False, extra={})
+    rec.update(fields)
+    return rec
+
+
+def _log(path: pathlib.Path, recs: list[dict]) -> pathlib.Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_compare_exits_nonzero_on_a_planted_regression(tmp_path):
+    base = [_rec("a", "weighted_lookup_fwd", "ours", time=43.0, unit="us"),
+            _rec("a", "gate_lookup_fwd", "ours", time=82.0, unit="us"),
+            _rec("a", "trainer", "v2-graphs", suite="e2e", tokens_per_s=160000.0),
+            _rec("a", "weighted_lookup_fwd", "authors-cuda", time=60.9, unit="us", reference=True)]
+    same = [dict(r, commit="b" * 40, run="r-b", date="2026-12-02") for r in base]
+    slower = [dict(r, time=50.0) if r["variant"] == "ours" and r["bench"] == "weighted_lookup_fwd" else r
+              for r in same]
+    fewer_tokens = [dict(r, tokens_per_s=120000.0) if r["suite"] == "e2e" else r for r in same]
+    a = _log(tmp_path / "a.jsonl", base)
+
+    proc = _perf("compare", str(a), str(_log(tmp_path / "same.jsonl", same)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 measurements in common" in proc.stdout  # the reference row is not compared
+
+    proc = _perf("compare", str(a), str(_log(tmp_path / "slower.jsonl", slower)))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "REGRESSED" in proc.stdout and "+16.3%" in proc.stdout
+    assert _perf("compare", str(a), str(tmp_path / "slower.jsonl"), "--threshold", "0.2").returncode == 0
+
+    proc = _perf("compare", str(a), str(_log(tmp_path / "tokens.jsonl", fewer_tokens)))
+    assert proc.returncode == 1 and "-25.0%" in proc.stdout, proc.stdout + proc.stderr
+
+    # commits selected within one log; a measurement that now fails counts as a regression
+    failing = [dict(r, time=None, unit=None, error="RuntimeError") if r["bench"] == "gate_lookup_fwd" else r
+               for r in same]
+    both = _log(tmp_path / "both.jsonl", base + failing)
+    proc = _perf("compare", "aaaaaaa", "bbbbbbb", "--log", str(both))
+    assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout + proc.stderr
+    proc = _perf("compare", "commit=aaaa*,suite=e2e", "commit=bbbb,suite=e2e", "--log", str(both))
+    assert proc.returncode == 0 and "1 measurements in common" in proc.stdout, proc.stdout + proc.stderr
+
+    proc = _perf("compare", str(a), str(_log(tmp_path / "cpu.jsonl", [dict(r, device="cpu") for r in same])))
+    assert proc.returncode == 2 and "no measurement in common" in proc.stdout
+
+
+def test_plot_draws_the_pngs_from_the_committed_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    proc = _perf("plot", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "e2e_vs_dense.png", "layer.png", "loss_curves.png", "ops_vs_authors.png"]
