@@ -1,4 +1,4 @@
-"""weighted_lookup, pre_value_gate and the fused gate_lookup at the 227M shapes (PERF.md):
+"""weighted_lookup, pre_value_gate and the fused gate_lookup at the 227M shapes (the reference workload):
 T = 12,288 tokens, k = 32 entries (H = 1), vdim = pre_vdim = 192, M = 2, N = 2,592,000 rows,
 bf16 tables, ids of one layer's window (n² = 1,295,044 rows from offset 10·360²).
 

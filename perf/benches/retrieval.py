@@ -1,4 +1,4 @@
-"""ultramem::tdqkr_retrieval (forward, backward) at the PERF.md workload: T = 12,288 tokens, H = 1,
+"""ultramem::tdqkr_retrieval (forward, backward) at the reference workload: T = 12,288 tokens, H = 1,
 n = 1138 sub-keys per side, Tucker rank r = 2, M = 2 cores, k = 32, bf16 scores; plus other
 shapes checked for correctness only (k = 1 .. 256, ranks 1-4, 1-4 cores, fp16/fp32, strided).
 
