@@ -175,9 +175,10 @@ def plot_e2e(plt, recs: list[dict], out: pathlib.Path) -> pathlib.Path | None:
     for bench, marker in (("throughput", "o"), ("trainer", "s")):
         for shape in sorted({p[0]["shape"] for p in pairs if p[0]["bench"] == bench}):
             ps = [p for p in pairs if p[0]["bench"] == bench and p[0]["shape"] == shape]
+            mode = "training command" if bench == "trainer" else "in-process"
             ax2.plot([x_of[(p[0]["date"], p[0]["commit"][:7])] for p in ps],
                      [p[0]["tokens_per_s"] / p[1]["tokens_per_s"] for p in ps], marker=marker, linestyle="-",
-                     label=f"{shape.replace('227m.toml ', '')} ({'training command' if bench == 'trainer' else 'in-process'})")
+                     label=f"{shape.replace('227m.toml ', '')} ({mode})")
     ax2.set_xticks(range(len(runs)), [f"{c} {d[5:10]}" for d, c in runs], rotation=60, fontsize=7)
     ax2.axhline(0.75, color="#ff7f0e", linestyle="--", linewidth=1, label="target 0.75×")
     ax2.set_ylabel("UltraMemV2 tokens/s ÷ dense tokens/s (same run)")
@@ -192,7 +193,8 @@ def plot_e2e(plt, recs: list[dict], out: pathlib.Path) -> pathlib.Path | None:
 
 
 def plot_layer(plt, recs: list[dict], out: pathlib.Path) -> pathlib.Path | None:
-    layer = [r for r in recs if r["suite"] == "layer" and r["bench"] == "layer_fwd_bwd_gpu" and r["shape"] == LAYER_SHAPE]
+    layer = [r for r in recs
+             if r["suite"] == "layer" and r["bench"] == "layer_fwd_bwd_gpu" and r["shape"] == LAYER_SHAPE]
     if not layer:
         return None
     fig, ax = plt.subplots(figsize=(10, 4.8))

@@ -212,7 +212,7 @@ def main(argv: list[str]) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--small", action="store_true", help="tiny shapes: checks the benchmarks run, not speed")
     parser.add_argument("--only", default=",".join(SUITES), help="suites, comma-separated (default: all)")
-    parser.add_argument("--log", default=None, help=f"results log to append to (default: {records.DEFAULT_LOG}; "
+    parser.add_argument("--log", default=None, help="results log to append to (default: perf/results/log.jsonl; "
                                                     "with --small a scratch file in the temp directory)")
     group = parser.add_argument_group("op suite")
     group.add_argument("--benches", default=None, help="perf/benches modules, comma-separated (default: all)")
@@ -250,6 +250,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
     env = records.environment()
+    if env["commit"] == "unknown":  # e.g. a copy of the tree without .git on the GPU machine
+        log.warning("the commit is unknown: set ULTRAMEM_GIT_REV=$(git rev-parse HEAD) where the tree was copied")
     log.info("run %s: commit %s%s on %s, torch %s, triton %s -> %s", env["run"], env["commit"][:12],
              " (uncommitted changes)" if env["dirty"] else "", env["device"], env["torch"], env["triton"], log_path)
     written: list[dict] = []
