@@ -12,6 +12,9 @@
 4. Training throughput of the 227M configs: dense baseline, UltraMemV2, UltraMemV2 + CUDA graphs.
 
     PYTHONPATH=. ULTRAMEM_GIT_REV=$(git rev-parse HEAD) python perf/gpu_e2e.py --out $OUT/e2e.json
+
+Sections 2 and 4 are also the layer suite and `--e2e throughput` of `python -m perf run`, which
+append their numbers to the results log; this script keeps the compile and loss-curve checks.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from its metrics.jsonl, over the steps after the warm-up.
         --variants v2-graphs,dense-graphs,v2-graphs-ac,dense-graphs-ac
 
 A smoke mode (`--smoke`) runs debug.toml on the GPU instead: compile with CUDA graphs, AC,
-FSDP, and a checkpoint save and exact resume, in a minute or two.
+FSDP, and a checkpoint save and exact resume, in a minute or two. `python -m perf run --only e2e`
+runs the variants through run_variants() and appends them to the results log.
 """
 from __future__ import annotations
 
