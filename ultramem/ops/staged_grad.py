@@ -36,7 +36,7 @@ backward is the fused backward kernel with one table and no gate, and `flush(gra
 Results: the sums of the same products as the atomics, in another order (fp32 rounding only).
 Deterministic mode (`ultramem.ops.determinism`) does not stage: its sorted per-call path stays.
 Staged (and deferred) on CUDA and CPU alike, so the mechanism is testable without a GPU; the
-speed-up is a GPU matter (perf/NOTES.md, "Staged table gradients").
+speed-up is a GPU matter (perf/history/staged_flush.md).
 """
 from __future__ import annotations
 

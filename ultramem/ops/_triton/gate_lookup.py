@@ -33,15 +33,15 @@ _OP = "gate_lookup"
 ENTRY_BLOCK_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True,
                       "EVICT_FIRST": True, "D_CHUNKS": False}
 
-# The column-chunk kernel ("D_CHUNKS", perf/NOTES.md "fused v2"): predicted 85 µs at the 227M
+# The column-chunk kernel ("D_CHUNKS", perf/history/gate_lookup.md, "fused v2"): predicted 85 µs at the 227M
 # shapes, measured 83.6-84.5 µs on an H200 (0.88 of the copy ceiling) against 93.0 µs for the
 # entry-block kernel: a token waits for 3 memory round trips (ids; all P loads; all V loads)
 # instead of 5, and no lane idles on D = 192. maxnreg 136 measured within 1 µs of ptxas's own
 # choice, so none is forced (a forced cap can spill at other shapes).
 CHUNKS_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0,
                  "EVICT_FIRST": True, "maxnreg": None}
-# The default: the column-chunk kernel (83.6-84.5 µs vs 93.0 on an H200, perf/NOTES.md "fused v2"),
-# except where the shape sweep (perf/results/h200_gate_lookup_sweep.json) found the entry-block
+# The default: the column-chunk kernel (83.6-84.5 µs vs 93.0 on an H200, perf/history/gate_lookup.md, "fused v2"),
+# except where the shape sweep (perf/results/log.jsonl, bench gate_lookup_fwd_sweep) found the entry-block
 # kernel faster: many entries with narrow rows (E=64: 0.95x of the chunk kernel's time at D<=192,
 # E=128: 0.67x, E=256: 0.38x), where the chunk kernel's one warp per token holds too many entries.
 CONFIG = CHUNKS_CONFIG
@@ -585,7 +585,7 @@ BWD_MAX_ENTRIES = 128
 # The op's CUDA backward uses atomics unless deterministic mode is on. Sorted was faster on
 # uniformly random rows (504 vs 532 µs) but a `_segment_scatter_kernel` lane walks a row's whole
 # run of entries alone: when training concentrates the picks on a few hot rows, runs get long and
-# the 227M training throughput fell from 140k to 46k tokens/s (perf/NOTES.md). Atomics do not
+# the 227M training throughput fell from 140k to 46k tokens/s (perf/history/gate_lookup.md). Atomics do not
 # have that serial tail. The segment kernel now cuts runs into pieces (SEGMENT_PIECE in
 # weighted_lookup.py), not yet timed on a GPU: re-measure (perf/benches/hot_rows.py and the 227M
 # throughput) before making sorted the default again.

@@ -28,7 +28,7 @@ fixed order, so the outputs are deterministic also among exactly tied grid total
 Launch: 2 warps with at most 64 registers per thread for k <= 32, 8 warps above (at most 128
 registers per thread for the candidate selection: two programs per SM). Measured on an
 H200 at the 227M shapes (T = 12,288, 1138 sub-keys per side, r = 2, M = 2, k = 32, bf16):
-145.5 µs, against 359.9 µs for the previous kernel (history in perf/NOTES.md).
+145.5 µs, against 359.9 µs for the previous kernel (history in perf/history/tdqkr_retrieval.md).
 
 Backward (v2, `_retrieval_bwd_v2_kernel`), one single-warp program per (token, head): zero the
 program's whole block of grad_row / grad_col (16-byte stores when the [n, r] block is one
@@ -81,7 +81,7 @@ CAND_TILE_FACTOR = (1, 2)
 # handful of spilled values (sm_90 compile).
 FWD_MAXNREG_TILED = 128
 # Forward launch for k <= 32 (8 warps above): 2 warps with at most 64 registers per thread issue
-# 25% fewer instructions per program than 4 warps and keep as many warps per SM (perf/NOTES.md).
+# 25% fewer instructions per program than 4 warps and keep as many warps per SM (perf/history/tdqkr_retrieval.md).
 FWD_NUM_WARPS_SMALL_K = 2
 FWD_MAXNREG_SMALL_K = 64
 
@@ -276,7 +276,7 @@ def _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, 
 
 
 # ------------------------------------------------------------------------------------ forward
-# How the forward keeps its passes cheap (SASS counts for sm_90 in perf/NOTES.md):
+# How the forward keeps its passes cheap (SASS counts for sm_90 in perf/history/tdqkr_retrieval.md):
 #  - a side's keys are 1-D blocks ([P1·G] and a [P2·G] remainder, G = threads of the program)
 #    viewed as [P, G] with axis 0 in each thread's registers: every count sums a thread's entries
 #    first and both blocks then share one reduction across threads;
