@@ -6,6 +6,7 @@
 
 Each command has --help. The results log's format is in perf/records.py and perf/results/README.md.
 """
+
 from __future__ import annotations
 
 import sys

@@ -15,6 +15,7 @@ kept beside them as `events_us`. A row: op, shape, variant, median µs, minimum 
 (minimum bytes / time), fraction of the copy ceiling, relative error. `--small` runs tiny
 shapes (on CPU under TRITON_INTERPRET=1 too) to check the script itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,6 +101,7 @@ class Context:
         On CPU one wall-clock call (smoke runs only)."""
         if self.device.type == "cuda":
             import triton.testing
+
             events_us = 1000.0 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
             if not graph:
                 return events_us
@@ -108,8 +110,10 @@ class Context:
             except Exception as exc:  # not capturable: keep the event time
                 log.warning("graph timing failed (%s); using event timing", exc)
                 graph_us = None
-            self._last_timing = {"events_us": round(events_us, 2),
-                                 "graph_us": round(graph_us, 2) if graph_us is not None else None}
+            self._last_timing = {
+                "events_us": round(events_us, 2),
+                "graph_us": round(graph_us, 2) if graph_us is not None else None,
+            }
             return graph_us if graph_us is not None else events_us
         # CPU: smoke runs only (under TRITON_INTERPRET=1 a call costs seconds), so one timed call
         t0 = time.perf_counter()
@@ -136,17 +140,34 @@ class Context:
         return rel
 
     # -- rows
-    def row(self, op: str, shape: str, variant: str, us: float, min_bytes: float | None,
-            rel_err: float | None = None, **extra) -> dict:
+    def row(
+        self,
+        op: str,
+        shape: str,
+        variant: str,
+        us: float,
+        min_bytes: float | None,
+        rel_err: float | None = None,
+        **extra,
+    ) -> dict:
         gbps = (min_bytes / (us * 1e-6) / 1e9) if (min_bytes and us and us > 0) else None
         frac = (gbps / self.ceiling_gbps) if (gbps and self.ceiling_gbps == self.ceiling_gbps) else None
-        row = {"op": op, "shape": shape, "variant": variant, "median_us": round(us, 2) if us else us,
-               "min_bytes": min_bytes, "gbps": round(gbps, 1) if gbps else None,
-               "frac_of_ceiling": round(frac, 3) if frac else None,
-               "rel_err": rel_err, **self._last_timing, **extra}
+        row = {
+            "op": op,
+            "shape": shape,
+            "variant": variant,
+            "median_us": round(us, 2) if us else us,
+            "min_bytes": min_bytes,
+            "gbps": round(gbps, 1) if gbps else None,
+            "frac_of_ceiling": round(frac, 3) if frac else None,
+            "rel_err": rel_err,
+            **self._last_timing,
+            **extra,
+        }
         self._last_timing = {}
-        log.info("%-22s %-30s %9.1f us %s", op, variant, us or float("nan"),
-                 f"{gbps:7.0f} GB/s {frac:5.2f}" if frac else "")
+        log.info(
+            "%-22s %-30s %9.1f us %s", op, variant, us or float("nan"), f"{gbps:7.0f} GB/s {frac:5.2f}" if frac else ""
+        )
         return row
 
 
@@ -178,11 +199,17 @@ def _fmt(value, spec: str, width: int) -> str:
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'op':<24} {'variant':<44} {'us':>9} {'GB/s':>7} {'ceil':>5} {'rel_err':>9} {'events_us':>9}"]
     for r in rows:
-        line = " ".join([
-            f"{r['op']:<24}", f"{r['variant']:<44}", _fmt(r.get("median_us"), "9.1f", 9),
-            _fmt(r.get("gbps"), "7.0f", 7), _fmt(r.get("frac_of_ceiling"), "5.2f", 5),
-            _fmt(r.get("rel_err"), "9.2e", 9), _fmt(r.get("events_us"), "9.1f", 9),
-        ])
+        line = " ".join(
+            [
+                f"{r['op']:<24}",
+                f"{r['variant']:<44}",
+                _fmt(r.get("median_us"), "9.1f", 9),
+                _fmt(r.get("gbps"), "7.0f", 7),
+                _fmt(r.get("frac_of_ceiling"), "5.2f", 5),
+                _fmt(r.get("rel_err"), "9.2e", 9),
+                _fmt(r.get("events_us"), "9.1f", 9),
+            ]
+        )
         if r.get("error"):
             line += f"  ERROR {r['error']}"
         lines.append(line)
@@ -220,13 +247,20 @@ def run_modules(names: list[str], small: bool, compile_variants: bool, on_module
     log.info("copy ceiling: %.0f GB/s", ctx.ceiling_gbps)
     ctx._last_timing = {}
     import triton
+
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "git_revision": git_revision(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git_revision": git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "copy_ceiling_gbps": round(ctx.ceiling_gbps, 1), "copy_bytes": COPY_BYTES_SMALL if ctx.small else COPY_BYTES,
-        "small": ctx.small, "compile": compile_variants,
-        "modules_done": [], "checks": ctx.checks, "rows": [],
+        "copy_ceiling_gbps": round(ctx.ceiling_gbps, 1),
+        "copy_bytes": COPY_BYTES_SMALL if ctx.small else COPY_BYTES,
+        "small": ctx.small,
+        "compile": compile_variants,
+        "modules_done": [],
+        "checks": ctx.checks,
+        "rows": [],
     }
     rows: list[dict] = result["rows"]
     for name in names:
@@ -260,8 +294,10 @@ def main(argv=None) -> int:
 
     result, ctx = run_modules(args.only or module_names(), args.small, args.compile, on_module=save)
     failed = [c for c in ctx.checks if not c["ok"]]
-    print(f"\ncopy ceiling {ctx.ceiling_gbps:.0f} GB/s on {result['device']}; torch {result['torch']}, "
-          f"triton {result['triton']}; {len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed")
+    print(
+        f"\ncopy ceiling {ctx.ceiling_gbps:.0f} GB/s on {result['device']}; torch {result['torch']}, "
+        f"triton {result['triton']}; {len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed"
+    )
     for c in failed:
         print(f"CHECK FAILED: {c['name']} rel_err {c['rel_err']:.3e} > {c['tol']}")
     print(format_table(result["rows"]))

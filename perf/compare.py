@@ -16,6 +16,7 @@ side (repeated runs) count as their median. The authors' reference rows are neve
 Exit status: 0 no regression, 1 a regression (or a measurement that now fails), 2 nothing to
 compare.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -143,8 +144,10 @@ def format_table(rows: list[dict], changes_only: bool) -> str:
         g = (r["suite"], r["bench"], r["shape"], r["device"], r["metric"])
         if g != group:
             unit = r["metric"].replace("time_", "") if r["metric"] else ""
-            lines.append(f"\n{r['suite']} / {r['bench']}  [{r['shape']}]  {r['device']}"
-                         f"{' (small)' if r['small'] else ''}  {unit}")
+            lines.append(
+                f"\n{r['suite']} / {r['bench']}  [{r['shape']}]  {r['device']}"
+                f"{' (small)' if r['small'] else ''}  {unit}"
+            )
             group = g
         change = f"{100 * r['change']:+.1f}%" if r["change"] is not None else ""
         lines.append(f"  {r['variant'][:56]:<56} {_fmt(r['a']):>12} {_fmt(r['b']):>12} {change:>8}  {r['status']}")
@@ -152,9 +155,12 @@ def format_table(rows: list[dict], changes_only: bool) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf compare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="python -m perf compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("a", help="the baseline selection")
     parser.add_argument("b", help="the selection compared with it")
     parser.add_argument("--threshold", type=float, default=0.1, help="relative change counted (default 0.1 = 10%%)")
@@ -170,15 +176,17 @@ def main(argv: list[str]) -> int:
     rows = compare(summarize(ra), summarize(rb), args.threshold)
     print(f"A: {what_a}: {len(ra)} records\nB: {what_b}: {len(rb)} records")
     if not rows:
-        devices = lambda rs: sorted({str(r.get('device')) for r in rs if not r.get('reference')})  # noqa: E731
+        devices = lambda rs: sorted({str(r.get("device")) for r in rs if not r.get("reference")})  # noqa: E731
         print(f"no measurement in common (devices: A {devices(ra)}, B {devices(rb)})")
         return 2
     print(f"{len(rows)} measurements in common; threshold {100 * args.threshold:.0f}%; columns: A, B, change")
     print(format_table(rows, args.changes_only))
     bad = [r for r in rows if r["status"] in ("REGRESSED", "FAILED")]
     better = sum(r["status"] == "improved" for r in rows)
-    print(f"\n{len(bad)} regressed or failed, {better} improved, {len(rows) - len(bad) - better} within "
-          f"{100 * args.threshold:.0f}%")
+    print(
+        f"\n{len(bad)} regressed or failed, {better} improved, {len(rows) - len(bad) - better} within "
+        f"{100 * args.threshold:.0f}%"
+    )
     return 1 if bad else 0
 
 

@@ -16,6 +16,7 @@
 Sections 2 and 4 are also the layer suite and `--e2e throughput` of `python -m perf run`, which
 append their numbers to the results log; this script keeps the compile and loss-curve checks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 from ultramem.layers import build_memory
 from ultramem.model import FeedForward, build_model
@@ -70,8 +70,15 @@ def check_compile(result: dict) -> None:
     model.refresh_rank1()
     result["cuda_kernels_registered"] = {
         op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ultramem::{op}", "CUDA")
-        for op in ("tdqkr_retrieval", "tdqkr_retrieval_backward", "pre_value_gate", "weighted_lookup",
-                   "weighted_lookup_backward_accumulate", "pre_value_gate_backward_accumulate")}
+        for op in (
+            "tdqkr_retrieval",
+            "tdqkr_retrieval_backward",
+            "pre_value_gate",
+            "weighted_lookup",
+            "weighted_lookup_backward_accumulate",
+            "pre_value_gate_backward_accumulate",
+        )
+    }
     tokens = torch.randint(0, cfg.vocab_size, (4, 129), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -88,14 +95,25 @@ def check_compile(result: dict) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, aux = fn(x, y)
         loss.backward()
-        losses[name] = (loss.item(), model.memory_tables.values.grad.norm().item(),
-                        model.blocks[0].attn.wqkv.weight.grad.norm().item())
-    result["compile_vs_eager"] = {"eager": losses["eager"], "compiled": losses["compiled"],
-                                  "fields": ["loss", "|grad values|", "|grad block0 wqkv|"]}
+        losses[name] = (
+            loss.item(),
+            model.memory_tables.values.grad.norm().item(),
+            model.blocks[0].attn.wqkv.weight.grad.norm().item(),
+        )
+    result["compile_vs_eager"] = {
+        "eager": losses["eager"],
+        "compiled": losses["compiled"],
+        "fields": ["loss", "|grad values|", "|grad block0 wqkv|"],
+    }
 
 
-def build_layer_227m(gather_dtype: torch.dtype | None = torch.bfloat16, config: str = "227m.toml",
-                     device: str = "cuda", batch: int = 3, seq: int = 4096):
+def build_layer_227m(
+    gather_dtype: torch.dtype | None = torch.bfloat16,
+    config: str = "227m.toml",
+    device: str = "cuda",
+    batch: int = 3,
+    seq: int = 4096,
+):
     """One UltraMemV2 layer of the 227M model (or `config`'s) with the pooled tables (gradient
     buffers, a `gather_dtype` compute copy as the trainer keeps for bf16 runs), a micro-batch
     input u of batch x seq tokens and an output gradient."""
@@ -127,8 +145,14 @@ def profile_kernels(rows: dict, name: str, fn, calls: int = 3) -> None:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    events = sorted(((e.key, e.self_device_time_total / calls, e.count // calls) for e in prof.key_averages()
-                     if e.self_device_time_total > 0), key=lambda item: -item[1])
+    events = sorted(
+        (
+            (e.key, e.self_device_time_total / calls, e.count // calls)
+            for e in prof.key_averages()
+            if e.self_device_time_total > 0
+        ),
+        key=lambda item: -item[1],
+    )
     rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000
     rows[f"{name}_kernels_us"] = [{"kernel": k[:160], "us": round(us, 1), "calls": c} for k, us, c in events[:40]]
     log.info("%s: GPU time per fwd+bwd %.3f ms", name, rows[f"{name}_gpu_time_per_fwd_bwd_ms"])
@@ -150,10 +174,16 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
     mcfg, layer, tables, u, grad_y = build_layer_227m(config=config, device=device, batch=batch, seq=seq)
     ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).to(device)
     t = u.shape[0] * u.shape[1]
-    rows = {"config": config, "shape": layer_shape(config, t, batch, seq, tables.num_rows),
-            "tokens": t, "N": tables.num_rows, "table_dtype": str(tables.values.dtype),
-            "gather_dtype": str(tables.gather_tables()[0].dtype), "layer_input_dtype": "torch.bfloat16",
-            "ffn_input_dtype": str(u.dtype)}
+    rows = {
+        "config": config,
+        "shape": layer_shape(config, t, batch, seq, tables.num_rows),
+        "tokens": t,
+        "N": tables.num_rows,
+        "table_dtype": str(tables.values.dtype),
+        "gather_dtype": str(tables.gather_tables()[0].dtype),
+        "layer_input_dtype": "torch.bfloat16",
+        "ffn_input_dtype": str(u.dtype),
+    }
 
     # As in the model under autocast: the FFN gets the fp32 norm output (its cast fuses into the
     # block's graph), the memory layer the same activations in bf16 (Block hands u over so).
@@ -170,16 +200,22 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
                 # handed on (as in a model), not summed over the timed calls
                 inp.grad = None
                 out.backward(grad_y)
+
         return fn
 
     if small:
         variants = [("layer_eager", layer, False), ("ffn_eager", ffn, True)]
     else:
-        variants = [("layer_eager", layer, False), ("layer_compiled", torch.compile(layer, fullgraph=True), False),
-                    ("ffn_eager", ffn, True), ("ffn_compiled", torch.compile(ffn), True)]
+        variants = [
+            ("layer_eager", layer, False),
+            ("layer_compiled", torch.compile(layer, fullgraph=True), False),
+            ("ffn_eager", ffn, True),
+            ("ffn_compiled", torch.compile(ffn), True),
+        ]
     if cudagraphs and not small:  # the host out of the way: the compiled layer replayed as CUDA graphs
-        variants.insert(2, ("layer_compiled_cudagraphs",
-                            torch.compile(layer, fullgraph=True, mode="reduce-overhead"), False))
+        variants.insert(
+            2, ("layer_compiled_cudagraphs", torch.compile(layer, fullgraph=True, mode="reduce-overhead"), False)
+        )
     for name, mod, is_ffn in variants:
         with torch.no_grad():
             rows[f"{name}_fwd_ms"] = cuda_time_ms(run(mod, is_ffn, False))
@@ -190,8 +226,12 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
         return
     # where the GPU time goes: per-kernel self time per forward + backward, eager and compiled
     # (the FFN too: the layer's target is the FFN's time, measured the same way in the same run)
-    profiled = [("layer_eager", layer, False), ("layer_compiled", variants[1][1], False),
-                ("ffn_eager", ffn, True), ("ffn_compiled", variants[-1][1], True)]
+    profiled = [
+        ("layer_eager", layer, False),
+        ("layer_compiled", variants[1][1], False),
+        ("ffn_eager", ffn, True),
+        ("ffn_compiled", variants[-1][1], True),
+    ]
     for name, mod, is_ffn in profiled:
         profile_kernels(rows, name, run(mod, is_ffn, True))
     # Staged table gradients (the trainer's default): the backward stages instead of adding; the
@@ -217,34 +257,60 @@ def training_curves(result: dict, steps: int, overrides: tuple[str, ...] = ()) -
     t0 = time.perf_counter()
     cpu = run_training(load_config("debug.toml", common + ["--train.device=cpu", "--train.dtype=float32"]))
     t1 = time.perf_counter()
-    gpu = run_training(load_config("debug.toml", common + ["--train.device=cuda", "--train.dtype=bfloat16",
-                                                           "--train.compile=true"]))
+    gpu = run_training(
+        load_config("debug.toml", common + ["--train.device=cuda", "--train.dtype=bfloat16", "--train.compile=true"])
+    )
     t2 = time.perf_counter()
 
     lc, lg = [r.loss for r in cpu], [r.loss for r in gpu]
     diffs = [abs(a - b) for a, b in zip(lc, lg)]
     result["training"] = {
-        "steps": steps, "overrides": list(overrides), "cpu_fp32_loss": lc, "gpu_bf16_compiled_loss": lg,
-        "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
-        "last10_cpu": sum(lc[-10:]) / 10, "last10_gpu": sum(lg[-10:]) / 10,
-        "first10_gpu": sum(lg[:10]) / 10, "cpu_seconds": t1 - t0, "gpu_seconds": t2 - t1,
-        "gpu_tokens_per_s_last": gpu[-1].tokens_per_s}
-    graphs = run_training(load_config("debug.toml", common + ["--train.device=cuda", "--train.dtype=bfloat16",
-                                                              "--train.compile=true",
-                                                              "--train.compile_mode=reduce-overhead"]))
+        "steps": steps,
+        "overrides": list(overrides),
+        "cpu_fp32_loss": lc,
+        "gpu_bf16_compiled_loss": lg,
+        "max_abs_diff": max(diffs),
+        "mean_abs_diff": sum(diffs) / len(diffs),
+        "last10_cpu": sum(lc[-10:]) / 10,
+        "last10_gpu": sum(lg[-10:]) / 10,
+        "first10_gpu": sum(lg[:10]) / 10,
+        "cpu_seconds": t1 - t0,
+        "gpu_seconds": t2 - t1,
+        "gpu_tokens_per_s_last": gpu[-1].tokens_per_s,
+    }
+    graphs = run_training(
+        load_config(
+            "debug.toml",
+            common
+            + [
+                "--train.device=cuda",
+                "--train.dtype=bfloat16",
+                "--train.compile=true",
+                "--train.compile_mode=reduce-overhead",
+            ],
+        )
+    )
     lgr = [r.loss for r in graphs]
     result["training_cudagraphs"] = {
-        "gpu_bf16_cudagraphs_loss": lgr, "mean_abs_diff_vs_gpu_compiled": sum(abs(a - b) for a, b in zip(lg, lgr)) / len(lg),
-        "last10": sum(lgr[-10:]) / 10, "tokens_per_s_last": graphs[-1].tokens_per_s,
-        "seconds": time.perf_counter() - t2}
+        "gpu_bf16_cudagraphs_loss": lgr,
+        "mean_abs_diff_vs_gpu_compiled": sum(abs(a - b) for a, b in zip(lg, lgr)) / len(lg),
+        "last10": sum(lgr[-10:]) / 10,
+        "tokens_per_s_last": graphs[-1].tokens_per_s,
+        "seconds": time.perf_counter() - t2,
+    }
 
 
 THROUGHPUT_RUNS = ("dense", "ultramem_v2_cudagraphs", "ultramem_v2", "ultramem_v2_cudagraphs_unstaged")
 
 
-def throughput_227m(result: dict, steps: int = 8, only: tuple[str, ...] = THROUGHPUT_RUNS,
-                    grad_accum: int | None = None, config: str = "227m.toml",
-                    overrides: tuple[str, ...] = ()) -> None:
+def throughput_227m(
+    result: dict,
+    steps: int = 8,
+    only: tuple[str, ...] = THROUGHPUT_RUNS,
+    grad_accum: int | None = None,
+    config: str = "227m.toml",
+    overrides: tuple[str, ...] = (),
+) -> None:
     """Training throughput of the 227M configs on this GPU (same trainer, data and settings):
     the dense baseline, UltraMemV2 with the per-block compile, and with CUDA graphs.
     grad_accum (default: the config's 256) shortens a step; the micro-batch stays the same.
@@ -252,29 +318,41 @@ def throughput_227m(result: dict, steps: int = 8, only: tuple[str, ...] = THROUG
     ultramem, to see the drift within a run): its tokens_per_s is then the median over its runs,
     and `tokens_per_s_runs` lists each run's. `config` and `overrides` (e.g. debug.toml on the CPU
     for a smoke run) replace the 227M config."""
-    common = [f"--train.max_steps={steps}", "--train.log_interval=1", "--train.eval_interval=0",
-              "--model.memory.log_interval=1000", "--optim.warmup_steps=2"]
+    common = [
+        f"--train.max_steps={steps}",
+        "--train.log_interval=1",
+        "--train.eval_interval=0",
+        "--model.memory.log_interval=1000",
+        "--optim.warmup_steps=2",
+    ]
     if grad_accum:
         common.append(f"--train.grad_accum={grad_accum}")
     common += list(overrides)
-    extra_args = {"dense": ["--model.memory.type=none"],
-                  "ultramem_v2_cudagraphs": ["--train.compile_mode=reduce-overhead"],
-                  "ultramem_v2": [],
-                  # the tables' gradients added at once in each backward, not staged
-                  "ultramem_v2_cudagraphs_unstaged": ["--train.compile_mode=reduce-overhead",
-                                                      "--train.table_grad_flush=0"]}
+    extra_args = {
+        "dense": ["--model.memory.type=none"],
+        "ultramem_v2_cudagraphs": ["--train.compile_mode=reduce-overhead"],
+        "ultramem_v2": [],
+        # the tables' gradients added at once in each backward, not staged
+        "ultramem_v2_cudagraphs_unstaged": ["--train.compile_mode=reduce-overhead", "--train.table_grad_flush=0"],
+    }
     out = result.setdefault("throughput_227m", {})
     for name in only:
         t0 = time.perf_counter()
         cfg = load_config(config, common + extra_args[name])
         records = run_training(cfg)
-        tail = records[steps // 2:]  # after compilation and warm-up
+        tail = records[steps // 2 :]  # after compilation and warm-up
         rate = statistics.median(r.tokens_per_s for r in tail)
         earlier = out.get(name, {}).get("tokens_per_s_runs", [])
-        out[name] = {"tokens_per_s": statistics.median(earlier + [rate]), "tokens_per_s_runs": earlier + [rate],
-                     "tokens_per_s_per_step": [r.tokens_per_s for r in records], "grad_accum": cfg.train.grad_accum,
-                     "config": config, "losses": [r.loss for r in records], "wall_s": time.perf_counter() - t0,
-                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+        out[name] = {
+            "tokens_per_s": statistics.median(earlier + [rate]),
+            "tokens_per_s_runs": earlier + [rate],
+            "tokens_per_s_per_step": [r.tokens_per_s for r in records],
+            "grad_accum": cfg.train.grad_accum,
+            "config": config,
+            "losses": [r.loss for r in records],
+            "wall_s": time.perf_counter() - t0,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        }
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         torch._dynamo.reset()
@@ -289,22 +367,40 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "e2e.json"))
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--training-overrides", nargs="*", default=[],
-                        help="config overrides for the training curves, e.g. --model.memory.pre_vdim=0")
+    parser.add_argument(
+        "--training-overrides",
+        nargs="*",
+        default=[],
+        help="config overrides for the training curves, e.g. --model.memory.pre_vdim=0",
+    )
     parser.add_argument("--only", nargs="*", default=["compile", "layer", "training", "throughput"])
     parser.add_argument("--cudagraphs", action="store_true", help="also time the layer under mode='reduce-overhead'")
     parser.add_argument("--throughput-runs", nargs="*", default=list(THROUGHPUT_RUNS), choices=THROUGHPUT_RUNS)
     parser.add_argument("--throughput-steps", type=int, default=8)
-    parser.add_argument("--throughput-grad-accum", type=int, default=None,
-                        help="micro-batches per step (default: the config's); fewer make a shorter run")
+    parser.add_argument(
+        "--throughput-grad-accum",
+        type=int,
+        default=None,
+        help="micro-batches per step (default: the config's); fewer make a shorter run",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "errors": {}}
-    sections = {"compile": check_compile, "layer": lambda r: time_layer(r, args.cudagraphs),
-                "training": lambda r: training_curves(r, args.steps, tuple(args.training_overrides)), "throughput": lambda r: throughput_227m(r, args.throughput_steps, tuple(args.throughput_runs),
-                                                     args.throughput_grad_accum)}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "errors": {},
+    }
+    sections = {
+        "compile": check_compile,
+        "layer": lambda r: time_layer(r, args.cudagraphs),
+        "training": lambda r: training_curves(r, args.steps, tuple(args.training_overrides)),
+        "throughput": lambda r: throughput_227m(
+            r, args.throughput_steps, tuple(args.throughput_runs), args.throughput_grad_accum
+        ),
+    }
     for name in args.only:
         try:
             sections[name](result)
@@ -319,8 +415,10 @@ def main() -> int:
     print(json.dumps(summary, indent=1)[:6000])
     if "training" in result:
         tr = result["training"]
-        print("training: cpu last10 %.4f gpu last10 %.4f gpu first10 %.4f mean|diff| %.4f max|diff| %.4f"
-              % (tr["last10_cpu"], tr["last10_gpu"], tr["first10_gpu"], tr["mean_abs_diff"], tr["max_abs_diff"]))
+        print(
+            "training: cpu last10 %.4f gpu last10 %.4f gpu first10 %.4f mean|diff| %.4f max|diff| %.4f"
+            % (tr["last10_cpu"], tr["last10_gpu"], tr["first10_gpu"], tr["mean_abs_diff"], tr["max_abs_diff"])
+        )
     return 0 if not result["errors"] else 1
 
 

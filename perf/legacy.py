@@ -9,6 +9,7 @@ names (per section where it names several), the date the file's (else the commit
 in extra.date_from), the rest as the run wrote it. What does not map (compile checks, notes on
 inputs, a number copied from another file) is listed per file on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ def _env(name: str, d: dict, rev: str | None = None) -> dict:
         date = datetime.datetime.fromisoformat(date).astimezone(datetime.timezone.utc).isoformat(timespec="seconds")
     elif not date:
         date, date_from = records.commit_date(commit or rev) if (commit or rev) else None, "commit"
-    env = {"run": f"legacy/{name}", "commit": commit or rev, "dirty": None, "date": date,
-           "device": d.get("device"), "torch": d.get("torch"), "triton": d.get("triton")}
+    env = {
+        "run": f"legacy/{name}",
+        "commit": commit or rev,
+        "dirty": None,
+        "date": date,
+        "device": d.get("device"),
+        "torch": d.get("torch"),
+        "triton": d.get("triton"),
+    }
     env["_date_from"] = date_from
     return env
 
@@ -66,12 +74,27 @@ def _rows_file(name: str, d: dict) -> tuple[list[dict], list[str]]:
     checks = d.get("checks") or []
     failed = [c["name"] for c in checks if not c.get("ok", True)]
     if checks:
-        recs.append(records.record(env, "op", "float64_checks", "", "all modules run",
-                                   error=f"{len(failed)} of {len(checks)} failed" if failed else None,
-                                   extra={"passed": len(checks) - len(failed), "total": len(checks), "failed": failed,
-                                          "modules": d.get("modules_done")}))
-    skipped = [f"{sum(r['op'] == 'info' for r in rows)} 'info' rows (descriptions of the inputs)"] \
-        if any(r["op"] == "info" for r in rows) else []
+        recs.append(
+            records.record(
+                env,
+                "op",
+                "float64_checks",
+                "",
+                "all modules run",
+                error=f"{len(failed)} of {len(checks)} failed" if failed else None,
+                extra={
+                    "passed": len(checks) - len(failed),
+                    "total": len(checks),
+                    "failed": failed,
+                    "modules": d.get("modules_done"),
+                },
+            )
+        )
+    skipped = (
+        [f"{sum(r['op'] == 'info' for r in rows)} 'info' rows (descriptions of the inputs)"]
+        if any(r["op"] == "info" for r in rows)
+        else []
+    )
     return _finish(env, recs, note), skipped + ["per-check details (names of failed checks kept)"] * bool(checks)
 
 
@@ -113,19 +136,43 @@ def _training(name: str, d: dict, rev: str | None = None) -> list[dict]:
     shape = f"debug.toml {tr['steps']} steps" + (f" {overrides}" if overrides else "")
     stats = {k: tr[k] for k in ("max_abs_diff", "mean_abs_diff", "last10_cpu", "last10_gpu", "first10_gpu")}
     recs = [
-        records.record(env, "e2e", "debug_training", shape, "cpu_fp32",
-                       extra={"loss_curve": tr["cpu_fp32_loss"], "wall_s": tr["cpu_seconds"]}),
-        records.record(env, "e2e", "debug_training", shape, "gpu_bf16_compiled",
-                       tokens_per_s=tr.get("gpu_tokens_per_s_last"), note="tokens/s of the last step",
-                       extra={"loss_curve": tr["gpu_bf16_compiled_loss"], "wall_s": tr["gpu_seconds"],
-                              "vs_cpu_fp32": stats}),
+        records.record(
+            env,
+            "e2e",
+            "debug_training",
+            shape,
+            "cpu_fp32",
+            extra={"loss_curve": tr["cpu_fp32_loss"], "wall_s": tr["cpu_seconds"]},
+        ),
+        records.record(
+            env,
+            "e2e",
+            "debug_training",
+            shape,
+            "gpu_bf16_compiled",
+            tokens_per_s=tr.get("gpu_tokens_per_s_last"),
+            note="tokens/s of the last step",
+            extra={"loss_curve": tr["gpu_bf16_compiled_loss"], "wall_s": tr["gpu_seconds"], "vs_cpu_fp32": stats},
+        ),
     ]
     if gr:
-        recs.append(records.record(env, "e2e", "debug_training", shape, "gpu_bf16_cudagraphs",
-                                   tokens_per_s=gr.get("tokens_per_s_last"), note="tokens/s of the last step",
-                                   extra={"loss_curve": gr["gpu_bf16_cudagraphs_loss"], "wall_s": gr["seconds"],
-                                          "mean_abs_diff_vs_gpu_bf16_compiled": gr["mean_abs_diff_vs_gpu_compiled"],
-                                          "last10": gr["last10"]}))
+        recs.append(
+            records.record(
+                env,
+                "e2e",
+                "debug_training",
+                shape,
+                "gpu_bf16_cudagraphs",
+                tokens_per_s=gr.get("tokens_per_s_last"),
+                note="tokens/s of the last step",
+                extra={
+                    "loss_curve": gr["gpu_bf16_cudagraphs_loss"],
+                    "wall_s": gr["seconds"],
+                    "mean_abs_diff_vs_gpu_bf16_compiled": gr["mean_abs_diff_vs_gpu_compiled"],
+                    "last10": gr["last10"],
+                },
+            )
+        )
     return _finish(env, recs)
 
 
@@ -134,13 +181,25 @@ def _cudagraph_check(name: str, d: dict) -> tuple[list[dict], list[str]]:
     (grad_accum 4, median of the last 3 of 6 steps) with and without CUDA graphs."""
     env = _env(name, d)
     dbg = d["debug_grad_accum2"]
-    recs = [records.record(env, "e2e", "debug_training", "debug.toml 30 steps grad_accum=2", variant,
-                           extra={"loss_curve": dbg["losses"][mode], "mean_abs_diff_between": dbg["mean_abs_diff"],
-                                  "max_abs_diff_between": dbg["max_abs_diff"]})
-            for mode, variant in (("default", "gpu_bf16_compiled"), ("reduce-overhead", "gpu_bf16_cudagraphs"))]
-    runs = {"ultramem_v2_cudagraphs": {**d["227m_reduce-overhead"], "grad_accum": 4,
-                                       "compile_mode": "reduce-overhead"},
-            "ultramem_v2_compile_default": {**d["227m_default"], "grad_accum": 4, "compile_mode": "default"}}
+    recs = [
+        records.record(
+            env,
+            "e2e",
+            "debug_training",
+            "debug.toml 30 steps grad_accum=2",
+            variant,
+            extra={
+                "loss_curve": dbg["losses"][mode],
+                "mean_abs_diff_between": dbg["mean_abs_diff"],
+                "max_abs_diff_between": dbg["max_abs_diff"],
+            },
+        )
+        for mode, variant in (("default", "gpu_bf16_compiled"), ("reduce-overhead", "gpu_bf16_cudagraphs"))
+    ]
+    runs = {
+        "ultramem_v2_cudagraphs": {**d["227m_reduce-overhead"], "grad_accum": 4, "compile_mode": "reduce-overhead"},
+        "ultramem_v2_compile_default": {**d["227m_default"], "grad_accum": 4, "compile_mode": "default"},
+    }
     recs += throughput_records(env, runs, "227m.toml", small=False)
     return _finish(env, recs), ["dense_227m_tokens_per_s_same_gpu_e2e_h200_json (a copy of e2e_h200.json's number)"]
 
@@ -151,10 +210,20 @@ def _train_step_profile(name: str, d: dict) -> list[dict]:
     for variant, run in d["runs"].items():
         extra = {k: v for k, v in run.items() if k not in ("step_ms", "tokens_per_s", "kernels_us_per_micro_batch")}
         extra["kernels_us_per_micro_batch"] = run["kernels_us_per_micro_batch"][:KERNEL_ROWS_KEPT]
-        recs.append(records.record(env, "e2e", "train_step_profile", f"227m.toml grad_accum={run['grad_accum']}",
-                                   variant, time=run["step_ms"], unit="ms", tokens_per_s=run["tokens_per_s"],
-                                   note="one step after warm-up, CUDA graphs; GPU busy time from the profiler",
-                                   extra=extra))
+        recs.append(
+            records.record(
+                env,
+                "e2e",
+                "train_step_profile",
+                f"227m.toml grad_accum={run['grad_accum']}",
+                variant,
+                time=run["step_ms"],
+                unit="ms",
+                tokens_per_s=run["tokens_per_s"],
+                note="one step after warm-up, CUDA graphs; GPU busy time from the profiler",
+                extra=extra,
+            )
+        )
     return _finish(env, recs)
 
 
@@ -218,13 +287,19 @@ def _load_dir(src: pathlib.Path) -> dict[str, dict]:
 
 
 def _load_git(rev: str) -> dict[str, dict]:
-    names = subprocess.run(["git", "ls-tree", "--name-only", rev, "perf/results/"], cwd=records.ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    names = subprocess.run(
+        ["git", "ls-tree", "--name-only", rev, "perf/results/"],
+        cwd=records.ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     out = {}
     for path in names:
         if path.endswith(".json"):
-            text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=records.ROOT, capture_output=True,
-                                  text=True, check=True).stdout
+            text = subprocess.run(
+                ["git", "show", f"{rev}:{path}"], cwd=records.ROOT, capture_output=True, text=True, check=True
+            ).stdout
             out[pathlib.Path(path).name] = json.loads(text)
     return out
 

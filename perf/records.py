@@ -18,6 +18,7 @@ A record (every key is always there, null when it does not apply):
     note, error   free text; error: the measurement failed (time is then null)
     extra         whatever else the bench reports (bytes, GB/s, rel_err, MFU, loss curve, ...)
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,8 +31,29 @@ import subprocess
 SCHEMA = 1
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_LOG = ROOT / "perf" / "results" / "log.jsonl"
-KEYS = ("schema", "run", "commit", "dirty", "date", "device", "torch", "triton", "suite", "bench", "shape",
-        "variant", "time", "unit", "frac_of_copy", "tokens_per_s", "small", "reference", "note", "error", "extra")
+KEYS = (
+    "schema",
+    "run",
+    "commit",
+    "dirty",
+    "date",
+    "device",
+    "torch",
+    "triton",
+    "suite",
+    "bench",
+    "shape",
+    "variant",
+    "time",
+    "unit",
+    "frac_of_copy",
+    "tokens_per_s",
+    "small",
+    "reference",
+    "note",
+    "error",
+    "extra",
+)
 
 
 def _git(*args: str) -> str | None:
@@ -72,28 +94,59 @@ def environment() -> dict:
 
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     commit, dirty = current_commit()
     now = datetime.datetime.now(datetime.timezone.utc)
-    return {"run": f"{now:%Y%m%dT%H%M%SZ}-{commit[:7]}-{secrets.token_hex(2)}", "commit": commit, "dirty": dirty,
-            "date": now.isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "triton": triton_version}
+    return {
+        "run": f"{now:%Y%m%dT%H%M%SZ}-{commit[:7]}-{secrets.token_hex(2)}",
+        "commit": commit,
+        "dirty": dirty,
+        "date": now.isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+    }
 
 
-def record(env: dict, suite: str, bench: str, shape: str, variant: str, *, time: float | None = None,
-           unit: str | None = None, frac_of_copy: float | None = None, tokens_per_s: float | None = None,
-           small: bool = False, reference: bool = False, note: str | None = None, error: str | None = None,
-           extra: dict | None = None) -> dict:
+def record(
+    env: dict,
+    suite: str,
+    bench: str,
+    shape: str,
+    variant: str,
+    *,
+    time: float | None = None,
+    unit: str | None = None,
+    frac_of_copy: float | None = None,
+    tokens_per_s: float | None = None,
+    small: bool = False,
+    reference: bool = False,
+    note: str | None = None,
+    error: str | None = None,
+    extra: dict | None = None,
+) -> dict:
     if time is not None and unit not in ("us", "ms"):
         raise ValueError(f"a time needs its unit, 'us' or 'ms' (got {unit!r})")
-    rec = {"schema": SCHEMA, **{k: env.get(k) for k in ("run", "commit", "dirty", "date", "device", "torch", "triton")},
-           "suite": suite, "bench": bench, "shape": shape, "variant": variant,
-           "time": _round(time), "unit": unit if time is not None else None, "frac_of_copy": _round(frac_of_copy, 4),
-           "tokens_per_s": _round(tokens_per_s, 1), "small": bool(small), "reference": bool(reference),
-           "note": note, "error": error, "extra": extra or {}}
+    rec = {
+        "schema": SCHEMA,
+        **{k: env.get(k) for k in ("run", "commit", "dirty", "date", "device", "torch", "triton")},
+        "suite": suite,
+        "bench": bench,
+        "shape": shape,
+        "variant": variant,
+        "time": _round(time),
+        "unit": unit if time is not None else None,
+        "frac_of_copy": _round(frac_of_copy, 4),
+        "tokens_per_s": _round(tokens_per_s, 1),
+        "small": bool(small),
+        "reference": bool(reference),
+        "note": note,
+        "error": error,
+        "extra": extra or {},
+    }
     return rec
 
 

@@ -4,6 +4,7 @@ they published them: fixed reference rows next to our measurements, never re-mea
 Timer as for our op rows (median, L2 flushed, each call replayed from a CUDA graph); where they
 also gave an event-timed number it is in the note.
 """
+
 from __future__ import annotations
 
 from . import records
@@ -22,20 +23,69 @@ ROWS = [
     ("op", "weighted_lookup_fwd", LOOKUP_SHAPE, "authors-cuda", 60.9, "us", "event-timed: 60.5 us"),
     ("op", "pre_value_gate_fwd", LOOKUP_SHAPE, "authors-cuda", 96.2, "us", "event-timed: 97 us"),
     ("op", "gate_lookup_fwd", LOOKUP_SHAPE, "authors-cuda", 162.7, "us", "two kernels + GELU/multiply"),
-    ("op", "weighted_lookup_bwd", LOOKUP_SHAPE, "authors-cuda", 287.2, "us",
-     "atomics into a persistent fp32 buffer; event-timed: 288 us"),
-    ("op", "weighted_lookup_bwd", LOOKUP_SHAPE, "authors-cuda (dense: zero-fill + atomics)", 712.0, "us",
-     "a fresh zero-filled fp32 gradient per call, as their autograd does"),
-    ("op", "pre_value_gate_bwd", LOOKUP_SHAPE, "authors-cuda", 277.4, "us",
-     "atomics into a persistent fp32 buffer; event-timed: 278 us"),
-    ("op", "gate_lookup_bwd", LOOKUP_SHAPE, "authors-cuda", 564.6, "us",
-     "their lookup bwd + gate bwd (two kernels); 989 us as their autograd runs them (dense lookup grad)"),
-    ("op", "tdqkr_retrieval_fwd", RETRIEVAL_SHAPE, "authors (eager PyTorch)", 1823.0, "us",
-     "their retrieval has no CUDA kernel: eager PyTorch, event-timed"),
-    ("layer", "layer_fwd", LAYER_SHAPE, "authors-cuda (eager retrieval + CUDA gate/lookup)", 2.164, "ms",
-     "event-timed"),
-    ("layer", "layer_fwd_bwd", LAYER_SHAPE, "authors-cuda (eager retrieval + CUDA gate/lookup)", 5.697, "ms",
-     "event-timed"),
+    (
+        "op",
+        "weighted_lookup_bwd",
+        LOOKUP_SHAPE,
+        "authors-cuda",
+        287.2,
+        "us",
+        "atomics into a persistent fp32 buffer; event-timed: 288 us",
+    ),
+    (
+        "op",
+        "weighted_lookup_bwd",
+        LOOKUP_SHAPE,
+        "authors-cuda (dense: zero-fill + atomics)",
+        712.0,
+        "us",
+        "a fresh zero-filled fp32 gradient per call, as their autograd does",
+    ),
+    (
+        "op",
+        "pre_value_gate_bwd",
+        LOOKUP_SHAPE,
+        "authors-cuda",
+        277.4,
+        "us",
+        "atomics into a persistent fp32 buffer; event-timed: 278 us",
+    ),
+    (
+        "op",
+        "gate_lookup_bwd",
+        LOOKUP_SHAPE,
+        "authors-cuda",
+        564.6,
+        "us",
+        "their lookup bwd + gate bwd (two kernels); 989 us as their autograd runs them (dense lookup grad)",
+    ),
+    (
+        "op",
+        "tdqkr_retrieval_fwd",
+        RETRIEVAL_SHAPE,
+        "authors (eager PyTorch)",
+        1823.0,
+        "us",
+        "their retrieval has no CUDA kernel: eager PyTorch, event-timed",
+    ),
+    (
+        "layer",
+        "layer_fwd",
+        LAYER_SHAPE,
+        "authors-cuda (eager retrieval + CUDA gate/lookup)",
+        2.164,
+        "ms",
+        "event-timed",
+    ),
+    (
+        "layer",
+        "layer_fwd_bwd",
+        LAYER_SHAPE,
+        "authors-cuda (eager retrieval + CUDA gate/lookup)",
+        5.697,
+        "ms",
+        "event-timed",
+    ),
 ]
 
 
@@ -47,6 +97,9 @@ def reference_records(env: dict, suite: str) -> list[dict]:
         if row_suite != suite:
             continue
         ref_env = {**env, **{k: v for k, v in REFERENCE_ENV.items() if k != "run"}}
-        out.append(records.record(ref_env, suite, bench, shape, variant, time=time, unit=unit, reference=True,
-                                  note=f"{NOTE} ({detail})"))
+        out.append(
+            records.record(
+                ref_env, suite, bench, shape, variant, time=time, unit=unit, reference=True, note=f"{NOTE} ({detail})"
+            )
+        )
     return out

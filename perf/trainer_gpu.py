@@ -11,6 +11,7 @@ A smoke mode (`--smoke`) runs debug.toml on the GPU instead: compile with CUDA g
 FSDP, and a checkpoint save and exact resume, in a minute or two. `python -m perf run --only e2e`
 runs the variants through run_variants() and appends them to the results log.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,31 @@ import sys
 import time
 from pathlib import Path
 
-COMMON_227M = ["--config", "227m.toml", "--train.eval_interval=0", "--model.memory.log_interval=100000",
-               "--optim.warmup_steps=10", "--data.vocab_size=8192", "--data.max_corpus_bytes=2000000",
-               "--checkpoint.enabled=false",
-               "--metrics.tensorboard=false", "--metrics.progress=false"]
+COMMON_227M = [
+    "--config",
+    "227m.toml",
+    "--train.eval_interval=0",
+    "--model.memory.log_interval=100000",
+    "--optim.warmup_steps=10",
+    "--data.vocab_size=8192",
+    "--data.max_corpus_bytes=2000000",
+    "--checkpoint.enabled=false",
+    "--metrics.tensorboard=false",
+    "--metrics.progress=false",
+]
 
 # The smoke mode of `python -m perf run --small`: debug.toml on the CPU, same variants' overrides.
-COMMON_SMALL = ["--config", "debug.toml", "--train.device=cpu", "--train.eval_interval=0",
-                "--model.memory.log_interval=100000", "--optim.warmup_steps=1", "--checkpoint.enabled=false",
-                "--metrics.tensorboard=false", "--metrics.progress=false"]
+COMMON_SMALL = [
+    "--config",
+    "debug.toml",
+    "--train.device=cpu",
+    "--train.eval_interval=0",
+    "--model.memory.log_interval=100000",
+    "--optim.warmup_steps=1",
+    "--checkpoint.enabled=false",
+    "--metrics.tensorboard=false",
+    "--metrics.progress=false",
+]
 
 VARIANTS = {
     "v2-graphs": (0, []),
@@ -47,15 +64,26 @@ VARIANTS = {
 
 def launch(args: list[str], nproc: int, run_dir: Path, log_path: Path, timeout: float) -> dict:
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-               "-m", "ultramem.train", *args, f"--run.dir={run_dir}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--standalone",
+            "-m",
+            "ultramem.train",
+            *args,
+            f"--run.dir={run_dir}",
+        ]
     else:
         cmd = [sys.executable, "-m", "ultramem.train", *args, f"--run.dir={run_dir}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
-                              start_new_session=True)
+        proc = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, start_new_session=True
+        )
     return {"cmd": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": time.perf_counter() - t0}
 
 
@@ -82,9 +110,17 @@ def summarize(records: list[dict], warmup: int) -> dict:
 
 def smoke(work: Path, result: dict) -> None:
     """debug.toml on the GPU: every trainer path in small."""
-    common = ["--config", "debug.toml", "--train.device=cuda", "--train.dtype=bfloat16", "--train.compile=true",
-              "--train.max_steps=20", "--train.eval_interval=10", "--checkpoint.interval=10",
-              "--metrics.progress=false"]
+    common = [
+        "--config",
+        "debug.toml",
+        "--train.device=cuda",
+        "--train.dtype=bfloat16",
+        "--train.compile=true",
+        "--train.max_steps=20",
+        "--train.eval_interval=10",
+        "--checkpoint.interval=10",
+        "--metrics.progress=false",
+    ]
     runs = {
         "graphs": (0, ["--train.compile_mode=reduce-overhead"]),
         "graphs-ac": (0, ["--train.compile_mode=reduce-overhead", "--train.ac=full"]),
@@ -102,9 +138,13 @@ def smoke(work: Path, result: dict) -> None:
     # exact resume on the GPU: from the graphs run's step-10 checkpoint, steps 11-20 again
     src = work / "smoke-graphs"
     run_dir = work / "smoke-graphs-resumed"
-    info = launch(common + ["--train.compile_mode=reduce-overhead",
-                            f"--run.resume={src / 'checkpoints' / 'step_00000010'}"], 0, run_dir,
-                  work / "smoke-resume.log", 600)
+    info = launch(
+        common + ["--train.compile_mode=reduce-overhead", f"--run.resume={src / 'checkpoints' / 'step_00000010'}"],
+        0,
+        run_dir,
+        work / "smoke-resume.log",
+        600,
+    )
     full = {r["step"]: r["train/loss"] for r in read_records(src) if r["kind"] == "train"}
     resumed = {r["step"]: r["train/loss"] for r in read_records(run_dir) if r["kind"] == "train"}
     info["max_abs_diff_vs_uninterrupted"] = max((abs(resumed[s] - full[s]) for s in resumed), default=None)
@@ -114,8 +154,16 @@ def smoke(work: Path, result: dict) -> None:
     print("resume", {k: v for k, v in info.items() if k != "log_tail"}, flush=True)
 
 
-def run_variants(names: list[str], steps: int, grad_accum: int, warmup: int, work: Path, timeout: float,
-                 small: bool = False, on_variant=None) -> dict:
+def run_variants(
+    names: list[str],
+    steps: int,
+    grad_accum: int,
+    warmup: int,
+    work: Path,
+    timeout: float,
+    small: bool = False,
+    on_variant=None,
+) -> dict:
     """Each variant as a training subprocess; {name: summary}. on_variant(name, summary) after each."""
     out = {}
     for name in names:
@@ -123,10 +171,10 @@ def run_variants(names: list[str], steps: int, grad_accum: int, warmup: int, wor
         if small and nproc:
             raise SystemExit(f"variant {name} needs torchrun and a GPU; the smoke mode runs single-process ones")
         run_dir = work / name
-        overrides = [f"--train.max_steps={steps}", f"--train.grad_accum={grad_accum}",
-                     "--train.log_interval=1", *extra]
-        info = launch((COMMON_SMALL if small else COMMON_227M) + overrides, nproc, run_dir, work / f"{name}.log",
-                      timeout)
+        overrides = [f"--train.max_steps={steps}", f"--train.grad_accum={grad_accum}", "--train.log_interval=1", *extra]
+        info = launch(
+            (COMMON_SMALL if small else COMMON_227M) + overrides, nproc, run_dir, work / f"{name}.log", timeout
+        )
         info.update(summarize(read_records(run_dir), warmup))
         info["log_tail"] = (work / f"{name}.log").read_text()[-1200:]
         out[name] = info
@@ -137,8 +185,12 @@ def run_variants(names: list[str], steps: int, grad_accum: int, warmup: int, wor
 
 
 # UltraMemV2 variant -> the dense run it is compared with
-DENSE_OF = {"v2-graphs": "dense-graphs", "v2-graphs-ac": "dense-graphs-ac", "v2-default": "dense-default",
-            "v2-fsdp": "dense-fsdp"}
+DENSE_OF = {
+    "v2-graphs": "dense-graphs",
+    "v2-graphs-ac": "dense-graphs-ac",
+    "v2-default": "dense-default",
+    "v2-fsdp": "dense-fsdp",
+}
 
 
 def main() -> int:
@@ -156,9 +208,15 @@ def main() -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "git_rev": os.environ.get("ULTRAMEM_GIT_REV", ""), "date": time.strftime("%Y-%m-%d"),
-              "steps": args.steps, "grad_accum": args.grad_accum, "warmup_steps_left_out": args.warmup}
+    result = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "git_rev": os.environ.get("ULTRAMEM_GIT_REV", ""),
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": args.steps,
+        "grad_accum": args.grad_accum,
+        "warmup_steps_left_out": args.warmup,
+    }
     out = Path(args.out)
     if args.smoke:
         smoke(work, result)
@@ -169,8 +227,9 @@ def main() -> int:
             result[name] = info
             out.write_text(json.dumps(result, indent=1))
 
-        run_variants(args.variants.split(","), args.steps, args.grad_accum, args.warmup, work, args.timeout,
-                     on_variant=save)
+        run_variants(
+            args.variants.split(","), args.steps, args.grad_accum, args.warmup, work, args.timeout, on_variant=save
+        )
         for v2, dense in DENSE_OF.items():
             if "tokens_per_s" in result.get(v2, {}) and "tokens_per_s" in result.get(dense, {}):
                 result[f"ratio {v2} / {dense}"] = result[v2]["tokens_per_s"] / result[dense]["tokens_per_s"]

@@ -5,12 +5,14 @@ Triton 3.6's interpreter keeps scalars as 1-element NumPy arrays and calls int()
 `patch_index()` makes such scalars convertible by reading their single element. It changes
 nothing when Triton's interpreter module is absent or already behaves.
 """
+
 from __future__ import annotations
 
 
 def patch_index() -> None:
     try:
         import triton.runtime.interpreter as interp
+
         original = interp._patch_lang_tensor
     except (ImportError, AttributeError):
         return

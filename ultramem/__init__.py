@@ -1,4 +1,5 @@
 """ultramem: sparse memory-layer language models (UltraMemV2, UltraMem v1, Memory+)."""
+
 from . import ops
 from .config import ConfigError, MemoryConfig, ModelConfig
 

@@ -17,6 +17,7 @@ wall-clock time; PNGs need matplotlib, the `plot` extra).
 Rerunning the same command skips the runs that finished; an interrupted or failed run is
 started again and the trainer resumes it from its latest checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ STATE_NAME = "compare.json"
 LOG_NAME = "compare.log"
 # keys the comparison sets itself; --extra may not
 OWN_KEYS = ("train.max_steps", "train.eval_interval", "run.dir")
-_SUFFIXES = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
 
 class CompareError(ValueError):
@@ -87,8 +88,15 @@ class RunPlan:
     def command(self, nproc: int) -> list[str]:
         args = ["-m", "ultramem.train", "--config", self.config, *self.overrides]
         if nproc > 1:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                    *args]
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(nproc),
+                *args,
+            ]
         return [sys.executable, *args]
 
 
@@ -96,9 +104,18 @@ def _config_stem(config: str) -> str:
     return Path(config).stem if config.endswith(".toml") else Path(config).name
 
 
-def plan_runs(configs: list[str], tokens: int, eval_every: int, out: Path, *, data: str | None = None,
-              val_data: str | None = None, nproc: int = 1, extra: list[str] = (),
-              seeds: list[int] | None = None) -> list[RunPlan]:
+def plan_runs(
+    configs: list[str],
+    tokens: int,
+    eval_every: int,
+    out: Path,
+    *,
+    data: str | None = None,
+    val_data: str | None = None,
+    nproc: int = 1,
+    extra: list[str] = (),
+    seeds: list[int] | None = None,
+) -> list[RunPlan]:
     from ultramem.config import ConfigError
     from ultramem.model import build_model
     from ultramem.train.config import load_config, parse_overrides
@@ -107,8 +124,9 @@ def plan_runs(configs: list[str], tokens: int, eval_every: int, out: Path, *, da
     try:
         for key, _ in parse_overrides(list(extra)):
             if key in OWN_KEYS:
-                raise CompareError(f"--extra sets {key}, which the comparison sets itself (from --tokens, "
-                                   f"--eval-every, --out)")
+                raise CompareError(
+                    f"--extra sets {key}, which the comparison sets itself (from --tokens, --eval-every, --out)"
+                )
     except ConfigError as e:
         raise CompareError(f"--extra: {e}") from None
     names = [_config_stem(c) for c in configs]
@@ -117,7 +135,7 @@ def plan_runs(configs: list[str], tokens: int, eval_every: int, out: Path, *, da
         raise CompareError(f"--configs names {', '.join(dupes)} twice: each config gets the run directory of its name")
     plans = []
     for config, stem in zip(configs, names):
-        for seed in (seeds or [None]):
+        for seed in seeds or [None]:
             base = list(extra)
             if data:
                 base.append(f"--data.source={data}")
@@ -138,17 +156,23 @@ def plan_runs(configs: list[str], tokens: int, eval_every: int, out: Path, *, da
                 raise CompareError(
                     f"config {config}: {tokens:,d} tokens are {steps} steps of {per_step:,d} tokens, fewer than its "
                     f"optim.warmup_steps={cfg0.optim.warmup_steps}; raise --tokens or pass --extra "
-                    f"'--optim.warmup_steps=N'")
+                    f"'--optim.warmup_steps=N'"
+                )
             run_dir = out / name
-            overrides = base + [f"--train.max_steps={steps}", f"--train.eval_interval={interval}",
-                                f"--run.dir={run_dir}", "--metrics.progress=false"]
+            overrides = base + [
+                f"--train.max_steps={steps}",
+                f"--train.eval_interval={interval}",
+                f"--run.dir={run_dir}",
+                "--metrics.progress=false",
+            ]
             try:
                 cfg = load_config(config, overrides)
             except ConfigError as e:
                 raise CompareError(f"config {config}: {e}") from None
             s = summarize(build_model(cfg.model, device="meta"), cfg.model, cfg.train.seq_len)
-            plans.append(RunPlan(name, config, seed, overrides, per_step, steps, interval, run_dir, cfg,
-                                 s.total, s.activated))
+            plans.append(
+                RunPlan(name, config, seed, overrides, per_step, steps, interval, run_dir, cfg, s.total, s.activated)
+            )
     return plans
 
 
@@ -194,12 +218,19 @@ def launch(plan: RunPlan, nproc: int, grace_s: float = 600.0) -> int:
     """Train one run to its end (the trainer resumes from the run directory's latest checkpoint)."""
     state = read_state(plan.run_dir)
     if state.get("args") not in (None, _key_args(plan, nproc)):
-        log.info("%s: the run there was started with other arguments; the trainer resumes it if its config allows",
-                 plan.name)
+        log.info(
+            "%s: the run there was started with other arguments; the trainer resumes it if its config allows", plan.name
+        )
     segments = state.get("segments", [])  # earlier launches count in the run's wall-clock time
     cmd = plan.command(nproc)
-    state = {"args": _key_args(plan, nproc), "command": cmd, "status": "running", "segments": segments,
-             "max_steps": plan.max_steps, "tokens_per_step": plan.tokens_per_step}
+    state = {
+        "args": _key_args(plan, nproc),
+        "command": cmd,
+        "status": "running",
+        "segments": segments,
+        "max_steps": plan.max_steps,
+        "tokens_per_step": plan.tokens_per_step,
+    }
     write_state(plan.run_dir, state)
     start = time.time()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -277,8 +308,9 @@ def training_tokens(cfg) -> int | None:
     if key not in _train_tokens_cache:
         try:
             kwargs = {"val_source": d.val_source} if d.val_source else {}
-            splits = load_token_splits(d.source, d.vocab_size, d.max_corpus_bytes, d.val_fraction,
-                                       d.cache_dir or None, **kwargs)
+            splits = load_token_splits(
+                d.source, d.vocab_size, d.max_corpus_bytes, d.val_fraction, d.cache_dir or None, **kwargs
+            )
             _train_tokens_cache[key] = len(splits.train)
         except (OSError, ValueError) as e:
             log.warning("cannot count the training tokens of data.source=%r: %s", d.source, e)
@@ -316,20 +348,42 @@ def collect(plan: RunPlan, nproc: int) -> RunResult:
     train = [r for r in metric_records(plan.run_dir, "train") if r["step"] <= plan.max_steps]
     val = [r for r in metric_records(plan.run_dir, "val") if r["step"] <= plan.max_steps]
     t0 = segments[0][0] if segments else (train[0]["time"] if train else 0.0)
-    points = [{"step": r["step"], "tokens": r["step"] * plan.tokens_per_step,
-               "seconds": elapsed_at(r["time"], segments) if segments else r["time"] - t0,
-               "loss": r["val/loss"]} for r in val]
+    points = [
+        {
+            "step": r["step"],
+            "tokens": r["step"] * plan.tokens_per_step,
+            "seconds": elapsed_at(r["time"], segments) if segments else r["time"] - t0,
+            "loss": r["val/loss"],
+        }
+        for r in val
+    ]
     steps = train[-1]["step"] if train else 0
     tokens = steps * plan.tokens_per_step
     avail = training_tokens(plan.cfg) if steps else None
     finite = [p for p in points if math.isfinite(p["loss"])]
     best = min(finite, key=lambda p: p["loss"]) if finite else None
     return RunResult(
-        plan.name, plan.config, plan.seed, str(plan.run_dir), state.get("status", "not run"), plan.total_params,
-        plan.activated_params, plan.tokens_per_step, plan.max_steps, steps, tokens, avail,
-        tokens / avail if avail else None, steady_rate([r["train/tokens_per_s"] for r in train]),
-        sum(b - a for a, b in segments), points[-1]["loss"] if points else None,
-        best["loss"] if best else None, best["tokens"] if best else None, state.get("command", []), points)
+        plan.name,
+        plan.config,
+        plan.seed,
+        str(plan.run_dir),
+        state.get("status", "not run"),
+        plan.total_params,
+        plan.activated_params,
+        plan.tokens_per_step,
+        plan.max_steps,
+        steps,
+        tokens,
+        avail,
+        tokens / avail if avail else None,
+        steady_rate([r["train/tokens_per_s"] for r in train]),
+        sum(b - a for a, b in segments),
+        points[-1]["loss"] if points else None,
+        best["loss"] if best else None,
+        best["tokens"] if best else None,
+        state.get("command", []),
+        points,
+    )
 
 
 def _num(n: float | None, spec: str = ",d") -> str:
@@ -351,8 +405,10 @@ def results_markdown(results: list[RunResult], meta: dict) -> str:
     lines = [
         f"# Comparison: {meta['tokens']:,d} tokens per run, validation every {meta['eval_every']:,d} tokens",
         "",
-        f"Data: {meta['data']}" + (f"; validation: {meta['val_data']}" if meta.get("val_data") else "")
-        + f". Processes per run: {meta['nproc']}." + (f" Extra overrides: `{meta['extra']}`." if meta['extra'] else ""),
+        f"Data: {meta['data']}"
+        + (f"; validation: {meta['val_data']}" if meta.get("val_data") else "")
+        + f". Processes per run: {meta['nproc']}."
+        + (f" Extra overrides: `{meta['extra']}`." if meta["extra"] else ""),
         "",
         "| run | total params | activated params | tokens | epochs | tokens/s | wall | final val loss "
         "| best val loss (at tokens) | status |",
@@ -363,13 +419,19 @@ def results_markdown(results: list[RunResult], meta: dict) -> str:
         lines.append(
             f"| {r.name} | {_params(r.total_params)} | {_params(r.activated_params)} | {r.tokens:,d} | "
             f"{_num(r.epochs, '.3g')} | {_num(r.tokens_per_s, ',.0f')} | {_duration(r.wall_s)} | "
-            f"{_num(r.final_val_loss, '.4f')} | {best} | {r.status} |")
+            f"{_num(r.final_val_loss, '.4f')} | {best} | {r.status} |"
+        )
     by_config: dict[str, list[RunResult]] = {}
     for r in results:
         by_config.setdefault(r.config, []).append(r)
     if any(len(rs) > 1 for rs in by_config.values()):
-        lines += ["", "Over seeds (mean ± standard deviation of the final validation loss):", "",
-                  "| config | seeds | final val loss |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "Over seeds (mean ± standard deviation of the final validation loss):",
+            "",
+            "| config | seeds | final val loss |",
+            "|---|---:|---:|",
+        ]
         for config, rs in by_config.items():
             vals = [r.final_val_loss for r in rs if r.final_val_loss is not None]
             spread = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
@@ -399,8 +461,10 @@ def write_plots(results: list[RunResult], out: Path) -> list[Path]:
         log.warning("matplotlib is not installed: no plots (pip install 'ultramem[plot]')")
         return []
     written = []
-    for name, key, label in (("loss_vs_tokens.png", "tokens", "tokens trained"),
-                             ("loss_vs_time.png", "seconds", "wall-clock time (s)")):
+    for name, key, label in (
+        ("loss_vs_tokens.png", "tokens", "tokens trained"),
+        ("loss_vs_time.png", "seconds", "wall-clock time (s)"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
         for r in results:
             if r.val:
@@ -453,20 +517,36 @@ def _cli_logging():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ultramem.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__.split("\n\n", 1)[0], epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--configs", required=True,
-                   help="comma-separated packaged config names or TOML paths (e.g. small-dense,small-moe)")
+    p = argparse.ArgumentParser(
+        prog="python -m ultramem.compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    p.add_argument(
+        "--configs",
+        required=True,
+        help="comma-separated packaged config names or TOML paths (e.g. small-dense,small-moe)",
+    )
     p.add_argument("--tokens", required=True, type=parse_count, help="training tokens per run (16000000, 16M)")
-    p.add_argument("--eval-every", required=True, type=parse_count, metavar="TOKENS",
-                   help="validate every this many training tokens (and at the end)")
+    p.add_argument(
+        "--eval-every",
+        required=True,
+        type=parse_count,
+        metavar="TOKENS",
+        help="validate every this many training tokens (and at the end)",
+    )
     p.add_argument("--out", required=True, help="directory for the runs and the results")
     p.add_argument("--data", help="data.source for every run (default: each config's own)")
     p.add_argument("--val-data", help="data.val_source for every run (default: the tail data.val_fraction)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
-    p.add_argument("--extra", action="append", default=[],
-                   help="more overrides for every run, e.g. --extra \"--train.compile=false --optim.warmup_steps=20\" "
-                        "(may be repeated)")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help='more overrides for every run, e.g. --extra "--train.compile=false --optim.warmup_steps=20" '
+        "(may be repeated)",
+    )
     p.add_argument("--seeds", help="comma-separated train.seed values: each config runs once per seed")
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, parameters) and exit")
     return p
@@ -479,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     i = 0
     while i < len(argv) - 1:
         if argv[i] == "--extra":
-            argv[i:i + 2] = [f"--extra={argv[i + 1]}"]
+            argv[i : i + 2] = [f"--extra={argv[i + 1]}"]
         i += 1
     args = parser.parse_args(argv)
     args.extra = " ".join(args.extra)
@@ -502,19 +582,38 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if path and path != "stdlib" and not Path(path).expanduser().exists():
             parser.exit(2, f"error: {what} {path!r}: no such file or directory\n")
     try:
-        plans = plan_runs(configs, args.tokens, args.eval_every, out, data=args.data, val_data=args.val_data,
-                          nproc=args.nproc, extra=shlex.split(args.extra), seeds=seeds)
+        plans = plan_runs(
+            configs,
+            args.tokens,
+            args.eval_every,
+            out,
+            data=args.data,
+            val_data=args.val_data,
+            nproc=args.nproc,
+            extra=shlex.split(args.extra),
+            seeds=seeds,
+        )
     except CompareError as e:
         parser.exit(2, f"error: {e}\n")
     for plan in plans:
-        print(f"{plan.name}: {plan.max_steps} steps × {plan.tokens_per_step:,d} tokens = {plan.tokens:,d} tokens, "
-              f"validation every {plan.eval_interval} steps; {_params(plan.activated_params)} activated / "
-              f"{_params(plan.total_params)} total parameters → {plan.run_dir}", flush=True)
+        print(
+            f"{plan.name}: {plan.max_steps} steps × {plan.tokens_per_step:,d} tokens = {plan.tokens:,d} tokens, "
+            f"validation every {plan.eval_interval} steps; {_params(plan.activated_params)} activated / "
+            f"{_params(plan.total_params)} total parameters → {plan.run_dir}",
+            flush=True,
+        )
     if args.dry_run:
         return 0
-    meta = {"tokens": args.tokens, "eval_every": args.eval_every, "data": args.data or "each config's data.source",
-            "val_data": args.val_data, "nproc": args.nproc, "extra": args.extra, "seeds": seeds,
-            "configs": configs}
+    meta = {
+        "tokens": args.tokens,
+        "eval_every": args.eval_every,
+        "data": args.data or "each config's data.source",
+        "val_data": args.val_data,
+        "nproc": args.nproc,
+        "extra": args.extra,
+        "seeds": seeds,
+        "configs": configs,
+    }
     failed = []
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -528,8 +627,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             if rc != 0:
                 failed.append(plan.name)
                 tail = (plan.run_dir / LOG_NAME).read_text().splitlines()[-15:]
-                print(f"[{k}/{len(plans)}] {plan.name}: FAILED with exit code {rc}; the end of its log:\n  "
-                      + "\n  ".join(tail), flush=True)
+                print(
+                    f"[{k}/{len(plans)}] {plan.name}: FAILED with exit code {rc}; the end of its log:\n  "
+                    + "\n  ".join(tail),
+                    flush=True,
+                )
             else:
                 print(f"[{k}/{len(plans)}] {plan.name}: finished in {_duration(time.time() - t)}", flush=True)
     except (KeyboardInterrupt, _Terminated):
@@ -541,8 +643,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     results = [collect(p, args.nproc) for p in plans]
     write_results(results, out, meta)
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'loss_vs_tokens.png'}, "
-          f"{out / 'loss_vs_time.png'}")
+    print(
+        f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'loss_vs_tokens.png'}, {out / 'loss_vs_time.png'}"
+    )
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them", file=sys.stderr)
         return 1

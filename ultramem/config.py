@@ -4,6 +4,7 @@ Training, data, optimizer and parallelism settings live in `ultramem.train.confi
 holds only what a layer or the model needs, so that `ops ← layers ← model ← train` stays one-way.
 The authors' names for the memory settings are given in comments where ours differ.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,10 +87,18 @@ def validate_moe(moe: MoEConfig) -> None:
     _require(moe.num_experts >= 0, key + "num_experts", moe.num_experts, "must be >= 0 (0: dense FFN)")
     if moe.num_experts == 0:
         return
-    _require(1 <= moe.top_k <= moe.num_experts, key + "top_k", moe.top_k,
-             f"must be in [1, model.moe.num_experts={moe.num_experts}]")
-    _require(moe.expert_hidden is None or moe.expert_hidden >= 1, key + "expert_hidden", moe.expert_hidden,
-             "must be >= 1 (or unset: model.ffn_hidden // top_k)")
+    _require(
+        1 <= moe.top_k <= moe.num_experts,
+        key + "top_k",
+        moe.top_k,
+        f"must be in [1, model.moe.num_experts={moe.num_experts}]",
+    )
+    _require(
+        moe.expert_hidden is None or moe.expert_hidden >= 1,
+        key + "expert_hidden",
+        moe.expert_hidden,
+        "must be >= 1 (or unset: model.ffn_hidden // top_k)",
+    )
     _require(moe.num_shared >= 0, key + "num_shared", moe.num_shared, "must be >= 0")
     _require(moe.lb_coef >= 0.0, key + "lb_coef", moe.lb_coef, "must be >= 0")
     _require(moe.z_coef >= 0.0, key + "z_coef", moe.z_coef, "must be >= 0")
@@ -123,7 +132,7 @@ _INSERT_KEY = "model.memory.insert"
 
 
 def parse_memory_insert(insert: str, n_layers: int) -> list[tuple[int, int]]:
-    """"full" or "a:b/c:e/..." → [(read_block, write_block), ...] in layer order.
+    """ "full" or "a:b/c:e/..." → [(read_block, write_block), ...] in layer order.
 
     Rule (docs/layers.md): 0 <= a <= b < n_layers for every part. Spans may overlap or share blocks
     (a layer reading at block 1 does not depend on another writing after block 2), so no order
@@ -143,8 +152,7 @@ def parse_memory_insert(insert: str, n_layers: int) -> list[tuple[int, int]]:
         if b < a:
             raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} writes before it reads (b={b} < a={a})")
         if b >= n_layers:
-            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is out of range "
-                              f"(blocks are 0..{n_layers - 1})")
+            raise ConfigError(f"{_INSERT_KEY}={insert!r}: part {part!r} is out of range (blocks are 0..{n_layers - 1})")
         pairs.append((a, b))
     return pairs
 

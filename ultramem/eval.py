@@ -33,6 +33,7 @@ token from the tokenizer (a byte-level BPE maps every token to fixed bytes; spec
 end-of-text count 0 bytes, though their loss counts), or, for other tokenizers, by decoding the
 predicted spans. For a text file that is the file's UTF-8 size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,9 @@ def _cache_root(cfg) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
-def _cached_corpus_tokenizer(kind: str, docs: list, vocab_size: int, max_bytes: int, cache_root: Path,
-                             what: str) -> Path:
+def _cached_corpus_tokenizer(
+    kind: str, docs: list, vocab_size: int, max_bytes: int, cache_root: Path, what: str
+) -> Path:
     """The tokenizer of a corpus cache entry, found without building it. This follows the corpus
     cache's naming (ultramem.data.corpus): rebuilding would train a new BPE, which need not give
     the ids the model was trained on."""
@@ -109,7 +111,8 @@ def _cached_corpus_tokenizer(kind: str, docs: list, vocab_size: int, max_bytes: 
     if found is None:
         raise FileNotFoundError(
             f"the tokenizer of the checkpoint's {what} is not in the corpus cache {str(cache_root)!r} (no "
-            f"intact entry {entry.name}; set ULTRAMEM_CACHE or data.cache_dir as in training, or pass --tokenizer)")
+            f"intact entry {entry.name}; set ULTRAMEM_CACHE or data.cache_dir as in training, or pass --tokenizer)"
+        )
     return found.tokenizer_path
 
 
@@ -125,24 +128,29 @@ def checkpoint_tokenizer(cfg) -> Path:
         root, files = corpus.stdlib_files()
         chosen = corpus._select(files, root, d.max_corpus_bytes)
         docs = [(p.relative_to(root).as_posix(), size) for p, size in chosen]
-        return _cached_corpus_tokenizer("stdlib", docs, d.vocab_size, d.max_corpus_bytes, _cache_root(cfg),
-                                        "data.source='stdlib'")
+        return _cached_corpus_tokenizer(
+            "stdlib", docs, d.vocab_size, d.max_corpus_bytes, _cache_root(cfg), "data.source='stdlib'"
+        )
     src = Path(d.source).expanduser()
     if src.is_dir():
         meta = read_meta(src)
         tok = src / (meta.get("tokenizer", TOKENIZER_NAME) if meta else TOKENIZER_NAME)
         if not tok.is_file():
-            raise FileNotFoundError(f"the checkpoint's data.source {d.source!r} has no {TOKENIZER_NAME}; pass "
-                                    f"--tokenizer")
+            raise FileNotFoundError(
+                f"the checkpoint's data.source {d.source!r} has no {TOKENIZER_NAME}; pass --tokenizer"
+            )
         return tok
     if src.is_file():
         from ultramem.data import corpus
 
         docs = corpus._text_file_key(src, "data.source")
-        return _cached_corpus_tokenizer("text", docs, d.vocab_size, d.max_corpus_bytes, _cache_root(cfg),
-                                        f"data.source {d.source!r}")
-    raise FileNotFoundError(f"the checkpoint's data.source {d.source!r} no longer exists, so its tokenizer "
-                            f"cannot be found; pass --tokenizer")
+        return _cached_corpus_tokenizer(
+            "text", docs, d.vocab_size, d.max_corpus_bytes, _cache_root(cfg), f"data.source {d.source!r}"
+        )
+    raise FileNotFoundError(
+        f"the checkpoint's data.source {d.source!r} no longer exists, so its tokenizer "
+        f"cannot be found; pass --tokenizer"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +218,9 @@ def _sha(path: Path) -> str:
     return file_sha256(path)
 
 
-def load_eval_data(spec: str, loaded: LoadedModel, split: str = "auto", tokenizer: str | None = None,
-                   max_tokens: int | None = None) -> EvalData:
+def load_eval_data(
+    spec: str, loaded: LoadedModel, split: str = "auto", tokenizer: str | None = None, max_tokens: int | None = None
+) -> EvalData:
     """The token stream `--data spec` names, and the tokenizer that reads it back to bytes."""
     from ultramem.data import load_token_splits, open_token_directory
     from ultramem.data.shards import TOKENIZER_NAME
@@ -221,13 +230,17 @@ def load_eval_data(spec: str, loaded: LoadedModel, split: str = "auto", tokenize
     given_tok = resolve_tokenizer_path(tokenizer) if tokenizer else None
     if spec in ("run", "stdlib"):
         if cfg is None:
-            raise EvalError(f"--data {spec} needs a training checkpoint: an exported file holds no data config; "
-                            f"give a token directory or a text file")
+            raise EvalError(
+                f"--data {spec} needs a training checkpoint: an exported file holds no data config; "
+                f"give a token directory or a text file"
+            )
         d = cfg.data
         if spec == "stdlib" and d.source != "stdlib":
-            raise EvalError(f"--data stdlib: the checkpoint was trained on data.source={d.source!r}, not the "
-                            f"embedded corpus, so its tokenizer does not read it; use --data run for its own "
-                            f"validation split")
+            raise EvalError(
+                f"--data stdlib: the checkpoint was trained on data.source={d.source!r}, not the "
+                f"embedded corpus, so its tokenizer does not read it; use --data run for its own "
+                f"validation split"
+            )
         split = _resolve_split(split, "val")
         if split == "all":
             raise EvalError(f"--data {spec} --split all: choose val or train (they may be different sources)")
@@ -237,25 +250,30 @@ def load_eval_data(spec: str, loaded: LoadedModel, split: str = "auto", tokenize
             raise EvalError(f"--data {spec}: the run held nothing out (data.val_fraction=0, no data.val_source)")
         kwargs = {"val_source": val_source} if val_source else {}
         try:
-            splits = load_token_splits(d.source, d.vocab_size, d.max_corpus_bytes, val_fraction,
-                                       d.cache_dir or None, **kwargs)
+            splits = load_token_splits(
+                d.source, d.vocab_size, d.max_corpus_bytes, val_fraction, d.cache_dir or None, **kwargs
+            )
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--data {spec}: {e}") from None
-        tokens, what = _pick_split(splits, split, f"the run's data ({d.source})" if spec == "run"
-                                   else "the embedded standard-library corpus")
+        tokens, what = _pick_split(
+            splits, split, f"the run's data ({d.source})" if spec == "run" else "the embedded standard-library corpus"
+        )
         tok = given_tok or splits.tokenizer_path
         return EvalData(tokens, what, tok, split == "val")
 
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--data {spec!r}: no such file or directory (give a token directory, a text file, "
-                                f"'run' or 'stdlib')")
+        raise FileNotFoundError(
+            f"--data {spec!r}: no such file or directory (give a token directory, a text file, 'run' or 'stdlib')"
+        )
     if path.is_dir():
         split = _resolve_split(split, "all")
         tokens, meta = open_token_directory(path, "--data")
         if meta is not None and meta["vocab_size"] > loaded.vocab_size:
-            raise EvalError(f"--data {spec!r} was tokenized with a vocabulary of {meta['vocab_size']} (its meta.json) "
-                            f"but the model has {loaded.vocab_size} tokens: not the model's tokenizer")
+            raise EvalError(
+                f"--data {spec!r} was tokenized with a vocabulary of {meta['vocab_size']} (its meta.json) "
+                f"but the model has {loaded.vocab_size} tokens: not the model's tokenizer"
+            )
         own = path / (meta.get("tokenizer", TOKENIZER_NAME) if meta else TOKENIZER_NAME)
         own = own if own.is_file() else None
         reference = given_tok
@@ -265,8 +283,10 @@ def load_eval_data(spec: str, loaded: LoadedModel, split: str = "auto", tokenize
             except FileNotFoundError as e:
                 log.info("not checking the data's tokenizer against the model's: %s", e)
         if own is not None and reference is not None and _sha(own) != _sha(reference):
-            raise EvalError(f"--data {spec!r} was tokenized with another tokenizer than the model's "
-                            f"({str(own)!r} differs from {str(reference)!r})")
+            raise EvalError(
+                f"--data {spec!r} was tokenized with another tokenizer than the model's "
+                f"({str(own)!r} differs from {str(reference)!r})"
+            )
         what = f"token directory {spec}"
         if cfg is not None and Path(cfg.data.source).expanduser().resolve() == path.resolve() and split == "all":
             log.warning("--data %s is the run's training data; --split val evaluates only the tail it held out", spec)
@@ -276,8 +296,10 @@ def load_eval_data(spec: str, loaded: LoadedModel, split: str = "auto", tokenize
             n = len(tokens)
             cut = n - int(n * cfg.data.val_fraction)
             tokens = tokens.view(cut, n) if split == "val" else tokens.view(0, cut)
-            what += f", {'validation' if split == 'val' else 'training'} split (data.val_fraction=" \
-                    f"{cfg.data.val_fraction} of {n} tokens)"
+            what += (
+                f", {'validation' if split == 'val' else 'training'} split (data.val_fraction="
+                f"{cfg.data.val_fraction} of {n} tokens)"
+            )
         return EvalData(tokens, what, own or reference, split == "val")
 
     if split not in ("auto", "all"):
@@ -285,8 +307,10 @@ def load_eval_data(spec: str, loaded: LoadedModel, split: str = "auto", tokenize
     tok = given_tok
     if tok is None:
         if cfg is None:
-            raise EvalError(f"--data {spec!r} is a text file, and an exported model holds no tokenizer: pass "
-                            f"--tokenizer (the tokenizer.json of the data it was trained on)")
+            raise EvalError(
+                f"--data {spec!r} is a text file, and an exported model holds no tokenizer: pass "
+                f"--tokenizer (the tokenizer.json of the data it was trained on)"
+            )
         try:
             tok = checkpoint_tokenizer(cfg)
         except FileNotFoundError as e:
@@ -354,8 +378,9 @@ class ByteCounter:
         ids = np.asarray(ids, dtype=np.int64)
         if self.lengths is not None:
             if ids.size and ids.max() >= self.lengths.size:
-                raise EvalError(f"token id {int(ids.max())} is outside the tokenizer's vocabulary of "
-                                f"{self.lengths.size}")
+                raise EvalError(
+                    f"token id {int(ids.max())} is outside the tokenizer's vocabulary of {self.lengths.size}"
+                )
             return int(self.lengths[ids].sum())
         return len(self.tok.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8"))
 
@@ -430,9 +455,19 @@ def _batches_consecutive(windows, batch_size):
         yield group
 
 
-def evaluate_stream(model, tokens, *, seq_len: int, batch_size: int, device: torch.device, dtype: str = "float32",
-                    max_tokens: int | None = None, counter: ByteCounter | None = None,
-                    trainer_windows=None, batches: int | None = None) -> EvalResult:
+def evaluate_stream(
+    model,
+    tokens,
+    *,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "float32",
+    max_tokens: int | None = None,
+    counter: ByteCounter | None = None,
+    trainer_windows=None,
+    batches: int | None = None,
+) -> EvalResult:
     """Evaluate `model` on `tokens` in consecutive windows, or in `trainer_windows` (a
     TokenWindows) batches 0 … batches - 1."""
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -454,7 +489,7 @@ def evaluate_stream(model, tokens, *, seq_len: int, batch_size: int, device: tor
             raise EvalError("the data holds fewer than 2 tokens: nothing to predict")
         for group in _batches_consecutive(windows, batch_size):
             length = group[0][1]
-            rows = [np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s, _ in group]
+            rows = [np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s, _ in group]
             total += _nats(model, torch.from_numpy(np.stack(rows)), device, dtype).double()
             n_tokens += length * len(group)
             n_windows += len(group)
@@ -462,21 +497,37 @@ def evaluate_stream(model, tokens, *, seq_len: int, batch_size: int, device: tor
             # the predicted tokens are one contiguous span, tokens 1 … n_tokens: per-token lengths
             # add up chunk by chunk; a decoder sees the span whole (a cut could split a character)
             step = 1 << 22 if counter.lengths is not None else n_tokens
-            n_bytes = sum(counter.count(np.asarray(tokens[a:min(a + step, n_tokens + 1)]))
-                          for a in range(1, n_tokens + 1, step))
+            n_bytes = sum(
+                counter.count(np.asarray(tokens[a : min(a + step, n_tokens + 1)])) for a in range(1, n_tokens + 1, step)
+            )
         mode = "consecutive (non-overlapping)"
     nats = float(total.item())  # (waits for the device)
     seconds = time.perf_counter() - t0
     loss = nats / n_tokens
     bpb = nats / math.log(2) / n_bytes if count_bytes and n_bytes else None
-    return EvalResult(loss, math.exp(min(loss, 700.0)), bpb, n_tokens, n_bytes if count_bytes else None,
-                      n_tokens / max(seconds, 1e-9), seconds, n_windows, seq_len, batch_size, mode, str(device), dtype)
+    return EvalResult(
+        loss,
+        math.exp(min(loss, 700.0)),
+        bpb,
+        n_tokens,
+        n_bytes if count_bytes else None,
+        n_tokens / max(seconds, 1e-9),
+        seconds,
+        n_windows,
+        seq_len,
+        batch_size,
+        mode,
+        str(device),
+        dtype,
+    )
 
 
 def _check_ids(tokens, vocab_size: int, what: str) -> None:
     if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise EvalError(f"{what} holds token id {int(tokens.max())}, outside the model's vocabulary of {vocab_size} "
-                        f"(data tokenized with another tokenizer?)")
+        raise EvalError(
+            f"{what} holds token id {int(tokens.max())}, outside the model's vocabulary of {vocab_size} "
+            f"(data tokenized with another tokenizer?)"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -492,8 +543,9 @@ def run(args: argparse.Namespace) -> EvalResult:
     loaded = load_model(args.checkpoint, device)
     cfg = loaded.cfg
     if args.windows == "trainer" and cfg is None:
-        raise EvalError("--windows trainer needs a training checkpoint (its seed and eval_batches); an exported "
-                        "file has neither")
+        raise EvalError(
+            "--windows trainer needs a training checkpoint (its seed and eval_batches); an exported file has neither"
+        )
     if args.windows == "trainer" and args.max_tokens is not None:
         raise EvalError("--max-tokens applies to the consecutive windows; with --windows trainer use --batches")
     seq_len = args.seq_len or (cfg.train.seq_len if cfg is not None else loaded.model.cfg.max_seq_len)
@@ -521,9 +573,18 @@ def run(args: argparse.Namespace) -> EvalResult:
         except ValueError as e:
             raise EvalError(f"--data {args.data}: {e}") from None
         batches = args.batches or cfg.train.eval_batches
-    result = evaluate_stream(loaded.model, data.tokens, seq_len=seq_len, batch_size=batch_size, device=device,
-                             dtype=args.dtype, max_tokens=args.max_tokens, counter=counter,
-                             trainer_windows=trainer, batches=batches)
+    result = evaluate_stream(
+        loaded.model,
+        data.tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=device,
+        dtype=args.dtype,
+        max_tokens=args.max_tokens,
+        counter=counter,
+        trainer_windows=trainer,
+        batches=batches,
+    )
     result.checkpoint, result.step, result.data = str(loaded.source), loaded.step, data.what
     result.notes = notes
     return result
@@ -576,29 +637,56 @@ def _positive(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ultramem.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__.split("\n\n", 1)[0], epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory, run directory (its latest checkpoint) or exported .safetensors/.pt")
-    p.add_argument("--data", required=True,
-                   help="token directory, text file, 'run' (the run's validation split) or 'stdlib'")
-    p.add_argument("--split", choices=SPLITS, default="auto",
-                   help="which part of the data: 'val' (the tail data.val_fraction), 'train', 'all' "
-                        "(default: val for run/stdlib, all for a path)")
-    p.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer.json (or its directory) for a text file or for counting bytes; default: the "
-                        "one the checkpoint's data was tokenized with")
-    p.add_argument("--batch-size", type=_positive, help="windows per forward (default: the run's train.batch_size, "
-                   "or 8)")
-    p.add_argument("--seq-len", type=_positive, help="predicted tokens per window (default: the run's "
-                   "train.seq_len, or the model's max_seq_len)")
+    p = argparse.ArgumentParser(
+        prog="python -m ultramem.eval",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory, run directory (its latest checkpoint) or exported .safetensors/.pt",
+    )
+    p.add_argument(
+        "--data", required=True, help="token directory, text file, 'run' (the run's validation split) or 'stdlib'"
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="auto",
+        help="which part of the data: 'val' (the tail data.val_fraction), 'train', 'all' "
+        "(default: val for run/stdlib, all for a path)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenizer.json (or its directory) for a text file or for counting bytes; default: the "
+        "one the checkpoint's data was tokenized with",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive, help="windows per forward (default: the run's train.batch_size, or 8)"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=_positive,
+        help="predicted tokens per window (default: the run's train.seq_len, or the model's max_seq_len)",
+    )
     p.add_argument("--max-tokens", type=_positive, help="evaluate at most this many predicted tokens (the first)")
-    p.add_argument("--windows", choices=("consecutive", "trainer"), default="consecutive",
-                   help="'consecutive' non-overlapping windows (default), or the trainer's validation batches")
+    p.add_argument(
+        "--windows",
+        choices=("consecutive", "trainer"),
+        default="consecutive",
+        help="'consecutive' non-overlapping windows (default), or the trainer's validation batches",
+    )
     p.add_argument("--batches", type=_positive, help="with --windows trainer: batches (default train.eval_batches)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16 runs the forward under autocast, as a bf16 run's trainer does")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16 runs the forward under autocast, as a bf16 run's trainer does",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON to OUT ('-': stdout only JSON)")
     return p
 

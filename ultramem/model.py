@@ -13,6 +13,7 @@ Memory layers live beside the blocks (`Transformer.memory_layers`) and share the
 its output to the residual after block b. Blocks are separate modules so that they can be
 compiled, checkpointed and sharded one at a time.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,7 @@ class Attention(nn.Module):
         bsz, seq, dim = x.shape
         q, k, v = self.wqkv(x).view(bsz, seq, 3, self.n_heads, self.head_dim).unbind(2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(bsz, seq, dim))
 
 
@@ -109,8 +109,9 @@ class Block(nn.Module):
         self.is_moe = cfg.moe.num_experts > 0
         self.ffn = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, residual_adds: tuple[Tensor, ...] = ()
-                ) -> tuple[Tensor, ...]:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, residual_adds: tuple[Tensor, ...] = ()
+    ) -> tuple[Tensor, ...]:
         """residual_adds: memory layers' outputs that belong to the residual before this block.
         They are added here rather than between blocks so that, with blocks compiled one at a
         time, the add fuses into the block's first kernel (between compiled blocks it was an

@@ -17,6 +17,7 @@ No token is dropped and every shape is static, so a block compiles with fullgrap
   chosen) weight the hidden units. Exact, E/k times the expert FLOPs: for CPU runs and float64
   tests (`_grouped_mm` takes bf16 only under compile).
 """
+
 from __future__ import annotations
 
 import torch
@@ -88,7 +89,7 @@ class MoE(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
         xs = x[order // k]  # row r holds token order[r] // k
         hs = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
-        a = F.silu(hs[:, : self.hidden]) * hs[:, self.hidden:]
+        a = F.silu(hs[:, : self.hidden]) * hs[:, self.hidden :]
         ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
         y = ys[order.argsort()].view(t, k, self.dim)  # back to (token, slot) order
         return (y * gate.unsqueeze(-1)).sum(1)
@@ -97,7 +98,7 @@ class MoE(nn.Module):
         """All experts on all tokens; experts not chosen get gate 0."""
         combine = gate.new_zeros(gate.shape[0], self.num_experts).scatter_add(1, expert, gate)
         hs = torch.einsum("td,efd->tef", x, w13)
-        a = F.silu(hs[..., : self.hidden]) * hs[..., self.hidden:]
+        a = F.silu(hs[..., : self.hidden]) * hs[..., self.hidden :]
         return torch.einsum("teh,edh->td", a * combine.to(a.dtype).unsqueeze(-1), w2)
 
 

@@ -1,4 +1,5 @@
 """RMSNorm, shared by the decoder and the memory layers' query and key norms."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@ retrieval concentrates on hot rows): fp32 atomics vs the sorted one-writer-per-r
 227M shapes with a fraction of all entries sent to a handful of rows. A sorted segment lane once
 walked its row's whole run alone (a hot row's run length set that path's time); runs are now cut
 into pieces of SEGMENT_PIECE entries: this checks that the cut works on the GPU."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,7 @@ def run(ctx) -> list[dict]:
     t, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
     g = torch.Generator(device=dev).manual_seed(77)
     values = torch.randn(n, d, generator=g, device=dev).to(BF16)
-    pre_values = (torch.randn(n, d, generator=g, device=dev) / d ** 0.5).to(BF16)
+    pre_values = (torch.randn(n, d, generator=g, device=dev) / d**0.5).to(BF16)
     bufs = (torch.zeros(n, d, device=dev), torch.zeros(n, d, device=dev))
     rows_out = []
     for frac, hot in SKEWS:
@@ -43,9 +44,11 @@ def run(ctx) -> list[dict]:
                 b.zero_()
             grad_scores, grad_x = tgl.gate_lookup_backward_cuda(*args, True, *bufs, deterministic=deterministic)
             name = "sorted" if deterministic else "atomics"
-            rel = max(ctx.check(f"hot rows {frac} {name} grad_values", bufs[0], refs[0]),
-                      ctx.check(f"hot rows {frac} {name} grad_pre_values", bufs[1], refs[1]),
-                      ctx.check(f"hot rows {frac} {name} grad_x", grad_x, refs[2]))
+            rel = max(
+                ctx.check(f"hot rows {frac} {name} grad_values", bufs[0], refs[0]),
+                ctx.check(f"hot rows {frac} {name} grad_pre_values", bufs[1], refs[1]),
+                ctx.check(f"hot rows {frac} {name} grad_x", grad_x, refs[2]),
+            )
             us = ctx.do_bench(lambda: tgl.gate_lookup_backward_cuda(*args, True, *bufs, deterministic=deterministic))
             rows_out.append(ctx.row("gate_lookup_bwd_hot_rows", shape, name, us, None, rel))
         del refs

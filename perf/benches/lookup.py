@@ -8,6 +8,7 @@ Backward variants of the table gradient (issue 3):
   det-*      deterministic: entries sorted by row, one writer per row (sort timed inside,
              or "presorted" with the order computed once for the gate and the lookup)
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,15 @@ def _shapes(small: bool) -> dict:
 
 
 def _cfg_name(cfg: dict) -> str:
-    short = {"BLOCK_T": "T", "BLOCK_E": "E", "BLOCK_D": "D", "BLOCK_DP": "P", "BLOCK_J": "J", "num_warps": "w",
-             "D_CHUNKS": "chunks"}
+    short = {
+        "BLOCK_T": "T",
+        "BLOCK_E": "E",
+        "BLOCK_D": "D",
+        "BLOCK_DP": "P",
+        "BLOCK_J": "J",
+        "num_warps": "w",
+        "D_CHUNKS": "chunks",
+    }
     return ",".join(f"{short.get(k, k)}{v}" for k, v in cfg.items())
 
 
@@ -47,6 +55,7 @@ class Inputs:
 
 
 # ------------------------------------------------------------------ float64 references
+
 
 def _gathered64(rows, table):
     return table.index_select(0, rows.reshape(-1)).double().view(*rows.shape, -1)
@@ -81,6 +90,7 @@ def gate_bwd_ref(grad_gate, rows, table, x):
 
 
 # ------------------------------------------------------------------ eager baselines (bf16)
+
 
 def lookup_eager(rows, table, scores):
     t, e, m = scores.shape
@@ -124,7 +134,7 @@ def gate_lookup_bwd_ref(grad_out, grad_gate, rows, values, pre_values, x, scores
     """float64: (grad_values, grad_pre_values, grad_x, grad_scores), GELU taken at the saved gate."""
     t, e, m = scores.shape
     g = gate.double()
-    cdf = 0.5 * (1.0 + torch.erf(g / 2 ** 0.5))
+    cdf = 0.5 * (1.0 + torch.erf(g / 2**0.5))
     act, slope = g * cdf, cdf + g * torch.exp(-0.5 * g * g) / (2 * torch.pi) ** 0.5
     go = grad_out.double().view(t, 1, m, -1)
     s = scores.double()
@@ -141,13 +151,14 @@ def gate_lookup_bwd_ref(grad_out, grad_gate, rows, values, pre_values, x, scores
 
 # ------------------------------------------------------------------ least bytes moved
 
+
 def min_bytes(t: int, e: int, d: int, m: int, uniq: int) -> dict:
     """Least bytes each op moves with bf16 tables/activations, int64 ids and an fp32 gradient
     buffer: every entry's row read once, each of the `uniq` touched gradient rows read and
     written once (accumulate), the per-token tensors once."""
     ids_b, s_b, tok_b = t * e * 8, t * e * m * 2, t * d * 2
-    row_b = t * e * d * 2            # every entry's row, bf16
-    grad_rows_b = uniq * d * 4       # the touched fp32 gradient rows, once
+    row_b = t * e * d * 2  # every entry's row, bf16
+    grad_rows_b = uniq * d * 4  # the touched fp32 gradient rows, once
     return {
         "lookup_fwd": row_b + ids_b + s_b + tok_b,
         "lookup_bwd_acc": row_b + 2 * grad_rows_b + ids_b + 2 * s_b + tok_b,
@@ -202,8 +213,10 @@ def run(ctx) -> list[dict]:
     shape = f"T={t} E={e} D={d} M={m} N={n} bf16"
     g = torch.Generator(device=dev).manual_seed(1234)
     # Values and pre-values at a scale where <P, x> is O(1), so the GELU is exercised.
-    tables = (torch.randn(n, d, generator=g, device=dev).to(BF16),
-              (torch.randn(n, d, generator=g, device=dev) / d ** 0.5).to(BF16))
+    tables = (
+        torch.randn(n, d, generator=g, device=dev).to(BF16),
+        (torch.randn(n, d, generator=g, device=dev) / d**0.5).to(BF16),
+    )
     seed = iter(range(1, 10_000))
     rows_out: list[dict] = []
 
@@ -213,9 +226,9 @@ def run(ctx) -> list[dict]:
     probe = fresh()
     uniq = int(probe.rows.unique().numel())
     ids_b, s_b, tok_b = t * e * 8, t * e * m * 2, t * d * 2
-    row_b = t * e * d * 2            # every entry's row, bf16
-    grad_rows_b = uniq * d * 4       # the touched fp32 gradient rows, once
-    dense_b = n * d * 4              # a whole fp32 gradient
+    row_b = t * e * d * 2  # every entry's row, bf16
+    grad_rows_b = uniq * d * 4  # the touched fp32 gradient rows, once
+    dense_b = n * d * 4  # a whole fp32 gradient
     least = min_bytes(t, e, d, m, uniq)
     rows_out.append(ctx.row("info", shape, f"unique rows {uniq} of {t * e} entries", 0.0, None))
 
@@ -227,6 +240,7 @@ def run(ctx) -> list[dict]:
             fn()
         except Exception as exc:  # keep the other variants' numbers
             import traceback
+
             traceback.print_exc()
             rows_out.append({"op": op, "shape": shape, "variant": variant, "median_us": None, "error": repr(exc)[:300]})
 
@@ -237,32 +251,51 @@ def run(ctx) -> list[dict]:
         inp = fresh()
         ref = lookup_ref(inp.rows, inp.values, inp.scores)
         rel = ctx.check("lookup fwd eager", lookup_eager(inp.rows, inp.values, inp.scores), ref)
-        add("weighted_lookup_fwd", "eager", ctx.do_bench(lambda: lookup_eager(inp.rows, inp.values, inp.scores)),
-            fwd_bytes, rel)
+        add(
+            "weighted_lookup_fwd",
+            "eager",
+            ctx.do_bench(lambda: lookup_eager(inp.rows, inp.values, inp.scores)),
+            fwd_bytes,
+            rel,
+        )
         if ctx.compile_variants:
             compiled = torch.compile(lookup_eager)
             rel = ctx.check("lookup fwd compile", compiled(inp.rows, inp.values, inp.scores), ref)
-            add("weighted_lookup_fwd", "torch.compile", ctx.do_bench(lambda: compiled(inp.rows, inp.values,
-                                                                                      inp.scores)), fwd_bytes, rel)
+            add(
+                "weighted_lookup_fwd",
+                "torch.compile",
+                ctx.do_bench(lambda: compiled(inp.rows, inp.values, inp.scores)),
+                fwd_bytes,
+                rel,
+            )
         for cfg in FWD_CONFIGS:
             inp = fresh()
             ref = lookup_ref(inp.rows, inp.values, inp.scores)
             out = torch.full((t, d), float("nan"), dtype=BF16, device=dev)
             twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32, cfg)
             rel = ctx.check(f"lookup fwd {_cfg_name(cfg)}", out, ref)
-            add("weighted_lookup_fwd", f"ours[{_cfg_name(cfg)}]",
+            add(
+                "weighted_lookup_fwd",
+                f"ours[{_cfg_name(cfg)}]",
                 ctx.do_bench(lambda: twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32, cfg)),
-                fwd_bytes, rel)
+                fwd_bytes,
+                rel,
+            )
         inp = fresh()
         ref = lookup_ref(inp.rows, inp.values, inp.scores)
         for ids in (inp.rows, inp.rows.to(torch.int32)):
             name = "int32" if ids.dtype == torch.int32 else "int64"
             ctx.poison_allocator(t * d * 2)
-            rel = ctx.check(f"lookup fwd op {name} ids", torch.ops.ultramem.weighted_lookup(ids, inp.values,
-                                                                                            inp.scores), ref)
-            add("weighted_lookup_fwd", f"ours: the op ({name} ids)",
+            rel = ctx.check(
+                f"lookup fwd op {name} ids", torch.ops.ultramem.weighted_lookup(ids, inp.values, inp.scores), ref
+            )
+            add(
+                "weighted_lookup_fwd",
+                f"ours: the op ({name} ids)",
                 ctx.do_bench(lambda: torch.ops.ultramem.weighted_lookup(ids, inp.values, inp.scores)),
-                fwd_bytes - (ids_b // 2 if name == "int32" else 0), rel)
+                fwd_bytes - (ids_b // 2 if name == "int32" else 0),
+                rel,
+            )
 
     guarded("weighted_lookup_fwd", "all", lookup_fwd)
 
@@ -282,12 +315,22 @@ def run(ctx) -> list[dict]:
         ref_table, ref_scores = lookup_bwd_ref(inp.grad_out, inp.rows, inp.values, inp.scores)
         args = (inp.grad_out, inp.rows, inp.values, inp.scores)
         rel = check_bwd("lookup bwd eager", *lookup_bwd_eager(*args), ref_table, ref_scores)
-        add("weighted_lookup_bwd", "eager (dense, index_add_)", ctx.do_bench(lambda: lookup_bwd_eager(*args)),
-            dense_bytes, rel)
+        add(
+            "weighted_lookup_bwd",
+            "eager (dense, index_add_)",
+            ctx.do_bench(lambda: lookup_bwd_eager(*args)),
+            dense_bytes,
+            rel,
+        )
         ctx.poison_allocator(t * e * m * 2)
         rel = check_bwd("lookup bwd dense", *twl.weighted_lookup_backward_cuda(*args), ref_table, ref_scores)
-        add("weighted_lookup_bwd", "ours (a) dense: zero-fill + atomics",
-            ctx.do_bench(lambda: twl.weighted_lookup_backward_cuda(*args)), dense_bytes, rel)
+        add(
+            "weighted_lookup_bwd",
+            "ours (a) dense: zero-fill + atomics",
+            ctx.do_bench(lambda: twl.weighted_lookup_backward_cuda(*args)),
+            dense_bytes,
+            rel,
+        )
         zero_us = ctx.do_bench(lambda: torch.zeros(inp.values.shape, dtype=torch.float32, device=dev))
         add("weighted_lookup_bwd", "  of which zero-fill of [N, D] fp32", zero_us, dense_b)
         del ref_table, ref_scores
@@ -299,13 +342,20 @@ def run(ctx) -> list[dict]:
             buf.normal_()
             start = buf.clone()
             ctx.poison_allocator(t * e * m * 2)
-            grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False,
-                                                configs={"bwd": cfg})
+            grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False, configs={"bwd": cfg})
             rel = check_bwd(f"lookup bwd acc {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
             del ref_table, ref_scores, start
-            add("weighted_lookup_bwd", f"ours (b) accumulate[{_cfg_name(cfg)}]",
-                ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False,
-                                                           configs={"bwd": cfg})), acc_bytes, rel)
+            add(
+                "weighted_lookup_bwd",
+                f"ours (b) accumulate[{_cfg_name(cfg)}]",
+                ctx.do_bench(
+                    lambda: twl.lookup_table_grad(
+                        *args, buf, accumulate=True, deterministic=False, configs={"bwd": cfg}
+                    )
+                ),
+                acc_bytes,
+                rel,
+            )
         # Atomics reorder the adds: how far apart are two runs?
         twice = []
         for _ in range(2):
@@ -316,18 +366,34 @@ def run(ctx) -> list[dict]:
         del twice
         # Decomposition: the scores' dots alone, the scatter alone.
         gs = torch.empty_like(inp.scores)
-        add("weighted_lookup_bwd", "  part: grad_scores dots only", ctx.do_bench(
-            lambda: twl.gather_dots_scatter(inp.rows, inp.grad_out, m, torch.float32, table=inp.values, dots=gs)),
-            row_b + ids_b + s_b + tok_b)
-        add("weighted_lookup_bwd", "  part: atomic scatter only", ctx.do_bench(
-            lambda: twl.gather_dots_scatter(inp.rows, inp.grad_out, m, torch.float32, scores=inp.scores,
-                                            grad_table=buf)), 2 * grad_rows_b + ids_b + s_b + tok_b,
-            atomic_max_abs_diff_between_runs=atomic_spread)
+        add(
+            "weighted_lookup_bwd",
+            "  part: grad_scores dots only",
+            ctx.do_bench(
+                lambda: twl.gather_dots_scatter(inp.rows, inp.grad_out, m, torch.float32, table=inp.values, dots=gs)
+            ),
+            row_b + ids_b + s_b + tok_b,
+        )
+        add(
+            "weighted_lookup_bwd",
+            "  part: atomic scatter only",
+            ctx.do_bench(
+                lambda: twl.gather_dots_scatter(
+                    inp.rows, inp.grad_out, m, torch.float32, scores=inp.scores, grad_table=buf
+                )
+            ),
+            2 * grad_rows_b + ids_b + s_b + tok_b,
+            atomic_max_abs_diff_between_runs=atomic_spread,
+        )
         # Deterministic.
         for key in (torch.int64, torch.int32):
             r = inp.rows.to(key)
-            add("sort_rows", f"torch.sort stable ({str(key).split('.')[-1]} ids)",
-                ctx.do_bench(lambda: twl.sort_rows(r)), None)
+            add(
+                "sort_rows",
+                f"torch.sort stable ({str(key).split('.')[-1]} ids)",
+                ctx.do_bench(lambda: twl.sort_rows(r)),
+                None,
+            )
         for cfg in SEGMENT_CONFIGS:
             seg = {"segment": cfg, "fuse_dots": cfg.get("fuse_dots", twl.FUSE_SEGMENT_DOTS)}
             inp = fresh()
@@ -335,8 +401,7 @@ def run(ctx) -> list[dict]:
             ref_table, ref_scores = lookup_bwd_ref(*args)
             buf.normal_()
             start = buf.clone()
-            grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
-                                                configs=seg)
+            grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs=seg)
             rel = check_bwd(f"lookup bwd det {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
             del ref_table, ref_scores
             results = []
@@ -345,17 +410,36 @@ def run(ctx) -> list[dict]:
                 gsc = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs=seg)
                 results.append((buf.clone(), gsc))
             bitwise = bool(torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]))
-            ctx.checks.append({"name": f"lookup bwd det {_cfg_name(cfg)} bitwise repeatable", "rel_err": 0.0,
-                               "tol": 0.0, "ok": bitwise})
+            ctx.checks.append(
+                {
+                    "name": f"lookup bwd det {_cfg_name(cfg)} bitwise repeatable",
+                    "rel_err": 0.0,
+                    "tol": 0.0,
+                    "ok": bitwise,
+                }
+            )
             del results, start
-            add("weighted_lookup_bwd", f"ours (c) det-accumulate[{_cfg_name(cfg)}]",
-                ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
-                                                           configs=seg)), det_acc_bytes, rel,
-                bitwise_repeatable=bitwise)
+            add(
+                "weighted_lookup_bwd",
+                f"ours (c) det-accumulate[{_cfg_name(cfg)}]",
+                ctx.do_bench(
+                    lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs=seg)
+                ),
+                det_acc_bytes,
+                rel,
+                bitwise_repeatable=bitwise,
+            )
             order = twl.sort_rows(inp.rows, n)
-            add("weighted_lookup_bwd", f"ours (c) det-accumulate presorted[{_cfg_name(cfg)}]",
-                ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True,
-                                                           order=order, configs=seg)), det_acc_bytes)
+            add(
+                "weighted_lookup_bwd",
+                f"ours (c) det-accumulate presorted[{_cfg_name(cfg)}]",
+                ctx.do_bench(
+                    lambda: twl.lookup_table_grad(
+                        *args, buf, accumulate=True, deterministic=True, order=order, configs=seg
+                    )
+                ),
+                det_acc_bytes,
+            )
         inp = fresh()
         args = (inp.grad_out, inp.rows, inp.values, inp.scores)
         ref_table, ref_scores = lookup_bwd_ref(*args)
@@ -367,8 +451,14 @@ def run(ctx) -> list[dict]:
         def det_dense():
             gt = torch.zeros(inp.values.shape, dtype=torch.float32, device=dev)
             twl.lookup_table_grad(*args, gt, accumulate=False, deterministic=True)
-        add("weighted_lookup_bwd", "ours det-dense: zero-fill + sorted", ctx.do_bench(det_dense),
-            dense_b + uniq * d * 2 + ids_b + 2 * s_b + tok_b, rel)
+
+        add(
+            "weighted_lookup_bwd",
+            "ours det-dense: zero-fill + sorted",
+            ctx.do_bench(det_dense),
+            dense_b + uniq * d * 2 + ids_b + 2 * s_b + tok_b,
+            rel,
+        )
         del buf
 
     guarded("weighted_lookup_bwd", "all", lookup_bwd)
@@ -380,17 +470,30 @@ def run(ctx) -> list[dict]:
         inp = fresh()
         ref = gate_ref(inp.rows, inp.pre_values, inp.x)
         rel = ctx.check("gate fwd eager", gate_eager(inp.rows, inp.pre_values, inp.x), ref)
-        add("pre_value_gate_fwd", "eager", ctx.do_bench(lambda: gate_eager(inp.rows, inp.pre_values, inp.x)),
-            gate_bytes, rel)
+        add(
+            "pre_value_gate_fwd",
+            "eager",
+            ctx.do_bench(lambda: gate_eager(inp.rows, inp.pre_values, inp.x)),
+            gate_bytes,
+            rel,
+        )
         for cfg in DOTS_CONFIGS:
             inp = fresh()
             ref = gate_ref(inp.rows, inp.pre_values, inp.x)
             out = torch.full((t, e), float("nan"), dtype=BF16, device=dev)
             twl.gather_dots_scatter(inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out, config=cfg)
             rel = ctx.check(f"gate fwd {_cfg_name(cfg)}", out, ref)
-            add("pre_value_gate_fwd", f"ours[{_cfg_name(cfg)}]", ctx.do_bench(
-                lambda: twl.gather_dots_scatter(inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out,
-                                                config=cfg)), gate_bytes, rel)
+            add(
+                "pre_value_gate_fwd",
+                f"ours[{_cfg_name(cfg)}]",
+                ctx.do_bench(
+                    lambda: twl.gather_dots_scatter(
+                        inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out, config=cfg
+                    )
+                ),
+                gate_bytes,
+                rel,
+            )
 
     guarded("pre_value_gate_fwd", "all", gate_fwd)
 
@@ -401,13 +504,22 @@ def run(ctx) -> list[dict]:
         args = (inp.grad_gate, inp.rows, inp.pre_values, inp.x)
         ref_table, ref_x = gate_bwd_ref(*args)
         rel = check_bwd("gate bwd eager", *gate_bwd_eager(*args), ref_table, ref_x)
-        add("pre_value_gate_bwd", "eager (dense, index_add_)", ctx.do_bench(lambda: gate_bwd_eager(*args)),
-            dense_b + row_b + ids_b + 2 * tok_b + t * e * 2, rel)
+        add(
+            "pre_value_gate_bwd",
+            "eager (dense, index_add_)",
+            ctx.do_bench(lambda: gate_bwd_eager(*args)),
+            dense_b + row_b + ids_b + 2 * tok_b + t * e * 2,
+            rel,
+        )
         ctx.poison_allocator(t * d * 2)
         rel = check_bwd("gate bwd dense", *tpg.pre_value_gate_backward_cuda(*args), ref_table, ref_x)
-        add("pre_value_gate_bwd", "ours (a) dense: zero-fill + atomics",
+        add(
+            "pre_value_gate_bwd",
+            "ours (a) dense: zero-fill + atomics",
             ctx.do_bench(lambda: tpg.pre_value_gate_backward_cuda(*args)),
-            dense_b + row_b + ids_b + 2 * tok_b + t * e * 2, rel)
+            dense_b + row_b + ids_b + 2 * tok_b + t * e * 2,
+            rel,
+        )
         del ref_table, ref_x
         buf = torch.empty(inp.pre_values.shape, dtype=torch.float32, device=dev)
         for deterministic in (False, True):
@@ -421,13 +533,20 @@ def run(ctx) -> list[dict]:
             name = "det-accumulate" if deterministic else "accumulate"
             rel = check_bwd(f"gate bwd {name}", buf, grad_x, ref_table, ref_x, start)
             del ref_table, ref_x, start
-            add("pre_value_gate_bwd", f"ours ({'c' if deterministic else 'b'}) {name}",
+            add(
+                "pre_value_gate_bwd",
+                f"ours ({'c' if deterministic else 'b'}) {name}",
                 ctx.do_bench(lambda: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=deterministic)),
-                gate_acc_bytes, rel)
+                gate_acc_bytes,
+                rel,
+            )
         order = twl.sort_rows(inp.rows, n)
-        add("pre_value_gate_bwd", "ours (c) det-accumulate presorted",
+        add(
+            "pre_value_gate_bwd",
+            "ours (c) det-accumulate presorted",
             ctx.do_bench(lambda: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=True, order=order)),
-            gate_acc_bytes)
+            gate_acc_bytes,
+        )
         del buf
 
     guarded("pre_value_gate_bwd", "all", gate_bwd)
@@ -441,12 +560,18 @@ def run(ctx) -> list[dict]:
         ref = lookup_ref(inp.rows, inp.values, inp.scores.double() * F.gelu(gate64).unsqueeze(-1))
         out, gate = gate_lookup_eager(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores)
         rel = ctx.check("fused fwd eager", out, ref, tol=2e-2)
-        add("gate_lookup_fwd", "eager (gate, GELU, lookup)", ctx.do_bench(
-            lambda: gate_lookup_eager(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores)), fused_bytes, rel)
+        add(
+            "gate_lookup_fwd",
+            "eager (gate, GELU, lookup)",
+            ctx.do_bench(lambda: gate_lookup_eager(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores)),
+            fused_bytes,
+            rel,
+        )
 
         def unfused():
             gate = tpg.pre_value_gate_cuda(inp.rows, inp.pre_values, inp.x)
             return twl.weighted_lookup_cuda(inp.rows, inp.values, inp.scores * F.gelu(gate).unsqueeze(-1)), gate
+
         rel = ctx.check("fused fwd unfused-ours", unfused()[0], ref, tol=2e-2)
         add("gate_lookup_fwd", "ours unfused (gate op, GELU, lookup op)", ctx.do_bench(unfused), fused_bytes, rel)
         for cfg in FUSED_CONFIGS:
@@ -455,11 +580,19 @@ def run(ctx) -> list[dict]:
             ref = lookup_ref(inp.rows, inp.values, inp.scores.double() * F.gelu(gate64).unsqueeze(-1))
             ctx.poison_allocator(t * d * 2)
             out, gate = tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True, cfg)
-            rel = max(ctx.check(f"fused fwd {_cfg_name(cfg)} out", out, ref),
-                      ctx.check(f"fused fwd {_cfg_name(cfg)} gate", gate, gate64))
-            add("gate_lookup_fwd", f"ours fused[{_cfg_name(cfg)}]", ctx.do_bench(
-                lambda: tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True, cfg)),
-                fused_bytes, rel)
+            rel = max(
+                ctx.check(f"fused fwd {_cfg_name(cfg)} out", out, ref),
+                ctx.check(f"fused fwd {_cfg_name(cfg)} gate", gate, gate64),
+            )
+            add(
+                "gate_lookup_fwd",
+                f"ours fused[{_cfg_name(cfg)}]",
+                ctx.do_bench(
+                    lambda: tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True, cfg)
+                ),
+                fused_bytes,
+                rel,
+            )
 
     guarded("gate_lookup_fwd", "all", fused)
 
@@ -467,15 +600,24 @@ def run(ctx) -> list[dict]:
     fused_bwd_bytes = least["gate_lookup_bwd_acc"]
 
     def fused_bwd():
-        bufs = (torch.empty(inp.values.shape, dtype=torch.float32, device=dev),
-                torch.empty(inp.pre_values.shape, dtype=torch.float32, device=dev))
+        bufs = (
+            torch.empty(inp.values.shape, dtype=torch.float32, device=dev),
+            torch.empty(inp.pre_values.shape, dtype=torch.float32, device=dev),
+        )
 
         def composed(a):  # what the layer ran before: lookup accumulate, glue, gate accumulate
             grad_out, grad_gate, rows, values, pre_values, x, scores, gate = a
             g = gate.float()
             act, slope = F.gelu(g), torch.ops.aten.gelu_backward(torch.ones_like(g), g)
-            grad_eff = twl.lookup_table_grad(grad_out, rows, values, scores.float() * act.unsqueeze(-1), bufs[0],
-                                             accumulate=True, deterministic=False)
+            grad_eff = twl.lookup_table_grad(
+                grad_out,
+                rows,
+                values,
+                scores.float() * act.unsqueeze(-1),
+                bufs[0],
+                accumulate=True,
+                deterministic=False,
+            )
             grad_g = (grad_eff * scores.float()).sum(-1) * slope + grad_gate.float()
             grad_x = tpg.gate_table_grad(grad_g, rows, pre_values, x, bufs[1], accumulate=True, deterministic=False)
             return (grad_eff * act.unsqueeze(-1)).to(scores.dtype), grad_x
@@ -483,10 +625,14 @@ def run(ctx) -> list[dict]:
         def fused_cfg(cfg, deterministic=False):
             return lambda a: tgl.gate_lookup_backward_cuda(*a[:7], a[7], True, *bufs, cfg, deterministic)
 
-        for name, fn in [("ours composed (lookup acc, glue, gate acc)", composed)] + [
-                (f"ours fused[{_cfg_name(cfg)}]", fused_cfg(cfg)) for cfg in FUSED_BWD_CONFIGS] + [
+        for name, fn in (
+            [("ours composed (lookup acc, glue, gate acc)", composed)]
+            + [(f"ours fused[{_cfg_name(cfg)}]", fused_cfg(cfg)) for cfg in FUSED_BWD_CONFIGS]
+            + [
                 (f"ours fused deterministic (sorted)[{_cfg_name(cfg)}]", fused_cfg(cfg, True))
-                for cfg in FUSED_BWD_CONFIGS[:3]]:
+                for cfg in FUSED_BWD_CONFIGS[:3]
+            ]
+        ):
             inp2 = fresh()
             gate = tpg.pre_value_gate_cuda(inp2.rows, inp2.pre_values, inp2.x)
             a = (inp2.grad_out, inp2.grad_gate, inp2.rows, inp2.values, inp2.pre_values, inp2.x, inp2.scores, gate)
@@ -496,10 +642,12 @@ def run(ctx) -> list[dict]:
             starts = [b.clone() for b in bufs]
             ctx.poison_allocator(t * d * 2)
             grad_scores, grad_x = fn(a)
-            rel = max(ctx.check(f"fused bwd {name} grad_values", bufs[0].double() - starts[0].double(), refs[0]),
-                      ctx.check(f"fused bwd {name} grad_pre_values", bufs[1].double() - starts[1].double(), refs[1]),
-                      ctx.check(f"fused bwd {name} grad_x", grad_x, refs[2]),
-                      ctx.check(f"fused bwd {name} grad_scores", grad_scores, refs[3]))
+            rel = max(
+                ctx.check(f"fused bwd {name} grad_values", bufs[0].double() - starts[0].double(), refs[0]),
+                ctx.check(f"fused bwd {name} grad_pre_values", bufs[1].double() - starts[1].double(), refs[1]),
+                ctx.check(f"fused bwd {name} grad_x", grad_x, refs[2]),
+                ctx.check(f"fused bwd {name} grad_scores", grad_scores, refs[3]),
+            )
             del refs, starts
             add("gate_lookup_bwd", name, ctx.do_bench(lambda: fn(a)), fused_bwd_bytes, rel)
 

@@ -21,6 +21,7 @@ warps, row-tile sizes, and for k = 128 the grid held in registers in one 16384-e
 Part of the op suite (`python -m perf run --only op`); `python -m perf.benches.retrieval [args]`
 runs this module alone through perf/bench_ops.py, and `--large-k` the large-k part alone.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -58,8 +59,10 @@ def _shapes(small: bool) -> tuple[dict, list[dict]]:
 
 
 def _label(s: dict) -> str:
-    return (f"T={s['t']} H={s['h']} n={s['n_row']}x{s['n_col']} r={s['r']} M={s['m']} k={s['k']} "
-            f"{str(s['dtype']).replace('torch.', '')}")
+    return (
+        f"T={s['t']} H={s['h']} n={s['n_row']}x{s['n_col']} r={s['r']} M={s['m']} k={s['k']} "
+        f"{str(s['dtype']).replace('torch.', '')}"
+    )
 
 
 def _inputs(s: dict, seed: int, device, strided: bool = False):
@@ -120,9 +123,17 @@ def check_forward(ctx, s: dict, seed: int, strided: bool = False, check_tokens: 
     rel = _rel(scores, mine64)
     tol = 1e-5 if s["dtype"] == torch.float32 else 1e-2
     tag = (" strided" if strided else "") + (f" (first {t} tokens checked)" if t < s["t"] else "")
-    result = dict(name=f"{OP} fwd {_label(s)}{tag}", rel_err=rel, tol=tol,
-                  rows=t * h, rows_differing=int((~same).sum()), rows_not_near_tie=not_near_tie,
-                  in_range=in_range, distinct=distinct, sorted=ordered)
+    result = dict(
+        name=f"{OP} fwd {_label(s)}{tag}",
+        rel_err=rel,
+        tol=tol,
+        rows=t * h,
+        rows_differing=int((~same).sum()),
+        rows_not_near_tie=not_near_tie,
+        in_range=in_range,
+        distinct=distinct,
+        sorted=ordered,
+    )
     result["ok"] = in_range and distinct and ordered and not_near_tie == 0 and rel <= tol
     ctx.checks.append(result)
     return result
@@ -138,15 +149,16 @@ def _poisoned_out(a: torch.Tensor, b: torch.Tensor, kind: str):
         t, h, n, r = x.shape
         if kind == "padded":
             buf = torch.full((t, h, n * r + 8), float("nan"), dtype=x.dtype, device=x.device)
-            views.append(buf[:, :, 3:3 + n * r].unflatten(-1, (n, r)))
+            views.append(buf[:, :, 3 : 3 + n * r].unflatten(-1, (n, r)))
         else:
             buf = torch.full((t, h, n, 2 * r), float("nan"), dtype=x.dtype, device=x.device)
             views.append(buf[..., ::2])
     return tuple(views)
 
 
-def check_backward(ctx, s: dict, seed: int, strided: bool = False, variant: str = "v2",
-                   out_kind: str | None = None) -> dict:
+def check_backward(
+    ctx, s: dict, seed: int, strided: bool = False, variant: str = "v2", out_kind: str | None = None
+) -> dict:
     a, b, cores, u, v = _inputs(s, seed, ctx.device, strided)
     t, h, k, m = s["t"], s["h"], s["k"], s["m"]
     ids, _ = ref_fwd(a, b, cores, u, v, k)
@@ -167,11 +179,20 @@ def check_backward(ctx, s: dict, seed: int, strided: bool = False, variant: str 
     zero_outside = bool((ga.double()[ra == 0] == 0).all() and (gb.double()[rb == 0] == 0).all())
     rel = max(_rel(ga, ra), _rel(gb, rb), _rel(gc, rc))
     tol = 1e-5 if s["dtype"] == torch.float32 else 1e-2
-    tag = (" strided" if strided else "") + (f" {variant}" if variant != "v2" else "") + \
-        (f" out={out_kind}" if out_kind else "")
-    result = dict(name=f"{OP} bwd {_label(s)}{tag}", rel_err=rel, tol=tol,
-                  grad_row_rel_err=_rel(ga, ra), grad_col_rel_err=_rel(gb, rb), grad_cores_rel_err=_rel(gc, rc),
-                  zero_outside=zero_outside)
+    tag = (
+        (" strided" if strided else "")
+        + (f" {variant}" if variant != "v2" else "")
+        + (f" out={out_kind}" if out_kind else "")
+    )
+    result = dict(
+        name=f"{OP} bwd {_label(s)}{tag}",
+        rel_err=rel,
+        tol=tol,
+        grad_row_rel_err=_rel(ga, ra),
+        grad_col_rel_err=_rel(gb, rb),
+        grad_cores_rel_err=_rel(gc, rc),
+        zero_outside=zero_outside,
+    )
     result["ok"] = zero_outside and rel <= tol
     ctx.checks.append(result)
     return result
@@ -196,16 +217,20 @@ def _large_k_variants(k: int) -> list[tuple[str, dict]]:
     block_k = tri._block_k(k)
     variants = [("ours (default)", {})]
     if block_k <= 64:  # the grid in registers by default
-        variants += [("in-register grid, 4 warps", dict(num_warps=4)),
-                     ("in-register grid, 16 warps", dict(num_warps=16)),
-                     ("candidates, 2 row tiles", dict(grid_tile=block_k * block_k // 2))]
+        variants += [
+            ("in-register grid, 4 warps", dict(num_warps=4)),
+            ("in-register grid, 16 warps", dict(num_warps=16)),
+            ("candidates, 2 row tiles", dict(grid_tile=block_k * block_k // 2)),
+        ]
         return variants
     other_slots = block_k * (2 if block_k <= 128 else 1)
-    variants += [("bisection over all tiles (previous default)", dict(tiled_select="bisect")),
-                 ("candidates, no register cap", dict(maxnreg=255)),
-                 (f"candidates, {other_slots} slots per tile", dict(cand_tile=other_slots)),
-                 ("coarse selection only", dict(phases=1)),
-                 ("coarse + grid selection (no sort, no write)", dict(phases=2))]
+    variants += [
+        ("bisection over all tiles (previous default)", dict(tiled_select="bisect")),
+        ("candidates, no register cap", dict(maxnreg=255)),
+        (f"candidates, {other_slots} slots per tile", dict(cand_tile=other_slots)),
+        ("coarse selection only", dict(phases=1)),
+        ("coarse + grid selection (no sort, no write)", dict(phases=2)),
+    ]
     if k == 128:
         variants += [("in-register grid, grid_tile 16384, 16 warps", dict(grid_tile=16384, num_warps=16))]
     return variants
@@ -258,14 +283,27 @@ def run_large_k(ctx) -> list[dict]:
             # (frequent with bf16 inputs) must resolve alike. Other warps order the keys otherwise.
             if "num_warps" not in kw and kw.get("phases", 3) == 3:
                 same = torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))
-                ctx.checks.append(dict(name=f"{OP} fwd {_label(s)} {label}: same ids and scores as the default",
-                                       rel_err=0.0 if same else float("inf"), tol=0.0, ok=same))
+                ctx.checks.append(
+                    dict(
+                        name=f"{OP} fwd {_label(s)} {label}: same ids and scores as the default",
+                        rel_err=0.0 if same else float("inf"),
+                        tol=0.0,
+                        ok=same,
+                    )
+                )
             try:
                 us = ctx.do_bench(lambda: tri.launch_forward(a, b, cores, u, v, k, **kw))
                 rows.append(ctx.row(f"{OP}_fwd", _label(s), label, us, least, identical=same))
             except Exception as exc:  # keep the other rows
-                rows.append({"op": f"{OP}_fwd", "shape": _label(s), "variant": label, "median_us": None,
-                             "error": repr(exc)[:300]})
+                rows.append(
+                    {
+                        "op": f"{OP}_fwd",
+                        "shape": _label(s),
+                        "variant": label,
+                        "median_us": None,
+                        "error": repr(exc)[:300],
+                    }
+                )
     return rows
 
 
@@ -304,8 +342,11 @@ def run(ctx) -> list[dict]:
         ("fwd", "ours, coarse + grid selection", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=2)),
         ("bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ids)),
         ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),  # v2: zero-fill fused
-        ("bwd", "ours v2-memset (torch zero_ + kept rows)",
-         lambda: tri.launch_backward(g, a, b, cores, ids, variant="v2-memset")),
+        (
+            "bwd",
+            "ours v2-memset (torch zero_ + kept rows)",
+            lambda: tri.launch_backward(g, a, b, cores, ids, variant="v2-memset"),
+        ),
         ("bwd_zero_fill", "torch zero_ of both gradients only", lambda: (grad_row.zero_(), grad_col.zero_())),
         ("fwd+bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ref_fwd(a, b, cores, u, v, k)[0])),
         ("fwd+bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, tri.launch_forward(a, b, cores, u, v, k)[0])),
@@ -320,15 +361,21 @@ def run(ctx) -> list[dict]:
             ("fwd+bwd", "torch.compile", lambda: cb(g, a, b, cores, cf(a, b, cores, u, v, k)[0])),
         ]
     rows = []
-    nbytes = {**least,
-              "bwd_zero_fill": (grad_row.numel() + grad_col.numel()) * grad_row.element_size()}
+    nbytes = {**least, "bwd_zero_fill": (grad_row.numel() + grad_col.numel()) * grad_row.element_size()}
     for phase, variant, fn in timed:
         try:
             us = ctx.do_bench(fn)
             rows.append(ctx.row(f"{OP}_{phase}", _label(s), variant, us, nbytes[phase]))
         except Exception as exc:  # keep the other rows
-            rows.append({"op": f"{OP}_{phase}", "shape": _label(s), "variant": variant, "median_us": None,
-                         "error": repr(exc)[:300]})
+            rows.append(
+                {
+                    "op": f"{OP}_{phase}",
+                    "shape": _label(s),
+                    "variant": variant,
+                    "median_us": None,
+                    "error": repr(exc)[:300],
+                }
+            )
     return rows + run_large_k(ctx)
 
 
@@ -337,6 +384,7 @@ def _main_large_k(argv: list[str]) -> int:
     import logging
 
     from perf import bench_ops
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bench_ops.patch_interpreter()
@@ -345,8 +393,16 @@ def _main_large_k(argv: list[str]) -> int:
     failed = [c for c in ctx.checks if not c["ok"]]
     if os.environ.get("OUT"):  # the results log is for the op suite; this is a development aid
         with open(os.path.join(os.environ["OUT"], "retrieval_large_k.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "git_revision": bench_ops.git_revision(), "checks": ctx.checks, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "git_revision": bench_ops.git_revision(),
+                    "checks": ctx.checks,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     print(f"\n{len(ctx.checks) - len(failed)}/{len(ctx.checks)} checks passed")
     for c in failed:
         print(f"CHECK FAILED: {c['name']} rel_err {c['rel_err']}")
@@ -358,4 +414,5 @@ if __name__ == "__main__":
     if "--large-k" in sys.argv:
         sys.exit(_main_large_k(sys.argv[1:]))
     from perf import bench_ops
+
     sys.exit(bench_ops.main(["--only", "retrieval", *sys.argv[1:]]))

@@ -12,6 +12,7 @@ Measured here at the 227M shapes (T = 12,288, E = 32, D = 192, N = 2.59M, L = 20
 1138² rows at offsets l·360², uniform picks): the fused backward with atomics and with staging,
 the sort of F·L·T·E row ids, the two block-add passes and the whole flush; per layer and
 micro-batch amortized: staged = kernel + flush / (F·L)."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ BF16 = torch.bfloat16
 
 def _layer_rows(sh: dict, layer: int, gen: torch.Generator, dev) -> torch.Tensor:
     step = sh["offset"] // 10  # one layer's offset step (knum²)
-    return ((torch.randint(0, sh["window"], (sh["T"], sh["E"]), generator=gen, device=dev) + layer * step)
-            % sh["N"]).to(torch.int32)
+    return (
+        (torch.randint(0, sh["window"], (sh["T"], sh["E"]), generator=gen, device=dev) + layer * step) % sh["N"]
+    ).to(torch.int32)
 
 
 def run(ctx) -> list[dict]:
@@ -81,7 +83,7 @@ def run(ctx) -> list[dict]:
     ctx.check("staged + flush P vs atomics", buf_p, ref_p, tol=1e-5)
     del ref_v, ref_p, one
 
-    for f in ((1,) if ctx.small else (1, 4, 16)):
+    for f in (1,) if ctx.small else (1, 4, 16):
         tokens = f * layers * t
         try:
             st = GradStaging(tokens, e, m, d, d, BF16, dev)
@@ -93,10 +95,13 @@ def run(ctx) -> list[dict]:
             uniq = int(torch.unique(st.rows).numel())
             us_sort = ctx.do_bench(lambda: twl.sort_rows(st.rows, n), graph=False)
             order = twl.sort_rows(st.rows, n)
-            us_v = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32,
-                                                             order=order), graph=False)
-            us_p = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.x, st.grad_g, buf_p, torch.float32,
-                                                             order=order), graph=False)
+            us_v = ctx.do_bench(
+                lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32, order=order),
+                graph=False,
+            )
+            us_p = ctx.do_bench(
+                lambda: twl.sorted_block_add(st.rows, st.x, st.grad_g, buf_p, torch.float32, order=order), graph=False
+            )
 
             def flush():
                 st.fill.fill_(tokens)
@@ -107,30 +112,49 @@ def run(ctx) -> list[dict]:
                 base = {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1}
                 # 128-column chunks: one lane holds a column strip of all 32 entries, so the
                 # segmented scan runs in registers instead of through shuffles
-                for cfg in ({**base, "PROGRAMS_PER_SM": 0}, {**base, "PROGRAMS_PER_SM": 16},
-                            {**base, "BLOCK_D": 128, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
-                            {**base, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 16},
-                            {**base, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 8},
-                            {**base, "BLOCK_J": 16, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 16},
-                            {**base, "BLOCK_D": 256, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
-                            {**base, "BLOCK_J": 64, "BLOCK_D": 128, "CHUNKS": 1, "PROGRAMS_PER_SM": 16}):
-                    us = ctx.do_bench(lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32,
-                                                                   order=order, config=cfg), graph=False)
+                for cfg in (
+                    {**base, "PROGRAMS_PER_SM": 0},
+                    {**base, "PROGRAMS_PER_SM": 16},
+                    {**base, "BLOCK_D": 128, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
+                    {**base, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 16},
+                    {**base, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 8},
+                    {**base, "BLOCK_J": 16, "BLOCK_D": 128, "CHUNKS": 2, "PROGRAMS_PER_SM": 16},
+                    {**base, "BLOCK_D": 256, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
+                    {**base, "BLOCK_J": 64, "BLOCK_D": 128, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
+                ):
+                    us = ctx.do_bench(
+                        lambda: twl.sorted_block_add(
+                            st.rows, st.grad_out, st.eff, buf_v, torch.float32, order=order, config=cfg
+                        ),
+                        graph=False,
+                    )
                     out.append(ctx.row("staged_flush", shape, f"F={f}: block add V {cfg}", us, None))
         except torch.OutOfMemoryError as exc:
-            out.append(ctx.row("staged_flush", shape, f"F={f}: out of memory", float("nan"), None,
-                               error=str(exc)[:200]))
+            out.append(
+                ctx.row("staged_flush", shape, f"F={f}: out of memory", float("nan"), None, error=str(exc)[:200])
+            )
             break
         per = f * layers
         # floor of one pass: each distinct row read + written in fp32, each entry's bf16 source row
         floor = uniq * d * 8 + tokens * e * d * 2
-        out.append(ctx.row("staged_flush", shape, f"F={f}: sort {tokens * e / 1e6:.0f}M ids", us_sort, None,
-                           distinct_rows=uniq))
+        out.append(
+            ctx.row(
+                "staged_flush", shape, f"F={f}: sort {tokens * e / 1e6:.0f}M ids", us_sort, None, distinct_rows=uniq
+            )
+        )
         out.append(ctx.row("staged_flush", shape, f"F={f}: block add V", us_v, floor))
         out.append(ctx.row("staged_flush", shape, f"F={f}: block add P", us_p, floor))
         out.append(ctx.row("staged_flush", shape, f"F={f}: whole flush", us_flush, 2 * floor))
-        out.append(ctx.row("staged_flush", shape, f"F={f}: staged per layer and micro-batch",
-                           us_stage + us_flush / per, None, versus_atomics_us=round(us_atomic, 1)))
+        out.append(
+            ctx.row(
+                "staged_flush",
+                shape,
+                f"F={f}: staged per layer and micro-batch",
+                us_stage + us_flush / per,
+                None,
+                versus_atomics_us=round(us_atomic, 1),
+            )
+        )
         del st, order
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -161,12 +185,18 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
     shape = f"T={t} E={e} D={d} N={n} L={layers}"
     out = []
     ops = {
-        "lookup": (lambda: twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows0, table, scores),
-                   lambda st, cfg=None: tgl.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st, cfg),
-                   GradStaging(t, e, m, d, 0, BF16, dev), m),
-        "gate": (lambda: tpg.pre_value_gate_backward_accumulate_cuda(buf, grad_gate, rows0, table, x),
-                 lambda st, cfg=None: tgl.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st, cfg),
-                 GradStaging(t, e, 1, 0, d, BF16, dev), 1),
+        "lookup": (
+            lambda: twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows0, table, scores),
+            lambda st, cfg=None: tgl.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st, cfg),
+            GradStaging(t, e, m, d, 0, BF16, dev),
+            m,
+        ),
+        "gate": (
+            lambda: tpg.pre_value_gate_backward_accumulate_cuda(buf, grad_gate, rows0, table, x),
+            lambda st, cfg=None: tgl.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st, cfg),
+            GradStaging(t, e, 1, 0, d, BF16, dev),
+            1,
+        ),
     }
     f = 1 if ctx.small else 4
     tokens = f * layers * t
@@ -181,6 +211,7 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
         us_stage = ctx.do_bench(staged_call)
         out.append(ctx.row("staged_flush", shape, f"{name} bwd, staged (with a fill reset)", us_stage, None))
         for cfg in ({"num_warps": 1}, {"num_warps": 4}, {"num_warps": 1, "GROUP_CHUNKS": 1}):
+
             def staged_cfg(cfg=cfg):
                 one.fill.zero_()
                 return staged(one, cfg)
@@ -210,8 +241,16 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
 
         us_flush = ctx.do_bench(flush, graph=False)
         out.append(ctx.row("staged_flush", shape, f"{name}: F={f} flush of one table", us_flush, None))
-        out.append(ctx.row("staged_flush", shape, f"{name} bwd, staged, per call with its flush share (F={f})",
-                           us_stage + us_flush / (f * layers), None, versus_atomics_us=round(us_atomic, 1)))
+        out.append(
+            ctx.row(
+                "staged_flush",
+                shape,
+                f"{name} bwd, staged, per call with its flush share (F={f})",
+                us_stage + us_flush / (f * layers),
+                None,
+                versus_atomics_us=round(us_atomic, 1),
+            )
+        )
         del st
         if dev.type == "cuda":
             torch.cuda.empty_cache()

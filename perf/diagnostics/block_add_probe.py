@@ -7,6 +7,7 @@ table: 31M entries), run once, for a profiler to look at:
 
 (from the repository root; CUDA only). The timed flush is in perf/benches/staged_flush.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
         return 2
     sh = _shapes(False)
     dev = torch.device("cuda")
-    t, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
+    _, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
     micro_batches, layers = 4, 20
     gen = torch.Generator(device=dev).manual_seed(3)
     rows = torch.cat([_layer_rows(sh, i % layers, gen, dev) for i in range(micro_batches * layers)])

@@ -5,6 +5,7 @@ reference (on the first tokens: the reference gathers in float64) before it is t
 
     python -m perf.diagnostics.gate_lookup_sweep [--small]     # from the repository root
 """
+
 from __future__ import annotations
 
 import sys
@@ -12,13 +13,20 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from perf.benches.lookup import BF16, gate_ref, lookup_ref, min_bytes
 from ultramem.ops._triton import gate_lookup as tgl
 
-from perf.benches.lookup import BF16, gate_ref, lookup_ref, min_bytes
-
 # The entry-block kernel's best config at the 227M shape (perf/history/gate_lookup.md), for comparison.
-ENTRY_BLOCK = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True,
-               "EVICT_FIRST": True, "D_CHUNKS": False}
+ENTRY_BLOCK = {
+    "BLOCK_T": 1,
+    "BLOCK_E": 8,
+    "BLOCK_D": 256,
+    "BLOCK_DP": 256,
+    "num_warps": 1,
+    "HOIST_V": True,
+    "EVICT_FIRST": True,
+    "D_CHUNKS": False,
+}
 CHECK_TOKENS = 512
 
 
@@ -39,7 +47,7 @@ def run(ctx) -> list[dict]:
     for t, e, d in _shapes(ctx.small):
         shape = f"T={t} E={e} D={d} M={m} N={n} bf16"
         values = torch.randn(n, d, generator=g, device=dev).to(BF16)
-        pre_values = (torch.randn(n, d, generator=g, device=dev) / d ** 0.5).to(BF16)
+        pre_values = (torch.randn(n, d, generator=g, device=dev) / d**0.5).to(BF16)
         rows = torch.randint(0, n, (t, e), generator=g, device=dev)
         scores = torch.randn(t, e, m, generator=g, device=dev).to(BF16)
         x = torch.randn(t, d, generator=g, device=dev).to(BF16)
@@ -51,13 +59,22 @@ def run(ctx) -> list[dict]:
             try:
                 ctx.poison_allocator(t * d * 2)
                 out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, True, cfg)
-                rel = max(ctx.check(f"fused sweep {name} {shape} out", out[:c], ref),
-                          ctx.check(f"fused sweep {name} {shape} gate", gate[:c], gate64))
+                rel = max(
+                    ctx.check(f"fused sweep {name} {shape} out", out[:c], ref),
+                    ctx.check(f"fused sweep {name} {shape} gate", gate[:c], gate64),
+                )
                 us = ctx.do_bench(lambda: tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, True, cfg))
                 out_rows.append(ctx.row("gate_lookup_fwd_sweep", shape, name, us, least, rel))
             except Exception as exc:  # keep the other shapes' numbers
-                out_rows.append({"op": "gate_lookup_fwd_sweep", "shape": shape, "variant": name,
-                                 "median_us": None, "error": repr(exc)[:300]})
+                out_rows.append(
+                    {
+                        "op": "gate_lookup_fwd_sweep",
+                        "shape": shape,
+                        "variant": name,
+                        "median_us": None,
+                        "error": repr(exc)[:300],
+                    }
+                )
         del values, pre_values
     return out_rows
 

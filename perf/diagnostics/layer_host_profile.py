@@ -4,6 +4,7 @@ of the Python side. A diagnostic beside perf/gpu_e2e.py (which holds the reporte
 
     python -m perf.diagnostics.layer_host_profile      # from the repository root; CUDA only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ def main(argv=None) -> int:
     stats = pstats.Stats(prof, stream=sys.stdout)
     stats.sort_stats("tottime").print_stats(25)
     # CUDA runtime calls (launches, allocations, syncs) with their host time
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as tprof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as tprof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()

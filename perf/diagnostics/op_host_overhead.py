@@ -4,6 +4,7 @@ kernel, then a cProfile of the slowest op. A diagnostic for host-bound layers.
 
     python -m perf.diagnostics.op_host_overhead        # from the repository root; CUDA only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
         "weighted_gather launcher": lambda: twl.weighted_gather(rows, table, scores, out, torch.float32),
         "pre_value_gate op": lambda: torch.ops.ultramem.pre_value_gate(rows, table, x, -1),
         "weighted_lookup_backward_into op": lambda: torch.ops.ultramem.weighted_lookup_backward_into(
-            gout, rows, table, scores, gid),
+            gout, rows, table, scores, gid
+        ),
         "tdqkr_retrieval op": lambda: torch.ops.ultramem.tdqkr_retrieval(a, b, cores, u, v, 8),
         "tdqkr_retrieval launch_forward": lambda: tri.launch_forward(a, b, cores, u, v, 8),
         "tdqkr_retrieval_backward op": lambda: torch.ops.ultramem.tdqkr_retrieval_backward(sc, a, b, cores, ids),

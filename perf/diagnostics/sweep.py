@@ -31,6 +31,7 @@ shapes) are timed by CUDA events only: their host launch time is negligible ther
 CUDA-graph replays of ctx.do_bench would dominate the module's run time. With --compile each
 eager baseline is compiled with static shapes, once per shape (48 compiles: minutes).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,11 +42,6 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-
-from ultramem.ops._triton import gate_lookup as tgl
-from ultramem.ops._triton import pre_value_gate as tpg
-from ultramem.ops._triton import retrieval as tri
-from ultramem.ops._triton import weighted_lookup as twl
 
 from perf.benches import retrieval as bench_retrieval
 from perf.benches.lookup import (
@@ -61,6 +57,10 @@ from perf.benches.lookup import (
     lookup_ref,
     min_bytes,
 )
+from ultramem.ops._triton import gate_lookup as tgl
+from ultramem.ops._triton import pre_value_gate as tpg
+from ultramem.ops._triton import retrieval as tri
+from ultramem.ops._triton import weighted_lookup as twl
 
 log = logging.getLogger("bench_ops.sweep")
 
@@ -84,8 +84,9 @@ def lookup_shapes(small: bool) -> tuple[int, list[tuple[dict, str]]]:
     """(table rows N, [(shape {T, E, D}, axes)])."""
     if small:
         return 97, _axis_shapes({"T": 8, "E": 5, "D": 24}, {"E": (5, 33), "D": (24, 40), "T": (3, 8)})
-    return 1_000_000, _axis_shapes({"T": 12288, "E": 32, "D": 192},
-                                   {"E": (16, 32, 64, 128), "D": (128, 192, 384, 768), "T": (1024, 12288, 65536)})
+    return 1_000_000, _axis_shapes(
+        {"T": 12288, "E": 32, "D": 192}, {"E": (16, 32, 64, 128), "D": (128, 192, 384, 768), "T": (1024, 12288, 65536)}
+    )
 
 
 def retrieval_shapes(small: bool) -> list[tuple[dict, str]]:
@@ -136,8 +137,9 @@ class _Sweep:
             fn()
         except Exception as exc:  # one failure keeps the other variants' and shapes' numbers
             traceback.print_exc()
-            self.rows.append({"op": op, "shape": shape, "variant": variant, "median_us": None,
-                              "error": repr(exc)[:300]})
+            self.rows.append(
+                {"op": op, "shape": shape, "variant": variant, "median_us": None, "error": repr(exc)[:300]}
+            )
 
     def free(self) -> None:
         if self.ctx.device.type == "cuda":
@@ -149,13 +151,21 @@ def _compiled(ctx) -> dict:
     """torch.compile of each eager baseline (static shapes: one compile per shape), or {}."""
     if not ctx.compile_variants:
         return {}
-    return {name: torch.compile(fn, dynamic=False) for name, fn in (
-        ("lookup_fwd", lookup_eager), ("lookup_bwd", lookup_bwd_eager), ("gate_bwd", gate_bwd_eager),
-        ("gate_lookup", gate_lookup_eager), ("retrieval_fwd", bench_retrieval.ref_fwd),
-        ("retrieval_bwd", bench_retrieval.ref_bwd))}
+    return {
+        name: torch.compile(fn, dynamic=False)
+        for name, fn in (
+            ("lookup_fwd", lookup_eager),
+            ("lookup_bwd", lookup_bwd_eager),
+            ("gate_bwd", gate_bwd_eager),
+            ("gate_lookup", gate_lookup_eager),
+            ("retrieval_fwd", bench_retrieval.ref_fwd),
+            ("retrieval_bwd", bench_retrieval.ref_bwd),
+        )
+    }
 
 
 # ---------------------------------------------------------------------------- lookup ops
+
 
 def _lookup_shape(sw: _Sweep, n: int, t: int, e: int, d: int, axes: str, compiled: dict) -> None:
     ctx, dev, m = sw.ctx, sw.ctx.device, CORES
@@ -164,8 +174,10 @@ def _lookup_shape(sw: _Sweep, n: int, t: int, e: int, d: int, axes: str, compile
     c = min(t, sw.check_tokens)
     g = torch.Generator(device=dev).manual_seed(sw.seed())
     # Pre-values at a scale where <P, x> is O(1), so the GELU of the fused op is exercised.
-    tables = (torch.randn(n, d, generator=g, device=dev).to(BF16),
-              (torch.randn(n, d, generator=g, device=dev) / d ** 0.5).to(BF16))
+    tables = (
+        torch.randn(n, d, generator=g, device=dev).to(BF16),
+        (torch.randn(n, d, generator=g, device=dev) / d**0.5).to(BF16),
+    )
     values, pre_values = tables
 
     def fresh() -> Inputs:
@@ -213,6 +225,7 @@ def _lookup_shape(sw: _Sweep, n: int, t: int, e: int, d: int, axes: str, compile
     # ------------------------------------------------------------ accumulate backwards
     def accumulate_bwd(op, what, make_args, ref_fn, eager_fn, compiled_key, ours_fn, poison_bytes, least_key):
         """One accumulate backward (lookup or gate): eager, torch.compile, ours into `buf`."""
+
         def one(variant, fn, poison: bool):
             args = make_args(fresh())
             ref_table, ref_other = ref_fn(*args)
@@ -230,18 +243,33 @@ def _lookup_shape(sw: _Sweep, n: int, t: int, e: int, d: int, axes: str, compile
 
         sw.guarded(op, shape, "eager (index_add_)", lambda: one("eager (index_add_)", into_buf(eager_fn), False))
         if compiled_key in compiled:
-            sw.guarded(op, shape, "torch.compile",
-                       lambda: one("torch.compile", into_buf(compiled[compiled_key]), False))
+            sw.guarded(
+                op, shape, "torch.compile", lambda: one("torch.compile", into_buf(compiled[compiled_key]), False)
+            )
         sw.guarded(op, shape, "ours (accumulate, atomics)", lambda: one("ours (accumulate, atomics)", ours_fn, True))
 
-    accumulate_bwd("weighted_lookup_bwd_sweep", "lookup", lambda inp: (inp.grad_out, inp.rows, values, inp.scores),
-                   lookup_bwd_ref, lookup_bwd_eager, "lookup_bwd",
-                   lambda *args: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False),
-                   t * e * m * 2, "lookup_bwd_acc")
-    accumulate_bwd("pre_value_gate_bwd_sweep", "gate", lambda inp: (inp.grad_gate, inp.rows, pre_values, inp.x),
-                   gate_bwd_ref, gate_bwd_eager, "gate_bwd",
-                   lambda *args: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=False),
-                   t * d * 2, "gate_bwd_acc")
+    accumulate_bwd(
+        "weighted_lookup_bwd_sweep",
+        "lookup",
+        lambda inp: (inp.grad_out, inp.rows, values, inp.scores),
+        lookup_bwd_ref,
+        lookup_bwd_eager,
+        "lookup_bwd",
+        lambda *args: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False),
+        t * e * m * 2,
+        "lookup_bwd_acc",
+    )
+    accumulate_bwd(
+        "pre_value_gate_bwd_sweep",
+        "gate",
+        lambda inp: (inp.grad_gate, inp.rows, pre_values, inp.x),
+        gate_bwd_ref,
+        gate_bwd_eager,
+        "gate_bwd",
+        lambda *args: tpg.gate_table_grad(*args, buf, accumulate=True, deterministic=False),
+        t * d * 2,
+        "gate_bwd_acc",
+    )
     del buf
 
     # ------------------------------------------------------------ fused gate_lookup forward
@@ -256,21 +284,25 @@ def _lookup_shape(sw: _Sweep, n: int, t: int, e: int, d: int, axes: str, compile
             ctx.poison_allocator(t * d * 2)
             ctx.poison_allocator(t * e * 2)
         out, gate = fn(inp.rows, values, pre_values, inp.x, inp.scores)
-        rel = max(ctx.check(f"sweep fused fwd {variant} {shape} out", out[:c], ref, tol=2e-2),
-                  ctx.check(f"sweep fused fwd {variant} {shape} gate", gate[:c], gate64))
+        rel = max(
+            ctx.check(f"sweep fused fwd {variant} {shape} out", out[:c], ref, tol=2e-2),
+            ctx.check(f"sweep fused fwd {variant} {shape} gate", gate[:c], gate64),
+        )
         add(op, variant, lambda: fn(inp.rows, values, pre_values, inp.x, inp.scores), least["gate_lookup_fwd"], rel)
 
     def fused_ours(rows, values, pre_values, x, scores):
         return tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, True)
 
-    sw.guarded(op, shape, "eager (gate, GELU, lookup)",
-               lambda: fused("eager (gate, GELU, lookup)", gate_lookup_eager, False))
+    sw.guarded(
+        op, shape, "eager (gate, GELU, lookup)", lambda: fused("eager (gate, GELU, lookup)", gate_lookup_eager, False)
+    )
     if "gate_lookup" in compiled:
         sw.guarded(op, shape, "torch.compile", lambda: fused("torch.compile", compiled["gate_lookup"], False))
     sw.guarded(op, shape, f"ours (default: {kernel})", lambda: fused(f"ours (default: {kernel})", fused_ours, True))
 
 
 # ---------------------------------------------------------------------------- retrieval
+
 
 def _retrieval_shape(sw: _Sweep, s: dict, axes: str, compiled: dict) -> None:
     ctx = sw.ctx
@@ -283,8 +315,7 @@ def _retrieval_shape(sw: _Sweep, s: dict, axes: str, compiled: dict) -> None:
         rel_fwd, rel_both = fwd["rel_err"], max(fwd["rel_err"], bwd["rel_err"])
     except Exception as exc:
         traceback.print_exc()
-        sw.rows.append({"op": fwd_op, "shape": shape, "variant": "checks", "median_us": None,
-                        "error": repr(exc)[:300]})
+        sw.rows.append({"op": fwd_op, "shape": shape, "variant": "checks", "median_us": None, "error": repr(exc)[:300]})
         return
     a, b, cores, u, v = bench_retrieval._inputs(s, sw.seed(), ctx.device)
     g = torch.randn(s["t"], s["h"], k, s["m"], device=ctx.device, dtype=s["dtype"])
@@ -300,8 +331,7 @@ def _retrieval_shape(sw: _Sweep, s: dict, axes: str, compiled: dict) -> None:
     timed = [
         (fwd_op, "eager (reference op body)", lambda: ref_fwd(a, b, cores, u, v, k), None),
         (fwd_op, "ours", ours_fwd, rel_fwd),
-        (both_op, "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ref_fwd(a, b, cores, u, v, k)[0]),
-         None),
+        (both_op, "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ref_fwd(a, b, cores, u, v, k)[0]), None),
         (both_op, "ours", ours_both, rel_both),
     ]
     if compiled:
@@ -317,6 +347,7 @@ def _retrieval_shape(sw: _Sweep, s: dict, axes: str, compiled: dict) -> None:
 
 # ---------------------------------------------------------------------------- the run
 
+
 def run(ctx) -> list[dict]:
     sw = _Sweep(ctx)
     compiled = _compiled(ctx)
@@ -327,14 +358,19 @@ def run(ctx) -> list[dict]:
         for sh, axes in shapes:
             t0 = time.time()
             shape = f"T={sh['T']} E={sh['E']} D={sh['D']}"
-            sw.guarded("lookup_sweep", shape, "shape",
-                       lambda: _lookup_shape(sw, n, sh["T"], sh["E"], sh["D"], axes, compiled))
+            sw.guarded(
+                "lookup_sweep", shape, "shape", lambda: _lookup_shape(sw, n, sh["T"], sh["E"], sh["D"], axes, compiled)
+            )
             sw.free()
             log.info("sweep %s (%s) took %.1f s", shape, axes, time.time() - t0)
         for s, axes in retrieval_shapes(ctx.small):
             t0 = time.time()
-            sw.guarded("tdqkr_retrieval_sweep", bench_retrieval._label(s), "shape",
-                       lambda: _retrieval_shape(sw, s, axes, compiled))
+            sw.guarded(
+                "tdqkr_retrieval_sweep",
+                bench_retrieval._label(s),
+                "shape",
+                lambda: _retrieval_shape(sw, s, axes, compiled),
+            )
             sw.free()
             log.info("sweep %s (%s) took %.1f s", bench_retrieval._label(s), axes, time.time() - t0)
     return sw.rows

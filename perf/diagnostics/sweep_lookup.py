@@ -5,12 +5,14 @@ From the repository root, CUDA only:
     python -m perf.diagnostics.sweep_lookup            # check + time (GPU time) every config
     ncu --clock-control none -k regex:_kernel python -m perf.diagnostics.sweep_lookup --once fwd:T1,E32,D256,w4
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 
 import torch
+
 from perf.bench_ops import gpu_time_us
 from ultramem.ops._triton import gate_lookup as tgl
 from ultramem.ops._triton import weighted_lookup as twl
@@ -21,9 +23,20 @@ BF16 = torch.bfloat16
 
 
 def parse_cfg(text: str) -> dict:
-    keys = {"T": "BLOCK_T", "E": "BLOCK_E", "D": "BLOCK_D", "P": "BLOCK_DP", "J": "BLOCK_J", "w": "num_warps",
-            "F": "D_FASTEST", "H": "HOIST_V", "V": "EVICT_FIRST", "U": "fuse_dots", "C": "D_CHUNKS",
-            "R": "maxnreg"}
+    keys = {
+        "T": "BLOCK_T",
+        "E": "BLOCK_E",
+        "D": "BLOCK_D",
+        "P": "BLOCK_DP",
+        "J": "BLOCK_J",
+        "w": "num_warps",
+        "F": "D_FASTEST",
+        "H": "HOIST_V",
+        "V": "EVICT_FIRST",
+        "U": "fuse_dots",
+        "C": "D_CHUNKS",
+        "R": "maxnreg",
+    }
     return {keys[part[0]]: int(part[1:]) for part in text.split(",")}
 
 
@@ -33,7 +46,7 @@ def make_inputs(seed: int, pattern: str = "random"):
     if pattern == "sequential":  # consecutive entries read consecutive rows: the DRAM-friendly case
         rows = torch.arange(T * E, device="cuda").view(T, E) % N
     values = torch.randn(N, D, generator=g, device="cuda").to(BF16)
-    pre = (torch.randn(N, D, generator=g, device="cuda") / D ** 0.5).to(BF16)
+    pre = (torch.randn(N, D, generator=g, device="cuda") / D**0.5).to(BF16)
     scores = torch.randn(T, E, M, generator=g, device="cuda").to(BF16)
     x = torch.randn(T, D, generator=g, device="cuda").to(BF16)
     return rows, values, pre, scores, x
@@ -50,6 +63,7 @@ def launcher(kind: str, cfg: dict, inp):
     if kind in ("fused", "bwd", "seg"):
         box = {}
         if kind == "fused":
+
             def fn():
                 box["out"] = tgl.gate_lookup_cuda(rows, values, pre, x, scores, True, cfg)[0]
         else:
@@ -57,10 +71,18 @@ def launcher(kind: str, cfg: dict, inp):
             order = twl.sort_rows(rows, N)
 
             def fn():  # grad_out = x; the check looks at grad_scores
-                box["out"] = twl.lookup_table_grad(x, rows, values, scores, buf, accumulate=True,
-                                                   deterministic=kind == "seg", order=order,
-                                                   configs={"bwd": cfg, "segment": cfg,
-                                                            "fuse_dots": bool(cfg.get("fuse_dots", 1))})
+                box["out"] = twl.lookup_table_grad(
+                    x,
+                    rows,
+                    values,
+                    scores,
+                    buf,
+                    accumulate=True,
+                    deterministic=kind == "seg",
+                    order=order,
+                    configs={"bwd": cfg, "segment": cfg, "fuse_dots": bool(cfg.get("fuse_dots", 1))},
+                )
+
         fn()
         return box, fn
     raise ValueError(f"unknown kernel kind {kind!r}; expected fwd, gate, fused, bwd or seg")
@@ -82,19 +104,39 @@ def reference(kind: str, inp):
 
 
 SWEEP = {
-    "fwd": ["T1,E32,D64,w1,V1", "T1,E32,D64,w1", "T1,E32,D128,w1,V1", "T1,E32,D256,w1,V1", "T1,E16,D64,w1,V1",
-            "T1,E32,D64,w2,V1", "T1,E32,D256,w4"],
-    "gate": ["T1,E4,D256,w1", "T1,E8,D256,w1", "T1,E2,D256,w1", "T1,E32,D256,w4", "T1,E4,D256,w2",
-             "T2,E4,D256,w2"],
+    "fwd": [
+        "T1,E32,D64,w1,V1",
+        "T1,E32,D64,w1",
+        "T1,E32,D128,w1,V1",
+        "T1,E32,D256,w1,V1",
+        "T1,E16,D64,w1,V1",
+        "T1,E32,D64,w2,V1",
+        "T1,E32,D256,w4",
+    ],
+    "gate": ["T1,E4,D256,w1", "T1,E8,D256,w1", "T1,E2,D256,w1", "T1,E32,D256,w4", "T1,E4,D256,w2", "T2,E4,D256,w2"],
     # entry-block kernel (C0): E entries at a time, D/P columns per program
-    "fused": ["C0,T1,E8,D256,P256,w1,H1,V0", "C0,T1,E8,D256,P256,w1,H1,V1", "C0,T1,E8,D256,P256,w1,H0,V1",
-              "C0,T1,E4,D256,P256,w1,H1,V1", "C0,T1,E16,D256,P256,w1,H1,V1", "C0,T1,E8,D256,P256,w2,H1,V1",
-              "C0,T1,E8,D64,P256,w1,H1,V1,F1", "C0,T1,E16,D128,P256,w1,H1,V1,F1", "C0,T1,E8,D128,P128,w1,H1,V1,F1",
-              # fused v2 (C1): one warp per token with all entries, columns in chunks of D (V) and P (P);
-              # R = maxnreg (R0: ptxas's choice), H = V chunks issued before the gate
-              "C1,D64,P64,w1,H0,V1,R136", "C1,D64,P64,w1,H0,V1,R144", "C1,D64,P64,w1,H0,V1,R152",
-              "C1,D64,P64,w1,H0,V1,R128", "C1,D64,P64,w1,H0,V1,R0", "C1,D64,P64,w1,H1,V1,R0",
-              "C1,D64,P64,w1,H0,V0,R136", "C1,D32,P32,w1,H0,V1,R128", "C1,D64,P64,w2,H0,V1,R0"],
+    "fused": [
+        "C0,T1,E8,D256,P256,w1,H1,V0",
+        "C0,T1,E8,D256,P256,w1,H1,V1",
+        "C0,T1,E8,D256,P256,w1,H0,V1",
+        "C0,T1,E4,D256,P256,w1,H1,V1",
+        "C0,T1,E16,D256,P256,w1,H1,V1",
+        "C0,T1,E8,D256,P256,w2,H1,V1",
+        "C0,T1,E8,D64,P256,w1,H1,V1,F1",
+        "C0,T1,E16,D128,P256,w1,H1,V1,F1",
+        "C0,T1,E8,D128,P128,w1,H1,V1,F1",
+        # fused v2 (C1): one warp per token with all entries, columns in chunks of D (V) and P (P);
+        # R = maxnreg (R0: ptxas's choice), H = V chunks issued before the gate
+        "C1,D64,P64,w1,H0,V1,R136",
+        "C1,D64,P64,w1,H0,V1,R144",
+        "C1,D64,P64,w1,H0,V1,R152",
+        "C1,D64,P64,w1,H0,V1,R128",
+        "C1,D64,P64,w1,H0,V1,R0",
+        "C1,D64,P64,w1,H1,V1,R0",
+        "C1,D64,P64,w1,H0,V0,R136",
+        "C1,D32,P32,w1,H0,V1,R128",
+        "C1,D64,P64,w2,H0,V1,R0",
+    ],
     "bwd": ["T1,E8,D256,w4", "T1,E4,D256,w4", "T1,E8,D256,w2", "T1,E16,D256,w4"],
     "seg": ["J2,D256,w1", "J2,D256,w1,U0", "J4,D256,w1,U0", "J1,D256,w1", "J8,D256,w2,U0", "J16,D256,w4,U0"],
 }

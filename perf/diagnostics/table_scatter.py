@@ -15,6 +15,7 @@ ops', so this is a diagnostic, not part of the op suite.
 
     python -m perf.diagnostics.table_scatter [--small]         # from the repository root
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,18 @@ BLOCK_D = 64
 
 
 @triton.jit
-def _scatter_rows_kernel(ids_ptr, w_ptr, g_ptr, buf_ptr, E, D, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                         CHUNKS: tl.constexpr, PLAIN: tl.constexpr):
+def _scatter_rows_kernel(
+    ids_ptr,
+    w_ptr,
+    g_ptr,
+    buf_ptr,
+    E,
+    D,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    PLAIN: tl.constexpr,
+):
     """One program per token: atomics, or (PLAIN) load + add + store, correct only without
     duplicate ids."""
     t = tl.program_id(0).to(tl.int64)
@@ -48,8 +59,9 @@ def _scatter_rows_kernel(ids_ptr, w_ptr, g_ptr, buf_ptr, E, D, BLOCK_E: tl.const
 
 
 @triton.jit
-def _scatter_tma_kernel(ids_ptr, w_ptr, g_ptr, buf_desc, E, D, E_CONST: tl.constexpr, BLOCK_D: tl.constexpr,
-                        CHUNKS: tl.constexpr):
+def _scatter_tma_kernel(
+    ids_ptr, w_ptr, g_ptr, buf_desc, E, D, E_CONST: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr
+):
     t = tl.program_id(0).to(tl.int64)
     gs = ()
     for c in tl.static_range(CHUNKS):
@@ -62,8 +74,15 @@ def _scatter_tma_kernel(ids_ptr, w_ptr, g_ptr, buf_desc, E, D, E_CONST: tl.const
             buf_desc.atomic_add([row, c * BLOCK_D], (w * gs[c])[None, :])
 
 
-def scatter(kind: str, ids: torch.Tensor, w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor,
-            num_warps: int = 2, block_d: int = BLOCK_D) -> None:
+def scatter(
+    kind: str,
+    ids: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    buf: torch.Tensor,
+    num_warps: int = 2,
+    block_d: int = BLOCK_D,
+) -> None:
     t, e = ids.shape
     d = g.shape[1]
     chunks = triton.cdiv(d, block_d)
@@ -71,11 +90,21 @@ def scatter(kind: str, ids: torch.Tensor, w: torch.Tensor, g: torch.Tensor, buf:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         desc = TensorDescriptor.from_tensor(buf, block_shape=[1, block_d])
-        _scatter_tma_kernel[(t,)](ids, w, g, desc, e, d, E_CONST=e, BLOCK_D=block_d, CHUNKS=chunks,
-                                  num_warps=num_warps)
+        _scatter_tma_kernel[(t,)](ids, w, g, desc, e, d, E_CONST=e, BLOCK_D=block_d, CHUNKS=chunks, num_warps=num_warps)
         return
-    _scatter_rows_kernel[(t,)](ids, w, g, buf, e, d, BLOCK_E=triton.next_power_of_2(e), BLOCK_D=block_d,
-                               CHUNKS=chunks, PLAIN=kind == "plain", num_warps=num_warps)
+    _scatter_rows_kernel[(t,)](
+        ids,
+        w,
+        g,
+        buf,
+        e,
+        d,
+        BLOCK_E=triton.next_power_of_2(e),
+        BLOCK_D=block_d,
+        CHUNKS=chunks,
+        PLAIN=kind == "plain",
+        num_warps=num_warps,
+    )
 
 
 def run(ctx) -> list[dict]:
@@ -103,8 +132,11 @@ def run(ctx) -> list[dict]:
         out.index_add_(0, ids.reshape(-1), (w.double().unsqueeze(-1) * g.double().unsqueeze(1)).reshape(t * e, d))
         return out
 
-    variants = [("atomics v4", "atomics", ids_random, 2), ("atomics v4", "atomics", ids_random, 4),
-                ("plain RMW, unique ids", "plain", unique, 2)]
+    variants = [
+        ("atomics v4", "atomics", ids_random, 2),
+        ("atomics v4", "atomics", ids_random, 4),
+        ("plain RMW, unique ids", "plain", unique, 2),
+    ]
     if dev.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9:
         variants += [("TMA reduce", "tma", ids_random, 1), ("TMA reduce", "tma", ids_random, 4)]
     rows = []
@@ -115,8 +147,10 @@ def run(ctx) -> list[dict]:
         us = ctx.do_bench(lambda: scatter(kind, ids, w, g, buf, warps))
         rows.append(ctx.row("table_scatter", shape, f"{name} [w{warps}]", us, min_bytes, rel))
     # Row order: the same entries sorted by row (weights and source rows follow their entries).
-    for name, kind, ids in (("atomics v4, row order", "atomics", ids_random), ("plain RMW, unique ids, row order",
-                                                                               "plain", unique)):
+    for name, kind, ids in (
+        ("atomics v4, row order", "atomics", ids_random),
+        ("plain RMW, unique ids, row order", "plain", unique),
+    ):
         ids_s, order = sorted_by_row(ids)
         tok = order // e
         g_s = g[tok].view(t, e, d)[:, 0].contiguous()  # timing only: one source row per group of E

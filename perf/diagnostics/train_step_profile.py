@@ -5,6 +5,7 @@ per micro-batch. Writes $OUT/train_step_profile.json.
 
     ULTRAMEM_GIT_REV=<rev> python -m perf.diagnostics.train_step_profile [--grad-accum 8]   # CUDA only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,18 @@ log = logging.getLogger("train_step_profile")
 
 
 def profile_config(name: str, overrides: list[str], grad_accum: int, warmup_steps: int = 2) -> dict:
-    cfg = load_config("227m.toml", overrides + [f"--train.grad_accum={grad_accum}", "--train.log_interval=1",
-                                                "--train.eval_interval=0", "--model.memory.log_interval=100000",
-                                                "--optim.warmup_steps=2", "--train.max_steps=100"])
+    cfg = load_config(
+        "227m.toml",
+        overrides
+        + [
+            f"--train.grad_accum={grad_accum}",
+            "--train.log_interval=1",
+            "--train.eval_interval=0",
+            "--model.memory.log_interval=100000",
+            "--optim.warmup_steps=2",
+            "--train.max_steps=100",
+        ],
+    )
     info = setup_distributed(torch.device("cuda"))
     try:
         trainer = build_trainer(cfg, info)
@@ -50,14 +60,26 @@ def profile_config(name: str, overrides: list[str], grad_accum: int, warmup_step
             kernels[e.key][1] += e.count
     busy_us = sum(us for us, _ in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:60]
-    out = {"grad_accum": grad_accum, "step_ms": 1000 * step_s,
-           "tokens_per_s": cfg.train.batch_size * cfg.train.seq_len * grad_accum / step_s,
-           "gpu_busy_ms_per_step": busy_us / 1000, "gpu_busy_fraction": busy_us / 1e6 / step_s,
-           "per_micro_batch_ms": 1000 * step_s / grad_accum,
-           "kernels_us_per_micro_batch": [{"kernel": k[:160], "us": round(us / grad_accum, 1),
-                                           "calls": round(c / grad_accum, 2)} for k, (us, c) in top]}
-    log.info("%s: step %.1f ms (%d micro-batches), %.0f tokens/s, GPU busy %.1f%%", name, out["step_ms"],
-             grad_accum, out["tokens_per_s"], 100 * out["gpu_busy_fraction"])
+    out = {
+        "grad_accum": grad_accum,
+        "step_ms": 1000 * step_s,
+        "tokens_per_s": cfg.train.batch_size * cfg.train.seq_len * grad_accum / step_s,
+        "gpu_busy_ms_per_step": busy_us / 1000,
+        "gpu_busy_fraction": busy_us / 1e6 / step_s,
+        "per_micro_batch_ms": 1000 * step_s / grad_accum,
+        "kernels_us_per_micro_batch": [
+            {"kernel": k[:160], "us": round(us / grad_accum, 1), "calls": round(c / grad_accum, 2)}
+            for k, (us, c) in top
+        ],
+    }
+    log.info(
+        "%s: step %.1f ms (%d micro-batches), %.0f tokens/s, GPU busy %.1f%%",
+        name,
+        out["step_ms"],
+        grad_accum,
+        out["tokens_per_s"],
+        100 * out["gpu_busy_fraction"],
+    )
     for row in out["kernels_us_per_micro_batch"][:30]:
         log.info("  %9.1f us  x%-6g %s", row["us"], row["calls"], row["kernel"][:110])
     return out
@@ -73,14 +95,21 @@ def main() -> int:
         print("train_step_profile needs a CUDA device", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    runs = {"dense": ["--model.memory.type=none"], "ultramem_v2": [],
-            "ultramem_v2_unstaged": ["--train.table_grad_flush=0"],  # tables' gradients added at once
-            "ultramem_v2_no_pre_values": ["--model.memory.pre_vdim=0"],
-            "ultramem_v2_no_pre_values_unstaged": ["--model.memory.pre_vdim=0", "--train.table_grad_flush=0"],
-            "memory_plus": ["--model.memory.type=memory_plus"],
-            "memory_plus_unstaged": ["--model.memory.type=memory_plus", "--train.table_grad_flush=0"]}
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "git_revision": os.environ.get("ULTRAMEM_GIT_REV"), "runs": {}}
+    runs = {
+        "dense": ["--model.memory.type=none"],
+        "ultramem_v2": [],
+        "ultramem_v2_unstaged": ["--train.table_grad_flush=0"],  # tables' gradients added at once
+        "ultramem_v2_no_pre_values": ["--model.memory.pre_vdim=0"],
+        "ultramem_v2_no_pre_values_unstaged": ["--model.memory.pre_vdim=0", "--train.table_grad_flush=0"],
+        "memory_plus": ["--model.memory.type=memory_plus"],
+        "memory_plus_unstaged": ["--model.memory.type=memory_plus", "--train.table_grad_flush=0"],
+    }
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
+        "runs": {},
+    }
     for name in args.only:
         result["runs"][name] = profile_config(name, runs[name], args.grad_accum)
         torch._dynamo.reset()

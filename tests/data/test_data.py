@@ -1,4 +1,5 @@
 """Corpus cache (reuse, rebuild, interrupted builds), token splits and deterministic batches."""
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,9 @@ def fake_stdlib(tmp_path, monkeypatch):
         text = "\n".join(" ".join(rng.choice(words, size=8)) for _ in range(200 + 10 * i))
         (root / name).write_text(text)
     (root / "notes.txt").write_text("not python")
-    monkeypatch.setattr(corpus, "stdlib_files",
-                        lambda: (root, sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix())))
+    monkeypatch.setattr(
+        corpus, "stdlib_files", lambda: (root, sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()))
+    )
     return root
 
 
@@ -41,7 +43,7 @@ def test_cache_is_built_once_then_reused(fake_stdlib, tmp_path):
     # the tokens decode back to the corpus text
     tok = second.tokenizer()
     ids = [int(i) for i in second.tokens[:50]]
-    assert tok.decode(ids) == (fake_stdlib / "a.py").read_text()[:len(tok.decode(ids))]
+    assert tok.decode(ids) == (fake_stdlib / "a.py").read_text()[: len(tok.decode(ids))]
     # documents are joined by the end-of-text token
     assert int((np.asarray(first.tokens) == first.eot_id).sum()) == 4
 

@@ -1,4 +1,5 @@
 """`prepare` and its CLI: inputs, tokenizers, atomic output, interrupts, and validation sources."""
+
 import json
 import multiprocessing
 import os
@@ -53,7 +54,7 @@ def _documents(tokens, eos_id):
     ids = np.asarray(tokens).astype(np.int64)
     ends = np.flatnonzero(ids == eos_id)
     assert ends.size and ends[-1] == len(ids) - 1
-    return [ids[a + 1 if i else 0:b].tolist() for i, (a, b) in enumerate(zip(np.r_[-1, ends[:-1]], ends))]
+    return [ids[a + 1 if i else 0 : b].tolist() for i, (a, b) in enumerate(zip(np.r_[-1, ends[:-1]], ends))]
 
 
 def test_prepare_round_trip_into_windows(corpus_dir, tmp_path):
@@ -63,7 +64,8 @@ def test_prepare_round_trip_into_windows(corpus_dir, tmp_path):
     assert meta["vocab_size"] <= 300 and meta["dtype"] == "uint16" and meta["n_documents"] == len(docs)
     assert len(meta["shards"]) == -(-meta["n_tokens"] // 700) > 2
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".prepare.lock", "meta.json", "tokenizer.json"] + [s["file"] for s in meta["shards"]])
+        [".prepare.lock", "meta.json", "tokenizer.json"] + [s["file"] for s in meta["shards"]]
+    )
     splits = load_token_splits(str(out), 4096, 0, 0.1)
     assert splits.vocab_size == meta["vocab_size"] and splits.tokenizer_path == out / "tokenizer.json"
     assert len(splits.train) + len(splits.val) == meta["n_tokens"]
@@ -75,7 +77,7 @@ def test_prepare_round_trip_into_windows(corpus_dir, tmp_path):
     b = windows.batch(3)
     assert b.shape == (4, 33) and b.dtype == torch.int64 and int(b.max()) < meta["vocab_size"]
     for row, s in zip(b, windows.offsets(3)):
-        assert torch.equal(row, torch.from_numpy(full[s:s + 33].astype(np.int64)))
+        assert torch.equal(row, torch.from_numpy(full[s : s + 33].astype(np.int64)))
     # one worker, other shard sizes, the tokenizer given as a directory: the same stream
     again = prepare([root], tmp_path / "again", tokenizer=out, workers=1, shard_tokens=10**6, progress=False)
     assert len(again["shards"]) == 1 and again["tokenizer_sha256"] == meta["tokenizer_sha256"]
@@ -85,11 +87,27 @@ def test_prepare_round_trip_into_windows(corpus_dir, tmp_path):
 def test_cli_prepare_in_a_subprocess(corpus_dir, tmp_path):
     root, docs = corpus_dir
     out = tmp_path / "cli-out"
-    cmd = [sys.executable, "-m", "ultramem.data", "prepare", str(root / "a.txt"), str(root / "sub"),
-           "--out", str(out), "--vocab-size", "300", "--workers", "2", "--shard-tokens", "500", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ultramem.data",
+        "prepare",
+        str(root / "a.txt"),
+        str(root / "sub"),
+        "--out",
+        str(out),
+        "--vocab-size",
+        "300",
+        "--workers",
+        "2",
+        "--shard-tokens",
+        "500",
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -109,8 +127,17 @@ def test_cli_help_and_errors(tmp_path, capsys):
         cli_main(["prepare", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ["--out", "--tokenizer", "--vocab-size", "--workers", "--shard-tokens", "--eos", "--train-chars",
-                   ".jsonl", "tokenizer.json"]:
+    for option in [
+        "--out",
+        "--tokenizer",
+        "--vocab-size",
+        "--workers",
+        "--shard-tokens",
+        "--eos",
+        "--train-chars",
+        ".jsonl",
+        "tokenizer.json",
+    ]:
         assert option in text
     assert cli_main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
     assert "missing.txt" in capsys.readouterr().err
@@ -128,7 +155,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: no \"text\" field"):
         prepare([bad], tmp_path / "o2", tokenizer=tmp_path / "tok", workers=2, progress=False)
-    bad.write_text('[1, 2]\n')
+    bad.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: no \"text\" field"):
         prepare([bad], tmp_path / "o2", tokenizer=tmp_path / "tok", workers=1, progress=False)
     bad.write_text('{"text": 3}\n')
@@ -152,23 +179,29 @@ def test_tokenizer_files_are_validated(tmp_path):
         prepare([text], tmp_path / "o", tokenizer=tmp_path / "nothere.json", workers=1, progress=False)
     # a tokenizer without an end-of-text token needs --eos
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<sep>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        ["hello world"] * 10,
+        trainers.BpeTrainer(
+            vocab_size=280,
+            special_tokens=["<sep>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tok.save(str(tmp_path / "noeos.json"))
     with pytest.raises(ValueError, match=r"none of the end-of-text tokens.*--eos"):
         prepare([text], tmp_path / "o", tokenizer=tmp_path / "noeos.json", workers=1, progress=False)
-    meta = prepare([text], tmp_path / "o", tokenizer=tmp_path / "noeos.json", eos="<sep>", workers=1,
-                   progress=False)
+    meta = prepare([text], tmp_path / "o", tokenizer=tmp_path / "noeos.json", eos="<sep>", workers=1, progress=False)
     assert meta["eos_id"] == tok.token_to_id("<sep>")
     assert not (tmp_path / "o" / "meta.json").read_text() == ""
 
 
 def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, caplog):
     blob = tmp_path / "blob.dat"
-    blob.write_bytes(b"text " * 30 + bytes([0xff, 0xfe, 0xc3]) + b" more" + bytes([0x80]))
+    blob.write_bytes(b"text " * 30 + bytes([0xFF, 0xFE, 0xC3]) + b" more" + bytes([0x80]))
     with caplog.at_level("WARNING"):
         meta = prepare([blob], tmp_path / "o", vocab_size=300, workers=1, progress=False)
     assert meta["n_documents"] == 1

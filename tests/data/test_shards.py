@@ -1,12 +1,20 @@
 """The memory-mapped multi-shard reader, the shard writer, and malformed shard directories."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from ultramem.data import (ShardedTokens, ShardWriter, TokenWindows, check_val_split, load_token_splits, open_shard,
-                           open_token_directory)
+from ultramem.data import (
+    ShardedTokens,
+    ShardWriter,
+    TokenWindows,
+    check_val_split,
+    load_token_splits,
+    open_shard,
+    open_token_directory,
+)
 
 
 def _random_shards(rng, n_shards, max_len=300):
@@ -65,7 +73,7 @@ def test_shard_writer_splits_the_stream(tmp_path):
     w = ShardWriter(tmp_path, np.dtype("<u4"), shard_tokens=500)
     pos = 0
     for n in rng.integers(0, 400, size=100):
-        w.write(stream[pos:pos + n])
+        w.write(stream[pos : pos + n])
         pos += int(n)
         if pos >= len(stream):
             break
@@ -113,8 +121,12 @@ def test_negative_and_too_large_ids_are_refused_naming_the_shard(tmp_path):
     with pytest.raises(ValueError, match=r"001\.npy.*token id 140 at position 90.*data\.vocab_size=140"):
         load_token_splits(str(tmp_path), 140, 0, 0.1)
     # with a meta.json its vocab_size is the rule
-    meta = {"vocab_size": 120, "eos_id": 0, "n_tokens": 200,
-            "shards": [{"file": "000.npy", "n_tokens": 100}, {"file": "001.npy", "n_tokens": 100}]}
+    meta = {
+        "vocab_size": 120,
+        "eos_id": 0,
+        "n_tokens": 200,
+        "shards": [{"file": "000.npy", "n_tokens": 100}, {"file": "001.npy", "n_tokens": 100}],
+    }
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"001\.npy.*token id 120.*vocab_size=120 recorded in .*meta\.json"):
         load_token_splits(str(tmp_path), 4096, 0, 0.1)
@@ -144,8 +156,11 @@ def test_validation_split_is_a_view_and_short_splits_are_reported(tmp_path):
     np.testing.assert_array_equal(np.asarray(splits.val), np.arange(500, 1000))
     assert len(splits.val.shards) == 2  # the split point lies in the first shard
     assert splits.check_val(seq_len=200)
-    with pytest.raises(ValueError, match=r"data\.val_fraction=0\.5 .*\(1000 tokens\) gives 500 validation tokens.*"
-                                         r"train\.seq_len \+ 2 = 502"):
+    with pytest.raises(
+        ValueError,
+        match=r"data\.val_fraction=0\.5 .*\(1000 tokens\) gives 500 validation tokens.*"
+        r"train\.seq_len \+ 2 = 502",
+    ):
         splits.check_val(seq_len=500)
     tiny = load_token_splits(str(tmp_path), 1000, 0, 0.001)
     with pytest.raises(ValueError, match="gives 1 validation tokens"):

@@ -1,4 +1,5 @@
 """The eval and compare tests launch the trainer like tests/train does: reuse its helpers."""
+
 import sys
 from pathlib import Path
 

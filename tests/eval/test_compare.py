@@ -1,14 +1,15 @@
 """`python -m ultramem.compare`: the plan it derives from a token budget, and two tiny configs
 trained end to end: table, JSON, plots, and a rerun that skips what finished."""
+
 from __future__ import annotations
 
+import argparse
 import json
 import struct
 import sys
 from pathlib import Path
 
 import pytest
-
 from launch import START_S, env, records, run, timeout_for, token_shards
 
 from ultramem import compare
@@ -43,13 +44,16 @@ eval_batches = 2
 tensorboard = false
 """
 
-MEMORY = DENSE.replace('type = "none"', """type = "ultramem_v2"
+MEMORY = DENSE.replace(
+    'type = "none"',
+    """type = "ultramem_v2"
 knum = 4
 kdim = 8
 vdim = 16
 pre_vdim = 8
 knn = 2
-calibration_rounds = 1""").replace("ffn_hidden = 48", "ffn_hidden = 40")
+calibration_rounds = 1""",
+).replace("ffn_hidden = 48", "ffn_hidden = 40")
 
 TOKENS_PER_STEP = 2 * 16
 
@@ -67,7 +71,7 @@ def test_token_counts_parse():
     assert compare.parse_count("2.5k") == 2500
     assert compare.parse_count("1e6") == 1_000_000
     for bad in ("0", "x", "-3"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             compare.parse_count(bad)
 
 
@@ -84,8 +88,9 @@ def test_steady_rate_and_elapsed_time():
 def test_the_plan_follows_the_token_budget(tmp_path):
     dense, memory = _configs(tmp_path)
     data = token_shards(tmp_path / "data")
-    plans = compare.plan_runs([str(dense), str(memory)], 100, 64, tmp_path / "out", data=str(data),
-                              extra=["--optim.lr=1e-3"], seeds=[3, 4])
+    plans = compare.plan_runs(
+        [str(dense), str(memory)], 100, 64, tmp_path / "out", data=str(data), extra=["--optim.lr=1e-3"], seeds=[3, 4]
+    )
     assert [p.name for p in plans] == ["tiny-dense-seed3", "tiny-dense-seed4", "tiny-mem-seed3", "tiny-mem-seed4"]
     p = plans[2]
     assert p.tokens_per_step == TOKENS_PER_STEP and p.max_steps == 4 and p.eval_interval == 2
@@ -110,8 +115,21 @@ def test_plans_that_cannot_work_are_refused(tmp_path, capsys):
         compare.plan_runs(["nowhere.toml"], 320, 32, tmp_path)
     # on the command line: one line, exit code 2 ("--extra VALUE" with a value that looks like an option)
     with pytest.raises(SystemExit) as exc:
-        compare.main(["--configs", str(dense), "--tokens", "32", "--eval-every", "32", "--out", str(tmp_path),
-                      "--extra", "--optim.warmup_steps=5", "--dry-run"])
+        compare.main(
+            [
+                "--configs",
+                str(dense),
+                "--tokens",
+                "32",
+                "--eval-every",
+                "32",
+                "--out",
+                str(tmp_path),
+                "--extra",
+                "--optim.warmup_steps=5",
+                "--dry-run",
+            ]
+        )
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: config ")
 
@@ -130,8 +148,21 @@ def test_two_tiny_configs_compared_end_to_end_and_resumed(tmp_path):
     dense, memory = _configs(tmp_path)
     data = token_shards(tmp_path / "data")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ultramem.compare", "--configs", f"{dense},{memory}", "--tokens", "128",
-           "--eval-every", "64", "--out", str(out), "--data", str(data)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ultramem.compare",
+        "--configs",
+        f"{dense},{memory}",
+        "--tokens",
+        "128",
+        "--eval-every",
+        "64",
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+    ]
     steps = 128 // TOKENS_PER_STEP
     res = run(cmd, START_S + 2 * timeout_for(steps), tmp_path, env(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

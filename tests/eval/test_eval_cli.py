@@ -1,5 +1,6 @@
 """`python -m ultramem.eval` against what it must agree with: the trainer's own validation loss,
 a direct computation of bits per byte, the exported model, and its one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,31 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from launch import START_S, env, records, run, timeout_for, train_cmd
 
 from ultramem import eval as ueval
 
-TINY = ["--config", "debug.toml", "--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2",
-        "--model.n_heads=2", "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4",
-        "--model.memory.kdim=8", "--model.memory.vdim=16", "--model.memory.pre_vdim=8", "--model.memory.knn=2",
-        "--model.memory.calibration_rounds=1", "--data.vocab_size=300", "--train.seq_len=16",
-        "--train.batch_size=2", "--optim.warmup_steps=1", "--metrics.tensorboard=false"]
+TINY = [
+    "--config",
+    "debug.toml",
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.ffn_hidden=48",
+    "--model.max_seq_len=16",
+    "--model.memory.knum=4",
+    "--model.memory.kdim=8",
+    "--model.memory.vdim=16",
+    "--model.memory.pre_vdim=8",
+    "--model.memory.knn=2",
+    "--model.memory.calibration_rounds=1",
+    "--data.vocab_size=300",
+    "--train.seq_len=16",
+    "--train.batch_size=2",
+    "--optim.warmup_steps=1",
+    "--metrics.tensorboard=false",
+]
 SEQ = 16
 
 # multi-byte characters (2, 3 and 4 bytes in UTF-8) so that bytes and tokens differ
@@ -51,8 +67,14 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     shards = _prepare(_write_texts(tmp / "texts"), tmp / "shards")
     run_dir = tmp / "run"
-    args = [*TINY, f"--data.source={shards}", "--train.max_steps=3", f"--run.dir={run_dir}",
-            "--train.eval_interval=3", "--data.val_fraction=0.1"]
+    args = [
+        *TINY,
+        f"--data.source={shards}",
+        "--train.max_steps=3",
+        f"--run.dir={run_dir}",
+        "--train.eval_interval=3",
+        "--data.val_fraction=0.1",
+    ]
     out = run(train_cmd(args), timeout_for(3), tmp, env(tmp))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (val,) = records(run_dir, "val")
@@ -84,8 +106,21 @@ def _error(argv: list[str], capsys) -> str:
 @pytest.mark.slow
 def test_trainer_windows_reproduce_the_runs_validation_loss(trained):
     json_out = trained.tmp / "cli.json"
-    cmd = [sys.executable, "-m", "ultramem.eval", "--checkpoint", str(trained.run_dir), "--data", "run",
-           "--windows", "trainer", "--device", "cpu", "--json", str(json_out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ultramem.eval",
+        "--checkpoint",
+        str(trained.run_dir),
+        "--data",
+        "run",
+        "--windows",
+        "trainer",
+        "--device",
+        "cpu",
+        "--json",
+        str(json_out),
+    ]
     out = run(cmd, START_S, trained.tmp, env(trained.tmp))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "bits/byte" in out.stdout and "(step 3)" in out.stdout
@@ -95,8 +130,9 @@ def test_trainer_windows_reproduce_the_runs_validation_loss(trained):
     # the same split named by its directory, and the checkpoint named three ways
     ckpt = trained.run_dir / "checkpoints" / "step_00000003"
     for where in (trained.run_dir / "checkpoints", ckpt):
-        again = _eval(["--checkpoint", str(where), "--data", str(trained.shards), "--split", "val",
-                       "--windows", "trainer"])
+        again = _eval(
+            ["--checkpoint", str(where), "--data", str(trained.shards), "--split", "val", "--windows", "trainer"]
+        )
         assert abs(again["loss"] - trained.val_loss) < 1e-5
         assert again["step"] == 3
 
@@ -106,7 +142,7 @@ def _direct_nats(model, ids: list[int], seq: int) -> float:
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(ids) - 1, seq):
-            w = torch.tensor([ids[start:start + seq + 1]])
+            w = torch.tensor([ids[start : start + seq + 1]])
             logits = model(w[:, :-1])
             total += F.cross_entropy(logits[0].double(), w[0, 1:], reduction="sum").item()
     return total
@@ -179,8 +215,9 @@ def test_an_exported_model_evaluates_like_its_checkpoint(trained, capsys):
 @pytest.mark.slow
 def test_errors_are_one_line_and_name_the_problem(trained, capsys):
     run_dir = str(trained.run_dir)
-    assert "no such file or directory" in _error(["--checkpoint", str(trained.tmp / "nowhere"), "--data", "run"],
-                                                 capsys)
+    assert "no such file or directory" in _error(
+        ["--checkpoint", str(trained.tmp / "nowhere"), "--data", "run"], capsys
+    )
     assert "no complete checkpoint" in _error(["--checkpoint", str(trained.tmp / "texts"), "--data", "run"], capsys)
     err = _error(["--checkpoint", run_dir, "--data", str(trained.tmp / "missing.txt")], capsys)
     assert "missing.txt" in err and "no such file or directory" in err
@@ -270,6 +307,7 @@ def test_byte_lengths_of_a_byte_level_bpe(tmp_path):
 def test_cuda_agrees_with_cpu(trained):
     ref = _eval(["--checkpoint", str(trained.run_dir), "--data", "run"])
     out = trained.tmp / "cuda.json"
-    assert ueval.main(["--checkpoint", str(trained.run_dir), "--data", "run", "--device", "cuda",
-                       "--json", str(out)]) == 0
+    assert (
+        ueval.main(["--checkpoint", str(trained.run_dir), "--data", "run", "--device", "cuda", "--json", str(out)]) == 0
+    )
     assert json.loads(out.read_text())["loss"] == pytest.approx(ref["loss"], abs=1e-4)

@@ -1,12 +1,13 @@
 """Settings shared by the fuzz tests: the mode (ULTRAMEM_FUZZ), the seed and the report file.
 
-    ULTRAMEM_FUZZ=ci (default)  a fixed seed, sized for the suite (well under 2 minutes)
-    ULTRAMEM_FUZZ=long          a different seed and many more cases (tens of minutes; e.g.
-                                `ULTRAMEM_FUZZ=long nice python -m pytest tests/fuzz -q -s &`)
-    ULTRAMEM_FUZZ_SEED=N        another seed
-    ULTRAMEM_FUZZ_SECONDS=S     the op fuzzer's wall-time cap (it stops early and reports)
-    ULTRAMEM_FUZZ_REPORT=path   also write the reports there (JSON, one section per test)
+ULTRAMEM_FUZZ=ci (default)  a fixed seed, sized for the suite (well under 2 minutes)
+ULTRAMEM_FUZZ=long          a different seed and many more cases (tens of minutes; e.g.
+                            `ULTRAMEM_FUZZ=long nice python -m pytest tests/fuzz -q -s &`)
+ULTRAMEM_FUZZ_SEED=N        another seed
+ULTRAMEM_FUZZ_SECONDS=S     the op fuzzer's wall-time cap (it stops early and reports)
+ULTRAMEM_FUZZ_REPORT=path   also write the reports there (JSON, one section per test)
 """
+
 from __future__ import annotations
 
 import json

@@ -28,6 +28,7 @@ As a script (the fuzz tests start it in a subprocess; see tests/fuzz/test_op_fuz
     TRITON_INTERPRET=1 python tests/fuzz/op_fuzz.py --case 0:1234    # rerun one case: seed:index
     python tests/fuzz/op_fuzz.py --device cuda --cases 0 --triton-cases 2000   # the kernels on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,14 @@ from ultramem import ops
 from ultramem.ops import determinism
 from ultramem.ops.gate_lookup import gate_lookup_backward_into
 from ultramem.ops.staged_grad import GradStaging, register_staging
-from ultramem.ops.table_grad import (pre_value_gate_backward_accumulate, pre_value_gate_backward_into,
-                                     register_grad_buffer, release_grad_buffer, weighted_lookup_backward_accumulate,
-                                     weighted_lookup_backward_into)
+from ultramem.ops.table_grad import (
+    pre_value_gate_backward_accumulate,
+    pre_value_gate_backward_into,
+    register_grad_buffer,
+    release_grad_buffer,
+    weighted_lookup_backward_accumulate,
+    weighted_lookup_backward_into,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # the Triton kernels run under the interpreter (CPU tensors) or on a GPU (--device cuda)
@@ -67,7 +73,7 @@ if TRITON:
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 # Slack over the first-order bound: the bound counts each rounding once, the kernels' sums
 # (products, then partial sums, then a cast) round a few times per term.
 SAFETY = 8.0
@@ -92,6 +98,7 @@ def dtype_label(*dtypes: torch.dtype) -> str:
 
 # --------------------------------------------------------------------------------- the report
 
+
 @dataclass
 class Report:
     cases: int = 0
@@ -108,7 +115,8 @@ class Report:
     def record(self, op: str, backend: str, dtype: str, name: str, err: float, tol: float, case: str) -> None:
         self.checks += 1
         slot = self.worst.setdefault(f"{op}[{backend}]", {}).setdefault(
-            dtype, {"checks": 0, "worst_err": 0.0, "tol": tol, "worst_ratio": 0.0, "at": ""})
+            dtype, {"checks": 0, "worst_err": 0.0, "tol": tol, "worst_ratio": 0.0, "at": ""}
+        )
         slot["checks"] += 1
         ratio = err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
         if not ratio <= slot["worst_ratio"]:  # (NaN ratios replace too)
@@ -117,20 +125,32 @@ class Report:
             self.failures.append(dict(op=op, backend=backend, dtype=dtype, check=name, err=err, tol=tol, case=case))
 
     def fail(self, op: str, backend: str, dtype: str, case: str, what: str) -> None:
-        self.failures.append(dict(op=op, backend=backend, dtype=dtype, check="exception", err=math.inf, tol=0.0,
-                                  case=case, error=what))
+        self.failures.append(
+            dict(op=op, backend=backend, dtype=dtype, check="exception", err=math.inf, tol=0.0, case=case, error=what)
+        )
 
     def as_json(self) -> dict:
-        return dict(cases=self.cases, checks=self.checks, cases_by_backend=self.by_backend, worst=self.worst,
-                    failures=self.failures[:50], failure_count=len(self.failures), skipped=self.skipped)
+        return dict(
+            cases=self.cases,
+            checks=self.checks,
+            cases_by_backend=self.by_backend,
+            worst=self.worst,
+            failures=self.failures[:50],
+            failure_count=len(self.failures),
+            skipped=self.skipped,
+        )
 
     def summary(self) -> str:
-        lines = [f"op fuzz: {self.cases} cases ({', '.join(f'{k} {v}' for k, v in sorted(self.by_backend.items()))}),"
-                 f" {self.checks} checks, {len(self.failures)} failures"]
+        lines = [
+            f"op fuzz: {self.cases} cases ({', '.join(f'{k} {v}' for k, v in sorted(self.by_backend.items()))}),"
+            f" {self.checks} checks, {len(self.failures)} failures"
+        ]
         for key in sorted(self.worst):
             for dt, w in sorted(self.worst[key].items()):
-                lines.append(f"  {key:34s} {dt:10s} checks {w['checks']:6d}  worst err {w['worst_err']:.3e}"
-                             f"  (tol {w['tol']:.1e}, {w['worst_ratio']:.3f} of it)")
+                lines.append(
+                    f"  {key:34s} {dt:10s} checks {w['checks']:6d}  worst err {w['worst_err']:.3e}"
+                    f"  (tol {w['tol']:.1e}, {w['worst_ratio']:.3f} of it)"
+                )
         for what, n in sorted(self.skipped.items()):
             lines.append(f"  skipped: {what}: {n}")
         return "\n".join(lines)
@@ -151,6 +171,7 @@ def rel_error(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> flo
 
 
 # ----------------------------------------------------------------------------- random inputs
+
 
 class Draw:
     """The random source of one case: Python's for choices, torch's for tensors."""
@@ -197,7 +218,7 @@ class Draw:
         kind = self.choice(["contiguous", "offset", "transposed", "strided"], weights=[4, 2, 1, 1])
         if x.dim() == 0 or kind == "contiguous":
             return x.clone()
-        fill = float("nan") if x.is_floating_point() else 10 ** 6
+        fill = float("nan") if x.is_floating_point() else 10**6
         if kind == "transposed":
             dims = list(range(x.dim()))[::-1]
             return x.permute(dims).contiguous().permute(dims)
@@ -213,6 +234,7 @@ class Draw:
 
 
 # ------------------------------------------------------------------------- float64 formulas
+
 
 def gelu64(g: torch.Tensor) -> torch.Tensor:
     return g * 0.5 * (1.0 + torch.erf(g / math.sqrt(2.0)))
@@ -248,8 +270,9 @@ def lookup64(rows, table, scores):
 def lookup_backward64(grad_out, rows, table, scores):
     vals = table[rows.long().cpu()]
     w = per_column(scores, table.shape[1])
-    return scatter_rows(table.shape[0], rows, w * grad_out[:, None, :]), chunk_sums(vals * grad_out[:, None, :],
-                                                                                   scores.shape[2])
+    return scatter_rows(table.shape[0], rows, w * grad_out[:, None, :]), chunk_sums(
+        vals * grad_out[:, None, :], scores.shape[2]
+    )
 
 
 def gate64(rows, table, x):
@@ -257,8 +280,10 @@ def gate64(rows, table, x):
 
 
 def gate_backward64(grad_gate, rows, table, x):
-    return (scatter_rows(table.shape[0], rows, grad_gate[..., None] * x[:, None, :]),
-            (grad_gate[..., None] * table[rows.long().cpu()]).sum(1))
+    return (
+        scatter_rows(table.shape[0], rows, grad_gate[..., None] * x[:, None, :]),
+        (grad_gate[..., None] * table[rows.long().cpu()]).sum(1),
+    )
 
 
 def activation64(g, gelu: bool, absolute: bool):
@@ -299,6 +324,7 @@ def d64(x, absolute=False):
 
 # ------------------------------------------------------------------------------ op families
 
+
 @dataclass
 class Case:
     family: str
@@ -327,8 +353,7 @@ class Checker:
             tol = tolerance(out, length, self.dtypes, mid)
         want, scale = want_fn(False), want_fn(True)
         err = math.inf if got is None else rel_error(got.detach(), want, scale)
-        self.report.record(self.op, self.case.backend, self.dtype, name, err, tol,
-                           f"{self.case.tag} {self.case.label}")
+        self.report.record(self.op, self.case.backend, self.dtype, name, err, tol, f"{self.case.tag} {self.case.label}")
 
 
 class Buffers:
@@ -356,16 +381,22 @@ def _buffer_dtype(*dtypes) -> torch.dtype:
 def _pick_dtypes(draw: Draw, backend: str, k: int) -> list[torch.dtype]:
     """k dtypes: usually all the same, sometimes mixed (tables in half precision, the rest fp32)."""
     pool = FLOATS if backend == "cpu" or draw.coin(0.3) else FLOATS[:3]
-    base = draw.choice(pool, weights=[2, 2, 3, 1][:len(pool)])
+    base = draw.choice(pool, weights=[2, 2, 3, 1][: len(pool)])
     if draw.coin(0.7):
         return [base] * k
     dtypes = [draw.choice(pool) for _ in range(k)]
-    if backend != "cpu" and INTERPRETED and draw.device == "cpu" and torch.bfloat16 in dtypes \
-            and torch.float64 in dtypes:
+    if (
+        backend != "cpu"
+        and INTERPRETED
+        and draw.device == "cpu"
+        and torch.bfloat16 in dtypes
+        and torch.float64 in dtypes
+    ):
         # The interpreter's fp64 -> bf16 cast gives garbage (NaN, denormals; fp64 -> fp16 and
         # fp32 -> bf16 are fine), and such a mix accumulates in fp64 with a bf16 output: fp32 here.
-        draw.notes.append("triton (interpreter): fp64 mixed with bf16 run as fp32 + bf16 (its fp64 -> bf16 cast "
-                          "is broken)")
+        draw.notes.append(
+            "triton (interpreter): fp64 mixed with bf16 run as fp32 + bf16 (its fp64 -> bf16 cast is broken)"
+        )
         dtypes = [torch.float32 if d == torch.float64 else d for d in dtypes]
     return dtypes
 
@@ -378,8 +409,17 @@ def _lookup_case(draw: Draw, backend: str):
     table_dt, scores_dt = _pick_dtypes(draw, backend, 2)
     idx = draw.choice([torch.int32, torch.int64])
     rows = draw.rows(t, e, n, idx)
-    return dict(t=t, e=e, m=m, d=d, n=n, rows=rows, table=draw.floats((n, d), table_dt),
-                scores=draw.floats((t, e, m), scores_dt), grad_out=draw.floats((t, d), scores_dt))
+    return dict(
+        t=t,
+        e=e,
+        m=m,
+        d=d,
+        n=n,
+        rows=rows,
+        table=draw.floats((n, d), table_dt),
+        scores=draw.floats((t, e, m), scores_dt),
+        grad_out=draw.floats((t, d), scores_dt),
+    )
 
 
 def run_weighted_lookup(draw: Draw, case: Case, report: Report) -> None:
@@ -387,11 +427,16 @@ def run_weighted_lookup(draw: Draw, case: Case, report: Report) -> None:
     rows, table, scores, grad_out = c["rows"], c["table"], c["scores"], c["grad_out"]
     t, e, m, d, n = c["t"], c["e"], c["m"], c["d"], c["n"]
     dts = (table.dtype, scores.dtype)
-    path = draw.choice(["dense", "autograd", "accumulate", "into", "staged"] if case.backend == "cpu"
-                       else ["dense", "accumulate", "staged"])
+    path = draw.choice(
+        ["dense", "autograd", "accumulate", "into", "staged"]
+        if case.backend == "cpu"
+        else ["dense", "accumulate", "staged"]
+    )
     deterministic = draw.coin()
-    case.label = f"weighted_lookup {path} T={t} E={e} M={m} D={d} N={n} {dtype_label(*dts)} {rows.dtype}" \
-                 f"{' det' if deterministic and case.backend != 'cpu' else ''}"
+    case.label = (
+        f"weighted_lookup {path} T={t} E={e} M={m} D={d} N={n} {dtype_label(*dts)} {rows.dtype}"
+        f"{' det' if deterministic and case.backend != 'cpu' else ''}"
+    )
     check = Checker(report, case, "weighted_lookup", dts)
     fwd = lambda a: lookup64(rows, d64(table, a), d64(scores, a))  # noqa: E731
     bwd = lambda a: lookup_backward64(d64(grad_out, a), rows, d64(table, a), d64(scores, a))  # noqa: E731
@@ -434,8 +479,9 @@ def run_weighted_lookup(draw: Draw, case: Case, report: Report) -> None:
         elif _stageable(rows, table, scores, grad_out):
             grad_scores = tgl.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
         else:
-            report.skipped["triton staged lookup: fp64 or E = 0 (the op adds directly)"] = \
+            report.skipped["triton staged lookup: fp64 or E = 0 (the op adds directly)"] = (
                 report.skipped.get("triton staged lookup: fp64 or E = 0 (the op adds directly)", 0) + 1
+            )
             grad_scores = twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows, table, scores)
         if staging is not None:
             staging.flush(buf, kernels=case.backend != "cpu")
@@ -467,8 +513,11 @@ def run_pre_value_gate(draw: Draw, case: Case, report: Report) -> None:
     rows = draw.rows(t, e, n, draw.choice([torch.int32, torch.int64]))
     table, x, grad_gate = draw.floats((n, d), table_dt), draw.floats((t, d), x_dt), draw.floats((t, e), x_dt)
     dts = (table_dt, x_dt)
-    path = draw.choice(["dense", "autograd", "accumulate", "into", "staged"] if case.backend == "cpu"
-                       else ["dense", "accumulate", "staged"])
+    path = draw.choice(
+        ["dense", "autograd", "accumulate", "into", "staged"]
+        if case.backend == "cpu"
+        else ["dense", "accumulate", "staged"]
+    )
     deterministic = draw.coin()
     case.label = f"pre_value_gate {path} T={t} E={e} D={d} N={n} {dtype_label(*dts)} {rows.dtype}"
     check = Checker(report, case, "pre_value_gate", dts)
@@ -533,18 +582,26 @@ def run_gate_lookup(draw: Draw, case: Case, report: Report) -> None:
     grad_out = draw.floats((t, dv), s_dt)
     grad_gate = draw.floats((t, e), x_dt) if draw.coin() else None
     dts = (v_dt, p_dt, x_dt, s_dt)
-    path = draw.choice(["autograd", "into", "staged"] if case.backend == "cpu" else ["atomics", "deterministic",
-                                                                                     "staged"])
-    case.label = (f"gate_lookup {path} gelu={gelu} T={t} E={e} M={m} Dv={dv} Dp={dp} N={n} {dtype_label(*dts)} "
-                  f"{rows.dtype} grad_gate={grad_gate is not None}")
+    path = draw.choice(
+        ["autograd", "into", "staged"] if case.backend == "cpu" else ["atomics", "deterministic", "staged"]
+    )
+    case.label = (
+        f"gate_lookup {path} gelu={gelu} T={t} E={e} M={m} Dv={dv} Dp={dp} N={n} {dtype_label(*dts)} "
+        f"{rows.dtype} grad_gate={grad_gate is not None}"
+    )
     check = Checker(report, case, "gate_lookup", dts)
     fwd = lambda a: gate_lookup64(rows, d64(values, a), d64(pre_values, a), d64(x, a), d64(scores, a), gelu, a)  # noqa: E731
     len_gate, len_out = dp, e + dp
     if case.backend == "cpu":
         out, gate = ops.gate_lookup(rows, values, pre_values, x, scores, gelu)
     else:
-        config = draw.choice([None, {**SMALL_BLOCKS, "BLOCK_DP": 8, "D_CHUNKS": False},
-                              {"BLOCK_D": 8, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True}])
+        config = draw.choice(
+            [
+                None,
+                {**SMALL_BLOCKS, "BLOCK_DP": 8, "D_CHUNKS": False},
+                {"BLOCK_D": 8, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True},
+            ]
+        )
         out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu, config)
     check("out", out, lambda a: fwd(a)[0], len_out)
     check("gate", gate, lambda a: fwd(a)[1], len_gate)
@@ -555,15 +612,27 @@ def run_gate_lookup(draw: Draw, case: Case, report: Report) -> None:
         return
     # the backward at the saved gate (rounded to x's dtype, as the op saves it)
     saved = gate.detach()
-    bwd = lambda a: gate_lookup_backward64(d64(grad_out, a), d64(grad_gate, a), rows, d64(values, a),  # noqa: E731
-                                           d64(pre_values, a), d64(x, a), d64(scores, a), d64(saved), gelu, a)
+    bwd = lambda a: gate_lookup_backward64(  # noqa: E731
+        d64(grad_out, a),
+        d64(grad_gate, a),
+        rows,
+        d64(values, a),
+        d64(pre_values, a),
+        d64(x, a),
+        d64(scores, a),
+        d64(saved),
+        gelu,
+        a,
+    )
     buf_dt = _buffer_dtype(*dts)
     len_gv, len_gp, len_gs, len_gx = t * e + 1, t * e * (m * dv + 1) + 1, dv, e * (dv + 1)
     if path == "autograd":
         leaves = [z.detach().requires_grad_() for z in (values, pre_values, x, scores)]
         out2, gate2 = ops.gate_lookup(rows, *leaves, gelu)
-        torch.autograd.backward([out2, gate2] if grad_gate is not None else [out2],
-                                [grad_out, grad_gate] if grad_gate is not None else [grad_out])
+        torch.autograd.backward(
+            [out2, gate2] if grad_gate is not None else [out2],
+            [grad_out, grad_gate] if grad_gate is not None else [grad_out],
+        )
         gv, gp, gx, gs = (z.grad if z.grad is not None else torch.zeros_like(z, dtype=buf_dt) for z in leaves)
         # (the op's own backward saves its own gate: the same values as `saved`)
         check("grad_values", gv, lambda a: bwd(a)[0], len_gv)
@@ -578,14 +647,32 @@ def run_gate_lookup(draw: Draw, case: Case, report: Report) -> None:
             staging = GradStaging(max(1, t + draw.choice([0, 1, -1])), max(e, 1), m, dv, dp, x_dt, rows.device)
             register_staging(bufs.ids[0], staging)
         if case.backend == "cpu":
-            gs, gx = gate_lookup_backward_into(grad_out, grad_gate, rows, values, pre_values, x, scores, saved, gelu,
-                                               *bufs.ids)
+            gs, gx = gate_lookup_backward_into(
+                grad_out, grad_gate, rows, values, pre_values, x, scores, saved, gelu, *bufs.ids
+            )
         else:
-            use = staging if staging is not None and _stageable(rows, values, pre_values, x, scores, grad_out) \
-                and staging.accepts(rows, grad_out, x, scores) else None
-            gs, gx = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores, saved,
-                                                   gelu, buf_v, buf_p, deterministic=path == "deterministic",
-                                                   staging=use)
+            use = (
+                staging
+                if staging is not None
+                and _stageable(rows, values, pre_values, x, scores, grad_out)
+                and staging.accepts(rows, grad_out, x, scores)
+                else None
+            )
+            gs, gx = tgl.gate_lookup_backward_cuda(
+                grad_out,
+                grad_gate,
+                rows,
+                values,
+                pre_values,
+                x,
+                scores,
+                saved,
+                gelu,
+                buf_v,
+                buf_p,
+                deterministic=path == "deterministic",
+                staging=use,
+            )
         if staging is not None:
             staging.flush(buf_v, buf_p, kernels=case.backend != "cpu")
         check("grad_scores", gs, lambda a: bwd(a)[3], len_gs)
@@ -595,6 +682,7 @@ def run_gate_lookup(draw: Draw, case: Case, report: Report) -> None:
 
 
 # --------------------------------------------------------------------------------- retrieval
+
 
 def run_retrieval(draw: Draw, case: Case, report: Report) -> None:
     triton = case.backend != "cpu"
@@ -621,8 +709,10 @@ def run_retrieval(draw: Draw, case: Case, report: Report) -> None:
     nk_row = n_row if n_keys == -1 else n_keys
     nk_col = n_col if n_keys == -1 else n_keys
     dts = (a_dt, b_dt, c_dt)
-    case.label = (f"tdqkr_retrieval T={t} H={h} r={r} M={m} n=({n_row},{n_col}) n_keys={n_keys} k={knn} "
-                  f"{dtype_label(*dts)}{' nan' if nan else ''}")
+    case.label = (
+        f"tdqkr_retrieval T={t} H={h} r={r} M={m} n=({n_row},{n_col}) n_keys={n_keys} k={knn} "
+        f"{dtype_label(*dts)}{' nan' if nan else ''}"
+    )
     check = Checker(report, case, "tdqkr_retrieval", dts)
     launch = {}
     if triton and draw.coin(0.3):
@@ -681,20 +771,32 @@ def _check_selection(check: Checker, ids, scores, a, b, cores, u, v, knn, dts) -
     n_col = b.shape[2]
     m = cores.shape[1]
     ids, scores = ids.cpu(), scores.cpu()
-    ok_shape = tuple(ids.shape) == (t, h, knn) and tuple(scores.shape) == (t, h, knn, m) \
-        and ids.dtype == torch.int64 and scores.dtype == a.dtype
+    ok_shape = (
+        tuple(ids.shape) == (t, h, knn)
+        and tuple(scores.shape) == (t, h, knn, m)
+        and ids.dtype == torch.int64
+        and scores.dtype == a.dtype
+    )
     check("shapes", torch.tensor([float(not ok_shape)]), _measured(1), 0, tol=0.0)
     if not ok_shape or t == 0:
         return
     a64, b64, c64, u64, v64 = (d64(z) for z in (a, b, cores, u, v))
-    poisoned = (a64.isnan().flatten(2).any(-1) | b64.isnan().flatten(2).any(-1)
-                | (c64.isnan().flatten(1).any(-1) | u64.isnan().any(-1) | v64.isnan().any(-1))[None, :])
+    poisoned = (
+        a64.isnan().flatten(2).any(-1)
+        | b64.isnan().flatten(2).any(-1)
+        | (c64.isnan().flatten(1).any(-1) | u64.isnan().any(-1) | v64.isnan().any(-1))[None, :]
+    )
     valid = ((ids >= 0) & (ids < n_row * n_col)).all(-1)
     distinct = torch.tensor([[len(set(ids[ti, hi].tolist())) == knn for hi in range(h)] for ti in range(t)])
     check("ids_in_range_and_distinct", (~(valid & distinct)).double().flatten(), _measured(t * h), 0, tol=0.0)
     nan_rows = scores.isnan().flatten(2)
-    check("nan_rule", ((nan_rows.all(-1) != poisoned) | (nan_rows.any(-1) & ~poisoned)).double().flatten(),
-          _measured(t * h), 0, tol=0.0)
+    check(
+        "nan_rule",
+        ((nan_rows.all(-1) != poisoned) | (nan_rows.any(-1) & ~poisoned)).double().flatten(),
+        _measured(t * h),
+        0,
+        tol=0.0,
+    )
     keep = ~poisoned & valid
     if not keep.any():
         return
@@ -714,8 +816,8 @@ def _check_selection(check: Checker, ids, scores, a, b, cores, u, v, knn, dts) -
     sa = torch.einsum("thnr,hr->thn", a64.abs(), u64.abs())
     sb = torch.einsum("thnr,hr->thn", b64.abs(), v64.abs())
     tol_c = tolerance(torch.float32, r, dts)
-    kth_a = ca.sort(-1, descending=True).values[..., knn - 1:knn]
-    kth_b = cb.sort(-1, descending=True).values[..., knn - 1:knn]
+    kth_a = ca.sort(-1, descending=True).values[..., knn - 1 : knn]
+    kth_b = cb.sort(-1, descending=True).values[..., knn - 1 : knn]
     short_a = ((kth_a - ca.gather(2, i)) / sa.gather(2, i).clamp_min(1e-300)).clamp_min(0)
     short_b = ((kth_b - cb.gather(2, j)) / sb.gather(2, j).clamp_min(1e-300)).clamp_min(0)
     check("coarse_rank", torch.maximum(short_a, short_b)[keep].amax(-1), _measured(int(keep.sum())), 0, tol=tol_c)
@@ -743,22 +845,27 @@ def _check_selection(check: Checker, ids, scores, a, b, cores, u, v, knn, dts) -
             rows_k = ca[ti, hi].sort(descending=True).indices[:knn]
             cols_k = cb[ti, hi].sort(descending=True).indices[:knn]
             grid = torch.einsum("ip,mpq,jq->ij", a64[ti, hi, rows_k], c64[hi], b64[ti, hi, cols_k]).flatten()
-            grid_abs = torch.einsum("ip,mpq,jq->ij", a64[ti, hi, rows_k].abs(), c64[hi].abs(),
-                                    b64[ti, hi, cols_k].abs()).flatten()
+            grid_abs = torch.einsum(
+                "ip,mpq,jq->ij", a64[ti, hi, rows_k].abs(), c64[hi].abs(), b64[ti, hi, cols_k].abs()
+            ).flatten()
             best = grid.sort(descending=True).values[:knn]
             got = totals[ti, hi].sort(descending=True).values
             worst = max(worst, float(((got - best).abs() / grid_abs.max().clamp_min(1e-300)).max()))
     check("totals_optimal", torch.tensor([worst], dtype=torch.float64), _measured(1), 0, tol=tol_t)
 
 
-RUNNERS = {"weighted_lookup": run_weighted_lookup, "pre_value_gate": run_pre_value_gate,
-           "gate_lookup": run_gate_lookup, "tdqkr_retrieval": run_retrieval}
+RUNNERS = {
+    "weighted_lookup": run_weighted_lookup,
+    "pre_value_gate": run_pre_value_gate,
+    "gate_lookup": run_gate_lookup,
+    "tdqkr_retrieval": run_retrieval,
+}
 # Share of the cases per family (the retrieval's interpreted kernel is the slowest).
 WEIGHTS = {"cpu": [3, 2, 3, 2], "triton": [3, 2, 3, 1]}
 
 
 def case_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index * 7919) % (2 ** 62)
+    return (seed * 1_000_003 + index * 7919) % (2**62)
 
 
 def run_case(seed: int, index: int, backend: str, report: Report, device: str = "cpu") -> None:
@@ -792,8 +899,14 @@ def run(seed: int, cpu_cases: int, triton_cases: int, seconds: float, report: Re
                 break
             run_case(seed, index, backend, report, device)
             done[backend] += 1
-    return dict(seed=seed, device=device, planned=dict(cpu=cpu_cases, triton=triton_cases if runnable else 0), done=done,
-                stopped_by_time=stopped, seconds=round(time.monotonic() - start, 1))
+    return dict(
+        seed=seed,
+        device=device,
+        planned=dict(cpu=cpu_cases, triton=triton_cases if runnable else 0),
+        done=done,
+        stopped_by_time=stopped,
+        seconds=round(time.monotonic() - start, 1),
+    )
 
 
 def main(argv=None) -> int:

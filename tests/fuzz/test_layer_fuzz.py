@@ -3,6 +3,7 @@ and backward (0, 1 or a few tokens; fp32 or fp64; train or eval; with or without
 buffers and staging) and give finite outputs and gradients; a few are compiled with
 torch.compile(fullgraph=True) and match eager; configs outside the ranges raise ConfigError
 (naming the key) and nothing else. Sizes and seed: fuzz_settings.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,8 @@ import time
 
 import pytest
 import torch
-
 from fuzz_settings import LAYERS, LONG, SEED, write_report
+
 from ultramem.config import ConfigError, MemoryConfig, ModelConfig
 from ultramem.layers import build_memory, window_keys
 
@@ -25,14 +26,26 @@ def random_config(rng: random.Random) -> tuple[ModelConfig, int]:
     kind = rng.choice(TYPES)
     layers = rng.randint(1, 3)
     cores = rng.randint(1, 3) if kind != "memory_plus" else 1
-    mem = dict(type=kind, knum=rng.randint(2, 7), kdim=rng.randint(1, 8), vdim=cores * rng.randint(1, 4),
-               heads=rng.randint(1, 3), tucker_rank=rng.randint(1, 3), tucker_cores=cores,
-               key_expand=rng.randint(1, 2), q_per_rank=rng.random() < 0.5, glu_act=rng.random() < 0.5,
-               init=rng.choice(["paper", "released"]), dropout=rng.choice([0.0, 0.0, 0.2]),
-               tucker_rank_penalty=rng.choice([None, 0.0, 0.05]), tucker_rank_margin=rng.choice([0.0, 0.15]),
-               key_balance_coef=rng.choice([0.0, 0.0, 0.1]), calibration_rounds=rng.randint(1, 2),
-               pre_vdim=rng.choice([0, 1, 3, 5]) if kind == "ultramem_v2" else 0,
-               share_ratio=rng.choice([0.2, 0.5, 1.0, 1.0 / 3.0]))
+    mem = dict(
+        type=kind,
+        knum=rng.randint(2, 7),
+        kdim=rng.randint(1, 8),
+        vdim=cores * rng.randint(1, 4),
+        heads=rng.randint(1, 3),
+        tucker_rank=rng.randint(1, 3),
+        tucker_cores=cores,
+        key_expand=rng.randint(1, 2),
+        q_per_rank=rng.random() < 0.5,
+        glu_act=rng.random() < 0.5,
+        init=rng.choice(["paper", "released"]),
+        dropout=rng.choice([0.0, 0.0, 0.2]),
+        tucker_rank_penalty=rng.choice([None, 0.0, 0.05]),
+        tucker_rank_margin=rng.choice([0.0, 0.15]),
+        key_balance_coef=rng.choice([0.0, 0.0, 0.1]),
+        calibration_rounds=rng.randint(1, 2),
+        pre_vdim=rng.choice([0, 1, 3, 5]) if kind == "ultramem_v2" else 0,
+        share_ratio=rng.choice([0.2, 0.5, 1.0, 1.0 / 3.0]),
+    )
     if kind == "ultramem_v2":
         n = window_keys(mem["knum"], layers, mem["share_ratio"])
         if n < 1:
@@ -44,19 +57,40 @@ def random_config(rng: random.Random) -> tuple[ModelConfig, int]:
     else:
         keys = mem["knum"]
     mem["knn"] = rng.randint(1, min(keys, 6))
-    cfg = ModelConfig(dim=rng.choice([4, 8, 12, 16]), ffn_hidden=rng.choice([8, 32]), n_layers=layers,
-                      memory=MemoryConfig(**mem))
+    cfg = ModelConfig(
+        dim=rng.choice([4, 8, 12, 16]), ffn_hidden=rng.choice([8, 32]), n_layers=layers, memory=MemoryConfig(**mem)
+    )
     return cfg, layers
 
 
 # one broken key per invalid config: (key, value or a function of the config giving it)
 BREAKS = [
-    ("heads", 0), ("knum", 0), ("kdim", 0), ("vdim", 0), ("knn", 0), ("knn", -3), ("log_interval", 0),
-    ("dropout", 1.0), ("dropout", -0.1), ("key_balance_coef", -0.5), ("tucker_rank", 0), ("tucker_cores", 0),
-    ("key_expand", 0), ("tucker_rank_penalty", -1.0), ("tucker_rank_margin", -0.1), ("pre_vdim", -1),
-    ("share_ratio", 0.0), ("share_ratio", 1.5), ("type", "ultramem_v3"), ("init", "xavier"),
-    ("knn", lambda c, l: _keys_per_side(c, l) + 1), ("vdim", lambda c, l: c.memory.tucker_cores * 2 + 1),
-    ("calibration_rounds", 0), ("model.dim", 0), ("model.ffn_hidden", 0), ("num_memory_layers", 0),
+    ("heads", 0),
+    ("knum", 0),
+    ("kdim", 0),
+    ("vdim", 0),
+    ("knn", 0),
+    ("knn", -3),
+    ("log_interval", 0),
+    ("dropout", 1.0),
+    ("dropout", -0.1),
+    ("key_balance_coef", -0.5),
+    ("tucker_rank", 0),
+    ("tucker_cores", 0),
+    ("key_expand", 0),
+    ("tucker_rank_penalty", -1.0),
+    ("tucker_rank_margin", -0.1),
+    ("pre_vdim", -1),
+    ("share_ratio", 0.0),
+    ("share_ratio", 1.5),
+    ("type", "ultramem_v3"),
+    ("init", "xavier"),
+    ("knn", lambda c, l: _keys_per_side(c, l) + 1),
+    ("vdim", lambda c, l: c.memory.tucker_cores * 2 + 1),
+    ("calibration_rounds", 0),
+    ("model.dim", 0),
+    ("model.ffn_hidden", 0),
+    ("num_memory_layers", 0),
 ]
 
 
@@ -76,8 +110,11 @@ def invalid_config(rng: random.Random):
         m = cfg.memory
         if key == "pre_vdim" and m.type != "ultramem_v2" or key == "share_ratio" and m.type != "ultramem_v2":
             continue
-        if key in ("tucker_rank", "tucker_cores", "key_expand", "tucker_rank_penalty", "tucker_rank_margin",
-                   "vdim_cores") and m.type == "memory_plus":
+        if (
+            key
+            in ("tucker_rank", "tucker_cores", "key_expand", "tucker_rank_penalty", "tucker_rank_margin", "vdim_cores")
+            and m.type == "memory_plus"
+        ):
             continue
         if key == "calibration_rounds" and (m.init != "paper" or m.type == "memory_plus"):
             continue
@@ -166,9 +203,11 @@ def test_layer_fuzz():
     for i in range(LAYERS["invalid"]):
         run_invalid(SEED * 1_000_003 + 500_000 + i, stats)
     stats["seconds"] = round(time.monotonic() - start, 1)
-    print(f"\nlayer fuzz: {stats['valid']} configs run ({stats['by_type']}, {stats['tokens']} tokens, largest "
-          f"|y| {stats['max_abs_out']:.3g}), {stats['invalid']} invalid configs refused with ConfigError "
-          f"({len(stats['invalid_keys'])} keys) in {stats['seconds']} s")
+    print(
+        f"\nlayer fuzz: {stats['valid']} configs run ({stats['by_type']}, {stats['tokens']} tokens, largest "
+        f"|y| {stats['max_abs_out']:.3g}), {stats['invalid']} invalid configs refused with ConfigError "
+        f"({len(stats['invalid_keys'])} keys) in {stats['seconds']} s"
+    )
     write_report("layers", stats)
     assert stats["valid"] == LAYERS["valid"] and stats["invalid"] == LAYERS["invalid"]
 
@@ -215,8 +254,12 @@ def test_layer_fuzz_compiled(i):
         write_report(f"layers_compiled_{i}", dict(type=cfg.memory.type, worst_abs_diff=worst))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="validate_memory_config checks ranges, not types: a "
-                   "non-integer size reaches torch.empty (the rule belongs there, outside the layers' forward)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="validate_memory_config checks ranges, not types: a "
+    "non-integer size reaches torch.empty (the rule belongs there, outside the layers' forward)",
+)
 @pytest.mark.parametrize("key,value", [("knum", 2.5), ("heads", 1.5), ("vdim", "4")])
 def test_non_integer_sizes_raise_config_error(key, value):
     memory = MemoryConfig(knum=4, kdim=4, vdim=4, pre_vdim=2, knn=1, **{key: value})

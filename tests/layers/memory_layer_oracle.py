@@ -1,6 +1,7 @@
 """Step-by-step formulas of docs/layers.md (UltraMemV2, v1, Memory+), written with explicit loops over tokens, heads,
 keys and grid cells. They read the layer's parameters and buffers but none of its helpers and
 none of the ultramem ops, so a test comparing the two can fail."""
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def tucker_oracle(layer, x, tables=None, *, kind: str, n: int, offset: int = 0, 
         groups = 1
     else:
         table, pre_table = layer.values, None
-        groups = layer.key_expand ** 2
+        groups = layer.key_expand**2
     vdim = table.shape[1]
     chunk = vdim // n_cores
     outs, trace = [], {"A": [], "B": [], "a": [], "b": [], "kept": []}
@@ -58,13 +59,22 @@ def tucker_oracle(layer, x, tables=None, *, kind: str, n: int, offset: int = 0, 
                     qs = [q] * rank
                 rows = []
                 for i in range(n_side):
-                    rows.append(torch.stack([
-                        torch.dot(qs[rho], rms_normalize(layer.keys[h, side, i, :, rho], wnk, eps))
-                        for rho in range(rank)]))
+                    rows.append(
+                        torch.stack(
+                            [
+                                torch.dot(qs[rho], rms_normalize(layer.keys[h, side, i, :, rho], wnk, eps))
+                                for rho in range(rank)
+                            ]
+                        )
+                    )
                 sides.append(torch.stack(rows))  # [n', r]
             a_mat, b_mat = sides
-            coarse_a = [float(sum(u_vec[h, rho] * a_mat[i, rho].detach() for rho in range(rank))) for i in range(n_side)]
-            coarse_b = [float(sum(v_vec[h, rho] * b_mat[j, rho].detach() for rho in range(rank))) for j in range(n_side)]
+            coarse_a = [
+                float(sum(u_vec[h, rho] * a_mat[i, rho].detach() for rho in range(rank))) for i in range(n_side)
+            ]
+            coarse_b = [
+                float(sum(v_vec[h, rho] * b_mat[j, rho].detach() for rho in range(rank))) for j in range(n_side)
+            ]
             top_i = sorted(range(n_side), key=lambda i: -coarse_a[i])[:knn]
             top_j = sorted(range(n_side), key=lambda j: -coarse_b[j])[:knn]
             cells = []
@@ -85,7 +95,7 @@ def tucker_oracle(layer, x, tables=None, *, kind: str, n: int, offset: int = 0, 
                         gate = F.gelu(gate)
                 for m in range(n_cores):
                     lo = (group if kind == "v1" else 0) * vdim + m * chunk  # v2 has one group
-                    out[lo:lo + chunk] = out[lo:lo + chunk] + s[m] * gate * table[row, m * chunk:(m + 1) * chunk]
+                    out[lo : lo + chunk] = out[lo : lo + chunk] + s[m] * gate * table[row, m * chunk : (m + 1) * chunk]
                 kept.append((i, j, logical, group, float(sum(s).detach())))
             trace["A"].append(a_mat)
             trace["B"].append(b_mat)
@@ -111,12 +121,15 @@ def memory_plus_oracle(layer, x, tables):
             scores = []
             for side in range(2):
                 q = rms_normalize(q_all[h, side], layer.norm_q.weight, eps)
-                scores.append([torch.dot(q, rms_normalize(layer.keys[h, side, i], layer.norm_k.weight, eps))
-                               for i in range(knum)])
+                scores.append(
+                    [torch.dot(q, rms_normalize(layer.keys[h, side, i], layer.norm_k.weight, eps)) for i in range(knum)]
+                )
             sa, sb = scores
             top_i = sorted(range(knum), key=lambda i: -float(sa[i].detach()))[:knn]
             top_j = sorted(range(knum), key=lambda j: -float(sb[j].detach()))[:knn]
-            cells = sorted(((sa[i] + sb[j], i, j) for i in top_i for j in top_j), key=lambda c: -float(c[0].detach()))[:knn]
+            cells = sorted(((sa[i] + sb[j], i, j) for i in top_i for j in top_j), key=lambda c: -float(c[0].detach()))[
+                :knn
+            ]
             w = torch.softmax(torch.stack([c[0] for c in cells]), dim=0)
             for wi, (_, i, j) in zip(w, cells):
                 acc = acc + wi * table[i * knum + j]

@@ -1,4 +1,5 @@
 """Tiny memory-layer configs and randomized layers shared by the layer tests."""
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,10 @@ def build_random(cfg: ModelConfig, num_layers: int, seed: int):
             if mod is None:
                 continue
             for p in mod.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * (0.5 if p.dim() > 1 else 1.0)
-                        + (1.0 if p.dim() == 1 else 0.0))
+                p.copy_(
+                    torch.randn(p.shape, generator=g, dtype=torch.float64) * (0.5 if p.dim() > 1 else 1.0)
+                    + (1.0 if p.dim() == 1 else 0.0)
+                )
         for layer in layers:
             if hasattr(layer, "rank1_u"):
                 layer.rank1_u.copy_(torch.randn(layer.rank1_u.shape, generator=g, dtype=torch.float64))

@@ -1,12 +1,13 @@
 """build_memory: what it builds, and a ConfigError naming the key for each rule it enforces."""
+
 from __future__ import annotations
 
 import re
 
 import pytest
 import torch
-
 from memory_layer_setup import make_cfg
+
 from ultramem.config import ConfigError
 from ultramem.layers import MemoryPlus, UltraMemV1, UltraMemV2, ValueTables, build_memory
 
@@ -39,8 +40,9 @@ def test_norm_scales_are_one_dimensional_parameters():
 
 def test_builds_on_the_meta_device():
     with torch.device("meta"):
-        tables, layers = build_memory(make_cfg(type="ultramem_v2", knum=360, kdim=192, vdim=192, pre_vdim=192,
-                                               knn=32), 20)
+        tables, layers = build_memory(
+            make_cfg(type="ultramem_v2", knum=360, kdim=192, vdim=192, pre_vdim=192, knn=32), 20
+        )
     assert tables.values.shape == (2_592_000, 192) and layers[0].n == 1138 and tables.values.is_meta
 
 

@@ -3,16 +3,17 @@
 fullgraph=True raises on any graph break. UltraMemV2 goes through Inductor (C++ codegen on CPU,
 ~20 s on 2 cores); v1 and Memory+ through aot_eager, which runs the same Dynamo capture, AOT
 autograd and functionalization of the in-place stats buffers in a few seconds."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from memory_layer_setup import build_random, make_cfg
 
 
-@pytest.mark.parametrize("kind,backend", [("ultramem_v2", "inductor"), ("ultramem_v1", "aot_eager"),
-                                          ("memory_plus", "aot_eager")])
+@pytest.mark.parametrize(
+    "kind,backend", [("ultramem_v2", "inductor"), ("ultramem_v1", "aot_eager"), ("memory_plus", "aot_eager")]
+)
 def test_compiled_layer_matches_eager(kind, backend):
     torch._dynamo.reset()
     memory = dict(type=kind, heads=2, key_balance_coef=0.1)

@@ -1,12 +1,13 @@
 """Table gradients accumulated in persistent buffers (ValueTables.use_grad_buffers) equal the
 dense autograd gradients: several layers sharing one table, several micro-batches, compiled."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from memory_layer_setup import build_random, make_cfg, make_input
 
 from ultramem import ops
-from memory_layer_setup import build_random, make_cfg, make_input
 
 
 def _table_grads(tables, layers, inputs, buffers: bool, compile_backend: str | None = None):
@@ -14,8 +15,9 @@ def _table_grads(tables, layers, inputs, buffers: bool, compile_backend: str | N
     for p in tables.parameters():
         if not buffers:
             p.grad = None
-    fns = [torch.compile(layer, fullgraph=True, backend=compile_backend) if compile_backend else layer
-           for layer in layers]
+    fns = [
+        torch.compile(layer, fullgraph=True, backend=compile_backend) if compile_backend else layer for layer in layers
+    ]
     for x in inputs:  # micro-batches
         loss = sum((fn(x, tables)[0] ** 2).sum() for fn in fns)
         loss.backward()
@@ -94,10 +96,14 @@ def test_opcheck_with_buffer():
     buf = torch.zeros(7, 6)
     handle = ops.register_grad_buffer(buf)
     try:
-        torch.library.opcheck(torch.ops.ultramem.weighted_lookup.default,
-                              (rows, table, torch.randn(4, 3, 2, generator=g, requires_grad=True), handle))
-        torch.library.opcheck(torch.ops.ultramem.pre_value_gate.default,
-                              (rows, table, torch.randn(4, 6, generator=g, requires_grad=True), handle))
+        torch.library.opcheck(
+            torch.ops.ultramem.weighted_lookup.default,
+            (rows, table, torch.randn(4, 3, 2, generator=g, requires_grad=True), handle),
+        )
+        torch.library.opcheck(
+            torch.ops.ultramem.pre_value_gate.default,
+            (rows, table, torch.randn(4, 6, generator=g, requires_grad=True), handle),
+        )
     finally:
         ops.release_grad_buffer(handle)
 

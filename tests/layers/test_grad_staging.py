@@ -2,13 +2,14 @@
 flush the buffers hold what the unstaged backward adds, over several layers sharing rows and
 several micro-batches, eager and compiled, also when the staging area fills up; the trainer's
 staged runs match its unstaged ones."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from memory_layer_setup import build_random, make_cfg, make_input
+
 from ultramem.data import TokenWindows
 from ultramem.train.config import load_config
 from ultramem.train.optim import build_optimizer
@@ -39,13 +40,20 @@ def _grads(tables, layers, inputs, staging_tokens: int | None, backend: str | No
     return out, before, staged
 
 
-@pytest.mark.parametrize("capacity,backend,memory", [("all", None, {}), ("part", None, {}), ("all", "inductor", {}),
-                                                     ("part", "inductor", {}),
-                                                     ("all", None, {"heads": 2, "tucker_cores": 4, "glu_act": False}),
-                                                     # weighted_lookup's staged backward
-                                                     ("all", None, {"type": "memory_plus", "heads": 2}),
-                                                     ("part", "inductor", {"type": "memory_plus"}),
-                                                     ("part", None, {"pre_vdim": 0})])
+@pytest.mark.parametrize(
+    "capacity,backend,memory",
+    [
+        ("all", None, {}),
+        ("part", None, {}),
+        ("all", "inductor", {}),
+        ("part", "inductor", {}),
+        ("all", None, {"heads": 2, "tucker_cores": 4, "glu_act": False}),
+        # weighted_lookup's staged backward
+        ("all", None, {"type": "memory_plus", "heads": 2}),
+        ("part", "inductor", {"type": "memory_plus"}),
+        ("part", None, {"pre_vdim": 0}),
+    ],
+)
 def test_staged_equals_unstaged(capacity, backend, memory):
     cfg = make_cfg(share_ratio=1.0, **memory)  # windows overlap: the layers share rows
     tables, layers, g = build_random(cfg, 3, seed=21)
@@ -77,12 +85,15 @@ def test_zero_grad_drops_what_is_staged_and_bad_setups_are_refused():
     tables.use_grad_buffers()
     tables.use_grad_staging(64, m.heads * m.knn, m.tucker_cores, torch.float32)
     # per token: E row ids, E·M effective scores and E gate gradients (4 bytes each), vdim + pre_vdim values
-    assert tables.grad_staging.nbytes == 64 * (m.heads * m.knn * (4 + 4 * m.tucker_cores + 4) + 4 * (m.vdim + m.pre_vdim))
+    assert tables.grad_staging.nbytes == 64 * (
+        m.heads * m.knn * (4 + 4 * m.tucker_cores + 4) + 4 * (m.vdim + m.pre_vdim)
+    )
     (layers[0](x, tables)[0] ** 2).sum().backward()
     assert tables.grad_staging.staged_tokens() == 10
     tables.zero_grad_buffers()
     assert tables.flush_grad_staging() == 0 and not tables.values_grad.any()
     from ultramem.ops import GradStaging
+
     with pytest.raises(ValueError, match="capacity=0 tokens must be > 0"):
         GradStaging(0, 4, 2, 8, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="vdim=0, pre_vdim=0"):
@@ -91,12 +102,27 @@ def test_zero_grad_drops_what_is_staged_and_bad_setups_are_refused():
     assert tables.grad_staging is None
 
 
-TINY = ["--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2",
-        "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4", "--model.memory.kdim=8",
-        "--model.memory.vdim=16", "--model.memory.pre_vdim=8", "--model.memory.knn=2",
-        "--model.memory.calibration_rounds=1", "--data.vocab_size=300", "--train.seq_len=16",
-        "--train.batch_size=2", "--optim.warmup_steps=2", "--train.max_steps=3", "--train.grad_accum=4",
-        "--metrics.tensorboard_dir="]
+TINY = [
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.ffn_hidden=48",
+    "--model.max_seq_len=16",
+    "--model.memory.knum=4",
+    "--model.memory.kdim=8",
+    "--model.memory.vdim=16",
+    "--model.memory.pre_vdim=8",
+    "--model.memory.knn=2",
+    "--model.memory.calibration_rounds=1",
+    "--data.vocab_size=300",
+    "--train.seq_len=16",
+    "--train.batch_size=2",
+    "--optim.warmup_steps=2",
+    "--train.max_steps=3",
+    "--train.grad_accum=4",
+    "--metrics.tensorboard_dir=",
+]
 
 
 def _train(flush: int, pre_vdim: int = 8):
@@ -135,8 +161,15 @@ def test_one_table_ops_stage_through_their_buffer_id(op):
     one table: the backward stages (the buffer untouched) and returns the same input gradient;
     a call that finds no room adds at once; the flush brings the buffer to the unstaged sum.
     A staging area of the wrong kind, or deterministic mode, leaves the backward unstaged."""
-    from ultramem.ops import (GradStaging, pre_value_gate, register_grad_buffer, register_staging,
-                              release_grad_buffer, set_deterministic, weighted_lookup)
+    from ultramem.ops import (
+        GradStaging,
+        pre_value_gate,
+        register_grad_buffer,
+        register_staging,
+        release_grad_buffer,
+        set_deterministic,
+        weighted_lookup,
+    )
 
     g = torch.Generator().manual_seed(5)
     lookup = op == "weighted_lookup"
@@ -186,6 +219,7 @@ def test_one_table_ops_stage_through_their_buffer_id(op):
 
 def test_trainer_stages_ultramem_v2_only():
     from ultramem.train.trainer import staged_flush_interval
+
     cpu = torch.device("cpu")
     assert staged_flush_interval(load_config("debug", TINY), cpu) == 4
     assert staged_flush_interval(load_config("debug", TINY + ["--model.memory.pre_vdim=0"]), cpu) == 4

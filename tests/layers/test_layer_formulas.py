@@ -1,18 +1,21 @@
 """Each memory layer against the step-by-step formulas of docs/layers.md (tests/layers/memory_layer_oracle.py)
 in float64: same output and same gradients for every parameter, on tiny shapes."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from memory_layer_oracle import memory_plus_oracle, tucker_oracle, window_n
 from memory_layer_setup import build_random, make_cfg, make_input
+
 from ultramem.layers import build_memory
+
 
 def check_against_oracle(layer, tables, x, g, oracle):
     params = [p for p in list(layer.parameters()) + (list(tables.parameters()) if tables is not None else [])]
     names = [n for n, _ in layer.named_parameters()] + (
-        [f"tables.{n}" for n, _ in tables.named_parameters()] if tables is not None else [])
+        [f"tables.{n}" for n, _ in tables.named_parameters()] if tables is not None else []
+    )
     y, aux = layer(x, tables)
     y_ref, trace = oracle()
     assert y.shape == x.shape
@@ -39,26 +42,42 @@ V2_CASES = [
 
 @pytest.mark.parametrize("heads,per_rank,pre_vdim,glu,expand,ratio,index,L,shape,cores,rank", V2_CASES)
 def test_ultramem_v2_matches_formula(heads, per_rank, pre_vdim, glu, expand, ratio, index, L, shape, cores, rank):
-    cfg = make_cfg(type="ultramem_v2", heads=heads, q_per_rank=per_rank, pre_vdim=pre_vdim, glu_act=glu,
-                   key_expand=expand, share_ratio=ratio[0] / ratio[1], tucker_cores=cores, tucker_rank=rank)
+    cfg = make_cfg(
+        type="ultramem_v2",
+        heads=heads,
+        q_per_rank=per_rank,
+        pre_vdim=pre_vdim,
+        glu_act=glu,
+        key_expand=expand,
+        share_ratio=ratio[0] / ratio[1],
+        tucker_cores=cores,
+        tucker_rank=rank,
+    )
     tables, layers, g = build_random(cfg, L, seed=11 + index)
     layer = layers[index]
     n = window_n(6, L, *ratio)
     assert layer.n == n and layer.n_side == expand * n
     num_rows = 36 * L
     x = make_input(shape, g)
-    trace = check_against_oracle(layer, tables, x, g, lambda: tucker_oracle(
-        layer, x, tables, kind="v2", n=n, offset=index * 36, num_rows=num_rows))
+    trace = check_against_oracle(
+        layer,
+        tables,
+        x,
+        g,
+        lambda: tucker_oracle(layer, x, tables, kind="v2", n=n, offset=index * 36, num_rows=num_rows),
+    )
     if ratio == (1, 1):  # windows overlap: this layer reaches rows beyond its own knum² slice
         rows = {(lg + index * 36) % num_rows for kept in trace["kept"] for (_, _, lg, _, _) in kept}
         assert n * n > 36 and rows  # the window is larger than the layer's slice
 
 
-@pytest.mark.parametrize("heads,per_rank,expand,shape", [(1, False, 1, (5,)), (2, True, 2, (2, 3)),
-                                                         (2, False, 2, (6,))])
+@pytest.mark.parametrize(
+    "heads,per_rank,expand,shape", [(1, False, 1, (5,)), (2, True, 2, (2, 3)), (2, False, 2, (6,))]
+)
 def test_ultramem_v1_matches_formula(heads, per_rank, expand, shape):
-    cfg = make_cfg(type="ultramem_v1", knum=4, heads=heads, q_per_rank=per_rank, key_expand=expand,
-                   tucker_rank_penalty=0.0)
+    cfg = make_cfg(
+        type="ultramem_v1", knum=4, heads=heads, q_per_rank=per_rank, key_expand=expand, tucker_rank_penalty=0.0
+    )
     tables, layers, g = build_random(cfg, 2, seed=5)
     assert tables is None
     layer = layers[1]

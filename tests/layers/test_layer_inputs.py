@@ -1,9 +1,9 @@
 """The memory layers on unusual input: no tokens at all, and a wrong feature width."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from memory_layer_setup import D, build_random, make_cfg
 
 # (config overrides, class name in the messages); key balance and v1's rank penalty are on, so

@@ -1,12 +1,13 @@
 """The memory layers on a CUDA device: init from a CPU generator matches the CPU init, fp32
 forward matches the CPU, bf16 autocast and torch.compile run, and a training forward + backward
 makes no host sync (torch.cuda sync debug mode)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from memory_layer_setup import make_cfg
+
 from ultramem.layers import build_memory
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

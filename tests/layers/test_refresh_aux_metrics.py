@@ -1,13 +1,14 @@
 """Rank-1 refresh, auxiliary losses and metrics of the memory layers."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-import ultramem.layers.ultramem_v2 as v2_module
 from memory_layer_oracle import memory_plus_oracle, tucker_oracle
 from memory_layer_setup import build_random, make_cfg, make_input
+
+import ultramem.layers.ultramem_v2 as v2_module
 from ultramem.layers import build_memory
 from ultramem.layers._common import LayerStats
 
@@ -81,8 +82,15 @@ def _balance_from_trace(trace, n_side, side):
 @pytest.mark.parametrize("rank", [2, 3])
 def test_aux_losses_match_direct_formulas(rank):
     coef_rank, margin, coef_bal = 0.05, 0.01, 0.3
-    cfg = make_cfg(type="ultramem_v2", heads=2, tucker_rank=rank, key_expand=2, tucker_rank_penalty=coef_rank,
-                   tucker_rank_margin=margin, key_balance_coef=coef_bal)
+    cfg = make_cfg(
+        type="ultramem_v2",
+        heads=2,
+        tucker_rank=rank,
+        key_expand=2,
+        tucker_rank_penalty=coef_rank,
+        tucker_rank_margin=margin,
+        key_balance_coef=coef_bal,
+    )
     tables, layers, g = build_random(cfg, 2, seed=8)
     layer = layers[1]
     x = make_input((3, 3), g)
@@ -95,7 +103,7 @@ def test_aux_losses_match_direct_formulas(rank):
     for h in range(cores.shape[0]):
         left, sv, right_t = np.linalg.svd(cores[h].sum(0))
         excess = np.maximum(sv[1:] - margin, 0)
-        penalty += (excess ** 2).sum() / cores.shape[0]
+        penalty += (excess**2).sum() / cores.shape[0]
         g_s = sum(2 * excess[i - 1] * np.outer(left[:, i], right_t[i]) for i in range(1, len(sv)))
         grad_cores[h] = coef_rank / cores.shape[0] * g_s
     balance = _balance_from_trace(trace, layer.n_side, "a") + _balance_from_trace(trace, layer.n_side, "b")
@@ -188,9 +196,9 @@ def test_hit_counter_does_not_saturate():
     """A busy value passes 2^24 hits within one report interval at the 227M shapes; the count
     (and the KL) must keep growing past it."""
     stats = LayerStats(4)
-    stats.hits[0] = 2 ** 24
+    stats.hits[0] = 2**24
     stats.accumulate(torch.zeros(1000, dtype=torch.int64), torch.zeros(3), torch.zeros(2), torch.zeros(2))
-    assert int(stats.hits[0]) == 2 ** 24 + 1000
+    assert int(stats.hits[0]) == 2**24 + 1000
 
 
 @pytest.mark.parametrize("kind", ["ultramem_v2", "ultramem_v1", "memory_plus"])
@@ -211,8 +219,7 @@ def test_layer_metrics_accumulate_in_training_only(kind):
         if kind == "memory_plus":
             traces.append(memory_plus_oracle(layer, x, tables)[1])
         else:
-            traces.append(tucker_oracle(layer, x, tables, kind=kind[-2:], n=layer.n,
-                                        offset=36, num_rows=72)[1])
+            traces.append(tucker_oracle(layer, x, tables, kind=kind[-2:], n=layer.n, offset=36, num_rows=72)[1])
     entries = [e for tr in traces for kept in tr["kept"] for e in kept]
     n_values = layer.stats.num_values
     hist = np.bincount([e[2] for e in entries], minlength=n_values).astype(np.float64)

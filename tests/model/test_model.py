@@ -1,4 +1,5 @@
 """The decoder: shapes, causality, tied head, memory placement semantics, init, compile."""
+
 import math
 
 import pytest
@@ -10,8 +11,9 @@ from ultramem.model import Transformer, apply_rope, build_model, parse_memory_in
 
 
 def tiny_cfg(memory_type="ultramem_v2", insert="full", n_layers=3, **model_kw) -> ModelConfig:
-    mem = MemoryConfig(type=memory_type, insert=insert, knum=4, kdim=8, vdim=16, pre_vdim=8, knn=2,
-                       calibration_rounds=1)
+    mem = MemoryConfig(
+        type=memory_type, insert=insert, knum=4, kdim=8, vdim=16, pre_vdim=8, knn=2, calibration_rounds=1
+    )
     kw = dict(vocab_size=97, dim=32, n_layers=n_layers, n_heads=4, ffn_hidden=48, max_seq_len=16, memory=mem)
     kw.update(model_kw)
     return ModelConfig(**kw)
@@ -77,7 +79,7 @@ def test_tied_embeddings_share_one_tensor():
 def _spec_forward(model, tokens):
     """The module doc's formula written out: memory layer l reads u of block a and adds its output
     to the residual right after block b (in placement order)."""
-    cos, sin = model.rope_cos[:tokens.shape[1]], model.rope_sin[:tokens.shape[1]]
+    cos, sin = model.rope_cos[: tokens.shape[1]], model.rope_sin[: tokens.shape[1]]
     x, pending = model.tok_embeddings(tokens), {}
     for i, block in enumerate(model.blocks):
         h = x + block.attn(block.norm_attn(x), cos, sin)
@@ -118,8 +120,9 @@ def test_only_blocks_read_by_memory_layers_return_u():
     assert u is None
     out_read, u_read = skip.blocks[1](x, cos, sin)
     assert u_read is not None and u_read.shape == x.shape
-    torch.testing.assert_close(skip.blocks[1].norm_ffn(x + skip.blocks[1].attn(skip.blocks[1].norm_attn(x), cos, sin)),
-                               u_read)
+    torch.testing.assert_close(
+        skip.blocks[1].norm_ffn(x + skip.blocks[1].attn(skip.blocks[1].norm_attn(x), cos, sin)), u_read
+    )
 
 
 def test_rope_rotates_pairs_by_position():
@@ -143,15 +146,18 @@ def test_parse_full_and_skip_forms():
     assert parse_memory_insert("0:2/1:3/1:1/0:0", 4) == [(0, 2), (1, 3), (1, 1), (0, 0)]
 
 
-@pytest.mark.parametrize("insert, fragment", [
-    ("2:1", "b=1 < a=2"),
-    ("0:8", "out of range"),
-    ("0:1/3:9", "'3:9' is out of range"),
-    ("0-1", "'0-1'"),
-    ("a:b", "'a:b'"),
-    ("", "empty"),
-    ("0:1/", "''"),
-])
+@pytest.mark.parametrize(
+    "insert, fragment",
+    [
+        ("2:1", "b=1 < a=2"),
+        ("0:8", "out of range"),
+        ("0:1/3:9", "'3:9' is out of range"),
+        ("0-1", "'0-1'"),
+        ("a:b", "'a:b'"),
+        ("", "empty"),
+        ("0:1/", "''"),
+    ],
+)
 def test_bad_insert_names_key_and_part(insert, fragment):
     with pytest.raises(ConfigError) as e:
         parse_memory_insert(insert, 8)
@@ -187,7 +193,7 @@ def test_skip_form_reads_at_a_and_writes_after_b():
 
 
 def test_overlapping_skip_spans_match_manual_forward():
-    """"0:2/1:1": layer 0 reads block 0 and writes after block 2; layer 1 reads and writes at
+    """ "0:2/1:1": layer 0 reads block 0 and writes after block 2; layer 1 reads and writes at
     block 1, inside layer 0's span."""
     model = build_model(tiny_cfg(insert="0:2/1:1", n_layers=3), seed=5).eval()
     tokens = torch.randint(0, 97, (2, 7))
@@ -241,8 +247,9 @@ def test_init_statistics_and_determinism():
         assert torch.equal(b.norm_attn.weight, torch.ones(64)) and torch.equal(b.norm_ffn.weight, torch.ones(64))
     again = build_model(cfg, seed=5)
     other = build_model(cfg, seed=6)
-    for (n, p), (_, q), (_, r) in zip(model.state_dict().items(), again.state_dict().items(),
-                                      other.state_dict().items()):
+    for (n, p), (_, q), (_, r) in zip(
+        model.state_dict().items(), again.state_dict().items(), other.state_dict().items()
+    ):
         assert torch.equal(p, q), n
         if p.ndim >= 2:
             assert not torch.equal(p, r), n

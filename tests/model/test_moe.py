@@ -1,5 +1,6 @@
 """The MoE FFN: against a per-token loop in float64, its aux losses against their formulas, both
 expert paths, fullgraph compile, init, config rules, and a model with MoE blocks that learns."""
+
 import math
 
 import pytest
@@ -11,13 +12,21 @@ from ultramem.model import build_model
 from ultramem.moe import MoE
 
 
-def moe_cfg(num_experts=6, top_k=2, expert_hidden=8, num_shared=0, dim=16, memory="none", n_layers=2,
-            lb_coef=0.01, z_coef=0.001) -> ModelConfig:
-    moe = MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=expert_hidden, num_shared=num_shared,
-                    lb_coef=lb_coef, z_coef=z_coef)
+def moe_cfg(
+    num_experts=6, top_k=2, expert_hidden=8, num_shared=0, dim=16, memory="none", n_layers=2, lb_coef=0.01, z_coef=0.001
+) -> ModelConfig:
+    moe = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_hidden=expert_hidden,
+        num_shared=num_shared,
+        lb_coef=lb_coef,
+        z_coef=z_coef,
+    )
     mem = MemoryConfig(type=memory, knum=4, kdim=8, vdim=16, pre_vdim=8, knn=2, calibration_rounds=1)
-    return ModelConfig(vocab_size=97, dim=dim, n_layers=n_layers, n_heads=2, ffn_hidden=32, max_seq_len=16,
-                       memory=mem, moe=moe)
+    return ModelConfig(
+        vocab_size=97, dim=dim, n_layers=n_layers, n_heads=2, ffn_hidden=32, max_seq_len=16, memory=mem, moe=moe
+    )
 
 
 def make_moe(cfg: ModelConfig, dtype=torch.float64, seed=0) -> MoE:
@@ -61,8 +70,9 @@ def test_matches_per_token_loop_in_float64(num_shared):
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     gy = torch.randn_like(y)
     inputs = [x] + list(moe.parameters())
-    for name, got, ref in zip(["x"] + [n for n, _ in moe.named_parameters()], grads(y, inputs, gy),
-                              grads(want, inputs, gy)):
+    for name, got, ref in zip(
+        ["x"] + [n for n, _ in moe.named_parameters()], grads(y, inputs, gy), grads(want, inputs, gy)
+    ):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=name)
 
 
@@ -97,8 +107,9 @@ def test_bf16_autocast_takes_the_grouped_path_and_agrees_with_dense():
         xb, w13, w2 = x.reshape(-1, 16).bfloat16(), moe.w13.bfloat16(), moe.w2.bfloat16()
         dense = moe._experts_dense(xb, gate, expert, w13, w2)
         torch.testing.assert_close(grouped(xb, gate, expert, w13, w2).float(), dense.float(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(y, reference(moe.double(), x.double().reshape(-1, 16)).float().reshape(2, 9, 16),
-                               rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(
+        y, reference(moe.double(), x.double().reshape(-1, 16)).float().reshape(2, 9, 16), rtol=5e-2, atol=5e-2
+    )
 
 
 def test_aux_losses_match_their_formulas():
@@ -124,13 +135,13 @@ def test_balance_loss_gradient_reaches_the_router_only_through_p():
     moe = make_moe(moe_cfg(lb_coef=1.0, z_coef=0.0))
     x = torch.randn(30, 16, dtype=torch.float64)
     _, aux = moe(x)
-    g_router, = torch.autograd.grad(aux, [moe.router])
+    (g_router,) = torch.autograd.grad(aux, [moe.router])
     logits = x @ moe.router.T
     p = logits.softmax(-1)
     f = F.one_hot(p.topk(2, dim=-1).indices, 6).sum(1).double().mean(0) / 2  # constant
     router = moe.router.detach().requires_grad_()
     manual = 6 * (f * (x @ router.T).softmax(-1).mean(0)).sum()
-    want, = torch.autograd.grad(manual, [router])
+    (want,) = torch.autograd.grad(manual, [router])
     torch.testing.assert_close(g_router, want)
 
 
@@ -229,15 +240,18 @@ def test_dense_default_is_unchanged():
 # -- config rules --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw, fragment", [
-    (dict(num_experts=-1), "model.moe.num_experts=-1"),
-    (dict(num_experts=4, top_k=5), "model.moe.top_k=5"),
-    (dict(num_experts=4, top_k=0), "model.moe.top_k=0"),
-    (dict(num_experts=4, top_k=2, expert_hidden=0), "model.moe.expert_hidden=0"),
-    (dict(num_experts=4, top_k=2, num_shared=-1), "model.moe.num_shared=-1"),
-    (dict(num_experts=4, top_k=2, lb_coef=-0.1), "model.moe.lb_coef=-0.1"),
-    (dict(num_experts=4, top_k=2, z_coef=-1.0), "model.moe.z_coef=-1.0"),
-])
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        (dict(num_experts=-1), "model.moe.num_experts=-1"),
+        (dict(num_experts=4, top_k=5), "model.moe.top_k=5"),
+        (dict(num_experts=4, top_k=0), "model.moe.top_k=0"),
+        (dict(num_experts=4, top_k=2, expert_hidden=0), "model.moe.expert_hidden=0"),
+        (dict(num_experts=4, top_k=2, num_shared=-1), "model.moe.num_shared=-1"),
+        (dict(num_experts=4, top_k=2, lb_coef=-0.1), "model.moe.lb_coef=-0.1"),
+        (dict(num_experts=4, top_k=2, z_coef=-1.0), "model.moe.z_coef=-1.0"),
+    ],
+)
 def test_bad_moe_values_name_the_key(kw, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         MoEConfig(**kw)
@@ -247,8 +261,9 @@ def test_toml_and_overrides_are_checked(tmp_path):
     from ultramem.train.config import load_config
 
     path = tmp_path / "moe.toml"
-    path.write_text('[model]\ndim = 32\nn_heads = 2\n[model.memory]\ntype = "none"\n'
-                    "[model.moe]\nnum_experts = 4\ntop_k = 8\n")
+    path.write_text(
+        '[model]\ndim = 32\nn_heads = 2\n[model.memory]\ntype = "none"\n[model.moe]\nnum_experts = 4\ntop_k = 8\n'
+    )
     with pytest.raises(ConfigError, match=r"model\.moe\.top_k=8"):
         load_config(str(path))
     # an override is set after the dataclasses are built: config validation checks it, and so

@@ -1,6 +1,7 @@
 """The small-* config family: every file loads and validates, all but small-dense-wide activate the
 same parameters per token (within 5%), they share the decoder and the training settings, and each
 header's counts are the dry run's."""
+
 import re
 
 import pytest
@@ -9,8 +10,14 @@ from ultramem.model import build_model
 from ultramem.train.config import load_config, packaged_config_names, read_config_text
 from ultramem.train.summary import summarize
 
-EXPECTED = {"small-dense", "small-dense-wide", "small-moe", "small-memory-plus", "small-ultramem-v1",
-            "small-ultramem-v2"}
+EXPECTED = {
+    "small-dense",
+    "small-dense-wide",
+    "small-moe",
+    "small-memory-plus",
+    "small-ultramem-v1",
+    "small-ultramem-v2",
+}
 EQUAL_TOTAL = "small-dense-wide"  # sized to small-ultramem-v2's total parameters instead
 
 
@@ -44,18 +51,27 @@ def test_same_decoder_and_training(family):
     ref_cfg, _ = family["small-dense"]
     for name, (cfg, _) in family.items():
         m = cfg.model
-        assert (m.dim, m.n_layers, m.n_heads, m.vocab_size, m.max_seq_len) == \
-            (ref_cfg.model.dim, ref_cfg.model.n_layers, ref_cfg.model.n_heads, ref_cfg.model.vocab_size,
-             ref_cfg.model.max_seq_len), name
+        assert (m.dim, m.n_layers, m.n_heads, m.vocab_size, m.max_seq_len) == (
+            ref_cfg.model.dim,
+            ref_cfg.model.n_layers,
+            ref_cfg.model.n_heads,
+            ref_cfg.model.vocab_size,
+            ref_cfg.model.max_seq_len,
+        ), name
         assert cfg.train == ref_cfg.train and cfg.optim == ref_cfg.optim and cfg.data == ref_cfg.data, name
         assert cfg.data.source == "stdlib" and cfg.train.device == "auto"
 
 
 def test_sparse_parts(family):
     kinds = {n: (cfg.model.memory.type, cfg.model.moe.num_experts) for n, (cfg, _) in family.items()}
-    assert kinds == {"small-dense": ("none", 0), "small-dense-wide": ("none", 0), "small-moe": ("none", 64),
-                     "small-memory-plus": ("memory_plus", 0), "small-ultramem-v1": ("ultramem_v1", 0),
-                     "small-ultramem-v2": ("ultramem_v2", 0)}
+    assert kinds == {
+        "small-dense": ("none", 0),
+        "small-dense-wide": ("none", 0),
+        "small-moe": ("none", 64),
+        "small-memory-plus": ("memory_plus", 0),
+        "small-ultramem-v1": ("ultramem_v1", 0),
+        "small-ultramem-v2": ("ultramem_v2", 0),
+    }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -1,11 +1,13 @@
 """Independent float64 formulas of the ops, written as explicit loops (none of the ops' own
 helpers), shared by the reference-op tests and the Triton kernel tests."""
+
 from __future__ import annotations
 
 import itertools
 import math
 
 import torch
+
 
 def lookup_oracle(rows, table, scores):
     t, e = rows.shape

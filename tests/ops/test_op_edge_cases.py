@@ -1,5 +1,6 @@
 """The reference ops at their edges: no tokens (or no entries), ids out of range in the backward
 ops (refused before anything is written), and tdqkr_retrieval's NaN / Inf rule."""
+
 from __future__ import annotations
 
 import re
@@ -10,9 +11,14 @@ import torch
 from ultramem import ops
 from ultramem.ops.gate_lookup import gate_lookup_backward_into
 from ultramem.ops.staged_grad import GradStaging, register_staging
-from ultramem.ops.table_grad import (pre_value_gate_backward_accumulate, pre_value_gate_backward_into,
-                                     register_grad_buffer, release_grad_buffer, weighted_lookup_backward_accumulate,
-                                     weighted_lookup_backward_into)
+from ultramem.ops.table_grad import (
+    pre_value_gate_backward_accumulate,
+    pre_value_gate_backward_into,
+    register_grad_buffer,
+    release_grad_buffer,
+    weighted_lookup_backward_accumulate,
+    weighted_lookup_backward_into,
+)
 
 N, DV, DP, M = 7, 6, 4, 2
 
@@ -24,8 +30,15 @@ def _gen(seed):
 def _tensors(t, e, g, index_dtype=torch.int64, dtype=torch.float32):
     rows = torch.randint(0, N, (t, e), generator=g).to(index_dtype)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
-    return dict(rows=rows, values=rand(N, DV), pre_values=rand(N, DP), x=rand(t, DP), scores=rand(t, e, M),
-                grad_out=rand(t, DV), grad_gate=rand(t, e))
+    return dict(
+        rows=rows,
+        values=rand(N, DV),
+        pre_values=rand(N, DP),
+        x=rand(t, DP),
+        scores=rand(t, e, M),
+        grad_out=rand(t, DV),
+        grad_gate=rand(t, e),
+    )
 
 
 class _Buffers:
@@ -113,17 +126,27 @@ def test_empty_backward_into_buffers(t, e, staging):
         # the accumulate ops and the buffer-id backwards called directly
         s, x0 = scores.detach(), x.detach()
         assert weighted_lookup_backward_accumulate(bufs.values, a["grad_out"], rows, a["values"], s).shape == (t, e, M)
-        assert pre_value_gate_backward_accumulate(bufs.pre_values, a["grad_gate"], rows, a["pre_values"],
-                                                  x0).shape == (t, DP)
+        assert pre_value_gate_backward_accumulate(bufs.pre_values, a["grad_gate"], rows, a["pre_values"], x0).shape == (
+            t,
+            DP,
+        )
         assert weighted_lookup_backward_into(a["grad_out"], rows, a["values"], s, vid).shape == (t, e, M)
         assert pre_value_gate_backward_into(a["grad_gate"], rows, a["pre_values"], x0, pid).shape == (t, DP)
-        gs, gx = gate_lookup_backward_into(a["grad_out"], a["grad_gate"], rows, a["values"], a["pre_values"], x0, s,
-                                           a["grad_gate"], True, vid, pid)
+        gs, gx = gate_lookup_backward_into(
+            a["grad_out"], a["grad_gate"], rows, a["values"], a["pre_values"], x0, s, a["grad_gate"], True, vid, pid
+        )
         assert gs.shape == (t, e, M) and gx.shape == (t, DP)
         assert not bufs.values.any() and not bufs.pre_values.any()
         if bufs.staging is not None:
-            bufs.staging.flush(*((bufs.values, bufs.pre_values) if staging == "both" else
-                                 (bufs.values,) if staging == "lookup" else (None, bufs.pre_values)))
+            bufs.staging.flush(
+                *(
+                    (bufs.values, bufs.pre_values)
+                    if staging == "both"
+                    else (bufs.values,)
+                    if staging == "lookup"
+                    else (None, bufs.pre_values)
+                )
+            )
             assert bufs.untouched()
 
 
@@ -141,18 +164,23 @@ def test_empty_ops_opcheck():
     g = _gen(2)
     for t, e in SHAPES:
         a = _tensors(t, e, g)
-        torch.library.opcheck(torch.ops.ultramem.weighted_lookup.default, (a["rows"], a["values"], a["scores"]),
-                              test_utils=("test_schema", "test_faketensor"))
-        torch.library.opcheck(torch.ops.ultramem.gate_lookup.default,
-                              (a["rows"], a["values"], a["pre_values"], a["x"], a["scores"], True),
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            torch.ops.ultramem.weighted_lookup.default,
+            (a["rows"], a["values"], a["scores"]),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+        torch.library.opcheck(
+            torch.ops.ultramem.gate_lookup.default,
+            (a["rows"], a["values"], a["pre_values"], a["x"], a["scores"], True),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 # ------------------------------------------------------------------------- ids out of range
 
 BAD_ROWS = [
     (torch.tensor([[0, N, 1], [2, 3, 4]]), rf"\[0, {N}\]"),
-    (torch.tensor([[0, 1, 1], [-1, 3, 4]], dtype=torch.int32), rf"\[-1, 4\]"),
+    (torch.tensor([[0, 1, 1], [-1, 3, 4]], dtype=torch.int32), r"\[-1, 4\]"),
 ]
 
 
@@ -175,14 +203,20 @@ def test_backward_ops_refuse_bad_rows_before_writing(bad, span):
         with _Buffers(staging, entries=3) as bufs:
             vid, pid = bufs.ids
             calls = [
-                ("weighted_lookup_backward_accumulate",
-                 lambda: weighted_lookup_backward_accumulate(bufs.values, go, bad, v, s)),
-                ("pre_value_gate_backward_accumulate",
-                 lambda: pre_value_gate_backward_accumulate(bufs.pre_values, gg, bad, p, x)),
+                (
+                    "weighted_lookup_backward_accumulate",
+                    lambda: weighted_lookup_backward_accumulate(bufs.values, go, bad, v, s),
+                ),
+                (
+                    "pre_value_gate_backward_accumulate",
+                    lambda: pre_value_gate_backward_accumulate(bufs.pre_values, gg, bad, p, x),
+                ),
                 ("weighted_lookup_backward_into", lambda: weighted_lookup_backward_into(go, bad, v, s, vid)),
                 ("pre_value_gate_backward_into", lambda: pre_value_gate_backward_into(gg, bad, p, x, pid)),
-                ("gate_lookup_backward_into",
-                 lambda: gate_lookup_backward_into(go, gg, bad, v, p, x, s, gg, True, vid, pid)),
+                (
+                    "gate_lookup_backward_into",
+                    lambda: gate_lookup_backward_into(go, gg, bad, v, p, x, s, gg, True, vid, pid),
+                ),
             ]
             for op, call in calls:
                 with pytest.raises(ValueError, match=_range_error(op, "rows", span, N)):
@@ -194,8 +228,17 @@ def test_gate_lookup_backward_checks_both_buffer_ids_before_writing():
     a = _tensors(2, 3, _gen(4))
     with _Buffers() as bufs:
         vid, pid = bufs.ids
-        args = (a["grad_out"], a["grad_gate"], a["rows"], a["values"], a["pre_values"], a["x"], a["scores"],
-                a["grad_gate"], True)
+        args = (
+            a["grad_out"],
+            a["grad_gate"],
+            a["rows"],
+            a["values"],
+            a["pre_values"],
+            a["x"],
+            a["scores"],
+            a["grad_gate"],
+            True,
+        )
         release_grad_buffer(pid)
         with pytest.raises(ValueError, match=rf"gate_lookup_backward_into: grad_buffer={pid} is not a registered"):
             gate_lookup_backward_into(*args, vid, pid)
@@ -248,16 +291,21 @@ def test_backward_ops_name_themselves_in_shape_errors():
     with pytest.raises(ValueError, match=r"^ultramem::pre_value_gate_backward: grad_gate shape \(2, 2\)"):
         ops.pre_value_gate_backward(a["grad_gate"][:, :2], a["rows"], a["pre_values"], a["x"])
     with pytest.raises(ValueError, match=r"^ultramem::weighted_lookup_backward_accumulate: scores shape"):
-        weighted_lookup_backward_accumulate(torch.zeros(N, DV), a["grad_out"], a["rows"], a["values"],
-                                            a["scores"][:1])
+        weighted_lookup_backward_accumulate(torch.zeros(N, DV), a["grad_out"], a["rows"], a["values"], a["scores"][:1])
 
 
 # ------------------------------------------------------------------------- retrieval NaN / Inf
 
+
 def _retrieval_inputs(seed, t=3, h=2, n=9, r=2, m=2):
     g = _gen(seed)
-    return (torch.randn(t, h, n, r, generator=g), torch.randn(t, h, n, r, generator=g),
-            torch.rand(h, m, r, r, generator=g), torch.randn(h, r, generator=g), torch.randn(h, r, generator=g))
+    return (
+        torch.randn(t, h, n, r, generator=g),
+        torch.randn(t, h, n, r, generator=g),
+        torch.rand(h, m, r, r, generator=g),
+        torch.randn(h, r, generator=g),
+        torch.randn(h, r, generator=g),
+    )
 
 
 def _assert_ids_valid(ids, n_ids):
@@ -307,9 +355,9 @@ def test_retrieval_infinite_scores_rank_first_and_last():
     a = torch.randn(t, 1, n, 1, generator=g)
     b = torch.rand(t, 1, n, 1, generator=g) + 0.1
     c, u = torch.rand(1, 2, 1, 1, generator=g) + 0.1, torch.ones(1, 1)
-    a[0, 0, 5] = float("inf")                 # one +inf key: kept first, its pairs' totals +inf
+    a[0, 0, 5] = float("inf")  # one +inf key: kept first, its pairs' totals +inf
     a[1, 0, :] = float("-inf")
-    a[1, 0, 2] = 0.5                          # one finite key; -inf keys fill the kept rows,
+    a[1, 0, 2] = 0.5  # one finite key; -inf keys fill the kept rows,
     ids, scores = ops.tdqkr_retrieval(a, b, c, u, u, knn)  # their -inf totals rank last
     _assert_ids_valid(ids, n * n)
     assert (ids[0, 0] // n == 5).all() and torch.isposinf(scores[0]).all()

@@ -2,12 +2,13 @@
 show. The op's dispatch (atomics, sorted in deterministic mode, the separate backwards above
 BWD_MAX_ENTRIES), bit-reproducibility of the sorted path, hot rows (runs longer than a
 segment piece), and the staged path with its overflow and flush, against a float64 reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from op_oracles import gate_lookup_backward_oracle
+
 from ultramem.ops import determinism
 from ultramem.ops._triton import gate_lookup as tgl
 from ultramem.ops.gate_lookup import gate_lookup_backward_into
@@ -21,7 +22,7 @@ def _inputs(t, e, n, dv, dp, m, hot: float, seed: int):
     rows = torch.randint(0, n, (t, e), generator=g)
     if hot:  # a share of all picks on two rows: runs far longer than a segment piece
         rows = torch.where(torch.rand(t, e, generator=g) < hot, torch.randint(0, 2, (t, e), generator=g), rows)
-    values, pre_values = torch.randn(n, dv, generator=g), torch.randn(n, dp, generator=g) / dp ** 0.5
+    values, pre_values = torch.randn(n, dv, generator=g), torch.randn(n, dp, generator=g) / dp**0.5
     x, scores, gate = torch.randn(t, dp, generator=g), torch.randn(t, e, m, generator=g), torch.randn(t, e, generator=g)
     grad_out, grad_gate = torch.randn(t, dv, generator=g), torch.randn(t, e, generator=g)
     return grad_out, grad_gate, rows, values, pre_values, x, scores, gate
@@ -100,6 +101,7 @@ def test_one_table_backward_staged_on_cuda(op, hot, monkeypatch):
     atomics, the flush adds the first; the buffer then holds both calls' gradients (float64
     oracle), grad_scores / grad_x as usual. bf16 inputs, as in training."""
     from op_oracles import gate_backward_oracle, lookup_backward_oracle
+
     from ultramem.ops.staged_grad import GradStaging, register_staging
     from ultramem.ops.table_grad import pre_value_gate_backward_into, weighted_lookup_backward_into
 

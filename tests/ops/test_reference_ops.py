@@ -1,14 +1,15 @@
 """The ultramem:: ops (reference kernels) against independent float64 formulas, opcheck, gradcheck,
 and bad input. The oracles below are written with explicit loops, not with the ops' own helpers."""
+
 from __future__ import annotations
 
 import itertools
 
 import pytest
 import torch
+from op_oracles import gate_backward_oracle, gate_oracle, lookup_backward_oracle, lookup_oracle, retrieval_oracle
 
 from ultramem import ops
-from op_oracles import gate_backward_oracle, gate_oracle, lookup_backward_oracle, lookup_oracle, retrieval_oracle
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -23,6 +24,7 @@ def _rows_with_duplicates(t: int, e: int, n: int, g: torch.Generator, dtype=torc
 
 
 # ---------------------------------------------------------------- forward vs oracle
+
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("cores", [1, 2, 4])
@@ -47,7 +49,9 @@ def test_pre_value_gate_matches_oracle(seed, index_dtype):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("heads,rank,cores,knn,n_row,n_col", [(1, 2, 2, 3, 7, 7), (2, 1, 1, 4, 6, 9), (2, 3, 3, 1, 5, 5)])
+@pytest.mark.parametrize(
+    "heads,rank,cores,knn,n_row,n_col", [(1, 2, 2, 3, 7, 7), (2, 1, 1, 4, 6, 9), (2, 3, 3, 1, 5, 5)]
+)
 def test_retrieval_matches_oracle(seed, heads, rank, cores, knn, n_row, n_col):
     g = _gen(seed)
     a = torch.randn(4, heads, n_row, rank, generator=g, dtype=torch.float64)
@@ -63,6 +67,7 @@ def test_retrieval_matches_oracle(seed, heads, rank, cores, knn, n_row, n_col):
 
 
 # ---------------------------------------------------------------- backward vs oracle
+
 
 def test_weighted_lookup_backward_matches_oracle():
     g = _gen(3)
@@ -115,6 +120,7 @@ def test_retrieval_backward_matches_oracle():
 
 # ---------------------------------------------------------------- gradcheck and opcheck
 
+
 def test_gradcheck_tiny():
     g = _gen(6)
     rows = _rows_with_duplicates(3, 4, 6, g)
@@ -147,21 +153,39 @@ def _opcheck_cases():
         yield torch.ops.ultramem.tdqkr_retrieval.default, (a, b, c, u, v, 3)
         yield torch.ops.ultramem.tdqkr_retrieval.default, (a, b, c, u, v, 3, 4)  # 2 padding keys per side
     # non-contiguous inputs: the fake kernels must report the real kernels' (contiguous) strides
-    yield torch.ops.ultramem.weighted_lookup.default, (
-        rows, torch.randn(8, 10, generator=g).t().requires_grad_(), torch.randn(2, 4, 5, generator=g).permute(2, 1, 0))
-    yield torch.ops.ultramem.pre_value_gate.default, (
-        rows, torch.randn(10, 8, generator=g), torch.randn(8, 5, generator=g).t().requires_grad_())
-    yield torch.ops.ultramem.tdqkr_retrieval.default, (
-        torch.randn(3, 2, 2, 6, generator=g).transpose(2, 3).requires_grad_(),
-        torch.randn(3, 2, 2, 6, generator=g).transpose(2, 3).requires_grad_(),
-        torch.rand(2, 2, 2, 2, generator=g).requires_grad_(), torch.randn(2, 2, generator=g),
-        torch.randn(2, 2, generator=g), 3)
+    yield (
+        torch.ops.ultramem.weighted_lookup.default,
+        (
+            rows,
+            torch.randn(8, 10, generator=g).t().requires_grad_(),
+            torch.randn(2, 4, 5, generator=g).permute(2, 1, 0),
+        ),
+    )
+    yield (
+        torch.ops.ultramem.pre_value_gate.default,
+        (rows, torch.randn(10, 8, generator=g), torch.randn(8, 5, generator=g).t().requires_grad_()),
+    )
+    yield (
+        torch.ops.ultramem.tdqkr_retrieval.default,
+        (
+            torch.randn(3, 2, 2, 6, generator=g).transpose(2, 3).requires_grad_(),
+            torch.randn(3, 2, 2, 6, generator=g).transpose(2, 3).requires_grad_(),
+            torch.rand(2, 2, 2, 2, generator=g).requires_grad_(),
+            torch.randn(2, 2, generator=g),
+            torch.randn(2, 2, generator=g),
+            3,
+        ),
+    )
     a_nc = torch.randn(3, 2, 2, 6, generator=g).transpose(2, 3)
     ids = ops.tdqkr_retrieval(a_nc, a_nc, torch.rand(2, 2, 2, 2), torch.randn(2, 2), torch.randn(2, 2), 3)[0]
-    yield torch.ops.ultramem.tdqkr_retrieval_backward.default, (
-        torch.randn(3, 2, 3, 2, generator=g), a_nc, a_nc, torch.rand(2, 2, 2, 2, generator=g), ids)
-    yield torch.ops.ultramem.weighted_lookup_backward.default, (
-        torch.randn(5, 8, generator=g), rows, torch.randn(10, 8, generator=g), torch.randn(5, 4, 2, generator=g))
+    yield (
+        torch.ops.ultramem.tdqkr_retrieval_backward.default,
+        (torch.randn(3, 2, 3, 2, generator=g), a_nc, a_nc, torch.rand(2, 2, 2, 2, generator=g), ids),
+    )
+    yield (
+        torch.ops.ultramem.weighted_lookup_backward.default,
+        (torch.randn(5, 8, generator=g), rows, torch.randn(10, 8, generator=g), torch.randn(5, 4, 2, generator=g)),
+    )
 
 
 @pytest.mark.parametrize("case", list(_opcheck_cases()), ids=lambda c: str(c) if isinstance(c, str) else None)
@@ -236,6 +260,7 @@ def test_bf16_table_fp32_accumulation():
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_bad_inputs_name_the_argument():
     rows = torch.zeros(4, 3, dtype=torch.int64)

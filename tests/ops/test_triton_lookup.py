@@ -5,13 +5,14 @@ The kernel tests run only when TRITON_INTERPRET=1 is set before Triton is import
 `test_interpreter_suite` starts this module that way in a subprocess, so a plain `pytest` run
 covers them too.
 """
+
 from __future__ import annotations
 
 import os
-import subproc
 import sys
 
 import pytest
+import subproc
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -22,8 +23,9 @@ def test_interpreter_suite():
         pytest.skip("already running under the interpreter")
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subproc.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__],
-                       timeout=900, env=env)
+    proc = subproc.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__], timeout=900, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
@@ -44,14 +46,28 @@ SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True, "EVICT_FIRST": True, "H
 SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1, "PIECE": 2}  # runs cut every 2 entries
 # The fused entry-block kernel (the column-chunk kernel is the default).
 ENTRY_BLOCKS = {**SMALL_BLOCKS, "BLOCK_DP": 8, "D_CHUNKS": False}
-CHUNKS = {"BLOCK_D": 16, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0, "EVICT_FIRST": True,
-          "maxnreg": 136}
+CHUNKS = {
+    "BLOCK_D": 16,
+    "BLOCK_DP": 8,
+    "num_warps": 1,
+    "D_CHUNKS": True,
+    "HOIST_V": 0,
+    "EVICT_FIRST": True,
+    "maxnreg": 136,
+}
 
 
-from op_oracles import lookup_oracle, lookup_backward_oracle, gate_oracle, gate_backward_oracle, gelu64, gate_lookup_oracle, gate_lookup_backward_oracle  # noqa: E402
-
+from op_oracles import (  # noqa: E402  (after the interpreter is set up)
+    gate_backward_oracle,
+    gate_lookup_backward_oracle,
+    gate_lookup_oracle,
+    gate_oracle,
+    lookup_backward_oracle,
+    lookup_oracle,
+)  # noqa: E402
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
@@ -85,8 +101,7 @@ def _tol(*dtypes):
 
 def _noncontig(t: torch.Tensor) -> torch.Tensor:
     """The same values in a tensor whose last dim is not contiguous in memory."""
-    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan") if t.is_floating_point() else 7,
-                      dtype=t.dtype)
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan") if t.is_floating_point() else 7, dtype=t.dtype)
     wide[..., ::2] = t
     return wide[..., ::2]
 
@@ -114,8 +129,9 @@ def test_lookup_forward(case):
     twl.weighted_gather(rows, table, scores, out, torch.float64 if dtype == torch.float64 else torch.float32, blocks)
     assert _rel(out, ref) < _tol(dtype)
     # The registered launcher: validation, output dtype, non-contiguous inputs.
-    out2 = twl.weighted_lookup_cuda(rows.t().contiguous().t(), _noncontig(table), scores.transpose(1, 2)
-                                    .contiguous().transpose(1, 2), blocks)
+    out2 = twl.weighted_lookup_cuda(
+        rows.t().contiguous().t(), _noncontig(table), scores.transpose(1, 2).contiguous().transpose(1, 2), blocks
+    )
     assert out2.dtype == dtype and out2.shape == (t, d)
     assert _rel(out2, ref) < _tol(dtype)
 
@@ -131,19 +147,25 @@ def test_lookup_backward(case, mode):
     grad_out = _rand((t, d), g, dtype)
     ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    configs = {"bwd": blocks, "dots": blocks, "segment": SMALL_SEGMENT if blocks else None,
-               "fuse_dots": mode == "sorted-fused-dots"}
+    configs = {
+        "bwd": blocks,
+        "dots": blocks,
+        "segment": SMALL_SEGMENT if blocks else None,
+        "fuse_dots": mode == "sorted-fused-dots",
+    }
     grad_table = torch.zeros(n, d, dtype=acc)
-    grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=False,
-                                        deterministic=deterministic, configs=configs)
+    grad_scores = twl.lookup_table_grad(
+        grad_out, rows, table, scores, grad_table, accumulate=False, deterministic=deterministic, configs=configs
+    )
     assert grad_table.dtype == acc and grad_scores.dtype == dtype
     assert _rel(grad_table, ref_table) < _tol(dtype)
     assert _rel(grad_scores, ref_scores) < _tol(dtype)
     # Accumulating into a persistent buffer adds to what is there.
     start = _rand((n, d), g, acc)
     buf = start.clone()
-    grad_scores2 = twl.lookup_table_grad(grad_out, rows, table, scores, buf, accumulate=True,
-                                         deterministic=deterministic, configs=configs)
+    grad_scores2 = twl.lookup_table_grad(
+        grad_out, rows, table, scores, buf, accumulate=True, deterministic=deterministic, configs=configs
+    )
     assert _rel(buf, start.double() + ref_table) < _tol(dtype)
     assert _rel(grad_scores2, ref_scores) < _tol(dtype)
 
@@ -152,6 +174,7 @@ def test_lookup_backward(case, mode):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_lookup_backward_launchers(deterministic, monkeypatch):
     from ultramem.ops import determinism
+
     monkeypatch.setattr(determinism, "_deterministic", deterministic)
     g = _gen(5)
     t, e, n, d, m = 5, 6, 17, 24, 2
@@ -182,8 +205,16 @@ def test_sorted_backward_hot_rows(fuse_dots, piece):
     ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
     seg = {"BLOCK_J": 4, "BLOCK_D": 16, "num_warps": 1, **({"PIECE": piece} if piece else {})}
     buf = torch.ones(n, d)
-    grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, buf, accumulate=True, deterministic=True,
-                                        configs={"segment": seg, "fuse_dots": fuse_dots})
+    grad_scores = twl.lookup_table_grad(
+        grad_out,
+        rows,
+        table,
+        scores,
+        buf,
+        accumulate=True,
+        deterministic=True,
+        configs={"segment": seg, "fuse_dots": fuse_dots},
+    )
     assert _rel(buf, ref_table + 1) < 1e-5 and _rel(grad_scores, ref_scores) < 1e-5
 
 
@@ -197,8 +228,16 @@ def test_deterministic_split_columns_path(monkeypatch):
     scores, grad_out = _rand((t, e, m), g, torch.float32), _rand((t, d), g, torch.float32)
     ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
     grad_table = torch.zeros(n, d)
-    grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=False,
-                                        deterministic=True, configs={"dots": SMALL_BLOCKS, "segment": SMALL_SEGMENT})
+    grad_scores = twl.lookup_table_grad(
+        grad_out,
+        rows,
+        table,
+        scores,
+        grad_table,
+        accumulate=False,
+        deterministic=True,
+        configs={"dots": SMALL_BLOCKS, "segment": SMALL_SEGMENT},
+    )
     assert _rel(grad_table, ref_table) < 1e-5 and _rel(grad_scores, ref_scores) < 1e-5
 
 
@@ -220,8 +259,7 @@ def test_out_of_range_rows_contribute_nothing():
     ref_table, _ = lookup_backward_oracle(grad_out, rows, table, keep)
     for deterministic in (False, True):
         grad_table = torch.zeros(n, d)
-        twl.lookup_table_grad(grad_out, bad, table, scores, grad_table, accumulate=False,
-                              deterministic=deterministic)
+        twl.lookup_table_grad(grad_out, bad, table, scores, grad_table, accumulate=False, deterministic=deterministic)
         assert _rel(grad_table, ref_table) < 1e-5
 
 
@@ -283,12 +321,14 @@ def test_no_tokens_or_entries_launch_no_empty_grid(t, e, launched_grids):
         out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, True, config)
         assert out.shape == (t, dv) and not out.any() and gate.shape == (t, e)
     for det in (False, True):
-        grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores,
-                                                            grad_gate, True, buf_v, buf_p, deterministic=det)
+        grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
+            grad_out, grad_gate, rows, values, pre_values, x, scores, grad_gate, True, buf_v, buf_p, deterministic=det
+        )
         assert grad_scores.shape == (t, e, m) and grad_x.shape == (t, dp) and not grad_x.any()
     staging = GradStaging(4, max(e, 1), m, dv, dp, torch.float32, "cpu")
-    tgl.gate_lookup_backward_cuda(grad_out, None, rows, values, pre_values, x, scores, grad_gate, True, buf_v, buf_p,
-                                  staging=staging)
+    tgl.gate_lookup_backward_cuda(
+        grad_out, None, rows, values, pre_values, x, scores, grad_gate, True, buf_v, buf_p, staging=staging
+    )
     lookup_staging = GradStaging(4, max(e, 1), m, dv, 0, torch.float32, "cpu")
     assert tgl.staged_lookup_backward_cuda(grad_out, rows, values, scores, buf_v, lookup_staging).shape == (t, e, m)
     gate_staging = GradStaging(4, max(e, 1), 1, 0, dp, torch.float32, "cpu")
@@ -309,7 +349,11 @@ def test_accumulate_launchers_refuse_bad_rows_before_writing():
     rows = _rows(t, e, n, g, torch.int64)
     rows[1, 2] = n
     table, x = _rand((n, d), g, torch.float32), _rand((t, d), g, torch.float32)
-    scores, grad_out, grad_gate = _rand((t, e, 2), g, torch.float32), _rand((t, d), g, torch.float32), _rand((t, e), g, torch.float32)
+    scores, grad_out, grad_gate = (
+        _rand((t, e, 2), g, torch.float32),
+        _rand((t, d), g, torch.float32),
+        _rand((t, e), g, torch.float32),
+    )
     buf = torch.zeros(n, d)
     match = rf"^ultramem::weighted_lookup_backward_accumulate: rows has values in \[0, {n}\], outside the valid range"
     with pytest.raises(ValueError, match=match):
@@ -368,8 +412,9 @@ def test_gate_backward(case, deterministic):
     configs = {"fwd": blocks, "bwd": blocks, "segment": SMALL_SEGMENT if blocks else None}
     start = _rand((n, d), g, acc)
     buf = start.clone()
-    grad_x = tpg.gate_table_grad(grad_gate, rows, table, x, buf, accumulate=True, deterministic=deterministic,
-                                 configs=configs)
+    grad_x = tpg.gate_table_grad(
+        grad_gate, rows, table, x, buf, accumulate=True, deterministic=deterministic, configs=configs
+    )
     assert grad_x.dtype == dtype
     assert _rel(buf, start.double() + ref_table) < _tol(dtype)
     assert _rel(grad_x, ref_x) < _tol(dtype)
@@ -391,8 +436,18 @@ FUSED_CASES = [
     (6, 5, 23, 40, 24, 2, True, torch.float32, torch.int64, CHUNKS),
     (6, 5, 23, 40, 24, 2, True, torch.float32, torch.int32, {**CHUNKS, "GROUP_CHUNKS": 1, "HOIST_V": 3}),
     (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, {**CHUNKS, "HOIST_V": 1}),
-    (3, 12, 9, 48, 40, 4, True, torch.float16, torch.int32, {**CHUNKS, "BLOCK_DP": 16, "GROUP_CHUNKS": 2,
-                                                             "HOIST_V": 1}),
+    (
+        3,
+        12,
+        9,
+        48,
+        40,
+        4,
+        True,
+        torch.float16,
+        torch.int32,
+        {**CHUNKS, "BLOCK_DP": 16, "GROUP_CHUNKS": 2, "HOIST_V": 1},
+    ),
     (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**CHUNKS, "EVICT_FIRST": False}),
     (3, 1, 5, 8, 8, 1, True, torch.float32, torch.int64, CHUNKS),
     (2, 200, 300, 24, 16, 2, True, torch.float32, torch.int64, CHUNKS),  # 256 x 16 > CHUNK_TILE: 8 columns
@@ -407,9 +462,15 @@ def test_gate_lookup_config_must_name_its_kernel():
     g = _gen(3)
     rows = _rows(2, 3, 10, g, torch.int64)
     with pytest.raises(ValueError, match="D_CHUNKS"):
-        tgl.gate_lookup_cuda(rows, _rand((10, 8), g, torch.float32), _rand((10, 8), g, torch.float32),
-                             _rand((2, 8), g, torch.float32), _rand((2, 3, 2), g, torch.float32), True,
-                             {"BLOCK_D": 8})
+        tgl.gate_lookup_cuda(
+            rows,
+            _rand((10, 8), g, torch.float32),
+            _rand((10, 8), g, torch.float32),
+            _rand((2, 8), g, torch.float32),
+            _rand((2, 3, 2), g, torch.float32),
+            True,
+            {"BLOCK_D": 8},
+        )
 
 
 @needs_interpreter
@@ -421,8 +482,14 @@ def test_gate_lookup_default_kernel_by_shape(monkeypatch):
         picked.clear()
         g = _gen(e + dv)
         rows = _rows(2, e, 50, g, torch.int64)
-        tgl.gate_lookup_cuda(rows, _rand((50, dv), g, torch.float32), _rand((50, 8), g, torch.float32),
-                             _rand((2, 8), g, torch.float32), _rand((2, e, 2), g, torch.float32), True)
+        tgl.gate_lookup_cuda(
+            rows,
+            _rand((50, dv), g, torch.float32),
+            _rand((50, 8), g, torch.float32),
+            _rand((2, 8), g, torch.float32),
+            _rand((2, e, 2), g, torch.float32),
+            True,
+        )
         assert (picked == ["chunks"]) == tgl._use_chunks(e, dv, 8) == (e <= 32 or (dv > 256 and e <= 128))
 
 
@@ -474,8 +541,15 @@ def test_gate_lookup_chunks_mixed_dtypes_and_layouts():
     values, pre_values = _rand((n, dv), g, torch.bfloat16), _rand((n, dp), g, torch.bfloat16)
     x, scores = _rand((t, dp), g, torch.float32), _rand((t, e, m), g, torch.float32)
     ref_out, ref_gate = gate_lookup_oracle(rows, values, pre_values, x, scores, True)
-    out, gate = tgl.gate_lookup_cuda(rows.t().contiguous().t(), _noncontig(values), pre_values, _noncontig(x),
-                                     scores.transpose(1, 2).contiguous().transpose(1, 2), True, CHUNKS)
+    out, gate = tgl.gate_lookup_cuda(
+        rows.t().contiguous().t(),
+        _noncontig(values),
+        pre_values,
+        _noncontig(x),
+        scores.transpose(1, 2).contiguous().transpose(1, 2),
+        True,
+        CHUNKS,
+    )
     assert out.dtype == torch.float32 and gate.dtype == torch.float32
     assert _rel(out, ref_out) < 1e-5 and _rel(gate, ref_gate) < 1e-5
 
@@ -483,8 +557,9 @@ def test_gate_lookup_chunks_mixed_dtypes_and_layouts():
 @needs_interpreter
 def test_gate_lookup_chunks_no_entries():
     rows = torch.zeros(3, 0, dtype=torch.int64)
-    out, gate = tgl.gate_lookup_cuda(rows, torch.randn(5, 8), torch.randn(5, 4), torch.randn(3, 4),
-                                     torch.zeros(3, 0, 2), True, CHUNKS)
+    out, gate = tgl.gate_lookup_cuda(
+        rows, torch.randn(5, 8), torch.randn(5, 4), torch.randn(3, 4), torch.zeros(3, 0, 2), True, CHUNKS
+    )
     assert out.shape == (3, 8) and (out == 0).all() and gate.shape == (3, 0)
 
 
@@ -497,8 +572,19 @@ FUSED_BWD_CASES = [
     (3, 5, 11, 32, 24, 4, True, torch.float16, torch.int64, True, None),
     (6, 3, 8, 16, 8, 1, True, torch.float32, torch.int32, True, {"BLOCK_D": 8, "GROUP_CHUNKS": 1}),
     # sorted path: two positions per segment program, split columns
-    (5, 4, 7, 24, 16, 3, True, torch.float32, torch.int32, False,
-     {"segment": {"BLOCK_J": 2, "BLOCK_D": 8, "num_warps": 1}}),
+    (
+        5,
+        4,
+        7,
+        24,
+        16,
+        3,
+        True,
+        torch.float32,
+        torch.int32,
+        False,
+        {"segment": {"BLOCK_J": 2, "BLOCK_D": 8, "num_warps": 1}},
+    ),
 ]
 
 
@@ -518,8 +604,9 @@ def test_gate_lookup_backward(case, deterministic):
     grad_gate = _rand((t, e), g, dtype) if with_grad_gate else None
     start_v, start_p = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
     buf_v, buf_p = start_v.clone(), start_p.clone()
-    grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores,
-                                                        gate, gelu, buf_v, buf_p, config, deterministic)
+    grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, buf_v, buf_p, config, deterministic
+    )
     want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu)
     assert grad_scores.dtype == dtype and grad_x.dtype == dtype
     assert _rel(buf_v - start_v, want[0]) < _tol(dtype)
@@ -539,19 +626,36 @@ def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(mode):
     bad = rows.clone()
     bad[0, 0], bad[2, 4] = n, -1
     values, pre_values = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
-    x, scores, gate = _rand((t, dp), g, torch.float32), _rand((t, e, m), g, torch.float32), _rand((t, e), g, torch.float32)
+    x, scores, gate = (
+        _rand((t, dp), g, torch.float32),
+        _rand((t, e, m), g, torch.float32),
+        _rand((t, e), g, torch.float32),
+    )
     grad_out, grad_gate = _rand((t, dv), g, torch.float32), _rand((t, e), g, torch.float32)
     keep_scores, keep_gate, keep_grad_gate = scores.clone(), gate.clone(), grad_gate.clone()
     for ti, ei in ((0, 0), (2, 4)):
         keep_scores[ti, ei] = keep_gate[ti, ei] = keep_grad_gate[ti, ei] = 0
         scores[ti, ei] = gate[ti, ei] = float("inf")  # not even a bad score may leak in
-    want = gate_lookup_backward_oracle(grad_out, keep_grad_gate, rows, values, pre_values, x, keep_scores, keep_gate,
-                                       True)
+    want = gate_lookup_backward_oracle(
+        grad_out, keep_grad_gate, rows, values, pre_values, x, keep_scores, keep_gate, True
+    )
     buf_v, buf_p = torch.zeros(n, dv), torch.zeros(n, dp)
     staging = GradStaging(t, e, m, dv, dp, torch.float32, "cpu") if mode == "staged" else None
-    grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, bad, values, pre_values, x, scores, gate,
-                                                        True, buf_v, buf_p, deterministic=mode == "deterministic",
-                                                        staging=staging)
+    grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
+        grad_out,
+        grad_gate,
+        bad,
+        values,
+        pre_values,
+        x,
+        scores,
+        gate,
+        True,
+        buf_v,
+        buf_p,
+        deterministic=mode == "deterministic",
+        staging=staging,
+    )
     if staging is not None:  # the bad ids are staged as they are; the flush skips them
         assert staging.flush(buf_v, buf_p, kernels=True) == t
     assert _rel(buf_v, want[0]) < 1e-5 and _rel(buf_p, want[1]) < 1e-5 and _rel(grad_x, want[2]) < 1e-5
@@ -563,16 +667,34 @@ def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(mode):
 @needs_interpreter
 def test_gate_lookup_backward_no_entries():
     grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
-        torch.randn(3, 8), None, torch.zeros(3, 0, dtype=torch.int64), torch.randn(5, 8), torch.randn(5, 4),
-        torch.randn(3, 4), torch.zeros(3, 0, 2), torch.zeros(3, 0), True, torch.zeros(5, 8), torch.zeros(5, 4))
+        torch.randn(3, 8),
+        None,
+        torch.zeros(3, 0, dtype=torch.int64),
+        torch.randn(5, 8),
+        torch.randn(5, 4),
+        torch.randn(3, 4),
+        torch.zeros(3, 0, 2),
+        torch.zeros(3, 0),
+        True,
+        torch.zeros(5, 8),
+        torch.zeros(5, 4),
+    )
     assert grad_scores.shape == (3, 0, 2) and grad_x.shape == (3, 4) and (grad_x == 0).all()
 
 
 # ----------------------------------------------------------------------------- staged table gradients
 
+
 @needs_interpreter
-@pytest.mark.parametrize("case", [(37, 5, 11, 24, 2, torch.float32, 16, 8, 1), (20, 7, 200, 16, 1, torch.float32, 8, 16, 1),
-                                  (30, 4, 3, 32, 4, torch.float16, 64, 8, 3), (25, 3, 17, 40, 2, torch.float32, 8, 16, 2)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (37, 5, 11, 24, 2, torch.float32, 16, 8, 1),
+        (20, 7, 200, 16, 1, torch.float32, 8, 16, 1),
+        (30, 4, 3, 32, 4, torch.float16, 64, 8, 3),
+        (25, 3, 17, 40, 2, torch.float32, 8, 16, 2),
+    ],
+)
 def test_sorted_block_add(case):
     """grad_table[row] += Σ scores · g[token] over row-sorted blocks (runs crossing blocks, a
     few hot rows, ids out of range skipped, several column chunks per program, one past the
@@ -590,17 +712,30 @@ def test_sorted_block_add(case):
         for ei in range(e):
             r = int(rows[ti, ei])
             if 0 <= r < n:
-                want[r] += (s3[ti, ei].repeat_interleave(d // m) * src[ti].double())
+                want[r] += s3[ti, ei].repeat_interleave(d // m) * src[ti].double()
     buf = start.clone()
     # programs looping over blocks (3 under the interpreter), and one program per block (chunks 2)
-    config = {"BLOCK_J": bj, "BLOCK_D": bd, "CHUNKS": chunks, "num_warps": 1, "PROGRAMS_PER_SM": 0 if chunks == 2 else 1}
+    config = {
+        "BLOCK_J": bj,
+        "BLOCK_D": bd,
+        "CHUNKS": chunks,
+        "num_warps": 1,
+        "PROGRAMS_PER_SM": 0 if chunks == 2 else 1,
+    }
     twl.sorted_block_add(rows, src, scores, buf, torch.float32, config=config)
     assert _rel(buf - start, want - start.double()) < _tol(dtype)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("case", [(torch.float32, 5, 24, 16, 2, True), (torch.float16, 5, 24, 16, 2, True),
-                                  (torch.float32, 7, 16, 8, 1, False), (torch.float32, 3, 24, 40, 3, True)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (torch.float32, 5, 24, 16, 2, True),
+        (torch.float16, 5, 24, 16, 2, True),
+        (torch.float32, 7, 16, 8, 1, False),
+        (torch.float32, 3, 24, 40, 3, True),
+    ],
+)
 def test_gate_lookup_backward_staged_then_flushed(case):
     """Three backwards into a staging area with room for two: the first two are staged (no
     table writes), the third adds with atomics; after the flush (sort + block adds) both
@@ -623,13 +758,14 @@ def test_gate_lookup_backward_staged_then_flushed(case):
         want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu)
         want_v += want[0]
         want_p += want[1]
-        grad_scores, grad_x = tgl.gate_lookup_backward_cuda(grad_out, grad_gate, rows, values, pre_values, x, scores,
-                                                            gate, gelu, buf_v, buf_p, CHUNKS, staging=staging)
+        grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
+            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, buf_v, buf_p, CHUNKS, staging=staging
+        )
         assert _rel(grad_x, want[2]) < _tol(dtype) and _rel(grad_scores, want[3]) < _tol(dtype)
         assert staging.staged_tokens() == min(call + 1, 2) * t
         if call < 2:  # staged: the buffers are untouched so far
             assert torch.equal(buf_v, start_v) and torch.equal(buf_p, start_p)
-            assert torch.equal(staging.rows[call * t:(call + 1) * t], rows.to(torch.int32))
+            assert torch.equal(staging.rows[call * t : (call + 1) * t], rows.to(torch.int32))
     assert _rel(buf_v - start_v, want[0]) < _tol(dtype)  # the third call's atomics
     # without waiting for the fill level: the whole area is sorted, the stale slot past the
     # fill is skipped on the device
@@ -683,11 +819,15 @@ def test_one_table_backward_staged_then_flushed(op, case):
         assert grad.dtype == dtype
         assert staging.staged_tokens() == min(call + 1, 2) * t
         if call < 2:
-            assert torch.equal(buf, start) and torch.equal(staging.rows[call * t:(call + 1) * t], rows.to(torch.int32))
+            assert torch.equal(buf, start) and torch.equal(
+                staging.rows[call * t : (call + 1) * t], rows.to(torch.int32)
+            )
     assert _rel(buf - start, want[0]) < _tol(dtype)  # the third call's atomics
     staging.rows[2 * t] = 0  # a stale slot past the fill level: skipped
     (staging.eff if op == "lookup" else staging.grad_g)[2 * t] = 1e6
-    assert staging.flush(buf if op == "lookup" else None, None if op == "lookup" else buf, kernels=True,
-                         wait=False) is None
+    assert (
+        staging.flush(buf if op == "lookup" else None, None if op == "lookup" else buf, kernels=True, wait=False)
+        is None
+    )
     assert staging.staged_tokens() == 0
     assert _rel(buf - start, want_table) < _tol(dtype)

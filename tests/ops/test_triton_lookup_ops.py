@@ -1,11 +1,12 @@
 """The ops added with the lookup kernels, on CPU: ultramem::gate_lookup (fused gate + lookup), the
 accumulate-style backwards, and the deterministic-mode flag. Oracles are explicit loops in float64."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from op_oracles import gate_lookup_oracle, lookup_backward_oracle
+
 from ultramem.ops import determinism
 from ultramem.ops.gate_lookup import gate_lookup
 from ultramem.ops.table_grad import pre_value_gate_backward_accumulate, weighted_lookup_backward_accumulate
@@ -43,8 +44,14 @@ def test_gate_lookup_matches_oracle(gelu, cores, index_dtype):
 def test_gate_lookup_bf16_returns_input_dtypes():
     g = _gen(1)
     rows = _rows(4, 3, 6, g)
-    out, gate = gate_lookup(rows, _rand((6, 8), g, torch.bfloat16), _rand((6, 4), g, torch.bfloat16),
-                            _rand((4, 4), g, torch.float32), _rand((4, 3, 2), g, torch.bfloat16), True)
+    out, gate = gate_lookup(
+        rows,
+        _rand((6, 8), g, torch.bfloat16),
+        _rand((6, 4), g, torch.bfloat16),
+        _rand((4, 4), g, torch.float32),
+        _rand((4, 3, 2), g, torch.bfloat16),
+        True,
+    )
     assert out.dtype == torch.bfloat16 and gate.dtype == torch.float32
 
 
@@ -53,8 +60,12 @@ def test_gate_lookup_gradcheck(gelu):
     g = _gen(2 + gelu)
     t, e, n, dv, dp, m = 3, 3, 5, 4, 3, 2
     rows = _rows(t, e, n, g)
-    args = (_rand((n, dv), g, requires_grad=True), _rand((n, dp), g, requires_grad=True),
-            _rand((t, dp), g, requires_grad=True), _rand((t, e, m), g, requires_grad=True))
+    args = (
+        _rand((n, dv), g, requires_grad=True),
+        _rand((n, dp), g, requires_grad=True),
+        _rand((t, dp), g, requires_grad=True),
+        _rand((t, e, m), g, requires_grad=True),
+    )
 
     def both_outputs(values, pre_values, x, scores):
         out, gate = gate_lookup(rows, values, pre_values, x, scores, gelu)
@@ -66,8 +77,14 @@ def test_gate_lookup_gradcheck(gelu):
 def test_gate_lookup_opcheck():
     g = _gen(4)
     t, e, n = 4, 3, 6
-    args = (_rows(t, e, n, g), _rand((n, 6), g, torch.float32, True), _rand((n, 5), g, torch.float32, True),
-            _rand((t, 5), g, torch.float32, True), _rand((t, e, 2), g, torch.float32, True), True)
+    args = (
+        _rows(t, e, n, g),
+        _rand((n, 6), g, torch.float32, True),
+        _rand((n, 5), g, torch.float32, True),
+        _rand((t, 5), g, torch.float32, True),
+        _rand((t, e, 2), g, torch.float32, True),
+        True,
+    )
     torch.library.opcheck(torch.ops.ultramem.gate_lookup.default, args)
 
 
@@ -75,6 +92,7 @@ def test_gate_lookup_grad_buffers_accumulate_what_autograd_returns():
     """With buffer ids the table gradients are added into the registered buffers (twice: two
     micro-batches) and the op returns none for the tables; x and scores get the same gradients."""
     from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer  # noqa: PLC0415
+
     g = _gen(6)
     t, e, n, dv, dp, m = 4, 3, 6, 6, 5, 2
     rows = _rows(t, e, n, g)
@@ -84,8 +102,9 @@ def test_gate_lookup_grad_buffers_accumulate_what_autograd_returns():
 
     def backward(ids):
         out, gate = gate_lookup(rows, values, pre_values, x, scores, True, *ids)
-        return torch.autograd.grad((out * grad_out).sum() + (gate * grad_gate).sum(), (values, pre_values, x, scores),
-                                   allow_unused=True)
+        return torch.autograd.grad(
+            (out * grad_out).sum() + (gate * grad_gate).sum(), (values, pre_values, x, scores), allow_unused=True
+        )
 
     dense = backward((-1, -1))
     bufs = torch.zeros(n, dv, dtype=torch.float64), torch.zeros(n, dp, dtype=torch.float64)
@@ -98,8 +117,9 @@ def test_gate_lookup_grad_buffers_accumulate_what_autograd_returns():
             torch.testing.assert_close(got[3], dense[3], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(bufs[0], step * dense[0], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(bufs[1], step * dense[1], rtol=1e-12, atol=1e-12)
-        torch.library.opcheck(torch.ops.ultramem.gate_lookup.default,
-                              (rows, values.detach(), pre_values.detach(), x, scores, False, *ids))
+        torch.library.opcheck(
+            torch.ops.ultramem.gate_lookup.default, (rows, values.detach(), pre_values.detach(), x, scores, False, *ids)
+        )
         with pytest.raises(ValueError, match="grad_table shape"):  # the forward checks the ids, not only the backward
             gate_lookup(rows, values, pre_values, x, scores, True, ids[1], ids[0])
     finally:
@@ -112,8 +132,10 @@ def test_gate_lookup_backward_into_matches_the_loops(with_grad_gate):
     """The backward op the layer's training path uses (both tables into buffers): opcheck, and the
     buffers and outputs against the float64 loops."""
     from op_oracles import gate_lookup_backward_oracle  # noqa: PLC0415
+
     from ultramem.ops.gate_lookup import gate_lookup_backward_into  # noqa: PLC0415
     from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer  # noqa: PLC0415
+
     g = _gen(8)
     t, e, n, dv, dp, m = 4, 3, 6, 6, 5, 3
     rows = _rows(t, e, n, g, torch.int32)
@@ -146,6 +168,7 @@ def test_buffers_filled_under_compile_when_only_tables_need_grad(backend):
     scores need no gradient (a frozen network around the tables): compiled graphs must still run them."""
     from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer  # noqa: PLC0415
     from ultramem.ops.weighted_lookup import weighted_lookup  # noqa: PLC0415
+
     g = _gen(12)
     t, e, n, dv, dp, m = 4, 3, 6, 6, 5, 2
     rows = _rows(t, e, n, g)
@@ -177,6 +200,7 @@ def test_compiled_function_takes_new_buffer_ids():
     """A compiled function called again with the ids of freshly registered buffers (a new model in
     the same process): Dynamo retraces with the ids as symbolic ints; every round fills its buffers."""
     from ultramem.ops.table_grad import register_grad_buffer, release_grad_buffer  # noqa: PLC0415
+
     g = _gen(13)
     t, e, n, dv, dp, m = 4, 3, 6, 6, 5, 2
     rows = _rows(t, e, n, g)
@@ -206,8 +230,12 @@ def test_gate_lookup_compiles_fullgraph():
     g = _gen(5)
     t, e, n = 4, 3, 6
     rows = _rows(t, e, n, g)
-    base = [_rand((n, 6), g, torch.float32), _rand((n, 5), g, torch.float32), _rand((t, 5), g, torch.float32),
-            _rand((t, e, 2), g, torch.float32)]
+    base = [
+        _rand((n, 6), g, torch.float32),
+        _rand((n, 5), g, torch.float32),
+        _rand((t, 5), g, torch.float32),
+        _rand((t, e, 2), g, torch.float32),
+    ]
 
     def loss(values, pre_values, x, scores):
         out, gate = gate_lookup(rows, values, pre_values, x, scores, True)
@@ -235,6 +263,7 @@ def test_gate_lookup_bad_inputs_name_the_argument():
 
 
 # ----------------------------------------------------------------------------- accumulate ops
+
 
 def test_weighted_lookup_backward_accumulate_adds_into_buffer():
     g = _gen(6)
@@ -269,15 +298,18 @@ def test_accumulate_ops_opcheck_and_buffer_checks():
     g = _gen(8)
     t, e, n, d = 4, 3, 5, 6
     rows, table = _rows(t, e, n, g), _rand((n, d), g, torch.bfloat16)
-    torch.library.opcheck(torch.ops.ultramem.weighted_lookup_backward_accumulate.default,
-                          (torch.zeros(n, d), _rand((t, d), g, torch.float32), rows, table,
-                           _rand((t, e, 2), g, torch.float32)))
-    torch.library.opcheck(torch.ops.ultramem.pre_value_gate_backward_accumulate.default,
-                          (torch.zeros(n, d), _rand((t, e), g, torch.float32), rows, table,
-                           _rand((t, d), g, torch.float32)))
+    torch.library.opcheck(
+        torch.ops.ultramem.weighted_lookup_backward_accumulate.default,
+        (torch.zeros(n, d), _rand((t, d), g, torch.float32), rows, table, _rand((t, e, 2), g, torch.float32)),
+    )
+    torch.library.opcheck(
+        torch.ops.ultramem.pre_value_gate_backward_accumulate.default,
+        (torch.zeros(n, d), _rand((t, e), g, torch.float32), rows, table, _rand((t, d), g, torch.float32)),
+    )
     with pytest.raises(ValueError, match="grad_table must be float32 or float64"):
-        weighted_lookup_backward_accumulate(torch.zeros(n, d, dtype=torch.bfloat16), torch.zeros(t, d), rows,
-                                            table, torch.zeros(t, e, 2))
+        weighted_lookup_backward_accumulate(
+            torch.zeros(n, d, dtype=torch.bfloat16), torch.zeros(t, d), rows, table, torch.zeros(t, e, 2)
+        )
     with pytest.raises(ValueError, match="grad_table shape"):
         pre_value_gate_backward_accumulate(torch.zeros(n + 1, d), torch.zeros(t, e), rows, table, torch.zeros(t, d))
 

@@ -5,21 +5,23 @@ The kernel tests need TRITON_INTERPRET=1 before Triton is imported, so they are 
 normal run and executed by `test_kernels_under_interpreter`, which re-runs this file in a
 subprocess with the variable set.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-import subproc
 import sys
 from pathlib import Path
 
 import pytest
+import subproc
 import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton")
 
 from op_oracles import retrieval_selection_oracle  # noqa: E402
+
 from ultramem.ops import retrieval as ref_mod  # noqa: E402
 from ultramem.ops._triton import retrieval as tri  # noqa: E402
 
@@ -35,18 +37,22 @@ def test_cuda_kernels_registered():
 def test_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parents[2]
-    proc = subproc.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-x", "-q",
-                        "-p", "no:cacheprovider"], timeout=900, cwd=root, env=env)
+    proc = subproc.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-x", "-q", "-p", "no:cacheprovider"],
+        timeout=900,
+        cwd=root,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- float64 oracles (explicit loops)
 
+
 def pair_scores64(a, b, cores, ti, hi, vid):
     n_col = b.shape[2]
     i, j = vid // n_col, vid % n_col
-    return [float(a[ti, hi, i].double() @ cores[hi, m].double() @ b[ti, hi, j].double())
-            for m in range(cores.shape[1])]
+    return [float(a[ti, hi, i].double() @ cores[hi, m].double() @ b[ti, hi, j].double()) for m in range(cores.shape[1])]
 
 
 def assert_selection(ids, scores, a, b, cores, u, v, knn, tol, exact_ids=False):
@@ -113,14 +119,18 @@ def _inputs(seed, t, h, n_row, n_col, r, m, dtype=torch.float32):
 
 # ---------------------------------------------------------------- forward
 
+
 @interpreted_only
-@pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn", [
-    (0, 3, 2, 37, 50, 2, 2, 5),
-    (1, 2, 1, 100, 70, 3, 1, 16),
-    (2, 2, 2, 33, 20, 1, 4, 1),
-    (3, 2, 1, 19, 23, 2, 3, 19),   # every row kept
-    (4, 1, 1, 40, 300, 4, 2, 33),  # k just above a power of 2
-])
+@pytest.mark.parametrize(
+    "seed,t,h,n_row,n_col,r,m,knn",
+    [
+        (0, 3, 2, 37, 50, 2, 2, 5),
+        (1, 2, 1, 100, 70, 3, 1, 16),
+        (2, 2, 2, 33, 20, 1, 4, 1),
+        (3, 2, 1, 19, 23, 2, 3, 19),  # every row kept
+        (4, 1, 1, 40, 300, 4, 2, 33),  # k just above a power of 2
+    ],
+)
 def test_forward_fp32_matches_oracle(seed, t, h, n_row, n_col, r, m, knn):
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m)
     ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, knn)
@@ -160,8 +170,8 @@ def test_forward_all_scores_equal(grid_tile):
 @interpreted_only
 def test_forward_strided_inputs():
     a, b, cores, u, v = _inputs(7, 3, 2, 41, 29, 2, 2)
-    a_t = a.transpose(0, 1).contiguous().transpose(0, 1)           # token stride != H·n·r
-    b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]     # rank stride 1, key stride 4
+    a_t = a.transpose(0, 1).contiguous().transpose(0, 1)  # token stride != H·n·r
+    b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]  # rank stride 1, key stride 4
     c_t = cores.transpose(2, 3).contiguous().transpose(2, 3)
     u_s = torch.stack([u, u], dim=-1).flatten(-2)[:, ::2]
     ids, scores = tri.tdqkr_retrieval_cuda(a_t, b_s, c_t, u_s, v, 6)
@@ -173,8 +183,12 @@ def _integer_grid_inputs(seed, t, n, span):
     """Grid totals A[i,0]·B[j,0] with A, B integers in [-span, span] (many exact ties at the k-th),
     coarse scores made distinct by a small second rank component."""
     g = torch.Generator().manual_seed(seed)
-    a, b = (torch.stack([torch.randint(-span, span + 1, (t, 1, n), generator=g).float(),
-                         torch.rand(t, 1, n, generator=g)], -1) for _ in range(2))
+    a, b = (
+        torch.stack(
+            [torch.randint(-span, span + 1, (t, 1, n), generator=g).float(), torch.rand(t, 1, n, generator=g)], -1
+        )
+        for _ in range(2)
+    )
     cores = torch.zeros(1, 1, 2, 2)
     cores[0, 0, 0, 0] = 1.0
     return a, b, cores, torch.tensor([[1.0, 1e-3]])
@@ -247,9 +261,10 @@ def test_forward_rejects_bad_arguments():
 
 # ---------------------------------------------------------------- backward
 
+
 def _kept_ids_with_duplicates(a, b, cores, u, v, knn, dtype):
     ids, _ = ref_mod.tdqkr_retrieval(a, b, cores, u, v, knn)
-    ids[0, 0, 1] = ids[0, 0, 0]               # the same pair twice
+    ids[0, 0, 1] = ids[0, 0, 0]  # the same pair twice
     n_col = b.shape[2]
     ids[-1, -1, -1] = (ids[-1, -1, 0] // n_col) * n_col + (n_col - 1)  # a row shared, a new column
     return ids.to(dtype)
@@ -258,11 +273,14 @@ def _kept_ids_with_duplicates(a, b, cores, u, v, knn, dtype):
 @interpreted_only
 @pytest.mark.parametrize("variant", tri.BWD_VARIANTS)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
-    (20, 3, 2, 37, 50, 2, 2, 5, torch.float32),
-    (21, 2, 1, 45, 50, 3, 3, 40, torch.float32),  # entries deduplicated over chunks (2 of 32)
-    (22, 2, 2, 16, 12, 1, 1, 2, torch.float16),
-])
+@pytest.mark.parametrize(
+    "seed,t,h,n_row,n_col,r,m,knn,dtype",
+    [
+        (20, 3, 2, 37, 50, 2, 2, 5, torch.float32),
+        (21, 2, 1, 45, 50, 3, 3, 40, torch.float32),  # entries deduplicated over chunks (2 of 32)
+        (22, 2, 2, 16, 12, 1, 1, 2, torch.float16),
+    ],
+)
 def test_backward_matches_oracle(variant, index_dtype, seed, t, h, n_row, n_col, r, m, knn, dtype):
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
     ids = _kept_ids_with_duplicates(a.float(), b.float(), cores, u, v, knn, index_dtype)
@@ -294,7 +312,7 @@ def test_backward_strided_grad():
 def test_backward_skips_out_of_range_ids():
     a, b, cores, u, v = _inputs(24, 2, 1, 10, 8, 2, 2)
     ids = _kept_ids_with_duplicates(a, b, cores, u, v, 4, torch.int64)
-    ids[0, 0, 2] = 80   # one past the end
+    ids[0, 0, 2] = 80  # one past the end
     ids[1, 0, 0] = -3
     grad = torch.randn(2, 1, 4, 2)
     with pytest.raises(ValueError, match="ids"):  # CPU tensors are always range-checked
@@ -326,14 +344,18 @@ def test_padded_keys_equal_the_real_keys_alone(dtype):
 
 # ---------------------------------------------------------------- forward: block layouts, launch settings
 
+
 @interpreted_only
-@pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,dtype", [
-    (30, 2, 2, 37, 130, 2, 2, 7, torch.float32),      # 37: one partial block; 130: 128 + a remainder
-    (31, 1, 1, 1138, 1138, 2, 2, 32, torch.float32),  # the PERF shape: 1024 + 128 keys (16 + 2 rows of 64)
-    (32, 2, 1, 130, 37, 3, 1, 1, torch.float16),
-    (33, 1, 2, 1138, 130, 1, 2, 32, torch.float16),
-    (34, 2, 1, 300, 37, 2, 3, 37, torch.float32),      # k = n on one side (every key kept)
-])
+@pytest.mark.parametrize(
+    "seed,t,h,n_row,n_col,r,m,knn,dtype",
+    [
+        (30, 2, 2, 37, 130, 2, 2, 7, torch.float32),  # 37: one partial block; 130: 128 + a remainder
+        (31, 1, 1, 1138, 1138, 2, 2, 32, torch.float32),  # the PERF shape: 1024 + 128 keys (16 + 2 rows of 64)
+        (32, 2, 1, 130, 37, 3, 1, 1, torch.float16),
+        (33, 1, 2, 1138, 130, 1, 2, 32, torch.float16),
+        (34, 2, 1, 300, 37, 2, 3, 37, torch.float32),  # k = n on one side (every key kept)
+    ],
+)
 def test_forward_block_layouts_match_oracle(seed, t, h, n_row, n_col, r, m, knn, dtype):
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
     ids, scores = tri.launch_forward(a, b, cores, u, v, knn)
@@ -350,11 +372,11 @@ def test_coarse_layout_and_group_start():
     assert tri._coarse_layout(37, 64) == dict(p1=1, p2=1, has_rem=False, mask1=True, mask2=False)
     assert tri._coarse_layout(300, 64) == dict(p1=4, p2=1, has_rem=True, mask1=False, mask2=True)  # 256 + 44
     # group-maximum start: more than k groups of threads, each thread with a real key
-    assert tri._group_threads(32, 64, True) == 1    # 64 groups of 1 thread
-    assert tri._group_threads(16, 64, True) == 2    # 32 groups of 2
-    assert tri._group_threads(1, 128, True) == 64   # 2 groups
-    assert tri._group_threads(64, 64, True) == 0    # 128 groups do not fit in 64 threads
-    assert tri._group_threads(7, 64, False) == 0    # fewer keys than threads
+    assert tri._group_threads(32, 64, True) == 1  # 64 groups of 1 thread
+    assert tri._group_threads(16, 64, True) == 2  # 32 groups of 2
+    assert tri._group_threads(1, 128, True) == 64  # 2 groups
+    assert tri._group_threads(64, 64, True) == 0  # 128 groups do not fit in 64 threads
+    assert tri._group_threads(7, 64, False) == 0  # fewer keys than threads
 
 
 @interpreted_only
@@ -407,20 +429,33 @@ def test_forward_all_equal_and_nan_in_remainder_block():
 
 
 @interpreted_only
-@pytest.mark.parametrize("num_warps,knn,n_row,n_col,dtype", [
-    (None, 1, 129, 300, torch.float32),   # 2 warps: 128 + a one-key remainder
-    (1, 32, 1138, 700, torch.float32),     # 32 threads: [32, 32] + [4, 32] blocks
-    (2, 20, 256, 130, torch.float16),      # no remainder, no padding on one side; k < block (grid padding)
-    (4, 32, 1138, 1138, torch.float32),    # 128 threads: [8, 128] + [1, 128]
-    (None, 33, 300, 520, torch.float32),   # 8 warps, [64, 64] grid in registers
-    (None, 100, 250, 260, torch.float32),  # tiled grid
-    (None, 256, 256, 300, torch.float32),  # k = n on one side, tiled grid
-])
+@pytest.mark.parametrize(
+    "num_warps,knn,n_row,n_col,dtype",
+    [
+        (None, 1, 129, 300, torch.float32),  # 2 warps: 128 + a one-key remainder
+        (1, 32, 1138, 700, torch.float32),  # 32 threads: [32, 32] + [4, 32] blocks
+        (2, 20, 256, 130, torch.float16),  # no remainder, no padding on one side; k < block (grid padding)
+        (4, 32, 1138, 1138, torch.float32),  # 128 threads: [8, 128] + [1, 128]
+        (None, 33, 300, 520, torch.float32),  # 8 warps, [64, 64] grid in registers
+        (None, 100, 250, 260, torch.float32),  # tiled grid
+        (None, 256, 256, 300, torch.float32),  # k = n on one side, tiled grid
+    ],
+)
 def test_forward_launch_settings_match_oracle(num_warps, knn, n_row, n_col, dtype):
     a, b, cores, u, v = _inputs(38 + knn, 2 if knn < 100 else 1, 1, n_row, n_col, 2, 2, dtype)
     ids, scores = tri.launch_forward(a, b, cores, u, v, knn, num_warps=num_warps)
-    assert_selection(ids, scores, a, b, cores, u, v, knn, tol=1e-5 if dtype == torch.float32 else 2e-2,
-                     exact_ids=dtype == torch.float32)
+    assert_selection(
+        ids,
+        scores,
+        a,
+        b,
+        cores,
+        u,
+        v,
+        knn,
+        tol=1e-5 if dtype == torch.float32 else 2e-2,
+        exact_ids=dtype == torch.float32,
+    )
 
 
 def _first_keys64(x, w, knn):
@@ -465,8 +500,9 @@ def test_forward_infinite_scores_and_strided_keys():
         got_totals = [sum(pair_scores64(a, b, cores, ti, 0, vid)) for vid in got]
         assert got_totals == pytest.approx(best, rel=1e-5, abs=1e-5), ti
         for e, vid in enumerate(got):
-            assert scores[ti, 0, e].double().tolist() == pytest.approx(pair_scores64(a, b, cores, ti, 0, vid),
-                                                                       rel=1e-5, abs=1e-5)
+            assert scores[ti, 0, e].double().tolist() == pytest.approx(
+                pair_scores64(a, b, cores, ti, 0, vid), rel=1e-5, abs=1e-5
+            )
     assert len(poisoned) < 3  # the finite path is exercised too
 
 
@@ -535,6 +571,7 @@ def test_no_tokens_launch_nothing():
 
 # ---------------------------------------------------------------- backward v2: outputs written in full
 
+
 def _poisoned_outputs(kind, a, b):
     """(grad_row, grad_col) views full of NaN, plus the buffers they live in. kind: "fresh"
     (contiguous), "padded" (views into larger buffers: token stride above n·r and storage offsets
@@ -548,7 +585,7 @@ def _poisoned_outputs(kind, a, b):
             view = buf
         elif kind == "padded":
             buf = torch.full((t, h, n * r + 5 + 3), float("nan"), dtype=x.dtype)
-            view = buf[:, :, 3:3 + n * r].unflatten(-1, (n, r))
+            view = buf[:, :, 3 : 3 + n * r].unflatten(-1, (n, r))
         elif kind == "strided":
             buf = torch.full((t, h, n, 2 * r), float("nan"), dtype=x.dtype)
             view = buf[..., ::2]
@@ -561,15 +598,18 @@ def _poisoned_outputs(kind, a, b):
 
 
 @interpreted_only
-@pytest.mark.parametrize("kind,dtype,variant", [
-    ("fresh", torch.bfloat16, "v2"),
-    ("padded", torch.bfloat16, "v2"),
-    ("padded", torch.float32, "v2"),
-    ("strided", torch.float16, "v2"),
-    ("transposed", torch.float32, "v2"),
-    ("padded", torch.bfloat16, "v2-memset"),
-    ("strided", torch.float32, "v2-memset"),
-])
+@pytest.mark.parametrize(
+    "kind,dtype,variant",
+    [
+        ("fresh", torch.bfloat16, "v2"),
+        ("padded", torch.bfloat16, "v2"),
+        ("padded", torch.float32, "v2"),
+        ("strided", torch.float16, "v2"),
+        ("transposed", torch.float32, "v2"),
+        ("padded", torch.bfloat16, "v2-memset"),
+        ("strided", torch.float32, "v2-memset"),
+    ],
+)
 def test_backward_v2_writes_every_element(kind, dtype, variant):
     # n·r of 3·1, 13·3 and 7·3 elements per (token, head) over 6 blocks: the 16-byte-aligned
     # interior, the ragged head and tail and blocks inside one 16-byte group all occur
@@ -604,8 +644,10 @@ def test_backward_v2_large_k_is_bit_reproducible():
     first = tri.launch_backward(grad, a, b, cores, ids)
     for got, exp in zip(first, oracle_backward(grad, a, b, cores, ids)):
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
-    for again in (tri.launch_backward(grad, a, b, cores, ids),
-                  tri.launch_backward(grad, a, b, cores, ids, variant="v2-memset")):
+    for again in (
+        tri.launch_backward(grad, a, b, cores, ids),
+        tri.launch_backward(grad, a, b, cores, ids, variant="v2-memset"),
+    ):
         assert all(torch.equal(x, y) for x, y in zip(first, again))
 
 
@@ -622,6 +664,7 @@ def test_launch_backward_rejects_bad_variant_and_out():
 
 
 # ---------------------------------------------------------------- forward: tiled grid, candidate selection
+
 
 @pytest.fixture
 def bisection_calls(monkeypatch):
@@ -649,12 +692,15 @@ def _same_as_bisection(a, b, cores, u, v, knn, calls, **launch):
 
 
 @interpreted_only
-@pytest.mark.parametrize("seed,t,h,n_row,n_col,r,m,knn,launch", [
-    (50, 2, 2, 60, 45, 2, 2, 9, dict(grid_tile=64)),            # H > 1; 3 row tiles of 4 (block 16)
-    (51, 1, 1, 130, 120, 4, 3, 100, {}),                        # k not a power of 2, rank 4, 3 cores
-    (52, 2, 1, 80, 70, 2, 2, 33, dict(grid_tile=1024)),         # 8 row tiles of 16, 3 of them padding
-    (53, 1, 1, 50, 40, 1, 1, 20, dict(grid_tile=128, cand_tile=32)),  # few slots: floors raised often
-])
+@pytest.mark.parametrize(
+    "seed,t,h,n_row,n_col,r,m,knn,launch",
+    [
+        (50, 2, 2, 60, 45, 2, 2, 9, dict(grid_tile=64)),  # H > 1; 3 row tiles of 4 (block 16)
+        (51, 1, 1, 130, 120, 4, 3, 100, {}),  # k not a power of 2, rank 4, 3 cores
+        (52, 2, 1, 80, 70, 2, 2, 33, dict(grid_tile=1024)),  # 8 row tiles of 16, 3 of them padding
+        (53, 1, 1, 50, 40, 1, 1, 20, dict(grid_tile=128, cand_tile=32)),  # few slots: floors raised often
+    ],
+)
 def test_forward_candidates_match_bisection_and_oracle(bisection_calls, seed, t, h, n_row, n_col, r, m, knn, launch):
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m)
     ids, scores, fallbacks = _same_as_bisection(a, b, cores, u, v, knn, bisection_calls, **launch)
@@ -678,8 +724,9 @@ def test_forward_candidates_all_scores_equal(bisection_calls, cand_tile):
     # 512 slots, selected among the candidates. Both keep the lowest positions: row 0, columns 0..19.
     a, b = torch.ones(2, 1, 100, 2), torch.ones(2, 1, 90, 2)
     cores, u = torch.randn(1, 2, 2, 2), torch.ones(1, 2)
-    ids, scores, fallbacks = _same_as_bisection(a, b, cores, u, u, 20, bisection_calls,
-                                                grid_tile=128, cand_tile=cand_tile)
+    ids, scores, fallbacks = _same_as_bisection(
+        a, b, cores, u, u, 20, bisection_calls, grid_tile=128, cand_tile=cand_tile
+    )
     assert fallbacks == (2 if cand_tile == 32 else 0)
     assert sorted(ids[0, 0].tolist()) == list(range(20)) and sorted(ids[1, 0].tolist()) == list(range(20))
     torch.testing.assert_close(scores, cores[0].sum((1, 2)).expand(2, 1, 20, 2))
@@ -693,8 +740,9 @@ def test_forward_candidates_ties_at_threshold(bisection_calls, cand_tile):
     # and the oracle's totals.
     t, n, knn = 3, 40, 30
     a, b, cores, u = _integer_grid_inputs(55, t, n, 2)
-    ids, scores, fallbacks = _same_as_bisection(a, b, cores, u, u, knn, bisection_calls,
-                                                grid_tile=256, cand_tile=cand_tile)
+    ids, scores, fallbacks = _same_as_bisection(
+        a, b, cores, u, u, knn, bisection_calls, grid_tile=256, cand_tile=cand_tile
+    )
     assert (fallbacks > 0) == (cand_tile == 32)
     want = retrieval_selection_oracle(a, b, cores, u, u, knn)
     for ti in range(t):
@@ -715,10 +763,10 @@ def test_forward_candidates_nan_stays_in_bounds():
 
 
 def test_candidate_slots():
-    assert tri._candidate_slots(128, 128, 32, None) == (128, 512)    # 4 tiles of BLOCK_K slots
-    assert tri._candidate_slots(256, 256, 16, None) == (512, 8192)   # 16 tiles of 2·BLOCK_K slots
+    assert tri._candidate_slots(128, 128, 32, None) == (128, 512)  # 4 tiles of BLOCK_K slots
+    assert tri._candidate_slots(256, 256, 16, None) == (512, 8192)  # 16 tiles of 2·BLOCK_K slots
     assert tri._candidate_slots(100, 128, 32, 256) == (256, 1024)
-    assert tri._candidate_slots(20, 32, 4, None) == (32, 256)        # 5 tiles with a real row
+    assert tri._candidate_slots(20, 32, 4, None) == (32, 256)  # 5 tiles with a real row
     with pytest.raises(ValueError, match="cand_tile=16"):
         tri._candidate_slots(20, 32, 4, 16)
     with pytest.raises(ValueError, match="cand_tile=48"):

@@ -1,14 +1,21 @@
 """The trainer's compiled step, built and measured once per session: compiling it costs tens of
 seconds on a 2-core CPU, and the compile budgets and the compiled-layer timing both use it."""
+
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 import torch
-
-from perf_harness import (CompileRecorder, OpCounter, backward_allocations, build_compiled_trainer, code_names,
-                          optimizer_step_counters, table_bytes)
+from perf_harness import (
+    CompileRecorder,
+    OpCounter,
+    backward_allocations,
+    build_compiled_trainer,
+    code_names,
+    optimizer_step_counters,
+    table_bytes,
+)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ Figures come from torch's own counters and hooks, never from log text:
   dispatches (custom ops, extern GEMMs) without stopping compilation (`ignore_compile_internals`);
 - allocations in the backward: the profiler's memory events (inductor's own buffers included).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,14 +73,18 @@ def call_site() -> str:
 # `_local_scalar_dense` is what .item(), float(t), int(t) and bool(t) dispatch to; the others
 # have an output size that depends on the data.
 _SCALAR_READ = torch.ops.aten._local_scalar_dense.default
-_DATA_DEPENDENT = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
-                   torch.ops.aten._unique2.default, torch.ops.aten.unique_dim.default,
-                   torch.ops.aten.unique_consecutive.default, torch.ops.aten.repeat_interleave.Tensor}
+_DATA_DEPENDENT = {
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_dim.default,
+    torch.ops.aten.unique_consecutive.default,
+    torch.ops.aten.repeat_interleave.Tensor,
+}
 
 
 def _bool_index(func, args) -> bool:
-    return func is torch.ops.aten.index.Tensor and any(
-        i is not None and i.dtype == torch.bool for i in args[1])
+    return func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
 
 
 class OpCounter(TorchDispatchMode):
@@ -155,10 +160,16 @@ def backward_allocations(fn, min_bytes: int) -> tuple[list[int], int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = list(prof.profiler.kineto_results.events())
-    spans = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
-             if e.name().startswith("autograd::engine::evaluate_function")]
-    sizes = [e.nbytes() for e in events if e.name() == "[memory]" and e.nbytes() > 0
-             and any(a <= e.start_ns() <= b for a, b in spans)]
+    spans = [
+        (e.start_ns(), e.start_ns() + e.duration_ns())
+        for e in events
+        if e.name().startswith("autograd::engine::evaluate_function")
+    ]
+    sizes = [
+        e.nbytes()
+        for e in events
+        if e.name() == "[memory]" and e.nbytes() > 0 and any(a <= e.start_ns() <= b for a, b in spans)
+    ]
     assert spans and sizes, "the profiler saw no backward, or no allocation in it"
     return [s for s in sizes if s >= min_bytes], max(sizes)
 
@@ -208,7 +219,7 @@ class CompileRecorder:
         self.graph_breaks = sum(counters["graph_break"].values()) - self._breaks
         self.break_reasons = [r for r in counters["graph_break"]]
         self.unique_graphs = counters["stats"]["unique_graphs"] - self._graphs
-        self.metrics = get_compilation_metrics()[self._metrics:]
+        self.metrics = get_compilation_metrics()[self._metrics :]
         return False
 
     def frames(self, names: dict) -> dict[str, list[str]]:
@@ -220,7 +231,8 @@ class CompileRecorder:
                 continue
             key = (str(pathlib.Path(m.co_filename).resolve()), m.co_firstlineno)
             out.setdefault(names.get(key, f"{pathlib.Path(m.co_filename).name}:{m.co_name}"), []).append(
-                str(m.compile_id))
+                str(m.compile_id)
+            )
         return out
 
     def kernels_by_frame(self, names: dict) -> dict[str, int]:
@@ -228,13 +240,13 @@ class CompileRecorder:
         per_id = Counter()
         for e in self.events:
             per_id[e.compile_id] += e.kernels
-        return {f"{name}[{i}]": per_id[cid] for name, ids in sorted(self.frames(names).items())
-                for i, cid in enumerate(ids)}
+        return {
+            f"{name}[{i}]": per_id[cid] for name, ids in sorted(self.frames(names).items()) for i, cid in enumerate(ids)
+        }
 
     def recompiles(self) -> list[str]:
         """Compile ids of a second or later graph of one code object ('frame/attempt', attempt > 0)."""
-        return sorted({e.compile_id for e in self.events if e.trigger == "DYNAMO"
-                       and not e.compile_id.endswith("/0")})
+        return sorted({e.compile_id for e in self.events if e.trigger == "DYNAMO" and not e.compile_id.endswith("/0")})
 
 
 def code_names(*classes) -> dict:
@@ -253,12 +265,28 @@ def code_names(*classes) -> dict:
 # allocates (the 300 × 32 embedding gradient, 2 × 16 × 300 logits): an allocation of a
 # table's size in the backward can only be a dense table gradient.
 TRAIN_OVERRIDES = [
-    "--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2",
-    "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=32", "--model.memory.kdim=8",
-    "--model.memory.vdim=32", "--model.memory.pre_vdim=16", "--model.memory.knn=2",
-    "--model.memory.calibration_rounds=1", "--model.memory.log_interval=3", "--data.vocab_size=300",
-    "--train.seq_len=16", "--train.batch_size=2", "--train.grad_accum=2", "--train.max_steps=10",
-    "--train.log_interval=1", "--train.compile=true", "--optim.warmup_steps=2", "--metrics.tensorboard=false",
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.ffn_hidden=48",
+    "--model.max_seq_len=16",
+    "--model.memory.knum=32",
+    "--model.memory.kdim=8",
+    "--model.memory.vdim=32",
+    "--model.memory.pre_vdim=16",
+    "--model.memory.knn=2",
+    "--model.memory.calibration_rounds=1",
+    "--model.memory.log_interval=3",
+    "--data.vocab_size=300",
+    "--train.seq_len=16",
+    "--train.batch_size=2",
+    "--train.grad_accum=2",
+    "--train.max_steps=10",
+    "--train.log_interval=1",
+    "--train.compile=true",
+    "--optim.warmup_steps=2",
+    "--metrics.tensorboard=false",
 ]
 
 
@@ -313,9 +341,13 @@ class Ratio:
         return min(self.times_a) / min(self.times_b)
 
     def summary(self) -> dict:
-        return {"ratio": round(self.value, 4), "ratio_of_minima": round(self.of_minima, 4),
-                "a_median_us": round(float(np.median(self.times_a)) * 1e6, 1),
-                "b_median_us": round(float(np.median(self.times_b)) * 1e6, 1), "pairs": len(self.times_a)}
+        return {
+            "ratio": round(self.value, 4),
+            "ratio_of_minima": round(self.of_minima, 4),
+            "a_median_us": round(float(np.median(self.times_a)) * 1e6, 1),
+            "b_median_us": round(float(np.median(self.times_b)) * 1e6, 1),
+            "pairs": len(self.times_a),
+        }
 
 
 class PairTimer:
@@ -395,6 +427,7 @@ class GraphRecorder:
             def compiler(gm, example_inputs):
                 into.append(gm)
                 return make_boxed_func(gm.forward)
+
             return compiler
 
         self._aot = aot_autograd(fw_compiler=keep(self.forward), bw_compiler=keep(self.backward))
@@ -410,8 +443,11 @@ def graph_custom_ops(graphs) -> dict[str, int]:
     for gm in graphs:
         for node in gm.graph.nodes:
             target = node.target
-            if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
-                    and target.namespace == "ultramem":
+            if (
+                node.op == "call_function"
+                and isinstance(target, torch._ops.OpOverload)
+                and target.namespace == "ultramem"
+            ):
                 out[target._opname] += 1
     return dict(sorted(out.items()))
 

@@ -1,13 +1,13 @@
 """The timed pairs behind the ratio budgets: each is (candidate, baseline), both built here at
 small CPU shapes, and measured interleaved by `perf_harness.measure_pairs`. Used by
 test_timing_ratios.py and by ratio_variability.py, so the two always time the same thing."""
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
-
 from perf_harness import Ratio, measure_pairs, no_new_compiles
 
 from ultramem.ops import gate_lookup, register_grad_buffer, release_grad_buffer, tdqkr_retrieval, weighted_lookup
@@ -83,12 +83,18 @@ def op_pairs() -> dict:
         table.grad = None
 
     pairs = {
-        "weighted_lookup_vs_naive": (lambda: weighted_lookup(rows, values, scores),
-                                     lambda: naive_lookup(rows, values, scores)),
-        "gate_lookup_vs_naive": (lambda: gate_lookup(rows, values, pre_values, x, scores, True),
-                                 lambda: naive_gate_lookup(rows, values, pre_values, x, scores)),
-        "tdqkr_retrieval_vs_naive": (lambda: tdqkr_retrieval(a, b, cores, u, v, K),
-                                     lambda: naive_retrieval(a, b, cores, u, v, K)),
+        "weighted_lookup_vs_naive": (
+            lambda: weighted_lookup(rows, values, scores),
+            lambda: naive_lookup(rows, values, scores),
+        ),
+        "gate_lookup_vs_naive": (
+            lambda: gate_lookup(rows, values, pre_values, x, scores, True),
+            lambda: naive_gate_lookup(rows, values, pre_values, x, scores),
+        ),
+        "tdqkr_retrieval_vs_naive": (
+            lambda: tdqkr_retrieval(a, b, cores, u, v, K),
+            lambda: naive_retrieval(a, b, cores, u, v, K),
+        ),
         "weighted_lookup_train_vs_naive": (op_train, naive_train),
     }
     pairs["_cleanup"] = lambda: release_grad_buffer(handle)

@@ -7,6 +7,7 @@ built once) and prints, per ratio, the values of both statistics (median of pair
 ratio of minima), their median and their spread max/min. The margins in budgets.toml come
 from these spreads: a budget must sit above the slowest value seen, and below twice the
 typical one, so that a 2× slower candidate fails."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def main() -> None:
     for name, stats in runs.items():
         for stat, values in stats.items():
             budget = budgets.get(name, {}).get("max", float("nan")) if stat == "ratio" else float("nan")
-            print(f"{name:34s} {stat:16s} {statistics.median(values):7.3f} {min(values):7.3f} {max(values):7.3f} "
-                  f"{geometric_spread(values):7.3f} {budget:7.3f}")
+            print(
+                f"{name:34s} {stat:16s} {statistics.median(values):7.3f} {min(values):7.3f} {max(values):7.3f} "
+                f"{geometric_spread(values):7.3f} {budget:7.3f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1) + "\n")
 

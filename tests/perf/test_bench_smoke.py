@@ -1,6 +1,7 @@
 """The GPU benchmark suite runs end to end on CPU (Triton interpreter, tiny shapes) and appends to
 a results log; `compare` fails on a regression. Timings are meaningless here; the point is that
 the commands the GPU evidence comes from do not rot."""
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,37 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-KEYS = {"schema", "run", "commit", "dirty", "date", "device", "torch", "triton", "suite", "bench", "shape",
-        "variant", "time", "unit", "frac_of_copy", "tokens_per_s", "small", "reference", "note", "error", "extra"}
+KEYS = {
+    "schema",
+    "run",
+    "commit",
+    "dirty",
+    "date",
+    "device",
+    "torch",
+    "triton",
+    "suite",
+    "bench",
+    "shape",
+    "variant",
+    "time",
+    "unit",
+    "frac_of_copy",
+    "tokens_per_s",
+    "small",
+    "reference",
+    "note",
+    "error",
+    "extra",
+}
 
 
 def _perf(*args: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     env.pop("OUT", None)
-    return subprocess.run([sys.executable, "-m", "perf", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "perf", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _read(path: pathlib.Path) -> list[dict]:
@@ -33,8 +56,19 @@ def test_run_small_appends_op_layer_e2e_records(tmp_path):
     earlier = {"schema": 1, "note": "a line from an earlier run"}
     log.write_text(json.dumps(earlier) + "\n")
     # one op module keeps this short (the others: python -m perf run --small --only op)
-    proc = _perf("run", "--small", "--only", "op,layer,e2e", "--benches", "staged_flush", "--log", str(log),
-                 "--work", str(tmp_path / "work"), TRITON_INTERPRET="1")
+    proc = _perf(
+        "run",
+        "--small",
+        "--only",
+        "op,layer,e2e",
+        "--benches",
+        "staged_flush",
+        "--log",
+        str(log),
+        "--work",
+        str(tmp_path / "work"),
+        TRITON_INTERPRET="1",
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = _read(log)
     assert lines[0] == earlier  # appended, not rewritten
@@ -66,9 +100,20 @@ def test_run_small_appends_op_layer_e2e_records(tmp_path):
 
 def _rec(commit: str, bench: str, variant: str, **fields) -> dict:
     rec = {k: None for k in KEYS}
-    rec.update(schema=1, run=f"r-{commit}", commit=commit * 10, date=f"2026-12-0{1 if commit == 'a' else 2}",
-               device="NVIDIA H200", suite="op", bench=bench, shape="T=12288", variant=variant, small=False,
-               reference=False, extra={})
+    rec.update(
+        schema=1,
+        run=f"r-{commit}",
+        commit=commit * 10,
+        date=f"2026-12-0{1 if commit == 'a' else 2}",
+        device="NVIDIA H200",
+        suite="op",
+        bench=bench,
+        shape="T=12288",
+        variant=variant,
+        small=False,
+        reference=False,
+        extra={},
+    )
     rec.update(fields)
     return rec
 
@@ -79,13 +124,14 @@ def _log(path: pathlib.Path, recs: list[dict]) -> pathlib.Path:
 
 
 def test_compare_exits_nonzero_on_a_planted_regression(tmp_path):
-    base = [_rec("a", "weighted_lookup_fwd", "ours", time=43.0, unit="us"),
-            _rec("a", "gate_lookup_fwd", "ours", time=82.0, unit="us"),
-            _rec("a", "trainer", "v2-graphs", suite="e2e", tokens_per_s=160000.0),
-            _rec("a", "weighted_lookup_fwd", "authors-cuda", time=60.9, unit="us", reference=True)]
+    base = [
+        _rec("a", "weighted_lookup_fwd", "ours", time=43.0, unit="us"),
+        _rec("a", "gate_lookup_fwd", "ours", time=82.0, unit="us"),
+        _rec("a", "trainer", "v2-graphs", suite="e2e", tokens_per_s=160000.0),
+        _rec("a", "weighted_lookup_fwd", "authors-cuda", time=60.9, unit="us", reference=True),
+    ]
     same = [dict(r, commit="b" * 40, run="r-b", date="2026-12-02") for r in base]
-    slower = [dict(r, time=50.0) if r["variant"] == "ours" and r["bench"] == "weighted_lookup_fwd" else r
-              for r in same]
+    slower = [dict(r, time=50.0) if r["variant"] == "ours" and r["bench"] == "weighted_lookup_fwd" else r for r in same]
     fewer_tokens = [dict(r, tokens_per_s=120000.0) if r["suite"] == "e2e" else r for r in same]
     a = _log(tmp_path / "a.jsonl", base)
 
@@ -102,8 +148,9 @@ def test_compare_exits_nonzero_on_a_planted_regression(tmp_path):
     assert proc.returncode == 1 and "-25.0%" in proc.stdout, proc.stdout + proc.stderr
 
     # commits selected within one log; a measurement that now fails counts as a regression
-    failing = [dict(r, time=None, unit=None, error="RuntimeError") if r["bench"] == "gate_lookup_fwd" else r
-               for r in same]
+    failing = [
+        dict(r, time=None, unit=None, error="RuntimeError") if r["bench"] == "gate_lookup_fwd" else r for r in same
+    ]
     both = _log(tmp_path / "both.jsonl", base + failing)
     proc = _perf("compare", "aaaaaaa", "bbbbbbb", "--log", str(both))
     assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout + proc.stderr
@@ -119,4 +166,8 @@ def test_plot_draws_the_pngs_from_the_committed_log(tmp_path):
     proc = _perf("plot", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-        "e2e_vs_dense.png", "layer.png", "loss_curves.png", "ops_vs_authors.png"]
+        "e2e_vs_dense.png",
+        "layer.png",
+        "loss_curves.png",
+        "ops_vs_authors.png",
+    ]

@@ -1,14 +1,25 @@
 """Compiler-level budgets of the memory layers and of the trainer's compiled step (budgets.toml):
 graph breaks, graphs and recompiles, Inductor's kernels, op calls, host syncs and allocations of
 a value table's size in the backward. Deterministic: counters, hooks and dispatch, no timing."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from perf_harness import (LAYER_DIM, LAYER_TOKENS, LAYER_VARIANTS, CompileRecorder, GraphRecorder, OpCounter,
-                          backward_allocations, build_layer_pair, graph_custom_ops, layer_step, layer_value_bytes,
-                          load_budgets)
+from perf_harness import (
+    LAYER_DIM,
+    LAYER_TOKENS,
+    LAYER_VARIANTS,
+    CompileRecorder,
+    GraphRecorder,
+    OpCounter,
+    backward_allocations,
+    build_layer_pair,
+    graph_custom_ops,
+    layer_step,
+    layer_value_bytes,
+    load_budgets,
+)
 
 BUDGETS = load_budgets()
 
@@ -39,8 +50,9 @@ class LayerFigures:
                     layer_step(c, tables, x, gy)
             self.run = OpCounter()
             with self.run:
-                self.big_allocs, _ = backward_allocations(lambda: layer_step(compiled[0], tables, x, gy),
-                                                          layer_value_bytes(tables, layers))
+                self.big_allocs, _ = backward_allocations(
+                    lambda: layer_step(compiled[0], tables, x, gy), layer_value_bytes(tables, layers)
+                )
 
 
 @pytest.fixture(scope="module", params=list(LAYER_VARIANTS))
@@ -52,7 +64,8 @@ def test_layer_graphs(layer):
     """No graph break; both layers share one graph over two calls each (no recompile)."""
     variant, fig, budget = layer
     assert fig.compiles.graph_breaks == budget["graph_breaks"], _diff(
-        f"{variant} graph breaks {fig.compiles.break_reasons}", fig.compiles.graph_breaks, budget["graph_breaks"])
+        f"{variant} graph breaks {fig.compiles.break_reasons}", fig.compiles.graph_breaks, budget["graph_breaks"]
+    )
     got = (len(fig.graphs.dynamo), len(fig.graphs.forward), len(fig.graphs.backward))
     want = (budget["dynamo_graphs"],) * 3
     assert got == want, _diff(f"{variant} graphs (Dynamo, AOT forward, AOT backward)", got, want)
@@ -62,9 +75,11 @@ def test_layer_op_calls(layer):
     """The ultramem:: ops per call: in the compiled graphs and dispatched eagerly, alike."""
     variant, fig, budget = layer
     assert graph_custom_ops(fig.graphs.forward) == budget["forward_ops"], _diff(
-        f"{variant} ops in the compiled forward", graph_custom_ops(fig.graphs.forward), budget["forward_ops"])
+        f"{variant} ops in the compiled forward", graph_custom_ops(fig.graphs.forward), budget["forward_ops"]
+    )
     assert graph_custom_ops(fig.graphs.backward) == budget["backward_ops"], _diff(
-        f"{variant} ops in the compiled backward", graph_custom_ops(fig.graphs.backward), budget["backward_ops"])
+        f"{variant} ops in the compiled backward", graph_custom_ops(fig.graphs.backward), budget["backward_ops"]
+    )
     want = dict(sorted({**budget["forward_ops"], **budget["backward_ops"]}.items()))
     for how, counter in (("eager", fig.eager), ("compiled", fig.run)):
         assert counter.custom_ops() == want, _diff(f"{variant} ops dispatched ({how})", counter.custom_ops(), want)
@@ -74,16 +89,19 @@ def test_layer_op_calls(layer):
 def test_layer_host_syncs(layer):
     variant, fig, budget = layer
     for how, counter in (("eager", fig.eager), ("compiled", fig.run)):
-        assert dict(counter.syncs) == budget["host_syncs"], _diff(f"{variant} host syncs ({how})",
-                                                                  dict(counter.syncs), budget["host_syncs"])
+        assert dict(counter.syncs) == budget["host_syncs"], _diff(
+            f"{variant} host syncs ({how})", dict(counter.syncs), budget["host_syncs"]
+        )
 
 
 def test_layer_backward_allocations(layer):
     """No allocation of a value table's size in the backward (v1 excepted: its own table)."""
     variant, fig, budget = layer
     assert len(fig.big_allocs) == budget["backward_table_allocations"], _diff(
-        f"{variant} backward allocations of a table's size (bytes)", fig.big_allocs,
-        budget["backward_table_allocations"])
+        f"{variant} backward allocations of a table's size (bytes)",
+        fig.big_allocs,
+        budget["backward_table_allocations"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +113,8 @@ TRAIN = BUDGETS["train_step"]
 def test_train_step_graphs(train_step_figures):
     f = train_step_figures
     assert f.compiles.graph_breaks == TRAIN["graph_breaks"], _diff(
-        f"graph breaks {f.compiles.break_reasons}", f.compiles.graph_breaks, TRAIN["graph_breaks"])
+        f"graph breaks {f.compiles.break_reasons}", f.compiles.graph_breaks, TRAIN["graph_breaks"]
+    )
     frames = {name: len(ids) for name, ids in sorted(f.compiles.frames(f.names).items())}
     assert frames == TRAIN["graphs"], _diff("compiled graphs per code", frames, TRAIN["graphs"])
     assert f.compiles.unique_graphs == sum(TRAIN["graphs"].values())
@@ -105,16 +124,18 @@ def test_train_step_no_recompiles(train_step_figures):
     """Steps 2 to 4 (same shapes; one of them reports metrics) compile nothing."""
     f = train_step_figures
     later = [f"{e.compile_id} ({e.trigger})" for e in f.later_compiles.events]
-    assert len(later) == TRAIN["compiles_after_first_step"], _diff("compiles after the first step", later,
-                                                                   TRAIN["compiles_after_first_step"])
+    assert len(later) == TRAIN["compiles_after_first_step"], _diff(
+        "compiles after the first step", later, TRAIN["compiles_after_first_step"]
+    )
     assert f.later_compiles.unique_graphs == 0 and f.later_compiles.graph_breaks == 0
 
 
 def test_train_step_generated_kernels(train_step_figures):
     f = train_step_figures
     got = f.compiles.kernels_by_frame(f.names)
-    assert got == TRAIN["generated_kernels"], _diff("Inductor kernels per graph (forward + backward)", got,
-                                                    TRAIN["generated_kernels"])
+    assert got == TRAIN["generated_kernels"], _diff(
+        "Inductor kernels per graph (forward + backward)", got, TRAIN["generated_kernels"]
+    )
 
 
 def test_train_step_op_calls(train_step_figures):
@@ -122,10 +143,12 @@ def test_train_step_op_calls(train_step_figures):
     step = f.plain_step
     assert step.custom_ops() == TRAIN["ops"], _diff("ultramem:: ops per step", step.custom_ops(), TRAIN["ops"])
     assert step.custom_ops(backward_only=True) == TRAIN["backward_ops"], _diff(
-        "ultramem:: ops in the backward per step", step.custom_ops(backward_only=True), TRAIN["backward_ops"])
+        "ultramem:: ops in the backward per step", step.custom_ops(backward_only=True), TRAIN["backward_ops"]
+    )
     total = sum(step.ops.values())
-    assert total == TRAIN["dispatched_ops"], _diff(f"ops dispatched per step {dict(step.ops.most_common())}",
-                                                   total, TRAIN["dispatched_ops"])
+    assert total == TRAIN["dispatched_ops"], _diff(
+        f"ops dispatched per step {dict(step.ops.most_common())}", total, TRAIN["dispatched_ops"]
+    )
 
 
 def test_train_step_host_syncs(train_step_figures):
@@ -136,8 +159,9 @@ def test_train_step_host_syncs(train_step_figures):
     assert got == TRAIN["host_syncs"], _diff("host syncs in a step without metrics", got, TRAIN["host_syncs"])
     reporting = {k: v for k, v in f.metrics_step.syncs.items() if k.startswith("metrics: ")}
     rest = dict(sorted((k, v) for k, v in f.metrics_step.syncs.items() if k not in reporting))
-    assert rest == TRAIN["host_syncs"], _diff("host syncs outside memory_metrics in a metrics step", rest,
-                                              TRAIN["host_syncs"])
+    assert rest == TRAIN["host_syncs"], _diff(
+        "host syncs outside memory_metrics in a metrics step", rest, TRAIN["host_syncs"]
+    )
     assert reporting, "the metrics step reported no memory metrics (nothing read under memory_metrics)"
 
 
@@ -149,5 +173,7 @@ def test_train_step_backward_allocations(train_step_figures):
     others = max(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
     assert 2 * others <= f.table_bytes, (others, f.table_bytes)
     assert len(f.backward_big_allocs) == TRAIN["backward_table_allocations"], _diff(
-        f"backward allocations of at least a table's {f.table_bytes} bytes", f.backward_big_allocs,
-        TRAIN["backward_table_allocations"])
+        f"backward allocations of at least a table's {f.table_bytes} bytes",
+        f.backward_big_allocs,
+        TRAIN["backward_table_allocations"],
+    )

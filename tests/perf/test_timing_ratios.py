@@ -5,10 +5,10 @@ things timed back to back, in this thread's CPU time, moves much less (ratio_var
 
 pytest-benchmark times the pairs (its table shows the pair's wall time); the ratio, both sides'
 medians and the budget go into each benchmark's extra_info."""
+
 from __future__ import annotations
 
 import pytest
-
 from perf_harness import PairTimer, Ratio, load_budgets, measure_pairs, no_new_compiles, one_thread
 from perf_ratios import compiled_vs_eager_pair, layer_vs_ffn_pair, op_pairs
 
@@ -16,8 +16,7 @@ pytestmark = pytest.mark.perf
 
 TIMING = load_budgets()["timing"]
 PAIRS = TIMING["pairs"]
-OPS = ["weighted_lookup_vs_naive", "gate_lookup_vs_naive", "tdqkr_retrieval_vs_naive",
-       "weighted_lookup_train_vs_naive"]
+OPS = ["weighted_lookup_vs_naive", "gate_lookup_vs_naive", "tdqkr_retrieval_vs_naive", "weighted_lookup_train_vs_naive"]
 
 
 def _check_ratio(benchmark, name: str, pair) -> None:
@@ -37,12 +36,14 @@ def _check_ratio(benchmark, name: str, pair) -> None:
         # once more before failing: a slowdown from other work on the machine rarely lasts
         # through two measurements, a regression does
         values.append(Ratio(name, *measure_pairs(a, b, PAIRS)).value)
-    benchmark.extra_info.update(ratio.summary(), budget=budget, typical=TIMING[name]["typical"],
-                                values=[round(v, 4) for v in values])
+    benchmark.extra_info.update(
+        ratio.summary(), budget=budget, typical=TIMING[name]["typical"], values=[round(v, 4) for v in values]
+    )
     assert min(values) <= budget, (
         f"{name}: candidate/baseline time {' then '.join(f'{v:.3f}' for v in values)} > budget {budget} "
         f"(typical {TIMING[name]['typical']}; candidate {ratio.summary()['a_median_us']} µs, baseline "
-        f"{ratio.summary()['b_median_us']} µs per call; tests/perf/budgets.toml)")
+        f"{ratio.summary()['b_median_us']} µs per call; tests/perf/budgets.toml)"
+    )
 
 
 @pytest.fixture(scope="module")

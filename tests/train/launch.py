@@ -4,6 +4,7 @@ Each command runs in its own session (process group); on a timeout the whole gro
 torchrun's workers included. Timeouts are sized from the work: a base for interpreter and torch
 start-up per process plus a per-step allowance, both generous for a loaded 2-core machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ def timeout_for(steps: int, procs: int = 1) -> float:
 
 
 def env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    out = dict(os.environ, ULTRAMEM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", TORCH_CPP_LOG_LEVEL="ERROR")
+    out = dict(
+        os.environ,
+        ULTRAMEM_CACHE=str(tmp_path / "cache"),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TORCH_CPP_LOG_LEVEL="ERROR",
+    )
     out.update(extra)
     return out
 
@@ -40,8 +46,17 @@ def run(cmd: list[str], timeout: float, cwd: Path, environ: dict[str, str]) -> s
 def train_cmd(args: list[str], nproc: int = 0) -> list[str]:
     """`python -m ultramem.train ...`, or under torchrun with `nproc` processes when nproc > 0."""
     if nproc:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-                "-m", "ultramem.train", *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--standalone",
+            "-m",
+            "ultramem.train",
+            *args,
+        ]
     return [sys.executable, "-m", "ultramem.train", *args]
 
 

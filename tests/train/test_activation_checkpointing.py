@@ -1,6 +1,7 @@
 """Activation checkpointing recomputes the forward of blocks and memory layers in the backward;
 the memory layers' table gradients (added by their ops' backwards) and usage counters must
 still be added exactly once."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,11 +12,24 @@ from ultramem.train.config import load_config
 from ultramem.train.parallelize import checkpointed_blocks, parallelize
 from ultramem.train.trainer import DistInfo, build_training_model
 
-TINY = ["--model.vocab_size=300", "--model.dim=32", "--model.n_layers=3", "--model.n_heads=2",
-        "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4", "--model.memory.kdim=8",
-        "--model.memory.vdim=16", "--model.memory.pre_vdim=8", "--model.memory.knn=2",
-        "--model.memory.calibration_rounds=1", "--data.vocab_size=300", "--train.seq_len=16",
-        "--train.batch_size=2", "--optim.warmup_steps=1"]
+TINY = [
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_layers=3",
+    "--model.n_heads=2",
+    "--model.ffn_hidden=48",
+    "--model.max_seq_len=16",
+    "--model.memory.knum=4",
+    "--model.memory.kdim=8",
+    "--model.memory.vdim=16",
+    "--model.memory.pre_vdim=8",
+    "--model.memory.knn=2",
+    "--model.memory.calibration_rounds=1",
+    "--data.vocab_size=300",
+    "--train.seq_len=16",
+    "--train.batch_size=2",
+    "--optim.warmup_steps=1",
+]
 
 
 def _one_backward(ac: str, extra=()):
@@ -33,10 +47,14 @@ def _one_backward(ac: str, extra=()):
         loss, _ = par.forward(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
     model.memory_tables.flush_grad_staging()
-    grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in model.named_parameters()
-             if p.grad is not None}
-    stats = {f"{l}.{n}": b.clone() for l, layer in enumerate(model.memory_layers)
-             for n, b in layer.stats.named_buffers()}
+    grads = {
+        n.replace("._checkpoint_wrapped_module", ""): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    stats = {
+        f"{l}.{n}": b.clone() for l, layer in enumerate(model.memory_layers) for n, b in layer.stats.named_buffers()
+    }
     return grads, stats, len(calls), par
 
 

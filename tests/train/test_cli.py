@@ -1,5 +1,6 @@
 """The training command as a user meets it: its errors, signals, a kill during a save, and the
 path from raw text to an exported model."""
+
 from __future__ import annotations
 
 import signal
@@ -8,16 +9,32 @@ import sys
 
 import pytest
 import torch
-
 from launch import env, kill_group, losses, records, run, timeout_for, token_shards, train_cmd, wait_for
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--config", "debug.toml", "--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2",
-        "--model.n_heads=2", "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4",
-        "--model.memory.kdim=8", "--model.memory.vdim=16", "--model.memory.pre_vdim=8", "--model.memory.knn=2",
-        "--model.memory.calibration_rounds=1", "--data.vocab_size=300", "--train.seq_len=16",
-        "--train.batch_size=2", "--optim.warmup_steps=1", "--train.eval_interval=0", "--metrics.tensorboard=false"]
+TINY = [
+    "--config",
+    "debug.toml",
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.ffn_hidden=48",
+    "--model.max_seq_len=16",
+    "--model.memory.knum=4",
+    "--model.memory.kdim=8",
+    "--model.memory.vdim=16",
+    "--model.memory.pre_vdim=8",
+    "--model.memory.knn=2",
+    "--model.memory.calibration_rounds=1",
+    "--data.vocab_size=300",
+    "--train.seq_len=16",
+    "--train.batch_size=2",
+    "--optim.warmup_steps=1",
+    "--train.eval_interval=0",
+    "--metrics.tensorboard=false",
+]
 
 
 def _train(tmp_path, extra, steps=3, nproc=0, rc=0):
@@ -54,8 +71,10 @@ def test_two_ranks_report_a_config_error_in_one_line_each(tmp_path):
     out = run(train_cmd([*TINY, "--optim.lr=-1"], nproc=2), timeout_for(0, 2), tmp_path, env(tmp_path))
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if "optim.lr=-1.0: must be > 0" in line]
-    assert sorted(lines) == ["[rank 0] config error: optim.lr=-1.0: must be > 0",
-                             "[rank 1] config error: optim.lr=-1.0: must be > 0"], out.stderr[-3000:]
+    assert sorted(lines) == [
+        "[rank 0] config error: optim.lr=-1.0: must be > 0",
+        "[rank 1] config error: optim.lr=-1.0: must be > 0",
+    ], out.stderr[-3000:]
     # torchrun adds its own summary of the failed workers (ChildFailedError); no worker traceback
     assert "ultramem/" not in out.stderr.replace("-m ultramem.train", "")
 
@@ -69,8 +88,12 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path):
 
 def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    out = _train(tmp_path, [f"--run.dir={run_dir}", "--optim.lr=inf", "--optim.grad_clip=0",
-                            "--checkpoint.interval=1"], steps=5, rc=3)
+    out = _train(
+        tmp_path,
+        [f"--run.dir={run_dir}", "--optim.lr=inf", "--optim.grad_clip=0", "--checkpoint.interval=1"],
+        steps=5,
+        rc=3,
+    )
     _one_line_error(out, "training diverged", "step 2", "nan", "last good checkpoint is kept")
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step_00000001"]
@@ -80,10 +103,24 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_sigint_saves_a_checkpoint_and_exits_cleanly_on_every_rank(tmp_path):
     data = token_shards(tmp_path / "data")
     run_dir = tmp_path / "run"
-    args = [*TINY, f"--data.source={data}", "--train.max_steps=100000", "--optim.warmup_steps=1",
-            f"--run.dir={run_dir}", "--checkpoint.interval=0", "--parallel.mode=ddp"]
-    proc = subprocess.Popen(train_cmd(args, nproc=2), cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    args = [
+        *TINY,
+        f"--data.source={data}",
+        "--train.max_steps=100000",
+        "--optim.warmup_steps=1",
+        f"--run.dir={run_dir}",
+        "--checkpoint.interval=0",
+        "--parallel.mode=ddp",
+    ]
+    proc = subprocess.Popen(
+        train_cmd(args, nproc=2),
+        cwd=tmp_path,
+        env=env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert wait_for(lambda: len(records(run_dir)) >= 2, timeout_for(2, 2), proc), "no training steps seen"
         # what a terminal's Ctrl-C does: SIGINT to the whole foreground group
@@ -142,18 +179,44 @@ def test_prepare_train_export_reload_round_trip(tmp_path):
     for i in range(4):
         (texts / f"doc{i}.txt").write_text(" ".join(f"word{j % (7 + i)} line {j}" for j in range(400)) + "\n")
     shards = tmp_path / "shards"
-    prep = run([sys.executable, "-m", "ultramem.data", "prepare", str(texts), "--out", str(shards),
-                "--vocab-size", "300", "--workers", "1", "--no-progress"], timeout_for(0), tmp_path, env(tmp_path))
+    prep = run(
+        [
+            sys.executable,
+            "-m",
+            "ultramem.data",
+            "prepare",
+            str(texts),
+            "--out",
+            str(shards),
+            "--vocab-size",
+            "300",
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        timeout_for(0),
+        tmp_path,
+        env(tmp_path),
+    )
     assert prep.returncode == 0, prep.stderr[-3000:]
     run_dir = tmp_path / "run"
-    args = [a for a in TINY] + [f"--data.source={shards}", "--train.max_steps=3", f"--run.dir={run_dir}",
-                                "--train.eval_interval=3", "--data.val_fraction=0.1"]
+    args = [a for a in TINY] + [
+        f"--data.source={shards}",
+        "--train.max_steps=3",
+        f"--run.dir={run_dir}",
+        "--train.eval_interval=3",
+        "--data.val_fraction=0.1",
+    ]
     out = run(train_cmd(args), timeout_for(3), tmp_path, env(tmp_path))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for suffix in ("safetensors", "pt"):
         dest = tmp_path / f"model.{suffix}"
-        exp = run([sys.executable, "-m", "ultramem.train.export", "--checkpoint", str(run_dir), "--out", str(dest)],
-                  timeout_for(0), tmp_path, env(tmp_path))
+        exp = run(
+            [sys.executable, "-m", "ultramem.train.export", "--checkpoint", str(run_dir), "--out", str(dest)],
+            timeout_for(0),
+            tmp_path,
+            env(tmp_path),
+        )
         assert exp.returncode == 0, exp.stderr[-3000:]
         exported = load_exported(dest)
         trained, _ = load_checkpoint_model(run_dir)

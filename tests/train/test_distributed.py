@@ -1,21 +1,39 @@
 """The trainer as users run it: torchrun with 2 CPU ranks (gloo), FSDP2 and DDP, checkpoints and
 exact resume. Each run is a real subprocess; runs shared by several tests are made once."""
+
 from __future__ import annotations
 
 import pytest
-
 from launch import env, losses, run, timeout_for, token_shards, train_cmd
 
 pytestmark = pytest.mark.slow
 
 STEPS = 5
 # debug.toml's decoder, smaller, on random token shards (no tokenizer to train)
-TINY = ["--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2",
-        "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4", "--model.memory.kdim=8",
-        "--model.memory.vdim=16", "--model.memory.pre_vdim=8", "--model.memory.knn=2",
-        "--model.memory.calibration_rounds=1", "--model.memory.log_interval=2", "--data.vocab_size=300",
-        "--train.seq_len=16", "--optim.warmup_steps=1", f"--train.max_steps={STEPS}", "--train.eval_interval=5",
-        "--train.eval_batches=1", "--checkpoint.interval=2", "--checkpoint.keep=0", "--metrics.tensorboard=false"]
+TINY = [
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.ffn_hidden=48",
+    "--model.max_seq_len=16",
+    "--model.memory.knum=4",
+    "--model.memory.kdim=8",
+    "--model.memory.vdim=16",
+    "--model.memory.pre_vdim=8",
+    "--model.memory.knn=2",
+    "--model.memory.calibration_rounds=1",
+    "--model.memory.log_interval=2",
+    "--data.vocab_size=300",
+    "--train.seq_len=16",
+    "--optim.warmup_steps=1",
+    f"--train.max_steps={STEPS}",
+    "--train.eval_interval=5",
+    "--train.eval_batches=1",
+    "--checkpoint.interval=2",
+    "--checkpoint.keep=0",
+    "--metrics.tensorboard=false",
+]
 GLOBAL_BATCH = 4
 
 
@@ -31,10 +49,19 @@ class Runs:
         if name not in self.done:
             run_dir = self.root / name
             batch = GLOBAL_BATCH // max(nproc, 1)
-            args = ["--config", "debug.toml", *TINY, f"--data.source={self.data}", f"--train.batch_size={batch}",
-                    f"--run.dir={run_dir}", *extra]
+            args = [
+                "--config",
+                "debug.toml",
+                *TINY,
+                f"--data.source={self.data}",
+                f"--train.batch_size={batch}",
+                f"--run.dir={run_dir}",
+                *extra,
+            ]
             out = run(train_cmd(args, nproc), timeout_for(STEPS, max(nproc, 1)), self.root, env(self.root))
-            assert out.returncode == expect_rc, f"{name}: rc {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+            assert out.returncode == expect_rc, (
+                f"{name}: rc {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+            )
             self.done[name] = (run_dir, out)
         return self.done[name]
 

@@ -1,4 +1,5 @@
 """Learning-rate schedule values, optimizer groups, and the value-table lr multiplier."""
+
 import math
 
 import pytest
@@ -38,8 +39,9 @@ def test_value_multiplier_decays_linearly_to_one():
 
 def memory_model():
     mem = MemoryConfig(knum=4, kdim=8, vdim=16, pre_vdim=8, knn=2, calibration_rounds=1)
-    return build_model(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=48,
-                                   max_seq_len=16, memory=mem), seed=0)
+    return build_model(
+        ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=48, max_seq_len=16, memory=mem), seed=0
+    )
 
 
 def test_groups_put_each_parameter_in_its_place():
@@ -48,11 +50,22 @@ def test_groups_put_each_parameter_in_its_place():
     by_id = {id(p): name for name, p in model.named_parameters()}
     names = {k: {by_id[id(p)] for p in g["params"]} for k, g in groups.items()}
     assert names["values"] == {"memory_tables.values", "memory_tables.pre_values"}
-    assert {"tok_embeddings.weight", "blocks.0.attn.wqkv.weight", "blocks.1.ffn.w2.weight",
-            "memory_layers.0.w_q.weight", "memory_layers.1.keys", "memory_layers.0.cores",
-            "memory_layers.0.w_o.weight"} <= names["decay"]
-    assert {"norm.weight", "blocks.0.norm_attn.weight", "blocks.1.norm_ffn.weight",
-            "memory_layers.0.norm_q.weight", "memory_layers.1.norm_k.weight"} <= names["no_decay"]
+    assert {
+        "tok_embeddings.weight",
+        "blocks.0.attn.wqkv.weight",
+        "blocks.1.ffn.w2.weight",
+        "memory_layers.0.w_q.weight",
+        "memory_layers.1.keys",
+        "memory_layers.0.cores",
+        "memory_layers.0.w_o.weight",
+    } <= names["decay"]
+    assert {
+        "norm.weight",
+        "blocks.0.norm_attn.weight",
+        "blocks.1.norm_ffn.weight",
+        "memory_layers.0.norm_q.weight",
+        "memory_layers.1.norm_k.weight",
+    } <= names["no_decay"]
     assert all(n.endswith("weight") for n in names["no_decay"])
     all_names = [n for g in names.values() for n in g]
     assert sorted(all_names) == sorted(by_id.values())  # each exactly once
@@ -80,8 +93,9 @@ def test_scheduler_lrs_per_group_over_steps():
 
 def test_memory_plus_table_takes_a_constant_lr():
     mem = MemoryConfig(type="memory_plus", knum=4, kdim=8, vdim=16, knn=2, heads=2)
-    model = build_model(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=48,
-                                    max_seq_len=16, memory=mem), seed=0)
+    model = build_model(
+        ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_hidden=48, max_seq_len=16, memory=mem), seed=0
+    )
     cfg = OptimConfig(lr=1e-2, warmup_steps=4, value_lr_mult=4.0, memory_plus_value_lr=2e-3)
     opt, sched = build_optimizer(model, cfg, max_steps=12)
     names = [g["name"] for g in opt.param_groups]
@@ -95,8 +109,12 @@ def test_memory_plus_table_takes_a_constant_lr():
 
 
 def test_dense_model_has_no_value_group():
-    model = build_model(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=8,
-                                    memory=MemoryConfig(type="none")), seed=0)
+    model = build_model(
+        ModelConfig(
+            vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_hidden=48, max_seq_len=8, memory=MemoryConfig(type="none")
+        ),
+        seed=0,
+    )
     opt, _ = build_optimizer(model, OptimConfig(), 10)
     assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
     assert isinstance(opt, torch.optim.AdamW)

@@ -1,6 +1,8 @@
 """Dry-run numbers of the 227M config against hand arithmetic, and the CLI dry run itself."""
-import subproc
+
 import sys
+
+import subproc
 
 from ultramem.model import build_model
 from ultramem.train.config import load_config
@@ -15,11 +17,14 @@ N_SIDE = 1138  # floor(sqrt(N · 0.5))
 EMBED = VOCAB * D
 BLOCK = 4 * D * D + 3 * D * FFN + 2 * D  # wqkv + wo, SwiGLU, two norms
 DENSE = EMBED + BLOCKS * BLOCK + D  # + final norm; tied head adds nothing
-MEM_LAYER = (D * H * 2 * KDIM  # W_q
-             + H * 2 * N_SIDE * KDIM * R  # keys
-             + H * M * R * R  # cores
-             + 2 * KDIM  # norm_q, norm_k
-             + D * PRE + VDIM * D)  # W_p, W_o
+MEM_LAYER = (
+    D * H * 2 * KDIM  # W_q
+    + H * 2 * N_SIDE * KDIM * R  # keys
+    + H * M * R * R  # cores
+    + 2 * KDIM  # norm_q, norm_k
+    + D * PRE
+    + VDIM * D
+)  # W_p, W_o
 TABLES = N_ROWS * (VDIM + PRE)
 READS = BLOCKS * H * KNN * (VDIM + PRE)
 
@@ -44,7 +49,9 @@ def test_227m_numbers_match_hand_arithmetic():
     assert s.flops_per_token == 6 * (s.activated - one_d) + 6 * BLOCKS * D * SEQ
     assert s.training_state_bytes == 16 * s.total
     assert {t.name: (t.rows, t.width, t.readers) for t in s.tables} == {
-        "memory_tables.values": (N_ROWS, VDIM, BLOCKS), "memory_tables.pre_values": (N_ROWS, PRE, BLOCKS)}
+        "memory_tables.values": (N_ROWS, VDIM, BLOCKS),
+        "memory_tables.pre_values": (N_ROWS, PRE, BLOCKS),
+    }
     text = format_summary(s, cfg.model)
     assert f"{s.activated:,d}" in text and f"{s.total:,d}" in text and "6·n_layers·dim·seq_len" in text
     assert all(p.is_meta for p in model.parameters())
@@ -60,6 +67,7 @@ def test_cli_dry_run_prints_summary_and_exits_zero():
     out = subproc.run([sys.executable, "-m", "ultramem.train", "--config", "227m.toml", "--dry-run"], timeout=300)
     assert out.returncode == 0, out.stderr
     assert "activated (with embedding)" in out.stdout and f"{DENSE + BLOCKS * MEM_LAYER + TABLES:,d}" in out.stdout
-    bad = subproc.run([sys.executable, "-m", "ultramem.train", "--config", "227m", "--dry-run",
-                       "--model.memory.knnn=3"], timeout=300)
+    bad = subproc.run(
+        [sys.executable, "-m", "ultramem.train", "--config", "227m", "--dry-run", "--model.memory.knnn=3"], timeout=300
+    )
     assert bad.returncode == 2 and "model.memory.knnn" in bad.stderr

@@ -1,4 +1,5 @@
 """Config loading: name resolution, unknown keys, types, overrides, size rules."""
+
 import pytest
 
 from ultramem.config import ConfigError
@@ -23,8 +24,16 @@ def test_227m_matches_spec_section_8():
     m, mem, o = c.model, c.model.memory, c.optim
     assert (m.dim, m.n_layers, m.n_heads, m.ffn_hidden, m.vocab_size, m.max_seq_len) == (768, 20, 12, 2496, 50304, 4096)
     assert m.tie_embeddings and abs(m.std - 0.0228) < 1e-4
-    assert (mem.type, mem.insert, mem.knum, mem.kdim, mem.vdim, mem.pre_vdim, mem.knn, mem.heads) == \
-        ("ultramem_v2", "full", 360, 192, 192, 192, 32, 1)
+    assert (mem.type, mem.insert, mem.knum, mem.kdim, mem.vdim, mem.pre_vdim, mem.knn, mem.heads) == (
+        "ultramem_v2",
+        "full",
+        360,
+        192,
+        192,
+        192,
+        32,
+        1,
+    )
     assert (mem.share_ratio, mem.tucker_rank, mem.tucker_cores, mem.key_expand) == (0.5, 2, 2, 1)
     assert (o.lr, o.betas, o.weight_decay, o.grad_clip, o.value_lr_mult) == (4e-4, (0.9, 0.95), 0.1, 1.0, 4.0)
     assert c.train.dtype == "bfloat16" and c.train.seq_len == 4096
@@ -75,9 +84,20 @@ def test_wrong_type_names_key_expected_and_got(tmp_path):
 
 
 def test_overrides_parse_with_field_types():
-    cfg = load_config("debug", ["--model.memory.knn=4", "--optim.lr", "1e-3", "--train.compile=true",
-                                "--optim.betas=[0.8, 0.9]", "--optim.value_weight_decay=0.0",
-                                "--data.source=somewhere/file.txt", "--model.init_std=none"], validate=False)
+    cfg = load_config(
+        "debug",
+        [
+            "--model.memory.knn=4",
+            "--optim.lr",
+            "1e-3",
+            "--train.compile=true",
+            "--optim.betas=[0.8, 0.9]",
+            "--optim.value_weight_decay=0.0",
+            "--data.source=somewhere/file.txt",
+            "--model.init_std=none",
+        ],
+        validate=False,
+    )
     assert cfg.model.memory.knn == 4 and isinstance(cfg.model.memory.knn, int)
     assert cfg.optim.lr == 1e-3 and cfg.train.compile is True
     assert cfg.optim.betas == (0.8, 0.9)
@@ -86,15 +106,18 @@ def test_overrides_parse_with_field_types():
     assert load_config("debug", ["--optim.betas=0.5,0.6"]).optim.betas == (0.5, 0.6)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--model.memory.kn=4"], "model.memory.kn"),
-    (["--model.dim=abc"], "model.dim"),
-    (["--train.compile=maybe"], "train.compile"),
-    (["--model=3"], "section"),
-    (["--model.dim.x=3"], "not a section"),
-    (["positional"], "positional"),
-    (["--train.max_steps"], "no value"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--model.memory.kn=4"], "model.memory.kn"),
+        (["--model.dim=abc"], "model.dim"),
+        (["--train.compile=maybe"], "train.compile"),
+        (["--model=3"], "section"),
+        (["--model.dim.x=3"], "not a section"),
+        (["positional"], "positional"),
+        (["--train.max_steps"], "no value"),
+    ],
+)
 def test_bad_overrides(args, fragment):
     with pytest.raises(ConfigError) as e:
         load_config("debug", args)
@@ -105,31 +128,36 @@ def test_parse_overrides_forms():
     assert parse_overrides(["--a.b=1", "--c", "2"]) == [("a.b", "1"), ("c", "2")]
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--model.dim=130"], "divisible by model.n_heads"),
-    (["--model.dim=120", "--model.n_heads=8"], "must be even"),
-    (["--train.seq_len=256"], "train.seq_len=256 must be <= model.max_seq_len=128"),
-    (["--data.vocab_size=5000"], "data.vocab_size=5000"),
-    (["--model.vocab_size=1000"], "model.vocab_size=1000"),
-    (["--train.batch_size=0"], "train.batch_size=0"),
-    (["--optim.warmup_steps=1000"], "optim.warmup_steps=1000"),
-    (["--train.dtype=float16"], "train.dtype='float16'"),
-    (["--train.device=tpu"], "train.device='tpu'"),
-    (["--parallel.mode=fsdp", "--train.compile=true", "--train.compile_mode=reduce-overhead"],
-     "FSDP's gathers and hooks do not run inside CUDA graphs"),
-    (["--train.ac=some"], "train.ac='some'"),
-    (["--model.moe.num_experts=4", "--model.moe.top_k=9"], "model.moe.top_k=9"),
-    (["--train.ac_every=0"], "train.ac_every=0"),
-    (["--checkpoint.keep=-1"], "checkpoint.keep=-1"),
-    (["--parallel.mode=tp"], "parallel.mode='tp'"),
-    (["--checkpoint.interval=-1"], "checkpoint.interval=-1"),
-    (["--optim.value_lr_decay_frac=2"], "optim.value_lr_decay_frac"),
-    (["--model.memory.type=ultramem_v3"], "model.memory.type"),
-    (["--model.memory.insert=2:1"], "model.memory.insert"),
-    (["--model.memory.insert=0:4"], "out of range"),
-    # memory rules come from the layers' own validation, named by key
-    (["--model.memory.knn=100"], "model.memory.knn"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--model.dim=130"], "divisible by model.n_heads"),
+        (["--model.dim=120", "--model.n_heads=8"], "must be even"),
+        (["--train.seq_len=256"], "train.seq_len=256 must be <= model.max_seq_len=128"),
+        (["--data.vocab_size=5000"], "data.vocab_size=5000"),
+        (["--model.vocab_size=1000"], "model.vocab_size=1000"),
+        (["--train.batch_size=0"], "train.batch_size=0"),
+        (["--optim.warmup_steps=1000"], "optim.warmup_steps=1000"),
+        (["--train.dtype=float16"], "train.dtype='float16'"),
+        (["--train.device=tpu"], "train.device='tpu'"),
+        (
+            ["--parallel.mode=fsdp", "--train.compile=true", "--train.compile_mode=reduce-overhead"],
+            "FSDP's gathers and hooks do not run inside CUDA graphs",
+        ),
+        (["--train.ac=some"], "train.ac='some'"),
+        (["--model.moe.num_experts=4", "--model.moe.top_k=9"], "model.moe.top_k=9"),
+        (["--train.ac_every=0"], "train.ac_every=0"),
+        (["--checkpoint.keep=-1"], "checkpoint.keep=-1"),
+        (["--parallel.mode=tp"], "parallel.mode='tp'"),
+        (["--checkpoint.interval=-1"], "checkpoint.interval=-1"),
+        (["--optim.value_lr_decay_frac=2"], "optim.value_lr_decay_frac"),
+        (["--model.memory.type=ultramem_v3"], "model.memory.type"),
+        (["--model.memory.insert=2:1"], "model.memory.insert"),
+        (["--model.memory.insert=0:4"], "out of range"),
+        # memory rules come from the layers' own validation, named by key
+        (["--model.memory.knn=100"], "model.memory.knn"),
+    ],
+)
 def test_size_rules(args, fragment):
     with pytest.raises(ConfigError) as e:
         load_config("debug", args)
@@ -185,7 +213,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
     out = capsys.readouterr().out
     rows = config_help()
     assert len(rows) > 60
-    for key, default, _ in rows:
+    for key, _default, _ in rows:
         assert f"  {key} " in out, key
     undocumented = [key for key, _, meaning in rows if not meaning]
     assert not undocumented, undocumented

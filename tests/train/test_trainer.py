@@ -1,22 +1,36 @@
 """The training loop: in-process mechanics on a tiny model, and a real debug run under torchrun."""
+
 import re
 
 import numpy as np
 import pytest
 import torch
-
 from launch import env, records, run, timeout_for, train_cmd
+
 from ultramem.data import TokenWindows
 from ultramem.model import build_model
 from ultramem.train.config import load_config
 from ultramem.train.optim import build_optimizer
 from ultramem.train.trainer import DistInfo, Trainer, build_training_model, parallelize
 
-TINY = ["--model.vocab_size=300", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2",
-        "--model.ffn_hidden=48", "--model.max_seq_len=16", "--model.memory.knum=4", "--model.memory.kdim=8",
-        "--model.memory.vdim=16", "--model.memory.pre_vdim=8", "--model.memory.knn=2",
-        "--model.memory.calibration_rounds=1", "--data.vocab_size=300", "--train.seq_len=16",
-        "--train.batch_size=2", "--optim.warmup_steps=2"]
+TINY = [
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.ffn_hidden=48",
+    "--model.max_seq_len=16",
+    "--model.memory.knum=4",
+    "--model.memory.kdim=8",
+    "--model.memory.vdim=16",
+    "--model.memory.pre_vdim=8",
+    "--model.memory.knn=2",
+    "--model.memory.calibration_rounds=1",
+    "--data.vocab_size=300",
+    "--train.seq_len=16",
+    "--train.batch_size=2",
+    "--optim.warmup_steps=2",
+]
 
 
 def tiny_trainer(extra=(), tensorboard_dir=""):
@@ -29,13 +43,24 @@ def tiny_trainer(extra=(), tensorboard_dir=""):
 
 
 def test_loop_refreshes_rank1_reports_metrics_and_accumulates(tmp_path, monkeypatch):
-    trainer = tiny_trainer(["--train.max_steps=4", "--train.grad_accum=2", "--model.memory.log_interval=2",
-                            "--train.eval_interval=2", "--train.eval_batches=1"], str(tmp_path / "tb"))
+    trainer = tiny_trainer(
+        [
+            "--train.max_steps=4",
+            "--train.grad_accum=2",
+            "--model.memory.log_interval=2",
+            "--train.eval_interval=2",
+            "--train.eval_batches=1",
+        ],
+        str(tmp_path / "tb"),
+    )
     refreshes, seen = [], []
     layer = trainer.model.memory_layers[0]
     orig_refresh = type(layer).refresh_rank1
-    monkeypatch.setattr(type(layer), "refresh_rank1", lambda self: (refreshes.append(trainer.scheduler.last_epoch),
-                                                                     orig_refresh(self))[1])
+    monkeypatch.setattr(
+        type(layer),
+        "refresh_rank1",
+        lambda self: (refreshes.append(trainer.scheduler.last_epoch), orig_refresh(self))[1],
+    )
     orig_batch = trainer.train_batches.batch
     monkeypatch.setattr(trainer.train_batches, "batch", lambda i: (seen.append(i), orig_batch(i))[1])
     history = trainer.train()
@@ -57,8 +82,12 @@ def test_grad_clip_bounds_the_update_norm():
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     grads = {}
     hook = trainer.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: grads.update(norm=torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]]))))
+        lambda opt, args, kwargs: grads.update(
+            norm=torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for g in opt.param_groups for p in g["params"]])
+            )
+        )
+    )
     record = trainer.train()[0]
     hook.remove()
     assert record.grad_norm > 1e-3  # the norm before clipping is logged
@@ -68,8 +97,16 @@ def test_grad_clip_bounds_the_update_norm():
 
 @pytest.mark.parametrize("copy", [True, False])
 def test_bf16_run_gathers_from_a_table_copy_refreshed_each_step(copy):
-    cfg = load_config("debug", TINY + ["--train.max_steps=3", "--train.dtype=bfloat16", "--metrics.tensorboard_dir=",
-                                       f"--train.bf16_table_copy={str(copy).lower()}"])
+    cfg = load_config(
+        "debug",
+        TINY
+        + [
+            "--train.max_steps=3",
+            "--train.dtype=bfloat16",
+            "--metrics.tensorboard_dir=",
+            f"--train.bf16_table_copy={str(copy).lower()}",
+        ],
+    )
     model = build_training_model(cfg, torch.device("cpu"))
     tables = model.memory_tables
     assert (tables.values_compute is not None) == copy

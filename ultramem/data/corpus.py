@@ -10,6 +10,7 @@ and tokenizers versions). The entry is built in a temporary directory and rename
 (edited tokenizer, truncated shard, unreadable meta) is rebuilt with a warning. Builds hold a
 lock on the cache directory and first remove what killed builds left behind.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,12 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from .documents import Utf8Decoder, decode_text
-from .shards import (DEFAULT_SHARD_TOKENS, META_NAME, TOKENIZER_NAME, ShardedTokens, ShardWriter, clean_stale_temps,
-                     dir_lock, file_sha256, make_temp_dir, open_token_directory, read_meta, remove_path, token_dtype,
-                     write_meta)
+from .shards import (
+    DEFAULT_SHARD_TOKENS,
+    META_NAME,
+    TOKENIZER_NAME,
+    ShardedTokens,
+    ShardWriter,
+    clean_stale_temps,
+    dir_lock,
+    file_sha256,
+    make_temp_dir,
+    open_token_directory,
+    read_meta,
+    remove_path,
+    token_dtype,
+    write_meta,
+)
 from .tokenizer import EOT, encode_texts, find_eos_id, load_tokenizer, tokenizer_vocab_size, train_in_subprocess
 
 log = logging.getLogger(__name__)
@@ -87,8 +99,12 @@ def _train_tokenizer(texts, vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -100,14 +116,24 @@ def train_tokenizer(make_texts: Callable, vocab_size: int, out_path: Path):
     return load_tokenizer(out_path)
 
 
-def _cache_key(kind: str, files: list[tuple[str, int]], vocab_size: int, max_bytes: int,
-               tokenizer_sha: str | None = None) -> str:
+def _cache_key(
+    kind: str, files: list[tuple[str, int]], vocab_size: int, max_bytes: int, tokenizer_sha: str | None = None
+) -> str:
     import tokenizers
 
-    payload = json.dumps({
-        "format": _FORMAT_VERSION, "kind": kind, "files": files, "vocab": vocab_size, "max_bytes": max_bytes,
-        "python": sys.version.split()[0], "tokenizers": tokenizers.__version__, "tokenizer": tokenizer_sha,
-    }, sort_keys=True)
+    payload = json.dumps(
+        {
+            "format": _FORMAT_VERSION,
+            "kind": kind,
+            "files": files,
+            "vocab": vocab_size,
+            "max_bytes": max_bytes,
+            "python": sys.version.split()[0],
+            "tokenizers": tokenizers.__version__,
+            "tokenizer": tokenizer_sha,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -145,9 +171,17 @@ def _install_dir(tmp: Path, entry: Path) -> None:
     os.rename(tmp, entry)
 
 
-def _tokenize_and_cache(kind: str, documents: list[tuple[str, int]], read_texts, vocab_size: int,
-                        max_bytes: int, cache_root: Path, what: str = "data.source",
-                        tokenizer_path: Path | None = None, eos_id: int | None = None) -> TokenizedCorpus:
+def _tokenize_and_cache(
+    kind: str,
+    documents: list[tuple[str, int]],
+    read_texts,
+    vocab_size: int,
+    max_bytes: int,
+    cache_root: Path,
+    what: str = "data.source",
+    tokenizer_path: Path | None = None,
+    eos_id: int | None = None,
+) -> TokenizedCorpus:
     """documents: (name, size) pairs that key the cache; read_texts() → list of document texts
     (called only when the entry must be built). With tokenizer_path the texts are encoded with
     that tokenizer (and eos_id) instead of a BPE trained on them."""
@@ -169,8 +203,12 @@ def _tokenize_and_cache(kind: str, documents: list[tuple[str, int]], read_texts,
         try:
             tok_file = tmp / TOKENIZER_NAME
             if tokenizer_path is None:
-                log.info("training a %d-token byte-level BPE on %d documents (%.1f MB)", vocab_size, len(texts),
-                         sum(len(t) for t in texts) / 1e6)
+                log.info(
+                    "training a %d-token byte-level BPE on %d documents (%.1f MB)",
+                    vocab_size,
+                    len(texts),
+                    sum(len(t) for t in texts) / 1e6,
+                )
                 tok = train_tokenizer(functools.partial(iter, texts), vocab_size, tok_file)
                 eot_id = tok.token_to_id(EOT)
             else:
@@ -188,11 +226,21 @@ def _tokenize_and_cache(kind: str, documents: list[tuple[str, int]], read_texts,
                 raise
             if writer.n_tokens <= len(texts):  # nothing but the end-of-text separators
                 raise ValueError(f"{what}: the text tokenizes to 0 tokens")
-            write_meta(tmp, {
-                "format": _FORMAT_VERSION, "kind": kind, "n_tokens": writer.n_tokens, "vocab_size": real_vocab,
-                "eos_id": eot_id, "dtype": dtype.name, "shards": shards, "tokenizer": TOKENIZER_NAME,
-                "tokenizer_sha256": file_sha256(tok_file), "documents": len(documents),
-            })
+            write_meta(
+                tmp,
+                {
+                    "format": _FORMAT_VERSION,
+                    "kind": kind,
+                    "n_tokens": writer.n_tokens,
+                    "vocab_size": real_vocab,
+                    "eos_id": eot_id,
+                    "dtype": dtype.name,
+                    "shards": shards,
+                    "tokenizer": TOKENIZER_NAME,
+                    "tokenizer_sha256": file_sha256(tok_file),
+                    "documents": len(documents),
+                },
+            )
             _install_dir(tmp, entry)
         except BaseException:
             remove_path(tmp)
@@ -216,8 +264,15 @@ def stdlib_corpus(vocab_size: int, max_bytes: int, cache_dir: str | Path | None 
     def read_texts() -> list[str]:
         return [decode_text(p.read_bytes(), str(p)) for p, _ in chosen]
 
-    return _tokenize_and_cache("stdlib", docs, read_texts, vocab_size, max_bytes,
-                               Path(cache_dir or default_cache_dir()).expanduser(), what="data.source='stdlib'")
+    return _tokenize_and_cache(
+        "stdlib",
+        docs,
+        read_texts,
+        vocab_size,
+        max_bytes,
+        Path(cache_dir or default_cache_dir()).expanduser(),
+        what="data.source='stdlib'",
+    )
 
 
 def _text_file_documents(p: Path, max_bytes: int) -> list[str]:
@@ -238,24 +293,46 @@ def _text_file_key(p: Path, what: str) -> list[tuple[str, int]]:
     return [(f"{p.resolve().as_posix()}@{stat.st_mtime_ns}", stat.st_size)]
 
 
-def text_file_corpus(path: str | Path, vocab_size: int, max_bytes: int,
-                     cache_dir: str | Path | None = None, what: str = "data.source") -> TokenizedCorpus:
+def text_file_corpus(
+    path: str | Path, vocab_size: int, max_bytes: int, cache_dir: str | Path | None = None, what: str = "data.source"
+) -> TokenizedCorpus:
     """A single text file, tokenized with a BPE trained on it (cached like the stdlib corpus).
     Blank-line-separated paragraphs are the documents; bytes that are not UTF-8 are replaced."""
     p = Path(path).expanduser()
     docs = _text_file_key(p, what)
-    return _tokenize_and_cache("text", docs, lambda: _text_file_documents(p, max_bytes), vocab_size, max_bytes,
-                               Path(cache_dir or default_cache_dir()).expanduser(), what=f"{what} {str(p)!r}")
+    return _tokenize_and_cache(
+        "text",
+        docs,
+        lambda: _text_file_documents(p, max_bytes),
+        vocab_size,
+        max_bytes,
+        Path(cache_dir or default_cache_dir()).expanduser(),
+        what=f"{what} {str(p)!r}",
+    )
 
 
-def tokenized_text_file(path: str | Path, tokenizer_path: Path, max_bytes: int, cache_dir: str | Path | None = None,
-                        eos_id: int | None = None, what: str = "data.val_source") -> TokenizedCorpus:
+def tokenized_text_file(
+    path: str | Path,
+    tokenizer_path: Path,
+    max_bytes: int,
+    cache_dir: str | Path | None = None,
+    eos_id: int | None = None,
+    what: str = "data.val_source",
+) -> TokenizedCorpus:
     """A text file encoded with an existing tokenizer (a validation text for a corpus whose
     tokenizer is fixed), paragraphs as documents, cached like the corpora."""
     p = Path(path).expanduser()
     docs = _text_file_key(p, what)
     tokenizer_path = Path(tokenizer_path)
     load_tokenizer(tokenizer_path)  # a damaged tokenizer fails here, naming its file
-    return _tokenize_and_cache("val", docs, lambda: _text_file_documents(p, max_bytes), 0, max_bytes,
-                               Path(cache_dir or default_cache_dir()).expanduser(), what=f"{what} {str(p)!r}",
-                               tokenizer_path=tokenizer_path, eos_id=eos_id)
+    return _tokenize_and_cache(
+        "val",
+        docs,
+        lambda: _text_file_documents(p, max_bytes),
+        0,
+        max_bytes,
+        Path(cache_dir or default_cache_dir()).expanduser(),
+        what=f"{what} {str(p)!r}",
+        tokenizer_path=tokenizer_path,
+        eos_id=eos_id,
+    )

@@ -14,6 +14,7 @@ Long documents are handed out in pieces of about PIECE_CHARS characters, cut jus
 break that sits between two non-space characters: a byte-level BPE never merges across such a
 point, so encoding the pieces gives the same ids as encoding the whole.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -27,13 +28,60 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = frozenset({
-    ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc",
-    ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".xml", ".html", ".htm", ".yaml", ".yml", ".toml",
-    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".rs", ".go", ".java", ".kt", ".scala",
-    ".js", ".ts", ".jsx", ".tsx", ".rb", ".php", ".pl", ".lua", ".sh", ".bash", ".sql", ".r", ".jl",
-    ".hs", ".ml", ".swift", ".cs", ".m",
-})
+TEXT_SUFFIXES = frozenset(
+    {
+        ".txt",
+        ".text",
+        ".md",
+        ".markdown",
+        ".rst",
+        ".tex",
+        ".org",
+        ".adoc",
+        ".jsonl",
+        ".ndjson",
+        ".json",
+        ".csv",
+        ".tsv",
+        ".xml",
+        ".html",
+        ".htm",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".py",
+        ".pyi",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".cu",
+        ".rs",
+        ".go",
+        ".java",
+        ".kt",
+        ".scala",
+        ".js",
+        ".ts",
+        ".jsx",
+        ".tsx",
+        ".rb",
+        ".php",
+        ".pl",
+        ".lua",
+        ".sh",
+        ".bash",
+        ".sql",
+        ".r",
+        ".jl",
+        ".hs",
+        ".ml",
+        ".swift",
+        ".cs",
+        ".m",
+    }
+)
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 SKIP_DIRS = frozenset({"__pycache__", "node_modules"})
 PIECE_CHARS = 1 << 20
@@ -69,8 +117,13 @@ class Utf8Decoder:
 
     def warn(self, name: str) -> None:
         if self.n_bad:
-            log.warning("%s is not valid UTF-8: %d of %d bytes (%.2f%%) replaced with U+FFFD", name, self.n_bad,
-                        self.n_bytes, 100.0 * self.n_bad / max(self.n_bytes, 1))
+            log.warning(
+                "%s is not valid UTF-8: %d of %d bytes (%.2f%%) replaced with U+FFFD",
+                name,
+                self.n_bad,
+                self.n_bytes,
+                100.0 * self.n_bad / max(self.n_bytes, 1),
+            )
 
 
 def decode_text(data: bytes, name: str, warn: bool = True, final: bool = True) -> str:
@@ -84,6 +137,7 @@ def decode_text(data: bytes, name: str, warn: bool = True, final: bool = True) -
 
 
 # ----------------------------------------------------------------------------------- input files
+
 
 def _inner_suffix(path: Path) -> str:
     return Path(path.stem).suffix.lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
@@ -109,15 +163,20 @@ def collect_inputs(inputs: Iterable[str | Path], exclude: Sequence[Path] = ()) -
         elif p.is_dir():
             found = []
             for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS
-                                     and not skipped(Path(dirpath) / d))
+                dirnames[:] = sorted(
+                    d
+                    for d in dirnames
+                    if not d.startswith(".") and d not in SKIP_DIRS and not skipped(Path(dirpath) / d)
+                )
                 for f in filenames:
                     fp = Path(dirpath) / f
                     if not f.startswith(".") and _inner_suffix(fp) in TEXT_SUFFIXES and not skipped(fp):
                         found.append(fp)
             if not found:
-                raise FileNotFoundError(f"input directory {str(p)!r} holds no text files "
-                                        f"(suffixes read: {', '.join(sorted(TEXT_SUFFIXES))})")
+                raise FileNotFoundError(
+                    f"input directory {str(p)!r} holds no text files "
+                    f"(suffixes read: {', '.join(sorted(TEXT_SUFFIXES))})"
+                )
             files.extend(sorted(found, key=lambda q: q.relative_to(p).as_posix()))
         else:
             raise FileNotFoundError(f"input {str(p)!r}: no such file or directory")
@@ -166,14 +225,18 @@ def _jsonl_pieces(path: Path, warn: bool, max_chars: int) -> Iterator[tuple[str,
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); a JSON Lines "
-                                 f"file holds one JSON object per line") from None
+                raise ValueError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); a JSON Lines "
+                    f"file holds one JSON object per line"
+                ) from None
             if not isinstance(obj, dict) or "text" not in obj:
-                raise ValueError(f"{path}:{lineno}: no \"text\" field; each line of a JSON Lines file must be "
-                                 f"a JSON object with a \"text\" string")
+                raise ValueError(
+                    f'{path}:{lineno}: no "text" field; each line of a JSON Lines file must be '
+                    f'a JSON object with a "text" string'
+                )
             text = obj["text"]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: the \"text\" field is a {type(text).__name__}, not a string")
+                raise ValueError(f'{path}:{lineno}: the "text" field is a {type(text).__name__}, not a string')
             if text.strip():
                 pieces = split_pieces(text, max_chars)
                 for k, piece in enumerate(pieces):
@@ -204,8 +267,7 @@ def _text_pieces(path: Path, warn: bool, max_chars: int) -> Iterator[tuple[str, 
         yield buf, True
 
 
-def iter_pieces(files: Iterable[Path], warn: bool = True,
-                max_chars: int = PIECE_CHARS) -> Iterator[tuple[str, bool]]:
+def iter_pieces(files: Iterable[Path], warn: bool = True, max_chars: int = PIECE_CHARS) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) for every piece of every document of the files, in order."""
     for path in files:
         reader = _jsonl_pieces if is_jsonl(path) else _text_pieces

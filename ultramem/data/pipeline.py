@@ -7,6 +7,7 @@ into place at the end, `meta.json` last: an interrupted or failed run leaves the
 was. Documents are tokenized in parallel by worker processes, in input order, so the output does
 not depend on the number of workers.
 """
+
 from __future__ import annotations
 
 import collections
@@ -25,10 +26,28 @@ import numpy as np
 
 from .corpus import train_tokenizer
 from .documents import PIECE_CHARS, collect_inputs, iter_pieces, iter_texts
-from .shards import (DEFAULT_SHARD_TOKENS, META_NAME, SHARD_SUFFIXES, TOKENIZER_NAME, ShardWriter, clean_stale_temps,
-                     dir_lock, file_sha256, make_temp_dir, remove_path, token_dtype, write_meta)
-from .tokenizer import encode_texts, find_eos_id, load_tokenizer, mp_context, resolve_tokenizer_path, \
-    tokenizer_vocab_size
+from .shards import (
+    DEFAULT_SHARD_TOKENS,
+    META_NAME,
+    SHARD_SUFFIXES,
+    TOKENIZER_NAME,
+    ShardWriter,
+    clean_stale_temps,
+    dir_lock,
+    file_sha256,
+    make_temp_dir,
+    remove_path,
+    token_dtype,
+    write_meta,
+)
+from .tokenizer import (
+    encode_texts,
+    find_eos_id,
+    load_tokenizer,
+    mp_context,
+    resolve_tokenizer_path,
+    tokenizer_vocab_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +76,9 @@ def _init_worker(tokenizer_path: str, eos_id: int, dtype: str) -> None:
 
 
 def _encode_task(pieces: list[tuple[str, bool]]) -> np.ndarray:
-    return encode_texts(_worker["tok"], [t for t, _ in pieces], _worker["eos"], _worker["dtype"],
-                        [e for _, e in pieces])
+    return encode_texts(
+        _worker["tok"], [t for t, _ in pieces], _worker["eos"], _worker["dtype"], [e for _, e in pieces]
+    )
 
 
 def _tasks(pieces: Iterable[tuple[str, bool]], task_chars: int, counts: dict) -> Iterator[tuple[list, int]]:
@@ -100,8 +120,15 @@ def _stop_executor(ex: cf.ProcessPoolExecutor) -> None:
     ex.shutdown(wait=True, cancel_futures=True)
 
 
-def encode_stream(tasks: Iterable[tuple[list, int]], tokenizer_path: Path, eos_id: int, dtype: np.dtype,
-                  workers: int, writer: ShardWriter, make_bar: Callable[[], ContextManager]) -> None:
+def encode_stream(
+    tasks: Iterable[tuple[list, int]],
+    tokenizer_path: Path,
+    eos_id: int,
+    dtype: np.dtype,
+    workers: int,
+    writer: ShardWriter,
+    make_bar: Callable[[], ContextManager],
+) -> None:
     """Encode the tasks in order (in `workers` processes when > 1) into the writer; make_bar()
     gives the progress bar, updated with each task's character count."""
     if workers <= 1:
@@ -113,8 +140,12 @@ def encode_stream(tasks: Iterable[tuple[list, int]], tokenizer_path: Path, eos_i
         return
     # the workers encode one task each; the tokenizer's own thread pool would oversubscribe the cores
     with _env("TOKENIZERS_PARALLELISM", "false"):
-        ex = cf.ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_init_worker,
-                                    initargs=(str(tokenizer_path), eos_id, dtype.str))
+        ex = cf.ProcessPoolExecutor(
+            workers,
+            mp_context=mp_context(),
+            initializer=_init_worker,
+            initargs=(str(tokenizer_path), eos_id, dtype.str),
+        )
         try:
             ex.submit(int).result()  # starts the workers now, before the bar's monitor thread exists
             pending: collections.deque = collections.deque()
@@ -137,15 +168,21 @@ def encode_stream(tasks: Iterable[tuple[list, int]], tokenizer_path: Path, eos_i
 
 # ------------------------------------------------------------------------------------- prepare
 
+
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} exists and is not a directory")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.suffix in SHARD_SUFFIXES and not p.name.startswith(".")
-                         and not _OUR_SHARD_RE.match(p.name))
+        foreign = sorted(
+            p.name
+            for p in out.iterdir()
+            if p.suffix in SHARD_SUFFIXES and not p.name.startswith(".") and not _OUR_SHARD_RE.match(p.name)
+        )
         if foreign:
-            raise ValueError(f"--out {str(out)!r} holds shard files that prepare did not write ({', '.join(foreign[:5])}); "
-                             f"they would be read as part of the data: choose another directory")
+            raise ValueError(
+                f"--out {str(out)!r} holds shard files that prepare did not write ({', '.join(foreign[:5])}); "
+                f"they would be read as part of the data: choose another directory"
+            )
 
 
 def _commit(tmp: Path, out: Path, shards: list[dict]) -> None:
@@ -161,10 +198,18 @@ def _commit(tmp: Path, out: Path, shards: list[dict]) -> None:
     tmp.rmdir()
 
 
-def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | Path | None = None,
-            vocab_size: int = DEFAULT_VOCAB, workers: int | None = None,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, eos: str | int | None = None, train_chars: int = 0,
-            progress: bool = True) -> dict:
+def prepare(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    vocab_size: int = DEFAULT_VOCAB,
+    workers: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    eos: str | int | None = None,
+    train_chars: int = 0,
+    progress: bool = True,
+) -> dict:
     """Tokenize `inputs` (files, directories, JSON Lines; see `documents`) into the token
     directory `out` and return its meta. `tokenizer`: a tokenizers JSON file or a directory
     holding tokenizer.json; None trains our byte-level BPE of `vocab_size` on the input (on its
@@ -182,8 +227,9 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
         raise ValueError("no inputs given")
     tok_source = resolve_tokenizer_path(tokenizer) if tokenizer is not None else None
     if tok_source is None and vocab_size < 257:
-        raise ValueError(f"--vocab-size={vocab_size}: a byte-level BPE needs at least 257 tokens "
-                         f"(256 bytes + the end-of-text token)")
+        raise ValueError(
+            f"--vocab-size={vocab_size}: a byte-level BPE needs at least 257 tokens (256 bytes + the end-of-text token)"
+        )
     files = collect_inputs(inputs, exclude=[out])
     _check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,19 +257,42 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
             log.info("tokenizing %d files (%.1f MB) with %d worker(s)", len(files), size / 1e6, workers)
             # the bar counts characters; file sizes are the total unless some are compressed
             total = None if any(f.suffix.lower() == ".gz" for f in files) else size
-            encode_stream(tasks, tok_file, eos_id, dtype, workers, writer,
-                          lambda: tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
-                                       disable=not progress, dynamic_ncols=True))
+            encode_stream(
+                tasks,
+                tok_file,
+                eos_id,
+                dtype,
+                workers,
+                writer,
+                lambda: tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    desc="tokenizing",
+                    file=sys.stderr,
+                    disable=not progress,
+                    dynamic_ncols=True,
+                ),
+            )
             shards = writer.close()
             n_docs = counts["documents"]
             if writer.n_tokens <= n_docs:  # nothing but the end-of-text separators
-                raise ValueError(f"the inputs ({len(files)} files) hold no text that tokenizes to any token "
-                                 f"(empty or whitespace-only documents are skipped)")
+                raise ValueError(
+                    f"the inputs ({len(files)} files) hold no text that tokenizes to any token "
+                    f"(empty or whitespace-only documents are skipped)"
+                )
             meta = {
-                "format": 1, "vocab_size": real_vocab, "eos_id": eos_id, "dtype": dtype.name,
-                "n_tokens": writer.n_tokens, "shards": shards, "tokenizer": TOKENIZER_NAME,
-                "tokenizer_sha256": file_sha256(tok_file), "tokenizer_source": tok_name,
-                "inputs": [str(Path(i).expanduser().resolve()) for i in inputs], "n_files": len(files),
+                "format": 1,
+                "vocab_size": real_vocab,
+                "eos_id": eos_id,
+                "dtype": dtype.name,
+                "n_tokens": writer.n_tokens,
+                "shards": shards,
+                "tokenizer": TOKENIZER_NAME,
+                "tokenizer_sha256": file_sha256(tok_file),
+                "tokenizer_source": tok_name,
+                "inputs": [str(Path(i).expanduser().resolve()) for i in inputs],
+                "n_files": len(files),
                 "n_documents": n_docs,
             }
             write_meta(tmp, meta)
@@ -233,8 +302,9 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str | P
                 writer.abort()
             remove_path(tmp)
             raise
-    log.info("wrote %d tokens in %d shard(s) (%s, vocab %d) to %s", writer.n_tokens, len(shards), dtype.name,
-             real_vocab, out)
+    log.info(
+        "wrote %d tokens in %d shard(s) (%s, vocab %d) to %s", writer.n_tokens, len(shards), dtype.name, real_vocab, out
+    )
     return meta
 
 

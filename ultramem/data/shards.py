@@ -10,6 +10,7 @@ Everything that writes here builds in a temporary name (`.<name>.tmp<random>`) a
 into place at the end, so a reader never sees a half-written shard; such names left behind by a
 killed process are removed by the next writer that holds the directory's lock.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,6 +58,7 @@ def file_sha256(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------- reading
 
+
 def open_shard(path: Path) -> np.ndarray:
     """Memory-map one shard as a 1-D integer array; malformed shards raise ValueError naming the file."""
     path = Path(path)
@@ -76,11 +78,15 @@ def open_shard(path: Path) -> np.ndarray:
     if path.suffix == ".bin":
         size = path.stat().st_size
         if size == 0:
-            raise ValueError(f"shard {str(path)!r} is empty (a .bin shard holds raw little-endian uint16 "
-                             f"tokens and must hold at least one)")
+            raise ValueError(
+                f"shard {str(path)!r} is empty (a .bin shard holds raw little-endian uint16 "
+                f"tokens and must hold at least one)"
+            )
         if size % 2:
-            raise ValueError(f"shard {str(path)!r} has an odd size of {size} bytes (a .bin shard holds raw "
-                             f"little-endian uint16 tokens, 2 bytes each)")
+            raise ValueError(
+                f"shard {str(path)!r} has an odd size of {size} bytes (a .bin shard holds raw "
+                f"little-endian uint16 tokens, 2 bytes each)"
+            )
         return np.memmap(path, dtype="<u2", mode="r")
     raise ValueError(f"shard {str(path)!r}: unknown shard type (expected *.npy or *.bin)")
 
@@ -89,15 +95,19 @@ def check_token_ids(arr: np.ndarray, name: str, limit: int | None = None, limit_
     """Refuse negative ids and, with `limit`, ids >= limit; the error names the shard, the id and its position."""
     signed = arr.dtype.kind == "i"
     for off in range(0, arr.size, _CHECK_CHUNK):
-        chunk = arr[off:off + _CHECK_CHUNK]
+        chunk = arr[off : off + _CHECK_CHUNK]
         if signed and chunk.min() < 0:
             pos = int(np.argmax(chunk < 0))
-            raise ValueError(f"shard {name} holds the negative token id {int(chunk[pos])} at position "
-                             f"{off + pos}; token ids must be >= 0")
+            raise ValueError(
+                f"shard {name} holds the negative token id {int(chunk[pos])} at position "
+                f"{off + pos}; token ids must be >= 0"
+            )
         if limit is not None and chunk.max() >= limit:
             pos = int(np.argmax(chunk >= limit))
-            raise ValueError(f"shard {name} holds token id {int(chunk[pos])} at position {off + pos}, "
-                             f"which does not fit {limit_rule or f'a vocabulary of {limit}'}")
+            raise ValueError(
+                f"shard {name} holds token id {int(chunk[pos])} at position {off + pos}, "
+                f"which does not fit {limit_rule or f'a vocabulary of {limit}'}"
+            )
 
 
 class ShardedTokens:
@@ -108,8 +118,7 @@ class ShardedTokens:
     `ShardedTokens` (views of the same maps), which is how the splits are made.
     """
 
-    def __init__(self, shards: Sequence[np.ndarray], names: Sequence[str] | None = None,
-                 dtype: np.dtype | None = None):
+    def __init__(self, shards: Sequence[np.ndarray], names: Sequence[str] | None = None, dtype: np.dtype | None = None):
         self._shards = [np.asarray(s) if not isinstance(s, np.ndarray) else s for s in shards]
         for s in self._shards:
             if s.ndim != 1:
@@ -154,11 +163,11 @@ class ShardedTokens:
         first, last = self._shard_of(start), self._shard_of(stop - 1)
         s = self._starts
         if first == last:
-            out = np.asarray(self._shards[first][start - s[first]:stop - s[first]])
+            out = np.asarray(self._shards[first][start - s[first] : stop - s[first]])
             return out if out.dtype == self.dtype else out.astype(self.dtype)
-        parts = [self._shards[first][start - s[first]:]]
-        parts.extend(self._shards[first + 1:last])
-        parts.append(self._shards[last][:stop - s[last]])
+        parts = [self._shards[first][start - s[first] :]]
+        parts.extend(self._shards[first + 1 : last])
+        parts.append(self._shards[last][: stop - s[last]])
         return np.concatenate(parts).astype(self.dtype, copy=False)
 
     def __getitem__(self, key):
@@ -190,7 +199,7 @@ class ShardedTokens:
             lo, hi = int(self._starts[k]), int(self._starts[k + 1])
             a, b = max(start, lo), min(stop, hi)
             if a < b:
-                pieces.append(shard[a - lo:b - lo])
+                pieces.append(shard[a - lo : b - lo])
                 names.append(self.names[k])
         return ShardedTokens(pieces, names, dtype=self.dtype)
 
@@ -225,13 +234,13 @@ def read_meta(directory: Path) -> dict | None:
         if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] <= 0:
             raise ValueError(f"bad vocab_size {meta['vocab_size']!r}")
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{str(path)!r} is not a valid token-directory meta.json ({type(e).__name__}: {e})") \
-            from None
+        raise ValueError(f"{str(path)!r} is not a valid token-directory meta.json ({type(e).__name__}: {e})") from None
     return meta
 
 
-def open_token_directory(directory: str | Path, what: str = "data.source", vocab_size: int | None = None,
-                         vocab_rule: str = "") -> tuple[ShardedTokens, dict | None]:
+def open_token_directory(
+    directory: str | Path, what: str = "data.source", vocab_size: int | None = None, vocab_rule: str = ""
+) -> tuple[ShardedTokens, dict | None]:
     """Memory-map a token directory: (tokens, meta or None).
 
     Every shard's ids are checked once here: none negative, all below the vocabulary size in
@@ -245,13 +254,17 @@ def open_token_directory(directory: str | Path, what: str = "data.source", vocab
         paths = [directory / s["file"] for s in meta["shards"]]
         for p in paths:
             if not p.is_file():
-                raise FileNotFoundError(f"{what}: shard {str(p)!r} listed in {str(directory / META_NAME)!r} "
-                                        f"is missing")
+                raise FileNotFoundError(f"{what}: shard {str(p)!r} listed in {str(directory / META_NAME)!r} is missing")
         listed = {p.name for p in paths}
         extra = sorted(p.name for p in _shard_files(directory) if p.name not in listed)
         if extra:
-            log.warning("%s: ignoring %d shard files of %s not listed in its meta.json (%s)", what, len(extra),
-                        directory, ", ".join(extra[:5]))
+            log.warning(
+                "%s: ignoring %d shard files of %s not listed in its meta.json (%s)",
+                what,
+                len(extra),
+                directory,
+                ", ".join(extra[:5]),
+            )
     else:
         paths = _shard_files(directory)
         if not paths:
@@ -263,10 +276,16 @@ def open_token_directory(directory: str | Path, what: str = "data.source", vocab
         if meta is not None:
             expected = meta["shards"][k]["n_tokens"]
             if arr.size != expected:
-                raise ValueError(f"{what}: shard {name} holds {arr.size} tokens but {META_NAME} records "
-                                 f"{expected}; the directory is incomplete or was modified")
-            check_token_ids(arr, name, meta["vocab_size"],
-                            f"vocab_size={meta['vocab_size']} recorded in {str(directory / META_NAME)!r}")
+                raise ValueError(
+                    f"{what}: shard {name} holds {arr.size} tokens but {META_NAME} records "
+                    f"{expected}; the directory is incomplete or was modified"
+                )
+            check_token_ids(
+                arr,
+                name,
+                meta["vocab_size"],
+                f"vocab_size={meta['vocab_size']} recorded in {str(directory / META_NAME)!r}",
+            )
         if vocab_size is not None:
             check_token_ids(arr, name, vocab_size, vocab_rule or f"vocab_size={vocab_size}")
         elif meta is None:
@@ -276,16 +295,19 @@ def open_token_directory(directory: str | Path, what: str = "data.source", vocab
 
 
 def _shard_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir()
-                  if p.suffix in SHARD_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    return sorted(
+        p for p in directory.iterdir() if p.suffix in SHARD_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
 
 
 # ---------------------------------------------------------------------------------------- writing
 
+
 def _npy_header(dtype: np.dtype, n: int) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)}
+    )
     return buf.getvalue()
 
 
@@ -296,8 +318,9 @@ class ShardWriter:
     temporary directory and renames or moves into place once everything is written.
     """
 
-    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 prefix: str = "tokens"):
+    def __init__(
+        self, directory: Path, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS, prefix: str = "tokens"
+    ):
         if shard_tokens <= 0:
             raise ValueError(f"shard_tokens={shard_tokens} must be positive")
         self.directory, self.dtype = Path(directory), np.dtype(dtype)
@@ -334,11 +357,11 @@ class ShardWriter:
         while arr.size:
             if self._file is None:
                 self._open()
-            part = arr[:self.shard_tokens - self._n]
+            part = arr[: self.shard_tokens - self._n]
             self._file.write(part.view(np.uint8).data)
             self._n += part.size
             self.n_tokens += part.size
-            arr = arr[part.size:]
+            arr = arr[part.size :]
             if self._n == self.shard_tokens:
                 self._finish()
 
@@ -388,8 +411,9 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def clean_stale_temps(directory: Path, legacy_subdirs: Callable[[str], bool] | None = None,
-                      legacy_age_s: float = 3600.0) -> int:
+def clean_stale_temps(
+    directory: Path, legacy_subdirs: Callable[[str], bool] | None = None, legacy_age_s: float = 3600.0
+) -> int:
     """Remove temporary files and directories left in `directory` by killed writers.
 
     The caller must hold the directory's lock: every writer takes it, so whatever temporary is

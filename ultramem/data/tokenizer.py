@@ -1,5 +1,6 @@
 """Tokenizer files: loading and validating them, the end-of-text id, batch encoding, and BPE
 training in a child process (so that Ctrl-C stops it at once)."""
+
 from __future__ import annotations
 
 import logging
@@ -75,12 +76,15 @@ def find_eos_id(tok, eos: str | int | None = None, what: str = "tokenizer") -> i
         i = tok.token_to_id(name)
         if i is not None:
             return i
-    raise ValueError(f"{what} has none of the end-of-text tokens {', '.join(EOS_CANDIDATES)}; "
-                     f"name the token that separates documents with --eos")
+    raise ValueError(
+        f"{what} has none of the end-of-text tokens {', '.join(EOS_CANDIDATES)}; "
+        f"name the token that separates documents with --eos"
+    )
 
 
-def encode_texts(tok, texts: Sequence[str], eos_id: int, dtype: np.dtype,
-                 ends: Sequence[bool] | None = None) -> np.ndarray:
+def encode_texts(
+    tok, texts: Sequence[str], eos_id: int, dtype: np.dtype, ends: Sequence[bool] | None = None
+) -> np.ndarray:
     """Token ids of texts, concatenated, with eos_id after each text that ends a document
     (every text when `ends` is None). No special tokens besides that eos are added."""
     encodings = tok.encode_batch(list(texts), add_special_tokens=False)
@@ -116,8 +120,12 @@ def stop_process(proc, grace_s: float = 5.0) -> None:
     proc.join()
 
 
-def train_in_subprocess(train_fn: Callable[[Iterable[str], int], object], make_texts: Callable[[], Iterable[str]],
-                        vocab_size: int, out_path: Path) -> None:
+def train_in_subprocess(
+    train_fn: Callable[[Iterable[str], int], object],
+    make_texts: Callable[[], Iterable[str]],
+    vocab_size: int,
+    out_path: Path,
+) -> None:
     """Run `train_fn(make_texts(), vocab_size)` in a child process and save the tokenizer to out_path.
 
     The tokenizers library trains in native code that only looks at Python signals when it is
@@ -126,8 +134,12 @@ def train_in_subprocess(train_fn: Callable[[Iterable[str], int], object], make_t
     """
     ctx = mp_context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_train_child, args=(send, train_fn, make_texts, vocab_size, str(out_path)),
-                       name="ultramem-bpe-train", daemon=True)
+    proc = ctx.Process(
+        target=_train_child,
+        args=(send, train_fn, make_texts, vocab_size, str(out_path)),
+        name="ultramem-bpe-train",
+        daemon=True,
+    )
     proc.start()
     send.close()  # so that recv sees EOF if the child dies without a word
     try:

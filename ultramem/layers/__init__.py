@@ -11,6 +11,7 @@ Norm scales are the 1-D parameters `norm_q.weight` / `norm_k.weight` (no weight 
 tables are `ValueTables.values` / `.pre_values`, or `UltraMemV1.values` (each v1 layer owns its
 table); `value_parameters()` on either returns them.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -23,8 +24,15 @@ from .tables import ValueTables
 from .ultramem_v1 import UltraMemV1
 from .ultramem_v2 import UltraMemV2
 
-__all__ = ["MemoryPlus", "UltraMemV1", "UltraMemV2", "ValueTables", "build_memory", "validate_memory_config",
-           "window_keys"]
+__all__ = [
+    "MemoryPlus",
+    "UltraMemV1",
+    "UltraMemV2",
+    "ValueTables",
+    "build_memory",
+    "validate_memory_config",
+    "window_keys",
+]
 
 
 def build_memory(model_cfg: ModelConfig, num_memory_layers: int) -> tuple[ValueTables | None, list[nn.Module]]:

@@ -1,4 +1,5 @@
 """Pieces shared by the memory layers: config rules, rank-1 refresh, init draws, stats."""
+
 from __future__ import annotations
 
 import math
@@ -54,24 +55,40 @@ def validate_memory_config(cfg: ModelConfig, num_layers: int) -> None:
         return
     for name in ("tucker_rank", "tucker_cores", "key_expand"):
         _require(getattr(m, name) >= 1, _KEY + name, getattr(m, name), "must be >= 1")
-    _require(m.vdim % m.tucker_cores == 0, _KEY + "vdim", m.vdim,
-             f"must be divisible by model.memory.tucker_cores={m.tucker_cores} (one chunk per core)")
+    _require(
+        m.vdim % m.tucker_cores == 0,
+        _KEY + "vdim",
+        m.vdim,
+        f"must be divisible by model.memory.tucker_cores={m.tucker_cores} (one chunk per core)",
+    )
     _require(m.rank_penalty >= 0.0, _KEY + "tucker_rank_penalty", m.tucker_rank_penalty, "must be >= 0")
     _require(m.tucker_rank_margin >= 0.0, _KEY + "tucker_rank_margin", m.tucker_rank_margin, "must be >= 0")
     if m.init == "paper":
-        _require(m.calibration_rounds >= 1, _KEY + "calibration_rounds", m.calibration_rounds,
-                 "must be >= 1 with model.memory.init='paper'")
+        _require(
+            m.calibration_rounds >= 1,
+            _KEY + "calibration_rounds",
+            m.calibration_rounds,
+            "must be >= 1 with model.memory.init='paper'",
+        )
     if m.type == "ultramem_v2":
         _require(m.pre_vdim >= 0, _KEY + "pre_vdim", m.pre_vdim, "must be >= 0 (0 disables the gate)")
         _require(0.0 < m.share_ratio <= 1.0, _KEY + "share_ratio", m.share_ratio, "must be in (0, 1]")
         n = window_keys(m.knum, num_layers, m.share_ratio)
-        _require(n >= 1, _KEY + "share_ratio", m.share_ratio,
-                 f"gives n = floor(sqrt(knum²·L·share_ratio)) = {n} keys per side; need >= 1")
+        _require(
+            n >= 1,
+            _KEY + "share_ratio",
+            m.share_ratio,
+            f"gives n = floor(sqrt(knum²·L·share_ratio)) = {n} keys per side; need >= 1",
+        )
     else:
         n = m.knum
     keys_per_side = m.key_expand * n
-    _require(m.knn <= keys_per_side, _KEY + "knn", m.knn,
-             f"must be <= keys per side (key_expand·n = {m.key_expand}·{n} = {keys_per_side})")
+    _require(
+        m.knn <= keys_per_side,
+        _KEY + "knn",
+        m.knn,
+        f"must be <= keys per side (key_expand·n = {m.key_expand}·{n} = {keys_per_side})",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +126,7 @@ def _singular_values_rank2(s: Tensor) -> Tensor:
     det = s[:, 0, 0] * s[:, 1, 1] - s[:, 0, 1] * s[:, 1, 0]
     half = 0.5 * frob
     root = torch.sqrt((half * half - det * det).clamp_min(_TINY))  # eigenvalues of sᵀs: half ± root
-    return torch.stack([torch.sqrt((half + root).clamp_min(_TINY)), torch.sqrt((half - root).clamp_min(_TINY))],
-                       dim=-1)
+    return torch.stack([torch.sqrt((half + root).clamp_min(_TINY)), torch.sqrt((half - root).clamp_min(_TINY))], dim=-1)
 
 
 def rank1_refresh(cores: Tensor, u_old: Tensor, v_old: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,7 +195,7 @@ def fill_normal_rows(param: Tensor, generator: torch.Generator, std: float) -> N
     """param[:] ~ N(0, std²), drawn in row chunks (same draws as one big call's row order)."""
     rows = param.shape[0]
     for start in range(0, rows, _INIT_CHUNK_ROWS):
-        chunk = param[start:start + _INIT_CHUNK_ROWS]
+        chunk = param[start : start + _INIT_CHUNK_ROWS]
         chunk.copy_(normal_from(generator, chunk, std))
 
 
@@ -218,7 +234,7 @@ def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: 
     With an init_std other than the paper's, 0.2 is 0.5·c_p in all of these (same derivation).
     """
     m = cfg.memory
-    c_p = cfg.dim * cfg.std ** 2
+    c_p = cfg.dim * cfg.std**2
     silu_sq = act_second_moment("silu", c_p)
     # FFN variance / (vdim·std²·k·H·(1+σ_s²)): what E[act(g)²]·σ_V² must equal
     target = 0.5 * cfg.ffn_hidden * silu_sq * c_p / (m.knn * m.heads * (1.0 + score_var) * m.vdim * num_layers)
@@ -227,7 +243,7 @@ def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: 
     # gated: E[act(g)²]·σ_V² = γ·pre_vdim·c_p·σ_V⁴
     target_g = target / (m.pre_vdim * c_p)  # = γ·σ_V⁴; at std² = 2/(5d), γ = ρ gives the paper's F
     if not gelu:
-        return target_g ** 0.25
+        return target_g**0.25
     sigma4 = target_g / (silu_sq / c_p)  # start from the paper's formula
     for _ in range(20):
         gate_var = m.pre_vdim * math.sqrt(sigma4) * c_p
@@ -235,7 +251,7 @@ def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: 
         if abs(new - sigma4) <= 1e-12 * sigma4:
             break
         sigma4 = new
-    return sigma4 ** 0.25
+    return sigma4**0.25
 
 
 # ---------------------------------------------------------------------------------------------

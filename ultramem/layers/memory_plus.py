@@ -6,6 +6,7 @@ best k pairs (id = i·knum + j) are weighted by the softmax of their k scores. A
 of a token sum into one vector of vdim: y = W_o((Σ w·V[id]) ⊙ SiLU(W_s x)).
 The norm is applied to the keys (two public implementations drop it by mistake).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,14 @@ class MemoryPlus(nn.Module):
         m = cfg.memory
         self.cfg = cfg
         self.layer_index, self.num_layers = layer_index, num_layers
-        self.dim, self.heads, self.kdim, self.knum, self.knn, self.vdim = (cfg.dim, m.heads, m.kdim, m.knum,
-                                                                          m.knn, m.vdim)
+        self.dim, self.heads, self.kdim, self.knum, self.knn, self.vdim = (
+            cfg.dim,
+            m.heads,
+            m.kdim,
+            m.knum,
+            m.knn,
+            m.vdim,
+        )
         self.num_values = m.knum * m.knum
         self.key_balance_coef = m.key_balance_coef
         self.dropout = m.dropout
@@ -47,8 +54,10 @@ class MemoryPlus(nn.Module):
     def _check_tables(self, tables: ValueTables | None) -> ValueTables:
         if tables is None or tables.values.shape != (self.num_values, self.vdim):
             got = None if tables is None else tuple(tables.values.shape)
-            raise ValueError(f"MemoryPlus layer {self.layer_index}: tables.values must have shape "
-                             f"(knum²={self.num_values}, vdim={self.vdim}), got {got}")
+            raise ValueError(
+                f"MemoryPlus layer {self.layer_index}: tables.values must have shape "
+                f"(knum²={self.num_values}, vdim={self.vdim}), got {got}"
+            )
         return tables
 
     def forward(self, x: Tensor, tables: ValueTables) -> tuple[Tensor, Tensor]:
@@ -77,7 +86,9 @@ class MemoryPlus(nn.Module):
         col = idx_b.gather(-1, best % k)
         ids = row * self.knum + col
         weights = torch.softmax(scores.to(torch.promote_types(act, torch.float32)), dim=-1).to(act)
-        out = weighted_lookup(ids.reshape(t, h * k), tables.gather_tables()[0], weights.reshape(t, h * k, 1), tables.values_grad_id)
+        out = weighted_lookup(
+            ids.reshape(t, h * k), tables.gather_tables()[0], weights.reshape(t, h * k, 1), tables.values_grad_id
+        )
         y2 = self.w_o(out * F.silu(self.w_s(x2)))
         aux = torch.zeros((), device=x2.device, dtype=torch.float32)
         if self.key_balance_coef > 0:
@@ -92,7 +103,8 @@ class MemoryPlus(nn.Module):
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        """The metrics (docs/layers.md) since the last call (a host sync), then resets the counters (no cores: no sv_*)."""
+        """The metrics (docs/layers.md) since the last call (a host sync), then resets the counters
+        (no cores: no sv_*)."""
         return self.stats.report()
 
     @torch.no_grad()
@@ -109,10 +121,10 @@ class MemoryPlus(nn.Module):
         self.keys.copy_(uniform_from(generator, self.keys, -key_bound, key_bound))
         self.norm_q.weight.fill_(1.0)
         self.norm_k.weight.fill_(1.0)
-        self.w_s.weight.copy_(normal_from(generator, self.w_s.weight, self.dim ** -0.5))
-        self.w_o.weight.copy_(normal_from(generator, self.w_o.weight, self.vdim ** -0.5))
+        self.w_s.weight.copy_(normal_from(generator, self.w_s.weight, self.dim**-0.5))
+        self.w_o.weight.copy_(normal_from(generator, self.w_o.weight, self.vdim**-0.5))
         self.stats.reset()
-        self.value_init_std = self.vdim ** -0.5
+        self.value_init_std = self.vdim**-0.5
         if tables is not None:
             tables.note_layer_init(self.layer_index, self.value_init_std, generator)
 

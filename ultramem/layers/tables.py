@@ -38,6 +38,7 @@ compute copy and of the staging area: after the first captured step, only zero /
 them in place (no second `use_grad_buffers()`, `use_compute_copy()` or `use_grad_staging()`, no
 move to another device).
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,8 +76,11 @@ class ValueTables(nn.Module):
         return [p for p in (self.values, self.pre_values) if p is not None]
 
     def _params_and_buffers(self):
-        return [(p, getattr(self, name + "_grad")) for name, p in (("values", self.values),
-                                                                   ("pre_values", self.pre_values)) if p is not None]
+        return [
+            (p, getattr(self, name + "_grad"))
+            for name, p in (("values", self.values), ("pre_values", self.pre_values))
+            if p is not None
+        ]
 
     def use_grad_buffers(self, enabled: bool = True) -> None:
         """Accumulate the tables' gradients in place in persistent buffers (see the module doc)."""
@@ -87,8 +91,10 @@ class ValueTables(nn.Module):
             buf = None
             if enabled and p is not None:
                 if p.dtype not in (torch.float32, torch.float64):
-                    raise ValueError(f"ValueTables.{name} is {p.dtype}: gradient buffers need float32 (or float64) "
-                                     f"tables; keep the tables in fp32 and use autocast for bf16 compute")
+                    raise ValueError(
+                        f"ValueTables.{name} is {p.dtype}: gradient buffers need float32 (or float64) "
+                        f"tables; keep the tables in fp32 and use autocast for bf16 compute"
+                    )
                 buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
             elif p is not None:
                 p.grad = None
@@ -104,23 +110,25 @@ class ValueTables(nn.Module):
             setattr(self, name + "_grad_id", handle)
         self.attach_grad_buffers()
 
-    def use_grad_staging(self, tokens: int, entries: int = 0, cores: int = 1,
-                         dtype: torch.dtype = torch.bfloat16) -> None:
+    def use_grad_staging(
+        self, tokens: int, entries: int = 0, cores: int = 1, dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         """Stage the layers' table gradients, room for `tokens` tokens (all layers' together:
         L·T per micro-batch), `entries` entries per token, `cores` cores, the layers' grad_out
         (and x) in `dtype`; tokens=0 turns staging off (after flushing what is staged). With a
         pre-value table the staged backward is gate_lookup's (both tables), else
         weighted_lookup's (UltraMemV2 without pre-values, Memory+)."""
         if tokens and self.values_grad is None:
-            raise ValueError("use_grad_staging needs use_grad_buffers() first: the staged gradients are flushed "
-                             "into the gradient buffers")
+            raise ValueError(
+                "use_grad_staging needs use_grad_buffers() first: the staged gradients are flushed "
+                "into the gradient buffers"
+            )
         if self.grad_staging is not None:
             self.flush_grad_staging()
             register_staging(self.values_grad_id, None)
             self.grad_staging = None
         if tokens:
-            self.grad_staging = GradStaging(tokens, entries, cores, self.vdim, self.pre_vdim, dtype,
-                                            self.values.device)
+            self.grad_staging = GradStaging(tokens, entries, cores, self.vdim, self.pre_vdim, dtype, self.values.device)
             register_staging(self.values_grad_id, self.grad_staging)
 
     def flush_grad_staging(self, wait: bool = True) -> int | None:
@@ -155,8 +163,10 @@ class ValueTables(nn.Module):
             if not dtype.is_floating_point:
                 raise ValueError(f"compute copy dtype={dtype} must be a floating dtype")
             if self.values_grad is None:
-                raise ValueError("use_compute_copy needs use_grad_buffers() first: the gradients of a copy reach "
-                                 "the tables only through the gradient buffers")
+                raise ValueError(
+                    "use_compute_copy needs use_grad_buffers() first: the gradients of a copy reach "
+                    "the tables only through the gradient buffers"
+                )
         for name, p in (("values", self.values), ("pre_values", self.pre_values)):
             copy = None
             if dtype is not None and p is not None:
@@ -191,8 +201,10 @@ class ValueTables(nn.Module):
         if self.values_compute is None:
             return self.values, self.pre_values
         if not torch.compiler.is_compiling() and self._versions() != self._compute_versions:
-            raise RuntimeError("ValueTables: the tables changed since the last refresh_compute_copy(); call it "
-                               "after every update of the tables (the trainer does after each optimizer step)")
+            raise RuntimeError(
+                "ValueTables: the tables changed since the last refresh_compute_copy(); call it "
+                "after every update of the tables (the trainer does after each optimizer step)"
+            )
         return self.values_compute, self.pre_values_compute
 
     def note_layer_init(self, layer_index: int, std: float, generator: torch.Generator) -> None:
@@ -201,7 +213,7 @@ class ValueTables(nn.Module):
             raise ValueError(f"layer_index={layer_index} must be in [0, num_layers={self.num_layers})")
         self._noted_std[layer_index] = float(std)
         if len(self._noted_std) == self.num_layers:
-            sigma = (sum(s ** 4 for s in self._noted_std.values()) / self.num_layers) ** 0.25
+            sigma = (sum(s**4 for s in self._noted_std.values()) / self.num_layers) ** 0.25
             self.reset_parameters(generator, sigma)
 
     @torch.no_grad()

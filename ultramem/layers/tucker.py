@@ -7,6 +7,7 @@ Layouts: `w_q` output is [heads, side (row, col), (rank when q_per_rank), kdim];
 `keys` is [H, 2, n', kdim, r]; `cores` is [H, M, r, r]; `perm` maps virtual ids
 (i·n' + j, in [0, E²·n²)) to a logical value (mod n²) and, for v1, a group (div n²).
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,19 @@ from torch import Tensor, nn
 from ultramem.config import ModelConfig
 from ultramem.ops import tdqkr_retrieval
 
-from ._common import (CALIBRATION_TOKENS, LayerStats, RMSNorm, full_tensor, key_balance_side, normal_from,
-                      rank1_refresh, rms_norm, tucker_rank_penalty, uniform_from,
-                      validate_memory_config)
+from ._common import (
+    CALIBRATION_TOKENS,
+    LayerStats,
+    RMSNorm,
+    full_tensor,
+    key_balance_side,
+    normal_from,
+    rank1_refresh,
+    rms_norm,
+    tucker_rank_penalty,
+    uniform_from,
+    validate_memory_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +55,8 @@ def _keys_contiguous(scores: Tensor) -> Tensor:
 
 
 class TuckerMemoryBase(nn.Module):
-    """Query, keys, Tucker cores and TDQKR retrieval over n' = E·n keys per side (docs/layers.md, UltraMemV2 steps 1–5)."""
+    """Query, keys, Tucker cores and TDQKR retrieval over n' = E·n keys per side (docs/layers.md,
+    UltraMemV2 steps 1–5)."""
 
     released_norm_exponent = RELEASED_NORM_EXPONENT
 
@@ -125,7 +137,7 @@ class TuckerMemoryBase(nn.Module):
         a, b = _keys_contiguous(a), _keys_contiguous(b)
         n_keys = self.n_side if a.shape[2] != self.n_side else -1
         ids, scores = tdqkr_retrieval(a, b, self.cores, self.rank1_u, self.rank1_v, self.knn, n_keys)
-        return a[:, :, :self.n_side], b[:, :, :self.n_side], ids, scores
+        return a[:, :, : self.n_side], b[:, :, : self.n_side], ids, scores
 
     def _aux_loss(self, x2: Tensor, a: Tensor, b: Tensor, ids: Tensor) -> Tensor:
         """The enabled auxiliary losses times their coefficients (a constant 0 when none is on)."""
@@ -136,8 +148,9 @@ class TuckerMemoryBase(nn.Module):
             acc = torch.promote_types(a.dtype, torch.float32)
             coarse_a = torch.einsum("thir,hr->thi", a.to(acc), self.rank1_u.to(acc))
             coarse_b = torch.einsum("thir,hr->thi", b.to(acc), self.rank1_v.to(acc))
-            balance = (key_balance_side(coarse_a, torch.div(ids, self.n_side, rounding_mode="floor"))
-                       + key_balance_side(coarse_b, ids % self.n_side))
+            balance = key_balance_side(coarse_a, torch.div(ids, self.n_side, rounding_mode="floor")) + key_balance_side(
+                coarse_b, ids % self.n_side
+            )
             aux = aux + self.key_balance_coef * balance
         return aux
 
@@ -174,7 +187,7 @@ class TuckerMemoryBase(nn.Module):
     # -- init ---------------------------------------------------------------------------------
 
     def _released_norm_scale(self) -> float:
-        return self.kdim ** self.released_norm_exponent
+        return self.kdim**self.released_norm_exponent
 
     @torch.no_grad()
     def _reset_retrieval(self, generator: torch.Generator) -> None:
@@ -183,7 +196,7 @@ class TuckerMemoryBase(nn.Module):
         self.perm.copy_(perm.to(self.perm.device))
         self.cores.copy_(uniform_from(generator, self.cores, 0.0, 1.0))
         if self.cfg.memory.init == "released":
-            std = self.kdim ** -0.5
+            std = self.kdim**-0.5
             scale = self._released_norm_scale()
         else:
             # keys pass through norm_k, so their scale is immaterial; use the linears' std
@@ -211,15 +224,19 @@ class TuckerMemoryBase(nn.Module):
         weight = self.w_q.weight
         score_var = 0.0
         for _ in range(rounds):
-            x = normal_from(generator, torch.empty(CALIBRATION_TOKENS, self.dim, device=weight.device,
-                                                   dtype=weight.dtype), 1.0)
+            x = normal_from(
+                generator, torch.empty(CALIBRATION_TOKENS, self.dim, device=weight.device, dtype=weight.dtype), 1.0
+            )
             scores = self._retrieve(x)[3].to(torch.float64)
             mean = float(scores.mean())
             if not mean > 0.0:
-                logger.warning("memory layer %d: mean selected score %.3g is not positive; "
-                               "norm-scale calibration skipped", self.layer_index, mean)
+                logger.warning(
+                    "memory layer %d: mean selected score %.3g is not positive; norm-scale calibration skipped",
+                    self.layer_index,
+                    mean,
+                )
                 break
-            factor = mean ** -0.25
+            factor = mean**-0.25
             self.norm_q.weight.mul_(factor)
             self.norm_k.weight.mul_(factor)
             score_var = float(scores.var()) / (mean * mean)

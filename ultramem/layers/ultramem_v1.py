@@ -2,6 +2,7 @@
 owned by the layer (no sharing, no pre-values, no gate), and implicit value expansion: the
 output has E² groups of vdim and an entry with virtual id t adds into group perm[t] div n².
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ class UltraMemV1(TuckerMemoryBase):
         m = cfg.memory
         super().__init__(cfg, layer_index, num_layers, m.knum)
         self.vdim = m.vdim
-        self.value_groups = m.key_expand ** 2  # value_expand = E²
+        self.value_groups = m.key_expand**2  # value_expand = E²
         self.values = nn.Parameter(torch.empty(self.num_logical, self.vdim))
         self.w_o = nn.Linear(self.value_groups * self.vdim, self.dim, bias=False)
 
@@ -51,10 +52,13 @@ class UltraMemV1(TuckerMemoryBase):
             out = weighted_lookup(rows, self.values, lookup_scores)
         else:
             group = group.reshape(t, hk, 1)
-            out = torch.cat([
-                weighted_lookup(rows, self.values, lookup_scores * (group == g).to(lookup_scores.dtype))
-                for g in range(self.value_groups)
-            ], dim=-1)
+            out = torch.cat(
+                [
+                    weighted_lookup(rows, self.values, lookup_scores * (group == g).to(lookup_scores.dtype))
+                    for g in range(self.value_groups)
+                ],
+                dim=-1,
+            )
         y2 = self.w_o(out)
         aux = self._aux_loss(x2, a, b, ids)
         return self._finish(x, y2, logical, scores), aux
@@ -79,5 +83,7 @@ class UltraMemV1(TuckerMemoryBase):
         fill_normal_rows(self.values, generator, value_std)
 
     def extra_repr(self) -> str:
-        return (f"layer={self.layer_index}, n={self.n}, keys_per_side={self.n_side}, heads={self.heads}, "
-                f"knn={self.knn}, rank={self.rank}, cores={self.num_cores}, value_groups={self.value_groups}")
+        return (
+            f"layer={self.layer_index}, n={self.n}, keys_per_side={self.n_side}, heads={self.heads}, "
+            f"knn={self.knn}, rank={self.rank}, cores={self.num_cores}, value_groups={self.value_groups}"
+        )

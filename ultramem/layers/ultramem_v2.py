@@ -2,6 +2,7 @@
 shared value tables, a PEER-style pre-value gate and a multi-core weighted sum, then one output
 projection.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,13 +45,18 @@ class UltraMemV2(TuckerMemoryBase):
     def _check_tables(self, tables: ValueTables | None) -> ValueTables:
         if tables is None or tables.values.shape != (self.num_rows, self.vdim):
             got = None if tables is None else tuple(tables.values.shape)
-            raise ValueError(f"UltraMemV2 layer {self.layer_index}: tables.values must have shape "
-                             f"(N={self.num_rows}, vdim={self.vdim}), got {got}")
-        if self.pre_vdim > 0 and (tables.pre_values is None
-                                  or tables.pre_values.shape != (self.num_rows, self.pre_vdim)):
+            raise ValueError(
+                f"UltraMemV2 layer {self.layer_index}: tables.values must have shape "
+                f"(N={self.num_rows}, vdim={self.vdim}), got {got}"
+            )
+        if self.pre_vdim > 0 and (
+            tables.pre_values is None or tables.pre_values.shape != (self.num_rows, self.pre_vdim)
+        ):
             got = None if tables.pre_values is None else tuple(tables.pre_values.shape)
-            raise ValueError(f"UltraMemV2 layer {self.layer_index}: tables.pre_values must have shape "
-                             f"(N={self.num_rows}, pre_vdim={self.pre_vdim}), got {got}")
+            raise ValueError(
+                f"UltraMemV2 layer {self.layer_index}: tables.pre_values must have shape "
+                f"(N={self.num_rows}, pre_vdim={self.pre_vdim}), got {got}"
+            )
         return tables
 
     def forward(self, x: Tensor, tables: ValueTables) -> tuple[Tensor, Tensor]:
@@ -75,8 +81,16 @@ class UltraMemV2(TuckerMemoryBase):
         lookup_scores = scores.to(act).reshape(t, hk, self.num_cores)
         if self.w_p is not None:
             # scores · act(<P[row], W_p x>) weight the V rows: one fused pass over both tables
-            out, _ = gate_lookup(rows, values, pre_values, gate_in.to(act), lookup_scores, self.glu_act,
-                                 tables.values_grad_id, tables.pre_values_grad_id)
+            out, _ = gate_lookup(
+                rows,
+                values,
+                pre_values,
+                gate_in.to(act),
+                lookup_scores,
+                self.glu_act,
+                tables.values_grad_id,
+                tables.pre_values_grad_id,
+            )
         else:
             out = weighted_lookup(rows, values, lookup_scores, tables.values_grad_id)
         y2 = self.w_o(out)
@@ -102,7 +116,7 @@ class UltraMemV2(TuckerMemoryBase):
         self.init_buffers()
         m = self.cfg.memory
         if m.init == "released":
-            wp_std, wo_std = self.dim ** -0.5, self.vdim ** -0.5  # value_expand = 1 in v2
+            wp_std, wo_std = self.dim**-0.5, self.vdim**-0.5  # value_expand = 1 in v2
         else:
             wp_std = wo_std = self.cfg.std
         if self.w_p is not None:
@@ -112,13 +126,16 @@ class UltraMemV2(TuckerMemoryBase):
             value_std = RELEASED_TABLE_STD
         else:
             score_var = self.calibrate(generator, m.calibration_rounds)
-            value_std = paper_value_std(self.cfg, self.num_layers, score_var, gated=self.pre_vdim > 0,
-                                        gelu=self.glu_act)
+            value_std = paper_value_std(
+                self.cfg, self.num_layers, score_var, gated=self.pre_vdim > 0, gelu=self.glu_act
+            )
         self.value_init_std = value_std
         if tables is not None:
             tables.note_layer_init(self.layer_index, value_std, generator)
 
     def extra_repr(self) -> str:
-        return (f"layer={self.layer_index}, n={self.n}, keys_per_side={self.n_side}, heads={self.heads}, "
-                f"knn={self.knn}, rank={self.rank}, cores={self.num_cores}, rows={self.num_rows}, "
-                f"offset={self.offset}, pre_vdim={self.pre_vdim}")
+        return (
+            f"layer={self.layer_index}, n={self.n}, keys_per_side={self.n_side}, heads={self.heads}, "
+            f"knn={self.knn}, rank={self.rank}, cores={self.num_cores}, rows={self.num_rows}, "
+            f"offset={self.offset}, pre_vdim={self.pre_vdim}"
+        )

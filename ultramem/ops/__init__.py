@@ -10,12 +10,13 @@ backward, on CPU always and on CUDA in debug mode (`set_debug`; the check syncs 
 before anything is written: a refused backward leaves a registered gradient buffer as it was.
 Unchecked on CUDA, the Triton kernels skip ids out of range (nothing read or written for them).
 """
+
 from ._checks import debug_enabled, set_debug
 from .determinism import deterministic_enabled, set_deterministic
 from .gate_lookup import gate_lookup, gate_lookup_backward_into
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
-from .staged_grad import GradStaging, register_staging, staging_for
 from .retrieval import tdqkr_retrieval, tdqkr_retrieval_backward
+from .staged_grad import GradStaging, register_staging, staging_for
 from .table_grad import (
     pre_value_gate_backward_accumulate,
     pre_value_gate_backward_into,

@@ -1,4 +1,5 @@
 """Argument checks shared by the ops: each error names the argument and the rule it broke."""
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,9 @@ def check_index_range(idx: torch.Tensor, upper: int, op: str, name: str) -> None
     check(lo >= 0 and hi < upper, op, f"{name} has values in [{lo}, {hi}], outside the valid range [0, {upper})")
 
 
-def check_lookup_args(op: str, rows: torch.Tensor, table: torch.Tensor, scores: torch.Tensor,
-                      grad_out: torch.Tensor | None = None) -> None:
+def check_lookup_args(
+    op: str, rows: torch.Tensor, table: torch.Tensor, scores: torch.Tensor, grad_out: torch.Tensor | None = None
+) -> None:
     """The arguments of `weighted_lookup` (and of its backwards, with grad_out [T, D])."""
     check_dim(rows, 2, op, "rows", "[tokens, entries]")
     check_dim(table, 2, op, "table", "[num_rows, dim]")
@@ -69,20 +71,30 @@ def check_lookup_args(op: str, rows: torch.Tensor, table: torch.Tensor, scores: 
     check_float(table, op, "table")
     check_float(scores, op, "scores")
     check_same_device(op, rows=rows, table=table, scores=scores)
-    check(tuple(scores.shape[:2]) == tuple(rows.shape), op,
-          f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}")
+    check(
+        tuple(scores.shape[:2]) == tuple(rows.shape),
+        op,
+        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
+    )
     m = scores.shape[2]
-    check(m >= 1 and table.shape[1] % m == 0, op,
-          f"table dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
+    check(
+        m >= 1 and table.shape[1] % m == 0,
+        op,
+        f"table dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])",
+    )
     if grad_out is not None:
         check_float(grad_out, op, "grad_out")
         check_same_device(op, grad_out=grad_out, rows=rows)
-        check(tuple(grad_out.shape) == (rows.shape[0], table.shape[1]), op,
-              f"grad_out shape {tuple(grad_out.shape)} must be (tokens, dim) = ({rows.shape[0]}, {table.shape[1]})")
+        check(
+            tuple(grad_out.shape) == (rows.shape[0], table.shape[1]),
+            op,
+            f"grad_out shape {tuple(grad_out.shape)} must be (tokens, dim) = ({rows.shape[0]}, {table.shape[1]})",
+        )
 
 
-def check_gate_args(op: str, rows: torch.Tensor, table: torch.Tensor, x: torch.Tensor,
-                    grad_gate: torch.Tensor | None = None) -> None:
+def check_gate_args(
+    op: str, rows: torch.Tensor, table: torch.Tensor, x: torch.Tensor, grad_gate: torch.Tensor | None = None
+) -> None:
     """The arguments of `pre_value_gate` (and of its backwards, with grad_gate [T, E])."""
     check_dim(rows, 2, op, "rows", "[tokens, entries]")
     check_dim(table, 2, op, "table", "[num_rows, dim]")
@@ -96,8 +108,11 @@ def check_gate_args(op: str, rows: torch.Tensor, table: torch.Tensor, x: torch.T
     if grad_gate is not None:
         check_float(grad_gate, op, "grad_gate")
         check_same_device(op, grad_gate=grad_gate, rows=rows)
-        check(tuple(grad_gate.shape) == tuple(rows.shape), op,
-              f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}")
+        check(
+            tuple(grad_gate.shape) == tuple(rows.shape),
+            op,
+            f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}",
+        )
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

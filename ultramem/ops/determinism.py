@@ -10,6 +10,7 @@ The mode is on when `set_deterministic(True)` was called, when the environment v
 ULTRAMEM_DETERMINISTIC is set to a non-zero value, or when PyTorch's own
 `torch.use_deterministic_algorithms(True)` is in force. CPU kernels are always deterministic.
 """
+
 from __future__ import annotations
 
 import os

@@ -18,6 +18,7 @@ table's gradient sorted by row with one writer per row; with a `GradStaging` reg
 values buffer, the same kernel staging the gradients' parts for a later flush,
 `ultramem.ops.staged_grad`); otherwise it goes through the lookup's and the gate's backward ops.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,19 +27,32 @@ import torch
 from torch import Tensor
 
 from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
-from .pre_value_gate import pre_value_gate_backward
-from .table_grad import (check_grad_buffer_id, keep_in_graphs, pre_value_gate_backward_into, registered_grad_buffer,
-                         weighted_lookup_backward_into)
-from .weighted_lookup import weighted_lookup_backward
 from .determinism import deterministic_enabled
+from .pre_value_gate import pre_value_gate_backward
 from .staged_grad import GradStaging, add_weighted_rows, stageable
+from .table_grad import (
+    check_grad_buffer_id,
+    keep_in_graphs,
+    pre_value_gate_backward_into,
+    registered_grad_buffer,
+    weighted_lookup_backward_into,
+)
+from .weighted_lookup import weighted_lookup_backward
 
 _OP = "gate_lookup"
 _BWD = "gate_lookup_backward_into"
 
 
-def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
-                values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1, op: str = _OP) -> None:
+def _check_args(
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    values_grad_buffer: int = -1,
+    pre_values_grad_buffer: int = -1,
+    op: str = _OP,
+) -> None:
     check_dim(rows, 2, op, "rows", "[tokens, entries]")
     check_dim(values, 2, op, "values", "[num_rows, dim]")
     check_dim(pre_values, 2, op, "pre_values", "[num_rows, pre_dim]")
@@ -48,20 +62,30 @@ def _check_args(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
     for name, t in (("values", values), ("pre_values", pre_values), ("x", x), ("scores", scores)):
         check_float(t, op, name)
     check_same_device(op, rows=rows, values=values, pre_values=pre_values, x=x, scores=scores)
-    check(pre_values.shape[0] == values.shape[0], op,
-          f"pre_values has {pre_values.shape[0]} rows but values has {values.shape[0]}; rows index both")
+    check(
+        pre_values.shape[0] == values.shape[0],
+        op,
+        f"pre_values has {pre_values.shape[0]} rows but values has {values.shape[0]}; rows index both",
+    )
     check(x.shape[0] == rows.shape[0], op, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
-    check(x.shape[1] == pre_values.shape[1], op,
-          f"x dim {x.shape[1]} must equal pre_values dim {pre_values.shape[1]}")
-    check(tuple(scores.shape[:2]) == tuple(rows.shape), op,
-          f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}")
+    check(x.shape[1] == pre_values.shape[1], op, f"x dim {x.shape[1]} must equal pre_values dim {pre_values.shape[1]}")
+    check(
+        tuple(scores.shape[:2]) == tuple(rows.shape),
+        op,
+        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
+    )
     m = scores.shape[2]
-    check(m >= 1 and values.shape[1] % m == 0, op,
-          f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])")
+    check(
+        m >= 1 and values.shape[1] % m == 0,
+        op,
+        f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])",
+    )
     _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
 
 
-def _check_grad_buffers(values: Tensor, pre_values: Tensor, values_grad_buffer: int, pre_values_grad_buffer: int) -> None:
+def _check_grad_buffers(
+    values: Tensor, pre_values: Tensor, values_grad_buffer: int, pre_values_grad_buffer: int
+) -> None:
     """A bad or freed buffer id fails in the forward (and at trace time), not only in the backward."""
     check_grad_buffer_id(_OP, values_grad_buffer, values)
     check_grad_buffer_id(_OP, pre_values_grad_buffer, pre_values)
@@ -75,8 +99,16 @@ def _gelu_and_slope(g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("ultramem::gate_lookup", mutates_args=())
-def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
-                gelu: bool, values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
+def gate_lookup(
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gelu: bool,
+    values_grad_buffer: int = -1,
+    pre_values_grad_buffer: int = -1,
+) -> tuple[Tensor, Tensor]:
     """Reference kernel (CPU; CUDA when Triton is missing)."""
     _check_args(rows, values, pre_values, x, scores, values_grad_buffer, pre_values_grad_buffer)
     check_index_range(rows, values.shape[0], _OP, "rows")
@@ -93,8 +125,16 @@ def gate_lookup(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, sco
 
 
 @gate_lookup.register_fake
-def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
-      gelu: bool, values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
+def _(
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gelu: bool,
+    values_grad_buffer: int = -1,
+    pre_values_grad_buffer: int = -1,
+) -> tuple[Tensor, Tensor]:
     _check_args(rows, values, pre_values, x, scores, values_grad_buffer, pre_values_grad_buffer)
     return scores.new_empty((rows.shape[0], values.shape[1])), x.new_empty(rows.shape)
 
@@ -123,9 +163,19 @@ def _gate_gradient(grad_eff: Tensor, s: Tensor, slope: Tensor, grad_gate: Tensor
     return grad_g if grad_gate is None else grad_g + grad_gate.to(grad_g.dtype)
 
 
-def _composed_backward(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor,
-                       x: Tensor, scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int,
-                       pre_values_grad_buffer: int):
+def _composed_backward(
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+    gelu: bool,
+    values_grad_buffer: int,
+    pre_values_grad_buffer: int,
+):
     """The backward through the lookup's and the gate's backward ops (each table's gradient
     into its buffer, or returned): (grad_values, grad_pre_values, grad_x, grad_scores)."""
     acc = acc_dtype(values, pre_values, x, scores)
@@ -146,46 +196,95 @@ def _composed_backward(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor,
 
 
 @torch.library.custom_op("ultramem::gate_lookup_backward_into", mutates_args=())
-def gate_lookup_backward_into(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
-                              pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor, gelu: bool,
-                              values_grad_buffer: int, pre_values_grad_buffer: int) -> tuple[Tensor, Tensor]:
+def gate_lookup_backward_into(
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+    gelu: bool,
+    values_grad_buffer: int,
+    pre_values_grad_buffer: int,
+) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup with both tables' gradients added into registered buffers (a
     hidden side effect, as `weighted_lookup_backward_into`), or staged for a later flush when a
     `GradStaging` is registered for the values buffer (`ultramem.ops.staged_grad`); returns
     (grad_scores, grad_x). On CUDA: `gate_lookup_backward_cuda` (atomics, staged, or sorted in
     deterministic mode). Arguments, buffer ids and the range of rows are checked before either
     buffer is touched."""
-    _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
-                         pre_values_grad_buffer)
+    _check_backward_args(
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer, pre_values_grad_buffer
+    )
     check_index_range(rows, values.shape[0], _BWD, "rows")
     staging = _staging(values_grad_buffer, rows, values, pre_values, x, scores, grad_out)
     if staging is not None:
-        return _staged_backward_reference(staging, grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
-                                          gelu, values_grad_buffer, pre_values_grad_buffer)
-    _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores, gate,
-                                                   gelu, values_grad_buffer, pre_values_grad_buffer)
+        return _staged_backward_reference(
+            staging,
+            grad_out,
+            grad_gate,
+            rows,
+            values,
+            pre_values,
+            x,
+            scores,
+            gate,
+            gelu,
+            values_grad_buffer,
+            pre_values_grad_buffer,
+        )
+    _, _, grad_x, grad_scores = _composed_backward(
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, values_grad_buffer, pre_values_grad_buffer
+    )
     return grad_scores.contiguous(), grad_x.contiguous()
 
 
 @gate_lookup_backward_into.register_fake
-def _(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor,
-      scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
-    _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
-                         pre_values_grad_buffer)
-    return (torch.empty_like(scores, memory_format=torch.contiguous_format),
-            torch.empty_like(x, memory_format=torch.contiguous_format))
+def _(
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+    gelu: bool,
+    values_grad_buffer: int,
+    pre_values_grad_buffer: int,
+):
+    _check_backward_args(
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer, pre_values_grad_buffer
+    )
+    return (
+        torch.empty_like(scores, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+    )
 
 
 keep_in_graphs(gate_lookup_backward_into)
 
 
-def _check_backward_args(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
-                         pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor,
-                         values_grad_buffer: int, pre_values_grad_buffer: int) -> None:
+def _check_backward_args(
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+    values_grad_buffer: int,
+    pre_values_grad_buffer: int,
+) -> None:
     op = _BWD
     _check_args(rows, values, pre_values, x, scores, op=op)
-    for name, handle in (("values_grad_buffer", values_grad_buffer),
-                         ("pre_values_grad_buffer", pre_values_grad_buffer)):
+    for name, handle in (
+        ("values_grad_buffer", values_grad_buffer),
+        ("pre_values_grad_buffer", pre_values_grad_buffer),
+    ):
         check(handle != -1, op, f"{name}={handle}: both tables' buffer ids are required (register_grad_buffer)")
     # both ids resolve before the first buffer is written (a freed second buffer would otherwise
     # fail after the first one had been added into)
@@ -196,23 +295,47 @@ def _check_backward_args(grad_out: Tensor, grad_gate: Tensor | None, rows: Tenso
     for name, t in (("grad_out", grad_out), ("gate", gate), ("grad_gate", grad_gate)):
         if t is not None:
             check_float(t, op, name)
-    check(tuple(grad_out.shape) == (rows.shape[0], values.shape[1]), op,
-          f"grad_out shape {tuple(grad_out.shape)} must be (tokens, vdim) = ({rows.shape[0]}, {values.shape[1]})")
+    check(
+        tuple(grad_out.shape) == (rows.shape[0], values.shape[1]),
+        op,
+        f"grad_out shape {tuple(grad_out.shape)} must be (tokens, vdim) = ({rows.shape[0]}, {values.shape[1]})",
+    )
     for name, t in (("gate", gate), ("grad_gate", grad_gate)):
-        check(t is None or tuple(t.shape) == tuple(rows.shape), op,
-              f"{name} shape {None if t is None else tuple(t.shape)} must equal rows shape {tuple(rows.shape)}")
+        check(
+            t is None or tuple(t.shape) == tuple(rows.shape),
+            op,
+            f"{name} shape {None if t is None else tuple(t.shape)} must equal rows shape {tuple(rows.shape)}",
+        )
 
 
-def _staging(values_grad_buffer: int, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor,
-             grad_out: Tensor) -> GradStaging | None:
+def _staging(
+    values_grad_buffer: int,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    grad_out: Tensor,
+) -> GradStaging | None:
     """The staging area registered for this values buffer, if this backward can use it."""
     staging = stageable(values_grad_buffer, rows, values, pre_values, x, scores)
     return staging if staging is not None and staging.accepts(rows, grad_out, x, scores) else None
 
 
-def _staged_backward_reference(staging: GradStaging, grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor,
-                               values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor,
-                               gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
+def _staged_backward_reference(
+    staging: GradStaging,
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+    gelu: bool,
+    values_grad_buffer: int,
+    pre_values_grad_buffer: int,
+):
     """The staged backward in plain tensor ops: (grad_scores, grad_x); each entry's effective
     scores and gate gradient go to the staging area, or into the buffers when it is full."""
     acc = torch.float32
@@ -228,8 +351,9 @@ def _staged_backward_reference(staging: GradStaging, grad_out: Tensor, grad_gate
     grad_x = torch.einsum("te,ted->td", grad_g, pre)
     if not staging.stage_reference(rows, grad_out, x, eff, grad_g):
         add_weighted_rows(rows, grad_out, eff, registered_grad_buffer(_OP, values_grad_buffer, values))
-        add_weighted_rows(rows, x, grad_g.unsqueeze(-1),
-                          registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values))
+        add_weighted_rows(
+            rows, x, grad_g.unsqueeze(-1), registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values)
+        )
     return (grad_eff * act.unsqueeze(-1)).to(scores.dtype).contiguous(), grad_x.to(x.dtype).contiguous()
 
 
@@ -240,11 +364,13 @@ def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
     grad_out = grad_out.contiguous()
     values_buf, pre_values_buf = ctx.grad_buffers
     if values_buf != -1 and pre_values_buf != -1:  # the trainer's case: one fused backward
-        grad_scores, grad_x = gate_lookup_backward_into(grad_out, grad_gate, rows, values, pre_values, x, scores,
-                                                        gate, ctx.gelu, values_buf, pre_values_buf)
+        grad_scores, grad_x = gate_lookup_backward_into(
+            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, ctx.gelu, values_buf, pre_values_buf
+        )
         return None, None, None, grad_x, grad_scores, None, None, None
     grad_values, grad_pre_values, grad_x, grad_scores = _composed_backward(
-        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, ctx.gelu, values_buf, pre_values_buf)
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, ctx.gelu, values_buf, pre_values_buf
+    )
     return None, grad_values, grad_pre_values, grad_x, grad_scores, None, None, None
 
 
@@ -253,26 +379,70 @@ gate_lookup.register_autograd(_backward, setup_context=_setup_context)
 from ._triton import gate_lookup as _triton_gate_lookup  # noqa: E402  (None without Triton)
 
 if _triton_gate_lookup is not None:
+
     @gate_lookup.register_kernel("cuda")
-    def _(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool,
-          values_grad_buffer: int = -1, pre_values_grad_buffer: int = -1) -> tuple[Tensor, Tensor]:
+    def _(
+        rows: Tensor,
+        values: Tensor,
+        pre_values: Tensor,
+        x: Tensor,
+        scores: Tensor,
+        gelu: bool,
+        values_grad_buffer: int = -1,
+        pre_values_grad_buffer: int = -1,
+    ) -> tuple[Tensor, Tensor]:
         _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
         return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
 
     @gate_lookup_backward_into.register_kernel("cuda")
-    def _(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor,
-          scores: Tensor, gate: Tensor, gelu: bool, values_grad_buffer: int, pre_values_grad_buffer: int):
-        _check_backward_args(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer,
-                             pre_values_grad_buffer)
+    def _(
+        grad_out: Tensor,
+        grad_gate: Tensor | None,
+        rows: Tensor,
+        values: Tensor,
+        pre_values: Tensor,
+        x: Tensor,
+        scores: Tensor,
+        gate: Tensor,
+        gelu: bool,
+        values_grad_buffer: int,
+        pre_values_grad_buffer: int,
+    ):
+        _check_backward_args(
+            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer, pre_values_grad_buffer
+        )
         check_index_range(rows, values.shape[0], _BWD, "rows")
-        if (acc_dtype(values, pre_values, x, scores) == torch.float64
-                or rows.shape[1] > _triton_gate_lookup.BWD_MAX_ENTRIES):
-            _, _, grad_x, grad_scores = _composed_backward(grad_out, grad_gate, rows, values, pre_values, x, scores,
-                                                           gate, gelu, values_grad_buffer, pre_values_grad_buffer)
+        if (
+            acc_dtype(values, pre_values, x, scores) == torch.float64
+            or rows.shape[1] > _triton_gate_lookup.BWD_MAX_ENTRIES
+        ):
+            _, _, grad_x, grad_scores = _composed_backward(
+                grad_out,
+                grad_gate,
+                rows,
+                values,
+                pre_values,
+                x,
+                scores,
+                gate,
+                gelu,
+                values_grad_buffer,
+                pre_values_grad_buffer,
+            )
             return grad_scores.contiguous(), grad_x.contiguous()
         staging = _staging(values_grad_buffer, rows, values, pre_values, x, scores, grad_out)
         return _triton_gate_lookup.gate_lookup_backward_cuda(
-            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu,
+            grad_out,
+            grad_gate,
+            rows,
+            values,
+            pre_values,
+            x,
+            scores,
+            gate,
+            gelu,
             registered_grad_buffer(_BWD, values_grad_buffer, values),
             registered_grad_buffer(_BWD, pre_values_grad_buffer, pre_values),
-            deterministic=_triton_gate_lookup.SORTED_BACKWARD or deterministic_enabled(), staging=staging)
+            deterministic=_triton_gate_lookup.SORTED_BACKWARD or deterministic_enabled(),
+            staging=staging,
+        )

@@ -6,13 +6,14 @@
 layer outside the op. Shapes: rows [T, E] int32/int64, table [N, D], x [T, D] → gate [T, E] in
 x's dtype. Backward: a row-scattered fp32 (fp64 for fp64 input) table gradient and grad_x.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from ._checks import acc_dtype, check_gate_args, check_index_range
-from .table_grad import check_grad_buffer_id, registered_grad_buffer, pre_value_gate_backward_into
+from .table_grad import check_grad_buffer_id, pre_value_gate_backward_into, registered_grad_buffer
 
 _OP = "pre_value_gate"
 _BWD = "pre_value_gate_backward"
@@ -87,6 +88,7 @@ pre_value_gate.register_autograd(_backward, setup_context=_setup_context)
 from ._triton import pre_value_gate as _triton_pre_value_gate  # noqa: E402  (None without Triton)
 
 if _triton_pre_value_gate is not None:
+
     @pre_value_gate.register_kernel("cuda")
     def _(rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int = -1) -> Tensor:
         if grad_buffer != -1:  # the launcher checks the other arguments

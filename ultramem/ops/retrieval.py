@@ -25,6 +25,7 @@ unspecified. The backward is that of the same pairs, whatever their scores. (The
 sums the cores before the grid, the reference after; NaN from infinite inputs alone can then
 depend on that order. A NaN in the inputs poisons both alike.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ _OP = "tdqkr_retrieval"
 _BWD = "tdqkr_retrieval_backward"
 
 
-def _check_args(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
-                n_keys: int = -1) -> None:
+def _check_args(
+    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> None:
     check_dim(row_scores, 4, _OP, "row_scores", "[tokens, heads, row_keys, rank]")
     check_dim(col_scores, 4, _OP, "col_scores", "[tokens, heads, col_keys, rank]")
     check_dim(cores, 4, _OP, "cores", "[heads, cores, rank, rank]")
@@ -47,24 +49,36 @@ def _check_args(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor
         check_float(t, _OP, name)
     check_same_device(_OP, row_scores=row_scores, col_scores=col_scores, cores=cores, u=u, v=v)
     t, h, n_row, r = row_scores.shape
-    check(col_scores.shape[0] == t and col_scores.shape[1] == h and col_scores.shape[3] == r, _OP,
-          f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
-          f"{tuple(row_scores.shape)} in tokens, heads and rank")
-    check(cores.shape[0] == h and cores.shape[2] == r and cores.shape[3] == r, _OP,
-          f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})")
-    check(tuple(u.shape) == (h, r) and tuple(v.shape) == (h, r), _OP,
-          f"u {tuple(u.shape)} and v {tuple(v.shape)} must both be (heads={h}, rank={r})")
+    check(
+        col_scores.shape[0] == t and col_scores.shape[1] == h and col_scores.shape[3] == r,
+        _OP,
+        f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
+        f"{tuple(row_scores.shape)} in tokens, heads and rank",
+    )
+    check(
+        cores.shape[0] == h and cores.shape[2] == r and cores.shape[3] == r,
+        _OP,
+        f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})",
+    )
+    check(
+        tuple(u.shape) == (h, r) and tuple(v.shape) == (h, r),
+        _OP,
+        f"u {tuple(u.shape)} and v {tuple(v.shape)} must both be (heads={h}, rank={r})",
+    )
     n_col = col_scores.shape[2]
-    check(n_keys == -1 or 1 <= n_keys <= min(n_row, n_col), _OP,
-          f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]")
+    check(
+        n_keys == -1 or 1 <= n_keys <= min(n_row, n_col),
+        _OP,
+        f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]",
+    )
     if n_keys != -1:
         n_row = n_col = n_keys
-    check(1 <= knn <= min(n_row, n_col), _OP,
-          f"knn={knn} must be in [1, min(row_keys={n_row}, col_keys={n_col})]")
+    check(1 <= knn <= min(n_row, n_col), _OP, f"knn={knn} must be in [1, min(row_keys={n_row}, col_keys={n_col})]")
 
 
-def _check_backward_args(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor,
-                         n_keys: int = -1) -> int:
+def _check_backward_args(
+    grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> int:
     """The backward's arguments; returns the number of virtual ids (ids must lie in [0, that))."""
     op = _BWD
     check_dim(row_scores, 4, op, "row_scores", "[tokens, heads, row_keys, rank]")
@@ -72,25 +86,40 @@ def _check_backward_args(grad_scores: Tensor, row_scores: Tensor, col_scores: Te
     check_dim(cores, 4, op, "cores", "[heads, cores, rank, rank]")
     check_dim(ids, 3, op, "ids", "[tokens, heads, knn]")
     check_dim(grad_scores, 4, op, "grad_scores", "[tokens, heads, knn, cores]")
-    for name, t in (("grad_scores", grad_scores), ("row_scores", row_scores), ("col_scores", col_scores),
-                    ("cores", cores)):
+    for name, t in (
+        ("grad_scores", grad_scores),
+        ("row_scores", row_scores),
+        ("col_scores", col_scores),
+        ("cores", cores),
+    ):
         check_float(t, op, name)
     check_index(ids, op, "ids")
-    check_same_device(op, grad_scores=grad_scores, row_scores=row_scores, col_scores=col_scores, cores=cores,
-                      ids=ids)
+    check_same_device(op, grad_scores=grad_scores, row_scores=row_scores, col_scores=col_scores, cores=cores, ids=ids)
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
-    check(tuple(col_scores.shape[:2]) == (t, h) and col_scores.shape[3] == r, op,
-          f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
-          f"{tuple(row_scores.shape)} in tokens, heads and rank")
-    check(cores.shape[0] == h and tuple(cores.shape[2:]) == (r, r), op,
-          f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})")
-    check(n_keys == -1 or 1 <= n_keys <= min(n_row, n_col), op,
-          f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]")
+    check(
+        tuple(col_scores.shape[:2]) == (t, h) and col_scores.shape[3] == r,
+        op,
+        f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
+        f"{tuple(row_scores.shape)} in tokens, heads and rank",
+    )
+    check(
+        cores.shape[0] == h and tuple(cores.shape[2:]) == (r, r),
+        op,
+        f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})",
+    )
+    check(
+        n_keys == -1 or 1 <= n_keys <= min(n_row, n_col),
+        op,
+        f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]",
+    )
     check(tuple(ids.shape[:2]) == (t, h), op, f"ids shape {tuple(ids.shape)} must be (tokens={t}, heads={h}, knn)")
     knn, m = ids.shape[2], cores.shape[1]
-    check(tuple(grad_scores.shape) == (t, h, knn, m), op,
-          f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})")
+    check(
+        tuple(grad_scores.shape) == (t, h, knn, m),
+        op,
+        f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})",
+    )
     if n_keys != -1:
         n_row = n_col = n_keys
     return n_row * n_col
@@ -107,8 +136,9 @@ def _gather_keys(scores: Tensor, idx: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("ultramem::tdqkr_retrieval", mutates_args=())
-def tdqkr_retrieval(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor,
-                    knn: int, n_keys: int = -1) -> tuple[Tensor, Tensor]:
+def tdqkr_retrieval(
+    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
     """Reference kernel (CPU; CUDA until a faster one is registered)."""
     _check_args(row_scores, col_scores, cores, u, v, knn, n_keys)
     if n_keys != -1:
@@ -145,8 +175,9 @@ def _(row_scores, col_scores, cores, u, v, knn, n_keys=-1):
 
 
 @torch.library.custom_op("ultramem::tdqkr_retrieval_backward", mutates_args=())
-def tdqkr_retrieval_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
-                             ids: Tensor, n_keys: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+def tdqkr_retrieval_backward(
+    grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype and
     (padding included) shape. ids must lie in [0, row keys · col keys) (real keys with n_keys)."""
     n_ids = _check_backward_args(grad_scores, row_scores, col_scores, cores, ids, n_keys)
@@ -160,16 +191,27 @@ def tdqkr_retrieval_backward(grad_scores: Tensor, row_scores: Tensor, col_scores
     grad_b_sel = torch.einsum("them,hmrs,ther->thes", g, c, a_sel)
     grad_cores = torch.einsum("them,ther,thes->hmrs", g, a_sel, b_sel)
     r = a_full.shape[-1]
-    grad_a = torch.zeros(a_full.shape, dtype=acc, device=a_full.device).scatter_add_(2, i.unsqueeze(-1).expand(*i.shape, r), grad_a_sel)
-    grad_b = torch.zeros(b_full.shape, dtype=acc, device=b_full.device).scatter_add_(2, j.unsqueeze(-1).expand(*j.shape, r), grad_b_sel)
-    return (grad_a.to(row_scores.dtype).contiguous(), grad_b.to(col_scores.dtype).contiguous(),
-            grad_cores.to(cores.dtype).contiguous())
+    grad_a = torch.zeros(a_full.shape, dtype=acc, device=a_full.device).scatter_add_(
+        2, i.unsqueeze(-1).expand(*i.shape, r), grad_a_sel
+    )
+    grad_b = torch.zeros(b_full.shape, dtype=acc, device=b_full.device).scatter_add_(
+        2, j.unsqueeze(-1).expand(*j.shape, r), grad_b_sel
+    )
+    return (
+        grad_a.to(row_scores.dtype).contiguous(),
+        grad_b.to(col_scores.dtype).contiguous(),
+        grad_cores.to(cores.dtype).contiguous(),
+    )
 
 
 @tdqkr_retrieval_backward.register_fake
 def _(grad_scores, row_scores, col_scores, cores, ids, n_keys=-1):
     _check_backward_args(grad_scores, row_scores, col_scores, cores, ids, n_keys)
-    return torch.empty_like(row_scores, memory_format=torch.contiguous_format), torch.empty_like(col_scores, memory_format=torch.contiguous_format), torch.empty_like(cores, memory_format=torch.contiguous_format)
+    return (
+        torch.empty_like(row_scores, memory_format=torch.contiguous_format),
+        torch.empty_like(col_scores, memory_format=torch.contiguous_format),
+        torch.empty_like(cores, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -182,8 +224,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_ids, grad_scores):
     row_scores, col_scores, cores, ids = ctx.saved_tensors
-    grad_a, grad_b, grad_c = tdqkr_retrieval_backward(grad_scores.contiguous(), row_scores, col_scores, cores, ids,
-                                                      ctx.n_keys)
+    grad_a, grad_b, grad_c = tdqkr_retrieval_backward(
+        grad_scores.contiguous(), row_scores, col_scores, cores, ids, ctx.n_keys
+    )
     return grad_a, grad_b, grad_c, None, None, None, None
 
 

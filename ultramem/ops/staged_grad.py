@@ -38,6 +38,7 @@ Deterministic mode (`ultramem.ops.determinism`) does not stage: its sorted per-c
 Staged (and deferred) on CUDA and CPU alike, so the mechanism is testable without a GPU; the
 speed-up is a GPU matter (perf/history/staged_flush.md).
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,13 +62,23 @@ class GradStaging:
     Both halves: `gate_lookup`'s backward (registered under the values buffer id). Values only:
     `weighted_lookup`'s; pre-values only: `pre_value_gate`'s (each under its table's buffer id)."""
 
-    def __init__(self, capacity: int, entries: int, cores: int, vdim: int, pre_vdim: int, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(
+        self,
+        capacity: int,
+        entries: int,
+        cores: int,
+        vdim: int,
+        pre_vdim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         check(capacity > 0, "GradStaging", f"capacity={capacity} tokens must be > 0")
-        check(entries > 0 and cores > 0 and vdim >= 0 and pre_vdim >= 0 and vdim + pre_vdim > 0
-              and vdim % cores == 0, "GradStaging",
-              f"entries={entries}, cores={cores}, vdim={vdim}, pre_vdim={pre_vdim}: need entries, cores > 0, "
-              f"vdim and pre_vdim >= 0 (not both 0) and vdim divisible by cores")
+        check(
+            entries > 0 and cores > 0 and vdim >= 0 and pre_vdim >= 0 and vdim + pre_vdim > 0 and vdim % cores == 0,
+            "GradStaging",
+            f"entries={entries}, cores={cores}, vdim={vdim}, pre_vdim={pre_vdim}: need entries, cores > 0, "
+            f"vdim and pre_vdim >= 0 (not both 0) and vdim divisible by cores",
+        )
         self.capacity, self.entries, self.cores = capacity, entries, cores
         self.vdim, self.pre_vdim, self.dtype = vdim, pre_vdim, dtype
         kw = {"device": device}
@@ -88,19 +99,33 @@ class GradStaging:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _fits(self, rows: Tensor, *token_rows: Tensor) -> bool:
-        return (rows.shape[1] == self.entries and rows.device == self.fill.device
-                and all(t.dtype == self.dtype and t.device == self.fill.device for t in token_rows))
+        return (
+            rows.shape[1] == self.entries
+            and rows.device == self.fill.device
+            and all(t.dtype == self.dtype and t.device == self.fill.device for t in token_rows)
+        )
 
     def accepts(self, rows: Tensor, grad_out: Tensor, x: Tensor, scores: Tensor) -> bool:
         """Whether a `gate_lookup` backward with these tensors can be staged here (else it adds
         with atomics)."""
-        return (self.vdim > 0 and self.pre_vdim > 0 and self._fits(rows, grad_out, x) and scores.shape[2] == self.cores
-                and grad_out.shape[1] == self.vdim and x.shape[1] == self.pre_vdim)
+        return (
+            self.vdim > 0
+            and self.pre_vdim > 0
+            and self._fits(rows, grad_out, x)
+            and scores.shape[2] == self.cores
+            and grad_out.shape[1] == self.vdim
+            and x.shape[1] == self.pre_vdim
+        )
 
     def accepts_lookup(self, rows: Tensor, grad_out: Tensor, scores: Tensor) -> bool:
         """The same for a `weighted_lookup` backward (a values-only staging area)."""
-        return (self.vdim > 0 and self.pre_vdim == 0 and self._fits(rows, grad_out)
-                and scores.shape[2] == self.cores and grad_out.shape[1] == self.vdim)
+        return (
+            self.vdim > 0
+            and self.pre_vdim == 0
+            and self._fits(rows, grad_out)
+            and scores.shape[2] == self.cores
+            and grad_out.shape[1] == self.vdim
+        )
 
     def accepts_gate(self, rows: Tensor, x: Tensor) -> bool:
         """The same for a `pre_value_gate` backward (a pre-values-only staging area)."""
@@ -109,8 +134,9 @@ class GradStaging:
     def staged_tokens(self) -> int:
         return int(self.fill.item())
 
-    def stage_reference(self, rows: Tensor, grad_out: Tensor | None, x: Tensor | None, eff: Tensor | None,
-                        grad_g: Tensor | None) -> bool:
+    def stage_reference(
+        self, rows: Tensor, grad_out: Tensor | None, x: Tensor | None, eff: Tensor | None, grad_g: Tensor | None
+    ) -> bool:
         """Stage one backward with plain tensor ops (the CPU path; the halves this area has);
         False when it does not fit."""
         t = rows.shape[0]
@@ -129,8 +155,13 @@ class GradStaging:
         return True
 
     @torch.no_grad()
-    def flush(self, grad_values: Tensor | None, grad_pre_values: Tensor | None = None, kernels: bool | None = None,
-              wait: bool = True) -> int | None:
+    def flush(
+        self,
+        grad_values: Tensor | None,
+        grad_pre_values: Tensor | None = None,
+        kernels: bool | None = None,
+        wait: bool = True,
+    ) -> int | None:
         """Add everything staged into the gradient buffers of the halves this area has (the
         values' and the pre-values' buffers) and empty the staging area; returns the number of
         tokens flushed. `kernels`: the sort and the Triton passes (default: on CUDA), else plain
@@ -140,8 +171,10 @@ class GradStaging:
         count returned is None."""
         from ._triton import weighted_lookup as _twl  # noqa: PLC0415  (None without Triton)
 
-        halves = [(self.grad_out, self.eff, grad_values, "grad_values"),
-                  (self.x, self.grad_g, grad_pre_values, "grad_pre_values")]
+        halves = [
+            (self.grad_out, self.eff, grad_values, "grad_values"),
+            (self.x, self.grad_g, grad_pre_values, "grad_pre_values"),
+        ]
         halves = [h for h in halves if h[0] is not None]
         for _, _, buf, name in halves:
             check(buf is not None, "GradStaging.flush", f"{name} is None but this staging area holds its half")
@@ -177,18 +210,24 @@ def stageable(grad_buffer: int, rows: Tensor, table: Tensor, *tensors: Tensor) -
     (not in deterministic mode, fp32 accumulation, int32 row ids; on CUDA at most the fused
     backward kernel's entries per token)."""
     staging = _stagings.get(grad_buffer)
-    if (staging is None or deterministic_enabled() or acc_dtype(table, *tensors) != torch.float32
-            or table.shape[0] >= 2**31):
+    if (
+        staging is None
+        or deterministic_enabled()
+        or acc_dtype(table, *tensors) != torch.float32
+        or table.shape[0] >= 2**31
+    ):
         return None
     if rows.is_cuda:
         from ._triton import gate_lookup as _tgl  # noqa: PLC0415  (None without Triton)
+
         if _tgl is None or rows.shape[1] > _tgl.BWD_MAX_ENTRIES:
             return None
     return staging
 
 
-def staged_lookup_backward(grad_buffer: int, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor,
-                           buf: Tensor) -> Tensor | None:
+def staged_lookup_backward(
+    grad_buffer: int, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, buf: Tensor
+) -> Tensor | None:
     """`weighted_lookup`'s backward staged into the values-only `GradStaging` registered for
     `grad_buffer` (into `buf` directly when it is full); returns grad_scores, or None when no
     staging applies (then the caller adds into `buf` itself). The caller checked the arguments."""
@@ -197,8 +236,10 @@ def staged_lookup_backward(grad_buffer: int, grad_out: Tensor, rows: Tensor, tab
         return None
     if rows.is_cuda:
         from ._triton import gate_lookup as _tgl  # noqa: PLC0415
+
         return _tgl.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
     from .weighted_lookup import _gather_chunks  # noqa: PLC0415  (it imports this module)
+
     m = scores.shape[2]
     g = grad_out.float().view(rows.shape[0], 1, m, table.shape[1] // m)
     grad_scores = (_gather_chunks(rows, table, m, torch.float32) * g).sum(-1)
@@ -207,8 +248,9 @@ def staged_lookup_backward(grad_buffer: int, grad_out: Tensor, rows: Tensor, tab
     return grad_scores.to(scores.dtype)
 
 
-def staged_gate_backward(grad_buffer: int, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor,
-                         buf: Tensor) -> Tensor | None:
+def staged_gate_backward(
+    grad_buffer: int, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, buf: Tensor
+) -> Tensor | None:
     """`pre_value_gate`'s backward staged into the pre-values-only `GradStaging` registered for
     `grad_buffer`; returns grad_x, or None when no staging applies. The caller checked the arguments."""
     staging = stageable(grad_buffer, rows, table, x, grad_gate)
@@ -216,8 +258,10 @@ def staged_gate_backward(grad_buffer: int, grad_gate: Tensor, rows: Tensor, tabl
         return None
     if rows.is_cuda:
         from ._triton import gate_lookup as _tgl  # noqa: PLC0415
+
         return _tgl.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
     from .weighted_lookup import _gather_chunks  # noqa: PLC0415
+
     gg = grad_gate.float()
     grad_x = torch.einsum("te,ted->td", gg, _gather_chunks(rows, table, 1, torch.float32)[:, :, 0])
     if not staging.stage_reference(rows, None, x, None, gg):

@@ -22,13 +22,14 @@ version counter, so a buffer shared by several compiled layers (each adding into
 backward) would fail that check. An integer id keeps the buffer out of the graphs; the side
 effect lives inside opaque custom ops whose outputs are always used, so it runs exactly once.
 """
-from __future__ import annotations
 
-import torch
-from torch import Tensor
+from __future__ import annotations
 
 import itertools
 import weakref
+
+import torch
+from torch import Tensor
 
 from ._checks import check, check_gate_args, check_index_range, check_lookup_args, check_same_device
 from .staged_grad import staged_gate_backward, staged_lookup_backward
@@ -68,8 +69,12 @@ def release_grad_buffer(handle: int) -> None:
 def registered_grad_buffer(op: str, handle: int, table: Tensor) -> Tensor:
     ref = _grad_buffers.get(handle)
     buf = ref() if ref is not None else None
-    check(buf is not None, op, f"grad_buffer={handle} is not a registered buffer id, or its buffer was freed "
-                               f"(register_grad_buffer gives one; -1 means none)")
+    check(
+        buf is not None,
+        op,
+        f"grad_buffer={handle} is not a registered buffer id, or its buffer was freed "
+        f"(register_grad_buffer gives one; -1 means none)",
+    )
     check_grad_buffer(op, buf, table)
     return buf
 
@@ -83,27 +88,33 @@ def check_grad_buffer_id(op: str, handle: int, table: Tensor) -> None:
 
 
 def check_grad_buffer(op: str, grad_table: Tensor, table: Tensor) -> None:
-    check(tuple(grad_table.shape) == tuple(table.shape), op,
-          f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
+    check(
+        tuple(grad_table.shape) == tuple(table.shape),
+        op,
+        f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}",
+    )
     check(grad_table.dtype in _FLOAT_ACC, op, f"grad_table must be float32 or float64, got {grad_table.dtype}")
     check_same_device(op, grad_table=grad_table, table=table)
 
 
-def _check_lookup_accumulate(op: str, grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor,
-                             scores: Tensor) -> None:
+def _check_lookup_accumulate(
+    op: str, grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor
+) -> None:
     check_lookup_args(op, rows, table, scores, grad_out)
     check_grad_buffer(op, grad_table, table)
 
 
-def _check_gate_accumulate(op: str, grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor,
-                           x: Tensor) -> None:
+def _check_gate_accumulate(
+    op: str, grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor
+) -> None:
     check_gate_args(op, rows, table, x, grad_gate)
     check_grad_buffer(op, grad_table, table)
 
 
 @torch.library.custom_op("ultramem::weighted_lookup_backward_accumulate", mutates_args=("grad_table",))
-def weighted_lookup_backward_accumulate(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor,
-                                        scores: Tensor) -> Tensor:
+def weighted_lookup_backward_accumulate(
+    grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor
+) -> Tensor:
     """grad_table[rows[t, e], chunk m] += scores[t, e, m] · grad_out[t, chunk m]; returns grad_scores.
     Every argument (and the range of rows) is checked before grad_table is touched."""
     op = "weighted_lookup_backward_accumulate"
@@ -128,8 +139,9 @@ def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores:
 
 
 @torch.library.custom_op("ultramem::pre_value_gate_backward_accumulate", mutates_args=("grad_table",))
-def pre_value_gate_backward_accumulate(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor,
-                                       x: Tensor) -> Tensor:
+def pre_value_gate_backward_accumulate(
+    grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor
+) -> Tensor:
     """grad_table[rows[t, e]] += grad_gate[t, e] · x[t]; returns grad_x. Every argument (and the
     range of rows) is checked before grad_table is touched."""
     op = "pre_value_gate_backward_accumulate"
@@ -156,13 +168,17 @@ from ._triton import pre_value_gate as _triton_pre_value_gate  # noqa: E402  (No
 from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402
 
 if _triton_weighted_lookup is not None:
+
     @weighted_lookup_backward_accumulate.register_kernel("cuda")
     def _(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
         check_grad_buffer("weighted_lookup_backward_accumulate", grad_table, table)  # (the launcher checks the rest)
-        return _triton_weighted_lookup.weighted_lookup_backward_accumulate_cuda(grad_table, grad_out, rows, table,
-                                                                                scores)
+        return _triton_weighted_lookup.weighted_lookup_backward_accumulate_cuda(
+            grad_table, grad_out, rows, table, scores
+        )
+
 
 if _triton_pre_value_gate is not None:
+
     @pre_value_gate_backward_accumulate.register_kernel("cuda")
     def _(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
         check_grad_buffer("pre_value_gate_backward_accumulate", grad_table, table)
@@ -170,8 +186,9 @@ if _triton_pre_value_gate is not None:
 
 
 @torch.library.custom_op("ultramem::weighted_lookup_backward_into", mutates_args=())
-def weighted_lookup_backward_into(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor,
-                                  grad_buffer: int) -> Tensor:
+def weighted_lookup_backward_into(
+    grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int
+) -> Tensor:
     """Adds the table gradient into registered buffer `grad_buffer` (a hidden side effect: see the
     module doc); returns grad_scores. Arguments are checked before the buffer is touched."""
     op = "weighted_lookup_backward_into"
@@ -191,8 +208,7 @@ def _(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_buffer
 
 
 @torch.library.custom_op("ultramem::pre_value_gate_backward_into", mutates_args=())
-def pre_value_gate_backward_into(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor,
-                                 grad_buffer: int) -> Tensor:
+def pre_value_gate_backward_into(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, grad_buffer: int) -> Tensor:
     """Adds the table gradient into registered buffer `grad_buffer`; returns grad_x. Arguments are
     checked before the buffer is touched."""
     op = "pre_value_gate_backward_into"

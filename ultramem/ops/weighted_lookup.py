@@ -18,6 +18,7 @@ no [N, D] allocation or zero-fill per call, and micro-batches accumulate for fre
 aliases `param.grad` to that buffer so clipping and the optimizer see it as the parameter's
 gradient. Why an id and not a tensor argument: see `ultramem.ops.table_grad`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -102,6 +103,7 @@ weighted_lookup.register_autograd(_backward, setup_context=_setup_context)
 from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402  (None without Triton)
 
 if _triton_weighted_lookup is not None:
+
     @weighted_lookup.register_kernel("cuda")
     def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
         if grad_buffer != -1:  # the launcher checks the other arguments

@@ -3,6 +3,7 @@
 Also runs under `torchrun --nproc_per_node N -m ultramem.train ...`. `--dry-run` builds the model
 on the meta device, prints its parameter / FLOP / memory summary and exits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,12 @@ from ultramem.config import ConfigError
 
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def _keys_epilog() -> str:
@@ -46,24 +51,35 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ultramem.train",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train an ultramem language model, alone or under torchrun. Any --section.key=value after "
-                    "the known options overrides a config value (e.g. --model.memory.knn=16).",
-        epilog=_keys_epilog())
-    parser.add_argument("--config", default=None,
-                        help="packaged config name (e.g. 227m or debug.toml) or path to a TOML file")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="build the model on the meta device, print its summary, exit")
-    parser.add_argument("--resume", metavar="PATH", default=None,
-                        help="resume from this checkpoint (or the latest in this directory); by default a run "
-                             "resumes from the latest checkpoint in its own run directory")
-    parser.add_argument("--no-resume", action="store_true", help="start afresh even if the run directory has "
-                        "checkpoints (they are replaced as the new run saves)")
+        "the known options overrides a config value (e.g. --model.memory.knn=16).",
+        epilog=_keys_epilog(),
+    )
+    parser.add_argument(
+        "--config", default=None, help="packaged config name (e.g. 227m or debug.toml) or path to a TOML file"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="build the model on the meta device, print its summary, exit"
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="PATH",
+        default=None,
+        help="resume from this checkpoint (or the latest in this directory); by default a run "
+        "resumes from the latest checkpoint in its own run directory",
+    )
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh even if the run directory has checkpoints (they are replaced as the new run saves)",
+    )
     args, rest = parser.parse_known_args(argv)
     _setup_logging()
     from ultramem.train.config import load_config
 
     if args.config is None:
-        parser.exit(2, f"{_prefix()}config error: --config is required (packaged: debug.toml, 227m.toml, ...; "
-                       f"see --help)\n")
+        parser.exit(
+            2, f"{_prefix()}config error: --config is required (packaged: debug.toml, 227m.toml, ...; see --help)\n"
+        )
     if args.resume is not None:
         rest = rest + [f"--run.resume={args.resume}"]
     if args.no_resume:

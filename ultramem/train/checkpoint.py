@@ -12,6 +12,7 @@ rename it to its final name. A run killed while saving leaves a temporary direct
 loader ignores (and the next save removes), so the previous checkpoint stays the latest. The data
 position is the step itself: batch `i` of `TokenWindows` depends only on `i`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,10 +50,24 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Keys that may change between a checkpoint and the run resuming from it: how long to run, how to
 # run it (parallelism, compile, activation checkpointing, device), and where to write.
 RESUMABLE_CHANGES = (
-    "train.max_steps", "train.log_interval", "train.eval_interval", "train.eval_batches", "train.compile",
-    "train.compile_mode", "train.ac", "train.ac_every", "train.device", "train.table_grad_flush",
-    "train.batch_size", "train.grad_accum",  # with another world size (the global batch is checked apart)
-    "parallel.", "checkpoint.", "metrics.", "run.", "data.cache_dir", "optim.fused",
+    "train.max_steps",
+    "train.log_interval",
+    "train.eval_interval",
+    "train.eval_batches",
+    "train.compile",
+    "train.compile_mode",
+    "train.ac",
+    "train.ac_every",
+    "train.device",
+    "train.table_grad_flush",
+    "train.batch_size",
+    "train.grad_accum",  # with another world size (the global batch is checked apart)
+    "parallel.",
+    "checkpoint.",
+    "metrics.",
+    "run.",
+    "data.cache_dir",
+    "optim.fused",
 )
 
 
@@ -75,8 +90,10 @@ def config_mismatch(saved: dict[str, Any], current: Any) -> str | None:
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
             continue
         if saved.get(key, "<absent>") != now.get(key, "<absent>"):
-            return (f"{key}: the checkpoint was made with {saved.get(key, '<absent>')!r}, this run has "
-                    f"{now.get(key, '<absent>')!r}")
+            return (
+                f"{key}: the checkpoint was made with {saved.get(key, '<absent>')!r}, this run has "
+                f"{now.get(key, '<absent>')!r}"
+            )
     return None
 
 
@@ -135,8 +152,11 @@ class CheckpointManager:
         """Complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)
-                 and (p / ".metadata").is_file()]
+        found = [
+            p
+            for p in self.directory.iterdir()
+            if p.is_dir() and _STEP_DIR.match(p.name) and (p / ".metadata").is_file()
+        ]
         return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
@@ -174,8 +194,12 @@ class CheckpointManager:
         torch.save(_rng_state(), tmp / "rng" / f"rank{info.rank}.pt")
         barrier(info)
         if info.is_main:
-            meta = {"step": step, "world_size": info.world_size, "saved_at": time.time(),
-                    "config": flatten_config(config)}
+            meta = {
+                "step": step,
+                "world_size": info.world_size,
+                "saved_at": time.time(),
+                "config": flatten_config(config),
+            }
             with open(tmp / "config.json", "w") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()
@@ -184,7 +208,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.directory)
-            for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
+            for old in self.checkpoints()[: -self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(info)
         log.info("checkpoint %s saved (%.1f s)", final, time.perf_counter() - t0)
@@ -197,8 +221,10 @@ class CheckpointManager:
         path = Path(path)
         meta_file = path / "config.json"
         if not (path / ".metadata").is_file() or not meta_file.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r}: not a complete checkpoint (no .metadata or "
-                                    f"config.json); complete ones are directories step_NNNNNNNN with both")
+            raise FileNotFoundError(
+                f"checkpoint {str(path)!r}: not a complete checkpoint (no .metadata or "
+                f"config.json); complete ones are directories step_NNNNNNNN with both"
+            )
         meta = json.loads(meta_file.read_text())
         problem = config_mismatch(meta["config"], config)
         if problem:
@@ -207,8 +233,11 @@ class CheckpointManager:
         saved_batch = saved["train.batch_size"] * saved["train.grad_accum"] * meta.get("world_size", 1)
         batch = config.train.batch_size * config.train.grad_accum * self.info.world_size
         if saved_batch != batch:
-            log.warning("resuming with a global batch of %d sequences per step; the checkpoint was made with %d",
-                        batch, saved_batch)
+            log.warning(
+                "resuming with a global batch of %d sequences per step; the checkpoint was made with %d",
+                batch,
+                saved_batch,
+            )
         # DCP fills the optimizer's state in place, so a fresh optimizer first gets zero state from
         # one step at lr 0, which it takes only when no parameter has a gradient yet: set aside the
         # persistent ones (the tables' buffers, the CUDA-graph gradients) meanwhile
@@ -230,8 +259,12 @@ class CheckpointManager:
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
         else:
-            log.warning("checkpoint %s has no RNG state for rank %d (saved with %d ranks): RNG not restored",
-                        path, self.info.rank, meta.get("world_size", -1))
+            log.warning(
+                "checkpoint %s has no RNG state for rank %d (saved with %d ranks): RNG not restored",
+                path,
+                self.info.rank,
+                meta.get("world_size", -1),
+            )
         step = int(state["train"]["step"])
         if step != meta["step"]:
             raise RuntimeError(f"checkpoint {str(path)!r}: step {step} in the state, {meta['step']} in config.json")

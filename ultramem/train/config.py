@@ -6,6 +6,7 @@ The comment after each field is its help text (`python -m ultramem.train --help`
 Command-line overrides `--section.key=value` (also nested: `--model.memory.knn=16`) are parsed
 with the type of the field they set. Every error is a `ConfigError` naming the dotted key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,7 +106,7 @@ class MetricsConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = ""  # run directory (config copy, logs, tensorboard, checkpoints); the command line's "" → outputs/<config name>
+    dir: str = ""  # run directory: config copy, logs, tensorboard, checkpoints; "" → outputs/<config name>
     resume: str = "auto"  # "auto": from the run directory's latest checkpoint; a checkpoint path; "": fresh
 
 
@@ -141,7 +142,8 @@ def read_config_text(name_or_path: str) -> tuple[str, str]:
         return resource.read_text(), f"ultramem/configs/{bare}"
     raise ConfigError(
         f"config {name_or_path!r} is neither a file nor a packaged config; "
-        f"packaged configs: {', '.join(packaged_config_names()) or '(none)'}")
+        f"packaged configs: {', '.join(packaged_config_names()) or '(none)'}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +173,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values ({_type_name(tp)}), "
-                              f"got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} values ({_type_name(tp)}), got {value!r}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -283,8 +284,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def load_config(name_or_path: str | None = None, overrides: list[tuple[str, str]] | list[str] = (),
-                validate: bool = True) -> TrainConfig:
+def load_config(
+    name_or_path: str | None = None, overrides: list[tuple[str, str]] | list[str] = (), validate: bool = True
+) -> TrainConfig:
     """Load a TOML config (packaged name or path; None = all defaults), apply overrides, validate."""
     table: dict[str, Any] = {}
     if name_or_path is not None:
@@ -296,8 +298,10 @@ def load_config(name_or_path: str | None = None, overrides: list[tuple[str, str]
     cfg = _build(TrainConfig, table, "")
     if validate and name_or_path is not None and "model" not in table:
         # every default together is the 1.2B-parameter model: never what an empty file meant
-        raise ConfigError(f"config {where} has no [model] section; start from a packaged config "
-                          f"({', '.join(packaged_config_names())})")
+        raise ConfigError(
+            f"config {where} has no [model] section; start from a packaged config "
+            f"({', '.join(packaged_config_names())})"
+        )
     pairs = parse_overrides(list(overrides)) if overrides and isinstance(overrides[0], str) else overrides
     for key, value in pairs:
         _set_override(cfg, key, value)
@@ -321,59 +325,86 @@ def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
 
 def validate_config(cfg: TrainConfig) -> None:
     m, mem, t, o, d = cfg.model, cfg.model.memory, cfg.train, cfg.optim, cfg.data
-    for key, value in (("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
-                       ("model.ffn_hidden", m.ffn_hidden), ("model.vocab_size", m.vocab_size),
-                       ("model.max_seq_len", m.max_seq_len), ("train.max_steps", t.max_steps),
-                       ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
-                       ("train.grad_accum", t.grad_accum), ("train.log_interval", t.log_interval),
-                       ("data.vocab_size", d.vocab_size), ("data.max_corpus_bytes", d.max_corpus_bytes),
-                       ("model.memory.log_interval", mem.log_interval)):
+    for key, value in (
+        ("model.dim", m.dim),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("model.ffn_hidden", m.ffn_hidden),
+        ("model.vocab_size", m.vocab_size),
+        ("model.max_seq_len", m.max_seq_len),
+        ("train.max_steps", t.max_steps),
+        ("train.batch_size", t.batch_size),
+        ("train.seq_len", t.seq_len),
+        ("train.grad_accum", t.grad_accum),
+        ("train.log_interval", t.log_interval),
+        ("data.vocab_size", d.vocab_size),
+        ("data.max_corpus_bytes", d.max_corpus_bytes),
+        ("model.memory.log_interval", mem.log_interval),
+    ):
         _require(value >= 1, f"{key}={value}: must be >= 1")
     _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
-    _require((m.dim // m.n_heads) % 2 == 0,
-             f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE rotates pairs)")
+    _require(
+        (m.dim // m.n_heads) % 2 == 0,
+        f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE rotates pairs)",
+    )
     _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
     _require(m.init_std is None or m.init_std > 0, f"model.init_std={m.init_std}: must be > 0")
-    _require(t.seq_len <= m.max_seq_len,
-             f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
-    _require(d.vocab_size <= m.vocab_size,
-             f"data.vocab_size={d.vocab_size} (tokenizer) must be <= model.vocab_size={m.vocab_size}")
-    _require(d.source == "stdlib" or Path(d.source).expanduser().exists(),
-             f"data.source={d.source!r}: no such file or directory "
-             f"(use 'stdlib', a text file or a directory of token shards)")
+    _require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
+    _require(
+        d.vocab_size <= m.vocab_size,
+        f"data.vocab_size={d.vocab_size} (tokenizer) must be <= model.vocab_size={m.vocab_size}",
+    )
+    _require(
+        d.source == "stdlib" or Path(d.source).expanduser().exists(),
+        f"data.source={d.source!r}: no such file or directory "
+        f"(use 'stdlib', a text file or a directory of token shards)",
+    )
     if d.source == "stdlib" or not Path(d.source).expanduser().is_dir():  # a BPE will be trained
-        _require(d.vocab_size >= 256 + 1,
-                 f"data.vocab_size={d.vocab_size}: a byte-level BPE needs >= 257 (256 bytes + end of text)")
+        _require(
+            d.vocab_size >= 256 + 1,
+            f"data.vocab_size={d.vocab_size}: a byte-level BPE needs >= 257 (256 bytes + end of text)",
+        )
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     _require(t.table_grad_flush >= 0, f"train.table_grad_flush={t.table_grad_flush}: must be >= 0 (0: no staging)")
     _one_of(t.dtype, DTYPES, "train.dtype")
     _one_of(t.device, DEVICES, "train.device")
     _one_of(t.compile_mode, COMPILE_MODES, "train.compile_mode")
-    _require(t.compile or t.compile_mode == "default",
-             f"train.compile_mode={t.compile_mode!r} needs train.compile=true (it is the mode of that compile)")
+    _require(
+        t.compile or t.compile_mode == "default",
+        f"train.compile_mode={t.compile_mode!r} needs train.compile=true (it is the mode of that compile)",
+    )
     _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
-    _require(not (cfg.parallel.mode == "fsdp" and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
-             f"parallel.mode='fsdp' with train.compile_mode={t.compile_mode!r}: FSDP's gathers and hooks do not "
-             f"run inside CUDA graphs; use train.compile_mode='default' (or parallel.mode='ddp')")
+    _require(
+        not (cfg.parallel.mode == "fsdp" and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
+        f"parallel.mode='fsdp' with train.compile_mode={t.compile_mode!r}: FSDP's gathers and hooks do not "
+        f"run inside CUDA graphs; use train.compile_mode='default' (or parallel.mode='ddp')",
+    )
     _one_of(t.ac, AC_MODES, "train.ac")
     _require(t.ac_every >= 1, f"train.ac_every={t.ac_every}: must be >= 1")
-    _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0 "
-             f"(0: only at the end)")
+    _require(
+        cfg.checkpoint.interval >= 0,
+        f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0 (0: only at the end)",
+    )
     _require(cfg.checkpoint.keep >= 0, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 0 (0: keep all)")
-    _require(not d.val_source or Path(d.val_source).expanduser().exists(),
-             f"data.val_source={d.val_source!r}: no such file or directory")
+    _require(
+        not d.val_source or Path(d.val_source).expanduser().exists(),
+        f"data.val_source={d.val_source!r}: no such file or directory",
+    )
     _require(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas={o.betas}: each must be in [0, 1)")
     _require(o.eps > 0, f"optim.eps={o.eps}: must be > 0")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
     _require(o.table_weight_decay >= 0, f"optim.value_weight_decay={o.value_weight_decay}: must be >= 0")
-    _require(0 <= o.warmup_steps <= t.max_steps,
-             f"optim.warmup_steps={o.warmup_steps}: must be in [0, train.max_steps={t.max_steps}]")
+    _require(
+        0 <= o.warmup_steps <= t.max_steps,
+        f"optim.warmup_steps={o.warmup_steps}: must be in [0, train.max_steps={t.max_steps}]",
+    )
     _require(0.0 <= o.min_lr_frac <= 1.0, f"optim.min_lr_frac={o.min_lr_frac}: must be in [0, 1]")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables)")
     _require(o.value_lr_mult > 0, f"optim.value_lr_mult={o.value_lr_mult}: must be > 0")
-    _require(0.0 <= o.value_lr_decay_frac <= 1.0,
-             f"optim.value_lr_decay_frac={o.value_lr_decay_frac}: must be in [0, 1]")
+    _require(
+        0.0 <= o.value_lr_decay_frac <= 1.0, f"optim.value_lr_decay_frac={o.value_lr_decay_frac}: must be in [0, 1]"
+    )
     _require(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval}: must be >= 0")
     _require(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches}: must be >= 1")
     _one_of(mem.type, MEMORY_TYPES, "model.memory.type")

@@ -3,6 +3,7 @@
 Launched by torchrun (WORLD_SIZE set) every rank joins one process group: gloo on CPU, NCCL on
 CUDA. Launched as a plain process it runs alone and no collective is ever issued.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError("train.device='cuda' but CUDA is not available; use 'cpu' or 'auto'")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-                               f"launch at most that many processes per node")
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                f"launch at most that many processes per node"
+            )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)

@@ -7,6 +7,7 @@ reassembles each tensor whole. The file holds the model's state dict (parameters
 layers' persistent buffers: u, v, the permutation) and, in its metadata, the model config, so
 `load_exported(path)` rebuilds the model with no other file. `.safetensors` or `.pt` by suffix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def checkpoint_config(path: str | Path) -> TrainConfig:
     """The config a checkpoint was made with (from its config.json)."""
     meta_file = Path(path) / "config.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r}: no config.json (is it a checkpoint directory "
-                                f"step_NNNNNNNN?)")
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r}: no config.json (is it a checkpoint directory step_NNNNNNNN?)"
+        )
     meta = json.loads(meta_file.read_text())
     nested = _unflatten(meta["config"])
     return _build(TrainConfig, {k: v for k, v in nested.items() if k in TrainConfig.__dataclass_fields__}, "")
@@ -131,11 +133,18 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Trans
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ultramem.train.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint directory (step_NNNNNNNN), or a run / checkpoints directory: its latest")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory (step_NNNNNNNN), or a run / checkpoints directory: its latest",
+    )
     parser.add_argument("--out", required=True, help="output file: .safetensors, or .pt for torch.save")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="floating-point tensors are written in this dtype (default float32)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="floating-point tensors are written in this dtype (default float32)",
+    )
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, getattr(torch, args.dtype))

@@ -1,6 +1,7 @@
 """What a run reports: a log line per logging step, tensorboard scalars, a JSONL log in the run
 directory, and a progress bar with ETA on a terminal. Only the main rank writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path | None, tensorboard_dir: Path | None, enabled: bool, max_steps: int,
-                 progress: bool):
+    def __init__(
+        self, run_dir: Path | None, tensorboard_dir: Path | None, enabled: bool, max_steps: int, progress: bool
+    ):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None

@@ -7,6 +7,7 @@ the global schedule). Global schedule: linear warmup from `min_lr_frac`·peak to
 `warmup_steps`, then cosine down to `min_lr_frac`·peak at `max_steps`. Memory+ models instead
 give their value table the constant `memory_plus_value_lr` (docs/training.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -94,8 +95,11 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int,
-                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimConfig,
+    max_steps: int,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     groups = param_groups(model, cfg)
     model_cfg = getattr(model, "cfg", None)
     constant_values = model_cfg is not None and model_cfg.memory.type == "memory_plus"
@@ -105,8 +109,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int,
                 g["lr"] = cfg.memory_plus_value_lr
     device_type = next(model.parameters()).device.type
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None,
-                            foreach=None if fused else True)
+    opt = torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True
+    )
     schedule = GlobalSchedule(cfg.warmup_steps, max_steps, cfg.min_lr_frac)
     value_mult = ValueLrMultiplier(cfg.value_lr_mult, cfg.value_lr_decay_frac, max_steps)
     lambdas = []

@@ -8,6 +8,7 @@ The value tables stay outside both: each rank holds them whole, and their gradie
 memory ops add into persistent buffers that autograd's hooks never see, are summed over ranks by
 `TableGradReducer` once per optimizer step (docs/training.md has the bytes this moves).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,9 @@ def apply_ac(model: Transformer, blocks: list[int]) -> None:
         model.blocks[i] = checkpoint_wrapper(model.blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     for l, (read, _) in enumerate(model.placement):
         if read in chosen:
-            model.memory_layers[l] = checkpoint_wrapper(model.memory_layers[l],
-                                                        checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            model.memory_layers[l] = checkpoint_wrapper(
+                model.memory_layers[l], checkpoint_impl=CheckpointImpl.NO_REENTRANT
+            )
 
 
 def apply_compile(model: Transformer, mode: str) -> None:
@@ -71,8 +73,9 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = cfg.train.dtype == "bfloat16"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                              reduce_dtype=torch.float32 if bf16 else None)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
     fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32 if bf16 else None)
     n = len(model.blocks)
     for i, block in enumerate(model.blocks):
@@ -144,8 +147,9 @@ class TableGradReducer:
     def __init__(self, model: Transformer, info: DistInfo):
         self.info = info
         tables = model.memory_tables
-        self.buffers = [] if tables is None else [b for b in (tables.values_grad, tables.pre_values_grad)
-                                                   if b is not None]
+        self.buffers = (
+            [] if tables is None else [b for b in (tables.values_grad, tables.pre_values_grad) if b is not None]
+        )
         self._work: list = []
         self.active = info.distributed and bool(self.buffers)
 

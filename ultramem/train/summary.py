@@ -11,6 +11,7 @@ Definitions (stated in the printed summary too):
   6 · n_layers · dim · seq_len (QKᵀ and AV, 2·2·d·S forward, ×3 with backward, ×1/2 causal).
 - training state: fp32 parameters + fp32 gradients + AdamW's two fp32 moments = 16 B/parameter.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -98,9 +99,24 @@ def summarize(model: torch.nn.Module, cfg: ModelConfig, seq_len: int) -> ModelSu
     breakdown = {}
     if n_mem:
         breakdown = {n: p.numel() for n, p in model.memory_layers[0].named_parameters() if p not in tables_set}
-    return ModelSummary(total, embedding, tables, table_params, total - table_params, memory_dense, reads,
-                        activated, activated - one_d, n_mem, seq_len, attention, breakdown,
-                        experts, experts_used, len(moes))
+    return ModelSummary(
+        total,
+        embedding,
+        tables,
+        table_params,
+        total - table_params,
+        memory_dense,
+        reads,
+        activated,
+        activated - one_d,
+        n_mem,
+        seq_len,
+        attention,
+        breakdown,
+        experts,
+        experts_used,
+        len(moes),
+    )
 
 
 def _m(n: int) -> str:
@@ -108,15 +124,17 @@ def _m(n: int) -> str:
 
 
 def format_summary(s: ModelSummary, cfg: ModelConfig) -> str:
-    gib = 1024 ** 3
+    gib = 1024**3
     lines = [
         f"model: dim={cfg.dim} blocks={cfg.n_layers} heads={cfg.n_heads} ffn_hidden={cfg.ffn_hidden} "
         f"vocab={cfg.vocab_size} memory={cfg.memory.type} ({s.n_memory_layers} layers, insert={cfg.memory.insert!r})",
     ]
     if s.n_moe_layers:
         moe = cfg.moe
-        lines.append(f"moe: {s.n_moe_layers} layers, top {moe.top_k} of {moe.num_experts} experts of hidden "
-                     f"{moe.hidden(cfg.ffn_hidden)}, {moe.num_shared} shared")
+        lines.append(
+            f"moe: {s.n_moe_layers} layers, top {moe.top_k} of {moe.num_experts} experts of hidden "
+            f"{moe.hidden(cfg.ffn_hidden)}, {moe.num_shared} shared"
+        )
     lines += [
         "parameters",
         f"  total (with embedding)              {_m(s.total)}",
@@ -151,6 +169,8 @@ def format_summary(s: ModelSummary, cfg: ModelConfig) -> str:
     if s.tables:
         lines.append("value tables")
         for t in s.tables:
-            lines.append(f"  {t.name}: {t.rows:,d} rows × {t.width} = {t.params / 1e6:,.2f} M params, "
-                         f"{4 * t.params / gib:,.2f} GiB fp32, read by {t.readers} layer(s)")
+            lines.append(
+                f"  {t.name}: {t.rows:,d} rows × {t.width} = {t.params / 1e6:,.2f} M params, "
+                f"{4 * t.params / gib:,.2f} GiB fp32, read by {t.readers} layer(s)"
+            )
     return "\n".join(lines)

@@ -1,12 +1,13 @@
 """The training loop and the pieces it is built from, one job each.
 
-    info = setup_distributed(device)          # process group when launched by torchrun
-    model = build_training_model(cfg, dev)    # built on meta, materialized on the device, paper init
-    par = parallelize(model, cfg, info, dev)  # activation checkpointing → compile → FSDP2 / DDP
-    opt, sched = build_optimizer(...)         # AdamW, three groups, LambdaLR schedule
-    Trainer(...).train()                      # accumulation, table-gradient all-reduce, clipping,
-                                              # rank-1 refresh, validation, checkpoints, metrics
+info = setup_distributed(device)          # process group when launched by torchrun
+model = build_training_model(cfg, dev)    # built on meta, materialized on the device, paper init
+par = parallelize(model, cfg, info, dev)  # activation checkpointing → compile → FSDP2 / DDP
+opt, sched = build_optimizer(...)         # AdamW, three groups, LambdaLR schedule
+Trainer(...).train()                      # accumulation, table-gradient all-reduce, clipping,
+                                          # rank-1 refresh, validation, checkpoints, metrics
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,15 +27,31 @@ from ultramem.model import Transformer, build_model
 
 from .checkpoint import CheckpointManager, flatten_config
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum_, resolve_device, set_cpu_threads, setup_distributed, teardown_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_sum_,
+    resolve_device,
+    set_cpu_threads,
+    setup_distributed,
+    teardown_distributed,
+)
 from .metrics import MetricsLogger, format_duration, peak_flops
 from .optim import build_optimizer
 from .parallelize import Parallelized, TableGradReducer, parallelize, uses_cudagraphs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "Trainer", "TrainingDiverged", "build_trainer", "build_training_model", "parallelize",
-           "run_training", "staged_flush_interval", "uses_cudagraphs"]
+__all__ = [
+    "DistInfo",
+    "Trainer",
+    "TrainingDiverged",
+    "build_trainer",
+    "build_training_model",
+    "parallelize",
+    "run_training",
+    "staged_flush_interval",
+    "uses_cudagraphs",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,9 +75,15 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         if flush:
             tokens = flush * len(model.memory_layers) * cfg.train.batch_size * cfg.train.seq_len
             model.memory_tables.use_grad_staging(
-                tokens, *cfg.model.memory.lookup_shape, torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32)
-            log.info("table gradients staged, flushed every %d micro-batches (%.2f GB)", flush,
-                     model.memory_tables.grad_staging.nbytes / 1e9)
+                tokens,
+                *cfg.model.memory.lookup_shape,
+                torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32,
+            )
+            log.info(
+                "table gradients staged, flushed every %d micro-batches (%.2f GB)",
+                flush,
+                model.memory_tables.grad_staging.nbytes / 1e9,
+            )
     return model
 
 
@@ -150,9 +173,18 @@ class _StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, train_batches, device: torch.device,
-                 info: DistInfo, val_batches=None, parallel: Parallelized | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: Transformer,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_batches,
+        device: torch.device,
+        info: DistInfo,
+        val_batches=None,
+        parallel: Parallelized | None = None,
+    ):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.train_batches, self.val_batches = train_batches, val_batches
         self.device, self.info = device, info
@@ -162,15 +194,20 @@ class Trainer:
         self.val_history: list[tuple[int, float]] = []
         self.run_dir = Path(cfg.run.dir) if cfg.run.dir else None
         # (a Trainer built in code without a run directory or checkpoint.dir saves nothing)
-        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else (
-            self.run_dir / "checkpoints" if self.run_dir else None)
-        self.checkpoints = CheckpointManager(ckpt_dir or Path("checkpoints"), cfg.checkpoint.interval,
-                                             cfg.checkpoint.keep, info)
+        ckpt_dir = (
+            Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else (self.run_dir / "checkpoints" if self.run_dir else None)
+        )
+        self.checkpoints = CheckpointManager(
+            ckpt_dir or Path("checkpoints"), cfg.checkpoint.interval, cfg.checkpoint.keep, info
+        )
         self._saving = cfg.checkpoint.enabled and ckpt_dir is not None
         tb_dir = None
         if cfg.metrics.tensorboard:
-            tb_dir = Path(cfg.metrics.tensorboard_dir) if cfg.metrics.tensorboard_dir else (
-                self.run_dir / "tb" if self.run_dir else None)
+            tb_dir = (
+                Path(cfg.metrics.tensorboard_dir)
+                if cfg.metrics.tensorboard_dir
+                else (self.run_dir / "tb" if self.run_dir else None)
+            )
         if info.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLogger(self.run_dir, tb_dir, info.is_main, cfg.train.max_steps, cfg.metrics.progress)
@@ -264,8 +301,9 @@ class Trainer:
         loss_v = loss_sum / (accum * self.info.world_size)
         norm_v = float(grad_norm)
         if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-            raise TrainingDiverged(f"step {self.step + 1}: loss {loss_v} and gradient norm {norm_v}; stopped "
-                                   f"before the optimizer step")
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss {loss_v} and gradient norm {norm_v}; stopped before the optimizer step"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=not self._cudagraphs)
@@ -279,14 +317,17 @@ class Trainer:
 
         record = None
         if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
-            record = StepRecord(self.step, loss_v, lr, value_mult, norm_v, 0.0, aux_sum / (accum * self.info.world_size))
+            record = StepRecord(
+                self.step, loss_v, lr, value_mult, norm_v, 0.0, aux_sum / (accum * self.info.world_size)
+            )
         if self.model.memory_layers and self.step % cfg.model.memory.log_interval == 0:
             mem = self.memory_metrics()
             if record is not None:
                 record.extra.update(mem)
             if self.info.is_main:
-                self.metrics.line(f"step {self.step} memory metrics: "
-                                  + " ".join(f"{k}={v:.4g}" for k, v in sorted(mem.items())))
+                self.metrics.line(
+                    f"step {self.step} memory metrics: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(mem.items()))
+                )
                 self.metrics.scalars(self.step, {f"memory/{k}": v for k, v in mem.items()}, kind="memory")
         return record
 
@@ -351,12 +392,19 @@ class Trainer:
         mfu = f" | mfu {record.mfu:.1%}" if record.mfu is not None else ""
         mem = f" | mem {record.peak_memory_gb:.2f} GB" if record.peak_memory_gb is not None else ""
         self.metrics.line(
-            f"step {record.step:5d} | loss {record.loss:.4f} | lr {record.lr:.3e} | value lr x{record.value_lr_mult:.3f}"
-            f" | grad norm {record.grad_norm:.3f} | {record.tokens_per_s:.0f} tok/s{mfu}{mem}"
-            f" | eta {format_duration(left)}")
-        values = {"train/loss": record.loss, "train/aux_loss": record.aux, "train/lr": record.lr,
-                  "train/value_lr_mult": record.value_lr_mult, "train/grad_norm": record.grad_norm,
-                  "train/tokens_per_s": record.tokens_per_s}
+            f"step {record.step:5d} | loss {record.loss:.4f} | lr {record.lr:.3e}"
+            f" | value lr x{record.value_lr_mult:.3f} | grad norm {record.grad_norm:.3f}"
+            f" | {record.tokens_per_s:.0f} tok/s{mfu}{mem}"
+            f" | eta {format_duration(left)}"
+        )
+        values = {
+            "train/loss": record.loss,
+            "train/aux_loss": record.aux,
+            "train/lr": record.lr,
+            "train/value_lr_mult": record.value_lr_mult,
+            "train/grad_norm": record.grad_norm,
+            "train/tokens_per_s": record.tokens_per_s,
+        }
         if record.mfu is not None:
             values["train/mfu"] = record.mfu
         if record.peak_memory_gb is not None:
@@ -379,8 +427,10 @@ class Trainer:
         self.metrics.start(self.step)
         start_step, t_start = self.step, time.perf_counter()
         if self.step >= cfg.train.max_steps:
-            self.metrics.line(f"nothing to do: the checkpoint is at step {self.step}, train.max_steps="
-                              f"{cfg.train.max_steps} (raise it to train on, or --run.resume= to start afresh)")
+            self.metrics.line(
+                f"nothing to do: the checkpoint is at step {self.step}, train.max_steps="
+                f"{cfg.train.max_steps} (raise it to train on, or --run.resume= to start afresh)"
+            )
         self._stop.install()
         t_log, steps_since = time.perf_counter(), 0
         stopped_by = None
@@ -404,8 +454,7 @@ class Trainer:
                     break
                 t_log += time.perf_counter() - paused  # evaluation and saving are not training time
             else:
-                if (cfg.train.eval_interval and self.step % cfg.train.eval_interval
-                        and self.step > start_step):
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval and self.step > start_step:
                     self._validate()  # the final one, when the interval did not land on the end
             if self.step > start_step or stopped_by:
                 self.save_checkpoint()
@@ -414,15 +463,27 @@ class Trainer:
             self.metrics.close()
         elapsed = time.perf_counter() - t_start
         if stopped_by:
-            log.warning("rank %d: stopped by %s at step %d%s", self.info.rank, stopped_by, self.step,
-                        f"; checkpoint {self.last_checkpoint}" if self.last_checkpoint else "")
+            log.warning(
+                "rank %d: stopped by %s at step %d%s",
+                self.info.rank,
+                stopped_by,
+                self.step,
+                f"; checkpoint {self.last_checkpoint}" if self.last_checkpoint else "",
+            )
         if self.info.is_main and self.step > start_step:
             last = self.history[-1] if self.history else None
             val = f", val loss {self.val_history[-1][1]:.4f}" if self.val_history else ""
             rate = self.tokens_per_step * (self.step - start_step) / max(elapsed, 1e-9)
-            log.info("done: step %d/%d in %s, loss %s%s, %.0f tok/s%s", self.step, cfg.train.max_steps,
-                     format_duration(elapsed), f"{last.loss:.4f}" if last else "?", val, rate,
-                     f", checkpoint {self.last_checkpoint}" if self.last_checkpoint else "")
+            log.info(
+                "done: step %d/%d in %s, loss %s%s, %.0f tok/s%s",
+                self.step,
+                cfg.train.max_steps,
+                format_duration(elapsed),
+                f"{last.loss:.4f}" if last else "?",
+                val,
+                rate,
+                f", checkpoint {self.last_checkpoint}" if self.last_checkpoint else "",
+            )
         return self.history
 
 
@@ -443,8 +504,14 @@ def build_data(cfg: TrainConfig, info: DistInfo):
 
     def load():
         kwargs = {"val_source": cfg.data.val_source} if cfg.data.val_source else {}
-        return load_token_splits(cfg.data.source, cfg.data.vocab_size, cfg.data.max_corpus_bytes,
-                                 cfg.data.val_fraction, cfg.data.cache_dir or None, **kwargs)
+        return load_token_splits(
+            cfg.data.source,
+            cfg.data.vocab_size,
+            cfg.data.max_corpus_bytes,
+            cfg.data.val_fraction,
+            cfg.data.cache_dir or None,
+            **kwargs,
+        )
 
     if info.distributed:
         from .distributed import barrier
@@ -456,20 +523,28 @@ def build_data(cfg: TrainConfig, info: DistInfo):
     else:
         splits = load()
     if splits.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size="
-                          f"{cfg.model.vocab_size}; raise model.vocab_size")
+        raise ConfigError(
+            f"the tokenizer has {splits.vocab_size} tokens but model.vocab_size="
+            f"{cfg.model.vocab_size}; raise model.vocab_size"
+        )
     t = cfg.train
     train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size)
     val = None
     if t.eval_interval:
         if len(splits.val) < t.seq_len + 2:
-            where = f"data.val_source={cfg.data.val_source!r}" if cfg.data.val_source else \
-                f"data.val_fraction={cfg.data.val_fraction}"
-            raise ConfigError(f"{where} leaves {len(splits.val)} validation tokens, fewer than one window "
-                              f"(train.seq_len + 2 = {t.seq_len + 2}); raise it, or set train.eval_interval=0")
+            where = (
+                f"data.val_source={cfg.data.val_source!r}"
+                if cfg.data.val_source
+                else f"data.val_fraction={cfg.data.val_fraction}"
+            )
+            raise ConfigError(
+                f"{where} leaves {len(splits.val)} validation tokens, fewer than one window "
+                f"(train.seq_len + 2 = {t.seq_len + 2}); raise it, or set train.eval_interval=0"
+            )
         val = TokenWindows(splits.val, t.batch_size, t.seq_len, t.seed + 1, info.rank, info.world_size)
-    log.info("data: %d train tokens, %d validation tokens, vocab %d", len(splits.train), len(splits.val),
-             splits.vocab_size)
+    log.info(
+        "data: %d train tokens, %d validation tokens, vocab %d", len(splits.train), len(splits.val), splits.vocab_size
+    )
     return train, val, splits.vocab_size
 
 
@@ -486,9 +561,12 @@ def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logging.getLogger().addHandler(handler)
         ckpt = cfg.checkpoint.dir or str(run_dir / "checkpoints")
-        log.info("run directory %s: config.json, train.log, metrics.jsonl%s, checkpoints in %s", run_dir,
-                 ", tb/" if cfg.metrics.tensorboard and not cfg.metrics.tensorboard_dir else "",
-                 ckpt if cfg.checkpoint.enabled else "(none: checkpoint.enabled=false)")
+        log.info(
+            "run directory %s: config.json, train.log, metrics.jsonl%s, checkpoints in %s",
+            run_dir,
+            ", tb/" if cfg.metrics.tensorboard and not cfg.metrics.tensorboard_dir else "",
+            ckpt if cfg.checkpoint.enabled else "(none: checkpoint.enabled=false)",
+        )
     return run_dir
 
 
@@ -503,14 +581,26 @@ def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
     n_params = sum(p.numel() for p in model.parameters())
     if info.world_size > 1 or par.checkpointed:
-        log.info("parallel: %s on %d ranks; activation checkpointing on %d of %d blocks", par.mode,
-                 info.world_size, len(par.checkpointed), cfg.model.n_layers)
-    log.info("model: %.2f M parameters on %s, dtype %s, compile=%s", n_params / 1e6, device,
-             cfg.train.dtype, cfg.train.compile)
+        log.info(
+            "parallel: %s on %d ranks; activation checkpointing on %d of %d blocks",
+            par.mode,
+            info.world_size,
+            len(par.checkpointed),
+            cfg.model.n_layers,
+        )
+    log.info(
+        "model: %.2f M parameters on %s, dtype %s, compile=%s",
+        n_params / 1e6,
+        device,
+        cfg.train.dtype,
+        cfg.train.compile,
+    )
     trainer = Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches, par)
     if trainer.table_reducer.active:
-        log.info("value tables replicated; their gradients (%.3f GB) are all-reduced once per step",
-                 trainer.table_reducer.nbytes / 1e9)
+        log.info(
+            "value tables replicated; their gradients (%.3f GB) are all-reduced once per step",
+            trainer.table_reducer.nbytes / 1e9,
+        )
     return trainer
 
 
@@ -518,8 +608,11 @@ def run_training(cfg: TrainConfig) -> list[StepRecord]:
     from .distributed import env_dist_info
 
     set_cpu_threads(env_dist_info())
-    device_hint = torch.device("cuda") if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available() \
+    device_hint = (
+        torch.device("cuda")
+        if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
         else torch.device("cpu")
+    )
     if device_hint.type == "cuda":
         device_hint = resolve_device("cuda", env_dist_info().local_rank)
     info = setup_distributed(device_hint)

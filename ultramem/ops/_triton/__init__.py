@@ -9,6 +9,7 @@ None, so an op module can guard its CUDA registration with
 
 With Triton present, the name resolves to the submodule (imported on first use).
 """
+
 from __future__ import annotations
 
 import importlib

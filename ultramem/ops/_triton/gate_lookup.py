@@ -16,6 +16,7 @@ The backward (`_gate_lookup_bwd_kernel`, `gate_lookup_backward_cuda`) has the sa
 program per token with all its entries, V chunks then P chunks, both tables' gradients as fp32
 atomics, or (deterministic) written out for two sorted one-writer-per-row passes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,24 +31,39 @@ from .weighted_lookup import _block_d, _core_weights, _tl_acc
 _OP = "gate_lookup"
 
 # The entry-block kernel (D_CHUNKS False): 93.0 µs at the 227M shapes with evict_first.
-ENTRY_BLOCK_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "BLOCK_DP": 256, "num_warps": 1, "HOIST_V": True,
-                      "EVICT_FIRST": True, "D_CHUNKS": False}
+ENTRY_BLOCK_CONFIG = {
+    "BLOCK_T": 1,
+    "BLOCK_E": 8,
+    "BLOCK_D": 256,
+    "BLOCK_DP": 256,
+    "num_warps": 1,
+    "HOIST_V": True,
+    "EVICT_FIRST": True,
+    "D_CHUNKS": False,
+}
 
 # The column-chunk kernel ("D_CHUNKS", perf/history/gate_lookup.md, "fused v2"): predicted 85 µs at the 227M
 # shapes, measured 83.6-84.5 µs on an H200 (0.88 of the copy ceiling) against 93.0 µs for the
 # entry-block kernel: a token waits for 3 memory round trips (ids; all P loads; all V loads)
 # instead of 5, and no lane idles on D = 192. maxnreg 136 measured within 1 µs of ptxas's own
 # choice, so none is forced (a forced cap can spill at other shapes).
-CHUNKS_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0,
-                 "EVICT_FIRST": True, "maxnreg": None}
+CHUNKS_CONFIG = {
+    "BLOCK_D": 64,
+    "BLOCK_DP": 64,
+    "num_warps": 1,
+    "D_CHUNKS": True,
+    "HOIST_V": 0,
+    "EVICT_FIRST": True,
+    "maxnreg": None,
+}
 # The default: the column-chunk kernel (83.6-84.5 µs vs 93.0 on an H200, perf/history/gate_lookup.md, "fused v2"),
 # except where the shape sweep (perf/results/log.jsonl, bench gate_lookup_fwd_sweep) found the entry-block
 # kernel faster: many entries with narrow rows (E=64: 0.95x of the chunk kernel's time at D<=192,
 # E=128: 0.67x, E=256: 0.38x), where the chunk kernel's one warp per token holds too many entries.
 CONFIG = CHUNKS_CONFIG
-CHUNKS_MAX_ENTRIES = 32          # above this, narrow rows go to the entry-block kernel
-CHUNKS_MAX_ENTRIES_WIDE = 128    # above this, all rows do
-WIDE_ROW = 256                   # "wide": vdim or pre_vdim above this
+CHUNKS_MAX_ENTRIES = 32  # above this, narrow rows go to the entry-block kernel
+CHUNKS_MAX_ENTRIES_WIDE = 128  # above this, all rows do
+WIDE_ROW = 256  # "wide": vdim or pre_vdim above this
 
 
 def _use_chunks(entries: int, dv: int, dp: int) -> bool:
@@ -74,17 +90,45 @@ def _load_rows(ptrs, mask, EVICT_FIRST: tl.constexpr):
 
 @triton.jit
 def _gate_lookup_fwd_kernel(
-    rows_ptr, r_st, r_se,
-    v_ptr, v_sn, v_sd,
-    p_ptr, p_sn, p_sd,
-    x_ptr, x_st, x_sd,
-    s_ptr, s_st, s_se, s_sm,
-    out_ptr, o_st, o_sd,
-    gate_ptr, ga_st, ga_se,
-    T, E, N, DV, DP, DM,
-    M: tl.constexpr, GELU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, D_FASTEST: tl.constexpr, SUM_ONCE: tl.constexpr,
-    HOIST_V: tl.constexpr, EVICT_FIRST: tl.constexpr, ACC: tl.constexpr,
+    rows_ptr,
+    r_st,
+    r_se,
+    v_ptr,
+    v_sn,
+    v_sd,
+    p_ptr,
+    p_sn,
+    p_sd,
+    x_ptr,
+    x_st,
+    x_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    out_ptr,
+    o_st,
+    o_sd,
+    gate_ptr,
+    ga_st,
+    ga_se,
+    T,
+    E,
+    N,
+    DV,
+    DP,
+    DM,
+    M: tl.constexpr,
+    GELU: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DP: tl.constexpr,
+    D_FASTEST: tl.constexpr,
+    SUM_ONCE: tl.constexpr,
+    HOIST_V: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     if D_FASTEST:  # a token's column blocks run next to each other: its P rows are hot in L2
         n_d = tl.cdiv(DV, BLOCK_D)
@@ -116,18 +160,25 @@ def _gate_lookup_fwd_kernel(
         for p0 in range(0, DP, BLOCK_DP):
             dp = p0 + tl.arange(0, BLOCK_DP)
             dp_ok = dp < DP
-            xv = tl.load(x_ptr + t[:, None] * x_st + dp[None, :] * x_sd,
-                         mask=t_ok[:, None] & dp_ok[None, :], other=0.0).to(ACC)
-            pv = _load_rows(p_ptr + ids[:, :, None] * p_sn + dp[None, None, :] * p_sd,
-                            ok[:, :, None] & dp_ok[None, None, :], EVICT_FIRST).to(ACC)
+            xv = tl.load(
+                x_ptr + t[:, None] * x_st + dp[None, :] * x_sd, mask=t_ok[:, None] & dp_ok[None, :], other=0.0
+            ).to(ACC)
+            pv = _load_rows(
+                p_ptr + ids[:, :, None] * p_sn + dp[None, None, :] * p_sd,
+                ok[:, :, None] & dp_ok[None, None, :],
+                EVICT_FIRST,
+            ).to(ACC)
             if SUM_ONCE:
                 g_parts += pv * xv[:, None, :]
             else:
                 g += tl.sum(pv * xv[:, None, :], axis=2)
         if SUM_ONCE:
             g = tl.sum(g_parts, axis=2)
-        tl.store(gate_ptr + t[:, None] * ga_st + e[None, :] * ga_se, g.to(gate_ptr.dtype.element_ty),
-                 mask=te_ok & (pid_d == 0))
+        tl.store(
+            gate_ptr + t[:, None] * ga_st + e[None, :] * ga_se,
+            g.to(gate_ptr.dtype.element_ty),
+            mask=te_ok & (pid_d == 0),
+        )
         if GELU:
             act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
         else:
@@ -136,23 +187,54 @@ def _gate_lookup_fwd_kernel(
         if not HOIST_V:
             v_raw = _load_rows(v_ptrs, v_mask, EVICT_FIRST)
         acc += tl.sum(v_raw.to(ACC) * (w * act[:, :, None]), axis=1)
-    tl.store(out_ptr + t[:, None] * o_st + d[None, :] * o_sd, acc.to(out_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(
+        out_ptr + t[:, None] * o_st + d[None, :] * o_sd,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=t_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
 def _gate_lookup_fwd_chunks_kernel(
-    rows_ptr, r_st, r_se,
-    v_ptr, v_sn, v_sd,
-    p_ptr, p_sn, p_sd,
-    x_ptr, x_st, x_sd,
-    s_ptr, s_st, s_se, s_sm,
-    out_ptr, o_st, o_sd,
-    gate_ptr, ga_st, ga_se,
-    E, N, DV, DP,
-    DM: tl.constexpr, M: tl.constexpr, GELU: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr, CHUNKS_P: tl.constexpr, GROUP_V: tl.constexpr,
-    GROUP_P: tl.constexpr, HOIST_V: tl.constexpr, EVICT_FIRST: tl.constexpr, ACC: tl.constexpr,
+    rows_ptr,
+    r_st,
+    r_se,
+    v_ptr,
+    v_sn,
+    v_sd,
+    p_ptr,
+    p_sn,
+    p_sd,
+    x_ptr,
+    x_st,
+    x_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    out_ptr,
+    o_st,
+    o_sd,
+    gate_ptr,
+    ga_st,
+    ga_se,
+    E,
+    N,
+    DV,
+    DP,
+    DM: tl.constexpr,
+    M: tl.constexpr,
+    GELU: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DP: tl.constexpr,
+    CHUNKS_V: tl.constexpr,
+    CHUNKS_P: tl.constexpr,
+    GROUP_V: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    HOIST_V: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One token per program, all its E <= BLOCK_E entries at once, columns in chunks.
 
@@ -241,8 +323,19 @@ def _per_core(x2, core, M: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk_group(row_ptrs, s_d, row_ok, tok_ptr, tok_sd, cols, DIM, g0: tl.constexpr, GROUP: tl.constexpr,
-                      CHUNKS: tl.constexpr, EVICT_FIRST: tl.constexpr):
+def _load_chunk_group(
+    row_ptrs,
+    s_d,
+    row_ok,
+    tok_ptr,
+    tok_sd,
+    cols,
+    DIM,
+    g0: tl.constexpr,
+    GROUP: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+):
     """Chunks g0 .. g0 + GROUP of the entries' rows ([BLOCK_E, BLOCK] each) and of the token's
     vector, all issued before any is used: two tuples."""
     rows = ()
@@ -257,31 +350,90 @@ def _load_chunk_group(row_ptrs, s_d, row_ok, tok_ptr, tok_sd, cols, DIM, g0: tl.
 
 @triton.jit
 def _gate_lookup_bwd_kernel(
-    rows_ptr, r_st, r_se,
-    v_ptr, v_sn, v_sd,
-    p_ptr, p_sn, p_sd,
-    x_ptr, x_st, x_sd,
-    s_ptr, s_st, s_se, s_sm,
-    gate_ptr, ga_st, ga_se,
-    go_ptr, go_st, go_sd,
-    gg_ptr, gg_st, gg_se,
-    gv_ptr, gv_sn, gv_sd,
-    gp_ptr, gp_sn, gp_sd,
-    gs_ptr, gs_st, gs_se, gs_sm,
-    gx_ptr, gx_st, gx_sd,
-    ef_ptr, ef_st, ef_se, ef_sm,
-    gg_out_ptr, go2_st, go2_se,
-    sr_ptr, sr_st, sr_se,
-    sgo_ptr, sgo_st, sgo_sd,
-    sx_ptr, sx_st, sx_sd,
-    xef_ptr, xef_st, xef_se, xef_sm,
-    xgg_ptr, xgg_st, xgg_se,
-    fill_ptr, T, CAP,
-    E, N, DV, DP,
-    DM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, GELU: tl.constexpr, HAS_GRAD_GATE: tl.constexpr,
-    SCATTER: tl.constexpr, STAGED: tl.constexpr, HAS_GATE: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DP: tl.constexpr, CHUNKS_V: tl.constexpr,
-    CHUNKS_P: tl.constexpr, GROUP_V: tl.constexpr, GROUP_P: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    rows_ptr,
+    r_st,
+    r_se,
+    v_ptr,
+    v_sn,
+    v_sd,
+    p_ptr,
+    p_sn,
+    p_sd,
+    x_ptr,
+    x_st,
+    x_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    gate_ptr,
+    ga_st,
+    ga_se,
+    go_ptr,
+    go_st,
+    go_sd,
+    gg_ptr,
+    gg_st,
+    gg_se,
+    gv_ptr,
+    gv_sn,
+    gv_sd,
+    gp_ptr,
+    gp_sn,
+    gp_sd,
+    gs_ptr,
+    gs_st,
+    gs_se,
+    gs_sm,
+    gx_ptr,
+    gx_st,
+    gx_sd,
+    ef_ptr,
+    ef_st,
+    ef_se,
+    ef_sm,
+    gg_out_ptr,
+    go2_st,
+    go2_se,
+    sr_ptr,
+    sr_st,
+    sr_se,
+    sgo_ptr,
+    sgo_st,
+    sgo_sd,
+    sx_ptr,
+    sx_st,
+    sx_sd,
+    xef_ptr,
+    xef_st,
+    xef_se,
+    xef_sm,
+    xgg_ptr,
+    xgg_st,
+    xgg_se,
+    fill_ptr,
+    T,
+    CAP,
+    E,
+    N,
+    DV,
+    DP,
+    DM: tl.constexpr,
+    M: tl.constexpr,
+    MP: tl.constexpr,
+    GELU: tl.constexpr,
+    HAS_GRAD_GATE: tl.constexpr,
+    SCATTER: tl.constexpr,
+    STAGED: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DP: tl.constexpr,
+    CHUNKS_V: tl.constexpr,
+    CHUNKS_P: tl.constexpr,
+    GROUP_V: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """The whole backward of one token (all its E <= BLOCK_E entries at once), columns in chunks:
@@ -338,8 +490,11 @@ def _gate_lookup_bwd_kernel(
         slope = tl.full((BLOCK_E,), 1.0, ACC)
     core = tl.arange(0, MP)
     if CHUNKS_V > 0:
-        s2 = tl.load(s_ptr + t * s_st + e[:, None] * s_se + core[None, :] * s_sm,
-                     mask=ok[:, None] & (core < M)[None, :], other=0.0).to(ACC)
+        s2 = tl.load(
+            s_ptr + t * s_st + e[:, None] * s_se + core[None, :] * s_sm,
+            mask=ok[:, None] & (core < M)[None, :],
+            other=0.0,
+        ).to(ACC)
     else:
         s2 = tl.zeros((BLOCK_E, MP), dtype=ACC)
     s_m = _per_core(s2, core, M)
@@ -349,11 +504,22 @@ def _gate_lookup_bwd_kernel(
     cols_p = tl.arange(0, BLOCK_DP)
 
     q = ()
-    for m in tl.static_range(M):
+    for _m in tl.static_range(M):
         q = q + (tl.zeros((BLOCK_E,), dtype=ACC),)
     for g0 in tl.static_range(0, CHUNKS_V, GROUP_V):
-        vs, gos = _load_chunk_group(v_ptr + ids[:, None] * v_sn, v_sd, row_ok, go_ptr + t * go_st, go_sd, cols_v, DV,
-                                    g0, GROUP_V, CHUNKS_V, EVICT_FIRST)
+        vs, gos = _load_chunk_group(
+            v_ptr + ids[:, None] * v_sn,
+            v_sd,
+            row_ok,
+            go_ptr + t * go_st,
+            go_sd,
+            cols_v,
+            DV,
+            g0,
+            GROUP_V,
+            CHUNKS_V,
+            EVICT_FIRST,
+        )
         for c in tl.static_range(g0, g0 + GROUP_V):
             if c < CHUNKS_V:
                 d = c * BLOCK_D + cols_v
@@ -370,8 +536,12 @@ def _gate_lookup_bwd_kernel(
                 if STAGED:
                     tl.store(sgo_ptr + ts * sgo_st + d * sgo_sd, gos[c - g0], mask=(d < DV) & fits)
                 if SCATTER:
-                    tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
-                                  (w * go).to(gv_ptr.dtype.element_ty), mask=row_ok & (d < DV)[None, :], sem="relaxed")
+                    tl.atomic_add(
+                        gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
+                        (w * go).to(gv_ptr.dtype.element_ty),
+                        mask=row_ok & (d < DV)[None, :],
+                        sem="relaxed",
+                    )
 
     grad_g = tl.zeros((BLOCK_E,), dtype=ACC)
     if CHUNKS_V > 0:
@@ -395,8 +565,19 @@ def _gate_lookup_bwd_kernel(
                     tl.store(xef_ptr + t * xef_st + e * xef_se + m * xef_sm, eff[m], mask=e_ok & over)
 
     for g0 in tl.static_range(0, CHUNKS_P, GROUP_P):
-        ps, xs = _load_chunk_group(p_ptr + ids[:, None] * p_sn, p_sd, row_ok, x_ptr + t * x_st, x_sd, cols_p, DP,
-                                   g0, GROUP_P, CHUNKS_P, EVICT_FIRST)
+        ps, xs = _load_chunk_group(
+            p_ptr + ids[:, None] * p_sn,
+            p_sd,
+            row_ok,
+            x_ptr + t * x_st,
+            x_sd,
+            cols_p,
+            DP,
+            g0,
+            GROUP_P,
+            CHUNKS_P,
+            EVICT_FIRST,
+        )
         for c in tl.static_range(g0, g0 + GROUP_P):
             if c < CHUNKS_P:
                 dp = c * BLOCK_DP + cols_p
@@ -405,23 +586,50 @@ def _gate_lookup_bwd_kernel(
                 if STAGED:
                     tl.store(sx_ptr + ts * sx_st + dp * sx_sd, xs[c - g0], mask=(dp < DP) & fits)
                 if SCATTER:
-                    tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
-                                  (grad_g[:, None] * xs[c - g0].to(ACC)[None, :]).to(gp_ptr.dtype.element_ty),
-                                  mask=row_ok & (dp < DP)[None, :], sem="relaxed")
+                    tl.atomic_add(
+                        gp_ptr + ids[:, None] * gp_sn + dp[None, :] * gp_sd,
+                        (grad_g[:, None] * xs[c - g0].to(ACC)[None, :]).to(gp_ptr.dtype.element_ty),
+                        mask=row_ok & (dp < DP)[None, :],
+                        sem="relaxed",
+                    )
 
 
 @triton.jit
 def _overflow_add_kernel(
-    fill_ptr, T, CAP,
-    rows_ptr, r_st, r_se,
-    ef_ptr, ef_st, ef_se, ef_sm,
-    gg_ptr, gg_st, gg_se,
-    go_ptr, go_st, go_sd,
-    x_ptr, x_st, x_sd,
-    gv_ptr, gv_sn, gv_sd,
-    gp_ptr, gp_sn, gp_sd,
-    E, N, DV, DP,
-    DM: tl.constexpr, M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS_V: tl.constexpr,
+    fill_ptr,
+    T,
+    CAP,
+    rows_ptr,
+    r_st,
+    r_se,
+    ef_ptr,
+    ef_st,
+    ef_se,
+    ef_sm,
+    gg_ptr,
+    gg_st,
+    gg_se,
+    go_ptr,
+    go_st,
+    go_sd,
+    x_ptr,
+    x_st,
+    x_sd,
+    gv_ptr,
+    gv_sn,
+    gv_sd,
+    gp_ptr,
+    gp_sn,
+    gp_sd,
+    E,
+    N,
+    DV,
+    DP,
+    DM: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKS_V: tl.constexpr,
     CHUNKS_P: tl.constexpr,
 ):
     """A staged backward's table gradients when the staging area had no room for its T tokens
@@ -439,15 +647,23 @@ def _overflow_add_kernel(
                 d = c * BLOCK_D + cols
                 go = tl.load(go_ptr + t * go_st + d * go_sd, mask=d < DV, other=0.0).to(tl.float32)
                 w = _core_weights(ef_ptr + t * ef_st + e * ef_se, ef_sm, ok, (d // DM)[None, :], M, tl.float32)
-                tl.atomic_add(gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd, w * go[None, :],
-                              mask=ok[:, None] & (d < DV)[None, :], sem="relaxed")
+                tl.atomic_add(
+                    gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
+                    w * go[None, :],
+                    mask=ok[:, None] & (d < DV)[None, :],
+                    sem="relaxed",
+                )
             if CHUNKS_P > 0:  # (no pre-values half: gg_ptr is a placeholder)
                 gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
             for c in tl.static_range(CHUNKS_P):
                 d = c * BLOCK_D + cols
                 xv = tl.load(x_ptr + t * x_st + d * x_sd, mask=d < DP, other=0.0).to(tl.float32)
-                tl.atomic_add(gp_ptr + ids[:, None] * gp_sn + d[None, :] * gp_sd, gg[:, None] * xv[None, :],
-                              mask=ok[:, None] & (d < DP)[None, :], sem="relaxed")
+                tl.atomic_add(
+                    gp_ptr + ids[:, None] * gp_sn + d[None, :] * gp_sd,
+                    gg[:, None] * xv[None, :],
+                    mask=ok[:, None] & (d < DP)[None, :],
+                    sem="relaxed",
+                )
 
 
 @triton.jit
@@ -491,16 +707,19 @@ def _tensor_args(*tensors: Tensor) -> list:
     return [item for t in tensors for item in (t, *t.stride())]
 
 
-def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool,
-                     config: dict | None = None) -> tuple[Tensor, Tensor]:
+def gate_lookup_cuda(
+    rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool, config: dict | None = None
+) -> tuple[Tensor, Tensor]:
     # Imported late: the op module imports this one at its end to register the kernel.
     from ..gate_lookup import _check_args  # noqa: PLC0415
+
     _check_args(rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
     config = config or {}
     if config and "D_CHUNKS" not in config:  # the two kernels read the same keys differently
-        raise ValueError(f"gate_lookup: a config must say which kernel it is for (D_CHUNKS True or False), "
-                         f"got {config}")
+        raise ValueError(
+            f"gate_lookup: a config must say which kernel it is for (D_CHUNKS True or False), got {config}"
+        )
     chunks = config.get("D_CHUNKS", _use_chunks(rows.shape[1], values.shape[1], pre_values.shape[1]))
     cfg = {**(CHUNKS_CONFIG if chunks else ENTRY_BLOCK_CONFIG), **config, "D_CHUNKS": bool(chunks)}
     t, e = rows.shape
@@ -522,9 +741,22 @@ def gate_lookup_cuda(rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor
     grid = (triton.cdiv(t, bt) * n_d, 1) if d_fastest else (triton.cdiv(t, bt), n_d)
     _gate_lookup_fwd_kernel[grid](
         *_tensor_args(rows, values, pre_values, x, scores, out, gate),
-        t, e, n, dv, dp, max(dv // m, 1),
-        M=m, GELU=bool(gelu), BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, D_FASTEST=d_fastest, SUM_ONCE=dp > bdp,
-        HOIST_V=bool(cfg.get("HOIST_V", False)), EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)),
+        t,
+        e,
+        n,
+        dv,
+        dp,
+        max(dv // m, 1),
+        M=m,
+        GELU=bool(gelu),
+        BLOCK_T=bt,
+        BLOCK_E=be,
+        BLOCK_D=bd,
+        BLOCK_DP=bdp,
+        D_FASTEST=d_fastest,
+        SUM_ONCE=dp > bdp,
+        HOIST_V=bool(cfg.get("HOIST_V", False)),
+        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)),
         ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )
@@ -547,9 +779,15 @@ def _chunk_plan(e: int, values: Tensor, pre_values: Tensor, cfg: dict) -> dict:
     while be * bdp > tile and bdp > 8:
         bdp //= 2
     chunks_v, chunks_p = triton.cdiv(dv, bd), triton.cdiv(dp, bdp)
-    return dict(BLOCK_E=be, BLOCK_D=bd, BLOCK_DP=bdp, CHUNKS_V=chunks_v, CHUNKS_P=chunks_p,
-                GROUP_V=max(1, min(chunks_v, cfg.get("GROUP_CHUNKS") or group // (be * bd))),
-                GROUP_P=max(1, min(chunks_p, cfg.get("GROUP_CHUNKS") or group // (be * bdp))))
+    return dict(
+        BLOCK_E=be,
+        BLOCK_D=bd,
+        BLOCK_DP=bdp,
+        CHUNKS_V=chunks_v,
+        CHUNKS_P=chunks_p,
+        GROUP_V=max(1, min(chunks_v, cfg.get("GROUP_CHUNKS") or group // (be * bd))),
+        GROUP_P=max(1, min(chunks_p, cfg.get("GROUP_CHUNKS") or group // (be * bdp))),
+    )
 
 
 def _launch_options(cfg: dict) -> dict:
@@ -567,9 +805,18 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
     plan = _chunk_plan(e, values, pre_values, cfg)
     _gate_lookup_fwd_chunks_kernel[(t,)](
         *_tensor_args(rows, values, pre_values, x, scores, out, gate),
-        e, values.shape[0], dv, pre_values.shape[1],
-        DM=max(dv // m, 1), M=m, GELU=gelu, HOIST_V=min(int(cfg.get("HOIST_V", 0)), plan["GROUP_V"]),
-        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan, **_launch_options(cfg),
+        e,
+        values.shape[0],
+        dv,
+        pre_values.shape[1],
+        DM=max(dv // m, 1),
+        M=m,
+        GELU=gelu,
+        HOIST_V=min(int(cfg.get("HOIST_V", 0)), plan["GROUP_V"]),
+        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)),
+        ACC=_tl_acc(acc),
+        **plan,
+        **_launch_options(cfg),
     )
 
 
@@ -595,10 +842,22 @@ SORTED_BACKWARD = False
 OVERFLOW_PROGRAMS = 1024
 
 
-def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: Tensor, values: Tensor,
-                              pre_values: Tensor, x: Tensor, scores: Tensor, gate: Tensor, gelu: bool,
-                              grad_values: Tensor, grad_pre_values: Tensor, config: dict | None = None,
-                              deterministic: bool = False, staging=None) -> tuple[Tensor, Tensor]:
+def gate_lookup_backward_cuda(
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+    gelu: bool,
+    grad_values: Tensor,
+    grad_pre_values: Tensor,
+    config: dict | None = None,
+    deterministic: bool = False,
+    staging=None,
+) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup: adds the tables' gradients into grad_values and
     grad_pre_values (no zero-fill) and returns (grad_scores, grad_x) in scores' and x's dtypes.
     One kernel with fp32 atomics; `deterministic`: the same kernel without atomics, then each
@@ -622,9 +881,28 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
         grad_g = torch.empty((t, e), dtype=acc, device=scores.device)
     else:
         eff, grad_g = grad_scores, gate  # placeholders (unused, or the staging area's)
-    _launch_backward(rows, values, pre_values, x, scores, gate, grad_out, grad_gate, grad_values, grad_pre_values,
-                     grad_scores, grad_x, eff, grad_g, gelu=gelu, has_gate=True, acc=acc,
-                     scatter=not deterministic, staging=staging, config=config)
+    _launch_backward(
+        rows,
+        values,
+        pre_values,
+        x,
+        scores,
+        gate,
+        grad_out,
+        grad_gate,
+        grad_values,
+        grad_pre_values,
+        grad_scores,
+        grad_x,
+        eff,
+        grad_g,
+        gelu=gelu,
+        has_gate=True,
+        acc=acc,
+        scatter=not deterministic,
+        staging=staging,
+        config=config,
+    )
     if deterministic and staging is None:
         cfg = {**BWD_CONFIG, **(config or {})}
         order = _wl.sort_rows(rows, values.shape[0])
@@ -633,8 +911,15 @@ def gate_lookup_backward_cuda(grad_out: Tensor, grad_gate: Tensor | None, rows: 
     return grad_scores, grad_x
 
 
-def staged_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, values: Tensor, scores: Tensor, grad_values: Tensor,
-                                staging, config: dict | None = None) -> Tensor:
+def staged_lookup_backward_cuda(
+    grad_out: Tensor,
+    rows: Tensor,
+    values: Tensor,
+    scores: Tensor,
+    grad_values: Tensor,
+    staging,
+    config: dict | None = None,
+) -> Tensor:
     """`weighted_lookup`'s backward with its table gradient staged (a values-only `GradStaging`):
     the backward kernel's values pass alone, no gate (grad_scores = the row dots); returns
     grad_scores. Tokens that do not fit go into `grad_values` with atomics."""
@@ -643,9 +928,28 @@ def staged_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, values: Tensor, 
     if t == 0 or e == 0:
         return grad_scores.zero_()
     none = values[:, :0]  # the absent pre-value table: 0 columns, never read
-    _launch_backward(rows, values, none, grad_out, scores, rows, grad_out, None, grad_values, grad_values,
-                     grad_scores, grad_out, grad_scores, rows, gelu=False, has_gate=False,
-                     acc=acc_dtype(values, scores, grad_out), scatter=False, staging=staging, config=config)
+    _launch_backward(
+        rows,
+        values,
+        none,
+        grad_out,
+        scores,
+        rows,
+        grad_out,
+        None,
+        grad_values,
+        grad_values,
+        grad_scores,
+        grad_out,
+        grad_scores,
+        rows,
+        gelu=False,
+        has_gate=False,
+        acc=acc_dtype(values, scores, grad_out),
+        scatter=False,
+        staging=staging,
+        config=config,
+    )
     return grad_scores
 
 
@@ -655,8 +959,15 @@ def staged_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, values: Tensor, 
 STAGED_GATE_CONFIG = {"num_warps": 1}
 
 
-def staged_gate_backward_cuda(grad_gate: Tensor, rows: Tensor, pre_values: Tensor, x: Tensor,
-                              grad_pre_values: Tensor, staging, config: dict | None = None) -> Tensor:
+def staged_gate_backward_cuda(
+    grad_gate: Tensor,
+    rows: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    grad_pre_values: Tensor,
+    staging,
+    config: dict | None = None,
+) -> Tensor:
     """`pre_value_gate`'s backward with its table gradient staged (a pre-values-only
     `GradStaging`): the backward kernel's pre-values pass alone with grad_g = grad_gate; returns
     grad_x. Tokens that do not fit go into `grad_pre_values` with atomics."""
@@ -666,16 +977,54 @@ def staged_gate_backward_cuda(grad_gate: Tensor, rows: Tensor, pre_values: Tenso
         return grad_x.zero_()
     none = pre_values[:, :0]  # the absent value table
     one_core = grad_gate.unsqueeze(-1)  # placeholder scores [T, E, 1], never read
-    _launch_backward(rows, none, pre_values, x, one_core, grad_gate, x, grad_gate, grad_pre_values, grad_pre_values,
-                     one_core, grad_x, one_core, grad_gate, gelu=False, has_gate=False,
-                     acc=acc_dtype(pre_values, x, grad_gate), scatter=False, staging=staging,
-                     config={**STAGED_GATE_CONFIG, **(config or {})})
+    _launch_backward(
+        rows,
+        none,
+        pre_values,
+        x,
+        one_core,
+        grad_gate,
+        x,
+        grad_gate,
+        grad_pre_values,
+        grad_pre_values,
+        one_core,
+        grad_x,
+        one_core,
+        grad_gate,
+        gelu=False,
+        has_gate=False,
+        acc=acc_dtype(pre_values, x, grad_gate),
+        scatter=False,
+        staging=staging,
+        config={**STAGED_GATE_CONFIG, **(config or {})},
+    )
     return grad_x
 
 
-def _launch_backward(rows, values, pre_values, x, scores, gate, grad_out, grad_gate, grad_values, grad_pre_values,
-                     grad_scores, grad_x, eff, grad_g, *, gelu: bool, has_gate: bool, acc: torch.dtype,
-                     scatter: bool, staging, config: dict | None) -> None:
+def _launch_backward(
+    rows,
+    values,
+    pre_values,
+    x,
+    scores,
+    gate,
+    grad_out,
+    grad_gate,
+    grad_values,
+    grad_pre_values,
+    grad_scores,
+    grad_x,
+    eff,
+    grad_g,
+    *,
+    gelu: bool,
+    has_gate: bool,
+    acc: torch.dtype,
+    scatter: bool,
+    staging,
+    config: dict | None,
+) -> None:
     """`_gate_lookup_bwd_kernel` (one program per token), then with `staging` the overflow
     kernel and the fill update. A table of 0 columns is absent (its pass is skipped). Without
     staging and without `scatter`, eff / grad_g receive the effective scores and grad_g."""
@@ -695,19 +1044,60 @@ def _launch_backward(rows, values, pre_values, x, scores, gate, grad_out, grad_g
         stage_args, fill, cap = (rows, grad_out, x, scores, gate), rows, 0  # unused placeholders
     plan = _chunk_plan(e, values, pre_values, cfg)
     _gate_lookup_bwd_kernel[(t,)](
-        *_tensor_args(rows, values, pre_values, x, scores, gate, grad_out, grad_gate if grad_gate is not None else gate,
-                      grad_values, grad_pre_values, grad_scores, grad_x, eff, grad_g, *stage_args),
-        fill, t, cap, e, values.shape[0], dv, dp,
-        DM=max(dv // m, 1), M=m, MP=triton.next_power_of_2(m), GELU=bool(gelu), HAS_GRAD_GATE=grad_gate is not None,
-        SCATTER=scatter and staging is None, STAGED=staging is not None, HAS_GATE=has_gate,
-        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)), ACC=_tl_acc(acc), **plan,
+        *_tensor_args(
+            rows,
+            values,
+            pre_values,
+            x,
+            scores,
+            gate,
+            grad_out,
+            grad_gate if grad_gate is not None else gate,
+            grad_values,
+            grad_pre_values,
+            grad_scores,
+            grad_x,
+            eff,
+            grad_g,
+            *stage_args,
+        ),
+        fill,
+        t,
+        cap,
+        e,
+        values.shape[0],
+        dv,
+        dp,
+        DM=max(dv // m, 1),
+        M=m,
+        MP=triton.next_power_of_2(m),
+        GELU=bool(gelu),
+        HAS_GRAD_GATE=grad_gate is not None,
+        SCATTER=scatter and staging is None,
+        STAGED=staging is not None,
+        HAS_GATE=has_gate,
+        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)),
+        ACC=_tl_acc(acc),
+        **plan,
         **_launch_options(cfg),
     )
     if staging is not None:
         bd = 64
         _overflow_add_kernel[(min(t, OVERFLOW_PROGRAMS),)](
-            fill, t, cap, *_tensor_args(rows, over_eff, over_gg, grad_out, x, grad_values, grad_pre_values),
-            e, values.shape[0], dv, dp,
-            DM=max(dv // m, 1), M=m, BLOCK_E=triton.next_power_of_2(e), BLOCK_D=bd, CHUNKS_V=triton.cdiv(dv, bd),
-            CHUNKS_P=triton.cdiv(dp, bd), num_warps=1)
+            fill,
+            t,
+            cap,
+            *_tensor_args(rows, over_eff, over_gg, grad_out, x, grad_values, grad_pre_values),
+            e,
+            values.shape[0],
+            dv,
+            dp,
+            DM=max(dv // m, 1),
+            M=m,
+            BLOCK_E=triton.next_power_of_2(e),
+            BLOCK_D=bd,
+            CHUNKS_V=triton.cdiv(dv, bd),
+            CHUNKS_P=triton.cdiv(dp, bd),
+            num_warps=1,
+        )
         _advance_fill_kernel[(1,)](fill, t, cap)

@@ -6,6 +6,7 @@ The gate is a one-core lookup seen from the other side, so it runs on the kernel
 - grad_x[t] = Σ_e grad_gate[t, e] · P[row] is a lookup forward with scores = grad_gate;
 - grad_P[row] += grad_gate[t, e] · x[t] is the lookup's table-gradient scatter with g = x.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,9 +29,18 @@ def pre_value_gate_cuda(rows: Tensor, table: Tensor, x: Tensor, config: dict | N
     return gate
 
 
-def gate_table_grad(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, grad_table: Tensor, *,
-                    accumulate: bool, deterministic: bool | None = None,
-                    order: tuple[Tensor, Tensor] | None = None, configs: dict | None = None) -> Tensor:
+def gate_table_grad(
+    grad_gate: Tensor,
+    rows: Tensor,
+    table: Tensor,
+    x: Tensor,
+    grad_table: Tensor,
+    *,
+    accumulate: bool,
+    deterministic: bool | None = None,
+    order: tuple[Tensor, Tensor] | None = None,
+    configs: dict | None = None,
+) -> Tensor:
     """Adds grad_P into grad_table (pre-zeroed when not `accumulate`); returns grad_x in x's dtype."""
     configs = configs or {}
     if deterministic is None:
@@ -41,8 +51,9 @@ def gate_table_grad(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor, g
         return grad_x.zero_()
     _wl.weighted_gather(rows, table, grad_gate, grad_x, acc, configs.get("fwd"))
     if deterministic:
-        _wl.segment_scatter(rows, x, grad_gate, grad_table, acc, accumulate=accumulate, order=order,
-                            config=configs.get("segment"))
+        _wl.segment_scatter(
+            rows, x, grad_gate, grad_table, acc, accumulate=accumulate, order=order, config=configs.get("segment")
+        )
     else:
         _wl.gather_dots_scatter(rows, x, 1, acc, scores=grad_gate, grad_table=grad_table, config=configs.get("bwd"))
     return grad_x
@@ -59,13 +70,17 @@ def pre_value_gate_backward_cuda(grad_gate: Tensor, rows: Tensor, table: Tensor,
     return grad_table, grad_x
 
 
-def pre_value_gate_backward_accumulate_cuda(grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor,
-                                            x: Tensor) -> Tensor:
+def pre_value_gate_backward_accumulate_cuda(
+    grad_table: Tensor, grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor
+) -> Tensor:
     """Adds grad_P into the persistent `grad_table` buffer; returns grad_x (nothing is written
     when the arguments are refused)."""
     op = "pre_value_gate_backward_accumulate"
     check_gate_args(op, rows, table, x, grad_gate)
     check_index_range(rows, table.shape[0], op, "rows")
-    check(tuple(grad_table.shape) == tuple(table.shape), op,
-          f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
+    check(
+        tuple(grad_table.shape) == tuple(table.shape),
+        op,
+        f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}",
+    )
     return gate_table_grad(grad_gate, rows, table, x, grad_table, accumulate=True)

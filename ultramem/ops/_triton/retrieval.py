@@ -38,6 +38,7 @@ sums are reduced by a small deterministic sum. No atomics: results are bit-repro
 that leaves the zero-fill to one torch fill stays selectable for timing
 (`launch_backward(..., variant=...)`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,6 +97,7 @@ def _fallback_once(reason: str) -> None:
 
 # ------------------------------------------------------------------------------------ helpers
 
+
 @triton.jit
 def _key32(x):
     """int32 whose signed order is the float order of x (non-NaN; -0.0 sorts just below +0.0)."""
@@ -148,8 +150,9 @@ def _load_kept(ws_ptr, slots, mask, n):
 
 
 @triton.jit
-def _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q: tl.constexpr, R: tl.constexpr,
-                     M: tl.constexpr):
+def _rank_row_factor(
+    a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q: tl.constexpr, R: tl.constexpr, M: tl.constexpr
+):
     """Σ_p A[rows, p] · (Σ_m C_m)[p, q] in fp32: the row factor of the grid's rank term q (the
     grid is Σ_q this · B[cols, q]). Shared by both grid layouts, same order of operations."""
     p_q = tl.zeros(rows.shape, dtype=tl.float32)
@@ -163,9 +166,27 @@ def _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q
 
 
 @triton.jit
-def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-               ws_ptr, i0, knn, n_row, n_col,
-               R: tl.constexpr, M: tl.constexpr, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grid_tile(
+    a_base,
+    sa_n,
+    sa_r,
+    b_base,
+    sb_n,
+    sb_r,
+    c_base,
+    sc_m,
+    sc_r,
+    sc_s,
+    ws_ptr,
+    i0,
+    knn,
+    n_row,
+    n_col,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    TILE_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Rows i0..i0+TILE_I of the grid S[i, j] = A[I_i] (Σ_m C_m) B[J_j]ᵀ, -inf outside k×k and
     for NaN totals; also the valid mask, the flat grid position i * BLOCK_K + j and the number of
     NaN totals."""
@@ -188,10 +209,29 @@ def _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
 
 
 @triton.jit
-def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                       keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
-                       R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
-                       VALUE_STEPS: tl.constexpr):
+def _grid_select_tiled(
+    a_base,
+    sa_n,
+    sa_r,
+    b_base,
+    sb_n,
+    sb_r,
+    c_base,
+    sc_m,
+    sc_r,
+    sc_s,
+    keys_ws,
+    pairs_ws,
+    vals_ws,
+    knn,
+    n_row,
+    n_col,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TILE_I: tl.constexpr,
+    VALUE_STEPS: tl.constexpr,
+):
     """Phase 3 of the forward for grids too large for registers: the knn best pairs of the k×k
     grid of kept keys (from keys_ws) to pairs_ws / vals_ws, the grid recomputed tile by tile
     (TILE_I rows) on every pass. Returns the number of NaN totals (ranked last)."""
@@ -199,15 +239,53 @@ def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_
     hi = tl.full((), float("-inf"), tl.float32)
     n_nan = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _, nan_tile = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                           keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        s, valid, _, nan_tile = _grid_tile(
+            a_base,
+            sa_n,
+            sa_r,
+            b_base,
+            sb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            i0,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            TILE_I,
+            BLOCK_K,
+        )
         lo = tl.minimum(lo, tl.min(tl.where(valid, s, float("inf"))))
         hi = tl.maximum(hi, tl.max(s))
         n_nan += nan_tile
     n_at_hi = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                    keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        s, valid, _, _ = _grid_tile(
+            a_base,
+            sa_n,
+            sa_r,
+            b_base,
+            sb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            i0,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            TILE_I,
+            BLOCK_K,
+        )
         n_at_hi += tl.sum((valid & (s >= hi)).to(tl.int32))
     todo = n_at_hi < knn
     lo = tl.where(todo, lo, hi)
@@ -216,8 +294,27 @@ def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_
         mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
         cnt = knn * 0
         for i0 in range(0, BLOCK_K, TILE_I):
-            s, valid, _, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                        keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+            s, valid, _, _ = _grid_tile(
+                a_base,
+                sa_n,
+                sa_r,
+                b_base,
+                sb_n,
+                sb_r,
+                c_base,
+                sc_m,
+                sc_r,
+                sc_s,
+                keys_ws,
+                i0,
+                knn,
+                n_row,
+                n_col,
+                R,
+                M,
+                TILE_I,
+                BLOCK_K,
+            )
             cnt += tl.sum((s >= mid).to(tl.int32))
         ge = cnt >= knn
         lo = tl.where(ge & ~adjacent, mid, lo)
@@ -227,14 +324,52 @@ def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_
     thr = lo
     n_gt = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                    keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        s, valid, _, _ = _grid_tile(
+            a_base,
+            sa_n,
+            sa_r,
+            b_base,
+            sb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            i0,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            TILE_I,
+            BLOCK_K,
+        )
         n_gt += tl.sum((valid & (s > thr)).to(tl.int32))
     gt_base = knn * 0
     eq_base = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, flat, _ = _grid_tile(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                       keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K)
+        s, valid, flat, _ = _grid_tile(
+            a_base,
+            sa_n,
+            sa_r,
+            b_base,
+            sb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            i0,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            TILE_I,
+            BLOCK_K,
+        )
         slot, keep, n_gt_tile, n_eq_tile = _kept_slots_2d(s, valid, thr, n_gt, knn, gt_base, eq_base)
         tl.store(pairs_ws + slot, flat, mask=keep)
         tl.store(vals_ws + slot, s, mask=keep)
@@ -244,9 +379,31 @@ def _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_
 
 
 @triton.jit
-def _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col, poisoned,
-                    R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sort_and_write(
+    a_base,
+    sa_n,
+    sa_r,
+    b_base,
+    sb_n,
+    sb_r,
+    c_base,
+    sc_m,
+    sc_r,
+    sc_s,
+    keys_ws,
+    pairs_ws,
+    vals_ws,
+    ids_ptr,
+    scores_ptr,
+    pid,
+    knn,
+    n_row,
+    n_col,
+    poisoned,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Phase 4 of the forward: sort the kept pairs by descending grid score; write ids and
     per-core scores (all NaN when `poisoned`: a NaN coarse score or grid total was seen)."""
     e = tl.arange(0, BLOCK_K)
@@ -291,6 +448,7 @@ def _sort_and_write(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, 
 #  - the k×k grid as [k·k / G, G] with the row fixed per thread: one row of A·ΣC per thread,
 #    column loads per entry.
 
+
 @triton.jit
 def _min_max(lo_a, hi_a, lo_b, hi_b):
     # minnum/maxnum on the GPU (NaN ignored); the interpreter's generic reduce propagates NaN
@@ -308,8 +466,19 @@ def _count_true(m1, m2, HAS2: tl.constexpr):
 
 
 @triton.jit
-def _kth_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr,
-                   GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
+def _kth_threshold(
+    x1,
+    v1,
+    x2,
+    v2,
+    knn,
+    n_all,
+    HAS2: tl.constexpr,
+    MASK1: tl.constexpr,
+    MASK2: tl.constexpr,
+    GS: tl.constexpr,
+    VALUE_STEPS: tl.constexpr,
+):
     """(thr, exact): thr = the knn-th largest real entry of x1 (and x2), or a value with exactly knn
     entries >= thr (then exact is true). Padding is -inf (v false); n_all real entries.
 
@@ -379,8 +548,9 @@ def _kth_threshold(x1, v1, x2, v2, knn, n_all, HAS2: tl.constexpr, MASK1: tl.con
 
 
 @triton.jit
-def _kept_masks(x1, v1, p1, x2, v2, p2, thr, exact, knn, n_idx,
-                HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr):
+def _kept_masks(
+    x1, v1, p1, x2, v2, p2, thr, exact, knn, n_idx, HAS2: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr
+):
     """Masks of the kept entries: all x > thr, and of those equal to thr the lowest positions p
     (distinct, in [0, n_idx)) up to knn in all. Padding (v false, -inf) is never kept."""
     if exact:
@@ -391,7 +561,7 @@ def _kept_masks(x1, v1, p1, x2, v2, p2, thr, exact, knn, n_idx,
         eq1 = x1 == thr
         eq2 = x2 == thr
         need = knn - _count_true(x1 > thr, x2 > thr, HAS2)
-        cut_lo = need * 0        # count(eq & p < cut_lo) < need
+        cut_lo = need * 0  # count(eq & p < cut_lo) < need
         cut_hi = cut_lo + n_idx  # count(eq & p < cut_hi) >= need
         if _count_true(eq1 & v1, eq2 & v2, HAS2) <= need:
             cut_lo = cut_hi - 1
@@ -417,8 +587,7 @@ def _as_1d(x):
 
 
 @triton.jit
-def _store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_idx, dst_val,
-                HAS2: tl.constexpr, STORE_VALS: tl.constexpr):
+def _store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_idx, dst_val, HAS2: tl.constexpr, STORE_VALS: tl.constexpr):
     """Write p (and x, if STORE_VALS) of the kept entries to dst[0:knn]: slots from an exclusive
     scan over the threads' kept counts, then in register order within a thread."""
     k1 = keep1.to(tl.int32)
@@ -444,8 +613,9 @@ def _store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_idx, dst_val,
 
 
 @triton.jit
-def _coarse_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
-                  MASKED: tl.constexpr):
+def _coarse_block(
+    base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr
+):
     """Scores <key, w> of keys p0 + e (e < P·G) as [P, G] (entry [p, g] = key p0 + p·G + g, -inf
     past n), the mask of real keys and the positions."""
     e = tl.arange(0, P * G)
@@ -470,10 +640,25 @@ def _coarse_block(base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.cons
 
 
 @triton.jit
-def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
-                   R: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_REM: tl.constexpr,
-                   MASK1: tl.constexpr, MASK2: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
-                   VALUE_STEPS: tl.constexpr):
+def _coarse_select(
+    base,
+    s_n,
+    s_r,
+    w_ptr,
+    s_w,
+    n,
+    knn,
+    dst_ptr,
+    R: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    HAS_REM: tl.constexpr,
+    MASK1: tl.constexpr,
+    MASK2: tl.constexpr,
+    G: tl.constexpr,
+    GS: tl.constexpr,
+    VALUE_STEPS: tl.constexpr,
+):
     """Write the positions of the knn largest <key, w> of one [n, R] score block to dst[0:knn];
     returns the number of NaN scores (ranked last)."""
     x1, v1, p1, nan1 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
@@ -492,10 +677,29 @@ def _coarse_select(base, s_n, s_r, w_ptr, s_w, n, knn, dst_ptr,
 
 
 @triton.jit
-def _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-               keys_ws, i0, knn, n_row, n_col,
-               R: tl.constexpr, M: tl.constexpr, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr,
-               G: tl.constexpr, FULL_K: tl.constexpr):
+def _grid_rows(
+    a_base,
+    sa_n,
+    sa_r,
+    b_base,
+    sb_n,
+    sb_r,
+    c_base,
+    sc_m,
+    sc_r,
+    sc_s,
+    keys_ws,
+    i0,
+    knn,
+    n_row,
+    n_col,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    TILE_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    G: tl.constexpr,
+    FULL_K: tl.constexpr,
+):
     """Rows i0..i0+TILE_I of the k×k grid as [TILE_I·BLOCK_K / G, G] (entry e = p·G + g holds row
     slot i0 + e % TILE_I, column slot e // TILE_I; -inf outside k×k, and for NaN totals), the valid
     mask, the flat grid positions i·BLOCK_K + j and the number of NaN totals. Loads are 1-D (see
@@ -534,18 +738,59 @@ def _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
 
 
 @triton.jit
-def _grid_select(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                 keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
-                 R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
-                 FULL_K: tl.constexpr, GS: tl.constexpr, VALUE_STEPS: tl.constexpr):
+def _grid_select(
+    a_base,
+    sa_n,
+    sa_r,
+    b_base,
+    sb_n,
+    sb_r,
+    c_base,
+    sc_m,
+    sc_r,
+    sc_s,
+    keys_ws,
+    pairs_ws,
+    vals_ws,
+    knn,
+    n_row,
+    n_col,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    G: tl.constexpr,
+    FULL_K: tl.constexpr,
+    GS: tl.constexpr,
+    VALUE_STEPS: tl.constexpr,
+):
     """Phase 3 of the forward with the k×k grid in registers as [BLOCK_K² / G, G] (see _grid_rows):
     the knn best pairs (i·BLOCK_K + j) and their totals to pairs_ws / vals_ws, in no fixed order.
     Returns the number of NaN totals (ranked last)."""
-    s, valid, flat, n_nan = _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                       keys_ws, 0, knn, n_row, n_col, R, M, BLOCK_K, BLOCK_K, G, FULL_K)
+    s, valid, flat, n_nan = _grid_rows(
+        a_base,
+        sa_n,
+        sa_r,
+        b_base,
+        sb_n,
+        sb_r,
+        c_base,
+        sc_m,
+        sc_r,
+        sc_s,
+        keys_ws,
+        0,
+        knn,
+        n_row,
+        n_col,
+        R,
+        M,
+        BLOCK_K,
+        BLOCK_K,
+        G,
+        FULL_K,
+    )
     thr, exact = _kth_threshold(s, valid, s, valid, knn, knn * knn, False, not FULL_K, False, GS, VALUE_STEPS)
-    keep, _ = _kept_masks(s, valid, flat, s, valid, flat, thr, exact, knn, BLOCK_K * BLOCK_K,
-                          False, not FULL_K, False)
+    keep, _ = _kept_masks(s, valid, flat, s, valid, flat, thr, exact, knn, BLOCK_K * BLOCK_K, False, not FULL_K, False)
     _store_kept(keep, flat, s, keep, flat, s, knn, pairs_ws, vals_ws, False, True)
     return n_nan
 
@@ -575,11 +820,33 @@ def _raise_floor(s, valid, floor, knn, cap, VALUE_STEPS: tl.constexpr):
 
 
 @triton.jit
-def _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                     keys_ws, cand_pos, cand_val, knn, n_row, n_col,
-                     R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
-                     G: tl.constexpr, FULL_K: tl.constexpr, CAND: tl.constexpr, CAND_TILE: tl.constexpr,
-                     VALUE_STEPS: tl.constexpr):
+def _grid_candidates(
+    a_base,
+    sa_n,
+    sa_r,
+    b_base,
+    sb_n,
+    sb_r,
+    c_base,
+    sc_m,
+    sc_r,
+    sc_s,
+    keys_ws,
+    cand_pos,
+    cand_val,
+    knn,
+    n_row,
+    n_col,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TILE_I: tl.constexpr,
+    G: tl.constexpr,
+    FULL_K: tl.constexpr,
+    CAND: tl.constexpr,
+    CAND_TILE: tl.constexpr,
+    VALUE_STEPS: tl.constexpr,
+):
     """One pass over the row tiles of the grid: a running floor, raised in a tile (_raise_floor)
     when more than CAND_TILE of its entries are at or above it, and every entry at or above the
     floor (value, flat position) appended to cand_pos / cand_val (slots from a scan over the
@@ -591,8 +858,29 @@ def _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r,
     n_nan = knn * 0
     i0 = knn * 0
     while i0 < knn:  # the tiles with a real row
-        s, valid, flat, nan_tile = _grid_rows(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                              keys_ws, i0, knn, n_row, n_col, R, M, TILE_I, BLOCK_K, G, FULL_K)
+        s, valid, flat, nan_tile = _grid_rows(
+            a_base,
+            sa_n,
+            sa_r,
+            b_base,
+            sb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            i0,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            TILE_I,
+            BLOCK_K,
+            G,
+            FULL_K,
+        )
         n_nan += nan_tile
         ge = valid & (s >= floor)
         if _count_true(ge, ge, False) > CAND_TILE:
@@ -611,11 +899,36 @@ def _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r,
 
 
 @triton.jit
-def _grid_select_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                            keys_ws, pairs_ws, vals_ws, cand_pos, cand_val, knn, n_row, n_col,
-                            R: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_I: tl.constexpr,
-                            TILE_G: tl.constexpr, FULL_K: tl.constexpr, CAND: tl.constexpr,
-                            CAND_TILE: tl.constexpr, CAND_G: tl.constexpr, VALUE_STEPS: tl.constexpr):
+def _grid_select_candidates(
+    a_base,
+    sa_n,
+    sa_r,
+    b_base,
+    sb_n,
+    sb_r,
+    c_base,
+    sc_m,
+    sc_r,
+    sc_s,
+    keys_ws,
+    pairs_ws,
+    vals_ws,
+    cand_pos,
+    cand_val,
+    knn,
+    n_row,
+    n_col,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TILE_I: tl.constexpr,
+    TILE_G: tl.constexpr,
+    FULL_K: tl.constexpr,
+    CAND: tl.constexpr,
+    CAND_TILE: tl.constexpr,
+    CAND_G: tl.constexpr,
+    VALUE_STEPS: tl.constexpr,
+):
     """Phase 3 of the forward for grids walked in row tiles: candidates at or above a floor
     (_grid_candidates), then the exact selection among those in registers. The selection is the
     grid's own (all totals above the k-th, then the lowest positions among those equal to it)
@@ -624,9 +937,33 @@ def _grid_select_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m
     entry the grid's selection keeps is a candidate. Otherwise (ties at the floor beyond the
     slots) the bisection over the whole grid (_grid_select_tiled) decides. Returns the number of
     NaN totals (ranked last; every tile is visited once by the candidates pass)."""
-    floor, n_cand, n_nan = _grid_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                            keys_ws, cand_pos, cand_val, knn, n_row, n_col,
-                                            R, M, BLOCK_K, TILE_I, TILE_G, FULL_K, CAND, CAND_TILE, VALUE_STEPS)
+    floor, n_cand, n_nan = _grid_candidates(
+        a_base,
+        sa_n,
+        sa_r,
+        b_base,
+        sb_n,
+        sb_r,
+        c_base,
+        sc_m,
+        sc_r,
+        sc_s,
+        keys_ws,
+        cand_pos,
+        cand_val,
+        knn,
+        n_row,
+        n_col,
+        R,
+        M,
+        BLOCK_K,
+        TILE_I,
+        TILE_G,
+        FULL_K,
+        CAND,
+        CAND_TILE,
+        VALUE_STEPS,
+    )
     tl.debug_barrier()  # the candidates were written by other threads of this program
     e = tl.arange(0, CAND)
     stored = e < n_cand
@@ -642,28 +979,95 @@ def _grid_select_candidates(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m
         keep, _ = _kept_masks(x, ok, p, x, ok, p, thr, exact, knn, BLOCK_K * BLOCK_K, False, True, False)
         _store_kept(keep, p, x, keep, p, x, knn, pairs_ws, vals_ws, False, True)
     else:
-        _grid_select_tiled(a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                           keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
-                           R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+        _grid_select_tiled(
+            a_base,
+            sa_n,
+            sa_r,
+            b_base,
+            sb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            pairs_ws,
+            vals_ws,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            BLOCK_K,
+            TILE_I,
+            VALUE_STEPS,
+        )
     return n_nan
 
 
 @triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
 def _retrieval_fwd_kernel(
-    a_ptr, sa_t, sa_h, sa_n, sa_r,
-    b_ptr, sb_t, sb_h, sb_n, sb_r,
-    c_ptr, sc_h, sc_m, sc_r, sc_s,
-    u_ptr, su_h, su_r,
-    v_ptr, sv_h, sv_r,
-    ids_ptr, scores_ptr, keys_ws_ptr, pairs_ws_ptr, vals_ws_ptr, cand_pos_ptr, cand_val_ptr,
-    heads, n_row, n_col, knn,
-    R: tl.constexpr, M: tl.constexpr, G: tl.constexpr,
-    P1_R: tl.constexpr, P2_R: tl.constexpr, REM_R: tl.constexpr, MASK1_R: tl.constexpr, MASK2_R: tl.constexpr,
-    P1_C: tl.constexpr, P2_C: tl.constexpr, REM_C: tl.constexpr, MASK1_C: tl.constexpr, MASK2_C: tl.constexpr,
-    KEY_STRIDE_A: tl.constexpr, KEY_STRIDE_B: tl.constexpr, GS_R: tl.constexpr, GS_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, TILE_I: tl.constexpr, GRID_G: tl.constexpr, FULL_K: tl.constexpr, GS_K: tl.constexpr,
-    TILE_G: tl.constexpr, CAND: tl.constexpr, CAND_TILE: tl.constexpr, CAND_G: tl.constexpr,
-    ONE_HEAD: tl.constexpr, VALUE_STEPS: tl.constexpr, PHASES: tl.constexpr,
+    a_ptr,
+    sa_t,
+    sa_h,
+    sa_n,
+    sa_r,
+    b_ptr,
+    sb_t,
+    sb_h,
+    sb_n,
+    sb_r,
+    c_ptr,
+    sc_h,
+    sc_m,
+    sc_r,
+    sc_s,
+    u_ptr,
+    su_h,
+    su_r,
+    v_ptr,
+    sv_h,
+    sv_r,
+    ids_ptr,
+    scores_ptr,
+    keys_ws_ptr,
+    pairs_ws_ptr,
+    vals_ws_ptr,
+    cand_pos_ptr,
+    cand_val_ptr,
+    heads,
+    n_row,
+    n_col,
+    knn,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    G: tl.constexpr,
+    P1_R: tl.constexpr,
+    P2_R: tl.constexpr,
+    REM_R: tl.constexpr,
+    MASK1_R: tl.constexpr,
+    MASK2_R: tl.constexpr,
+    P1_C: tl.constexpr,
+    P2_C: tl.constexpr,
+    REM_C: tl.constexpr,
+    MASK1_C: tl.constexpr,
+    MASK2_C: tl.constexpr,
+    KEY_STRIDE_A: tl.constexpr,
+    KEY_STRIDE_B: tl.constexpr,
+    GS_R: tl.constexpr,
+    GS_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TILE_I: tl.constexpr,
+    GRID_G: tl.constexpr,
+    FULL_K: tl.constexpr,
+    GS_K: tl.constexpr,
+    TILE_G: tl.constexpr,
+    CAND: tl.constexpr,
+    CAND_TILE: tl.constexpr,
+    CAND_G: tl.constexpr,
+    ONE_HEAD: tl.constexpr,
+    VALUE_STEPS: tl.constexpr,
+    PHASES: tl.constexpr,
 ):
     # KEY_STRIDE_A/B > 0: the key stride of that side as a constant (rows are contiguous);
     # ONE_HEAD: heads == 1 (no 64-bit division of the program id); CAND > 0: a tiled grid is
@@ -691,33 +1095,157 @@ def _retrieval_fwd_kernel(
         kb_n = sb_n
 
     # NaN coarse scores and grid totals rank last; any of them makes this (token, head)'s scores NaN
-    n_nan = _coarse_select(a_base, ka_n, sa_r, u_ptr + h * su_h, su_r, n_row, knn, keys_ws,
-                           R, P1_R, P2_R, REM_R, MASK1_R, MASK2_R, G, GS_R, VALUE_STEPS)
-    n_nan += _coarse_select(b_base, kb_n, sb_r, v_ptr + h * sv_h, sv_r, n_col, knn, keys_ws + BLOCK_K,
-                            R, P1_C, P2_C, REM_C, MASK1_C, MASK2_C, G, GS_C, VALUE_STEPS)
+    n_nan = _coarse_select(
+        a_base,
+        ka_n,
+        sa_r,
+        u_ptr + h * su_h,
+        su_r,
+        n_row,
+        knn,
+        keys_ws,
+        R,
+        P1_R,
+        P2_R,
+        REM_R,
+        MASK1_R,
+        MASK2_R,
+        G,
+        GS_R,
+        VALUE_STEPS,
+    )
+    n_nan += _coarse_select(
+        b_base,
+        kb_n,
+        sb_r,
+        v_ptr + h * sv_h,
+        sv_r,
+        n_col,
+        knn,
+        keys_ws + BLOCK_K,
+        R,
+        P1_C,
+        P2_C,
+        REM_C,
+        MASK1_C,
+        MASK2_C,
+        G,
+        GS_C,
+        VALUE_STEPS,
+    )
     tl.debug_barrier()
     if PHASES < 2:
         return
     if TILE_I == BLOCK_K:
-        n_grid_nan = _grid_select(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                     keys_ws, pairs_ws, vals_ws, knn, n_row, n_col, R, M, BLOCK_K, GRID_G, FULL_K, GS_K,
-                     VALUE_STEPS)
+        n_grid_nan = _grid_select(
+            a_base,
+            ka_n,
+            sa_r,
+            b_base,
+            kb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            pairs_ws,
+            vals_ws,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            BLOCK_K,
+            GRID_G,
+            FULL_K,
+            GS_K,
+            VALUE_STEPS,
+        )
     elif CAND > 0:  # grid too large for registers: row tiles, candidates above a floor
-        n_grid_nan = _grid_select_candidates(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                             keys_ws, pairs_ws, vals_ws, cand_pos_ptr + pid * CAND,
-                                             cand_val_ptr + pid * CAND, knn, n_row, n_col, R, M, BLOCK_K, TILE_I,
-                                             TILE_G, FULL_K, CAND, CAND_TILE, CAND_G, VALUE_STEPS)
+        n_grid_nan = _grid_select_candidates(
+            a_base,
+            ka_n,
+            sa_r,
+            b_base,
+            kb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            pairs_ws,
+            vals_ws,
+            cand_pos_ptr + pid * CAND,
+            cand_val_ptr + pid * CAND,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            BLOCK_K,
+            TILE_I,
+            TILE_G,
+            FULL_K,
+            CAND,
+            CAND_TILE,
+            CAND_G,
+            VALUE_STEPS,
+        )
     else:  # row tiles, bisection over the whole grid
-        n_grid_nan = _grid_select_tiled(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                                        keys_ws, pairs_ws, vals_ws, knn, n_row, n_col,
-                                        R, M, BLOCK_K, TILE_I, VALUE_STEPS)
+        n_grid_nan = _grid_select_tiled(
+            a_base,
+            ka_n,
+            sa_r,
+            b_base,
+            kb_n,
+            sb_r,
+            c_base,
+            sc_m,
+            sc_r,
+            sc_s,
+            keys_ws,
+            pairs_ws,
+            vals_ws,
+            knn,
+            n_row,
+            n_col,
+            R,
+            M,
+            BLOCK_K,
+            TILE_I,
+            VALUE_STEPS,
+        )
     n_nan += n_grid_nan
     tl.debug_barrier()
     if PHASES < 3:
         return
-    _sort_and_write(a_base, ka_n, sa_r, b_base, kb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                    keys_ws, pairs_ws, vals_ws, ids_ptr, scores_ptr, pid, knn, n_row, n_col, n_nan > 0,
-                    R, M, BLOCK_K)
+    _sort_and_write(
+        a_base,
+        ka_n,
+        sa_r,
+        b_base,
+        kb_n,
+        sb_r,
+        c_base,
+        sc_m,
+        sc_r,
+        sc_s,
+        keys_ws,
+        pairs_ws,
+        vals_ws,
+        ids_ptr,
+        scores_ptr,
+        pid,
+        knn,
+        n_row,
+        n_col,
+        n_nan > 0,
+        R,
+        M,
+        BLOCK_K,
+    )
 
 
 # ------------------------------------------------------------------------------------ backward v2
@@ -728,6 +1256,7 @@ def _retrieval_fwd_kernel(
 # 4 bytes per thread. v2: one warp per 32 entries, 32-bit id split, the [chunk, k] duplicate
 # matrix reduced along the axis each lane holds whole, and the zero-fill as 16-byte stores over
 # the program's [n·r] slab when it is one contiguous range (row stride r, rank stride 1).
+
 
 @triton.jit
 def _bwd_split_ids(id_base, si_k, e, knn, n_row, n_col):
@@ -741,8 +1270,28 @@ def _bwd_split_ids(id_base, si_k, e, knn, n_row, n_col):
 
 
 @triton.jit
-def _bwd_entry_grads(g_base, sg_k, sg_m, a_base, sa_n, sa_r, b_base, sb_n, sb_r, c_base, sc_m, sc_r, sc_s,
-                     f, i_f, j_f, ok_f, p, R: tl.constexpr, M: tl.constexpr):
+def _bwd_entry_grads(
+    g_base,
+    sg_k,
+    sg_m,
+    a_base,
+    sa_n,
+    sa_r,
+    b_base,
+    sb_n,
+    sb_r,
+    c_base,
+    sc_m,
+    sc_r,
+    sc_s,
+    f,
+    i_f,
+    j_f,
+    ok_f,
+    p,
+    R: tl.constexpr,
+    M: tl.constexpr,
+):
     """d/dA[i_f, p] and d/dB[j_f, p] of entries f: Σ_m g[f,m] (C_m B[j_f]ᵀ)_p, Σ_m g[f,m] (A[i_f] C_m)_p."""
     da = tl.zeros(f.shape, dtype=tl.float32)
     db = tl.zeros(f.shape, dtype=tl.float32)
@@ -789,14 +1338,16 @@ def _zero_rows_strided(base, s_n, s_r, n, R: tl.constexpr, ZBLOCK: tl.constexpr)
     z0 = n * 0
     while z0 < n * R:
         flat = z0 + z
-        tl.store(base + (flat // R) * s_n + (flat % R) * s_r, tl.zeros((ZBLOCK,), dtype=base.dtype.element_ty),
-                 mask=flat < n * R)
+        tl.store(
+            base + (flat // R) * s_n + (flat % R) * s_r,
+            tl.zeros((ZBLOCK,), dtype=base.dtype.element_ty),
+            mask=flat < n * R,
+        )
         z0 += ZBLOCK
 
 
 @triton.jit
-def _zero_rows(ptr, off, s_n, s_r, n, R: tl.constexpr, FLAT: tl.constexpr, ZBLOCK: tl.constexpr,
-               VEC: tl.constexpr):
+def _zero_rows(ptr, off, s_n, s_r, n, R: tl.constexpr, FLAT: tl.constexpr, ZBLOCK: tl.constexpr, VEC: tl.constexpr):
     if FLAT:
         _zero_span_flat(ptr, off, n * R, ZBLOCK, VEC)
     else:
@@ -805,19 +1356,56 @@ def _zero_rows(ptr, off, s_n, s_r, n, R: tl.constexpr, FLAT: tl.constexpr, ZBLOC
 
 @triton.jit(do_not_specialize=["tokens", "heads", "n_row", "n_col", "knn"])
 def _retrieval_bwd_v2_kernel(
-    g_ptr, sg_t, sg_h, sg_k, sg_m,
-    a_ptr, sa_t, sa_h, sa_n, sa_r,
-    b_ptr, sb_t, sb_h, sb_n, sb_r,
-    c_ptr, sc_h, sc_m, sc_r, sc_s,
-    ids_ptr, si_t, si_h, si_k,
-    ga_ptr, sga_t, sga_h, sga_n, sga_r,
-    gb_ptr, sgb_t, sgb_h, sgb_n, sgb_r,
-    gc_part_ptr, tokens,
-    heads, n_row, n_col, knn,
-    R: tl.constexpr, M: tl.constexpr, MRRP: tl.constexpr,
-    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-    ZERO_FILL: tl.constexpr, FLAT_A: tl.constexpr, FLAT_B: tl.constexpr,
-    ZBLOCK: tl.constexpr, VEC: tl.constexpr,
+    g_ptr,
+    sg_t,
+    sg_h,
+    sg_k,
+    sg_m,
+    a_ptr,
+    sa_t,
+    sa_h,
+    sa_n,
+    sa_r,
+    b_ptr,
+    sb_t,
+    sb_h,
+    sb_n,
+    sb_r,
+    c_ptr,
+    sc_h,
+    sc_m,
+    sc_r,
+    sc_s,
+    ids_ptr,
+    si_t,
+    si_h,
+    si_k,
+    ga_ptr,
+    sga_t,
+    sga_h,
+    sga_n,
+    sga_r,
+    gb_ptr,
+    sgb_t,
+    sgb_h,
+    sgb_n,
+    sgb_r,
+    gc_part_ptr,
+    tokens,
+    heads,
+    n_row,
+    n_col,
+    knn,
+    R: tl.constexpr,
+    M: tl.constexpr,
+    MRRP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ZERO_FILL: tl.constexpr,
+    FLAT_A: tl.constexpr,
+    FLAT_B: tl.constexpr,
+    ZBLOCK: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     # One program per (token, head). ZERO_FILL: zero this program's rows of grad_row / grad_col
     # here (else the launcher zeroed the whole tensors), then after one CTA barrier write each
@@ -867,8 +1455,28 @@ def _retrieval_bwd_v2_kernel(
             else:
                 f = f0 + tl.arange(0, CHUNK)
                 i_f, j_f, ok_f = _bwd_split_ids(id_base, si_k, f, knn, n_row, n_col)
-            da, db = _bwd_entry_grads(g_base, sg_k, sg_m, a_base, sa_n, sa_r, b_base, sb_n, sb_r,
-                                      c_base, sc_m, sc_r, sc_s, f, i_f, j_f, ok_f, p, R, M)
+            da, db = _bwd_entry_grads(
+                g_base,
+                sg_k,
+                sg_m,
+                a_base,
+                sa_n,
+                sa_r,
+                b_base,
+                sb_n,
+                sb_r,
+                c_base,
+                sc_m,
+                sc_r,
+                sc_s,
+                f,
+                i_f,
+                j_f,
+                ok_f,
+                p,
+                R,
+                M,
+            )
             acc_a += tl.sum(tl.where(i_f[:, None] == i_e[None, :], da[:, None], 0.0), axis=0)
             acc_b += tl.sum(tl.where(j_f[:, None] == j_e[None, :], db[:, None], 0.0), axis=0)
         tl.store(ga_ptr + ga_off + i_e * sga_n + p * sga_r, acc_a.to(ga_ptr.dtype.element_ty), mask=ok_e)
@@ -879,6 +1487,7 @@ def _retrieval_bwd_v2_kernel(
 
 
 # ------------------------------------------------------------------------------------ launchers
+
 
 def _device_ctx(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -904,8 +1513,9 @@ def _reference(op):
     return getattr(op, "_init_fn", op)
 
 
-def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor,
-                         knn: int, n_keys: int = -1) -> tuple[Tensor, Tensor]:
+def tdqkr_retrieval_cuda(
+    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval (runs on CPU tensors under TRITON_INTERPRET=1)."""
     _check_args(row_scores, col_scores, cores, u, v, knn, n_keys)
     if n_keys != -1:  # the kernels read strided views of the real keys
@@ -913,6 +1523,7 @@ def tdqkr_retrieval_cuda(row_scores: Tensor, col_scores: Tensor, cores: Tensor, 
     reason = _unsupported(knn, row_scores, col_scores, cores, u, v)
     if reason is not None:
         from .. import retrieval as ref
+
         _fallback_once(reason)
         return _reference(ref.tdqkr_retrieval)(row_scores, col_scores, cores, u, v, knn)
     return launch_forward(row_scores, col_scores, cores, u, v, knn)
@@ -946,15 +1557,28 @@ def _contiguous_key_stride(x: Tensor) -> int:
 def _candidate_slots(knn: int, block_k: int, tile_i: int, cand_tile: int | None) -> tuple[int, int]:
     """(slots per row tile, slots per program) of the candidate selection of a tiled grid."""
     per_tile = cand_tile or CAND_TILE_FACTOR[block_k > 128] * block_k
-    check(per_tile >= knn and per_tile & (per_tile - 1) == 0, _OP,
-          f"cand_tile={per_tile} must be a power of 2 and at least knn={knn}")
+    check(
+        per_tile >= knn and per_tile & (per_tile - 1) == 0,
+        _OP,
+        f"cand_tile={per_tile} must be a power of 2 and at least knn={knn}",
+    )
     return per_tile, triton.next_power_of_2(-(-knn // tile_i) * per_tile)
 
 
-def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int,
-                   grid_tile: int = GRID_TILE, num_warps: int | None = None,
-                   phases: int = 3, tiled_select: str = "candidates",
-                   cand_tile: int | None = None, maxnreg: int | None = None) -> tuple[Tensor, Tensor]:
+def launch_forward(
+    row_scores: Tensor,
+    col_scores: Tensor,
+    cores: Tensor,
+    u: Tensor,
+    v: Tensor,
+    knn: int,
+    grid_tile: int = GRID_TILE,
+    num_warps: int | None = None,
+    phases: int = 3,
+    tiled_select: str = "candidates",
+    cand_tile: int | None = None,
+    maxnreg: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
     entries held at once, a power of 2), `num_warps` (default FWD_NUM_WARPS_SMALL_K with at most
     FWD_MAXNREG_SMALL_K registers per thread for k <= 32, 8 above; a number given here launches
@@ -996,28 +1620,65 @@ def launch_forward(row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Ten
     cand_val = torch.empty((t * h, cand) if cand else (1,), dtype=torch.float32, device=dev)
     with _device_ctx(row_scores):
         _retrieval_fwd_kernel[(t * h,)](
-            row_scores, *row_scores.stride(),
-            col_scores, *col_scores.stride(),
-            cores, *cores.stride(),
-            u, *u.stride(),
-            v, *v.stride(),
-            ids, scores, keys_ws, pairs_ws, vals_ws, cand_pos, cand_val,
-            h, n_row, n_col, knn,
-            R=r, M=m, G=g,
-            P1_R=lr["p1"], P2_R=lr["p2"], REM_R=lr["has_rem"], MASK1_R=lr["mask1"], MASK2_R=lr["mask2"],
-            P1_C=lc["p1"], P2_C=lc["p2"], REM_C=lc["has_rem"], MASK1_C=lc["mask1"], MASK2_C=lc["mask2"],
-            KEY_STRIDE_A=_contiguous_key_stride(row_scores), KEY_STRIDE_B=_contiguous_key_stride(col_scores),
-            GS_R=_group_threads(knn, g, n_row >= g), GS_C=_group_threads(knn, g, n_col >= g),
-            BLOCK_K=block_k, TILE_I=tile_i, GRID_G=grid_g, FULL_K=knn == block_k,
+            row_scores,
+            *row_scores.stride(),
+            col_scores,
+            *col_scores.stride(),
+            cores,
+            *cores.stride(),
+            u,
+            *u.stride(),
+            v,
+            *v.stride(),
+            ids,
+            scores,
+            keys_ws,
+            pairs_ws,
+            vals_ws,
+            cand_pos,
+            cand_val,
+            h,
+            n_row,
+            n_col,
+            knn,
+            R=r,
+            M=m,
+            G=g,
+            P1_R=lr["p1"],
+            P2_R=lr["p2"],
+            REM_R=lr["has_rem"],
+            MASK1_R=lr["mask1"],
+            MASK2_R=lr["mask2"],
+            P1_C=lc["p1"],
+            P2_C=lc["p2"],
+            REM_C=lc["has_rem"],
+            MASK1_C=lc["mask1"],
+            MASK2_C=lc["mask2"],
+            KEY_STRIDE_A=_contiguous_key_stride(row_scores),
+            KEY_STRIDE_B=_contiguous_key_stride(col_scores),
+            GS_R=_group_threads(knn, g, n_row >= g),
+            GS_C=_group_threads(knn, g, n_col >= g),
+            BLOCK_K=block_k,
+            TILE_I=tile_i,
+            GRID_G=grid_g,
+            FULL_K=knn == block_k,
             GS_K=_group_threads(knn, grid_g, knn == block_k),
-            TILE_G=min(g, tile_i * block_k), CAND=cand, CAND_TILE=cand_tile_slots, CAND_G=min(g, max(cand, 1)),
-            ONE_HEAD=h == 1, VALUE_STEPS=VALUE_STEPS, PHASES=phases,
-            num_warps=warps, **limits,
+            TILE_G=min(g, tile_i * block_k),
+            CAND=cand,
+            CAND_TILE=cand_tile_slots,
+            CAND_G=min(g, max(cand, 1)),
+            ONE_HEAD=h == 1,
+            VALUE_STEPS=VALUE_STEPS,
+            PHASES=phases,
+            num_warps=warps,
+            **limits,
         )
     return ids, scores
 
-def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
-                                  ids: Tensor, n_keys: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+
+def tdqkr_retrieval_backward_cuda(
+    grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval_backward. With n_keys the gradients keep the
     padded shape of the scores (the caller's GEMM reads them in place): the kernel writes the
     real keys' rows through views, the padding rows are zeroed apart."""
@@ -1025,8 +1686,10 @@ def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_s
     check_index_range(ids, n_ids, _BWD, "ids")  # (CPU and debug mode; the kernel skips such ids)
     padded = None
     if n_keys != -1:
-        padded = (torch.empty_like(row_scores, memory_format=torch.contiguous_format),
-                  torch.empty_like(col_scores, memory_format=torch.contiguous_format))
+        padded = (
+            torch.empty_like(row_scores, memory_format=torch.contiguous_format),
+            torch.empty_like(col_scores, memory_format=torch.contiguous_format),
+        )
         row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
     n_row, n_col = row_scores.shape[2], col_scores.shape[2]
     knn = ids.shape[2]
@@ -1034,6 +1697,7 @@ def tdqkr_retrieval_backward_cuda(grad_scores: Tensor, row_scores: Tensor, col_s
     reason = _unsupported(knn, row_scores, col_scores, cores, grad_scores)
     if reason is not None:
         from .. import retrieval as ref
+
         _fallback_once(reason)
         grads = _reference(ref.tdqkr_retrieval_backward)(grad_scores, row_scores, col_scores, cores, ids)
         if out is None:
@@ -1072,21 +1736,31 @@ def _bwd_num_warps(block_k: int) -> int:
     return 1
 
 
-def _bwd_outputs(row_scores: Tensor, col_scores: Tensor,
-                 out: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+def _bwd_outputs(row_scores: Tensor, col_scores: Tensor, out: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
     if out is None:
-        return torch.empty_like(row_scores, memory_format=torch.contiguous_format), \
-            torch.empty_like(col_scores, memory_format=torch.contiguous_format)
+        return torch.empty_like(row_scores, memory_format=torch.contiguous_format), torch.empty_like(
+            col_scores, memory_format=torch.contiguous_format
+        )
     for name, o, like in (("out[0] (grad_row)", out[0], row_scores), ("out[1] (grad_col)", out[1], col_scores)):
-        check(o.shape == like.shape and o.dtype == like.dtype and o.device == like.device, _OP,
-              f"{name} must match the scores: shape {tuple(like.shape)}, {like.dtype} on {like.device}; "
-              f"got {tuple(o.shape)}, {o.dtype} on {o.device}")
+        check(
+            o.shape == like.shape and o.dtype == like.dtype and o.device == like.device,
+            _OP,
+            f"{name} must match the scores: shape {tuple(like.shape)}, {like.dtype} on {like.device}; "
+            f"got {tuple(o.shape)}, {o.dtype} on {o.device}",
+        )
     return out
 
 
-def launch_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor,
-                    ids: Tensor, variant: str = "v2", num_warps: int | None = None,
-                    out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def launch_backward(
+    grad_scores: Tensor,
+    row_scores: Tensor,
+    col_scores: Tensor,
+    cores: Tensor,
+    ids: Tensor,
+    variant: str = "v2",
+    num_warps: int | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The backward launch on checked arguments (ids outside [0, n_row·n_col) are skipped).
     Exposed for tests and timing: `variant` (one of BWD_VARIANTS), `num_warps`, and `out`:
     (grad_row, grad_col) to write in full instead of fresh tensors, any strides (e.g. views into
@@ -1110,18 +1784,36 @@ def launch_backward(grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor,
     vec = max(1, 16 // grad_row.element_size())  # elements per 16-byte store
     with _device_ctx(row_scores):
         _retrieval_bwd_v2_kernel[(t * h,)](
-            grad_scores, *grad_scores.stride(),
-            row_scores, *row_scores.stride(),
-            col_scores, *col_scores.stride(),
-            cores, *cores.stride(),
-            ids, *ids.stride(),
-            grad_row, *grad_row.stride(),
-            grad_col, *grad_col.stride(),
-            partial, t,
-            h, n_row, n_col, knn,
-            R=r, M=m, MRRP=triton.next_power_of_2(m * r * r),
-            BLOCK_K=block_k, CHUNK=min(block_k, 32),
-            ZERO_FILL=zero_fill, FLAT_A=_flat_slabs(grad_row), FLAT_B=_flat_slabs(grad_col),
-            ZBLOCK=4 * vec * 32 * warps, VEC=vec, num_warps=warps,
+            grad_scores,
+            *grad_scores.stride(),
+            row_scores,
+            *row_scores.stride(),
+            col_scores,
+            *col_scores.stride(),
+            cores,
+            *cores.stride(),
+            ids,
+            *ids.stride(),
+            grad_row,
+            *grad_row.stride(),
+            grad_col,
+            *grad_col.stride(),
+            partial,
+            t,
+            h,
+            n_row,
+            n_col,
+            knn,
+            R=r,
+            M=m,
+            MRRP=triton.next_power_of_2(m * r * r),
+            BLOCK_K=block_k,
+            CHUNK=min(block_k, 32),
+            ZERO_FILL=zero_fill,
+            FLAT_A=_flat_slabs(grad_row),
+            FLAT_B=_flat_slabs(grad_col),
+            ZBLOCK=4 * vec * 32 * warps,
+            VEC=vec,
+            num_warps=warps,
         )
     return grad_row, grad_col, partial.sum(-1).to(cores.dtype)

@@ -18,6 +18,7 @@ columns are split into `M` chunks of `D / M`, core(d) = d // (D / M). Index valu
 [0, N) contribute nothing and are never dereferenced (the range check itself runs in debug
 mode only, as it needs a host sync).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,8 @@ from ..determinism import deterministic_enabled
 
 _OP = "weighted_lookup"
 
-# Launch shapes. Chosen on an H200 at the 227M shapes (perf/NOTES.md, perf/history/weighted_lookup.md); any value is correct.
+# Launch shapes. Chosen on an H200 at the 227M shapes (perf/history/weighted_lookup.md); any value is
+# correct.
 # BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step.
 FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True}
 BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4}
@@ -50,6 +52,7 @@ def _block_d(requested: int, d: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ kernels
+
 
 @triton.jit
 def _load_core_scores(s_ptrs, s_sm, mask, M: tl.constexpr, ACC: tl.constexpr):
@@ -77,13 +80,31 @@ def _core_weights(s_ptrs, s_sm, mask, chunk, M: tl.constexpr, ACC: tl.constexpr)
 
 @triton.jit
 def _weighted_gather_kernel(
-    rows_ptr, r_st, r_se,
-    table_ptr, tb_sn, tb_sd,
-    s_ptr, s_st, s_se, s_sm,
-    out_ptr, o_st, o_sd,
-    T, E, N, D, DM,
-    M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_FASTEST: tl.constexpr, EVICT_FIRST: tl.constexpr, ACC: tl.constexpr,
+    rows_ptr,
+    r_st,
+    r_se,
+    table_ptr,
+    tb_sn,
+    tb_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    out_ptr,
+    o_st,
+    o_sd,
+    T,
+    E,
+    N,
+    D,
+    DM,
+    M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_FASTEST: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     if D_FASTEST:  # a token's column blocks run next to each other: its ids and rows are hot
         n_d = tl.cdiv(D, BLOCK_D)
@@ -111,21 +132,48 @@ def _weighted_gather_kernel(
             vals = tl.load(v_ptrs, mask=v_mask, other=0.0).to(ACC)
         w = _core_weights(s_ptr + t[:, None] * s_st + e[None, :] * s_se, s_sm, ok, chunk, M, ACC)
         acc += tl.sum(vals * w, axis=1)
-    tl.store(out_ptr + t[:, None] * o_st + d[None, :] * o_sd, acc.to(out_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(
+        out_ptr + t[:, None] * o_st + d[None, :] * o_sd,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=t_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
 def _gather_dot_scatter_kernel(
-    rows_ptr, r_st, r_se,
-    table_ptr, tb_sn, tb_sd,
-    g_ptr, g_st, g_sd,
-    s_ptr, s_st, s_se, s_sm,
-    dots_ptr, dt_st, dt_se, dt_sm,
-    gt_ptr, gt_sn, gt_sd,
-    T, E, N, D, DM,
-    M: tl.constexpr, MP: tl.constexpr, COMPUTE_DOTS: tl.constexpr, SCATTER: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, SUM_ONCE: tl.constexpr,
+    rows_ptr,
+    r_st,
+    r_se,
+    table_ptr,
+    tb_sn,
+    tb_sd,
+    g_ptr,
+    g_st,
+    g_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    dots_ptr,
+    dt_st,
+    dt_se,
+    dt_sm,
+    gt_ptr,
+    gt_sn,
+    gt_sd,
+    T,
+    E,
+    N,
+    D,
+    DM,
+    M: tl.constexpr,
+    MP: tl.constexpr,
+    COMPUTE_DOTS: tl.constexpr,
+    SCATTER: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SUM_ONCE: tl.constexpr,
     ACC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -144,12 +192,14 @@ def _gather_dot_scatter_kernel(
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
             chunk = (d // DM)[None, None, :]
-            gv = tl.load(g_ptr + t[:, None] * g_st + d[None, :] * g_sd,
-                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)[:, None, :]
+            gv = tl.load(
+                g_ptr + t[:, None] * g_st + d[None, :] * g_sd, mask=t_ok[:, None] & d_ok[None, :], other=0.0
+            ).to(ACC)[:, None, :]
             vd_mask = ok[:, :, None] & d_ok[None, None, :]
             if COMPUTE_DOTS:
-                vals = tl.load(table_ptr + ids[:, :, None] * tb_sn + d[None, None, :] * tb_sd,
-                               mask=vd_mask, other=0.0).to(ACC)
+                vals = tl.load(
+                    table_ptr + ids[:, :, None] * tb_sn + d[None, None, :] * tb_sd, mask=vd_mask, other=0.0
+                ).to(ACC)
                 if SUM_ONCE:
                     prod_acc += vals * gv
                 else:
@@ -159,19 +209,51 @@ def _gather_dot_scatter_kernel(
                         dots = tl.where(core == mm, dots + part[:, :, None], dots)
             if SCATTER:
                 w = _core_weights(s_ptr + t[:, None] * s_st + e[None, :] * s_se, s_sm, ok, chunk, M, ACC)
-                tl.atomic_add(gt_ptr + ids[:, :, None] * gt_sn + d[None, None, :] * gt_sd,
-                              (w * gv).to(gt_ptr.dtype.element_ty), mask=vd_mask, sem="relaxed")
+                tl.atomic_add(
+                    gt_ptr + ids[:, :, None] * gt_sn + d[None, None, :] * gt_sd,
+                    (w * gv).to(gt_ptr.dtype.element_ty),
+                    mask=vd_mask,
+                    sem="relaxed",
+                )
         if COMPUTE_DOTS:
             if SUM_ONCE:
                 dots = tl.sum(prod_acc, axis=2)[:, :, None]
-            tl.store(dots_ptr + t[:, None, None] * dt_st + e[None, :, None] * dt_se + core * dt_sm,
-                     dots.to(dots_ptr.dtype.element_ty), mask=te_ok[:, :, None] & (core < M))
+            tl.store(
+                dots_ptr + t[:, None, None] * dt_st + e[None, :, None] * dt_se + core * dt_sm,
+                dots.to(dots_ptr.dtype.element_ty),
+                mask=te_ok[:, :, None] & (core < M),
+            )
 
 
 @triton.jit
-def _walk_piece(start, row, L, sorted_ptr, perm_ptr, g_ptr, g_st, g_sd, s_ptr, s_st, s_se, s_sm,
-                dots_ptr, dt_st, dt_se, dt_sm, vals, acc, d, d_ok, chunk, E,
-                M: tl.constexpr, FUSE_DOTS: tl.constexpr, PIECE: tl.constexpr, ACC: tl.constexpr):
+def _walk_piece(
+    start,
+    row,
+    L,
+    sorted_ptr,
+    perm_ptr,
+    g_ptr,
+    g_st,
+    g_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    dots_ptr,
+    dt_st,
+    dt_se,
+    dt_sm,
+    vals,
+    acc,
+    d,
+    d_ok,
+    chunk,
+    E,
+    M: tl.constexpr,
+    FUSE_DOTS: tl.constexpr,
+    PIECE: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """acc + Σ scores · g[token] over the entries of `row` from sorted position `start` (lanes where
     start >= 0) up to the row's end or the next multiple of PIECE, in order; with FUSE_DOTS also
     each entry's dots with `vals` (the row's table values)."""
@@ -181,16 +263,18 @@ def _walk_piece(start, row, L, sorted_ptr, perm_ptr, g_ptr, g_st, g_sd, s_ptr, s
         ent = tl.load(perm_ptr + pos, mask=active, other=0).to(tl.int64)
         tok = ent // E
         en = ent - tok * E
-        gv = tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd,
-                     mask=active[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        gv = tl.load(
+            g_ptr + tok[:, None] * g_st + d[None, :] * g_sd, mask=active[:, None] & d_ok[None, :], other=0.0
+        ).to(ACC)
         w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, active, chunk, M, ACC)
         acc += w * gv
         if FUSE_DOTS:
             prod = vals * gv
             for mm in tl.static_range(M):
                 part = tl.sum(tl.where(chunk == mm, prod, 0.0), axis=1)
-                tl.store(dots_ptr + tok * dt_st + en * dt_se + mm * dt_sm,
-                         part.to(dots_ptr.dtype.element_ty), mask=active)
+                tl.store(
+                    dots_ptr + tok * dt_st + en * dt_se + mm * dt_sm, part.to(dots_ptr.dtype.element_ty), mask=active
+                )
         pos += 1
         more = active & (pos < L) & (pos % PIECE != 0)
         nxt = tl.load(sorted_ptr + pos, mask=more, other=-1).to(tl.int64)
@@ -200,16 +284,41 @@ def _walk_piece(start, row, L, sorted_ptr, perm_ptr, g_ptr, g_st, g_sd, s_ptr, s
 
 @triton.jit
 def _segment_scatter_kernel(
-    sorted_ptr, perm_ptr, L,
-    g_ptr, g_st, g_sd,
-    s_ptr, s_st, s_se, s_sm,
-    gt_ptr, gt_sn, gt_sd,
-    table_ptr, tb_sn, tb_sd,
-    dots_ptr, dt_st, dt_se, dt_sm,
-    part_ptr, pa_sp, pa_sd,
-    E, N, D, DM,
-    M: tl.constexpr, ACCUMULATE: tl.constexpr, FUSE_DOTS: tl.constexpr, PIECES_PASS: tl.constexpr,
-    PIECE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    sorted_ptr,
+    perm_ptr,
+    L,
+    g_ptr,
+    g_st,
+    g_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    gt_ptr,
+    gt_sn,
+    gt_sd,
+    table_ptr,
+    tb_sn,
+    tb_sd,
+    dots_ptr,
+    dt_st,
+    dt_se,
+    dt_sm,
+    part_ptr,
+    pa_sp,
+    pa_sd,
+    E,
+    N,
+    D,
+    DM,
+    M: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    FUSE_DOTS: tl.constexpr,
+    PIECES_PASS: tl.constexpr,
+    PIECE: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One writer per row over the row-sorted entries, in a fixed order, with no lane walking more
     than PIECE entries: a row's run is cut at the multiples of PIECE of the sorted positions.
@@ -252,16 +361,44 @@ def _segment_scatter_kernel(
         acc = tl.load(out_ptrs, mask=row_mask, other=0.0).to(ACC)
     else:
         acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=ACC)
-    acc = _walk_piece(tl.where(starts, j, -1), row, L, sorted_ptr, perm_ptr, g_ptr, g_st, g_sd,
-                      s_ptr, s_st, s_se, s_sm, dots_ptr, dt_st, dt_se, dt_sm, vals, acc, d, d_ok, chunk, E,
-                      M, FUSE_DOTS, PIECE, ACC)
+    acc = _walk_piece(
+        tl.where(starts, j, -1),
+        row,
+        L,
+        sorted_ptr,
+        perm_ptr,
+        g_ptr,
+        g_st,
+        g_sd,
+        s_ptr,
+        s_st,
+        s_se,
+        s_sm,
+        dots_ptr,
+        dt_st,
+        dt_se,
+        dt_sm,
+        vals,
+        acc,
+        d,
+        d_ok,
+        chunk,
+        E,
+        M,
+        FUSE_DOTS,
+        PIECE,
+        ACC,
+    )
     if PIECES_PASS:
         tl.store(part_ptr + lane[:, None] * pa_sp + d[None, :] * pa_sd, acc, mask=row_mask)
     else:
         active = starts & (at_cut == row)  # the run continues into later pieces
         while tl.max(active.to(tl.int32), axis=0) > 0:
-            acc += tl.load(part_ptr + (cut // PIECE)[:, None] * pa_sp + d[None, :] * pa_sd,
-                           mask=active[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.load(
+                part_ptr + (cut // PIECE)[:, None] * pa_sp + d[None, :] * pa_sd,
+                mask=active[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             cut += PIECE
             more = active & (cut < L)
             nxt = tl.load(sorted_ptr + cut, mask=more, other=-1).to(tl.int64)
@@ -289,13 +426,29 @@ def _block_entries(sorted_ptr, perm_ptr, L, blk, BLOCK_J: tl.constexpr):
 
 @triton.jit
 def _sorted_block_add_kernel(
-    sorted_ptr, perm_ptr, L,
-    g_ptr, g_st, g_sd,
-    s_ptr, s_st, s_se, s_sm,
-    gt_ptr, gt_sn, gt_sd,
+    sorted_ptr,
+    perm_ptr,
+    L,
+    g_ptr,
+    g_st,
+    g_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    gt_ptr,
+    gt_sn,
+    gt_sd,
     limit_ptr,
-    E, N, D, DM,
-    M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, ACC: tl.constexpr,
+    E,
+    N,
+    D,
+    DM,
+    M: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    ACC: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
 ):
     """grad_table[row] += Σ scores · g[token] over entries sorted by row, in blocks of BLOCK_J
@@ -326,8 +479,11 @@ def _sorted_block_add_kernel(
         gvs = ()
         for c in tl.static_range(CHUNKS):  # every chunk's source rows in flight before any math
             d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
-            gvs = gvs + (tl.load(g_ptr + tok[:, None] * g_st + d[None, :] * g_sd,
-                                 mask=real[:, None] & (d < D)[None, :], other=0.0),)
+            gvs = gvs + (
+                tl.load(
+                    g_ptr + tok[:, None] * g_st + d[None, :] * g_sd, mask=real[:, None] & (d < D)[None, :], other=0.0
+                ),
+            )
         # the weights too, before the first atomic add: loads after it could not be hoisted above
         # it (the adds might alias them) and would cost a round trip per chunk
         s_cores = _load_core_scores(s_ptr + tok * s_st + en * s_se, s_sm, real, M, ACC)
@@ -340,11 +496,16 @@ def _sorted_block_add_kernel(
             d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
             w = _select_core(s_cores, (d // DM)[None, :], M)
             _, run = tl.associative_scan((rows2, w * gvs[c].to(ACC)), 0, _same_row_sum)
-            tl.atomic_add(gt_ptr + out_rows[:, None] * gt_sn + d[None, :] * gt_sd, run.to(gt_ptr.dtype.element_ty),
-                          mask=last[:, None] & (d < D)[None, :], sem="relaxed")
+            tl.atomic_add(
+                gt_ptr + out_rows[:, None] * gt_sn + d[None, :] * gt_sd,
+                run.to(gt_ptr.dtype.element_ty),
+                mask=last[:, None] & (d < D)[None, :],
+                sem="relaxed",
+            )
 
 
 # ------------------------------------------------------------------------- generic launchers
+
 
 def _scores3(s: Tensor) -> tuple[Tensor, tuple[int, int, int], int]:
     """Scores as [T, E, M] strides; a [T, E] tensor is one core (stride 0)."""
@@ -353,8 +514,9 @@ def _scores3(s: Tensor) -> tuple[Tensor, tuple[int, int, int], int]:
     return s, (s.stride(0), s.stride(1), s.stride(2)), s.shape[2]
 
 
-def weighted_gather(rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, acc: torch.dtype,
-                    config: dict | None = None) -> Tensor:
+def weighted_gather(
+    rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, acc: torch.dtype, config: dict | None = None
+) -> Tensor:
     """out[t, chunk m] = Σ_e scores[t, e, m] · table[rows[t, e], chunk m]; scores [T, E] = one core."""
     cfg = {**FWD_CONFIG, **(config or {})}
     t, e = rows.shape
@@ -366,22 +528,46 @@ def weighted_gather(rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, ac
     d_fastest = bool(cfg.get("D_FASTEST", False))
     grid = (triton.cdiv(t, bt) * triton.cdiv(d, bd), 1) if d_fastest else (triton.cdiv(t, bt), triton.cdiv(d, bd))
     _weighted_gather_kernel[grid](
-        rows, rows.stride(0), rows.stride(1),
-        table, table.stride(0), table.stride(1),
-        s, *s_strides,
-        out, out.stride(0), out.stride(1),
-        t, e, n, d, d // m,
-        M=m, BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, D_FASTEST=d_fastest,
-        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)), ACC=_tl_acc(acc),
+        rows,
+        rows.stride(0),
+        rows.stride(1),
+        table,
+        table.stride(0),
+        table.stride(1),
+        s,
+        *s_strides,
+        out,
+        out.stride(0),
+        out.stride(1),
+        t,
+        e,
+        n,
+        d,
+        d // m,
+        M=m,
+        BLOCK_T=bt,
+        BLOCK_E=be,
+        BLOCK_D=bd,
+        D_FASTEST=d_fastest,
+        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)),
+        ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )
     return out
 
 
-def gather_dots_scatter(rows: Tensor, g: Tensor, m: int, acc: torch.dtype, *,
-                        table: Tensor | None = None, dots: Tensor | None = None,
-                        scores: Tensor | None = None, grad_table: Tensor | None = None,
-                        config: dict | None = None) -> None:
+def gather_dots_scatter(
+    rows: Tensor,
+    g: Tensor,
+    m: int,
+    acc: torch.dtype,
+    *,
+    table: Tensor | None = None,
+    dots: Tensor | None = None,
+    scores: Tensor | None = None,
+    grad_table: Tensor | None = None,
+    config: dict | None = None,
+) -> None:
     """dots[t, e, m] = <table[rows[t, e]] chunk m, g[t] chunk m> when `dots` is given (a [T, E]
     tensor for one core); grad_table[rows[t, e], chunk m] += scores[t, e, m] · g[t, chunk m]
     (fp32 atomics) when `grad_table` is given."""
@@ -398,16 +584,37 @@ def gather_dots_scatter(rows: Tensor, g: Tensor, m: int, acc: torch.dtype, *,
     gt = grad_table if scatter else g
     bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
     _gather_dot_scatter_kernel[(triton.cdiv(t, bt),)](
-        rows, rows.stride(0), rows.stride(1),
-        tab, tab.stride(0), tab.stride(1),
-        g, g.stride(0), g.stride(1),
-        sc, *s_strides,
-        dts, *dt_strides,
-        gt, gt.stride(0), gt.stride(1),
-        t, e, n, d, d // m,
-        M=m, MP=triton.next_power_of_2(m), COMPUTE_DOTS=compute_dots, SCATTER=scatter,
-        BLOCK_T=bt, BLOCK_E=be, BLOCK_D=bd, SUM_ONCE=compute_dots and m == 1 and d > bd,
-        ACC=_tl_acc(acc), num_warps=cfg["num_warps"],
+        rows,
+        rows.stride(0),
+        rows.stride(1),
+        tab,
+        tab.stride(0),
+        tab.stride(1),
+        g,
+        g.stride(0),
+        g.stride(1),
+        sc,
+        *s_strides,
+        dts,
+        *dt_strides,
+        gt,
+        gt.stride(0),
+        gt.stride(1),
+        t,
+        e,
+        n,
+        d,
+        d // m,
+        M=m,
+        MP=triton.next_power_of_2(m),
+        COMPUTE_DOTS=compute_dots,
+        SCATTER=scatter,
+        BLOCK_T=bt,
+        BLOCK_E=be,
+        BLOCK_D=bd,
+        SUM_ONCE=compute_dots and m == 1 and d > bd,
+        ACC=_tl_acc(acc),
+        num_warps=cfg["num_warps"],
     )
 
 
@@ -420,9 +627,19 @@ def sort_rows(rows: Tensor, num_rows: int | None = None) -> tuple[Tensor, Tensor
     return torch.sort(flat, stable=True)
 
 
-def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
-                    accumulate: bool, table: Tensor | None = None, dots: Tensor | None = None,
-                    order: tuple[Tensor, Tensor] | None = None, config: dict | None = None) -> None:
+def segment_scatter(
+    rows: Tensor,
+    g: Tensor,
+    scores: Tensor,
+    grad_table: Tensor,
+    acc: torch.dtype,
+    *,
+    accumulate: bool,
+    table: Tensor | None = None,
+    dots: Tensor | None = None,
+    order: tuple[Tensor, Tensor] | None = None,
+    config: dict | None = None,
+) -> None:
     """grad_table[row] (+)= Σ over the row's entries of scores · g[token], one writer per row, in
     a fixed order. With `table` and `dots` also dots[t, e, m] (needs all of D in one block)."""
     cfg = {**SEGMENT_CONFIG, **(config or {})}
@@ -440,18 +657,44 @@ def segment_scatter(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor,
     bj, piece = cfg["BLOCK_J"], int(cfg.get("PIECE", SEGMENT_PIECE))
     n_pieces = triton.cdiv(t * e, piece)
     # part[p]: the sum over piece p when it continues a run (written by the pieces pass only there)
-    part = torch.empty((n_pieces, d), dtype=torch.float64 if acc == torch.float64 else torch.float32,
-                       device=grad_table.device)
-    common = dict(M=m, ACCUMULATE=accumulate, FUSE_DOTS=fuse, PIECE=piece, BLOCK_J=bj, BLOCK_D=bd,
-                  ACC=_tl_acc(acc), num_warps=cfg["num_warps"])
-    args = [sorted_ids, perm, t * e,
-            g, g.stride(0), g.stride(1),
-            sc, *s_strides,
-            grad_table, grad_table.stride(0), grad_table.stride(1),
-            tab, tab.stride(0), tab.stride(1),
-            dts, *dt_strides,
-            part, part.stride(0), part.stride(1),
-            e, n, d, d // m]
+    part = torch.empty(
+        (n_pieces, d), dtype=torch.float64 if acc == torch.float64 else torch.float32, device=grad_table.device
+    )
+    common = dict(
+        M=m,
+        ACCUMULATE=accumulate,
+        FUSE_DOTS=fuse,
+        PIECE=piece,
+        BLOCK_J=bj,
+        BLOCK_D=bd,
+        ACC=_tl_acc(acc),
+        num_warps=cfg["num_warps"],
+    )
+    args = [
+        sorted_ids,
+        perm,
+        t * e,
+        g,
+        g.stride(0),
+        g.stride(1),
+        sc,
+        *s_strides,
+        grad_table,
+        grad_table.stride(0),
+        grad_table.stride(1),
+        tab,
+        tab.stride(0),
+        tab.stride(1),
+        dts,
+        *dt_strides,
+        part,
+        part.stride(0),
+        part.stride(1),
+        e,
+        n,
+        d,
+        d // m,
+    ]
     _segment_scatter_kernel[(triton.cdiv(n_pieces, bj), triton.cdiv(d, bd))](*args, PIECES_PASS=True, **common)
     _segment_scatter_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd))](*args, PIECES_PASS=False, **common)
 
@@ -476,9 +719,17 @@ def _block_add_programs(n_blocks: int, device: torch.device, per_sm: int) -> int
     return min(n_blocks, _BLOCK_ADD_PROGRAMS_CPU)
 
 
-def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor, acc: torch.dtype, *,
-                     order: tuple[Tensor, Tensor] | None = None, limit: Tensor | None = None,
-                     config: dict | None = None) -> None:
+def sorted_block_add(
+    rows: Tensor,
+    g: Tensor,
+    scores: Tensor,
+    grad_table: Tensor,
+    acc: torch.dtype,
+    *,
+    order: tuple[Tensor, Tensor] | None = None,
+    limit: Tensor | None = None,
+    config: dict | None = None,
+) -> None:
     """grad_table[row] += Σ over the row's entries of scores · g[token] (`_sorted_block_add_kernel`:
     blocks of row-sorted entries, one atomic add per row and block). For many entries whose
     source rows are not in L2 (the staged flush); not bitwise reproducible. `limit`: a
@@ -493,13 +744,28 @@ def sorted_block_add(rows: Tensor, g: Tensor, scores: Tensor, grad_table: Tensor
     chunks = max(1, min(int(cfg.get("CHUNKS", 1)), triton.cdiv(d, bd)))
     programs = _block_add_programs(triton.cdiv(t * e, bj), grad_table.device, int(cfg.get("PROGRAMS_PER_SM", 0)))
     _sorted_block_add_kernel[(programs, triton.cdiv(d, bd * chunks))](
-        sorted_ids, perm, t * e,
-        g, g.stride(0), g.stride(1),
-        sc, *s_strides,
-        grad_table, grad_table.stride(0), grad_table.stride(1),
+        sorted_ids,
+        perm,
+        t * e,
+        g,
+        g.stride(0),
+        g.stride(1),
+        sc,
+        *s_strides,
+        grad_table,
+        grad_table.stride(0),
+        grad_table.stride(1),
         limit if limit is not None else sorted_ids,
-        e, n, d, d // m,
-        M=m, BLOCK_J=bj, BLOCK_D=bd, CHUNKS=chunks, ACC=_tl_acc(acc), HAS_LIMIT=limit is not None,
+        e,
+        n,
+        d,
+        d // m,
+        M=m,
+        BLOCK_J=bj,
+        BLOCK_D=bd,
+        CHUNKS=chunks,
+        ACC=_tl_acc(acc),
+        HAS_LIMIT=limit is not None,
         num_warps=cfg["num_warps"],
     )
 
@@ -512,9 +778,18 @@ _FUSED_SEGMENT_MAX_D = 512
 FUSE_SEGMENT_DOTS = False  # measured: 212 µs unfused against 255 µs fused (presorted)
 
 
-def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_table: Tensor, *,
-                      accumulate: bool, deterministic: bool | None = None,
-                      order: tuple[Tensor, Tensor] | None = None, configs: dict | None = None) -> Tensor:
+def lookup_table_grad(
+    grad_out: Tensor,
+    rows: Tensor,
+    table: Tensor,
+    scores: Tensor,
+    grad_table: Tensor,
+    *,
+    accumulate: bool,
+    deterministic: bool | None = None,
+    order: tuple[Tensor, Tensor] | None = None,
+    configs: dict | None = None,
+) -> Tensor:
     """Adds the table gradient into grad_table (pre-zeroed when not `accumulate`) and returns
     grad_scores in scores' dtype. `order` is a precomputed `sort_rows(rows)` for the
     deterministic path (the gate's and the lookup's backward share their rows)."""
@@ -527,23 +802,44 @@ def lookup_table_grad(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Ten
         return torch.zeros_like(scores, memory_format=torch.contiguous_format)
     if not deterministic:
         grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
-        gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, scores=scores,
-                            grad_table=grad_table, config=configs.get("bwd"))
+        gather_dots_scatter(
+            rows,
+            grad_out,
+            m,
+            acc,
+            table=table,
+            dots=grad_scores,
+            scores=scores,
+            grad_table=grad_table,
+            config=configs.get("bwd"),
+        )
         return grad_scores
     if table.shape[1] <= _FUSED_SEGMENT_MAX_D and configs.get("fuse_dots", FUSE_SEGMENT_DOTS):
         # Entries of an out-of-range row are never visited: keep their dots defined.
         grad_scores = torch.zeros_like(scores, memory_format=torch.contiguous_format)
-        segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate, table=table,
-                        dots=grad_scores, order=order, config=configs.get("segment"))
+        segment_scatter(
+            rows,
+            grad_out,
+            scores,
+            grad_table,
+            acc,
+            accumulate=accumulate,
+            table=table,
+            dots=grad_scores,
+            order=order,
+            config=configs.get("segment"),
+        )
         return grad_scores
     grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
     gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, config=configs.get("dots"))
-    segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate, order=order,
-                    config=configs.get("segment"))
+    segment_scatter(
+        rows, grad_out, scores, grad_table, acc, accumulate=accumulate, order=order, config=configs.get("segment")
+    )
     return grad_scores
 
 
 # ------------------------------------------------------------------------ the op's launchers
+
 
 def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor, config: dict | None = None) -> Tensor:
     check_lookup_args(_OP, rows, table, scores)
@@ -554,7 +850,9 @@ def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor, config: di
     return weighted_gather(rows, table, scores, out, acc_dtype(table, scores), config)
 
 
-def weighted_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+def weighted_lookup_backward_cuda(
+    grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor
+) -> tuple[Tensor, Tensor]:
     """The dense contract of the reference: a zero-filled [N, D] gradient per call."""
     op = "weighted_lookup_backward"
     check_lookup_args(op, rows, table, scores, grad_out)
@@ -565,14 +863,18 @@ def weighted_lookup_backward_cuda(grad_out: Tensor, rows: Tensor, table: Tensor,
     return grad_table, grad_scores
 
 
-def weighted_lookup_backward_accumulate_cuda(grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor,
-                                             scores: Tensor) -> Tensor:
+def weighted_lookup_backward_accumulate_cuda(
+    grad_table: Tensor, grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor
+) -> Tensor:
     """Adds the table gradient into the persistent `grad_table` buffer; returns grad_scores.
     Arguments and the range are checked first (the op checks the buffer): nothing is written
     when they are refused."""
     op = "weighted_lookup_backward_accumulate"
     check_lookup_args(op, rows, table, scores, grad_out)
     check_index_range(rows, table.shape[0], op, "rows")
-    check(tuple(grad_table.shape) == tuple(table.shape), op,
-          f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}")
+    check(
+        tuple(grad_table.shape) == tuple(table.shape),
+        op,
+        f"grad_table shape {tuple(grad_table.shape)} must equal table shape {tuple(table.shape)}",
+    )
     return lookup_table_grad(grad_out, rows, table, scores, grad_table, accumulate=True)
