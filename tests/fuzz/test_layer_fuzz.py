@@ -254,14 +254,8 @@ def test_layer_fuzz_compiled(i):
         write_report(f"layers_compiled_{i}", dict(type=cfg.memory.type, worst_abs_diff=worst))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="validate_memory_config checks ranges, not types: a "
-    "non-integer size reaches torch.empty (the rule belongs there, outside the layers' forward)",
-)
-@pytest.mark.parametrize("key,value", [("knum", 2.5), ("heads", 1.5), ("vdim", "4")])
+@pytest.mark.parametrize("key,value", [("knum", 2.5), ("heads", 1.5), ("vdim", "4"), ("knn", 2.0)])
 def test_non_integer_sizes_raise_config_error(key, value):
-    memory = MemoryConfig(knum=4, kdim=4, vdim=4, pre_vdim=2, knn=1, **{key: value})
-    with pytest.raises(ConfigError):
+    memory = MemoryConfig(**{**dict(knum=4, kdim=4, vdim=4, pre_vdim=2, knn=1), key: value})
+    with pytest.raises(ConfigError, match=f"model.memory.{key}=.*must be an integer"):
         build_memory(ModelConfig(dim=8, ffn_hidden=8, n_layers=2, memory=memory), 2)

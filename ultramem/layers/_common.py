@@ -44,6 +44,12 @@ def validate_memory_config(cfg: ModelConfig, num_layers: int) -> None:
     _require(m.type in LAYER_TYPES, _KEY + "type", m.type, f"must be one of {LAYER_TYPES} to build memory layers")
     _require(m.init in MEMORY_INITS, _KEY + "init", m.init, f"must be one of {MEMORY_INITS}")
     _require(isinstance(num_layers, int) and num_layers >= 1, "num_memory_layers", num_layers, "must be >= 1")
+    # types first: a float or a string size would otherwise fail deep inside torch.empty
+    for key, value in (("model.dim", cfg.dim), ("model.ffn_hidden", cfg.ffn_hidden)) + tuple(
+        (_KEY + name, getattr(m, name))
+        for name in ("heads", "knum", "kdim", "vdim", "pre_vdim", "knn", "tucker_rank", "tucker_cores", "key_expand")
+    ):
+        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
     _require(cfg.dim >= 1, "model.dim", cfg.dim, "must be >= 1")
     _require(cfg.ffn_hidden >= 1, "model.ffn_hidden", cfg.ffn_hidden, "must be >= 1 (the paper init uses it)")
     for name in ("heads", "knum", "kdim", "vdim", "knn", "log_interval"):
