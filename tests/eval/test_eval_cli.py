@@ -16,26 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from launch import START_S, env, records, run, timeout_for, train_cmd
+from tiny import TINY_MODEL
 
 from ultramem import eval as ueval
 
 TINY = [
+    *TINY_MODEL,
     "--config",
     "debug.toml",
-    "--model.vocab_size=300",
-    "--model.dim=32",
-    "--model.n_layers=2",
-    "--model.n_heads=2",
-    "--model.ffn_hidden=48",
-    "--model.max_seq_len=16",
-    "--model.memory.knum=4",
-    "--model.memory.kdim=8",
-    "--model.memory.vdim=16",
-    "--model.memory.pre_vdim=8",
-    "--model.memory.knn=2",
-    "--model.memory.calibration_rounds=1",
-    "--data.vocab_size=300",
-    "--train.seq_len=16",
     "--train.batch_size=2",
     "--optim.warmup_steps=1",
     "--metrics.tensorboard=false",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from memory_layer_setup import build_random, make_cfg, make_input
+from tiny import TINY_MODEL
 
 from ultramem.data import TokenWindows
 from ultramem.train.config import load_config
@@ -103,20 +104,7 @@ def test_zero_grad_drops_what_is_staged_and_bad_setups_are_refused():
 
 
 TINY = [
-    "--model.vocab_size=300",
-    "--model.dim=32",
-    "--model.n_layers=2",
-    "--model.n_heads=2",
-    "--model.ffn_hidden=48",
-    "--model.max_seq_len=16",
-    "--model.memory.knum=4",
-    "--model.memory.kdim=8",
-    "--model.memory.vdim=16",
-    "--model.memory.pre_vdim=8",
-    "--model.memory.knn=2",
-    "--model.memory.calibration_rounds=1",
-    "--data.vocab_size=300",
-    "--train.seq_len=16",
+    *TINY_MODEL,
     "--train.batch_size=2",
     "--optim.warmup_steps=2",
     "--train.max_steps=3",

@@ -7,26 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_MODEL
 
 from ultramem.train.config import load_config
 from ultramem.train.parallelize import checkpointed_blocks, parallelize
 from ultramem.train.trainer import DistInfo, build_training_model
 
 TINY = [
-    "--model.vocab_size=300",
-    "--model.dim=32",
+    *TINY_MODEL,
     "--model.n_layers=3",
-    "--model.n_heads=2",
-    "--model.ffn_hidden=48",
-    "--model.max_seq_len=16",
-    "--model.memory.knum=4",
-    "--model.memory.kdim=8",
-    "--model.memory.vdim=16",
-    "--model.memory.pre_vdim=8",
-    "--model.memory.knn=2",
-    "--model.memory.calibration_rounds=1",
-    "--data.vocab_size=300",
-    "--train.seq_len=16",
     "--train.batch_size=2",
     "--optim.warmup_steps=1",
 ]

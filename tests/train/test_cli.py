@@ -10,26 +10,14 @@ import sys
 import pytest
 import torch
 from launch import env, kill_group, losses, records, run, timeout_for, token_shards, train_cmd, wait_for
+from tiny import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 
 TINY = [
+    *TINY_MODEL,
     "--config",
     "debug.toml",
-    "--model.vocab_size=300",
-    "--model.dim=32",
-    "--model.n_layers=2",
-    "--model.n_heads=2",
-    "--model.ffn_hidden=48",
-    "--model.max_seq_len=16",
-    "--model.memory.knum=4",
-    "--model.memory.kdim=8",
-    "--model.memory.vdim=16",
-    "--model.memory.pre_vdim=8",
-    "--model.memory.knn=2",
-    "--model.memory.calibration_rounds=1",
-    "--data.vocab_size=300",
-    "--train.seq_len=16",
     "--train.batch_size=2",
     "--optim.warmup_steps=1",
     "--train.eval_interval=0",

@@ -5,27 +5,15 @@ from __future__ import annotations
 
 import pytest
 from launch import env, losses, run, timeout_for, token_shards, train_cmd
+from tiny import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 
 STEPS = 5
 # debug.toml's decoder, smaller, on random token shards (no tokenizer to train)
 TINY = [
-    "--model.vocab_size=300",
-    "--model.dim=32",
-    "--model.n_layers=2",
-    "--model.n_heads=2",
-    "--model.ffn_hidden=48",
-    "--model.max_seq_len=16",
-    "--model.memory.knum=4",
-    "--model.memory.kdim=8",
-    "--model.memory.vdim=16",
-    "--model.memory.pre_vdim=8",
-    "--model.memory.knn=2",
-    "--model.memory.calibration_rounds=1",
+    *TINY_MODEL,
     "--model.memory.log_interval=2",
-    "--data.vocab_size=300",
-    "--train.seq_len=16",
     "--optim.warmup_steps=1",
     f"--train.max_steps={STEPS}",
     "--train.eval_interval=5",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from launch import env, records, run, timeout_for, train_cmd
+from tiny import TINY_MODEL
 
 from ultramem.data import TokenWindows
 from ultramem.model import build_model
@@ -14,20 +15,7 @@ from ultramem.train.optim import build_optimizer
 from ultramem.train.trainer import DistInfo, Trainer, build_training_model, parallelize
 
 TINY = [
-    "--model.vocab_size=300",
-    "--model.dim=32",
-    "--model.n_layers=2",
-    "--model.n_heads=2",
-    "--model.ffn_hidden=48",
-    "--model.max_seq_len=16",
-    "--model.memory.knum=4",
-    "--model.memory.kdim=8",
-    "--model.memory.vdim=16",
-    "--model.memory.pre_vdim=8",
-    "--model.memory.knn=2",
-    "--model.memory.calibration_rounds=1",
-    "--data.vocab_size=300",
-    "--train.seq_len=16",
+    *TINY_MODEL,
     "--train.batch_size=2",
     "--optim.warmup_steps=2",
 ]

@@ -1,0 +1,20 @@
+"""The tiny UltraMemV2 model that trainer and CLI tests run, as command-line overrides of
+debug.toml: 2 blocks of width 32, a memory layer per block over one 32-row table, sequences of
+16 tokens of a 300-token vocabulary. Tests add their own run settings after it (later wins)."""
+
+TINY_MODEL = [
+    "--model.vocab_size=300",
+    "--model.dim=32",
+    "--model.n_layers=2",
+    "--model.n_heads=2",
+    "--model.ffn_hidden=48",
+    "--model.max_seq_len=16",
+    "--model.memory.knum=4",
+    "--model.memory.kdim=8",
+    "--model.memory.vdim=16",
+    "--model.memory.pre_vdim=8",
+    "--model.memory.knn=2",
+    "--model.memory.calibration_rounds=1",
+    "--data.vocab_size=300",
+    "--train.seq_len=16",
+]
