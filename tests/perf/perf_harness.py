@@ -24,7 +24,7 @@ from collections import Counter
 import numpy as np
 import torch
 from torch._dynamo.callback import callback_handler
-from torch._dynamo.utils import counters, get_compilation_metrics
+from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ultramem
@@ -208,7 +208,9 @@ class CompileRecorder:
     def __enter__(self):
         self._breaks = sum(counters["graph_break"].values())
         self._graphs = counters["stats"]["unique_graphs"]
-        self._metrics = len(get_compilation_metrics())
+        # Dynamo keeps the last 64 compiles only: after a long test session the list no longer
+        # grows, so start it empty rather than remembering its length
+        clear_compilation_metrics()
         callback_handler.register_start_callback(self._on_start)
         callback_handler.register_end_callback(self._on_end)
         return self
@@ -219,7 +221,7 @@ class CompileRecorder:
         self.graph_breaks = sum(counters["graph_break"].values()) - self._breaks
         self.break_reasons = [r for r in counters["graph_break"]]
         self.unique_graphs = counters["stats"]["unique_graphs"] - self._graphs
-        self.metrics = get_compilation_metrics()[self._metrics :]
+        self.metrics = get_compilation_metrics()
         return False
 
     def frames(self, names: dict) -> dict[str, list[str]]:

@@ -64,9 +64,13 @@ def test_memory_layer_against_ffn(benchmark):
 
 def test_compiled_layer_against_eager(benchmark, train_step_figures):
     trainer = train_step_figures.trainer
+    pair = compiled_vs_eager_pair(trainer)
     try:
+        # other tests of the session compile the same layer code in between: whatever that makes
+        # Dynamo compile again happens here, before the timing
+        pair[0]()
         with no_new_compiles():
-            _check_ratio(benchmark, "compiled_layer_vs_eager", compiled_vs_eager_pair(trainer))
+            _check_ratio(benchmark, "compiled_layer_vs_eager", pair)
     finally:
         trainer.model.zero_grad(set_to_none=True)
         trainer.model.memory_tables.zero_grad_buffers()
