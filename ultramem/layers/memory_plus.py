@@ -23,7 +23,16 @@ from .tables import ValueTables
 
 
 class MemoryPlus(nn.Module):
-    """One Memory+ layer: y, aux = layer(u, tables) with the shared ValueTables [knum², vdim]."""
+    """One Memory+ layer, product keys with a SiLU gate (docs/layers.md): `y, aux = layer(u, tables)`.
+
+    Args:
+        cfg: the model config; `cfg.memory` knum (keys per side: knum² rows in the one shared
+            table), kdim, vdim, knn, heads.
+        layer_index: this layer's place among the memory layers.
+        num_layers: the number of memory layers sharing the table.
+
+    Call with `u` [..., d] and the model's `ValueTables` ([knum², vdim]); returns the output
+    [..., d] and the auxiliary loss."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int, num_layers: int):
         super().__init__()

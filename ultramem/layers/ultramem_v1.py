@@ -16,7 +16,15 @@ from .tucker import RELEASED_TABLE_STD, TuckerMemoryBase
 
 
 class UltraMemV1(TuckerMemoryBase):
-    """One UltraMem v1 layer: y, aux = layer(u, tables) (tables is ignored; pass None)."""
+    """One UltraMem v1 layer (arXiv 2411.12364; docs/layers.md): `y, aux = layer(u, None)`.
+
+    Args:
+        cfg: the model config; `cfg.memory.knum` keys per side (n² = knum² values in the layer's
+            own table), kdim, vdim, knn, heads, key_expand (implicit value expansion E²), ...
+        layer_index: this layer's place among the memory layers (its init draws).
+        num_layers: the number of memory layers (the paper init scales with it).
+
+    Each v1 layer owns its value table (`values`); the `tables` argument is ignored."""
 
     released_norm_exponent = -0.33
 

@@ -18,7 +18,19 @@ from .tucker import RELEASED_TABLE_STD, TuckerMemoryBase
 
 
 class UltraMemV2(TuckerMemoryBase):
-    """One UltraMemV2 layer: y, aux = layer(u, tables) with u [..., d] and the shared ValueTables."""
+    """One UltraMemV2 layer (arXiv 2508.18756; docs/layers.md): `y, aux = layer(u, tables)`.
+
+    Args:
+        cfg: the model config; `cfg.dim` and `cfg.memory` (knum, kdim, vdim, pre_vdim, knn,
+            heads, share_ratio, tucker_rank, tucker_cores, key_expand, glu_act, init, ...).
+        layer_index: this layer's place l among the memory layers; its window of the shared
+            tables starts at row l·knum².
+        num_layers: L, the number of memory layers sharing the tables (N = knum²·L rows).
+
+    Call with `u` [..., d] (the block's FFN input) and the model's `ValueTables`; returns the
+    output [..., d] to add to the residual and the auxiliary loss (a scalar, 0 by default).
+    Call `reset_parameters(generator, tables)` after building and `refresh_rank1()` after every
+    optimizer step."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int, num_layers: int):
         m = cfg.memory
