@@ -21,7 +21,6 @@ started again and the trainer resumes it from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -496,26 +495,6 @@ def write_results(results: list[RunResult], out: Path, meta: dict) -> None:
 # Command line
 
 
-@contextlib.contextmanager
-def _cli_logging():
-    """INFO lines on stderr for the command, removed again when it returns (main() may be called
-    in a process that outlives it, and whose stderr changes)."""
-    root = logging.getLogger()
-    if root.handlers:  # the caller has its own logging
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ultramem.compare",
@@ -563,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         i += 1
     args = parser.parse_args(argv)
     args.extra = " ".join(args.extra)
+    from ultramem.eval import _cli_logging  # one logging set-up for both commands
+
     with _cli_logging():
         return _main(parser, args)
 
