@@ -6,17 +6,15 @@ Checks (fresh random inputs, outputs' memory poisoned first): the kept ids again
 reference (a row may differ only by a near tie), per-core scores and all gradients against
 float64 formulas at the kernel's ids, ids in range and distinct, rows sorted, gradients zero
 outside the kept keys. Timed: the reference op (eager, and torch.compile with --compile), the
-Triton kernels, the forward's phases (coarse selection only; + grid selection), and forward +
-backward through the op and autograd. Backward: the default (v2, zero-fill fused) beside
-`tri.BWD_VARIANTS` "v2-memset" (same checks), v2 also with preallocated NaN-filled outputs
-(misaligned flat blocks; rank-strided), and the bare zero-fill of both gradients by torch (the
-write floor).
+Triton kernels, and forward + backward through the op and autograd. Backward: also checked with
+preallocated NaN-filled outputs (misaligned flat blocks; rank-strided), and the bare zero-fill of
+both gradients by torch timed (the write floor).
 
 Large k (`run_large_k`, also part of `run`): the forward at the PERF shape with k = 64, 100, 128,
-256, checked against float64 on its first tokens, every launch variant required to give the
-default's ids and scores bit for bit, and each timed: the tiled grid's candidate selection
-(default) against the bisection over the whole grid (the previous default), register caps,
-warps, row-tile sizes, and for k = 128 the grid held in registers in one 16384-entry tile.
+256, checked against float64 on its first tokens, and timed with the launcher's module constants
+as they are and patched (`_large_k_variants`: warps, register cap, candidate slots, row-tile
+size; for k = 128 the grid held in registers in one 16384-entry tile); every variant with the
+default's warps must give the default's ids and scores bit for bit.
 
 Part of the op suite (`python -m perf run --only op`); `python -m perf.benches.retrieval [args]`
 runs this module alone through perf/bench_ops.py, and `--large-k` the large-k part alone.
@@ -25,6 +23,7 @@ runs this module alone through perf/bench_ops.py, and `--large-k` the large-k pa
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -156,9 +155,7 @@ def _poisoned_out(a: torch.Tensor, b: torch.Tensor, kind: str):
     return tuple(views)
 
 
-def check_backward(
-    ctx, s: dict, seed: int, strided: bool = False, variant: str = "v2", out_kind: str | None = None
-) -> dict:
+def check_backward(ctx, s: dict, seed: int, strided: bool = False, out_kind: str | None = None) -> dict:
     a, b, cores, u, v = _inputs(s, seed, ctx.device, strided)
     t, h, k, m = s["t"], s["h"], s["k"], s["m"]
     ids, _ = ref_fwd(a, b, cores, u, v, k)
@@ -169,21 +166,16 @@ def check_backward(
         g = torch.cat([g, g], dim=-1)[..., :m]
     ctx.poison_allocator(a.numel() * a.element_size())
     ctx.poison_allocator(b.numel() * b.element_size())
-    if variant == "v2" and out_kind is None:  # the default, through the registered entry point
+    if out_kind is None:  # through the registered entry point
         ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(g, a, b, cores, ids)
     else:
-        out = _poisoned_out(a, b, out_kind) if out_kind else None
-        ga, gb, gc = tri.launch_backward(g, a, b, cores, ids, variant=variant, out=out)
+        ga, gb, gc = tri.launch_backward(g, a, b, cores, ids, out=_poisoned_out(a, b, out_kind))
     ctx.sync()
     ra, rb, rc = ref_bwd(g.double(), a.double(), b.double(), cores.double(), ids)
     zero_outside = bool((ga.double()[ra == 0] == 0).all() and (gb.double()[rb == 0] == 0).all())
     rel = max(_rel(ga, ra), _rel(gb, rb), _rel(gc, rc))
     tol = 1e-5 if s["dtype"] == torch.float32 else 1e-2
-    tag = (
-        (" strided" if strided else "")
-        + (f" {variant}" if variant != "v2" else "")
-        + (f" out={out_kind}" if out_kind else "")
-    )
+    tag = (" strided" if strided else "") + (f" out={out_kind}" if out_kind else "")
     result = dict(
         name=f"{OP} bwd {_label(s)}{tag}",
         rel_err=rel,
@@ -213,35 +205,47 @@ LARGE_K_CHECK_TOKENS = 256
 
 
 def _large_k_variants(k: int) -> list[tuple[str, dict]]:
-    """(label, launch_forward arguments) timed at one large k; the first is the default."""
+    """(label, launcher module constants to patch) timed at one large k; the first is the default."""
     block_k = tri._block_k(k)
     variants = [("ours (default)", {})]
     if block_k <= 64:  # the grid in registers by default
         variants += [
-            ("in-register grid, 4 warps", dict(num_warps=4)),
-            ("in-register grid, 16 warps", dict(num_warps=16)),
-            ("candidates, 2 row tiles", dict(grid_tile=block_k * block_k // 2)),
+            ("in-register grid, 4 warps", dict(FWD_NUM_WARPS=4)),
+            ("in-register grid, 16 warps", dict(FWD_NUM_WARPS=16)),
+            ("candidates, 2 row tiles", dict(GRID_TILE=block_k * block_k // 2)),
         ]
         return variants
-    other_slots = block_k * (2 if block_k <= 128 else 1)
+    factor = tri.CAND_TILE_FACTOR[block_k > 128]
+    other = 2 if factor == 1 else 1
     variants += [
-        ("bisection over all tiles (previous default)", dict(tiled_select="bisect")),
-        ("candidates, no register cap", dict(maxnreg=255)),
-        (f"candidates, {other_slots} slots per tile", dict(cand_tile=other_slots)),
-        ("coarse selection only", dict(phases=1)),
-        ("coarse + grid selection (no sort, no write)", dict(phases=2)),
+        ("candidates, no register cap", dict(FWD_MAXNREG_TILED=None)),
+        (f"candidates, {other * block_k} slots per tile", dict(CAND_TILE_FACTOR=(other, other))),
     ]
     if k == 128:
-        variants += [("in-register grid, grid_tile 16384, 16 warps", dict(grid_tile=16384, num_warps=16))]
+        variants += [("in-register grid, grid_tile 16384, 16 warps", dict(GRID_TILE=16384, FWD_NUM_WARPS=16))]
     return variants
 
 
-def _compile_one(k: int, kwargs: dict) -> str:
+@contextlib.contextmanager
+def _patched(consts: dict):
+    """The launcher's module constants set to `consts` for the duration (restored after)."""
+    saved = {name: getattr(tri, name) for name in consts}
+    try:
+        for name, value in consts.items():
+            setattr(tri, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(tri, name, value)
+
+
+def _compile_one(k: int, consts: dict) -> str:
     """Run one launch variant on a few tokens (a worker process: fills Triton's disk cache)."""
     try:
         s = dict(t=64, h=1, n_row=1138, n_col=1138, r=2, m=2, k=k, dtype=torch.bfloat16)
         a, b, cores, u, v = _inputs(s, 0, torch.device("cuda"))
-        tri.launch_forward(a, b, cores, u, v, k, **kwargs)
+        with _patched(consts):
+            tri.launch_forward(a, b, cores, u, v, k)
         torch.cuda.synchronize()
         return "ok"
     except Exception as exc:  # reported, and the variant fails again in the main process
@@ -274,14 +278,15 @@ def run_large_k(ctx) -> list[dict]:
         want = None
         for label, kw in _large_k_variants(k):
             ctx.poison_allocator(s["t"] * k * 8)
-            got = tri.launch_forward(a, b, cores, u, v, k, **kw)
+            with _patched(kw):
+                got = tri.launch_forward(a, b, cores, u, v, k)
             ctx.sync()
             if want is None:
                 want = got
             same = None
             # Same warps, same coarse layout: the kept keys land in the same slots, so even exact ties
             # (frequent with bf16 inputs) must resolve alike. Other warps order the keys otherwise.
-            if "num_warps" not in kw and kw.get("phases", 3) == 3:
+            if "FWD_NUM_WARPS" not in kw:
                 same = torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))
                 ctx.checks.append(
                     dict(
@@ -292,7 +297,8 @@ def run_large_k(ctx) -> list[dict]:
                     )
                 )
             try:
-                us = ctx.do_bench(lambda: tri.launch_forward(a, b, cores, u, v, k, **kw))
+                with _patched(kw):
+                    us = ctx.do_bench(lambda: tri.launch_forward(a, b, cores, u, v, k))
                 rows.append(ctx.row(f"{OP}_fwd", _label(s), label, us, least, identical=same))
             except Exception as exc:  # keep the other rows
                 rows.append(
@@ -314,13 +320,9 @@ def run(ctx) -> list[dict]:
         check_backward(ctx, s, seed=20 + i)
     check_forward(ctx, extra[1], seed=99, strided=True)
     check_backward(ctx, extra[1], seed=98, strided=True)
-    for variant in tri.BWD_VARIANTS[1:]:  # non-default backward variants: same checks
-        for i, s in enumerate([main] + extra):
-            check_backward(ctx, s, seed=40 + i, variant=variant)
-    for variant in ("v2", "v2-memset"):  # preallocated outputs: misaligned flat blocks, strided
-        for out_kind in ("padded", "strided"):
-            check_backward(ctx, main, seed=50, variant=variant, out_kind=out_kind)
-            check_backward(ctx, extra[0], seed=51, variant=variant, out_kind=out_kind)  # fp32, r = 3
+    for out_kind in ("padded", "strided"):  # preallocated outputs: misaligned flat blocks, strided
+        check_backward(ctx, main, seed=50, out_kind=out_kind)
+        check_backward(ctx, extra[0], seed=51, out_kind=out_kind)  # fp32, r = 3
 
     s = main
     a, b, cores, u, v = _inputs(s, 1234, ctx.device)
@@ -338,15 +340,8 @@ def run(ctx) -> list[dict]:
     timed = [
         ("fwd", "eager (reference op body)", lambda: ref_fwd(a, b, cores, u, v, k)),
         ("fwd", "ours", lambda: tri.launch_forward(a, b, cores, u, v, k)),
-        ("fwd", "ours, coarse selection only", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=1)),
-        ("fwd", "ours, coarse + grid selection", lambda: tri.launch_forward(a, b, cores, u, v, k, phases=2)),
         ("bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ids)),
-        ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),  # v2: zero-fill fused
-        (
-            "bwd",
-            "ours v2-memset (torch zero_ + kept rows)",
-            lambda: tri.launch_backward(g, a, b, cores, ids, variant="v2-memset"),
-        ),
+        ("bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, ids)),
         ("bwd_zero_fill", "torch zero_ of both gradients only", lambda: (grad_row.zero_(), grad_col.zero_())),
         ("fwd+bwd", "eager (reference op body)", lambda: ref_bwd(g, a, b, cores, ref_fwd(a, b, cores, u, v, k)[0])),
         ("fwd+bwd", "ours", lambda: tri.launch_backward(g, a, b, cores, tri.launch_forward(a, b, cores, u, v, k)[0])),

@@ -714,14 +714,17 @@ def run_retrieval(draw: Draw, case: Case, report: Report) -> None:
         f"{dtype_label(*dts)}{' nan' if nan else ''}"
     )
     check = Checker(report, case, "tdqkr_retrieval", dts)
-    launch = {}
-    if triton and draw.coin(0.3):
-        launch = draw.choice([dict(grid_tile=64), dict(grid_tile=64, tiled_select="bisect")])
+    tiled = triton and draw.coin(0.3)  # the grid walked in row tiles (a small GRID_TILE)
     if not triton:
         ids, scores = ops.tdqkr_retrieval(a, b, cores, u, v, knn, n_keys)
-    elif launch and a_dt != torch.float64 and b_dt != torch.float64 and c_dt != torch.float64:
+    elif tiled and a_dt != torch.float64 and b_dt != torch.float64 and c_dt != torch.float64:
         av, bv = (a, b) if n_keys == -1 else (a[:, :, :n_keys], b[:, :, :n_keys])
-        ids, scores = tri.launch_forward(av, bv, cores, u, v, knn, **launch)
+        grid_tile = tri.GRID_TILE
+        tri.GRID_TILE = 64
+        try:
+            ids, scores = tri.launch_forward(av, bv, cores, u, v, knn)
+        finally:
+            tri.GRID_TILE = grid_tile
     else:
         ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, knn, n_keys)
     _check_selection(check, ids, scores, a[:, :, :nk_row], b[:, :, :nk_col], cores, u, v, knn, dts)

@@ -146,21 +146,23 @@ def test_forward_half_inputs(dtype):
 
 
 @interpreted_only
-def test_forward_tiled_grid_matches_oracle():
-    # grid_tile=64 with k=9 (block 16): the k×k grid is walked in 4 tiles of 4 rows
+def test_forward_tiled_grid_matches_oracle(monkeypatch):
+    # GRID_TILE = 64 with k = 9 (block 16): the k×k grid is walked in 4 tiles of 4 rows
+    monkeypatch.setattr(tri, "GRID_TILE", 64)
     a, b, cores, u, v = _inputs(6, 2, 1, 30, 26, 2, 2)
-    ids, scores = tri.launch_forward(a, b, cores, u, v, 9, grid_tile=64)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, 9)
     assert_selection(ids, scores, a, b, cores, u, v, 9, tol=1e-5, exact_ids=True)
 
 
 @interpreted_only
 @pytest.mark.parametrize("grid_tile", [4096, 128])
-def test_forward_all_scores_equal(grid_tile):
+def test_forward_all_scores_equal(monkeypatch, grid_tile):
     # every coarse and grid score ties: the coarse tie rule keeps the lowest positions, and any
     # 20 distinct pairs of their grid are a valid answer
+    monkeypatch.setattr(tri, "GRID_TILE", grid_tile)
     a, b = torch.ones(2, 1, 100, 2), torch.ones(2, 1, 90, 2)
     cores, u = torch.randn(1, 2, 2, 2), torch.ones(1, 2)
-    ids, scores = tri.launch_forward(a, b, cores, u, u, 20, grid_tile=grid_tile)
+    ids, scores = tri.launch_forward(a, b, cores, u, u, 20)
     for ti in range(2):
         assert len(set(ids[ti, 0].tolist())) == 20
         assert ((ids[ti, 0] // 90 < 20) & (ids[ti, 0] % 90 < 20)).all()
@@ -196,12 +198,13 @@ def _integer_grid_inputs(seed, t, n, span):
 
 @interpreted_only
 @pytest.mark.parametrize("grid_tile", [4096, 16])
-def test_forward_exact_ties_in_grid(grid_tile):
+def test_forward_exact_ties_in_grid(monkeypatch, grid_tile):
     # Grid totals A[i,0]·B[j,0] are small integers (many exact ties at the threshold) while the
     # coarse scores are distinct: the kept totals must equal the oracle's top totals exactly.
+    monkeypatch.setattr(tri, "GRID_TILE", grid_tile)
     t, n, knn = 3, 24, 7
     a, b, cores, u = _integer_grid_inputs(8, t, n, 3)
-    ids, scores = tri.launch_forward(a, b, cores, u, u, knn, grid_tile=grid_tile)
+    ids, scores = tri.launch_forward(a, b, cores, u, u, knn)
     want = retrieval_selection_oracle(a, b, cores, u, u, knn)
     for ti in range(t):
         assert len(set(ids[ti, 0].tolist())) == knn
@@ -271,7 +274,6 @@ def _kept_ids_with_duplicates(a, b, cores, u, v, knn, dtype):
 
 
 @interpreted_only
-@pytest.mark.parametrize("variant", tri.BWD_VARIANTS)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize(
     "seed,t,h,n_row,n_col,r,m,knn,dtype",
@@ -281,14 +283,11 @@ def _kept_ids_with_duplicates(a, b, cores, u, v, knn, dtype):
         (22, 2, 2, 16, 12, 1, 1, 2, torch.float16),
     ],
 )
-def test_backward_matches_oracle(variant, index_dtype, seed, t, h, n_row, n_col, r, m, knn, dtype):
+def test_backward_matches_oracle(index_dtype, seed, t, h, n_row, n_col, r, m, knn, dtype):
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m, dtype)
     ids = _kept_ids_with_duplicates(a.float(), b.float(), cores, u, v, knn, index_dtype)
     grad = torch.randn(t, h, knn, m, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    if variant == "v2":  # the default: through the registered entry point
-        ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids)
-    else:
-        ga, gb, gc = tri.launch_backward(grad, a, b, cores, ids, variant=variant)
+    ga, gb, gc = tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids)
     want = oracle_backward(grad, a, b, cores, ids)
     assert (ga.dtype, gb.dtype, gc.dtype) == (a.dtype, b.dtype, cores.dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -380,27 +379,30 @@ def test_coarse_layout_and_group_start():
 
 
 @interpreted_only
-def test_forward_strided_and_tiled():
+def test_forward_strided_and_tiled(monkeypatch):
+    monkeypatch.setattr(tri, "GRID_TILE", 64)
     a, b, cores, u, v = _inputs(35, 2, 2, 150, 1138, 2, 2)
     a_t = a.transpose(0, 1).contiguous().transpose(0, 1)
     b_s = torch.cat([b, torch.randn_like(b)], dim=-1)[..., :2]
-    ids, scores = tri.launch_forward(a_t, b_s, cores, u, v, 9, grid_tile=64)
+    ids, scores = tri.launch_forward(a_t, b_s, cores, u, v, 9)
     assert_selection(ids, scores, a, b, cores, u, v, 9, tol=1e-5, exact_ids=True)
 
 
 @interpreted_only
 @pytest.mark.parametrize("knn,num_warps", [(16, None), (16, 4), (20, None)])
-def test_forward_coarse_and_grid_ties(knn, num_warps):
+def test_forward_coarse_and_grid_ties(monkeypatch, knn, num_warps):
     # Integer coarse scores and grid totals tie at every threshold. k = 16 (the grid block) with
     # sides of >= 128 keys: every selection starts from group maxima; k = 20: grid padding.
     # The kept keys are the lowest positions among those equal to the k-th, the kept totals the
     # k largest products of the kept values.
+    if num_warps:
+        monkeypatch.setattr(tri, "FWD_NUM_WARPS_SMALL_K", num_warps)
     g = torch.Generator().manual_seed(41)
     t = 2
     a = torch.randint(-3, 4, (t, 1, 300, 1), generator=g).float()
     b = torch.randint(-3, 4, (t, 1, 140, 1), generator=g).float()
     ones = torch.ones(1, 1)
-    ids, scores = tri.launch_forward(a, b, ones.view(1, 1, 1, 1), ones, ones, knn, num_warps=num_warps)
+    ids, scores = tri.launch_forward(a, b, ones.view(1, 1, 1, 1), ones, ones, knn)
     for ti in range(t):
         assert len(set(ids[ti, 0].tolist())) == knn
         for x, got_keys in ((a, ids[ti, 0] // 140), (b, ids[ti, 0] % 140)):
@@ -441,9 +443,12 @@ def test_forward_all_equal_and_nan_in_remainder_block():
         (None, 256, 256, 300, torch.float32),  # k = n on one side, tiled grid
     ],
 )
-def test_forward_launch_settings_match_oracle(num_warps, knn, n_row, n_col, dtype):
+def test_forward_launch_settings_match_oracle(monkeypatch, num_warps, knn, n_row, n_col, dtype):
+    # num_warps: FWD_NUM_WARPS_SMALL_K as a sweep would set it (every such case has k <= 32)
+    if num_warps:
+        monkeypatch.setattr(tri, "FWD_NUM_WARPS_SMALL_K", num_warps)
     a, b, cores, u, v = _inputs(38 + knn, 2 if knn < 100 else 1, 1, n_row, n_col, 2, 2, dtype)
-    ids, scores = tri.launch_forward(a, b, cores, u, v, knn, num_warps=num_warps)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, knn)
     assert_selection(
         ids,
         scores,
@@ -535,14 +540,19 @@ def _nan_inf_case(kind):
 
 @interpreted_only
 @pytest.mark.parametrize("kind", ["nan u", "nan key", "nan cores", "inf"])
-@pytest.mark.parametrize("launch", [{}, dict(grid_tile=64), dict(grid_tile=64, tiled_select="bisect")])
-def test_forward_nan_inf_rule_matches_the_reference(kind, launch):
+@pytest.mark.parametrize("grid", ["registers", "candidates", "bisection"])
+def test_forward_nan_inf_rule_matches_the_reference(monkeypatch, kind, grid):
     """The op's NaN / Inf rule, kernel and reference alike: a NaN coarse score or grid total
     makes all of its (token, head)'s scores NaN (ids still distinct and in range); +inf ranks
-    first, -inf last."""
+    first, -inf last. For each grid selection: in registers, tiled with candidates, and the
+    tiled bisection the candidates fall back to."""
     a, b, cores, u, v, poisoned = _nan_inf_case(kind)
-    knn = 12 if launch else 5
-    got_ids, got = tri.launch_forward(a, b, cores, u, v, knn, **launch)
+    knn = 5 if grid == "registers" else 12
+    if grid != "registers":
+        monkeypatch.setattr(tri, "GRID_TILE", 64)
+    if grid == "bisection":
+        monkeypatch.setattr(tri, "_grid_select_candidates", _bisection_instead)
+    got_ids, got = tri.launch_forward(a, b, cores, u, v, knn)
     want_ids, want = ref_mod.tdqkr_retrieval(a, b, cores, u, v, knn)
     for ids in (got_ids, want_ids):
         assert ((ids >= 0) & (ids < 40 * 40)).all()
@@ -569,7 +579,7 @@ def test_no_tokens_launch_nothing():
     assert ga.shape == a.shape and gb.shape == b.shape and not gc.any()
 
 
-# ---------------------------------------------------------------- backward v2: outputs written in full
+# ---------------------------------------------------------------- backward: outputs written in full
 
 
 def _poisoned_outputs(kind, a, b):
@@ -599,18 +609,16 @@ def _poisoned_outputs(kind, a, b):
 
 @interpreted_only
 @pytest.mark.parametrize(
-    "kind,dtype,variant",
+    "kind,dtype",
     [
-        ("fresh", torch.bfloat16, "v2"),
-        ("padded", torch.bfloat16, "v2"),
-        ("padded", torch.float32, "v2"),
-        ("strided", torch.float16, "v2"),
-        ("transposed", torch.float32, "v2"),
-        ("padded", torch.bfloat16, "v2-memset"),
-        ("strided", torch.float32, "v2-memset"),
+        ("fresh", torch.bfloat16),
+        ("padded", torch.bfloat16),
+        ("padded", torch.float32),
+        ("strided", torch.float16),
+        ("transposed", torch.float32),
     ],
 )
-def test_backward_v2_writes_every_element(kind, dtype, variant):
+def test_backward_writes_every_element(kind, dtype):
     # n·r of 3·1, 13·3 and 7·3 elements per (token, head) over 6 blocks: the 16-byte-aligned
     # interior, the ragged head and tail and blocks inside one 16-byte group all occur
     for seed, (n_row, n_col, r, knn) in enumerate([(3, 13, 1, 3), (13, 7, 3, 6)]):
@@ -620,7 +628,7 @@ def test_backward_v2_writes_every_element(kind, dtype, variant):
         out, buffers = _poisoned_outputs(kind, a, b)
         # rank 1 transposed is still one contiguous range per block
         assert tri._flat_slabs(out[0]) == (kind in ("fresh", "padded") or (kind == "transposed" and r == 1))
-        ga, gb, gc = tri.launch_backward(grad, a, b, cores, ids, variant=variant, out=out)
+        ga, gb, gc = tri.launch_backward(grad, a, b, cores, ids, out=out)
         assert ga is out[0] and gb is out[1]
         want = oracle_backward(grad, a, b, cores, ids)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -636,7 +644,7 @@ def test_backward_v2_writes_every_element(kind, dtype, variant):
 
 
 @interpreted_only
-def test_backward_v2_large_k_is_bit_reproducible():
+def test_backward_large_k_is_bit_reproducible():
     # k = 100: four chunks of 32 entries; many entries share a row or a column
     a, b, cores, u, v = _inputs(26, 2, 1, 110, 105, 2, 2)
     ids = _kept_ids_with_duplicates(a, b, cores, u, v, 100, torch.int64)
@@ -644,19 +652,14 @@ def test_backward_v2_large_k_is_bit_reproducible():
     first = tri.launch_backward(grad, a, b, cores, ids)
     for got, exp in zip(first, oracle_backward(grad, a, b, cores, ids)):
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
-    for again in (
-        tri.launch_backward(grad, a, b, cores, ids),
-        tri.launch_backward(grad, a, b, cores, ids, variant="v2-memset"),
-    ):
-        assert all(torch.equal(x, y) for x, y in zip(first, again))
+    again = tri.launch_backward(grad, a, b, cores, ids)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
 
 
-def test_launch_backward_rejects_bad_variant_and_out():
+def test_launch_backward_rejects_bad_out():
     a, b, cores, u, v = _inputs(27, 2, 1, 12, 10, 2, 2)
     ids = torch.zeros(2, 1, 3, dtype=torch.int64)
     grad = torch.randn(2, 1, 3, 2)
-    with pytest.raises(ValueError, match="variant 'v9'"):
-        tri.launch_backward(grad, a, b, cores, ids, variant="v9")
     with pytest.raises(ValueError, match=r"out\[0\] \(grad_row\).*float16"):
         tri.launch_backward(grad, a, b, cores, ids, out=(torch.empty_like(a, dtype=torch.float16), torch.empty_like(b)))
     with pytest.raises(ValueError, match=r"out\[1\] \(grad_col\)"):
@@ -681,29 +684,51 @@ def bisection_calls(monkeypatch):
     return calls
 
 
-def _same_as_bisection(a, b, cores, u, v, knn, calls, **launch):
+def _bisection_instead(*args):
+    """In place of `_grid_select_candidates` (patched in under the interpreter): the bisection
+    over the whole grid that it falls back to, on the same arguments."""
+    *ptrs, _cand_pos, _cand_val, knn, n_row, n_col, r, m, block_k, tile_i = args[:22]
+    value_steps = args[-1]
+    return tri._grid_select_tiled(*ptrs, knn, n_row, n_col, r, m, block_k, tile_i, value_steps)
+
+
+def _tiles(monkeypatch, grid_tile, cand_factor=None):
+    """A tiled grid at small k: GRID_TILE entries at once, CAND_TILE_FACTOR·BLOCK_K candidate slots
+    per row tile (as a sweep would set them)."""
+    monkeypatch.setattr(tri, "GRID_TILE", grid_tile)
+    if cand_factor is not None:
+        monkeypatch.setattr(tri, "CAND_TILE_FACTOR", (cand_factor, cand_factor))
+
+
+def _same_as_bisection(monkeypatch, a, b, cores, u, v, knn, calls):
     """The candidate selection's outputs, checked bit for bit against the bisection's; returns
     them and the number of programs that fell back."""
-    ids, scores = tri.launch_forward(a, b, cores, u, v, knn, **launch)
+    ids, scores = tri.launch_forward(a, b, cores, u, v, knn)
     fallbacks = len(calls)
-    want_ids, want_scores = tri.launch_forward(a, b, cores, u, v, knn, tiled_select="bisect", **launch)
+    with monkeypatch.context() as patch:
+        patch.setattr(tri, "_grid_select_candidates", _bisection_instead)
+        want_ids, want_scores = tri.launch_forward(a, b, cores, u, v, knn)
     assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
     return ids, scores, fallbacks
 
 
 @interpreted_only
 @pytest.mark.parametrize(
-    "seed,t,h,n_row,n_col,r,m,knn,launch",
+    "seed,t,h,n_row,n_col,r,m,knn,grid_tile",
     [
-        (50, 2, 2, 60, 45, 2, 2, 9, dict(grid_tile=64)),  # H > 1; 3 row tiles of 4 (block 16)
-        (51, 1, 1, 130, 120, 4, 3, 100, {}),  # k not a power of 2, rank 4, 3 cores
-        (52, 2, 1, 80, 70, 2, 2, 33, dict(grid_tile=1024)),  # 8 row tiles of 16, 3 of them padding
-        (53, 1, 1, 50, 40, 1, 1, 20, dict(grid_tile=128, cand_tile=32)),  # few slots: floors raised often
+        (50, 2, 2, 60, 45, 2, 2, 9, 64),  # H > 1; 3 row tiles of 4 (block 16)
+        (51, 1, 1, 130, 120, 4, 3, 100, None),  # k not a power of 2, rank 4, 3 cores
+        (52, 2, 1, 80, 70, 2, 2, 33, 1024),  # 8 row tiles of 16, 3 of them padding
+        (53, 1, 1, 50, 40, 1, 1, 20, 128),  # few slots (one BLOCK_K per tile): floors raised often
     ],
 )
-def test_forward_candidates_match_bisection_and_oracle(bisection_calls, seed, t, h, n_row, n_col, r, m, knn, launch):
+def test_forward_candidates_match_bisection_and_oracle(
+    monkeypatch, bisection_calls, seed, t, h, n_row, n_col, r, m, knn, grid_tile
+):
+    if grid_tile:
+        _tiles(monkeypatch, grid_tile)
     a, b, cores, u, v = _inputs(seed, t, h, n_row, n_col, r, m)
-    ids, scores, fallbacks = _same_as_bisection(a, b, cores, u, v, knn, bisection_calls, **launch)
+    ids, scores, fallbacks = _same_as_bisection(monkeypatch, a, b, cores, u, v, knn, bisection_calls)
     assert fallbacks == 0
     assert_selection(ids, scores, a, b, cores, u, v, knn, tol=1e-5, exact_ids=True)
 
@@ -717,33 +742,31 @@ def test_forward_candidates_knn_256():
 
 
 @interpreted_only
-@pytest.mark.parametrize("cand_tile", [32, 64])
-def test_forward_candidates_all_scores_equal(bisection_calls, cand_tile):
+@pytest.mark.parametrize("cand_factor", [1, 2])
+def test_forward_candidates_all_scores_equal(monkeypatch, bisection_calls, cand_factor):
     # All 20x20 grid totals tie. 32 slots per tile of 4 rows (80 entries): no floor separates them,
     # the slots overflow and every program falls back; 64: the 5 tiles' 400 entries fit in the
     # 512 slots, selected among the candidates. Both keep the lowest positions: row 0, columns 0..19.
+    _tiles(monkeypatch, 128, cand_factor)
     a, b = torch.ones(2, 1, 100, 2), torch.ones(2, 1, 90, 2)
     cores, u = torch.randn(1, 2, 2, 2), torch.ones(1, 2)
-    ids, scores, fallbacks = _same_as_bisection(
-        a, b, cores, u, u, 20, bisection_calls, grid_tile=128, cand_tile=cand_tile
-    )
-    assert fallbacks == (2 if cand_tile == 32 else 0)
+    ids, scores, fallbacks = _same_as_bisection(monkeypatch, a, b, cores, u, u, 20, bisection_calls)
+    assert fallbacks == (2 if cand_factor == 1 else 0)
     assert sorted(ids[0, 0].tolist()) == list(range(20)) and sorted(ids[1, 0].tolist()) == list(range(20))
     torch.testing.assert_close(scores, cores[0].sum((1, 2)).expand(2, 1, 20, 2))
 
 
 @interpreted_only
-@pytest.mark.parametrize("cand_tile", [32, 256])
-def test_forward_candidates_ties_at_threshold(bisection_calls, cand_tile):
+@pytest.mark.parametrize("cand_factor", [1, 8])
+def test_forward_candidates_ties_at_threshold(monkeypatch, bisection_calls, cand_factor):
     # Grid totals are products of small integers: many equal the k-th. With 32 slots per tile the
     # ties overflow (fallback), with 256 they fit; either way the bisection's pairs, bit for bit,
     # and the oracle's totals.
+    _tiles(monkeypatch, 256, cand_factor)
     t, n, knn = 3, 40, 30
     a, b, cores, u = _integer_grid_inputs(55, t, n, 2)
-    ids, scores, fallbacks = _same_as_bisection(
-        a, b, cores, u, u, knn, bisection_calls, grid_tile=256, cand_tile=cand_tile
-    )
-    assert (fallbacks > 0) == (cand_tile == 32)
+    ids, scores, fallbacks = _same_as_bisection(monkeypatch, a, b, cores, u, u, knn, bisection_calls)
+    assert (fallbacks > 0) == (cand_factor == 1)
     want = retrieval_selection_oracle(a, b, cores, u, u, knn)
     for ti in range(t):
         assert scores[ti, 0, :, 0].tolist() == [p[0] for p in want[ti, 0]["pairs"]]
@@ -751,23 +774,23 @@ def test_forward_candidates_ties_at_threshold(bisection_calls, cand_tile):
 
 
 @interpreted_only
-def test_forward_candidates_nan_stays_in_bounds():
+def test_forward_candidates_nan_stays_in_bounds(monkeypatch):
+    _tiles(monkeypatch, 128)
     a, b, cores, u, v = _inputs(56, 3, 1, 60, 50, 2, 2)
     a[0, 0, 5:20] = float("nan")
     b[1, 0, :] = float("nan")
     a[2, 0, 7] = float("inf")  # inf · 0 in the grid: NaN totals next to finite ones
     b[2, 0, :, 1] = 0.0
-    for launch in (dict(grid_tile=128), dict(grid_tile=128, cand_tile=32)):
-        ids, _ = tri.launch_forward(a, b, cores, u, v, 20, **launch)
-        assert ((ids >= 0) & (ids < 60 * 50)).all()
+    ids, _ = tri.launch_forward(a, b, cores, u, v, 20)
+    assert ((ids >= 0) & (ids < 60 * 50)).all()
 
 
-def test_candidate_slots():
-    assert tri._candidate_slots(128, 128, 32, None) == (128, 512)  # 4 tiles of BLOCK_K slots
-    assert tri._candidate_slots(256, 256, 16, None) == (512, 8192)  # 16 tiles of 2·BLOCK_K slots
-    assert tri._candidate_slots(100, 128, 32, 256) == (256, 1024)
-    assert tri._candidate_slots(20, 32, 4, None) == (32, 256)  # 5 tiles with a real row
-    with pytest.raises(ValueError, match="cand_tile=16"):
-        tri._candidate_slots(20, 32, 4, 16)
-    with pytest.raises(ValueError, match="cand_tile=48"):
-        tri._candidate_slots(20, 32, 4, 48)
+def test_candidate_slots(monkeypatch):
+    assert tri._candidate_slots(128, 128, 32) == (128, 512)  # 4 tiles of BLOCK_K slots
+    assert tri._candidate_slots(256, 256, 16) == (512, 8192)  # 16 tiles of 2·BLOCK_K slots
+    assert tri._candidate_slots(20, 32, 4) == (32, 256)  # 5 tiles with a real row
+    monkeypatch.setattr(tri, "CAND_TILE_FACTOR", (2, 2))
+    assert tri._candidate_slots(100, 128, 32) == (256, 1024)
+    monkeypatch.setattr(tri, "CAND_TILE_FACTOR", (3, 3))
+    with pytest.raises(ValueError, match="96 candidate slots"):
+        tri._candidate_slots(20, 32, 4)

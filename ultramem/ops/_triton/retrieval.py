@@ -17,7 +17,7 @@ grid walked in row tiles):
      candidates in registers. The floor is at most the k-th largest total whenever at least k
      candidates reach it, so the kept set is the whole grid's; when they do not, or ties
      overflow the slots, the bisection that recomputes every tile on each pass
-     (`_grid_select_tiled`) decides. k = 128 at the PERF shape: 1.97 ms against 21.1 ms;
+     (`_grid_select_tiled`) decides;
   4. the kept pairs sorted (bitonic, k entries), their per-core scores recomputed and written
      with the ids.
 Every selection keeps all scores above the k-th and, of those equal to it, the lowest positions:
@@ -25,18 +25,15 @@ the reference's set whenever scores are distinct. A NaN coarse score or grid tot
 (so k distinct pairs are always kept) and makes all of its (token, head)'s scores NaN: the op's
 NaN rule (ultramem.ops.retrieval); ±inf are ordinary values. No atomics: kept entries land in scratch in a
 fixed order, so the outputs are deterministic also among exactly tied grid totals.
-Launch: 2 warps with at most 64 registers per thread for k <= 32, 8 warps above (at most 128
-registers per thread for the candidate selection: two programs per SM). Measured on an
-H200 at the 227M shapes (T = 12,288, 1138 sub-keys per side, r = 2, M = 2, k = 32, bf16):
-145.5 µs, against 359.9 µs for the previous kernel (history in perf/history/tdqkr_retrieval.md).
+Launch: FWD_NUM_WARPS_SMALL_K warps with at most FWD_MAXNREG_SMALL_K registers per thread for
+k <= 32, FWD_NUM_WARPS above (at most FWD_MAXNREG_TILED registers per thread for the candidate
+selection: two programs per SM). Measurements: perf/history/tdqkr_retrieval.md.
 
-Backward (v2, `_retrieval_bwd_v2_kernel`), one single-warp program per (token, head): zero the
-program's whole block of grad_row / grad_col (16-byte stores when the [n, r] block is one
-contiguous range, element by element otherwise), then (after a CTA barrier) write the gradient
-of each kept row/column once, duplicates summed in registers; per-program partial grad_cores
-sums are reduced by a small deterministic sum. No atomics: results are bit-reproducible. A variant
-that leaves the zero-fill to one torch fill stays selectable for timing
-(`launch_backward(..., variant=...)`).
+Backward (`_retrieval_bwd_kernel`), one single-warp program per (token, head): zero the program's
+whole block of grad_row / grad_col (16-byte stores when the [n, r] block is one contiguous range,
+element by element otherwise), then (after a CTA barrier) write the gradient of each kept
+row/column once, duplicates summed in registers; per-program partial grad_cores sums are reduced
+by a small deterministic sum. No atomics: results are bit-reproducible.
 """
 
 from __future__ import annotations
@@ -66,25 +63,26 @@ MAX_RANK = 8
 GRID_TILE = 4096  # 16 per thread at 8 warps
 # Value-halving steps of a threshold search before it switches to integer-key halving.
 VALUE_STEPS = 16
-# Selection of a grid walked in row tiles (launch_forward(tiled_select=...)): "candidates" (one
-# pass over the tiles keeps the entries above a running floor, then an exact selection among them
-# in registers; _grid_select_candidates) or "bisect" (bisection with every tile recomputed on each
-# pass; _grid_select_tiled, also the candidates' fallback).
-TILED_SELECTS = ("candidates", "bisect")
-# Candidate slots per row tile, in units of BLOCK_K, up to BLOCK_K = 128 and above it: a tile's
-# floor is raised once more than this many of its entries lie at or above it. Fewer slots mean a
-# longer search in the tiles that raise the floor, more slots a larger final selection (H200,
-# T = 12,288, n = 1138, bf16: k = 128 1.97 ms with 1 against 2.41 with 2; k = 256 5.38 ms with 2
-# against 9.82 with 1).
+# Candidate slots per row tile of a tiled grid (_grid_select_candidates), in units of BLOCK_K, up
+# to BLOCK_K = 128 and above it: a tile's floor is raised once more than this many of its entries
+# lie at or above it. Fewer slots mean a longer search in the tiles that raise the floor, more
+# slots a larger final selection (perf/history/tdqkr_retrieval.md).
 CAND_TILE_FACTOR = (1, 2)
-# Register cap of the candidate selection at the default 8 warps: ptxas takes ~210 registers per
-# thread without one (one 256-thread program per SM); 128 lets two programs share an SM, for a
-# handful of spilled values (sm_90 compile).
+# Forward warps for k > 32 (one key per thread in each register row).
+FWD_NUM_WARPS = 8
+# Register cap of the candidate selection at FWD_NUM_WARPS: without one, ptxas takes enough
+# registers per thread that one program fills an SM; this lets two share it, for a handful of
+# spilled values.
 FWD_MAXNREG_TILED = 128
-# Forward launch for k <= 32 (8 warps above): 2 warps with at most 64 registers per thread issue
-# 25% fewer instructions per program than 4 warps and keep as many warps per SM (perf/history/tdqkr_retrieval.md).
+# Forward launch for k <= 32: 2 warps with at most 64 registers per thread issue fewer
+# instructions per program than 4 warps and keep as many warps per SM
+# (perf/history/tdqkr_retrieval.md).
 FWD_NUM_WARPS_SMALL_K = 2
 FWD_MAXNREG_SMALL_K = 64
+# Backward warps, for any k: one lane per entry for k <= 32 (no replicated [k] vectors), and
+# chunks of 32 entries with no more threads than elements, so that Triton converts the chunk's
+# values to the broadcast layout instead of reloading them there on every lane.
+BWD_NUM_WARPS = 1
 
 _warned: set[str] = set()
 
@@ -1067,11 +1065,10 @@ def _retrieval_fwd_kernel(
     CAND_G: tl.constexpr,
     ONE_HEAD: tl.constexpr,
     VALUE_STEPS: tl.constexpr,
-    PHASES: tl.constexpr,
 ):
     # KEY_STRIDE_A/B > 0: the key stride of that side as a constant (rows are contiguous);
-    # ONE_HEAD: heads == 1 (no 64-bit division of the program id); CAND > 0: a tiled grid is
-    # selected through CAND candidate slots per program (else by bisection over the whole grid)
+    # ONE_HEAD: heads == 1 (no 64-bit division of the program id); a tiled grid (TILE_I < BLOCK_K)
+    # is selected through CAND candidate slots per program
     pid = tl.program_id(0).to(tl.int64)
     if ONE_HEAD:
         t = pid
@@ -1134,8 +1131,6 @@ def _retrieval_fwd_kernel(
         VALUE_STEPS,
     )
     tl.debug_barrier()
-    if PHASES < 2:
-        return
     if TILE_I == BLOCK_K:
         n_grid_nan = _grid_select(
             a_base,
@@ -1162,7 +1157,7 @@ def _retrieval_fwd_kernel(
             GS_K,
             VALUE_STEPS,
         )
-    elif CAND > 0:  # grid too large for registers: row tiles, candidates above a floor
+    else:  # grid too large for registers: row tiles, candidates above a floor
         n_grid_nan = _grid_select_candidates(
             a_base,
             ka_n,
@@ -1193,34 +1188,8 @@ def _retrieval_fwd_kernel(
             CAND_G,
             VALUE_STEPS,
         )
-    else:  # row tiles, bisection over the whole grid
-        n_grid_nan = _grid_select_tiled(
-            a_base,
-            ka_n,
-            sa_r,
-            b_base,
-            kb_n,
-            sb_r,
-            c_base,
-            sc_m,
-            sc_r,
-            sc_s,
-            keys_ws,
-            pairs_ws,
-            vals_ws,
-            knn,
-            n_row,
-            n_col,
-            R,
-            M,
-            BLOCK_K,
-            TILE_I,
-            VALUE_STEPS,
-        )
     n_nan += n_grid_nan
     tl.debug_barrier()
-    if PHASES < 3:
-        return
     _sort_and_write(
         a_base,
         ka_n,
@@ -1248,14 +1217,11 @@ def _retrieval_fwd_kernel(
     )
 
 
-# ------------------------------------------------------------------------------------ backward v2
-# The default backward (launch_backward(..., variant="v2")). The previous kernel (v1, removed
-# after it was timed: 113 µs against v2's 65 µs at the PERF shape) spent its time issuing
-# instructions, not moving bytes: every [k] vector was replicated over 4 warps, ids were split
-# by 64-bit division, duplicate sums reduced across lanes (shuffles), and the zero-fill stored
-# 4 bytes per thread. v2: one warp per 32 entries, 32-bit id split, the [chunk, k] duplicate
-# matrix reduced along the axis each lane holds whole, and the zero-fill as 16-byte stores over
-# the program's [n·r] slab when it is one contiguous range (row stride r, rank stride 1).
+# ------------------------------------------------------------------------------------ backward
+# Instruction issue, not bytes, bounds this kernel: one warp per 32 entries, a 32-bit id split,
+# the [chunk, k] duplicate matrix reduced along the axis each lane holds whole, and the zero-fill
+# as 16-byte stores over the program's [n·r] slab when it is one contiguous range (row stride r,
+# rank stride 1). Design and measurements: perf/history/tdqkr_retrieval.md.
 
 
 @triton.jit
@@ -1355,7 +1321,7 @@ def _zero_rows(ptr, off, s_n, s_r, n, R: tl.constexpr, FLAT: tl.constexpr, ZBLOC
 
 
 @triton.jit(do_not_specialize=["tokens", "heads", "n_row", "n_col", "knn"])
-def _retrieval_bwd_v2_kernel(
+def _retrieval_bwd_kernel(
     g_ptr,
     sg_t,
     sg_h,
@@ -1401,15 +1367,14 @@ def _retrieval_bwd_v2_kernel(
     MRRP: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr,
-    ZERO_FILL: tl.constexpr,
     FLAT_A: tl.constexpr,
     FLAT_B: tl.constexpr,
     ZBLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    # One program per (token, head). ZERO_FILL: zero this program's rows of grad_row / grad_col
-    # here (else the launcher zeroed the whole tensors), then after one CTA barrier write each
-    # kept row once, duplicates summed in registers; no atomics, bit-reproducible.
+    # One program per (token, head): zero this program's rows of grad_row / grad_col, then after
+    # one CTA barrier write each kept row once, duplicates summed in registers; no atomics,
+    # bit-reproducible.
     pid = tl.program_id(0).to(tl.int64)
     t = pid // heads
     h = pid % heads
@@ -1423,9 +1388,9 @@ def _retrieval_bwd_v2_kernel(
 
     e = tl.arange(0, BLOCK_K)
     i_e, j_e, ok_e = _bwd_split_ids(id_base, si_k, e, knn, n_row, n_col)
-    if ZERO_FILL:  # stores issue while the ids above are in flight
-        _zero_rows(ga_ptr, ga_off, sga_n, sga_r, n_row, R, FLAT_A, ZBLOCK, VEC)
-        _zero_rows(gb_ptr, gb_off, sgb_n, sgb_r, n_col, R, FLAT_B, ZBLOCK, VEC)
+    # (the stores issue while the ids above are in flight)
+    _zero_rows(ga_ptr, ga_off, sga_n, sga_r, n_row, R, FLAT_A, ZBLOCK, VEC)
+    _zero_rows(gb_ptr, gb_off, sgb_n, sgb_r, n_col, R, FLAT_B, ZBLOCK, VEC)
 
     # grad_cores partials Σ_e g[e,m] A[i_e,p] B[j_e,q], packed in one vector (slot (m·R + p)·R + q)
     slot = tl.arange(0, MRRP)
@@ -1438,8 +1403,7 @@ def _retrieval_bwd_v2_kernel(
                 b_q = tl.load(b_base + j_e * sb_n + q * sb_r, mask=ok_e, other=0.0).to(tl.float32)
                 gc += tl.where(slot == (m * R + p) * R + q, tl.sum(ga_p * b_q), 0.0)
 
-    if ZERO_FILL:
-        tl.debug_barrier()  # the zero stores above must land before the kept rows below
+    tl.debug_barrier()  # the zero stores above must land before the kept rows below
 
     # grad_row[i, p] = Σ_{f: i_f = i} d/dA[i_f, p] (likewise grad_col), as a [CHUNK, BLOCK_K] match
     # matrix per chunk of entries f summed over f: each lane holds its entry's whole column, so
@@ -1482,7 +1446,7 @@ def _retrieval_bwd_v2_kernel(
         tl.store(ga_ptr + ga_off + i_e * sga_n + p * sga_r, acc_a.to(ga_ptr.dtype.element_ty), mask=ok_e)
         tl.store(gb_ptr + gb_off + j_e * sgb_n + p * sgb_r, acc_b.to(gb_ptr.dtype.element_ty), mask=ok_e)
     # partials laid out [heads, M·R·R, tokens]: the launcher's sum over tokens is then a contiguous
-    # row reduction (summing a [tokens, 8] block over its first axis took 24 µs in the layer)
+    # row reduction (a sum over the first axis of a [tokens, 8] block has almost no parallelism)
     tl.store(gc_part_ptr + (h * (M * R * R) + slot) * tokens + t, gc, mask=slot < M * R * R)
 
 
@@ -1554,39 +1518,21 @@ def _contiguous_key_stride(x: Tensor) -> int:
     return r if x.stride(2) == r and (r == 1 or x.stride(3) == 1) else 0
 
 
-def _candidate_slots(knn: int, block_k: int, tile_i: int, cand_tile: int | None) -> tuple[int, int]:
+def _candidate_slots(knn: int, block_k: int, tile_i: int) -> tuple[int, int]:
     """(slots per row tile, slots per program) of the candidate selection of a tiled grid."""
-    per_tile = cand_tile or CAND_TILE_FACTOR[block_k > 128] * block_k
+    per_tile = CAND_TILE_FACTOR[block_k > 128] * block_k
     check(
         per_tile >= knn and per_tile & (per_tile - 1) == 0,
         _OP,
-        f"cand_tile={per_tile} must be a power of 2 and at least knn={knn}",
+        f"{per_tile} candidate slots per tile (CAND_TILE_FACTOR) must be a power of 2 and at least knn={knn}",
     )
     return per_tile, triton.next_power_of_2(-(-knn // tile_i) * per_tile)
 
 
 def launch_forward(
-    row_scores: Tensor,
-    col_scores: Tensor,
-    cores: Tensor,
-    u: Tensor,
-    v: Tensor,
-    knn: int,
-    grid_tile: int = GRID_TILE,
-    num_warps: int | None = None,
-    phases: int = 3,
-    tiled_select: str = "candidates",
-    cand_tile: int | None = None,
-    maxnreg: int | None = None,
+    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int
 ) -> tuple[Tensor, Tensor]:
-    """The forward launch on checked arguments. Exposed for tests and timing: `grid_tile` (grid
-    entries held at once, a power of 2), `num_warps` (default FWD_NUM_WARPS_SMALL_K with at most
-    FWD_MAXNREG_SMALL_K registers per thread for k <= 32, 8 above; a number given here launches
-    without a register cap), `phases` (< 3: stop early, outputs unwritten), and for grids larger
-    than grid_tile `tiled_select` (one of TILED_SELECTS) and `cand_tile` (candidate slots per row
-    tile, a power of 2 >= knn; default from CAND_TILE_FACTOR); `maxnreg`: a register cap per
-    thread (replaces the default one)."""
-    check(tiled_select in TILED_SELECTS, _OP, f"tiled_select {tiled_select!r} must be one of {TILED_SELECTS}")
+    """The forward launch on checked arguments (launch shapes from the module constants)."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -1596,20 +1542,18 @@ def launch_forward(
     if t * h == 0:
         return ids, scores
     block_k = _block_k(knn)
-    tile_i = max(1, min(block_k, grid_tile // block_k))
+    tile_i = max(1, min(block_k, GRID_TILE // block_k))
     cand_tile_slots, cand = 0, 0
-    if tile_i < block_k and tiled_select == "candidates":
-        cand_tile_slots, cand = _candidate_slots(knn, block_k, tile_i, cand_tile)
+    if tile_i < block_k:
+        cand_tile_slots, cand = _candidate_slots(knn, block_k, tile_i)
     small_k = block_k <= 32
-    warps = num_warps or (FWD_NUM_WARPS_SMALL_K if small_k else 8)
-    # The register cap was measured at rank 2 with 2 cores; larger ranks and core counts keep
+    warps = FWD_NUM_WARPS_SMALL_K if small_k else FWD_NUM_WARPS
+    # The register caps were measured at rank 2 with 2 cores; larger ranks and core counts keep
     # more per-key values live, so they get ptxas's own choice rather than risk a spill.
-    capped = small_k and not num_warps and r * m <= 4
-    limits = dict(maxnreg=FWD_MAXNREG_SMALL_K) if capped else {}
-    if cand and not num_warps and r * m <= 4:
-        limits = dict(maxnreg=FWD_MAXNREG_TILED)
-    if maxnreg:
-        limits = dict(maxnreg=maxnreg)
+    cap = None
+    if r * m <= 4:
+        cap = FWD_MAXNREG_TILED if cand else FWD_MAXNREG_SMALL_K if small_k else None
+    limits = dict(maxnreg=cap) if cap else {}
     g = 32 * warps  # keys per register row: one per thread
     keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
     pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
@@ -1669,7 +1613,6 @@ def launch_forward(
             CAND_G=min(g, max(cand, 1)),
             ONE_HEAD=h == 1,
             VALUE_STEPS=VALUE_STEPS,
-            PHASES=phases,
             num_warps=warps,
             **limits,
         )
@@ -1715,25 +1658,10 @@ def tdqkr_retrieval_backward_cuda(
     return padded[0], padded[1], grad_cores
 
 
-# Backward variants (launch_backward(..., variant=...)); the public op uses "v2".
-#   "v2": the v2 kernel zeroes its own rows of the gradients (fused, one pass over 112 MB at the
-#         PERF shape), then writes the kept rows;
-#   "v2-memset": the launcher zeroes the whole gradients (one fill kernel), the v2 kernel only
-#         writes the kept rows (two passes, but each simple);
-BWD_VARIANTS = ("v2", "v2-memset")
-
-
 def _flat_slabs(x: Tensor) -> bool:
     """Whether every [token, head] block [n, r] of x is one contiguous range of n·r elements."""
     n, r = x.shape[2], x.shape[3]
     return (r == 1 or x.stride(3) == 1) and (n == 1 or x.stride(2) == r)
-
-
-def _bwd_num_warps(block_k: int) -> int:
-    # One warp for any k: one lane per entry for k <= 32 (no replicated [k] vectors), and chunks
-    # of 32 entries with no more threads than elements, so that Triton converts the chunk's
-    # values to the broadcast layout instead of reloading them there on every lane.
-    return 1
 
 
 def _bwd_outputs(row_scores: Tensor, col_scores: Tensor, out: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
@@ -1757,15 +1685,11 @@ def launch_backward(
     col_scores: Tensor,
     cores: Tensor,
     ids: Tensor,
-    variant: str = "v2",
-    num_warps: int | None = None,
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward launch on checked arguments (ids outside [0, n_row·n_col) are skipped).
-    Exposed for tests and timing: `variant` (one of BWD_VARIANTS), `num_warps`, and `out`:
-    (grad_row, grad_col) to write in full instead of fresh tensors, any strides (e.g. views into
-    a larger buffer; a view's own elements must not overlap)."""
-    check(variant in BWD_VARIANTS, _OP, f"backward variant {variant!r} must be one of {BWD_VARIANTS}")
+    `out`: (grad_row, grad_col) to write in full instead of fresh tensors, any strides (e.g.
+    views into a larger buffer; a view's own elements must not overlap)."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     m = cores.shape[1]
@@ -1776,14 +1700,9 @@ def launch_backward(
         return grad_row.zero_(), grad_col.zero_(), torch.zeros_like(cores)
     partial = torch.empty((h, m, r, r, t), dtype=torch.float32, device=dev)
     block_k = _block_k(knn)
-    zero_fill = variant == "v2"
-    if not zero_fill:
-        grad_row.zero_()
-        grad_col.zero_()
-    warps = num_warps or _bwd_num_warps(block_k)
     vec = max(1, 16 // grad_row.element_size())  # elements per 16-byte store
     with _device_ctx(row_scores):
-        _retrieval_bwd_v2_kernel[(t * h,)](
+        _retrieval_bwd_kernel[(t * h,)](
             grad_scores,
             *grad_scores.stride(),
             row_scores,
@@ -1809,11 +1728,10 @@ def launch_backward(
             MRRP=triton.next_power_of_2(m * r * r),
             BLOCK_K=block_k,
             CHUNK=min(block_k, 32),
-            ZERO_FILL=zero_fill,
             FLAT_A=_flat_slabs(grad_row),
             FLAT_B=_flat_slabs(grad_col),
-            ZBLOCK=4 * vec * 32 * warps,
+            ZBLOCK=4 * vec * 32 * BWD_NUM_WARPS,
             VEC=vec,
-            num_warps=warps,
+            num_warps=BWD_NUM_WARPS,
         )
     return grad_row, grad_col, partial.sum(-1).to(cores.dtype)
