@@ -187,8 +187,8 @@ DOTS_CONFIGS = [
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 256, "num_warps": 4},
 ]
 SEGMENT_CONFIGS = [
-    {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": False},
-    {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1, "fuse_dots": True},
+    {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1},
+    {"BLOCK_J": 2, "BLOCK_D": 256, "num_warps": 1},
 ]
 FUSED_BWD_CONFIGS = [
     tgl.BWD_CONFIG,  # 2 warps
@@ -199,8 +199,7 @@ FUSED_BWD_CONFIGS = [
 ]
 FUSED_CONFIGS = [
     tgl.CONFIG,  # the column-chunk kernel: one warp per token, all entries, 64-column chunks
-    {**tgl.CHUNKS_CONFIG, "maxnreg": 136},
-    {**tgl.CHUNKS_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32, "maxnreg": 128},
+    {**tgl.CHUNKS_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32},
     tgl.ENTRY_BLOCK_CONFIG,  # the entry-block kernel (the default before)
     {**tgl.ENTRY_BLOCK_CONFIG, "EVICT_FIRST": False},
 ]
@@ -395,7 +394,7 @@ def run(ctx) -> list[dict]:
                 None,
             )
         for cfg in SEGMENT_CONFIGS:
-            seg = {"segment": cfg, "fuse_dots": cfg.get("fuse_dots", twl.FUSE_SEGMENT_DOTS)}
+            seg = {"segment": cfg}
             inp = fresh()
             args = (inp.grad_out, inp.rows, inp.values, inp.scores)
             ref_table, ref_scores = lookup_bwd_ref(*args)

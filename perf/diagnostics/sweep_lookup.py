@@ -33,9 +33,7 @@ def parse_cfg(text: str) -> dict:
         "F": "D_FASTEST",
         "H": "HOIST_V",
         "V": "EVICT_FIRST",
-        "U": "fuse_dots",
         "C": "D_CHUNKS",
-        "R": "maxnreg",
     }
     return {keys[part[0]]: int(part[1:]) for part in text.split(",")}
 
@@ -80,7 +78,7 @@ def launcher(kind: str, cfg: dict, inp):
                     accumulate=True,
                     deterministic=kind == "seg",
                     order=order,
-                    configs={"bwd": cfg, "segment": cfg, "fuse_dots": bool(cfg.get("fuse_dots", 1))},
+                    configs={"bwd": cfg, "segment": cfg},
                 )
 
         fn()
@@ -125,20 +123,16 @@ SWEEP = {
         "C0,T1,E8,D64,P256,w1,H1,V1,F1",
         "C0,T1,E16,D128,P256,w1,H1,V1,F1",
         "C0,T1,E8,D128,P128,w1,H1,V1,F1",
-        # fused v2 (C1): one warp per token with all entries, columns in chunks of D (V) and P (P);
-        # R = maxnreg (R0: ptxas's choice), H = V chunks issued before the gate
-        "C1,D64,P64,w1,H0,V1,R136",
-        "C1,D64,P64,w1,H0,V1,R144",
-        "C1,D64,P64,w1,H0,V1,R152",
-        "C1,D64,P64,w1,H0,V1,R128",
-        "C1,D64,P64,w1,H0,V1,R0",
-        "C1,D64,P64,w1,H1,V1,R0",
-        "C1,D64,P64,w1,H0,V0,R136",
-        "C1,D32,P32,w1,H0,V1,R128",
-        "C1,D64,P64,w2,H0,V1,R0",
+        # column-chunk kernel (C1): one warp per token with all entries, columns in chunks of D (V)
+        # and P (P); H = V chunks issued before the gate
+        "C1,D64,P64,w1,H0,V1",
+        "C1,D64,P64,w1,H1,V1",
+        "C1,D64,P64,w1,H0,V0",
+        "C1,D32,P32,w1,H0,V1",
+        "C1,D64,P64,w2,H0,V1",
     ],
     "bwd": ["T1,E8,D256,w4", "T1,E4,D256,w4", "T1,E8,D256,w2", "T1,E16,D256,w4"],
-    "seg": ["J2,D256,w1", "J2,D256,w1,U0", "J4,D256,w1,U0", "J1,D256,w1", "J8,D256,w2,U0", "J16,D256,w4,U0"],
+    "seg": ["J2,D256,w1", "J4,D256,w1", "J1,D256,w1", "J8,D256,w2", "J16,D256,w4"],
 }
 
 

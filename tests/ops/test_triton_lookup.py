@@ -53,7 +53,6 @@ CHUNKS = {
     "D_CHUNKS": True,
     "HOIST_V": 0,
     "EVICT_FIRST": True,
-    "maxnreg": 136,
 }
 
 
@@ -137,7 +136,7 @@ def test_lookup_forward(case):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["atomic", "sorted", "sorted-fused-dots"])
+@pytest.mark.parametrize("mode", ["atomic", "sorted"])
 @pytest.mark.parametrize("case", LOOKUP_CASES)
 def test_lookup_backward(case, mode):
     t, e, n, d, m, dtype, idx, blocks = case
@@ -147,12 +146,7 @@ def test_lookup_backward(case, mode):
     grad_out = _rand((t, d), g, dtype)
     ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    configs = {
-        "bwd": blocks,
-        "dots": blocks,
-        "segment": SMALL_SEGMENT if blocks else None,
-        "fuse_dots": mode == "sorted-fused-dots",
-    }
+    configs = {"bwd": blocks, "dots": blocks, "segment": SMALL_SEGMENT if blocks else None}
     grad_table = torch.zeros(n, d, dtype=acc)
     grad_scores = twl.lookup_table_grad(
         grad_out, rows, table, scores, grad_table, accumulate=False, deterministic=deterministic, configs=configs
@@ -190,9 +184,8 @@ def test_lookup_backward_launchers(deterministic, monkeypatch):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("fuse_dots", [False, True])
 @pytest.mark.parametrize("piece", [3, None])
-def test_sorted_backward_hot_rows(fuse_dots, piece):
+def test_sorted_backward_hot_rows(piece):
     """Most entries on two rows (runs longer than a piece, the default 64 too): the pieces are
     summed in parallel and added in order; same result as the loops. (Bit-reproducibility needs
     a GPU to be tested: the interpreter runs programs one after another.)"""
@@ -213,32 +206,9 @@ def test_sorted_backward_hot_rows(fuse_dots, piece):
         buf,
         accumulate=True,
         deterministic=True,
-        configs={"segment": seg, "fuse_dots": fuse_dots},
+        configs={"segment": seg},
     )
     assert _rel(buf, ref_table + 1) < 1e-5 and _rel(grad_scores, ref_scores) < 1e-5
-
-
-@needs_interpreter
-def test_deterministic_split_columns_path(monkeypatch):
-    """Rows wider than the fused segment kernel takes: dots in token order, columns split."""
-    monkeypatch.setattr(twl, "_FUSED_SEGMENT_MAX_D", 8)
-    g = _gen(9)
-    t, e, n, d, m = 4, 5, 7, 24, 3
-    rows, table = _rows(t, e, n, g, torch.int32), _rand((n, d), g, torch.float32)
-    scores, grad_out = _rand((t, e, m), g, torch.float32), _rand((t, d), g, torch.float32)
-    ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
-    grad_table = torch.zeros(n, d)
-    grad_scores = twl.lookup_table_grad(
-        grad_out,
-        rows,
-        table,
-        scores,
-        grad_table,
-        accumulate=False,
-        deterministic=True,
-        configs={"dots": SMALL_BLOCKS, "segment": SMALL_SEGMENT},
-    )
-    assert _rel(grad_table, ref_table) < 1e-5 and _rel(grad_scores, ref_scores) < 1e-5
 
 
 @needs_interpreter

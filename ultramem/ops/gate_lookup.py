@@ -443,6 +443,8 @@ if _triton_gate_lookup is not None:
             gelu,
             registered_grad_buffer(_BWD, values_grad_buffer, values),
             registered_grad_buffer(_BWD, pre_values_grad_buffer, pre_values),
-            deterministic=_triton_gate_lookup.SORTED_BACKWARD or deterministic_enabled(),
+            # atomics outside deterministic mode: the sorted one-writer-per-row passes slow down
+            # when training concentrates the picks on hot rows (perf/history/gate_lookup.md)
+            deterministic=deterministic_enabled(),
             staging=staging,
         )

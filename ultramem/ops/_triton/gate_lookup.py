@@ -54,7 +54,6 @@ CHUNKS_CONFIG = {
     "D_CHUNKS": True,
     "HOIST_V": 0,
     "EVICT_FIRST": True,
-    "maxnreg": None,
 }
 # The default: the column-chunk kernel (83.6-84.5 µs vs 93.0 on an H200, perf/history/gate_lookup.md, "fused v2"),
 # except where the shape sweep (perf/results/log.jsonl, bench gate_lookup_fwd_sweep) found the entry-block
@@ -790,13 +789,6 @@ def _chunk_plan(e: int, values: Tensor, pre_values: Tensor, cfg: dict) -> dict:
     )
 
 
-def _launch_options(cfg: dict) -> dict:
-    launch = {"num_warps": int(cfg.get("num_warps", 1))}
-    if cfg.get("maxnreg"):
-        launch["maxnreg"] = int(cfg["maxnreg"])
-    return launch
-
-
 def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cfg) -> None:
     """`_gate_lookup_fwd_chunks_kernel`: one program per token (blocks from `_chunk_plan`)."""
     t, e = rows.shape
@@ -815,8 +807,8 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
         HOIST_V=min(int(cfg.get("HOIST_V", 0)), plan["GROUP_V"]),
         EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)),
         ACC=_tl_acc(acc),
+        num_warps=int(cfg.get("num_warps", 1)),
         **plan,
-        **_launch_options(cfg),
     )
 
 
@@ -824,19 +816,11 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
 # atomics 2 warps 532 µs, 1 warp 563, 4 warps 533; sorted (kernel without atomics, one shared
 # sort, two one-writer-per-row segment passes) 504 µs at 2 warps; the composed path (lookup
 # accumulate, glue, gate accumulate) 598. In the compiled layer: 1.255 ms sorted, 1.263 atomics.
-BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True, "maxnreg": None}
+BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True}
 # The fused backward holds all of a token's entries in one program (like the forward's chunk
 # kernel); above this many entries the op uses the separate lookup and gate backwards instead
 # (measured up to 128 entries in the sweep; the fused kernel only at 32).
 BWD_MAX_ENTRIES = 128
-# The op's CUDA backward uses atomics unless deterministic mode is on. Sorted was faster on
-# uniformly random rows (504 vs 532 µs) but a `_segment_scatter_kernel` lane walks a row's whole
-# run of entries alone: when training concentrates the picks on a few hot rows, runs get long and
-# the 227M training throughput fell from 140k to 46k tokens/s (perf/history/gate_lookup.md). Atomics do not
-# have that serial tail. The segment kernel now cuts runs into pieces (SEGMENT_PIECE in
-# weighted_lookup.py), not yet timed on a GPU: re-measure (perf/benches/hot_rows.py and the 227M
-# throughput) before making sorted the default again.
-SORTED_BACKWARD = False
 # Programs of `_overflow_add_kernel` (each loops over tokens; they stop at once when the staging
 # area had room, the usual case: one program per token cost 33 µs there at the 227M shapes).
 OVERFLOW_PROGRAMS = 1024
@@ -1078,8 +1062,8 @@ def _launch_backward(
         HAS_GATE=has_gate,
         EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)),
         ACC=_tl_acc(acc),
+        num_warps=int(cfg.get("num_warps", 1)),
         **plan,
-        **_launch_options(cfg),
     )
     if staging is not None:
         bd = 64

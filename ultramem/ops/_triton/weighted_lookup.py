@@ -9,7 +9,7 @@ Three kernels cover both ops (a gate is a lookup with one core whose "grad_out" 
   (lookup grad_scores; the gate forward) and/or grad_table[row, d] += w[t, e, core(d)] · g[t, d]
   with fp32 atomics (lookup and gate table gradients).
 - `_segment_scatter_kernel`: the same table gradient with one writer per row, over entries sorted
-  by row (deterministic mode); optionally fused with the dots, reading each row once. A row's
+  by row (deterministic mode; the dots then come from `_gather_dot_scatter_kernel`). A row's
   run of entries is cut into pieces of at most SEGMENT_PIECE, summed in parallel and added in
   order, so a hot row picked by many tokens does not leave one lane walking its whole run.
 
@@ -239,24 +239,17 @@ def _walk_piece(
     s_st,
     s_se,
     s_sm,
-    dots_ptr,
-    dt_st,
-    dt_se,
-    dt_sm,
-    vals,
     acc,
     d,
     d_ok,
     chunk,
     E,
     M: tl.constexpr,
-    FUSE_DOTS: tl.constexpr,
     PIECE: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """acc + Σ scores · g[token] over the entries of `row` from sorted position `start` (lanes where
-    start >= 0) up to the row's end or the next multiple of PIECE, in order; with FUSE_DOTS also
-    each entry's dots with `vals` (the row's table values)."""
+    start >= 0) up to the row's end or the next multiple of PIECE, in order."""
     active = start >= 0
     pos = tl.maximum(start, 0)
     while tl.max(active.to(tl.int32), axis=0) > 0:
@@ -268,13 +261,6 @@ def _walk_piece(
         ).to(ACC)
         w = _core_weights(s_ptr + tok * s_st + en * s_se, s_sm, active, chunk, M, ACC)
         acc += w * gv
-        if FUSE_DOTS:
-            prod = vals * gv
-            for mm in tl.static_range(M):
-                part = tl.sum(tl.where(chunk == mm, prod, 0.0), axis=1)
-                tl.store(
-                    dots_ptr + tok * dt_st + en * dt_se + mm * dt_sm, part.to(dots_ptr.dtype.element_ty), mask=active
-                )
         pos += 1
         more = active & (pos < L) & (pos % PIECE != 0)
         nxt = tl.load(sorted_ptr + pos, mask=more, other=-1).to(tl.int64)
@@ -297,13 +283,6 @@ def _segment_scatter_kernel(
     gt_ptr,
     gt_sn,
     gt_sd,
-    table_ptr,
-    tb_sn,
-    tb_sd,
-    dots_ptr,
-    dt_st,
-    dt_se,
-    dt_sm,
     part_ptr,
     pa_sp,
     pa_sd,
@@ -313,7 +292,6 @@ def _segment_scatter_kernel(
     DM,
     M: tl.constexpr,
     ACCUMULATE: tl.constexpr,
-    FUSE_DOTS: tl.constexpr,
     PIECES_PASS: tl.constexpr,
     PIECE: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -351,11 +329,7 @@ def _segment_scatter_kernel(
         cut = (j // PIECE + 1) * PIECE
         at_cut = tl.load(sorted_ptr + cut, mask=starts & (cut < L), other=-1).to(tl.int64)
     row_mask = starts[:, None] & d_ok[None, :]
-    # Both row reads depend only on the row id: issue them before walking the run.
-    if FUSE_DOTS:
-        vals = tl.load(table_ptr + row[:, None] * tb_sn + d[None, :] * tb_sd, mask=row_mask, other=0.0).to(ACC)
-    else:
-        vals = 0.0
+    # The row read depends only on the row id: issue it before walking the run.
     out_ptrs = gt_ptr + row[:, None] * gt_sn + d[None, :] * gt_sd
     if ACCUMULATE and not PIECES_PASS:
         acc = tl.load(out_ptrs, mask=row_mask, other=0.0).to(ACC)
@@ -374,18 +348,12 @@ def _segment_scatter_kernel(
         s_st,
         s_se,
         s_sm,
-        dots_ptr,
-        dt_st,
-        dt_se,
-        dt_sm,
-        vals,
         acc,
         d,
         d_ok,
         chunk,
         E,
         M,
-        FUSE_DOTS,
         PIECE,
         ACC,
     )
@@ -635,25 +603,18 @@ def segment_scatter(
     acc: torch.dtype,
     *,
     accumulate: bool,
-    table: Tensor | None = None,
-    dots: Tensor | None = None,
     order: tuple[Tensor, Tensor] | None = None,
     config: dict | None = None,
 ) -> None:
     """grad_table[row] (+)= Σ over the row's entries of scores · g[token], one writer per row, in
-    a fixed order. With `table` and `dots` also dots[t, e, m] (needs all of D in one block)."""
+    a fixed order."""
     cfg = {**SEGMENT_CONFIG, **(config or {})}
     t, e = rows.shape
     n, d = grad_table.shape
     if t == 0 or e == 0 or d == 0:
         return
     (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
-    fuse = dots is not None
     bd = _block_d(cfg["BLOCK_D"], d)
-    if fuse:
-        bd = triton.next_power_of_2(d)
-    tab = table if fuse else g
-    dts, dt_strides, _ = _scores3(dots) if fuse else (g, (0, 0, 0), m)
     bj, piece = cfg["BLOCK_J"], int(cfg.get("PIECE", SEGMENT_PIECE))
     n_pieces = triton.cdiv(t * e, piece)
     # part[p]: the sum over piece p when it continues a run (written by the pieces pass only there)
@@ -663,7 +624,6 @@ def segment_scatter(
     common = dict(
         M=m,
         ACCUMULATE=accumulate,
-        FUSE_DOTS=fuse,
         PIECE=piece,
         BLOCK_J=bj,
         BLOCK_D=bd,
@@ -682,11 +642,6 @@ def segment_scatter(
         grad_table,
         grad_table.stride(0),
         grad_table.stride(1),
-        tab,
-        tab.stride(0),
-        tab.stride(1),
-        dts,
-        *dt_strides,
         part,
         part.stride(0),
         part.stride(1),
@@ -770,14 +725,6 @@ def sorted_block_add(
     )
 
 
-# The fused segment kernel keeps a whole row in registers; above this width it splits columns
-# and computes the dots in the token-order kernel instead.
-_FUSED_SEGMENT_MAX_D = 512
-# Deterministic mode: compute grad_scores inside the segment kernel (each row read once) or in
-# the token-order kernel beside it (lighter segment kernel).
-FUSE_SEGMENT_DOTS = False  # measured: 212 µs unfused against 255 µs fused (presorted)
-
-
 def lookup_table_grad(
     grad_out: Tensor,
     rows: Tensor,
@@ -814,22 +761,8 @@ def lookup_table_grad(
             config=configs.get("bwd"),
         )
         return grad_scores
-    if table.shape[1] <= _FUSED_SEGMENT_MAX_D and configs.get("fuse_dots", FUSE_SEGMENT_DOTS):
-        # Entries of an out-of-range row are never visited: keep their dots defined.
-        grad_scores = torch.zeros_like(scores, memory_format=torch.contiguous_format)
-        segment_scatter(
-            rows,
-            grad_out,
-            scores,
-            grad_table,
-            acc,
-            accumulate=accumulate,
-            table=table,
-            dots=grad_scores,
-            order=order,
-            config=configs.get("segment"),
-        )
-        return grad_scores
+    # Deterministic: the dots in token order beside the one-writer-per-row scatter (a lighter
+    # segment kernel than one that also computes them; perf/history/weighted_lookup.md).
     grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
     gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, config=configs.get("dots"))
     segment_scatter(
