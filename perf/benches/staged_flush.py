@@ -29,7 +29,7 @@ def _layer_rows(sh: dict, layer: int, gen: torch.Generator, dev) -> torch.Tensor
 
 def run(ctx) -> list[dict]:
     from ultramem.ops._triton import gate_lookup as tgl
-    from ultramem.ops._triton import weighted_lookup as twl
+    from ultramem.ops._triton import staged_grad as tsg
     from ultramem.ops.staged_grad import GradStaging
 
     from .lookup import _shapes
@@ -61,14 +61,14 @@ def run(ctx) -> list[dict]:
 
     def staged_call():
         one.fill.zero_()
-        tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p, staging=one)
+        tsg.staged_gate_lookup_backward_cuda(*args, buf_v, buf_p, one)
 
     us_stage = ctx.do_bench(staged_call)
     out.append(ctx.row("staged_flush", shape, "fused bwd, staged (per layer, with a fill reset)", us_stage, None))
     us = ctx.do_bench(lambda: one.fill.zero_())
     out.append(ctx.row("staged_flush", shape, "(the fill reset alone)", us, None))
     one.fill.fill_(1)
-    us_full = ctx.do_bench(lambda: tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p, staging=one))
+    us_full = ctx.do_bench(lambda: tsg.staged_gate_lookup_backward_cuda(*args, buf_v, buf_p, one))
     out.append(ctx.row("staged_flush", shape, "fused bwd, staging full: atomics", us_full, None))
 
     # Check: one staged layer + its flush against the atomics (fp32 buffers).
@@ -77,7 +77,7 @@ def run(ctx) -> list[dict]:
     ref_v, ref_p = buf_v.double(), buf_p.double()
     buf_v.zero_(), buf_p.zero_()
     one.fill.zero_()
-    tgl.gate_lookup_backward_cuda(*args, buf_v, buf_p, staging=one)
+    tsg.staged_gate_lookup_backward_cuda(*args, buf_v, buf_p, one)
     one.flush(buf_v, buf_p, kernels=kernels)
     ctx.check("staged + flush V vs atomics", buf_v, ref_v, tol=1e-5)
     ctx.check("staged + flush P vs atomics", buf_p, ref_p, tol=1e-5)
@@ -93,14 +93,14 @@ def run(ctx) -> list[dict]:
             st.grad_out.normal_(generator=gen)
             st.x.normal_(generator=gen)
             uniq = int(torch.unique(st.rows).numel())
-            us_sort = ctx.do_bench(lambda: twl.sort_rows(st.rows, n), graph=False)
-            order = twl.sort_rows(st.rows, n)
+            us_sort = ctx.do_bench(lambda: tsg.sort_rows(st.rows, n), graph=False)
+            order = tsg.sort_rows(st.rows, n)
             us_v = ctx.do_bench(
-                lambda: twl.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32, order=order),
+                lambda: tsg.sorted_block_add(st.rows, st.grad_out, st.eff, buf_v, torch.float32, order=order),
                 graph=False,
             )
             us_p = ctx.do_bench(
-                lambda: twl.sorted_block_add(st.rows, st.x, st.grad_g, buf_p, torch.float32, order=order), graph=False
+                lambda: tsg.sorted_block_add(st.rows, st.x, st.grad_g, buf_p, torch.float32, order=order), graph=False
             )
 
             def flush():
@@ -123,7 +123,7 @@ def run(ctx) -> list[dict]:
                     {**base, "BLOCK_J": 64, "BLOCK_D": 128, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
                 ):
                     us = ctx.do_bench(
-                        lambda: twl.sorted_block_add(
+                        lambda: tsg.sorted_block_add(
                             st.rows, st.grad_out, st.eff, buf_v, torch.float32, order=order, config=cfg
                         ),
                         graph=False,
@@ -168,8 +168,8 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
     pre-values; `pre_value_gate`) with atomics and staged into a one-table staging area, and
     the flush of F = 4 micro-batches × L layers of one table; per call amortized: staged =
     kernel + flush / (F·L)."""
-    from ultramem.ops._triton import gate_lookup as tgl
     from ultramem.ops._triton import pre_value_gate as tpg
+    from ultramem.ops._triton import staged_grad as tsg
     from ultramem.ops._triton import weighted_lookup as twl
     from ultramem.ops.staged_grad import GradStaging
 
@@ -187,13 +187,13 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
     ops = {
         "lookup": (
             lambda: twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows0, table, scores),
-            lambda st, cfg=None: tgl.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st, cfg),
+            lambda st, cfg=None: tsg.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st, cfg),
             GradStaging(t, e, m, d, 0, BF16, dev),
             m,
         ),
         "gate": (
             lambda: tpg.pre_value_gate_backward_accumulate_cuda(buf, grad_gate, rows0, table, x),
-            lambda st, cfg=None: tgl.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st, cfg),
+            lambda st, cfg=None: tsg.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st, cfg),
             GradStaging(t, e, 1, 0, d, BF16, dev),
             1,
         ),

@@ -17,7 +17,7 @@ import torch
 
 from perf.benches.lookup import _shapes
 from perf.benches.staged_flush import _layer_rows
-from ultramem.ops._triton import weighted_lookup as twl
+from ultramem.ops._triton import staged_grad as tsg
 
 
 def main(argv=None) -> int:
@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     weights = torch.randn(rows.shape[0], e, m, generator=gen, device=dev)
     src = torch.randn(rows.shape[0], d, generator=gen, device=dev).to(torch.bfloat16)
     buf = torch.zeros(n, d, device=dev)
-    order = twl.sort_rows(rows, n)
-    twl.sorted_block_add(rows, src, weights, buf, torch.float32, order=order)
+    order = tsg.sort_rows(rows, n)
+    tsg.sorted_block_add(rows, src, weights, buf, torch.float32, order=order)
     torch.cuda.synchronize()
     return 0
 

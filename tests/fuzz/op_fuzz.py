@@ -69,6 +69,7 @@ if TRITON:
     from ultramem.ops._triton import gate_lookup as tgl
     from ultramem.ops._triton import pre_value_gate as tpg
     from ultramem.ops._triton import retrieval as tri
+    from ultramem.ops._triton import staged_grad as tsg
     from ultramem.ops._triton import weighted_lookup as twl
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -477,7 +478,7 @@ def run_weighted_lookup(draw: Draw, case: Case, report: Report) -> None:
             with _deterministic(deterministic):
                 grad_scores = twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows, table, scores)
         elif _stageable(rows, table, scores, grad_out):
-            grad_scores = tgl.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
+            grad_scores = tsg.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
         else:
             report.skipped["triton staged lookup: fp64 or E = 0 (the op adds directly)"] = (
                 report.skipped.get("triton staged lookup: fp64 or E = 0 (the op adds directly)", 0) + 1
@@ -559,7 +560,7 @@ def run_pre_value_gate(draw: Draw, case: Case, report: Report) -> None:
             with _deterministic(deterministic):
                 grad_x = tpg.pre_value_gate_backward_accumulate_cuda(buf, grad_gate, rows, table, x)
         elif _stageable(rows, table, x, grad_gate):
-            grad_x = tgl.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
+            grad_x = tsg.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
         else:
             key = "triton staged gate: fp64 or E = 0 (the op adds directly)"
             report.skipped[key] = report.skipped.get(key, 0) + 1
@@ -658,21 +659,11 @@ def run_gate_lookup(draw: Draw, case: Case, report: Report) -> None:
                 and staging.accepts(rows, grad_out, x, scores)
                 else None
             )
-            gs, gx = tgl.gate_lookup_backward_cuda(
-                grad_out,
-                grad_gate,
-                rows,
-                values,
-                pre_values,
-                x,
-                scores,
-                saved,
-                gelu,
-                buf_v,
-                buf_p,
-                deterministic=path == "deterministic",
-                staging=use,
-            )
+            args = (grad_out, grad_gate, rows, values, pre_values, x, scores, saved, gelu, buf_v, buf_p)
+            if use is not None:
+                gs, gx = tsg.staged_gate_lookup_backward_cuda(*args, use)
+            else:
+                gs, gx = tgl.gate_lookup_backward_cuda(*args, deterministic=path == "deterministic")
         if staging is not None:
             staging.flush(buf_v, buf_p, kernels=case.backend != "cpu")
         check("grad_scores", gs, lambda a: bwd(a)[3], len_gs)

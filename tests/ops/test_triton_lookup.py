@@ -39,6 +39,7 @@ if INTERPRET:
     patch_index()
     from ultramem.ops._triton import gate_lookup as tgl
     from ultramem.ops._triton import pre_value_gate as tpg
+    from ultramem.ops._triton import staged_grad as tsg
     from ultramem.ops._triton import weighted_lookup as twl
 
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
@@ -296,14 +297,14 @@ def test_no_tokens_or_entries_launch_no_empty_grid(t, e, launched_grids):
         )
         assert grad_scores.shape == (t, e, m) and grad_x.shape == (t, dp) and not grad_x.any()
     staging = GradStaging(4, max(e, 1), m, dv, dp, torch.float32, "cpu")
-    tgl.gate_lookup_backward_cuda(
-        grad_out, None, rows, values, pre_values, x, scores, grad_gate, True, buf_v, buf_p, staging=staging
+    tsg.staged_gate_lookup_backward_cuda(
+        grad_out, None, rows, values, pre_values, x, scores, grad_gate, True, buf_v, buf_p, staging
     )
     lookup_staging = GradStaging(4, max(e, 1), m, dv, 0, torch.float32, "cpu")
-    assert tgl.staged_lookup_backward_cuda(grad_out, rows, values, scores, buf_v, lookup_staging).shape == (t, e, m)
+    assert tsg.staged_lookup_backward_cuda(grad_out, rows, values, scores, buf_v, lookup_staging).shape == (t, e, m)
     gate_staging = GradStaging(4, max(e, 1), 1, 0, dp, torch.float32, "cpu")
-    assert not tgl.staged_gate_backward_cuda(grad_gate, rows, pre_values, x, buf_p, gate_staging).any()
-    twl.sorted_block_add(rows, grad_out, scores, buf_v, torch.float32)
+    assert not tsg.staged_gate_backward_cuda(grad_gate, rows, pre_values, x, buf_p, gate_staging).any()
+    tsg.sorted_block_add(rows, grad_out, scores, buf_v, torch.float32)
     twl.segment_scatter(rows, grad_out, scores, buf_v, torch.float32, accumulate=True)
     assert staging.flush(buf_v, buf_p, kernels=True) == 0
     assert not buf_v.any() and not buf_p.any()
@@ -610,22 +611,13 @@ def test_gate_lookup_backward_out_of_range_rows_contribute_nothing(mode):
         grad_out, keep_grad_gate, rows, values, pre_values, x, keep_scores, keep_gate, True
     )
     buf_v, buf_p = torch.zeros(n, dv), torch.zeros(n, dp)
-    staging = GradStaging(t, e, m, dv, dp, torch.float32, "cpu") if mode == "staged" else None
-    grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
-        grad_out,
-        grad_gate,
-        bad,
-        values,
-        pre_values,
-        x,
-        scores,
-        gate,
-        True,
-        buf_v,
-        buf_p,
-        deterministic=mode == "deterministic",
-        staging=staging,
-    )
+    args = (grad_out, grad_gate, bad, values, pre_values, x, scores, gate, True, buf_v, buf_p)
+    staging = None
+    if mode == "staged":
+        staging = GradStaging(t, e, m, dv, dp, torch.float32, "cpu")
+        grad_scores, grad_x = tsg.staged_gate_lookup_backward_cuda(*args, staging)
+    else:
+        grad_scores, grad_x = tgl.gate_lookup_backward_cuda(*args, deterministic=mode == "deterministic")
     if staging is not None:  # the bad ids are staged as they are; the flush skips them
         assert staging.flush(buf_v, buf_p, kernels=True) == t
     assert _rel(buf_v, want[0]) < 1e-5 and _rel(buf_p, want[1]) < 1e-5 and _rel(grad_x, want[2]) < 1e-5
@@ -692,7 +684,7 @@ def test_sorted_block_add(case):
         "num_warps": 1,
         "PROGRAMS_PER_SM": 0 if chunks == 2 else 1,
     }
-    twl.sorted_block_add(rows, src, scores, buf, torch.float32, config=config)
+    tsg.sorted_block_add(rows, src, scores, buf, torch.float32, config=config)
     assert _rel(buf - start, want - start.double()) < _tol(dtype)
 
 
@@ -728,8 +720,8 @@ def test_gate_lookup_backward_staged_then_flushed(case):
         want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu)
         want_v += want[0]
         want_p += want[1]
-        grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
-            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, buf_v, buf_p, CHUNKS, staging=staging
+        grad_scores, grad_x = tsg.staged_gate_lookup_backward_cuda(
+            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, buf_v, buf_p, staging, CHUNKS
         )
         assert _rel(grad_x, want[2]) < _tol(dtype) and _rel(grad_scores, want[3]) < _tol(dtype)
         assert staging.staged_tokens() == min(call + 1, 2) * t
@@ -774,11 +766,11 @@ def test_one_table_backward_staged_then_flushed(op, case):
         if op == "lookup":
             scores = _rand((t, e, m), g, dtype)
             want = lookup_backward_oracle(src, rows.clamp(max=n - 1), table, scores * (rows < n)[..., None])
-            grad = tgl.staged_lookup_backward_cuda(src, rows, table, scores, buf, staging, CHUNKS)
+            grad = tsg.staged_lookup_backward_cuda(src, rows, table, scores, buf, staging, CHUNKS)
         else:
             grad_gate = _rand((t, e), g, dtype)
             want = gate_backward_oracle(grad_gate * (rows < n), rows.clamp(max=n - 1), table, src)
-            grad = tgl.staged_gate_backward_cuda(grad_gate, rows, table, src, buf, staging, CHUNKS)
+            grad = tsg.staged_gate_backward_cuda(grad_gate, rows, table, src, buf, staging, CHUNKS)
         want_table += want[0]
         if op == "lookup":  # an out-of-range entry's dots are 0
             oor = (rows >= n)[..., None]

@@ -212,9 +212,9 @@ def gate_lookup_backward_into(
     """The backward of gate_lookup with both tables' gradients added into registered buffers (a
     hidden side effect, as `weighted_lookup_backward_into`), or staged for a later flush when a
     `GradStaging` is registered for the values buffer (`ultramem.ops.staged_grad`); returns
-    (grad_scores, grad_x). On CUDA: `gate_lookup_backward_cuda` (atomics, staged, or sorted in
-    deterministic mode). Arguments, buffer ids and the range of rows are checked before either
-    buffer is touched."""
+    (grad_scores, grad_x). On CUDA: `gate_lookup_backward_cuda` (atomics, or sorted in
+    deterministic mode) or, staged, `staged_gate_lookup_backward_cuda`. Arguments, buffer ids and
+    the range of rows are checked before either buffer is touched."""
     _check_backward_args(
         grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer, pre_values_grad_buffer
     )
@@ -377,6 +377,7 @@ def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
 gate_lookup.register_autograd(_backward, setup_context=_setup_context)
 
 from ._triton import gate_lookup as _triton_gate_lookup  # noqa: E402  (None without Triton)
+from ._triton import staged_grad as _triton_staged_grad  # noqa: E402
 
 if _triton_gate_lookup is not None:
 
@@ -431,7 +432,7 @@ if _triton_gate_lookup is not None:
             )
             return grad_scores.contiguous(), grad_x.contiguous()
         staging = _staging(values_grad_buffer, rows, values, pre_values, x, scores, grad_out)
-        return _triton_gate_lookup.gate_lookup_backward_cuda(
+        args = (
             grad_out,
             grad_gate,
             rows,
@@ -443,8 +444,9 @@ if _triton_gate_lookup is not None:
             gelu,
             registered_grad_buffer(_BWD, values_grad_buffer, values),
             registered_grad_buffer(_BWD, pre_values_grad_buffer, pre_values),
-            # atomics outside deterministic mode: the sorted one-writer-per-row passes slow down
-            # when training concentrates the picks on hot rows (perf/history/gate_lookup.md)
-            deterministic=deterministic_enabled(),
-            staging=staging,
         )
+        if staging is not None:
+            return _triton_staged_grad.staged_gate_lookup_backward_cuda(*args, staging)
+        # atomics outside deterministic mode: the sorted one-writer-per-row passes slow down
+        # when training concentrates the picks on hot rows (perf/history/gate_lookup.md)
+        return _triton_gate_lookup.gate_lookup_backward_cuda(*args, deterministic=deterministic_enabled())

@@ -169,7 +169,7 @@ class GradStaging:
         sort the whole staging area and skip, on the device, the tokens at or past the fill
         level (nothing staged is missed; a staging area far from full costs more), and the
         count returned is None."""
-        from ._triton import weighted_lookup as _twl  # noqa: PLC0415  (None without Triton)
+        from ._triton import staged_grad as _tsg  # noqa: PLC0415  (None without Triton)
 
         halves = [
             (self.grad_out, self.eff, grad_values, "grad_values"),
@@ -178,15 +178,15 @@ class GradStaging:
         halves = [h for h in halves if h[0] is not None]
         for _, _, buf, name in halves:
             check(buf is not None, "GradStaging.flush", f"{name} is None but this staging area holds its half")
-        kernels = (self.rows.is_cuda if kernels is None else kernels) and _twl is not None
+        kernels = (self.rows.is_cuda if kernels is None else kernels) and _tsg is not None
         n = self.staged_tokens() if wait or not kernels else self.capacity
         if n == 0:
             return 0
         rows = self.rows[:n]
         if kernels:
-            order = _twl.sort_rows(rows, halves[0][2].shape[0])
+            order = _tsg.sort_rows(rows, halves[0][2].shape[0])
             for g, w, buf, _ in halves:
-                _twl.sorted_block_add(rows, g[:n], w[:n], buf, torch.float32, order=order, limit=self.fill)
+                _tsg.sorted_block_add(rows, g[:n], w[:n], buf, torch.float32, order=order, limit=self.fill)
         else:
             for g, w, buf, _ in halves:
                 add_weighted_rows(rows, g[:n], w[:n] if w.dim() == 3 else w[:n].unsqueeze(-1), buf)
@@ -235,9 +235,9 @@ def staged_lookup_backward(
     if staging is None or not staging.accepts_lookup(rows, grad_out, scores):
         return None
     if rows.is_cuda:
-        from ._triton import gate_lookup as _tgl  # noqa: PLC0415
+        from ._triton import staged_grad as _tsg  # noqa: PLC0415
 
-        return _tgl.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
+        return _tsg.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
     from .weighted_lookup import _gather_chunks  # noqa: PLC0415  (it imports this module)
 
     m = scores.shape[2]
@@ -257,9 +257,9 @@ def staged_gate_backward(
     if staging is None or not staging.accepts_gate(rows, x):
         return None
     if rows.is_cuda:
-        from ._triton import gate_lookup as _tgl  # noqa: PLC0415
+        from ._triton import staged_grad as _tsg  # noqa: PLC0415
 
-        return _tgl.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
+        return _tsg.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
     from .weighted_lookup import _gather_chunks  # noqa: PLC0415
 
     gg = grad_gate.float()

@@ -14,7 +14,8 @@ when the dims are not powers of 2 and all P chunks of all entries are in flight 
 
 The backward (`_gate_lookup_bwd_kernel`, `gate_lookup_backward_cuda`) has the same shape: one
 program per token with all its entries, V chunks then P chunks, both tables' gradients as fp32
-atomics, or (deterministic) written out for two sorted one-writer-per-row passes.
+atomics, or (deterministic) written out for two sorted one-writer-per-row passes, or (staged)
+written into a staging area; the staged launchers are in `staged_grad`.
 """
 
 from __future__ import annotations
@@ -453,7 +454,7 @@ def _gate_lookup_bwd_kernel(
     STAGED: the same, into a staging area of CAP tokens (`ultramem.ops.staged_grad`) at token
     fill + t, with fill = the tokens staged so far (read from fill_ptr), together with the row
     ids, grad_out and x. When the T tokens of this call do not fit, effective scores and grad_g
-    go to xef / xgg instead, for `_overflow_add_kernel` (atomics here, even masked off, cost
+    go to xef / xgg instead, for `staged_grad._overflow_add_kernel` (atomics here, even masked off, cost
     this kernel 80 µs at the 227M shapes).
 
     One table alone (the staged backwards of `weighted_lookup` and `pre_value_gate`): HAS_GATE
@@ -591,85 +592,6 @@ def _gate_lookup_bwd_kernel(
                         mask=row_ok & (dp < DP)[None, :],
                         sem="relaxed",
                     )
-
-
-@triton.jit
-def _overflow_add_kernel(
-    fill_ptr,
-    T,
-    CAP,
-    rows_ptr,
-    r_st,
-    r_se,
-    ef_ptr,
-    ef_st,
-    ef_se,
-    ef_sm,
-    gg_ptr,
-    gg_st,
-    gg_se,
-    go_ptr,
-    go_st,
-    go_sd,
-    x_ptr,
-    x_st,
-    x_sd,
-    gv_ptr,
-    gv_sn,
-    gv_sd,
-    gp_ptr,
-    gp_sn,
-    gp_sd,
-    E,
-    N,
-    DV,
-    DP,
-    DM: tl.constexpr,
-    M: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CHUNKS_V: tl.constexpr,
-    CHUNKS_P: tl.constexpr,
-):
-    """A staged backward's table gradients when the staging area had no room for its T tokens
-    (fill + T > CAP; otherwise the programs stop at once): each token's entries add
-    eff · grad_out[t] to V's rows and grad_g · x[t] to P's, with fp32 atomics. Programs loop
-    over tokens, so that the usual case (room left) costs a few programs, not one per token."""
-    if tl.load(fill_ptr) + T > CAP:
-        e = tl.arange(0, BLOCK_E)
-        cols = tl.arange(0, BLOCK_D)
-        for t in range(tl.program_id(0), T, tl.num_programs(0)):
-            t = t + tl.zeros((), dtype=tl.int64)  # (64-bit offsets; an int under the interpreter)
-            ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e < E, other=-1).to(tl.int64)
-            ok = (e < E) & (ids >= 0) & (ids < N)
-            for c in tl.static_range(CHUNKS_V):
-                d = c * BLOCK_D + cols
-                go = tl.load(go_ptr + t * go_st + d * go_sd, mask=d < DV, other=0.0).to(tl.float32)
-                w = _core_weights(ef_ptr + t * ef_st + e * ef_se, ef_sm, ok, (d // DM)[None, :], M, tl.float32)
-                tl.atomic_add(
-                    gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
-                    w * go[None, :],
-                    mask=ok[:, None] & (d < DV)[None, :],
-                    sem="relaxed",
-                )
-            if CHUNKS_P > 0:  # (no pre-values half: gg_ptr is a placeholder)
-                gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
-            for c in tl.static_range(CHUNKS_P):
-                d = c * BLOCK_D + cols
-                xv = tl.load(x_ptr + t * x_st + d * x_sd, mask=d < DP, other=0.0).to(tl.float32)
-                tl.atomic_add(
-                    gp_ptr + ids[:, None] * gp_sn + d[None, :] * gp_sd,
-                    gg[:, None] * xv[None, :],
-                    mask=ok[:, None] & (d < DP)[None, :],
-                    sem="relaxed",
-                )
-
-
-@triton.jit
-def _advance_fill_kernel(fill_ptr, T, CAP):
-    """fill += T when the T tokens just staged fitted (the backward kernel read fill before)."""
-    f = tl.load(fill_ptr)
-    tl.store(fill_ptr, f + T, mask=f + T <= CAP)
 
 
 @triton.jit
@@ -821,9 +743,6 @@ BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True
 # kernel); above this many entries the op uses the separate lookup and gate backwards instead
 # (measured up to 128 entries in the sweep; the fused kernel only at 32).
 BWD_MAX_ENTRIES = 128
-# Programs of `_overflow_add_kernel` (each loops over tokens; they stop at once when the staging
-# area had room, the usual case: one program per token cost 33 µs there at the 227M shapes).
-OVERFLOW_PROGRAMS = 1024
 
 
 def gate_lookup_backward_cuda(
@@ -840,17 +759,13 @@ def gate_lookup_backward_cuda(
     grad_pre_values: Tensor,
     config: dict | None = None,
     deterministic: bool = False,
-    staging=None,
 ) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup: adds the tables' gradients into grad_values and
     grad_pre_values (no zero-fill) and returns (grad_scores, grad_x) in scores' and x's dtypes.
     One kernel with fp32 atomics; `deterministic`: the same kernel without atomics, then each
-    table's gradient sorted by row, one writer per row (one sort shared by both tables).
-    `staging` (a `GradStaging`): no table writes; the kernel stages each entry's row, effective
-    scores act(g)·s and gate gradient, and the token's grad_out and x, for a later sorted pass
-    over many micro-batches (`ultramem.ops.staged_grad`); when the T tokens do not fit (checked
-    on the device) `_overflow_add_kernel` adds them into the buffers with atomics.
-    Arguments are checked by the op (`gate_lookup_backward_into`)."""
+    table's gradient sorted by row, one writer per row (one sort shared by both tables). The
+    staged variant is `staged_grad.staged_gate_lookup_backward_cuda`. Arguments are checked by
+    the op (`gate_lookup_backward_into`)."""
     t, e = rows.shape
     m = scores.shape[2]
     grad_scores = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
@@ -860,11 +775,11 @@ def gate_lookup_backward_cuda(
     if e == 0:
         return grad_scores, grad_x.zero_()
     acc = acc_dtype(values, pre_values, x, scores)
-    if deterministic and staging is None:
+    if deterministic:
         eff = torch.empty((t, e, m), dtype=acc, device=scores.device)
         grad_g = torch.empty((t, e), dtype=acc, device=scores.device)
     else:
-        eff, grad_g = grad_scores, gate  # placeholders (unused, or the staging area's)
+        eff, grad_g = grad_scores, gate  # placeholders (unused)
     _launch_backward(
         rows,
         values,
@@ -884,106 +799,14 @@ def gate_lookup_backward_cuda(
         has_gate=True,
         acc=acc,
         scatter=not deterministic,
-        staging=staging,
         config=config,
     )
-    if deterministic and staging is None:
+    if deterministic:
         cfg = {**BWD_CONFIG, **(config or {})}
         order = _wl.sort_rows(rows, values.shape[0])
         for g, w, buf in ((grad_out, eff, grad_values), (x, grad_g, grad_pre_values)):
             _wl.segment_scatter(rows, g, w, buf, acc, accumulate=True, order=order, config=cfg.get("segment"))
     return grad_scores, grad_x
-
-
-def staged_lookup_backward_cuda(
-    grad_out: Tensor,
-    rows: Tensor,
-    values: Tensor,
-    scores: Tensor,
-    grad_values: Tensor,
-    staging,
-    config: dict | None = None,
-) -> Tensor:
-    """`weighted_lookup`'s backward with its table gradient staged (a values-only `GradStaging`):
-    the backward kernel's values pass alone, no gate (grad_scores = the row dots); returns
-    grad_scores. Tokens that do not fit go into `grad_values` with atomics."""
-    t, e = rows.shape
-    grad_scores = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
-    if t == 0 or e == 0:
-        return grad_scores.zero_()
-    none = values[:, :0]  # the absent pre-value table: 0 columns, never read
-    _launch_backward(
-        rows,
-        values,
-        none,
-        grad_out,
-        scores,
-        rows,
-        grad_out,
-        None,
-        grad_values,
-        grad_values,
-        grad_scores,
-        grad_out,
-        grad_scores,
-        rows,
-        gelu=False,
-        has_gate=False,
-        acc=acc_dtype(values, scores, grad_out),
-        scatter=False,
-        staging=staging,
-        config=config,
-    )
-    return grad_scores
-
-
-# The gate's one-table staged backward on one warp per token: 52.2 µs against 55.5 with BWD_CONFIG's
-# two (and 114.5 with four) at the 227M shapes (h200_staged_flush_e5d775e.json); the lookup's is
-# within 1 µs either way and keeps BWD_CONFIG.
-STAGED_GATE_CONFIG = {"num_warps": 1}
-
-
-def staged_gate_backward_cuda(
-    grad_gate: Tensor,
-    rows: Tensor,
-    pre_values: Tensor,
-    x: Tensor,
-    grad_pre_values: Tensor,
-    staging,
-    config: dict | None = None,
-) -> Tensor:
-    """`pre_value_gate`'s backward with its table gradient staged (a pre-values-only
-    `GradStaging`): the backward kernel's pre-values pass alone with grad_g = grad_gate; returns
-    grad_x. Tokens that do not fit go into `grad_pre_values` with atomics."""
-    t, e = rows.shape
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if t == 0 or e == 0:
-        return grad_x.zero_()
-    none = pre_values[:, :0]  # the absent value table
-    one_core = grad_gate.unsqueeze(-1)  # placeholder scores [T, E, 1], never read
-    _launch_backward(
-        rows,
-        none,
-        pre_values,
-        x,
-        one_core,
-        grad_gate,
-        x,
-        grad_gate,
-        grad_pre_values,
-        grad_pre_values,
-        one_core,
-        grad_x,
-        one_core,
-        grad_gate,
-        gelu=False,
-        has_gate=False,
-        acc=acc_dtype(pre_values, x, grad_gate),
-        scatter=False,
-        staging=staging,
-        config={**STAGED_GATE_CONFIG, **(config or {})},
-    )
-    return grad_x
 
 
 def _launch_backward(
@@ -1006,12 +829,14 @@ def _launch_backward(
     has_gate: bool,
     acc: torch.dtype,
     scatter: bool,
-    staging,
     config: dict | None,
-) -> None:
-    """`_gate_lookup_bwd_kernel` (one program per token), then with `staging` the overflow
-    kernel and the fill update. A table of 0 columns is absent (its pass is skipped). Without
-    staging and without `scatter`, eff / grad_g receive the effective scores and grad_g."""
+    staging=None,
+) -> tuple[Tensor, Tensor] | None:
+    """`_gate_lookup_bwd_kernel` (one program per token). A table of 0 columns is absent (its
+    pass is skipped). Without staging and without `scatter`, eff / grad_g receive the effective
+    scores and grad_g. With `staging` (a `GradStaging`) the kernel stages instead of writing the
+    tables, and this returns where it put the effective scores and grad_g of tokens that found
+    no room (for `staged_grad`'s overflow kernel); else None."""
     cfg = {**BWD_CONFIG, **(config or {})}
     t, e = rows.shape
     dv, dp = values.shape[1], pre_values.shape[1]
@@ -1066,22 +891,5 @@ def _launch_backward(
         **plan,
     )
     if staging is not None:
-        bd = 64
-        _overflow_add_kernel[(min(t, OVERFLOW_PROGRAMS),)](
-            fill,
-            t,
-            cap,
-            *_tensor_args(rows, over_eff, over_gg, grad_out, x, grad_values, grad_pre_values),
-            e,
-            values.shape[0],
-            dv,
-            dp,
-            DM=max(dv // m, 1),
-            M=m,
-            BLOCK_E=triton.next_power_of_2(e),
-            BLOCK_D=bd,
-            CHUNKS_V=triton.cdiv(dv, bd),
-            CHUNKS_P=triton.cdiv(dp, bd),
-            num_warps=1,
-        )
-        _advance_fill_kernel[(1,)](fill, t, cap)
+        return over_eff, over_gg
+    return None

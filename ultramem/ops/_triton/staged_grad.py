@@ -1,0 +1,495 @@
+"""Triton kernels and launchers of the staged table gradients (`ultramem.ops.staged_grad`).
+
+A staged backward is `gate_lookup`'s fused backward kernel (`_gate_lookup_bwd_kernel`, STAGED)
+with both tables, or with one (the backwards of `weighted_lookup` and `pre_value_gate`): instead
+of adding into the gradient buffers it writes each entry's row id and weights and each token's
+source rows into a `GradStaging` area, at the area's fill level (read on the device). Then
+`_overflow_add_kernel` adds the tokens that found no room into the buffers with fp32 atomics, and
+`_advance_fill_kernel` moves the fill level past the tokens staged.
+
+`GradStaging.flush` adds everything staged at once: one sort of the staged row ids
+(`sort_rows`), then per table `sorted_block_add` (`_sorted_block_add_kernel`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._checks import acc_dtype
+from . import gate_lookup as _tgl
+from .weighted_lookup import _block_d, _core_weights, _load_core_scores, _scores3, _select_core, _tl_acc, sort_rows
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _overflow_add_kernel(
+    fill_ptr,
+    T,
+    CAP,
+    rows_ptr,
+    r_st,
+    r_se,
+    ef_ptr,
+    ef_st,
+    ef_se,
+    ef_sm,
+    gg_ptr,
+    gg_st,
+    gg_se,
+    go_ptr,
+    go_st,
+    go_sd,
+    x_ptr,
+    x_st,
+    x_sd,
+    gv_ptr,
+    gv_sn,
+    gv_sd,
+    gp_ptr,
+    gp_sn,
+    gp_sd,
+    E,
+    N,
+    DV,
+    DP,
+    DM: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKS_V: tl.constexpr,
+    CHUNKS_P: tl.constexpr,
+):
+    """A staged backward's table gradients when the staging area had no room for its T tokens
+    (fill + T > CAP; otherwise the programs stop at once): each token's entries add
+    eff · grad_out[t] to V's rows and grad_g · x[t] to P's, with fp32 atomics. Programs loop
+    over tokens, so that the usual case (room left) costs a few programs, not one per token."""
+    if tl.load(fill_ptr) + T > CAP:
+        e = tl.arange(0, BLOCK_E)
+        cols = tl.arange(0, BLOCK_D)
+        for t in range(tl.program_id(0), T, tl.num_programs(0)):
+            t = t + tl.zeros((), dtype=tl.int64)  # (64-bit offsets; an int under the interpreter)
+            ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e < E, other=-1).to(tl.int64)
+            ok = (e < E) & (ids >= 0) & (ids < N)
+            for c in tl.static_range(CHUNKS_V):
+                d = c * BLOCK_D + cols
+                go = tl.load(go_ptr + t * go_st + d * go_sd, mask=d < DV, other=0.0).to(tl.float32)
+                w = _core_weights(ef_ptr + t * ef_st + e * ef_se, ef_sm, ok, (d // DM)[None, :], M, tl.float32)
+                tl.atomic_add(
+                    gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
+                    w * go[None, :],
+                    mask=ok[:, None] & (d < DV)[None, :],
+                    sem="relaxed",
+                )
+            if CHUNKS_P > 0:  # (no pre-values half: gg_ptr is a placeholder)
+                gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
+            for c in tl.static_range(CHUNKS_P):
+                d = c * BLOCK_D + cols
+                xv = tl.load(x_ptr + t * x_st + d * x_sd, mask=d < DP, other=0.0).to(tl.float32)
+                tl.atomic_add(
+                    gp_ptr + ids[:, None] * gp_sn + d[None, :] * gp_sd,
+                    gg[:, None] * xv[None, :],
+                    mask=ok[:, None] & (d < DP)[None, :],
+                    sem="relaxed",
+                )
+
+
+@triton.jit
+def _advance_fill_kernel(fill_ptr, T, CAP):
+    """fill += T when the T tokens just staged fitted (the backward kernel read fill before)."""
+    f = tl.load(fill_ptr)
+    tl.store(fill_ptr, f + T, mask=f + T <= CAP)
+
+
+@triton.jit
+def _same_row_sum(row_a, val_a, row_b, val_b):
+    """Combine of a segmented scan: b's running sum, plus a's when both are in the same row."""
+    return row_b, val_b + tl.where(row_a == row_b, val_a, 0.0)
+
+
+@triton.jit
+def _block_entries(sorted_ptr, perm_ptr, L, blk, BLOCK_J: tl.constexpr):
+    """Block `blk` of the row-sorted entries: (row, the next entry's row, flat entry index);
+    rows -1 past the end."""
+    j = (blk * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    j_ok = j < L
+    row = tl.load(sorted_ptr + j, mask=j_ok, other=-1).to(tl.int64)
+    nxt = tl.load(sorted_ptr + j + 1, mask=j_ok & (j + 1 < L), other=-1).to(tl.int64)
+    ent = tl.load(perm_ptr + j, mask=j_ok, other=0).to(tl.int64)
+    return row, nxt, ent
+
+
+@triton.jit
+def _sorted_block_add_kernel(
+    sorted_ptr,
+    perm_ptr,
+    L,
+    g_ptr,
+    g_st,
+    g_sd,
+    s_ptr,
+    s_st,
+    s_se,
+    s_sm,
+    gt_ptr,
+    gt_sn,
+    gt_sd,
+    limit_ptr,
+    E,
+    N,
+    D,
+    DM,
+    M: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    ACC: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
+):
+    """grad_table[row] += Σ scores · g[token] over entries sorted by row, in blocks of BLOCK_J
+    entries × CHUNKS column chunks of BLOCK_D: all of a block's source rows are loaded at once
+    (many entries in flight, which the run-walking segment kernel lacks when g is not in L2),
+    summed per row by a segmented scan, and each row's sum in the block goes out as one fp32
+    atomic add from its last entry. A row whose run crosses blocks gets one add per block, so
+    the result is not bitwise reproducible. HAS_LIMIT: only tokens below *limit_ptr (read on the
+    device) count.
+
+    Programs loop over blocks (block b, b + programs, ...) and load the next block's row ids and
+    entry indices while this block's source rows are in flight, so that a block waits for one
+    memory round trip (its source rows), not two (its entry indices, then the rows they name)."""
+    n_blocks = tl.cdiv(L, BLOCK_J)
+    step = tl.num_programs(0)
+    d0 = tl.program_id(1) * (CHUNKS * BLOCK_D)
+    lane = tl.arange(0, BLOCK_J)
+    if HAS_LIMIT:
+        limit = tl.load(limit_ptr)
+    row, nxt, ent = _block_entries(sorted_ptr, perm_ptr, L, tl.program_id(0), BLOCK_J)
+    for blk in range(tl.program_id(0), n_blocks, step):
+        in_table = (row >= 0) & (row < N)
+        tok = ent // E
+        en = ent - tok * E
+        real = in_table  # entries that add (their products are 0 otherwise)
+        if HAS_LIMIT:
+            real = real & (tok < limit)
+        gvs = ()
+        for c in tl.static_range(CHUNKS):  # every chunk's source rows in flight before any math
+            d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
+            gvs = gvs + (
+                tl.load(
+                    g_ptr + tok[:, None] * g_st + d[None, :] * g_sd, mask=real[:, None] & (d < D)[None, :], other=0.0
+                ),
+            )
+        # the weights too, before the first atomic add: loads after it could not be hoisted above
+        # it (the adds might alias them) and would cost a round trip per chunk
+        s_cores = _load_core_scores(s_ptr + tok * s_st + en * s_se, s_sm, real, M, ACC)
+        # (a row's last entry in the block writes its sum, whether or not that entry itself adds)
+        last = in_table & ((nxt != row) | (lane == BLOCK_J - 1))
+        rows2 = tl.broadcast_to(row.to(tl.int32)[:, None], (BLOCK_J, BLOCK_D))
+        out_rows = row
+        row, nxt, ent = _block_entries(sorted_ptr, perm_ptr, L, blk + step, BLOCK_J)  # the next block's
+        for c in tl.static_range(CHUNKS):
+            d = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)
+            w = _select_core(s_cores, (d // DM)[None, :], M)
+            _, run = tl.associative_scan((rows2, w * gvs[c].to(ACC)), 0, _same_row_sum)
+            tl.atomic_add(
+                gt_ptr + out_rows[:, None] * gt_sn + d[None, :] * gt_sd,
+                run.to(gt_ptr.dtype.element_ty),
+                mask=last[:, None] & (d < D)[None, :],
+                sem="relaxed",
+            )
+
+
+# Programs of `_overflow_add_kernel` (each loops over tokens; they stop at once when the staging
+# area had room, the usual case: one program per token cost 33 µs there at the 227M shapes).
+OVERFLOW_PROGRAMS = 1024
+
+
+# ------------------------------------------------------------------------ staged backwards
+
+
+def staged_gate_lookup_backward_cuda(
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+    gelu: bool,
+    grad_values: Tensor,
+    grad_pre_values: Tensor,
+    staging,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`gate_lookup`'s backward with both tables' gradients staged (a `GradStaging` with both
+    halves): no table writes; the kernel stages each entry's row, effective scores act(g)·s and
+    gate gradient, and the token's grad_out and x, for a later sorted pass over many
+    micro-batches. Tokens that do not fit (checked on the device) go into grad_values and
+    grad_pre_values with atomics. Returns (grad_scores, grad_x) as `gate_lookup_backward_cuda`."""
+    t, e = rows.shape
+    grad_scores = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return grad_scores, grad_x
+    if e == 0:
+        return grad_scores, grad_x.zero_()
+    _stage(
+        rows,
+        values,
+        pre_values,
+        x,
+        scores,
+        gate,
+        grad_out,
+        grad_gate,
+        grad_values,
+        grad_pre_values,
+        grad_scores,
+        grad_x,
+        grad_scores,
+        gate,
+        gelu=gelu,
+        has_gate=True,
+        acc=acc_dtype(values, pre_values, x, scores),
+        staging=staging,
+        config=config,
+    )
+    return grad_scores, grad_x
+
+
+def staged_lookup_backward_cuda(
+    grad_out: Tensor,
+    rows: Tensor,
+    values: Tensor,
+    scores: Tensor,
+    grad_values: Tensor,
+    staging,
+    config: dict | None = None,
+) -> Tensor:
+    """`weighted_lookup`'s backward with its table gradient staged (a values-only `GradStaging`):
+    the backward kernel's values pass alone, no gate (grad_scores = the row dots); returns
+    grad_scores. Tokens that do not fit go into `grad_values` with atomics."""
+    t, e = rows.shape
+    grad_scores = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+    if t == 0 or e == 0:
+        return grad_scores.zero_()
+    none = values[:, :0]  # the absent pre-value table: 0 columns, never read
+    _stage(
+        rows,
+        values,
+        none,
+        grad_out,
+        scores,
+        rows,
+        grad_out,
+        None,
+        grad_values,
+        grad_values,
+        grad_scores,
+        grad_out,
+        grad_scores,
+        rows,
+        gelu=False,
+        has_gate=False,
+        acc=acc_dtype(values, scores, grad_out),
+        staging=staging,
+        config=config,
+    )
+    return grad_scores
+
+
+# The gate's one-table staged backward on one warp per token: 52.2 µs against 55.5 with BWD_CONFIG's
+# two (and 114.5 with four) at the 227M shapes (h200_staged_flush_e5d775e.json); the lookup's is
+# within 1 µs either way and keeps BWD_CONFIG.
+STAGED_GATE_CONFIG = {"num_warps": 1}
+
+
+def staged_gate_backward_cuda(
+    grad_gate: Tensor,
+    rows: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    grad_pre_values: Tensor,
+    staging,
+    config: dict | None = None,
+) -> Tensor:
+    """`pre_value_gate`'s backward with its table gradient staged (a pre-values-only
+    `GradStaging`): the backward kernel's pre-values pass alone with grad_g = grad_gate; returns
+    grad_x. Tokens that do not fit go into `grad_pre_values` with atomics."""
+    t, e = rows.shape
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if t == 0 or e == 0:
+        return grad_x.zero_()
+    none = pre_values[:, :0]  # the absent value table
+    one_core = grad_gate.unsqueeze(-1)  # placeholder scores [T, E, 1], never read
+    _stage(
+        rows,
+        none,
+        pre_values,
+        x,
+        one_core,
+        grad_gate,
+        x,
+        grad_gate,
+        grad_pre_values,
+        grad_pre_values,
+        one_core,
+        grad_x,
+        one_core,
+        grad_gate,
+        gelu=False,
+        has_gate=False,
+        acc=acc_dtype(pre_values, x, grad_gate),
+        staging=staging,
+        config={**STAGED_GATE_CONFIG, **(config or {})},
+    )
+    return grad_x
+
+
+def _stage(
+    rows,
+    values,
+    pre_values,
+    x,
+    scores,
+    gate,
+    grad_out,
+    grad_gate,
+    grad_values,
+    grad_pre_values,
+    grad_scores,
+    grad_x,
+    eff,
+    grad_g,
+    *,
+    gelu: bool,
+    has_gate: bool,
+    acc: torch.dtype,
+    staging,
+    config: dict | None,
+) -> None:
+    """The staged backward kernel (`gate_lookup._launch_backward` with `staging`; eff / grad_g
+    stand in for an absent half), then the overflow kernel and the fill update."""
+    over_eff, over_gg = _tgl._launch_backward(
+        rows,
+        values,
+        pre_values,
+        x,
+        scores,
+        gate,
+        grad_out,
+        grad_gate,
+        grad_values,
+        grad_pre_values,
+        grad_scores,
+        grad_x,
+        eff,
+        grad_g,
+        gelu=gelu,
+        has_gate=has_gate,
+        acc=acc,
+        scatter=False,
+        config=config,
+        staging=staging,
+    )
+    t, e = rows.shape
+    dv, dp = values.shape[1], pre_values.shape[1]
+    m = scores.shape[2]
+    fill, cap = staging.fill, staging.capacity
+    bd = 64
+    _overflow_add_kernel[(min(t, OVERFLOW_PROGRAMS),)](
+        fill,
+        t,
+        cap,
+        *_tgl._tensor_args(rows, over_eff, over_gg, grad_out, x, grad_values, grad_pre_values),
+        e,
+        values.shape[0],
+        dv,
+        dp,
+        DM=max(dv // m, 1),
+        M=m,
+        BLOCK_E=triton.next_power_of_2(e),
+        BLOCK_D=bd,
+        CHUNKS_V=triton.cdiv(dv, bd),
+        CHUNKS_P=triton.cdiv(dp, bd),
+        num_warps=1,
+    )
+    _advance_fill_kernel[(1,)](fill, t, cap)
+
+
+# ------------------------------------------------------------------------ the flush's block add
+
+
+# The staged flush's block add (`sorted_block_add`): entries per program, columns per chunk and
+# chunks per program. H200, 31M entries of 192 columns (h200_staged_flush_007da7d.json): 6.7 ms
+# with 3 chunks of 64 against 7.3 with 1, 8.4 with 6 of 32, 8.6 with 16 entries, 11.7 with 64
+# entries and 2 warps.
+# PROGRAMS_PER_SM: programs per multiprocessor, each looping over blocks (0: one program per
+# block, no loop): 6.05 ms with 16 (8 or 32 the same, 4: 10.4) against 6.24 with one per block
+# (h200_staged_flush_ff2fe3f.json); 128-column chunks 6.16, two of them 11.5.
+BLOCK_ADD_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1, "PROGRAMS_PER_SM": 16}
+# Programs of the block add where the device has no multiprocessor count (the interpreter).
+_BLOCK_ADD_PROGRAMS_CPU = 3
+
+
+def _block_add_programs(n_blocks: int, device: torch.device, per_sm: int) -> int:
+    if per_sm <= 0:
+        return n_blocks
+    if device.type == "cuda":
+        return min(n_blocks, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(n_blocks, _BLOCK_ADD_PROGRAMS_CPU)
+
+
+def sorted_block_add(
+    rows: Tensor,
+    g: Tensor,
+    scores: Tensor,
+    grad_table: Tensor,
+    acc: torch.dtype,
+    *,
+    order: tuple[Tensor, Tensor] | None = None,
+    limit: Tensor | None = None,
+    config: dict | None = None,
+) -> None:
+    """grad_table[row] += Σ over the row's entries of scores · g[token] (`_sorted_block_add_kernel`:
+    blocks of row-sorted entries, one atomic add per row and block). For many entries whose
+    source rows are not in L2 (the staged flush); not bitwise reproducible. `limit`: a
+    one-element device tensor; tokens at or past its value are skipped (no host sync)."""
+    t, e = rows.shape
+    n, d = grad_table.shape
+    if t == 0 or e == 0 or d == 0:
+        return
+    cfg = {**BLOCK_ADD_CONFIG, **(config or {})}
+    (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
+    bj, bd = cfg["BLOCK_J"], _block_d(cfg["BLOCK_D"], d)
+    chunks = max(1, min(int(cfg.get("CHUNKS", 1)), triton.cdiv(d, bd)))
+    programs = _block_add_programs(triton.cdiv(t * e, bj), grad_table.device, int(cfg.get("PROGRAMS_PER_SM", 0)))
+    _sorted_block_add_kernel[(programs, triton.cdiv(d, bd * chunks))](
+        sorted_ids,
+        perm,
+        t * e,
+        g,
+        g.stride(0),
+        g.stride(1),
+        sc,
+        *s_strides,
+        grad_table,
+        grad_table.stride(0),
+        grad_table.stride(1),
+        limit if limit is not None else sorted_ids,
+        e,
+        n,
+        d,
+        d // m,
+        M=m,
+        BLOCK_J=bj,
+        BLOCK_D=bd,
+        CHUNKS=chunks,
+        ACC=_tl_acc(acc),
+        HAS_LIMIT=limit is not None,
+        num_warps=cfg["num_warps"],
+    )
