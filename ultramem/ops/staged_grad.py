@@ -3,8 +3,8 @@ and for `weighted_lookup` and `pre_value_gate` alone (one table each).
 
 With gradient buffers (`register_grad_buffer`) each layer's backward adds its entries into both
 persistent fp32 buffers right away: every entry reads and writes a whole fp32 row of each table
-(at the 227M shapes ≈ 465 µs of the 483 µs fused backward, bound by those atomics). Staged, the
-backward instead writes what the table gradients are made of:
+(most of the fused backward's time goes to those atomics). Staged, the backward instead writes
+what the table gradients are made of:
 
     per entry:  row id, act(g)·s per core (the V weight), grad_g (the P weight)
     per token:  grad_out (V's source row), x (P's source row)

@@ -31,7 +31,7 @@ from .weighted_lookup import _block_d, _core_weights, _tl_acc
 
 _OP = "gate_lookup"
 
-# The entry-block kernel (D_CHUNKS False): 93.0 µs at the 227M shapes with evict_first.
+# The entry-block kernel (D_CHUNKS False).
 ENTRY_BLOCK_CONFIG = {
     "BLOCK_T": 1,
     "BLOCK_E": 8,
@@ -43,11 +43,10 @@ ENTRY_BLOCK_CONFIG = {
     "D_CHUNKS": False,
 }
 
-# The column-chunk kernel ("D_CHUNKS", perf/history/gate_lookup.md, "fused v2"): predicted 85 µs at the 227M
-# shapes, measured 83.6-84.5 µs on an H200 (0.88 of the copy ceiling) against 93.0 µs for the
-# entry-block kernel: a token waits for 3 memory round trips (ids; all P loads; all V loads)
-# instead of 5, and no lane idles on D = 192. maxnreg 136 measured within 1 µs of ptxas's own
-# choice, so none is forced (a forced cap can spill at other shapes).
+# The column-chunk kernel (D_CHUNKS True): a token waits for 3 memory round trips (ids; all P
+# loads; all V loads) instead of the entry-block kernel's 5, and no lane idles on D = 192. No
+# register cap: ptxas's own choice is as fast, and a forced cap can spill at other shapes
+# (perf/history/gate_lookup.md).
 CHUNKS_CONFIG = {
     "BLOCK_D": 64,
     "BLOCK_DP": 64,
@@ -56,10 +55,9 @@ CHUNKS_CONFIG = {
     "HOIST_V": 0,
     "EVICT_FIRST": True,
 }
-# The default: the column-chunk kernel (83.6-84.5 µs vs 93.0 on an H200, perf/history/gate_lookup.md, "fused v2"),
-# except where the shape sweep (perf/results/log.jsonl, bench gate_lookup_fwd_sweep) found the entry-block
-# kernel faster: many entries with narrow rows (E=64: 0.95x of the chunk kernel's time at D<=192,
-# E=128: 0.67x, E=256: 0.38x), where the chunk kernel's one warp per token holds too many entries.
+# The default: the column-chunk kernel, except for many entries with narrow rows, where its one
+# warp per token holds too many entries and the entry-block kernel is faster (the shape sweep in
+# perf/history/gate_lookup.md).
 CONFIG = CHUNKS_CONFIG
 CHUNKS_MAX_ENTRIES = 32  # above this, narrow rows go to the entry-block kernel
 CHUNKS_MAX_ENTRIES_WIDE = 128  # above this, all rows do
@@ -76,7 +74,7 @@ def _use_chunks(entries: int, dv: int, dp: int) -> bool:
 # lane of one warp); above it the column chunk shrinks (down to 8) so that a large k does not spill.
 CHUNK_TILE = 2048
 # Elements of one table gathered together (one group of chunks in flight): 3 chunks of 32 x 64 =
-# 96 registers per lane of one warp for bf16, a whole row of 192 at the 227M shapes.
+# 96 registers per lane of one warp for bf16, a whole row of 192 columns.
 CHUNK_GROUP = 6144
 
 
@@ -243,18 +241,18 @@ def _gate_lookup_fwd_chunks_kernel(
     stored right away (an output chunk needs only the weights and its own V chunk).
 
     What decides the speed is how many memory round trips a program waits for one after the
-    other (each ~1.5-2 µs under load) and how many bytes it has in flight meanwhile. The loads
-    go out in groups (GROUP_P / GROUP_V chunks: a whole row at the 227M shapes) collected in
-    tuples, and every load of a group is issued before the first one is waited for. ptxas does
-    not order them so by itself (it starts the first chunk's math, stalls on it, and issues the
-    rest one round trip later), and it deletes a bare tl.debug_barrier; what it keeps, and moves
-    no load over, is the barrier of a layout change through shared memory. So:
+    other and how many bytes it has in flight meanwhile. The loads go out in groups (GROUP_P /
+    GROUP_V chunks: a whole row of 192 columns at 32 entries) collected in tuples, and every load
+    of a group is issued before the first one is waited for. ptxas does not order them so by
+    itself (it starts the first chunk's math, stalls on it, and issues the rest one round trip
+    later), and it deletes a bare tl.debug_barrier; what it keeps, and moves no load over, is the
+    barrier of a layout change through shared memory. So:
     - x is loaded after the group's P chunks, and its change of layout is where the group's
       math starts (loaded before them, its barrier held the later P loads back behind x);
     - the scores are loaded after V's chunks, the same way (they are needed only there);
     - the first HOIST_V chunks of V can go out with P's, before the gate (more registers).
-    At the 227M shapes (sm_90 SASS checked) a token waits for 3 round trips: its ids; 24 P
-    loads of 16 bytes per lane (+ x); 24 V loads (+ scores).
+    With 32 entries of 192 columns a token waits for 3 round trips (checked in the SASS): its
+    ids; 24 P loads of 16 bytes per lane (+ x); 24 V loads (+ scores).
     """
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
@@ -454,8 +452,8 @@ def _gate_lookup_bwd_kernel(
     STAGED: the same, into a staging area of CAP tokens (`ultramem.ops.staged_grad`) at token
     fill + t, with fill = the tokens staged so far (read from fill_ptr), together with the row
     ids, grad_out and x. When the T tokens of this call do not fit, effective scores and grad_g
-    go to xef / xgg instead, for `staged_grad._overflow_add_kernel` (atomics here, even masked off, cost
-    this kernel 80 µs at the 227M shapes).
+    go to xef / xgg instead, for `staged_grad._overflow_add_kernel` (atomics here, even masked
+    off, would slow this kernel down: perf/history/staged_flush.md).
 
     One table alone (the staged backwards of `weighted_lookup` and `pre_value_gate`): HAS_GATE
     False takes act(g) = 1 (no gate), and CHUNKS_P = 0 (a lookup: grad_scores = q) or CHUNKS_V = 0
@@ -734,14 +732,12 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
     )
 
 
-# The fused backward (`_gate_lookup_bwd_kernel`), one program per token. H200, 227M shapes: with
-# atomics 2 warps 532 µs, 1 warp 563, 4 warps 533; sorted (kernel without atomics, one shared
-# sort, two one-writer-per-row segment passes) 504 µs at 2 warps; the composed path (lookup
-# accumulate, glue, gate accumulate) 598. In the compiled layer: 1.255 ms sorted, 1.263 atomics.
+# The fused backward (`_gate_lookup_bwd_kernel`), one program per token, on 2 warps (1 is
+# slower, 4 no faster: perf/history/gate_lookup.md).
 BWD_CONFIG = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 2, "EVICT_FIRST": True}
 # The fused backward holds all of a token's entries in one program (like the forward's chunk
 # kernel); above this many entries the op uses the separate lookup and gate backwards instead
-# (measured up to 128 entries in the sweep; the fused kernel only at 32).
+# (the sweep's largest entry count; the fused kernel itself was timed at 32).
 BWD_MAX_ENTRIES = 128
 
 

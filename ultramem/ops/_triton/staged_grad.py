@@ -202,8 +202,9 @@ def _sorted_block_add_kernel(
             )
 
 
-# Programs of `_overflow_add_kernel` (each loops over tokens; they stop at once when the staging
-# area had room, the usual case: one program per token cost 33 µs there at the 227M shapes).
+# Programs of `_overflow_add_kernel`: each loops over tokens, and all stop at once when the
+# staging area had room (the usual case), where one program per token would cost a launch's worth
+# of empty programs.
 OVERFLOW_PROGRAMS = 1024
 
 
@@ -302,9 +303,8 @@ def staged_lookup_backward_cuda(
     return grad_scores
 
 
-# The gate's one-table staged backward on one warp per token: 52.2 µs against 55.5 with BWD_CONFIG's
-# two (and 114.5 with four) at the 227M shapes (h200_staged_flush_e5d775e.json); the lookup's is
-# within 1 µs either way and keeps BWD_CONFIG.
+# The gate's one-table staged backward on one warp per token: faster than BWD_CONFIG's two (and
+# than four); the lookup's is as fast either way and keeps BWD_CONFIG (perf/history/staged_flush.md).
 STAGED_GATE_CONFIG = {"num_warps": 1}
 
 
@@ -425,12 +425,9 @@ def _stage(
 
 
 # The staged flush's block add (`sorted_block_add`): entries per program, columns per chunk and
-# chunks per program. H200, 31M entries of 192 columns (h200_staged_flush_007da7d.json): 6.7 ms
-# with 3 chunks of 64 against 7.3 with 1, 8.4 with 6 of 32, 8.6 with 16 entries, 11.7 with 64
-# entries and 2 warps.
-# PROGRAMS_PER_SM: programs per multiprocessor, each looping over blocks (0: one program per
-# block, no loop): 6.05 ms with 16 (8 or 32 the same, 4: 10.4) against 6.24 with one per block
-# (h200_staged_flush_ff2fe3f.json); 128-column chunks 6.16, two of them 11.5.
+# chunks per program, and PROGRAMS_PER_SM, programs per multiprocessor, each looping over blocks
+# (0: one program per block, no loop). Chosen by the launch-shape sweeps in
+# perf/history/staged_flush.md.
 BLOCK_ADD_CONFIG = {"BLOCK_J": 32, "BLOCK_D": 64, "CHUNKS": 3, "num_warps": 1, "PROGRAMS_PER_SM": 16}
 # Programs of the block add where the device has no multiprocessor count (the interpreter).
 _BLOCK_ADD_PROGRAMS_CPU = 3

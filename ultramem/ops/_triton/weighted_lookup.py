@@ -31,8 +31,8 @@ from ..determinism import deterministic_enabled
 
 _OP = "weighted_lookup"
 
-# Launch shapes. Chosen on an H200 at the 227M shapes (perf/history/weighted_lookup.md); any value is
-# correct.
+# Launch shapes, chosen by timing at the reference shapes (perf/history/weighted_lookup.md); any
+# value is correct.
 # BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step.
 FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True}
 BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4}
