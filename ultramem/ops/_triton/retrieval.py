@@ -48,7 +48,6 @@ from torch import Tensor
 
 from .._checks import check, check_index_range
 from ..retrieval import _check_args, _check_backward_args
-from ._launch import launch
 
 _log = logging.getLogger(__name__)
 _OP = "tdqkr_retrieval"
@@ -1474,6 +1473,10 @@ def _unsupported(knn: int, row_scores: Tensor, col_scores: Tensor, cores: Tensor
     return None
 
 
+def _reference(op):
+    return getattr(op, "_init_fn", op)
+
+
 def tdqkr_retrieval_cuda(
     row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
 ) -> tuple[Tensor, Tensor]:
@@ -1486,7 +1489,7 @@ def tdqkr_retrieval_cuda(
         from .. import retrieval as ref
 
         _fallback_once(reason)
-        return ref.forward_reference(row_scores, col_scores, cores, u, v, knn)
+        return _reference(ref.tdqkr_retrieval)(row_scores, col_scores, cores, u, v, knn)
     return launch_forward(row_scores, col_scores, cores, u, v, knn)
 
 
@@ -1550,6 +1553,7 @@ def launch_forward(
     cap = None
     if r * m <= 4:
         cap = FWD_MAXNREG_TILED if cand else FWD_MAXNREG_SMALL_K if small_k else None
+    limits = dict(maxnreg=cap) if cap else {}
     g = 32 * warps  # keys per register row: one per thread
     keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
     pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
@@ -1559,9 +1563,7 @@ def launch_forward(
     cand_pos = torch.empty((t * h, cand) if cand else (1,), dtype=torch.int32, device=dev)
     cand_val = torch.empty((t * h, cand) if cand else (1,), dtype=torch.float32, device=dev)
     with _device_ctx(row_scores):
-        launch(
-            _retrieval_fwd_kernel,
-            (t * h,),
+        _retrieval_fwd_kernel[(t * h,)](
             row_scores,
             *row_scores.stride(),
             col_scores,
@@ -1612,7 +1614,7 @@ def launch_forward(
             ONE_HEAD=h == 1,
             VALUE_STEPS=VALUE_STEPS,
             num_warps=warps,
-            maxnreg=cap,
+            **limits,
         )
     return ids, scores
 
@@ -1640,7 +1642,7 @@ def tdqkr_retrieval_backward_cuda(
         from .. import retrieval as ref
 
         _fallback_once(reason)
-        grads = ref.backward_reference(grad_scores, row_scores, col_scores, cores, ids)
+        grads = _reference(ref.tdqkr_retrieval_backward)(grad_scores, row_scores, col_scores, cores, ids)
         if out is None:
             return grads
         out[0].copy_(grads[0])
@@ -1700,9 +1702,7 @@ def launch_backward(
     block_k = _block_k(knn)
     vec = max(1, 16 // grad_row.element_size())  # elements per 16-byte store
     with _device_ctx(row_scores):
-        launch(
-            _retrieval_bwd_kernel,
-            (t * h,),
+        _retrieval_bwd_kernel[(t * h,)](
             grad_scores,
             *grad_scores.stride(),
             row_scores,
