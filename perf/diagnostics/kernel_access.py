@@ -1,0 +1,90 @@
+"""Which tensors Inductor thinks a Triton kernel reads and writes, on a CPU.
+
+When torch.compile traces a Triton launch (`wrap_triton` inside a `torch.library.triton_op`),
+Inductor analyses the kernel's TTIR to find the tensors it writes; every tensor it counts as
+written is cloned before the launch and copied back after it. This script runs that analysis for
+the retrieval kernels at a small shape, with a CUDA target declared (no GPU needed), and prints
+reads and writes per pointer argument. An input listed under "writes" costs a copy per call.
+
+    python -m perf.diagnostics.kernel_access
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+class _DeclaredCudaTarget:
+    """Just enough of a Triton driver to generate TTIR for sm_90 without a device."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, *args):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+class _Capture:
+    """Stands in for a kernel: records the launch's arguments instead of running it."""
+
+    def __init__(self, kernel, sink: dict):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.sink[self.kernel.fn.__name__] = (self.kernel, args, kwargs)
+
+        return call
+
+
+def retrieval_launches() -> dict:
+    from ultramem.ops._triton import retrieval as tri
+
+    captured: dict = {}
+    saved = {name: getattr(tri, name) for name in ("_retrieval_fwd_kernel", "_retrieval_bwd_kernel")}
+    try:
+        for name, kernel in saved.items():
+            setattr(tri, name, _Capture(kernel, captured))
+        t, h, n, r, m, k = 16, 1, 96, 2, 2, 8
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(t, h, n, r, generator=g).bfloat16() for _ in range(2))
+        cores, u, v = torch.randn(h, m, r, r, generator=g), torch.randn(h, r, generator=g), torch.randn(h, r, generator=g)
+        tri.launch_forward(a, b, cores, u, v, k)
+        ids = torch.randint(0, n * n, (t, h, k), generator=g)
+        tri.launch_backward(torch.randn(t, h, k, m, generator=g).bfloat16(), a, b, cores, ids)
+    finally:
+        for name, kernel in saved.items():
+            setattr(tri, name, kernel)
+    return captured
+
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+
+    triton.runtime.driver.set_active(_DeclaredCudaTarget())
+    for name, (kernel, args, kwargs) in retrieval_launches().items():
+        named = dict(zip(kernel.arg_names, args)) | kwargs
+        for option in ("num_warps", "num_stages", "maxnreg"):
+            named.pop(option, None)
+        rw = identify_accessed_tensors(kernel, named, {}).read_writes
+        reads, writes = sorted(d.name for d in rw.reads), sorted(d.name for d in rw.writes)
+        inputs_written = [p for p in writes if p in reads]
+        print(f"{name}\n  reads:  {', '.join(reads)}\n  writes: {', '.join(writes)}")
+        print(f"  inputs counted as written (cloned per traced call): {', '.join(inputs_written) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
