@@ -59,7 +59,8 @@ def retrieval_launches() -> dict:
         t, h, n, r, m, k = 16, 1, 96, 2, 2, 8
         g = torch.Generator().manual_seed(0)
         a, b = (torch.randn(t, h, n, r, generator=g).bfloat16() for _ in range(2))
-        cores, u, v = torch.randn(h, m, r, r, generator=g), torch.randn(h, r, generator=g), torch.randn(h, r, generator=g)
+        cores = torch.randn(h, m, r, r, generator=g)
+        u, v = torch.randn(h, r, generator=g), torch.randn(h, r, generator=g)
         tri.launch_forward(a, b, cores, u, v, k)
         ids = torch.randint(0, n * n, (t, h, k), generator=g)
         tri.launch_backward(torch.randn(t, h, k, m, generator=g).bfloat16(), a, b, cores, ids)
