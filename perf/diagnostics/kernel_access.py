@@ -1,4 +1,4 @@
-"""Which tensors Inductor thinks a Triton kernel reads and writes, on a CPU.
+"""Which tensors Inductor thinks a Triton kernel reads and writes, and the kernel's PTX, on a CPU.
 
 When torch.compile traces a Triton launch (`wrap_triton` inside a `torch.library.triton_op`),
 Inductor analyses the kernel's TTIR to find the tensors it writes; every tensor it counts as
@@ -6,12 +6,17 @@ written is cloned before the launch and copied back after it. This script runs t
 the retrieval kernels at a small shape, with a CUDA target declared (no GPU needed), and prints
 reads and writes per pointer argument. An input listed under "writes" costs a copy per call.
 
-    python -m perf.diagnostics.kernel_access
+With --ptx it also compiles each kernel for sm_90 as the 227M layer launches it and prints the
+number of PTX instructions and a hash of them (DWARF debug data, which holds file paths, left
+out): two revisions with the same hash run the same machine code, whatever their sources say.
+
+    python -m perf.diagnostics.kernel_access [--ptx]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 
 import torch
@@ -49,6 +54,8 @@ class _Capture:
 
 
 def retrieval_launches() -> dict:
+    """The retrieval kernels' arguments as the 227M layer launches them: 12,288 tokens, one head,
+    1138 keys a side read from GEMM outputs padded to 1152 rows, rank 2, 2 cores, k = 32."""
     from ultramem.ops._triton import retrieval as tri
 
     captured: dict = {}
@@ -56,27 +63,41 @@ def retrieval_launches() -> dict:
     try:
         for name, kernel in saved.items():
             setattr(tri, name, _Capture(kernel, captured))
-        t, h, n, r, m, k = 16, 1, 96, 2, 2, 8
+        t, h, n, r, m, k = 12288, 1, 1138, 2, 2, 32
+        a, b = (torch.empty(t, h, 1152, r, dtype=torch.bfloat16)[:, :, :n] for _ in range(2))
         g = torch.Generator().manual_seed(0)
-        a, b = (torch.randn(t, h, n, r, generator=g).bfloat16() for _ in range(2))
         cores = torch.randn(h, m, r, r, generator=g)
         u, v = torch.randn(h, r, generator=g), torch.randn(h, r, generator=g)
         tri.launch_forward(a, b, cores, u, v, k)
-        ids = torch.randint(0, n * n, (t, h, k), generator=g)
-        tri.launch_backward(torch.randn(t, h, k, m, generator=g).bfloat16(), a, b, cores, ids)
+        ids = torch.zeros(t, h, k, dtype=torch.int64)
+        tri.launch_backward(torch.empty(t, h, k, m, dtype=torch.bfloat16), a, b, cores, ids)
     finally:
         for name, kernel in saved.items():
             setattr(tri, name, kernel)
     return captured
 
 
+def ptx_summary(kernel, args, kwargs) -> tuple[int, str]:
+    """(instructions, hash of them) of the kernel compiled for the declared target."""
+    ptx = kernel.warmup(*args, grid=(1,), **kwargs).asm["ptx"]
+    code = ptx.split("Length of Unit")[0]  # the DWARF data from there on names the source files
+    lines = [ln.strip() for ln in code.splitlines()]
+    ins = [ln for ln in lines if ln[:1].isalpha() or ln[:1] == "@"]  # instructions, predicated ones too
+    return len(ins), hashlib.sha256("\n".join(ins).encode()).hexdigest()[:16]
+
+
 def main(argv=None) -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ptx", action="store_true", help="also compile for sm_90 and summarize the PTX")
+    args = parser.parse_args(argv)
     from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 
     triton.runtime.driver.set_active(_DeclaredCudaTarget())
-    for name, (kernel, args, kwargs) in retrieval_launches().items():
-        named = dict(zip(kernel.arg_names, args)) | kwargs
+    for name, (kernel, launch_args, kwargs) in retrieval_launches().items():
+        if args.ptx:
+            n_ins, digest = ptx_summary(kernel, launch_args, kwargs)
+            print(f"{name}: {n_ins} PTX instructions, sha256 {digest}")
+        named = dict(zip(kernel.arg_names, launch_args)) | kwargs
         for option in ("num_warps", "num_stages", "maxnreg"):
             named.pop(option, None)
         rw = identify_accessed_tensors(kernel, named, {}).read_writes
