@@ -11,6 +11,8 @@ Backward variants of the table gradient (issue 3):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,44 @@ def _cfg_name(cfg: dict) -> str:
         "D_CHUNKS": "chunks",
     }
     return ",".join(f"{short.get(k, k)}{v}" for k, v in cfg.items())
+
+
+@contextlib.contextmanager
+def patched(module, **consts):
+    """A launcher module's constants (its launch shapes) set to `consts` for the duration (restored
+    after); the launchers read them on every call."""
+    saved = {name: getattr(module, name) for name in consts}
+    try:
+        for name, value in consts.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def launch_shape(module, name: str, keys: dict):
+    """`module.name` (a launch-shape dict) with `keys` over it, for the duration."""
+    return patched(module, **{name: {**getattr(module, name), **keys}})
+
+
+def fused_shape(cfg: dict, backward: bool = False):
+    """gate_lookup's launches with a variant's keys: over BWD_CONFIG (`backward`), or over the
+    launch shape of the forward kernel that D_CHUNKS names (the launcher's choice by shape
+    overridden); GROUP_CHUNKS 1 runs one column chunk per group."""
+    keys, consts = dict(cfg), {}
+    group_chunks = keys.pop("GROUP_CHUNKS", None)
+    if group_chunks is not None:
+        if group_chunks != 1:
+            raise ValueError(f"GROUP_CHUNKS {group_chunks}: only 1 (CHUNK_GROUP 0) is expressible")
+        consts["CHUNK_GROUP"] = 0
+    if backward:
+        consts["BWD_CONFIG"] = {**tgl.BWD_CONFIG, **keys}
+    else:
+        chunks = bool(keys.pop("D_CHUNKS"))
+        name = "CHUNKS_CONFIG" if chunks else "ENTRY_BLOCK_CONFIG"
+        consts.update({name: {**getattr(tgl, name), **keys}, "_use_chunks": lambda *_: chunks})
+    return patched(tgl, **consts)
 
 
 class Inputs:
@@ -172,7 +212,8 @@ def min_bytes(t: int, e: int, d: int, m: int, uniq: int) -> dict:
 
 # ------------------------------------------------------------------ the run
 
-# The defaults of the launchers first, then a few neighbours (perf/diagnostics/sweep_lookup.py has more).
+# The defaults of the launchers first, then a few neighbours (perf/diagnostics/sweep_lookup.py has more),
+# each run with its keys over the launcher's module constant (as the variant names show them).
 FWD_CONFIGS = [
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True},
     {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1},
@@ -197,11 +238,23 @@ FUSED_BWD_CONFIGS = [
     {**tgl.BWD_CONFIG, "GROUP_CHUNKS": 1},
     {**tgl.BWD_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32},
 ]
+# D_CHUNKS names the kernel (`fused_shape`).
+CHUNKS = {"BLOCK_D": 64, "BLOCK_DP": 64, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0, "EVICT_FIRST": True}
+ENTRY_BLOCK = {
+    "BLOCK_T": 1,
+    "BLOCK_E": 8,
+    "BLOCK_D": 256,
+    "BLOCK_DP": 256,
+    "num_warps": 1,
+    "HOIST_V": True,
+    "EVICT_FIRST": True,
+    "D_CHUNKS": False,
+}
 FUSED_CONFIGS = [
-    tgl.CONFIG,  # the column-chunk kernel: one warp per token, all entries, 64-column chunks
-    {**tgl.CHUNKS_CONFIG, "BLOCK_D": 32, "BLOCK_DP": 32},
-    tgl.ENTRY_BLOCK_CONFIG,  # the entry-block kernel (the default before)
-    {**tgl.ENTRY_BLOCK_CONFIG, "EVICT_FIRST": False},
+    CHUNKS,  # the column-chunk kernel (the default): one warp per token, all entries, 64-column chunks
+    {**CHUNKS, "BLOCK_D": 32, "BLOCK_DP": 32},
+    ENTRY_BLOCK,  # the entry-block kernel (the default before)
+    {**ENTRY_BLOCK, "EVICT_FIRST": False},
 ]
 
 
@@ -271,15 +324,11 @@ def run(ctx) -> list[dict]:
             inp = fresh()
             ref = lookup_ref(inp.rows, inp.values, inp.scores)
             out = torch.full((t, d), float("nan"), dtype=BF16, device=dev)
-            twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32, cfg)
-            rel = ctx.check(f"lookup fwd {_cfg_name(cfg)}", out, ref)
-            add(
-                "weighted_lookup_fwd",
-                f"ours[{_cfg_name(cfg)}]",
-                ctx.do_bench(lambda: twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32, cfg)),
-                fwd_bytes,
-                rel,
-            )
+            with launch_shape(twl, "FWD_CONFIG", cfg):
+                twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32)
+                rel = ctx.check(f"lookup fwd {_cfg_name(cfg)}", out, ref)
+                us = ctx.do_bench(lambda: twl.weighted_gather(inp.rows, inp.values, inp.scores, out, torch.float32))
+            add("weighted_lookup_fwd", f"ours[{_cfg_name(cfg)}]", us, fwd_bytes, rel)
         inp = fresh()
         ref = lookup_ref(inp.rows, inp.values, inp.scores)
         for ids in (inp.rows, inp.rows.to(torch.int32)):
@@ -341,20 +390,12 @@ def run(ctx) -> list[dict]:
             buf.normal_()
             start = buf.clone()
             ctx.poison_allocator(t * e * m * 2)
-            grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False, configs={"bwd": cfg})
-            rel = check_bwd(f"lookup bwd acc {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
-            del ref_table, ref_scores, start
-            add(
-                "weighted_lookup_bwd",
-                f"ours (b) accumulate[{_cfg_name(cfg)}]",
-                ctx.do_bench(
-                    lambda: twl.lookup_table_grad(
-                        *args, buf, accumulate=True, deterministic=False, configs={"bwd": cfg}
-                    )
-                ),
-                acc_bytes,
-                rel,
-            )
+            with launch_shape(twl, "BWD_CONFIG", cfg):
+                grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False)
+                rel = check_bwd(f"lookup bwd acc {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
+                del ref_table, ref_scores, start
+                us = ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=False))
+            add("weighted_lookup_bwd", f"ours (b) accumulate[{_cfg_name(cfg)}]", us, acc_bytes, rel)
         # Atomics reorder the adds: how far apart are two runs?
         twice = []
         for _ in range(2):
@@ -394,51 +435,47 @@ def run(ctx) -> list[dict]:
                 None,
             )
         for cfg in SEGMENT_CONFIGS:
-            seg = {"segment": cfg}
-            inp = fresh()
-            args = (inp.grad_out, inp.rows, inp.values, inp.scores)
-            ref_table, ref_scores = lookup_bwd_ref(*args)
-            buf.normal_()
-            start = buf.clone()
-            grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs=seg)
-            rel = check_bwd(f"lookup bwd det {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
-            del ref_table, ref_scores
-            results = []
-            for _ in range(2):
-                buf.copy_(start)
-                gsc = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs=seg)
-                results.append((buf.clone(), gsc))
-            bitwise = bool(torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]))
-            ctx.checks.append(
-                {
-                    "name": f"lookup bwd det {_cfg_name(cfg)} bitwise repeatable",
-                    "rel_err": 0.0,
-                    "tol": 0.0,
-                    "ok": bitwise,
-                }
-            )
-            del results, start
-            add(
-                "weighted_lookup_bwd",
-                f"ours (c) det-accumulate[{_cfg_name(cfg)}]",
-                ctx.do_bench(
-                    lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, configs=seg)
-                ),
-                det_acc_bytes,
-                rel,
-                bitwise_repeatable=bitwise,
-            )
-            order = twl.sort_rows(inp.rows, n)
-            add(
-                "weighted_lookup_bwd",
-                f"ours (c) det-accumulate presorted[{_cfg_name(cfg)}]",
-                ctx.do_bench(
-                    lambda: twl.lookup_table_grad(
-                        *args, buf, accumulate=True, deterministic=True, order=order, configs=seg
-                    )
-                ),
-                det_acc_bytes,
-            )
+            with launch_shape(twl, "SEGMENT_CONFIG", cfg):
+                inp = fresh()
+                args = (inp.grad_out, inp.rows, inp.values, inp.scores)
+                ref_table, ref_scores = lookup_bwd_ref(*args)
+                buf.normal_()
+                start = buf.clone()
+                grad_scores = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True)
+                rel = check_bwd(f"lookup bwd det {_cfg_name(cfg)}", buf, grad_scores, ref_table, ref_scores, start)
+                del ref_table, ref_scores
+                results = []
+                for _ in range(2):
+                    buf.copy_(start)
+                    gsc = twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True)
+                    results.append((buf.clone(), gsc))
+                bitwise = bool(torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]))
+                ctx.checks.append(
+                    {
+                        "name": f"lookup bwd det {_cfg_name(cfg)} bitwise repeatable",
+                        "rel_err": 0.0,
+                        "tol": 0.0,
+                        "ok": bitwise,
+                    }
+                )
+                del results, start
+                add(
+                    "weighted_lookup_bwd",
+                    f"ours (c) det-accumulate[{_cfg_name(cfg)}]",
+                    ctx.do_bench(lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True)),
+                    det_acc_bytes,
+                    rel,
+                    bitwise_repeatable=bitwise,
+                )
+                order = twl.sort_rows(inp.rows, n)
+                add(
+                    "weighted_lookup_bwd",
+                    f"ours (c) det-accumulate presorted[{_cfg_name(cfg)}]",
+                    ctx.do_bench(
+                        lambda: twl.lookup_table_grad(*args, buf, accumulate=True, deterministic=True, order=order)
+                    ),
+                    det_acc_bytes,
+                )
         inp = fresh()
         args = (inp.grad_out, inp.rows, inp.values, inp.scores)
         ref_table, ref_scores = lookup_bwd_ref(*args)
@@ -480,19 +517,13 @@ def run(ctx) -> list[dict]:
             inp = fresh()
             ref = gate_ref(inp.rows, inp.pre_values, inp.x)
             out = torch.full((t, e), float("nan"), dtype=BF16, device=dev)
-            twl.gather_dots_scatter(inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out, config=cfg)
-            rel = ctx.check(f"gate fwd {_cfg_name(cfg)}", out, ref)
-            add(
-                "pre_value_gate_fwd",
-                f"ours[{_cfg_name(cfg)}]",
-                ctx.do_bench(
-                    lambda: twl.gather_dots_scatter(
-                        inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out, config=cfg
-                    )
-                ),
-                gate_bytes,
-                rel,
-            )
+            with launch_shape(twl, "DOTS_CONFIG", cfg):
+                twl.gather_dots_scatter(inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out)
+                rel = ctx.check(f"gate fwd {_cfg_name(cfg)}", out, ref)
+                us = ctx.do_bench(
+                    lambda: twl.gather_dots_scatter(inp.rows, inp.x, 1, torch.float32, table=inp.pre_values, dots=out)
+                )
+            add("pre_value_gate_fwd", f"ours[{_cfg_name(cfg)}]", us, gate_bytes, rel)
 
     guarded("pre_value_gate_fwd", "all", gate_fwd)
 
@@ -578,20 +609,16 @@ def run(ctx) -> list[dict]:
             gate64 = gate_ref(inp.rows, inp.pre_values, inp.x)
             ref = lookup_ref(inp.rows, inp.values, inp.scores.double() * F.gelu(gate64).unsqueeze(-1))
             ctx.poison_allocator(t * d * 2)
-            out, gate = tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True, cfg)
-            rel = max(
-                ctx.check(f"fused fwd {_cfg_name(cfg)} out", out, ref),
-                ctx.check(f"fused fwd {_cfg_name(cfg)} gate", gate, gate64),
-            )
-            add(
-                "gate_lookup_fwd",
-                f"ours fused[{_cfg_name(cfg)}]",
-                ctx.do_bench(
-                    lambda: tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True, cfg)
-                ),
-                fused_bytes,
-                rel,
-            )
+            with fused_shape(cfg):
+                out, gate = tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True)
+                rel = max(
+                    ctx.check(f"fused fwd {_cfg_name(cfg)} out", out, ref),
+                    ctx.check(f"fused fwd {_cfg_name(cfg)} gate", gate, gate64),
+                )
+                us = ctx.do_bench(
+                    lambda: tgl.gate_lookup_cuda(inp.rows, inp.values, inp.pre_values, inp.x, inp.scores, True)
+                )
+            add("gate_lookup_fwd", f"ours fused[{_cfg_name(cfg)}]", us, fused_bytes, rel)
 
     guarded("gate_lookup_fwd", "all", fused)
 
@@ -621,14 +648,14 @@ def run(ctx) -> list[dict]:
             grad_x = tpg.gate_table_grad(grad_g, rows, pre_values, x, bufs[1], accumulate=True, deterministic=False)
             return (grad_eff * act.unsqueeze(-1)).to(scores.dtype), grad_x
 
-        def fused_cfg(cfg, deterministic=False):
-            return lambda a: tgl.gate_lookup_backward_cuda(*a[:7], a[7], True, *bufs, cfg, deterministic)
+        def fused_cfg(deterministic=False):
+            return lambda a: tgl.gate_lookup_backward_cuda(*a[:7], a[7], True, *bufs, deterministic=deterministic)
 
-        for name, fn in (
-            [("ours composed (lookup acc, glue, gate acc)", composed)]
-            + [(f"ours fused[{_cfg_name(cfg)}]", fused_cfg(cfg)) for cfg in FUSED_BWD_CONFIGS]
+        for name, fn, shape in (
+            [("ours composed (lookup acc, glue, gate acc)", composed, contextlib.nullcontext())]
+            + [(f"ours fused[{_cfg_name(cfg)}]", fused_cfg(), fused_shape(cfg, True)) for cfg in FUSED_BWD_CONFIGS]
             + [
-                (f"ours fused deterministic (sorted)[{_cfg_name(cfg)}]", fused_cfg(cfg, True))
+                (f"ours fused deterministic (sorted)[{_cfg_name(cfg)}]", fused_cfg(True), fused_shape(cfg, True))
                 for cfg in FUSED_BWD_CONFIGS[:3]
             ]
         ):
@@ -640,15 +667,17 @@ def run(ctx) -> list[dict]:
                 b.normal_()
             starts = [b.clone() for b in bufs]
             ctx.poison_allocator(t * d * 2)
-            grad_scores, grad_x = fn(a)
-            rel = max(
-                ctx.check(f"fused bwd {name} grad_values", bufs[0].double() - starts[0].double(), refs[0]),
-                ctx.check(f"fused bwd {name} grad_pre_values", bufs[1].double() - starts[1].double(), refs[1]),
-                ctx.check(f"fused bwd {name} grad_x", grad_x, refs[2]),
-                ctx.check(f"fused bwd {name} grad_scores", grad_scores, refs[3]),
-            )
-            del refs, starts
-            add("gate_lookup_bwd", name, ctx.do_bench(lambda: fn(a)), fused_bwd_bytes, rel)
+            with shape:
+                grad_scores, grad_x = fn(a)
+                rel = max(
+                    ctx.check(f"fused bwd {name} grad_values", bufs[0].double() - starts[0].double(), refs[0]),
+                    ctx.check(f"fused bwd {name} grad_pre_values", bufs[1].double() - starts[1].double(), refs[1]),
+                    ctx.check(f"fused bwd {name} grad_x", grad_x, refs[2]),
+                    ctx.check(f"fused bwd {name} grad_scores", grad_scores, refs[3]),
+                )
+                del refs, starts
+                us = ctx.do_bench(lambda: fn(a))
+            add("gate_lookup_bwd", name, us, fused_bwd_bytes, rel)
 
     inp = fresh()
     guarded("gate_lookup_bwd", "all", fused_bwd)

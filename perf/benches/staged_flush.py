@@ -32,7 +32,7 @@ def run(ctx) -> list[dict]:
     from ultramem.ops._triton import staged_grad as tsg
     from ultramem.ops.staged_grad import GradStaging
 
-    from .lookup import _shapes
+    from .lookup import _shapes, launch_shape
 
     sh = _shapes(ctx.small)
     dev = ctx.device
@@ -122,12 +122,13 @@ def run(ctx) -> list[dict]:
                     {**base, "BLOCK_D": 256, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
                     {**base, "BLOCK_J": 64, "BLOCK_D": 128, "CHUNKS": 1, "PROGRAMS_PER_SM": 16},
                 ):
-                    us = ctx.do_bench(
-                        lambda: tsg.sorted_block_add(
-                            st.rows, st.grad_out, st.eff, buf_v, torch.float32, order=order, config=cfg
-                        ),
-                        graph=False,
-                    )
+                    with launch_shape(tsg, "BLOCK_ADD_CONFIG", cfg):
+                        us = ctx.do_bench(
+                            lambda: tsg.sorted_block_add(
+                                st.rows, st.grad_out, st.eff, buf_v, torch.float32, order=order
+                            ),
+                            graph=False,
+                        )
                     out.append(ctx.row("staged_flush", shape, f"F={f}: block add V {cfg}", us, None))
         except torch.OutOfMemoryError as exc:
             out.append(
@@ -173,6 +174,8 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
     from ultramem.ops._triton import weighted_lookup as twl
     from ultramem.ops.staged_grad import GradStaging
 
+    from .lookup import fused_shape, launch_shape
+
     dev = ctx.device
     t, e, d, m, n = sh["T"], sh["E"], sh["D"], sh["M"], sh["N"]
     kernels = dev.type == "cuda"
@@ -187,13 +190,13 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
     ops = {
         "lookup": (
             lambda: twl.weighted_lookup_backward_accumulate_cuda(buf, grad_out, rows0, table, scores),
-            lambda st, cfg=None: tsg.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st, cfg),
+            lambda st: tsg.staged_lookup_backward_cuda(grad_out, rows0, table, scores, buf, st),
             GradStaging(t, e, m, d, 0, BF16, dev),
             m,
         ),
         "gate": (
             lambda: tpg.pre_value_gate_backward_accumulate_cuda(buf, grad_gate, rows0, table, x),
-            lambda st, cfg=None: tsg.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st, cfg),
+            lambda st: tsg.staged_gate_backward_cuda(grad_gate, rows0, table, x, buf, st),
             GradStaging(t, e, 1, 0, d, BF16, dev),
             1,
         ),
@@ -210,13 +213,11 @@ def _one_table(ctx, sh: dict, layers: int, gen: torch.Generator, buf: torch.Tens
 
         us_stage = ctx.do_bench(staged_call)
         out.append(ctx.row("staged_flush", shape, f"{name} bwd, staged (with a fill reset)", us_stage, None))
+        # launch shapes: the keys over gate_lookup's BWD_CONFIG, the warps over the staged gate's too
         for cfg in ({"num_warps": 1}, {"num_warps": 4}, {"num_warps": 1, "GROUP_CHUNKS": 1}):
-
-            def staged_cfg(cfg=cfg):
-                one.fill.zero_()
-                return staged(one, cfg)
-
-            us = ctx.do_bench(staged_cfg)
+            gate_warps = {"num_warps": cfg["num_warps"]}
+            with fused_shape(cfg, backward=True), launch_shape(tsg, "STAGED_GATE_CONFIG", gate_warps):
+                us = ctx.do_bench(staged_call)
             out.append(ctx.row("staged_flush", shape, f"{name} bwd, staged {cfg}", us, None))
         # check: staged + flush against the atomics, and the same grad_scores / grad_x
         buf.zero_()

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from perf.bench_ops import gpu_time_us
+from perf.benches.lookup import fused_shape, launch_shape
 from ultramem.ops._triton import gate_lookup as tgl
 from ultramem.ops._triton import weighted_lookup as twl
 
@@ -50,40 +51,49 @@ def make_inputs(seed: int, pattern: str = "random"):
     return rows, values, pre, scores, x
 
 
+def shape_of(kind: str, cfg: dict):
+    """The launcher constants patched to run `cfg` (its keys over the kind's launch shape)."""
+    if kind == "fused":
+        return fused_shape(cfg)
+    name = {"fwd": "FWD_CONFIG", "gate": "DOTS_CONFIG", "bwd": "BWD_CONFIG", "seg": "SEGMENT_CONFIG"}[kind]
+    return launch_shape(twl, name, cfg)
+
+
 def launcher(kind: str, cfg: dict, inp):
+    """(output, fn): fn launches `kind` with `cfg`; the output is written (fn runs once here)."""
+    if kind not in ("fwd", "gate", "fused", "bwd", "seg"):
+        raise ValueError(f"unknown kernel kind {kind!r}; expected fwd, gate, fused, bwd or seg")
     rows, values, pre, scores, x = inp
+    box = {}
     if kind == "fwd":
-        out = torch.full((T, D), float("nan"), dtype=BF16, device="cuda")
-        return out, lambda: twl.weighted_gather(rows, values, scores, out, torch.float32, cfg)
-    if kind == "gate":
-        out = torch.full((T, E), float("nan"), dtype=BF16, device="cuda")
-        return out, lambda: twl.gather_dots_scatter(rows, x, 1, torch.float32, table=pre, dots=out, config=cfg)
-    if kind in ("fused", "bwd", "seg"):
-        box = {}
-        if kind == "fused":
+        box["out"] = torch.full((T, D), float("nan"), dtype=BF16, device="cuda")
 
-            def fn():
-                box["out"] = tgl.gate_lookup_cuda(rows, values, pre, x, scores, True, cfg)[0]
-        else:
-            buf = torch.zeros(N, D, dtype=torch.float32, device="cuda")
-            order = twl.sort_rows(rows, N)
+        def launch():
+            twl.weighted_gather(rows, values, scores, box["out"], torch.float32)
+    elif kind == "gate":
+        box["out"] = torch.full((T, E), float("nan"), dtype=BF16, device="cuda")
 
-            def fn():  # grad_out = x; the check looks at grad_scores
-                box["out"] = twl.lookup_table_grad(
-                    x,
-                    rows,
-                    values,
-                    scores,
-                    buf,
-                    accumulate=True,
-                    deterministic=kind == "seg",
-                    order=order,
-                    configs={"bwd": cfg, "segment": cfg},
-                )
+        def launch():
+            twl.gather_dots_scatter(rows, x, 1, torch.float32, table=pre, dots=box["out"])
+    elif kind == "fused":
 
-        fn()
-        return box, fn
-    raise ValueError(f"unknown kernel kind {kind!r}; expected fwd, gate, fused, bwd or seg")
+        def launch():
+            box["out"] = tgl.gate_lookup_cuda(rows, values, pre, x, scores, True)[0]
+    else:
+        buf = torch.zeros(N, D, dtype=torch.float32, device="cuda")
+        order = twl.sort_rows(rows, N)
+
+        def launch():  # grad_out = x; the check looks at grad_scores
+            box["out"] = twl.lookup_table_grad(
+                x, rows, values, scores, buf, accumulate=True, deterministic=kind == "seg", order=order
+            )
+
+    def fn():
+        with shape_of(kind, cfg):
+            launch()
+
+    fn()
+    return box, fn
 
 
 def reference(kind: str, inp):
@@ -160,7 +170,7 @@ def main() -> int:
         for text in SWEEP[kind]:
             out, fn = launcher(kind, parse_cfg(text), inp)
             fn()
-            got = out["out"] if isinstance(out, dict) else out
+            got = out["out"]
             rel = float((got.double() - ref).norm() / ref.norm()) if torch.isfinite(got).all() else float("inf")
             us = gpu_time_us(fn)
             results.append((kind, text, us, rel))

@@ -32,6 +32,7 @@ As a script (the fuzz tests start it in a subprocess; see tests/fuzz/test_op_fuz
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -81,6 +82,24 @@ SAFETY = 8.0
 FAMILIES = ("weighted_lookup", "pre_value_gate", "gate_lookup", "tdqkr_retrieval")
 # Small launch blocks, so that the interpreter runs the masked edges of the kernels too.
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
+
+
+@contextlib.contextmanager
+def _patched(module, **consts):
+    """A launcher module's constants set to `consts` for the duration (restored after)."""
+    saved = {name: getattr(module, name) for name in consts}
+    try:
+        for name, value in consts.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _small_blocks(module, name: str, small: bool):
+    """`module.name` (a launch-shape dict) with SMALL_BLOCKS over it when `small`."""
+    return _patched(module, **{name: {**getattr(module, name), **SMALL_BLOCKS}}) if small else contextlib.nullcontext()
 
 
 def acc_unit(*dtypes: torch.dtype) -> float:
@@ -442,7 +461,7 @@ def run_weighted_lookup(draw: Draw, case: Case, report: Report) -> None:
     fwd = lambda a: lookup64(rows, d64(table, a), d64(scores, a))  # noqa: E731
     bwd = lambda a: lookup_backward64(d64(grad_out, a), rows, d64(table, a), d64(scores, a))  # noqa: E731
     len_fwd, len_gs, len_gt = e, d // m, t * e + 1  # reduction lengths
-    config = SMALL_BLOCKS if draw.coin(0.3) else None
+    small = draw.coin(0.3)
     if path in ("dense", "autograd"):
         if case.backend == "cpu" and path == "dense":
             out = ops.weighted_lookup(rows, table, scores)
@@ -453,7 +472,8 @@ def run_weighted_lookup(draw: Draw, case: Case, report: Report) -> None:
             out.backward(grad_out)
             grad_table, grad_scores = tab.grad, sc.grad
         else:
-            out = twl.weighted_lookup_cuda(rows, table, scores, config)
+            with _small_blocks(twl, "FWD_CONFIG", small):
+                out = twl.weighted_lookup_cuda(rows, table, scores)
             with _deterministic(deterministic):
                 grad_table, grad_scores = twl.weighted_lookup_backward_cuda(grad_out, rows, table, scores)
         check("out", out, fwd, len_fwd)
@@ -525,7 +545,7 @@ def run_pre_value_gate(draw: Draw, case: Case, report: Report) -> None:
     fwd = lambda a: gate64(rows, d64(table, a), d64(x, a))  # noqa: E731
     bwd = lambda a: gate_backward64(d64(grad_gate, a), rows, d64(table, a), d64(x, a))  # noqa: E731
     len_fwd, len_gx, len_gt = d, e, t * e + 1
-    config = SMALL_BLOCKS if draw.coin(0.3) else None
+    small = draw.coin(0.3)
     if path in ("dense", "autograd"):
         if case.backend == "cpu" and path == "dense":
             gate = ops.pre_value_gate(rows, table, x)
@@ -536,7 +556,8 @@ def run_pre_value_gate(draw: Draw, case: Case, report: Report) -> None:
             gate.backward(grad_gate)
             grad_table, grad_x = tab.grad, xx.grad
         else:
-            gate = tpg.pre_value_gate_cuda(rows, table, x, config)
+            with _small_blocks(twl, "DOTS_CONFIG", small):
+                gate = tpg.pre_value_gate_cuda(rows, table, x)
             with _deterministic(deterministic):
                 grad_table, grad_x = tpg.pre_value_gate_backward_cuda(grad_gate, rows, table, x)
         check("gate", gate, fwd, len_fwd)
@@ -596,14 +617,17 @@ def run_gate_lookup(draw: Draw, case: Case, report: Report) -> None:
     if case.backend == "cpu":
         out, gate = ops.gate_lookup(rows, values, pre_values, x, scores, gelu)
     else:
-        config = draw.choice(
-            [
-                None,
-                {**SMALL_BLOCKS, "BLOCK_DP": 8, "D_CHUNKS": False},
-                {"BLOCK_D": 8, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True},
-            ]
-        )
-        out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu, config)
+        # the launcher's choice of kernel, or the entry-block / column-chunk kernel on small blocks
+        kernel = draw.choice([None, "entry-block", "column-chunk"])
+        forced = contextlib.nullcontext()
+        if kernel == "entry-block":
+            shape = {**tgl.ENTRY_BLOCK_CONFIG, **SMALL_BLOCKS, "BLOCK_DP": 8}
+            forced = _patched(tgl, _use_chunks=lambda *_: False, ENTRY_BLOCK_CONFIG=shape)
+        elif kernel == "column-chunk":
+            shape = {**tgl.CHUNKS_CONFIG, "BLOCK_D": 8, "BLOCK_DP": 8, "num_warps": 1}
+            forced = _patched(tgl, _use_chunks=lambda *_: True, CHUNKS_CONFIG=shape)
+        with forced:
+            out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
     check("out", out, lambda a: fwd(a)[0], len_out)
     check("gate", gate, lambda a: fwd(a)[1], len_gate)
     if case.backend != "cpu" and torch.float64 in dts:
@@ -710,12 +734,8 @@ def run_retrieval(draw: Draw, case: Case, report: Report) -> None:
         ids, scores = ops.tdqkr_retrieval(a, b, cores, u, v, knn, n_keys)
     elif tiled and a_dt != torch.float64 and b_dt != torch.float64 and c_dt != torch.float64:
         av, bv = (a, b) if n_keys == -1 else (a[:, :, :n_keys], b[:, :, :n_keys])
-        grid_tile = tri.GRID_TILE
-        tri.GRID_TILE = 64
-        try:
+        with _patched(tri, GRID_TILE=64):
             ids, scores = tri.launch_forward(av, bv, cores, u, v, knn)
-        finally:
-            tri.GRID_TILE = grid_tile
     else:
         ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, knn, n_keys)
     _check_selection(check, ids, scores, a[:, :, :nk_row], b[:, :, :nk_col], cores, u, v, knn, dts)

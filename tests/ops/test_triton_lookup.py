@@ -42,19 +42,45 @@ if INTERPRET:
     from ultramem.ops._triton import staged_grad as tsg
     from ultramem.ops._triton import weighted_lookup as twl
 
+# Launch shapes the tests run the kernels on, over the launchers' module constants (patched by
+# the helpers below), so that the masked edges and several blocks per program run too.
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
-SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True, "EVICT_FIRST": True, "HOIST_V": False}
-SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1, "PIECE": 2}  # runs cut every 2 entries
-# The fused entry-block kernel (the column-chunk kernel is the default).
+SMALL_BLOCKS_DFAST = {**SMALL_BLOCKS, "D_FASTEST": True, "EVICT_FIRST": True}
+SMALL_SEGMENT = {"BLOCK_J": 4, "BLOCK_D": 8, "num_warps": 1}
+# gate_lookup's forward: D_CHUNKS names the kernel (the column-chunk kernel is the default).
 ENTRY_BLOCKS = {**SMALL_BLOCKS, "BLOCK_DP": 8, "D_CHUNKS": False}
-CHUNKS = {
-    "BLOCK_D": 16,
-    "BLOCK_DP": 8,
-    "num_warps": 1,
-    "D_CHUNKS": True,
-    "HOIST_V": 0,
-    "EVICT_FIRST": True,
-}
+CHUNKS = {"BLOCK_D": 16, "BLOCK_DP": 8, "num_warps": 1, "D_CHUNKS": True, "HOIST_V": 0, "EVICT_FIRST": True}
+# gate_lookup's backward kernel (also the staged one's)
+SMALL_BWD = {"BLOCK_D": 16, "BLOCK_DP": 8, "num_warps": 1}
+
+
+def launch_shape(mp, module, name: str, keys: dict | None) -> None:
+    """`module.name`, a launcher's launch-shape constant, with `keys` over it (None: as it is)."""
+    if keys:
+        mp.setattr(module, name, {**getattr(module, name), **keys})
+
+
+def lookup_blocks(mp, blocks: dict | None) -> None:
+    """The gather kernels of weighted_lookup's module on `blocks`, and its segment kernel on
+    SMALL_SEGMENT with runs cut every 2 entries (None: the launchers' own shapes)."""
+    if blocks:
+        for name in ("FWD_CONFIG", "BWD_CONFIG", "DOTS_CONFIG"):
+            launch_shape(mp, twl, name, blocks)
+        launch_shape(mp, twl, "SEGMENT_CONFIG", SMALL_SEGMENT)
+        mp.setattr(twl, "SEGMENT_PIECE", 2)
+
+
+def gate_kernel(mp, blocks: dict | None) -> None:
+    """gate_lookup's forward on the kernel `blocks["D_CHUNKS"]` names, with the other keys over
+    its launch shape ("CHUNK_GROUP" sets that constant); None: the launcher's choice."""
+    if blocks is None:
+        return
+    keys = dict(blocks)
+    chunks = keys.pop("D_CHUNKS")
+    if "CHUNK_GROUP" in keys:
+        mp.setattr(tgl, "CHUNK_GROUP", keys.pop("CHUNK_GROUP"))
+    mp.setattr(tgl, "_use_chunks", lambda *_: chunks)
+    launch_shape(mp, tgl, "CHUNKS_CONFIG" if chunks else "ENTRY_BLOCK_CONFIG", keys)
 
 
 from op_oracles import (  # noqa: E402  (after the interpreter is set up)
@@ -120,17 +146,18 @@ LOOKUP_CASES = [
 
 @needs_interpreter
 @pytest.mark.parametrize("case", LOOKUP_CASES)
-def test_lookup_forward(case):
+def test_lookup_forward(case, monkeypatch):
     t, e, n, d, m, dtype, idx, blocks = case
+    lookup_blocks(monkeypatch, blocks)
     g = _gen(t * 100 + d + m)
     rows, table, scores = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, e, m), g, dtype)
     ref = lookup_oracle(rows, table, scores)
     out = torch.full((t, d), float("nan"), dtype=dtype)
-    twl.weighted_gather(rows, table, scores, out, torch.float64 if dtype == torch.float64 else torch.float32, blocks)
+    twl.weighted_gather(rows, table, scores, out, torch.float64 if dtype == torch.float64 else torch.float32)
     assert _rel(out, ref) < _tol(dtype)
     # The registered launcher: validation, output dtype, non-contiguous inputs.
     out2 = twl.weighted_lookup_cuda(
-        rows.t().contiguous().t(), _noncontig(table), scores.transpose(1, 2).contiguous().transpose(1, 2), blocks
+        rows.t().contiguous().t(), _noncontig(table), scores.transpose(1, 2).contiguous().transpose(1, 2)
     )
     assert out2.dtype == dtype and out2.shape == (t, d)
     assert _rel(out2, ref) < _tol(dtype)
@@ -139,18 +166,18 @@ def test_lookup_forward(case):
 @needs_interpreter
 @pytest.mark.parametrize("mode", ["atomic", "sorted"])
 @pytest.mark.parametrize("case", LOOKUP_CASES)
-def test_lookup_backward(case, mode):
+def test_lookup_backward(case, mode, monkeypatch):
     t, e, n, d, m, dtype, idx, blocks = case
+    lookup_blocks(monkeypatch, blocks)
     deterministic = mode != "atomic"
     g = _gen(t * 10 + e + d + m + len(mode))
     rows, table, scores = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, e, m), g, dtype)
     grad_out = _rand((t, d), g, dtype)
     ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    configs = {"bwd": blocks, "dots": blocks, "segment": SMALL_SEGMENT if blocks else None}
     grad_table = torch.zeros(n, d, dtype=acc)
     grad_scores = twl.lookup_table_grad(
-        grad_out, rows, table, scores, grad_table, accumulate=False, deterministic=deterministic, configs=configs
+        grad_out, rows, table, scores, grad_table, accumulate=False, deterministic=deterministic
     )
     assert grad_table.dtype == acc and grad_scores.dtype == dtype
     assert _rel(grad_table, ref_table) < _tol(dtype)
@@ -159,7 +186,7 @@ def test_lookup_backward(case, mode):
     start = _rand((n, d), g, acc)
     buf = start.clone()
     grad_scores2 = twl.lookup_table_grad(
-        grad_out, rows, table, scores, buf, accumulate=True, deterministic=deterministic, configs=configs
+        grad_out, rows, table, scores, buf, accumulate=True, deterministic=deterministic
     )
     assert _rel(buf, start.double() + ref_table) < _tol(dtype)
     assert _rel(grad_scores2, ref_scores) < _tol(dtype)
@@ -186,7 +213,7 @@ def test_lookup_backward_launchers(deterministic, monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize("piece", [3, None])
-def test_sorted_backward_hot_rows(piece):
+def test_sorted_backward_hot_rows(piece, monkeypatch):
     """Most entries on two rows (runs longer than a piece, the default 64 too): the pieces are
     summed in parallel and added in order; same result as the loops. (Bit-reproducibility needs
     a GPU to be tested: the interpreter runs programs one after another.)"""
@@ -197,18 +224,11 @@ def test_sorted_backward_hot_rows(piece):
     table, scores = _rand((n, d), g, torch.float32), _rand((t, e, m), g, torch.float32)
     grad_out = _rand((t, d), g, torch.float32)
     ref_table, ref_scores = lookup_backward_oracle(grad_out, rows, table, scores)
-    seg = {"BLOCK_J": 4, "BLOCK_D": 16, "num_warps": 1, **({"PIECE": piece} if piece else {})}
+    launch_shape(monkeypatch, twl, "SEGMENT_CONFIG", {"BLOCK_J": 4, "BLOCK_D": 16, "num_warps": 1})
+    if piece:
+        monkeypatch.setattr(twl, "SEGMENT_PIECE", piece)
     buf = torch.ones(n, d)
-    grad_scores = twl.lookup_table_grad(
-        grad_out,
-        rows,
-        table,
-        scores,
-        buf,
-        accumulate=True,
-        deterministic=True,
-        configs={"segment": seg},
-    )
+    grad_scores = twl.lookup_table_grad(grad_out, rows, table, scores, buf, accumulate=True, deterministic=True)
     assert _rel(buf, ref_table + 1) < 1e-5 and _rel(grad_scores, ref_scores) < 1e-5
 
 
@@ -263,7 +283,7 @@ def launched_grids(monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize("t,e", [(0, 3), (3, 0), (0, 0)])
-def test_no_tokens_or_entries_launch_no_empty_grid(t, e, launched_grids):
+def test_no_tokens_or_entries_launch_no_empty_grid(t, e, launched_grids, monkeypatch):
     """Every launcher on T = 0 or E = 0: outputs of the right shape (zero where they have
     elements), buffers untouched, and no kernel launched on an empty grid."""
     from ultramem.ops.staged_grad import GradStaging
@@ -288,8 +308,10 @@ def test_no_tokens_or_entries_launch_no_empty_grid(t, e, launched_grids):
     grad_table, grad_x = tpg.pre_value_gate_backward_cuda(grad_gate, rows, pre_values, x)
     assert not grad_table.any() and not grad_x.any()
     assert tpg.pre_value_gate_backward_accumulate_cuda(buf_p, grad_gate, rows, pre_values, x).shape == (t, dp)
-    for config in (None, ENTRY_BLOCKS, CHUNKS):
-        out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, True, config)
+    for blocks in (None, ENTRY_BLOCKS, CHUNKS):
+        with monkeypatch.context() as mp:
+            gate_kernel(mp, blocks)
+            out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, True)
         assert out.shape == (t, dv) and not out.any() and gate.shape == (t, e)
     for det in (False, True):
         grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
@@ -361,11 +383,12 @@ GATE_CASES = [
 
 @needs_interpreter
 @pytest.mark.parametrize("case", GATE_CASES)
-def test_gate_forward(case):
+def test_gate_forward(case, monkeypatch):
     t, e, n, d, dtype, idx, blocks = case
+    lookup_blocks(monkeypatch, blocks)
     g = _gen(t + e + d)
     rows, table, x = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, d), g, dtype)
-    gate = tpg.pre_value_gate_cuda(rows, _noncontig(table), x, blocks)
+    gate = tpg.pre_value_gate_cuda(rows, _noncontig(table), x)
     assert gate.dtype == dtype and gate.shape == (t, e)
     assert _rel(gate, gate_oracle(rows, table, x)) < _tol(dtype)
 
@@ -373,19 +396,17 @@ def test_gate_forward(case):
 @needs_interpreter
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("case", GATE_CASES)
-def test_gate_backward(case, deterministic):
+def test_gate_backward(case, deterministic, monkeypatch):
     t, e, n, d, dtype, idx, blocks = case
+    lookup_blocks(monkeypatch, blocks)
     g = _gen(t + 2 * e + d)
     rows, table, x = _rows(t, e, n, g, idx), _rand((n, d), g, dtype), _rand((t, d), g, dtype)
     grad_gate = _rand((t, e), g, dtype)
     ref_table, ref_x = gate_backward_oracle(grad_gate, rows, table, x)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    configs = {"fwd": blocks, "bwd": blocks, "segment": SMALL_SEGMENT if blocks else None}
     start = _rand((n, d), g, acc)
     buf = start.clone()
-    grad_x = tpg.gate_table_grad(
-        grad_gate, rows, table, x, buf, accumulate=True, deterministic=deterministic, configs=configs
-    )
+    grad_x = tpg.gate_table_grad(grad_gate, rows, table, x, buf, accumulate=True, deterministic=deterministic)
     assert grad_x.dtype == dtype
     assert _rel(buf, start.double() + ref_table) < _tol(dtype)
     assert _rel(grad_x, ref_x) < _tol(dtype)
@@ -400,12 +421,23 @@ FUSED_CASES = [
     # (tokens, entries, rows, vdim, pre_dim, cores, gelu, dtype, index dtype, blocks)
     (6, 5, 23, 24, 16, 2, True, torch.float32, torch.int64, None),
     (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, ENTRY_BLOCKS),
-    (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**SMALL_BLOCKS_DFAST, "BLOCK_DP": 8, "D_CHUNKS": False}),
-    # The column-chunk kernel (D_CHUNKS): entries not a power of 2, dims not multiples of the chunk
-    # (a masked last chunk), chunks within one core and chunks straddling two, several groups of
-    # chunks, V chunks hoisted before the gate, fp16, int32 ids.
+    (
+        4,
+        3,
+        9,
+        16,
+        24,
+        1,
+        True,
+        torch.float64,
+        torch.int64,
+        {**SMALL_BLOCKS_DFAST, "BLOCK_DP": 8, "HOIST_V": False, "D_CHUNKS": False},
+    ),
+    # The column-chunk kernel: entries not a power of 2, dims not multiples of the chunk (a masked
+    # last chunk), chunks within one core and chunks straddling two, several groups of chunks
+    # (CHUNK_GROUP 0: one chunk per group), V chunks hoisted before the gate, fp16, int32 ids.
     (6, 5, 23, 40, 24, 2, True, torch.float32, torch.int64, CHUNKS),
-    (6, 5, 23, 40, 24, 2, True, torch.float32, torch.int32, {**CHUNKS, "GROUP_CHUNKS": 1, "HOIST_V": 3}),
+    (6, 5, 23, 40, 24, 2, True, torch.float32, torch.int32, {**CHUNKS, "CHUNK_GROUP": 0, "HOIST_V": 3}),
     (5, 7, 11, 24, 20, 3, False, torch.float16, torch.int32, {**CHUNKS, "HOIST_V": 1}),
     (
         3,
@@ -417,7 +449,7 @@ FUSED_CASES = [
         True,
         torch.float16,
         torch.int32,
-        {**CHUNKS, "BLOCK_DP": 16, "GROUP_CHUNKS": 2, "HOIST_V": 1},
+        {**CHUNKS, "BLOCK_DP": 16, "CHUNK_GROUP": 2 * 16 * 16, "HOIST_V": 1},  # two 16 x 16 chunks per group
     ),
     (4, 3, 9, 16, 24, 1, True, torch.float64, torch.int64, {**CHUNKS, "EVICT_FIRST": False}),
     (3, 1, 5, 8, 8, 1, True, torch.float32, torch.int64, CHUNKS),
@@ -426,22 +458,6 @@ FUSED_CASES = [
     (2, 40, 50, 16, 8, 2, True, torch.float32, torch.int64, None),
     (2, 40, 50, 264, 8, 2, True, torch.float32, torch.int32, None),
 ]
-
-
-@needs_interpreter
-def test_gate_lookup_config_must_name_its_kernel():
-    g = _gen(3)
-    rows = _rows(2, 3, 10, g, torch.int64)
-    with pytest.raises(ValueError, match="D_CHUNKS"):
-        tgl.gate_lookup_cuda(
-            rows,
-            _rand((10, 8), g, torch.float32),
-            _rand((10, 8), g, torch.float32),
-            _rand((2, 8), g, torch.float32),
-            _rand((2, 3, 2), g, torch.float32),
-            True,
-            {"BLOCK_D": 8},
-        )
 
 
 @needs_interpreter
@@ -466,14 +482,15 @@ def test_gate_lookup_default_kernel_by_shape(monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize("case", FUSED_CASES)
-def test_gate_lookup_forward(case):
+def test_gate_lookup_forward(case, monkeypatch):
     t, e, n, dv, dp, m, gelu, dtype, idx, blocks = case
+    gate_kernel(monkeypatch, blocks)
     g = _gen(t + e + dv + dp)
     rows = _rows(t, e, n, g, idx)
     values, pre_values = _rand((n, dv), g, dtype), _rand((n, dp), g, dtype)
     x, scores = _rand((t, dp), g, dtype), _rand((t, e, m), g, dtype)
     ref_out, ref_gate = gate_lookup_oracle(rows, values, pre_values, x, scores, gelu)
-    out, gate = tgl.gate_lookup_cuda(rows, values, _noncontig(pre_values), x, scores, gelu, blocks)
+    out, gate = tgl.gate_lookup_cuda(rows, values, _noncontig(pre_values), x, scores, gelu)
     assert out.dtype == dtype and gate.dtype == dtype
     assert _rel(out, ref_out) < _tol(dtype)
     assert _rel(gate, ref_gate) < _tol(dtype)
@@ -485,6 +502,7 @@ def test_gate_lookup_out_of_range_rows_contribute_nothing(blocks, monkeypatch):
     """Bad ids give a gate of 0 and no output contribution; they are never dereferenced. (The
     launcher's range check runs on CPU tensors; on CUDA it is off outside debug mode.)"""
     monkeypatch.setattr(tgl, "check_index_range", lambda *args: None)
+    gate_kernel(monkeypatch, blocks)
     g = _gen(17)
     t, e, n, dv, dp, m = 4, 5, 10, 24, 16, 2
     rows = _rows(t, e, n, g, torch.int64)
@@ -499,13 +517,14 @@ def test_gate_lookup_out_of_range_rows_contribute_nothing(blocks, monkeypatch):
     ref_out, ref_gate = gate_lookup_oracle(rows, values, pre_values, x, keep, True)
     for ti, ei in ((0, 0), (2, 4), (3, 1)):
         ref_gate[ti, ei] = 0
-    out, gate = tgl.gate_lookup_cuda(bad, values, pre_values, x, scores, True, blocks)
+    out, gate = tgl.gate_lookup_cuda(bad, values, pre_values, x, scores, True)
     assert _rel(out, ref_out) < 1e-5 and _rel(gate, ref_gate) < 1e-5
 
 
 @needs_interpreter
-def test_gate_lookup_chunks_mixed_dtypes_and_layouts():
+def test_gate_lookup_chunks_mixed_dtypes_and_layouts(monkeypatch):
     """bf16 tables, fp32 activations (the layers' compute copy), transposed ids and scores."""
+    gate_kernel(monkeypatch, CHUNKS)
     g = _gen(23)
     t, e, n, dv, dp, m = 5, 6, 19, 32, 24, 2
     rows = _rows(t, e, n, g, torch.int32)
@@ -519,17 +538,17 @@ def test_gate_lookup_chunks_mixed_dtypes_and_layouts():
         _noncontig(x),
         scores.transpose(1, 2).contiguous().transpose(1, 2),
         True,
-        CHUNKS,
     )
     assert out.dtype == torch.float32 and gate.dtype == torch.float32
     assert _rel(out, ref_out) < 1e-5 and _rel(gate, ref_gate) < 1e-5
 
 
 @needs_interpreter
-def test_gate_lookup_chunks_no_entries():
+def test_gate_lookup_chunks_no_entries(monkeypatch):
+    gate_kernel(monkeypatch, CHUNKS)
     rows = torch.zeros(3, 0, dtype=torch.int64)
     out, gate = tgl.gate_lookup_cuda(
-        rows, torch.randn(5, 8), torch.randn(5, 4), torch.randn(3, 4), torch.zeros(3, 0, 2), True, CHUNKS
+        rows, torch.randn(5, 8), torch.randn(5, 4), torch.randn(3, 4), torch.zeros(3, 0, 2), True
     )
     assert out.shape == (3, 8) and (out == 0).all() and gate.shape == (3, 0)
 
@@ -537,11 +556,12 @@ def test_gate_lookup_chunks_no_entries():
 # ----------------------------------------------------------------------------- gate_lookup backward
 
 FUSED_BWD_CASES = [
-    # (tokens, entries, rows, vdim, pre_vdim, cores, gelu, dtype, index dtype, grad_gate, config)
+    # (tokens, entries, rows, vdim, pre_vdim, cores, gelu, dtype, index dtype, grad_gate, launch shape:
+    # keys over BWD_CONFIG, or "CHUNK_GROUP", or "segment" over weighted_lookup's SEGMENT_CONFIG)
     (5, 6, 13, 24, 16, 2, True, torch.float32, torch.int64, True, {"BLOCK_D": 8, "BLOCK_DP": 8}),
     (4, 7, 9, 24, 20, 3, False, torch.float32, torch.int32, False, {"BLOCK_D": 16, "BLOCK_DP": 8}),  # chunks span cores
     (3, 5, 11, 32, 24, 4, True, torch.float16, torch.int64, True, None),
-    (6, 3, 8, 16, 8, 1, True, torch.float32, torch.int32, True, {"BLOCK_D": 8, "GROUP_CHUNKS": 1}),
+    (6, 3, 8, 16, 8, 1, True, torch.float32, torch.int32, True, {"BLOCK_D": 8, "CHUNK_GROUP": 0}),
     # sorted path: two positions per segment program, split columns
     (
         5,
@@ -562,10 +582,15 @@ FUSED_BWD_CASES = [
 @needs_interpreter
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("case", FUSED_BWD_CASES)
-def test_gate_lookup_backward(case, deterministic):
+def test_gate_lookup_backward(case, deterministic, monkeypatch):
     """Both tables' gradients added into buffers that already hold something, grad_x and
     grad_scores returned, all against the float64 loops; atomics, or sorted (deterministic)."""
     t, e, n, dv, dp, m, gelu, dtype, idx, with_grad_gate, config = case
+    keys = dict(config or {})
+    launch_shape(monkeypatch, twl, "SEGMENT_CONFIG", keys.pop("segment", None))
+    if "CHUNK_GROUP" in keys:
+        monkeypatch.setattr(tgl, "CHUNK_GROUP", keys.pop("CHUNK_GROUP"))
+    launch_shape(monkeypatch, tgl, "BWD_CONFIG", keys)
     g = _gen(t * e + dv + m)
     rows = _rows(t, e, n, g, idx)
     values, pre_values = _rand((n, dv), g, dtype), _rand((n, dp), g, dtype)
@@ -576,7 +601,7 @@ def test_gate_lookup_backward(case, deterministic):
     start_v, start_p = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
     buf_v, buf_p = start_v.clone(), start_p.clone()
     grad_scores, grad_x = tgl.gate_lookup_backward_cuda(
-        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, buf_v, buf_p, config, deterministic
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, buf_v, buf_p, deterministic
     )
     want = gate_lookup_backward_oracle(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu)
     assert grad_scores.dtype == dtype and grad_x.dtype == dtype
@@ -657,7 +682,7 @@ def test_gate_lookup_backward_no_entries():
         (25, 3, 17, 40, 2, torch.float32, 8, 16, 2),
     ],
 )
-def test_sorted_block_add(case):
+def test_sorted_block_add(case, monkeypatch):
     """grad_table[row] += Σ scores · g[token] over row-sorted blocks (runs crossing blocks, a
     few hot rows, ids out of range skipped, several column chunks per program, one past the
     last column) against float64 loops."""
@@ -677,14 +702,9 @@ def test_sorted_block_add(case):
                 want[r] += s3[ti, ei].repeat_interleave(d // m) * src[ti].double()
     buf = start.clone()
     # programs looping over blocks (3 under the interpreter), and one program per block (chunks 2)
-    config = {
-        "BLOCK_J": bj,
-        "BLOCK_D": bd,
-        "CHUNKS": chunks,
-        "num_warps": 1,
-        "PROGRAMS_PER_SM": 0 if chunks == 2 else 1,
-    }
-    tsg.sorted_block_add(rows, src, scores, buf, torch.float32, config=config)
+    shape = {"BLOCK_J": bj, "BLOCK_D": bd, "CHUNKS": chunks, "num_warps": 1, "PROGRAMS_PER_SM": 0 if chunks == 2 else 1}
+    launch_shape(monkeypatch, tsg, "BLOCK_ADD_CONFIG", shape)
+    tsg.sorted_block_add(rows, src, scores, buf, torch.float32)
     assert _rel(buf - start, want - start.double()) < _tol(dtype)
 
 
@@ -698,13 +718,14 @@ def test_sorted_block_add(case):
         (torch.float32, 3, 24, 40, 3, True),
     ],
 )
-def test_gate_lookup_backward_staged_then_flushed(case):
+def test_gate_lookup_backward_staged_then_flushed(case, monkeypatch):
     """Three backwards into a staging area with room for two: the first two are staged (no
     table writes), the third adds with atomics; after the flush (sort + block adds) both
     buffers hold the sum of all three, grad_x and grad_scores come out as without staging."""
     from ultramem.ops.staged_grad import GradStaging
 
     dtype, e, dv, dp, m, gelu = case
+    launch_shape(monkeypatch, tgl, "BWD_CONFIG", SMALL_BWD)
     t, n = 6, 9
     g = _gen(17 + e + m)
     values, pre_values = _rand((n, dv), g, dtype), _rand((n, dp), g, dtype)
@@ -721,7 +742,7 @@ def test_gate_lookup_backward_staged_then_flushed(case):
         want_v += want[0]
         want_p += want[1]
         grad_scores, grad_x = tsg.staged_gate_lookup_backward_cuda(
-            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, buf_v, buf_p, staging, CHUNKS
+            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, buf_v, buf_p, staging
         )
         assert _rel(grad_x, want[2]) < _tol(dtype) and _rel(grad_scores, want[3]) < _tol(dtype)
         assert staging.staged_tokens() == min(call + 1, 2) * t
@@ -742,7 +763,7 @@ def test_gate_lookup_backward_staged_then_flushed(case):
 @needs_interpreter
 @pytest.mark.parametrize("op", ["lookup", "gate"])
 @pytest.mark.parametrize("case", [(torch.float32, 5, 24, 2), (torch.float16, 7, 16, 1), (torch.float32, 3, 40, 4)])
-def test_one_table_backward_staged_then_flushed(op, case):
+def test_one_table_backward_staged_then_flushed(op, case, monkeypatch):
     """`weighted_lookup`'s and `pre_value_gate`'s staged backwards (the fused backward kernel
     with one table): three calls into a staging area with room for two, the third added with
     atomics; after the flush the buffer holds all three, and grad_scores / grad_x are those of
@@ -750,6 +771,7 @@ def test_one_table_backward_staged_then_flushed(op, case):
     from ultramem.ops.staged_grad import GradStaging
 
     dtype, e, d, m = case
+    launch_shape(monkeypatch, tgl, "BWD_CONFIG", SMALL_BWD)
     m = m if op == "lookup" else 1
     t, n = 6, 9
     g = _gen(31 + e + d + m + len(op))
@@ -766,11 +788,11 @@ def test_one_table_backward_staged_then_flushed(op, case):
         if op == "lookup":
             scores = _rand((t, e, m), g, dtype)
             want = lookup_backward_oracle(src, rows.clamp(max=n - 1), table, scores * (rows < n)[..., None])
-            grad = tsg.staged_lookup_backward_cuda(src, rows, table, scores, buf, staging, CHUNKS)
+            grad = tsg.staged_lookup_backward_cuda(src, rows, table, scores, buf, staging)
         else:
             grad_gate = _rand((t, e), g, dtype)
             want = gate_backward_oracle(grad_gate * (rows < n), rows.clamp(max=n - 1), table, src)
-            grad = tsg.staged_gate_backward_cuda(grad_gate, rows, table, src, buf, staging, CHUNKS)
+            grad = tsg.staged_gate_backward_cuda(grad_gate, rows, table, src, buf, staging)
         want_table += want[0]
         if op == "lookup":  # an out-of-range entry's dots are 0
             oor = (rows >= n)[..., None]

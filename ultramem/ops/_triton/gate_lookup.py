@@ -8,7 +8,7 @@ forms the gate in registers, and folds it into the weights of the V rows it gath
 neither the gate nor the effective scores go through memory in between. When V is wider than
 one column block, every column block recomputes the gate (only the first one stores it).
 
-With `D_CHUNKS` in the config a second kernel runs instead: one program (one warp) per token
+At most shapes a second kernel runs instead (`_use_chunks`): one program (one warp) per token
 holds all of the token's entries at once and walks the columns in chunks, so no lane is masked
 when the dims are not powers of 2 and all P chunks of all entries are in flight together.
 
@@ -31,7 +31,9 @@ from .weighted_lookup import _block_d, _core_weights, _tl_acc
 
 _OP = "gate_lookup"
 
-# The entry-block kernel (D_CHUNKS False).
+# Launch shapes of the kernels; the launchers read them on every call (sweeps and tests patch them).
+# The entry-block kernel. D_FASTEST puts a token's column blocks next to each other in the grid
+# (no faster at the reference shapes).
 ENTRY_BLOCK_CONFIG = {
     "BLOCK_T": 1,
     "BLOCK_E": 8,
@@ -40,25 +42,22 @@ ENTRY_BLOCK_CONFIG = {
     "num_warps": 1,
     "HOIST_V": True,
     "EVICT_FIRST": True,
-    "D_CHUNKS": False,
+    "D_FASTEST": False,
 }
 
-# The column-chunk kernel (D_CHUNKS True): a token waits for 3 memory round trips (ids; all P
-# loads; all V loads) instead of the entry-block kernel's 5, and no lane idles on D = 192. No
-# register cap: ptxas's own choice is as fast, and a forced cap can spill at other shapes
-# (perf/history/gate_lookup.md).
+# The column-chunk kernel: a token waits for 3 memory round trips (ids; all P loads; all V loads)
+# instead of the entry-block kernel's 5, and no lane idles on D = 192. No register cap: ptxas's
+# own choice is as fast, and a forced cap can spill at other shapes (perf/history/gate_lookup.md).
 CHUNKS_CONFIG = {
     "BLOCK_D": 64,
     "BLOCK_DP": 64,
     "num_warps": 1,
-    "D_CHUNKS": True,
     "HOIST_V": 0,
     "EVICT_FIRST": True,
 }
-# The default: the column-chunk kernel, except for many entries with narrow rows, where its one
+# The column-chunk kernel runs by default, except for many entries with narrow rows, where its one
 # warp per token holds too many entries and the entry-block kernel is faster (the shape sweep in
 # perf/history/gate_lookup.md).
-CONFIG = CHUNKS_CONFIG
 CHUNKS_MAX_ENTRIES = 32  # above this, narrow rows go to the entry-block kernel
 CHUNKS_MAX_ENTRIES_WIDE = 128  # above this, all rows do
 WIDE_ROW = 256  # "wide": vdim or pre_vdim above this
@@ -627,20 +626,13 @@ def _tensor_args(*tensors: Tensor) -> list:
 
 
 def gate_lookup_cuda(
-    rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool, config: dict | None = None
+    rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool
 ) -> tuple[Tensor, Tensor]:
     # Imported late: the op module imports this one at its end to register the kernel.
     from ..gate_lookup import _check_args  # noqa: PLC0415
 
     _check_args(rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
-    config = config or {}
-    if config and "D_CHUNKS" not in config:  # the two kernels read the same keys differently
-        raise ValueError(
-            f"gate_lookup: a config must say which kernel it is for (D_CHUNKS True or False), got {config}"
-        )
-    chunks = config.get("D_CHUNKS", _use_chunks(rows.shape[1], values.shape[1], pre_values.shape[1]))
-    cfg = {**(CHUNKS_CONFIG if chunks else ENTRY_BLOCK_CONFIG), **config, "D_CHUNKS": bool(chunks)}
     t, e = rows.shape
     n, dv = values.shape
     dp = pre_values.shape[1]
@@ -650,13 +642,14 @@ def gate_lookup_cuda(
     if t == 0:
         return out, gate
     acc = acc_dtype(values, pre_values, x, scores)
-    if cfg.get("D_CHUNKS", False):
-        _launch_chunks(rows, values, pre_values, x, scores, out, gate, bool(gelu), acc, cfg)
+    if _use_chunks(e, dv, dp):
+        _launch_chunks(rows, values, pre_values, x, scores, out, gate, bool(gelu), acc)
         return out, gate
+    cfg = ENTRY_BLOCK_CONFIG
     bt, be = cfg["BLOCK_T"], cfg["BLOCK_E"]
     bd, bdp = _block_d(cfg["BLOCK_D"], max(dv, 1)), _block_d(cfg["BLOCK_DP"], max(dp, 1))
     n_d = max(1, triton.cdiv(dv, bd))
-    d_fastest = bool(cfg.get("D_FASTEST", False)) and dv > 0
+    d_fastest = bool(cfg["D_FASTEST"]) and dv > 0
     grid = (triton.cdiv(t, bt) * n_d, 1) if d_fastest else (triton.cdiv(t, bt), n_d)
     _gate_lookup_fwd_kernel[grid](
         *_tensor_args(rows, values, pre_values, x, scores, out, gate),
@@ -674,8 +667,8 @@ def gate_lookup_cuda(
         BLOCK_DP=bdp,
         D_FASTEST=d_fastest,
         SUM_ONCE=dp > bdp,
-        HOIST_V=bool(cfg.get("HOIST_V", False)),
-        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)),
+        HOIST_V=bool(cfg["HOIST_V"]),
+        EVICT_FIRST=bool(cfg["EVICT_FIRST"]),
         ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )
@@ -683,13 +676,14 @@ def gate_lookup_cuda(
 
 
 def _chunk_plan(e: int, values: Tensor, pre_values: Tensor, cfg: dict) -> dict:
-    """Block sizes of the column-chunk kernels: BLOCK_E covers all entries, the column chunks
-    shrink when entries x chunk would exceed CHUNK_TILE, and a group of chunks in flight together
-    holds at most CHUNK_GROUP elements per table (or `GROUP_CHUNKS` chunks)."""
+    """Block sizes of the column-chunk kernels (`cfg`: CHUNKS_CONFIG or BWD_CONFIG): BLOCK_E
+    covers all entries, the column chunks shrink when entries x chunk would exceed CHUNK_TILE, and
+    a group of chunks in flight together holds at most CHUNK_GROUP elements per table (at least
+    one chunk)."""
     dv, dp = values.shape[1], pre_values.shape[1]
     be = triton.next_power_of_2(max(e, 1))
-    bd = _block_d(cfg.get("BLOCK_D", 64), dv)
-    bdp = _block_d(cfg.get("BLOCK_DP", cfg.get("BLOCK_D", 64)), dp)
+    bd = _block_d(cfg["BLOCK_D"], dv)
+    bdp = _block_d(cfg["BLOCK_DP"], dp)
     # The limits are sized for 2-byte tables; 4-byte values take twice the registers each.
     wide = max(values.element_size(), pre_values.element_size()) // 2 or 1
     tile, group = CHUNK_TILE // wide, CHUNK_GROUP // wide
@@ -704,13 +698,14 @@ def _chunk_plan(e: int, values: Tensor, pre_values: Tensor, cfg: dict) -> dict:
         BLOCK_DP=bdp,
         CHUNKS_V=chunks_v,
         CHUNKS_P=chunks_p,
-        GROUP_V=max(1, min(chunks_v, cfg.get("GROUP_CHUNKS") or group // (be * bd))),
-        GROUP_P=max(1, min(chunks_p, cfg.get("GROUP_CHUNKS") or group // (be * bdp))),
+        GROUP_V=max(1, min(chunks_v, group // (be * bd))),
+        GROUP_P=max(1, min(chunks_p, group // (be * bdp))),
     )
 
 
-def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cfg) -> None:
+def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc) -> None:
     """`_gate_lookup_fwd_chunks_kernel`: one program per token (blocks from `_chunk_plan`)."""
+    cfg = CHUNKS_CONFIG
     t, e = rows.shape
     dv = values.shape[1]
     m = scores.shape[2]
@@ -724,10 +719,10 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc, cf
         DM=max(dv // m, 1),
         M=m,
         GELU=gelu,
-        HOIST_V=min(int(cfg.get("HOIST_V", 0)), plan["GROUP_V"]),
-        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)),
+        HOIST_V=min(int(cfg["HOIST_V"]), plan["GROUP_V"]),
+        EVICT_FIRST=bool(cfg["EVICT_FIRST"]),
         ACC=_tl_acc(acc),
-        num_warps=int(cfg.get("num_warps", 1)),
+        num_warps=int(cfg["num_warps"]),
         **plan,
     )
 
@@ -753,7 +748,6 @@ def gate_lookup_backward_cuda(
     gelu: bool,
     grad_values: Tensor,
     grad_pre_values: Tensor,
-    config: dict | None = None,
     deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The backward of gate_lookup: adds the tables' gradients into grad_values and
@@ -795,13 +789,12 @@ def gate_lookup_backward_cuda(
         has_gate=True,
         acc=acc,
         scatter=not deterministic,
-        config=config,
+        cfg=BWD_CONFIG,
     )
     if deterministic:
-        cfg = {**BWD_CONFIG, **(config or {})}
         order = _wl.sort_rows(rows, values.shape[0])
         for g, w, buf in ((grad_out, eff, grad_values), (x, grad_g, grad_pre_values)):
-            _wl.segment_scatter(rows, g, w, buf, acc, accumulate=True, order=order, config=cfg.get("segment"))
+            _wl.segment_scatter(rows, g, w, buf, acc, accumulate=True, order=order)
     return grad_scores, grad_x
 
 
@@ -825,15 +818,15 @@ def _launch_backward(
     has_gate: bool,
     acc: torch.dtype,
     scatter: bool,
-    config: dict | None,
+    cfg: dict,
     staging=None,
 ) -> tuple[Tensor, Tensor] | None:
-    """`_gate_lookup_bwd_kernel` (one program per token). A table of 0 columns is absent (its
-    pass is skipped). Without staging and without `scatter`, eff / grad_g receive the effective
-    scores and grad_g. With `staging` (a `GradStaging`) the kernel stages instead of writing the
-    tables, and this returns where it put the effective scores and grad_g of tokens that found
-    no room (for `staged_grad`'s overflow kernel); else None."""
-    cfg = {**BWD_CONFIG, **(config or {})}
+    """`_gate_lookup_bwd_kernel` (one program per token) on the launch shape `cfg` (BWD_CONFIG, or
+    the staged gate backward's). A table of 0 columns is absent (its pass is skipped). Without
+    staging and without `scatter`, eff / grad_g receive the effective scores and grad_g. With
+    `staging` (a `GradStaging`) the kernel stages instead of writing the tables, and this returns
+    where it put the effective scores and grad_g of tokens that found no room (for
+    `staged_grad`'s overflow kernel); else None."""
     t, e = rows.shape
     dv, dp = values.shape[1], pre_values.shape[1]
     m = scores.shape[2]
@@ -881,9 +874,9 @@ def _launch_backward(
         SCATTER=scatter and staging is None,
         STAGED=staging is not None,
         HAS_GATE=has_gate,
-        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", True)),
+        EVICT_FIRST=bool(cfg["EVICT_FIRST"]),
         ACC=_tl_acc(acc),
-        num_warps=int(cfg.get("num_warps", 1)),
+        num_warps=int(cfg["num_warps"]),
         **plan,
     )
     if staging is not None:

@@ -19,13 +19,13 @@ from . import weighted_lookup as _wl
 _OP = "pre_value_gate"
 
 
-def pre_value_gate_cuda(rows: Tensor, table: Tensor, x: Tensor, config: dict | None = None) -> Tensor:
+def pre_value_gate_cuda(rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
     check_gate_args(_OP, rows, table, x)
     check_index_range(rows, table.shape[0], _OP, "rows")
     gate = x.new_empty(rows.shape)
     if table.shape[1] == 0:
         return gate.zero_()
-    _wl.gather_dots_scatter(rows, x, 1, acc_dtype(table, x), table=table, dots=gate, config=config)
+    _wl.gather_dots_scatter(rows, x, 1, acc_dtype(table, x), table=table, dots=gate)
     return gate
 
 
@@ -39,23 +39,19 @@ def gate_table_grad(
     accumulate: bool,
     deterministic: bool | None = None,
     order: tuple[Tensor, Tensor] | None = None,
-    configs: dict | None = None,
 ) -> Tensor:
     """Adds grad_P into grad_table (pre-zeroed when not `accumulate`); returns grad_x in x's dtype."""
-    configs = configs or {}
     if deterministic is None:
         deterministic = deterministic_enabled()
     acc = acc_dtype(table, x, grad_gate)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows.shape[1] == 0:
         return grad_x.zero_()
-    _wl.weighted_gather(rows, table, grad_gate, grad_x, acc, configs.get("fwd"))
+    _wl.weighted_gather(rows, table, grad_gate, grad_x, acc)
     if deterministic:
-        _wl.segment_scatter(
-            rows, x, grad_gate, grad_table, acc, accumulate=accumulate, order=order, config=configs.get("segment")
-        )
+        _wl.segment_scatter(rows, x, grad_gate, grad_table, acc, accumulate=accumulate, order=order)
     else:
-        _wl.gather_dots_scatter(rows, x, 1, acc, scores=grad_gate, grad_table=grad_table, config=configs.get("bwd"))
+        _wl.gather_dots_scatter(rows, x, 1, acc, scores=grad_gate, grad_table=grad_table)
     return grad_x
 
 

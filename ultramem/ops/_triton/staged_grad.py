@@ -224,7 +224,6 @@ def staged_gate_lookup_backward_cuda(
     grad_values: Tensor,
     grad_pre_values: Tensor,
     staging,
-    config: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`gate_lookup`'s backward with both tables' gradients staged (a `GradStaging` with both
     halves): no table writes; the kernel stages each entry's row, effective scores act(g)·s and
@@ -257,7 +256,7 @@ def staged_gate_lookup_backward_cuda(
         has_gate=True,
         acc=acc_dtype(values, pre_values, x, scores),
         staging=staging,
-        config=config,
+        cfg=_tgl.BWD_CONFIG,
     )
     return grad_scores, grad_x
 
@@ -269,7 +268,6 @@ def staged_lookup_backward_cuda(
     scores: Tensor,
     grad_values: Tensor,
     staging,
-    config: dict | None = None,
 ) -> Tensor:
     """`weighted_lookup`'s backward with its table gradient staged (a values-only `GradStaging`):
     the backward kernel's values pass alone, no gate (grad_scores = the row dots); returns
@@ -298,7 +296,7 @@ def staged_lookup_backward_cuda(
         has_gate=False,
         acc=acc_dtype(values, scores, grad_out),
         staging=staging,
-        config=config,
+        cfg=_tgl.BWD_CONFIG,
     )
     return grad_scores
 
@@ -315,7 +313,6 @@ def staged_gate_backward_cuda(
     x: Tensor,
     grad_pre_values: Tensor,
     staging,
-    config: dict | None = None,
 ) -> Tensor:
     """`pre_value_gate`'s backward with its table gradient staged (a pre-values-only
     `GradStaging`): the backward kernel's pre-values pass alone with grad_g = grad_gate; returns
@@ -345,7 +342,7 @@ def staged_gate_backward_cuda(
         has_gate=False,
         acc=acc_dtype(pre_values, x, grad_gate),
         staging=staging,
-        config={**STAGED_GATE_CONFIG, **(config or {})},
+        cfg={**_tgl.BWD_CONFIG, **STAGED_GATE_CONFIG},
     )
     return grad_x
 
@@ -370,7 +367,7 @@ def _stage(
     has_gate: bool,
     acc: torch.dtype,
     staging,
-    config: dict | None,
+    cfg: dict,
 ) -> None:
     """The staged backward kernel (`gate_lookup._launch_backward` with `staging`; eff / grad_g
     stand in for an absent half), then the overflow kernel and the fill update."""
@@ -393,7 +390,7 @@ def _stage(
         has_gate=has_gate,
         acc=acc,
         scatter=False,
-        config=config,
+        cfg=cfg,
         staging=staging,
     )
     t, e = rows.shape
@@ -450,7 +447,6 @@ def sorted_block_add(
     *,
     order: tuple[Tensor, Tensor] | None = None,
     limit: Tensor | None = None,
-    config: dict | None = None,
 ) -> None:
     """grad_table[row] += Σ over the row's entries of scores · g[token] (`_sorted_block_add_kernel`:
     blocks of row-sorted entries, one atomic add per row and block). For many entries whose
@@ -460,11 +456,11 @@ def sorted_block_add(
     n, d = grad_table.shape
     if t == 0 or e == 0 or d == 0:
         return
-    cfg = {**BLOCK_ADD_CONFIG, **(config or {})}
+    cfg = BLOCK_ADD_CONFIG
     (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
     bj, bd = cfg["BLOCK_J"], _block_d(cfg["BLOCK_D"], d)
-    chunks = max(1, min(int(cfg.get("CHUNKS", 1)), triton.cdiv(d, bd)))
-    programs = _block_add_programs(triton.cdiv(t * e, bj), grad_table.device, int(cfg.get("PROGRAMS_PER_SM", 0)))
+    chunks = max(1, min(int(cfg["CHUNKS"]), triton.cdiv(d, bd)))
+    programs = _block_add_programs(triton.cdiv(t * e, bj), grad_table.device, int(cfg["PROGRAMS_PER_SM"]))
     _sorted_block_add_kernel[(programs, triton.cdiv(d, bd * chunks))](
         sorted_ids,
         perm,

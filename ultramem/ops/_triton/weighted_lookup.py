@@ -32,9 +32,10 @@ from ..determinism import deterministic_enabled
 _OP = "weighted_lookup"
 
 # Launch shapes, chosen by timing at the reference shapes (perf/history/weighted_lookup.md); any
-# value is correct.
-# BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step.
-FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True}
+# value is correct, and the launchers read them on every call (sweeps and tests patch them).
+# BLOCK_T tokens x BLOCK_E entries x BLOCK_D columns are gathered per loop step. D_FASTEST puts a
+# token's column blocks next to each other in the grid (no faster at the reference shapes).
+FWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 32, "BLOCK_D": 64, "num_warps": 1, "EVICT_FIRST": True, "D_FASTEST": False}
 BWD_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 8, "BLOCK_D": 256, "num_warps": 4}
 DOTS_CONFIG = {"BLOCK_T": 1, "BLOCK_E": 4, "BLOCK_D": 256, "num_warps": 1}
 SEGMENT_CONFIG = {"BLOCK_J": 4, "BLOCK_D": 256, "num_warps": 1}
@@ -384,18 +385,16 @@ def _scores3(s: Tensor) -> tuple[Tensor, tuple[int, int, int], int]:
     return s, (s.stride(0), s.stride(1), s.stride(2)), s.shape[2]
 
 
-def weighted_gather(
-    rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, acc: torch.dtype, config: dict | None = None
-) -> Tensor:
+def weighted_gather(rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, acc: torch.dtype) -> Tensor:
     """out[t, chunk m] = Σ_e scores[t, e, m] · table[rows[t, e], chunk m]; scores [T, E] = one core."""
-    cfg = {**FWD_CONFIG, **(config or {})}
+    cfg = FWD_CONFIG
     t, e = rows.shape
     n, d = table.shape
     s, s_strides, m = _scores3(scores)
     if out.numel() == 0:
         return out
     bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
-    d_fastest = bool(cfg.get("D_FASTEST", False))
+    d_fastest = bool(cfg["D_FASTEST"])
     grid = (triton.cdiv(t, bt) * triton.cdiv(d, bd), 1) if d_fastest else (triton.cdiv(t, bt), triton.cdiv(d, bd))
     _weighted_gather_kernel[grid](
         rows,
@@ -419,7 +418,7 @@ def weighted_gather(
         BLOCK_E=be,
         BLOCK_D=bd,
         D_FASTEST=d_fastest,
-        EVICT_FIRST=bool(cfg.get("EVICT_FIRST", False)),
+        EVICT_FIRST=bool(cfg["EVICT_FIRST"]),
         ACC=_tl_acc(acc),
         num_warps=cfg["num_warps"],
     )
@@ -436,12 +435,11 @@ def gather_dots_scatter(
     dots: Tensor | None = None,
     scores: Tensor | None = None,
     grad_table: Tensor | None = None,
-    config: dict | None = None,
 ) -> None:
     """dots[t, e, m] = <table[rows[t, e]] chunk m, g[t] chunk m> when `dots` is given (a [T, E]
     tensor for one core); grad_table[rows[t, e], chunk m] += scores[t, e, m] · g[t, chunk m]
     (fp32 atomics) when `grad_table` is given."""
-    cfg = {**(BWD_CONFIG if grad_table is not None else DOTS_CONFIG), **(config or {})}
+    cfg = BWD_CONFIG if grad_table is not None else DOTS_CONFIG
     t, e = rows.shape
     d = g.shape[1]
     n = table.shape[0] if table is not None else grad_table.shape[0]
@@ -506,18 +504,17 @@ def segment_scatter(
     *,
     accumulate: bool,
     order: tuple[Tensor, Tensor] | None = None,
-    config: dict | None = None,
 ) -> None:
     """grad_table[row] (+)= Σ over the row's entries of scores · g[token], one writer per row, in
     a fixed order."""
-    cfg = {**SEGMENT_CONFIG, **(config or {})}
+    cfg, piece = SEGMENT_CONFIG, SEGMENT_PIECE
     t, e = rows.shape
     n, d = grad_table.shape
     if t == 0 or e == 0 or d == 0:
         return
     (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
     bd = _block_d(cfg["BLOCK_D"], d)
-    bj, piece = cfg["BLOCK_J"], int(cfg.get("PIECE", SEGMENT_PIECE))
+    bj = cfg["BLOCK_J"]
     n_pieces = triton.cdiv(t * e, piece)
     # part[p]: the sum over piece p when it continues a run (written by the pieces pass only there)
     part = torch.empty(
@@ -566,12 +563,10 @@ def lookup_table_grad(
     accumulate: bool,
     deterministic: bool | None = None,
     order: tuple[Tensor, Tensor] | None = None,
-    configs: dict | None = None,
 ) -> Tensor:
     """Adds the table gradient into grad_table (pre-zeroed when not `accumulate`) and returns
     grad_scores in scores' dtype. `order` is a precomputed `sort_rows(rows)` for the
     deterministic path (the gate's and the lookup's backward share their rows)."""
-    configs = configs or {}
     if deterministic is None:
         deterministic = deterministic_enabled()
     acc = acc_dtype(table, scores, grad_out)
@@ -589,29 +584,26 @@ def lookup_table_grad(
             dots=grad_scores,
             scores=scores,
             grad_table=grad_table,
-            config=configs.get("bwd"),
         )
         return grad_scores
     # Deterministic: the dots in token order beside the one-writer-per-row scatter (a lighter
     # segment kernel than one that also computes them; perf/history/weighted_lookup.md).
     grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores, config=configs.get("dots"))
-    segment_scatter(
-        rows, grad_out, scores, grad_table, acc, accumulate=accumulate, order=order, config=configs.get("segment")
-    )
+    gather_dots_scatter(rows, grad_out, m, acc, table=table, dots=grad_scores)
+    segment_scatter(rows, grad_out, scores, grad_table, acc, accumulate=accumulate, order=order)
     return grad_scores
 
 
 # ------------------------------------------------------------------------ the op's launchers
 
 
-def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor, config: dict | None = None) -> Tensor:
+def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
     check_lookup_args(_OP, rows, table, scores)
     check_index_range(rows, table.shape[0], _OP, "rows")
     out = scores.new_empty((rows.shape[0], table.shape[1]))
     if rows.shape[1] == 0:
         return out.zero_()
-    return weighted_gather(rows, table, scores, out, acc_dtype(table, scores), config)
+    return weighted_gather(rows, table, scores, out, acc_dtype(table, scores))
 
 
 def weighted_lookup_backward_cuda(
