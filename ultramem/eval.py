@@ -7,12 +7,12 @@
 
 `--data` is one of
 - a token directory written by `python -m ultramem.data prepare` (all of it, or `--split val`
-  for the tail `data.val_fraction` the trainer would hold out);
+  for the `data.val_fraction` the trainer would hold out, as `data.val_split` takes it);
 - a text file (or JSON Lines), tokenized with the model's tokenizer: the whole file is one
   document (each line of a JSON Lines file one), an end-of-text token before it so that its first
   token is predicted too, and one after each document as in the training shards;
 - `run`: the run's own validation split, exactly as the trainer builds it from the checkpoint's
-  `[data]` section (data.source with data.val_fraction, or data.val_source);
+  `[data]` section (data.source with data.val_fraction and data.val_split, or data.val_source);
 - `stdlib`: the embedded standard-library corpus's validation split, with the checkpoint's data
   settings; the same as `run` for a run trained on it.
 
@@ -22,11 +22,13 @@ auxiliary losses: the number the trainer logs as `val/loss`.
 Windows. By default the stream is cut into consecutive non-overlapping windows of `seq_len + 1`
 tokens that share their boundary token: window k holds tokens [k·S, (k+1)·S], predicts tokens
 k·S + 1 … (k+1)·S from what precedes them in the window, and every token after the first is
-predicted exactly once (the last window may be shorter). Each window starts without context, so
-its first tokens are harder than in a sliding evaluation; the result depends only on the data,
-seq_len and --max-tokens, never on the batch size or the device. `--windows trainer` evaluates
-the trainer's own validation batches instead: `TokenWindows(split, batch, seq_len, seed + 1)`,
-batches 0 … eval_batches - 1, which reproduces the run's `val/loss` (in float32, to rounding).
+predicted exactly once (the last window may be shorter). A split of separate chunks
+(data.val_split = "spread") is cut chunk by chunk: no window spans two, and each chunk's first
+token is not predicted. Each window starts without context, so its first tokens are harder than
+in a sliding evaluation; the result depends only on the data, seq_len and --max-tokens, never
+on the batch size or the device. `--windows trainer` evaluates the trainer's own validation
+batches instead: `TokenWindows(split, batch, seq_len, seed + 1)`, batches 0 … eval_batches - 1,
+which reproduces the run's `val/loss` (in float32, to rounding).
 
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted tokens. Bytes are counted per
 token from the tokenizer (a byte-level BPE maps every token to fixed bytes; special tokens such as
@@ -251,7 +253,14 @@ def load_eval_data(
         kwargs = {"val_source": val_source} if val_source else {}
         try:
             splits = load_token_splits(
-                d.source, d.vocab_size, d.max_corpus_bytes, val_fraction, d.cache_dir or None, **kwargs
+                d.source,
+                d.vocab_size,
+                d.max_corpus_bytes,
+                val_fraction,
+                d.cache_dir or None,
+                val_split=d.val_split,
+                val_chunk_tokens=d.val_chunk_tokens,
+                **kwargs,
             )
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--data {spec}: {e}") from None
@@ -289,16 +298,20 @@ def load_eval_data(
             )
         what = f"token directory {spec}"
         if cfg is not None and Path(cfg.data.source).expanduser().resolve() == path.resolve() and split == "all":
-            log.warning("--data %s is the run's training data; --split val evaluates only the tail it held out", spec)
+            log.warning("--data %s is the run's training data; --split val evaluates only the part it held out", spec)
         if split != "all":
             if cfg is None:
                 raise EvalError(f"--split {split} takes the run's data.val_fraction: it needs a training checkpoint")
+            from ultramem.data import split_stream
+
+            d = cfg.data
             n = len(tokens)
-            cut = n - int(n * cfg.data.val_fraction)
-            tokens = tokens.view(cut, n) if split == "val" else tokens.view(0, cut)
+            train, val = split_stream(tokens, d.val_fraction, d.val_split, d.val_chunk_tokens)
+            tokens = val if split == "val" else train
+            how = f", data.val_split='spread': {len(val.segments)} chunks" if d.val_split == "spread" else ""
             what += (
                 f", {'validation' if split == 'val' else 'training'} split (data.val_fraction="
-                f"{cfg.data.val_fraction} of {n} tokens)"
+                f"{d.val_fraction} of {n} tokens{how})"
             )
         return EvalData(tokens, what, own or reference, split == "val")
 
@@ -389,20 +402,35 @@ class ByteCounter:
 # Windows and the evaluation loop
 
 
-def consecutive_windows(n_tokens: int, seq_len: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
+def consecutive_windows(
+    n_tokens: int, seq_len: int, max_tokens: int | None = None, segments: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
     """(start, predicted tokens) of the non-overlapping windows over a stream of n_tokens; window
-    k reads tokens [start, start + length] and predicts the last `length` of them."""
-    if n_tokens < 2:
-        return []
-    targets = n_tokens - 1
-    if max_tokens is not None:
-        targets = min(targets, max_tokens)
-    out, start = [], 0
-    while start < targets:
-        length = min(seq_len, targets - start)
-        out.append((start, length))
-        start += length
+    k reads tokens [start, start + length] and predicts the last `length` of them. With
+    `segments` (contiguous pieces [a, b) of the stream) the windows stay inside one piece each."""
+    out, left = [], max_tokens
+    for a, b in segments if segments is not None else [(0, n_tokens)]:
+        targets = b - a - 1
+        if left is not None:
+            targets = min(targets, left)
+            left -= max(targets, 0)
+        start = 0
+        while start < targets:
+            length = min(seq_len, targets - start)
+            out.append((a + start, length))
+            start += length
     return out
+
+
+def _predicted_spans(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The predicted tokens [a, b) of the windows, adjacent windows' merged."""
+    spans: list[list[int]] = []
+    for start, length in windows:
+        if spans and spans[-1][1] == start + 1:
+            spans[-1][1] += length
+        else:
+            spans.append([start + 1, start + 1 + length])
+    return [(a, b) for a, b in spans]
 
 
 @dataclass
@@ -484,7 +512,9 @@ def evaluate_stream(
                 n_bytes += sum(counter.count(row[1:].numpy()) for row in batch)
         mode = f"trainer (TokenWindows seed {trainer_windows.seed}, {batches} batches)"
     else:
-        windows = consecutive_windows(len(tokens), seq_len, max_tokens)
+        from ultramem.data import token_segments
+
+        windows = consecutive_windows(len(tokens), seq_len, max_tokens, token_segments(tokens))
         if not windows:
             raise EvalError("the data holds fewer than 2 tokens: nothing to predict")
         for group in _batches_consecutive(windows, batch_size):
@@ -494,12 +524,11 @@ def evaluate_stream(
             n_tokens += length * len(group)
             n_windows += len(group)
         if count_bytes:
-            # the predicted tokens are one contiguous span, tokens 1 … n_tokens: per-token lengths
-            # add up chunk by chunk; a decoder sees the span whole (a cut could split a character)
-            step = 1 << 22 if counter.lengths is not None else n_tokens
-            n_bytes = sum(
-                counter.count(np.asarray(tokens[a : min(a + step, n_tokens + 1)])) for a in range(1, n_tokens + 1, step)
-            )
+            # the predicted tokens are contiguous spans (one per chunk of the stream): per-token
+            # lengths add up piece by piece; a decoder sees a span whole (a cut could split a character)
+            for a, b in _predicted_spans(windows):
+                step = 1 << 22 if counter.lengths is not None else b - a
+                n_bytes += sum(counter.count(np.asarray(tokens[i : min(i + step, b)])) for i in range(a, b, step))
         mode = "consecutive (non-overlapping)"
     nats = float(total.item())  # (waits for the device)
     seconds = time.perf_counter() - t0
@@ -655,8 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         choices=SPLITS,
         default="auto",
-        help="which part of the data: 'val' (the tail data.val_fraction), 'train', 'all' "
-        "(default: val for run/stdlib, all for a path)",
+        help="which part of the data: 'val' (the run's data.val_fraction, as data.val_split takes it), "
+        "'train', 'all' (default: val for run/stdlib, all for a path)",
     )
     p.add_argument(
         "--tokenizer",

@@ -125,6 +125,43 @@ def test_trainer_windows_reproduce_the_runs_validation_loss(trained):
         assert again["step"] == 3
 
 
+@pytest.mark.slow
+def test_a_spread_split_run_evaluates_on_exactly_the_trainers_chunks(trained):
+    """data.val_split="spread": --data run (and the directory with --split val) read the same
+    chunks as the trainer, and the consecutive windows stay inside each chunk."""
+    from tokenizers import Tokenizer
+
+    from ultramem.data import open_token_directory, split_ranges
+    from ultramem.train.export import load_checkpoint_model
+
+    run_dir = trained.tmp / "run-spread"
+    split = ["--data.val_fraction=0.1", "--data.val_split=spread", "--data.val_chunk_tokens=200"]
+    args = [*TINY, f"--data.source={trained.shards}", "--train.max_steps=2", f"--run.dir={run_dir}"]
+    out = run(train_cmd([*args, "--train.eval_interval=2", *split]), timeout_for(2), trained.tmp, env(trained.tmp))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (val,) = records(run_dir, "val")
+    assert "validation tokens in 7 chunks spread over the stream" in out.stdout + out.stderr
+    for data in (["--data", "run"], ["--data", str(trained.shards), "--split", "val"]):
+        got = _eval(["--checkpoint", str(run_dir), *data, "--windows", "trainer"])
+        assert abs(got["loss"] - val["val/loss"]) < 1e-5, (data, got["loss"], val["val/loss"])
+        assert "data.val_split='spread': 7 chunks" in got["data"]
+    # consecutive windows: every chunk on its own, each token after a chunk's first predicted once
+    tokens, _ = open_token_directory(trained.shards)
+    _, chunks = split_ranges(len(tokens), 0.1, "spread", 200)
+    assert len(chunks) == 7
+    got = _eval(["--checkpoint", str(run_dir), "--data", "run"])
+    model, _ = load_checkpoint_model(run_dir)
+    ids = np.asarray(tokens[:], dtype=np.int64)
+    nats = sum(_direct_nats(model, ids[a:b].tolist(), SEQ) for a, b in chunks)
+    n_pred = sum(b - a - 1 for a, b in chunks)
+    assert got["tokens"] == n_pred and got["loss"] == pytest.approx(nats / n_pred, rel=1e-6)
+    lengths = ueval.token_byte_lengths(Tokenizer.from_file(str(trained.shards / "tokenizer.json")))
+    assert got["bytes"] == sum(int(lengths[ids[a + 1 : b]].sum()) for a, b in chunks)
+    # the tail run's checkpoint (made with the default) still reads the tail
+    tail = _eval(["--checkpoint", str(trained.run_dir), "--data", "run"])
+    assert tail["tokens"] == int(len(tokens) * 0.1) - 1
+
+
 def _direct_nats(model, ids: list[int], seq: int) -> float:
     """Cross-entropy summed over consecutive windows, computed here without ultramem.eval."""
     total = 0.0
@@ -270,6 +307,11 @@ def test_consecutive_windows_predict_every_token_once():
     assert ueval.consecutive_windows(10, 4) == [(0, 4), (4, 4), (8, 1)]
     assert ueval.consecutive_windows(9, 4) == [(0, 4), (4, 4)]
     assert ueval.consecutive_windows(100, 4, max_tokens=6) == [(0, 4), (4, 2)]
+    # separate chunks of a stream: windows stay inside one each; --max-tokens counts across them
+    chunks = [(0, 6), (6, 7), (7, 12)]
+    assert ueval.consecutive_windows(12, 4, segments=chunks) == [(0, 4), (4, 1), (7, 4)]
+    assert ueval.consecutive_windows(12, 4, max_tokens=6, segments=chunks) == [(0, 4), (4, 1), (7, 1)]
+    assert ueval._predicted_spans([(0, 4), (4, 1), (7, 4)]) == [(1, 6), (8, 12)]
 
 
 def test_byte_lengths_of_a_byte_level_bpe(tmp_path):

@@ -145,6 +145,8 @@ def test_parse_overrides_forms():
             "FSDP's gathers and hooks do not run inside CUDA graphs",
         ),
         (["--train.ac=some"], "train.ac='some'"),
+        (["--data.val_split=middle"], "data.val_split='middle': must be one of tail, spread"),
+        (["--data.val_split=spread", "--data.val_chunk_tokens=100"], "data.val_chunk_tokens=100: with data.val_split"),
         (["--model.moe.num_experts=4", "--model.moe.top_k=9"], "model.moe.top_k=9"),
         (["--train.ac_every=0"], "train.ac_every=0"),
         (["--checkpoint.keep=-1"], "checkpoint.keep=-1"),
@@ -217,3 +219,16 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
         assert f"  {key} " in out, key
     undocumented = [key for key, _, meaning in rows if not meaning]
     assert not undocumented, undocumented
+
+
+def test_val_split_defaults_to_the_tail_and_older_checkpoints_resume():
+    from ultramem.train.checkpoint import config_mismatch, flatten_config
+
+    cfg = load_config("debug.toml")
+    assert (cfg.data.val_split, cfg.data.val_chunk_tokens) == ("tail", 65536)
+    assert load_config("debug.toml", ["--data.val_split=spread"]).data.val_split == "spread"
+    # a checkpoint made before the keys existed ran with the tail split
+    older = {k: v for k, v in flatten_config(cfg).items() if k not in ("data.val_split", "data.val_chunk_tokens")}
+    assert "data.val_split" not in older and config_mismatch(older, cfg) is None
+    spread = load_config("debug.toml", ["--data.val_split=spread"])
+    assert "data.val_split: the checkpoint was made with 'tail'" in config_mismatch(older, spread)

@@ -116,9 +116,19 @@ class ShardedTokens:
     `len(t)`, `t[i]` and `t[a:b]` work across shard boundaries; a slice returns a numpy array
     (a view when it lies in one shard). `t.view(a, b)` is the sub-stream as another
     `ShardedTokens` (views of the same maps), which is how the splits are made.
+
+    Shard boundaries are not breaks in the text: the shards continue one another. `breaks` are
+    the positions where they do not, where `join` put separate ranges of a stream one after the
+    other; `segments` lists the contiguous pieces between them, which windows must not cross.
     """
 
-    def __init__(self, shards: Sequence[np.ndarray], names: Sequence[str] | None = None, dtype: np.dtype | None = None):
+    def __init__(
+        self,
+        shards: Sequence[np.ndarray],
+        names: Sequence[str] | None = None,
+        dtype: np.dtype | None = None,
+        breaks: Sequence[int] = (),
+    ):
         self._shards = [np.asarray(s) if not isinstance(s, np.ndarray) else s for s in shards]
         for s in self._shards:
             if s.ndim != 1:
@@ -129,6 +139,25 @@ class ShardedTokens:
         if dtype is None:
             dtype = np.result_type(*[s.dtype for s in self._shards]) if self._shards else np.dtype("<u2")
         self.dtype = np.dtype(dtype)
+        self.breaks = sorted({int(b) for b in breaks if 0 < b < len(self)})
+
+    @classmethod
+    def join(cls, parts: Sequence[ShardedTokens]) -> ShardedTokens:
+        """The parts one after the other as one stream, with a break at every join (no copy)."""
+        shards, names, breaks, at = [], [], [], 0
+        for p in parts:
+            shards.extend(p._shards)
+            names.extend(p.names)
+            breaks.extend(at + b for b in p.breaks)
+            at += len(p)
+            breaks.append(at)
+        return cls(shards, names, parts[0].dtype if parts else None, breaks)
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """The contiguous pieces [start, stop) of the stream, in order: one unless it has breaks."""
+        edges = [0, *self.breaks, len(self)]
+        return list(zip(edges[:-1], edges[1:]))
 
     @property
     def shards(self) -> list[np.ndarray]:
@@ -201,7 +230,7 @@ class ShardedTokens:
             if a < b:
                 pieces.append(shard[a - lo : b - lo])
                 names.append(self.names[k])
-        return ShardedTokens(pieces, names, dtype=self.dtype)
+        return ShardedTokens(pieces, names, self.dtype, [b - start for b in self.breaks if start < b < stop])
 
     def __array__(self, dtype=None, copy=None):
         out = self._range(0, len(self))

@@ -71,6 +71,10 @@ RESUMABLE_CHANGES = (
 )
 
 
+# Keys added after checkpoints were made without them: such a checkpoint ran with this value.
+ADDED_KEYS = {"data.val_split": "tail", "data.val_chunk_tokens": 65_536}
+
+
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """A config dataclass (or its dict) → {"section.key": value} in field order."""
     d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
@@ -86,6 +90,7 @@ def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
 def config_mismatch(saved: dict[str, Any], current: Any) -> str | None:
     """The first key (in config order) whose value differs and must not, as a message; else None."""
     now = flatten_config(current)
+    saved = {**ADDED_KEYS, **saved}
     for key in list(now) + [k for k in saved if k not in now]:
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
             continue

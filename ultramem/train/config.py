@@ -27,6 +27,7 @@ AC_MODES = ("none", "full", "selective")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+VAL_SPLITS = ("tail", "spread")  # as ultramem.data.VAL_SPLITS (a test keeps them equal)
 
 
 @dataclass
@@ -34,9 +35,13 @@ class DataConfig:
     source: str = "stdlib"  # "stdlib" (embedded corpus) or a path: shard directory or text file
     vocab_size: int = 4096  # BPE vocabulary to train; must fit in model.vocab_size
     max_corpus_bytes: int = 4_000_000  # cap on text read from the corpus (stdlib or text file)
-    val_fraction: float = 0.05  # tail of the token stream held out for validation
+    val_fraction: float = 0.05  # share of the token stream held out for validation (as data.val_split takes it)
+    # a stream in sorted path order ends with its last packages: the tail is text the model never
+    # trains on (out of distribution), spread chunks are text of every part (in distribution)
+    val_split: str = "tail"  # "tail": the end of the stream; "spread": evenly spaced chunks across it
+    val_chunk_tokens: int = 65_536  # with val_split="spread": about this many tokens per chunk (1 to 2×)
     cache_dir: str = ""  # "" → $ULTRAMEM_CACHE or ~/.cache/ultramem
-    val_source: str = ""  # validation data apart from source (shard directory or text file); "" → tail of source
+    val_source: str = ""  # validation data apart from source (shard directory or text file); "" → split of source
 
 
 @dataclass
@@ -365,6 +370,12 @@ def validate_config(cfg: TrainConfig) -> None:
             f"data.vocab_size={d.vocab_size}: a byte-level BPE needs >= 257 (256 bytes + end of text)",
         )
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+    _one_of(d.val_split, VAL_SPLITS, "data.val_split")
+    _require(
+        d.val_split != "spread" or d.val_chunk_tokens >= t.seq_len + 2,
+        f"data.val_chunk_tokens={d.val_chunk_tokens}: with data.val_split='spread' it must be >= "
+        f"train.seq_len + 2 = {t.seq_len + 2} (one validation window)",
+    )
     _require(t.table_grad_flush >= 0, f"train.table_grad_flush={t.table_grad_flush}: must be >= 0 (0: no staging)")
     _one_of(t.dtype, DTYPES, "train.dtype")
     _one_of(t.device, DEVICES, "train.device")

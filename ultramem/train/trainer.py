@@ -500,7 +500,7 @@ def _flops_per_token(cfg: TrainConfig) -> float:
 def build_data(cfg: TrainConfig, info: DistInfo):
     """(train windows, validation windows or None, tokenizer vocab). The main rank builds the
     token cache first so that other ranks only read it."""
-    from ultramem.data import TokenWindows, load_token_splits
+    from ultramem.data import TokenWindows, load_token_splits, token_segments
 
     def load():
         kwargs = {"val_source": cfg.data.val_source} if cfg.data.val_source else {}
@@ -510,6 +510,8 @@ def build_data(cfg: TrainConfig, info: DistInfo):
             cfg.data.max_corpus_bytes,
             cfg.data.val_fraction,
             cfg.data.cache_dir or None,
+            val_split=cfg.data.val_split,
+            val_chunk_tokens=cfg.data.val_chunk_tokens,
             **kwargs,
         )
 
@@ -531,19 +533,27 @@ def build_data(cfg: TrainConfig, info: DistInfo):
     train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size)
     val = None
     if t.eval_interval:
-        if len(splits.val) < t.seq_len + 2:
+        longest = max(b - a for a, b in token_segments(splits.val))
+        if longest < t.seq_len + 2:
             where = (
                 f"data.val_source={cfg.data.val_source!r}"
                 if cfg.data.val_source
                 else f"data.val_fraction={cfg.data.val_fraction}"
             )
+            chunks = f" (at most {longest} in one chunk)" if longest < len(splits.val) else ""
             raise ConfigError(
-                f"{where} leaves {len(splits.val)} validation tokens, fewer than one window "
+                f"{where} leaves {len(splits.val)} validation tokens{chunks}, fewer than one window "
                 f"(train.seq_len + 2 = {t.seq_len + 2}); raise it, or set train.eval_interval=0"
             )
         val = TokenWindows(splits.val, t.batch_size, t.seq_len, t.seed + 1, info.rank, info.world_size)
     log.info(
-        "data: %d train tokens, %d validation tokens, vocab %d", len(splits.train), len(splits.val), splits.vocab_size
+        "data: %d train tokens, %d validation tokens%s, vocab %d",
+        len(splits.train),
+        len(splits.val),
+        f" in {len(splits.val.segments)} chunks spread over the stream"
+        if cfg.data.val_split == "spread" and not cfg.data.val_source
+        else "",
+        splits.vocab_size,
     )
     return train, val, splits.vocab_size
 
