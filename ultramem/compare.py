@@ -517,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="directory for the runs and the results")
     p.add_argument("--data", help="data.source for every run (default: each config's own)")
-    p.add_argument("--val-data", help="data.val_source for every run (default: the tail data.val_fraction)")
+    p.add_argument(
+        "--val-data", help="data.val_source for every run (default: data.val_fraction of the data, see data.val_split)"
+    )
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     p.add_argument(
         "--extra",
