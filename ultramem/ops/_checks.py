@@ -1,4 +1,7 @@
-"""Argument checks shared by the ops: each error names the argument and the rule it broke."""
+"""Argument checks shared by the ops: each error names the argument and the rule it broke.
+
+The op modules and their Triton launchers both take their checks from here, so that a launcher
+never imports its op module (the op module imports the launcher to register it)."""
 
 from __future__ import annotations
 
@@ -113,6 +116,141 @@ def check_gate_args(
             op,
             f"grad_gate shape {tuple(grad_gate.shape)} must equal rows shape {tuple(rows.shape)}",
         )
+
+
+def check_gate_lookup_args(
+    op: str, rows: torch.Tensor, values: torch.Tensor, pre_values: torch.Tensor, x: torch.Tensor, scores: torch.Tensor
+) -> None:
+    """The tensor arguments of `gate_lookup` (its buffer ids are checked by the op)."""
+    check_dim(rows, 2, op, "rows", "[tokens, entries]")
+    check_dim(values, 2, op, "values", "[num_rows, dim]")
+    check_dim(pre_values, 2, op, "pre_values", "[num_rows, pre_dim]")
+    check_dim(x, 2, op, "x", "[tokens, pre_dim]")
+    check_dim(scores, 3, op, "scores", "[tokens, entries, cores]")
+    check_index(rows, op, "rows")
+    for name, t in (("values", values), ("pre_values", pre_values), ("x", x), ("scores", scores)):
+        check_float(t, op, name)
+    check_same_device(op, rows=rows, values=values, pre_values=pre_values, x=x, scores=scores)
+    check(
+        pre_values.shape[0] == values.shape[0],
+        op,
+        f"pre_values has {pre_values.shape[0]} rows but values has {values.shape[0]}; rows index both",
+    )
+    check(x.shape[0] == rows.shape[0], op, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
+    check(x.shape[1] == pre_values.shape[1], op, f"x dim {x.shape[1]} must equal pre_values dim {pre_values.shape[1]}")
+    check(
+        tuple(scores.shape[:2]) == tuple(rows.shape),
+        op,
+        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
+    )
+    m = scores.shape[2]
+    check(
+        m >= 1 and values.shape[1] % m == 0,
+        op,
+        f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])",
+    )
+
+
+def check_retrieval_args(
+    op: str,
+    row_scores: torch.Tensor,
+    col_scores: torch.Tensor,
+    cores: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    knn: int,
+    n_keys: int = -1,
+) -> None:
+    """The arguments of `tdqkr_retrieval`."""
+    check_dim(row_scores, 4, op, "row_scores", "[tokens, heads, row_keys, rank]")
+    check_dim(col_scores, 4, op, "col_scores", "[tokens, heads, col_keys, rank]")
+    check_dim(cores, 4, op, "cores", "[heads, cores, rank, rank]")
+    check_dim(u, 2, op, "u", "[heads, rank]")
+    check_dim(v, 2, op, "v", "[heads, rank]")
+    for name, t in (("row_scores", row_scores), ("col_scores", col_scores), ("cores", cores), ("u", u), ("v", v)):
+        check_float(t, op, name)
+    check_same_device(op, row_scores=row_scores, col_scores=col_scores, cores=cores, u=u, v=v)
+    t, h, n_row, r = row_scores.shape
+    check(
+        col_scores.shape[0] == t and col_scores.shape[1] == h and col_scores.shape[3] == r,
+        op,
+        f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
+        f"{tuple(row_scores.shape)} in tokens, heads and rank",
+    )
+    check(
+        cores.shape[0] == h and cores.shape[2] == r and cores.shape[3] == r,
+        op,
+        f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})",
+    )
+    check(
+        tuple(u.shape) == (h, r) and tuple(v.shape) == (h, r),
+        op,
+        f"u {tuple(u.shape)} and v {tuple(v.shape)} must both be (heads={h}, rank={r})",
+    )
+    n_col = col_scores.shape[2]
+    check(
+        n_keys == -1 or 1 <= n_keys <= min(n_row, n_col),
+        op,
+        f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]",
+    )
+    if n_keys != -1:
+        n_row = n_col = n_keys
+    check(1 <= knn <= min(n_row, n_col), op, f"knn={knn} must be in [1, min(row_keys={n_row}, col_keys={n_col})]")
+
+
+def check_retrieval_backward_args(
+    op: str,
+    grad_scores: torch.Tensor,
+    row_scores: torch.Tensor,
+    col_scores: torch.Tensor,
+    cores: torch.Tensor,
+    ids: torch.Tensor,
+    n_keys: int = -1,
+) -> int:
+    """The arguments of `tdqkr_retrieval_backward`; returns the number of virtual ids (ids must lie
+    in [0, that))."""
+    check_dim(row_scores, 4, op, "row_scores", "[tokens, heads, row_keys, rank]")
+    check_dim(col_scores, 4, op, "col_scores", "[tokens, heads, col_keys, rank]")
+    check_dim(cores, 4, op, "cores", "[heads, cores, rank, rank]")
+    check_dim(ids, 3, op, "ids", "[tokens, heads, knn]")
+    check_dim(grad_scores, 4, op, "grad_scores", "[tokens, heads, knn, cores]")
+    for name, t in (
+        ("grad_scores", grad_scores),
+        ("row_scores", row_scores),
+        ("col_scores", col_scores),
+        ("cores", cores),
+    ):
+        check_float(t, op, name)
+    check_index(ids, op, "ids")
+    check_same_device(op, grad_scores=grad_scores, row_scores=row_scores, col_scores=col_scores, cores=cores, ids=ids)
+    t, h, n_row, r = row_scores.shape
+    n_col = col_scores.shape[2]
+    check(
+        tuple(col_scores.shape[:2]) == (t, h) and col_scores.shape[3] == r,
+        op,
+        f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
+        f"{tuple(row_scores.shape)} in tokens, heads and rank",
+    )
+    check(
+        cores.shape[0] == h and tuple(cores.shape[2:]) == (r, r),
+        op,
+        f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})",
+    )
+    check(
+        n_keys == -1 or 1 <= n_keys <= min(n_row, n_col),
+        op,
+        f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]",
+    )
+    check(tuple(ids.shape[:2]) == (t, h), op, f"ids shape {tuple(ids.shape)} must be (tokens={t}, heads={h}, knn)")
+    knn, m = ids.shape[2], cores.shape[1]
+    check(
+        tuple(grad_scores.shape) == (t, h, knn, m),
+        op,
+        f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})",
+    )
+    if n_keys != -1:
+        n_row = n_col = n_keys
+    return n_row * n_col
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
+from ._checks import acc_dtype, check, check_float, check_gate_lookup_args, check_index_range, check_same_device
 from .determinism import deterministic_enabled
 from .pre_value_gate import pre_value_gate_backward
 from .staged_grad import GradStaging, add_weighted_rows, stageable
@@ -53,33 +53,7 @@ def _check_args(
     pre_values_grad_buffer: int = -1,
     op: str = _OP,
 ) -> None:
-    check_dim(rows, 2, op, "rows", "[tokens, entries]")
-    check_dim(values, 2, op, "values", "[num_rows, dim]")
-    check_dim(pre_values, 2, op, "pre_values", "[num_rows, pre_dim]")
-    check_dim(x, 2, op, "x", "[tokens, pre_dim]")
-    check_dim(scores, 3, op, "scores", "[tokens, entries, cores]")
-    check_index(rows, op, "rows")
-    for name, t in (("values", values), ("pre_values", pre_values), ("x", x), ("scores", scores)):
-        check_float(t, op, name)
-    check_same_device(op, rows=rows, values=values, pre_values=pre_values, x=x, scores=scores)
-    check(
-        pre_values.shape[0] == values.shape[0],
-        op,
-        f"pre_values has {pre_values.shape[0]} rows but values has {values.shape[0]}; rows index both",
-    )
-    check(x.shape[0] == rows.shape[0], op, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
-    check(x.shape[1] == pre_values.shape[1], op, f"x dim {x.shape[1]} must equal pre_values dim {pre_values.shape[1]}")
-    check(
-        tuple(scores.shape[:2]) == tuple(rows.shape),
-        op,
-        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
-    )
-    m = scores.shape[2]
-    check(
-        m >= 1 and values.shape[1] % m == 0,
-        op,
-        f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])",
-    )
+    check_gate_lookup_args(op, rows, values, pre_values, x, scores)
     _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
 
 

@@ -31,98 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_dim, check_float, check_index, check_index_range, check_same_device
+from ._checks import acc_dtype, check_index_range, check_retrieval_args, check_retrieval_backward_args
 
 _OP = "tdqkr_retrieval"
 _BWD = "tdqkr_retrieval_backward"
-
-
-def _check_args(
-    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
-) -> None:
-    check_dim(row_scores, 4, _OP, "row_scores", "[tokens, heads, row_keys, rank]")
-    check_dim(col_scores, 4, _OP, "col_scores", "[tokens, heads, col_keys, rank]")
-    check_dim(cores, 4, _OP, "cores", "[heads, cores, rank, rank]")
-    check_dim(u, 2, _OP, "u", "[heads, rank]")
-    check_dim(v, 2, _OP, "v", "[heads, rank]")
-    for name, t in (("row_scores", row_scores), ("col_scores", col_scores), ("cores", cores), ("u", u), ("v", v)):
-        check_float(t, _OP, name)
-    check_same_device(_OP, row_scores=row_scores, col_scores=col_scores, cores=cores, u=u, v=v)
-    t, h, n_row, r = row_scores.shape
-    check(
-        col_scores.shape[0] == t and col_scores.shape[1] == h and col_scores.shape[3] == r,
-        _OP,
-        f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
-        f"{tuple(row_scores.shape)} in tokens, heads and rank",
-    )
-    check(
-        cores.shape[0] == h and cores.shape[2] == r and cores.shape[3] == r,
-        _OP,
-        f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})",
-    )
-    check(
-        tuple(u.shape) == (h, r) and tuple(v.shape) == (h, r),
-        _OP,
-        f"u {tuple(u.shape)} and v {tuple(v.shape)} must both be (heads={h}, rank={r})",
-    )
-    n_col = col_scores.shape[2]
-    check(
-        n_keys == -1 or 1 <= n_keys <= min(n_row, n_col),
-        _OP,
-        f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]",
-    )
-    if n_keys != -1:
-        n_row = n_col = n_keys
-    check(1 <= knn <= min(n_row, n_col), _OP, f"knn={knn} must be in [1, min(row_keys={n_row}, col_keys={n_col})]")
-
-
-def _check_backward_args(
-    grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
-) -> int:
-    """The backward's arguments; returns the number of virtual ids (ids must lie in [0, that))."""
-    op = _BWD
-    check_dim(row_scores, 4, op, "row_scores", "[tokens, heads, row_keys, rank]")
-    check_dim(col_scores, 4, op, "col_scores", "[tokens, heads, col_keys, rank]")
-    check_dim(cores, 4, op, "cores", "[heads, cores, rank, rank]")
-    check_dim(ids, 3, op, "ids", "[tokens, heads, knn]")
-    check_dim(grad_scores, 4, op, "grad_scores", "[tokens, heads, knn, cores]")
-    for name, t in (
-        ("grad_scores", grad_scores),
-        ("row_scores", row_scores),
-        ("col_scores", col_scores),
-        ("cores", cores),
-    ):
-        check_float(t, op, name)
-    check_index(ids, op, "ids")
-    check_same_device(op, grad_scores=grad_scores, row_scores=row_scores, col_scores=col_scores, cores=cores, ids=ids)
-    t, h, n_row, r = row_scores.shape
-    n_col = col_scores.shape[2]
-    check(
-        tuple(col_scores.shape[:2]) == (t, h) and col_scores.shape[3] == r,
-        op,
-        f"col_scores shape {tuple(col_scores.shape)} must agree with row_scores shape "
-        f"{tuple(row_scores.shape)} in tokens, heads and rank",
-    )
-    check(
-        cores.shape[0] == h and tuple(cores.shape[2:]) == (r, r),
-        op,
-        f"cores shape {tuple(cores.shape)} must be (heads={h}, cores, rank={r}, rank={r})",
-    )
-    check(
-        n_keys == -1 or 1 <= n_keys <= min(n_row, n_col),
-        op,
-        f"n_keys={n_keys} must be -1 (all keys) or in [1, min(row_keys={n_row}, col_keys={n_col})]",
-    )
-    check(tuple(ids.shape[:2]) == (t, h), op, f"ids shape {tuple(ids.shape)} must be (tokens={t}, heads={h}, knn)")
-    knn, m = ids.shape[2], cores.shape[1]
-    check(
-        tuple(grad_scores.shape) == (t, h, knn, m),
-        op,
-        f"grad_scores shape {tuple(grad_scores.shape)} must be (tokens={t}, heads={h}, knn={knn}, cores={m})",
-    )
-    if n_keys != -1:
-        n_row = n_col = n_keys
-    return n_row * n_col
 
 
 def _kept_pair_scores(row_sel: Tensor, col_sel: Tensor, cores: Tensor) -> Tensor:
@@ -140,7 +52,7 @@ def tdqkr_retrieval(
     row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
 ) -> tuple[Tensor, Tensor]:
     """Reference kernel (CPU; CUDA until a faster one is registered)."""
-    _check_args(row_scores, col_scores, cores, u, v, knn, n_keys)
+    check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
     if n_keys != -1:
         row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
     acc = acc_dtype(row_scores, col_scores, cores)
@@ -168,7 +80,7 @@ def tdqkr_retrieval(
 
 @tdqkr_retrieval.register_fake
 def _(row_scores, col_scores, cores, u, v, knn, n_keys=-1):
-    _check_args(row_scores, col_scores, cores, u, v, knn, n_keys)
+    check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
     t, h = row_scores.shape[:2]
     ids = row_scores.new_empty((t, h, knn), dtype=torch.int64)
     return ids, row_scores.new_empty((t, h, knn, cores.shape[1]))
@@ -180,7 +92,7 @@ def tdqkr_retrieval_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype and
     (padding included) shape. ids must lie in [0, row keys · col keys) (real keys with n_keys)."""
-    n_ids = _check_backward_args(grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    n_ids = check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
     check_index_range(ids, n_ids, _BWD, "ids")
     acc = acc_dtype(row_scores, col_scores, cores, grad_scores)
     n_col = col_scores.shape[2] if n_keys == -1 else n_keys
@@ -206,7 +118,7 @@ def tdqkr_retrieval_backward(
 
 @tdqkr_retrieval_backward.register_fake
 def _(grad_scores, row_scores, col_scores, cores, ids, n_keys=-1):
-    _check_backward_args(grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
     return (
         torch.empty_like(row_scores, memory_format=torch.contiguous_format),
         torch.empty_like(col_scores, memory_format=torch.contiguous_format),

@@ -45,6 +45,9 @@ import torch
 from torch import Tensor
 
 from ._checks import acc_dtype, check
+from ._gather import gather_chunks
+from ._triton import gate_lookup as _triton_gate_lookup  # None without Triton
+from ._triton import staged_grad as _triton_staged_grad
 from .determinism import deterministic_enabled
 
 _stagings: dict[int, "GradStaging"] = {}
@@ -169,8 +172,6 @@ class GradStaging:
         sort the whole staging area and skip, on the device, the tokens at or past the fill
         level (nothing staged is missed; a staging area far from full costs more), and the
         count returned is None."""
-        from ._triton import staged_grad as _tsg  # noqa: PLC0415  (None without Triton)
-
         halves = [
             (self.grad_out, self.eff, grad_values, "grad_values"),
             (self.x, self.grad_g, grad_pre_values, "grad_pre_values"),
@@ -178,15 +179,17 @@ class GradStaging:
         halves = [h for h in halves if h[0] is not None]
         for _, _, buf, name in halves:
             check(buf is not None, "GradStaging.flush", f"{name} is None but this staging area holds its half")
-        kernels = (self.rows.is_cuda if kernels is None else kernels) and _tsg is not None
+        kernels = (self.rows.is_cuda if kernels is None else kernels) and _triton_staged_grad is not None
         n = self.staged_tokens() if wait or not kernels else self.capacity
         if n == 0:
             return 0
         rows = self.rows[:n]
         if kernels:
-            order = _tsg.sort_rows(rows, halves[0][2].shape[0])
+            order = _triton_staged_grad.sort_rows(rows, halves[0][2].shape[0])
             for g, w, buf, _ in halves:
-                _tsg.sorted_block_add(rows, g[:n], w[:n], buf, torch.float32, order=order, limit=self.fill)
+                _triton_staged_grad.sorted_block_add(
+                    rows, g[:n], w[:n], buf, torch.float32, order=order, limit=self.fill
+                )
         else:
             for g, w, buf, _ in halves:
                 add_weighted_rows(rows, g[:n], w[:n] if w.dim() == 3 else w[:n].unsqueeze(-1), buf)
@@ -218,9 +221,7 @@ def stageable(grad_buffer: int, rows: Tensor, table: Tensor, *tensors: Tensor) -
     ):
         return None
     if rows.is_cuda:
-        from ._triton import gate_lookup as _tgl  # noqa: PLC0415  (None without Triton)
-
-        if _tgl is None or rows.shape[1] > _tgl.BWD_MAX_ENTRIES:
+        if _triton_gate_lookup is None or rows.shape[1] > _triton_gate_lookup.BWD_MAX_ENTRIES:
             return None
     return staging
 
@@ -235,14 +236,10 @@ def staged_lookup_backward(
     if staging is None or not staging.accepts_lookup(rows, grad_out, scores):
         return None
     if rows.is_cuda:
-        from ._triton import staged_grad as _tsg  # noqa: PLC0415
-
-        return _tsg.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
-    from .weighted_lookup import _gather_chunks  # noqa: PLC0415  (it imports this module)
-
+        return _triton_staged_grad.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
     m = scores.shape[2]
     g = grad_out.float().view(rows.shape[0], 1, m, table.shape[1] // m)
-    grad_scores = (_gather_chunks(rows, table, m, torch.float32) * g).sum(-1)
+    grad_scores = (gather_chunks(rows, table, m, torch.float32) * g).sum(-1)
     if not staging.stage_reference(rows, grad_out, None, scores.float(), None):
         add_weighted_rows(rows, grad_out, scores.float(), buf)
     return grad_scores.to(scores.dtype)
@@ -257,13 +254,9 @@ def staged_gate_backward(
     if staging is None or not staging.accepts_gate(rows, x):
         return None
     if rows.is_cuda:
-        from ._triton import staged_grad as _tsg  # noqa: PLC0415
-
-        return _tsg.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
-    from .weighted_lookup import _gather_chunks  # noqa: PLC0415
-
+        return _triton_staged_grad.staged_gate_backward_cuda(grad_gate, rows, table, x, buf, staging)
     gg = grad_gate.float()
-    grad_x = torch.einsum("te,ted->td", gg, _gather_chunks(rows, table, 1, torch.float32)[:, :, 0])
+    grad_x = torch.einsum("te,ted->td", gg, gather_chunks(rows, table, 1, torch.float32)[:, :, 0])
     if not staging.stage_reference(rows, None, x, None, gg):
         add_weighted_rows(rows, x, gg.unsqueeze(-1), buf)
     return grad_x.to(x.dtype)

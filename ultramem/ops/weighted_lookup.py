@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ._checks import acc_dtype, check_index_range, check_lookup_args
+from ._gather import gather_chunks
 from .table_grad import check_grad_buffer_id, registered_grad_buffer, weighted_lookup_backward_into
 
 _OP = "weighted_lookup"
@@ -36,19 +37,13 @@ def _check_args(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = 
     check_grad_buffer_id(_OP, grad_buffer, table)
 
 
-def _gather_chunks(rows: Tensor, table: Tensor, cores: int, dtype: torch.dtype) -> Tensor:
-    """table[rows] as [T, E, M, D/M] in `dtype` (explicit sizes: T or E may be 0)."""
-    t, e = rows.shape
-    return table.index_select(0, rows.reshape(-1).long()).to(dtype).view(t, e, cores, table.shape[1] // cores)
-
-
 @torch.library.custom_op("ultramem::weighted_lookup", mutates_args=())
 def weighted_lookup(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
     """Reference kernel (CPU; CUDA until a faster one is registered). `grad_buffer`: see the module doc."""
     _check_args(rows, table, scores, grad_buffer)
     check_index_range(rows, table.shape[0], _OP, "rows")
     acc = acc_dtype(table, scores)
-    values = _gather_chunks(rows, table, scores.shape[2], acc)  # [T, E, M, Dm]
+    values = gather_chunks(rows, table, scores.shape[2], acc)  # [T, E, M, Dm]
     out = torch.einsum("temd,tem->tmd", values, scores.to(acc))
     return out.reshape(rows.shape[0], table.shape[1]).to(scores.dtype)
 
@@ -68,7 +63,7 @@ def weighted_lookup_backward(grad_out: Tensor, rows: Tensor, table: Tensor, scor
     t, e = rows.shape
     m = scores.shape[2]
     g = grad_out.to(acc).view(t, 1, m, table.shape[1] // m)
-    values = _gather_chunks(rows, table, m, acc)
+    values = gather_chunks(rows, table, m, acc)
     grad_scores = (values * g).sum(-1)  # [T, E, M]
     contrib = (scores.to(acc).unsqueeze(-1) * g).reshape(t * e, table.shape[1])
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)

@@ -8,6 +8,10 @@ None, so an op module can guard its CUDA registration with
         ...
 
 With Triton present, the name resolves to the submodule (imported on first use).
+
+Imports go one way: op modules import these modules; these import each other, `.._checks` and
+`..determinism`, and no op module at import time (the retrieval launcher's fallback calls the
+op's reference kernel, imported when it runs).
 """
 
 from __future__ import annotations

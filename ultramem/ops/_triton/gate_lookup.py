@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import acc_dtype, check_index_range
+from .._checks import acc_dtype, check_gate_lookup_args, check_index_range
 from . import weighted_lookup as _wl
 from .weighted_lookup import _block_d, _core_weights, _tl_acc
 
@@ -628,10 +628,7 @@ def _tensor_args(*tensors: Tensor) -> list:
 def gate_lookup_cuda(
     rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool
 ) -> tuple[Tensor, Tensor]:
-    # Imported late: the op module imports this one at its end to register the kernel.
-    from ..gate_lookup import _check_args  # noqa: PLC0415
-
-    _check_args(rows, values, pre_values, x, scores)
+    check_gate_lookup_args(_OP, rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
     t, e = rows.shape
     n, dv = values.shape

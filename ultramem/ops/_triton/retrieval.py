@@ -46,8 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check, check_index_range
-from ..retrieval import _check_args, _check_backward_args
+from .._checks import check, check_index_range, check_retrieval_args, check_retrieval_backward_args
 
 _log = logging.getLogger(__name__)
 _OP = "tdqkr_retrieval"
@@ -1481,7 +1480,7 @@ def tdqkr_retrieval_cuda(
     row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
 ) -> tuple[Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval (runs on CPU tensors under TRITON_INTERPRET=1)."""
-    _check_args(row_scores, col_scores, cores, u, v, knn, n_keys)
+    check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
     if n_keys != -1:  # the kernels read strided views of the real keys
         row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
     reason = _unsupported(knn, row_scores, col_scores, cores, u, v)
@@ -1625,7 +1624,7 @@ def tdqkr_retrieval_backward_cuda(
     """CUDA kernel of ultramem::tdqkr_retrieval_backward. With n_keys the gradients keep the
     padded shape of the scores (the caller's GEMM reads them in place): the kernel writes the
     real keys' rows through views, the padding rows are zeroed apart."""
-    n_ids = _check_backward_args(grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    n_ids = check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
     check_index_range(ids, n_ids, _BWD, "ids")  # (CPU and debug mode; the kernel skips such ids)
     padded = None
     if n_keys != -1:
