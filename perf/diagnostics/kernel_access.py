@@ -6,7 +6,8 @@ written is cloned before the launch and copied back after it. This script runs t
 the retrieval kernels at a small shape, with a CUDA target declared (no GPU needed), and prints
 reads and writes per pointer argument. An input listed under "writes" costs a copy per call.
 
-With --ptx it also compiles each kernel for sm_90 as the 227M layer launches it and prints the
+With --ptx it also compiles each kernel of the retrieval and lookup ops for sm_90 as the 227M layer
+launches it and prints the
 number of PTX instructions and a hash of them (DWARF debug data, which holds file paths, left
 out): two revisions with the same hash run the same machine code, whatever their sources say.
 
@@ -77,6 +78,60 @@ def retrieval_launches() -> dict:
     return captured
 
 
+def lookup_launches() -> list:
+    """The lookup ops' kernel launches at the 227M shapes (12,288 tokens, 32 rows each, 2.59M-row
+    tables of 192, 2 cores): each op's CUDA kernel called on CPU tensors, launches recorded."""
+    import importlib
+
+    import triton.runtime.jit as jit
+
+    import ultramem.ops as ops
+
+    gl, wl, pv = (
+        importlib.import_module(f"ultramem.ops.{m}") for m in ("gate_lookup", "weighted_lookup", "pre_value_gate")
+    )
+    t, e, d, n, m = 12288, 32, 192, 2_592_000, 2
+    rows = torch.randint(0, n, (t, e))
+    values, pre = torch.empty(n, d, dtype=torch.bfloat16), torch.empty(n, d, dtype=torch.bfloat16)
+    x, grad_out = torch.randn(t, d).bfloat16(), torch.randn(t, d).bfloat16()
+    scores, gate, grad_gate = (
+        torch.randn(t, e, m).bfloat16(),
+        torch.randn(t, e).bfloat16(),
+        torch.randn(t, e).bfloat16(),
+    )
+    buffers = [torch.zeros(n, d), torch.zeros(n, d)]
+    ids = [ops.register_grad_buffer(b) for b in buffers]
+
+    def cuda(op):
+        return op._backend_fns["cuda"]
+
+    calls = {
+        "gate_lookup": lambda: cuda(gl.gate_lookup)(rows, values, pre, x, scores, True),
+        "gate_lookup_backward_into": lambda: cuda(gl.gate_lookup_backward_into)(
+            grad_out, None, rows, values, pre, x, scores, gate, True, *ids
+        ),
+        "weighted_lookup": lambda: cuda(wl.weighted_lookup)(rows, values, scores),
+        "weighted_lookup_backward": lambda: cuda(wl.weighted_lookup_backward)(grad_out, rows, values, scores),
+        "pre_value_gate": lambda: cuda(pv.pre_value_gate)(rows, pre, x),
+        "pre_value_gate_backward": lambda: cuda(pv.pre_value_gate_backward)(grad_gate, rows, pre, x),
+    }
+    launches, run, current = [], jit.JITFunction.run, [""]
+
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append((f"{current[0]}: {kernel.fn.__name__}", kernel, args, kwargs))
+
+    jit.JITFunction.run = record
+    try:
+        for op_name, call in calls.items():
+            current[0] = op_name
+            call()
+    finally:
+        jit.JITFunction.run = run
+        for i in ids:
+            ops.release_grad_buffer(i)
+    return launches
+
+
 def ptx_summary(kernel, args, kwargs) -> tuple[int, str]:
     """(instructions, hash of them) of the kernel compiled for the declared target."""
     ptx = kernel.warmup(*args, grid=(1,), **kwargs).asm["ptx"]
@@ -93,6 +148,10 @@ def main(argv=None) -> int:
     from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 
     triton.runtime.driver.set_active(_DeclaredCudaTarget())
+    if args.ptx:
+        for name, kernel, launch_args, kwargs in lookup_launches():
+            n_ins, digest = ptx_summary(kernel, launch_args, kwargs)
+            print(f"{name}: {n_ins} PTX instructions, sha256 {digest}")
     for name, (kernel, launch_args, kwargs) in retrieval_launches().items():
         if args.ptx:
             n_ins, digest = ptx_summary(kernel, launch_args, kwargs)
