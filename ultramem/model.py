@@ -4,14 +4,18 @@
     for each block:  h = x + Attn(norm_attn(x));  u = norm_ffn(h);  x = h + FFN(u) [+ Mem(u)]
     logits = norm(x) @ embedᵀ   (tied head)
 
-With `model.moe.num_experts > 0` every block's FFN is a mixture of experts (`ultramem.moe`); its
-router losses join the memory layers' in the auxiliary loss.
+A pre-norm decoder (RMSNorm, rotary attention, SwiGLU FFN) with memory layers beside the FFNs:
+a memory layer reads a block's FFN input `u` and adds its output to the residual. UltraMemV2
+(arXiv 2508.18756) puts one in every block and gives the init (`init_weights`, its Appendix A).
+With `model.moe.num_experts > 0` every block's FFN is a mixture of experts (`ultramem.moe`, the
+MoE baseline of UltraMemV2); its router losses join the memory layers' in the auxiliary loss.
 
 Memory layers live beside the blocks (`Transformer.memory_layers`) and share their value tables
-(`Transformer.memory_tables`). `model.memory.insert` says where each one reads and writes:
-"full" puts layer l at block l; the skip form "a:b/c:e" lets a layer read `u` of block a and add
-its output to the residual after block b. Blocks are separate modules so that they can be
-compiled, checkpointed and sharded one at a time.
+(`Transformer.memory_tables`). `model.memory.insert` (parsed by `ultramem.config`) says where
+each one reads and writes: "full" puts layer l at block l; the skip form "a:b/c:e" (UltraMem's
+skip-layer placement, arXiv 2411.12364) lets a layer read `u` of block a and add its output to
+the residual after block b. Blocks are separate modules so that they can be compiled,
+checkpointed and sharded one at a time.
 """
 
 from __future__ import annotations
@@ -22,27 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ultramem.config import ModelConfig, memory_placement, parse_memory_insert, validate_moe  # noqa: F401
+from ultramem.config import ModelConfig, memory_placement, validate_moe
 from ultramem.moe import MoE
 from ultramem.norm import RMSNorm
-
-# ---------------------------------------------------------------------------------------------
-# Memory layers (optional: the dense model never imports them)
-
-
-def _build_memory(cfg: ModelConfig, n_memory: int):
-    from ultramem.layers import build_memory  # memory layers are optional for the dense model
-
-    return build_memory(cfg, n_memory)
-
-
-def validate_memory(cfg: ModelConfig) -> None:
-    """Let the memory layers check their own rules by building them on the meta device."""
-    n_memory = len(memory_placement(cfg))
-    if n_memory:
-        with torch.device("meta"):
-            _build_memory(cfg, n_memory)
-
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -65,6 +51,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary position embeddings (one fused QKV projection)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -137,10 +125,31 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory layers, beside the FFN (optional: the dense model never imports them)
+
+
+def _build_memory(cfg: ModelConfig, n_memory: int):
+    from ultramem.layers import build_memory  # memory layers are optional for the dense model
+
+    return build_memory(cfg, n_memory)
+
+
+def validate_memory(cfg: ModelConfig) -> None:
+    """Let the memory layers check their own rules by building them on the meta device."""
+    n_memory = len(memory_placement(cfg))
+    if n_memory:
+        with torch.device("meta"):
+            _build_memory(cfg, n_memory)
+
+
+# ---------------------------------------------------------------------------------------------
 # The model
 
 
 class Transformer(nn.Module):
+    """Token embedding → blocks, with the memory layers beside them → final norm → head (tied to
+    the embedding unless `model.tie_embeddings` is off)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         validate_moe(cfg.moe)  # again: command-line overrides skip the check at config load
@@ -166,6 +175,45 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None):
+        """tokens [B, S] → logits [B, S, V]; with targets [B, S] → (loss, aux) where
+        loss = mean cross-entropy + aux and aux is the sum of the memory layers' auxiliary losses
+        and the MoE blocks' router losses."""
+        seq = tokens.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        x = self.tok_embeddings(tokens)
+        aux = x.new_zeros((), dtype=torch.float32)
+        pending: dict[int, Tensor] = {}
+        written: tuple[Tensor, ...] = ()  # memory outputs written after the previous block
+        for i, block in enumerate(self.blocks):
+            x, u, *block_aux = block(x, cos, sin, written)
+            for a in block_aux:
+                aux = aux + a
+            for l in self._reads.get(i, ()):
+                y, layer_aux = self.memory_layers[l](u, self.memory_tables)
+                pending[l] = y
+                aux = aux + layer_aux
+            written = tuple(pending.pop(l) for l in self._writes.get(i, ()))
+        for y in written:
+            x = x + y
+        x = self.norm(x)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        logits = F.linear(x, weight)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+        return loss + aux, aux
+
+    def memory_metrics(self) -> dict[str, float]:
+        """Every memory layer's metrics, keyed `mem{l}/{name}` (call on reporting steps only)."""
+        out: dict[str, float] = {}
+        for l, layer in enumerate(self.memory_layers):
+            for name, value in layer.metrics().items():
+                out[f"mem{l}/{name}"] = value
+        return out
 
     # -- init ---------------------------------------------------------------------------------
 
@@ -229,45 +277,6 @@ class Transformer(nn.Module):
         """Recompute the memory layers' rank-1 core approximations (after every optimizer step)."""
         for layer in self.memory_layers:
             layer.refresh_rank1()
-
-    # -- forward ------------------------------------------------------------------------------
-
-    def forward(self, tokens: Tensor, targets: Tensor | None = None):
-        """tokens [B, S] → logits [B, S, V]; with targets [B, S] → (loss, aux) where
-        loss = mean cross-entropy + aux and aux is the sum of the memory layers' auxiliary losses
-        and the MoE blocks' router losses."""
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = self.tok_embeddings(tokens)
-        aux = x.new_zeros((), dtype=torch.float32)
-        pending: dict[int, Tensor] = {}
-        written: tuple[Tensor, ...] = ()  # memory outputs written after the previous block
-        for i, block in enumerate(self.blocks):
-            x, u, *block_aux = block(x, cos, sin, written)
-            for a in block_aux:
-                aux = aux + a
-            for l in self._reads.get(i, ()):
-                y, layer_aux = self.memory_layers[l](u, self.memory_tables)
-                pending[l] = y
-                aux = aux + layer_aux
-            written = tuple(pending.pop(l) for l in self._writes.get(i, ()))
-        for y in written:
-            x = x + y
-        x = self.norm(x)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = F.linear(x, weight)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
-        return loss + aux, aux
-
-    def memory_metrics(self) -> dict[str, float]:
-        """Every memory layer's metrics, keyed `mem{l}/{name}` (call on reporting steps only)."""
-        out: dict[str, float] = {}
-        for l, layer in enumerate(self.memory_layers):
-            for name, value in layer.metrics().items():
-                out[f"mem{l}/{name}"] = value
-        return out
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed: int | None = 0) -> Transformer:

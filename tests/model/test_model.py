@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ultramem.config import ConfigError, MemoryConfig, ModelConfig
-from ultramem.model import Transformer, apply_rope, build_model, parse_memory_insert
+from ultramem.config import ConfigError, MemoryConfig, ModelConfig, parse_memory_insert
+from ultramem.model import Transformer, apply_rope, build_model
 
 
 def tiny_cfg(memory_type="ultramem_v2", insert="full", n_layers=3, **model_kw) -> ModelConfig:
