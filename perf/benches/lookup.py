@@ -12,6 +12,7 @@ Backward variants of the table gradient (issue 3):
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -42,23 +43,9 @@ def _cfg_name(cfg: dict) -> str:
     return ",".join(f"{short.get(k, k)}{v}" for k, v in cfg.items())
 
 
-@contextlib.contextmanager
-def patched(module, **consts):
-    """A launcher module's constants (its launch shapes) set to `consts` for the duration (restored
-    after); the launchers read them on every call."""
-    saved = {name: getattr(module, name) for name in consts}
-    try:
-        for name, value in consts.items():
-            setattr(module, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 def launch_shape(module, name: str, keys: dict):
     """`module.name` (a launch-shape dict) with `keys` over it, for the duration."""
-    return patched(module, **{name: {**getattr(module, name), **keys}})
+    return mock.patch.multiple(module, **{name: {**getattr(module, name), **keys}})
 
 
 def fused_shape(cfg: dict, backward: bool = False):
@@ -77,7 +64,7 @@ def fused_shape(cfg: dict, backward: bool = False):
         chunks = bool(keys.pop("D_CHUNKS"))
         name = "CHUNKS_CONFIG" if chunks else "ENTRY_BLOCK_CONFIG"
         consts.update({name: {**getattr(tgl, name), **keys}, "_use_chunks": lambda *_: chunks})
-    return patched(tgl, **consts)
+    return mock.patch.multiple(tgl, **consts)
 
 
 class Inputs:

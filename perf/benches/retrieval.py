@@ -23,11 +23,11 @@ runs this module alone through perf/bench_ops.py, and `--large-k` the large-k pa
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import multiprocessing
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -226,25 +226,12 @@ def _large_k_variants(k: int) -> list[tuple[str, dict]]:
     return variants
 
 
-@contextlib.contextmanager
-def _patched(consts: dict):
-    """The launcher's module constants set to `consts` for the duration (restored after)."""
-    saved = {name: getattr(tri, name) for name in consts}
-    try:
-        for name, value in consts.items():
-            setattr(tri, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(tri, name, value)
-
-
 def _compile_one(k: int, consts: dict) -> str:
     """Run one launch variant on a few tokens (a worker process: fills Triton's disk cache)."""
     try:
         s = dict(t=64, h=1, n_row=1138, n_col=1138, r=2, m=2, k=k, dtype=torch.bfloat16)
         a, b, cores, u, v = _inputs(s, 0, torch.device("cuda"))
-        with _patched(consts):
+        with mock.patch.multiple(tri, **consts):
             tri.launch_forward(a, b, cores, u, v, k)
         torch.cuda.synchronize()
         return "ok"
@@ -278,7 +265,7 @@ def run_large_k(ctx) -> list[dict]:
         want = None
         for label, kw in _large_k_variants(k):
             ctx.poison_allocator(s["t"] * k * 8)
-            with _patched(kw):
+            with mock.patch.multiple(tri, **kw):
                 got = tri.launch_forward(a, b, cores, u, v, k)
             ctx.sync()
             if want is None:
@@ -297,7 +284,7 @@ def run_large_k(ctx) -> list[dict]:
                     )
                 )
             try:
-                with _patched(kw):
+                with mock.patch.multiple(tri, **kw):
                     us = ctx.do_bench(lambda: tri.launch_forward(a, b, cores, u, v, k))
                 rows.append(ctx.row(f"{OP}_fwd", _label(s), label, us, least, identical=same))
             except Exception as exc:  # keep the other rows

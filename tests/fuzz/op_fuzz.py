@@ -42,6 +42,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -84,22 +85,13 @@ FAMILIES = ("weighted_lookup", "pre_value_gate", "gate_lookup", "tdqkr_retrieval
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
 
 
-@contextlib.contextmanager
-def _patched(module, **consts):
-    """A launcher module's constants set to `consts` for the duration (restored after)."""
-    saved = {name: getattr(module, name) for name in consts}
-    try:
-        for name, value in consts.items():
-            setattr(module, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 def _small_blocks(module, name: str, small: bool):
     """`module.name` (a launch-shape dict) with SMALL_BLOCKS over it when `small`."""
-    return _patched(module, **{name: {**getattr(module, name), **SMALL_BLOCKS}}) if small else contextlib.nullcontext()
+    return (
+        mock.patch.multiple(module, **{name: {**getattr(module, name), **SMALL_BLOCKS}})
+        if small
+        else contextlib.nullcontext()
+    )
 
 
 def acc_unit(*dtypes: torch.dtype) -> float:
@@ -622,10 +614,10 @@ def run_gate_lookup(draw: Draw, case: Case, report: Report) -> None:
         forced = contextlib.nullcontext()
         if kernel == "entry-block":
             shape = {**tgl.ENTRY_BLOCK_CONFIG, **SMALL_BLOCKS, "BLOCK_DP": 8}
-            forced = _patched(tgl, _use_chunks=lambda *_: False, ENTRY_BLOCK_CONFIG=shape)
+            forced = mock.patch.multiple(tgl, _use_chunks=lambda *_: False, ENTRY_BLOCK_CONFIG=shape)
         elif kernel == "column-chunk":
             shape = {**tgl.CHUNKS_CONFIG, "BLOCK_D": 8, "BLOCK_DP": 8, "num_warps": 1}
-            forced = _patched(tgl, _use_chunks=lambda *_: True, CHUNKS_CONFIG=shape)
+            forced = mock.patch.multiple(tgl, _use_chunks=lambda *_: True, CHUNKS_CONFIG=shape)
         with forced:
             out, gate = tgl.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
     check("out", out, lambda a: fwd(a)[0], len_out)
@@ -734,7 +726,7 @@ def run_retrieval(draw: Draw, case: Case, report: Report) -> None:
         ids, scores = ops.tdqkr_retrieval(a, b, cores, u, v, knn, n_keys)
     elif tiled and a_dt != torch.float64 and b_dt != torch.float64 and c_dt != torch.float64:
         av, bv = (a, b) if n_keys == -1 else (a[:, :, :n_keys], b[:, :, :n_keys])
-        with _patched(tri, GRID_TILE=64):
+        with mock.patch.multiple(tri, GRID_TILE=64):
             ids, scores = tri.launch_forward(av, bv, cores, u, v, knn)
     else:
         ids, scores = tri.tdqkr_retrieval_cuda(a, b, cores, u, v, knn, n_keys)
