@@ -311,7 +311,16 @@ def _interrupt_soon(delay):
     threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
 
 
-def test_tokenizer_training_stops_at_the_first_ctrl_c(fake_text_cache, tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, even where the runner inherited it
+    ignored (a shell starts background jobs that way, and Python then keeps it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_tokenizer_training_stops_at_the_first_ctrl_c(fake_text_cache, tmp_path, monkeypatch, ctrl_c_raises):
     t0 = time.monotonic()
     _interrupt_soon(0.5)
     with pytest.raises(KeyboardInterrupt):
