@@ -13,20 +13,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from perf.benches.lookup import BF16, fused_shape, gate_ref, lookup_ref, min_bytes
+# ENTRY_BLOCK: the entry-block kernel's best config at the 227M shape, for comparison.
+from perf.benches.lookup import BF16, ENTRY_BLOCK, fused_shape, gate_ref, lookup_ref, min_bytes
 from ultramem.ops._triton import gate_lookup as tgl
 
-# The entry-block kernel's best config at the 227M shape (perf/history/gate_lookup.md), for comparison.
-ENTRY_BLOCK = {
-    "BLOCK_T": 1,
-    "BLOCK_E": 8,
-    "BLOCK_D": 256,
-    "BLOCK_DP": 256,
-    "num_warps": 1,
-    "HOIST_V": True,
-    "EVICT_FIRST": True,
-    "D_CHUNKS": False,
-}
 CHECK_TOKENS = 512
 
 
