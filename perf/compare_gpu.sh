@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The small-* comparison on one GPU, as committed under perf/results/compare/.
 #
-#   PYTHONPATH=. bash perf/compare_gpu.sh OUT_DIR [TOKENS] [STOP_AFTER_SECONDS]
+#   PYTHONPATH=. bash perf/compare_gpu.sh OUT_DIR [TOKENS] [STOP_AFTER_SECONDS] [COMPARE ARGS...]
+#   PYTHONPATH=. bash perf/compare_gpu.sh --corpus-only
 #
 # 1. Builds the corpus once ($CORPUS_DIR, default outputs/gpu-corpus): the Python, C/C++ and Markdown sources of the
 #    torch, transformers and triton packages installed on the machine, a byte-level BPE of 8192
 #    (the small-* vocabulary) trained on them.
-# 2. Runs `python -m ultramem.compare` over the six small-* configs for TOKENS (default 24M,
-#    under one epoch of that corpus), validating every 2M tokens, in $RUNS_DIR
-#    (default outputs/compare-gpu).
+# 2. Runs `python -m ultramem.compare` over the six small-* configs ($CONFIGS) for TOKENS (default
+#    24M, under one epoch of that corpus), validating every 2M tokens, in $RUNS_DIR
+#    (default outputs/compare-gpu). More arguments go to the comparison, e.g.
+#    --extra=--data.val_split=spread or --sweep optim.value_lr_mult=1,4.
 # 3. Copies the table, the plots, meta.json and each run's logs into OUT_DIR.
 #
 # With STOP_AFTER_SECONDS the comparison is sent SIGTERM after that long: the running trainer
@@ -17,6 +19,7 @@ set -euo pipefail
 out=${1:?OUT_DIR}
 tokens=${2:-24M}
 stop_after=${3:-0}
+shift $(($# < 3 ? $# : 3))
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -28,10 +31,11 @@ if [[ ! -f $data/meta.json ]]; then
     time $py -m ultramem.data prepare "$purelib/torch" "$purelib/transformers" "$purelib/triton" \
         --out $data --vocab-size 8192 --workers "$workers" --no-progress
 fi
+[[ $out == --corpus-only ]] && exit 0
 
-configs=small-ultramem-v2,small-dense,small-moe,small-ultramem-v1,small-memory-plus,small-dense-wide
+configs=${CONFIGS:-small-ultramem-v2,small-dense,small-moe,small-ultramem-v1,small-memory-plus,small-dense-wide}
 cmd=($py -m ultramem.compare --configs $configs --tokens "$tokens" --eval-every 2M --data $data
-    --out "$runs")
+    --out "$runs" "$@")
 echo "${cmd[*]}"
 if [[ $stop_after -gt 0 ]]; then
     timeout -s TERM -k 120 "$stop_after" "${cmd[@]}" || echo "compare stopped with status $?"

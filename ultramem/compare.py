@@ -3,11 +3,14 @@ same token counts, and tabulate and plot the results.
 
     python -m ultramem.compare --configs small-dense,small-moe,small-ultramem-v2 \\
         --tokens 16M --eval-every 1M --data data/sitepackages --out outputs/compare
+    python -m ultramem.compare --configs small-ultramem-v2 --sweep optim.value_lr_mult=1,4 \\
+        --tokens 16M --eval-every 1M --data data/sitepackages --out outputs/sweep-value-lr
 
-Each config (and seed) is trained by `python -m ultramem.train` (under torchrun with --nproc > 1)
-in its own run directory DIR/<config>[-seed<k>], with `train.max_steps` = ceil(tokens / tokens
-per step), tokens per step = batch_size · seq_len · grad_accum · nproc, and `train.eval_interval`
-= round(eval-every / tokens per step) steps. Everything else comes from the config and --extra.
+Each config (and seed, and point of a --sweep) is trained by `python -m ultramem.train` (under
+torchrun with --nproc > 1) in its own run directory DIR/<config>[-<key>-<value>...][-seed<k>],
+with `train.max_steps` = ceil(tokens / tokens per step), tokens per step = batch_size · seq_len ·
+grad_accum · nproc, and `train.eval_interval` = round(eval-every / tokens per step) steps.
+Everything else comes from the config, --sweep and --extra.
 The trainer's output goes to DIR/<run>/compare.log.
 
 Written to DIR: results.md (a table), results.json (the same and every validation point),
@@ -21,6 +24,7 @@ started again and the trainer resumes it from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -71,6 +75,7 @@ class RunPlan:
     name: str  # run directory name under --out
     config: str  # as given
     seed: int | None
+    variant: str  # the name without the seed: what seeds are averaged over
     overrides: list[str]  # every --key=value passed to the trainer
     tokens_per_step: int
     max_steps: int
@@ -114,6 +119,7 @@ def plan_runs(
     nproc: int = 1,
     extra: list[str] = (),
     seeds: list[int] | None = None,
+    sweep: list[tuple[str, list[str]]] = (),
 ) -> list[RunPlan]:
     from ultramem.config import ConfigError
     from ultramem.model import build_model
@@ -128,50 +134,64 @@ def plan_runs(
                 )
     except ConfigError as e:
         raise CompareError(f"--extra: {e}") from None
+    swept = [key for key, _ in sweep]
+    for key, values in sweep:
+        if swept.count(key) > 1:
+            raise CompareError(f"--sweep {key} is given twice; list all its values once: {key}=V1,V2,...")
+        if key in OWN_KEYS:
+            raise CompareError(f"--sweep {key}: the comparison sets it itself (from --tokens, --eval-every, --out)")
+        if not values or len(set(values)) != len(values):
+            raise CompareError(f"--sweep {key}={','.join(values)}: give distinct values, e.g. {key}=1,4")
+    points = [[]]
+    for key, values in sweep:
+        points = [p + [(key, v)] for p in points for v in values]
     names = [_config_stem(c) for c in configs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise CompareError(f"--configs names {', '.join(dupes)} twice: each config gets the run directory of its name")
     plans = []
-    for config, stem in zip(configs, names):
-        for seed in seeds or [None]:
-            base = list(extra)
-            if data:
-                base.append(f"--data.source={data}")
-            if val_data:
-                base.append(f"--data.val_source={val_data}")
-            if seed is not None:
-                base.append(f"--train.seed={seed}")
-            name = stem if seed is None else f"{stem}-seed{seed}"
-            try:
-                cfg0 = load_config(config, base, validate=False)
-            except ConfigError as e:
-                raise CompareError(f"config {config}: {e}") from None
-            t = cfg0.train
-            per_step = t.batch_size * t.seq_len * t.grad_accum * nproc
-            steps = max(1, math.ceil(tokens / per_step))
-            interval = max(1, round(eval_every / per_step))
-            if cfg0.optim.warmup_steps > steps:
-                raise CompareError(
-                    f"config {config}: {tokens:,d} tokens are {steps} steps of {per_step:,d} tokens, fewer than its "
-                    f"optim.warmup_steps={cfg0.optim.warmup_steps}; raise --tokens or pass --extra "
-                    f"'--optim.warmup_steps=N'"
-                )
-            run_dir = out / name
-            overrides = base + [
-                f"--train.max_steps={steps}",
-                f"--train.eval_interval={interval}",
-                f"--run.dir={run_dir}",
-                "--metrics.progress=false",
-            ]
-            try:
-                cfg = load_config(config, overrides)
-            except ConfigError as e:
-                raise CompareError(f"config {config}: {e}") from None
-            s = summarize(build_model(cfg.model, device="meta"), cfg.model, cfg.train.seq_len)
-            plans.append(
-                RunPlan(name, config, seed, overrides, per_step, steps, interval, run_dir, cfg, s.total, s.activated)
+    for (config, stem), point, seed in itertools.product(zip(configs, names), points, seeds or [None]):
+        base = list(extra) + [f"--{key}={value}" for key, value in point]
+        if data:
+            base.append(f"--data.source={data}")
+        if val_data:
+            base.append(f"--data.val_source={val_data}")
+        if seed is not None:
+            base.append(f"--train.seed={seed}")
+        variant = stem + "".join(f"-{key.rsplit('.', 1)[-1]}-{value}" for key, value in point)
+        name = variant if seed is None else f"{variant}-seed{seed}"
+        label = config + "".join(f" {key}={value}" for key, value in point)
+        try:
+            cfg0 = load_config(config, base, validate=False)
+        except ConfigError as e:
+            raise CompareError(f"config {label}: {e}") from None
+        t = cfg0.train
+        per_step = t.batch_size * t.seq_len * t.grad_accum * nproc
+        steps = max(1, math.ceil(tokens / per_step))
+        interval = max(1, round(eval_every / per_step))
+        if cfg0.optim.warmup_steps > steps:
+            raise CompareError(
+                f"config {label}: {tokens:,d} tokens are {steps} steps of {per_step:,d} tokens, fewer than its "
+                f"optim.warmup_steps={cfg0.optim.warmup_steps}; raise --tokens or pass --extra "
+                f"'--optim.warmup_steps=N'"
             )
+        run_dir = out / name
+        overrides = base + [
+            f"--train.max_steps={steps}",
+            f"--train.eval_interval={interval}",
+            f"--run.dir={run_dir}",
+            "--metrics.progress=false",
+        ]
+        try:
+            cfg = load_config(config, overrides)
+        except ConfigError as e:
+            raise CompareError(f"config {label}: {e}") from None
+        s = summarize(build_model(cfg.model, device="meta"), cfg.model, cfg.train.seq_len)
+        plans.append(
+            RunPlan(
+                name, config, seed, variant, overrides, per_step, steps, interval, run_dir, cfg, s.total, s.activated
+            )
+        )
     return plans
 
 
@@ -322,6 +342,7 @@ class RunResult:
     name: str
     config: str
     seed: int | None
+    variant: str
     run_dir: str
     status: str
     total_params: int
@@ -365,6 +386,7 @@ def collect(plan: RunPlan, nproc: int) -> RunResult:
         plan.name,
         plan.config,
         plan.seed,
+        plan.variant,
         str(plan.run_dir),
         state.get("status", "not run"),
         plan.total_params,
@@ -407,7 +429,8 @@ def results_markdown(results: list[RunResult], meta: dict) -> str:
         f"Data: {meta['data']}"
         + (f"; validation: {meta['val_data']}" if meta.get("val_data") else "")
         + f". Processes per run: {meta['nproc']}."
-        + (f" Extra overrides: `{meta['extra']}`." if meta["extra"] else ""),
+        + (f" Extra overrides: `{meta['extra']}`." if meta["extra"] else "")
+        + "".join(f" Swept: `{key}` = {', '.join(values)}." for key, values in (meta.get("sweep") or {}).items()),
         "",
         "| run | total params | activated params | tokens | epochs | tokens/s | wall | final val loss "
         "| best val loss (at tokens) | status |",
@@ -420,22 +443,22 @@ def results_markdown(results: list[RunResult], meta: dict) -> str:
             f"{_num(r.epochs, '.3g')} | {_num(r.tokens_per_s, ',.0f')} | {_duration(r.wall_s)} | "
             f"{_num(r.final_val_loss, '.4f')} | {best} | {r.status} |"
         )
-    by_config: dict[str, list[RunResult]] = {}
+    by_variant: dict[str, list[RunResult]] = {}
     for r in results:
-        by_config.setdefault(r.config, []).append(r)
-    if any(len(rs) > 1 for rs in by_config.values()):
+        by_variant.setdefault(r.variant, []).append(r)
+    if any(len(rs) > 1 for rs in by_variant.values()):
         lines += [
             "",
             "Over seeds (mean ± standard deviation of the final validation loss):",
             "",
-            "| config | seeds | final val loss |",
+            "| run | seeds | final val loss |",
             "|---|---:|---:|",
         ]
-        for config, rs in by_config.items():
+        for variant, rs in by_variant.items():
             vals = [r.final_val_loss for r in rs if r.final_val_loss is not None]
             spread = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
             shown = f"{statistics.mean(vals):.4f}{spread}" if vals else "–"
-            lines.append(f"| {config} | {len(vals)} | {shown} |")
+            lines.append(f"| {variant} | {len(vals)} | {shown} |")
     lines += [
         "",
         "- *activated params*: per token (dense weights, the table rows a token reads, the routed experts it "
@@ -529,6 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(may be repeated)",
     )
     p.add_argument("--seeds", help="comma-separated train.seed values: each config runs once per seed")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="run each config once per value of a config key, e.g. --sweep optim.value_lr_mult=1,4 "
+        "(repeat for a grid; run directories get -<last part of key>-<value>)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, parameters) and exit")
     return p
 
@@ -561,6 +592,12 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         parser.exit(2, f"error: --seeds {args.seeds!r}: comma-separated integers\n")
+    sweep = []
+    for item in args.sweep:
+        key, eq, values = item.partition("=")
+        if not eq or not key.strip() or not values.strip():
+            parser.exit(2, f"error: --sweep {item!r}: write KEY=V1,V2,... (e.g. optim.value_lr_mult=1,4)\n")
+        sweep.append((key.strip().removeprefix("--"), [v.strip() for v in values.split(",") if v.strip()]))
     for what, path in (("--data", args.data), ("--val-data", args.val_data)):
         if path and path != "stdlib" and not Path(path).expanduser().exists():
             parser.exit(2, f"error: {what} {path!r}: no such file or directory\n")
@@ -575,6 +612,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             nproc=args.nproc,
             extra=shlex.split(args.extra),
             seeds=seeds,
+            sweep=sweep,
         )
     except CompareError as e:
         parser.exit(2, f"error: {e}\n")
@@ -595,6 +633,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "nproc": args.nproc,
         "extra": args.extra,
         "seeds": seeds,
+        "sweep": {key: values for key, values in sweep},
         "configs": configs,
     }
     failed = []

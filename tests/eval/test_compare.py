@@ -103,6 +103,27 @@ def test_the_plan_follows_the_token_budget(tmp_path):
     assert "torch.distributed.run" in two[0].command(2) and "--nproc_per_node" in two[0].command(2)
 
 
+def test_a_sweep_runs_each_config_once_per_value(tmp_path):
+    dense, memory = _configs(tmp_path)
+    sweep = [("optim.lr", ["1e-3", "3e-3"]), ("optim.weight_decay", ["0", "0.1"])]
+    plans = compare.plan_runs([str(memory)], 100, 64, tmp_path / "out", sweep=sweep, seeds=[1, 2])
+    assert len(plans) == 8
+    p = plans[-1]
+    assert p.name == "tiny-mem-lr-3e-3-weight_decay-0.1-seed2" and p.variant == "tiny-mem-lr-3e-3-weight_decay-0.1"
+    assert p.cfg.optim.lr == 3e-3 and p.cfg.optim.weight_decay == 0.1 and p.cfg.train.seed == 2
+    assert {(q.cfg.optim.lr, q.cfg.optim.weight_decay) for q in plans} == {
+        (a, b) for a in (1e-3, 3e-3) for b in (0, 0.1)
+    }
+    with pytest.raises(compare.CompareError, match=r"config .*tiny-dense.toml optim.nowhere=1: "):
+        compare.plan_runs([str(dense)], 100, 64, tmp_path, sweep=[("optim.nowhere", ["1"])])
+    with pytest.raises(compare.CompareError, match="--sweep train.max_steps"):
+        compare.plan_runs([str(dense)], 100, 64, tmp_path, sweep=[("train.max_steps", ["3"])])
+    with pytest.raises(compare.CompareError, match="distinct values"):
+        compare.plan_runs([str(dense)], 100, 64, tmp_path, sweep=[("optim.lr", ["1e-3", "1e-3"])])
+    with pytest.raises(compare.CompareError, match="--sweep optim.lr is given twice"):
+        compare.plan_runs([str(dense)], 100, 64, tmp_path, sweep=[("optim.lr", ["1"]), ("optim.lr", ["2"])])
+
+
 def test_plans_that_cannot_work_are_refused(tmp_path, capsys):
     dense, _ = _configs(tmp_path)
     with pytest.raises(compare.CompareError, match="fewer than its optim.warmup_steps=5"):
