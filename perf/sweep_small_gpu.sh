@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# What the small UltraMemV2 needs: the small-* comparison with in-distribution validation
+# (data.val_split = "spread") and one-at-a-time sweeps of the memory settings around
+# small-ultramem-v2, on one GPU, as committed under perf/results/sweep-small-h200/.
+#
+#   PYTHONPATH=. bash perf/sweep_small_gpu.sh OUT_DIR [TOKENS] [DEADLINE_SECONDS]
+#
+# Each line of `runs` below is one `python -m ultramem.compare` (through compare_gpu.sh, on its
+# corpus) in outputs/sweeps/<name>; $LANES of them (default 3) share the GPU at a time, so their
+# tokens/s are not comparable with each other or with a run alone; the losses are. With a deadline
+# every comparison still running then is stopped (its trainer checkpoints), and running the script
+# again resumes them and skips the finished runs.
+set -euo pipefail
+out=${1:?OUT_DIR}
+tokens=${2:-24M}
+deadline=$((SECONDS + ${3:-0}))
+lanes=${LANES:-3}
+here=$(dirname "$0")
+export CORPUS_DIR=${CORPUS_DIR:-outputs/gpu-corpus}
+bash "$here/compare_gpu.sh" --corpus-only
+
+runs=(
+    "baseline small-dense,small-moe,small-ultramem-v2"
+    "value-lr small-ultramem-v2 --sweep optim.value_lr_mult=1,2"
+    "init small-ultramem-v2 --sweep model.memory.init=released"
+    "pre-values small-ultramem-v2 --sweep model.memory.pre_vdim=0"
+    "knn small-ultramem-v2 --sweep model.memory.knn=16,64"
+    "rows small-ultramem-v2 --sweep model.memory.knum=200"
+    "others small-memory-plus,small-ultramem-v1"
+)
+
+mkdir -p "$out"
+for spec in "${runs[@]}"; do
+    read -r name configs args <<<"$spec"
+    while [[ $(jobs -rp | wc -l) -ge $lanes ]]; do wait -n || true; done
+    left=0
+    if [[ ${3:-0} -gt 0 ]]; then
+        left=$((deadline - SECONDS))
+        [[ $left -gt 60 ]] || { echo "$name: not started, deadline reached"; continue; }
+    fi
+    echo "$name: started ($configs $args)"
+    # shellcheck disable=SC2086  # args are words on purpose
+    CONFIGS=$configs RUNS_DIR=outputs/sweeps/$name bash "$here/compare_gpu.sh" "$out/$name" "$tokens" "$left" \
+        --extra=--data.val_split=spread $args >"$out/$name.log" 2>&1 &
+done
+wait
+grep -h "^| small" "$out"/*/results.md | sort -t'|' -k9 || true
