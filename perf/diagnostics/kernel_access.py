@@ -336,7 +336,7 @@ def tensor_accesses(kernel, launch_args, kwargs) -> Accesses:
         failed = False
 
         def emit(self, record):
-            Failure.failed = True
+            self.failed = True
 
     handler = Failure(logging.WARNING)
     wrap.log.addHandler(handler)
