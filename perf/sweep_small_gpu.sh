@@ -32,6 +32,7 @@ runs=(
     "combo-knn small-ultramem-v2 --sweep model.memory.pre_vdim=0 --sweep optim.value_lr_mult=1 --sweep model.memory.knn=64"
     "seeds small-ultramem-v2,small-moe --seeds 1,2"
     "seeds-combo small-ultramem-v2 --sweep model.memory.pre_vdim=0 --sweep optim.value_lr_mult=1 --seeds 1,2"
+    "seeds-knn small-ultramem-v2 --sweep optim.value_lr_mult=1 --sweep model.memory.knn=64 --seeds 0,1,2"
 )
 
 lane() {  # lane NAME CONFIGS STOP_AFTER ARGS...
