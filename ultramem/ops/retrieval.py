@@ -47,11 +47,11 @@ def _gather_keys(scores: Tensor, idx: Tensor) -> Tensor:
     return scores.gather(2, idx.unsqueeze(-1).expand(*idx.shape, scores.shape[-1]))
 
 
-@torch.library.custom_op("ultramem::tdqkr_retrieval", mutates_args=())
-def tdqkr_retrieval(
+def forward_reference(
     row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
 ) -> tuple[Tensor, Tensor]:
-    """Reference kernel (CPU; CUDA until a faster one is registered)."""
+    """The reference kernel: plain PyTorch, any device (the CPU kernel, the CUDA kernel's fallback
+    and the test oracle)."""
     check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
     if n_keys != -1:
         row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
@@ -78,6 +78,14 @@ def tdqkr_retrieval(
     return ids, scores.to(row_scores.dtype)
 
 
+@torch.library.custom_op("ultramem::tdqkr_retrieval", mutates_args=())
+def tdqkr_retrieval(
+    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """Reference kernel (CPU; CUDA until a faster one is registered)."""
+    return forward_reference(row_scores, col_scores, cores, u, v, knn, n_keys)
+
+
 @tdqkr_retrieval.register_fake
 def _(row_scores, col_scores, cores, u, v, knn, n_keys=-1):
     check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
@@ -86,12 +94,10 @@ def _(row_scores, col_scores, cores, u, v, knn, n_keys=-1):
     return ids, row_scores.new_empty((t, h, knn, cores.shape[1]))
 
 
-@torch.library.custom_op("ultramem::tdqkr_retrieval_backward", mutates_args=())
-def tdqkr_retrieval_backward(
+def backward_reference(
     grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype and
-    (padding included) shape. ids must lie in [0, row keys · col keys) (real keys with n_keys)."""
+    """The reference backward (see forward_reference)."""
     n_ids = check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
     check_index_range(ids, n_ids, _BWD, "ids")
     acc = acc_dtype(row_scores, col_scores, cores, grad_scores)
@@ -114,6 +120,15 @@ def tdqkr_retrieval_backward(
         grad_b.to(col_scores.dtype).contiguous(),
         grad_cores.to(cores.dtype).contiguous(),
     )
+
+
+@torch.library.custom_op("ultramem::tdqkr_retrieval_backward", mutates_args=())
+def tdqkr_retrieval_backward(
+    grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype and
+    (padding included) shape. ids must lie in [0, row keys · col keys) (real keys with n_keys)."""
+    return backward_reference(grad_scores, row_scores, col_scores, cores, ids, n_keys)
 
 
 @tdqkr_retrieval_backward.register_fake
