@@ -11,8 +11,8 @@ grid walked in row tiles):
      input); the kept keys take scratch slots from one exclusive scan over per-thread counts;
   3. the k×k grid S = A_I (Σ_m C_m) B_Jᵀ, its k-th largest entry and the kept pairs the same way
      (in registers up to k = 64 at the default GRID_TILE). Larger grids are walked in row tiles
-     over factors staged in scratch (`_stage_factors`: A_I·ΣC and B_J, 2·R·k floats per program)
-     (`_grid_select_candidates`): each tile appends its entries at or above a running
+     (`_grid_select_candidates`) over factors staged in scratch (`_stage_factors`: A_I·ΣC and
+     B_J, 2·R·k floats per program): each tile appends its entries at or above a running
      floor to a candidate scratch row, raising the floor first when more than CAND_TILE of them
      are (so each tile appends at most CAND_TILE); the exact selection then runs on the
      candidates in registers. The floor is at most the k-th largest total whenever at least k
