@@ -38,8 +38,8 @@ from ultramem.ops import retrieval as ref_mod  # noqa: E402
 from ultramem.ops._triton import retrieval as tri  # noqa: E402
 
 OP = "tdqkr_retrieval"
-ref_fwd = tri._reference(ref_mod.tdqkr_retrieval)
-ref_bwd = tri._reference(ref_mod.tdqkr_retrieval_backward)
+ref_fwd = ref_mod.forward_reference
+ref_bwd = ref_mod.backward_reference
 
 
 def _shapes(small: bool) -> tuple[dict, list[dict]]:

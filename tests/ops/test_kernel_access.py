@@ -1,12 +1,13 @@
 """Which pointer arguments Inductor's access analysis counts as written in each Triton launch
-(`perf.diagnostics.kernel_access`, on a CPU with an sm_90 target declared).
+(`perf.diagnostics.kernel_access`, on a CPU with an sm_90 target declared), and the retrieval
+ops' CUDA bodies as AOTAutograd traces them.
 
 Under `torch.compile`, a kernel launched through `wrap_triton` has every tensor the analysis
-counts as written cloned before the launch, and every tensor counted when the analysis fails.
-So each launch here must write exactly the tensors listed in CASES: its outputs, and the
-caller's buffers it adds into (gradient buffers, a staging area's fill level). A pitfall: a
-store address made from a `@triton.jit` helper's result counts as a write to every pointer
-passed to that helper.
+counts as written cloned before the launch, and every tensor when the analysis fails. So each
+launch here must write exactly the tensors listed in CASES, also as torch < 2.12 runs the
+analysis (scalars as constexprs): its outputs and scratch, and the caller's buffers it adds into
+(gradient buffers, a staging area), never an input of the op. A pitfall: a store address made
+from a `@triton.jit` helper's result counts as a write to every pointer passed to that helper.
 """
 
 from __future__ import annotations
@@ -17,20 +18,36 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
-if not hasattr(wrap, "identify_accessed_tensors"):
-    pytest.skip("this torch has no identify_accessed_tensors", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("the interpreter's kernels have no TTIR to analyse", allow_module_level=True)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # perf/ is not installed
+import ultramem.ops as ops  # noqa: E402
 from perf.diagnostics import kernel_access as ka  # noqa: E402
 
-# (family of kernel_access.FAMILIES, launch, the pointer arguments it writes); every launch of a
-# family listed here must be listed.
+# (the interpreter's kernels are no JITFunctions: nothing to capture, no TTIR to analyse)
+analysed = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1" or not ka.analysis_available(),
+    reason="needs Triton's compiler and Inductor's analysis of Triton kernels",
+)
+
+FWD_WRITES = {"ids_ptr", "scores_ptr", "keys_ws_ptr", "pairs_ws_ptr", "vals_ws_ptr"}
+TILED_WRITES = FWD_WRITES | {"cand_pos_ptr", "cand_val_ptr", "fac_ws_ptr"}  # k > 64: staged factors, candidates
+BWD_WRITES = {"ga_ptr", "gb_ptr", "gc_part_ptr"}
+
+# (family of kernel_access.FAMILIES, launch, the pointer arguments it writes); every launch of
+# every family must be listed.
 CASES = [
+    ("retrieval", "227M forward: _retrieval_fwd_kernel", FWD_WRITES),
+    ("retrieval", "227M backward: _retrieval_bwd_kernel", BWD_WRITES),
+    ("retrieval", "k=64 forward: _retrieval_fwd_kernel", FWD_WRITES),
+    ("retrieval", "k=64 backward: _retrieval_bwd_kernel", BWD_WRITES),
+    ("retrieval", "k=128 forward: _retrieval_fwd_kernel", TILED_WRITES),
+    ("retrieval", "k=128 backward: _retrieval_bwd_kernel", BWD_WRITES),
+    ("retrieval", "strided out forward: _retrieval_fwd_kernel", FWD_WRITES),
+    ("retrieval", "strided out backward: _retrieval_bwd_kernel", BWD_WRITES),
     ("weighted_lookup", "forward: _weighted_gather_kernel", {"out_ptr"}),
     ("weighted_lookup", "backward: _gather_dot_scatter_kernel", {"dots_ptr", "gt_ptr"}),
     ("weighted_lookup", "backward, deterministic: _gather_dot_scatter_kernel", {"dots_ptr"}),
@@ -92,26 +109,117 @@ def launches():
     return functools.cache(lambda family: ka.FAMILIES[family]())
 
 
+@analysed
+@pytest.mark.parametrize("scalars_as_constexprs", [False, True], ids=["torch", "torch<2.12"])
 @pytest.mark.parametrize("family, launch, written", CASES, ids=[f"{f}: {launch}" for f, launch, _ in CASES])
-def test_kernel_writes_only_its_outputs(launches, family, launch, written):
-    kernel, args, kwargs = launches(family)[launch]
+def test_kernel_writes_only_its_outputs(launches, family, launch, written, scalars_as_constexprs):
+    launch = launches(family)[launch]
     with ka.declared_cuda_target():
-        accesses = ka.tensor_accesses(kernel, args, kwargs)
-    assert not accesses.failed, "the analysis failed: every tensor would be cloned"
-    assert set(accesses.writes) == written
+        _, writes = ka.accesses(launch, scalars_as_constexprs)  # raises AnalysisFailed if it failed
+    assert writes == written
+    assert not writes & launch.inputs
 
 
-@pytest.mark.parametrize("family", sorted({f for f, _, _ in CASES}))
+@analysed
+@pytest.mark.parametrize("family", list(ka.FAMILIES))
 def test_every_launch_is_listed(launches, family):
     assert set(launches(family)) == {launch for f, launch, _ in CASES if f == family}
 
 
-def test_a_failed_analysis_is_reported(launches, monkeypatch):
+@analysed
+@pytest.mark.parametrize("scalars_as_constexprs", [False, True], ids=["torch", "torch<2.12"])
+def test_a_failed_analysis_raises(launches, monkeypatch, scalars_as_constexprs):
     def fail(*args, **kwargs):
         raise RuntimeError("no TTIR")
 
     monkeypatch.setattr(wrap, "generate_ttir", fail)
-    kernel, args, kwargs = launches("weighted_lookup")["forward: _weighted_gather_kernel"]
+    launch = launches("weighted_lookup")["forward: _weighted_gather_kernel"]
+    with ka.declared_cuda_target(), pytest.raises(ka.AnalysisFailed, match="_weighted_gather_kernel"):
+        ka.accesses(launch, scalars_as_constexprs)
+
+
+@analysed
+def test_exit_status(launches, monkeypatch, capsys):
+    monkeypatch.setitem(ka.FAMILIES, "retrieval", lambda: launches("retrieval"))
+    assert ka.main(["--only", "retrieval"]) == 0
+    monkeypatch.setattr(ka, "accesses", lambda launch, *_: (set(), {"a_ptr"}))  # an input written
+    assert ka.main(["--only", "retrieval"]) == 1
+    assert "inputs counted as written (cloned per traced call): a_ptr" in capsys.readouterr().out
+
+
+def _fake_cuda_inputs(mode, tokens, n_rows):
+    with mode:
+        a, b = (torch.empty(tokens, 1, n_rows, 2, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        return (
+            a,
+            b,
+            torch.empty(1, 2, 2, 2, device="cuda"),
+            torch.empty(1, 2, device="cuda"),
+            torch.empty(1, 2, device="cuda"),
+        )
+
+
+@analysed
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
+def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic):
+    # The CUDA path as AOTAutograd traces it (fake CUDA tensors, functionalized): one launch per
+    # op, cloning nothing but the launchers' own allocations, and the backward's padded
+    # gradients are the launch's outputs as they are.
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    n_keys, n_rows, knn = 10, 16, 4
+
+    def f(a, b, c, u, v):
+        ids, scores = ops.tdqkr_retrieval(a, b, c, u, v, knn, n_keys)
+        ga, gb, gc = ops.tdqkr_retrieval_backward(torch.ones_like(scores), a, b, c, ids, n_keys)
+        return ids, scores, ga, gb, gc
+
+    mode = FakeTensorMode(shape_env=ShapeEnv() if dynamic else None)
+    tokens = 6
+    if dynamic:
+        env = mode.shape_env
+        tokens = env.create_symintnode(env.create_symbol(6, ConstantSource("tokens")), hint=6)
+    inputs = _fake_cuda_inputs(mode, tokens, n_rows)
     with ka.declared_cuda_target():
-        accesses = ka.tensor_accesses(kernel, args, kwargs)
-    assert accesses.failed and {"rows_ptr", "table_ptr", "s_ptr", "out_ptr"} <= set(accesses.writes)
+        gm = make_fx(dispatch_functionalize(f), tracing_mode="symbolic" if dynamic else "fake")(*inputs)
+    nodes = list(gm.graph.nodes)
+    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(launches) == 2, gm.code
+    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    fwd, bwd = launches
+    placeholders = {n for n in nodes if n.op == "placeholder"}
+    for launch, writes in ((fwd, FWD_WRITES), (bwd, BWD_WRITES)):
+        assert set(launch.kwargs["tensors_to_clone"]) == writes
+        for name in writes:  # all allocated in the body, none an input of the graph
+            assert launch.kwargs["kwargs"][name] not in placeholders
+    outputs = next(n for n in nodes if n.op == "output").args[0]
+    ga, gb = outputs[2], outputs[3]
+    for grad, name in ((ga, "ga_ptr"), (gb, "gb_ptr")):
+        assert grad.target.__name__ == "getitem" and grad.args == (bwd, name), gm.code
+        assert grad.meta["val"].shape[2] == n_rows  # padded rows included
+    # the backward reads the forward's ids and the graph inputs as they are (no clones)
+    assert bwd.kwargs["kwargs"]["ids_ptr"].args == (fwd, "ids_ptr")
+    assert bwd.kwargs["kwargs"]["a_ptr"] in placeholders
+
+
+def test_opaque_twins_hold_the_cuda_launchers_and_cpu_goes_through_them():
+    from ultramem.ops import retrieval
+
+    counts = {}
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[str(func)] = counts.get(str(func), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 9, 2, generator=g), torch.randn(3, 1, 9, 2, generator=g)
+    c, u = torch.randn(1, 2, 2, 2, generator=g), torch.randn(1, 2, generator=g)
+    with Count():
+        retrieval._forward_opaque(a, b, c, u, u, 3)
+    assert counts == {"ultramem.tdqkr_retrieval_opaque.default": 1}
+    assert not retrieval._inline_triton(a)

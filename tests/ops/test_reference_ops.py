@@ -152,6 +152,15 @@ def _opcheck_cases():
         u, v = torch.randn(2, 2, generator=g, dtype=dtype), torch.randn(2, 2, generator=g, dtype=dtype)
         yield torch.ops.ultramem.tdqkr_retrieval.default, (a, b, c, u, v, 3)
         yield torch.ops.ultramem.tdqkr_retrieval.default, (a, b, c, u, v, 3, 4)  # 2 padding keys per side
+        # the opaque twins the public ops' bodies call on CPU and in debug mode
+        yield torch.ops.ultramem.tdqkr_retrieval_opaque.default, (a.detach(), b.detach(), c.detach(), u, v, 3, 4)
+        ids = ops.tdqkr_retrieval(a.detach(), b.detach(), c.detach(), u, v, 3, 4)[0]
+        grad = torch.randn(3, 2, 3, 2, generator=g, dtype=dtype)
+        yield torch.ops.ultramem.tdqkr_retrieval_backward.default, (grad, a.detach(), b.detach(), c.detach(), ids, 4)
+        yield (
+            torch.ops.ultramem.tdqkr_retrieval_backward_opaque.default,
+            (grad, a.detach(), b.detach(), c.detach(), ids, 4),
+        )
     # non-contiguous inputs: the fake kernels must report the real kernels' (contiguous) strides
     yield (
         torch.ops.ultramem.weighted_lookup.default,
@@ -192,7 +201,7 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = case
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if op is torch.ops.ultramem.tdqkr_retrieval.default:
+    if op in (torch.ops.ultramem.tdqkr_retrieval.default, torch.ops.ultramem.tdqkr_retrieval_opaque.default):
         # opcheck's aot_dispatch test sums the outputs in order into one accumulator, which fails
         # when an int64 output (ids) comes before a float one; test_retrieval_compiles covers it.
         utils = utils[:3]

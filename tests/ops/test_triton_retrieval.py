@@ -29,7 +29,9 @@ interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITO
 
 
 def test_cuda_kernels_registered():
-    for name in ("ultramem::tdqkr_retrieval", "ultramem::tdqkr_retrieval_backward"):
+    # the public ops launch the Triton kernels from their (traceable) bodies on CUDA; the opaque
+    # ops they call on CPU and in debug mode hold the same launchers as their CUDA kernels
+    for name in ("ultramem::tdqkr_retrieval_opaque", "ultramem::tdqkr_retrieval_backward_opaque"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
 
 
@@ -684,12 +686,10 @@ def bisection_calls(monkeypatch):
     return calls
 
 
-def _bisection_instead(*args):
+def _bisection_instead(fac_ws, pairs_ws, vals_ws, _cand_pos, _cand_val, knn, r, block_k, tile_i, *rest):
     """In place of `_grid_select_candidates` (patched in under the interpreter): the bisection
     over the whole grid that it falls back to, on the same arguments."""
-    *ptrs, _cand_pos, _cand_val, knn, n_row, n_col, r, m, block_k, tile_i = args[:22]
-    value_steps = args[-1]
-    return tri._grid_select_tiled(*ptrs, knn, n_row, n_col, r, m, block_k, tile_i, value_steps)
+    return tri._grid_select_tiled(fac_ws, pairs_ws, vals_ws, knn, r, block_k, tile_i, rest[-1])
 
 
 def _tiles(monkeypatch, grid_tile, cand_factor=None):

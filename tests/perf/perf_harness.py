@@ -144,7 +144,11 @@ class OpCounter(TorchDispatchMode):
 
     def custom_ops(self, backward_only: bool = False) -> dict[str, int]:
         src = self.backward_ops if backward_only else self.ops
-        return {k.split("::", 1)[1]: v for k, v in sorted(src.items()) if k.startswith("ultramem::")}
+        out = Counter()
+        for k, v in src.items():
+            if k.startswith("ultramem::"):  # an `<op>_opaque` call is its op's (see graph_custom_ops)
+                out[k.split("::", 1)[1].removesuffix("_opaque")] += v
+        return dict(sorted(out.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +444,8 @@ class GraphRecorder:
 
 
 def graph_custom_ops(graphs) -> dict[str, int]:
-    """ultramem:: ops called by the graphs, by name."""
+    """ultramem:: ops called by the graphs, by name. On CPU an op's traced body is one call of its
+    `<op>_opaque` twin, which counts as the op."""
     out = Counter()
     for gm in graphs:
         for node in gm.graph.nodes:
@@ -450,7 +455,7 @@ def graph_custom_ops(graphs) -> dict[str, int]:
                 and isinstance(target, torch._ops.OpOverload)
                 and target.namespace == "ultramem"
             ):
-                out[target._opname] += 1
+                out[target._opname.removesuffix("_opaque")] += 1
     return dict(sorted(out.items()))
 
 

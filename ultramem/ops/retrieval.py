@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check_index_range, check_retrieval_args, check_retrieval_backward_args
+from ._checks import acc_dtype, check_index_range, check_retrieval_args, check_retrieval_backward_args, debug_enabled
+from ._triton import retrieval as _triton_retrieval  # (None without Triton)
 
 _OP = "tdqkr_retrieval"
 _BWD = "tdqkr_retrieval_backward"
@@ -47,11 +48,11 @@ def _gather_keys(scores: Tensor, idx: Tensor) -> Tensor:
     return scores.gather(2, idx.unsqueeze(-1).expand(*idx.shape, scores.shape[-1]))
 
 
-@torch.library.custom_op("ultramem::tdqkr_retrieval", mutates_args=())
-def tdqkr_retrieval(
+def forward_reference(
     row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
 ) -> tuple[Tensor, Tensor]:
-    """Reference kernel (CPU; CUDA until a faster one is registered)."""
+    """The reference kernel: plain PyTorch, any device (the CPU kernel, the CUDA kernel's fallback
+    and the test oracle)."""
     check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
     if n_keys != -1:
         row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
@@ -78,20 +79,10 @@ def tdqkr_retrieval(
     return ids, scores.to(row_scores.dtype)
 
 
-@tdqkr_retrieval.register_fake
-def _(row_scores, col_scores, cores, u, v, knn, n_keys=-1):
-    check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
-    t, h = row_scores.shape[:2]
-    ids = row_scores.new_empty((t, h, knn), dtype=torch.int64)
-    return ids, row_scores.new_empty((t, h, knn, cores.shape[1]))
-
-
-@torch.library.custom_op("ultramem::tdqkr_retrieval_backward", mutates_args=())
-def tdqkr_retrieval_backward(
+def backward_reference(
     grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype and
-    (padding included) shape. ids must lie in [0, row keys · col keys) (real keys with n_keys)."""
+    """The reference backward (see forward_reference)."""
     n_ids = check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
     check_index_range(ids, n_ids, _BWD, "ids")
     acc = acc_dtype(row_scores, col_scores, cores, grad_scores)
@@ -116,7 +107,41 @@ def tdqkr_retrieval_backward(
     )
 
 
-@tdqkr_retrieval_backward.register_fake
+# The public ops are triton_ops. On CUDA their body runs the Triton launcher, which torch.compile
+# traces, so that Inductor emits the launches itself. On CPU, and in debug mode (its range checks
+# read the data), the body calls an opaque twin: the reference kernel on CPU, the launcher on
+# CUDA. INLINE_TRITON = False routes CUDA through the twin too (compiled launches run without the
+# launcher's register caps: see _triton/_launch.py).
+INLINE_TRITON = True
+
+
+def _inline_triton(x: Tensor) -> bool:
+    return INLINE_TRITON and _triton_retrieval is not None and x.device.type == "cuda" and not debug_enabled()
+
+
+@torch.library.custom_op("ultramem::tdqkr_retrieval_opaque", mutates_args=())
+def _forward_opaque(
+    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    return forward_reference(row_scores, col_scores, cores, u, v, knn, n_keys)
+
+
+@_forward_opaque.register_fake
+def _(row_scores, col_scores, cores, u, v, knn, n_keys=-1):
+    check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
+    t, h = row_scores.shape[:2]
+    ids = row_scores.new_empty((t, h, knn), dtype=torch.int64)
+    return ids, row_scores.new_empty((t, h, knn, cores.shape[1]))
+
+
+@torch.library.custom_op("ultramem::tdqkr_retrieval_backward_opaque", mutates_args=())
+def _backward_opaque(
+    grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor, Tensor]:
+    return backward_reference(grad_scores, row_scores, col_scores, cores, ids, n_keys)
+
+
+@_backward_opaque.register_fake
 def _(grad_scores, row_scores, col_scores, cores, ids, n_keys=-1):
     check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
     return (
@@ -124,6 +149,32 @@ def _(grad_scores, row_scores, col_scores, cores, ids, n_keys=-1):
         torch.empty_like(col_scores, memory_format=torch.contiguous_format),
         torch.empty_like(cores, memory_format=torch.contiguous_format),
     )
+
+
+if _triton_retrieval is not None:
+    _forward_opaque.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_cuda)
+    _backward_opaque.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_backward_cuda)
+
+
+@torch.library.triton_op("ultramem::tdqkr_retrieval", mutates_args=())
+def tdqkr_retrieval(
+    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """Returns (ids [T, H, k] int64, scores [T, H, k, M]); see the module docstring."""
+    if _inline_triton(row_scores):
+        return _triton_retrieval.tdqkr_retrieval_cuda(row_scores, col_scores, cores, u, v, knn, n_keys)
+    return _forward_opaque(row_scores, col_scores, cores, u, v, knn, n_keys)
+
+
+@torch.library.triton_op("ultramem::tdqkr_retrieval_backward", mutates_args=())
+def tdqkr_retrieval_backward(
+    grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_row_scores, grad_col_scores, grad_cores), each in its input's dtype and
+    (padding included) shape. ids must lie in [0, row keys · col keys) (real keys with n_keys)."""
+    if _inline_triton(row_scores):
+        return _triton_retrieval.tdqkr_retrieval_backward_cuda(grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    return _backward_opaque(grad_scores, row_scores, col_scores, cores, ids, n_keys)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -143,10 +194,3 @@ def _backward(ctx, grad_ids, grad_scores):
 
 
 tdqkr_retrieval.register_autograd(_backward, setup_context=_setup_context)
-
-
-from ._triton import retrieval as _triton_retrieval  # noqa: E402  (None without Triton)
-
-if _triton_retrieval is not None:
-    tdqkr_retrieval.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_cuda)
-    tdqkr_retrieval_backward.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_backward_cuda)

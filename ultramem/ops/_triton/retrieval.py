@@ -10,8 +10,9 @@ grid walked in row tiles):
      of the floats' order-preserving integer keys (capped at 40 more steps, so it ends on any
      input); the kept keys take scratch slots from one exclusive scan over per-thread counts;
   3. the k×k grid S = A_I (Σ_m C_m) B_Jᵀ, its k-th largest entry and the kept pairs the same way
-     (in registers up to k = 64 at the default GRID_TILE). Larger grids are computed once in
-     row tiles (`_grid_select_candidates`): each tile appends its entries at or above a running
+     (in registers up to k = 64 at the default GRID_TILE). Larger grids are walked in row tiles
+     (`_grid_select_candidates`) over factors staged in scratch (`_stage_factors`: A_I·ΣC and
+     B_J, 2·R·k floats per program): each tile appends its entries at or above a running
      floor to a candidate scratch row, raising the floor first when more than CAND_TILE of them
      are (so each tile appends at most CAND_TILE); the exact selection then runs on the
      candidates in registers. The floor is at most the k-th largest total whenever at least k
@@ -30,15 +31,26 @@ k <= 32, FWD_NUM_WARPS above (at most FWD_MAXNREG_TILED registers per thread for
 selection: two programs per SM). Measurements: perf/history/tdqkr_retrieval.md.
 
 Backward (`_retrieval_bwd_kernel`), one single-warp program per (token, head): zero the program's
-whole block of grad_row / grad_col (16-byte stores when the [n, r] block is one contiguous range,
-element by element otherwise), then (after a CTA barrier) write the gradient of each kept
-row/column once, duplicates summed in registers; per-program partial grad_cores sums are reduced
-by a small deterministic sum. No atomics: results are bit-reproducible.
+whole block of grad_row / grad_col, padding rows included (16-byte stores when the [n, r] block
+is one contiguous range, element by element otherwise), then (after a CTA barrier) write the
+gradient of each kept row/column once, duplicates summed in registers; per-program partial
+grad_cores sums are reduced by a small deterministic sum. No atomics: results are
+bit-reproducible. Every output element is written by the launch itself.
+
+Inductor. When torch.compile traces a launch (the op is a triton_op), Inductor reads the kernel's
+TTIR to find the tensors it writes, and clones each of them around the launch. Its analysis
+follows a store's address back through the values it depends on, stops at loads, and takes a
+helper's results as derived from all of the helper's arguments. So no value that a store address
+depends on comes out of a helper called with an input pointer: the inputs are loaded in the
+function whose stores depend on them (`_coarse_select`, `_grid_select`, the backward kernel's ids),
+or staged to scratch first (`_stage_factors`). Scalars must also work as constexprs (older torch
+passes them so): no methods on scalar arguments (tl.cast, not .to).
+`python -m perf.diagnostics.kernel_access` prints the analysis; tests/ops/test_kernel_access.py
+checks that only outputs and scratch count as written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -47,6 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import check, check_index_range, check_retrieval_args, check_retrieval_backward_args
+from ._launch import launch
 
 _log = logging.getLogger(__name__)
 _OP = "tdqkr_retrieval"
@@ -151,7 +164,8 @@ def _rank_row_factor(
     a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q: tl.constexpr, R: tl.constexpr, M: tl.constexpr
 ):
     """Σ_p A[rows, p] · (Σ_m C_m)[p, q] in fp32: the row factor of the grid's rank term q (the
-    grid is Σ_q this · B[cols, q]). Shared by both grid layouts, same order of operations."""
+    grid is Σ_q this · B[cols, q]). The staged factors of a tiled grid (_stage_factors) and the
+    grid in registers (_grid_select, written out there) use this order of operations."""
     p_q = tl.zeros(rows.shape, dtype=tl.float32)
     for p in tl.static_range(R):
         c_pq = tl.load(c_base + p * sc_r + q * sc_s).to(tl.float32)
@@ -163,50 +177,7 @@ def _rank_row_factor(
 
 
 @triton.jit
-def _grid_tile(
-    a_base,
-    sa_n,
-    sa_r,
-    b_base,
-    sb_n,
-    sb_r,
-    c_base,
-    sc_m,
-    sc_r,
-    sc_s,
-    ws_ptr,
-    i0,
-    knn,
-    n_row,
-    n_col,
-    R: tl.constexpr,
-    M: tl.constexpr,
-    TILE_I: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Rows i0..i0+TILE_I of the grid S[i, j] = A[I_i] (Σ_m C_m) B[J_j]ᵀ, -inf outside k×k and
-    for NaN totals; also the valid mask, the flat grid position i * BLOCK_K + j and the number of
-    NaN totals."""
-    ii = i0 + tl.arange(0, TILE_I)
-    jj = tl.arange(0, BLOCK_K)
-    i_ok = ii < knn
-    j_ok = jj < knn
-    rows = _load_kept(ws_ptr, ii, i_ok, n_row)
-    cols = _load_kept(ws_ptr + BLOCK_K, jj, j_ok, n_col)
-    s = tl.zeros((TILE_I, BLOCK_K), dtype=tl.float32)
-    for q in tl.static_range(R):
-        b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
-        p_q = _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q, R, M)
-        s += p_q[:, None] * b_q[None, :]
-    valid = i_ok[:, None] & j_ok[None, :]
-    nan = valid & (s != s)
-    s = tl.where(valid & ~nan, s, float("-inf"))
-    flat = ii[:, None] * BLOCK_K + jj[None, :]
-    return s, valid, flat, tl.sum(nan.to(tl.int32))
-
-
-@triton.jit
-def _grid_select_tiled(
+def _stage_factors(
     a_base,
     sa_n,
     sa_r,
@@ -218,71 +189,82 @@ def _grid_select_tiled(
     sc_r,
     sc_s,
     keys_ws,
-    pairs_ws,
-    vals_ws,
+    fac_ws,
     knn,
     n_row,
     n_col,
     R: tl.constexpr,
     M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+):
+    """The factors of a tiled grid to fac_ws, [2R, BLOCK_K] fp32: rows q < R hold the row factor
+    of rank term q of each kept row slot (_rank_row_factor), rows R + q the kept columns' B[·, q];
+    zero past knn, as the grid's masked loads read them. The tiles then read inputs only from
+    scratch: no grid pass needs A, B or C (see "Inductor" in the module doc)."""
+    e = tl.arange(0, BLOCK_K)
+    ok = e < knn
+    rows = _load_kept(keys_ws, e, ok, n_row)
+    cols = _load_kept(keys_ws + BLOCK_K, e, ok, n_col)
+    for q in tl.static_range(R):
+        p_q = _rank_row_factor(a_base, sa_n, sa_r, rows, ok, c_base, sc_m, sc_r, sc_s, q, R, M)
+        tl.store(fac_ws + q * BLOCK_K + e, p_q)
+        b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=ok, other=0.0).to(tl.float32)
+        tl.store(fac_ws + (R + q) * BLOCK_K + e, b_q)
+
+
+@triton.jit
+def _grid_tile(
+    fac_ws,
+    i0,
+    knn,
+    R: tl.constexpr,
+    TILE_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows i0..i0+TILE_I of the grid S[i, j] = A[I_i] (Σ_m C_m) B[J_j]ᵀ from the staged factors,
+    -inf outside k×k and for NaN totals; also the valid mask, the flat grid position
+    i * BLOCK_K + j and the number of NaN totals."""
+    ii = i0 + tl.arange(0, TILE_I)
+    jj = tl.arange(0, BLOCK_K)
+    i_ok = ii < knn
+    j_ok = jj < knn
+    s = tl.zeros((TILE_I, BLOCK_K), dtype=tl.float32)
+    for q in tl.static_range(R):
+        b_q = tl.load(fac_ws + (R + q) * BLOCK_K + jj, cache_modifier=".cg")
+        p_q = tl.load(fac_ws + q * BLOCK_K + ii, cache_modifier=".cg")
+        s += p_q[:, None] * b_q[None, :]
+    valid = i_ok[:, None] & j_ok[None, :]
+    nan = valid & (s != s)
+    s = tl.where(valid & ~nan, s, float("-inf"))
+    flat = ii[:, None] * BLOCK_K + jj[None, :]
+    return s, valid, flat, tl.sum(nan.to(tl.int32))
+
+
+@triton.jit
+def _grid_select_tiled(
+    fac_ws,
+    pairs_ws,
+    vals_ws,
+    knn,
+    R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     TILE_I: tl.constexpr,
     VALUE_STEPS: tl.constexpr,
 ):
     """Phase 3 of the forward for grids too large for registers: the knn best pairs of the k×k
-    grid of kept keys (from keys_ws) to pairs_ws / vals_ws, the grid recomputed tile by tile
-    (TILE_I rows) on every pass. Returns the number of NaN totals (ranked last)."""
+    grid of kept keys (from their staged factors) to pairs_ws / vals_ws, the grid recomputed tile
+    by tile (TILE_I rows) on every pass. Returns the number of NaN totals (ranked last)."""
     lo = tl.full((), float("inf"), tl.float32)
     hi = tl.full((), float("-inf"), tl.float32)
     n_nan = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _, nan_tile = _grid_tile(
-            a_base,
-            sa_n,
-            sa_r,
-            b_base,
-            sb_n,
-            sb_r,
-            c_base,
-            sc_m,
-            sc_r,
-            sc_s,
-            keys_ws,
-            i0,
-            knn,
-            n_row,
-            n_col,
-            R,
-            M,
-            TILE_I,
-            BLOCK_K,
-        )
+        s, valid, _, nan_tile = _grid_tile(fac_ws, i0, knn, R, TILE_I, BLOCK_K)
         lo = tl.minimum(lo, tl.min(tl.where(valid, s, float("inf"))))
         hi = tl.maximum(hi, tl.max(s))
         n_nan += nan_tile
     n_at_hi = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _, _ = _grid_tile(
-            a_base,
-            sa_n,
-            sa_r,
-            b_base,
-            sb_n,
-            sb_r,
-            c_base,
-            sc_m,
-            sc_r,
-            sc_s,
-            keys_ws,
-            i0,
-            knn,
-            n_row,
-            n_col,
-            R,
-            M,
-            TILE_I,
-            BLOCK_K,
-        )
+        s, valid, _, _ = _grid_tile(fac_ws, i0, knn, R, TILE_I, BLOCK_K)
         n_at_hi += tl.sum((valid & (s >= hi)).to(tl.int32))
     todo = n_at_hi < knn
     lo = tl.where(todo, lo, hi)
@@ -291,27 +273,7 @@ def _grid_select_tiled(
         mid, adjacent = _bisect_step(lo, hi, step, VALUE_STEPS)
         cnt = knn * 0
         for i0 in range(0, BLOCK_K, TILE_I):
-            s, valid, _, _ = _grid_tile(
-                a_base,
-                sa_n,
-                sa_r,
-                b_base,
-                sb_n,
-                sb_r,
-                c_base,
-                sc_m,
-                sc_r,
-                sc_s,
-                keys_ws,
-                i0,
-                knn,
-                n_row,
-                n_col,
-                R,
-                M,
-                TILE_I,
-                BLOCK_K,
-            )
+            s, valid, _, _ = _grid_tile(fac_ws, i0, knn, R, TILE_I, BLOCK_K)
             cnt += tl.sum((s >= mid).to(tl.int32))
         ge = cnt >= knn
         lo = tl.where(ge & ~adjacent, mid, lo)
@@ -321,52 +283,12 @@ def _grid_select_tiled(
     thr = lo
     n_gt = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, _, _ = _grid_tile(
-            a_base,
-            sa_n,
-            sa_r,
-            b_base,
-            sb_n,
-            sb_r,
-            c_base,
-            sc_m,
-            sc_r,
-            sc_s,
-            keys_ws,
-            i0,
-            knn,
-            n_row,
-            n_col,
-            R,
-            M,
-            TILE_I,
-            BLOCK_K,
-        )
+        s, valid, _, _ = _grid_tile(fac_ws, i0, knn, R, TILE_I, BLOCK_K)
         n_gt += tl.sum((valid & (s > thr)).to(tl.int32))
     gt_base = knn * 0
     eq_base = knn * 0
     for i0 in range(0, BLOCK_K, TILE_I):
-        s, valid, flat, _ = _grid_tile(
-            a_base,
-            sa_n,
-            sa_r,
-            b_base,
-            sb_n,
-            sb_r,
-            c_base,
-            sc_m,
-            sc_r,
-            sc_s,
-            keys_ws,
-            i0,
-            knn,
-            n_row,
-            n_col,
-            R,
-            M,
-            TILE_I,
-            BLOCK_K,
-        )
+        s, valid, flat, _ = _grid_tile(fac_ws, i0, knn, R, TILE_I, BLOCK_K)
         slot, keep, n_gt_tile, n_eq_tile = _kept_slots_2d(s, valid, thr, n_gt, knn, gt_base, eq_base)
         tl.store(pairs_ws + slot, flat, mask=keep)
         tl.store(vals_ws + slot, s, mask=keep)
@@ -610,24 +532,24 @@ def _store_kept(keep1, p1, x1, keep2, p2, x2, knn, dst_idx, dst_val, HAS2: tl.co
 
 
 @triton.jit
-def _coarse_block(
-    base, s_n, s_r, w_ptr, s_w, n, p0, R: tl.constexpr, P: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr
-):
-    """Scores <key, w> of keys p0 + e (e < P·G) as [P, G] (entry [p, g] = key p0 + p·G + g, -inf
-    past n), the mask of real keys and the positions."""
+def _block_keys(n, p0, P: tl.constexpr, G: tl.constexpr):
+    """Positions p0 + e (e < P·G) of a block of keys and the mask of the real ones (< n)."""
+    pos = p0 + tl.arange(0, P * G)
+    return pos, pos < n
+
+
+@triton.jit
+def _block_ptrs(base, s_n, p0, P: tl.constexpr, G: tl.constexpr):
+    """Row pointers of keys p0 + e (e < P·G): one address per thread plus an offset per register
+    row (an immediate for a constant s_n)."""
     e = tl.arange(0, P * G)
-    pos = p0 + e
-    valid = pos < n
-    # one address per thread plus an offset per register row (an immediate for a constant s_n)
-    ptr = (base + (e % G) * s_n) + (p0 + e // G * G) * s_n
-    x = tl.zeros((P * G,), dtype=tl.float32)
-    for q in tl.static_range(R):
-        w_q = tl.load(w_ptr + q * s_w).to(tl.float32)
-        if MASKED:
-            a_q = tl.load(ptr + q * s_r, mask=valid, other=0.0)
-        else:
-            a_q = tl.load(ptr + q * s_r)
-        x += w_q * a_q.to(tl.float32)
+    return (base + (e % G) * s_n) + (p0 + e // G * G) * s_n
+
+
+@triton.jit
+def _coarse_finish(x, valid, pos, P: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr):
+    """Coarse scores x of a block of keys as [P, G] (entry [p, g] = key p0 + p·G + g), -inf past
+    n and for NaN, with the mask of real keys, the positions and the NaN mask."""
     if MASKED:
         x = tl.where(valid, x, float("-inf"))
     # a NaN score ranks last (its token's scores become NaN: see _sort_and_write)
@@ -657,10 +579,25 @@ def _coarse_select(
     VALUE_STEPS: tl.constexpr,
 ):
     """Write the positions of the knn largest <key, w> of one [n, R] score block to dst[0:knn];
-    returns the number of NaN scores (ranked last)."""
-    x1, v1, p1, nan1 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, 0, R, P1, G, MASK1)
+    returns the number of NaN scores (ranked last). The scores are loaded here, not in a helper
+    (see "Inductor" in the module doc)."""
+    p1, v1 = _block_keys(n, 0, P1, G)
+    ptr1 = _block_ptrs(base, s_n, 0, P1, G)
+    x1 = tl.zeros((P1 * G,), dtype=tl.float32)
+    for q in tl.static_range(R):
+        w_q = tl.load(w_ptr + q * s_w).to(tl.float32)
+        a_q = tl.load(ptr1 + q * s_r, mask=v1 if MASK1 else None, other=0.0 if MASK1 else None)
+        x1 += w_q * a_q.to(tl.float32)
+    x1, v1, p1, nan1 = _coarse_finish(x1, v1, p1, P1, G, MASK1)
     if HAS_REM:
-        x2, v2, p2, nan2 = _coarse_block(base, s_n, s_r, w_ptr, s_w, n, P1 * G, R, P2, G, MASK2)
+        p2, v2 = _block_keys(n, P1 * G, P2, G)
+        ptr2 = _block_ptrs(base, s_n, P1 * G, P2, G)
+        x2 = tl.zeros((P2 * G,), dtype=tl.float32)
+        for q in tl.static_range(R):
+            w_q = tl.load(w_ptr + q * s_w).to(tl.float32)
+            a_q = tl.load(ptr2 + q * s_r, mask=v2 if MASK2 else None, other=0.0 if MASK2 else None)
+            x2 += w_q * a_q.to(tl.float32)
+        x2, v2, p2, nan2 = _coarse_finish(x2, v2, p2, P2, G, MASK2)
     else:  # unused placeholders
         p2 = tl.reshape(tl.arange(0, P2 * G), (P2, G))
         v2 = p2 < 0
@@ -674,53 +611,35 @@ def _coarse_select(
 
 
 @triton.jit
-def _grid_rows(
-    a_base,
-    sa_n,
-    sa_r,
-    b_base,
-    sb_n,
-    sb_r,
-    c_base,
-    sc_m,
-    sc_r,
-    sc_s,
-    keys_ws,
-    i0,
-    knn,
-    n_row,
-    n_col,
-    R: tl.constexpr,
-    M: tl.constexpr,
-    TILE_I: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    G: tl.constexpr,
-    FULL_K: tl.constexpr,
-):
-    """Rows i0..i0+TILE_I of the k×k grid as [TILE_I·BLOCK_K / G, G] (entry e = p·G + g holds row
-    slot i0 + e % TILE_I, column slot e // TILE_I; -inf outside k×k, and for NaN totals), the valid
-    mask, the flat grid positions i·BLOCK_K + j and the number of NaN totals. Loads are 1-D (see
-    _as_1d)."""
-    PG: tl.constexpr = TILE_I * BLOCK_K // G
+def _grid_slots(i0, knn, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):
+    """Entries e < TILE_I·BLOCK_K of grid rows i0..i0+TILE_I in _grid_rows' layout (row slot
+    i0 + e % TILE_I, column slot e // TILE_I): e, the column mask and the row slots (one per
+    thread when all of a thread's entries share a row)."""
     e = tl.arange(0, TILE_I * BLOCK_K)
     j_ok = e // TILE_I < knn
-    cols = _load_kept(keys_ws + BLOCK_K, e // TILE_I, j_ok, n_col)
     if G % TILE_I == 0:  # the row slot is the same for all of a thread's entries: one row per thread
         ii = i0 + tl.arange(0, G) % TILE_I
     else:
         ii = i0 + e % TILE_I
-    i_ok = ii < knn
-    rows = _load_kept(keys_ws, ii, i_ok, n_row)
-    # same arithmetic (order of operations) as _grid_tile of the bisection path; s starts as a
-    # reshape, not as a 2-D constant, so that it gets the layout of the reshaped loads
-    s = tl.reshape(tl.zeros((TILE_I * BLOCK_K,), dtype=tl.float32), (PG, G))
-    for q in tl.static_range(R):
-        b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
-        p_q = _rank_row_factor(a_base, sa_n, sa_r, rows, i_ok, c_base, sc_m, sc_r, sc_s, q, R, M)
-        if G % TILE_I == 0:
-            s += p_q[None, :] * tl.reshape(b_q, (PG, G))
-        else:
-            s += tl.reshape(p_q * b_q, (PG, G))
+    return e, j_ok, ii
+
+
+@triton.jit
+def _grid_add_term(s, p_q, b_q, TILE_I: tl.constexpr, G: tl.constexpr):
+    """s + the rank term p_q (per row slot, as _grid_slots' ii) times b_q (per entry)."""
+    PG: tl.constexpr = s.shape[0]
+    if G % TILE_I == 0:
+        s += p_q[None, :] * tl.reshape(b_q, (PG, G))
+    else:
+        s += tl.reshape(p_q * b_q, (PG, G))
+    return s
+
+
+@triton.jit
+def _grid_finish(s, e, ii, i0, knn, TILE_I: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr, FULL_K: tl.constexpr):
+    """Grid totals s in _grid_rows' layout with -inf outside k×k and for NaN totals; the valid
+    mask, the flat grid positions i·BLOCK_K + j and the number of NaN totals."""
+    PG: tl.constexpr = TILE_I * BLOCK_K // G
     e = tl.reshape(e, (PG, G))
     jj = e // TILE_I
     if G % TILE_I == 0:
@@ -732,6 +651,32 @@ def _grid_rows(
         s = tl.where(valid, s, float("-inf"))
     nan = s != s
     return tl.where(nan, float("-inf"), s), valid, ii * BLOCK_K + jj, _count_true(nan, nan, False)
+
+
+@triton.jit
+def _grid_rows(
+    fac_ws,
+    i0,
+    knn,
+    R: tl.constexpr,
+    TILE_I: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    G: tl.constexpr,
+    FULL_K: tl.constexpr,
+):
+    """Rows i0..i0+TILE_I of the k×k grid from the staged factors (_stage_factors) as
+    [TILE_I·BLOCK_K / G, G] (entry e = p·G + g holds row slot i0 + e % TILE_I, column slot
+    e // TILE_I; -inf outside k×k, and for NaN totals), the valid mask, the flat grid positions
+    i·BLOCK_K + j and the number of NaN totals. Loads are 1-D (see _as_1d)."""
+    e, _, ii = _grid_slots(i0, knn, TILE_I, BLOCK_K, G)
+    # s starts as a reshape, not as a 2-D constant, so that it gets the layout of the reshaped loads
+    s = tl.reshape(tl.zeros((TILE_I * BLOCK_K,), dtype=tl.float32), (TILE_I * BLOCK_K // G, G))
+    for q in tl.static_range(R):
+        # (L2 path: staged by other threads of this program; zero past knn, no masks needed)
+        b_q = tl.load(fac_ws + (R + q) * BLOCK_K + e // TILE_I, cache_modifier=".cg")
+        p_q = tl.load(fac_ws + q * BLOCK_K + ii, cache_modifier=".cg")
+        s = _grid_add_term(s, p_q, b_q, TILE_I, G)
+    return _grid_finish(s, e, ii, i0, knn, TILE_I, BLOCK_K, G, FULL_K)
 
 
 @triton.jit
@@ -760,32 +705,26 @@ def _grid_select(
     GS: tl.constexpr,
     VALUE_STEPS: tl.constexpr,
 ):
-    """Phase 3 of the forward with the k×k grid in registers as [BLOCK_K² / G, G] (see _grid_rows):
-    the knn best pairs (i·BLOCK_K + j) and their totals to pairs_ws / vals_ws, in no fixed order.
-    Returns the number of NaN totals (ranked last)."""
-    s, valid, flat, n_nan = _grid_rows(
-        a_base,
-        sa_n,
-        sa_r,
-        b_base,
-        sb_n,
-        sb_r,
-        c_base,
-        sc_m,
-        sc_r,
-        sc_s,
-        keys_ws,
-        0,
-        knn,
-        n_row,
-        n_col,
-        R,
-        M,
-        BLOCK_K,
-        BLOCK_K,
-        G,
-        FULL_K,
-    )
+    """Phase 3 of the forward with the k×k grid in registers as [BLOCK_K² / G, G] (_grid_rows'
+    layout, one row tile): the knn best pairs (i·BLOCK_K + j) and their totals to pairs_ws /
+    vals_ws, in no fixed order. Returns the number of NaN totals (ranked last). The grid is
+    computed here from A, B and C, not in a helper (see "Inductor" in the module doc)."""
+    e, j_ok, ii = _grid_slots(0, knn, BLOCK_K, BLOCK_K, G)
+    cols = _load_kept(keys_ws + BLOCK_K, e // BLOCK_K, j_ok, n_col)
+    i_ok = ii < knn
+    rows = _load_kept(keys_ws, ii, i_ok, n_row)
+    s = tl.reshape(tl.zeros((BLOCK_K * BLOCK_K,), dtype=tl.float32), (BLOCK_K * BLOCK_K // G, G))
+    for q in tl.static_range(R):
+        b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=j_ok, other=0.0).to(tl.float32)
+        p_q = tl.zeros(rows.shape, dtype=tl.float32)  # _rank_row_factor, written out
+        for p in tl.static_range(R):
+            c_pq = tl.load(c_base + p * sc_r + q * sc_s).to(tl.float32)
+            for m in tl.static_range(1, M):
+                c_pq += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32)
+            a_p = tl.load(a_base + rows * sa_n + p * sa_r, mask=i_ok, other=0.0).to(tl.float32)
+            p_q += a_p * c_pq
+        s = _grid_add_term(s, p_q, b_q, BLOCK_K, G)
+    s, valid, flat, n_nan = _grid_finish(s, e, ii, 0, knn, BLOCK_K, BLOCK_K, G, FULL_K)
     thr, exact = _kth_threshold(s, valid, s, valid, knn, knn * knn, False, not FULL_K, False, GS, VALUE_STEPS)
     keep, _ = _kept_masks(s, valid, flat, s, valid, flat, thr, exact, knn, BLOCK_K * BLOCK_K, False, not FULL_K, False)
     _store_kept(keep, flat, s, keep, flat, s, knn, pairs_ws, vals_ws, False, True)
@@ -818,24 +757,11 @@ def _raise_floor(s, valid, floor, knn, cap, VALUE_STEPS: tl.constexpr):
 
 @triton.jit
 def _grid_candidates(
-    a_base,
-    sa_n,
-    sa_r,
-    b_base,
-    sb_n,
-    sb_r,
-    c_base,
-    sc_m,
-    sc_r,
-    sc_s,
-    keys_ws,
+    fac_ws,
     cand_pos,
     cand_val,
     knn,
-    n_row,
-    n_col,
     R: tl.constexpr,
-    M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     TILE_I: tl.constexpr,
     G: tl.constexpr,
@@ -855,29 +781,7 @@ def _grid_candidates(
     n_nan = knn * 0
     i0 = knn * 0
     while i0 < knn:  # the tiles with a real row
-        s, valid, flat, nan_tile = _grid_rows(
-            a_base,
-            sa_n,
-            sa_r,
-            b_base,
-            sb_n,
-            sb_r,
-            c_base,
-            sc_m,
-            sc_r,
-            sc_s,
-            keys_ws,
-            i0,
-            knn,
-            n_row,
-            n_col,
-            R,
-            M,
-            TILE_I,
-            BLOCK_K,
-            G,
-            FULL_K,
-        )
+        s, valid, flat, nan_tile = _grid_rows(fac_ws, i0, knn, R, TILE_I, BLOCK_K, G, FULL_K)
         n_nan += nan_tile
         ge = valid & (s >= floor)
         if _count_true(ge, ge, False) > CAND_TILE:
@@ -897,26 +801,13 @@ def _grid_candidates(
 
 @triton.jit
 def _grid_select_candidates(
-    a_base,
-    sa_n,
-    sa_r,
-    b_base,
-    sb_n,
-    sb_r,
-    c_base,
-    sc_m,
-    sc_r,
-    sc_s,
-    keys_ws,
+    fac_ws,
     pairs_ws,
     vals_ws,
     cand_pos,
     cand_val,
     knn,
-    n_row,
-    n_col,
     R: tl.constexpr,
-    M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     TILE_I: tl.constexpr,
     TILE_G: tl.constexpr,
@@ -935,31 +826,7 @@ def _grid_select_candidates(
     slots) the bisection over the whole grid (_grid_select_tiled) decides. Returns the number of
     NaN totals (ranked last; every tile is visited once by the candidates pass)."""
     floor, n_cand, n_nan = _grid_candidates(
-        a_base,
-        sa_n,
-        sa_r,
-        b_base,
-        sb_n,
-        sb_r,
-        c_base,
-        sc_m,
-        sc_r,
-        sc_s,
-        keys_ws,
-        cand_pos,
-        cand_val,
-        knn,
-        n_row,
-        n_col,
-        R,
-        M,
-        BLOCK_K,
-        TILE_I,
-        TILE_G,
-        FULL_K,
-        CAND,
-        CAND_TILE,
-        VALUE_STEPS,
+        fac_ws, cand_pos, cand_val, knn, R, BLOCK_K, TILE_I, TILE_G, FULL_K, CAND, CAND_TILE, VALUE_STEPS
     )
     tl.debug_barrier()  # the candidates were written by other threads of this program
     e = tl.arange(0, CAND)
@@ -976,29 +843,7 @@ def _grid_select_candidates(
         keep, _ = _kept_masks(x, ok, p, x, ok, p, thr, exact, knn, BLOCK_K * BLOCK_K, False, True, False)
         _store_kept(keep, p, x, keep, p, x, knn, pairs_ws, vals_ws, False, True)
     else:
-        _grid_select_tiled(
-            a_base,
-            sa_n,
-            sa_r,
-            b_base,
-            sb_n,
-            sb_r,
-            c_base,
-            sc_m,
-            sc_r,
-            sc_s,
-            keys_ws,
-            pairs_ws,
-            vals_ws,
-            knn,
-            n_row,
-            n_col,
-            R,
-            M,
-            BLOCK_K,
-            TILE_I,
-            VALUE_STEPS,
-        )
+        _grid_select_tiled(fac_ws, pairs_ws, vals_ws, knn, R, BLOCK_K, TILE_I, VALUE_STEPS)
     return n_nan
 
 
@@ -1032,6 +877,7 @@ def _retrieval_fwd_kernel(
     vals_ws_ptr,
     cand_pos_ptr,
     cand_val_ptr,
+    fac_ws_ptr,
     heads,
     n_row,
     n_col,
@@ -1156,8 +1002,9 @@ def _retrieval_fwd_kernel(
             GS_K,
             VALUE_STEPS,
         )
-    else:  # grid too large for registers: row tiles, candidates above a floor
-        n_grid_nan = _grid_select_candidates(
+    else:  # grid too large for registers: factors staged, row tiles, candidates above a floor
+        fac_ws = fac_ws_ptr + pid * (2 * R * BLOCK_K)
+        _stage_factors(
             a_base,
             ka_n,
             sa_r,
@@ -1169,15 +1016,23 @@ def _retrieval_fwd_kernel(
             sc_r,
             sc_s,
             keys_ws,
-            pairs_ws,
-            vals_ws,
-            cand_pos_ptr + pid * CAND,
-            cand_val_ptr + pid * CAND,
+            fac_ws,
             knn,
             n_row,
             n_col,
             R,
             M,
+            BLOCK_K,
+        )
+        tl.debug_barrier()
+        n_grid_nan = _grid_select_candidates(
+            fac_ws,
+            pairs_ws,
+            vals_ws,
+            cand_pos_ptr + pid * CAND,
+            cand_val_ptr + pid * CAND,
+            knn,
+            R,
             BLOCK_K,
             TILE_I,
             TILE_G,
@@ -1224,10 +1079,10 @@ def _retrieval_fwd_kernel(
 
 
 @triton.jit
-def _bwd_split_ids(id_base, si_k, e, knn, n_row, n_col):
-    """(i, j, ok) of entries e: ok = an id in [0, n_row·n_col); i = j = -1 where not ok."""
-    vid = tl.load(id_base + e * si_k, mask=e < knn, other=-1).to(tl.int64)
-    ok = (vid >= 0) & (vid < n_row.to(tl.int64) * n_col)
+def _bwd_split_ids(vid, n_row, n_col):
+    """(i, j, ok) of ids vid (int64): ok = an id in [0, n_row·n_col); i = j = -1 where not ok.
+    (tl.cast, not .to: the scalars are constexprs in some torch versions' kernel analysis.)"""
+    ok = (vid >= 0) & (vid < tl.cast(n_row, tl.int64) * n_col)
     v32 = tl.where(ok, vid, 0).to(tl.int32)  # n_row·n_col <= MAX_KEYS² < 2³¹
     i = v32 // n_col
     j = v32 - i * n_col
@@ -1319,7 +1174,7 @@ def _zero_rows(ptr, off, s_n, s_r, n, R: tl.constexpr, FLAT: tl.constexpr, ZBLOC
         _zero_rows_strided(ptr + off, s_n, s_r, n, R, ZBLOCK)
 
 
-@triton.jit(do_not_specialize=["tokens", "heads", "n_row", "n_col", "knn"])
+@triton.jit(do_not_specialize=["tokens", "heads", "n_row", "n_col", "zero_row", "zero_col", "knn"])
 def _retrieval_bwd_kernel(
     g_ptr,
     sg_t,
@@ -1360,6 +1215,8 @@ def _retrieval_bwd_kernel(
     heads,
     n_row,
     n_col,
+    zero_row,
+    zero_col,
     knn,
     R: tl.constexpr,
     M: tl.constexpr,
@@ -1371,9 +1228,10 @@ def _retrieval_bwd_kernel(
     ZBLOCK: tl.constexpr,
     VEC: tl.constexpr,
 ):
-    # One program per (token, head): zero this program's rows of grad_row / grad_col, then after
-    # one CTA barrier write each kept row once, duplicates summed in registers; no atomics,
-    # bit-reproducible.
+    # One program per (token, head): zero this program's zero_row / zero_col rows of grad_row /
+    # grad_col (the n_row / n_col real keys and any padding after them), then after one CTA
+    # barrier write each kept row once, duplicates summed in registers; no atomics,
+    # bit-reproducible. The ids are loaded here, not in a helper: see "Inductor" in the module doc.
     pid = tl.program_id(0).to(tl.int64)
     t = pid // heads
     h = pid % heads
@@ -1386,10 +1244,11 @@ def _retrieval_bwd_kernel(
     gb_off = t * sgb_t + h * sgb_h
 
     e = tl.arange(0, BLOCK_K)
-    i_e, j_e, ok_e = _bwd_split_ids(id_base, si_k, e, knn, n_row, n_col)
+    vid = tl.load(id_base + e * si_k, mask=e < knn, other=-1).to(tl.int64)
+    i_e, j_e, ok_e = _bwd_split_ids(vid, n_row, n_col)
     # (the stores issue while the ids above are in flight)
-    _zero_rows(ga_ptr, ga_off, sga_n, sga_r, n_row, R, FLAT_A, ZBLOCK, VEC)
-    _zero_rows(gb_ptr, gb_off, sgb_n, sgb_r, n_col, R, FLAT_B, ZBLOCK, VEC)
+    _zero_rows(ga_ptr, ga_off, sga_n, sga_r, zero_row, R, FLAT_A, ZBLOCK, VEC)
+    _zero_rows(gb_ptr, gb_off, sgb_n, sgb_r, zero_col, R, FLAT_B, ZBLOCK, VEC)
 
     # grad_cores partials Σ_e g[e,m] A[i_e,p] B[j_e,q], packed in one vector (slot (m·R + p)·R + q)
     slot = tl.arange(0, MRRP)
@@ -1417,7 +1276,8 @@ def _retrieval_bwd_kernel(
                 i_f, j_f, ok_f = i_e, j_e, ok_e
             else:
                 f = f0 + tl.arange(0, CHUNK)
-                i_f, j_f, ok_f = _bwd_split_ids(id_base, si_k, f, knn, n_row, n_col)
+                vid_f = tl.load(id_base + f * si_k, mask=f < knn, other=-1).to(tl.int64)
+                i_f, j_f, ok_f = _bwd_split_ids(vid_f, n_row, n_col)
             da, db = _bwd_entry_grads(
                 g_base,
                 sg_k,
@@ -1452,28 +1312,22 @@ def _retrieval_bwd_kernel(
 # ------------------------------------------------------------------------------------ launchers
 
 
-def _device_ctx(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _block_k(knn: int) -> int:
     return max(16, triton.next_power_of_2(knn))
 
 
-def _unsupported(knn: int, row_scores: Tensor, col_scores: Tensor, cores: Tensor, *more: Tensor) -> str | None:
+def _unsupported(
+    knn: int, row_scores: Tensor, col_scores: Tensor, cores: Tensor, *more: Tensor, n_keys: int = -1
+) -> str | None:
     if any(x.dtype == torch.float64 for x in (row_scores, col_scores, cores, *more)):
         return "float64 inputs"
     if knn > MAX_KNN:
         return f"knn above {MAX_KNN}"
-    if max(row_scores.shape[2], col_scores.shape[2]) > MAX_KEYS:
+    if (max(row_scores.shape[2], col_scores.shape[2]) if n_keys == -1 else n_keys) > MAX_KEYS:
         return f"more than {MAX_KEYS} sub-keys per side"
     if row_scores.shape[3] > MAX_RANK:
         return f"rank above {MAX_RANK}"
     return None
-
-
-def _reference(op):
-    return getattr(op, "_init_fn", op)
 
 
 def tdqkr_retrieval_cuda(
@@ -1481,15 +1335,13 @@ def tdqkr_retrieval_cuda(
 ) -> tuple[Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval (runs on CPU tensors under TRITON_INTERPRET=1)."""
     check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
-    if n_keys != -1:  # the kernels read strided views of the real keys
-        row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
-    reason = _unsupported(knn, row_scores, col_scores, cores, u, v)
+    reason = _unsupported(knn, row_scores, col_scores, cores, u, v, n_keys=n_keys)
     if reason is not None:
         from .. import retrieval as ref
 
         _fallback_once(reason)
-        return _reference(ref.tdqkr_retrieval)(row_scores, col_scores, cores, u, v, knn)
-    return launch_forward(row_scores, col_scores, cores, u, v, knn)
+        return ref.forward_reference(row_scores, col_scores, cores, u, v, knn, n_keys)
+    return launch_forward(row_scores, col_scores, cores, u, v, knn, n_keys)
 
 
 def _coarse_layout(n: int, g: int) -> dict:
@@ -1529,11 +1381,14 @@ def _candidate_slots(knn: int, block_k: int, tile_i: int) -> tuple[int, int]:
 
 
 def launch_forward(
-    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int
+    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
 ) -> tuple[Tensor, Tensor]:
-    """The forward launch on checked arguments (launch shapes from the module constants)."""
+    """The forward launch on checked arguments (launch shapes from the module constants); with
+    n_keys, the rows of each side past n_keys are padding, never read."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
+    if n_keys != -1:
+        n_row = n_col = n_keys
     m = cores.shape[1]
     dev = row_scores.device
     ids = torch.empty((t, h, knn), dtype=torch.int64, device=dev)
@@ -1552,7 +1407,6 @@ def launch_forward(
     cap = None
     if r * m <= 4:
         cap = FWD_MAXNREG_TILED if cand else FWD_MAXNREG_SMALL_K if small_k else None
-    limits = dict(maxnreg=cap) if cap else {}
     g = 32 * warps  # keys per register row: one per thread
     keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
     pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
@@ -1561,60 +1415,63 @@ def launch_forward(
     grid_g = min(g, block_k * block_k)
     cand_pos = torch.empty((t * h, cand) if cand else (1,), dtype=torch.int32, device=dev)
     cand_val = torch.empty((t * h, cand) if cand else (1,), dtype=torch.float32, device=dev)
-    with _device_ctx(row_scores):
-        _retrieval_fwd_kernel[(t * h,)](
-            row_scores,
-            *row_scores.stride(),
-            col_scores,
-            *col_scores.stride(),
-            cores,
-            *cores.stride(),
-            u,
-            *u.stride(),
-            v,
-            *v.stride(),
-            ids,
-            scores,
-            keys_ws,
-            pairs_ws,
-            vals_ws,
-            cand_pos,
-            cand_val,
-            h,
-            n_row,
-            n_col,
-            knn,
-            R=r,
-            M=m,
-            G=g,
-            P1_R=lr["p1"],
-            P2_R=lr["p2"],
-            REM_R=lr["has_rem"],
-            MASK1_R=lr["mask1"],
-            MASK2_R=lr["mask2"],
-            P1_C=lc["p1"],
-            P2_C=lc["p2"],
-            REM_C=lc["has_rem"],
-            MASK1_C=lc["mask1"],
-            MASK2_C=lc["mask2"],
-            KEY_STRIDE_A=_contiguous_key_stride(row_scores),
-            KEY_STRIDE_B=_contiguous_key_stride(col_scores),
-            GS_R=_group_threads(knn, g, n_row >= g),
-            GS_C=_group_threads(knn, g, n_col >= g),
-            BLOCK_K=block_k,
-            TILE_I=tile_i,
-            GRID_G=grid_g,
-            FULL_K=knn == block_k,
-            GS_K=_group_threads(knn, grid_g, knn == block_k),
-            TILE_G=min(g, tile_i * block_k),
-            CAND=cand,
-            CAND_TILE=cand_tile_slots,
-            CAND_G=min(g, max(cand, 1)),
-            ONE_HEAD=h == 1,
-            VALUE_STEPS=VALUE_STEPS,
-            num_warps=warps,
-            **limits,
-        )
+    fac_ws = torch.empty((t * h, 2 * r * block_k) if cand else (1,), dtype=torch.float32, device=dev)
+    launch(
+        _retrieval_fwd_kernel,
+        (t * h,),
+        row_scores,
+        *row_scores.stride(),
+        col_scores,
+        *col_scores.stride(),
+        cores,
+        *cores.stride(),
+        u,
+        *u.stride(),
+        v,
+        *v.stride(),
+        ids,
+        scores,
+        keys_ws,
+        pairs_ws,
+        vals_ws,
+        cand_pos,
+        cand_val,
+        fac_ws,
+        h,
+        n_row,
+        n_col,
+        knn,
+        R=r,
+        M=m,
+        G=g,
+        P1_R=lr["p1"],
+        P2_R=lr["p2"],
+        REM_R=lr["has_rem"],
+        MASK1_R=lr["mask1"],
+        MASK2_R=lr["mask2"],
+        P1_C=lc["p1"],
+        P2_C=lc["p2"],
+        REM_C=lc["has_rem"],
+        MASK1_C=lc["mask1"],
+        MASK2_C=lc["mask2"],
+        KEY_STRIDE_A=_contiguous_key_stride(row_scores),
+        KEY_STRIDE_B=_contiguous_key_stride(col_scores),
+        GS_R=_group_threads(knn, g, n_row >= g),
+        GS_C=_group_threads(knn, g, n_col >= g),
+        BLOCK_K=block_k,
+        TILE_I=tile_i,
+        GRID_G=grid_g,
+        FULL_K=knn == block_k,
+        GS_K=_group_threads(knn, grid_g, knn == block_k),
+        TILE_G=min(g, tile_i * block_k),
+        CAND=cand,
+        CAND_TILE=cand_tile_slots,
+        CAND_G=min(g, max(cand, 1)),
+        ONE_HEAD=h == 1,
+        VALUE_STEPS=VALUE_STEPS,
+        num_warps=warps,
+        maxnreg=cap,
+    )
     return ids, scores
 
 
@@ -1622,39 +1479,18 @@ def tdqkr_retrieval_backward_cuda(
     grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval_backward. With n_keys the gradients keep the
-    padded shape of the scores (the caller's GEMM reads them in place): the kernel writes the
-    real keys' rows through views, the padding rows are zeroed apart."""
+    padded shape of the scores (the caller's GEMM reads them in place), zero in the padding: the
+    kernel zeroes each (token, head)'s whole block, padding included, before it writes the kept
+    rows, so the outputs are written by the launch alone."""
     n_ids = check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
     check_index_range(ids, n_ids, _BWD, "ids")  # (CPU and debug mode; the kernel skips such ids)
-    padded = None
-    if n_keys != -1:
-        padded = (
-            torch.empty_like(row_scores, memory_format=torch.contiguous_format),
-            torch.empty_like(col_scores, memory_format=torch.contiguous_format),
-        )
-        row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
-    n_row, n_col = row_scores.shape[2], col_scores.shape[2]
-    knn = ids.shape[2]
-    out = None if padded is None else (padded[0][:, :, :n_row], padded[1][:, :, :n_col])
-    reason = _unsupported(knn, row_scores, col_scores, cores, grad_scores)
+    reason = _unsupported(ids.shape[2], row_scores, col_scores, cores, grad_scores, n_keys=n_keys)
     if reason is not None:
         from .. import retrieval as ref
 
         _fallback_once(reason)
-        grads = _reference(ref.tdqkr_retrieval_backward)(grad_scores, row_scores, col_scores, cores, ids)
-        if out is None:
-            return grads
-        out[0].copy_(grads[0])
-        out[1].copy_(grads[1])
-        grad_cores = grads[2]
-    else:
-        grads = launch_backward(grad_scores, row_scores, col_scores, cores, ids, out=out)
-        if out is None:
-            return grads
-        grad_cores = grads[2]
-    padded[0][:, :, n_row:].zero_()
-    padded[1][:, :, n_col:].zero_()
-    return padded[0], padded[1], grad_cores
+        return ref.backward_reference(grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    return launch_backward(grad_scores, row_scores, col_scores, cores, ids, n_keys)
 
 
 def _flat_slabs(x: Tensor) -> bool:
@@ -1684,53 +1520,62 @@ def launch_backward(
     col_scores: Tensor,
     cores: Tensor,
     ids: Tensor,
+    n_keys: int = -1,
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward launch on checked arguments (ids outside [0, n_row·n_col) are skipped).
-    `out`: (grad_row, grad_col) to write in full instead of fresh tensors, any strides (e.g.
-    views into a larger buffer; a view's own elements must not overlap)."""
-    t, h, n_row, r = row_scores.shape
-    n_col = col_scores.shape[2]
+    """The backward launch on checked arguments (ids outside [0, n_row·n_col) are skipped). With
+    n_keys the rows of each side past n_keys are padding: zero in the gradients. `out`: (grad_row,
+    grad_col) to write in full instead of fresh tensors, any strides (e.g. views into a larger
+    buffer; a view's own elements must not overlap)."""
+    t, h, rows_a, r = row_scores.shape
+    rows_b = col_scores.shape[2]
+    n_row, n_col = (rows_a, rows_b) if n_keys == -1 else (n_keys, n_keys)
     m = cores.shape[1]
     knn = ids.shape[2]
     dev = row_scores.device
+    if (t * h == 0 or knn == 0) and out is None:
+        zeros = [torch.zeros(x.shape, dtype=x.dtype, device=dev) for x in (row_scores, col_scores, cores)]
+        return zeros[0], zeros[1], zeros[2]
     grad_row, grad_col = _bwd_outputs(row_scores, col_scores, out)
     if t * h == 0 or knn == 0:
         return grad_row.zero_(), grad_col.zero_(), torch.zeros_like(cores)
     partial = torch.empty((h, m, r, r, t), dtype=torch.float32, device=dev)
     block_k = _block_k(knn)
     vec = max(1, 16 // grad_row.element_size())  # elements per 16-byte store
-    with _device_ctx(row_scores):
-        _retrieval_bwd_kernel[(t * h,)](
-            grad_scores,
-            *grad_scores.stride(),
-            row_scores,
-            *row_scores.stride(),
-            col_scores,
-            *col_scores.stride(),
-            cores,
-            *cores.stride(),
-            ids,
-            *ids.stride(),
-            grad_row,
-            *grad_row.stride(),
-            grad_col,
-            *grad_col.stride(),
-            partial,
-            t,
-            h,
-            n_row,
-            n_col,
-            knn,
-            R=r,
-            M=m,
-            MRRP=triton.next_power_of_2(m * r * r),
-            BLOCK_K=block_k,
-            CHUNK=min(block_k, 32),
-            FLAT_A=_flat_slabs(grad_row),
-            FLAT_B=_flat_slabs(grad_col),
-            ZBLOCK=4 * vec * 32 * BWD_NUM_WARPS,
-            VEC=vec,
-            num_warps=BWD_NUM_WARPS,
-        )
+    launch(
+        _retrieval_bwd_kernel,
+        (t * h,),
+        grad_scores,
+        *grad_scores.stride(),
+        row_scores,
+        *row_scores.stride(),
+        col_scores,
+        *col_scores.stride(),
+        cores,
+        *cores.stride(),
+        ids,
+        *ids.stride(),
+        grad_row,
+        *grad_row.stride(),
+        grad_col,
+        *grad_col.stride(),
+        partial,
+        t,
+        h,
+        n_row,
+        n_col,
+        rows_a,
+        rows_b,
+        knn,
+        R=r,
+        M=m,
+        MRRP=triton.next_power_of_2(m * r * r),
+        BLOCK_K=block_k,
+        CHUNK=min(block_k, 32),
+        FLAT_A=_flat_slabs(grad_row),
+        FLAT_B=_flat_slabs(grad_col),
+        ZBLOCK=4 * vec * 32 * BWD_NUM_WARPS,
+        VEC=vec,
+        num_warps=BWD_NUM_WARPS,
+    )
     return grad_row, grad_col, partial.sum(-1).to(cores.dtype)

@@ -1,0 +1,43 @@
+"""One way to launch a Triton kernel from an op's CUDA path, eager or traced.
+
+An op whose body is a `torch.library.triton_op` launches its kernels through `launch`. While
+torch.compile traces the body (its tensors are fake or functional, not plain tensors), the
+launch goes through `wrap_triton`: Inductor then emits the launch in its own generated code, with
+no Python dispatch, argument checks or Triton launcher per call at run time. On plain tensors
+(eager calls, the opaque ops' CUDA kernels, TRITON_INTERPRET=1 runs) the kernel is launched
+directly, as Triton does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.library import wrap_triton
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def traced(*tensors: torch.Tensor) -> bool:
+    """Whether these are a trace's tensors (a trace hands an op's body fake or functional
+    tensors only) rather than real ones."""
+    return any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
+
+
+def launch(kernel, grid, *args, maxnreg: int | None = None, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), traceable inside a triton_op.
+
+    maxnreg (a register cap per thread) applies to direct launches only: Inductor's launcher of a
+    user kernel drops it (its configs keep warps and stages), so a compiled launch runs with
+    ptxas's own register choice."""
+    first = _first_tensor(args)
+    if first is not None and traced(first):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    if maxnreg is not None:
+        kwargs["maxnreg"] = maxnreg
+    ctx = torch.cuda.device(first.device) if first is not None and first.is_cuda else contextlib.nullcontext()
+    with ctx:
+        kernel[grid](*args, **kwargs)
