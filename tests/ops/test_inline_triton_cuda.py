@@ -12,8 +12,14 @@ from torch._inductor.utils import run_and_get_code
 
 import ultramem.ops as ops
 from ultramem.ops import _checks
+from ultramem.ops._triton import _launch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True)
+def inline_launches(monkeypatch):
+    monkeypatch.setattr(_launch, "INLINE_TRITON", True)
 
 
 def _retrieval_inputs(t=64, h=1, n=96, r=2, m=2, dtype=torch.bfloat16, seed=0):

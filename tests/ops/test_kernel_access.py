@@ -159,9 +159,16 @@ def _fake_cuda_inputs(mode, tokens, n_rows):
         )
 
 
+@pytest.fixture
+def inline_launches(monkeypatch):
+    from ultramem.ops._triton import _launch
+
+    monkeypatch.setattr(_launch, "INLINE_TRITON", True)
+
+
 @analysed
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
-def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic):
+def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic, inline_launches):
     # The CUDA path as AOTAutograd traces it (fake CUDA tensors, functionalized): one launch per
     # op, cloning nothing but the launchers' own allocations, and the backward's padded
     # gradients are the launch's outputs as they are.
@@ -204,6 +211,25 @@ def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic):
     # the backward reads the forward's ids and the graph inputs as they are (no clones)
     assert bwd.kwargs["kwargs"]["ids_ptr"].args == (fwd, "ids_ptr")
     assert bwd.kwargs["kwargs"]["a_ptr"] in placeholders
+
+
+def test_with_inline_launches_off_the_cuda_bodies_trace_to_the_opaque_twins():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(a, b, c, u, v):
+        ids, scores = ops.tdqkr_retrieval(a, b, c, u, v, 4, 10)
+        return ops.tdqkr_retrieval_backward(torch.ones_like(scores), a, b, c, ids, 10)
+
+    mode = FakeTensorMode()
+    inputs = _fake_cuda_inputs(mode, 6, 16)
+    with ka.declared_cuda_target():
+        gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*inputs)
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "ultramem.tdqkr_retrieval_opaque.default" in called, gm.code
+    assert "ultramem.tdqkr_retrieval_backward_opaque.default" in called, gm.code
+    assert not [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)], gm.code
 
 
 def test_opaque_twins_hold_the_cuda_launchers_and_cpu_goes_through_them():

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._checks import acc_dtype, check_index_range, check_retrieval_args, check_retrieval_backward_args, debug_enabled
 from ._triton import retrieval as _triton_retrieval  # (None without Triton)
+from ._triton._launch import inline_on
 
 _OP = "tdqkr_retrieval"
 _BWD = "tdqkr_retrieval_backward"
@@ -107,16 +108,14 @@ def backward_reference(
     )
 
 
-# The public ops are triton_ops. On CUDA their body runs the Triton launcher, which torch.compile
-# traces, so that Inductor emits the launches itself. On CPU, and in debug mode (its range checks
-# read the data), the body calls an opaque twin: the reference kernel on CPU, the launcher on
-# CUDA. INLINE_TRITON = False routes CUDA through the twin too (compiled launches run without the
-# launcher's register caps: see _triton/_launch.py).
-INLINE_TRITON = True
+# The public ops are triton_ops. With inline launches on (_triton/_launch.py) their CUDA body runs
+# the Triton launcher, which torch.compile traces, so that Inductor emits the launches itself.
+# Otherwise, on CPU, and in debug mode (its range checks read the data), the body calls an opaque
+# twin: the reference kernel on CPU, the launcher on CUDA.
 
 
 def _inline_triton(x: Tensor) -> bool:
-    return INLINE_TRITON and _triton_retrieval is not None and x.device.type == "cuda" and not debug_enabled()
+    return _triton_retrieval is not None and inline_on(x) and not debug_enabled()
 
 
 @torch.library.custom_op("ultramem::tdqkr_retrieval_opaque", mutates_args=())

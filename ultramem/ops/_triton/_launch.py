@@ -15,6 +15,17 @@ import contextlib
 import torch
 from torch.library import wrap_triton
 
+# Whether the triton_ops launch inline when traced on CUDA (Inductor emits the launches: no per-call
+# host work) or call their opaque twins (the launcher's own calls). Off: Inductor's launch drops
+# the kernels' register caps (maxnreg), whose cost in GPU time is not yet weighed against the
+# host time saved (perf/NOTES.md, "The host path without CUDA graphs").
+INLINE_TRITON = False
+
+
+def inline_on(x: torch.Tensor) -> bool:
+    """Whether an op with input x runs its CUDA launcher inside the triton_op body."""
+    return INLINE_TRITON and x.device.type == "cuda"
+
 
 def _first_tensor(args) -> torch.Tensor | None:
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
