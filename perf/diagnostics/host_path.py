@@ -7,6 +7,9 @@
    tokens, forward only), eager, compiled, and compiled with CUDA graphs (whose wall time is the
    GPU time: no host work between the kernels).
 
+Each compiled case runs twice: with the ops' opaque calls and with inline Triton launches
+(`ultramem.ops._triton._launch.INLINE_TRITON`, set while the case compiles).
+
     PYTHONPATH=. python -m perf.diagnostics.host_path --log $OUT/log.jsonl   # CUDA only
 
 Records go to the results log (suite "layer", bench "host_path_op" and "host_path_layer").
@@ -23,6 +26,7 @@ import torch
 import ultramem.ops as ops
 from perf import records
 from perf.gpu_e2e import build_layer_227m
+from ultramem.ops._triton import _launch
 
 
 def wall_us(fn, iters: int = 50, warmup: int = 5) -> float:
@@ -67,18 +71,32 @@ def main(argv=None) -> int:
         return 2
     env = records.environment()
     recs = []
-    print(f"{'op (64 tokens)':28} {'eager us':>10} {'compiled us':>12}")
+    print(f"{'op (64 tokens)':28} {'eager us':>10} {'compiled us':>12} {'compiled inline us':>19}")
     for name, (fn, inputs) in op_cases().items():
-        try:
-            compiled = torch.compile(fn, fullgraph=True)
-            eager_us, comp_us = wall_us(lambda: fn(*inputs), 300), wall_us(lambda: compiled(*inputs), 300)
-        except Exception as exc:  # one op's failure is a finding, not the end of the run
-            print(f"{name:28} failed: {type(exc).__name__}: {exc}".splitlines()[0])
-            recs.append(records.record(env, "layer", "host_path_op", "T=64", name, error=repr(exc)[:300]))
-            continue
-        print(f"{name:28} {eager_us:10.1f} {comp_us:12.1f}")
-        for variant, us in (("eager", eager_us), ("compiled", comp_us)):
-            recs.append(records.record(env, "layer", "host_path_op", "T=64", f"{name} {variant}", time=us, unit="us"))
+        times = {}
+        for variant, inline in (("eager", None), ("compiled", False), ("compiled inline", True)):
+            try:
+                with inline_launches(inline):
+                    call = fn if inline is None else torch.compile(fn, fullgraph=True)
+                    times[variant] = wall_us(lambda: call(*inputs), 300)
+            except Exception as exc:  # one case's failure is a finding, not the end of the run
+                print(f"{name} {variant}: failed: {type(exc).__name__}: {exc}".splitlines()[0])
+                recs.append(
+                    records.record(env, "layer", "host_path_op", "T=64", f"{name} {variant}", error=repr(exc)[:300])
+                )
+                continue
+            recs.append(
+                records.record(
+                    env, "layer", "host_path_op", "T=64", f"{name} {variant}", time=times[variant], unit="us"
+                )
+            )
+        print(
+            f"{name:28} "
+            + " ".join(
+                f"{times.get(v, float('nan')):{w}.1f}"
+                for v, w in (("eager", 10), ("compiled", 12), ("compiled inline", 19))
+            )
+        )
     if not args.skip_layer:
         recs += layer_rows(env)
     if args.log:
@@ -86,13 +104,37 @@ def main(argv=None) -> int:
     return 0
 
 
+class inline_launches:
+    """Sets _launch.INLINE_TRITON for the duration (None: leaves it). Each compiled variant is its
+    own torch.compile call, so dynamo's backend guard keeps the variants' graphs apart."""
+
+    def __init__(self, inline: bool | None):
+        self.inline = inline
+
+    def __enter__(self):
+        self.saved = _launch.INLINE_TRITON
+        if self.inline is not None:
+            _launch.INLINE_TRITON = self.inline
+
+    def __exit__(self, *exc):
+        _launch.INLINE_TRITON = self.saved
+
+
 def layer_rows(env: dict) -> list[dict]:
     mcfg, layer, tables, u, grad_y = build_layer_227m()
     u = u.detach().to(torch.bfloat16).requires_grad_()
-    variants = {
-        "eager": layer,
-        "compiled": torch.compile(layer, fullgraph=True, dynamic=False),
-        "compiled, CUDA graphs": torch.compile(layer, fullgraph=True, dynamic=False, mode="reduce-overhead"),
+    variants = {  # name: (module, inline launches while it compiles)
+        "eager": (layer, None),
+        "compiled": (torch.compile(layer, fullgraph=True, dynamic=False), False),
+        "compiled inline": (torch.compile(layer, fullgraph=True, dynamic=False), True),
+        "compiled, CUDA graphs": (
+            torch.compile(layer, fullgraph=True, dynamic=False, mode="reduce-overhead"),
+            False,
+        ),
+        "compiled inline, CUDA graphs": (
+            torch.compile(layer, fullgraph=True, dynamic=False, mode="reduce-overhead"),
+            True,
+        ),
     }
     out = []
 
@@ -120,14 +162,15 @@ def layer_rows(env: dict) -> list[dict]:
     print(f"\n{'UltraMemV2 layer, 227m.toml':28} " + " ".join(f"{v:>22}" for v in variants))
     for label, tokens in shapes:
         times = {}
-        for name, mod in variants.items():
+        for name, (mod, inline) in variants.items():
             graphs = "graphs" in name
             if tokens is None:
                 fn = train_step(mod, graphs)
             else:
                 fn = decode(mod, torch.randn(1, tokens, mcfg.dim, device="cuda", dtype=torch.bfloat16), graphs)
             try:
-                times[name] = wall_us(fn, 20 if tokens is None else 200)
+                with inline_launches(inline):
+                    times[name] = wall_us(fn, 20 if tokens is None else 200)
             except Exception as exc:
                 print(f"{label} {name}: failed: {type(exc).__name__}: {exc}".splitlines()[0])
                 out.append(records.record(env, "layer", "host_path_layer", label, name, error=repr(exc)[:300]))

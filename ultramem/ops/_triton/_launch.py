@@ -11,15 +11,17 @@ directly, as Triton does.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.library import wrap_triton
 
 # Whether the triton_ops launch inline when traced on CUDA (Inductor emits the launches: no per-call
-# host work) or call their opaque twins (the launcher's own calls). Off: Inductor's launch drops
-# the kernels' register caps (maxnreg), whose cost in GPU time is not yet weighed against the
-# host time saved (perf/NOTES.md, "The host path without CUDA graphs").
-INLINE_TRITON = False
+# host work) or call their opaque twins (the launcher's own calls). Off unless
+# ULTRAMEM_INLINE_TRITON=1: Inductor's launch drops the kernels' register caps (maxnreg), whose
+# cost in GPU time is not yet weighed against the host time saved (perf/NOTES.md, "The host path
+# without CUDA graphs"). Read when an op is traced: change it before torch.compile runs.
+INLINE_TRITON = os.environ.get("ULTRAMEM_INLINE_TRITON", "0") == "1"
 
 
 def inline_on(x: torch.Tensor) -> bool:
