@@ -21,7 +21,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(autouse=True)
 def inline_launches(monkeypatch):
+    # No compile cache: AOTAutograd's keys on the Dynamo graph, the same whatever the bodies
+    # decide when traced (inline or not, deterministic mode), and would hand back another test's.
     monkeypatch.setattr(_launch, "INLINE_TRITON", True)
+    with torch.compiler.config.patch(force_disable_caches=True):
+        yield
 
 
 def _retrieval_inputs(t=64, h=1, n=96, r=2, m=2, dtype=torch.bfloat16, seed=0):

@@ -18,7 +18,10 @@ from torch.library import wrap_triton
 # Whether the triton_ops launch inline when traced on CUDA (Inductor emits the launches: no per-call
 # host work) or call their opaque twins (the launcher's own calls). Off: Inductor's launch drops
 # the kernels' register caps (maxnreg), whose cost in GPU time is not yet weighed against the
-# host time saved (perf/NOTES.md, "The host path without CUDA graphs").
+# host time saved (perf/NOTES.md, "The host path without CUDA graphs"). A compiled graph keeps
+# what the bodies chose when it was traced, and AOTAutograd's on-disk cache does not key on it
+# (nor on deterministic mode or the kernels' sources): compile with TORCHINDUCTOR_AUTOGRAD_CACHE=0
+# after changing any of them.
 INLINE_TRITON = False
 
 
