@@ -17,6 +17,9 @@ All loads are upcast to the accumulation dtype (fp32, or fp64 for fp64 inputs) r
 columns are split into `M` chunks of `D / M`, core(d) = d // (D / M). Index values outside
 [0, N) contribute nothing and are never dereferenced (the range check itself runs in debug
 mode only, as it needs a host sync).
+
+The launchers launch through `_launch.launch` and fill outputs by allocation or by kernel only,
+so that the ops' triton_op bodies trace to launches (see `ultramem/ops/retrieval.py`).
 """
 
 from __future__ import annotations
