@@ -69,7 +69,10 @@ def check_compile(result: dict) -> None:
     model.memory_tables.use_grad_buffers()
     model.refresh_rank1()
     result["cuda_kernels_registered"] = {
-        op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ultramem::{op}", "CUDA")
+        # a triton_op's CUDA kernel is its opaque twin's (the op's body calls it or the launcher)
+        op: torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"ultramem::{op}_opaque" if hasattr(torch.ops.ultramem, f"{op}_opaque") else f"ultramem::{op}", "CUDA"
+        )
         for op in (
             "tdqkr_retrieval",
             "tdqkr_retrieval_backward",

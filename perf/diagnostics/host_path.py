@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch._functorch.config
 
 import ultramem.ops as ops
 from perf import records
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("host_path needs a CUDA device", file=sys.stderr)
         return 2
+    # AOTAutograd's cache keys on the Dynamo graph, the same with inline launches on and off: the
+    # second variant would run the first one's graph
+    torch._functorch.config.enable_autograd_cache = False
     env = records.environment()
     recs = []
     print(f"{'op (64 tokens)':28} {'eager us':>10} {'compiled us':>12} {'compiled inline us':>19}")

@@ -1,8 +1,10 @@
 """The ops whose Triton launches torch.compile traces (torch.library.triton_op), on a CUDA device
 (skipped without one): compiled, Inductor's own code launches the kernels, with no ultramem:: call
 left, and the results equal the eager op's (grad_cores up to the order of its sum over tokens,
-which Inductor reduces its own way); the padded key gradients are zero in the padding; opcheck
-passes on CUDA; debug mode keeps the opaque call, whose range checks read the data."""
+which Inductor reduces its own way; table gradients up to the order of their atomic adds, and
+gate_lookup's gradients up to the rounding of the elementwise ops Inductor fuses around them);
+the padded key gradients are zero in the padding; opcheck passes on CUDA; debug mode keeps the
+opaque call, whose range checks read the data."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import ultramem.ops as ops
-from ultramem.ops import _checks
+from ultramem.ops import _checks, determinism
 from ultramem.ops._triton import _launch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -19,7 +21,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(autouse=True)
 def inline_launches(monkeypatch):
+    # No compile cache: AOTAutograd's keys on the Dynamo graph, the same whatever the bodies
+    # decide when traced (inline or not, deterministic mode), and would hand back another test's.
     monkeypatch.setattr(_launch, "INLINE_TRITON", True)
+    with torch.compiler.config.patch(force_disable_caches=True):
+        yield
 
 
 def _retrieval_inputs(t=64, h=1, n=96, r=2, m=2, dtype=torch.bfloat16, seed=0):
@@ -31,8 +37,14 @@ def _retrieval_inputs(t=64, h=1, n=96, r=2, m=2, dtype=torch.bfloat16, seed=0):
     return a, b, cores, u, v
 
 
-def _retrieval_step(a, b, cores, u, v, knn, n_keys=-1):
-    ids, scores = ops.tdqkr_retrieval(a, b, cores, u, v, knn, n_keys)
+def _retrieval(a, b, cores, u, v, knn, n_keys=-1):
+    return ops.tdqkr_retrieval(a, b, cores, u, v, knn, n_keys)
+
+
+def _retrieval_step(a, b, cores, u, v, knn, n_keys=-1, retrieval=_retrieval):
+    # `retrieval` compiled or not; the backward runs outside it (Dynamo does not trace
+    # Tensor.backward()), through the backward graph compiled with the forward
+    ids, scores = retrieval(a, b, cores, u, v, knn, n_keys)
     weights = torch.linspace(-1, 1, scores.numel(), device=scores.device).view_as(scores)
     (scores.float() * weights).sum().backward()
     return ids, scores
@@ -50,8 +62,8 @@ def test_retrieval_compiled_launches_inline_and_matches_eager(knn, n_keys, n):
     leaves = [x.clone().requires_grad_(x.dtype.is_floating_point) for x in inputs[:3]]
     ids, scores = _retrieval_step(*leaves, *inputs[3:], knn, n_keys)
     leaves_c = [x.clone().requires_grad_(x.dtype.is_floating_point) for x in inputs[:3]]
-    compiled = torch.compile(_retrieval_step, fullgraph=True)
-    (ids_c, scores_c), codes = run_and_get_code(compiled, *leaves_c, *inputs[3:], knn, n_keys)
+    compiled = torch.compile(_retrieval, fullgraph=True)
+    (ids_c, scores_c), codes = run_and_get_code(_retrieval_step, *leaves_c, *inputs[3:], knn, n_keys, compiled)
     assert torch.equal(ids_c, ids) and torch.equal(scores_c, scores)
     for x, y in zip(leaves_c[:2], leaves[:2]):
         assert torch.equal(x.grad, y.grad)
@@ -79,4 +91,148 @@ def test_debug_mode_keeps_the_checked_call(monkeypatch):
     compiled = torch.compile(lambda *x: ops.tdqkr_retrieval(*x, 8), fullgraph=True)
     _, codes = run_and_get_code(compiled, a, b, cores, u, v)
     assert "ultramem.tdqkr_retrieval_opaque" in "\n".join(codes)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------- the lookup ops
+
+LOOKUP_KERNELS = {
+    "weighted_lookup": ("_weighted_gather_kernel", "_gather_dot_scatter_kernel"),
+    "pre_value_gate": ("_gather_dot_scatter_kernel", "_weighted_gather_kernel"),
+    "gate_lookup": ("_gate_lookup_fwd_chunks_kernel", "_weighted_gather_kernel", "_gather_dot_scatter_kernel"),
+}
+
+
+def _lookup_inputs(t=64, e=8, n=512, dv=64, dp=32, m=2, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rows = torch.randint(0, n, (t, e), device="cuda", generator=g)
+    rows[1] = rows[0]  # rows picked twice: their gradients add
+    values = torch.randn(n, dv, device="cuda", generator=g, dtype=dtype)
+    pre = torch.randn(n, dp, device="cuda", generator=g, dtype=dtype)
+    x = torch.randn(t, dp, device="cuda", generator=g, dtype=dtype)
+    scores = torch.randn(t, e, m, device="cuda", generator=g, dtype=dtype)
+    return rows, values, pre, x, scores
+
+
+def _lookup_outputs(op, rows, values, pre, x, scores, *buffers):
+    if op == "weighted_lookup":
+        return (ops.weighted_lookup(rows, values, scores),)
+    if op == "pre_value_gate":
+        return (ops.pre_value_gate(rows, pre, x),)
+    return ops.gate_lookup(rows, values, pre, x, scores, True, *buffers)
+
+
+def _lookup_step(op, weights, *inputs, outputs=_lookup_outputs):
+    # `outputs` compiled or not; the backward runs outside it, as in _retrieval_step
+    outs = outputs(op, *inputs)
+    sum((y.float() * w).sum() for y, w in zip(outs, weights)).backward()
+    return outs
+
+
+def _leaves(inputs):
+    return [x.clone().requires_grad_(x.dtype.is_floating_point) for x in inputs]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("op", list(LOOKUP_KERNELS))
+def test_lookup_compiled_launches_inline_and_matches_eager(op, deterministic, monkeypatch):
+    monkeypatch.setattr(determinism, "_deterministic", deterministic)
+    torch._dynamo.reset()
+    inputs = _lookup_inputs()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    weights = [torch.randn(y.shape, device="cuda", generator=g) for y in _lookup_outputs(op, *inputs)]
+    leaves = _leaves(inputs)
+    outs = _lookup_step(op, weights, *leaves)
+    leaves_c = _leaves(inputs)
+    compiled = torch.compile(_lookup_outputs, fullgraph=True)
+    outs_c, codes = run_and_get_code(_lookup_step, op, weights, *leaves_c, outputs=compiled)
+    for y, y_c in zip(outs, outs_c):
+        assert torch.equal(y_c, y)
+    for name, x, x_c in zip(("rows", "values", "pre", "x", "scores"), leaves, leaves_c):
+        if x.grad is None:
+            assert x_c.grad is None, name
+        elif op == "gate_lookup":  # Inductor fuses the elementwise ops of its backward its own way
+            torch.testing.assert_close(x_c.grad, x.grad, rtol=1e-4, atol=1e-4, msg=name)
+        elif name in ("values", "pre") and not deterministic:  # atomic adds, in any order
+            torch.testing.assert_close(x_c.grad, x.grad, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(x_c.grad, x.grad), name
+    code = "\n".join(codes)
+    assert "torch.ops.ultramem" not in code, "an ultramem:: op is still called from the compiled code"
+    for kernel in LOOKUP_KERNELS[op]:
+        assert kernel in code, kernel
+    if deterministic:
+        assert "_segment_scatter_kernel" in code
+
+
+def _ultramem_calls(code: str) -> set[str]:
+    return {part.split(".")[0] for part in code.split("torch.ops.ultramem.")[1:]}
+
+
+def test_gate_lookup_with_grad_buffers_keeps_only_the_backward_into():
+    # The trainer's case: the forward launches inline, the backward adds into the registered
+    # buffers through gate_lookup_backward_into, the one ultramem:: op left.
+    torch._dynamo.reset()
+    inputs = _lookup_inputs()
+    _, values, pre, _, _ = inputs
+    g = torch.Generator(device="cuda").manual_seed(2)
+    weights = [torch.randn(y.shape, device="cuda", generator=g) for y in _lookup_outputs("gate_lookup", *inputs)]
+    compiled = torch.compile(_lookup_outputs, fullgraph=True)
+    grads, codes = [], []
+    for outputs in (_lookup_outputs, compiled):
+        bufs = [torch.zeros(values.shape, device="cuda"), torch.zeros(pre.shape, device="cuda")]
+        ids = [ops.register_grad_buffer(b) for b in bufs]
+        leaves = _leaves(inputs)
+        try:
+            _, codes = run_and_get_code(_lookup_step, "gate_lookup", weights, *leaves, *ids, outputs=outputs)
+        finally:
+            for i in ids:
+                ops.release_grad_buffer(i)
+        grads.append((*bufs, leaves[3].grad, leaves[4].grad))
+    for eager, compiled_grad in zip(*grads):
+        torch.testing.assert_close(compiled_grad, eager, rtol=1e-4, atol=1e-4)
+    code = "\n".join(codes)
+    assert "_gate_lookup_fwd_chunks_kernel" in code
+    assert _ultramem_calls(code) == {"gate_lookup_backward_into"}, code
+
+
+def test_lookup_eager_inline_equals_the_opaque_twins(monkeypatch):
+    # the same launchers, called from the body or from the twin's CUDA kernel
+    inputs = _lookup_inputs(dtype=torch.float32)
+    weights = None
+    results = []
+    for inline in (True, False):
+        monkeypatch.setattr(_launch, "INLINE_TRITON", inline)
+        leaves = _leaves(inputs)
+        outs = [y for op in LOOKUP_KERNELS for y in _lookup_outputs(op, *leaves)]
+        if weights is None:
+            weights = [torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y) for y in outs]
+        sum((y * w).sum() for y, w in zip(outs, weights)).backward()
+        results.append([*outs, *(x.grad for x in leaves[1:])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_lookup_opcheck_on_cuda():
+    rows, values, pre, x, scores = _lookup_inputs(t=16, n=40, dtype=torch.float32)
+    values, pre = values.requires_grad_(), pre.requires_grad_()
+    x, scores = x.requires_grad_(), scores.requires_grad_()
+    torch.library.opcheck(torch.ops.ultramem.weighted_lookup.default, (rows, values, scores))
+    torch.library.opcheck(torch.ops.ultramem.pre_value_gate.default, (rows, pre, x))
+    torch.library.opcheck(torch.ops.ultramem.gate_lookup.default, (rows, values, pre, x, scores, True))
+    grad_out, grad_gate = torch.randn(16, 64, device="cuda"), torch.randn(16, 8, device="cuda")
+    v, p, s, xd = values.detach(), pre.detach(), scores.detach(), x.detach()
+    torch.library.opcheck(torch.ops.ultramem.weighted_lookup_backward.default, (grad_out, rows, v, s))
+    torch.library.opcheck(torch.ops.ultramem.pre_value_gate_backward.default, (grad_gate, rows, p, xd))
+
+
+def test_lookup_debug_mode_keeps_the_checked_calls(monkeypatch):
+    monkeypatch.setattr(_checks, "_debug", True)
+    torch._dynamo.reset()
+    rows, values, pre, x, scores = _lookup_inputs(t=8)
+    compiled = torch.compile(lambda *a: [y for op in LOOKUP_KERNELS for y in _lookup_outputs(op, *a)], fullgraph=True)
+    _, codes = run_and_get_code(compiled, rows, values, pre, x, scores)
+    code = "\n".join(codes)
+    for op in LOOKUP_KERNELS:
+        assert f"ultramem.{op}_opaque" in code, op
     torch._dynamo.reset()

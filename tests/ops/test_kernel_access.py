@@ -1,6 +1,7 @@
 """Which pointer arguments Inductor's access analysis counts as written in each Triton launch
-(`perf.diagnostics.kernel_access`, on a CPU with an sm_90 target declared), and the retrieval
-ops' CUDA bodies as AOTAutograd traces them.
+(`perf.diagnostics.kernel_access`, on a CPU with an sm_90 target declared), and the CUDA bodies
+of the triton_ops (retrieval, weighted_lookup, pre_value_gate, gate_lookup) as AOTAutograd traces
+them.
 
 Under `torch.compile`, a kernel launched through `wrap_triton` has every tensor the analysis
 counts as written cloned before the launch, and every tensor when the analysis fails. So each
@@ -249,3 +250,175 @@ def test_opaque_twins_hold_the_cuda_launchers_and_cpu_goes_through_them():
         retrieval._forward_opaque(a, b, c, u, u, 3)
     assert counts == {"ultramem.tdqkr_retrieval_opaque.default": 1}
     assert not retrieval._inline_triton(a)
+
+
+# ------------------------------------------------------------------ the lookup ops' CUDA bodies
+
+GATHER, DOTS, SEGMENT = "_weighted_gather_kernel", "_gather_dot_scatter_kernel", "_segment_scatter_kernel"
+GATE_LOOKUP_WRITES = {"gate_ptr", "out_ptr"}
+
+
+def _lookup_fake_cuda_inputs(mode, tokens):
+    """rows, values, pre-values, x, scores, grad_out, grad_gate: 4 entries from 16-row tables of 12
+    and 8 columns, 2 cores."""
+    t, e, n, dv, dp, m = tokens, 4, 16, 12, 8, 2
+    with mode:
+        bf16 = {"dtype": torch.bfloat16, "device": "cuda"}
+        return (
+            torch.empty(t, e, dtype=torch.int64, device="cuda"),
+            torch.empty(n, dv, **bf16),
+            torch.empty(n, dp, **bf16),
+            torch.empty(t, dp, **bf16),
+            torch.empty(t, e, m, **bf16),
+            torch.empty(t, dv, **bf16),
+            torch.empty(t, e, **bf16),
+        )
+
+
+def _weighted_lookup_fwd_bwd(rows, values, pre, x, scores, grad_out, grad_gate):
+    return ops.weighted_lookup(rows, values, scores), *ops.weighted_lookup_backward(grad_out, rows, values, scores)
+
+
+def _pre_value_gate_fwd_bwd(rows, values, pre, x, scores, grad_out, grad_gate):
+    return ops.pre_value_gate(rows, pre, x), *ops.pre_value_gate_backward(grad_gate, rows, pre, x)
+
+
+def _gate_lookup_fwd(rows, values, pre, x, scores, grad_out, grad_gate):
+    return ops.gate_lookup(rows, values, pre, x, scores, True)
+
+
+def _gate_lookup_composed_backward(rows, values, pre, x, scores, grad_out, grad_gate):
+    # gate_lookup's backward without gradient buffers: the lookup's and the gate's backward ops
+    # (the gradients of the tables and of x; that of the scores is computed around them)
+    from ultramem.ops.gate_lookup import _composed_backward
+
+    return _composed_backward(grad_out, grad_gate, rows, values, pre, x, scores, grad_gate, True, -1, -1)[:3]
+
+
+# (name, the ops called, mode: None, "deterministic" or "entry blocks", the launches in order as
+# (kernel, the arguments it writes), the twins called with inline launches off)
+LOOKUP_BODIES = [
+    (
+        "weighted_lookup",
+        _weighted_lookup_fwd_bwd,
+        None,
+        [(GATHER, {"out_ptr"}), (DOTS, {"dots_ptr", "gt_ptr"})],
+        {"weighted_lookup_opaque", "weighted_lookup_backward_opaque"},
+    ),
+    (
+        "weighted_lookup, deterministic",
+        _weighted_lookup_fwd_bwd,
+        "deterministic",
+        [(GATHER, {"out_ptr"}), (DOTS, {"dots_ptr"}), (SEGMENT, {"part_ptr"}), (SEGMENT, {"gt_ptr"})],
+        {"weighted_lookup_opaque", "weighted_lookup_backward_opaque"},
+    ),
+    (
+        "pre_value_gate",
+        _pre_value_gate_fwd_bwd,
+        None,
+        [(DOTS, {"dots_ptr"}), (GATHER, {"out_ptr"}), (DOTS, {"gt_ptr"})],
+        {"pre_value_gate_opaque", "pre_value_gate_backward_opaque"},
+    ),
+    (
+        "pre_value_gate, deterministic",
+        _pre_value_gate_fwd_bwd,
+        "deterministic",
+        [(DOTS, {"dots_ptr"}), (GATHER, {"out_ptr"}), (SEGMENT, {"part_ptr"}), (SEGMENT, {"gt_ptr"})],
+        {"pre_value_gate_opaque", "pre_value_gate_backward_opaque"},
+    ),
+    (
+        "gate_lookup",
+        _gate_lookup_fwd,
+        None,
+        [("_gate_lookup_fwd_chunks_kernel", GATE_LOOKUP_WRITES)],
+        {"gate_lookup_opaque"},
+    ),
+    (
+        "gate_lookup, entry blocks",
+        _gate_lookup_fwd,
+        "entry blocks",
+        [("_gate_lookup_fwd_kernel", GATE_LOOKUP_WRITES)],
+        {"gate_lookup_opaque"},
+    ),
+    (
+        "gate_lookup backward without buffers",
+        _gate_lookup_composed_backward,
+        None,
+        [(DOTS, {"dots_ptr", "gt_ptr"}), (GATHER, {"out_ptr"}), (DOTS, {"gt_ptr"})],
+        {"weighted_lookup_backward_opaque", "pre_value_gate_backward_opaque"},
+    ),
+]
+
+
+def _trace_lookup_body(f, mode_name, dynamic, monkeypatch):
+    """f traced on fake CUDA tensors as AOTAutograd traces it (functionalized), in `mode_name`."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from ultramem.ops import determinism
+    from ultramem.ops._triton import gate_lookup as tgl
+
+    if mode_name == "deterministic":
+        monkeypatch.setattr(determinism, "_deterministic", True)
+    if mode_name == "entry blocks":
+        monkeypatch.setattr(tgl, "CHUNKS_MAX_ENTRIES", 0)
+    mode = FakeTensorMode(shape_env=ShapeEnv() if dynamic else None)
+    tokens = 6
+    if dynamic:
+        env = mode.shape_env
+        tokens = env.create_symintnode(env.create_symbol(6, ConstantSource("tokens")), hint=6)
+    inputs = _lookup_fake_cuda_inputs(mode, tokens)
+    with ka.declared_cuda_target():
+        return make_fx(dispatch_functionalize(f), tracing_mode="symbolic" if dynamic else "fake")(*inputs)
+
+
+@analysed
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
+@pytest.mark.parametrize("f, mode_name, expected", [c[1:4] for c in LOOKUP_BODIES], ids=[c[0] for c in LOOKUP_BODIES])
+def test_lookup_cuda_bodies_trace_to_launches_of_outputs_only(
+    f, mode_name, expected, dynamic, inline_launches, monkeypatch
+):
+    # As the retrieval's: each op's body is its launches alone, which write only tensors the body
+    # allocated (cloned by the functional launch, as Inductor then reinplaces), and the ops'
+    # outputs are the launches' outputs as they are.
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    gm = _trace_lookup_body(f, mode_name, dynamic, monkeypatch)
+    nodes = list(gm.graph.nodes)
+    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    got = [
+        (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, set(n.kwargs["tensors_to_clone"]))
+        for n in launches
+    ]
+    assert got == expected, gm.code
+    placeholders = {n for n in nodes if n.op == "placeholder"}
+    for launch in launches:
+        for name in launch.kwargs["tensors_to_clone"]:
+            assert launch.kwargs["kwargs"][name] not in placeholders, (name, gm.code)
+    for out in next(n for n in nodes if n.op == "output").args[0]:
+        assert out.target.__name__ == "getitem" and out.args[0] in launches, gm.code
+        assert out.args[1] in out.args[0].kwargs["tensors_to_clone"]
+
+
+@pytest.mark.parametrize(
+    "f, mode_name, twins", [(c[1], c[2], c[4]) for c in LOOKUP_BODIES], ids=[c[0] for c in LOOKUP_BODIES]
+)
+def test_with_inline_launches_off_the_lookup_bodies_trace_to_the_opaque_twins(f, mode_name, twins, monkeypatch):
+    gm = _trace_lookup_body(f, mode_name, False, monkeypatch)
+    called = {n.target._opname for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "ultramem"}
+    assert called == twins, gm.code
+    assert not [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)], gm.code
+
+
+@pytest.mark.parametrize(
+    "twin",
+    sorted({t for c in LOOKUP_BODIES for t in c[4]} | {"tdqkr_retrieval_opaque", "tdqkr_retrieval_backward_opaque"}),
+)
+def test_the_twins_hold_the_cuda_launchers(twin):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ultramem::{twin}", "CUDA"), twin
+    public = twin.removesuffix("_opaque")  # a triton_op: its body, for every device, calls the twin
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"ultramem::{public}", "CUDA"), public

@@ -26,7 +26,18 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_float, check_gate_lookup_args, check_index_range, check_same_device
+from ._checks import (
+    acc_dtype,
+    check,
+    check_float,
+    check_gate_lookup_args,
+    check_index_range,
+    check_same_device,
+    debug_enabled,
+)
+from ._triton import gate_lookup as _triton_gate_lookup  # (None without Triton)
+from ._triton import staged_grad as _triton_staged_grad
+from ._triton._launch import inline_on
 from .determinism import deterministic_enabled
 from .pre_value_gate import pre_value_gate_backward
 from .staged_grad import GradStaging, add_weighted_rows, stageable
@@ -72,8 +83,7 @@ def _gelu_and_slope(g: Tensor) -> tuple[Tensor, Tensor]:
     return g * cdf, cdf + g * pdf
 
 
-@torch.library.custom_op("ultramem::gate_lookup", mutates_args=())
-def gate_lookup(
+def forward_reference(
     rows: Tensor,
     values: Tensor,
     pre_values: Tensor,
@@ -83,7 +93,7 @@ def gate_lookup(
     values_grad_buffer: int = -1,
     pre_values_grad_buffer: int = -1,
 ) -> tuple[Tensor, Tensor]:
-    """Reference kernel (CPU; CUDA when Triton is missing)."""
+    """The reference kernel: plain PyTorch, any device (CPU; CUDA without Triton)."""
     _check_args(rows, values, pre_values, x, scores, values_grad_buffer, pre_values_grad_buffer)
     check_index_range(rows, values.shape[0], _OP, "rows")
     acc = acc_dtype(values, pre_values, x, scores)
@@ -98,7 +108,32 @@ def gate_lookup(
     return out.reshape(t, values.shape[1]).to(scores.dtype).contiguous(), g.to(x.dtype).contiguous()
 
 
-@gate_lookup.register_fake
+# The public forward is a triton_op, as tdqkr_retrieval (see ultramem/ops/retrieval.py): with
+# inline launches on, its CUDA body runs the Triton launcher, which torch.compile traces;
+# otherwise, on CPU and in debug mode it calls its opaque twin (the reference on CPU, the launcher
+# on CUDA). The backward into the gradient buffers stays a custom op: it adds into buffers that
+# are no graph input (see `table_grad`).
+
+
+def _inline_triton(x: Tensor) -> bool:
+    return _triton_gate_lookup is not None and inline_on(x) and not debug_enabled()
+
+
+@torch.library.custom_op("ultramem::gate_lookup_opaque", mutates_args=())
+def _forward_opaque(
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gelu: bool,
+    values_grad_buffer: int = -1,
+    pre_values_grad_buffer: int = -1,
+) -> tuple[Tensor, Tensor]:
+    return forward_reference(rows, values, pre_values, x, scores, gelu, values_grad_buffer, pre_values_grad_buffer)
+
+
+@_forward_opaque.register_fake
 def _(
     rows: Tensor,
     values: Tensor,
@@ -111,6 +146,41 @@ def _(
 ) -> tuple[Tensor, Tensor]:
     _check_args(rows, values, pre_values, x, scores, values_grad_buffer, pre_values_grad_buffer)
     return scores.new_empty((rows.shape[0], values.shape[1])), x.new_empty(rows.shape)
+
+
+if _triton_gate_lookup is not None:
+
+    @_forward_opaque.register_kernel("cuda")
+    def _(
+        rows: Tensor,
+        values: Tensor,
+        pre_values: Tensor,
+        x: Tensor,
+        scores: Tensor,
+        gelu: bool,
+        values_grad_buffer: int = -1,
+        pre_values_grad_buffer: int = -1,
+    ) -> tuple[Tensor, Tensor]:
+        _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
+        return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
+
+
+@torch.library.triton_op("ultramem::gate_lookup", mutates_args=())
+def gate_lookup(
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gelu: bool,
+    values_grad_buffer: int = -1,
+    pre_values_grad_buffer: int = -1,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out [T, Dv] in scores' dtype, g [T, E] in x's dtype); see the module doc."""
+    if _inline_triton(values):
+        _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
+        return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
+    return _forward_opaque(rows, values, pre_values, x, scores, gelu, values_grad_buffer, pre_values_grad_buffer)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -350,24 +420,7 @@ def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
 
 gate_lookup.register_autograd(_backward, setup_context=_setup_context)
 
-from ._triton import gate_lookup as _triton_gate_lookup  # noqa: E402  (None without Triton)
-from ._triton import staged_grad as _triton_staged_grad  # noqa: E402
-
 if _triton_gate_lookup is not None:
-
-    @gate_lookup.register_kernel("cuda")
-    def _(
-        rows: Tensor,
-        values: Tensor,
-        pre_values: Tensor,
-        x: Tensor,
-        scores: Tensor,
-        gelu: bool,
-        values_grad_buffer: int = -1,
-        pre_values_grad_buffer: int = -1,
-    ) -> tuple[Tensor, Tensor]:
-        _check_grad_buffers(values, pre_values, values_grad_buffer, pre_values_grad_buffer)
-        return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
 
     @gate_lookup_backward_into.register_kernel("cuda")
     def _(

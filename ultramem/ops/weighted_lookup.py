@@ -24,8 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check_index_range, check_lookup_args
+from ._checks import acc_dtype, check_index_range, check_lookup_args, debug_enabled
 from ._gather import gather_chunks
+from ._triton import weighted_lookup as _triton_weighted_lookup  # (None without Triton)
+from ._triton._launch import inline_on
 from .table_grad import check_grad_buffer_id, registered_grad_buffer, weighted_lookup_backward_into
 
 _OP = "weighted_lookup"
@@ -37,9 +39,9 @@ def _check_args(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = 
     check_grad_buffer_id(_OP, grad_buffer, table)
 
 
-@torch.library.custom_op("ultramem::weighted_lookup", mutates_args=())
-def weighted_lookup(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
-    """Reference kernel (CPU; CUDA until a faster one is registered). `grad_buffer`: see the module doc."""
+def forward_reference(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
+    """The reference kernel: plain PyTorch, any device (CPU; CUDA without Triton). `grad_buffer`:
+    see the module doc."""
     _check_args(rows, table, scores, grad_buffer)
     check_index_range(rows, table.shape[0], _OP, "rows")
     acc = acc_dtype(table, scores)
@@ -48,15 +50,8 @@ def weighted_lookup(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: in
     return out.reshape(rows.shape[0], table.shape[1]).to(scores.dtype)
 
 
-@weighted_lookup.register_fake
-def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
-    _check_args(rows, table, scores, grad_buffer)
-    return scores.new_empty((rows.shape[0], table.shape[1]))
-
-
-@torch.library.custom_op("ultramem::weighted_lookup_backward", mutates_args=())
-def weighted_lookup_backward(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Returns (grad_table [N, D] fp32/fp64, grad_scores [T, E, M] in scores' dtype)."""
+def backward_reference(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference backward (see forward_reference)."""
     check_lookup_args(_BWD, rows, table, scores, grad_out)
     check_index_range(rows, table.shape[0], _BWD, "rows")
     acc = acc_dtype(table, scores, grad_out)
@@ -71,11 +66,64 @@ def weighted_lookup_backward(grad_out: Tensor, rows: Tensor, table: Tensor, scor
     return grad_table, grad_scores.to(scores.dtype).contiguous()
 
 
-@weighted_lookup_backward.register_fake
+# The public ops are triton_ops, as tdqkr_retrieval's (see ultramem/ops/retrieval.py): with inline
+# launches on, their CUDA body runs the Triton launcher, which torch.compile traces; otherwise,
+# on CPU and in debug mode they call an opaque twin (the reference on CPU, the launcher on CUDA).
+
+
+def _inline_triton(x: Tensor) -> bool:
+    return _triton_weighted_lookup is not None and inline_on(x) and not debug_enabled()
+
+
+@torch.library.custom_op("ultramem::weighted_lookup_opaque", mutates_args=())
+def _forward_opaque(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
+    return forward_reference(rows, table, scores, grad_buffer)
+
+
+@_forward_opaque.register_fake
+def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
+    _check_args(rows, table, scores, grad_buffer)
+    return scores.new_empty((rows.shape[0], table.shape[1]))
+
+
+@torch.library.custom_op("ultramem::weighted_lookup_backward_opaque", mutates_args=())
+def _backward_opaque(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    return backward_reference(grad_out, rows, table, scores)
+
+
+@_backward_opaque.register_fake
 def _(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     check_lookup_args(_BWD, rows, table, scores, grad_out)
     acc = acc_dtype(table, scores, grad_out)
     return table.new_empty(table.shape, dtype=acc), torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+if _triton_weighted_lookup is not None:
+
+    @_forward_opaque.register_kernel("cuda")
+    def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
+        if grad_buffer != -1:  # the launcher checks the other arguments
+            registered_grad_buffer(_OP, grad_buffer, table)
+        return _triton_weighted_lookup.weighted_lookup_cuda(rows, table, scores)
+
+    _backward_opaque.register_kernel("cuda")(_triton_weighted_lookup.weighted_lookup_backward_cuda)
+
+
+@torch.library.triton_op("ultramem::weighted_lookup", mutates_args=())
+def weighted_lookup(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
+    """out [T, D] in scores' dtype; `grad_buffer`: see the module doc."""
+    if _inline_triton(table):
+        check_grad_buffer_id(_OP, grad_buffer, table)  # (the launcher checks the other arguments)
+        return _triton_weighted_lookup.weighted_lookup_cuda(rows, table, scores)
+    return _forward_opaque(rows, table, scores, grad_buffer)
+
+
+@torch.library.triton_op("ultramem::weighted_lookup_backward", mutates_args=())
+def weighted_lookup_backward(grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns (grad_table [N, D] fp32/fp64, grad_scores [T, E, M] in scores' dtype)."""
+    if _inline_triton(table):
+        return _triton_weighted_lookup.weighted_lookup_backward_cuda(grad_out, rows, table, scores)
+    return _backward_opaque(grad_out, rows, table, scores)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -94,15 +142,3 @@ def _backward(ctx, grad_out: Tensor):
 
 
 weighted_lookup.register_autograd(_backward, setup_context=_setup_context)
-
-from ._triton import weighted_lookup as _triton_weighted_lookup  # noqa: E402  (None without Triton)
-
-if _triton_weighted_lookup is not None:
-
-    @weighted_lookup.register_kernel("cuda")
-    def _(rows: Tensor, table: Tensor, scores: Tensor, grad_buffer: int = -1) -> Tensor:
-        if grad_buffer != -1:  # the launcher checks the other arguments
-            registered_grad_buffer(_OP, grad_buffer, table)
-        return _triton_weighted_lookup.weighted_lookup_cuda(rows, table, scores)
-
-    weighted_lookup_backward.register_kernel("cuda")(_triton_weighted_lookup.weighted_lookup_backward_cuda)

@@ -20,7 +20,10 @@ from torch.library import wrap_triton
 # host work) or call their opaque twins (the launcher's own calls). Off unless
 # ULTRAMEM_INLINE_TRITON=1: Inductor's launch drops the kernels' register caps (maxnreg), whose
 # cost in GPU time is not yet weighed against the host time saved (perf/NOTES.md, "The host path
-# without CUDA graphs"). Read when an op is traced: change it before torch.compile runs.
+# without CUDA graphs"). Read when an op is traced: change it before torch.compile runs. A
+# compiled graph keeps what the bodies chose when it was traced, and AOTAutograd's on-disk cache
+# does not key on it (nor on deterministic mode or the kernels' sources): compile with
+# TORCHINDUCTOR_AUTOGRAD_CACHE=0 after changing any of them.
 INLINE_TRITON = os.environ.get("ULTRAMEM_INLINE_TRITON", "0") == "1"
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._checks import acc_dtype, check_gate_lookup_args, check_index_range
 from . import weighted_lookup as _wl
+from ._launch import launch
 from .weighted_lookup import _block_d, _core_weights, _tl_acc
 
 _OP = "gate_lookup"
@@ -648,7 +649,9 @@ def gate_lookup_cuda(
     n_d = max(1, triton.cdiv(dv, bd))
     d_fastest = bool(cfg["D_FASTEST"]) and dv > 0
     grid = (triton.cdiv(t, bt) * n_d, 1) if d_fastest else (triton.cdiv(t, bt), n_d)
-    _gate_lookup_fwd_kernel[grid](
+    launch(
+        _gate_lookup_fwd_kernel,
+        grid,
         *_tensor_args(rows, values, pre_values, x, scores, out, gate),
         t,
         e,
@@ -707,7 +710,9 @@ def _launch_chunks(rows, values, pre_values, x, scores, out, gate, gelu, acc) ->
     dv = values.shape[1]
     m = scores.shape[2]
     plan = _chunk_plan(e, values, pre_values, cfg)
-    _gate_lookup_fwd_chunks_kernel[(t,)](
+    launch(
+        _gate_lookup_fwd_chunks_kernel,
+        (t,),
         *_tensor_args(rows, values, pre_values, x, scores, out, gate),
         e,
         values.shape[0],

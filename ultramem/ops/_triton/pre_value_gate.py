@@ -22,9 +22,9 @@ _OP = "pre_value_gate"
 def pre_value_gate_cuda(rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
     check_gate_args(_OP, rows, table, x)
     check_index_range(rows, table.shape[0], _OP, "rows")
-    gate = x.new_empty(rows.shape)
     if table.shape[1] == 0:
-        return gate.zero_()
+        return x.new_zeros(rows.shape)
+    gate = x.new_empty(rows.shape)
     _wl.gather_dots_scatter(rows, x, 1, acc_dtype(table, x), table=table, dots=gate)
     return gate
 
@@ -44,9 +44,9 @@ def gate_table_grad(
     if deterministic is None:
         deterministic = deterministic_enabled()
     acc = acc_dtype(table, x, grad_gate)
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows.shape[1] == 0:
-        return grad_x.zero_()
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _wl.weighted_gather(rows, table, grad_gate, grad_x, acc)
     if deterministic:
         _wl.segment_scatter(rows, x, grad_gate, grad_table, acc, accumulate=accumulate, order=order)

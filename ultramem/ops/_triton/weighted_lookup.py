@@ -17,6 +17,9 @@ All loads are upcast to the accumulation dtype (fp32, or fp64 for fp64 inputs) r
 columns are split into `M` chunks of `D / M`, core(d) = d // (D / M). Index values outside
 [0, N) contribute nothing and are never dereferenced (the range check itself runs in debug
 mode only, as it needs a host sync).
+
+The launchers launch through `_launch.launch` and fill outputs by allocation or by kernel only,
+so that the ops' triton_op bodies trace to launches (see `ultramem/ops/retrieval.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import Tensor
 
 from .._checks import acc_dtype, check, check_index_range, check_lookup_args
 from ..determinism import deterministic_enabled
+from ._launch import launch
 
 _OP = "weighted_lookup"
 
@@ -396,7 +400,9 @@ def weighted_gather(rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, ac
     bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
     d_fastest = bool(cfg["D_FASTEST"])
     grid = (triton.cdiv(t, bt) * triton.cdiv(d, bd), 1) if d_fastest else (triton.cdiv(t, bt), triton.cdiv(d, bd))
-    _weighted_gather_kernel[grid](
+    launch(
+        _weighted_gather_kernel,
+        grid,
         rows,
         rows.stride(0),
         rows.stride(1),
@@ -451,7 +457,9 @@ def gather_dots_scatter(
     sc, s_strides, _ = _scores3(scores) if scatter else (g, (0, 0, 0), m)
     gt = grad_table if scatter else g
     bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
-    _gather_dot_scatter_kernel[(triton.cdiv(t, bt),)](
+    launch(
+        _gather_dot_scatter_kernel,
+        (triton.cdiv(t, bt),),
         rows,
         rows.stride(0),
         rows.stride(1),
@@ -549,8 +557,8 @@ def segment_scatter(
         d,
         d // m,
     ]
-    _segment_scatter_kernel[(triton.cdiv(n_pieces, bj), triton.cdiv(d, bd))](*args, PIECES_PASS=True, **common)
-    _segment_scatter_kernel[(triton.cdiv(t * e, bj), triton.cdiv(d, bd))](*args, PIECES_PASS=False, **common)
+    launch(_segment_scatter_kernel, (triton.cdiv(n_pieces, bj), triton.cdiv(d, bd)), *args, PIECES_PASS=True, **common)
+    launch(_segment_scatter_kernel, (triton.cdiv(t * e, bj), triton.cdiv(d, bd)), *args, PIECES_PASS=False, **common)
 
 
 def lookup_table_grad(
@@ -600,9 +608,9 @@ def lookup_table_grad(
 def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
     check_lookup_args(_OP, rows, table, scores)
     check_index_range(rows, table.shape[0], _OP, "rows")
-    out = scores.new_empty((rows.shape[0], table.shape[1]))
     if rows.shape[1] == 0:
-        return out.zero_()
+        return scores.new_zeros((rows.shape[0], table.shape[1]))
+    out = scores.new_empty((rows.shape[0], table.shape[1]))
     return weighted_gather(rows, table, scores, out, acc_dtype(table, scores))
 
 
