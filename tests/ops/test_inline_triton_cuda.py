@@ -8,6 +8,8 @@ opaque call, whose range checks read the data."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -196,21 +198,30 @@ def test_gate_lookup_with_grad_buffers_keeps_only_the_backward_into():
     assert _ultramem_calls(code) == {"gate_lookup_backward_into"}, code
 
 
-def test_lookup_eager_inline_equals_the_opaque_twins(monkeypatch):
-    # the same launchers, called from the body or from the twin's CUDA kernel
-    inputs = _lookup_inputs(dtype=torch.float32)
-    weights = None
-    results = []
-    for inline in (True, False):
-        monkeypatch.setattr(_launch, "INLINE_TRITON", inline)
-        leaves = _leaves(inputs)
-        outs = [y for op in LOOKUP_KERNELS for y in _lookup_outputs(op, *leaves)]
-        if weights is None:
-            weights = [torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y) for y in outs]
-        sum((y * w).sum() for y, w in zip(outs, weights)).backward()
-        results.append([*outs, *(x.grad for x in leaves[1:])])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+def test_eager_cuda_calls_launch_from_the_body_and_equal_the_twins(monkeypatch):
+    # eagerly the body launches itself (one dispatch), whatever INLINE_TRITON says; the twins run
+    # the same launchers
+    rows, values, pre, x, scores = _lookup_inputs(dtype=torch.float32)
+    calls = {
+        "weighted_lookup": (ops.weighted_lookup, (rows, values, scores)),
+        "pre_value_gate": (ops.pre_value_gate, (rows, pre, x)),
+        "gate_lookup": (ops.gate_lookup, (rows, values, pre, x, scores, True)),
+    }
+    for name, (op, args) in calls.items():
+        twin = getattr(torch.ops.ultramem, f"{name}_opaque")(*args)
+
+        def no_twin(*a, _name=name, **k):
+            raise AssertionError(f"eager {_name} called its opaque twin")
+
+        with monkeypatch.context() as m:
+            m.setattr(importlib.import_module(f"ultramem.ops.{name}"), "_forward_opaque", no_twin)
+            for inline in (False, True):
+                m.setattr(_launch, "INLINE_TRITON", inline)
+                out = op(*args)
+                for y, z in zip(
+                    out if isinstance(out, tuple) else (out,), twin if isinstance(twin, tuple) else (twin,)
+                ):
+                    torch.testing.assert_close(y, z, rtol=0, atol=0)
 
 
 def test_lookup_opcheck_on_cuda():

@@ -28,8 +28,9 @@ INLINE_TRITON = os.environ.get("ULTRAMEM_INLINE_TRITON", "0") == "1"
 
 
 def inline_on(x: torch.Tensor) -> bool:
-    """Whether an op with input x runs its CUDA launcher inside the triton_op body."""
-    return INLINE_TRITON and x.device.type == "cuda"
+    """Whether an op with input x runs its CUDA launcher inside the triton_op body: when traced,
+    if INLINE_TRITON; eagerly, always (the twin would run the same launcher one dispatch later)."""
+    return x.device.type == "cuda" and (INLINE_TRITON or not traced(x))
 
 
 def _first_tensor(args) -> torch.Tensor | None:
