@@ -222,6 +222,18 @@ def _deterministic():
     return mock.patch.object(determinism, "_deterministic", True)
 
 
+def _forward_and_backwards(forward, backward, inputs) -> dict[str, Launch]:
+    """A table op's launches: the forward, the backward with atomics and deterministic."""
+
+    def backward_deterministic():
+        with _deterministic():
+            backward()
+
+    return _capture(
+        {"forward": forward, "backward": backward, "backward, deterministic": backward_deterministic}, inputs
+    )
+
+
 def weighted_lookup_launches() -> dict[str, Launch]:
     """`weighted_lookup`'s kernels: the forward, the backward (atomics; deterministic: dots, then
     the segment scatter's two passes). The dense backward's zero-filled gradient is
@@ -229,20 +241,9 @@ def weighted_lookup_launches() -> dict[str, Launch]:
     from ultramem.ops._triton import weighted_lookup as wl
 
     a = _lookup_tensors()
-
-    def backward():
-        wl.lookup_table_grad(a.grad_out, a.rows, a.values, a.scores, a.grad_values, accumulate=False)
-
-    def backward_deterministic():
-        with _deterministic():
-            backward()
-
-    return _capture(
-        {
-            "forward": lambda: wl.weighted_lookup_cuda(a.rows, a.values, a.scores),
-            "backward": backward,
-            "backward, deterministic": backward_deterministic,
-        },
+    return _forward_and_backwards(
+        lambda: wl.weighted_lookup_cuda(a.rows, a.values, a.scores),
+        lambda: wl.lookup_table_grad(a.grad_out, a.rows, a.values, a.scores, a.grad_values, accumulate=False),
         a.inputs,
     )
 
@@ -253,20 +254,9 @@ def pre_value_gate_launches() -> dict[str, Launch]:
     from ultramem.ops._triton import pre_value_gate as pv
 
     a = _lookup_tensors()
-
-    def backward():
-        pv.gate_table_grad(a.grad_gate, a.rows, a.pre, a.x, a.grad_pre, accumulate=False)
-
-    def backward_deterministic():
-        with _deterministic():
-            backward()
-
-    return _capture(
-        {
-            "forward": lambda: pv.pre_value_gate_cuda(a.rows, a.pre, a.x),
-            "backward": backward,
-            "backward, deterministic": backward_deterministic,
-        },
+    return _forward_and_backwards(
+        lambda: pv.pre_value_gate_cuda(a.rows, a.pre, a.x),
+        lambda: pv.gate_table_grad(a.grad_gate, a.rows, a.pre, a.x, a.grad_pre, accumulate=False),
         a.inputs,
     )
 
