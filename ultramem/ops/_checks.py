@@ -63,6 +63,21 @@ def check_index_range(idx: torch.Tensor, upper: int, op: str, name: str) -> None
     check(lo >= 0 and hi < upper, op, f"{name} has values in [{lo}, {hi}], outside the valid range [0, {upper})")
 
 
+def _check_scores_fit(op: str, rows: torch.Tensor, scores: torch.Tensor, table: torch.Tensor, name: str) -> None:
+    """scores [T, E, M] beside rows [T, E], with M cores splitting the looked-up table's rows."""
+    check(
+        tuple(scores.shape[:2]) == tuple(rows.shape),
+        op,
+        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
+    )
+    m = scores.shape[2]
+    check(
+        m >= 1 and table.shape[1] % m == 0,
+        op,
+        f"{name} dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])",
+    )
+
+
 def check_lookup_args(
     op: str, rows: torch.Tensor, table: torch.Tensor, scores: torch.Tensor, grad_out: torch.Tensor | None = None
 ) -> None:
@@ -74,17 +89,7 @@ def check_lookup_args(
     check_float(table, op, "table")
     check_float(scores, op, "scores")
     check_same_device(op, rows=rows, table=table, scores=scores)
-    check(
-        tuple(scores.shape[:2]) == tuple(rows.shape),
-        op,
-        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
-    )
-    m = scores.shape[2]
-    check(
-        m >= 1 and table.shape[1] % m == 0,
-        op,
-        f"table dim {table.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])",
-    )
+    _check_scores_fit(op, rows, scores, table, "table")
     if grad_out is not None:
         check_float(grad_out, op, "grad_out")
         check_same_device(op, grad_out=grad_out, rows=rows)
@@ -138,17 +143,7 @@ def check_gate_lookup_args(
     )
     check(x.shape[0] == rows.shape[0], op, f"x has {x.shape[0]} tokens but rows has {rows.shape[0]}")
     check(x.shape[1] == pre_values.shape[1], op, f"x dim {x.shape[1]} must equal pre_values dim {pre_values.shape[1]}")
-    check(
-        tuple(scores.shape[:2]) == tuple(rows.shape),
-        op,
-        f"scores shape {tuple(scores.shape)} must start with rows shape {tuple(rows.shape)}",
-    )
-    m = scores.shape[2]
-    check(
-        m >= 1 and values.shape[1] % m == 0,
-        op,
-        f"values dim {values.shape[1]} must be divisible by the number of cores {m} (scores.shape[2])",
-    )
+    _check_scores_fit(op, rows, scores, values, "values")
 
 
 def check_retrieval_args(
