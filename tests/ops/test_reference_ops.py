@@ -289,8 +289,12 @@ def test_bad_inputs_name_the_argument():
         ops.weighted_lookup(rows.float(), table, scores)
     with pytest.raises(ValueError, match="scores shape"):
         ops.weighted_lookup(rows, table, torch.randn(4, 2, 2))
-    with pytest.raises(ValueError, match="divisible by the number of cores 3"):
+    with pytest.raises(ValueError, match="table dim 8 must be divisible by the number of cores 3"):
         ops.weighted_lookup(rows, table, torch.randn(4, 3, 3))
+    with pytest.raises(ValueError, match="values dim 8 must be divisible by the number of cores 3"):
+        ops.gate_lookup(rows, table, table, torch.randn(4, 8), torch.randn(4, 3, 3), True)
+    with pytest.raises(ValueError, match=r"scores shape \(4, 2, 2\) must start with rows shape \(4, 3\)"):
+        ops.gate_lookup(rows, table, table, torch.randn(4, 8), torch.randn(4, 2, 2), True)
     with pytest.raises(ValueError, match=r"table must be 2-D"):
         ops.weighted_lookup(rows, table.view(10, 2, 4), scores)
     with pytest.raises(ValueError, match=r"rows has values in \[0, 10\], outside the valid range \[0, 10\)"):
