@@ -27,6 +27,20 @@ from torch.library import wrap_triton
 INLINE_TRITON = os.environ.get("ULTRAMEM_INLINE_TRITON", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b). triton.cdiv and triton.next_power_of_2 are constexpr functions whose host
+    calls cost microseconds each, several per launch."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0), as triton.next_power_of_2."""
+    n -= 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        n |= n >> shift
+    return n + 1
+
+
 def inline_on(x: torch.Tensor) -> bool:
     """Whether an op with input x runs its CUDA launcher inside the triton_op body: when traced,
     if INLINE_TRITON; eagerly, always (the twin would run the same launcher one dispatch later)."""

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .._checks import acc_dtype, check_gate_lookup_args, check_index_range
 from . import weighted_lookup as _wl
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 from .weighted_lookup import _block_d, _core_weights, _tl_acc
 
 _OP = "gate_lookup"
@@ -646,9 +646,9 @@ def gate_lookup_cuda(
     cfg = ENTRY_BLOCK_CONFIG
     bt, be = cfg["BLOCK_T"], cfg["BLOCK_E"]
     bd, bdp = _block_d(cfg["BLOCK_D"], max(dv, 1)), _block_d(cfg["BLOCK_DP"], max(dp, 1))
-    n_d = max(1, triton.cdiv(dv, bd))
+    n_d = max(1, cdiv(dv, bd))
     d_fastest = bool(cfg["D_FASTEST"]) and dv > 0
-    grid = (triton.cdiv(t, bt) * n_d, 1) if d_fastest else (triton.cdiv(t, bt), n_d)
+    grid = (cdiv(t, bt) * n_d, 1) if d_fastest else (cdiv(t, bt), n_d)
     launch(
         _gate_lookup_fwd_kernel,
         grid,
@@ -681,7 +681,7 @@ def _chunk_plan(e: int, values: Tensor, pre_values: Tensor, cfg: dict) -> dict:
     a group of chunks in flight together holds at most CHUNK_GROUP elements per table (at least
     one chunk)."""
     dv, dp = values.shape[1], pre_values.shape[1]
-    be = triton.next_power_of_2(max(e, 1))
+    be = next_pow2(max(e, 1))
     bd = _block_d(cfg["BLOCK_D"], dv)
     bdp = _block_d(cfg["BLOCK_DP"], dp)
     # The limits are sized for 2-byte tables; 4-byte values take twice the registers each.
@@ -691,7 +691,7 @@ def _chunk_plan(e: int, values: Tensor, pre_values: Tensor, cfg: dict) -> dict:
         bd //= 2
     while be * bdp > tile and bdp > 8:
         bdp //= 2
-    chunks_v, chunks_p = triton.cdiv(dv, bd), triton.cdiv(dp, bdp)
+    chunks_v, chunks_p = cdiv(dv, bd), cdiv(dp, bdp)
     return dict(
         BLOCK_E=be,
         BLOCK_D=bd,
@@ -870,7 +870,7 @@ def _launch_backward(
         dp,
         DM=max(dv // m, 1),
         M=m,
-        MP=triton.next_power_of_2(m),
+        MP=next_pow2(m),
         GELU=bool(gelu),
         HAS_GRAD_GATE=grad_gate is not None,
         SCATTER=scatter and staging is None,

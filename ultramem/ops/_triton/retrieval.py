@@ -59,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import check, check_index_range, check_retrieval_args, check_retrieval_backward_args
-from ._launch import launch
+from ._launch import launch, next_pow2
 
 _log = logging.getLogger(__name__)
 _OP = "tdqkr_retrieval"
@@ -1313,7 +1313,7 @@ def _retrieval_bwd_kernel(
 
 
 def _block_k(knn: int) -> int:
-    return max(16, triton.next_power_of_2(knn))
+    return max(16, next_pow2(knn))
 
 
 def _unsupported(
@@ -1350,7 +1350,7 @@ def _coarse_layout(n: int, g: int) -> dict:
     rows = -(-n // g)
     p1 = 1 << (rows.bit_length() - 1)
     rem = rows - p1
-    p2 = triton.next_power_of_2(rem) if rem else 1
+    p2 = next_pow2(rem) if rem else 1
     return dict(p1=p1, p2=p2, has_rem=rem > 0, mask1=p1 * g > n, mask2=rem > 0 and (p1 + p2) * g > n)
 
 
@@ -1377,7 +1377,7 @@ def _candidate_slots(knn: int, block_k: int, tile_i: int) -> tuple[int, int]:
         _OP,
         f"{per_tile} candidate slots per tile (CAND_TILE_FACTOR) must be a power of 2 and at least knn={knn}",
     )
-    return per_tile, triton.next_power_of_2(-(-knn // tile_i) * per_tile)
+    return per_tile, next_pow2(-(-knn // tile_i) * per_tile)
 
 
 def launch_forward(
@@ -1569,7 +1569,7 @@ def launch_backward(
         knn,
         R=r,
         M=m,
-        MRRP=triton.next_power_of_2(m * r * r),
+        MRRP=next_pow2(m * r * r),
         BLOCK_K=block_k,
         CHUNK=min(block_k, 32),
         FLAT_A=_flat_slabs(grad_row),

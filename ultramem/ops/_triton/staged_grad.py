@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .._checks import acc_dtype
 from . import gate_lookup as _tgl
+from ._launch import cdiv, next_pow2
 from .weighted_lookup import _block_d, _core_weights, _load_core_scores, _scores3, _select_core, _tl_acc, sort_rows
 
 # ------------------------------------------------------------------------------------ kernels
@@ -406,10 +407,10 @@ def _stage(
         dp,
         DM=max(dv // m, 1),
         M=m,
-        BLOCK_E=triton.next_power_of_2(e),
+        BLOCK_E=next_pow2(e),
         BLOCK_D=bd,
-        CHUNKS_V=triton.cdiv(dv, bd),
-        CHUNKS_P=triton.cdiv(dp, bd),
+        CHUNKS_V=cdiv(dv, bd),
+        CHUNKS_P=cdiv(dp, bd),
         num_warps=1,
     )
     _advance_fill_kernel[(1,)](fill, t, cap)
@@ -456,9 +457,9 @@ def sorted_block_add(
     cfg = BLOCK_ADD_CONFIG
     (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
     bj, bd = cfg["BLOCK_J"], _block_d(cfg["BLOCK_D"], d)
-    chunks = max(1, min(int(cfg["CHUNKS"]), triton.cdiv(d, bd)))
-    programs = _block_add_programs(triton.cdiv(t * e, bj), grad_table.device, int(cfg["PROGRAMS_PER_SM"]))
-    _sorted_block_add_kernel[(programs, triton.cdiv(d, bd * chunks))](
+    chunks = max(1, min(int(cfg["CHUNKS"]), cdiv(d, bd)))
+    programs = _block_add_programs(cdiv(t * e, bj), grad_table.device, int(cfg["PROGRAMS_PER_SM"]))
+    _sorted_block_add_kernel[(programs, cdiv(d, bd * chunks))](
         sorted_ids,
         perm,
         t * e,

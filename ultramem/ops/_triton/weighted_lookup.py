@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._checks import acc_dtype, check, check_index_range, check_lookup_args
 from ..determinism import deterministic_enabled
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 _OP = "weighted_lookup"
 
@@ -53,7 +53,7 @@ def _tl_acc(dtype: torch.dtype):
 
 
 def _block_d(requested: int, d: int) -> int:
-    return max(8, min(int(requested), triton.next_power_of_2(d)))
+    return max(8, min(int(requested), next_pow2(d)))
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -399,7 +399,7 @@ def weighted_gather(rows: Tensor, table: Tensor, scores: Tensor, out: Tensor, ac
         return out
     bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
     d_fastest = bool(cfg["D_FASTEST"])
-    grid = (triton.cdiv(t, bt) * triton.cdiv(d, bd), 1) if d_fastest else (triton.cdiv(t, bt), triton.cdiv(d, bd))
+    grid = (cdiv(t, bt) * cdiv(d, bd), 1) if d_fastest else (cdiv(t, bt), cdiv(d, bd))
     launch(
         _weighted_gather_kernel,
         grid,
@@ -459,7 +459,7 @@ def gather_dots_scatter(
     bt, be, bd = cfg["BLOCK_T"], cfg["BLOCK_E"], _block_d(cfg["BLOCK_D"], d)
     launch(
         _gather_dot_scatter_kernel,
-        (triton.cdiv(t, bt),),
+        (cdiv(t, bt),),
         rows,
         rows.stride(0),
         rows.stride(1),
@@ -482,7 +482,7 @@ def gather_dots_scatter(
         d,
         d // m,
         M=m,
-        MP=triton.next_power_of_2(m),
+        MP=next_pow2(m),
         COMPUTE_DOTS=compute_dots,
         SCATTER=scatter,
         BLOCK_T=bt,
@@ -523,7 +523,7 @@ def segment_scatter(
     (sc, s_strides, m), (sorted_ids, perm) = _scores3(scores), order or sort_rows(rows, n)
     bd = _block_d(cfg["BLOCK_D"], d)
     bj = cfg["BLOCK_J"]
-    n_pieces = triton.cdiv(t * e, piece)
+    n_pieces = cdiv(t * e, piece)
     # part[p]: the sum over piece p when it continues a run (written by the pieces pass only there)
     part = torch.empty(
         (n_pieces, d), dtype=torch.float64 if acc == torch.float64 else torch.float32, device=grad_table.device
@@ -557,8 +557,8 @@ def segment_scatter(
         d,
         d // m,
     ]
-    launch(_segment_scatter_kernel, (triton.cdiv(n_pieces, bj), triton.cdiv(d, bd)), *args, PIECES_PASS=True, **common)
-    launch(_segment_scatter_kernel, (triton.cdiv(t * e, bj), triton.cdiv(d, bd)), *args, PIECES_PASS=False, **common)
+    launch(_segment_scatter_kernel, (cdiv(n_pieces, bj), cdiv(d, bd)), *args, PIECES_PASS=True, **common)
+    launch(_segment_scatter_kernel, (cdiv(t * e, bj), cdiv(d, bd)), *args, PIECES_PASS=False, **common)
 
 
 def lookup_table_grad(
