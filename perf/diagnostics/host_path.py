@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch._dynamo.config
 import torch._functorch.config
 
 import ultramem.ops as ops
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     # AOTAutograd's cache keys on the Dynamo graph, the same with inline launches on and off: the
     # second variant would run the first one's graph
     torch._functorch.config.enable_autograd_cache = False
+    # 4 compiled variants x 4 shapes of one forward: past the default limit Dynamo runs eager
+    torch._dynamo.config.recompile_limit = 64
     env = records.environment()
     recs = []
     print(f"{'op (64 tokens)':28} {'eager us':>10} {'compiled us':>12} {'compiled inline us':>19}")
