@@ -3,6 +3,9 @@ the Inductor code's calls (kernels, GEMMs, custom ops, with the tensors they tak
 of the Python side. A diagnostic beside perf/gpu_e2e.py (which holds the reported times).
 
     python -m perf.diagnostics.layer_host_profile      # from the repository root; CUDA only
+
+--inline compiles with the triton_ops launching inline; --decode T profiles a forward of T tokens
+(no grad) instead of the training step.
 """
 
 from __future__ import annotations
@@ -17,17 +20,27 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from perf.gpu_e2e import build_layer_227m
+from ultramem.ops._triton import _launch
 
 
 def main(argv=None) -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inline", action="store_true", help="compile with inline Triton launches")
+    parser.add_argument("--decode", type=int, default=0, metavar="T", help="profile a forward of T tokens")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("layer_host_profile needs a CUDA device", file=sys.stderr)
         return 2
-    _, layer, tables, u, grad_y = build_layer_227m()
+    _launch.INLINE_TRITON = args.inline
+    mcfg, layer, tables, u, grad_y = build_layer_227m()
     compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(1, max(args.decode, 1), mcfg.dim, device="cuda", dtype=torch.bfloat16)
 
     def step():
+        if args.decode:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                compiled(x, tables)
+            return
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = compiled(u, tables)[0]
         y.backward(grad_y)
@@ -50,6 +63,7 @@ def main(argv=None) -> int:
     prof.disable()
     stats = pstats.Stats(prof, stream=sys.stdout)
     stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
     # CUDA runtime calls (launches, allocations, syncs) with their host time
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
