@@ -40,7 +40,9 @@ def host_us(fn, calls: int = 300) -> float:
 
 
 def main(argv=None) -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", nargs="*", default=None, help="cases to cProfile (default: the slowest op)")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("op_host_overhead needs a CUDA device (it times host launch overhead)", file=sys.stderr)
         return 2
@@ -60,6 +62,9 @@ def main(argv=None) -> int:
     gout = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
     out = torch.empty(t, d, device=dev, dtype=torch.bfloat16)
     ids, sc = ops.tdqkr_retrieval(a, b, cores, u, v, 8)
+    pre_buf = torch.zeros(n, d, device=dev)
+    pre_gid = ops.register_grad_buffer(pre_buf)
+    _, gate = ops.gate_lookup(rows, table, table, x, scores, True)
     cases = {
         "empty triton kernel": lambda: _empty_kernel[(1,)](x, 1, BLOCK=16),
         "torch.add (one aten kernel)": lambda: torch.add(x, x),
@@ -72,20 +77,27 @@ def main(argv=None) -> int:
         "tdqkr_retrieval op": lambda: torch.ops.ultramem.tdqkr_retrieval(a, b, cores, u, v, 8),
         "tdqkr_retrieval launch_forward": lambda: tri.launch_forward(a, b, cores, u, v, 8),
         "tdqkr_retrieval_backward op": lambda: torch.ops.ultramem.tdqkr_retrieval_backward(sc, a, b, cores, ids),
+        "gate_lookup op": lambda: torch.ops.ultramem.gate_lookup(rows, table, table, x, scores, True, gid, pre_gid),
+        "gate_lookup_backward_into op": lambda: torch.ops.ultramem.gate_lookup_backward_into(
+            gout, None, rows, table, table, x, scores, gate, True, gid, pre_gid
+        ),
     }
     results = {}
     for name, fn in cases.items():
         results[name] = host_us(fn)
         print(f"{name:40} {results[name]:8.1f} us/call (host)", flush=True)
-    worst = max((k for k in results if k.endswith(" op")), key=results.get)
-    print(f"\ncProfile of {worst!r} x200:")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        cases[worst]()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(18)
+    chosen = args.profile or [max((k for k in results if k.endswith(" op")), key=results.get)]
+    for name in chosen:
+        print(f"\ncProfile of {name!r} x200:")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            cases[name]()
+        prof.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(prof, stream=sys.stdout)
+        stats.sort_stats("tottime").print_stats(18)
+        stats.sort_stats("cumulative").print_stats(25)
     return 0
 
 
