@@ -381,6 +381,12 @@ def main() -> int:
     parser.add_argument("--throughput-runs", nargs="*", default=list(THROUGHPUT_RUNS), choices=THROUGHPUT_RUNS)
     parser.add_argument("--throughput-steps", type=int, default=8)
     parser.add_argument(
+        "--throughput-override",
+        action="append",
+        default=[],
+        help="a config override for every throughput run, e.g. --throughput-override=--train.compile_mode=default",
+    )
+    parser.add_argument(
         "--throughput-grad-accum",
         type=int,
         default=None,
@@ -401,7 +407,11 @@ def main() -> int:
         "layer": lambda r: time_layer(r, args.cudagraphs),
         "training": lambda r: training_curves(r, args.steps, tuple(args.training_overrides)),
         "throughput": lambda r: throughput_227m(
-            r, args.throughput_steps, tuple(args.throughput_runs), args.throughput_grad_accum
+            r,
+            args.throughput_steps,
+            tuple(args.throughput_runs),
+            args.throughput_grad_accum,
+            overrides=tuple(args.throughput_override),
         ),
     }
     for name in args.only:
