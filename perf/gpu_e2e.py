@@ -26,6 +26,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -341,8 +342,11 @@ def throughput_227m(
     out = result.setdefault("throughput_227m", {})
     for name in only:
         t0 = time.perf_counter()
-        cfg = load_config(config, common + extra_args[name])
-        records = run_training(cfg)
+        # each run in its own folder: a run would otherwise resume the previous run's final checkpoint
+        with tempfile.TemporaryDirectory(prefix=f"e2e-{name}-") as tmp:
+            where = [f"--checkpoint.dir={tmp}/checkpoints", f"--metrics.tensorboard_dir={tmp}/tb"]
+            cfg = load_config(config, common + extra_args[name] + where)
+            records = run_training(cfg)
         tail = records[steps // 2 :]  # after compilation and warm-up
         rate = statistics.median(r.tokens_per_s for r in tail)
         earlier = out.get(name, {}).get("tokens_per_s_runs", [])
