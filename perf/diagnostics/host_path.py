@@ -8,7 +8,7 @@
    GPU time: no host work between the kernels).
 
 Each compiled case runs twice: with the ops' opaque calls and with inline Triton launches
-(`ultramem.ops._triton._launch.INLINE_TRITON`, set while the case compiles).
+(`ultramem.ops.set_inline_triton`, set while the case compiles).
 
     PYTHONPATH=. python -m perf.diagnostics.host_path --log $OUT/log.jsonl   # CUDA only
 
@@ -121,10 +121,10 @@ class inline_launches:
     def __enter__(self):
         self.saved = _launch.INLINE_TRITON
         if self.inline is not None:
-            _launch.INLINE_TRITON = self.inline
+            ops.set_inline_triton(self.inline)
 
     def __exit__(self, *exc):
-        _launch.INLINE_TRITON = self.saved
+        ops.set_inline_triton(self.saved)
 
 
 def layer_rows(env: dict) -> list[dict]:

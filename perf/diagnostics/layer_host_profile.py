@@ -4,7 +4,7 @@ of the Python side. A diagnostic beside perf/gpu_e2e.py (which holds the reporte
 
     python -m perf.diagnostics.layer_host_profile      # from the repository root; CUDA only
 
---inline compiles with the triton_ops launching inline; --decode T profiles a forward of T tokens
+--opaque compiles with the triton_ops calling their opaque twins; --decode T profiles a forward of T tokens
 (no grad) instead of the training step.
 """
 
@@ -19,19 +19,19 @@ import sys
 import torch
 from torch._inductor.utils import run_and_get_code
 
+import ultramem.ops as ops
 from perf.gpu_e2e import build_layer_227m
-from ultramem.ops._triton import _launch
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inline", action="store_true", help="compile with inline Triton launches")
+    parser.add_argument("--opaque", action="store_true", help="compile with the ops' opaque calls, not inline launches")
     parser.add_argument("--decode", type=int, default=0, metavar="T", help="profile a forward of T tokens")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("layer_host_profile needs a CUDA device", file=sys.stderr)
         return 2
-    _launch.INLINE_TRITON = args.inline
+    ops.set_inline_triton(not args.opaque)
     mcfg, layer, tables, u, grad_y = build_layer_227m()
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(1, max(args.decode, 1), mcfg.dim, device="cuda", dtype=torch.bfloat16)

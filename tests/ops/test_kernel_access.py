@@ -214,7 +214,10 @@ def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic, inline_launches)
     assert bwd.kwargs["kwargs"]["a_ptr"] in placeholders
 
 
-def test_with_inline_launches_off_the_cuda_bodies_trace_to_the_opaque_twins():
+def test_with_inline_launches_off_the_cuda_bodies_trace_to_the_opaque_twins(monkeypatch):
+    from ultramem.ops._triton import _launch
+
+    monkeypatch.setattr(_launch, "INLINE_TRITON", False)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -408,6 +411,9 @@ def test_lookup_cuda_bodies_trace_to_launches_of_outputs_only(
     "f, mode_name, twins", [(c[1], c[2], c[4]) for c in LOOKUP_BODIES], ids=[c[0] for c in LOOKUP_BODIES]
 )
 def test_with_inline_launches_off_the_lookup_bodies_trace_to_the_opaque_twins(f, mode_name, twins, monkeypatch):
+    from ultramem.ops._triton import _launch
+
+    monkeypatch.setattr(_launch, "INLINE_TRITON", False)
     gm = _trace_lookup_body(f, mode_name, False, monkeypatch)
     called = {n.target._opname for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "ultramem"}
     assert called == twins, gm.code

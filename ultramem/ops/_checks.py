@@ -25,10 +25,38 @@ def set_debug(enabled: bool) -> None:
     """Turn on the index range checks on every device (they cost a host sync on CUDA)."""
     global _debug
     _debug = bool(enabled)
+    from ._trace_state import sync_cache_tag  # imports this module
+
+    sync_cache_tag()
 
 
 def debug_enabled() -> bool:
     return _debug
+
+
+# Argument signatures whose checks passed. A call repeating one skips its checks, which otherwise
+# take a good part of an op call's host time on CUDA (a training step repeats a few signatures).
+_passed: set[tuple] = set()
+
+
+def signature(*args) -> tuple:
+    """What argument checks can see: each tensor's shape, strides, dtype and device; other values as they are."""
+    return tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def check_once(op: str, checks, *args) -> None:
+    """checks(*args), unless the same checks passed on arguments of the same signature before (in
+    debug mode they always run). For checks that read nothing but the signature."""
+    if _debug:
+        checks(*args)
+        return
+    key = (op, checks, signature(*args))
+    if key in _passed:
+        return
+    checks(*args)
+    if len(_passed) >= 4096:
+        _passed.clear()
+    _passed.add(key)
 
 
 def check(cond: bool, op: str, msg: str) -> None:

@@ -24,6 +24,9 @@ def set_deterministic(enabled: bool) -> None:
     """Make the CUDA table gradients bit-reproducible (sorted, one writer per row)."""
     global _deterministic
     _deterministic = bool(enabled)
+    from ._trace_state import sync_cache_tag  # imports this module
+
+    sync_cache_tag()
 
 
 def deterministic_enabled() -> bool:

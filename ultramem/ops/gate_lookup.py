@@ -32,6 +32,7 @@ from ._checks import (
     check_float,
     check_gate_lookup_args,
     check_index_range,
+    check_once,
     check_same_device,
     debug_enabled,
 )
@@ -323,6 +324,28 @@ def _check_backward_args(
     values_grad_buffer: int,
     pre_values_grad_buffer: int,
 ) -> None:
+    _check_backward_signature(
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer, pre_values_grad_buffer
+    )
+    # both ids resolve before the first buffer is written (a freed second buffer would otherwise
+    # fail after the first one had been added into)
+    check_grad_buffer_id(_BWD, values_grad_buffer, values)
+    check_grad_buffer_id(_BWD, pre_values_grad_buffer, pre_values)
+
+
+def _check_backward_signature(
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+    values_grad_buffer: int,
+    pre_values_grad_buffer: int,
+) -> None:
+    """The checks that read only the arguments' shapes, dtypes and devices (`check_once`)."""
     op = _BWD
     _check_args(rows, values, pre_values, x, scores, op=op)
     for name, handle in (
@@ -330,10 +353,6 @@ def _check_backward_args(
         ("pre_values_grad_buffer", pre_values_grad_buffer),
     ):
         check(handle != -1, op, f"{name}={handle}: both tables' buffer ids are required (register_grad_buffer)")
-    # both ids resolve before the first buffer is written (a freed second buffer would otherwise
-    # fail after the first one had been added into)
-    check_grad_buffer_id(op, values_grad_buffer, values)
-    check_grad_buffer_id(op, pre_values_grad_buffer, pre_values)
     extra = {} if grad_gate is None else {"grad_gate": grad_gate}
     check_same_device(op, grad_out=grad_out, gate=gate, rows=rows, **extra)
     for name, t in (("grad_out", grad_out), ("gate", gate), ("grad_gate", grad_gate)):
@@ -436,8 +455,24 @@ if _triton_gate_lookup is not None:
         values_grad_buffer: int,
         pre_values_grad_buffer: int,
     ):
-        _check_backward_args(
-            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer, pre_values_grad_buffer
+        check_once(
+            _BWD,
+            _check_backward_signature,
+            grad_out,
+            grad_gate,
+            rows,
+            values,
+            pre_values,
+            x,
+            scores,
+            gate,
+            values_grad_buffer,
+            pre_values_grad_buffer,
+        )
+        # both buffers resolve (and are checked against their tables) before either is written
+        buffers = (
+            registered_grad_buffer(_BWD, values_grad_buffer, values),
+            registered_grad_buffer(_BWD, pre_values_grad_buffer, pre_values),
         )
         check_index_range(rows, values.shape[0], _BWD, "rows")
         if (
@@ -469,8 +504,7 @@ if _triton_gate_lookup is not None:
             scores,
             gate,
             gelu,
-            registered_grad_buffer(_BWD, values_grad_buffer, values),
-            registered_grad_buffer(_BWD, pre_values_grad_buffer, pre_values),
+            *buffers,
         )
         if staging is not None:
             return _triton_staged_grad.staged_gate_lookup_backward_cuda(*args, staging)

@@ -17,14 +17,12 @@ import torch
 from torch.library import wrap_triton
 
 # Whether the triton_ops launch inline when traced on CUDA (Inductor emits the launches: no per-call
-# host work) or call their opaque twins (the launcher's own calls). Off unless
-# ULTRAMEM_INLINE_TRITON=1: Inductor's launch drops the kernels' register caps (maxnreg), whose
-# cost in GPU time is not yet weighed against the host time saved (perf/NOTES.md, "The host path
-# without CUDA graphs"). Read when an op is traced: change it before torch.compile runs. A
-# compiled graph keeps what the bodies chose when it was traced, and AOTAutograd's on-disk cache
-# does not key on it (nor on deterministic mode or the kernels' sources): compile with
-# TORCHINDUCTOR_AUTOGRAD_CACHE=0 after changing any of them.
-INLINE_TRITON = os.environ.get("ULTRAMEM_INLINE_TRITON", "0") == "1"
+# host work) or call their opaque twins (the launcher's own calls). On unless
+# ULTRAMEM_INLINE_TRITON=0: inline launches lose the kernels' register caps (maxnreg), yet took less
+# GPU time as well as less host time on an H200 (perf/NOTES.md, "The host path without CUDA
+# graphs"). Read when an op is traced: change it with `ultramem.ops.set_inline_triton` before
+# torch.compile runs, which also tags the compile caches' keys (`ultramem.ops._trace_state`).
+INLINE_TRITON = os.environ.get("ULTRAMEM_INLINE_TRITON", "1") not in ("", "0")
 
 
 def cdiv(a: int, b: int) -> int:
