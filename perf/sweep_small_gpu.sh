@@ -3,7 +3,7 @@
 # (data.val_split = "spread") and one-at-a-time sweeps of the memory settings around
 # small-ultramem-v2, on one GPU, as committed under perf/results/sweep-small-h200/.
 #
-#   PYTHONPATH=. bash perf/sweep_small_gpu.sh OUT_DIR [TOKENS] [DEADLINE_SECONDS]
+#   PYTHONPATH=. [SET=five] bash perf/sweep_small_gpu.sh OUT_DIR [TOKENS] [DEADLINE_SECONDS]
 #
 # Each line of `runs` below is one `python -m ultramem.compare` (through compare_gpu.sh, on its
 # corpus) in outputs/sweeps/<name>; $LANES of them (default 3) share the GPU at a time, so their
@@ -34,6 +34,18 @@ runs=(
     "seeds-combo small-ultramem-v2 --sweep model.memory.pre_vdim=0 --sweep optim.value_lr_mult=1 --seeds 1,2"
     "seeds-knn small-ultramem-v2 --sweep optim.value_lr_mult=1 --sweep model.memory.knn=64 --seeds 0,1,2"
 )
+# SET=five: five seeds of the default and of each single change that looked better at seed 0, and
+# the placement: four memory layers with the same rows in all (knum 402), reading one block
+# before they add (as UltraMem v1) or in the block they add to
+if [[ ${SET:-} == five ]]; then
+    runs=(
+        "five-default small-ultramem-v2 --seeds 3,4"
+        "five-value-lr small-ultramem-v2 --sweep optim.value_lr_mult=1 --seeds 1,2,3,4"
+        "five-knn small-ultramem-v2 --sweep model.memory.knn=64 --seeds 1,2,3,4"
+        "five-pre-values small-ultramem-v2 --sweep model.memory.pre_vdim=0 --seeds 1,2,3,4"
+        "placement small-ultramem-v2 --sweep model.memory.insert=0:1/2:3/4:5/6:7,0:0/2:2/4:4/6:6 --sweep model.memory.knum=402 --seeds 0,1"
+    )
+fi
 
 lane() {  # lane NAME CONFIGS STOP_AFTER ARGS...
     local name=$1 configs=$2 stop=$3

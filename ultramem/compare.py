@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -108,6 +109,12 @@ def _config_stem(config: str) -> str:
     return Path(config).stem if config.endswith(".toml") else Path(config).name
 
 
+def _name_part(value: str) -> str:
+    """A swept value as part of a run directory's name: '/' and other path-unsafe characters
+    (e.g. model.memory.insert=0:1/2:3) become '_'."""
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", value)
+
+
 def plan_runs(
     configs: list[str],
     tokens: int,
@@ -158,7 +165,7 @@ def plan_runs(
             base.append(f"--data.val_source={val_data}")
         if seed is not None:
             base.append(f"--train.seed={seed}")
-        variant = stem + "".join(f"-{key.rsplit('.', 1)[-1]}-{value}" for key, value in point)
+        variant = stem + "".join(f"-{key.rsplit('.', 1)[-1]}-{_name_part(value)}" for key, value in point)
         name = variant if seed is None else f"{variant}-seed{seed}"
         label = config + "".join(f" {key}={value}" for key, value in point)
         try:
@@ -191,6 +198,12 @@ def plan_runs(
             RunPlan(
                 name, config, seed, variant, overrides, per_step, steps, interval, run_dir, cfg, s.total, s.activated
             )
+        )
+    names = [p.name for p in plans]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise CompareError(
+            f"two runs would share the directory {clash[0]!r}: give --sweep values that differ in letters or digits"
         )
     return plans
 

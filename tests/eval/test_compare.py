@@ -124,6 +124,18 @@ def test_a_sweep_runs_each_config_once_per_value(tmp_path):
         compare.plan_runs([str(dense)], 100, 64, tmp_path, sweep=[("optim.lr", ["1"]), ("optim.lr", ["2"])])
 
 
+def test_a_placement_sweep_names_one_flat_directory_per_value(tmp_path):
+    _, memory = _configs(tmp_path)
+    plans = compare.plan_runs(
+        [str(memory)], 100, 64, tmp_path / "out", sweep=[("model.memory.insert", ["0:1", "0:0/1:1"])]
+    )
+    assert [p.name for p in plans] == ["tiny-mem-insert-0_1", "tiny-mem-insert-0_0_1_1"]
+    assert all(p.run_dir.parent == tmp_path / "out" for p in plans)
+    assert [p.cfg.model.memory.insert for p in plans] == ["0:1", "0:0/1:1"]
+    with pytest.raises(compare.CompareError, match="share the directory 'tiny-mem-tensorboard_dir-tb_a'"):
+        compare.plan_runs([str(memory)], 100, 64, tmp_path, sweep=[("metrics.tensorboard_dir", ["tb/a", "tb:a"])])
+
+
 def test_plans_that_cannot_work_are_refused(tmp_path, capsys):
     dense, _ = _configs(tmp_path)
     with pytest.raises(compare.CompareError, match="fewer than its optim.warmup_steps=5"):
