@@ -31,7 +31,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from ._checks import check, check_gate_args, check_index_range, check_lookup_args, check_same_device
+from ._checks import check, check_gate_args, check_index_range, check_lookup_args, check_once, check_same_device
 from .staged_grad import staged_gate_backward, staged_lookup_backward
 
 _FLOAT_ACC = (torch.float32, torch.float64)
@@ -193,11 +193,13 @@ def weighted_lookup_backward_into(
     module doc); returns grad_scores. Arguments are checked before the buffer is touched."""
     op = "weighted_lookup_backward_into"
     buf = registered_grad_buffer(op, grad_buffer, table)
-    check_lookup_args(op, rows, table, scores, grad_out)
+    check_once(op, check_lookup_args, op, rows, table, scores, grad_out)
     check_index_range(rows, table.shape[0], op, "rows")
     grad_scores = staged_lookup_backward(grad_buffer, grad_out, rows, table, scores, buf)
     if grad_scores is not None:  # a GradStaging is registered for this buffer
         return grad_scores
+    if rows.is_cuda and _triton_weighted_lookup is not None:  # checked above: no second dispatch and checks
+        return _triton_weighted_lookup.lookup_table_grad(grad_out, rows, table, scores, buf, accumulate=True)
     return weighted_lookup_backward_accumulate(buf, grad_out, rows, table, scores)
 
 
@@ -213,11 +215,13 @@ def pre_value_gate_backward_into(grad_gate: Tensor, rows: Tensor, table: Tensor,
     checked before the buffer is touched."""
     op = "pre_value_gate_backward_into"
     buf = registered_grad_buffer(op, grad_buffer, table)
-    check_gate_args(op, rows, table, x, grad_gate)
+    check_once(op, check_gate_args, op, rows, table, x, grad_gate)
     check_index_range(rows, table.shape[0], op, "rows")
     grad_x = staged_gate_backward(grad_buffer, grad_gate, rows, table, x, buf)
     if grad_x is not None:
         return grad_x
+    if rows.is_cuda and _triton_pre_value_gate is not None:  # checked above: no second dispatch and checks
+        return _triton_pre_value_gate.gate_table_grad(grad_gate, rows, table, x, buf, accumulate=True)
     return pre_value_gate_backward_accumulate(buf, grad_gate, rows, table, x)
 
 
