@@ -1,4 +1,4 @@
-"""The switches a traced op body reads are part of the compile caches' keys."""
+"""The switches a traced op body reads are part of the compile caches' keys; argument checks run once per signature."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_a_switch_changed_between_compiles_misses_the_autograd_cache(restore_swi
 def test_check_once_skips_a_signature_that_passed_and_never_one_that_failed(monkeypatch):
     from ultramem.ops import _checks
 
-    monkeypatch.setattr(_checks, "_passed", set())
+    monkeypatch.setattr(_checks, "_passed", {})
     monkeypatch.setattr(_checks, "_debug", False)
     calls = []
 
@@ -83,3 +83,25 @@ def test_check_once_skips_a_signature_that_passed_and_never_one_that_failed(monk
     monkeypatch.setattr(_checks, "_debug", True)  # debug mode checks every call
     _checks.check_once("op", checks, t, 3)
     assert len(calls) == 5
+
+
+def test_check_once_returns_what_the_checks_returned_and_runs_them_on_traced_tensors(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ultramem.ops import _checks
+
+    monkeypatch.setattr(_checks, "_passed", {})
+    calls = []
+
+    def checks(t):
+        calls.append(t)
+        return t.shape[0] * 10
+
+    assert _checks.check_once("op", checks, torch.zeros(3)) == 30
+    assert _checks.check_once("op", checks, torch.zeros(3)) == 30
+    assert len(calls) == 1
+    with FakeTensorMode() as mode:  # a trace's tensors are checked every time, never remembered
+        fake = mode.from_tensor(torch.zeros(4))
+        assert _checks.check_once("op", checks, fake) == 40
+        assert _checks.check_once("op", checks, fake) == 40
+    assert len(calls) == 3 and len(_checks._passed) == 1

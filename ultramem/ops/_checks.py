@@ -34,9 +34,11 @@ def debug_enabled() -> bool:
     return _debug
 
 
-# Argument signatures whose checks passed. A call repeating one skips its checks, which otherwise
-# take a good part of an op call's host time on CUDA (a training step repeats a few signatures).
-_passed: set[tuple] = set()
+# Argument signatures whose checks passed, with what the checks returned. A call repeating one
+# skips its checks, which otherwise take a good part of an op call's host time on CUDA (a training
+# step repeats a few signatures).
+_passed: dict[tuple, object] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def signature(*args) -> tuple:
@@ -44,19 +46,20 @@ def signature(*args) -> tuple:
     return tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def check_once(op: str, checks, *args) -> None:
-    """checks(*args), unless the same checks passed on arguments of the same signature before (in
-    debug mode they always run). For checks that read nothing but the signature."""
-    if _debug:
-        checks(*args)
-        return
+def check_once(op: str, checks, *args):
+    """checks(*args), unless the same checks passed on arguments of the same signature before: then
+    what they returned that time. For checks that read nothing but the signature. In debug mode,
+    and on a trace's tensors (fake, functional: their shapes may be symbolic), they always run."""
+    if _debug or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args):
+        return checks(*args)
     key = (op, checks, signature(*args))
     if key in _passed:
-        return
-    checks(*args)
+        return _passed[key]
+    result = checks(*args)
     if len(_passed) >= 4096:
         _passed.clear()
-    _passed.add(key)
+    _passed[key] = result
+    return result
 
 
 def check(cond: bool, op: str, msg: str) -> None:

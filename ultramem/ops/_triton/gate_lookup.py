@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import acc_dtype, check_gate_lookup_args, check_index_range
+from .._checks import acc_dtype, check_gate_lookup_args, check_index_range, check_once
 from . import weighted_lookup as _wl
 from ._launch import cdiv, launch, next_pow2
 from .weighted_lookup import _block_d, _core_weights, _tl_acc
@@ -629,7 +629,7 @@ def _tensor_args(*tensors: Tensor) -> list:
 def gate_lookup_cuda(
     rows: Tensor, values: Tensor, pre_values: Tensor, x: Tensor, scores: Tensor, gelu: bool
 ) -> tuple[Tensor, Tensor]:
-    check_gate_lookup_args(_OP, rows, values, pre_values, x, scores)
+    check_once(_OP, check_gate_lookup_args, _OP, rows, values, pre_values, x, scores)
     check_index_range(rows, values.shape[0], _OP, "rows")
     t, e = rows.shape
     n, dv = values.shape

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import acc_dtype, check, check_gate_args, check_index_range
+from .._checks import acc_dtype, check, check_gate_args, check_index_range, check_once
 from ..determinism import deterministic_enabled
 from . import weighted_lookup as _wl
 
@@ -20,7 +20,7 @@ _OP = "pre_value_gate"
 
 
 def pre_value_gate_cuda(rows: Tensor, table: Tensor, x: Tensor) -> Tensor:
-    check_gate_args(_OP, rows, table, x)
+    check_once(_OP, check_gate_args, _OP, rows, table, x)
     check_index_range(rows, table.shape[0], _OP, "rows")
     if table.shape[1] == 0:
         return x.new_zeros(rows.shape)
@@ -58,7 +58,7 @@ def gate_table_grad(
 def pre_value_gate_backward_cuda(grad_gate: Tensor, rows: Tensor, table: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """The dense contract of the reference: a zero-filled [N, D] gradient per call."""
     op = "pre_value_gate_backward"
-    check_gate_args(op, rows, table, x, grad_gate)
+    check_once(op, check_gate_args, op, rows, table, x, grad_gate)
     check_index_range(rows, table.shape[0], op, "rows")
     acc = acc_dtype(table, x, grad_gate)
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
@@ -72,7 +72,7 @@ def pre_value_gate_backward_accumulate_cuda(
     """Adds grad_P into the persistent `grad_table` buffer; returns grad_x (nothing is written
     when the arguments are refused)."""
     op = "pre_value_gate_backward_accumulate"
-    check_gate_args(op, rows, table, x, grad_gate)
+    check_once(op, check_gate_args, op, rows, table, x, grad_gate)
     check_index_range(rows, table.shape[0], op, "rows")
     check(
         tuple(grad_table.shape) == tuple(table.shape),

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check, check_index_range, check_retrieval_args, check_retrieval_backward_args
+from .._checks import check, check_index_range, check_once, check_retrieval_args, check_retrieval_backward_args
 from ._launch import launch, next_pow2
 
 _log = logging.getLogger(__name__)
@@ -1334,7 +1334,7 @@ def tdqkr_retrieval_cuda(
     row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
 ) -> tuple[Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval (runs on CPU tensors under TRITON_INTERPRET=1)."""
-    check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
+    check_once(_OP, check_retrieval_args, _OP, row_scores, col_scores, cores, u, v, knn, n_keys)
     reason = _unsupported(knn, row_scores, col_scores, cores, u, v, n_keys=n_keys)
     if reason is not None:
         from .. import retrieval as ref
@@ -1482,7 +1482,9 @@ def tdqkr_retrieval_backward_cuda(
     padded shape of the scores (the caller's GEMM reads them in place), zero in the padding: the
     kernel zeroes each (token, head)'s whole block, padding included, before it writes the kept
     rows, so the outputs are written by the launch alone."""
-    n_ids = check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    n_ids = check_once(
+        _BWD, check_retrieval_backward_args, _BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys
+    )
     check_index_range(ids, n_ids, _BWD, "ids")  # (CPU and debug mode; the kernel skips such ids)
     reason = _unsupported(ids.shape[2], row_scores, col_scores, cores, grad_scores, n_keys=n_keys)
     if reason is not None:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import acc_dtype, check, check_index_range, check_lookup_args
+from .._checks import acc_dtype, check, check_index_range, check_lookup_args, check_once
 from ..determinism import deterministic_enabled
 from ._launch import cdiv, launch, next_pow2
 
@@ -606,7 +606,7 @@ def lookup_table_grad(
 
 
 def weighted_lookup_cuda(rows: Tensor, table: Tensor, scores: Tensor) -> Tensor:
-    check_lookup_args(_OP, rows, table, scores)
+    check_once(_OP, check_lookup_args, _OP, rows, table, scores)
     check_index_range(rows, table.shape[0], _OP, "rows")
     if rows.shape[1] == 0:
         return scores.new_zeros((rows.shape[0], table.shape[1]))
@@ -619,7 +619,7 @@ def weighted_lookup_backward_cuda(
 ) -> tuple[Tensor, Tensor]:
     """The dense contract of the reference: a zero-filled [N, D] gradient per call."""
     op = "weighted_lookup_backward"
-    check_lookup_args(op, rows, table, scores, grad_out)
+    check_once(op, check_lookup_args, op, rows, table, scores, grad_out)
     check_index_range(rows, table.shape[0], op, "rows")
     acc = acc_dtype(table, scores, grad_out)
     grad_table = torch.zeros(table.shape, dtype=acc, device=table.device)
@@ -634,7 +634,7 @@ def weighted_lookup_backward_accumulate_cuda(
     Arguments and the range are checked first (the op checks the buffer): nothing is written
     when they are refused."""
     op = "weighted_lookup_backward_accumulate"
-    check_lookup_args(op, rows, table, scores, grad_out)
+    check_once(op, check_lookup_args, op, rows, table, scores, grad_out)
     check_index_range(rows, table.shape[0], op, "rows")
     check(
         tuple(grad_table.shape) == tuple(table.shape),
