@@ -323,29 +323,10 @@ def _check_backward_args(
     gate: Tensor,
     values_grad_buffer: int,
     pre_values_grad_buffer: int,
+    buffers: bool = True,
 ) -> None:
-    _check_backward_signature(
-        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, values_grad_buffer, pre_values_grad_buffer
-    )
-    # both ids resolve before the first buffer is written (a freed second buffer would otherwise
-    # fail after the first one had been added into)
-    check_grad_buffer_id(_BWD, values_grad_buffer, values)
-    check_grad_buffer_id(_BWD, pre_values_grad_buffer, pre_values)
-
-
-def _check_backward_signature(
-    grad_out: Tensor,
-    grad_gate: Tensor | None,
-    rows: Tensor,
-    values: Tensor,
-    pre_values: Tensor,
-    x: Tensor,
-    scores: Tensor,
-    gate: Tensor,
-    values_grad_buffer: int,
-    pre_values_grad_buffer: int,
-) -> None:
-    """The checks that read only the arguments' shapes, dtypes and devices (`check_once`)."""
+    """The arguments, and (buffers) that both ids name registered buffers that fit their tables.
+    Without buffers the checks read only the signature (`check_once`)."""
     op = _BWD
     _check_args(rows, values, pre_values, x, scores, op=op)
     for name, handle in (
@@ -369,6 +350,11 @@ def _check_backward_signature(
             op,
             f"{name} shape {None if t is None else tuple(t.shape)} must equal rows shape {tuple(rows.shape)}",
         )
+    if buffers:
+        # both ids resolve before the first buffer is written (a freed second buffer would otherwise
+        # fail after the first one had been added into)
+        check_grad_buffer_id(op, values_grad_buffer, values)
+        check_grad_buffer_id(op, pre_values_grad_buffer, pre_values)
 
 
 def _staging(
@@ -455,19 +441,9 @@ if _triton_gate_lookup is not None:
         values_grad_buffer: int,
         pre_values_grad_buffer: int,
     ):
+        ids = (values_grad_buffer, pre_values_grad_buffer)
         check_once(
-            _BWD,
-            _check_backward_signature,
-            grad_out,
-            grad_gate,
-            rows,
-            values,
-            pre_values,
-            x,
-            scores,
-            gate,
-            values_grad_buffer,
-            pre_values_grad_buffer,
+            _BWD, _check_backward_args, grad_out, grad_gate, rows, values, pre_values, x, scores, gate, *ids, False
         )
         # both buffers resolve (and are checked against their tables) before either is written
         buffers = (
