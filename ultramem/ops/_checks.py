@@ -41,18 +41,28 @@ _passed: dict[tuple, object] = {}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def signature(*args) -> tuple:
-    """What argument checks can see: each tensor's shape, strides, dtype and device; other values as they are."""
-    return tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+def signature(*args) -> tuple | None:
+    """What argument checks can see: each tensor's shape, strides, dtype and device, other values
+    as they are; None if a tensor is a trace's (fake, functional: its shapes may be symbolic)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return None
+            key.append((a.shape, a.stride(), a.dtype, a.device))
+        else:
+            key.append(a)
+    return tuple(key)
 
 
 def check_once(op: str, checks, *args):
     """checks(*args), unless the same checks passed on arguments of the same signature before: then
     what they returned that time. For checks that read nothing but the signature. In debug mode,
-    and on a trace's tensors (fake, functional: their shapes may be symbolic), they always run."""
-    if _debug or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args):
+    and on a trace's tensors, they always run."""
+    sig = None if _debug else signature(*args)
+    if sig is None:
         return checks(*args)
-    key = (op, checks, signature(*args))
+    key = (op, checks, sig)
     if key in _passed:
         return _passed[key]
     result = checks(*args)

@@ -75,7 +75,7 @@ def registered_grad_buffer(op: str, handle: int, table: Tensor) -> Tensor:
         f"grad_buffer={handle} is not a registered buffer id, or its buffer was freed "
         f"(register_grad_buffer gives one; -1 means none)",
     )
-    check_grad_buffer(op, buf, table)
+    check_once(op, check_grad_buffer, op, buf, table)
     return buf
 
 
