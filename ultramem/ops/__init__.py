@@ -12,8 +12,7 @@ Unchecked on CUDA, the Triton kernels skip ids out of range (nothing read or wri
 """
 
 from ._checks import debug_enabled, set_debug
-from ._trace_state import sync_cache_tag
-from ._triton import _launch
+from ._triton._launch import set_inline_triton
 from .determinism import deterministic_enabled, set_deterministic
 from .gate_lookup import gate_lookup, gate_lookup_backward_into
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
@@ -29,16 +28,6 @@ from .table_grad import (
     weighted_lookup_backward_into,
 )
 from .weighted_lookup import weighted_lookup, weighted_lookup_backward
-
-
-def set_inline_triton(enabled: bool) -> None:
-    """Whether compiled CUDA calls of the triton_ops launch their kernels inline (Inductor emits the
-    launches; the default) or call the opaque ops. Takes effect for graphs compiled afterwards."""
-    _launch.INLINE_TRITON = bool(enabled)
-    sync_cache_tag()
-
-
-sync_cache_tag()  # the switches as the environment set them
 
 __all__ = [
     "GradStaging",

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from ._trace_state import record
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -19,15 +21,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # nothing (its gathered row counts as zero); the PyTorch fallbacks (float64, no Triton) stop on
 # PyTorch's device-side index assert. Neither writes out of bounds.
 _debug = os.environ.get("ULTRAMEM_DEBUG", "0") not in ("", "0")
+record("debug", _debug)
 
 
 def set_debug(enabled: bool) -> None:
     """Turn on the index range checks on every device (they cost a host sync on CUDA)."""
     global _debug
     _debug = bool(enabled)
-    from ._trace_state import sync_cache_tag  # imports this module
-
-    sync_cache_tag()
+    record("debug", _debug)
 
 
 def debug_enabled() -> bool:

@@ -17,16 +17,17 @@ import os
 
 import torch
 
+from ._trace_state import record
+
 _deterministic = os.environ.get("ULTRAMEM_DETERMINISTIC", "0") not in ("", "0")
+record("deterministic", _deterministic)
 
 
 def set_deterministic(enabled: bool) -> None:
     """Make the CUDA table gradients bit-reproducible (sorted, one writer per row)."""
     global _deterministic
     _deterministic = bool(enabled)
-    from ._trace_state import sync_cache_tag  # imports this module
-
-    sync_cache_tag()
+    record("deterministic", _deterministic)
 
 
 def deterministic_enabled() -> bool:

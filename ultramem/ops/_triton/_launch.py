@@ -16,13 +16,24 @@ import os
 import torch
 from torch.library import wrap_triton
 
+from .._trace_state import record
+
 # Whether the triton_ops launch inline when traced on CUDA (Inductor emits the launches: no per-call
 # host work) or call their opaque twins (the launcher's own calls). On unless
 # ULTRAMEM_INLINE_TRITON=0: inline launches lose the kernels' register caps (maxnreg), yet took less
 # GPU time as well as less host time on an H200 (perf/NOTES.md, "The host path without CUDA
 # graphs"). Read when an op is traced: change it with `ultramem.ops.set_inline_triton` before
-# torch.compile runs, which also tags the compile caches' keys (`ultramem.ops._trace_state`).
+# torch.compile runs, which also tags the compile caches' keys (`ultramem/ops/_trace_state.py`).
 INLINE_TRITON = os.environ.get("ULTRAMEM_INLINE_TRITON", "1") not in ("", "0")
+record("opaque", not INLINE_TRITON)
+
+
+def set_inline_triton(enabled: bool) -> None:
+    """Whether compiled CUDA calls of the triton_ops launch their kernels inline (Inductor emits the
+    launches; the default) or call the opaque ops. Takes effect for graphs compiled afterwards."""
+    global INLINE_TRITON
+    INLINE_TRITON = bool(enabled)
+    record("opaque", not INLINE_TRITON)
 
 
 def cdiv(a: int, b: int) -> int:

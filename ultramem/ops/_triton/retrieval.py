@@ -59,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._checks import check, check_index_range, check_once, check_retrieval_args, check_retrieval_backward_args
-from ._launch import launch, next_pow2
+from ._launch import cdiv, launch, next_pow2
 
 _log = logging.getLogger(__name__)
 _OP = "tdqkr_retrieval"
@@ -1347,7 +1347,7 @@ def tdqkr_retrieval_cuda(
 def _coarse_layout(n: int, g: int) -> dict:
     """Blocks of one side: [P1·G] keys (P1 the largest power of 2 with P1·G keys within the rows
     of G) plus a [P2·G] remainder (P2 a power of 2), and which of them hold padding."""
-    rows = -(-n // g)
+    rows = cdiv(n, g)
     p1 = 1 << (rows.bit_length() - 1)
     rem = rows - p1
     p2 = next_pow2(rem) if rem else 1
@@ -1377,7 +1377,7 @@ def _candidate_slots(knn: int, block_k: int, tile_i: int) -> tuple[int, int]:
         _OP,
         f"{per_tile} candidate slots per tile (CAND_TILE_FACTOR) must be a power of 2 and at least knn={knn}",
     )
-    return per_tile, next_pow2(-(-knn // tile_i) * per_tile)
+    return per_tile, next_pow2(cdiv(knn, tile_i) * per_tile)
 
 
 def launch_forward(
