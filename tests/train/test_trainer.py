@@ -175,3 +175,26 @@ def test_threads_split_the_cores_between_the_ranks_of_a_node(monkeypatch):
         assert set_cpu_threads(DistInfo(local_world_size=4)) == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_signal_after_the_steps_all_reduce_stops_at_the_next_step(tmp_path):
+    # Every rank must stop after the same step, so a rank acts on the stop requests the step's
+    # all-reduce agreed on: a signal landing after it (here: during the optimizer step) is counted
+    # in the next step's, as it would be on the other ranks; acting on it at once left one rank
+    # saving its checkpoint while the others trained on, both waiting on collectives forever.
+    import signal
+
+    trainer = tiny_trainer(["--train.max_steps=20", f"--checkpoint.dir={tmp_path / 'ckpt'}"])
+    real_step = trainer.optimizer.step
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            trainer._stop._handle(signal.SIGINT, None)
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step_then_signal
+    history = trainer.train()
+    assert [r.step for r in history][-1] == 4 and trainer.step == 4
+    assert (tmp_path / "ckpt" / "step_00000004").is_dir()

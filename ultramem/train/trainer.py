@@ -147,6 +147,9 @@ class _StopRequest:
 
     def __init__(self):
         self.signal: int | None = None
+        # what the last step's all-reduce agreed on: every rank stops after the same step, even
+        # when its own signal lands after that all-reduce (it counts in the next one)
+        self.agreed = False
         self._first = 0.0
         self._previous: dict[int, object] = {}
 
@@ -312,8 +315,10 @@ class Trainer:
             self.model.memory_tables.refresh_compute_copy()
         self.model.refresh_rank1()
         self.step += 1
-        if stops > 0 and self._stop.signal is None:
-            self._stop.signal = signal.SIGTERM  # another rank was asked to stop
+        if stops > 0:
+            self._stop.agreed = True
+            if self._stop.signal is None:
+                self._stop.signal = signal.SIGTERM  # another rank was asked to stop
 
         record = None
         if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
@@ -449,7 +454,7 @@ class Trainer:
                     self._validate()
                 if self.checkpoints.due(self.step):
                     self.save_checkpoint()
-                if self._stop.signal is not None:
+                if self._stop.agreed:
                     stopped_by = signal.Signals(self._stop.signal).name
                     break
                 t_log += time.perf_counter() - paused  # evaluation and saving are not training time
