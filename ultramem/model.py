@@ -142,6 +142,28 @@ def validate_memory(cfg: ModelConfig) -> None:
             _build_memory(cfg, n_memory)
 
 
+def run_stage(
+    block: Block,
+    layers: tuple[nn.Module, ...],
+    tables: nn.Module | None,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    written: tuple[Tensor, ...],
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
+    """One block, then the memory layers that read its FFN input: (residual, their outputs, the
+    sum of the block's and the layers' auxiliary losses, or None). A module-level function of its
+    modules, so that one compiled version serves every block of the same kind."""
+    x, u, *block_aux = block(x, cos, sin, written)
+    aux = block_aux[0] if block_aux else None
+    ys = []
+    for layer in layers:
+        y, layer_aux = layer(u, tables)
+        ys.append(y)
+        aux = layer_aux if aux is None else aux + layer_aux
+    return x, tuple(ys), aux
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -171,6 +193,7 @@ class Transformer(nn.Module):
         self._writes = {b: [l for l, (_, w) in enumerate(self.placement) if w == b] for _, b in self.placement}
         for i, block in enumerate(self.blocks):
             block.feeds_memory = i in self._reads
+        self._stage = run_stage  # compile_stages() swaps in a compiled one
 
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -189,13 +212,12 @@ class Transformer(nn.Module):
         pending: dict[int, Tensor] = {}
         written: tuple[Tensor, ...] = ()  # memory outputs written after the previous block
         for i, block in enumerate(self.blocks):
-            x, u, *block_aux = block(x, cos, sin, written)
-            for a in block_aux:
-                aux = aux + a
-            for l in self._reads.get(i, ()):
-                y, layer_aux = self.memory_layers[l](u, self.memory_tables)
-                pending[l] = y
-                aux = aux + layer_aux
+            reads = self._reads.get(i, ())
+            layers = tuple(self.memory_layers[l] for l in reads)
+            x, ys, stage_aux = self._stage(block, layers, self.memory_tables, x, cos, sin, written)
+            if stage_aux is not None:
+                aux = aux + stage_aux
+            pending.update(zip(reads, ys))
             written = tuple(pending.pop(l) for l in self._writes.get(i, ()))
         for y in written:
             x = x + y
@@ -214,6 +236,13 @@ class Transformer(nn.Module):
             for name, value in layer.metrics().items():
                 out[f"mem{l}/{name}"] = value
         return out
+
+    def compile_stages(self, **compile_kwargs) -> None:
+        """Compile `run_stage`: one compiled region per block with the memory layers reading it
+        (blocks of one kind share its code). Entering a compiled region costs host time (guards,
+        autograd wrappers) in the forward and the backward; without CUDA graphs a memory layer
+        compiled on its own paid it a second time per block."""
+        self._stage = torch.compile(run_stage, **compile_kwargs)
 
     # -- init ---------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from launch import env, records, run, timeout_for, train_cmd
 from tiny import TINY_MODEL
+from torch._dynamo.utils import counters
 
 from ultramem.data import TokenWindows
 from ultramem.model import build_model
@@ -119,12 +120,19 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
     losses = {}
     for mode in ("default", "reduce-overhead"):
         torch._dynamo.reset()
+        counters.clear()
         trainer = tiny_trainer(extra + [f"--train.compile_mode={mode}"])
         parallelize(trainer.model, trainer.cfg, DistInfo(), torch.device("cpu"))
         grads = {n: p.grad for n, p in trainer.model.named_parameters()}
         if mode == "reduce-overhead":
             assert all(g is not None and not g.any() for g in grads.values())
         losses[mode] = [r.loss for r in trainer.train()]
+        # without FSDP a block and the memory layer reading it are one compiled region, not two
+        # (each region entered costs host time), and the four blocks share its code: block 0 (no
+        # memory output to add) and the rest, in training and in evaluation (no grad)
+        modules = [*trainer.model.blocks, *trainer.model.memory_layers]
+        assert all(m._compiled_call_impl is None for m in modules)
+        assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
         if mode == "reduce-overhead":  # the same tensors, zeroed in place after the last step
             for n, p in trainer.model.named_parameters():
                 assert p.grad is grads[n] and not p.grad.any(), n

@@ -1,8 +1,9 @@
 """Activation checkpointing, compile and data parallelism, applied to a built model in one place.
 
 Order (as torchtitan): activation checkpointing wraps each chosen block and the memory layers
-that read there, then each block and memory layer is compiled on its own, then FSDP2 shards each
-block and memory layer and finally the root (or DDP wraps the whole model).
+that read there, then each block is compiled with the memory layers reading it (under FSDP each
+block and memory layer on its own), then FSDP2 shards each block and memory layer and finally the
+root (or DDP wraps the whole model).
 
 The value tables stay outside both: each rank holds them whole, and their gradients, which the
 memory ops add into persistent buffers that autograd's hooks never see, are summed over ranks by
@@ -57,9 +58,14 @@ def apply_ac(model: Transformer, blocks: list[int]) -> None:
             )
 
 
-def apply_compile(model: Transformer, mode: str) -> None:
-    """One compiled graph per block and per memory layer (a whole-model graph would break at the
-    FSDP hooks between blocks)."""
+def apply_compile(model: Transformer, mode: str, fsdp: bool) -> None:
+    """Without FSDP, one compiled region per block and the memory layers reading it
+    (`Transformer.compile_stages`): each region entered costs host time, which sets the pace of a
+    memory model without CUDA graphs. Under FSDP, one per block and one per memory layer: each is
+    sharded on its own and a region holding both would break at the layer's FSDP hooks."""
+    if not fsdp:
+        model.compile_stages(mode=mode)
+        return
     for block in model.blocks:
         block.compile(mode=mode)
     for layer in model.memory_layers:
@@ -128,7 +134,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo, device: to
     if blocks:
         apply_ac(model, blocks)
     if cfg.train.compile:
-        apply_compile(model, cfg.train.compile_mode)
+        apply_compile(model, cfg.train.compile_mode, fsdp=mode == "fsdp")
     forward: nn.Module = model
     if mode == "fsdp":
         apply_fsdp(model, cfg, tables)
