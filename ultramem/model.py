@@ -150,17 +150,20 @@ def run_stage(
     cos: Tensor,
     sin: Tensor,
     written: tuple[Tensor, ...],
-) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
-    """One block, then the memory layers that read its FFN input: (residual, their outputs, the
-    sum of the block's and the layers' auxiliary losses, or None). A module-level function of its
-    modules, so that one compiled version serves every block of the same kind."""
+    aux: Tensor,
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """One block, then the memory layers that read its FFN input: (residual, their outputs, aux
+    plus the block's and the layers' auxiliary losses). A module-level function of its modules,
+    so that one compiled version serves every block of the same kind; the aux sum is inside so
+    that it adds nothing to run between compiled regions."""
     x, u, *block_aux = block(x, cos, sin, written)
-    aux = block_aux[0] if block_aux else None
+    for a in block_aux:
+        aux = aux + a
     ys = []
     for layer in layers:
         y, layer_aux = layer(u, tables)
         ys.append(y)
-        aux = layer_aux if aux is None else aux + layer_aux
+        aux = aux + layer_aux
     return x, tuple(ys), aux
 
 
@@ -214,9 +217,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             reads = self._reads.get(i, ())
             layers = tuple(self.memory_layers[l] for l in reads)
-            x, ys, stage_aux = self._stage(block, layers, self.memory_tables, x, cos, sin, written)
-            if stage_aux is not None:
-                aux = aux + stage_aux
+            x, ys, aux = self._stage(block, layers, self.memory_tables, x, cos, sin, written, aux)
             pending.update(zip(reads, ys))
             written = tuple(pending.pop(l) for l in self._writes.get(i, ()))
         for y in written:
