@@ -230,7 +230,7 @@ class CompileRecorder:
 
     def frames(self, names: dict) -> dict[str, list[str]]:
         """Compiled code → the compile ids of its graphs, in order; `names` maps (file, first
-        line) of a code object to a readable name such as 'Block.forward'."""
+        line) of a code object to a readable name such as 'Block.forward' or 'model.py:run_stage'."""
         out: dict[str, list[str]] = {}
         for m in self.metrics:
             if m.compile_id is None or m.co_filename is None:
@@ -242,7 +242,7 @@ class CompileRecorder:
         return out
 
     def kernels_by_frame(self, names: dict) -> dict[str, int]:
-        """'Block.forward[i]' (its i-th graph) → kernels generated for its forward and backward."""
+        """'model.py:run_stage[i]' (its i-th graph) → kernels generated for its forward and backward."""
         per_id = Counter()
         for e in self.events:
             per_id[e.compile_id] += e.kernels
