@@ -243,7 +243,19 @@ class Transformer(nn.Module):
         (blocks of one kind share its code). Entering a compiled region costs host time (guards,
         autograd wrappers) in the forward and the backward; without CUDA graphs a memory layer
         compiled on its own paid it a second time per block."""
+        # Every block's variant is cached on run_stage alone (block or checkpoint wrapper, the
+        # layers reading it, what it adds, grad mode, whether aux needs grad yet): at most one per
+        # block and grad mode, which Dynamo's default limit of 8 would cut short on deep models
+        # with skip placements or selective recompute, running the rest uncompiled.
+        needed = 2 * len(self.blocks)
+        if torch._dynamo.config.recompile_limit < needed:
+            torch._dynamo.config.recompile_limit = needed
         self._stage = torch.compile(run_stage, **compile_kwargs)
+
+    def __getstate__(self):
+        # a compiled stage does not pickle: a pickled model comes back uncompiled
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_stage": run_stage}
 
     # -- init ---------------------------------------------------------------------------------
 

@@ -298,7 +298,8 @@ TRAIN_OVERRIDES = [
 
 def build_compiled_trainer():
     """The trainer as `build_trainer` wires it (training model with gradient buffers and staging,
-    per-block compile by `parallelize`), on random tokens, prepared for its first step."""
+    a block and its memory layer compiled as one region by `parallelize`), on random tokens,
+    prepared for its first step."""
     from ultramem.data import TokenWindows
     from ultramem.train.config import load_config
     from ultramem.train.optim import build_optimizer

@@ -12,6 +12,7 @@ import pytest
 import torch
 from perf_harness import PairTimer, Ratio, load_budgets, measure_pairs, no_new_compiles, one_thread
 from perf_ratios import compiled_vs_eager_pair, layer_vs_ffn_pair, op_pairs
+from torch._dynamo.utils import counters
 
 pytestmark = pytest.mark.perf
 
@@ -71,9 +72,11 @@ def test_compiled_layer_against_eager(benchmark, train_step_figures):
         # start from no cached graph and compile this layer's here, before the timing
         # (on one thread, as timed: Inductor's CPU code depends on the thread count)
         torch._dynamo.reset()
+        before = counters["stats"]["unique_graphs"]
         with one_thread():
             pair[0]()
             pair[1]()
+        assert counters["stats"]["unique_graphs"] > before, "the compiled side of the pair compiled nothing"
         with no_new_compiles():
             _check_ratio(benchmark, "compiled_layer_vs_eager", pair)
     finally:

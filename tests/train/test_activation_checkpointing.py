@@ -10,7 +10,7 @@ import torch
 from tiny import TINY_MODEL
 
 from ultramem.train.config import load_config
-from ultramem.train.parallelize import checkpointed_blocks, parallelize
+from ultramem.train.parallelize import apply_ac, checkpointed_blocks, parallelize
 from ultramem.train.trainer import DistInfo, build_training_model
 
 TINY = [
@@ -82,3 +82,32 @@ def test_selective_picks_every_nth_block():
     cfg = load_config("debug", ["--train.ac=selective", "--train.ac_every=3"])
     assert checkpointed_blocks(cfg) == [0, 3]
     assert checkpointed_blocks(load_config("debug", ["--train.ac=none"])) == []
+
+
+def test_compiled_stages_stay_compiled_on_deep_skip_placements_with_recompute():
+    # every block's variant is cached on run_stage alone: a deep model with a skip placement and
+    # selective recompute has more of them than Dynamo's default limit of 8, past which the rest
+    # would run uncompiled (compile_stages raises the limit to cover them)
+    cfg = load_config(
+        "debug",
+        [
+            "--model.n_layers=12",
+            "--model.memory.type=ultramem_v1",
+            "--model.memory.insert=0:1/2:3/2:3/4:6/5:5/7:10",
+            "--train.ac=selective",
+            "--train.ac_every=3",
+        ],
+    )
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        model = build_training_model(cfg, torch.device("cpu"))
+        apply_ac(model, checkpointed_blocks(cfg))
+        model.compile_stages(backend="aot_eager")
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, 17), generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            loss, _ = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+        model.eval()
+        with torch.no_grad():
+            model(tokens[:, :-1], tokens[:, 1:])
+    torch._dynamo.reset()
