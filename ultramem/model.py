@@ -254,8 +254,7 @@ class Transformer(nn.Module):
 
     def __getstate__(self):
         # a compiled stage does not pickle: a pickled model comes back uncompiled
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_stage": run_stage}
+        return {**self.__dict__, "_stage": run_stage}
 
     # -- init ---------------------------------------------------------------------------------
 

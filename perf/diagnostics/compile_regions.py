@@ -34,7 +34,7 @@ LAYOUTS = {"stage": False, "module": True}  # layout → apply_compile's fsdp fl
 def build(config: str, overrides: list[str], layout: str, device: torch.device):
     cfg = load_config(config, overrides + ["--train.compile=true", "--train.compile_mode=default"])
     model = build_training_model(cfg, device)
-    if model.memory_tables is not None and hasattr(model.memory_tables, "refresh_compute_copy"):
+    if model.memory_tables is not None:
         model.memory_tables.refresh_compute_copy()
     apply_compile(model, "default", fsdp=LAYOUTS[layout])
     bf16 = device.type == "cuda" and cfg.train.dtype == "bfloat16"
@@ -87,7 +87,7 @@ def main() -> int:
         for layout in order:
             times[layout].append(run(layout, args.steps))
 
-    shape = f"{args.config} {' '.join(overrides)} {args.batch}x{args.seq}".replace("  ", " ")
+    shape = " ".join([args.config, *overrides, f"{args.batch}x{args.seq}"])
     med = {layout: statistics.median(ts) for layout, ts in times.items()}
     print(f"{shape} on {device.type}, ms per step (forward + backward), {args.steps} steps a round")
     print(f"{'layout':8} {'median':>8}  rounds")
