@@ -4,6 +4,7 @@ kernel times: whatever is left is the GPU waiting on the host), and the kernels 
 per micro-batch. Writes $OUT/train_step_profile.json.
 
     ULTRAMEM_GIT_REV=<rev> python -m perf.diagnostics.train_step_profile [--grad-accum 8]   # CUDA only
+        [--override=--train.compile_mode=default]                                          # without graphs
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grad-accum", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=["dense", "ultramem_v2"])
+    parser.add_argument("--override", action="append", default=[], help="a config override for every run")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_step_profile.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -108,10 +110,11 @@ def main() -> int:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "git_revision": os.environ.get("ULTRAMEM_GIT_REV"),
+        "overrides": args.override,
         "runs": {},
     }
     for name in args.only:
-        result["runs"][name] = profile_config(name, runs[name], args.grad_accum)
+        result["runs"][name] = profile_config(name, runs[name] + args.override, args.grad_accum)
         torch._dynamo.reset()
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
