@@ -7,6 +7,10 @@ drifts slows both alike.
     PYTHONPATH=. python -m perf.diagnostics.compile_regions --config 227m.toml --batch 3 --seq 4096 \\
         --log $OUT/log.jsonl                                             # CUDA: the 227M micro-batch
 
+`--variant NAME=LAYOUT[,OPTION=VALUE...]` adds Inductor options to a layout (e.g.
+`--variant cpp=stage,cpp_wrapper=1` generates the regions' host code in C++ instead of Python);
+variants replace the two layouts, and each compiles its own regions.
+
 A step is one micro-batch of the trainer: forward with the loss, backward (bf16 autocast where
 the config trains in bf16 on CUDA), no optimizer. Without CUDA graphs a memory model's step is
 paced by the host, and each compiled region costs host time to enter in the forward and in the
@@ -31,12 +35,29 @@ from ultramem.train.trainer import build_training_model
 LAYOUTS = {"stage": False, "module": True}  # layout → apply_compile's fsdp flag
 
 
-def build(config: str, overrides: list[str], layout: str, device: torch.device):
+def parse_variant(spec: str) -> tuple[str, str, dict]:
+    """'name=layout[,option=value...]' → (name, layout, Inductor options); a bare layout names itself."""
+    name, _, rest = spec.partition("=")
+    layout, *opts = (rest or name).split(",")
+    if layout not in LAYOUTS:
+        raise SystemExit(f"--variant {spec!r}: layout {layout!r} is not one of {sorted(LAYOUTS)}")
+    defaults = torch._inductor.config.get_config_copy()
+    options = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key not in defaults:
+            raise SystemExit(f"--variant {spec!r}: {key!r} is not an Inductor option")
+        kind = type(defaults[key])
+        options[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    return name, layout, options
+
+
+def build(config: str, overrides: list[str], layout: str, device: torch.device, options: dict):
     cfg = load_config(config, overrides + ["--train.compile=true", "--train.compile_mode=default"])
     model = build_training_model(cfg, device)
     if model.memory_tables is not None:
         model.memory_tables.refresh_compute_copy()
-    apply_compile(model, "default", fsdp=LAYOUTS[layout])
+    apply_compile(model, "default", fsdp=LAYOUTS[layout], options=options)
     bf16 = device.type == "cuda" and cfg.train.dtype == "bfloat16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     return cfg, model, autocast
@@ -52,6 +73,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10, help="steps per layout and round")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (a CPU run times the host's work)")
     p.add_argument("--log", help="append records to this results log")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=LAYOUT[,OPTION=VALUE...]: a layout with these Inductor options (repeat; replaces the layouts)",
+    )
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
@@ -59,8 +86,10 @@ def main() -> int:
     if args.config == "debug.toml" and not any(o.startswith("--model.n_layers") for o in overrides):
         overrides.append("--model.n_layers=8")
 
-    models = {layout: build(args.config, overrides, layout, device) for layout in LAYOUTS}
-    cfg = models["stage"][0]
+    variants = [parse_variant(v) for v in args.variant] or [(layout, layout, {}) for layout in LAYOUTS]
+    models = {name: build(args.config, overrides, layout, device, options) for name, layout, options in variants}
+    names = list(models)
+    cfg = models[names[0]][0]
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq), generator=gen).to(device)
 
@@ -79,36 +108,43 @@ def main() -> int:
         sync()
         return (time.perf_counter() - t0) / steps * 1e3
 
-    for layout in LAYOUTS:  # compile, then warm up
-        run(layout, 3)
-    times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    for name in names:  # compile, then warm up
+        run(name, 3)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        order = list(LAYOUTS) if r % 2 == 0 else list(reversed(LAYOUTS))
-        for layout in order:
-            times[layout].append(run(layout, args.steps))
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            times[name].append(run(name, args.steps))
 
     shape = " ".join([args.config, *overrides, f"{args.batch}x{args.seq}"])
-    med = {layout: statistics.median(ts) for layout, ts in times.items()}
+    med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{shape} on {device.type}, ms per step (forward + backward), {args.steps} steps a round")
-    print(f"{'layout':8} {'median':>8}  rounds")
-    for layout, ts in times.items():
-        print(f"{layout:8} {med[layout]:8.2f}  " + " ".join(f"{t:.2f}" for t in ts))
-    print(f"stage / module: {med['stage'] / med['module']:.3f}")
+    print(f"{'variant':12} {'median':>8}  rounds")
+    for name, ts in times.items():
+        print(f"{name:12} {med[name]:8.2f}  " + " ".join(f"{t:.2f}" for t in ts))
+    for name in names[1:]:
+        print(f"{name} / {names[0]}: {med[name] / med[names[0]]:.3f}")
     if args.log:
         env = records.environment()
+        specs = {name: (layout, options) for name, layout, options in variants}
         recs = [
             records.record(
                 env,
                 "e2e",
                 "compile_regions",
                 shape,
-                layout,
-                time=med[layout],
+                name,
+                time=med[name],
                 unit="ms",
                 note="one step: forward + backward of one micro-batch, compiled in the default mode",
-                extra={"rounds_ms": [round(t, 3) for t in ts], "steps_per_round": args.steps},
+                extra={
+                    "rounds_ms": [round(t, 3) for t in ts],
+                    "steps_per_round": args.steps,
+                    "layout": specs[name][0],
+                    "inductor_options": specs[name][1],
+                },
             )
-            for layout, ts in times.items()
+            for name, ts in times.items()
         ]
         records.append(args.log, recs)
     return 0

@@ -1,7 +1,8 @@
 """Where a 227M training step's GPU time goes, dense and UltraMemV2, with the trainer's own step
 (CUDA graphs, bf16, the config's compile): the step's wall time, the GPU's busy time (sum of
 kernel times: whatever is left is the GPU waiting on the host), and the kernels grouped by name,
-per micro-batch. Writes $OUT/train_step_profile.json.
+per micro-batch; with --waits, which CPU ranges the GPU waited on. Writes
+$OUT/train_step_profile.json.
 
     ULTRAMEM_GIT_REV=<rev> python -m perf.diagnostics.train_step_profile [--grad-accum 8]   # CUDA only
         [--override=--train.compile_mode=default]                                          # without graphs
@@ -14,7 +15,9 @@ import collections
 import json
 import logging
 import os
+import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -25,7 +28,61 @@ from ultramem.train.trainer import build_trainer, setup_distributed, teardown_di
 log = logging.getLogger("train_step_profile")
 
 
-def profile_config(name: str, overrides: list[str], grad_accum: int, warmup_steps: int = 2) -> dict:
+def gpu_waits(trace: dict, min_us: float = 20.0) -> dict:
+    """Where the GPU waited for the host in a profiled step (a chrome trace with CPU and CUDA
+    activity): each gap of at least min_us between the end of one kernel and the start of the
+    next, charged to the outermost CPU range (a compiled region, the optimizer step, an eager op)
+    that launched the next kernel. The profiler slows the host, so the charges are relative."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+    ranges = collections.defaultdict(list)  # thread → its CPU ranges, outermost first at each start
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
+            ranges[e["tid"]].append(e)
+    for rs in ranges.values():
+        rs.sort(key=lambda e: (e["ts"], -e["dur"]))
+
+    def outermost(launch: dict) -> str:
+        for r in ranges.get(launch["tid"], ()):
+            if r["ts"] > launch["ts"]:
+                break
+            if r["ts"] + r["dur"] >= launch["ts"] + launch["dur"]:
+                return r["name"][:100]
+        return "(no CPU range)"
+
+    charged = collections.defaultdict(lambda: [0.0, 0])
+    total_gap = 0.0
+    for prev, nxt in zip(gpu, gpu[1:]):
+        gap = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if gap < min_us:
+            continue
+        total_gap += gap
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        name = outermost(launch) if launch is not None else "(launch not traced)"
+        charged[name][0] += gap
+        charged[name][1] += 1
+    span = gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"] if gpu else 0.0
+    top = sorted(charged.items(), key=lambda kv: -kv[1][0])[:25]
+    return {
+        "span_ms": span / 1000,
+        "gaps_ms": total_gap / 1000,
+        "by_range": [{"range": k, "gap_ms": round(v[0] / 1000, 3), "gaps": v[1]} for k, v in top],
+    }
+
+
+def profile_config(
+    name: str,
+    overrides: list[str],
+    grad_accum: int,
+    warmup_steps: int = 2,
+    timed_steps: int = 5,
+    trace_waits: bool = False,
+) -> dict:
     cfg = load_config(
         "227m.toml",
         overrides
@@ -44,14 +101,27 @@ def profile_config(name: str, overrides: list[str], grad_accum: int, warmup_step
         trainer.prepare()
         for _ in range(warmup_steps):  # compilation, CUDA-graph recording
             trainer.train_step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        trainer.train_step()
-        torch.cuda.synchronize()
-        step_s = time.perf_counter() - t0
+        step_times = []
+        for _ in range(timed_steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            trainer.train_step()
+            torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t0)
+        step_s = statistics.median(step_times)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             trainer.train_step()
             torch.cuda.synchronize()
+        waits = None
+        if trace_waits:
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as traced:
+                trainer.train_step()
+                torch.cuda.synchronize()
+            with tempfile.TemporaryDirectory() as tmp:
+                traced.export_chrome_trace(os.path.join(tmp, "trace.json"))
+                with open(os.path.join(tmp, "trace.json")) as f:
+                    waits = gpu_waits(json.load(f))
     finally:
         teardown_distributed(info)
     kernels = collections.defaultdict(lambda: [0.0, 0])
@@ -64,10 +134,12 @@ def profile_config(name: str, overrides: list[str], grad_accum: int, warmup_step
     out = {
         "grad_accum": grad_accum,
         "step_ms": 1000 * step_s,
+        "step_ms_each": [round(1000 * t, 2) for t in step_times],
         "tokens_per_s": cfg.train.batch_size * cfg.train.seq_len * grad_accum / step_s,
         "gpu_busy_ms_per_step": busy_us / 1000,
         "gpu_busy_fraction": busy_us / 1e6 / step_s,
         "per_micro_batch_ms": 1000 * step_s / grad_accum,
+        "gpu_waits": waits,
         "kernels_us_per_micro_batch": [
             {"kernel": k[:160], "us": round(us / grad_accum, 1), "calls": round(c / grad_accum, 2)}
             for k, (us, c) in top
@@ -83,6 +155,15 @@ def profile_config(name: str, overrides: list[str], grad_accum: int, warmup_step
     )
     for row in out["kernels_us_per_micro_batch"][:30]:
         log.info("  %9.1f us  x%-6g %s", row["us"], row["calls"], row["kernel"][:110])
+    if waits is not None:
+        log.info(
+            "%s, profiled with CPU activity: GPU span %.1f ms, waiting %.1f ms",
+            name,
+            waits["span_ms"],
+            waits["gaps_ms"],
+        )
+        for row in waits["by_range"]:
+            log.info("  %9.3f ms  x%-5d %s", row["gap_ms"], row["gaps"], row["range"])
     return out
 
 
@@ -91,6 +172,7 @@ def main() -> int:
     parser.add_argument("--grad-accum", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=["dense", "ultramem_v2"])
     parser.add_argument("--override", action="append", default=[], help="a config override for every run")
+    parser.add_argument("--waits", action="store_true", help="also trace a step with CPU activity: where the GPU waits")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_step_profile.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -114,7 +196,7 @@ def main() -> int:
         "runs": {},
     }
     for name in args.only:
-        result["runs"][name] = profile_config(name, runs[name] + args.override, args.grad_accum)
+        result["runs"][name] = profile_config(name, runs[name] + args.override, args.grad_accum, trace_waits=args.waits)
         torch._dynamo.reset()
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

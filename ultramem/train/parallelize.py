@@ -58,18 +58,21 @@ def apply_ac(model: Transformer, blocks: list[int]) -> None:
             )
 
 
-def apply_compile(model: Transformer, mode: str, fsdp: bool) -> None:
+def apply_compile(model: Transformer, mode: str, fsdp: bool, options: dict | None = None) -> None:
     """Without FSDP, one compiled region per block and the memory layers reading it
     (`Transformer.compile_stages`): each region entered costs host time, which sets the pace of a
     memory model without CUDA graphs. Under FSDP, one per block and one per memory layer: each is
-    sharded on its own and a region holding both would break at the layer's FSDP hooks."""
+    sharded on its own and a region holding both would break at the layer's FSDP hooks.
+    `options` (Inductor's) add to the mode's."""
+    # torch.compile takes a mode or options, not both: a mode is a set of options
+    kwargs = {"options": {**torch._inductor.list_mode_options(mode), **options}} if options else {"mode": mode}
     if not fsdp:
-        model.compile_stages(mode=mode)
+        model.compile_stages(**kwargs)
         return
     for block in model.blocks:
-        block.compile(mode=mode)
+        block.compile(**kwargs)
     for layer in model.memory_layers:
-        layer.compile(mode=mode)
+        layer.compile(**kwargs)
 
 
 def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) -> None:
