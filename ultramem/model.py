@@ -313,11 +313,12 @@ class Transformer(nn.Module):
             if hasattr(layer, "init_buffers"):
                 layer.init_buffers()
 
-    @torch.no_grad()
     def refresh_rank1(self) -> None:
-        """Recompute the memory layers' rank-1 core approximations (after every optimizer step)."""
-        for layer in self.memory_layers:
-            layer.refresh_rank1()
+        """Recompute the memory layers' rank-1 core approximations (after every optimizer step),
+        all layers in one batch."""
+        from ultramem.layers.tucker import TuckerMemoryBase, refresh_rank1_all
+
+        refresh_rank1_all([m for m in self.memory_layers.modules() if isinstance(m, TuckerMemoryBase)])
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed: int | None = 0) -> Transformer:

@@ -38,7 +38,7 @@ def gpu_waits(trace: dict, min_us: float = 20.0) -> dict:
     launches = {
         e["args"]["correlation"]: e
         for e in events
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
     ranges = collections.defaultdict(list)  # thread → its CPU ranges, outermost first at each start
     for e in events:

@@ -7,10 +7,12 @@ import pytest
 import torch
 from memory_layer_oracle import memory_plus_oracle, tucker_oracle
 from memory_layer_setup import build_random, make_cfg, make_input
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ultramem.layers.ultramem_v2 as v2_module
 from ultramem.layers import build_memory
-from ultramem.layers._common import LayerStats
+from ultramem.layers._common import LayerStats, rank1_refresh
+from ultramem.layers.tucker import refresh_rank1_all
 
 # ------------------------------------------------------------------------------ rank-1 refresh
 
@@ -64,6 +66,37 @@ def test_refresh_after_a_small_perturbation_does_not_flip(rank):
         layer.refresh_rank1()
         assert torch.all((layer.rank1_u * u_old).sum(-1) > 0)
         assert torch.all((layer.rank1_v * v_old).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_refresh_of_all_layers_at_once_matches_each_layer_alone(rank):
+    cfg = make_cfg(type="ultramem_v2", heads=2, tucker_rank=rank, tucker_cores=2)
+    _, layers, _ = build_random(cfg, 4, seed=5)  # distinct cores and previous u, v per layer
+    expected = [rank1_refresh(layer.cores, layer.rank1_u, layer.rank1_v) for layer in layers]
+    layers[1].float()  # a second kind of cores: batched apart
+    refresh_rank1_all(layers)
+    for layer, (u, v) in zip(layers, expected):
+        tol = {} if layer.cores.dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+        torch.testing.assert_close(layer.rank1_u, u.to(layer.rank1_u.dtype), **tol)
+        torch.testing.assert_close(layer.rank1_v, v.to(layer.rank1_v.dtype), **tol)
+
+
+def test_refresh_of_all_layers_launches_as_many_ops_for_eight_layers_as_for_two():
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (2, 8):
+        _, layers, _ = build_random(make_cfg(type="ultramem_v2", heads=1), n, seed=0)
+        Count.ops = 0
+        with Count():
+            refresh_rank1_all(layers)
+        counts.append(Count.ops)
+    assert counts[0] == counts[1], counts
 
 
 # ------------------------------------------------------------------------------ auxiliary losses

@@ -10,6 +10,7 @@ from tiny import TINY_MODEL
 from torch._dynamo.utils import counters
 
 from ultramem.data import TokenWindows
+from ultramem.layers import tucker
 from ultramem.model import build_model
 from ultramem.train.config import load_config
 from ultramem.train.optim import build_optimizer
@@ -43,18 +44,17 @@ def test_loop_refreshes_rank1_reports_metrics_and_accumulates(tmp_path, monkeypa
         str(tmp_path / "tb"),
     )
     refreshes, seen = [], []
-    layer = trainer.model.memory_layers[0]
-    orig_refresh = type(layer).refresh_rank1
+    orig_refresh = tucker.refresh_rank1_all
     monkeypatch.setattr(
-        type(layer),
-        "refresh_rank1",
-        lambda self: (refreshes.append(trainer.scheduler.last_epoch), orig_refresh(self))[1],
+        tucker,
+        "refresh_rank1_all",
+        lambda layers: (refreshes.append((trainer.scheduler.last_epoch, len(layers))), orig_refresh(layers))[1],
     )
     orig_batch = trainer.train_batches.batch
     monkeypatch.setattr(trainer.train_batches, "batch", lambda i: (seen.append(i), orig_batch(i))[1])
     history = trainer.train()
     # once before the first forward, then after each of the 4 optimizer (and scheduler) steps, both layers
-    assert refreshes == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert refreshes == [(0, 2), (1, 2), (2, 2), (3, 2), (4, 2)]
     assert [r.step for r in history] == [1, 2, 3, 4]
     # grad_accum=2: micro-batches 2s and 2s+1 at step s (evaluation reads batches 0 again)
     assert [i for i in seen][:4] == [0, 1, 2, 3]

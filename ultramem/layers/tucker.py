@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -167,12 +168,9 @@ class TuckerMemoryBase(nn.Module):
 
     # -- rank-1 refresh, metrics ----------------------------------------------------------------
 
-    @torch.no_grad()
     def refresh_rank1(self) -> None:
         """u, v ← first singular vectors of Σ_m C_m per head, with sign continuity (docs/layers.md)."""
-        u, v = rank1_refresh(full_tensor(self.cores), self.rank1_u, self.rank1_v)
-        self.rank1_u.copy_(u)
-        self.rank1_v.copy_(v)
+        refresh_rank1_all([self])
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
@@ -242,3 +240,24 @@ class TuckerMemoryBase(nn.Module):
             score_var = float(scores.var()) / (mean * mean)
         self.calibrated_score_var = score_var
         return score_var
+
+
+@torch.no_grad()
+def refresh_rank1_all(layers: Sequence[TuckerMemoryBase]) -> None:
+    """`refresh_rank1` of every layer, as one batch per kind of cores (shape, dtype, device): a
+    model refreshes all its layers after each optimizer step, and one small launch per op and
+    layer left the GPU waiting on the host there."""
+    groups: dict[tuple, list[tuple[TuckerMemoryBase, Tensor]]] = {}
+    for layer in layers:
+        cores = full_tensor(layer.cores)
+        key = (tuple(cores.shape), cores.dtype, cores.device, layer.rank1_u.dtype, layer.rank1_v.dtype)
+        groups.setdefault(key, []).append((layer, cores))
+    for members in groups.values():
+        group = [layer for layer, _ in members]
+        cores = torch.stack([c for _, c in members])  # [L, H, M, r, r]: heads of all layers side by side
+        u_old = torch.stack([layer.rank1_u for layer in group]).flatten(0, 1)
+        v_old = torch.stack([layer.rank1_v for layer in group]).flatten(0, 1)
+        u, v = rank1_refresh(cores.flatten(0, 1), u_old, v_old)
+        shape = (len(group), *group[0].rank1_u.shape)
+        torch._foreach_copy_([layer.rank1_u for layer in group], list(u.to(u_old.dtype).view(shape).unbind(0)))
+        torch._foreach_copy_([layer.rank1_v for layer in group], list(v.to(v_old.dtype).view(shape).unbind(0)))

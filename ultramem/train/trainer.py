@@ -271,6 +271,13 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------
 
+    def _on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A CPU batch on the training device. To CUDA through pinned memory: a copy from pageable
+        memory waits for the GPU to drain, and the host then had no work queued ahead of it."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
     def train_step(self) -> StepRecord | None:
         cfg = self.cfg
         lr = self.scheduler.get_last_lr()[0]
@@ -280,7 +287,7 @@ class Trainer:
         accum = cfg.train.grad_accum
         for micro in range(accum):
             last = micro + 1 == accum
-            batch = self.train_batches.batch(self.step * accum + micro).to(self.device, non_blocking=True)
+            batch = self._on_device(self.train_batches.batch(self.step * accum + micro))
             self._mark_step()
             with self.parallel.grad_sync(last):
                 with self._autocast():
@@ -350,7 +357,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for i in range(self.cfg.train.eval_batches):
-            batch = self.val_batches.batch(i).to(self.device)
+            batch = self._on_device(self.val_batches.batch(i))
             self._mark_step()
             with self._autocast():
                 loss, aux = self.model(batch[:, :-1], batch[:, 1:])
