@@ -83,6 +83,7 @@ def profile_config(
     warmup_steps: int = 2,
     timed_steps: int = 5,
     trace_waits: bool = False,
+    stage_always: bool = False,
 ) -> dict:
     cfg = load_config(
         "227m.toml",

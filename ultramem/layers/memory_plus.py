@@ -107,6 +107,11 @@ class MemoryPlus(nn.Module):
             self.stats.accumulate(ids, y2, scores[:, :, 0], scores[:, :, -1])
         return y2.reshape(x.shape[:-1] + (self.dim,)), aux
 
+    @property
+    def has_aux_loss(self) -> bool:
+        """Whether forward's aux loss can be other than a constant 0 (key balance is on)."""
+        return self.key_balance_coef > 0
+
     def refresh_rank1(self) -> None:
         """No Tucker cores: nothing to refresh."""
 

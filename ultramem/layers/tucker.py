@@ -140,6 +140,11 @@ class TuckerMemoryBase(nn.Module):
         ids, scores = tdqkr_retrieval(a, b, self.cores, self.rank1_u, self.rank1_v, self.knn, n_keys)
         return a[:, :, : self.n_side], b[:, :, : self.n_side], ids, scores
 
+    @property
+    def has_aux_loss(self) -> bool:
+        """Whether forward's aux loss can be other than a constant 0 (a rank penalty or key balance is on)."""
+        return self.rank_penalty > 0 or self.key_balance_coef > 0
+
     def _aux_loss(self, x2: Tensor, a: Tensor, b: Tensor, ids: Tensor) -> Tensor:
         """The enabled auxiliary losses times their coefficients (a constant 0 when none is on)."""
         aux = torch.zeros((), device=x2.device, dtype=torch.float32)
