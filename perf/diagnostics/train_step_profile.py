@@ -22,7 +22,6 @@ import time
 
 import torch
 
-import ultramem.train.trainer as trainer_module
 from ultramem.train.config import load_config
 from ultramem.train.trainer import build_trainer, setup_distributed, teardown_distributed
 
@@ -83,7 +82,6 @@ def profile_config(
     warmup_steps: int = 2,
     timed_steps: int = 5,
     trace_waits: bool = False,
-    stage_always: bool = False,
 ) -> dict:
     cfg = load_config(
         "227m.toml",
@@ -98,11 +96,6 @@ def profile_config(
         ],
     )
     info = setup_distributed(torch.device("cuda"))
-    restore = trainer_module.staged_flush_interval
-    if stage_always:  # stage the table gradients without CUDA graphs too (the trainer's rule is graphs only)
-        trainer_module.staged_flush_interval = lambda c, d: (
-            min(c.train.table_grad_flush, c.train.grad_accum) if c.model.memory.type == "ultramem_v2" else 0
-        )
     try:
         trainer = build_trainer(cfg, info)
         trainer.prepare()
@@ -130,7 +123,6 @@ def profile_config(
                 with open(os.path.join(tmp, "trace.json")) as f:
                     waits = gpu_waits(json.load(f))
     finally:
-        trainer_module.staged_flush_interval = restore
         teardown_distributed(info)
     kernels = collections.defaultdict(lambda: [0.0, 0])
     for e in prof.key_averages():
@@ -191,7 +183,6 @@ def main() -> int:
         "dense": ["--model.memory.type=none"],
         "ultramem_v2": [],
         "ultramem_v2_unstaged": ["--train.table_grad_flush=0"],  # tables' gradients added at once
-        "ultramem_v2_staged": [],  # staged even without CUDA graphs
         "ultramem_v2_no_pre_values": ["--model.memory.pre_vdim=0"],
         "ultramem_v2_no_pre_values_unstaged": ["--model.memory.pre_vdim=0", "--train.table_grad_flush=0"],
         "memory_plus": ["--model.memory.type=memory_plus"],
@@ -205,11 +196,7 @@ def main() -> int:
         "runs": {},
     }
     for name in args.only:
-        staged = name.endswith("_staged")
-        overrides = runs[name] + args.override
-        result["runs"][name] = profile_config(
-            name, overrides, args.grad_accum, trace_waits=args.waits, stage_always=staged
-        )
+        result["runs"][name] = profile_config(name, runs[name] + args.override, args.grad_accum, trace_waits=args.waits)
         torch._dynamo.reset()
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

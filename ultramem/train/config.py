@@ -79,7 +79,7 @@ class TrainSection:
     # half the bytes per gather; the fp32 tables stay the master copy
     bf16_table_copy: bool = True  # bfloat16 runs: memory layers gather from a bf16 copy of the tables
     # fewer read-modify-writes of the fp32 gradient rows (docs/table-gradients.md); about 1.3 kB per
-    # token, layer and micro-batch staged. On CUDA only with CUDA graphs, where it was measured faster.
+    # token, layer and micro-batch staged.
     table_grad_flush: int = 4  # UltraMemV2: stage table gradients, add them every this many micro-batches; 0: at once
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     log_interval: int = 1  # steps between log lines

@@ -71,7 +71,7 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         model.memory_tables.use_grad_buffers()
         if cfg.train.dtype == "bfloat16" and cfg.train.bf16_table_copy:
             model.memory_tables.use_compute_copy(torch.bfloat16)
-        flush = staged_flush_interval(cfg, device)
+        flush = staged_flush_interval(cfg)
         if flush:
             tokens = flush * len(model.memory_layers) * cfg.train.batch_size * cfg.train.seq_len
             model.memory_tables.use_grad_staging(
@@ -87,13 +87,11 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     return model
 
 
-def staged_flush_interval(cfg: TrainConfig, device: torch.device) -> int:
+def staged_flush_interval(cfg: TrainConfig) -> int:
     """Micro-batches per flush of the staged table gradients (0: not staged). UltraMemV2 layers
-    stage; Memory+ does not (its small table keeps the atomics in L2: measured no faster). On
-    CUDA only with CUDA graphs: without them the layers are host-bound, and the staged backward
-    launches more kernels than the unstaged one (docs/table-gradients.md)."""
-    mem = cfg.model.memory
-    if mem.type != "ultramem_v2" or (device.type == "cuda" and not uses_cudagraphs(cfg)):
+    stage, with CUDA graphs or without (measured faster both ways); Memory+ does not (its small
+    table keeps the atomics in L2: measured no faster). docs/table-gradients.md."""
+    if cfg.model.memory.type != "ultramem_v2":
         return 0
     return min(cfg.train.table_grad_flush, cfg.train.grad_accum)
 
