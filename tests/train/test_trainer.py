@@ -140,6 +140,38 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
     assert losses["default"] == losses["reduce-overhead"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_compile_stages_table_gradients_equal_to_unstaged():
+    # Without CUDA graphs the trainer stages too: the tables' gradients at the optimizer step
+    # (after the flush) equal those added at once by the atomics, and so do the losses
+    cuda = torch.device("cuda")
+    grads, losses = {}, {}
+    for flush in (2, 0):
+        torch._dynamo.reset()
+        extra = ["--train.max_steps=2", "--train.grad_accum=4", "--train.compile=true", "--optim.warmup_steps=1"]
+        cfg = load_config("debug", TINY + extra + [f"--train.table_grad_flush={flush}", "--train.device=cuda"])
+        model = build_training_model(cfg, cuda)
+        assert (model.memory_tables.grad_staging is not None) == (flush > 0)
+        opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+        tokens = np.random.default_rng(0).integers(0, 300, size=5000).astype(np.uint16)
+        batches = TokenWindows(tokens, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
+        trainer = Trainer(cfg, model, opt, sched, batches, cuda, DistInfo(), val_batches=batches)
+        parallelize(trainer.model, trainer.cfg, DistInfo(), cuda)
+        tables = model.memory_tables
+        seen = grads.setdefault(flush, [])
+        opt.register_step_pre_hook(
+            lambda *_: seen.append([tables.values.grad.clone().cpu(), tables.pre_values.grad.clone().cpu()])
+        )
+        losses[flush] = [r.loss for r in trainer.train()]
+    torch._dynamo.reset()
+    assert len(grads[2]) == 2 and all(g.abs().sum() > 0 for step in grads[2] for g in step)
+    for staged, direct in zip(grads[2], grads[0]):
+        for a, b in zip(staged, direct):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert losses[2] == pytest.approx(losses[0], rel=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(timeout_for(100) + 300)
 def test_debug_run_under_torchrun_loss_falls(tmp_path):
