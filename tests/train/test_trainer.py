@@ -14,6 +14,7 @@ from ultramem.layers import tucker
 from ultramem.model import build_model
 from ultramem.train.config import load_config
 from ultramem.train.optim import build_optimizer
+from ultramem.train.parallelize import apply_compile
 from ultramem.train.trainer import DistInfo, Trainer, build_training_model, parallelize
 
 TINY = [
@@ -138,6 +139,23 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
                 assert p.grad is grads[n] and not p.grad.any(), n
     torch._dynamo.reset()
     assert losses["default"] == losses["reduce-overhead"]
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_apply_compile_adds_inductor_options_to_the_mode(monkeypatch, fsdp):
+    # torch.compile refuses a mode together with options: the mode's own options are merged in
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (seen.append(kwargs), fn)[1])
+    model = build_model(load_config("debug", TINY).model)
+    apply_compile(model, "reduce-overhead", fsdp=fsdp, options={"epilogue_fusion": False})
+    apply_compile(model, "reduce-overhead", fsdp=fsdp)
+    # one region per block and memory layer under FSDP, else run_stage's
+    regions = len(model.blocks) + len(model.memory_layers) if fsdp else 1
+    assert (
+        seen
+        == [{"options": {"triton.cudagraphs": True, "epilogue_fusion": False}}] * regions
+        + [{"mode": "reduce-overhead"}] * regions
+    )
 
 
 @pytest.mark.gpu

@@ -271,7 +271,7 @@ class Trainer:
 
     def _on_device(self, batch: torch.Tensor) -> torch.Tensor:
         """A CPU batch on the training device. To CUDA through pinned memory: a copy from pageable
-        memory waits for the GPU to drain, and the host then had no work queued ahead of it."""
+        memory may wait for the stream (the driver stages it), one from pinned memory is queued."""
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=True)
