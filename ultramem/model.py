@@ -315,11 +315,17 @@ class Transformer(nn.Module):
                 layer.init_buffers()
 
     def refresh_rank1(self) -> None:
-        """Recompute the memory layers' rank-1 core approximations (after every optimizer step),
-        all layers in one batch."""
+        """Recompute the memory layers' rank-1 core approximations (after every optimizer step):
+        the Tucker layers' in one batch, any other layer by its own `refresh_rank1`."""
+        if not self.memory_layers:
+            return
         from ultramem.layers.tucker import TuckerMemoryBase, refresh_rank1_all
 
-        refresh_rank1_all([m for m in self.memory_layers.modules() if isinstance(m, TuckerMemoryBase)])
+        tucker = [m for m in self.memory_layers.modules() if isinstance(m, TuckerMemoryBase)]
+        refresh_rank1_all(tucker)
+        for layer in self.memory_layers:  # (layers may be wrapped, e.g. for recompute)
+            if not any(m in tucker for m in layer.modules()):
+                layer.refresh_rank1()
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed: int | None = 0) -> Transformer:

@@ -208,14 +208,15 @@ def test_one_table_ops_stage_through_their_buffer_id(op):
 def test_trainer_stages_ultramem_v2_only():
     from ultramem.train.trainer import staged_flush_interval
 
-    assert staged_flush_interval(load_config("debug", TINY)) == 4
-    # with CUDA graphs or without
-    assert (
-        staged_flush_interval(
-            load_config("debug", TINY + ["--train.compile=true", "--train.compile_mode=reduce-overhead"])
-        )
-        == 4
-    )
-    assert staged_flush_interval(load_config("debug", TINY + ["--model.memory.pre_vdim=0"])) == 4
-    assert staged_flush_interval(load_config("debug", TINY + ["--model.memory.type=memory_plus"])) == 0
-    assert staged_flush_interval(load_config("debug", TINY + ["--train.table_grad_flush=0"])) == 0
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    compiled = ["--train.compile=true"]
+    assert staged_flush_interval(load_config("debug", TINY), cpu) == 4
+    assert staged_flush_interval(load_config("debug", TINY + ["--model.memory.pre_vdim=0"]), cpu) == 4
+    assert staged_flush_interval(load_config("debug", TINY + ["--model.memory.type=memory_plus"]), cpu) == 0
+    # on CUDA when compiled with CUDA graphs or without, not eager nor under FSDP
+    assert staged_flush_interval(load_config("debug", TINY + compiled), cuda) == 4
+    graphs = compiled + ["--train.compile_mode=reduce-overhead"]
+    assert staged_flush_interval(load_config("debug", TINY + graphs), cuda) == 4
+    assert staged_flush_interval(load_config("debug", TINY), cuda) == 0
+    assert staged_flush_interval(load_config("debug", TINY + compiled + ["--parallel.mode=fsdp"]), cuda) == 0
+    assert staged_flush_interval(load_config("debug", TINY + ["--train.table_grad_flush=0"]), cpu) == 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ultramem.config import ConfigError, MemoryConfig, ModelConfig, parse_memory_insert
-from ultramem.model import Transformer, apply_rope, build_model
+from ultramem.model import Transformer, apply_rope, build_model, run_stage
 
 
 def tiny_cfg(memory_type="ultramem_v2", insert="full", n_layers=3, **model_kw) -> ModelConfig:
@@ -44,6 +44,24 @@ def test_aux_loss_is_added_to_the_loss():
     ce = F.cross_entropy(model(tokens).reshape(-1, 97), tokens.reshape(-1))
     assert aux.item() > 0
     assert loss.item() == pytest.approx(ce.item() + aux.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("memory_type", ["ultramem_v2", "memory_plus"])
+def test_a_stage_adds_only_the_aux_losses_that_are_on(memory_type):
+    # a layer without an aux loss leaves the running aux as it was (adding its constant 0 cost a
+    # kernel per compiled region); turned on after construction, its aux is added again
+    model = build_model(tiny_cfg(memory_type, insert="full"), seed=0)
+    block, layer = model.blocks[0], model.memory_layers[0]
+    x = torch.randn(2, 8, 32)
+    cos, sin = model.rope_cos[:8], model.rope_sin[:8]
+    aux = torch.tensor(0.25)
+    assert not layer.has_aux_loss
+    _, _, out = run_stage(block, (layer,), model.memory_tables, x, cos, sin, (), aux)
+    assert out is aux
+    layer.key_balance_coef = 1.0
+    assert layer.has_aux_loss
+    _, _, out = run_stage(block, (layer,), model.memory_tables, x, cos, sin, (), aux)
+    assert out.item() > 0.25
 
 
 @pytest.mark.parametrize("memory_type", ["none", "ultramem_v2"])

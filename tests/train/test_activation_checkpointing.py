@@ -111,3 +111,18 @@ def test_compiled_stages_stay_compiled_on_deep_skip_placements_with_recompute():
         with torch.no_grad():
             model(tokens[:, :-1], tokens[:, 1:])
     torch._dynamo.reset()
+
+
+def test_refresh_of_recomputed_memory_layers_finds_every_layer(monkeypatch):
+    # the model refreshes its Tucker layers in one batch, found through the recompute wrappers
+    from ultramem.layers import tucker
+
+    cfg = load_config("debug", TINY + ["--train.ac=full"])
+    model = build_training_model(cfg, torch.device("cpu"))
+    apply_ac(model, checkpointed_blocks(cfg))
+    assert all(hasattr(layer, "_checkpoint_wrapped_module") for layer in model.memory_layers)
+    batches = []
+    orig = tucker.refresh_rank1_all
+    monkeypatch.setattr(tucker, "refresh_rank1_all", lambda layers: (batches.append(len(layers)), orig(layers))[1])
+    model.refresh_rank1()
+    assert batches == [len(model.memory_layers)]

@@ -71,7 +71,7 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         model.memory_tables.use_grad_buffers()
         if cfg.train.dtype == "bfloat16" and cfg.train.bf16_table_copy:
             model.memory_tables.use_compute_copy(torch.bfloat16)
-        flush = staged_flush_interval(cfg)
+        flush = staged_flush_interval(cfg, device)
         if flush:
             tokens = flush * len(model.memory_layers) * cfg.train.batch_size * cfg.train.seq_len
             model.memory_tables.use_grad_staging(
@@ -87,11 +87,15 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     return model
 
 
-def staged_flush_interval(cfg: TrainConfig) -> int:
+def staged_flush_interval(cfg: TrainConfig, device: torch.device) -> int:
     """Micro-batches per flush of the staged table gradients (0: not staged). UltraMemV2 layers
-    stage, with CUDA graphs or without (measured faster both ways); Memory+ does not (its small
-    table keeps the atomics in L2: measured no faster). docs/table-gradients.md."""
+    stage; Memory+ does not (its small table keeps the atomics in L2: measured no faster). On
+    CUDA when the memory layers compile with their blocks (measured faster with CUDA graphs and
+    without); not in eager CUDA runs nor under FSDP, where each staged call's host time would
+    add to host-bound layers (not measured). docs/table-gradients.md."""
     if cfg.model.memory.type != "ultramem_v2":
+        return 0
+    if device.type == "cuda" and (not cfg.train.compile or cfg.parallel.mode == "fsdp"):
         return 0
     return min(cfg.train.table_grad_flush, cfg.train.grad_accum)
 
