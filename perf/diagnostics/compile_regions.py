@@ -8,7 +8,7 @@ drifts slows both alike.
         --log $OUT/log.jsonl                                             # CUDA: the 227M micro-batch
 
 `--variant NAME=LAYOUT[,OPTION=VALUE...]` adds Inductor options to a layout (e.g.
-`--variant cpp=stage,cpp_wrapper=1` generates the regions' host code in C++ instead of Python);
+`--variant combo=stage,combo_kernels=1`), or `layer_stats=0` (no memory-layer statistics);
 variants replace the two layouts, and each compiles its own regions.
 
 A step is one micro-batch of the trainer: forward with the loss, backward (bf16 autocast where
@@ -28,6 +28,7 @@ import time
 import torch
 
 from perf import records
+from ultramem.layers._common import LayerStats
 from ultramem.train.config import load_config
 from ultramem.train.parallelize import apply_compile
 from ultramem.train.trainer import build_training_model
@@ -36,12 +37,13 @@ LAYOUTS = {"stage": False, "module": True}  # layout → apply_compile's fsdp fl
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict]:
-    """'name=layout[,option=value...]' → (name, layout, Inductor options); a bare layout names itself."""
+    """'name=layout[,option=value...]' → (name, layout, options); a bare layout names itself.
+    Options are Inductor's, or `layer_stats=0` (the memory layers collect no statistics)."""
     name, _, rest = spec.partition("=")
     layout, *opts = (rest or name).split(",")
     if layout not in LAYOUTS:
         raise SystemExit(f"--variant {spec!r}: layout {layout!r} is not one of {sorted(LAYOUTS)}")
-    defaults = torch._inductor.config.get_config_copy()
+    defaults = {**torch._inductor.config.get_config_copy(), "layer_stats": True}
     options = {}
     for opt in opts:
         key, _, value = opt.partition("=")
@@ -57,6 +59,10 @@ def build(config: str, overrides: list[str], layout: str, device: torch.device, 
     model = build_training_model(cfg, device)
     if model.memory_tables is not None:
         model.memory_tables.refresh_compute_copy()
+    options = dict(options)
+    for stats in (m for m in model.modules() if isinstance(m, LayerStats)):
+        stats.enabled = options.get("layer_stats", True)
+    options.pop("layer_stats", None)
     apply_compile(model, "default", fsdp=LAYOUTS[layout], options=options)
     bf16 = device.type == "cuda" and cfg.train.dtype == "bfloat16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -98,13 +104,17 @@ def main() -> int:
             torch.cuda.synchronize()
 
     def run(layout: str, steps: int) -> float:
-        _, model, autocast = models[layout]
+        cfg, model, autocast = models[layout]
+        tables = model.memory_tables
+        flush_every = cfg.train.table_grad_flush if tables is not None and tables.grad_staging is not None else 0
         sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for step in range(steps):
             with autocast():
                 loss, _ = model(tokens, tokens)
             loss.backward()
+            if flush_every and (step + 1) % flush_every == 0:  # as the trainer: staged gradients added
+                tables.flush_grad_staging(wait=False)
         sync()
         return (time.perf_counter() - t0) / steps * 1e3
 

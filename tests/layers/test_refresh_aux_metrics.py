@@ -206,6 +206,27 @@ def test_v1_rank_penalty_is_on_by_default():
 # ------------------------------------------------------------------------------ metrics
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_stats_collect_nothing_while_disabled(compiled):
+    torch._dynamo.reset()
+    cfg = make_cfg(type="ultramem_v2", heads=1)
+    tables, layers, g = build_random(cfg, 2, seed=0)
+    layer = layers[0].train()
+    forward = torch.compile(layer) if compiled else layer
+    x = make_input((16,), g)
+    forward(x, tables)
+    hits, sums = layer.stats.hits.clone(), layer.stats.sums.clone()
+    assert hits.sum() > 0
+    layer.stats.enabled = False
+    forward(x, tables)
+    torch.testing.assert_close(layer.stats.hits, hits, rtol=0, atol=0)
+    torch.testing.assert_close(layer.stats.sums, sums, rtol=0, atol=0)
+    layer.stats.enabled = True
+    forward(x, tables)
+    torch.testing.assert_close(layer.stats.hits, 2 * hits, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 def test_stats_report_matches_numpy():
     stats = LayerStats(8)
     hist = np.array([3, 0, 1, 0, 5, 0, 0, 7], dtype=np.float64)

@@ -280,6 +280,8 @@ class LayerStats(nn.Module):
         self.register_buffer("hits", torch.zeros(num_values, dtype=torch.float64), persistent=False)
         # [Σy, Σy², count(y), Σ top-1 score, Σ k-th score, count(scores)]
         self.register_buffer("sums", torch.zeros(6, dtype=torch.float64), persistent=False)
+        # False: training forwards collect nothing (a handful of small kernels per layer and forward)
+        self.enabled = True
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -289,7 +291,9 @@ class LayerStats(nn.Module):
     @torch.no_grad()
     def accumulate(self, logical: Tensor, y: Tensor, top1: Tensor, kth: Tensor) -> None:
         """logical: the layer's logical value ids hit (any shape); y: the layer output;
-        top1 / kth: the best and the k-th (ranking) score per (token, head)."""
+        top1 / kth: the best and the k-th (ranking) score per (token, head). Nothing while not `enabled`."""
+        if not self.enabled:
+            return
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             return  # activation checkpointing's recompute, inside the backward: counted in the forward
         flat = logical.reshape(-1)
