@@ -25,7 +25,6 @@ import contextlib
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -33,37 +32,28 @@ from perf import records
 from ultramem.layers._common import LayerStats
 from ultramem.train.config import load_config
 from ultramem.train.parallelize import apply_compile
-from ultramem.train.trainer import build_training_model
+from ultramem.train.trainer import build_training_model, staged_flush_interval
 
 LAYOUTS = {"stage": False, "module": True}  # layout → apply_compile's fsdp flag
 
 
-def rowwise_accumulate(self: LayerStats, logical, y, top1, kth) -> None:
-    """A candidate for `LayerStats.accumulate`, the same sums in fewer kernels: per-token partial
-    sums of y, y² and the scores, then one reduction over tokens (the product reduces y and the
-    scores apart, each in two stages, then adds: 6 kernels per layer forward on an H200)."""
-    if not self.enabled:
-        return
-    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-        return
-    flat = logical.reshape(-1)
-    self.hits.index_add_(0, flat, torch.ones_like(flat, dtype=self.hits.dtype))
+def rowwise_sums(y, top1, kth):
+    """A candidate for `LayerStats._forward_sums`, the same sums in fewer kernels: per-token
+    partial sums of y, y² and the scores, then one reduction over tokens (today's reduces y and
+    the scores apart, each in two stages, then adds: 6 kernels per layer forward on an H200)."""
     acc = torch.promote_types(y.dtype, torch.float32)
-    yd = y.detach().reshape(-1, y.shape[-1])
-    t = yd.shape[0]
+    y = y.reshape(-1, y.shape[-1])
+    t = y.shape[0]
     per_token = torch.stack(
         [
-            yd.sum(-1, dtype=acc),
-            yd.to(acc).square().sum(-1),
-            top1.detach().reshape(t, -1).to(acc).sum(-1),
-            kth.detach().reshape(t, -1).to(acc).sum(-1),
+            y.sum(-1, dtype=acc),
+            y.to(acc).square().sum(-1),
+            top1.reshape(t, -1).to(acc).sum(-1),
+            kth.reshape(t, -1).to(acc).sum(-1),
         ],
         dim=-1,
     )
-    s = per_token.sum(0)
-    one = s.new_ones(())
-    part = torch.stack([s[0], s[1], one * y.numel(), s[2], s[3], one * top1.numel()])
-    self.sums.add_(part.to(self.sums.dtype))
+    return per_token.sum(0).unbind()
 
 
 STATS = ("on", "off", "rowwise")
@@ -72,7 +62,7 @@ STATS = ("on", "off", "rowwise")
 def parse_variant(spec: str) -> tuple[str, str, dict]:
     """'name=layout[,option=value...]' → (name, layout, options); a bare layout names itself.
     Options are Inductor's, or `layer_stats=` one of STATS: the memory layers' statistics as
-    today, none, or `rowwise_accumulate`."""
+    today, none, or with `rowwise_sums`."""
     name, _, rest = spec.partition("=")
     layout, *opts = (rest or name).split(",")
     if layout not in LAYOUTS:
@@ -100,7 +90,7 @@ def build(config: str, overrides: list[str], layout: str, device: torch.device, 
     for stats in (m for m in model.modules() if isinstance(m, LayerStats)):
         stats.enabled = mode != "off"
         if mode == "rowwise":
-            stats.accumulate = types.MethodType(rowwise_accumulate, stats)
+            stats._forward_sums = rowwise_sums
     apply_compile(model, "default", fsdp=LAYOUTS[layout], options=options)
     bf16 = device.type == "cuda" and cfg.train.dtype == "bfloat16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -144,7 +134,7 @@ def main() -> int:
     def run(layout: str, steps: int) -> float:
         cfg, model, autocast = models[layout]
         tables = model.memory_tables
-        flush_every = cfg.train.table_grad_flush if tables is not None and tables.grad_staging is not None else 0
+        flush_every = staged_flush_interval(cfg, device)
         sync()
         t0 = time.perf_counter()
         for step in range(steps):

@@ -301,16 +301,22 @@ class LayerStats(nn.Module):
         # all n² counters besides the scatter (~9 µs per layer at 227M)
         self.hits.index_add_(0, flat, torch.ones_like(flat, dtype=self.hits.dtype))
         # per-forward sums in at least fp32 (a float64 copy of a bf16 y cost a 75 MB write at
-        # 227M), totals in fp64. Σy and Σy² each straight from y: written as sums of one fp32 copy
-        # of y, Inductor wrote that copy out (~20 µs per layer at 227M)
-        acc = torch.promote_types(y.dtype, torch.float32)
-        yd = y.detach()
-        y_sum = torch.sum(yd, dtype=acc)
-        y_sq = torch.linalg.vector_norm(yd, dtype=acc).square()
-        score_sums = torch.stack([top1.detach(), kth.detach()]).to(acc).reshape(2, -1).sum(1)
+        # 227M), totals in fp64
+        y_sum, y_sq, top1_sum, kth_sum = self._forward_sums(y.detach(), top1.detach(), kth.detach())
         one = y_sum.new_ones(())
-        part = torch.stack([y_sum, y_sq, one * y.numel(), score_sums[0], score_sums[1], one * top1.numel()])
+        part = torch.stack([y_sum, y_sq, one * y.numel(), top1_sum, kth_sum, one * top1.numel()])
         self.sums.add_(part.to(self.sums.dtype))
+
+    @staticmethod
+    def _forward_sums(y: Tensor, top1: Tensor, kth: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Σy, Σy², Σ top-1, Σ k-th of one forward, in at least fp32. Σy and Σy² each straight from
+        y: written as sums of one fp32 copy of y, Inductor wrote that copy out (~20 µs per layer
+        at 227M)."""
+        acc = torch.promote_types(y.dtype, torch.float32)
+        y_sum = torch.sum(y, dtype=acc)
+        y_sq = torch.linalg.vector_norm(y, dtype=acc).square()
+        score_sums = torch.stack([top1, kth]).to(acc).reshape(2, -1).sum(1)
+        return y_sum, y_sq, score_sums[0], score_sums[1]
 
     @torch.no_grad()
     def report(self) -> dict[str, float]:
