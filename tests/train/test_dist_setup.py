@@ -1,0 +1,30 @@
+"""setup_distributed's process-group arguments, with the group's creation intercepted (no GPU or
+second process needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ultramem.train import distributed
+
+
+@pytest.mark.parametrize(
+    ("device", "local_rank", "want"),
+    [
+        (torch.device("cuda"), "1", torch.device("cuda", 1)),  # no index: this rank's GPU
+        (torch.device("cuda", 3), "1", torch.device("cuda", 3)),  # an index given is kept
+        (torch.device("cpu"), "1", None),  # gloo takes no device
+    ],
+)
+def test_process_group_binds_this_ranks_gpu(monkeypatch, device, local_rank, want):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: calls.append(kw))
+    env = {"WORLD_SIZE": "2", "RANK": local_rank, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": "2"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    info = distributed.setup_distributed(device)
+    assert info.initialized and len(calls) == 1
+    assert calls[0]["backend"] == ("gloo" if want is None else "nccl")
+    assert calls[0].get("device_id") == want
