@@ -8,8 +8,7 @@ drifts slows both alike.
         --log $OUT/log.jsonl                                             # CUDA: the 227M micro-batch
 
 `--variant NAME=LAYOUT[,OPTION=VALUE...]` adds Inductor options to a layout (e.g.
-`--variant combo=stage,combo_kernels=1`), or `layer_stats=off` (no memory-layer statistics) or
-`layer_stats=rowwise` (a candidate formulation of them);
+`--variant combo=stage,combo_kernels=1`), or `layer_stats=off` (no memory-layer statistics);
 variants replace the two layouts, and each compiles its own regions.
 
 A step is one micro-batch of the trainer: forward with the loss, backward (bf16 autocast where
@@ -37,32 +36,13 @@ from ultramem.train.trainer import build_training_model, staged_flush_interval
 LAYOUTS = {"stage": False, "module": True}  # layout → apply_compile's fsdp flag
 
 
-def rowwise_sums(y, top1, kth):
-    """A candidate for `LayerStats._forward_sums`, the same sums in fewer kernels: per-token
-    partial sums of y, y² and the scores, then one reduction over tokens (today's reduces y and
-    the scores apart, each in two stages, then adds: 6 kernels per layer forward on an H200)."""
-    acc = torch.promote_types(y.dtype, torch.float32)
-    y = y.reshape(-1, y.shape[-1])
-    t = y.shape[0]
-    per_token = torch.stack(
-        [
-            y.sum(-1, dtype=acc),
-            y.to(acc).square().sum(-1),
-            top1.reshape(t, -1).to(acc).sum(-1),
-            kth.reshape(t, -1).to(acc).sum(-1),
-        ],
-        dim=-1,
-    )
-    return per_token.sum(0).unbind()
-
-
-STATS = ("on", "off", "rowwise")
+STATS = ("on", "off")
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict]:
     """'name=layout[,option=value...]' → (name, layout, options); a bare layout names itself.
-    Options are Inductor's, or `layer_stats=` one of STATS: the memory layers' statistics as
-    today, none, or with `rowwise_sums`."""
+    Options are Inductor's, or `layer_stats=` one of STATS: the memory layers' statistics
+    collected or not."""
     name, _, rest = spec.partition("=")
     layout, *opts = (rest or name).split(",")
     if layout not in LAYOUTS:
@@ -89,8 +69,6 @@ def build(config: str, overrides: list[str], layout: str, device: torch.device, 
     mode = options.pop("layer_stats", "on")
     for stats in (m for m in model.modules() if isinstance(m, LayerStats)):
         stats.enabled = mode != "off"
-        if mode == "rowwise":
-            stats._forward_sums = rowwise_sums
     apply_compile(model, "default", fsdp=LAYOUTS[layout], options=options)
     bf16 = device.type == "cuda" and cfg.train.dtype == "bfloat16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

@@ -246,6 +246,27 @@ def test_stats_report_matches_numpy():
     assert uniform.report()["kl_uniform"] == pytest.approx(0.0, abs=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_sums_match_float64(dtype):
+    """One forward's Σy, Σy², Σ top-1 and Σ k-th, in fp32, against float64 sums of the same
+    values; and two forwards accumulated into the totals with their counts."""
+    g = torch.Generator().manual_seed(3)
+    stats = LayerStats(50)
+    y = (torch.randn(300, 24, generator=g) + 0.5).to(dtype)
+    top1, kth = (torch.rand(300, 2, generator=g).to(dtype) for _ in range(2))
+    got = LayerStats._forward_sums(y, top1, kth)
+    y64 = y.double()
+    want = (y64.sum(), y64.square().sum(), top1.double().sum(), kth.double().sum())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    stats.accumulate(torch.randint(0, 50, (300, 2), generator=g), y, top1, kth)
+    stats.accumulate(torch.randint(0, 50, (300, 2), generator=g), y, top1, kth)
+    totals = 2 * torch.tensor([want[0], want[1], 300 * 24, want[2], want[3], 600], dtype=torch.float64)
+    torch.testing.assert_close(stats.sums, totals, rtol=1e-5, atol=1e-4)
+    assert float(stats.hits.sum()) == 2 * 600
+
+
 def test_hit_counter_does_not_saturate():
     """A busy value passes 2^24 hits within one report interval at the 227M shapes; the count
     (and the KL) must keep growing past it."""
