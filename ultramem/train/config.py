@@ -23,6 +23,7 @@ from typing import Any
 from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, ModelConfig, validate_moe
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
+RESHARD_POLICIES = ("default", "always", "never")
 AC_MODES = ("none", "full", "selective")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = ("float32", "bfloat16")
@@ -92,6 +93,10 @@ class TrainSection:
 @dataclass
 class ParallelConfig:
     mode: str = "none"  # "none", "ddp" or "fsdp" (FSDP2); with one process "ddp" is "none"
+    # FSDP: whether a unit frees its gathered weights after its forward and gathers them again for
+    # the backward. "default": blocks do, except the last; memory layers keep theirs (small, and
+    # gathered twice they made a 227M step take 44% longer). "always" or "never": every unit.
+    reshard_after_forward: str = "default"
 
 
 @dataclass
@@ -385,6 +390,7 @@ def validate_config(cfg: TrainConfig) -> None:
         f"train.compile_mode={t.compile_mode!r} needs train.compile=true (it is the mode of that compile)",
     )
     _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
+    _one_of(cfg.parallel.reshard_after_forward, RESHARD_POLICIES, "parallel.reshard_after_forward")
     _require(
         not (cfg.parallel.mode == "fsdp" and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
         f"parallel.mode='fsdp' with train.compile_mode={t.compile_mode!r}: FSDP's gathers and hooks do not "

@@ -78,7 +78,8 @@ def apply_compile(model: Transformer, mode: str, fsdp: bool, options: dict | Non
 def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) -> None:
     """FSDP2 per block and per memory layer, then the root. bf16 runs gather the blocks' weights
     in bf16 and reduce gradients in fp32 (the fp32 shards stay the master weights); memory layers
-    keep fp32 weights, since their ops take the retrieval weights as given."""
+    keep fp32 weights, since their ops take the retrieval weights as given.
+    `parallel.reshard_after_forward` says which units gather their weights again for the backward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = cfg.train.dtype == "bfloat16"
@@ -86,13 +87,20 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) 
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
     )
     fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32 if bf16 else None)
+    policy = cfg.parallel.reshard_after_forward
+
+    def reshard(default: bool | None) -> bool | None:
+        return default if policy == "default" else policy == "always"
+
     n = len(model.blocks)
     for i, block in enumerate(model.blocks):
         # the last block's weights are needed again at once by the backward: keep them gathered
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < n - 1)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard(i < n - 1))
     for layer in model.memory_layers:
-        fully_shard(layer, mp_policy=fp32)
-    fully_shard(model, mp_policy=mp, ignored_params=tables or None)
+        # a memory layer's weights are a few MB; each gather costs host time in a host-bound layer
+        fully_shard(layer, mp_policy=fp32, reshard_after_forward=reshard(False))
+    # None: FSDP's own choice for the root (keep its weights gathered)
+    fully_shard(model, mp_policy=mp, ignored_params=tables or None, reshard_after_forward=reshard(None))
     # FSDP warns that a memory layer returns a view (its output reshaped to the input's shape):
     # in-place ops on it would skip a hook, and the model adds it out of place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

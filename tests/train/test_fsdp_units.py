@@ -1,0 +1,49 @@
+"""apply_fsdp's units and what each keeps gathered after its forward (`parallel.reshard_after_forward`),
+with `fully_shard` intercepted: the units are recorded, nothing is sharded (no process group needed).
+The trainer under FSDP2 itself runs in test_distributed.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.fsdp
+from tiny import TINY_MODEL
+
+from ultramem.model import Transformer
+from ultramem.train.config import ConfigError, load_config
+from ultramem.train.parallelize import apply_fsdp
+from ultramem.train.trainer import build_training_model
+
+
+def _units(monkeypatch, policy: str) -> list[tuple[str, object]]:
+    cfg = load_config("debug", TINY_MODEL + ["--model.n_layers=3", f"--parallel.reshard_after_forward={policy}"])
+    model = build_training_model(cfg, torch.device("cpu"))
+    calls = []
+
+    def record(module, **kwargs):
+        kind = "root" if isinstance(module, Transformer) else type(module).__name__
+        calls.append((kind, kwargs["reshard_after_forward"]))
+        if kind == "root":
+            assert kwargs["ignored_params"] == set(model.memory_tables.parameters())
+
+    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", record)
+    apply_fsdp(model, cfg, set(model.memory_tables.parameters()))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("policy", "blocks", "layers", "root"),
+    [
+        ("default", [True, True, False], [False] * 3, None),  # the last block and the memory layers stay gathered
+        ("always", [True] * 3, [True] * 3, True),
+        ("never", [False] * 3, [False] * 3, False),
+    ],
+)
+def test_reshard_after_forward_per_unit(monkeypatch, policy, blocks, layers, root):
+    calls = _units(monkeypatch, policy)
+    assert calls == [("Block", b) for b in blocks] + [("UltraMemV2", r) for r in layers] + [("root", root)]
+
+
+def test_unknown_reshard_policy_is_refused():
+    with pytest.raises(ConfigError, match="parallel.reshard_after_forward='sometimes'"):
+        load_config("debug", ["--parallel.reshard_after_forward=sometimes"])
