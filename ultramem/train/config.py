@@ -94,8 +94,8 @@ class TrainSection:
 class ParallelConfig:
     mode: str = "none"  # "none", "ddp" or "fsdp" (FSDP2); with one process "ddp" is "none"
     # FSDP: whether a unit frees its gathered weights after its forward and gathers them again for
-    # the backward. "default": blocks do, except the last; memory layers keep theirs (small, and
-    # gathered twice they made a 227M step take 44% longer). "always" or "never": every unit.
+    # the backward. "default": blocks do, except the last; memory layers keep theirs (a few MB
+    # each, and each gather costs host time in host-bound layers). "always" or "never": every unit.
     reshard_after_forward: str = "default"
 
 

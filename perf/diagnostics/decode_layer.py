@@ -1,0 +1,123 @@
+"""One UltraMemV2 layer of 227m.toml at decode shapes, run as generation runs it: eval mode,
+inference mode, compiled in the default mode (no CUDA graphs). Per token count: the wall time per
+call back to back, the GPU time (the kernels' sum under the profiler), the kernels launched per
+call, and the same forward under CUDA graphs; weights in fp32 under bf16 autocast, or cast to
+bf16. Then the kernels of one call at the smallest token count. Two references on the same host
+set the floor: a compiled function of one add, and the block's SwiGLU FFN in bf16.
+
+    PYTHONPATH=. python -m perf.diagnostics.decode_layer [--tokens 1 8 64] [--log $OUT/log.jsonl]   # CUDA only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+
+import torch
+import torch._dynamo.config
+
+from perf import records
+from perf.diagnostics.host_path import wall_us
+from perf.gpu_e2e import build_layer_227m
+from ultramem.model import FeedForward
+
+
+class OneAdd(torch.nn.Module):
+    def forward(self, x, tables=None):
+        return x + 1
+
+
+def kernels(fn, calls: int = 20) -> list[tuple[str, float, float]]:
+    """(kernel, GPU µs per call, launches per call) of fn, busiest first."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [
+        (e.key, e.self_device_time_total / calls, e.count / calls)
+        for e in prof.key_averages()
+        if e.self_device_time_total > 0
+    ]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 64])
+    parser.add_argument("--calls", type=int, default=200, help="calls per timing")
+    parser.add_argument("--log", help="append the records to this results log")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_layer needs a CUDA device", file=sys.stderr)
+        return 2
+    # each variant compiles once per token count, with and without graphs
+    torch._dynamo.config.recompile_limit = 64
+    mcfg, layer, tables, _, _ = build_layer_227m()
+    layer.eval()
+    bf16_layer = copy.deepcopy(layer).to(torch.bfloat16)
+    ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).to("cuda", torch.bfloat16).eval()
+    variants = {  # name: (module, autocast)
+        "fp32 weights, autocast": (layer, True),
+        "bf16 weights": (bf16_layer, False),
+        "reference: one add": (OneAdd(), False),
+        "reference: FFN, bf16 weights": (lambda x, tables: ffn(x), False),
+    }
+    env = records.environment()
+    recs = []
+    head = ("eager", "compiled", "graphs", "GPU")
+    print(f"{'UltraMemV2 layer, 227m.toml, eval':36} {'T':>4} " + " ".join(f"{h:>9}" for h in head) + " launches")
+    for name, (mod, autocast) in variants.items():
+        compiled = torch.compile(mod, fullgraph=True, dynamic=False)
+        graphed = torch.compile(mod, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        for tokens in args.tokens:
+            x = torch.randn(1, tokens, mcfg.dim, device="cuda", dtype=torch.bfloat16)
+
+            def call(m, graphs=False, x=x):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+                with torch.inference_mode(), amp:
+                    m(x, tables)
+
+            times = {
+                "eager": wall_us(lambda: call(mod), args.calls),
+                "compiled": wall_us(lambda: call(compiled), args.calls),
+                "graphs": wall_us(lambda: call(graphed, True), args.calls),
+            }
+            ks = kernels(lambda: call(compiled))
+            gpu = sum(us for _, us, _ in ks)
+            launches = sum(n for _, _, n in ks)
+            print(
+                f"{name:36} {tokens:4d} {times['eager']:9.1f} {times['compiled']:9.1f} {times['graphs']:9.1f} "
+                f"{gpu:9.1f} {launches:8.1f}"
+            )
+            for mode, us in times.items():
+                recs.append(
+                    records.record(
+                        env,
+                        "layer",
+                        "decode_layer",
+                        f"T={tokens}",
+                        f"{name}, {mode}",
+                        time=us,
+                        unit="us",
+                        note="wall time per forward, calls back to back; eval, inference mode",
+                        extra={"gpu_us": gpu, "launches": launches} if mode == "compiled" else None,
+                    )
+                )
+            if tokens == min(args.tokens):
+                kernel_rows = ks
+        print(f"  kernels of one compiled call at T={min(args.tokens)} (GPU µs, launches):")
+        for key, us, n in kernel_rows:
+            print(f"  {us:8.2f} {n:5.1f}  {key[:100]}")
+    if args.log:
+        records.append(args.log, recs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
