@@ -47,7 +47,7 @@ def kernels(fn, calls: int = 20) -> list[tuple[str, float, float]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 64])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--calls", type=int, default=200, help="calls per timing")
     parser.add_argument("--log", help="append the records to this results log")
     args = parser.parse_args(argv)

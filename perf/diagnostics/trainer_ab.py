@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import torch
+import torch._dynamo.config
 
 from perf import records
 from ultramem.train.config import load_config
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
     if len({name for name, _ in variants}) != len(variants):
         raise SystemExit("--variant names must differ")
     cuda = torch.cuda.is_available()
+    # the variants' models run the same code: past Dynamo's default limit a later one would run eager
+    torch._dynamo.config.recompile_limit = 64
     info = setup_distributed(resolve_device("cuda", env_dist_info().local_rank) if cuda else torch.device("cpu"))
 
     def sync():
@@ -99,11 +102,14 @@ def main(argv=None) -> int:
         teardown_distributed(info)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     first = next(iter(med))
+    # rounds are paired: the median of the per-round ratios discounts drift between rounds
+    paired = {name: statistics.median(a / b for a, b in zip(times[first], ts)) for name, ts in times.items()}
     shape = " ".join([args.config, *args.common, f"grad_accum={args.grad_accum}"])
     print(f"{shape}: ms per step, median of {args.rounds} rounds of {args.steps} steps")
+    print(f"{'variant':20} {'median':>8}  speed vs the first (medians, per round)  rounds")
     for name, ts in times.items():
         rounds = " ".join(f"{t:.1f}" for t in ts)
-        print(f"{name:20} {med[name]:8.1f}  {med[first] / med[name]:.3f}x the first's speed  {rounds}")
+        print(f"{name:20} {med[name]:8.1f}  {med[first] / med[name]:.3f}x  {paired[name]:.3f}x  {rounds}")
     if args.log:
         env = records.environment()
         specs = dict(variants)
@@ -119,7 +125,13 @@ def main(argv=None) -> int:
                     time=med[name],
                     unit="ms",
                     note="one optimizer step, variants alternating in one process",
-                    extra={"overrides": specs[name], "rounds_ms": [round(t, 2) for t in ts]},
+                    extra={
+                        "overrides": specs[name],
+                        "rounds_ms": [round(t, 2) for t in ts],
+                        "steps_per_round": args.steps,
+                        "warmup_steps": args.warmup,
+                        "speed_vs_first_per_round": paired[name],
+                    },
                 )
                 for name, ts in times.items()
             ],

@@ -27,4 +27,5 @@ def test_two_trainers_alternate(tmp_path, capsys):
     assert [r["variant"] for r in recs] == ["a", "b"]
     assert all(len(r["extra"]["rounds_ms"]) == 2 and r["time"] > 0 for r in recs)
     assert recs[1]["extra"]["overrides"] == ["--train.table_grad_flush=0"]
-    assert "x the first's speed" in capsys.readouterr().out
+    assert recs[0]["extra"]["speed_vs_first_per_round"] == 1.0
+    assert "speed vs the first" in capsys.readouterr().out
