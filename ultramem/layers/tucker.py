@@ -108,19 +108,16 @@ class TuckerMemoryBase(nn.Module):
         # keys' backward is a per-key normalization only (with norm_k's scale on the keys,
         # Inductor fused its gradient, a sum over all 2·n'·r keys, into a 19 µs kernel at 227M)
         scale = self.norm_q.weight * self.norm_k.weight
+        keys = rms_norm(self.keys.transpose(-1, -2), None, self.norm_k.eps).to(act)  # [H, 2, n', r, kdim]
         if self.q_per_rank:
-            keys = rms_norm(self.keys.transpose(-1, -2), None, self.norm_k.eps).to(act)  # [H, 2, n', r, kdim]
             q = rms_norm(q.view(t, h, 2, r, kd), scale, self.norm_q.eps)
             a = torch.einsum("thrd,hird->thir", q[:, :, 0], keys[:, 0])
             b = torch.einsum("thrd,hird->thir", q[:, :, 1], keys[:, 1])
         else:
             q = rms_norm(q.view(t, h, 2, kd), scale, self.norm_q.eps)
-            # keys folded to [H, n''·r, kdim]: one batched matmul per side. Padded (zero keys stay
-            # zero) and laid out with kdim contiguous before the norm: Inductor then normalizes, casts
-            # and folds them in one kernel, where its split reduction over the strided kdim took 3
+            # keys folded to [H, n'·r, kdim]: one batched matmul per side
             ns_pad = self._padded_keys()
-            padded = F.pad(self.keys.transpose(-1, -2), (0, 0, 0, 0, 0, ns_pad - ns)).contiguous()
-            folded = rms_norm(padded, None, self.norm_k.eps).to(act).reshape(h, 2, ns_pad * r, kd)
+            folded = F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (ns_pad - ns) * r))
             a = torch.einsum("thd,hcd->thc", q[:, :, 0], folded[:, 0]).view(t, h, ns_pad, r)
             b = torch.einsum("thd,hcd->thc", q[:, :, 1], folded[:, 1]).view(t, h, ns_pad, r)
         return a, b
