@@ -73,6 +73,18 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode, memo
         assert "all-reduced once per step" in out.stdout
 
 
+@pytest.mark.parametrize("policy", ["always", "never"])
+def test_fsdp_reshard_policies_train_alike(runs, policy):
+    """Which FSDP units gather their weights again for the backward changes no loss."""
+    one_dir, _ = runs.get("one-ultramem_v2", 0, ["--model.memory.type=ultramem_v2"])
+    extra = ["--parallel.mode=fsdp", f"--parallel.reshard_after_forward={policy}"]
+    two_dir, _ = runs.get(f"fsdp-ultramem_v2-{policy}", 2, extra)
+    want, got = losses(one_dir), losses(two_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+
+
 @pytest.mark.parametrize("name, nproc, mode", [("one-ultramem_v2", 0, "none"), ("fsdp-ultramem_v2", 2, "fsdp")])
 def test_resume_continues_bit_identically(runs, name, nproc, mode):
     full_dir, _ = runs.get(name, nproc, [f"--parallel.mode={mode}"])
