@@ -11,8 +11,8 @@ from tiny import TINY_MODEL
 
 from ultramem.model import Transformer
 from ultramem.train.config import ConfigError, load_config
-from ultramem.train.parallelize import apply_fsdp
-from ultramem.train.trainer import build_training_model
+from ultramem.train.parallelize import apply_fsdp, parallelize
+from ultramem.train.trainer import DistInfo, build_training_model
 
 
 def _units(monkeypatch, policy: str) -> list[tuple[str, object]]:
@@ -47,3 +47,11 @@ def test_reshard_after_forward_per_unit(monkeypatch, policy, blocks, layers, roo
 def test_unknown_reshard_policy_is_refused():
     with pytest.raises(ConfigError, match="parallel.reshard_after_forward='sometimes'"):
         load_config("debug", ["--parallel.reshard_after_forward=sometimes"])
+
+
+def test_a_policy_without_fsdp_is_reported(caplog):
+    cfg = load_config("debug", TINY_MODEL + ["--parallel.mode=ddp", "--parallel.reshard_after_forward=never"])
+    model = build_training_model(cfg, torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="ultramem.train.parallelize"):
+        parallelize(model, cfg, DistInfo(), torch.device("cpu"))
+    assert "parallel.reshard_after_forward='never' has no effect" in caplog.text

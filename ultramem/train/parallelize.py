@@ -144,6 +144,12 @@ def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo, device: to
     blocks = checkpointed_blocks(cfg)
     if blocks:
         apply_ac(model, blocks)
+    if mode != "fsdp" and cfg.parallel.reshard_after_forward != "default":
+        log.warning(
+            "parallel.reshard_after_forward=%r has no effect with parallel.mode=%r (FSDP only)",
+            cfg.parallel.reshard_after_forward,
+            mode,
+        )
     if cfg.train.compile:
         apply_compile(model, cfg.train.compile_mode, fsdp=mode == "fsdp")
     forward: nn.Module = model
