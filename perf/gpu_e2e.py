@@ -140,23 +140,27 @@ def build_layer_227m(
     return mcfg, layer, tables, u, grad_y
 
 
-def profile_kernels(rows: dict, name: str, fn, calls: int = 3) -> None:
-    """Per-kernel GPU self time per call of fn (after one warm-up call): rows gets
-    `{name}_gpu_time_per_fwd_bwd_ms` and the top 40 kernels as `{name}_kernels_us`."""
+def kernel_times(fn, calls: int = 3) -> list[tuple[str, float, float]]:
+    """(kernel, GPU self time in µs per call, launches per call) of fn under the profiler, after
+    one warm-up call; busiest first."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    events = sorted(
-        (
-            (e.key, e.self_device_time_total / calls, e.count // calls)
-            for e in prof.key_averages()
-            if e.self_device_time_total > 0
-        ),
-        key=lambda item: -item[1],
-    )
+    events = [
+        (e.key, e.self_device_time_total / calls, e.count / calls)
+        for e in prof.key_averages()
+        if e.self_device_time_total > 0
+    ]
+    return sorted(events, key=lambda item: -item[1])
+
+
+def profile_kernels(rows: dict, name: str, fn, calls: int = 3) -> None:
+    """Per-kernel GPU self time per call of fn (after one warm-up call): rows gets
+    `{name}_gpu_time_per_fwd_bwd_ms` and the top 40 kernels as `{name}_kernels_us`."""
+    events = [(k, us, int(c)) for k, us, c in kernel_times(fn, calls)]
     rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000
     rows[f"{name}_kernels_us"] = [{"kernel": k[:160], "us": round(us, 1), "calls": c} for k, us, c in events[:40]]
     log.info("%s: GPU time per fwd+bwd %.3f ms", name, rows[f"{name}_gpu_time_per_fwd_bwd_ms"])

@@ -20,29 +20,13 @@ import torch._dynamo.config
 
 from perf import records
 from perf.diagnostics.host_path import wall_us
-from perf.gpu_e2e import build_layer_227m
+from perf.gpu_e2e import build_layer_227m, kernel_times
 from ultramem.model import FeedForward
 
 
 class OneAdd(torch.nn.Module):
     def forward(self, x, tables=None):
         return x + 1
-
-
-def kernels(fn, calls: int = 20) -> list[tuple[str, float, float]]:
-    """(kernel, GPU µs per call, launches per call) of fn, busiest first."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    rows = [
-        (e.key, e.self_device_time_total / calls, e.count / calls)
-        for e in prof.key_averages()
-        if e.self_device_time_total > 0
-    ]
-    return sorted(rows, key=lambda r: -r[1])
 
 
 def main(argv=None) -> int:
@@ -88,7 +72,7 @@ def main(argv=None) -> int:
                 "compiled": wall_us(lambda: call(compiled), args.calls),
                 "graphs": wall_us(lambda: call(graphed, True), args.calls),
             }
-            ks = kernels(lambda: call(compiled))
+            ks = kernel_times(lambda: call(compiled), 20)
             gpu = sum(us for _, us, _ in ks)
             launches = sum(n for _, _, n in ks)
             print(
