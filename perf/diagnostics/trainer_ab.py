@@ -12,17 +12,26 @@ between them, reversing the order every round.
     # WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 ... --common=--parallel.mode=fsdp
 
 `--variant NAME=OVERRIDES` takes the config overrides of one variant, separated by spaces (none
-after the `=`: the config as it is). Records go to the results log (suite "e2e", bench
-"trainer_ab") with --log.
+after the `=`: the config as it is). `--tree NAME=PATH` runs that variant's trainer on another
+checkout's `ultramem` (e.g. `git worktree add /tmp/old <commit>`): then every variant runs in a
+process of its own (`trainer_ab_worker.py`, this checkout's for those without a tree), built
+one after another, its steps still alternating with the others', so two commits compare on one
+machine. Where there is no git (the lent GPU machine), unpack the commit into a folder of the
+working tree (`git archive <commit> | tar -x -C old/`); the records then name the folder.
+Records go to the results log (suite "e2e", bench "trainer_ab") with --log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch._dynamo.config
@@ -32,6 +41,10 @@ from ultramem.train.config import load_config
 from ultramem.train.distributed import env_dist_info, resolve_device
 from ultramem.train.trainer import build_trainer, setup_distributed, teardown_distributed
 
+from . import trainer_ab_worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
     name, sep, rest = spec.partition("=")
@@ -40,11 +53,112 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name, rest.split()
 
 
+def tree_revision(tree: Path) -> str:
+    """The checkout's commit (for the records, which name no paths), or its folder's name."""
+    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else tree.name
+
+
+def parse_tree(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not (Path(path) / "ultramem" / "__init__.py").is_file():
+        raise SystemExit(f"--tree {spec!r}: expected NAME=PATH, PATH a checkout with ultramem/")
+    return name, Path(path).resolve()
+
+
+class InProcess:
+    """The variants' trainers in this process."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        # the variants' models run the same code: past Dynamo's default limit a later one would run eager
+        torch._dynamo.config.recompile_limit = 64
+        device = resolve_device("cuda", env_dist_info().local_rank) if self.cuda else torch.device("cpu")
+        self.info = setup_distributed(device)
+        self.trainers = {}
+
+    def build(self, name: str, config: str, overrides: list[str], warmup: int) -> None:
+        trainer = build_trainer(load_config(config, overrides), self.info)
+        trainer.prepare()
+        for _ in range(warmup):
+            trainer.train_step()
+        self.trainers[name] = trainer
+
+    def steps(self, name: str, n: int) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.trainers[name].train_step()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    def close(self) -> None:
+        teardown_distributed(self.info)
+
+
+class Workers:
+    """One worker process per variant, its `ultramem` from its tree (this checkout by default).
+    Each gets its own rendezvous port, as FSDP runs on one rank need a process group each."""
+
+    def __init__(self, trees: dict[str, Path]):
+        self.trees = trees
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _ask(self, name: str, cmd: dict) -> dict:
+        proc = self.procs[name]
+        proc.stdin.write(json.dumps(cmd) + "\n")
+        proc.stdin.flush()
+        for line in proc.stdout:
+            if not line.startswith(trainer_ab_worker.MARK):
+                sys.stderr.write(line)  # the trainer's own lines
+            else:
+                answer = json.loads(line[len(trainer_ab_worker.MARK) :])
+                if "error" in answer:
+                    raise SystemExit(f"variant {name}: {answer['error']}")
+                return answer
+        raise SystemExit(f"variant {name}: its worker exited (rc {proc.wait()})")
+
+    def build(self, name: str, config: str, overrides: list[str], warmup: int) -> None:
+        env = dict(os.environ)
+        tree = self.trees.get(name, ROOT)
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
+        if "WORLD_SIZE" in env:
+            env["MASTER_PORT"] = str(int(env.get("MASTER_PORT", "29500")) + 1 + len(self.procs))
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, str(Path(trainer_ab_worker.__file__))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tree,
+        )
+        answer = self._ask(name, {"cmd": "build", "config": config, "overrides": overrides, "warmup": warmup})
+        if Path(answer["ultramem"]) != tree / "ultramem":
+            raise SystemExit(f"variant {name}: its worker imported ultramem from {answer['ultramem']}, not {tree}")
+
+    def steps(self, name: str, n: int) -> float:
+        return self._ask(name, {"cmd": "steps", "n": n})["ms"]
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                proc.stdin.flush()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="227m.toml")
     p.add_argument("--common", action="append", default=[], help="a config override for every variant")
     p.add_argument("--variant", action="append", required=True, help="NAME=OVERRIDES (repeat)")
+    p.add_argument("--tree", action="append", default=[], help="NAME=PATH: that variant on another checkout")
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2, help="steps before timing (compilation)")
     p.add_argument("--rounds", type=int, default=5)
@@ -54,21 +168,16 @@ def main(argv=None) -> int:
     variants = [parse_variant(v) for v in args.variant]
     if len({name for name, _ in variants}) != len(variants):
         raise SystemExit("--variant names must differ")
-    cuda = torch.cuda.is_available()
-    # the variants' models run the same code: past Dynamo's default limit a later one would run eager
-    torch._dynamo.config.recompile_limit = 64
-    info = setup_distributed(resolve_device("cuda", env_dist_info().local_rank) if cuda else torch.device("cpu"))
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
+    trees = dict(parse_tree(t) for t in args.tree)
+    if set(trees) - {name for name, _ in variants}:
+        raise SystemExit(f"--tree names {sorted(set(trees) - {n for n, _ in variants})} are not variants")
+    runner = Workers(trees) if trees else InProcess()
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     try:
         with tempfile.TemporaryDirectory(prefix="trainer-ab-") as tmp:
-            trainers = {}
             for name, overrides in variants:
-                cfg = load_config(
+                runner.build(
+                    name,
                     args.config,
                     args.common
                     + overrides
@@ -83,23 +192,14 @@ def main(argv=None) -> int:
                         "--checkpoint.enabled=false",
                         "--metrics.tensorboard=false",
                     ],
+                    args.warmup,
                 )
-                trainer = build_trainer(cfg, info)
-                trainer.prepare()
-                for _ in range(args.warmup):
-                    trainer.train_step()
-                trainers[name] = trainer
-            names = list(trainers)
+            names = [name for name, _ in variants]
             for r in range(args.rounds):
                 for name in names if r % 2 == 0 else names[::-1]:
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(args.steps):
-                        trainers[name].train_step()
-                    sync()
-                    times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+                    times[name].append(runner.steps(name, args.steps))
     finally:
-        teardown_distributed(info)
+        runner.close()
     med = {name: statistics.median(ts) for name, ts in times.items()}
     first = next(iter(med))
     # rounds are paired: the median of the per-round ratios discounts drift between rounds
@@ -131,6 +231,7 @@ def main(argv=None) -> int:
                         "steps_per_round": args.steps,
                         "warmup_steps": args.warmup,
                         "speed_vs_first_per_round": paired[name],
+                        "tree": tree_revision(trees[name]) if name in trees else None,
                     },
                 )
                 for name, ts in times.items()

@@ -1,13 +1,15 @@
-"""perf.diagnostics.trainer_ab on a CPU: variants parse, and two trainers alternate in one process."""
+"""perf.diagnostics.trainer_ab on a CPU: variants parse, and two trainers alternate, in one process
+or each in a worker process on its own checkout."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from tiny import TINY_MODEL
 
-from perf.diagnostics.trainer_ab import main, parse_variant
+from perf.diagnostics.trainer_ab import ROOT, main, parse_tree, parse_variant
 
 
 def test_variants_parse():
@@ -29,3 +31,29 @@ def test_two_trainers_alternate(tmp_path, capsys):
     assert recs[1]["extra"]["overrides"] == ["--train.table_grad_flush=0"]
     assert recs[0]["extra"]["speed_vs_first_per_round"] == 1.0
     assert "speed vs the first" in capsys.readouterr().out
+
+
+def test_trees_must_be_checkouts(tmp_path):
+    assert parse_tree(f"old={ROOT}") == ("old", ROOT)
+    for bad in (f"old={tmp_path}", str(ROOT)):
+        with pytest.raises(SystemExit):
+            parse_tree(bad)
+    with pytest.raises(SystemExit, match="not variants"):
+        main(["--variant", "a=", "--tree", f"b={ROOT}"])
+
+
+def test_variants_in_worker_processes_on_their_trees(tmp_path, capsys):
+    """Each variant in its own process: one on a copy of this checkout (its ultramem first on the
+    worker's path), one on this checkout; a worker's failure names its variant."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "ultramem", copy / "ultramem", ignore=shutil.ignore_patterns("__pycache__"))
+    log = tmp_path / "log.jsonl"
+    common = [f"--common={o}" for o in TINY_MODEL + ["--train.batch_size=2"]]
+    args = ["--config=debug.toml", *common, "--variant", "old=", "--variant", "new=", "--tree", f"old={copy}"]
+    assert main(args + ["--grad-accum=1", "--warmup=1", "--rounds=2", "--steps=1", f"--log={log}"]) == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["variant"] for r in recs] == ["old", "new"]
+    assert recs[0]["extra"]["tree"] == "copy" and recs[1]["extra"]["tree"] is None  # no git there: its name
+    assert all(len(r["extra"]["rounds_ms"]) == 2 and r["time"] > 0 for r in recs)
+    with pytest.raises(SystemExit, match="variant bad: ConfigError"):
+        main(["--config=debug.toml", *common, "--variant", "bad=--model.dim=-1", "--tree", f"bad={copy}"])
