@@ -19,6 +19,10 @@ from ultramem.train import distributed
 )
 def test_process_group_binds_this_ranks_gpu(monkeypatch, device, local_rank, want):
     calls = []
+    # a machine with 2 GPUs, as far as resolve_device asks
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda index: None)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: calls.append(kw))
     env = {"WORLD_SIZE": "2", "RANK": local_rank, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": "2"}
@@ -28,3 +32,14 @@ def test_process_group_binds_this_ranks_gpu(monkeypatch, device, local_rank, wan
     assert info.initialized and len(calls) == 1
     assert calls[0]["backend"] == ("gloo" if want is None else "nccl")
     assert calls[0].get("device_id") == want
+
+
+def test_a_rank_without_a_gpu_is_told_so(monkeypatch):
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: pytest.fail("no group without a GPU"))
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match="local rank 1 has no GPU: this machine has 1"):
+        distributed.setup_distributed(torch.device("cuda"))

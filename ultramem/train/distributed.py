@@ -79,7 +79,7 @@ def setup_distributed(device: torch.device) -> DistInfo:
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda" and device.index is None:  # NCCL binds the group to one GPU: this rank's
-            device = torch.device("cuda", info.local_rank)
+            device = resolve_device("cuda", info.local_rank)
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, **kwargs)
         info.initialized = True
