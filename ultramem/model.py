@@ -321,11 +321,16 @@ class Transformer(nn.Module):
             return
         from ultramem.layers.tucker import TuckerMemoryBase, refresh_rank1_all
 
-        tucker = [m for m in self.memory_layers.modules() if isinstance(m, TuckerMemoryBase)]
-        refresh_rank1_all(tucker)
+        tucker, others = [], []
         for layer in self.memory_layers:  # (layers may be wrapped, e.g. for recompute)
-            if not any(m in tucker for m in layer.modules()):
-                layer.refresh_rank1()
+            found = [m for m in layer.modules() if isinstance(m, TuckerMemoryBase)]
+            if found:
+                tucker += found
+            else:
+                others.append(layer)
+        refresh_rank1_all(tucker)
+        for layer in others:
+            layer.refresh_rank1()
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed: int | None = 0) -> Transformer:
