@@ -30,16 +30,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch._dynamo.config
 
 from perf import records
-from ultramem.train.config import load_config
 from ultramem.train.distributed import env_dist_info, resolve_device
-from ultramem.train.trainer import build_trainer, setup_distributed, teardown_distributed
+from ultramem.train.trainer import setup_distributed, teardown_distributed
 
 from . import trainer_ab_worker
 
@@ -70,29 +68,18 @@ class InProcess:
     """The variants' trainers in this process."""
 
     def __init__(self):
-        self.cuda = torch.cuda.is_available()
         # the variants' models run the same code: past Dynamo's default limit a later one would run eager
         torch._dynamo.config.recompile_limit = 64
-        device = resolve_device("cuda", env_dist_info().local_rank) if self.cuda else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        device = resolve_device("cuda", env_dist_info().local_rank) if cuda else torch.device("cpu")
         self.info = setup_distributed(device)
         self.trainers = {}
 
     def build(self, name: str, config: str, overrides: list[str], warmup: int) -> None:
-        trainer = build_trainer(load_config(config, overrides), self.info)
-        trainer.prepare()
-        for _ in range(warmup):
-            trainer.train_step()
-        self.trainers[name] = trainer
+        self.trainers[name] = trainer_ab_worker.build_warm(config, overrides, self.info, warmup)
 
     def steps(self, name: str, n: int) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            self.trainers[name].train_step()
-        if self.cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / n * 1e3
+        return trainer_ab_worker.timed_steps(self.trainers[name], n)
 
     def close(self) -> None:
         teardown_distributed(self.info)

@@ -24,39 +24,51 @@ def reply(obj: dict) -> None:
     print(MARK + json.dumps(obj), flush=True)
 
 
+def build_warm(config: str, overrides: list[str], info, warmup: int):
+    """A trainer for the config, prepared and past `warmup` steps (compilation)."""
+    from ultramem.train.config import load_config
+    from ultramem.train.trainer import build_trainer
+
+    trainer = build_trainer(load_config(config, overrides), info)
+    trainer.prepare()
+    for _ in range(warmup):
+        trainer.train_step()
+    return trainer
+
+
+def timed_steps(trainer, n: int) -> float:
+    """ms per step over n steps, the device synchronized before and after."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        trainer.train_step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
 def main() -> int:
     import torch
 
     import ultramem
-    from ultramem.train.config import load_config
-    from ultramem.train.trainer import build_trainer, setup_distributed, teardown_distributed
+    from ultramem.train.trainer import setup_distributed, teardown_distributed
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    info = setup_distributed(device)
+    info = setup_distributed(torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
     trainer = None
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     try:
         for line in sys.stdin:
             cmd = json.loads(line)
             try:
                 if cmd["cmd"] == "build":
-                    trainer = build_trainer(load_config(cmd["config"], cmd["overrides"]), info)
-                    trainer.prepare()
-                    for _ in range(cmd["warmup"]):
-                        trainer.train_step()
+                    trainer = build_warm(cmd["config"], cmd["overrides"], info, cmd["warmup"])
                     reply({"ultramem": str(Path(ultramem.__file__).resolve().parent)})
                 elif cmd["cmd"] == "steps":
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(cmd["n"]):
-                        trainer.train_step()
-                    sync()
-                    reply({"ms": (time.perf_counter() - t0) / cmd["n"] * 1e3})
+                    reply({"ms": timed_steps(trainer, cmd["n"])})
                 else:
                     break
             except Exception as exc:  # the parent reports it and stops
