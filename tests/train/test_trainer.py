@@ -188,8 +188,8 @@ def test_cuda_default_compile_stages_table_gradients_equal_to_unstaged():
     torch._dynamo.reset()
     assert staged and all(n > 0 for n in staged), staged
     assert len(grads[2]) == 2 and all(g.abs().sum() > 0 for step in grads[2] for g in step)
-    for staged, direct in zip(grads[2], grads[0]):
-        for a, b in zip(staged, direct):
+    for staged_step, direct_step in zip(grads[2], grads[0]):
+        for a, b in zip(staged_step, direct_step):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert losses[2] == pytest.approx(losses[0], rel=1e-5)
 
