@@ -21,7 +21,11 @@ def _units(monkeypatch, policy: str) -> list[tuple[str, object]]:
     calls = []
 
     def record(module, **kwargs):
-        kind = "root" if isinstance(module, Transformer) else type(module).__name__
+        if isinstance(module, list):  # one unit of several modules
+            kind = [type(m).__name__ for m in module]
+            assert all(m is layer for m, layer in zip(module, model.memory_layers, strict=True))
+        else:
+            kind = "root" if isinstance(module, Transformer) else type(module).__name__
         calls.append((kind, kwargs["reshard_after_forward"]))
         if kind == "root":
             assert kwargs["ignored_params"] == set(model.memory_tables.parameters())
@@ -34,14 +38,15 @@ def _units(monkeypatch, policy: str) -> list[tuple[str, object]]:
 @pytest.mark.parametrize(
     ("policy", "blocks", "layers", "root"),
     [
-        ("default", [True, True, False], [False] * 3, None),  # the last block and the memory layers stay gathered
-        ("always", [True] * 3, [True] * 3, True),
-        ("never", [False] * 3, [False] * 3, False),
+        ("default", [True, True, False], False, None),  # the last block and the memory layers stay gathered
+        ("always", [True] * 3, True, True),
+        ("never", [False] * 3, False, False),
     ],
 )
 def test_reshard_after_forward_per_unit(monkeypatch, policy, blocks, layers, root):
+    """A unit per block, one for all memory layers, then the root."""
     calls = _units(monkeypatch, policy)
-    assert calls == [("Block", b) for b in blocks] + [("UltraMemV2", r) for r in layers] + [("root", root)]
+    assert calls == [("Block", b) for b in blocks] + [(["UltraMemV2"] * 3, layers), ("root", root)]
 
 
 def test_unknown_reshard_policy_is_refused():

@@ -76,7 +76,7 @@ def apply_compile(model: Transformer, mode: str, fsdp: bool, options: dict | Non
 
 
 def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) -> None:
-    """FSDP2 per block and per memory layer, then the root. bf16 runs gather the blocks' weights
+    """FSDP2 per block, one unit for all memory layers, then the root. bf16 runs gather the blocks' weights
     in bf16 and reduce gradients in fp32 (the fp32 shards stay the master weights); memory layers
     keep fp32 weights, since their ops take the retrieval weights as given.
     `parallel.reshard_after_forward` says which units gather their weights again for the backward."""
@@ -96,9 +96,11 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) 
     for i, block in enumerate(model.blocks):
         # the last block's weights are needed again at once by the backward: keep them gathered
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard(i < n - 1))
-    for layer in model.memory_layers:
-        # a memory layer's weights are a few MB; each gather costs host time in a host-bound layer
-        fully_shard(layer, mp_policy=fp32, reshard_after_forward=reshard(False))
+    layers = list(model.memory_layers)
+    if layers:
+        # one unit for all memory layers: their weights are a few MB in all, and each unit's
+        # gather and hooks cost host time in a host-bound layer
+        fully_shard(layers, mp_policy=fp32, reshard_after_forward=reshard(False))
     # None: FSDP's own choice for the root (keep its weights gathered)
     fully_shard(model, mp_policy=mp, ignored_params=tables or None, reshard_after_forward=reshard(None))
     # FSDP warns that a memory layer returns a view (its output reshaped to the input's shape):
