@@ -241,9 +241,9 @@ class Transformer(nn.Module):
 
     def compile_stages(self, **compile_kwargs) -> None:
         """Compile `run_stage`: one compiled region per block with the memory layers reading it
-        (blocks of one kind share its code). Entering a compiled region costs host time (guards,
-        autograd wrappers) in the forward and the backward; without CUDA graphs a memory layer
-        compiled on its own paid it a second time per block."""
+        (blocks of one kind share its code). The trainer uses it under DDP, whose gradient buckets
+        are reduced as each region's backward ends; alone, one region for the whole model
+        (`self.compile()`) costs less host time."""
         # Every block's variant is cached on run_stage alone (block or checkpoint wrapper, the
         # layers reading it, what it adds, grad mode, whether aux needs grad yet): at most one per
         # block and grad mode, which Dynamo's default limit of 8 would cut short on deep models

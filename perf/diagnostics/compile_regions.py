@@ -1,7 +1,7 @@
-"""Compiled regions of the trainer's model: a block and the memory layers reading it in one
-region (without FSDP, `Transformer.compile_stages`) against one region per block and one per
-memory layer (the FSDP layout), timed in one process and alternating, so that a host whose speed
-drifts slows both alike.
+"""Compiled regions of the trainer's model (`parallelize.compile_regions`): the whole model as
+one region, a block and the memory layers reading it in one region (the DDP layout), one region
+per block and one per memory layer (the FSDP layout), timed in one process and alternating, so
+that a host whose speed drifts slows them alike.
 
     PYTHONPATH=. python -m perf.diagnostics.compile_regions              # CPU: debug.toml, 8 blocks, 8 tokens
     PYTHONPATH=. python -m perf.diagnostics.compile_regions --config 227m.toml --batch 3 --seq 4096 \\
@@ -9,7 +9,7 @@ drifts slows both alike.
 
 `--variant NAME=LAYOUT[,OPTION=VALUE...]` adds Inductor options to a layout (e.g.
 `--variant combo=stage,combo_kernels=1`), or `layer_stats=off` (no memory-layer statistics);
-variants replace the two layouts, and each compiles its own regions.
+variants replace the three layouts, and each compiles its own regions.
 
 A step is one micro-batch of the trainer: forward with the loss, backward (bf16 autocast where
 the config trains in bf16 on CUDA), no optimizer. Without CUDA graphs a memory model's step is
@@ -30,11 +30,8 @@ import torch
 from perf import records
 from ultramem.layers._common import LayerStats
 from ultramem.train.config import load_config
-from ultramem.train.parallelize import apply_compile
+from ultramem.train.parallelize import COMPILE_REGIONS, apply_compile
 from ultramem.train.trainer import build_training_model, staged_flush_interval
-
-LAYOUTS = {"stage": False, "module": True}  # layout → apply_compile's fsdp flag
-
 
 STATS = ("on", "off")
 
@@ -45,8 +42,8 @@ def parse_variant(spec: str) -> tuple[str, str, dict]:
     collected or not."""
     name, _, rest = spec.partition("=")
     layout, *opts = (rest or name).split(",")
-    if layout not in LAYOUTS:
-        raise SystemExit(f"--variant {spec!r}: layout {layout!r} is not one of {sorted(LAYOUTS)}")
+    if layout not in COMPILE_REGIONS:
+        raise SystemExit(f"--variant {spec!r}: layout {layout!r} is not one of {COMPILE_REGIONS}")
     defaults = {**torch._inductor.config.get_config_copy(), "layer_stats": "on"}
     options = {}
     for opt in opts:
@@ -69,7 +66,7 @@ def build(config: str, overrides: list[str], layout: str, device: torch.device, 
     mode = options.pop("layer_stats", "on")
     for stats in (m for m in model.modules() if isinstance(m, LayerStats)):
         stats.enabled = mode != "off"
-    apply_compile(model, "default", fsdp=LAYOUTS[layout], options=options)
+    apply_compile(model, "default", layout, options=options)
     bf16 = device.type == "cuda" and cfg.train.dtype == "bfloat16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     return cfg, model, autocast
@@ -98,7 +95,7 @@ def main() -> int:
     if args.config == "debug.toml" and not any(o.startswith("--model.n_layers") for o in overrides):
         overrides.append("--model.n_layers=8")
 
-    variants = [parse_variant(v) for v in args.variant] or [(layout, layout, {}) for layout in LAYOUTS]
+    variants = [parse_variant(v) for v in args.variant] or [(layout, layout, {}) for layout in COMPILE_REGIONS]
     models = {name: build(args.config, overrides, layout, device, options) for name, layout, options in variants}
     names = list(models)
     cfg = models[names[0]][0]

@@ -14,7 +14,7 @@ from ultramem.layers import tucker
 from ultramem.model import build_model
 from ultramem.train.config import load_config
 from ultramem.train.optim import build_optimizer
-from ultramem.train.parallelize import apply_compile
+from ultramem.train.parallelize import COMPILE_REGIONS, apply_compile, compile_regions
 from ultramem.train.trainer import DistInfo, Trainer, build_training_model, parallelize
 
 TINY = [
@@ -128,12 +128,12 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
         if mode == "reduce-overhead":
             assert all(g is not None and not g.any() for g in grads.values())
         losses[mode] = [r.loss for r in trainer.train()]
-        # without FSDP a block and the memory layer reading it are one compiled region, not two
-        # (each region entered costs host time), and the four blocks share its code: block 0 (no
-        # memory output to add) and the rest, in training and in evaluation (no grad)
+        # without DDP or FSDP the whole model is one compiled region (each region entered costs
+        # host time): one graph in training and one in evaluation (no grad)
         modules = [*trainer.model.blocks, *trainer.model.memory_layers]
         assert all(m._compiled_call_impl is None for m in modules)
-        assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+        assert trainer.model._compiled_call_impl is not None
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
         if mode == "reduce-overhead":  # the same tensors, zeroed in place after the last step
             for n, p in trainer.model.named_parameters():
                 assert p.grad is grads[n] and not p.grad.any(), n
@@ -141,18 +141,27 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
     assert losses["default"] == losses["reduce-overhead"]
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_apply_compile_adds_inductor_options_to_the_mode(monkeypatch, fsdp):
+@pytest.mark.parametrize("regions", COMPILE_REGIONS)
+def test_apply_compile_adds_inductor_options_to_the_mode(monkeypatch, regions):
     # torch.compile refuses a mode together with options: the mode's own options are merged in
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (seen.append(kwargs), fn)[1])
     model = build_model(load_config("debug", TINY).model)
-    apply_compile(model, "reduce-overhead", fsdp=fsdp, options={"epilogue_fusion": False})
-    apply_compile(model, "reduce-overhead", fsdp=fsdp)
-    # one region per block and memory layer under FSDP, else run_stage's
-    regions = len(model.blocks) + len(model.memory_layers) if fsdp else 1
+    apply_compile(model, "reduce-overhead", regions, options={"epilogue_fusion": False})
+    apply_compile(model, "reduce-overhead", regions)
+    # the whole model, run_stage, or each block and memory layer
+    n = len(model.blocks) + len(model.memory_layers) if regions == "module" else 1
     merged = {**torch._inductor.list_mode_options("reduce-overhead"), "epilogue_fusion": False}
-    assert seen == [{"options": merged}] * regions + [{"mode": "reduce-overhead"}] * regions
+    assert seen == [{"options": merged}] * n + [{"mode": "reduce-overhead"}] * n
+
+
+def test_compile_regions_follow_the_parallel_mode():
+    assert compile_regions("none", 1) == "model"
+    assert compile_regions("ddp", 1) == "model"  # one rank: no DDP wrapper, nothing to overlap
+    assert compile_regions("ddp", 2) == "stage"
+    assert compile_regions("fsdp", 1) == "module"
+    with pytest.raises(ValueError, match="regions='block'"):
+        apply_compile(build_model(load_config("debug", TINY).model), "default", "block")
 
 
 @pytest.mark.gpu

@@ -73,7 +73,7 @@ class TrainSection:
     grad_accum: int = 1  # micro-batches per optimizer step (gradients reduced once, on the last)
     seed: int = 0  # model init and data order
     dtype: str = "float32"  # "bfloat16" → autocast; parameters stay fp32
-    compile: bool = False  # per-block torch.compile
+    compile: bool = False  # torch.compile (the regions: parallelize.compile_regions)
     # "reduce-overhead" replays the compiled blocks and memory layers as CUDA graphs (a memory
     # layer launches many small kernels: without graphs the host sets the pace)
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), ...

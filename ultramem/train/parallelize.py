@@ -1,9 +1,9 @@
 """Activation checkpointing, compile and data parallelism, applied to a built model in one place.
 
 Order (as torchtitan): activation checkpointing wraps each chosen block and the memory layers
-that read there, then each block is compiled with the memory layers reading it (under FSDP each
-block and memory layer on its own), then FSDP2 shards each block and memory layer and finally the
-root (or DDP wraps the whole model).
+that read there, then compile (the whole model, or smaller regions under DDP and FSDP), then
+FSDP2 shards each block, the memory layers as one unit, and finally the root (or DDP wraps the
+whole model).
 
 The value tables stay outside both: each rank holds them whole, and their gradients, which the
 memory ops add into persistent buffers that autograd's hooks never see, are summed over ranks by
@@ -58,21 +58,36 @@ def apply_ac(model: Transformer, blocks: list[int]) -> None:
             )
 
 
-def apply_compile(model: Transformer, mode: str, fsdp: bool, options: dict | None = None) -> None:
-    """Without FSDP, one compiled region per block and the memory layers reading it
-    (`Transformer.compile_stages`): each region entered costs host time, which sets the pace of a
-    memory model without CUDA graphs. Under FSDP, one per block and one per memory layer: each is
-    sharded on its own and a region holding both would break at the layer's FSDP hooks.
-    `options` (Inductor's) add to the mode's."""
+COMPILE_REGIONS = ("model", "stage", "module")
+
+
+def compile_regions(mode: str, world_size: int) -> str:
+    """Where `apply_compile` draws its regions for a parallel mode. Entering a compiled region
+    costs host time (guards, autograd wrappers) in the forward and the backward, which sets the
+    pace of a memory model without CUDA graphs, so the fewer the better:
+    - "model": one region, when nothing runs between the modules;
+    - "stage": one per block with the memory layers reading it (`Transformer.compile_stages`),
+      under DDP, whose gradient buckets are reduced as each region's backward ends;
+    - "module": one per block and one per memory layer, under FSDP, whose hooks run between them."""
+    if mode == "fsdp":
+        return "module"
+    return "stage" if mode == "ddp" and world_size > 1 else "model"
+
+
+def apply_compile(model: Transformer, mode: str, regions: str, options: dict | None = None) -> None:
+    """torch.compile in `mode` over the regions `compile_regions` names; `options` (Inductor's)
+    add to the mode's."""
     # torch.compile takes a mode or options, not both: a mode is a set of options
     kwargs = {"options": {**torch._inductor.list_mode_options(mode), **options}} if options else {"mode": mode}
-    if not fsdp:
+    if regions == "model":
+        model.compile(**kwargs)
+    elif regions == "stage":
         model.compile_stages(**kwargs)
-        return
-    for block in model.blocks:
-        block.compile(**kwargs)
-    for layer in model.memory_layers:
-        layer.compile(**kwargs)
+    elif regions == "module":
+        for module in [*model.blocks, *model.memory_layers]:
+            module.compile(**kwargs)
+    else:
+        raise ValueError(f"regions={regions!r}: expected one of {COMPILE_REGIONS}")
 
 
 def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) -> None:
@@ -153,7 +168,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo, device: to
             mode,
         )
     if cfg.train.compile:
-        apply_compile(model, cfg.train.compile_mode, fsdp=mode == "fsdp")
+        apply_compile(model, cfg.train.compile_mode, compile_regions(mode, info.world_size))
     forward: nn.Module = model
     if mode == "fsdp":
         apply_fsdp(model, cfg, tables)
