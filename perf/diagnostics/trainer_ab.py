@@ -52,9 +52,13 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 
 def tree_revision(tree: Path) -> str:
-    """The checkout's commit (for the records, which name no paths), or its folder's name."""
-    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else tree.name
+    """The checkout's commit (for the records, which name no paths), or its folder's name where
+    it is not a checkout of its own (an unpacked commit inside another repository)."""
+    out = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--show-toplevel", "--short", "HEAD"], capture_output=True, text=True
+    )
+    top, _, commit = out.stdout.strip().partition("\n")
+    return commit if out.returncode == 0 and Path(top).resolve() == tree.resolve() else tree.name
 
 
 def parse_tree(spec: str) -> tuple[str, Path]:

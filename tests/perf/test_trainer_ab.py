@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 from tiny import TINY_MODEL
 
-from perf.diagnostics.trainer_ab import ROOT, main, parse_tree, parse_variant
+from perf.diagnostics.trainer_ab import ROOT, main, parse_tree, parse_variant, tree_revision
 
 
 def test_variants_parse():
@@ -57,3 +58,14 @@ def test_variants_in_worker_processes_on_their_trees(tmp_path, capsys):
     assert all(len(r["extra"]["rounds_ms"]) == 2 and r["time"] > 0 for r in recs)
     with pytest.raises(SystemExit, match="variant bad: ConfigError"):
         main(["--config=debug.toml", *common, "--variant", "bad=--model.dim=-1", "--tree", f"bad={copy}"])
+
+
+def test_a_tree_names_its_own_commit_not_an_enclosing_one(tmp_path):
+    """A commit unpacked into a folder of another repository is named by its folder."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    (tmp_path / "old").mkdir()
+    assert tree_revision(tmp_path / "old") == "old"
+    assert tree_revision(tmp_path) == head.stdout.strip()
