@@ -1,9 +1,11 @@
 """One UltraMemV2 layer of 227m.toml at decode shapes, run as generation runs it: eval mode,
 inference mode, compiled in the default mode (no CUDA graphs). Per token count: the wall time per
 call back to back, the GPU time (the kernels' sum under the profiler), the kernels launched per
-call, and the same forward under CUDA graphs; weights in fp32 under bf16 autocast, or cast to
-bf16. Then the kernels of one call at the smallest token count. Two references on the same host
-set the floor: a compiled function of one add, and the block's SwiGLU FFN in bf16.
+call, and the same forward under CUDA graphs: `reduce-overhead` mode (graph trees, with their
+bookkeeping per call) and a bare `torch.cuda.CUDAGraph.replay()` of the compiled call, the floor
+of any graph-replaying decode loop. Weights in fp32 under bf16 autocast, or cast to bf16. Then
+the kernels of one call at the smallest token count. Two references on the same host set the
+floor: a compiled function of one add, and the block's SwiGLU FFN in bf16.
 
     PYTHONPATH=. python -m perf.diagnostics.decode_layer [--tokens 1 8 64] [--log $OUT/log.jsonl]   # CUDA only
 """
@@ -22,6 +24,24 @@ from perf import records
 from perf.diagnostics.host_path import wall_us
 from perf.gpu_e2e import build_layer_227m, kernel_times
 from ultramem.model import FeedForward
+
+
+def replay_us(fn, calls: int) -> float:
+    """Wall time of one bare replay of `fn` captured in a CUDA graph (NaN where it does not capture)."""
+    side = torch.cuda.Stream()  # warm-up off the default stream, as capture wants
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:
+        print(f"  capture failed: {str(err).splitlines()[0][:120]}")
+        return float("nan")
+    return wall_us(graph.replay, calls)
 
 
 class OneAdd(torch.nn.Module):
@@ -52,7 +72,7 @@ def main(argv=None) -> int:
     }
     env = records.environment()
     recs = []
-    head = ("eager", "compiled", "graphs", "GPU")
+    head = ("eager", "compiled", "graphs", "replay", "GPU")
     print(f"{'UltraMemV2 layer, 227m.toml, eval':36} {'T':>4} " + " ".join(f"{h:>9}" for h in head) + " launches")
     for name, (mod, autocast) in variants.items():
         compiled = torch.compile(mod, fullgraph=True, dynamic=False)
@@ -71,15 +91,19 @@ def main(argv=None) -> int:
                 "eager": wall_us(lambda: call(mod), args.calls),
                 "compiled": wall_us(lambda: call(compiled), args.calls),
                 "graphs": wall_us(lambda: call(graphed, True), args.calls),
+                "replay": replay_us(lambda: call(compiled), args.calls),
             }
             ks = kernel_times(lambda: call(compiled), 20)
             gpu = sum(us for _, us, _ in ks)
             launches = sum(n for _, _, n in ks)
             print(
-                f"{name:36} {tokens:4d} {times['eager']:9.1f} {times['compiled']:9.1f} {times['graphs']:9.1f} "
-                f"{gpu:9.1f} {launches:8.1f}"
+                f"{name:36} {tokens:4d} "
+                + " ".join(f"{times[h]:9.1f}" for h in head[:-1])
+                + f" {gpu:9.1f} {launches:8.1f}"
             )
             for mode, us in times.items():
+                if us != us:  # a graph that did not capture
+                    continue
                 recs.append(
                     records.record(
                         env,
