@@ -6,7 +6,7 @@
 2. One UltraMemV2 layer at the 227M shapes (SPEC §8, 3 x 4096 tokens, the pooled 2.59M-row tables
    with persistent gradient buffers), forward and forward + backward, eager and compiled, next to
    the block's SwiGLU FFN on the same tokens.
-3. The debug training run on the GPU (bf16 autocast, per-block compile) against the CPU fp32
+3. The debug training run on the GPU (bf16 autocast, compiled as the trainer does) against the CPU fp32
    reference run of the same config, data and seed: both loss curves; and the same GPU run with
    CUDA graphs (train.compile_mode="reduce-overhead").
 4. Training throughput of the 227M configs: dense baseline, UltraMemV2, UltraMemV2 + CUDA graphs.
@@ -320,7 +320,7 @@ def throughput_227m(
     overrides: tuple[str, ...] = (),
 ) -> None:
     """Training throughput of the 227M configs on this GPU (same trainer, data and settings):
-    the dense baseline, UltraMemV2 with the per-block compile, and with CUDA graphs.
+    the dense baseline, UltraMemV2 compiled as the trainer does, and with CUDA graphs.
     grad_accum (default: the config's 256) shortens a step; the micro-batch stays the same.
     Runs go in the order of `only`; a name given twice runs twice (e.g. dense, ultramem, dense,
     ultramem, to see the drift within a run): its tokens_per_s is then the median over its runs,

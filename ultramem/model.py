@@ -153,9 +153,7 @@ def run_stage(
     aux: Tensor,
 ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
     """One block, then the memory layers that read its FFN input: (residual, their outputs, aux
-    plus the block's and the layers' auxiliary losses). A module-level function of its modules,
-    so that one compiled version serves every block of the same kind; the aux sum is inside so
-    that it adds nothing to run between compiled regions."""
+    plus the block's and the layers' auxiliary losses)."""
     x, u, *block_aux = block(x, cos, sin, written)
     for a in block_aux:
         aux = aux + a
@@ -197,7 +195,6 @@ class Transformer(nn.Module):
         self._writes = {b: [l for l, (_, w) in enumerate(self.placement) if w == b] for _, b in self.placement}
         for i, block in enumerate(self.blocks):
             block.feeds_memory = i in self._reads
-        self._stage = run_stage  # compile_stages() swaps in a compiled one
 
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -218,7 +215,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             reads = self._reads.get(i, ())
             layers = tuple(self.memory_layers[l] for l in reads)
-            x, ys, aux = self._stage(block, layers, self.memory_tables, x, cos, sin, written, aux)
+            x, ys, aux = run_stage(block, layers, self.memory_tables, x, cos, sin, written, aux)
             pending.update(zip(reads, ys))
             written = tuple(pending.pop(l) for l in self._writes.get(i, ()))
         for y in written:
@@ -238,24 +235,6 @@ class Transformer(nn.Module):
             for name, value in layer.metrics().items():
                 out[f"mem{l}/{name}"] = value
         return out
-
-    def compile_stages(self, **compile_kwargs) -> None:
-        """Compile `run_stage`: one compiled region per block with the memory layers reading it
-        (blocks of one kind share its code). The trainer uses it under DDP, whose gradient buckets
-        are reduced as each region's backward ends; alone, one region for the whole model
-        (`self.compile()`) costs less host time."""
-        # Every block's variant is cached on run_stage alone (block or checkpoint wrapper, the
-        # layers reading it, what it adds, grad mode, whether aux needs grad yet): at most one per
-        # block and grad mode, which Dynamo's default limit of 8 would cut short on deep models
-        # with skip placements or selective recompute, running the rest uncompiled.
-        needed = 2 * len(self.blocks)
-        if torch._dynamo.config.recompile_limit < needed:
-            torch._dynamo.config.recompile_limit = needed
-        self._stage = torch.compile(run_stage, **compile_kwargs)
-
-    def __getstate__(self):
-        # a compiled stage does not pickle: a pickled model comes back uncompiled
-        return {**self.__dict__, "_stage": run_stage}
 
     # -- init ---------------------------------------------------------------------------------
 

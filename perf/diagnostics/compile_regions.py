@@ -1,15 +1,14 @@
 """Compiled regions of the trainer's model (`parallelize.compile_regions`): the whole model as
-one region, a block and the memory layers reading it in one region (the DDP layout), one region
-per block and one per memory layer (the FSDP layout), timed in one process and alternating, so
-that a host whose speed drifts slows them alike.
+one region against one region per block and one per memory layer (the FSDP layout), timed in one
+process and alternating, so that a host whose speed drifts slows both alike.
 
     PYTHONPATH=. python -m perf.diagnostics.compile_regions              # CPU: debug.toml, 8 blocks, 8 tokens
     PYTHONPATH=. python -m perf.diagnostics.compile_regions --config 227m.toml --batch 3 --seq 4096 \\
         --log $OUT/log.jsonl                                             # CUDA: the 227M micro-batch
 
 `--variant NAME=LAYOUT[,OPTION=VALUE...]` adds Inductor options to a layout (e.g.
-`--variant combo=stage,combo_kernels=1`), or `layer_stats=off` (no memory-layer statistics);
-variants replace the three layouts, and each compiles its own regions.
+`--variant combo=model,combo_kernels=1`), or `layer_stats=off` (no memory-layer statistics);
+variants replace the two layouts, and each compiles its own regions.
 
 A step is one micro-batch of the trainer: forward with the loss, backward (bf16 autocast where
 the config trains in bf16 on CUDA), no optimizer. Without CUDA graphs a memory model's step is

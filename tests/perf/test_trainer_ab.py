@@ -62,7 +62,7 @@ def test_variants_in_worker_processes_on_their_trees(tmp_path, capsys):
 
 def test_a_tree_names_its_own_commit_not_an_enclosing_one(tmp_path):
     """A commit unpacked into a folder of another repository is named by its folder."""
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "-C", str(tmp_path)]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from tiny import TINY_MODEL
+from torch._dynamo.utils import counters
 
 from ultramem.train.config import load_config
 from ultramem.train.parallelize import apply_ac, checkpointed_blocks, parallelize
@@ -84,10 +85,9 @@ def test_selective_picks_every_nth_block():
     assert checkpointed_blocks(load_config("debug", ["--train.ac=none"])) == []
 
 
-def test_compiled_stages_stay_compiled_on_deep_skip_placements_with_recompute():
-    # every block's variant is cached on run_stage alone: a deep model with a skip placement and
-    # selective recompute has more of them than Dynamo's default limit of 8, past which the rest
-    # would run uncompiled (compile_stages raises the limit to cover them)
+def test_whole_model_compiles_as_one_graph_on_deep_skip_placements_with_recompute():
+    # as the trainer compiles it without FSDP: one graph per grad mode, whatever the placement and
+    # the recompute (per-block regions had more variants than Dynamo's default limit of 8)
     cfg = load_config(
         "debug",
         [
@@ -102,7 +102,8 @@ def test_compiled_stages_stay_compiled_on_deep_skip_placements_with_recompute():
     with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
         model = build_training_model(cfg, torch.device("cpu"))
         apply_ac(model, checkpointed_blocks(cfg))
-        model.compile_stages(backend="aot_eager")
+        model.compile(backend="aot_eager", fullgraph=True)
+        counters.clear()
         tokens = torch.randint(0, cfg.model.vocab_size, (1, 17), generator=torch.Generator().manual_seed(0))
         for _ in range(2):
             loss, _ = model(tokens[:, :-1], tokens[:, 1:])
@@ -110,6 +111,7 @@ def test_compiled_stages_stay_compiled_on_deep_skip_placements_with_recompute():
         model.eval()
         with torch.no_grad():
             model(tokens[:, :-1], tokens[:, 1:])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     torch._dynamo.reset()
 
 

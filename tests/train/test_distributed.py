@@ -85,6 +85,31 @@ def test_fsdp_reshard_policies_train_alike(runs, policy):
         assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
 
 
+def test_compiled_ddp_matches_one_process(runs):
+    """The whole model compiled under DDP on 2 ranks (Dynamo splits the graph at the gradient
+    buckets' boundaries) trains as one eager process."""
+    one_dir, _ = runs.get("one-ultramem_v2", 0, ["--model.memory.type=ultramem_v2"])
+    two_dir, out = runs.get("ddp-compiled", 2, ["--parallel.mode=ddp", "--train.compile=true"])
+    want, got = losses(one_dir), losses(two_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+    assert "compile=True" in out.stdout
+
+
+def test_fsdp_memory_unit_with_accumulation_skips_and_recompute(runs):
+    """All memory layers one FSDP unit, gathered again for the backward, with 2 micro-batches,
+    layers read at one block and added after another, and recomputed blocks."""
+    extra = ["--model.memory.insert=0:1/1:1", "--train.ac=full"]
+    one_dir, _ = runs.get("one-skip", 0, extra + ["--train.grad_accum=2"])
+    fsdp = ["--parallel.mode=fsdp", "--parallel.reshard_after_forward=always", "--train.grad_accum=2"]
+    two_dir, _ = runs.get("fsdp-skip", 2, extra + fsdp)
+    want, got = losses(one_dir), losses(two_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+
+
 @pytest.mark.parametrize("name, nproc, mode", [("one-ultramem_v2", 0, "none"), ("fsdp-ultramem_v2", 2, "fsdp")])
 def test_resume_continues_bit_identically(runs, name, nproc, mode):
     full_dir, _ = runs.get(name, nproc, [f"--parallel.mode={mode}"])

@@ -15,8 +15,10 @@ from ultramem.train.parallelize import apply_fsdp, parallelize
 from ultramem.train.trainer import DistInfo, build_training_model
 
 
-def _units(monkeypatch, policy: str) -> list[tuple[str, object]]:
-    cfg = load_config("debug", TINY_MODEL + ["--model.n_layers=3", f"--parallel.reshard_after_forward={policy}"])
+def _units(monkeypatch, policy: str, extra=()) -> list[tuple[str, object]]:
+    cfg = load_config(
+        "debug", TINY_MODEL + ["--model.n_layers=3", f"--parallel.reshard_after_forward={policy}", *extra]
+    )
     model = build_training_model(cfg, torch.device("cpu"))
     calls = []
 
@@ -28,10 +30,11 @@ def _units(monkeypatch, policy: str) -> list[tuple[str, object]]:
             kind = "root" if isinstance(module, Transformer) else type(module).__name__
         calls.append((kind, kwargs["reshard_after_forward"]))
         if kind == "root":
-            assert kwargs["ignored_params"] == set(model.memory_tables.parameters())
+            assert kwargs["ignored_params"] == (tables or None)
 
+    tables = set(model.memory_tables.parameters()) if model.memory_tables is not None else set()
     monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", record)
-    apply_fsdp(model, cfg, set(model.memory_tables.parameters()))
+    apply_fsdp(model, cfg, tables)
     return calls
 
 
@@ -47,6 +50,14 @@ def test_reshard_after_forward_per_unit(monkeypatch, policy, blocks, layers, roo
     """A unit per block, one for all memory layers, then the root."""
     calls = _units(monkeypatch, policy)
     assert calls == [("Block", b) for b in blocks] + [(["UltraMemV2"] * 3, layers), ("root", root)]
+
+
+def test_layers_that_own_their_tables_stay_a_unit_each(monkeypatch):
+    """UltraMem v1's layers hold their tables: gathered one at a time, not all together."""
+    calls = _units(monkeypatch, "default", ["--model.memory.type=ultramem_v1"])
+    assert calls == [("Block", True), ("Block", True), ("Block", False)] + [("UltraMemV1", False)] * 3 + [
+        ("root", None)
+    ]
 
 
 def test_unknown_reshard_policy_is_refused():

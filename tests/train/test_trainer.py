@@ -1,5 +1,7 @@
 """The training loop: in-process mechanics on a tiny model, and a real debug run under torchrun."""
 
+import copy
+import pickle
 import re
 
 import numpy as np
@@ -14,7 +16,7 @@ from ultramem.layers import tucker
 from ultramem.model import build_model
 from ultramem.train.config import load_config
 from ultramem.train.optim import build_optimizer
-from ultramem.train.parallelize import COMPILE_REGIONS, apply_compile, compile_regions
+from ultramem.train.parallelize import COMPILE_REGIONS, apply_compile
 from ultramem.train.trainer import DistInfo, Trainer, build_training_model, parallelize
 
 TINY = [
@@ -128,8 +130,8 @@ def test_cuda_graph_mode_keeps_its_own_grads_and_matches_the_plain_compile():
         if mode == "reduce-overhead":
             assert all(g is not None and not g.any() for g in grads.values())
         losses[mode] = [r.loss for r in trainer.train()]
-        # without DDP or FSDP the whole model is one compiled region (each region entered costs
-        # host time): one graph in training and one in evaluation (no grad)
+        # without FSDP the whole model is one compiled region (each region entered costs host
+        # time): one graph in training and one in evaluation (no grad)
         modules = [*trainer.model.blocks, *trainer.model.memory_layers]
         assert all(m._compiled_call_impl is None for m in modules)
         assert trainer.model._compiled_call_impl is not None
@@ -149,19 +151,38 @@ def test_apply_compile_adds_inductor_options_to_the_mode(monkeypatch, regions):
     model = build_model(load_config("debug", TINY).model)
     apply_compile(model, "reduce-overhead", regions, options={"epilogue_fusion": False})
     apply_compile(model, "reduce-overhead", regions)
-    # the whole model, run_stage, or each block and memory layer
-    n = len(model.blocks) + len(model.memory_layers) if regions == "module" else 1
+    # the whole model, or each block and memory layer
+    modules = [*model.blocks, *model.memory_layers]
+    compiled = [m for m in [model, *modules] if m._compiled_call_impl is not None]
+    assert compiled == ([model] if regions == "model" else modules)
     merged = {**torch._inductor.list_mode_options("reduce-overhead"), "epilogue_fusion": False}
-    assert seen == [{"options": merged}] * n + [{"mode": "reduce-overhead"}] * n
-
-
-def test_compile_regions_follow_the_parallel_mode():
-    assert compile_regions("none", 1) == "model"
-    assert compile_regions("ddp", 1) == "model"  # one rank: no DDP wrapper, nothing to overlap
-    assert compile_regions("ddp", 2) == "stage"
-    assert compile_regions("fsdp", 1) == "module"
+    assert seen == [{"options": merged}] * len(compiled) + [{"mode": "reduce-overhead"}] * len(compiled)
     with pytest.raises(ValueError, match="regions='block'"):
-        apply_compile(build_model(load_config("debug", TINY).model), "default", "block")
+        apply_compile(model, "default", "block")
+
+
+def test_a_copy_of_a_compiled_model_is_its_own():
+    # the compiled callable is bound to the original model: a copy (EMA, eval) or a pickle
+    # comes back uncompiled instead of running the original's weights
+    model = build_model(load_config("debug", TINY).model)
+    apply_compile(model, "default", "model")
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin._compiled_call_impl is None and model._compiled_call_impl is not None
+
+
+@pytest.mark.parametrize(("mode", "regions"), [("none", "model"), ("ddp", "model"), ("fsdp", "module")])
+def test_parallelize_compiles_the_regions_of_its_mode(monkeypatch, mode, regions):
+    """The whole model unless FSDP's hooks run between the modules (DDP on 2 ranks included)."""
+    from ultramem.train import parallelize as par
+
+    seen = []
+    monkeypatch.setattr(par, "apply_compile", lambda model, mode, regions: seen.append(regions))
+    monkeypatch.setattr(par, "apply_fsdp", lambda *args: None)
+    monkeypatch.setattr(par, "apply_ddp", lambda model, *args: model)
+    cfg = load_config("debug", TINY + ["--train.compile=true", f"--parallel.mode={mode}"])
+    model = build_training_model(cfg, torch.device("cpu"))
+    parallelize(model, cfg, DistInfo(world_size=2), torch.device("cpu"))
+    assert seen == [regions]
 
 
 @pytest.mark.gpu

@@ -53,6 +53,11 @@ from ._common import fill_normal_rows
 logger = logging.getLogger(__name__)
 
 
+def _refresh_after_load(module: nn.Module, _keys) -> None:
+    """After load_state_dict (module-level, so that the tables pickle)."""
+    module.refresh_compute_copy()
+
+
 class ValueTables(nn.Module):
     def __init__(self, num_rows: int, vdim: int, pre_vdim: int = 0, num_layers: int = 1):
         super().__init__()
@@ -69,7 +74,7 @@ class ValueTables(nn.Module):
         self.register_buffer("pre_values_compute", None, persistent=False)
         self._compute_versions: tuple[int, ...] | None = None
         self.grad_staging: GradStaging | None = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_compute_copy())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def value_parameters(self) -> list[nn.Parameter]:
         """The table parameters (the trainer's value group)."""

@@ -17,6 +17,11 @@ from .tables import ValueTables
 from .tucker import RELEASED_TABLE_STD, TuckerMemoryBase
 
 
+def _refill_buffers(module: nn.Module, _keys) -> None:
+    """After load_state_dict (module-level, so that the layer pickles)."""
+    module.init_buffers()
+
+
 class UltraMemV2(TuckerMemoryBase):
     """One UltraMemV2 layer (arXiv 2508.18756; docs/layers.md): `y, aux = layer(u, tables)`.
 
@@ -44,7 +49,7 @@ class UltraMemV2(TuckerMemoryBase):
         # dict: refilled by init_buffers (reset_parameters, the model's init_buffers after
         # to_empty from the meta device) and after every load_state_dict.
         self.register_buffer("row_offset", torch.tensor(self.offset, dtype=torch.int64), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.init_buffers())
+        self.register_load_state_dict_post_hook(_refill_buffers)
         self.vdim, self.pre_vdim, self.glu_act = m.vdim, m.pre_vdim, m.glu_act
         self.w_p = nn.Linear(self.dim, self.pre_vdim, bias=False) if self.pre_vdim > 0 else None
         self.w_o = nn.Linear(self.vdim, self.dim, bias=False)

@@ -74,8 +74,8 @@ class TrainSection:
     seed: int = 0  # model init and data order
     dtype: str = "float32"  # "bfloat16" → autocast; parameters stay fp32
     compile: bool = False  # torch.compile (the regions: parallelize.compile_regions)
-    # "reduce-overhead" replays the compiled blocks and memory layers as CUDA graphs (a memory
-    # layer launches many small kernels: without graphs the host sets the pace)
+    # "reduce-overhead" replays the compiled model as CUDA graphs (a memory layer launches many
+    # small kernels: without graphs the host sets the pace)
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), ...
     # half the bytes per gather; the fp32 tables stay the master copy
     bf16_table_copy: bool = True  # bfloat16 runs: memory layers gather from a bf16 copy of the tables

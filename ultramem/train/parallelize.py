@@ -1,9 +1,9 @@
 """Activation checkpointing, compile and data parallelism, applied to a built model in one place.
 
 Order (as torchtitan): activation checkpointing wraps each chosen block and the memory layers
-that read there, then compile (the whole model, or smaller regions under DDP and FSDP), then
-FSDP2 shards each block, the memory layers as one unit, and finally the root (or DDP wraps the
-whole model).
+that read there, then compile (the whole model, or each block and memory layer under FSDP),
+then FSDP2 shards each block, the memory layers and finally the root (or DDP wraps the whole
+model).
 
 The value tables stay outside both: each rank holds them whole, and their gradients, which the
 memory ops add into persistent buffers that autograd's hooks never see, are summed over ranks by
@@ -58,20 +58,19 @@ def apply_ac(model: Transformer, blocks: list[int]) -> None:
             )
 
 
-COMPILE_REGIONS = ("model", "stage", "module")
+COMPILE_REGIONS = ("model", "module")
 
 
-def compile_regions(mode: str, world_size: int) -> str:
+def compile_regions(mode: str) -> str:
     """Where `apply_compile` draws its regions for a parallel mode. Entering a compiled region
     costs host time (guards, autograd wrappers) in the forward and the backward, which sets the
     pace of a memory model without CUDA graphs, so the fewer the better:
-    - "model": one region, when nothing runs between the modules;
-    - "stage": one per block with the memory layers reading it (`Transformer.compile_stages`),
-      under DDP, whose gradient buckets are reduced as each region's backward ends;
-    - "module": one per block and one per memory layer, under FSDP, whose hooks run between them."""
-    if mode == "fsdp":
-        return "module"
-    return "stage" if mode == "ddp" and world_size > 1 else "model"
+    - "model": the whole model as one region. Under DDP, Dynamo splits it at the gradient
+      buckets' boundaries (its DDP optimizer), so that each bucket is reduced as soon as the
+      backward has produced it;
+    - "module": one region per block and one per memory layer, under FSDP, whose hooks run
+      between them."""
+    return "module" if mode == "fsdp" else "model"
 
 
 def apply_compile(model: Transformer, mode: str, regions: str, options: dict | None = None) -> None:
@@ -81,8 +80,6 @@ def apply_compile(model: Transformer, mode: str, regions: str, options: dict | N
     kwargs = {"options": {**torch._inductor.list_mode_options(mode), **options}} if options else {"mode": mode}
     if regions == "model":
         model.compile(**kwargs)
-    elif regions == "stage":
-        model.compile_stages(**kwargs)
     elif regions == "module":
         for module in [*model.blocks, *model.memory_layers]:
             module.compile(**kwargs)
@@ -91,9 +88,10 @@ def apply_compile(model: Transformer, mode: str, regions: str, options: dict | N
 
 
 def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) -> None:
-    """FSDP2 per block, one unit for all memory layers, then the root. bf16 runs gather the blocks' weights
-    in bf16 and reduce gradients in fp32 (the fp32 shards stay the master weights); memory layers
-    keep fp32 weights, since their ops take the retrieval weights as given.
+    """FSDP2 per block, the memory layers (one unit for all where they share the tables), then
+    the root. bf16 runs gather the blocks' weights in bf16 and reduce gradients in fp32 (the fp32
+    shards stay the master weights); memory layers keep fp32 weights, since their ops take the
+    retrieval weights as given.
     `parallel.reshard_after_forward` says which units gather their weights again for the backward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -112,10 +110,12 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) 
         # the last block's weights are needed again at once by the backward: keep them gathered
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard(i < n - 1))
     layers = list(model.memory_layers)
-    if layers:
-        # one unit for all memory layers: their weights are a few MB in all, and each unit's
-        # gather and hooks cost host time in a host-bound layer
-        fully_shard(layers, mp_policy=fp32, reshard_after_forward=reshard(False))
+    # With shared tables (outside FSDP) a layer's own weights are small (5.9 MB at 227M), and each
+    # unit's gather and backward hooks cost host time in a host-bound layer: one unit for all.
+    # Layers that own their tables (UltraMem v1) stay a unit each, gathered one at a time.
+    units = [layers] if model.memory_tables is not None and layers else layers
+    for unit in units:
+        fully_shard(unit, mp_policy=fp32, reshard_after_forward=reshard(False))
     # None: FSDP's own choice for the root (keep its weights gathered)
     fully_shard(model, mp_policy=mp, ignored_params=tables or None, reshard_after_forward=reshard(None))
     # FSDP warns that a memory layer returns a view (its output reshaped to the input's shape):
@@ -168,7 +168,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo, device: to
             mode,
         )
     if cfg.train.compile:
-        apply_compile(model, cfg.train.compile_mode, compile_regions(mode, info.world_size))
+        apply_compile(model, cfg.train.compile_mode, compile_regions(mode))
     forward: nn.Module = model
     if mode == "fsdp":
         apply_fsdp(model, cfg, tables)
