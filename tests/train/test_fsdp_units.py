@@ -53,11 +53,10 @@ def test_reshard_after_forward_per_unit(monkeypatch, policy, blocks, layers, roo
 
 
 def test_layers_that_own_their_tables_stay_a_unit_each(monkeypatch):
-    """UltraMem v1's layers hold their tables: gathered one at a time, not all together."""
+    """UltraMem v1's layers hold their tables: each resharded after its forward, so one table is
+    gathered at a time."""
     calls = _units(monkeypatch, "default", ["--model.memory.type=ultramem_v1"])
-    assert calls == [("Block", True), ("Block", True), ("Block", False)] + [("UltraMemV1", False)] * 3 + [
-        ("root", None)
-    ]
+    assert calls == [("Block", True), ("Block", True), ("Block", False)] + [("UltraMemV1", True)] * 3 + [("root", None)]
 
 
 def test_unknown_reshard_policy_is_refused():

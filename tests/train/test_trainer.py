@@ -170,6 +170,24 @@ def test_a_copy_of_a_compiled_model_is_its_own():
         assert twin._compiled_call_impl is None and model._compiled_call_impl is not None
 
 
+def test_a_copy_of_a_training_model_keeps_its_gradients_to_itself():
+    # the tables' gradient buffers are registered by id with the ops: a copy comes back without
+    # them (autograd's own gradients), so its backward leaves the original's buffers untouched
+    cfg = load_config("debug", TINY)
+    model = build_training_model(cfg, torch.device("cpu"))
+    tables = model.memory_tables
+    assert tables.values_grad_id != -1 and tables.grad_staging is not None
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        t = twin.memory_tables
+        assert (t.values_grad_id, t.pre_values_grad_id, t.values_grad, t.grad_staging) == (-1, -1, None, None)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        loss, _ = twin(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        assert t.values.grad is not None and t.values.grad.abs().sum() > 0
+        assert not tables.values_grad.any() and not tables.pre_values_grad.any()
+        assert tables.grad_staging.staged_tokens() == 0
+
+
 @pytest.mark.parametrize(("mode", "regions"), [("none", "model"), ("ddp", "model"), ("fsdp", "module")])
 def test_parallelize_compiles_the_regions_of_its_mode(monkeypatch, mode, regions):
     """The whole model unless FSDP's hooks run between the modules (DDP on 2 ranks included)."""

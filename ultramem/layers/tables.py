@@ -76,6 +76,21 @@ class ValueTables(nn.Module):
         self.grad_staging: GradStaging | None = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
+    def __getstate__(self):
+        # The buffers' ids index a process-wide registry: a copy (deepcopy, pickle) would add its
+        # gradients into the original's buffers. It comes back as freshly built tables instead,
+        # without buffers, staging or compute copies; `use_grad_buffers()` gives it its own.
+        state = super().__getstate__()
+        state.update(values_grad_id=-1, pre_values_grad_id=-1, grad_staging=None, _compute_versions=None)
+        dropped = ("values_grad", "pre_values_grad", "values_compute", "pre_values_compute")
+        state["_buffers"] = {k: None if k in dropped else v for k, v in state["_buffers"].items()}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for p in self.value_parameters():
+            p.grad = None  # the copied buffer
+
     def value_parameters(self) -> list[nn.Parameter]:
         """The table parameters (the trainer's value group)."""
         return [p for p in (self.values, self.pre_values) if p is not None]

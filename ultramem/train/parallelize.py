@@ -110,12 +110,14 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) 
         # the last block's weights are needed again at once by the backward: keep them gathered
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard(i < n - 1))
     layers = list(model.memory_layers)
+    shared = model.memory_tables is not None
     # With shared tables (outside FSDP) a layer's own weights are small (5.9 MB at 227M), and each
-    # unit's gather and backward hooks cost host time in a host-bound layer: one unit for all.
-    # Layers that own their tables (UltraMem v1) stay a unit each, gathered one at a time.
-    units = [layers] if model.memory_tables is not None and layers else layers
+    # unit's gather and backward hooks cost host time in a host-bound layer: one unit for all,
+    # kept gathered for the backward. Layers that own their tables (UltraMem v1) are a unit each,
+    # resharded after their forward like the blocks, so one table is gathered at a time.
+    units = [layers] if shared and layers else layers
     for unit in units:
-        fully_shard(unit, mp_policy=fp32, reshard_after_forward=reshard(False))
+        fully_shard(unit, mp_policy=fp32, reshard_after_forward=reshard(not shared))
     # None: FSDP's own choice for the root (keep its weights gathered)
     fully_shard(model, mp_policy=mp, ignored_params=tables or None, reshard_after_forward=reshard(None))
     # FSDP warns that a memory layer returns a view (its output reshaped to the input's shape):
