@@ -88,8 +88,7 @@ class ValueTables(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for p in self.value_parameters():
-            p.grad = None  # the copied buffer
+        self.use_grad_buffers(False)  # also drops the copied `.grad`, the original's buffer
 
     def value_parameters(self) -> list[nn.Parameter]:
         """The table parameters (the trainer's value group)."""

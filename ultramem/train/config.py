@@ -94,8 +94,9 @@ class TrainSection:
 class ParallelConfig:
     mode: str = "none"  # "none", "ddp" or "fsdp" (FSDP2); with one process "ddp" is "none"
     # FSDP: whether a unit frees its gathered weights after its forward and gathers them again for
-    # the backward. "default": blocks do, except the last; memory layers keep theirs (a few MB
-    # each, and each gather costs host time in host-bound layers). "always" or "never": every unit.
+    # the backward. "default": blocks do, except the last, and so do UltraMem v1's layers (each
+    # owns its table); memory layers that share the tables keep theirs (a few MB each, and each
+    # gather costs host time in host-bound layers). "always" or "never": every unit.
     reshard_after_forward: str = "default"
 
 

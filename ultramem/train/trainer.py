@@ -90,9 +90,9 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
 def staged_flush_interval(cfg: TrainConfig, device: torch.device) -> int:
     """Micro-batches per flush of the staged table gradients (0: not staged). UltraMemV2 layers
     stage; Memory+ does not (its small table keeps the atomics in L2: measured no faster). On
-    CUDA when the memory layers compile with their blocks (measured faster with CUDA graphs and
-    without); not in eager CUDA runs nor under FSDP, where each staged call's host time adds to
-    host-bound layers (under FSDP, measured slower: perf/NOTES.md). docs/table-gradients.md."""
+    CUDA when compiled (measured faster with CUDA graphs and without); not in eager CUDA runs nor
+    under FSDP, where each staged call's host time adds to host-bound layers (under FSDP,
+    measured slower: perf/NOTES.md). docs/table-gradients.md."""
     if cfg.model.memory.type != "ultramem_v2":
         return 0
     if device.type == "cuda" and (not cfg.train.compile or cfg.parallel.mode == "fsdp"):
