@@ -18,6 +18,9 @@ process of its own (`trainer_ab_worker.py`, this checkout's for those without a 
 one after another, its steps still alternating with the others', so two commits compare on one
 machine. Where there is no git (the lent GPU machine), unpack the commit into a folder of the
 working tree (`git archive <commit> | tar -x -C old/`); the records then name the folder.
+`--env NAME=VAR=VALUE` sets an environment variable in that variant's worker alone (Inductor
+options read at import, e.g. TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1); as with
+`--tree`, every variant then runs in a worker.
 Records go to the results log (suite "e2e", bench "trainer_ab") with --log.
 """
 
@@ -61,6 +64,14 @@ def tree_revision(tree: Path) -> str:
     return commit if out.returncode == 0 and Path(top).resolve() == tree.resolve() else tree.name
 
 
+def parse_env(spec: str) -> tuple[str, str, str]:
+    name, _, assignment = spec.partition("=")
+    var, sep, value = assignment.partition("=")
+    if not name or not var or not sep:
+        raise SystemExit(f"--env {spec!r}: expected NAME=VAR=VALUE")
+    return name, var, value
+
+
 def parse_tree(spec: str) -> tuple[str, Path]:
     name, sep, path = spec.partition("=")
     if not sep or not name or not (Path(path) / "ultramem" / "__init__.py").is_file():
@@ -93,8 +104,9 @@ class Workers:
     """One worker process per variant, its `ultramem` from its tree (this checkout by default).
     Each gets its own rendezvous port, as FSDP runs on one rank need a process group each."""
 
-    def __init__(self, trees: dict[str, Path]):
+    def __init__(self, trees: dict[str, Path], envs: dict[str, dict[str, str]]):
         self.trees = trees
+        self.envs = envs
         self.procs: dict[str, subprocess.Popen] = {}
 
     def _ask(self, name: str, cmd: dict) -> dict:
@@ -112,7 +124,7 @@ class Workers:
         raise SystemExit(f"variant {name}: its worker exited (rc {proc.wait()})")
 
     def build(self, name: str, config: str, overrides: list[str], warmup: int) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, **self.envs.get(name, {})}
         tree = self.trees.get(name, ROOT)
         env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
         if "WORLD_SIZE" in env:
@@ -150,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--common", action="append", default=[], help="a config override for every variant")
     p.add_argument("--variant", action="append", required=True, help="NAME=OVERRIDES (repeat)")
     p.add_argument("--tree", action="append", default=[], help="NAME=PATH: that variant on another checkout")
+    p.add_argument("--env", action="append", default=[], help="NAME=VAR=VALUE: set for that variant's worker")
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2, help="steps before timing (compilation)")
     p.add_argument("--rounds", type=int, default=5)
@@ -160,9 +173,14 @@ def main(argv=None) -> int:
     if len({name for name, _ in variants}) != len(variants):
         raise SystemExit("--variant names must differ")
     trees = dict(parse_tree(t) for t in args.tree)
+    envs: dict[str, dict[str, str]] = {}
+    for name, var, value in map(parse_env, args.env):
+        envs.setdefault(name, {})[var] = value
     if set(trees) - {name for name, _ in variants}:
         raise SystemExit(f"--tree names {sorted(set(trees) - {n for n, _ in variants})} are not variants")
-    runner = Workers(trees) if trees else InProcess()
+    if set(envs) - {name for name, _ in variants}:
+        raise SystemExit(f"--env names {sorted(set(envs) - {n for n, _ in variants})} are not variants")
+    runner = Workers(trees, envs) if trees or envs else InProcess()
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     try:
         with tempfile.TemporaryDirectory(prefix="trainer-ab-") as tmp:
@@ -223,6 +241,7 @@ def main(argv=None) -> int:
                         "warmup_steps": args.warmup,
                         "speed_vs_first_per_round": paired[name],
                         "tree": tree_revision(trees[name]) if name in trees else None,
+                        "env": envs.get(name, {}),
                     },
                 )
                 for name, ts in times.items()
