@@ -3,6 +3,8 @@ exact resume. Each run is a real subprocess; runs shared by several tests are ma
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from launch import env, losses, run, timeout_for, token_shards, train_cmd
 from tiny import TINY_MODEL
@@ -33,7 +35,7 @@ class Runs:
         self.data = token_shards(self.root / "data")
         self.done: dict[str, object] = {}
 
-    def get(self, name: str, nproc: int, extra: list[str] = (), expect_rc: int = 0):
+    def get(self, name: str, nproc: int, extra: list[str] = (), expect_rc: int = 0, environ: dict | None = None):
         if name not in self.done:
             run_dir = self.root / name
             batch = GLOBAL_BATCH // max(nproc, 1)
@@ -46,7 +48,9 @@ class Runs:
                 f"--run.dir={run_dir}",
                 *extra,
             ]
-            out = run(train_cmd(args, nproc), timeout_for(STEPS, max(nproc, 1)), self.root, env(self.root))
+            out = run(
+                train_cmd(args, nproc), timeout_for(STEPS, max(nproc, 1)), self.root, env(self.root, **(environ or {}))
+            )
             assert out.returncode == expect_rc, (
                 f"{name}: rc {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
             )
@@ -85,16 +89,26 @@ def test_fsdp_reshard_policies_train_alike(runs, policy):
         assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
 
 
-def test_compiled_ddp_matches_one_process(runs):
-    """The whole model compiled under DDP on 2 ranks (Dynamo splits the graph at the gradient
-    buckets' boundaries) trains as one eager process."""
-    one_dir, _ = runs.get("one-ultramem_v2", 0, ["--model.memory.type=ultramem_v2"])
-    two_dir, out = runs.get("ddp-compiled", 2, ["--parallel.mode=ddp", "--train.compile=true"])
+# wide enough for several of DDP's gradient buckets at 1 MB: about 0.8 MB of weights a block
+WIDE = ["--model.dim=128", "--model.n_heads=4", "--model.ffn_hidden=352", "--model.n_layers=3"]
+
+
+def test_compiled_ddp_splits_at_the_buckets_and_matches_one_process(runs):
+    """The whole model compiled under DDP on 2 ranks with 1 MB buckets: Dynamo splits its graph
+    at the buckets' boundaries (so each bucket's all-reduce overlaps the backward), and the run
+    trains as one eager process."""
+    one_dir, _ = runs.get("one-wide", 0, WIDE)
+    ddp = ["--parallel.mode=ddp", "--train.compile=true", "--parallel.bucket_cap_mb=1"]
+    two_dir, out = runs.get("ddp-compiled", 2, WIDE + ddp, environ={"TORCH_LOGS": "ddp_graphs"})
     want, got = losses(one_dir), losses(two_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
     assert "compile=True" in out.stdout
+    # about 2.6 MB of DDP's weights: buckets of 1, 1 and the rest (DDP's default 25 MB gives 2:
+    # its first bucket is 1 MB whatever the cap)
+    pieces = set(re.findall(r"---(submod_\d+) graph---", out.stdout + out.stderr))
+    assert len(pieces) >= 3, out.stderr[-4000:]
 
 
 def test_fsdp_memory_unit_with_accumulation_skips_and_recompute(runs):

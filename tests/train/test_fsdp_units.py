@@ -70,3 +70,11 @@ def test_a_policy_without_fsdp_is_reported(caplog):
     with caplog.at_level("WARNING", logger="ultramem.train.parallelize"):
         parallelize(model, cfg, DistInfo(), torch.device("cpu"))
     assert "parallel.reshard_after_forward='never' has no effect" in caplog.text
+
+
+def test_a_bucket_size_without_ddp_is_reported(caplog):
+    cfg = load_config("debug", TINY_MODEL + ["--parallel.bucket_cap_mb=4"])
+    model = build_training_model(cfg, torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="ultramem.train.parallelize"):
+        parallelize(model, cfg, DistInfo(), torch.device("cpu"))
+    assert "parallel.bucket_cap_mb=4.0 has no effect with parallel.mode='none'" in caplog.text

@@ -145,6 +145,11 @@ def test_parse_overrides_forms():
             "FSDP's gathers and hooks do not run inside CUDA graphs",
         ),
         (["--train.ac=some"], "train.ac='some'"),
+        (["--parallel.bucket_cap_mb=0"], "parallel.bucket_cap_mb=0.0: must be > 0"),
+        (
+            ["--parallel.mode=ddp", "--train.compile=true", "--parallel.bucket_cap_mb=0.5"],
+            "parallel.bucket_cap_mb=0.5 with parallel.mode='ddp' and train.compile=true: must be >= 1",
+        ),
         (["--data.val_split=middle"], "data.val_split='middle': must be one of tail, spread"),
         (["--data.val_split=spread", "--data.val_chunk_tokens=100"], "data.val_chunk_tokens=100: with data.val_split"),
         (["--model.moe.num_experts=4", "--model.moe.top_k=9"], "model.moe.top_k=9"),

@@ -98,6 +98,10 @@ class ParallelConfig:
     # owns its table); memory layers that share the tables keep theirs (a few MB each, and each
     # gather costs host time in host-bound layers). "always" or "never": every unit.
     reshard_after_forward: str = "default"
+    # DDP: the size of a gradient bucket in MB (DDP's bucket_cap_mb). A bucket is all-reduced as soon
+    # as the backward has produced it; a model compiled under DDP is split into graphs at the buckets'
+    # boundaries so that this still overlaps (smaller buckets: more, smaller graphs).
+    bucket_cap_mb: float = 25.0
 
 
 @dataclass
@@ -392,6 +396,12 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
     _one_of(cfg.parallel.reshard_after_forward, RESHARD_POLICIES, "parallel.reshard_after_forward")
+    _require(cfg.parallel.bucket_cap_mb > 0, f"parallel.bucket_cap_mb={cfg.parallel.bucket_cap_mb}: must be > 0")
+    _require(
+        not (cfg.parallel.mode == "ddp" and t.compile and cfg.parallel.bucket_cap_mb < 1),
+        f"parallel.bucket_cap_mb={cfg.parallel.bucket_cap_mb} with parallel.mode='ddp' and train.compile=true: "
+        f"must be >= 1 (torch.compile splits the graph with a first bucket of 1 MB, no larger than the others)",
+    )
     _require(
         not (cfg.parallel.mode == "fsdp" and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
         f"parallel.mode='fsdp' with train.compile_mode={t.compile_mode!r}: FSDP's gathers and hooks do not "

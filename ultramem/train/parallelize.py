@@ -23,7 +23,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 
 from ultramem.model import Transformer
 
-from .config import TrainConfig
+from .config import ParallelConfig, TrainConfig
 from .distributed import DistInfo, all_reduce_sum_
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,9 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) 
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
-def apply_ddp(model: Transformer, info: DistInfo, device: torch.device, tables: set[nn.Parameter]) -> nn.Module:
+def apply_ddp(
+    model: Transformer, info: DistInfo, device: torch.device, tables: set[nn.Parameter], bucket_cap_mb: float = 25.0
+) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     names = [n for n, p in model.named_parameters() if p in tables]
@@ -135,7 +137,12 @@ def apply_ddp(model: Transformer, info: DistInfo, device: torch.device, tables: 
     with warnings.catch_warnings():
         # its replacement still syncs buffers at construction, which would overwrite rank-local counters
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated")
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        return DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            bucket_cap_mb=bucket_cap_mb,
+        )
 
 
 @dataclass
@@ -169,13 +176,17 @@ def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo, device: to
             cfg.parallel.reshard_after_forward,
             mode,
         )
+    if mode != "ddp" and cfg.parallel.bucket_cap_mb != ParallelConfig.bucket_cap_mb:
+        log.warning(
+            "parallel.bucket_cap_mb=%s has no effect with parallel.mode=%r (DDP only)", cfg.parallel.bucket_cap_mb, mode
+        )
     if cfg.train.compile:
         apply_compile(model, cfg.train.compile_mode, compile_regions(mode))
     forward: nn.Module = model
     if mode == "fsdp":
         apply_fsdp(model, cfg, tables)
     elif mode == "ddp" and info.world_size > 1:
-        forward = apply_ddp(model, info, device, tables)
+        forward = apply_ddp(model, info, device, tables, cfg.parallel.bucket_cap_mb)
     elif mode == "ddp":
         mode = "none"  # one process: nothing to reduce
     return Parallelized(model, forward, mode, blocks)
