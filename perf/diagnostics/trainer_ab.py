@@ -111,8 +111,11 @@ class Workers:
 
     def _ask(self, name: str, cmd: dict) -> dict:
         proc = self.procs[name]
-        proc.stdin.write(json.dumps(cmd) + "\n")
-        proc.stdin.flush()
+        try:
+            proc.stdin.write(json.dumps(cmd) + "\n")
+            proc.stdin.flush()
+        except OSError:  # it died before reading (e.g. at startup)
+            raise SystemExit(f"variant {name}: its worker exited (rc {proc.wait()})") from None
         for line in proc.stdout:
             if not line.startswith(trainer_ab_worker.MARK):
                 sys.stderr.write(line)  # the trainer's own lines
@@ -175,7 +178,9 @@ def main(argv=None) -> int:
     trees = dict(parse_tree(t) for t in args.tree)
     envs: dict[str, dict[str, str]] = {}
     for name, var, value in map(parse_env, args.env):
-        envs.setdefault(name, {})[var] = value
+        if var in envs.setdefault(name, {}):
+            raise SystemExit(f"--env {name}={var}=...: given twice")
+        envs[name][var] = value
     if set(trees) - {name for name, _ in variants}:
         raise SystemExit(f"--tree names {sorted(set(trees) - {n for n, _ in variants})} are not variants")
     if set(envs) - {name for name, _ in variants}:

@@ -42,6 +42,8 @@ def test_envs_parse():
             parse_env(bad)
     with pytest.raises(SystemExit, match="not variants"):
         main(["--variant", "a=", "--env", "b=X=1"])
+    with pytest.raises(SystemExit, match="given twice"):
+        main(["--variant", "a=", "--env", "a=X=1", "--env", "a=X=2"])
 
 
 def test_trees_must_be_checkouts(tmp_path):
@@ -71,7 +73,7 @@ def test_variants_in_worker_processes_on_their_trees(tmp_path, capsys):
     assert all(len(r["extra"]["rounds_ms"]) == 2 and r["time"] > 0 for r in recs)
     with pytest.raises(SystemExit, match="variant bad: ConfigError"):
         main(["--config=debug.toml", *common, "--variant", "bad=--model.dim=-1", "--tree", f"bad={copy}"])
-    # the variable reaches the worker alone: this one cannot start its process group
+    # the variable reaches its worker: this one cannot start its process group
     with pytest.raises(SystemExit, match="variant bad: its worker exited"):
         main(["--config=debug.toml", *common, "--variant", "bad=", "--env", "bad=WORLD_SIZE=two"])
 

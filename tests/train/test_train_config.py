@@ -145,7 +145,8 @@ def test_parse_overrides_forms():
             "FSDP's gathers and hooks do not run inside CUDA graphs",
         ),
         (["--train.ac=some"], "train.ac='some'"),
-        (["--parallel.bucket_cap_mb=0"], "parallel.bucket_cap_mb=0.0: must be > 0"),
+        (["--parallel.bucket_cap_mb=0"], "parallel.bucket_cap_mb=0.0: must be a finite number > 0"),
+        (["--parallel.bucket_cap_mb=inf"], "parallel.bucket_cap_mb=inf: must be a finite number > 0"),
         (
             ["--parallel.mode=ddp", "--train.compile=true", "--parallel.bucket_cap_mb=0.5"],
             "parallel.bucket_cap_mb=0.5 with parallel.mode='ddp' and train.compile=true: must be >= 1",

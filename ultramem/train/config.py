@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import re
 import tomllib
 import types
@@ -396,11 +397,14 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
     _one_of(cfg.parallel.reshard_after_forward, RESHARD_POLICIES, "parallel.reshard_after_forward")
-    _require(cfg.parallel.bucket_cap_mb > 0, f"parallel.bucket_cap_mb={cfg.parallel.bucket_cap_mb}: must be > 0")
+    _require(
+        0 < cfg.parallel.bucket_cap_mb < math.inf,
+        f"parallel.bucket_cap_mb={cfg.parallel.bucket_cap_mb}: must be a finite number > 0",
+    )
     _require(
         not (cfg.parallel.mode == "ddp" and t.compile and cfg.parallel.bucket_cap_mb < 1),
         f"parallel.bucket_cap_mb={cfg.parallel.bucket_cap_mb} with parallel.mode='ddp' and train.compile=true: "
-        f"must be >= 1 (torch.compile splits the graph with a first bucket of 1 MB, no larger than the others)",
+        f"must be >= 1 (Dynamo's DDP optimizer starts with a 1 MB bucket and needs the others at least as large)",
     )
     _require(
         not (cfg.parallel.mode == "fsdp" and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
