@@ -126,7 +126,7 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, tables: set[nn.Parameter]) 
 
 
 def apply_ddp(
-    model: Transformer, info: DistInfo, device: torch.device, tables: set[nn.Parameter], bucket_cap_mb: float = 25.0
+    model: Transformer, info: DistInfo, device: torch.device, tables: set[nn.Parameter], bucket_cap_mb: float
 ) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
