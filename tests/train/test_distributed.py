@@ -111,6 +111,21 @@ def test_compiled_ddp_splits_at_the_buckets_and_matches_one_process(runs):
     assert len(pieces) >= 3, out.stderr[-4000:]
 
 
+def test_compiled_ddp_with_recomputed_blocks_matches_one_process(runs):
+    """The same with every block recomputed: each is a checkpoint region inside the graph, which
+    Dynamo's DDP optimizer keeps whole when it splits (2 pieces here), and recomputation changes
+    no loss."""
+    one_dir, _ = runs.get("one-wide", 0, WIDE)
+    ddp = ["--parallel.mode=ddp", "--train.compile=true", "--parallel.bucket_cap_mb=1", "--train.ac=full"]
+    two_dir, out = runs.get("ddp-compiled-ac", 2, WIDE + ddp, environ={"TORCH_LOGS": "ddp_graphs"})
+    want, got = losses(one_dir), losses(two_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+    pieces = set(re.findall(r"---(submod_\d+) graph---", out.stdout + out.stderr))
+    assert len(pieces) >= 2, out.stderr[-4000:]
+
+
 def test_fsdp_memory_unit_with_accumulation_skips_and_recompute(runs):
     """All memory layers one FSDP unit, gathered again for the backward, with 2 micro-batches,
     layers read at one block and added after another, and recomputed blocks."""
