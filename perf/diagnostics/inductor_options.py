@@ -70,6 +70,13 @@ def main(argv=None) -> int:
             )
         )
 
+    def train_step(compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = compiled(u, tables)[0]
+        u.grad = None
+        y.backward(grad_y)
+        return y
+
     known = torch._inductor.config.get_config_copy()
     # the static launcher for user kernels needs the static launcher itself
     print("use_static_cuda_launcher:", known.get("use_static_cuda_launcher"))
@@ -82,14 +89,6 @@ def main(argv=None) -> int:
             continue
         torch._dynamo.reset()
         layer.train()
-
-        def train_step(compiled):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = compiled(u, tables)[0]
-            u.grad = None
-            y.backward(grad_y)
-            return y
-
         shape = "T=12288 fwd+bwd"
         try:
             compiled = torch.compile(layer, fullgraph=True, dynamic=False, options=options or None)

@@ -170,16 +170,10 @@ def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo, device: to
     blocks = checkpointed_blocks(cfg)
     if blocks:
         apply_ac(model, blocks)
-    if mode != "fsdp" and cfg.parallel.reshard_after_forward != "default":
-        log.warning(
-            "parallel.reshard_after_forward=%r has no effect with parallel.mode=%r (FSDP only)",
-            cfg.parallel.reshard_after_forward,
-            mode,
-        )
-    if mode != "ddp" and cfg.parallel.bucket_cap_mb != ParallelConfig.bucket_cap_mb:
-        log.warning(
-            "parallel.bucket_cap_mb=%s has no effect with parallel.mode=%r (DDP only)", cfg.parallel.bucket_cap_mb, mode
-        )
+    for key, needs in (("reshard_after_forward", "fsdp"), ("bucket_cap_mb", "ddp")):
+        value = getattr(cfg.parallel, key)
+        if mode != needs and value != getattr(ParallelConfig, key):
+            log.warning("parallel.%s=%r has no effect with parallel.mode=%r (%s only)", key, value, mode, needs.upper())
     if cfg.train.compile:
         apply_compile(model, cfg.train.compile_mode, compile_regions(mode))
     forward: nn.Module = model
