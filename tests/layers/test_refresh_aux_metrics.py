@@ -247,24 +247,35 @@ def test_stats_report_matches_numpy():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_sums_match_float64(dtype):
-    """One forward's Σy, Σy², Σ top-1 and Σ k-th, in fp32, against float64 sums of the same
-    values; and two forwards accumulated into the totals with their counts."""
+def test_stats_totals_match_float64(dtype):
+    """Two forwards' Σy, Σy², Σ_m of the top-1 and of the k-th scores, with their counts,
+    accumulated into the fp64 totals, against float64 sums of the same values."""
     g = torch.Generator().manual_seed(3)
     stats = LayerStats(50)
     y = (torch.randn(300, 24, generator=g) + 0.5).to(dtype)
-    top1, kth = (torch.rand(300, 2, generator=g).to(dtype) for _ in range(2))
-    got = LayerStats._forward_sums(y, top1, kth)
-    y64 = y.double()
-    want = (y64.sum(), y64.square().sum(), top1.double().sum(), kth.double().sum())
-    for a, b in zip(got, want):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
-    stats.accumulate(torch.randint(0, 50, (300, 2), generator=g), y, top1, kth)
-    stats.accumulate(torch.randint(0, 50, (300, 2), generator=g), y, top1, kth)
-    totals = 2 * torch.tensor([want[0], want[1], 300 * 24, want[2], want[3], 600], dtype=torch.float64)
+    scores = torch.rand(300, 2, 3, 2, generator=g).to(dtype)  # [T, H, k, M]
+    for _ in range(2):
+        stats.accumulate(torch.randint(0, 50, (300, 2), generator=g), y, scores)
+    y64, s64 = y.double(), scores.double()
+    want = [y64.sum(), y64.square().sum(), 300 * 24, s64[:, :, 0].sum(), s64[:, :, -1].sum(), 600]
+    totals = 2 * torch.tensor([float(w) for w in want], dtype=torch.float64)
     torch.testing.assert_close(stats.sums, totals, rtol=1e-5, atol=1e-4)
     assert float(stats.hits.sum()) == 2 * 600
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "float"])
+def test_counters_stay_float64_when_the_model_is_cast(cast):
+    """model.bfloat16() would make the hit counts stop at 256: the counters keep their dtype and
+    values through casts, and still move with the module."""
+    stats = LayerStats(4)
+    stats.hits[0] = 2**24 + 1
+    stats.sums[1] = 1 / 3
+    outer = torch.nn.Sequential(stats)
+    getattr(outer, cast)()
+    assert stats.hits.dtype == stats.sums.dtype == torch.float64
+    assert int(stats.hits[0]) == 2**24 + 1 and float(stats.sums[1]) == 1 / 3
+    outer.to("meta")
+    assert stats.hits.device.type == "meta" and stats.hits.dtype == torch.float64
 
 
 def test_hit_counter_does_not_saturate():
@@ -272,7 +283,7 @@ def test_hit_counter_does_not_saturate():
     (and the KL) must keep growing past it."""
     stats = LayerStats(4)
     stats.hits[0] = 2**24
-    stats.accumulate(torch.zeros(1000, dtype=torch.int64), torch.zeros(3), torch.zeros(2), torch.zeros(2))
+    stats.accumulate(torch.zeros(1000, dtype=torch.int64), torch.zeros(3), torch.zeros(2, 1, 1))
     assert int(stats.hits[0]) == 2**24 + 1000
 
 

@@ -101,6 +101,7 @@ CASES = [
     ("staged_grad", "pre_value_gate backward: _advance_fill_kernel", {"fill_ptr"}),
     ("staged_grad", "flush: _sorted_block_add_kernel", {"gt_ptr"}),
     ("staged_grad", "flush: _sorted_block_add_kernel (2)", {"gt_ptr"}),
+    ("layer_stats", "forward: _layer_stats_kernel", {"hits_ptr", "sums_ptr"}),
 ]
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ultramem.config import MEMORY_INITS, ConfigError, ModelConfig
 from ultramem.norm import RMSNorm, rms_norm  # noqa: F401  (the layers import them from here)
+from ultramem.ops import layer_stats_accumulate
 
 LAYER_TYPES = ("ultramem_v2", "ultramem_v1", "memory_plus")
 _KEY = "model.memory."
@@ -283,40 +284,35 @@ class LayerStats(nn.Module):
         # False: training forwards collect nothing (a handful of small kernels per layer and forward)
         self.enabled = True
 
+    def _apply(self, fn, recurse=True):
+        # The counters stay float64 whatever the model is cast to (`model.bfloat16()` would stop
+        # the counts at 256): moves apply, casts do not, and the values are kept exactly.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     @torch.no_grad()
     def reset(self) -> None:
         self.hits.zero_()
         self.sums.zero_()
 
     @torch.no_grad()
-    def accumulate(self, logical: Tensor, y: Tensor, top1: Tensor, kth: Tensor) -> None:
-        """logical: the layer's logical value ids hit (any shape); y: the layer output;
-        top1 / kth: the best and the k-th (ranking) score per (token, head). Nothing while not `enabled`."""
+    def accumulate(self, logical: Tensor, y: Tensor, scores: Tensor) -> None:
+        """logical: the layer's logical value ids hit (any shape); y: the layer output; scores
+        [..., k, M]: per (token, head) the k kept entries' scores per core, best first. Nothing
+        while not `enabled`."""
         if not self.enabled:
             return
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             return  # activation checkpointing's recompute, inside the backward: counted in the forward
-        flat = logical.reshape(-1)
-        # straight into the totals: an int32 count per forward cost a zero-fill and an add over
-        # all n² counters besides the scatter (~9 µs per layer at 227M)
-        self.hits.index_add_(0, flat, torch.ones_like(flat, dtype=self.hits.dtype))
-        # per-forward sums in at least fp32 (a float64 copy of a bf16 y cost a 75 MB write at
-        # 227M), totals in fp64
-        y_sum, y_sq, top1_sum, kth_sum = self._forward_sums(y.detach(), top1.detach(), kth.detach())
-        one = y_sum.new_ones(())
-        part = torch.stack([y_sum, y_sq, one * y.numel(), top1_sum, kth_sum, one * top1.numel()])
-        self.sums.add_(part.to(self.sums.dtype))
-
-    @staticmethod
-    def _forward_sums(y: Tensor, top1: Tensor, kth: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Σy, Σy², Σ top-1, Σ k-th of one forward, in at least fp32. Σy and Σy² each straight from
-        y: written as sums of one fp32 copy of y, Inductor wrote that copy out (~20 µs per layer
-        at 227M)."""
-        acc = torch.promote_types(y.dtype, torch.float32)
-        y_sum = torch.sum(y, dtype=acc)
-        y_sq = torch.linalg.vector_norm(y, dtype=acc).square()
-        score_sums = torch.stack([top1, kth]).to(acc).reshape(2, -1).sum(1)
-        return y_sum, y_sq, score_sums[0], score_sums[1]
+        # one op (one launch on CUDA), straight into the totals: an int32 count per forward cost a
+        # zero-fill and an add over all n² counters besides the scatter
+        scores = scores.detach()
+        layer_stats_accumulate(self.hits, self.sums, logical, y.detach(), scores.reshape(-1, *scores.shape[-2:]))
 
     @torch.no_grad()
     def report(self) -> dict[str, float]:

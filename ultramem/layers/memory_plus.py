@@ -104,7 +104,7 @@ class MemoryPlus(nn.Module):
             aux = aux + self.key_balance_coef * (key_balance_side(a, row) + key_balance_side(b, col))
         y2 = F.dropout(y2, self.dropout, self.training)
         if self.training:
-            self.stats.accumulate(ids, y2, scores[:, :, 0], scores[:, :, -1])
+            self.stats.accumulate(ids, y2, scores.unsqueeze(-1))  # [T, H, k, 1], descending
         return y2.reshape(x.shape[:-1] + (self.dim,)), aux
 
     @property

@@ -167,8 +167,7 @@ class TuckerMemoryBase(nn.Module):
     def _finish(self, x: Tensor, y2: Tensor, logical: Tensor, scores: Tensor) -> Tensor:
         y2 = F.dropout(y2, self.dropout, self.training)
         if self.training:
-            # Σ_m s_m of the first and the k-th entry ([T, H, k, M], descending along k)
-            self.stats.accumulate(logical, y2, scores[:, :, 0].sum(-1), scores[:, :, -1].sum(-1))
+            self.stats.accumulate(logical, y2, scores)  # [T, H, k, M], descending Σ_m along k
         return y2.reshape(x.shape[:-1] + (y2.shape[-1],))
 
     # -- rank-1 refresh, metrics ----------------------------------------------------------------

@@ -290,6 +290,28 @@ def check_retrieval_backward_args(
     return n_row * n_col
 
 
+def check_stats_args(
+    hits: torch.Tensor, sums: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, scores: torch.Tensor
+) -> None:
+    """The arguments of `layer_stats_accumulate`."""
+    op = "layer_stats_accumulate"
+    for name, t, layout in (("hits", hits, "[values]"), ("sums", sums, "[6]")):
+        check_dim(t, 1, op, name, layout)
+        check(t.dtype == torch.float64, op, f"{name} must be float64 (exact counts), got {t.dtype}")
+        check(t.is_contiguous(), op, f"{name} must be contiguous, got stride {t.stride()}")
+    check(sums.shape[0] == 6, op, f"sums must have 6 entries, got {sums.shape[0]}")
+    check_index(ids, op, "ids")
+    check_float(y, op, "y")
+    check_dim(scores, 3, op, "scores", "[rows, ranked entries, cores]")
+    check_float(scores, op, "scores")
+    check(
+        scores.shape[1] >= 1 and scores.shape[2] >= 1,
+        op,
+        f"scores shape {tuple(scores.shape)} must have at least one ranked entry and one core",
+    )
+    check_same_device(op, hits=hits, sums=sums, ids=ids, y=y, scores=scores)
+
+
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: float64 if any input is float64 (the test oracle), else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
