@@ -1,7 +1,10 @@
 """A memory layer's statistics per training forward (`ultramem::layer_stats_accumulate`) at the
 227M shapes: y [12288, 768] bf16, 32 logical ids per token among 1138² values, scores
 [12288, 32, 2] bf16. The Triton kernel (one launch) against the reference, eager (ATen ops) and,
-with --compile, compiled by Inductor (the seven launches the layer used to run).
+with --compile, compiled by Inductor (the layer's formulation before the op: 7 launches alone, 6
+inside the layer, where the scatter fused into the rows' kernel). At full shapes also
+a few launch configurations of the kernel (LAUNCH patched for the call: y elements per program,
+warps), to settle the product's.
 
 min_bytes counts what must be read: y, the ids and the two score columns. The hit counters
 (10.4 MB of fp64) take atomics that stay in the L2 at this size, and are not counted."""
@@ -11,6 +14,24 @@ from __future__ import annotations
 import torch
 
 from ultramem.ops import layer_stats as ls
+
+# (Y_TILES, num_warps) tried beside the product's LAUNCH
+CONFIGS = [(4, 4), (64, 4), (16, 8), (64, 8)]
+
+
+def _patched(tls, **launch):
+    """The launcher with LAUNCH updated by `launch` for the duration of each call."""
+
+    def call(*args):
+        saved = dict(tls.LAUNCH)
+        tls.LAUNCH.update(launch)
+        try:
+            tls.layer_stats_accumulate_cuda(*args)
+        finally:
+            tls.LAUNCH.clear()
+            tls.LAUNCH.update(saved)
+
+    return call
 
 
 def _shapes(small: bool) -> dict:

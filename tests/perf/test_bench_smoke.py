@@ -55,14 +55,14 @@ def test_run_small_appends_op_layer_e2e_records(tmp_path):
     log = tmp_path / "log.jsonl"
     earlier = {"schema": 1, "note": "a line from an earlier run"}
     log.write_text(json.dumps(earlier) + "\n")
-    # one op module keeps this short (the others: python -m perf run --small --only op)
+    # two short op modules (the others: python -m perf run --small --only op)
     proc = _perf(
         "run",
         "--small",
         "--only",
         "op,layer,e2e",
         "--benches",
-        "staged_flush",
+        "staged_flush,layer_stats",
         "--log",
         str(log),
         "--work",
@@ -83,6 +83,7 @@ def test_run_small_appends_op_layer_e2e_records(tmp_path):
     by = {(r["bench"], r["variant"]): r for r in recs}
     staged = [r for r in measured if r["bench"] == "staged_flush"]
     assert staged and all(r["unit"] == "us" and r["time"] > 0 for r in staged)
+    assert {r["variant"] for r in measured if r["bench"] == "layer_stats"} == {"triton", "reference, eager"}
     checks = by[("float64_checks", "all modules run")]
     assert checks["extra"]["total"] > 0 and checks["extra"]["passed"] == checks["extra"]["total"]
     assert by[("device_copy", "torch copy_ (event-timed)")]["frac_of_copy"] == 1.0
