@@ -363,18 +363,18 @@ def staged_grad_launches() -> dict[str, Launch]:
 
 
 def layer_stats_launches() -> dict[str, Launch]:
-    """The statistics of a 227M layer's training forward: 12,288 tokens of 32 logical ids among
-    1138² values, its bf16 output and scores of 2 cores; it adds into the layer's counters (hits,
-    sums), which are the op's to write."""
+    """The statistics of a 227M layer's training forward (`perf.benches.layer_stats`'s case); it
+    adds into the layer's counters (hits, sums), which are the op's to write."""
+    from perf.benches.layer_stats import stats_case
     from ultramem.ops._triton import layer_stats as ls
 
-    t, k, m, n = 12288, 32, 2, 1138 * 1138
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, n, (t, 1, k), generator=g)
-    y = torch.randn(t, 768, generator=g).bfloat16()
-    scores = torch.randn(t, k, m, generator=g).bfloat16()
-    hits, sums = torch.zeros(n, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
-    return _capture({"forward": lambda: ls.layer_stats_accumulate_cuda(hits, sums, ids, y, scores)}, (ids, y, scores))
+    c = stats_case(False, "cpu")
+    hits, sums = torch.zeros(c.n, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+
+    def forward():
+        ls.layer_stats_accumulate_cuda(hits, sums, c.ids, c.y, c.scores)
+
+    return _capture({"forward": forward}, (c.ids, c.y, c.scores))
 
 
 # The op families whose kernels this covers, by name (--only).

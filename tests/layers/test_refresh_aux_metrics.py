@@ -274,8 +274,8 @@ def test_counters_stay_float64_when_the_model_is_cast(cast):
     getattr(outer, cast)()
     assert stats.hits.dtype == stats.sums.dtype == torch.float64
     assert int(stats.hits[0]) == 2**24 + 1 and float(stats.sums[1]) == 1 / 3
-    outer.to("meta")
-    assert stats.hits.device.type == "meta" and stats.hits.dtype == torch.float64
+    outer.to("meta", torch.bfloat16)  # moved and cast in one call
+    assert stats.hits.device.type == "meta" and stats.hits.dtype == stats.sums.dtype == torch.float64
 
 
 def test_hit_counter_does_not_saturate():

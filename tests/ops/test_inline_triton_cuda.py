@@ -9,6 +9,8 @@ opaque call, whose range checks read the data."""
 from __future__ import annotations
 
 import importlib
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from torch._inductor.utils import run_and_get_code
 import ultramem.ops as ops
 from ultramem.ops import _checks, determinism
 from ultramem.ops._triton import _launch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # perf/ is not installed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -247,3 +251,61 @@ def test_lookup_debug_mode_keeps_the_checked_calls(monkeypatch):
     for op in LOOKUP_KERNELS:
         assert f"ultramem.{op}_opaque" in code, op
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ the layer statistics
+
+
+def _stats_case(seed):
+    from perf.benches.layer_stats import stats_case
+
+    c = stats_case(False, "cuda", seed)
+    hits, sums = (
+        torch.zeros(c.n, dtype=torch.float64, device="cuda"),
+        torch.zeros(6, dtype=torch.float64, device="cuda"),
+    )
+    return (hits, sums, c.ids, c.y, c.scores), (c.want_hits, c.want_sums)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_layer_stats_at_227m_matches_float64(compiled, deterministic, monkeypatch):
+    # compiled, one launch of the kernel and no ultramem:: call (deterministic: the reference's
+    # ATen ops, bit-identical from run to run); ids out of range count nowhere in both
+    monkeypatch.setattr(determinism, "_deterministic", deterministic)
+    torch._dynamo.reset()
+    args, (want_hits, want_sums) = _stats_case(7)
+    ids = args[2].view(-1)
+    dropped = ids[:2].clone()
+    ids[:2] = torch.tensor([-1, args[0].numel()], device="cuda")
+    want_hits = want_hits.index_add(0, dropped, torch.full((2,), -1.0, dtype=torch.float64, device="cuda"))
+    call = ops.layer_stats_accumulate
+    if compiled:
+        call = torch.compile(ops.layer_stats_accumulate, fullgraph=True)
+        _, codes = run_and_get_code(call, *args)
+        code = "\n".join(codes)
+        assert "torch.ops.ultramem" not in code, code
+        assert ("_layer_stats_kernel" in code) != deterministic, code
+    else:
+        call(*args)
+    call(*args)
+    hits, sums = args[0].cpu(), args[1].cpu()
+    assert torch.equal(hits, 2 * want_hits.cpu())
+    for i in range(6):  # each on its own: the counts would dominate one norm over all six
+        torch.testing.assert_close(sums[i], 2 * want_sums[i].cpu(), rtol=1e-5, atol=1e-3)
+    if deterministic:  # bit-identical on a second run
+        again, _ = _stats_case(7)
+        again[2].view(-1)[:2] = ids[:2]
+        for _ in range(2):
+            call(*again)
+        assert torch.equal(again[1], args[1]) and torch.equal(again[0], args[0])
+    torch._dynamo.reset()
+
+
+def test_layer_stats_opcheck_on_cuda():
+    g = torch.Generator(device="cuda").manual_seed(8)
+    hits, sums = torch.zeros(40, dtype=torch.float64, device="cuda"), torch.zeros(6, dtype=torch.float64, device="cuda")
+    ids = torch.randint(0, 40, (7, 2, 5), generator=g, device="cuda")
+    y = torch.randn(7, 12, generator=g, device="cuda").bfloat16()
+    scores = torch.randn(14, 5, 2, generator=g, device="cuda").bfloat16()
+    torch.library.opcheck(torch.ops.ultramem.layer_stats_accumulate.default, (hits, sums, ids, y, scores))

@@ -354,8 +354,9 @@ LOOKUP_BODIES = [
 ]
 
 
-def _trace_lookup_body(f, mode_name, dynamic, monkeypatch):
-    """f traced on fake CUDA tensors as AOTAutograd traces it (functionalized), in `mode_name`."""
+def _trace_lookup_body(f, mode_name, dynamic, monkeypatch, make_inputs=None):
+    """f traced on fake CUDA tensors (make_inputs(mode, tokens); the lookups' by default) as
+    AOTAutograd traces it (functionalized), in `mode_name`."""
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._subclasses.functional_tensor import dispatch_functionalize
@@ -374,7 +375,7 @@ def _trace_lookup_body(f, mode_name, dynamic, monkeypatch):
     if dynamic:
         env = mode.shape_env
         tokens = env.create_symintnode(env.create_symbol(6, ConstantSource("tokens")), hint=6)
-    inputs = _lookup_fake_cuda_inputs(mode, tokens)
+    inputs = (make_inputs or _lookup_fake_cuda_inputs)(mode, tokens)
     with ka.declared_cuda_target():
         return make_fx(dispatch_functionalize(f), tracing_mode="symbolic" if dynamic else "fake")(*inputs)
 
@@ -423,9 +424,87 @@ def test_with_inline_launches_off_the_lookup_bodies_trace_to_the_opaque_twins(f,
 
 @pytest.mark.parametrize(
     "twin",
-    sorted({t for c in LOOKUP_BODIES for t in c[4]} | {"tdqkr_retrieval_opaque", "tdqkr_retrieval_backward_opaque"}),
+    sorted(
+        {t for c in LOOKUP_BODIES for t in c[4]}
+        | {"tdqkr_retrieval_opaque", "tdqkr_retrieval_backward_opaque", "layer_stats_accumulate_opaque"}
+    ),
 )
 def test_the_twins_hold_the_cuda_launchers(twin):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ultramem::{twin}", "CUDA"), twin
     public = twin.removesuffix("_opaque")  # a triton_op: its body, for every device, calls the twin
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"ultramem::{public}", "CUDA"), public
+
+
+# ------------------------------------------------------------------ the statistics op's CUDA body
+
+
+def _stats_fake_cuda_inputs(mode, tokens):
+    with mode:
+        return (
+            torch.zeros(40, dtype=torch.float64, device="cuda"),  # hits
+            torch.zeros(6, dtype=torch.float64, device="cuda"),  # sums
+            torch.zeros(tokens, 2, 5, dtype=torch.int64, device="cuda"),  # ids
+            torch.empty(tokens, 12, dtype=torch.bfloat16, device="cuda"),  # y
+            torch.empty(tokens * 2, 5, 2, dtype=torch.bfloat16, device="cuda"),  # scores
+        )
+
+
+def _stats(hits, sums, ids, y, scores):
+    ops.layer_stats_accumulate(hits, sums, ids, y, scores)
+    return hits, sums  # the counters' new values
+
+
+def _copy_counters_back(gm):
+    """The graph ending as AOTAutograd ends one that mutates its inputs: the new values copied
+    back into them (copy_), nothing returned."""
+    graph = gm.graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    counters = [n for n in graph.nodes if n.op == "placeholder"][:2]
+    with graph.inserting_before(out):
+        for counter, new in zip(counters, out.args[0]):
+            graph.call_function(torch.ops.aten.copy_.default, (counter, new))
+    out.args = ((),)
+    gm.recompile()
+
+
+@analysed
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
+def test_stats_body_is_one_launch_that_writes_the_counters_in_place(dynamic, inline_launches, monkeypatch):
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
+
+    gm = _trace_lookup_body(_stats, None, dynamic, monkeypatch, _stats_fake_cuda_inputs)
+    wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
+    launches = [n for n in gm.graph.nodes if n.target is wrapper]
+    got = [
+        (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, n.kwargs["tensors_to_clone"])
+        for n in launches
+    ]
+    assert got == [("_layer_stats_kernel", ["hits_ptr", "sums_ptr"])], gm.code
+    assert not [n for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    # Inductor's reinplacing then has the launch write the counters (graph inputs) in place:
+    # nothing cloned, nothing copied back
+    _copy_counters_back(gm)
+    reinplace_inplaceable_ops_core(gm.graph)
+    gm.recompile()
+    assert [n.kwargs["tensors_to_clone"] for n in gm.graph.nodes if n.target is wrapper] == [[]], gm.code
+    copies = (torch.ops.aten.copy_.default, torch.ops.aten.clone.default)
+    assert not [n for n in gm.graph.nodes if n.target in copies], gm.code
+
+
+@analysed
+def test_stats_body_in_deterministic_mode_is_the_reference(inline_launches, monkeypatch):
+    gm = _trace_lookup_body(_stats, "deterministic", False, monkeypatch, _stats_fake_cuda_inputs)
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "aten.index_add.default" in called, gm.code
+    assert not [c for c in called if "triton_kernel_wrapper" in c], gm.code
+
+
+def test_with_inline_launches_off_the_stats_body_calls_the_twin(monkeypatch):
+    from ultramem.ops._triton import _launch
+
+    monkeypatch.setattr(_launch, "INLINE_TRITON", False)
+    gm = _trace_lookup_body(_stats, None, False, monkeypatch, _stats_fake_cuda_inputs)
+    twins = [n.args[0] for n in gm.graph.nodes if "auto_functionalized" in str(n.target)]
+    assert twins == [torch.ops.ultramem.layer_stats_accumulate_opaque.default], gm.code
+    assert not [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)], gm.code

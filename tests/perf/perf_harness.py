@@ -105,12 +105,22 @@ class OpCounter(TorchDispatchMode):
         self._host = {t.untyped_storage().data_ptr() for t in host_tensors}
         self._patched: list = []
 
+    # a mutating custom op runs in an aot_eager graph as auto_functionalized(op, ...)
+    supports_higher_order_operators = True
+
     @classmethod
     def ignore_compile_internals(cls) -> bool:
         return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            inner = _functionalized_op(func, args)
+            name = f"{inner.namespace}::{inner._opname}" if inner is not None else f"higher_order::{func.name()}"
+            self.ops[name] += 1
+            if torch._C._current_graph_task_id() != -1:
+                self.backward_ops[name] += 1
+            return func(*args, **kwargs)
         if not func.is_view and func.namespace != "profiler":
             name = f"{func.namespace}::{func._opname}"
             self.ops[name] += 1
@@ -444,13 +454,21 @@ class GraphRecorder:
         return self._aot(gm, example_inputs)
 
 
+def _functionalized_op(target, args) -> torch._ops.OpOverload | None:
+    """The mutating op an auto_functionalized call runs (None for another target)."""
+    hops = (torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2)
+    return args[0] if target in hops else None
+
+
 def graph_custom_ops(graphs) -> dict[str, int]:
     """ultramem:: ops called by the graphs, by name. On CPU an op's traced body is one call of its
-    `<op>_opaque` twin, which counts as the op."""
+    `<op>_opaque` twin, which counts as the op (a mutating one through auto_functionalized)."""
     out = Counter()
     for gm in graphs:
         for node in gm.graph.nodes:
             target = node.target
+            if node.op == "call_function":
+                target = _functionalized_op(target, node.args) or target
             if (
                 node.op == "call_function"
                 and isinstance(target, torch._ops.OpOverload)

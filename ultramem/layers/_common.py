@@ -291,8 +291,8 @@ class LayerStats(nn.Module):
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
-            if old is not None and new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+            if old is not None and new is not None and new.dtype != torch.float64:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float64)
         return self
 
     @torch.no_grad()

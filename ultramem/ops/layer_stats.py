@@ -31,10 +31,13 @@ def accumulate_reference(hits: Tensor, sums: Tensor, ids: Tensor, y: Tensor, sco
     """The reference kernel: plain PyTorch, any device."""
     check_stats_args(hits, sums, ids, y, scores)
     check_index_range(ids, hits.shape[0], _OP, "ids")
-    flat = ids.reshape(-1)
-    # an index_add_ of float64 ones scatters with atomics in place once compiled (an int64 one
-    # became a sort and an index_put)
-    hits.index_add_(0, flat, torch.ones_like(flat, dtype=hits.dtype))
+    flat, n = ids.reshape(-1), hits.shape[0]
+    if n:
+        # Unchecked (CUDA without debug mode, here in deterministic mode), an id outside [0, N)
+        # counts nowhere, as in the kernel. A float64 index_add_ scatters with atomics in place
+        # once compiled (an int64 one became a sort and an index_put).
+        valid = (flat >= 0) & (flat < n)
+        hits.index_add_(0, flat.clamp(0, n - 1), valid.to(hits.dtype))
     acc = torch.promote_types(y.dtype, torch.float32)
     # Σy and Σy² each straight from y: as sums of one fp32 copy of y, Inductor wrote the copy out
     y_sum = torch.sum(y, dtype=acc)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check_index_range, check_once, check_stats_args
+from .._checks import acc_dtype, check_index_range, check_once, check_stats_args
 from ._launch import cdiv, launch, next_pow2
 
 _OP = "layer_stats_accumulate"
@@ -72,7 +72,7 @@ def _layer_stats_kernel(
             tl.atomic_add(sums_ptr + 5, zero + n_rows, sem="relaxed")
     elif pid < y_programs + score_programs:
         r = (pid - y_programs).to(tl.int64) * R_BLOCK + tl.arange(0, R_BLOCK)[:, None]
-        m = tl.arange(0, M_BLOCK)[None, :]
+        m = tl.arange(0, M_BLOCK)[None, :].to(tl.int64)
         mask = (r < n_rows) & (m < n_cores)
         at = scores_ptr + r * stride_row + m * stride_core
         first = tl.load(at, mask=mask, other=0.0).to(ACC)
@@ -101,7 +101,7 @@ def layer_stats_accumulate_cuda(hits: Tensor, sums: Tensor, ids: Tensor, y: Tens
     programs = y_programs + score_programs + cdiv(ids.numel(), c["ID_BLOCK"])
     if programs == 0:
         return
-    acc = tl.float64 if torch.float64 in (y.dtype, scores.dtype) else tl.float32
+    acc = tl.float64 if acc_dtype(y, scores) == torch.float64 else tl.float32
     launch(
         _layer_stats_kernel,
         (programs,),
