@@ -281,7 +281,7 @@ class LayerStats(nn.Module):
         self.register_buffer("hits", torch.zeros(num_values, dtype=torch.float64), persistent=False)
         # [Σy, Σy², count(y), Σ top-1 score, Σ k-th score, count(scores)]
         self.register_buffer("sums", torch.zeros(6, dtype=torch.float64), persistent=False)
-        # False: training forwards collect nothing (a handful of small kernels per layer and forward)
+        # False: training forwards collect nothing (one op per layer and forward)
         self.enabled = True
 
     def _apply(self, fn, recurse=True):

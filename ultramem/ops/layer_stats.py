@@ -10,8 +10,7 @@ kept). The sums of one call are taken in at least fp32, the totals kept in fp64.
 these are statistics, taken under no_grad.
 
 On CUDA it is one Triton launch (`_triton/layer_stats.py`), whose sums' last bits depend on the
-order of its atomics; deterministic mode and CPU take the reference, which is exact to the same
-precision in a fixed order.
+order of its atomics; deterministic mode and CPU take the reference, which sums in a fixed order.
 """
 
 from __future__ import annotations

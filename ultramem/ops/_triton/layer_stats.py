@@ -1,6 +1,7 @@
 """Triton launcher for ultramem::layer_stats_accumulate: a memory layer's running statistics in
-one launch (compiled from plain PyTorch they took seven: the hit scatter and two split
-reductions with their epilogues, each a launch the host pays for on every training forward).
+one launch (compiled from plain PyTorch they took six inside the layer: two split reductions
+with their epilogues and the add into the totals, besides the hit scatter; each a launch the
+host pays for on every training forward).
 
 One grid, three kinds of program, told apart by their program id:
 - y programs: Σy and Σy² over a chunk of y each (and program 0 the two counts);
@@ -24,7 +25,8 @@ from ._launch import cdiv, launch, next_pow2
 _OP = "layer_stats_accumulate"
 
 # y elements per program: Y_BLOCK · Y_TILES. Large enough that the atomics on two addresses stay
-# few (576 y programs at 227M), small enough to spread y over all SMs.
+# few (576 y programs at 227M), small enough to spread y over all SMs. Not yet tuned on a GPU
+# (perf/benches/layer_stats.py times other shapes beside this one).
 LAUNCH = {"Y_BLOCK": 1024, "Y_TILES": 16, "R_BLOCK": 256, "ID_BLOCK": 1024, "num_warps": 4}
 
 
