@@ -1,7 +1,7 @@
 """A seeded fuzzer of the ultramem:: ops against float64 formulas written here.
 
-Each case draws one op family (weighted_lookup, pre_value_gate, gate_lookup, tdqkr_retrieval), a
-path (forward with the dense backward, autograd, the accumulate op, a registered buffer id, a
+Each case draws one op family (weighted_lookup, pre_value_gate, gate_lookup, tdqkr_retrieval,
+layer_stats_accumulate), a path (forward with the dense backward, autograd, the accumulate op, a registered buffer id, a
 staging area) and random inputs: 0 to 6 tokens, 1-4 cores, duplicate rows within and across
 tokens, ids at 0 and N-1, int32 / int64 ids, fp16 / bf16 / fp32 / fp64 tensors (mixed), and
 contiguous, offset (a slice of a larger tensor), transposed or strided views. It runs the case on
@@ -49,6 +49,7 @@ import torch
 from ultramem import ops
 from ultramem.ops import determinism
 from ultramem.ops.gate_lookup import gate_lookup_backward_into
+from ultramem.ops.layer_stats import _accumulate_cuda as layer_stats_cuda_path
 from ultramem.ops.staged_grad import GradStaging, register_staging
 from ultramem.ops.table_grad import (
     pre_value_gate_backward_accumulate,
@@ -69,6 +70,7 @@ if INTERPRETED:
     patch_index()
 if TRITON:
     from ultramem.ops._triton import gate_lookup as tgl
+    from ultramem.ops._triton import layer_stats as tls
     from ultramem.ops._triton import pre_value_gate as tpg
     from ultramem.ops._triton import retrieval as tri
     from ultramem.ops._triton import staged_grad as tsg
@@ -80,7 +82,7 @@ UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-2
 # Slack over the first-order bound: the bound counts each rounding once, the kernels' sums
 # (products, then partial sums, then a cast) round a few times per term.
 SAFETY = 8.0
-FAMILIES = ("weighted_lookup", "pre_value_gate", "gate_lookup", "tdqkr_retrieval")
+FAMILIES = ("weighted_lookup", "pre_value_gate", "gate_lookup", "tdqkr_retrieval", "layer_stats_accumulate")
 # Small launch blocks, so that the interpreter runs the masked edges of the kernels too.
 SMALL_BLOCKS = {"BLOCK_T": 2, "BLOCK_E": 2, "BLOCK_D": 8, "num_warps": 1}
 
@@ -860,14 +862,50 @@ def _check_selection(check: Checker, ids, scores, a, b, cores, u, v, knn, dts) -
     check("totals_optimal", torch.tensor([worst], dtype=torch.float64), _measured(1), 0, tol=tol_t)
 
 
+def run_layer_stats(draw: Draw, case: Case, report: Report) -> None:
+    """The statistics op: hits[ids] += 1 and the six sums, added into counters that start from
+    random values (the hit counts from integers, which stay exact)."""
+    t, h, k, m = draw.tokens(), draw.int(1, 2), draw.int(1, 5), draw.int(1, 3)
+    n, d = draw.int(1, 12), draw.int(1, 9)
+    y_dt, s_dt = _pick_dtypes(draw, case.backend, 2)
+    ids = draw.rows(t * h, k, n, draw.choice([torch.int32, torch.int64]))
+    y, scores = draw.floats((t, d), y_dt), draw.floats((t * h, k, m), s_dt)
+    hits0 = torch.randint(0, 5, (n,), generator=draw.gen).double().to(ids.device)
+    sums0 = draw.floats((6,), torch.float64).contiguous()
+    hits, sums = hits0.clone(), sums0.clone()
+    deterministic = draw.coin()
+    case.label = f"layer_stats_accumulate T={t} H={h} k={k} M={m} N={n} D={d} {dtype_label(y_dt, s_dt)} {ids.dtype}"
+    if case.backend == "cpu":
+        ops.layer_stats_accumulate(hits, sums, ids, y, scores)
+    else:
+        small = {"Y_BLOCK": 4, "Y_TILES": 2, "R_BLOCK": 4, "ID_BLOCK": 8} if draw.coin(0.5) else {}
+        with mock.patch.dict(tls.LAUNCH, small), _deterministic(deterministic):
+            layer_stats_cuda_path(hits, sums, ids, y, scores)
+    check = Checker(report, case, "layer_stats_accumulate", (y_dt, s_dt))
+    counts = torch.bincount(ids.reshape(-1).long().cpu(), minlength=n).double()
+    check("hits", hits, lambda a: d64(hits0) + counts, 0, tol=0.0)
+
+    def want(a):
+        y64, s64 = d64(y, a).reshape(-1), d64(scores, a)
+        add = [y64.sum(), (y64 * y64).sum(), y.numel(), s64[:, 0].sum(), s64[:, -1].sum(), t * h]
+        return d64(sums0, a) + torch.tensor([float(v) for v in add], dtype=torch.float64)
+
+    # each sum with its own accumulation: y's and the scores' (at least fp32 each), the counts fp64
+    parts = {"y sums": ([0, 1], y.numel() + 1, y_dt), "counts": ([2, 5], 1, torch.float64)}
+    parts["score sums"] = ([3, 4], t * h + 1, s_dt)
+    for name, (at, length, dt) in parts.items():
+        check(name, sums[at], lambda a, at=at: want(a)[at], length, tol=tolerance(torch.float64, length, (dt,)))
+
+
 RUNNERS = {
     "weighted_lookup": run_weighted_lookup,
     "pre_value_gate": run_pre_value_gate,
     "gate_lookup": run_gate_lookup,
     "tdqkr_retrieval": run_retrieval,
+    "layer_stats_accumulate": run_layer_stats,
 }
 # Share of the cases per family (the retrieval's interpreted kernel is the slowest).
-WEIGHTS = {"cpu": [3, 2, 3, 2], "triton": [3, 2, 3, 1]}
+WEIGHTS = {"cpu": [3, 2, 3, 2, 1], "triton": [3, 2, 3, 1, 1]}
 
 
 def case_seed(seed: int, index: int) -> int:
