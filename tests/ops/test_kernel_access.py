@@ -1,7 +1,7 @@
 """Which pointer arguments Inductor's access analysis counts as written in each Triton launch
 (`perf.diagnostics.kernel_access`, on a CPU with an sm_90 target declared), and the CUDA bodies
-of the triton_ops (retrieval, weighted_lookup, pre_value_gate, gate_lookup) as AOTAutograd traces
-them.
+of the triton_ops (retrieval, weighted_lookup, pre_value_gate, gate_lookup, layer_stats_accumulate)
+as AOTAutograd traces them.
 
 Under `torch.compile`, a kernel launched through `wrap_triton` has every tensor the analysis
 counts as written cloned before the launch, and every tensor when the analysis fails. So each
@@ -354,7 +354,7 @@ LOOKUP_BODIES = [
 ]
 
 
-def _trace_lookup_body(f, mode_name, dynamic, monkeypatch, make_inputs=None):
+def _trace_cuda_body(f, mode_name, dynamic, monkeypatch, make_inputs=None):
     """f traced on fake CUDA tensors (make_inputs(mode, tokens); the lookups' by default) as
     AOTAutograd traces it (functionalized), in `mode_name`."""
     from torch._dynamo.source import ConstantSource
@@ -391,7 +391,7 @@ def test_lookup_cuda_bodies_trace_to_launches_of_outputs_only(
     # outputs are the launches' outputs as they are.
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    gm = _trace_lookup_body(f, mode_name, dynamic, monkeypatch)
+    gm = _trace_cuda_body(f, mode_name, dynamic, monkeypatch)
     nodes = list(gm.graph.nodes)
     assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
     launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
@@ -416,7 +416,7 @@ def test_with_inline_launches_off_the_lookup_bodies_trace_to_the_opaque_twins(f,
     from ultramem.ops._triton import _launch
 
     monkeypatch.setattr(_launch, "INLINE_TRITON", False)
-    gm = _trace_lookup_body(f, mode_name, False, monkeypatch)
+    gm = _trace_cuda_body(f, mode_name, False, monkeypatch)
     called = {n.target._opname for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "ultramem"}
     assert called == twins, gm.code
     assert not [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)], gm.code
@@ -473,7 +473,7 @@ def test_stats_body_is_one_launch_that_writes_the_counters_in_place(dynamic, inl
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 
-    gm = _trace_lookup_body(_stats, None, dynamic, monkeypatch, _stats_fake_cuda_inputs)
+    gm = _trace_cuda_body(_stats, None, dynamic, monkeypatch, _stats_fake_cuda_inputs)
     wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
     launches = [n for n in gm.graph.nodes if n.target is wrapper]
     got = [
@@ -494,7 +494,7 @@ def test_stats_body_is_one_launch_that_writes_the_counters_in_place(dynamic, inl
 
 @analysed
 def test_stats_body_in_deterministic_mode_is_the_reference(inline_launches, monkeypatch):
-    gm = _trace_lookup_body(_stats, "deterministic", False, monkeypatch, _stats_fake_cuda_inputs)
+    gm = _trace_cuda_body(_stats, "deterministic", False, monkeypatch, _stats_fake_cuda_inputs)
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert "aten.index_add.default" in called, gm.code
     assert not [c for c in called if "triton_kernel_wrapper" in c], gm.code
@@ -504,7 +504,7 @@ def test_with_inline_launches_off_the_stats_body_calls_the_twin(monkeypatch):
     from ultramem.ops._triton import _launch
 
     monkeypatch.setattr(_launch, "INLINE_TRITON", False)
-    gm = _trace_lookup_body(_stats, None, False, monkeypatch, _stats_fake_cuda_inputs)
+    gm = _trace_cuda_body(_stats, None, False, monkeypatch, _stats_fake_cuda_inputs)
     twins = [n.args[0] for n in gm.graph.nodes if "auto_functionalized" in str(n.target)]
     assert twins == [torch.ops.ultramem.layer_stats_accumulate_opaque.default], gm.code
     assert not [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)], gm.code
