@@ -12,6 +12,7 @@ min_bytes counts what must be read: y, the ids and the two score columns. The hi
 from __future__ import annotations
 
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
@@ -25,13 +26,8 @@ def _patched(tls, **launch):
     """The launcher with LAUNCH updated by `launch` for the duration of each call."""
 
     def call(*args):
-        saved = dict(tls.LAUNCH)
-        tls.LAUNCH.update(launch)
-        try:
+        with mock.patch.dict(tls.LAUNCH, launch):
             tls.layer_stats_accumulate_cuda(*args)
-        finally:
-            tls.LAUNCH.clear()
-            tls.LAUNCH.update(saved)
 
     return call
 

@@ -1,12 +1,12 @@
 """A seeded fuzzer of the ultramem:: ops against float64 formulas written here.
 
 Each case draws one op family (weighted_lookup, pre_value_gate, gate_lookup, tdqkr_retrieval,
-layer_stats_accumulate), a path (forward with the dense backward, autograd, the accumulate op, a registered buffer id, a
-staging area) and random inputs: 0 to 6 tokens, 1-4 cores, duplicate rows within and across
-tokens, ids at 0 and N-1, int32 / int64 ids, fp16 / bf16 / fp32 / fp64 tensors (mixed), and
-contiguous, offset (a slice of a larger tensor), transposed or strided views. It runs the case on
-the CPU kernels, or on the Triton launchers (run on CPU tensors when TRITON_INTERPRET=1 was set
-before Triton was imported), and compares every output with the float64 formula.
+layer_stats_accumulate), a path (forward with the dense backward, autograd, the accumulate op, a
+registered buffer id, a staging area) and random inputs: 0 to 6 tokens, 1-4 cores, duplicate rows
+within and across tokens, ids at 0 and N-1, int32 / int64 ids, fp16 / bf16 / fp32 / fp64 tensors
+(mixed), and contiguous, offset (a slice of a larger tensor), transposed or strided views. It runs
+the case on the CPU kernels, or on the Triton launchers (run on CPU tensors when TRITON_INTERPRET=1
+was set before Triton was imported), and compares every output with the float64 formula.
 
 Errors are elementwise, relative to the same formula evaluated on absolute values (the size of
 the sum before cancellation), so a bound holds for any input: with u(dtype) the unit roundoff,

@@ -116,22 +116,21 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if isinstance(func, torch._ops.HigherOrderOperator):
             inner = _functionalized_op(func, args)
-            name = f"{inner.namespace}::{inner._opname}" if inner is not None else f"higher_order::{func.name()}"
-            self.ops[name] += 1
-            if torch._C._current_graph_task_id() != -1:
-                self.backward_ops[name] += 1
+            self._count(f"{inner.namespace}::{inner._opname}" if inner is not None else f"higher_order::{func.name()}")
             return func(*args, **kwargs)
         if not func.is_view and func.namespace != "profiler":
-            name = f"{func.namespace}::{func._opname}"
-            self.ops[name] += 1
-            if torch._C._current_graph_task_id() != -1:
-                self.backward_ops[name] += 1
+            self._count(f"{func.namespace}::{func._opname}")
         if func is _SCALAR_READ:
             if args[0].untyped_storage().data_ptr() not in self._host:
                 self.syncs[call_site()] += 1
         elif func in _DATA_DEPENDENT or _bool_index(func, args):
             self.syncs[call_site() + f" ({func._opname})"] += 1
         return func(*args, **kwargs)
+
+    def _count(self, name: str) -> None:
+        self.ops[name] += 1
+        if torch._C._current_graph_task_id() != -1:
+            self.backward_ops[name] += 1
 
     def __enter__(self):
         # .tolist() and .numpy() read CPU tensors without dispatching anything: count them here
