@@ -90,7 +90,9 @@ class GradStaging:
         self.grad_out = torch.empty(capacity, vdim, dtype=dtype, **kw) if vdim else None
         self.grad_g = torch.empty(capacity, entries, dtype=torch.float32, **kw) if pre_vdim else None
         self.x = torch.empty(capacity, pre_vdim, dtype=dtype, **kw) if pre_vdim else None
-        self.fill = torch.zeros(1, dtype=torch.int64, **kw)  # tokens staged so far
+        # [0]: tokens staged so far; [1]: the CUDA backward's copy of [0] as its call began, from
+        # which its second kernel moves [0] on (`ultramem.ops._triton.staged_grad`)
+        self.fill = torch.zeros(2, dtype=torch.int64, **kw)
         for t in self._tensors() + [self.fill]:
             torch._dynamo.mark_static_address(t)  # CUDA graphs keep these addresses
 
@@ -135,7 +137,7 @@ class GradStaging:
         return self.vdim == 0 and self.pre_vdim > 0 and self._fits(rows, x) and x.shape[1] == self.pre_vdim
 
     def staged_tokens(self) -> int:
-        return int(self.fill.item())
+        return int(self.fill[0].item())
 
     def stage_reference(
         self, rows: Tensor, grad_out: Tensor | None, x: Tensor | None, eff: Tensor | None, grad_g: Tensor | None
@@ -143,7 +145,7 @@ class GradStaging:
         """Stage one backward with plain tensor ops (the CPU path; the halves this area has);
         False when it does not fit."""
         t = rows.shape[0]
-        start = int(self.fill.item())
+        start = self.staged_tokens()
         if start + t > self.capacity:
             return False
         end = start + t
@@ -154,7 +156,7 @@ class GradStaging:
         if self.pre_vdim:
             self.grad_g[start:end].copy_(grad_g)
             self.x[start:end].copy_(x)
-        self.fill.add_(t)
+        self.fill[0] += t
         return True
 
     @torch.no_grad()
@@ -188,7 +190,7 @@ class GradStaging:
             order = _triton_staged_grad.sort_rows(rows, halves[0][2].shape[0])
             for g, w, buf, _ in halves:
                 _triton_staged_grad.sorted_block_add(
-                    rows, g[:n], w[:n], buf, torch.float32, order=order, limit=self.fill
+                    rows, g[:n], w[:n], buf, torch.float32, order=order, limit=self.fill[:1]
                 )
         else:
             for g, w, buf, _ in halves:

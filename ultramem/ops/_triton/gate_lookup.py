@@ -450,10 +450,11 @@ def _gate_lookup_bwd_kernel(
     written instead (to ef / gg_out), for the sorted one-writer-per-row table gradients.
 
     STAGED: the same, into a staging area of CAP tokens (`ultramem.ops.staged_grad`) at token
-    fill + t, with fill = the tokens staged so far (read from fill_ptr), together with the row
-    ids, grad_out and x. When the T tokens of this call do not fit, effective scores and grad_g
-    go to xef / xgg instead, for `staged_grad._overflow_add_kernel` (atomics here, even masked
-    off, would slow this kernel down: perf/history/staged_flush.md).
+    fill + t, with fill = the tokens staged so far (read from fill_ptr[0]; program 0 copies it
+    to fill_ptr[1]), together with the row ids, grad_out and x. When the T tokens of this call
+    do not fit, effective scores and grad_g go to xef / xgg instead, for
+    `staged_grad._overflow_add_kernel` (atomics here, even masked off, would slow this kernel
+    down: perf/history/staged_flush.md).
 
     One table alone (the staged backwards of `weighted_lookup` and `pre_value_gate`): HAS_GATE
     False takes act(g) = 1 (no gate), and CHUNKS_P = 0 (a lookup: grad_scores = q) or CHUNKS_V = 0
@@ -462,6 +463,8 @@ def _gate_lookup_bwd_kernel(
     t = tl.program_id(0).to(tl.int64)
     if STAGED:
         ts = tl.load(fill_ptr).to(tl.int64)
+        # the overflow kernel moves the fill level on from this copy: no program here may see it move
+        tl.store(fill_ptr + 1, ts, mask=t == 0)
         fits = ts + T <= CAP
         over = ts + T > CAP
         ts += t

@@ -4,8 +4,8 @@ A staged backward is `gate_lookup`'s fused backward kernel (`_gate_lookup_bwd_ke
 with both tables, or with one (the backwards of `weighted_lookup` and `pre_value_gate`): instead
 of adding into the gradient buffers it writes each entry's row id and weights and each token's
 source rows into a `GradStaging` area, at the area's fill level (read on the device). Then
-`_overflow_add_kernel` adds the tokens that found no room into the buffers with fp32 atomics, and
-`_advance_fill_kernel` moves the fill level past the tokens staged.
+`_overflow_add_kernel` adds the tokens that found no room into the buffers with fp32 atomics, or
+moves the fill level past the tokens staged: two launches per staged backward.
 
 `GradStaging.flush` adds everything staged at once: one sort of the staged row ids
 (`sort_rows`), then per table `sorted_block_add` (`_sorted_block_add_kernel`).
@@ -65,10 +65,15 @@ def _overflow_add_kernel(
     CHUNKS_P: tl.constexpr,
 ):
     """A staged backward's table gradients when the staging area had no room for its T tokens
-    (fill + T > CAP; otherwise the programs stop at once): each token's entries add
-    eff · grad_out[t] to V's rows and grad_g · x[t] to P's, with fp32 atomics. Programs loop
-    over tokens, so that the usual case (room left) costs a few programs, not one per token."""
-    if tl.load(fill_ptr) + T > CAP:
+    (fill + T > CAP): each token's entries add eff · grad_out[t] to V's rows and grad_g · x[t] to
+    P's, with fp32 atomics. Otherwise program 0 sets fill_ptr[0] = fill + T and the others stop
+    at once. Every program reads fill from the copy the backward kernel left in fill_ptr[1],
+    which nothing here writes, so program 0 may move the level while others still decide.
+    Programs loop over tokens, so that the usual case (room left) costs a few programs, not one
+    per token."""
+    fill = tl.load(fill_ptr + 1)
+    tl.store(fill_ptr, fill + T, mask=(tl.program_id(0) == 0) & (fill + T <= CAP))
+    if fill + T > CAP:
         e = tl.arange(0, BLOCK_E)
         cols = tl.arange(0, BLOCK_D)
         for t in range(tl.program_id(0), T, tl.num_programs(0)):
@@ -96,13 +101,6 @@ def _overflow_add_kernel(
                     mask=ok[:, None] & (d < DP)[None, :],
                     sem="relaxed",
                 )
-
-
-@triton.jit
-def _advance_fill_kernel(fill_ptr, T, CAP):
-    """fill += T when the T tokens just staged fitted (the backward kernel read fill before)."""
-    f = tl.load(fill_ptr)
-    tl.store(fill_ptr, f + T, mask=f + T <= CAP)
 
 
 @triton.jit
@@ -368,7 +366,7 @@ def _stage(
     cfg: dict,
 ) -> None:
     """The staged backward kernel (`gate_lookup._launch_backward` with `staging`; eff / grad_g
-    stand in for an absent half), then the overflow kernel and the fill update."""
+    stand in for an absent half), then the overflow kernel, which also moves the fill level."""
     over_eff, over_gg = _tgl._launch_backward(
         rows,
         values,
@@ -413,7 +411,6 @@ def _stage(
         CHUNKS_P=cdiv(dp, bd),
         num_warps=1,
     )
-    _advance_fill_kernel[(1,)](fill, t, cap)
 
 
 # ------------------------------------------------------------------------ the flush's block add
