@@ -16,7 +16,8 @@ A record (every key is always there, null when it does not apply):
     small         smoke-run shapes: checks that the bench runs, says nothing about speed
     reference     the authors' published numbers, repeated in every op run; not measured here
     note, error   free text; error: the measurement failed (time is then null)
-    extra         whatever else the bench reports (bytes, GB/s, rel_err, MFU, loss curve, ...)
+    extra         whatever else the bench reports (bytes, GB/s, rel_err, MFU, loss curve, ...);
+                  measured records' extra has `host`, the CPU model and the cores usable
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import datetime
 import json
 import os
 import pathlib
+import platform
 import secrets
 import subprocess
 
@@ -88,8 +90,21 @@ def current_commit() -> tuple[str, bool | None]:
     return head, (bool(status) if status is not None else None)
 
 
+def host() -> str:
+    """The CPU that launched the work and the cores this process may use: host-bound timings
+    (compiled code without CUDA graphs) differ between machines of one GPU kind."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores"
+
+
 def environment() -> dict:
-    """Commit, date, device and versions shared by every record of one run."""
+    """Commit, date, device, host and versions shared by every record of one run."""
     import torch
 
     try:
@@ -108,6 +123,7 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "triton": triton_version,
+        "host": host(),
     }
 
 
@@ -145,7 +161,8 @@ def record(
         "reference": bool(reference),
         "note": note,
         "error": error,
-        "extra": extra or {},
+        # the host goes with measurements, not with the authors' published numbers
+        "extra": ({} if reference or not env.get("host") else {"host": env["host"]}) | (extra or {}),
     }
     return rec
 

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     # rounds are paired: the median of the per-round ratios discounts drift between rounds
     paired = {name: statistics.median(a / b for a, b in zip(times[first], ts)) for name, ts in times.items()}
     shape = " ".join([args.config, *args.common, f"grad_accum={args.grad_accum}"])
-    print(f"{shape}: ms per step, median of {args.rounds} rounds of {args.steps} steps")
+    print(f"{shape}: ms per step, median of {args.rounds} rounds of {args.steps} steps; host {records.host()}")
     print(f"{'variant':20} {'median':>8}  speed vs the first (medians, per round)  rounds")
     for name, ts in times.items():
         rounds = " ".join(f"{t:.1f}" for t in ts)

@@ -79,6 +79,8 @@ def test_run_small_appends_op_layer_e2e_records(tmp_path):
     assert not any(r["error"] for r in recs)
     measured = [r for r in recs if not r["reference"]]
     assert all(r["small"] for r in measured)
+    assert all(r["extra"]["host"].endswith(" cores") for r in measured)
+    assert not any("host" in r["extra"] for r in recs if r["reference"])
 
     by = {(r["bench"], r["variant"]): r for r in recs}
     staged = [r for r in measured if r["bench"] == "staged_flush"]
