@@ -90,7 +90,8 @@ def test_fsdp_reshard_policies_train_alike(runs, policy):
 
 
 # wide enough for several of DDP's gradient buckets at 1 MB: about 0.8 MB of weights a block
-WIDE = ["--model.dim=128", "--model.n_heads=4", "--model.ffn_hidden=352", "--model.n_layers=3"]
+# (3 micro-batches: the second's gradients are folded in under no_sync, the last's reduced by DDP)
+WIDE = ["--model.dim=128", "--model.n_heads=4", "--model.ffn_hidden=352", "--model.n_layers=3", "--train.grad_accum=3"]
 
 
 def test_compiled_ddp_splits_at_the_buckets_and_matches_one_process(runs):

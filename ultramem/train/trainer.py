@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from ultramem.config import ConfigError
 from ultramem.model import Transformer, build_model
 
+from .accumulate import FoldedGrads
 from .checkpoint import CheckpointManager, flatten_config
 from .config import TrainConfig
 from .distributed import (
@@ -225,12 +226,19 @@ class Trainer:
         if self._cudagraphs:
             # A gradient first set from a CUDA-graph output aliases the graph's memory, which the
             # next micro-batch's replay overwrites: give every parameter its own .grad up front
-            # (kept, zeroed in place each step) so the backward adds into it instead.
+            # (kept, zeroed in place each step) so each backward's gradients add into it instead.
             for p in model.parameters():
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         self._value_group = next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "values"), None)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        # Micro-batch gradients folded in with one foreach add, except where the data-parallel
+        # wrapper reduces them in the backward (FSDP; DDP's last micro-batch, see train_step).
+        # The tables are left out: their .grad is the gradient buffer, which no backward replaces.
+        table_params = set(tables.parameters()) if tables is not None else set()
+        self._folded = (
+            FoldedGrads(p for p in self._params if p not in table_params) if self.parallel.mode != "fsdp" else None
+        )
         self._flops_per_token = _flops_per_token(cfg)
         self._peak_flops = peak_flops(device)
         self._stop = _StopRequest()
@@ -271,6 +279,13 @@ class Trainer:
         except ImportError:
             return None
 
+    def _fold_grads(self, last: bool):
+        """Context for one micro-batch's backward: its gradients are folded into the kept ones
+        (`FoldedGrads`), but for DDP's last micro-batch, whose reduction reads the sum in .grad."""
+        if self._folded is None:
+            return contextlib.nullcontext()
+        return self._folded.backward(enabled=not (last and self.parallel.mode == "ddp"))
+
     # -- one optimizer step ----------------------------------------------------------------
 
     def _on_device(self, batch: torch.Tensor) -> torch.Tensor:
@@ -294,7 +309,8 @@ class Trainer:
             with self.parallel.grad_sync(last):
                 with self._autocast():
                     loss, aux = self.parallel.forward(batch[:, :-1], batch[:, 1:])
-                (loss / accum).backward()
+                with self._fold_grads(last):
+                    (loss / accum).backward()
             totals[0] += (loss - aux).detach().float()  # the LM loss, comparable with val/loss; aux apart
             totals[1] += aux.detach().float()
             if self._flush_every and ((micro + 1) % self._flush_every == 0 or last):

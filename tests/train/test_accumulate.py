@@ -1,0 +1,143 @@
+"""Gradient accumulation with one foreach add per micro-batch (`ultramem.train.accumulate`)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ultramem.train import accumulate
+from ultramem.train.accumulate import FoldedGrads
+
+
+class _Net(nn.Module):
+    """Three linears and a parameter that only some micro-batches use."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 4, bias=False)
+        self.c = nn.Linear(4, 3)
+        self.rare = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor, use_rare: bool) -> torch.Tensor:
+        y = self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        return (y * self.rare if use_rare else y).square().mean()
+
+
+def _micro_batches(n: int) -> list[tuple[torch.Tensor, bool]]:
+    g = torch.Generator().manual_seed(1)
+    # `rare` is absent from the first micro-batch and from the third
+    return [(torch.randn(7, 6, generator=g), i not in (0, 2)) for i in range(n)]
+
+
+def _accumulate(net: _Net, folded: FoldedGrads | None, batches) -> list[list]:
+    """Backward of each micro-batch; after each, every parameter's .grad object."""
+    seen = []
+    for x, use_rare in batches:
+        loss = net(x, use_rare)
+        if folded is None:
+            loss.backward()
+        else:
+            with folded.backward():
+                loss.backward()
+        seen.append([p.grad for p in net.parameters()])
+    return seen
+
+
+def test_folded_gradients_are_autograds_to_the_bit():
+    torch.manual_seed(0)
+    want_net = _Net()
+    got_net = _Net()
+    got_net.load_state_dict(want_net.state_dict())
+    batches = _micro_batches(5)
+    _accumulate(want_net, None, batches)
+    seen = _accumulate(got_net, FoldedGrads(got_net.parameters()), batches)
+    for (name, want), got in zip(want_net.named_parameters(), got_net.parameters()):
+        assert got.grad is not None and torch.equal(got.grad, want.grad), name
+    # once a parameter has a gradient, later micro-batches add into that same tensor
+    rare = [i for i, (n, _) in enumerate(got_net.named_parameters()) if n == "rare"][0]
+    assert seen[0][rare] is None and seen[1][rare] is not None
+    for later in seen[2:]:
+        assert all(g is seen[1][i] for i, g in enumerate(later))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_one_foreach_add_instead_of_an_add_per_parameter(fold):
+    torch.manual_seed(0)
+    net = _Net()
+    folded = FoldedGrads(net.parameters()) if fold else None
+    x, _ = _micro_batches(1)[0]
+    _accumulate(net, folded, [(x, True)])
+    ops = _Ops()
+    with ops:
+        _accumulate(net, folded, [(x, True)])
+    n_params = len(list(net.parameters()))
+    adds, foreach = ops.names.count("aten.add_"), ops.names.count("aten._foreach_add_")
+    assert (adds, foreach) == ((0, 1) if fold else (n_params, 0)), ops.names
+
+
+def test_disabled_and_failed_backwards_leave_gradients_as_autograd_would():
+    torch.manual_seed(0)
+    net = _Net()
+    folded = FoldedGrads(net.parameters())
+    batches = _micro_batches(3)
+    _accumulate(net, folded, batches[:2])
+    kept = [p.grad.clone() for p in net.parameters()]
+    objects = [p.grad for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with folded.backward():
+            net(*batches[2]).backward()
+            raise RuntimeError("interrupted")
+    assert all(p.grad is g for p, g in zip(net.parameters(), objects))
+    assert all(torch.equal(p.grad, k) for p, k in zip(net.parameters(), kept))
+    # disabled: autograd's own accumulation, into the same tensors
+    ref = _Net()
+    ref.load_state_dict(net.state_dict())
+    _accumulate(ref, None, batches)
+    with folded.backward(enabled=False):
+        net(*batches[2]).backward()
+    assert all(torch.equal(p.grad, r.grad) for p, r in zip(net.parameters(), ref.parameters()))
+
+
+def test_a_pair_foreach_cannot_take_is_added_alone():
+    kept = [torch.ones(3), torch.ones(2, dtype=torch.float64), None, torch.ones(4)]
+    new = [torch.full((3,), 2.0), torch.full((2,), 3.0, dtype=torch.float32), torch.ones(1), None]
+    accumulate._add_into(kept, new)
+    assert kept[0].tolist() == [3.0] * 3 and kept[1].tolist() == [4.0] * 2 and kept[3].tolist() == [1.0] * 4
+
+
+def test_trainer_steps_are_bit_identical_with_and_without_folding(monkeypatch):
+    """Three micro-batches per step: the trainer's folding changes no loss and no weight."""
+    from test_trainer import tiny_trainer
+
+    extra = ["--train.max_steps=2", "--train.grad_accum=3"]
+    want = tiny_trainer(extra)
+    assert want._folded is not None
+    monkeypatch.setattr(want, "_folded", None)
+    want_losses = [r.loss for r in want.train()]
+    got = tiny_trainer(extra)
+    calls = []
+    orig = FoldedGrads.backward
+
+    def backward(self, enabled=True):
+        calls.append(enabled)
+        return orig(self, enabled)
+
+    monkeypatch.setattr(FoldedGrads, "backward", backward)
+    got_losses = [r.loss for r in got.train()]
+    assert calls == [True] * 6
+    assert got_losses == want_losses
+    for (name, p), q in zip(want.model.named_parameters(), got.model.parameters()):
+        assert torch.equal(p, q), name
+    assert np.isfinite(got_losses).all()
