@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The host path's measurements on one GPU (perf/NOTES.md, "The host path without CUDA graphs"),
+# one part per call, each within about 10 minutes:
+#
+#   PYTHONPATH=. bash perf/host_path_gpu.sh OUT_DIR PART [BASE_TREE]
+#
+# PART:
+#   tests      the CUDA tests of the ops, the layers and the trainer       -> tests.txt
+#   ops        the statistics op and the staged backward, with the compiled
+#              references (perf/benches/layer_stats.py, staged_flush.py)    -> ops.txt, ops.json
+#   ab         the 227M trainer's step, default compile mode: dense, UltraMemV2, and UltraMemV2 on
+#              BASE_TREE (a checkout of an earlier commit, e.g. `git archive C | tar -x -C DIR`),
+#              variants alternating in one process                          -> ab.txt
+#   ab-graphs  the same under CUDA graphs                                   -> ab-graphs.txt
+#   launchers  UltraMemV2 in default mode as it is and with Inductor's static launcher for user
+#              Triton kernels (trainer_ab); one micro-batch of the whole-model region as it is,
+#              with Inductor's combo kernels, and without the layers' statistics
+#              (compile_regions)                                            -> launchers.txt
+#   options    perf.diagnostics.inductor_options                           -> options.txt
+#
+# Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
+set -euo pipefail
+out=${1:?OUT_DIR}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers or options}
+base=${3:-}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+log=$out/log.jsonl
+
+ab() {  # trainer_ab in one compile mode, with the base tree as a third variant when given
+    local mode=$1
+    local args=(--common=--train.compile_mode=$mode --variant dense=--model.memory.type=none --variant v2=)
+    if [[ -n $base ]]; then
+        [[ -d $base ]] || { echo "BASE_TREE $base is not a directory" >&2; exit 2; }
+        args+=(--variant v2_base= --tree "v2_base=$base")
+    fi
+    $py -m perf.diagnostics.trainer_ab "${args[@]}" --log "$log"
+}
+
+case $part in
+    tests)
+        {
+            $py -m pytest -q -p no:logging tests/ops/test_ops_cuda.py tests/ops/test_inline_triton_cuda.py \
+                tests/layers/test_layers_gpu.py || true
+            $py -m pytest -q -p no:logging tests/train/test_trainer.py -k cuda
+        } 2>&1 | tee "$out/tests.txt"
+        ;;
+    ops)
+        $py -m perf.bench_ops --only layer_stats staged_flush --compile --out "$out/ops.json" 2>&1 | tee "$out/ops.txt"
+        ;;
+    ab) ab default 2>&1 | tee "$out/ab.txt" ;;
+    ab-graphs) ab reduce-overhead 2>&1 | tee "$out/ab-graphs.txt" ;;
+    launchers)
+        {
+            $py -m perf.diagnostics.trainer_ab --common=--train.compile_mode=default --variant v2= \
+                --variant v2_static= --env v2_static=TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 \
+                --log "$log"
+            $py -m perf.diagnostics.compile_regions --config 227m.toml --batch 3 --seq 4096 \
+                --variant model=model --variant combo=model,combo_kernels=True \
+                --variant nostats=model,layer_stats=off --log "$log"
+        } 2>&1 | tee "$out/launchers.txt"
+        ;;
+    options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
+    *)
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers or options" >&2
+        exit 2
+        ;;
+esac
