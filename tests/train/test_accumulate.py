@@ -118,10 +118,12 @@ def test_a_pair_foreach_cannot_take_is_added_alone():
 
 
 def test_trainer_steps_are_bit_identical_with_and_without_folding(monkeypatch):
-    """Three micro-batches per step: the trainer's folding changes no loss and no weight."""
+    """Three micro-batches per step: the trainer's folding changes no loss and no weight. (The
+    config asks for a compile, which makes the trainer fold; built here without `parallelize`,
+    the model runs eagerly.)"""
     from test_trainer import tiny_trainer
 
-    extra = ["--train.max_steps=2", "--train.grad_accum=3"]
+    extra = ["--train.max_steps=2", "--train.grad_accum=3", "--train.compile=true"]
     want = tiny_trainer(extra)
     assert want._folded is not None
     monkeypatch.setattr(want, "_folded", None)
@@ -141,3 +143,34 @@ def test_trainer_steps_are_bit_identical_with_and_without_folding(monkeypatch):
     for (name, p), q in zip(want.model.named_parameters(), got.model.parameters()):
         assert torch.equal(p, q), name
     assert np.isfinite(got_losses).all()
+
+
+def test_the_trainer_folds_only_a_compiled_model_in_one_process():
+    """Elsewhere the new gradients would outlive autograd's adds (eager, DDP's split graphs) or
+    a wrapper reduces them in the backward (DDP, FSDP)."""
+    from test_trainer import tiny_trainer
+
+    from ultramem.train.parallelize import Parallelized
+    from ultramem.train.trainer import Trainer
+
+    assert tiny_trainer([])._folded is None
+    compiled = tiny_trainer(["--train.compile=true"])
+    folded = compiled._folded
+    assert folded is not None
+    # every parameter autograd gives a gradient to (not the tables), once each
+    tables = {id(p) for p in compiled.model.memory_tables.parameters()}
+    assert tables and len(folded.params) == len({id(p) for p in folded.params})
+    assert {id(p) for p in folded.params} == {id(p) for p in compiled._params} - tables
+    for mode in ("ddp", "fsdp"):
+        t = compiled
+        again = Trainer(
+            t.cfg,
+            t.model,
+            t.optimizer,
+            t.scheduler,
+            t.train_batches,
+            t.device,
+            t.info,
+            parallel=Parallelized(t.model, t.model, mode),
+        )
+        assert again._folded is None, mode

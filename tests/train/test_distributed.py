@@ -90,7 +90,7 @@ def test_fsdp_reshard_policies_train_alike(runs, policy):
 
 
 # wide enough for several of DDP's gradient buckets at 1 MB: about 0.8 MB of weights a block
-# (3 micro-batches: the second's gradients are folded in under no_sync, the last's reduced by DDP)
+# (3 micro-batches: DDP reduces only the last's, the sum in .grad)
 WIDE = ["--model.dim=128", "--model.n_heads=4", "--model.ffn_hidden=352", "--model.n_layers=3", "--train.grad_accum=3"]
 
 

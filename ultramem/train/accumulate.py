@@ -2,12 +2,20 @@
 
 Left to autograd, each micro-batch's backward adds every parameter's new gradient into the
 `.grad` kept from the micro-batches before with an `add_` of its own: one launch per parameter
-(284 for 227m.toml's UltraMemV2, 142 for its dense model), each a few microseconds of host time.
-Without CUDA graphs the host sets the pace of a memory model's step, so the GPU waits for them.
+(282 for 227m.toml's UltraMemV2, whose tables take their gradients elsewhere; 142 for its dense
+model), each a few microseconds of host time. Without CUDA graphs the host sets the pace of a
+memory model's step, so the GPU waits for them.
 
-`FoldedGrads` sets the kept gradients aside for the backward, so that autograd hands over the new
-ones as they are (no copy), then adds them in with one `torch._foreach_add_` and puts the kept
-ones back: the same additions in the same order, so the same gradients to the bit.
+`FoldedGrads` sets the kept gradients aside for the backward, so that autograd makes the new ones
+each parameter's `.grad` (the tensor computed, when nothing else holds it), then adds them in
+with one `torch._foreach_add_` and puts the kept ones back: the same additions in the same order,
+so the same gradients to the bit, as long as each parameter gets one gradient per backward (as
+with non-reentrant checkpointing; reentrant checkpointing can deliver two, which autograd adds
+one at a time).
+
+The new gradients live until the backward ends, where autograd would free each after its add:
+up to one more set of gradients at the end of the backward. A compiled backward of the whole
+model returns them all at once anyway, which is where the trainer folds (`Trainer`).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ class FoldedGrads:
     micro-batch, FSDP): those hooks must see the whole sum in `.grad`."""
 
     def __init__(self, params: Iterable[nn.Parameter]):
-        self.params = list(params)
+        self.params = list(dict.fromkeys(params))  # (each once: a repeated one would be added twice)
 
     @contextlib.contextmanager
     def backward(self, enabled: bool = True) -> Iterator[None]:

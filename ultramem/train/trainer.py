@@ -232,13 +232,13 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
         self._value_group = next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "values"), None)
         self._params = [p for p in model.parameters() if p.requires_grad]
-        # Micro-batch gradients folded in with one foreach add, except where the data-parallel
-        # wrapper reduces them in the backward (FSDP; DDP's last micro-batch, see train_step).
-        # The tables are left out: their .grad is the gradient buffer, which no backward replaces.
+        # Each micro-batch's gradients added in with one foreach add where one compiled backward
+        # hands them all over at once anyway (the whole model one region, one process), so that
+        # holding them until the add costs no memory. The tables are left out: with gradient
+        # buffers (as `build_training_model` sets them) their .grad is the buffer.
         table_params = set(tables.parameters()) if tables is not None else set()
-        self._folded = (
-            FoldedGrads(p for p in self._params if p not in table_params) if self.parallel.mode != "fsdp" else None
-        )
+        folds = cfg.train.compile and self.parallel.mode == "none"
+        self._folded = FoldedGrads(p for p in self._params if p not in table_params) if folds else None
         self._flops_per_token = _flops_per_token(cfg)
         self._peak_flops = peak_flops(device)
         self._stop = _StopRequest()
@@ -279,12 +279,10 @@ class Trainer:
         except ImportError:
             return None
 
-    def _fold_grads(self, last: bool):
-        """Context for one micro-batch's backward: its gradients are folded into the kept ones
-        (`FoldedGrads`), but for DDP's last micro-batch, whose reduction reads the sum in .grad."""
-        if self._folded is None:
-            return contextlib.nullcontext()
-        return self._folded.backward(enabled=not (last and self.parallel.mode == "ddp"))
+    def _fold_grads(self):
+        """Context for one micro-batch's backward: its gradients are added into the kept ones with
+        one foreach add (`FoldedGrads`) where the trainer folds, else by autograd."""
+        return self._folded.backward() if self._folded is not None else contextlib.nullcontext()
 
     # -- one optimizer step ----------------------------------------------------------------
 
@@ -309,7 +307,7 @@ class Trainer:
             with self.parallel.grad_sync(last):
                 with self._autocast():
                     loss, aux = self.parallel.forward(batch[:, :-1], batch[:, 1:])
-                with self._fold_grads(last):
+                with self._fold_grads():
                     (loss / accum).backward()
             totals[0] += (loss - aux).detach().float()  # the LM loss, comparable with val/loss; aux apart
             totals[1] += aux.detach().float()
