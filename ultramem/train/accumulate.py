@@ -30,19 +30,19 @@ from torch import Tensor, nn
 class FoldedGrads:
     """Adds each micro-batch's gradients of `params` into the ones they had, in one launch group.
 
-    Not for parameters whose gradients a backward hook reduces as they are produced (DDP's last
-    micro-batch, FSDP): those hooks must see the whole sum in `.grad`."""
+    Not for parameters whose gradients a backward hook reduces as they are produced (DDP,
+    FSDP): those hooks must see the whole sum in `.grad`."""
 
     def __init__(self, params: Iterable[nn.Parameter]):
         self.params = list(dict.fromkeys(params))  # (each once: a repeated one would be added twice)
 
     @contextlib.contextmanager
-    def backward(self, enabled: bool = True) -> Iterator[None]:
-        """Run one micro-batch's backward inside. With `enabled` and gradients kept from before,
-        they are set aside and the new ones added into them afterwards; the kept tensors stay
-        each parameter's `.grad` (CUDA graphs keep their addresses). Otherwise autograd
-        accumulates as usual. If the backward raises, every `.grad` is put back as it was."""
-        kept = [p.grad for p in self.params] if enabled else []
+    def backward(self) -> Iterator[None]:
+        """Run one micro-batch's backward inside. Gradients kept from before are set aside and
+        the new ones added into them afterwards; the kept tensors stay each parameter's `.grad`
+        (CUDA graphs keep their addresses). With none kept yet (the first micro-batch) autograd
+        sets them as usual. If the backward raises, every `.grad` is put back as it was."""
+        kept = [p.grad for p in self.params]
         if all(g is None for g in kept):
             yield
             return
