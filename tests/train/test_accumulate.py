@@ -6,7 +6,6 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ultramem.train import accumulate
 from ultramem.train.accumulate import FoldedGrads
 
 
@@ -103,11 +102,35 @@ def test_a_failed_backward_leaves_the_gradients_as_they_were():
         assert p.grad is g and (k is None or torch.equal(p.grad, k))
 
 
-def test_a_pair_foreach_cannot_take_is_added_alone():
-    kept = [torch.ones(3), torch.ones(2, dtype=torch.float64), None, torch.ones(4)]
-    new = [torch.full((3,), 2.0), torch.full((2,), 3.0, dtype=torch.float32), torch.ones(1), None]
-    accumulate._add_into(kept, new)
-    assert kept[0].tolist() == [3.0] * 3 and kept[1].tolist() == [4.0] * 2 and kept[3].tolist() == [1.0] * 4
+def _mixed_params():
+    """Parameters of two dtypes, one an embedding's with sparse gradients, one absent from a
+    micro-batch; and the backward of micro-batch i."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(5, 2, sparse=True)
+    params = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2, dtype=torch.float64)), emb.weight]
+    params.append(nn.Parameter(torch.randn(4)))
+
+    def backward(i: int) -> None:
+        ids = torch.tensor([i % 5, (i + 2) % 5])
+        loss = (params[0] * i).sum() + params[1].sum() * i + emb(ids).square().sum()
+        (loss + params[3].sum() if i != 1 else loss).backward()
+
+    return params, backward
+
+
+def test_gradients_of_another_dtype_and_sparse_ones_are_added_too():
+    """One foreach add per dtype (and device); a sparse gradient as autograd adds it."""
+    params, backward = _mixed_params()
+    folded = FoldedGrads(params)
+    assert sorted(map(len, folded._groups)) == [1, 3]
+    for i in range(3):
+        with folded.backward():
+            backward(i)
+    want, want_backward = _mixed_params()
+    for i in range(3):
+        want_backward(i)
+    for p, w in zip(params, want):
+        assert p.grad.is_sparse == w.grad.is_sparse and torch.equal(p.grad.to_dense(), w.grad.to_dense())
 
 
 def test_trainer_steps_are_bit_identical_with_and_without_folding(monkeypatch):

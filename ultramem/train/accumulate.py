@@ -35,6 +35,12 @@ class FoldedGrads:
 
     def __init__(self, params: Iterable[nn.Parameter]):
         self.params = list(dict.fromkeys(params))  # (each once: a repeated one would be added twice)
+        # A gradient takes its parameter's dtype and device (autograd sees to it), and one foreach
+        # add takes lists of one dtype and device: the parameters' indices by the two.
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(self.params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        self._groups = list(groups.values())
 
     @contextlib.contextmanager
     def backward(self) -> Iterator[None]:
@@ -58,21 +64,15 @@ class FoldedGrads:
                 if g is not None or not finished:
                     p.grad = g
             if finished:
-                _add_into(kept, new)
+                _add_into(kept, new, self._groups)
 
 
 @torch.no_grad()
-def _add_into(kept: list[Tensor | None], new: list[Tensor | None]) -> None:
-    """kept[i] += new[i] where both exist: dense pairs of one dtype and device in one foreach add
-    (grouped by the op itself), any other pair as autograd would add it."""
-    dense_kept, dense_new = [], []
-    for k, n in zip(kept, new):
-        if k is None or n is None:
-            continue  # no gradient this time: the kept one stands; none kept: the new one is .grad
-        if k.layout == n.layout == torch.strided and k.dtype == n.dtype and k.device == n.device:
-            dense_kept.append(k)
-            dense_new.append(n)
-        else:
-            k.add_(n)
-    if dense_kept:
-        torch._foreach_add_(dense_kept, dense_new)
+def _add_into(kept: list[Tensor | None], new: list[Tensor | None], groups: list[list[int]]) -> None:
+    """kept[i] += new[i] where both exist (no gradient this time: the kept one stands; none kept:
+    the new one is .grad already), one foreach add per group of indices. A sparse gradient sends
+    its group down the op's slow path, an add per pair."""
+    for idx in groups:
+        pairs = [i for i in idx if kept[i] is not None and new[i] is not None]
+        if pairs:
+            torch._foreach_add_([kept[i] for i in pairs], [new[i] for i in pairs])
