@@ -8,10 +8,10 @@ memory model's step, so the GPU waits for them.
 
 `FoldedGrads` sets the kept gradients aside for the backward, so that autograd makes the new ones
 each parameter's `.grad` (the tensor computed, when nothing else holds it), then adds them in
-with one `torch._foreach_add_` and puts the kept ones back: the same additions in the same order,
-so the same gradients to the bit, as long as each parameter gets one gradient per backward (as
-with non-reentrant checkpointing; reentrant checkpointing can deliver two, which autograd adds
-one at a time).
+with one `torch._foreach_add_` per dtype and device and puts the kept ones back: the same
+additions in the same order, so the same gradients to the bit, as long as each parameter gets
+one gradient per backward (as with non-reentrant checkpointing; reentrant checkpointing can
+deliver two, which autograd adds one at a time).
 
 The new gradients live until the backward ends, where autograd would free each after its add:
 up to one more set of gradients at the end of the backward. A compiled backward of the whole
