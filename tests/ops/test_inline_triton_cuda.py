@@ -9,8 +9,6 @@ opaque call, whose range checks read the data."""
 from __future__ import annotations
 
 import importlib
-import pathlib
-import sys
 
 import pytest
 import torch
@@ -19,8 +17,6 @@ from torch._inductor.utils import run_and_get_code
 import ultramem.ops as ops
 from ultramem.ops import _checks, determinism
 from ultramem.ops._triton import _launch
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # perf/ is not installed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pathlib
-import sys
 
 import pytest
 import torch
@@ -24,7 +22,6 @@ import torch
 pytest.importorskip("triton")
 wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # perf/ is not installed
 import ultramem.ops as ops  # noqa: E402
 from perf.diagnostics import kernel_access as ka  # noqa: E402
 
