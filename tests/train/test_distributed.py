@@ -94,37 +94,28 @@ def test_fsdp_reshard_policies_train_alike(runs, policy):
 WIDE = ["--model.dim=128", "--model.n_heads=4", "--model.ffn_hidden=352", "--model.n_layers=3", "--train.grad_accum=3"]
 
 
-def test_compiled_ddp_splits_at_the_buckets_and_matches_one_process(runs):
+@pytest.mark.parametrize(
+    "name, extra, min_pieces",
+    [("ddp-compiled", [], 3), ("ddp-compiled-ac", ["--train.ac=full"], 2)],
+    ids=["plain", "recomputed-blocks"],
+)
+def test_compiled_ddp_splits_at_the_buckets_and_matches_one_process(runs, name, extra, min_pieces):
     """The whole model compiled under DDP on 2 ranks with 1 MB buckets: Dynamo splits its graph
     at the buckets' boundaries (so each bucket's all-reduce overlaps the backward), and the run
-    trains as one eager process."""
+    trains as one eager process. About 2.6 MB of DDP's weights: buckets of 1, 1 and the rest
+    (DDP's default 25 MB gives 2: its first bucket is 1 MB whatever the cap). With every block
+    recomputed, each block is a checkpoint region inside the graph, which the DDP optimizer
+    keeps whole when it splits (2 pieces here), and recomputation changes no loss."""
     one_dir, _ = runs.get("one-wide", 0, WIDE)
-    ddp = ["--parallel.mode=ddp", "--train.compile=true", "--parallel.bucket_cap_mb=1"]
-    two_dir, out = runs.get("ddp-compiled", 2, WIDE + ddp, environ={"TORCH_LOGS": "ddp_graphs"})
+    ddp = ["--parallel.mode=ddp", "--train.compile=true", "--parallel.bucket_cap_mb=1", *extra]
+    two_dir, out = runs.get(name, 2, WIDE + ddp, environ={"TORCH_LOGS": "ddp_graphs"})
     want, got = losses(one_dir), losses(two_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
     assert "compile=True" in out.stdout
-    # about 2.6 MB of DDP's weights: buckets of 1, 1 and the rest (DDP's default 25 MB gives 2:
-    # its first bucket is 1 MB whatever the cap)
     pieces = set(re.findall(r"---(submod_\d+) graph---", out.stdout + out.stderr))
-    assert len(pieces) >= 3, out.stderr[-4000:]
-
-
-def test_compiled_ddp_with_recomputed_blocks_matches_one_process(runs):
-    """The same with every block recomputed: each is a checkpoint region inside the graph, which
-    Dynamo's DDP optimizer keeps whole when it splits (2 pieces here), and recomputation changes
-    no loss."""
-    one_dir, _ = runs.get("one-wide", 0, WIDE)
-    ddp = ["--parallel.mode=ddp", "--train.compile=true", "--parallel.bucket_cap_mb=1", "--train.ac=full"]
-    two_dir, out = runs.get("ddp-compiled-ac", 2, WIDE + ddp, environ={"TORCH_LOGS": "ddp_graphs"})
-    want, got = losses(one_dir), losses(two_dir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
-    pieces = set(re.findall(r"---(submod_\d+) graph---", out.stdout + out.stderr))
-    assert len(pieces) >= 2, out.stderr[-4000:]
+    assert len(pieces) >= min_pieces, out.stderr[-4000:]
 
 
 def test_fsdp_memory_unit_with_accumulation_skips_and_recompute(runs):
