@@ -25,9 +25,9 @@ from ._launch import cdiv, launch, next_pow2
 _OP = "layer_stats_accumulate"
 
 # y elements per program: Y_BLOCK · Y_TILES. Large enough that the atomics on two addresses stay
-# few (576 y programs at 227M), small enough to spread y over all SMs. Not yet tuned on a GPU
-# (perf/benches/layer_stats.py times other shapes beside this one).
-LAUNCH = {"Y_BLOCK": 1024, "Y_TILES": 16, "R_BLOCK": 256, "ID_BLOCK": 1024, "num_warps": 4}
+# few (576 y programs at 227M), small enough to spread y over all SMs at smaller batches too;
+# 8 warps hide the loads' latency (tuning in perf/NOTES.md).
+LAUNCH = {"Y_BLOCK": 1024, "Y_TILES": 16, "R_BLOCK": 256, "ID_BLOCK": 1024, "num_warps": 8}
 
 
 @triton.jit
