@@ -63,15 +63,22 @@ def runs(tmp_path_factory):
     return Runs(tmp_path_factory)
 
 
+def assert_losses_match(want_dir, got_dir, first_step: int = 1):
+    """The run in got_dir logged a loss at each step from first_step to STEPS, each within 1e-5
+    of want_dir's at that step: the same global batch, summed in another order."""
+    steps = range(first_step, STEPS + 1)
+    want, got = losses(want_dir), losses(got_dir)
+    assert sorted(got) == list(steps), got
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+
+
 @pytest.mark.parametrize("memory", ["ultramem_v2", "none"])
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode, memory):
     one_dir, _ = runs.get(f"one-{memory}", 0, [f"--model.memory.type={memory}"])
     two_dir, out = runs.get(f"{mode}-{memory}", 2, [f"--model.memory.type={memory}", f"--parallel.mode={mode}"])
-    want, got = losses(one_dir), losses(two_dir)
-    assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+    assert_losses_match(one_dir, two_dir)
     assert f"parallel: {mode} on 2 ranks" in out.stdout
     if memory != "none":
         assert "all-reduced once per step" in out.stdout
@@ -83,10 +90,7 @@ def test_fsdp_reshard_policies_train_alike(runs, policy):
     one_dir, _ = runs.get("one-ultramem_v2", 0, ["--model.memory.type=ultramem_v2"])
     extra = ["--parallel.mode=fsdp", f"--parallel.reshard_after_forward={policy}"]
     two_dir, _ = runs.get(f"fsdp-ultramem_v2-{policy}", 2, extra)
-    want, got = losses(one_dir), losses(two_dir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+    assert_losses_match(one_dir, two_dir)
 
 
 # wide enough for several of DDP's gradient buckets at 1 MB: about 0.8 MB of weights a block
@@ -109,10 +113,7 @@ def test_compiled_ddp_splits_at_the_buckets_and_matches_one_process(runs, name, 
     one_dir, _ = runs.get("one-wide", 0, WIDE)
     ddp = ["--parallel.mode=ddp", "--train.compile=true", "--parallel.bucket_cap_mb=1", *extra]
     two_dir, out = runs.get(name, 2, WIDE + ddp, environ={"TORCH_LOGS": "ddp_graphs"})
-    want, got = losses(one_dir), losses(two_dir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+    assert_losses_match(one_dir, two_dir)
     assert "compile=True" in out.stdout
     pieces = set(re.findall(r"---(submod_\d+) graph---", out.stdout + out.stderr))
     assert len(pieces) >= min_pieces, out.stderr[-4000:]
@@ -125,10 +126,7 @@ def test_fsdp_memory_unit_with_accumulation_skips_and_recompute(runs):
     one_dir, _ = runs.get("one-skip", 0, extra + ["--train.grad_accum=2"])
     fsdp = ["--parallel.mode=fsdp", "--parallel.reshard_after_forward=always", "--train.grad_accum=2"]
     two_dir, _ = runs.get("fsdp-skip", 2, extra + fsdp)
-    want, got = losses(one_dir), losses(two_dir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+    assert_losses_match(one_dir, two_dir)
 
 
 @pytest.mark.parametrize("name, nproc, mode", [("one-ultramem_v2", 0, "none"), ("fsdp-ultramem_v2", 2, "fsdp")])
@@ -156,10 +154,7 @@ def test_resume_with_another_world_size(runs, src, nproc, mode):
     full_dir, _ = runs.get(src, src_nproc, [f"--parallel.mode={'fsdp' if src_nproc else 'none'}"])
     ckpt = full_dir / "checkpoints" / "step_00000002"
     resumed_dir, out = runs.get(f"{src}-to-{nproc}", nproc, [f"--parallel.mode={mode}", f"--run.resume={ckpt}"])
-    want, got = losses(full_dir), losses(resumed_dir)
-    assert sorted(got) == [3, 4, 5]
-    for step in got:  # the same global batch, so the same losses up to the order of the sums
-        assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
+    assert_losses_match(full_dir, resumed_dir, first_step=3)
 
 
 def test_automatic_resume_from_the_run_directory(runs):
