@@ -2,7 +2,7 @@
 perf/results held until the results log (they stay in git history; `--git REV` reads them there).
 
     python -m perf convert-legacy --git <a commit that still has them> --out perf/results/log.jsonl
-    python -m perf convert-legacy --src some/dir/of/old/json --out /tmp/log.jsonl
+    python -m perf convert-legacy --src some/dir/of/old/json --out converted-log.jsonl
 
 Each file becomes the records it maps to without guessing: the commit is the revision the file
 names (per section where it names several), the date the file's (else the commit's date, marked

@@ -86,6 +86,9 @@ ROWS = [
         "ms",
         "event-timed",
     ),
+    # the same layer with the gate and lookup in eager PyTorch too
+    ("layer", "layer_fwd", LAYER_SHAPE, "authors (all eager PyTorch)", 2.644, "ms", "event-timed"),
+    ("layer", "layer_fwd_bwd", LAYER_SHAPE, "authors (all eager PyTorch)", 7.593, "ms", "event-timed"),
 ]
 
 

@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,7 +202,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of the medians")
     parser.add_argument("--variants", default="v2-graphs,dense-graphs")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--work", default="/tmp/trainer_gpu")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "trainer_gpu"))
     parser.add_argument("--timeout", type=float, default=540)
     args = parser.parse_args()
     import torch

@@ -1,6 +1,6 @@
 """Trainer configurations timed against each other in one process, their steps alternating.
 
-The lent machine's host speed drifts from run to run by more than most host-side changes are
+The GPU machine's host speed drifts from run to run by more than most host-side changes are
 worth (a 227M dense step under FSDP took 359 ms in one run and 272 ms in the next), so a
 host-bound setting is compared only within one process: each variant builds its own trainer
 (model, optimizer, data), all are compiled and warmed up, then rounds of a few steps alternate
@@ -13,11 +13,11 @@ between them, reversing the order every round.
 
 `--variant NAME=OVERRIDES` takes the config overrides of one variant, separated by spaces (none
 after the `=`: the config as it is). `--tree NAME=PATH` runs that variant's trainer on another
-checkout's `ultramem` (e.g. `git worktree add /tmp/old <commit>`): then every variant runs in a
+checkout's `ultramem` (e.g. `git worktree add ../old <commit>`): then every variant runs in a
 process of its own (`trainer_ab_worker.py`, this checkout's for those without a tree), built
 one after another, its steps still alternating with the others', so two commits compare on one
-machine. Where there is no git (the lent GPU machine), unpack the commit into a folder of the
-working tree (`git archive <commit> | tar -x -C old/`); the records then name the folder.
+machine. In a copy of the tree without .git, unpack the commit into a folder of the working
+tree (`git archive <commit> | tar -x -C old/`); the records then name the folder.
 `--env NAME=VAR=VALUE` sets an environment variable in that variant's worker alone (Inductor
 options read at import, e.g. TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1); as with
 `--tree`, every variant then runs in a worker.
