@@ -13,15 +13,15 @@
 #              variants alternating in one process                          -> ab.txt
 #   ab-graphs  the same under CUDA graphs                                   -> ab-graphs.txt
 #   launchers  UltraMemV2 in default mode as it is and with Inductor's static launcher for user
-#              Triton kernels (trainer_ab); one micro-batch of the whole-model region as it is,
-#              with Inductor's combo kernels, and without the layers' statistics
-#              (compile_regions)                                            -> launchers.txt
+#              Triton kernels (trainer_ab)                                  -> launchers.txt
+#   regions    one micro-batch of the whole-model region as it is, with Inductor's combo kernels,
+#              and without the layers' statistics (compile_regions)         -> regions.txt
 #   options    perf.diagnostics.inductor_options                           -> options.txt
 #
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers or options}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions or options}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -52,18 +52,18 @@ case $part in
     ab) ab default 2>&1 | tee "$out/ab.txt" ;;
     ab-graphs) ab reduce-overhead 2>&1 | tee "$out/ab-graphs.txt" ;;
     launchers)
-        {
-            $py -m perf.diagnostics.trainer_ab --common=--train.compile_mode=default --variant v2= \
-                --variant v2_static= --env v2_static=TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 \
-                --log "$log"
-            $py -m perf.diagnostics.compile_regions --config 227m.toml --batch 3 --seq 4096 \
-                --variant model=model --variant combo=model,combo_kernels=True \
-                --variant nostats=model,layer_stats=off --log "$log"
-        } 2>&1 | tee "$out/launchers.txt"
+        $py -m perf.diagnostics.trainer_ab --common=--train.compile_mode=default --variant v2= \
+            --variant v2_static= --env v2_static=TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 \
+            --log "$log" 2>&1 | tee "$out/launchers.txt"
+        ;;
+    regions)
+        $py -m perf.diagnostics.compile_regions --config 227m.toml --batch 3 --seq 4096 \
+            --variant model=model --variant combo=model,combo_kernels=True \
+            --variant nostats=model,layer_stats=off --log "$log" 2>&1 | tee "$out/regions.txt"
         ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers or options" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions or options" >&2
         exit 2
         ;;
 esac
