@@ -17,11 +17,14 @@
 #   regions    one micro-batch of the whole-model region as it is, with Inductor's combo kernels,
 #              and without the layers' statistics (compile_regions)         -> regions.txt
 #   options    perf.diagnostics.inductor_options                           -> options.txt
+#   layer-host where one compiled layer's host time goes, its training step with atomics and
+#              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,
+#                                                                              layer_host_staged.txt
 #
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions or options}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options or layer-host}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -62,8 +65,13 @@ case $part in
             --variant nostats=model,layer_stats=off --log "$log" 2>&1 | tee "$out/regions.txt"
         ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
+    layer-host)
+        $py -m perf.diagnostics.layer_host_profile > "$out/layer_host.txt" 2>&1
+        $py -m perf.diagnostics.layer_host_profile --staged > "$out/layer_host_staged.txt" 2>&1
+        tail -n 40 "$out/layer_host.txt" "$out/layer_host_staged.txt"
+        ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions or options" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options or layer-host" >&2
         exit 2
         ;;
 esac

@@ -5,7 +5,8 @@ of the Python side. A diagnostic beside perf/gpu_e2e.py (which holds the reporte
     python -m perf.diagnostics.layer_host_profile      # from the repository root; CUDA only
 
 --opaque compiles with the triton_ops calling their opaque twins; --decode T profiles a forward of T tokens
-(no grad) instead of the training step.
+(no grad) instead of the training step; --staged stages the table gradients as the trainer does
+(the fill level reset before each step, as perf/gpu_e2e.py times it).
 """
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--opaque", action="store_true", help="compile with the ops' opaque calls, not inline launches")
     parser.add_argument("--decode", type=int, default=0, metavar="T", help="profile a forward of T tokens")
+    parser.add_argument("--staged", action="store_true", help="stage the table gradients (training step only)")
     args = parser.parse_args(argv)
+    if args.staged and args.decode:
+        parser.error("--staged profiles the training step: it does not go with --decode")
     if not torch.cuda.is_available():
         print("layer_host_profile needs a CUDA device", file=sys.stderr)
         return 2
     ops.set_inline_triton(not args.opaque)
     mcfg, layer, tables, u, grad_y = build_layer_227m()
+    if args.staged:
+        mem = mcfg.memory
+        tables.use_grad_staging(u.shape[0] * u.shape[1], mem.heads * mem.knn, mem.tucker_cores, torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(1, max(args.decode, 1), mcfg.dim, device="cuda", dtype=torch.bfloat16)
 
@@ -41,6 +48,8 @@ def main(argv=None) -> int:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 compiled(x, tables)
             return
+        if args.staged:
+            tables.grad_staging.fill.zero_()  # every step stages (no flush in between)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = compiled(u, tables)[0]
         y.backward(grad_y)
