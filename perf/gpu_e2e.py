@@ -246,8 +246,7 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
     # flush, once per `table_grad_flush` micro-batches for all layers, is timed by
     # perf/benches/staged_flush.py (per layer and micro-batch it adds flush / (F·L)). The fill
     # level is reset before each call, so every timed call stages.
-    mem = mcfg.memory
-    tables.use_grad_staging(t, mem.heads * mem.knn, mem.tucker_cores, torch.bfloat16)
+    tables.use_grad_staging(t, *mcfg.memory.lookup_shape, torch.bfloat16)
     staged = run(variants[1][1], False, True)
 
     def staged_call():

@@ -38,8 +38,7 @@ def main(argv=None) -> int:
     ops.set_inline_triton(not args.opaque)
     mcfg, layer, tables, u, grad_y = build_layer_227m()
     if args.staged:
-        mem = mcfg.memory
-        tables.use_grad_staging(u.shape[0] * u.shape[1], mem.heads * mem.knn, mem.tucker_cores, torch.bfloat16)
+        tables.use_grad_staging(u.shape[0] * u.shape[1], *mcfg.memory.lookup_shape, torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(1, max(args.decode, 1), mcfg.dim, device="cuda", dtype=torch.bfloat16)
 
