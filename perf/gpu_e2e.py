@@ -111,6 +111,38 @@ def check_compile(result: dict) -> None:
     }
 
 
+def build_layers_227m(
+    n: int,
+    gather_dtype: torch.dtype | None = torch.bfloat16,
+    config: str = "227m.toml",
+    device: str = "cuda",
+    batch: int = 3,
+    seq: int = 4096,
+):
+    """The first n UltraMemV2 layers of the 227M model (or `config`'s), each with its own rows of
+    the pooled tables (gradient buffers, a `gather_dtype` compute copy as the trainer keeps for bf16
+    runs), a micro-batch input u of batch x seq tokens and an output gradient."""
+    mcfg = load_config(config).model
+    with torch.device("meta"):
+        tables, layers = build_memory(mcfg, mcfg.n_layers)
+    layers = layers[:n]
+    tables.to_empty(device=device)
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers:
+        layer.to_empty(device=device)
+        layer.reset_parameters(gen, None)
+    with torch.no_grad():  # fill the 2.59M-row tables on the GPU (the CPU generator would take minutes)
+        for p in tables.value_parameters():
+            p.normal_(0.0, layers[0].value_init_std or 0.02)
+    for layer in layers:
+        layer.refresh_rank1()
+    tables.use_grad_buffers()
+    tables.use_compute_copy(gather_dtype)
+    u = torch.randn(batch, seq, mcfg.dim, device=device, requires_grad=True)
+    grad_y = torch.randn(batch, seq, mcfg.dim, device=device, dtype=torch.bfloat16)
+    return mcfg, layers, tables, u, grad_y
+
+
 def build_layer_227m(
     gather_dtype: torch.dtype | None = torch.bfloat16,
     config: str = "227m.toml",
@@ -118,26 +150,9 @@ def build_layer_227m(
     batch: int = 3,
     seq: int = 4096,
 ):
-    """One UltraMemV2 layer of the 227M model (or `config`'s) with the pooled tables (gradient
-    buffers, a `gather_dtype` compute copy as the trainer keeps for bf16 runs), a micro-batch
-    input u of batch x seq tokens and an output gradient."""
-    mcfg = load_config(config).model
-    with torch.device("meta"):
-        tables, layers = build_memory(mcfg, mcfg.n_layers)
-    layer = layers[0]
-    tables.to_empty(device=device)
-    layer.to_empty(device=device)
-    gen = torch.Generator().manual_seed(0)
-    layer.reset_parameters(gen, None)
-    with torch.no_grad():  # fill the 2.59M-row tables on the GPU (the CPU generator would take minutes)
-        for p in tables.value_parameters():
-            p.normal_(0.0, layer.value_init_std or 0.02)
-    layer.refresh_rank1()
-    tables.use_grad_buffers()
-    tables.use_compute_copy(gather_dtype)
-    u = torch.randn(batch, seq, mcfg.dim, device=device, requires_grad=True)
-    grad_y = torch.randn(batch, seq, mcfg.dim, device=device, dtype=torch.bfloat16)
-    return mcfg, layer, tables, u, grad_y
+    """`build_layers_227m` with one layer: (mcfg, layer, tables, u, grad_y)."""
+    mcfg, layers, tables, u, grad_y = build_layers_227m(1, gather_dtype, config, device, batch, seq)
+    return mcfg, layers[0], tables, u, grad_y
 
 
 def kernel_times(fn, calls: int = 3) -> list[tuple[str, float, float]]:
@@ -257,6 +272,80 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
     profile_kernels(rows, "layer_compiled_staged", staged_call)  # (without the flush)
     tables.use_grad_staging(0)
     result["layer_227m"] = rows
+
+
+class LayerStack(torch.nn.Module):
+    """Memory layers (given tables) or FFNs one after another on a residual stream, h = h + f(h):
+    the model's memory layers without the blocks around them."""
+
+    def __init__(self, mods, tables=None):
+        super().__init__()
+        self.mods = torch.nn.ModuleList(mods)
+        self.tables = tables
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for mod in self.mods:
+            # the memory layers get bf16 activations, as Block hands them over; the FFN the fp32 ones
+            h = h + (mod(h.to(torch.bfloat16), self.tables)[0] if self.tables is not None else mod(h))
+        return h
+
+
+def time_layer_stack(result: dict, small: bool = False) -> None:
+    """Per layer, the config's memory layers (227M: 20, each with its own rows of the pooled tables)
+    compiled as one function, as the trainer compiles the model, forward + backward, against as
+    many of the block's FFNs: event-timed wall time and GPU time (profiler), with atomics and
+    staged. A layer compiled alone pays the compiled call's fixed costs (Dynamo's entry,
+    AOTAutograd's wrappers, the autograd engine) by itself; here all layers share them, as in the
+    model. small: debug.toml on 2 x 64 tokens, eager, to check the code path on a CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config, batch, seq = ("debug.toml", 2, 64) if small else ("227m.toml", 3, 4096)
+    n = load_config(config).model.n_layers
+    mcfg, layers, tables, u, grad_y = build_layers_227m(n, config=config, device=device, batch=batch, seq=seq)
+    ffns = [FeedForward(mcfg.dim, mcfg.ffn_hidden).to(device) for _ in range(n)]
+    t = u.shape[0] * u.shape[1]
+    rows = {"config": config, "shape": layer_shape(config, t, batch, seq, tables.num_rows), "layers": n, "tokens": t}
+    stacks = {"stack_layer": LayerStack(layers, tables), "stack_ffn": LayerStack(ffns)}
+    if not small:
+        stacks = {name: torch.compile(mod, fullgraph=True) for name, mod in stacks.items()}
+    # the layers' own parameters (the tables' gradients live in their buffers)
+    params = [p for mods in (layers, ffns) for mod in mods for p in mod.parameters()]
+
+    grad_h = grad_y.float()  # the stream is fp32 (u + bf16 outputs)
+
+    def run(mod):
+        def fn():
+            for p in params:  # each call a first micro-batch: no gradient accumulation
+                p.grad = None
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = mod(u)
+            u.grad = None  # the stack's input stands for activations: its gradient is handed on
+            out.backward(grad_h)
+
+        return fn
+
+    layer_call = run(stacks["stack_layer"])
+
+    def staged_call():
+        tables.grad_staging.fill.zero_()  # every call stages; the flush is not timed (see time_layer)
+        layer_call()
+
+    variants = [("stack_layer", layer_call, False), ("stack_ffn", run(stacks["stack_ffn"]), False)]
+    if not small:
+        variants.insert(1, ("stack_layer_staged", staged_call, True))
+    for name, fn, staged in variants:
+        if staged:  # room for every layer's tokens, as the trainer sizes it per micro-batch
+            tables.use_grad_staging(n * t, *mcfg.memory.lookup_shape, torch.bfloat16)
+        try:
+            wall = cuda_time_ms(fn, iters=10)
+            rows[f"{name}_fwd_bwd_ms"] = wall / n
+            if not small:
+                gpu = sum(us for _, us, _ in kernel_times(fn, calls=2)) / 1000
+                rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = gpu / n
+                log.info("%s: per layer %.3f ms wall, %.3f ms GPU (%d layers)", name, wall / n, gpu / n, n)
+        finally:
+            if staged:
+                tables.use_grad_staging(0)
+    result["layer_stack_227m"] = rows
 
 
 def training_curves(result: dict, steps: int, overrides: tuple[str, ...] = ()) -> None:
@@ -412,6 +501,7 @@ def main() -> int:
     sections = {
         "compile": check_compile,
         "layer": lambda r: time_layer(r, args.cudagraphs),
+        "stack": time_layer_stack,
         "training": lambda r: training_curves(r, args.steps, tuple(args.training_overrides)),
         "throughput": lambda r: throughput_227m(
             r,

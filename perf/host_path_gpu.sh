@@ -17,6 +17,9 @@
 #   regions    one micro-batch of the whole-model region as it is, with Inductor's combo kernels,
 #              and without the layers' statistics (compile_regions)         -> regions.txt
 #   options    perf.diagnostics.inductor_options                           -> options.txt
+#   stack      per layer, the 227M's 20 memory layers compiled as one function against 20 FFNs,
+#              fwd + bwd, wall and GPU time, atomics and staged (gpu_e2e --only stack)
+#                                                                           -> stack.txt, stack.json
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
 #              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,
 #                                                                              layer_host_staged.txt
@@ -24,7 +27,7 @@
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options or layer-host}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack or layer-host}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -65,13 +68,14 @@ case $part in
             --variant nostats=model,layer_stats=off --log "$log" 2>&1 | tee "$out/regions.txt"
         ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
+    stack) $py -m perf.gpu_e2e --only stack --out "$out/stack.json" 2>&1 | tee "$out/stack.txt" ;;
     layer-host)
         $py -m perf.diagnostics.layer_host_profile > "$out/layer_host.txt" 2>&1
         $py -m perf.diagnostics.layer_host_profile --staged > "$out/layer_host_staged.txt" 2>&1
         tail -n 40 "$out/layer_host.txt" "$out/layer_host_staged.txt"
         ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options or layer-host" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack or layer-host" >&2
         exit 2
         ;;
 esac

@@ -105,6 +105,16 @@ def _layer(name: str, d: dict) -> list[dict]:
     return _finish(env, layer_records(env, rows, shape, small=False))
 
 
+def _layer_stack(name: str, d: dict) -> list[dict]:
+    """gpu_e2e's stack section: per-layer times of the config's layers compiled as one function."""
+    env = _env(name, d)
+    rows = d["layer_stack_227m"]
+    recs = layer_records(env, rows, rows["shape"], small=False)
+    for r in recs:
+        r["note"] = f"per layer, {rows['layers']} layers compiled as one function; " + r["note"]
+    return _finish(env, recs)
+
+
 def _throughput(name: str, d: dict) -> tuple[list[dict], list[str]]:
     runs = {k: dict(v) for k, v in d["throughput_227m"].items()}
     for run in runs.values():
@@ -267,6 +277,8 @@ def _convert(name: str, d: dict) -> tuple[list[dict], list[str]]:
     if "layer_227m" in d:
         recs += _layer(name, d)
         skipped.append(f"per-kernel lists beyond the top {KERNEL_ROWS_KEPT}")
+    if "layer_stack_227m" in d:
+        recs += _layer_stack(name, d)
     if "throughput_227m" in d:
         r, s = _throughput(name, d)
         recs += r

@@ -21,7 +21,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import ultramem.ops as ops
-from perf.gpu_e2e import build_layer_227m
+from perf.gpu_e2e import build_layer_227m, cuda_time_ms
 
 
 def main(argv=None) -> int:
@@ -60,9 +60,8 @@ def main(argv=None) -> int:
         for line in code.splitlines():
             if wanted.search(line) and not line.lstrip().startswith(("#", "from", "import")):
                 print(line.strip()[:230])
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    # the call's wall time as perf/gpu_e2e.py times it, before any profiler slows it down
+    print(f"event-timed step: {cuda_time_ms(step):.3f} ms (median of 20)")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(10):

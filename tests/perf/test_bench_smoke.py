@@ -101,6 +101,25 @@ def test_run_small_appends_op_layer_e2e_records(tmp_path):
     assert len(v2["extra"]["loss_curve"]) == 3
 
 
+def test_layer_stack_runs_every_layer_and_its_records_are_per_layer():
+    import torch
+
+    from perf import gpu_e2e, legacy
+
+    torch.manual_seed(0)
+    result: dict = {}
+    gpu_e2e.time_layer_stack(result, small=True)
+    rows = result["layer_stack_227m"]
+    assert rows["layers"] == gpu_e2e.load_config("debug.toml").model.n_layers > 1
+    assert rows["stack_layer_fwd_bwd_ms"] > 0 and rows["stack_ffn_fwd_bwd_ms"] > 0
+    env = {"device": "cpu", "torch": "t", "triton": "t", "git_revision": "abc", "date": "2026-12-05T00:00:00+00:00"}
+    recs, _ = legacy.convert("e2e", {**env, **result})
+    by = {r["variant"]: r for r in recs}
+    assert set(by) == {"stack_layer", "stack_ffn"}
+    assert by["stack_layer"]["time"] == pytest.approx(rows["stack_layer_fwd_bwd_ms"], rel=1e-3)
+    assert by["stack_layer"]["note"].startswith(f"per layer, {rows['layers']} layers")
+
+
 def _rec(commit: str, bench: str, variant: str, **fields) -> dict:
     rec = {k: None for k in KEYS}
     rec.update(
