@@ -6,7 +6,8 @@ of the Python side. A diagnostic beside perf/gpu_e2e.py (which holds the reporte
 
 --opaque compiles with the triton_ops calling their opaque twins; --decode T profiles a forward of T tokens
 (no grad) instead of the training step; --staged stages the table gradients as the trainer does
-(the fill level reset before each step, as perf/gpu_e2e.py times it).
+(the fill level reset before each step, as perf/gpu_e2e.py times it); --layers N profiles the first N
+layers compiled as one function (gpu_e2e's `LayerStack`, as its stack section times them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import ultramem.ops as ops
-from perf.gpu_e2e import build_layer_227m, cuda_time_ms
+from perf.gpu_e2e import LayerStack, build_layers_227m, cuda_time_ms
 
 
 def main(argv=None) -> int:
@@ -29,17 +30,24 @@ def main(argv=None) -> int:
     parser.add_argument("--opaque", action="store_true", help="compile with the ops' opaque calls, not inline launches")
     parser.add_argument("--decode", type=int, default=0, metavar="T", help="profile a forward of T tokens")
     parser.add_argument("--staged", action="store_true", help="stage the table gradients (training step only)")
+    parser.add_argument("--layers", type=int, default=1, metavar="N", help="profile N layers compiled as one function")
     args = parser.parse_args(argv)
-    if args.staged and args.decode:
-        parser.error("--staged profiles the training step: it does not go with --decode")
+    if args.decode and (args.staged or args.layers != 1):
+        parser.error("--staged and --layers profile the training step: they do not go with --decode")
+    if args.layers < 1:
+        parser.error(f"--layers {args.layers}: need at least 1")
     if not torch.cuda.is_available():
         print("layer_host_profile needs a CUDA device", file=sys.stderr)
         return 2
     ops.set_inline_triton(not args.opaque)
-    mcfg, layer, tables, u, grad_y = build_layer_227m()
+    mcfg, layers, tables, u, grad_y = build_layers_227m(args.layers)
     if args.staged:
-        tables.use_grad_staging(u.shape[0] * u.shape[1], *mcfg.memory.lookup_shape, torch.bfloat16)
-    compiled = torch.compile(layer, fullgraph=True)
+        tables.use_grad_staging(args.layers * u.shape[0] * u.shape[1], *mcfg.memory.lookup_shape, torch.bfloat16)
+    if args.layers > 1:
+        stack = torch.compile(LayerStack(layers, tables), fullgraph=True)
+        grad_h = grad_y.float()
+    else:
+        compiled = torch.compile(layers[0], fullgraph=True)
     x = torch.randn(1, max(args.decode, 1), mcfg.dim, device="cuda", dtype=torch.bfloat16)
 
     def step():
@@ -49,6 +57,11 @@ def main(argv=None) -> int:
             return
         if args.staged:
             tables.grad_staging.fill.zero_()  # every step stages (no flush in between)
+        if args.layers > 1:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                h = stack(u)
+            h.backward(grad_h)
+            return
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = compiled(u, tables)[0]
         y.backward(grad_y)
