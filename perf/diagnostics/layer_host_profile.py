@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
+import os
 import pstats
 import re
 import sys
+import tempfile
 
 import torch
 from torch._inductor.utils import run_and_get_code
 
 import ultramem.ops as ops
+from perf.diagnostics.train_step_profile import gpu_waits
 from perf.gpu_e2e import LayerStack, build_layers_227m, cuda_time_ms
 
 
@@ -92,6 +96,20 @@ def main(argv=None) -> int:
             step()
         torch.cuda.synchronize()
     print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    # where the GPU waits for the host: each gap charged to the CPU range that launched the next kernel
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        tprof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    for innermost in (False, True):
+        waits = gpu_waits(trace, innermost=innermost)
+        print(
+            f"GPU waits ({'innermost' if innermost else 'outermost'} range), 5 steps: span {waits['span_ms']:.2f} ms, "
+            f"gaps of 20 us or more {waits['gaps_ms']:.2f} ms"
+        )
+        for row in waits["by_range"][:15]:
+            print(f"  {row['gap_ms']:8.3f} ms  x{row['gaps']:<4d} {row['range']}")
     return 0
 
 

@@ -28,11 +28,12 @@ from ultramem.train.trainer import build_trainer, setup_distributed, teardown_di
 log = logging.getLogger("train_step_profile")
 
 
-def gpu_waits(trace: dict, min_us: float = 20.0) -> dict:
+def gpu_waits(trace: dict, min_us: float = 20.0, innermost: bool = False) -> dict:
     """Where the GPU waited for the host in a profiled step (a chrome trace with CPU and CUDA
     activity): each gap of at least min_us between the end of one kernel and the start of the
     next, charged to the outermost CPU range (a compiled region, the optimizer step, an eager op)
-    that launched the next kernel. The profiler slows the host, so the charges are relative."""
+    that launched the next kernel, or with `innermost` to the innermost one (the op or kernel
+    call). The profiler slows the host, so the charges are relative."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     launches = {
@@ -47,13 +48,16 @@ def gpu_waits(trace: dict, min_us: float = 20.0) -> dict:
     for rs in ranges.values():
         rs.sort(key=lambda e: (e["ts"], -e["dur"]))
 
-    def outermost(launch: dict) -> str:
+    def enclosing(launch: dict) -> str:
+        found = "(no CPU range)"
         for r in ranges.get(launch["tid"], ()):
             if r["ts"] > launch["ts"]:
                 break
             if r["ts"] + r["dur"] >= launch["ts"] + launch["dur"]:
-                return r["name"][:100]
-        return "(no CPU range)"
+                found = r["name"][:100]
+                if not innermost:
+                    break
+        return found
 
     charged = collections.defaultdict(lambda: [0.0, 0])
     total_gap = 0.0
@@ -63,7 +67,7 @@ def gpu_waits(trace: dict, min_us: float = 20.0) -> dict:
             continue
         total_gap += gap
         launch = launches.get(nxt.get("args", {}).get("correlation"))
-        name = outermost(launch) if launch is not None else "(launch not traced)"
+        name = enclosing(launch) if launch is not None else "(launch not traced)"
         charged[name][0] += gap
         charged[name][1] += 1
     span = gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"] if gpu else 0.0

@@ -193,3 +193,29 @@ def test_plot_draws_the_pngs_from_the_committed_log(tmp_path):
         "loss_curves.png",
         "ops_vs_authors.png",
     ]
+
+
+def test_gpu_waits_charges_each_gap_to_the_range_that_launched_the_next_kernel():
+    from perf.diagnostics.train_step_profile import gpu_waits
+
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": 1, "args": args}
+
+    trace = {
+        "traceEvents": [
+            x("cpu_op", "region", 0, 1000),
+            x("cpu_op", "ultramem::op", 100, 300),
+            x("cuda_runtime", "cuLaunchKernel", 150, 10, correlation=1),
+            x("cuda_runtime", "cuLaunchKernel", 500, 10, correlation=2),  # in the region only
+            x("kernel", "k1", 200, 50, correlation=1),
+            x("kernel", "k2", 600, 50, correlation=2),  # 350 us after k1 ends
+            x("kernel", "k3", 660, 50, correlation=3),  # a 10 us gap: under min_us
+        ]
+    }
+    outer, inner = gpu_waits(trace), gpu_waits(trace, innermost=True)
+    assert outer["span_ms"] == pytest.approx(0.51) and outer["gaps_ms"] == pytest.approx(0.35)
+    assert outer["by_range"] == [{"range": "region", "gap_ms": 0.35, "gaps": 1}]
+    assert inner["by_range"] == [{"range": "region", "gap_ms": 0.35, "gaps": 1}]
+    trace["traceEvents"][3]["ts"] = 300  # now launched inside the op
+    assert gpu_waits(trace, innermost=True)["by_range"][0]["range"] == "ultramem::op"
+    assert gpu_waits(trace)["by_range"][0]["range"] == "region"
