@@ -247,6 +247,25 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
     if small:
         result["layer_227m"] = rows
         return
+    # Staged table gradients (the trainer's default): the backward stages instead of adding; the
+    # flush, once per `table_grad_flush` micro-batches for all layers, is timed by
+    # perf/benches/staged_flush.py (per layer and micro-batch it adds flush / (F·L)). The fill
+    # level is reset before each call, so every timed call stages.
+    staged = run(variants[1][1], False, True)
+
+    def staged_call():
+        tables.grad_staging.fill.zero_()
+        staged()
+
+    def with_staging(what):
+        tables.use_grad_staging(t, *mcfg.memory.lookup_shape, torch.bfloat16)
+        try:
+            return what()
+        finally:
+            tables.use_grad_staging(0)
+
+    # timed before the first profiler session: one can leave the host slower after it
+    rows["layer_compiled_staged_fwd_bwd_ms"] = with_staging(lambda: cuda_time_ms(staged_call))
     # where the GPU time goes: per-kernel self time per forward + backward, eager and compiled
     # (the FFN too: the layer's target is the FFN's time, measured the same way in the same run)
     profiled = [
@@ -257,20 +276,7 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
     ]
     for name, mod, is_ffn in profiled:
         profile_kernels(rows, name, run(mod, is_ffn, True))
-    # Staged table gradients (the trainer's default): the backward stages instead of adding; the
-    # flush, once per `table_grad_flush` micro-batches for all layers, is timed by
-    # perf/benches/staged_flush.py (per layer and micro-batch it adds flush / (F·L)). The fill
-    # level is reset before each call, so every timed call stages.
-    tables.use_grad_staging(t, *mcfg.memory.lookup_shape, torch.bfloat16)
-    staged = run(variants[1][1], False, True)
-
-    def staged_call():
-        tables.grad_staging.fill.zero_()
-        staged()
-
-    rows["layer_compiled_staged_fwd_bwd_ms"] = cuda_time_ms(staged_call)
-    profile_kernels(rows, "layer_compiled_staged", staged_call)  # (without the flush)
-    tables.use_grad_staging(0)
+    with_staging(lambda: profile_kernels(rows, "layer_compiled_staged", staged_call))  # (without the flush)
     result["layer_227m"] = rows
 
 
@@ -332,19 +338,33 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
     variants = [("stack_layer", layer_call, False), ("stack_ffn", run(stacks["stack_ffn"]), False)]
     if not small:
         variants.insert(1, ("stack_layer_staged", staged_call, True))
-    for name, fn, staged in variants:
+
+    def measure(fn, staged: bool, what):
         if staged:  # room for every layer's tokens, as the trainer sizes it per micro-batch
             tables.use_grad_staging(n * t, *mcfg.memory.lookup_shape, torch.bfloat16)
         try:
-            wall = cuda_time_ms(fn, iters=10)
-            rows[f"{name}_fwd_bwd_ms"] = wall / n
-            if not small:
-                gpu = sum(us for _, us, _ in kernel_times(fn, calls=2)) / 1000
-                rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = gpu / n
-                log.info("%s: per layer %.3f ms wall, %.3f ms GPU (%d layers)", name, wall / n, gpu / n, n)
+            return what(fn)
         finally:
             if staged:
                 tables.use_grad_staging(0)
+
+    # all wall times before the first profiler session: one can leave the host slower after it
+    for name, fn, staged in variants:
+        rows[f"{name}_fwd_bwd_ms"] = measure(fn, staged, lambda f: cuda_time_ms(f, iters=10)) / n
+    if not small:
+        for name, fn, staged in variants:
+            events = measure(fn, staged, lambda f: kernel_times(f, calls=2))
+            rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000 / n
+            log.info(
+                "%s: per layer %.3f ms wall, %.3f ms GPU (%d layers)",
+                name,
+                rows[f"{name}_fwd_bwd_ms"],
+                rows[f"{name}_gpu_time_per_fwd_bwd_ms"],
+                n,
+            )
+        # the first variant again, after the profiler: what a profiler session leaves behind
+        after = rows["stack_layer_after_profiler_fwd_bwd_ms"] = cuda_time_ms(layer_call, iters=10) / n
+        log.info("stack_layer after the profiler: %.3f ms wall per layer", after)
     result["layer_stack_227m"] = rows
 
 
