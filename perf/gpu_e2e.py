@@ -348,9 +348,15 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
             if staged:
                 tables.use_grad_staging(0)
 
-    # all wall times before the first profiler session: one can leave the host slower after it
-    for name, fn, staged in variants:
-        rows[f"{name}_fwd_bwd_ms"] = measure(fn, staged, lambda f: cuda_time_ms(f, iters=10)) / n
+    # All wall times before the first profiler session (one can leave the host slower after it),
+    # the variants alternating in rounds: the host's speed drifts within a run.
+    walls = {name: [] for name, _, _ in variants}
+    for _ in range(1 if small else 7):
+        for name, fn, staged in variants:
+            walls[name].append(measure(fn, staged, lambda f: cuda_time_ms(f, iters=5)) / n)
+    for name, times in walls.items():
+        rows[f"{name}_fwd_bwd_ms"] = statistics.median(times)
+    rows["rounds_ms"] = walls
     if not small:
         for name, fn, staged in variants:
             events = measure(fn, staged, lambda f: kernel_times(f, calls=2))
