@@ -18,8 +18,8 @@
 #              and without the layers' statistics (compile_regions)         -> regions.txt
 #   options    perf.diagnostics.inductor_options                           -> options.txt
 #   stack      per layer, the 227M's 20 memory layers compiled as one function against 20 FFNs,
-#              fwd + bwd, wall and GPU time, atomics and staged (gpu_e2e --only stack)
-#                                                                           -> stack.txt, stack.json
+#              fwd + bwd, wall and GPU time, atomics and staged (gpu_e2e --only stack; its records:
+#              perf.legacy.convert of stack.json)                             -> stack.txt, stack.json
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
 #              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,
 #                                                                              layer_host_staged.txt
