@@ -20,6 +20,7 @@ append their numbers to the results log; this script keeps the compile and loss-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -155,6 +156,17 @@ def build_layer_227m(
     return mcfg, layers[0], tables, u, grad_y
 
 
+@contextlib.contextmanager
+def grad_staging(tables, tokens: int, mcfg):
+    """The layers' table gradients staged (room for `tokens` tokens, sized as the trainer sizes
+    it) inside the block; leaving it flushes what is staged and stops staging."""
+    tables.use_grad_staging(tokens, *mcfg.memory.lookup_shape, torch.bfloat16)
+    try:
+        yield
+    finally:
+        tables.use_grad_staging(0)
+
+
 def kernel_times(fn, calls: int = 3) -> list[tuple[str, float, float]]:
     """(kernel, GPU self time in µs per call, launches per call) of fn under the profiler, after
     one warm-up call; busiest first."""
@@ -257,15 +269,9 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
         tables.grad_staging.fill.zero_()
         staged()
 
-    def with_staging(what):
-        tables.use_grad_staging(t, *mcfg.memory.lookup_shape, torch.bfloat16)
-        try:
-            return what()
-        finally:
-            tables.use_grad_staging(0)
-
     # timed before the first profiler session: one can leave the host slower after it
-    rows["layer_compiled_staged_fwd_bwd_ms"] = with_staging(lambda: cuda_time_ms(staged_call))
+    with grad_staging(tables, t, mcfg):
+        rows["layer_compiled_staged_fwd_bwd_ms"] = cuda_time_ms(staged_call)
     # where the GPU time goes: per-kernel self time per forward + backward, eager and compiled
     # (the FFN too: the layer's target is the FFN's time, measured the same way in the same run)
     profiled = [
@@ -276,7 +282,8 @@ def time_layer(result: dict, cudagraphs: bool = False, small: bool = False) -> N
     ]
     for name, mod, is_ffn in profiled:
         profile_kernels(rows, name, run(mod, is_ffn, True))
-    with_staging(lambda: profile_kernels(rows, "layer_compiled_staged", staged_call))  # (without the flush)
+    with grad_staging(tables, t, mcfg):
+        profile_kernels(rows, "layer_compiled_staged", staged_call)  # (without the flush)
     result["layer_227m"] = rows
 
 
@@ -339,27 +346,23 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
     if not small:
         variants.insert(1, ("stack_layer_staged", staged_call, True))
 
-    def measure(fn, staged: bool, what):
-        if staged:  # room for every layer's tokens, as the trainer sizes it per micro-batch
-            tables.use_grad_staging(n * t, *mcfg.memory.lookup_shape, torch.bfloat16)
-        try:
-            return what(fn)
-        finally:
-            if staged:
-                tables.use_grad_staging(0)
+    def staging(staged: bool):  # room for every layer's tokens, as the trainer sizes it per micro-batch
+        return grad_staging(tables, n * t, mcfg) if staged else contextlib.nullcontext()
 
     # All wall times before the first profiler session (one can leave the host slower after it),
     # the variants alternating in rounds: the host's speed drifts within a run.
     walls = {name: [] for name, _, _ in variants}
     for _ in range(1 if small else 7):
         for name, fn, staged in variants:
-            walls[name].append(measure(fn, staged, lambda f: cuda_time_ms(f, iters=5)) / n)
+            with staging(staged):
+                walls[name].append(cuda_time_ms(fn, iters=5) / n)
     for name, times in walls.items():
         rows[f"{name}_fwd_bwd_ms"] = statistics.median(times)
     rows["rounds_ms"] = walls
     if not small:
         for name, fn, staged in variants:
-            events = measure(fn, staged, lambda f: kernel_times(f, calls=2))
+            with staging(staged):
+                events = kernel_times(fn, calls=2)
             rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000 / n
             log.info(
                 "%s: per layer %.3f ms wall, %.3f ms GPU (%d layers)",

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         for tokens in args.tokens:
             x = torch.randn(1, tokens, mcfg.dim, device="cuda", dtype=torch.bfloat16)
 
-            def call(m, graphs=False, x=x, autocast=autocast, mod=mod):
+            def call(m, graphs=False, x=x, autocast=autocast):
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
