@@ -74,6 +74,9 @@ class ValueTables(nn.Module):
         self.register_buffer("pre_values_compute", None, persistent=False)
         self._compute_versions: tuple[int, ...] | None = None
         self.grad_staging: GradStaging | None = None
+        # whether the layers hand the gradient buffers to their ops as tensors (`grad_targets`);
+        # None: on CUDA
+        self.grads_as_inputs: bool | None = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def __getstate__(self):
@@ -115,6 +118,7 @@ class ValueTables(nn.Module):
                         f"tables; keep the tables in fp32 and use autocast for bf16 compute"
                     )
                 buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                torch._dynamo.mark_static_address(buf)  # zeroed in place: CUDA graphs keep its address
             elif p is not None:
                 p.grad = None
                 setattr(self, name + "_compute", None)  # a copy's gradient has no way back without buffers
@@ -156,6 +160,17 @@ class ValueTables(nn.Module):
         if self.grad_staging is None:
             return 0
         return self.grad_staging.flush(self.values_grad, self.pre_values_grad, wait=wait)
+
+    def grad_targets(self) -> tuple[torch.Tensor | None, ...] | None:
+        """What `gate_lookup_into` adds the tables' gradients into: (values' buffer, pre-values'
+        buffer, the staging area's six tensors or six None); None without both buffers or when
+        `grads_as_inputs` is off (the layers then pass the buffers' ids)."""
+        on = self.values.is_cuda if self.grads_as_inputs is None else self.grads_as_inputs
+        if not on or self.values_grad is None or self.pre_values_grad is None:
+            return None
+        staging = self.grad_staging
+        stage = staging.tensors() if staging is not None and staging.pre_vdim else (None,) * 6
+        return (self.values_grad, self.pre_values_grad, *stage)
 
     def attach_grad_buffers(self) -> None:
         """Point each table's `.grad` and its registered id at its buffer (again after

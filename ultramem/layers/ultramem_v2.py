@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
-from ultramem.ops import gate_lookup, weighted_lookup
+from ultramem.ops import gate_lookup, gate_lookup_into, weighted_lookup
 
 from ._common import normal_from, paper_value_std, window_keys
 from .tables import ValueTables
@@ -96,18 +96,14 @@ class UltraMemV2(TuckerMemoryBase):
         act = a.dtype
         values, pre_values = tables.gather_tables()
         lookup_scores = scores.to(act).reshape(t, hk, self.num_cores)
-        if self.w_p is not None:
-            # scores · act(<P[row], W_p x>) weight the V rows: one fused pass over both tables
-            out, _ = gate_lookup(
-                rows,
-                values,
-                pre_values,
-                gate_in.to(act),
-                lookup_scores,
-                self.glu_act,
-                tables.values_grad_id,
-                tables.pre_values_grad_id,
-            )
+        into = tables.grad_targets()
+        if self.w_p is not None and into is not None:
+            # scores · act(<P[row], W_p x>) weight the V rows: one fused pass over both tables, whose
+            # gradients go into the tables' buffers (or staging area) handed over as tensors
+            out, _ = gate_lookup_into(rows, values, pre_values, gate_in.to(act), lookup_scores, self.glu_act, *into)
+        elif self.w_p is not None:
+            buffer_ids = tables.values_grad_id, tables.pre_values_grad_id
+            out, _ = gate_lookup(rows, values, pre_values, gate_in.to(act), lookup_scores, self.glu_act, *buffer_ids)
         else:
             out = weighted_lookup(rows, values, lookup_scores, tables.values_grad_id)
         y2 = self.w_o(out)

@@ -15,6 +15,7 @@ from ._checks import debug_enabled, set_debug
 from ._triton._launch import set_inline_triton
 from .determinism import deterministic_enabled, set_deterministic
 from .gate_lookup import gate_lookup, gate_lookup_backward_into
+from .gate_lookup_into import gate_lookup_backward_accumulate, gate_lookup_into
 from .layer_stats import layer_stats_accumulate
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
 from .retrieval import tdqkr_retrieval, tdqkr_retrieval_backward
@@ -35,7 +36,9 @@ __all__ = [
     "debug_enabled",
     "deterministic_enabled",
     "gate_lookup",
+    "gate_lookup_backward_accumulate",
     "gate_lookup_backward_into",
+    "gate_lookup_into",
     "layer_stats_accumulate",
     "pre_value_gate",
     "pre_value_gate_backward",

@@ -266,19 +266,12 @@ def gate_lookup_backward_into(
     check_index_range(rows, values.shape[0], _BWD, "rows")
     staging = _staging(values_grad_buffer, rows, values, pre_values, x, scores, grad_out)
     if staging is not None:
-        return _staged_backward_reference(
-            staging,
-            grad_out,
-            grad_gate,
-            rows,
-            values,
-            pre_values,
-            x,
-            scores,
-            gate,
-            gelu,
-            values_grad_buffer,
-            pre_values_grad_buffer,
+        buffers = (
+            registered_grad_buffer(_OP, values_grad_buffer, values),
+            registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values),
+        )
+        return backward_reference(
+            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, *buffers, staging
         )
     _, _, grad_x, grad_scores = _composed_backward(
         grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, values_grad_buffer, pre_values_grad_buffer
@@ -328,12 +321,32 @@ def _check_backward_args(
     """The arguments, and (buffers) that both ids name registered buffers that fit their tables.
     Without buffers the checks read only the signature (`check_once`)."""
     op = _BWD
-    _check_args(rows, values, pre_values, x, scores, op=op)
     for name, handle in (
         ("values_grad_buffer", values_grad_buffer),
         ("pre_values_grad_buffer", pre_values_grad_buffer),
     ):
         check(handle != -1, op, f"{name}={handle}: both tables' buffer ids are required (register_grad_buffer)")
+    check_backward_tensors(op, grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
+    if buffers:
+        # both ids resolve before the first buffer is written (a freed second buffer would otherwise
+        # fail after the first one had been added into)
+        check_grad_buffer_id(op, values_grad_buffer, values)
+        check_grad_buffer_id(op, pre_values_grad_buffer, pre_values)
+
+
+def check_backward_tensors(
+    op: str,
+    grad_out: Tensor,
+    grad_gate: Tensor | None,
+    rows: Tensor,
+    values: Tensor,
+    pre_values: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    gate: Tensor,
+) -> None:
+    """The tensor arguments of a gate_lookup backward (signature only)."""
+    _check_args(rows, values, pre_values, x, scores, op=op)
     extra = {} if grad_gate is None else {"grad_gate": grad_gate}
     check_same_device(op, grad_out=grad_out, gate=gate, rows=rows, **extra)
     for name, t in (("grad_out", grad_out), ("gate", gate), ("grad_gate", grad_gate)):
@@ -350,11 +363,6 @@ def _check_backward_args(
             op,
             f"{name} shape {None if t is None else tuple(t.shape)} must equal rows shape {tuple(rows.shape)}",
         )
-    if buffers:
-        # both ids resolve before the first buffer is written (a freed second buffer would otherwise
-        # fail after the first one had been added into)
-        check_grad_buffer_id(op, values_grad_buffer, values)
-        check_grad_buffer_id(op, pre_values_grad_buffer, pre_values)
 
 
 def _staging(
@@ -371,8 +379,7 @@ def _staging(
     return staging if staging is not None and staging.accepts(rows, grad_out, x, scores) else None
 
 
-def _staged_backward_reference(
-    staging: GradStaging,
+def backward_reference(
     grad_out: Tensor,
     grad_gate: Tensor | None,
     rows: Tensor,
@@ -382,12 +389,14 @@ def _staged_backward_reference(
     scores: Tensor,
     gate: Tensor,
     gelu: bool,
-    values_grad_buffer: int,
-    pre_values_grad_buffer: int,
+    grad_values: Tensor,
+    grad_pre_values: Tensor,
+    staging: GradStaging | None = None,
 ):
-    """The staged backward in plain tensor ops: (grad_scores, grad_x); each entry's effective
-    scores and gate gradient go to the staging area, or into the buffers when it is full."""
-    acc = torch.float32
+    """The backward into gradient buffers in plain tensor ops: (grad_scores, grad_x); each
+    entry's effective scores and gate gradient go to `staging` when given and not full, else into
+    the buffers."""
+    acc = acc_dtype(values, pre_values, x, scores)
     t, e = rows.shape
     m = scores.shape[2]
     dm = values.shape[1] // m
@@ -398,11 +407,9 @@ def _staged_backward_reference(
     grad_g = _gate_gradient(grad_eff, s, slope, grad_gate)
     pre = pre_values.index_select(0, flat).to(acc).view(t, e, pre_values.shape[1])
     grad_x = torch.einsum("te,ted->td", grad_g, pre)
-    if not staging.stage_reference(rows, grad_out, x, eff, grad_g):
-        add_weighted_rows(rows, grad_out, eff, registered_grad_buffer(_OP, values_grad_buffer, values))
-        add_weighted_rows(
-            rows, x, grad_g.unsqueeze(-1), registered_grad_buffer(_OP, pre_values_grad_buffer, pre_values)
-        )
+    if staging is None or not staging.stage_reference(rows, grad_out, x, eff, grad_g):
+        add_weighted_rows(rows, grad_out, eff, grad_values)
+        add_weighted_rows(rows, x, grad_g.unsqueeze(-1), grad_pre_values)
     return (grad_eff * act.unsqueeze(-1)).to(scores.dtype).contiguous(), grad_x.to(x.dtype).contiguous()
 
 

@@ -97,6 +97,31 @@ class GradStaging:
         for t in self._tensors() + [self.fill]:
             torch._dynamo.mark_static_address(t)  # CUDA graphs keep these addresses
 
+    @classmethod
+    def from_tensors(
+        cls,
+        rows: Tensor,
+        eff: Tensor | None,
+        grad_out: Tensor | None,
+        grad_g: Tensor | None,
+        x: Tensor | None,
+        fill: Tensor,
+    ) -> "GradStaging":
+        """A staging area over existing tensors (those of `tensors()`, e.g. handed to an op),
+        allocating nothing."""
+        self = cls.__new__(cls)
+        self.rows, self.eff, self.grad_out, self.grad_g, self.x, self.fill = rows, eff, grad_out, grad_g, x, fill
+        self.capacity, self.entries = rows.shape
+        self.cores = eff.shape[2] if eff is not None else 1
+        self.vdim = grad_out.shape[1] if grad_out is not None else 0
+        self.pre_vdim = x.shape[1] if x is not None else 0
+        self.dtype = (grad_out if grad_out is not None else x).dtype
+        return self
+
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        """(rows, eff, grad_out, grad_g, x, fill): what a backward writes (None: an absent half)."""
+        return self.rows, self.eff, self.grad_out, self.grad_g, self.x, self.fill
+
     def _tensors(self) -> list[Tensor]:
         return [t for t in (self.rows, self.eff, self.grad_out, self.grad_g, self.x) if t is not None]
 
@@ -211,22 +236,20 @@ def add_weighted_rows(rows: Tensor, g: Tensor, w: Tensor, buf: Tensor) -> None:
     buf.index_add_(0, flat[ok], contrib[ok])
 
 
+def may_stage(rows: Tensor, table: Tensor, *tensors: Tensor) -> bool:
+    """Whether a backward on these tensors may stage: not in deterministic mode, fp32
+    accumulation, int32 row ids; on CUDA at most the fused backward kernel's entries per token."""
+    if deterministic_enabled() or acc_dtype(table, *tensors) != torch.float32 or table.shape[0] >= 2**31:
+        return False
+    return not rows.is_cuda or (
+        _triton_gate_lookup is not None and rows.shape[1] <= _triton_gate_lookup.BWD_MAX_ENTRIES
+    )
+
+
 def stageable(grad_buffer: int, rows: Tensor, table: Tensor, *tensors: Tensor) -> GradStaging | None:
-    """The staging area registered for this buffer id when a backward on these tensors may stage
-    (not in deterministic mode, fp32 accumulation, int32 row ids; on CUDA at most the fused
-    backward kernel's entries per token)."""
+    """The staging area registered for this buffer id when a backward on these tensors may stage."""
     staging = _stagings.get(grad_buffer)
-    if (
-        staging is None
-        or deterministic_enabled()
-        or acc_dtype(table, *tensors) != torch.float32
-        or table.shape[0] >= 2**31
-    ):
-        return None
-    if rows.is_cuda:
-        if _triton_gate_lookup is None or rows.shape[1] > _triton_gate_lookup.BWD_MAX_ENTRIES:
-            return None
-    return staging
+    return staging if staging is not None and may_stage(rows, table, *tensors) else None
 
 
 def staged_lookup_backward(

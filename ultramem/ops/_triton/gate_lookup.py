@@ -846,7 +846,9 @@ def _launch_backward(
     else:
         stage_args, fill, cap = (rows, grad_out, x, scores, gate), rows, 0  # unused placeholders
     plan = _chunk_plan(e, values, pre_values, cfg)
-    _gate_lookup_bwd_kernel[(t,)](
+    launch(
+        _gate_lookup_bwd_kernel,
+        (t,),
         *_tensor_args(
             rows,
             values,

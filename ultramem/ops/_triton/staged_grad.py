@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._checks import acc_dtype
 from . import gate_lookup as _tgl
-from ._launch import cdiv, next_pow2
+from ._launch import cdiv, launch, next_pow2
 from .weighted_lookup import _block_d, _core_weights, _load_core_scores, _scores3, _select_core, _tl_acc, sort_rows
 
 # ------------------------------------------------------------------------------------ kernels
@@ -394,7 +394,9 @@ def _stage(
     m = scores.shape[2]
     fill, cap = staging.fill, staging.capacity
     bd = 64
-    _overflow_add_kernel[(min(t, OVERFLOW_PROGRAMS),)](
+    launch(
+        _overflow_add_kernel,
+        (min(t, OVERFLOW_PROGRAMS),),
         fill,
         t,
         cap,

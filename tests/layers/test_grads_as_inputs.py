@@ -1,0 +1,73 @@
+"""Gradient buffers handed to the ops as tensors (`ValueTables.grads_as_inputs`, `gate_lookup_into`):
+the buffers (and, staged, the flushed buffers) hold what the id-based backward adds, eager and
+compiled (one region per layer, and all layers in one region), and the backward leaves the
+buffers' version counters alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memory_layer_setup import build_random, make_cfg, make_input
+
+
+def _grads(tables, layers, inputs, as_inputs: bool, regions: str | None, staging: int = 0):
+    tables.use_grad_buffers()
+    tables.grads_as_inputs = as_inputs
+    if staging:
+        tables.use_grad_staging(staging, *layers[0].cfg.memory.lookup_shape, inputs[0].dtype)
+    assert (tables.grad_targets() is not None) == as_inputs
+
+    def run(x):
+        return sum((layer(x, tables)[0] ** 2).sum() for layer in layers)
+
+    if regions == "layer":
+        fns = [torch.compile(layer, fullgraph=True) for layer in layers]
+
+        def run(x):  # noqa: F811
+            return sum((fn(x, tables)[0] ** 2).sum() for fn in fns)
+
+    elif regions == "model":
+        run = torch.compile(run, fullgraph=True)
+    versions = [tables.values_grad._version, tables.pre_values_grad._version]
+    for x in inputs:  # micro-batches
+        run(x).backward()
+    if as_inputs:
+        assert [tables.values_grad._version, tables.pre_values_grad._version] == versions
+    staged = tables.grad_staging.staged_tokens() if staging else 0
+    tables.flush_grad_staging()
+    out = [tables.values_grad.clone(), tables.pre_values_grad.clone()]
+    tables.use_grad_buffers(False)
+    return out, staged
+
+
+@pytest.mark.parametrize("regions", [None, "layer", "model"])
+@pytest.mark.parametrize("staging", [0, 50, 1000])  # 50: some backwards find the area full
+def test_buffers_as_inputs_match_ids(regions, staging):
+    cfg = make_cfg(share_ratio=1.0)  # windows overlap: the layers share rows
+    tables, layers, g = build_random(cfg, 2, seed=31)
+    dtype = torch.float32 if staging else torch.float64  # staging holds fp32
+    tables.to(dtype)
+    for layer in layers:
+        layer.to(dtype)
+    inputs = [make_input((2, 5), g).to(dtype) for _ in range(3)]
+    torch._dynamo.reset()
+    want, want_staged = _grads(tables, layers, inputs, False, regions, staging)
+    torch._dynamo.reset()
+    got, staged = _grads(tables, layers, inputs, True, regions, staging)
+    assert staged == want_staged == min(staging // 10 * 10, 60)
+    tol = dict(rtol=1e-5, atol=1e-6) if staging else dict(rtol=1e-12, atol=1e-12)
+    for w, gt in zip(want, got):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(gt, w, **tol)
+
+
+def test_default_is_on_cuda_tables_only():
+    tables, _, _ = build_random(make_cfg(), 1, seed=32)
+    tables.use_grad_buffers()
+    assert tables.grads_as_inputs is None and tables.grad_targets() is None  # CPU tables: ids
+    tables.grads_as_inputs = True
+    values_grad, pre_values_grad, *stage = tables.grad_targets()
+    assert values_grad is tables.values_grad and pre_values_grad is tables.pre_values_grad
+    assert stage == [None] * 6
+    tables.use_grad_staging(16, 3, 1, torch.float64)
+    assert tables.grad_targets()[2:] == tables.grad_staging.tensors()
