@@ -35,6 +35,7 @@ import torch
 
 from ultramem.layers import build_memory
 from ultramem.model import FeedForward, build_model
+from ultramem.ops import register_staging
 from ultramem.train.config import load_config
 from ultramem.train.trainer import run_training
 
@@ -307,7 +308,8 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
     """Per layer, the config's memory layers (227M: 20, each with its own rows of the pooled tables)
     compiled as one function, as the trainer compiles the model, forward + backward, against as
     many of the block's FFNs: event-timed wall time and GPU time (profiler), with atomics and
-    staged. A layer compiled alone pays the compiled call's fixed costs (Dynamo's entry,
+    staged, the gradient buffers handed to the ops as tensors (the default on CUDA) and, as
+    "_ids", by id. A layer compiled alone pays the compiled call's fixed costs (Dynamo's entry,
     AOTAutograd's wrappers, the autograd engine) by itself; here all layers share them, as in the
     model. small: debug.toml on 2 x 64 tokens, eager, to check the code path on a CPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -342,26 +344,40 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
         tables.grad_staging.fill.zero_()  # every call stages; the flush is not timed (see time_layer)
         layer_call()
 
-    variants = [("stack_layer", layer_call, False), ("stack_ffn", run(stacks["stack_ffn"]), False)]
+    # (name, call, staged, the buffers handed to the ops as tensors, else by id)
+    variants = [("stack_layer", layer_call, False, True), ("stack_ffn", run(stacks["stack_ffn"]), False, True)]
     if not small:
-        variants.insert(1, ("stack_layer_staged", staged_call, True))
+        variants[1:1] = [
+            ("stack_layer_staged", staged_call, True, True),
+            ("stack_layer_ids", layer_call, False, False),
+            ("stack_layer_staged_ids", staged_call, True, False),
+        ]
+    # one staging area for all rounds, room for every layer's tokens as the trainer sizes it per
+    # micro-batch: a new one per round would be new graph inputs, recompiling the stack
+    tables.use_grad_staging(n * t, *mcfg.memory.lookup_shape, torch.bfloat16)
+    area = tables.grad_staging
 
-    def staging(staged: bool):  # room for every layer's tokens, as the trainer sizes it per micro-batch
-        return grad_staging(tables, n * t, mcfg) if staged else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def staging(staged: bool, as_inputs: bool = True):
+        tables.grads_as_inputs = as_inputs
+        tables.flush_grad_staging()
+        tables.grad_staging = area if staged else None
+        register_staging(tables.values_grad_id, tables.grad_staging)
+        yield
 
     # All wall times before the first profiler session (one can leave the host slower after it),
     # the variants alternating in rounds: the host's speed drifts within a run.
-    walls = {name: [] for name, _, _ in variants}
+    walls = {name: [] for name, *_ in variants}
     for _ in range(1 if small else 7):
-        for name, fn, staged in variants:
-            with staging(staged):
+        for name, fn, *state in variants:
+            with staging(*state):
                 walls[name].append(cuda_time_ms(fn, iters=5) / n)
     for name, times in walls.items():
         rows[f"{name}_fwd_bwd_ms"] = statistics.median(times)
     rows["rounds_ms"] = walls
     if not small:
-        for name, fn, staged in variants:
-            with staging(staged):
+        for name, fn, *state in variants:
+            with staging(*state):
                 events = kernel_times(fn, calls=2)
             rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000 / n
             log.info(
@@ -372,8 +388,10 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
                 n,
             )
         # the first variant again, after the profiler: what a profiler session leaves behind
-        after = rows["stack_layer_after_profiler_fwd_bwd_ms"] = cuda_time_ms(layer_call, iters=10) / n
+        with staging(False):
+            after = rows["stack_layer_after_profiler_fwd_bwd_ms"] = cuda_time_ms(layer_call, iters=10) / n
         log.info("stack_layer after the profiler: %.3f ms wall per layer", after)
+    tables.use_grad_staging(0)
     result["layer_stack_227m"] = rows
 
 

@@ -71,3 +71,25 @@ def test_default_is_on_cuda_tables_only():
     assert stage == [None] * 6
     tables.use_grad_staging(16, 3, 1, torch.float64)
     assert tables.grad_targets()[2:] == tables.grad_staging.tensors()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("regions", [None, "layer", "model"])
+@pytest.mark.parametrize("staging", [0, 50])
+def test_buffers_as_inputs_match_ids_on_cuda(regions, staging):
+    # float32: the Triton kernels, launched from Inductor's code when compiled
+    cfg = make_cfg(share_ratio=1.0)
+    tables, layers, g = build_random(cfg, 2, seed=33)
+    tables.to("cuda", torch.float32)
+    for layer in layers:
+        layer.to("cuda", torch.float32)
+    inputs = [make_input((2, 5), g).to("cuda", torch.float32) for _ in range(3)]
+    torch._dynamo.reset()
+    want, want_staged = _grads(tables, layers, inputs, False, regions, staging)
+    torch._dynamo.reset()
+    got, staged = _grads(tables, layers, inputs, True, regions, staging)
+    assert staged == want_staged == min(staging // 10 * 10, 60)
+    for w, gt in zip(want, got):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(gt, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
