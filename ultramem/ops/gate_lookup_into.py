@@ -71,8 +71,10 @@ def _staging(stage: tuple[Tensor | None, ...]) -> GradStaging | None:
 
 
 def _check_into(
-    op: str, values: Tensor, pre_values: Tensor, grad_values: Tensor, grad_pre_values: Tensor, stage: tuple
+    op: str, values: Tensor, pre_values: Tensor, grad_values: Tensor, grad_pre_values: Tensor, *stage: Tensor | None
 ) -> None:
+    """The buffers and the staging area (signature only: the tensors are passed one by one, so
+    that `check_once` keys on their signatures and keeps no reference to them)."""
     check_grad_buffer(op, grad_values, values)
     check_grad_buffer(op, grad_pre_values, pre_values)
     given = [t is not None for t in stage]
@@ -123,7 +125,7 @@ def gate_lookup_into(
 ) -> tuple[Tensor, Tensor]:
     """`gate_lookup`'s (out, g); the backward adds into the buffers (or stages); see the module doc."""
     stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
-    check_once(_FWD, _check_into, _FWD, values, pre_values, grad_values, grad_pre_values, stage)
+    check_once(_FWD, _check_into, _FWD, values, pre_values, grad_values, grad_pre_values, *stage)
     if _triton_gate_lookup is not None and inline_on(values) and not debug_enabled():
         return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
     return _forward_opaque(rows, values, pre_values, x, scores, gelu)
@@ -151,10 +153,10 @@ gate_lookup_into.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_backward(
-    grad_values, grad_pre_values, stage, grad_out, grad_gate, rows, values, pre_values, x, scores, gate
-) -> None:
+    grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values, *stage
+):
     check_backward_tensors(_ACC, grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
-    _check_into(_ACC, values, pre_values, grad_values, grad_pre_values, stage)
+    _check_into(_ACC, values, pre_values, grad_values, grad_pre_values, *stage)
 
 
 def _cuda(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values, stage):
@@ -192,27 +194,13 @@ def _accumulate_opaque(
     gelu: bool,
 ) -> tuple[Tensor, Tensor]:
     stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
-    check_once(
-        _ACC,
-        _check_backward,
-        grad_values,
-        grad_pre_values,
-        stage,
-        grad_out,
-        grad_gate,
-        rows,
-        values,
-        pre_values,
-        x,
-        scores,
-        gate,
-    )
-    check_index_range(rows, values.shape[0], _ACC, "rows")
     args = (grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values)
-    if rows.is_cuda and _triton_gate_lookup is not None:
-        return _cuda(*args, stage)
+    check_once(_ACC, _check_backward, *args, *stage)
+    check_index_range(rows, values.shape[0], _ACC, "rows")
     # the reference's in-place writes would move the buffers' version counters (module doc)
     with torch._C._AutoDispatchBelowADInplaceOrView():
+        if rows.is_cuda and _triton_gate_lookup is not None:
+            return _cuda(*args, stage)
         return backward_reference(*args, _usable_staging(stage, rows, values, pre_values, x, scores, grad_out))
 
 
@@ -237,7 +225,9 @@ def _(
     gelu,
 ):
     stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
-    _check_backward(grad_values, grad_pre_values, stage, grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
+    _check_backward(
+        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values, *stage
+    )
     return (
         torch.empty_like(scores, memory_format=torch.contiguous_format),
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -268,22 +258,8 @@ def gate_lookup_backward_accumulate(
     them; returns (grad_scores, grad_x). Arguments are checked before anything is written."""
     stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
     if _inline_triton(rows, values, pre_values, x, scores):
-        check_once(
-            _ACC,
-            _check_backward,
-            grad_values,
-            grad_pre_values,
-            stage,
-            grad_out,
-            grad_gate,
-            rows,
-            values,
-            pre_values,
-            x,
-            scores,
-            gate,
-        )
         args = (grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values)
+        check_once(_ACC, _check_backward, *args, *stage)
         return _cuda(*args, stage)
     return _accumulate_opaque(
         grad_values, grad_pre_values, *stage, grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu
