@@ -73,10 +73,10 @@ def test_whole_model_region_under_aot_eager():
         torch.testing.assert_close(gt, w, rtol=1e-12, atol=1e-12)
 
 
-def test_default_is_on_cuda_tables_only():
+def test_off_by_default_and_what_the_layers_get():
     tables, _, _ = build_random(make_cfg(), 1, seed=32)
     tables.use_grad_buffers()
-    assert tables.grads_as_inputs is None and tables.grad_targets() is None  # CPU tables: ids
+    assert tables.grads_as_inputs is False and tables.grad_targets() is None  # ids
     tables.grads_as_inputs = True
     values_grad, pre_values_grad, *stage = tables.grad_targets()
     assert values_grad is tables.values_grad and pre_values_grad is tables.pre_values_grad
@@ -105,3 +105,27 @@ def test_buffers_as_inputs_match_ids_on_cuda(regions, staging):
     for w, gt in zip(want, got):
         assert w.abs().sum() > 0
         torch.testing.assert_close(gt, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+
+
+def test_trainer_option_matches_ids():
+    import numpy as np
+    from tiny import TINY_MODEL
+
+    from ultramem.data import TokenWindows
+    from ultramem.train.config import load_config
+    from ultramem.train.optim import build_optimizer
+    from ultramem.train.trainer import DistInfo, Trainer, build_training_model
+
+    def train(as_inputs: bool):
+        args = [*TINY_MODEL, "--train.batch_size=2", "--optim.warmup_steps=2", "--train.max_steps=3"]
+        args += ["--train.grad_accum=4", "--train.table_grad_flush=3", "--metrics.tensorboard_dir="]
+        cfg = load_config("debug", args + [f"--train.table_grads_as_inputs={str(as_inputs).lower()}"])
+        model = build_training_model(cfg, torch.device("cpu"))
+        assert (model.memory_tables.grad_targets() is not None) == as_inputs
+        opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+        tokens = np.random.default_rng(0).integers(0, 300, size=5000).astype(np.uint16)
+        batches = TokenWindows(tokens, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
+        return Trainer(cfg, model, opt, sched, batches, torch.device("cpu"), DistInfo()).train()
+
+    ids, inputs = train(False), train(True)
+    assert [r.loss for r in inputs] == pytest.approx([r.loss for r in ids], rel=1e-6)

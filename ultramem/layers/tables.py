@@ -74,9 +74,8 @@ class ValueTables(nn.Module):
         self.register_buffer("pre_values_compute", None, persistent=False)
         self._compute_versions: tuple[int, ...] | None = None
         self.grad_staging: GradStaging | None = None
-        # whether the layers hand the gradient buffers to their ops as tensors (`grad_targets`);
-        # None: on CUDA
-        self.grads_as_inputs: bool | None = None
+        # whether the layers hand the gradient buffers to their ops as tensors (`grad_targets`)
+        self.grads_as_inputs = False
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def __getstate__(self):
@@ -165,8 +164,7 @@ class ValueTables(nn.Module):
         """What `gate_lookup_into` adds the tables' gradients into: (values' buffer, pre-values'
         buffer, the staging area's six tensors or six None); None without both buffers or when
         `grads_as_inputs` is off (the layers then pass the buffers' ids)."""
-        on = self.values.is_cuda if self.grads_as_inputs is None else self.grads_as_inputs
-        if not on or self.values_grad is None or self.pre_values_grad is None:
+        if not self.grads_as_inputs or self.values_grad is None or self.pre_values_grad is None:
             return None
         staging = self.grad_staging
         stage = staging.tensors() if staging is not None and staging.pre_vdim else (None,) * 6

@@ -60,6 +60,7 @@ RESUMABLE_CHANGES = (
     "train.ac_every",
     "train.device",
     "train.table_grad_flush",
+    "train.table_grads_as_inputs",
     "train.batch_size",
     "train.grad_accum",  # with another world size (the global batch is checked apart)
     "parallel.",
@@ -72,7 +73,7 @@ RESUMABLE_CHANGES = (
 
 
 # Keys added after checkpoints were made without them: such a checkpoint ran with this value.
-ADDED_KEYS = {"data.val_split": "tail", "data.val_chunk_tokens": 65_536}
+ADDED_KEYS = {"data.val_split": "tail", "data.val_chunk_tokens": 65_536, "train.table_grads_as_inputs": False}
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:

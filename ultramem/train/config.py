@@ -83,6 +83,9 @@ class TrainSection:
     # fewer read-modify-writes of the fp32 gradient rows (docs/table-gradients.md); about 1.3 kB per
     # token, layer and micro-batch staged.
     table_grad_flush: int = 4  # UltraMemV2: stage table gradients, add them every this many micro-batches; 0: at once
+    # UltraMemV2: hand the table gradients' buffers to the fused op as tensors, so that a compiled
+    # backward launches its kernels itself (docs/table-gradients.md); off: by registered id
+    table_grads_as_inputs: bool = False
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     log_interval: int = 1  # steps between log lines
     eval_interval: int = 100  # validation every this many steps and at the end; 0: never

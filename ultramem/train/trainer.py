@@ -70,6 +70,7 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         # The shared tables' gradients accumulate row by row into persistent fp32 buffers instead
         # of a dense [N, D] gradient per layer and micro-batch (ultramem.ops.weighted_lookup).
         model.memory_tables.use_grad_buffers()
+        model.memory_tables.grads_as_inputs = cfg.train.table_grads_as_inputs
         if cfg.train.dtype == "bfloat16" and cfg.train.bf16_table_copy:
             model.memory_tables.use_compute_copy(torch.bfloat16)
         flush = staged_flush_interval(cfg, device)
