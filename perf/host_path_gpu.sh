@@ -20,6 +20,9 @@
 #   stack      per layer, the 227M's 20 memory layers compiled as one function against 20 FFNs,
 #              fwd + bwd, wall and GPU time, atomics and staged (gpu_e2e --only stack; its records:
 #              perf.legacy.convert of stack.json)                             -> stack.txt, stack.json
+#   inputs     the 227M trainer's step, UltraMemV2 with the table gradients' buffers passed by id
+#              and as tensors (train.table_grads_as_inputs), default mode and CUDA graphs
+#              (trainer_ab)                                                 -> inputs.txt
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
 #              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,
 #                                                                              layer_host_staged.txt
@@ -27,7 +30,7 @@
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack or layer-host}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs or layer-host}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -68,6 +71,12 @@ case $part in
             --variant model=model --variant combo=model,combo_kernels=True \
             --variant nostats=model,layer_stats=off --log "$log" 2>&1 | tee "$out/regions.txt"
         ;;
+    inputs)
+        for mode in default reduce-overhead; do
+            $py -m perf.diagnostics.trainer_ab --common=--train.compile_mode=$mode --variant v2= \
+                --variant v2_inputs=--train.table_grads_as_inputs=true --log "$log"
+        done 2>&1 | tee "$out/inputs.txt"
+        ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
     stack) $py -m perf.gpu_e2e --only stack --out "$out/stack.json" 2>&1 | tee "$out/stack.txt" ;;
     layer-host)
@@ -76,7 +85,7 @@ case $part in
         tail -n 40 "$out/layer_host.txt" "$out/layer_host_staged.txt"
         ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack or layer-host" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs or layer-host" >&2
         exit 2
         ;;
 esac
