@@ -205,29 +205,10 @@ def _accumulate_opaque(
 
 
 @_accumulate_opaque.register_fake
-def _(
-    grad_values,
-    grad_pre_values,
-    stage_rows,
-    stage_eff,
-    stage_grad_out,
-    stage_grad_g,
-    stage_x,
-    stage_fill,
-    grad_out,
-    grad_gate,
-    rows,
-    values,
-    pre_values,
-    x,
-    scores,
-    gate,
-    gelu,
-):
-    stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
-    _check_backward(
-        grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values, *stage
-    )
+def _(*args):
+    # (the writes first: grad_values, grad_pre_values, the six staging tensors; then the rest)
+    _check_backward(*args[8:], *args[:8])
+    scores, x = args[14], args[13]
     return (
         torch.empty_like(scores, memory_format=torch.contiguous_format),
         torch.empty_like(x, memory_format=torch.contiguous_format),
