@@ -502,3 +502,83 @@ def test_with_inline_launches_off_the_stats_body_calls_the_twin(monkeypatch):
     twins = [n.args[0] for n in gm.graph.nodes if "auto_functionalized" in str(n.target)]
     assert twins == [torch.ops.ultramem.layer_stats_accumulate_opaque.default], gm.code
     assert not [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)], gm.code
+
+
+def _accumulate_fake_cuda_inputs(mode, tokens):
+    """The lookups' fake inputs, then fp32 gradient buffers for both tables, a bf16 staging area
+    of 32 tokens (rows, eff, grad_out, grad_g, x, fill) and the gate."""
+    rows, values, pre, x, scores, grad_out, grad_gate = _lookup_fake_cuda_inputs(mode, tokens)
+    e, m = scores.shape[1], scores.shape[2]
+    with mode:
+        f32 = {"dtype": torch.float32, "device": "cuda"}
+        buffers = (torch.empty(values.shape, **f32), torch.empty(pre.shape, **f32))
+        stage = (
+            torch.empty(32, e, dtype=torch.int32, device="cuda"),
+            torch.empty(32, e, m, **f32),
+            torch.empty(32, values.shape[1], dtype=torch.bfloat16, device="cuda"),
+            torch.empty(32, e, **f32),
+            torch.empty(32, pre.shape[1], dtype=torch.bfloat16, device="cuda"),
+            torch.empty(2, dtype=torch.int64, device="cuda"),
+        )
+        gate = torch.empty(rows.shape, dtype=torch.bfloat16, device="cuda")
+    return rows, values, pre, x, scores, grad_out, grad_gate, gate, *buffers, *stage
+
+
+BWD_STAGED_WRITES = {
+    "ef_ptr",
+    "fill_ptr",
+    "gg_out_ptr",
+    "gs_ptr",
+    "gx_ptr",
+    "sgo_ptr",
+    "sr_ptr",
+    "sx_ptr",
+    "xef_ptr",
+    "xgg_ptr",
+}
+
+
+@analysed
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
+@pytest.mark.parametrize(
+    "staged, expected",
+    [
+        (False, [("_gate_lookup_bwd_kernel", {"gp_ptr", "gs_ptr", "gv_ptr", "gx_ptr"})]),
+        (
+            True,
+            [
+                ("_gate_lookup_bwd_kernel", BWD_STAGED_WRITES),
+                ("_overflow_add_kernel", {"fill_ptr", "gp_ptr", "gv_ptr"}),
+            ],
+        ),
+    ],
+    ids=["atomics", "staged"],
+)
+def test_backward_into_tensors_traces_to_launches_that_write_the_buffers_in_place(
+    staged, expected, dynamic, inline_launches, monkeypatch
+):
+    # gate_lookup_into's backward, the buffers (and staging area) handed over as tensors: its
+    # launches write exactly those inputs and their own outputs (AOTAutograd copies the written
+    # inputs back, which Inductor turns into writes in place); no ultramem:: call is left.
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    def f(rows, values, pre, x, scores, grad_out, grad_gate, gate, gv, gp, *stage):
+        stage = stage if staged else (None,) * 6
+        return ops.gate_lookup_backward_accumulate(
+            gv, gp, *stage, grad_out, grad_gate, rows, values, pre, x, scores, gate, True
+        )
+
+    gm = _trace_cuda_body(f, None, dynamic, monkeypatch, _accumulate_fake_cuda_inputs)
+    nodes = list(gm.graph.nodes)
+    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    got = [
+        (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, set(n.kwargs["tensors_to_clone"]))
+        for n in launches
+    ]
+    assert got == expected, gm.code
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    inputs_written = {n.kwargs["kwargs"][name] for n in launches for name in n.kwargs["tensors_to_clone"]}
+    inputs_written &= set(placeholders)
+    # the buffers, and staged the staging area
+    assert inputs_written == set(placeholders[8:10] + (placeholders[10:] if staged else [])), gm.code
