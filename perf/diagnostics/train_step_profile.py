@@ -79,14 +79,9 @@ def gpu_waits(trace: dict, min_us: float = 20.0, innermost: bool = False) -> dic
     }
 
 
-def profile_config(
-    name: str,
-    overrides: list[str],
-    grad_accum: int,
-    warmup_steps: int = 2,
-    timed_steps: int = 5,
-    trace_waits: bool = False,
-) -> dict:
+def time_config(name: str, overrides: list[str], grad_accum: int, info, warmup_steps: int = 2, timed_steps: int = 5):
+    """A trainer for the 227M config with these overrides, warmed up (compilation, CUDA-graph
+    recording), and its step's wall times: (trainer, cfg, step times in s)."""
     cfg = load_config(
         "227m.toml",
         overrides
@@ -99,35 +94,39 @@ def profile_config(
             "--train.max_steps=100",
         ],
     )
-    info = setup_distributed(torch.device("cuda"))
-    try:
-        trainer = build_trainer(cfg, info)
-        trainer.prepare()
-        for _ in range(warmup_steps):  # compilation, CUDA-graph recording
+    trainer = build_trainer(cfg, info)
+    trainer.prepare()
+    for _ in range(warmup_steps):
+        trainer.train_step()
+    step_times = []
+    for _ in range(timed_steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.train_step()
+        torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+    log.info("%s: step %.1f ms (median of %d)", name, 1000 * statistics.median(step_times), timed_steps)
+    return trainer, cfg, step_times
+
+
+def profile_config(name: str, trainer, cfg, step_times: list[float], trace_waits: bool = False) -> dict:
+    """One step of a timed trainer under the profiler: its kernels, and (trace_waits) with CPU
+    activity, where the GPU waited."""
+    grad_accum = cfg.train.grad_accum
+    step_s = statistics.median(step_times)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        trainer.train_step()
+        torch.cuda.synchronize()
+    waits = None
+    if trace_waits:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as traced:
             trainer.train_step()
-        step_times = []
-        for _ in range(timed_steps):
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            trainer.train_step()
-            torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - t0)
-        step_s = statistics.median(step_times)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            trainer.train_step()
-            torch.cuda.synchronize()
-        waits = None
-        if trace_waits:
-            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=acts) as traced:
-                trainer.train_step()
-                torch.cuda.synchronize()
-            with tempfile.TemporaryDirectory() as tmp:
-                traced.export_chrome_trace(os.path.join(tmp, "trace.json"))
-                with open(os.path.join(tmp, "trace.json")) as f:
-                    waits = gpu_waits(json.load(f))
-    finally:
-        teardown_distributed(info)
+        with tempfile.TemporaryDirectory() as tmp:
+            traced.export_chrome_trace(os.path.join(tmp, "trace.json"))
+            with open(os.path.join(tmp, "trace.json")) as f:
+                waits = gpu_waits(json.load(f))
     kernels = collections.defaultdict(lambda: [0.0, 0])
     for e in prof.key_averages():
         if e.self_device_time_total > 0:
@@ -199,11 +198,17 @@ def main() -> int:
         "overrides": args.override,
         "runs": {},
     }
-    for name in args.only:
-        result["runs"][name] = profile_config(name, runs[name] + args.override, args.grad_accum, trace_waits=args.waits)
-        torch._dynamo.reset()
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    # Every run is timed before the first profiler session (one may leave the host slower), so
+    # the trainers stay alive together until all are profiled.
+    info = setup_distributed(torch.device("cuda"))
+    try:
+        timed = {name: time_config(name, runs[name] + args.override, args.grad_accum, info) for name in args.only}
+        for name, (trainer, cfg, step_times) in timed.items():
+            result["runs"][name] = profile_config(name, trainer, cfg, step_times, trace_waits=args.waits)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    finally:
+        teardown_distributed(info)
     return 0
 
 
