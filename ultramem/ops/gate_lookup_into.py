@@ -24,6 +24,9 @@ autograd context rather than saving them.
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -60,7 +63,13 @@ def accumulates_in_place(op) -> None:
     def kernel(keyset, *args, **kwargs):
         return overload.redispatch(keyset & below, *args, **kwargs)
 
-    op._lib.impl(op._name, kernel, "ADInplaceOrView", with_keyset=True)
+    if "allow_override" in inspect.signature(op._lib.impl).parameters:
+        op._lib.impl(op._name, kernel, "ADInplaceOrView", with_keyset=True, allow_override=True)
+    else:  # older PyTorch refuses a second Python kernel for a key unless it forgets the first
+        torch.library._impls.discard(f"{op._lib.ns}/{op._name}/ADInplaceOrView")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+            op._lib.impl(op._name, kernel, "ADInplaceOrView", with_keyset=True)
 
 
 def _staging(stage: tuple[Tensor | None, ...]) -> GradStaging | None:
