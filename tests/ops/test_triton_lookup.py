@@ -815,3 +815,39 @@ def test_one_table_backward_staged_then_flushed(op, case, monkeypatch):
     )
     assert staging.staged_tokens() == 0
     assert _rel(buf - start, want_table) < _tol(dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("staged", [False, True])
+def test_gate_lookup_into_cuda_body(staged, monkeypatch):
+    """gate_lookup_into's CUDA backward (`gate_lookup_into._cuda`, what its traced body launches)
+    with the buffers and the staging area handed over as tensors: two calls, the second finding
+    no room when staged; after the flush the buffers gain both calls' table gradients."""
+    import importlib
+
+    from ultramem.ops.staged_grad import GradStaging
+
+    body = importlib.import_module("ultramem.ops.gate_lookup_into")._cuda
+    launch_shape(monkeypatch, tgl, "BWD_CONFIG", SMALL_BWD)
+    t, e, n, dv, dp, m = 6, 5, 9, 24, 16, 2
+    g = _gen(29)
+    values, pre_values = _rand((n, dv), g, torch.float32), _rand((n, dp), g, torch.float32)
+    staging = GradStaging(t + 2, e, m, dv, dp, torch.float32, "cpu") if staged else None
+    stage = staging.tensors() if staged else (None,) * 6
+    bufs = [torch.zeros(n, dv), torch.zeros(n, dp)]
+    want_v, want_p = torch.zeros(n, dv, dtype=torch.float64), torch.zeros(n, dp, dtype=torch.float64)
+    for call in range(2):
+        rows = _rows(t, e, n, g, torch.int64)
+        x, scores = _rand((t, dp), g, torch.float32), _rand((t, e, m), g, torch.float32)
+        gate, grad_out = _rand((t, e), g, torch.float32), _rand((t, dv), g, torch.float32)
+        want = gate_lookup_backward_oracle(grad_out, None, rows, values, pre_values, x, scores, gate, True)
+        want_v += want[0]
+        want_p += want[1]
+        grad_scores, grad_x = body(grad_out, None, rows, values, pre_values, x, scores, gate, True, *bufs, stage)
+        assert _rel(grad_x, want[2]) < _tol(torch.float32) and _rel(grad_scores, want[3]) < _tol(torch.float32)
+        if staged and call == 0:
+            assert staging.staged_tokens() == t and not bufs[0].any()  # staged, nothing added yet
+    if staged:
+        assert staging.staged_tokens() == t  # the second call found no room: added at once
+        staging.flush(*bufs)
+    assert _rel(bufs[0], want_v) < _tol(torch.float32) and _rel(bufs[1], want_p) < _tol(torch.float32)
