@@ -51,7 +51,7 @@ case $part in
     tests)
         {
             $py -m pytest -q -p no:logging tests/ops/test_ops_cuda.py tests/ops/test_inline_triton_cuda.py \
-                tests/ops/test_gate_lookup_into.py tests/layers/test_grads_as_inputs.py tests/ops/test_kernel_access.py \
+                tests/ops/test_lookup_into.py tests/layers/test_grads_as_inputs.py tests/ops/test_kernel_access.py \
                 tests/layers/test_layers_gpu.py || true
             $py -m pytest -q -p no:logging tests/train/test_trainer.py -k cuda
         } 2>&1 | tee "$out/tests.txt"

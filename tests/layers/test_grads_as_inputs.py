@@ -1,4 +1,5 @@
-"""Gradient buffers handed to the ops as tensors (`ValueTables.grads_as_inputs`, `gate_lookup_into`):
+"""Gradient buffers handed to the ops as tensors (`ValueTables.grads_as_inputs`, `gate_lookup_into`,
+`weighted_lookup_into`):
 the buffers (and, staged, the flushed buffers) hold what the id-based backward adds, eager and
 compiled (one region per layer, and all layers in one region), and the backward leaves the
 buffers' version counters alone."""
@@ -28,14 +29,15 @@ def _grads(tables, layers, inputs, as_inputs: bool, regions: str | None, staging
 
     elif regions in ("model", "model_aot_eager"):
         run = torch.compile(run, fullgraph=True, backend="aot_eager" if regions == "model_aot_eager" else "inductor")
-    versions = [tables.values_grad._version, tables.pre_values_grad._version]
+    buffers = [b for b in (tables.values_grad, tables.pre_values_grad) if b is not None]
+    versions = [b._version for b in buffers]
     for x in inputs:  # micro-batches
         run(x).backward()
     if as_inputs and regions != "model_aot_eager":  # (aot_eager's own copy into them counts)
-        assert [tables.values_grad._version, tables.pre_values_grad._version] == versions
+        assert [b._version for b in buffers] == versions
     staged = tables.grad_staging.staged_tokens() if staging else 0
     tables.flush_grad_staging()
-    out = [tables.values_grad.clone(), tables.pre_values_grad.clone()]
+    out = [b.clone() for b in buffers]
     tables.use_grad_buffers(False)
     return out, staged
 
@@ -61,6 +63,32 @@ def test_buffers_as_inputs_match_ids(regions, staging):
         torch.testing.assert_close(gt, w, **tol)
 
 
+@pytest.mark.parametrize(
+    "memory, regions, staging",
+    [
+        ({"pre_vdim": 0}, "layer", 50),
+        ({"pre_vdim": 0}, "model", 0),
+        ({"type": "memory_plus"}, None, 50),
+        ({"type": "memory_plus"}, "model", 50),
+    ],
+)
+def test_one_table_layers_match_ids(memory, regions, staging):
+    # UltraMemV2 without pre-values and Memory+: weighted_lookup_into, one buffer
+    cfg = make_cfg(share_ratio=1.0, **memory)
+    tables, layers, g = build_random(cfg, 2, seed=35)
+    tables.float()
+    for layer in layers:
+        layer.float()
+    inputs = [make_input((2, 5), g).float() for _ in range(3)]
+    torch._dynamo.reset()
+    want, want_staged = _grads(tables, layers, inputs, False, regions, staging)
+    torch._dynamo.reset()
+    got, staged = _grads(tables, layers, inputs, True, regions, staging)
+    assert len(got) == 1 and staged == want_staged == min(staging // 10 * 10, 60)
+    assert want[0].abs().sum() > 0
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6 * float(want[0].abs().max()))
+
+
 def test_whole_model_region_under_aot_eager():
     # (one region per layer under aot_eager is the documented exception: docs/table-gradients.md)
     cfg = make_cfg(share_ratio=1.0)
@@ -83,6 +111,14 @@ def test_off_by_default_and_what_the_layers_get():
     assert stage == [None] * 6
     tables.use_grad_staging(16, 3, 1, torch.float64)
     assert tables.grad_targets()[2:] == tables.grad_staging.tensors()
+    # one table (no pre-values): the buffer and the staging area's rows, eff, grad_out, fill
+    tables, _, _ = build_random(make_cfg(pre_vdim=0), 1, seed=32)
+    tables.use_grad_buffers()
+    tables.grads_as_inputs = True
+    assert tables.grad_targets() == (tables.values_grad, None, None, None, None)
+    tables.use_grad_staging(16, 3, 1, torch.float64)
+    st = tables.grad_staging
+    assert tables.grad_targets() == (tables.values_grad, st.rows, st.eff, st.grad_out, st.fill)
 
 
 @pytest.mark.gpu
@@ -107,7 +143,8 @@ def test_buffers_as_inputs_match_ids_on_cuda(regions, staging):
         torch.testing.assert_close(gt, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
 
 
-def test_trainer_option_matches_ids():
+@pytest.mark.parametrize("memory", ["ultramem_v2", "memory_plus"])
+def test_trainer_option_matches_ids(memory):
     import numpy as np
     from tiny import TINY_MODEL
 
@@ -119,6 +156,7 @@ def test_trainer_option_matches_ids():
     def train(as_inputs: bool):
         args = [*TINY_MODEL, "--train.batch_size=2", "--optim.warmup_steps=2", "--train.max_steps=3"]
         args += ["--train.grad_accum=4", "--train.table_grad_flush=3", "--metrics.tensorboard_dir="]
+        args += [f"--model.memory.type={memory}"]
         cfg = load_config("debug", args + [f"--train.table_grads_as_inputs={str(as_inputs).lower()}"])
         model = build_training_model(cfg, torch.device("cpu"))
         assert (model.memory_tables.grad_targets() is not None) == as_inputs

@@ -564,7 +564,7 @@ def test_backward_into_tensors_traces_to_launches_that_write_the_buffers_in_plac
 
     def f(rows, values, pre, x, scores, grad_out, grad_gate, gate, gv, gp, *stage):
         stage = stage if staged else (None,) * 6
-        return ops.gate_lookup_backward_accumulate(
+        return ops.gate_lookup_into_backward(
             gv, gp, *stage, grad_out, grad_gate, rows, values, pre, x, scores, gate, True
         )
 
@@ -582,3 +582,50 @@ def test_backward_into_tensors_traces_to_launches_that_write_the_buffers_in_plac
     inputs_written &= set(placeholders)
     # the buffers, and staged the staging area
     assert inputs_written == set(placeholders[8:10] + (placeholders[10:] if staged else [])), gm.code
+
+
+@analysed
+@pytest.mark.parametrize(
+    "staged, expected",
+    [
+        (False, [(DOTS, {"dots_ptr", "gt_ptr"})]),
+        (
+            True,
+            [
+                ("_gate_lookup_bwd_kernel", {"ef_ptr", "fill_ptr", "gs_ptr", "sgo_ptr", "sr_ptr", "xef_ptr"}),
+                ("_overflow_add_kernel", {"fill_ptr", "gv_ptr"}),
+            ],
+        ),
+    ],
+    ids=["atomics", "staged"],
+)
+def test_lookup_backward_into_tensors_traces_to_launches_that_write_the_buffer(
+    staged, expected, inline_launches, monkeypatch
+):
+    # weighted_lookup_into's backward: as gate_lookup_into's, one table
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    def inputs(mode, tokens):
+        rows, values, pre, x, scores, grad_out, grad_gate, gate, gv, gp, *stage = _accumulate_fake_cuda_inputs(
+            mode, tokens
+        )
+        with mode:  # a values-only staging area: rows, eff, grad_out, fill
+            fill = torch.empty(2, dtype=torch.int64, device="cuda")
+        return rows, values, scores, grad_out, gv, stage[0], stage[1], stage[2], fill
+
+    def f(rows, values, scores, grad_out, gv, *stage):
+        stage = stage if staged else (None,) * 4
+        return ops.weighted_lookup_into_backward(gv, *stage, grad_out, rows, values, scores)
+
+    gm = _trace_cuda_body(f, None, False, monkeypatch, inputs)
+    nodes = list(gm.graph.nodes)
+    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    got = [
+        (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, set(n.kwargs["tensors_to_clone"]))
+        for n in launches
+    ]
+    assert got == expected, gm.code
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    inputs_written = {n.kwargs["kwargs"][name] for n in launches for name in n.kwargs["tensors_to_clone"]}
+    assert inputs_written & set(placeholders) == set(placeholders[4:] if staged else placeholders[4:5]), gm.code

@@ -851,3 +851,35 @@ def test_gate_lookup_into_cuda_body(staged, monkeypatch):
         assert staging.staged_tokens() == t  # the second call found no room: added at once
         staging.flush(*bufs)
     assert _rel(bufs[0], want_v) < _tol(torch.float32) and _rel(bufs[1], want_p) < _tol(torch.float32)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("staged", [False, True])
+def test_weighted_lookup_into_cuda_body(staged, monkeypatch):
+    """The same for weighted_lookup_into's CUDA backward (one table, a values-only staging area)."""
+    import importlib
+
+    from ultramem.ops.staged_grad import GradStaging
+
+    body = importlib.import_module("ultramem.ops.weighted_lookup_into")._cuda
+    launch_shape(monkeypatch, tgl, "BWD_CONFIG", SMALL_BWD)
+    t, e, n, d, m = 6, 5, 9, 24, 2
+    g = _gen(31)
+    table = _rand((n, d), g, torch.float32)
+    staging = GradStaging(t + 2, e, m, d, 0, torch.float32, "cpu") if staged else None
+    stage = (staging.rows, staging.eff, staging.grad_out, staging.fill) if staged else (None,) * 4
+    buf = torch.zeros(n, d)
+    want = torch.zeros(n, d, dtype=torch.float64)
+    for call in range(2):
+        rows = _rows(t, e, n, g, torch.int64)
+        scores, grad_out = _rand((t, e, m), g, torch.float32), _rand((t, d), g, torch.float32)
+        g_table, g_scores = lookup_backward_oracle(grad_out, rows, table, scores)
+        want += g_table
+        grad_scores = body(grad_out, rows, table, scores, buf, stage)
+        assert _rel(grad_scores, g_scores) < _tol(torch.float32)
+        if staged and call == 0:
+            assert staging.staged_tokens() == t and not buf.any()
+    if staged:
+        assert staging.staged_tokens() == t
+        staging.flush(buf)
+    assert _rel(buf, want) < _tol(torch.float32)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
-from ultramem.ops import weighted_lookup
+from ultramem.ops import weighted_lookup, weighted_lookup_into
 
 from ._common import LayerStats, RMSNorm, key_balance_side, normal_from, uniform_from, validate_memory_config
 from .tables import ValueTables
@@ -95,8 +95,12 @@ class MemoryPlus(nn.Module):
         col = idx_b.gather(-1, best % k)
         ids = row * self.knum + col
         weights = torch.softmax(scores.to(torch.promote_types(act, torch.float32)), dim=-1).to(act)
-        out = weighted_lookup(
-            ids.reshape(t, h * k), tables.gather_tables()[0], weights.reshape(t, h * k, 1), tables.values_grad_id
+        lookup = ids.reshape(t, h * k), tables.gather_tables()[0], weights.reshape(t, h * k, 1)
+        into = tables.grad_targets()  # the gradient buffer as a tensor, or by id
+        out = (
+            weighted_lookup_into(*lookup, *into)
+            if into is not None
+            else weighted_lookup(*lookup, tables.values_grad_id)
         )
         y2 = self.w_o(out * F.silu(self.w_s(x2)))
         aux = torch.zeros((), device=x2.device, dtype=torch.float32)

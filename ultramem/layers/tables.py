@@ -161,14 +161,22 @@ class ValueTables(nn.Module):
         return self.grad_staging.flush(self.values_grad, self.pre_values_grad, wait=wait)
 
     def grad_targets(self) -> tuple[torch.Tensor | None, ...] | None:
-        """What `gate_lookup_into` adds the tables' gradients into: (values' buffer, pre-values'
-        buffer, the staging area's six tensors or six None); None without both buffers or when
-        `grads_as_inputs` is off (the layers then pass the buffers' ids)."""
-        if not self.grads_as_inputs or self.values_grad is None or self.pre_values_grad is None:
+        """What the layers' fused op adds the tables' gradients into, when `grads_as_inputs` is
+        on (else None: the layers pass the buffers' ids). With pre-values, for `gate_lookup_into`:
+        (values' buffer, pre-values' buffer, the staging area's six tensors or six None); without,
+        for `weighted_lookup_into`: (values' buffer, the staging area's rows, eff, grad_out and
+        fill, or four None). None without buffers."""
+        if not self.grads_as_inputs or self.values_grad is None:
             return None
         staging = self.grad_staging
-        stage = staging.tensors() if staging is not None and staging.pre_vdim else (None,) * 6
-        return (self.values_grad, self.pre_values_grad, *stage)
+        if self.pre_values is not None:
+            if self.pre_values_grad is None:
+                return None
+            stage = staging.tensors() if staging is not None and staging.pre_vdim else (None,) * 6
+            return (self.values_grad, self.pre_values_grad, *stage)
+        if staging is None or staging.pre_vdim:
+            return (self.values_grad, None, None, None, None)
+        return (self.values_grad, staging.rows, staging.eff, staging.grad_out, staging.fill)
 
     def attach_grad_buffers(self) -> None:
         """Point each table's `.grad` and its registered id at its buffer (again after

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
-from ultramem.ops import gate_lookup, gate_lookup_into, weighted_lookup
+from ultramem.ops import gate_lookup, gate_lookup_into, weighted_lookup, weighted_lookup_into
 
 from ._common import normal_from, paper_value_std, window_keys
 from .tables import ValueTables
@@ -104,6 +104,8 @@ class UltraMemV2(TuckerMemoryBase):
         elif self.w_p is not None:
             buffer_ids = tables.values_grad_id, tables.pre_values_grad_id
             out, _ = gate_lookup(rows, values, pre_values, gate_in.to(act), lookup_scores, self.glu_act, *buffer_ids)
+        elif into is not None:
+            out = weighted_lookup_into(rows, values, lookup_scores, *into)
         else:
             out = weighted_lookup(rows, values, lookup_scores, tables.values_grad_id)
         y2 = self.w_o(out)

@@ -15,7 +15,7 @@ from ._checks import debug_enabled, set_debug
 from ._triton._launch import set_inline_triton
 from .determinism import deterministic_enabled, set_deterministic
 from .gate_lookup import gate_lookup, gate_lookup_backward_into
-from .gate_lookup_into import gate_lookup_backward_accumulate, gate_lookup_into
+from .gate_lookup_into import gate_lookup_into, gate_lookup_into_backward
 from .layer_stats import layer_stats_accumulate
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
 from .retrieval import tdqkr_retrieval, tdqkr_retrieval_backward
@@ -30,15 +30,16 @@ from .table_grad import (
     weighted_lookup_backward_into,
 )
 from .weighted_lookup import weighted_lookup, weighted_lookup_backward
+from .weighted_lookup_into import weighted_lookup_into, weighted_lookup_into_backward
 
 __all__ = [
     "GradStaging",
     "debug_enabled",
     "deterministic_enabled",
     "gate_lookup",
-    "gate_lookup_backward_accumulate",
     "gate_lookup_backward_into",
     "gate_lookup_into",
+    "gate_lookup_into_backward",
     "layer_stats_accumulate",
     "pre_value_gate",
     "pre_value_gate_backward",
@@ -58,4 +59,6 @@ __all__ = [
     "weighted_lookup_backward",
     "weighted_lookup_backward_accumulate",
     "weighted_lookup_backward_into",
+    "weighted_lookup_into",
+    "weighted_lookup_into_backward",
 ]

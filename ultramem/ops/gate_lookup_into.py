@@ -4,7 +4,7 @@ buffers handed to it as tensors (docs/table-gradients.md).
     out, g = gate_lookup_into(rows, values, pre_values, x, scores, gelu, grad_values, grad_pre_values,
                               *staging.tensors())      # or no staging tensors
 
-The forward is `gate_lookup`'s. Its backward, `ultramem::gate_lookup_backward_accumulate`, adds
+The forward is `gate_lookup`'s. Its backward, `ultramem::gate_lookup_into_backward`, adds
 into `grad_values` / `grad_pre_values` (fp32 or fp64, the tables' shapes) as
 `gate_lookup_backward_into` adds into registered buffers, or stages into the staging area given by
 its six tensors (rows, eff, grad_out, grad_g, x, fill: `GradStaging.tensors()`), with the same
@@ -24,9 +24,6 @@ autograd context rather than saving them.
 
 from __future__ import annotations
 
-import inspect
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -37,10 +34,10 @@ from ._triton._launch import inline_on
 from .determinism import deterministic_enabled
 from .gate_lookup import _forward_opaque, backward_reference, check_backward_tensors
 from .staged_grad import GradStaging, may_stage
-from .table_grad import check_grad_buffer
+from .table_grad import accumulates_in_place, check_grad_buffer
 
 _FWD = "gate_lookup_into"
-_ACC = "gate_lookup_backward_accumulate"
+_BWD = "gate_lookup_into_backward"
 # what the backward writes: the two buffers and the staging area's six tensors
 _WRITES = (
     "grad_values",
@@ -52,24 +49,6 @@ _WRITES = (
     "stage_x",
     "stage_fill",
 )
-
-
-def accumulates_in_place(op) -> None:
-    """Let custom op `op` write its mutable arguments without moving their version counters (see
-    the module doc). Only for accumulators that nothing reads back as a saved input."""
-    overload = op._opoverload
-    below = torch._C._after_ADInplaceOrView_keyset
-
-    def kernel(keyset, *args, **kwargs):
-        return overload.redispatch(keyset & below, *args, **kwargs)
-
-    if "allow_override" in inspect.signature(op._lib.impl).parameters:
-        op._lib.impl(op._name, kernel, "ADInplaceOrView", with_keyset=True, allow_override=True)
-    else:  # older PyTorch refuses a second Python kernel for a key unless it forgets the first
-        torch.library._impls.discard(f"{op._lib.ns}/{op._name}/ADInplaceOrView")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
-            op._lib.impl(op._name, kernel, "ADInplaceOrView", with_keyset=True)
 
 
 def _staging(stage: tuple[Tensor | None, ...]) -> GradStaging | None:
@@ -152,7 +131,7 @@ def _backward(ctx, grad_out: Tensor | None, grad_gate: Tensor | None):
     rows, values, pre_values, x, scores, gate = ctx.saved_tensors
     if grad_out is None:
         grad_out = scores.new_zeros((rows.shape[0], values.shape[1]))
-    grad_scores, grad_x = gate_lookup_backward_accumulate(
+    grad_scores, grad_x = gate_lookup_into_backward(
         *ctx.into, grad_out.contiguous(), grad_gate, rows, values, pre_values, x, scores, gate, ctx.gelu
     )
     return (None, None, None, grad_x, grad_scores) + (None,) * 9
@@ -164,8 +143,8 @@ gate_lookup_into.register_autograd(_backward, setup_context=_setup_context)
 def _check_backward(
     grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values, *stage
 ):
-    check_backward_tensors(_ACC, grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
-    _check_into(_ACC, values, pre_values, grad_values, grad_pre_values, *stage)
+    check_backward_tensors(_BWD, grad_out, grad_gate, rows, values, pre_values, x, scores, gate)
+    _check_into(_BWD, values, pre_values, grad_values, grad_pre_values, *stage)
 
 
 def _cuda(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values, stage):
@@ -182,7 +161,7 @@ def _cuda(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, 
     return _triton_gate_lookup.gate_lookup_backward_cuda(*args, deterministic=deterministic_enabled())
 
 
-@torch.library.custom_op(f"ultramem::{_ACC}_opaque", mutates_args=_WRITES)
+@torch.library.custom_op(f"ultramem::{_BWD}_opaque", mutates_args=_WRITES)
 def _accumulate_opaque(
     grad_values: Tensor,
     grad_pre_values: Tensor,
@@ -204,8 +183,8 @@ def _accumulate_opaque(
 ) -> tuple[Tensor, Tensor]:
     stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
     args = (grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values)
-    check_once(_ACC, _check_backward, *args, *stage)
-    check_index_range(rows, values.shape[0], _ACC, "rows")
+    check_once(_BWD, _check_backward, *args, *stage)
+    check_index_range(rows, values.shape[0], _BWD, "rows")
     # the reference's in-place writes would move the buffers' version counters (module doc)
     with torch._C._AutoDispatchBelowADInplaceOrView():
         if rows.is_cuda and _triton_gate_lookup is not None:
@@ -224,8 +203,8 @@ def _(*args):
     )
 
 
-@torch.library.triton_op(f"ultramem::{_ACC}", mutates_args=_WRITES)
-def gate_lookup_backward_accumulate(
+@torch.library.triton_op(f"ultramem::{_BWD}", mutates_args=_WRITES)
+def gate_lookup_into_backward(
     grad_values: Tensor,
     grad_pre_values: Tensor,
     stage_rows: Tensor | None,
@@ -249,7 +228,7 @@ def gate_lookup_backward_accumulate(
     stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
     if _inline_triton(rows, values, pre_values, x, scores):
         args = (grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values)
-        check_once(_ACC, _check_backward, *args, *stage)
+        check_once(_BWD, _check_backward, *args, *stage)
         return _cuda(*args, stage)
     return _accumulate_opaque(
         grad_values, grad_pre_values, *stage, grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu
@@ -257,4 +236,4 @@ def gate_lookup_backward_accumulate(
 
 
 accumulates_in_place(_accumulate_opaque)
-accumulates_in_place(gate_lookup_backward_accumulate)
+accumulates_in_place(gate_lookup_into_backward)

@@ -25,7 +25,9 @@ effect lives inside opaque custom ops whose outputs are always used, so it runs 
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import warnings
 import weakref
 
 import torch
@@ -46,6 +48,24 @@ def keep_in_graphs(op) -> None:
     side-effectful, so that graph passes (AOTAutograd's dead-code elimination, Inductor) keep it
     when none of its returned tensors is used: e.g. when only the tables need gradients."""
     torch.fx.node.has_side_effect(op._opoverload)
+
+
+def accumulates_in_place(op) -> None:
+    """Let custom op `op` write its mutable arguments without moving their version counters (see
+    `ultramem.ops.gate_lookup_into`). Only for accumulators that nothing reads back as a saved input."""
+    overload = op._opoverload
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def kernel(keyset, *args, **kwargs):
+        return overload.redispatch(keyset & below, *args, **kwargs)
+
+    if "allow_override" in inspect.signature(op._lib.impl).parameters:
+        op._lib.impl(op._name, kernel, "ADInplaceOrView", with_keyset=True, allow_override=True)
+    else:  # older PyTorch refuses a second Python kernel for a key unless it forgets the first
+        torch.library._impls.discard(f"{op._lib.ns}/{op._name}/ADInplaceOrView")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+            op._lib.impl(op._name, kernel, "ADInplaceOrView", with_keyset=True)
 
 
 def register_grad_buffer(buf: Tensor) -> int:

@@ -83,7 +83,7 @@ class TrainSection:
     # fewer read-modify-writes of the fp32 gradient rows (docs/table-gradients.md); about 1.3 kB per
     # token, layer and micro-batch staged.
     table_grad_flush: int = 4  # UltraMemV2: stage table gradients, add them every this many micro-batches; 0: at once
-    # UltraMemV2: hand the table gradients' buffers to the fused op as tensors, so that a compiled
+    # hand the table gradients' buffers to the layers' lookups as tensors, so that a compiled
     # backward launches its kernels itself (docs/table-gradients.md); off: by registered id
     table_grads_as_inputs: bool = False
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"

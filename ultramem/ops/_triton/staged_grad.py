@@ -272,7 +272,7 @@ def staged_lookup_backward_cuda(
     grad_scores = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
     if t == 0 or e == 0:
         return grad_scores.zero_()
-    none = values[:, :0]  # the absent pre-value table: 0 columns, never read
+    none = values.new_empty((values.shape[0], 0))  # the absent pre-value table: 0 columns, never read
     _stage(
         rows,
         values,

@@ -1,4 +1,4 @@
-"""ultramem::gate_lookup_into and its backward, gate_lookup_backward_accumulate: the gradient
+"""ultramem::gate_lookup_into and weighted_lookup_into and their backwards: the gradient
 buffers handed over as tensors. Against the float64 oracle (buffers that already hold a sum
 gain exactly the tables' gradients), staged with and without room, opcheck, bad input refused
 before anything is written; on CUDA also compiled, with every kernel launched from Inductor's
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_oracles import gate_lookup_backward_oracle, gate_lookup_oracle
+from op_oracles import gate_lookup_backward_oracle, gate_lookup_oracle, lookup_backward_oracle, lookup_oracle
 
 import ultramem.ops as ops
 from ultramem.ops import GradStaging
@@ -105,7 +105,7 @@ def test_opcheck():
             gate.detach(),
             True,
         )
-        torch.library.opcheck(torch.ops.ultramem.gate_lookup_backward_accumulate.default, args)
+        torch.library.opcheck(torch.ops.ultramem.gate_lookup_into_backward.default, args)
 
 
 def test_bad_input_is_refused_before_anything_is_written():
@@ -127,9 +127,7 @@ def test_bad_input_is_refused_before_anything_is_written():
     bad = rows.clone()
     bad[3, 2] = values.shape[0]
     with pytest.raises(ValueError, match=r"rows has values in \[\d+, 11\], outside the valid range \[0, 11\)"):
-        ops.gate_lookup_backward_accumulate(
-            *bufs, *(None,) * 6, grad_out, None, bad, values, pre, x, scores, gate, True
-        )
+        ops.gate_lookup_into_backward(*bufs, *(None,) * 6, grad_out, None, bad, values, pre, x, scores, gate, True)
     for b, w in zip(bufs, before):
         assert torch.equal(b, w)
 
@@ -164,4 +162,91 @@ def test_compiled_on_cuda_launches_every_kernel_inline(staged):
         torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
     assert "torch.ops.ultramem" not in code, code
     for kernel in ("_gate_lookup_fwd", "_gate_lookup_bwd_kernel") + (("_overflow_add_kernel",) if staged else ()):
+        assert kernel in code, kernel
+
+
+# ------------------------------------------------------------------ weighted_lookup_into
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("staging_tokens", [0, 16, 10])  # 10: the second call finds no room
+def test_lookup_into_matches_the_oracle_staged_or_not(device, staging_tokens):
+    dtype = torch.float32 if staging_tokens else torch.float64  # staging holds fp32
+    tol = dict(rtol=1e-5, atol=1e-5) if staging_tokens else dict(rtol=1e-10, atol=1e-10)
+    rows, values, _, _, scores = _inputs(device, dtype)
+    t, e, m = scores.shape
+    staging = GradStaging(staging_tokens, e, m, values.shape[1], 0, dtype, device) if staging_tokens else None
+    stage = (staging.rows, staging.eff, staging.grad_out, staging.fill) if staging else ()
+    buf = _buffers(values, values)[0]
+    want = buf.cpu().double().clone()
+    for seed in (5, 6):
+        rows, values, _, _, scores = _inputs(device, dtype, seed=seed)
+        s_ = scores.clone().requires_grad_()
+        out = ops.weighted_lookup_into(rows, values, s_, buf, *stage)
+        cpu = [a.cpu() for a in (rows, values, scores)]
+        torch.testing.assert_close(out.detach().cpu().double(), lookup_oracle(*cpu), **tol)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        (out * w.to(device)).sum().backward()
+        g_table, g_scores = lookup_backward_oracle(w, *cpu)
+        torch.testing.assert_close(s_.grad.cpu().double(), g_scores, **tol)
+        want += g_table
+    if staging:
+        assert staging.staged_tokens() == (2 * t if staging_tokens >= 2 * t else t)
+        staging.flush(buf)
+    torch.testing.assert_close(buf.cpu().double(), want, **tol)
+
+
+def test_lookup_into_opcheck_and_bad_input():
+    rows, values, _, _, scores = _inputs("cpu", torch.float32)
+    buf = _buffers(values, values)[0]
+    staging = GradStaging(32, rows.shape[1], scores.shape[2], values.shape[1], 0, torch.float32, "cpu")
+    stage = (staging.rows, staging.eff, staging.grad_out, staging.fill)
+    scores = scores.requires_grad_()
+    for st in ((), stage):
+        torch.library.opcheck(torch.ops.ultramem.weighted_lookup_into.default, (rows, values, scores, buf, *st))
+        grad_out = torch.randn(rows.shape[0], values.shape[1])
+        args = (buf, *(st or (None,) * 4), grad_out, rows, values, scores.detach())
+        torch.library.opcheck(torch.ops.ultramem.weighted_lookup_into_backward.default, args)
+    with pytest.raises(ValueError, match=r"grad_table shape \(11, 6\) must equal table shape \(11, 8\)"):
+        ops.weighted_lookup_into(rows, values, scores, buf[:, :6])
+    with pytest.raises(ValueError, match="come all together or not at all"):
+        ops.weighted_lookup_into(rows, values, scores, buf, *stage[:2])
+    before = buf.clone()
+    bad = rows.clone()
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match=r"rows has values in \[-1, \d+\], outside the valid range \[0, 11\)"):
+        ops.weighted_lookup_into_backward(buf, *stage, grad_out, bad, values, scores.detach())
+    assert torch.equal(buf, before) and staging.staged_tokens() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("staged", [False, True])
+def test_lookup_into_compiled_on_cuda_launches_every_kernel_inline(staged):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    rows, values, _, _, scores = _inputs("cuda", torch.float32, t=64, e=16, n=300, dv=64, dp=32)
+    results = []
+    for compiled in (False, True):
+        buf = torch.zeros(values.shape, device="cuda")
+        staging = GradStaging(128, 16, 2, 64, 0, torch.float32, "cuda") if staged else None
+        stage = (staging.rows, staging.eff, staging.grad_out, staging.fill) if staged else ()
+        s_ = scores.clone().requires_grad_()
+
+        def step(s_):
+            (ops.weighted_lookup_into(rows, values, s_, buf, *stage) ** 2).sum().backward()
+
+        fn = torch.compile(step, fullgraph=True) if compiled else step
+        _, codes = run_and_get_code(fn, s_) if compiled else (fn(s_), [])
+        if staged:
+            assert staging.staged_tokens() == 64
+            staging.flush(buf)
+        results.append((buf, s_.grad))
+        code = "\n".join(codes)
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
+    assert "torch.ops.ultramem" not in code, code
+    bwd = ("_gate_lookup_bwd_kernel", "_overflow_add_kernel") if staged else ("_gather_dot_scatter_kernel",)
+    for kernel in ("_weighted_gather_kernel", *bwd):
         assert kernel in code, kernel
