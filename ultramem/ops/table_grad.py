@@ -21,6 +21,8 @@ into the registered buffer. The buffer is deliberately not a graph input: under 
 version counter, so a buffer shared by several compiled layers (each adding into it during the
 backward) would fail that check. An integer id keeps the buffer out of the graphs; the side
 effect lives inside opaque custom ops whose outputs are always used, so it runs exactly once.
+`gate_lookup_into` and `weighted_lookup_into` take the buffers as tensors instead, their
+backwards writing them without moving the version counters that this check reads (see there).
 """
 
 from __future__ import annotations
