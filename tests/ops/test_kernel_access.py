@@ -524,6 +524,24 @@ def _accumulate_fake_cuda_inputs(mode, tokens):
     return rows, values, pre, x, scores, grad_out, grad_gate, gate, *buffers, *stage
 
 
+def _launches_writing(gm, expected):
+    """Checks that traced graph gm calls no ultramem:: op and launches `expected` ([(kernel, the
+    arguments it writes)]); returns (its placeholders, those of them the launches write)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    nodes = list(gm.graph.nodes)
+    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    got = [
+        (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, set(n.kwargs["tensors_to_clone"]))
+        for n in launches
+    ]
+    assert got == expected, gm.code
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    written = {n.kwargs["kwargs"][name] for n in launches for name in n.kwargs["tensors_to_clone"]}
+    return placeholders, written & set(placeholders)
+
+
 BWD_STAGED_WRITES = {
     "ef_ptr",
     "fill_ptr",
@@ -560,8 +578,6 @@ def test_backward_into_tensors_traces_to_launches_that_write_the_buffers_in_plac
     # gate_lookup_into's backward, the buffers (and staging area) handed over as tensors: its
     # launches write exactly those inputs and their own outputs (AOTAutograd copies the written
     # inputs back, which Inductor turns into writes in place); no ultramem:: call is left.
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-
     def f(rows, values, pre, x, scores, grad_out, grad_gate, gate, gv, gp, *stage):
         stage = stage if staged else (None,) * 6
         return ops.gate_lookup_into_backward(
@@ -569,17 +585,7 @@ def test_backward_into_tensors_traces_to_launches_that_write_the_buffers_in_plac
         )
 
     gm = _trace_cuda_body(f, None, dynamic, monkeypatch, _accumulate_fake_cuda_inputs)
-    nodes = list(gm.graph.nodes)
-    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
-    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    got = [
-        (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, set(n.kwargs["tensors_to_clone"]))
-        for n in launches
-    ]
-    assert got == expected, gm.code
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    inputs_written = {n.kwargs["kwargs"][name] for n in launches for name in n.kwargs["tensors_to_clone"]}
-    inputs_written &= set(placeholders)
+    placeholders, inputs_written = _launches_writing(gm, expected)
     # the buffers, and staged the staging area
     assert inputs_written == set(placeholders[8:10] + (placeholders[10:] if staged else [])), gm.code
 
@@ -603,8 +609,6 @@ def test_lookup_backward_into_tensors_traces_to_launches_that_write_the_buffer(
     staged, expected, inline_launches, monkeypatch
 ):
     # weighted_lookup_into's backward: as gate_lookup_into's, one table
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-
     def inputs(mode, tokens):
         rows, values, pre, x, scores, grad_out, grad_gate, gate, gv, gp, *stage = _accumulate_fake_cuda_inputs(
             mode, tokens
@@ -618,14 +622,5 @@ def test_lookup_backward_into_tensors_traces_to_launches_that_write_the_buffer(
         return ops.weighted_lookup_into_backward(gv, *stage, grad_out, rows, values, scores)
 
     gm = _trace_cuda_body(f, None, False, monkeypatch, inputs)
-    nodes = list(gm.graph.nodes)
-    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
-    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    got = [
-        (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, set(n.kwargs["tensors_to_clone"]))
-        for n in launches
-    ]
-    assert got == expected, gm.code
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    inputs_written = {n.kwargs["kwargs"][name] for n in launches for name in n.kwargs["tensors_to_clone"]}
-    assert inputs_written & set(placeholders) == set(placeholders[4:] if staged else placeholders[4:5]), gm.code
+    placeholders, inputs_written = _launches_writing(gm, expected)
+    assert inputs_written == set(placeholders[4:] if staged else placeholders[4:5]), gm.code

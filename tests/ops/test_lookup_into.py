@@ -132,39 +132,6 @@ def test_bad_input_is_refused_before_anything_is_written():
         assert torch.equal(b, w)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("staged", [False, True])
-def test_compiled_on_cuda_launches_every_kernel_inline(staged):
-    from torch._inductor.utils import run_and_get_code
-
-    torch._dynamo.reset()
-    rows, values, pre, x, scores = _inputs("cuda", torch.float32, t=64, e=16, n=300, dv=64, dp=32)
-    results = []
-    for compiled in (False, True):
-        bufs = [torch.zeros(values.shape, device="cuda"), torch.zeros(pre.shape, device="cuda")]
-        staging = GradStaging(128, 16, 2, 64, 32, torch.float32, "cuda") if staged else None
-        stage = staging.tensors() if staged else ()
-        x_, s_ = x.clone().requires_grad_(), scores.clone().requires_grad_()
-
-        def step(x_, s_):
-            out, _ = ops.gate_lookup_into(rows, values, pre, x_, s_, True, *bufs, *stage)
-            (out**2).sum().backward()
-
-        fn = torch.compile(step, fullgraph=True) if compiled else step
-        _, codes = run_and_get_code(fn, x_, s_) if compiled else (fn(x_, s_), [])
-        if staged:
-            assert staging.staged_tokens() == 64
-            staging.flush(*bufs)
-        results.append((*bufs, x_.grad, s_.grad))
-        code = "\n".join(codes)
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
-    assert "torch.ops.ultramem" not in code, code
-    for kernel in ("_gate_lookup_fwd", "_gate_lookup_bwd_kernel") + (("_overflow_add_kernel",) if staged else ()):
-        assert kernel in code, kernel
-
-
 # ------------------------------------------------------------------ weighted_lookup_into
 
 
@@ -219,34 +186,56 @@ def test_lookup_into_opcheck_and_bad_input():
     assert torch.equal(buf, before) and staging.staged_tokens() == 0
 
 
+# ------------------------------------------------------------------ compiled, on CUDA
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("op", ["gate_lookup_into", "weighted_lookup_into"])
 @pytest.mark.parametrize("staged", [False, True])
-def test_lookup_into_compiled_on_cuda_launches_every_kernel_inline(staged):
+def test_compiled_on_cuda_launches_every_kernel_inline(op, staged):
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    rows, values, _, _, scores = _inputs("cuda", torch.float32, t=64, e=16, n=300, dv=64, dp=32)
+    rows, values, pre, x, scores = _inputs("cuda", torch.float32, t=64, e=16, n=300, dv=64, dp=32)
+    gate = op == "gate_lookup_into"
     results = []
     for compiled in (False, True):
-        buf = torch.zeros(values.shape, device="cuda")
-        staging = GradStaging(128, 16, 2, 64, 0, torch.float32, "cuda") if staged else None
-        stage = (staging.rows, staging.eff, staging.grad_out, staging.fill) if staged else ()
-        s_ = scores.clone().requires_grad_()
+        bufs = [torch.zeros(values.shape, device="cuda")] + ([torch.zeros(pre.shape, device="cuda")] if gate else [])
+        staging = GradStaging(128, 16, 2, 64, 32 if gate else 0, torch.float32, "cuda") if staged else None
+        if not staged:
+            stage = ()
+        elif gate:
+            stage = staging.tensors()
+        else:
+            stage = (staging.rows, staging.eff, staging.grad_out, staging.fill)
+        x_, s_ = x.clone().requires_grad_(), scores.clone().requires_grad_()
 
-        def step(s_):
-            (ops.weighted_lookup_into(rows, values, s_, buf, *stage) ** 2).sum().backward()
+        def loss(x_, s_):
+            if gate:
+                out, _ = ops.gate_lookup_into(rows, values, pre, x_, s_, True, *bufs, *stage)
+            else:
+                out = ops.weighted_lookup_into(rows, values, s_, *bufs, *stage)
+            return (out**2).sum()
 
-        fn = torch.compile(step, fullgraph=True) if compiled else step
-        _, codes = run_and_get_code(fn, s_) if compiled else (fn(s_), [])
+        fn = torch.compile(loss, fullgraph=True) if compiled else loss
+
+        def step(x_, s_):  # (the backward's graph is compiled when it first runs)
+            fn(x_, s_).backward()
+
+        _, codes = run_and_get_code(step, x_, s_) if compiled else (step(x_, s_), [])
         if staged:
             assert staging.staged_tokens() == 64
-            staging.flush(buf)
-        results.append((buf, s_.grad))
+            staging.flush(*bufs)
+        results.append((*bufs, s_.grad) + ((x_.grad,) if gate else ()))
         code = "\n".join(codes)
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
     assert "torch.ops.ultramem" not in code, code
-    bwd = ("_gate_lookup_bwd_kernel", "_overflow_add_kernel") if staged else ("_gather_dot_scatter_kernel",)
-    for kernel in ("_weighted_gather_kernel", *bwd):
+    forward = "_gate_lookup_fwd" if gate else "_weighted_gather_kernel"
+    if staged:
+        backward = ("_gate_lookup_bwd_kernel", "_overflow_add_kernel")
+    else:
+        backward = ("_gate_lookup_bwd_kernel",) if gate else ("_gather_dot_scatter_kernel",)
+    for kernel in (forward, *backward):
         assert kernel in code, kernel
