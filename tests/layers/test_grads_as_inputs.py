@@ -68,7 +68,7 @@ def test_buffers_as_inputs_match_ids(regions, staging):
     [
         ({"pre_vdim": 0}, "layer", 50),
         ({"type": "memory_plus"}, None, 50),
-        ({"type": "memory_plus"}, "model", 0),
+        ({"type": "memory_plus"}, "layer", 0),
     ],
 )
 def test_one_table_layers_match_ids(memory, regions, staging):

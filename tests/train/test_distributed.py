@@ -93,17 +93,6 @@ def test_fsdp_reshard_policies_train_alike(runs, policy):
     assert_losses_match(one_dir, two_dir)
 
 
-def test_compiled_fsdp_with_buffers_as_inputs_matches_one_process(runs):
-    """One compiled region per block and memory layer (FSDP), the layers handing the tables'
-    gradient buffers and staging area to their op as tensors: each region saves them for its
-    backward, and the later layers' backwards write them first (docs/table-gradients.md)."""
-    one_dir, _ = runs.get("one-ultramem_v2", 0, ["--model.memory.type=ultramem_v2"])
-    extra = ["--parallel.mode=fsdp", "--train.compile=true", "--train.table_grads_as_inputs=true"]
-    two_dir, out = runs.get("fsdp-compiled-inputs", 2, ["--model.memory.type=ultramem_v2", *extra])
-    assert_losses_match(one_dir, two_dir)
-    assert "compile=True" in out.stdout
-
-
 # wide enough for several of DDP's gradient buckets at 1 MB: about 0.8 MB of weights a block
 # (3 micro-batches: DDP reduces only the last's, the sum in .grad)
 WIDE = ["--model.dim=128", "--model.n_heads=4", "--model.ffn_hidden=352", "--model.n_layers=3", "--train.grad_accum=3"]
