@@ -27,12 +27,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_index_range, check_once, debug_enabled
+from ._checks import acc_dtype, check, check_index_range, check_once
 from ._triton import gate_lookup as _triton_gate_lookup  # (None without Triton)
 from ._triton import staged_grad as _triton_staged_grad
-from ._triton._launch import inline_on
 from .determinism import deterministic_enabled
-from .gate_lookup import _forward_opaque, backward_reference, check_backward_tensors
+from .gate_lookup import _forward_opaque, _inline_triton, backward_reference, check_backward_tensors
 from .staged_grad import GradStaging, may_stage
 from .table_grad import accumulates_in_place, check_grad_buffer
 
@@ -80,14 +79,12 @@ def _usable_staging(stage, rows, values, pre_values, x, scores, grad_out) -> Gra
     return staging if staging.accepts(rows, grad_out, x, scores) else None
 
 
-def _inline_triton(rows: Tensor, *tensors: Tensor) -> bool:
-    """Whether the backward's kernels launch from the traced body: the atomics and the staged
-    kernels do; the deterministic sort, float64 and the reference for many entries run in the
-    opaque op."""
+def _backward_inline(rows: Tensor, *tensors: Tensor) -> bool:
+    """Whether the backward's kernels launch from the traced body as the forward's do: the
+    atomics and the staged kernels do; the deterministic sort, float64 and the reference for many
+    entries run in the opaque op."""
     return (
-        _triton_gate_lookup is not None
-        and inline_on(rows)
-        and not debug_enabled()
+        _inline_triton(rows)
         and not deterministic_enabled()
         and acc_dtype(*tensors) != torch.float64
         and rows.shape[1] <= _triton_gate_lookup.BWD_MAX_ENTRIES
@@ -114,7 +111,7 @@ def gate_lookup_into(
     """`gate_lookup`'s (out, g); the backward adds into the buffers (or stages); see the module doc."""
     stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
     check_once(_FWD, _check_into, _FWD, values, pre_values, grad_values, grad_pre_values, *stage)
-    if _triton_gate_lookup is not None and inline_on(values) and not debug_enabled():
+    if _inline_triton(values):
         return _triton_gate_lookup.gate_lookup_cuda(rows, values, pre_values, x, scores, gelu)
     return _forward_opaque(rows, values, pre_values, x, scores, gelu)
 
@@ -150,11 +147,9 @@ def _check_backward(
 def _cuda(grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values, stage):
     """The Triton backward: staged, or atomics (sorted in deterministic mode), or for float64 or
     more entries than the fused kernel holds the reference."""
-    if acc_dtype(values, pre_values, x, scores) == torch.float64 or rows.shape[1] > _triton_gate_lookup.BWD_MAX_ENTRIES:
-        return backward_reference(
-            grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values
-        )
     args = (grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values)
+    if acc_dtype(values, pre_values, x, scores) == torch.float64 or rows.shape[1] > _triton_gate_lookup.BWD_MAX_ENTRIES:
+        return backward_reference(*args)
     staging = _usable_staging(stage, rows, values, pre_values, x, scores, grad_out)
     if staging is not None:
         return _triton_staged_grad.staged_gate_lookup_backward_cuda(*args, staging)
@@ -226,7 +221,7 @@ def gate_lookup_into_backward(
     """The backward of `gate_lookup_into`: adds both tables' gradients into the buffers, or stages
     them; returns (grad_scores, grad_x). Arguments are checked before anything is written."""
     stage = (stage_rows, stage_eff, stage_grad_out, stage_grad_g, stage_x, stage_fill)
-    if _inline_triton(rows, values, pre_values, x, scores):
+    if _backward_inline(rows, values, pre_values, x, scores):
         args = (grad_out, grad_gate, rows, values, pre_values, x, scores, gate, gelu, grad_values, grad_pre_values)
         check_once(_BWD, _check_backward, *args, *stage)
         return _cuda(*args, stage)

@@ -263,12 +263,21 @@ def staged_lookup_backward(
         return None
     if rows.is_cuda:
         return _triton_staged_grad.staged_lookup_backward_cuda(grad_out, rows, table, scores, buf, staging)
+    return lookup_backward_reference(grad_out, rows, table, scores, buf, staging)
+
+
+def lookup_backward_reference(
+    grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, buf: Tensor, staging: GradStaging | None
+) -> Tensor:
+    """`weighted_lookup`'s backward in plain tensor ops: returns grad_scores; the table's gradient
+    goes to `staging` (a values-only area) when given and not full, else into `buf`."""
+    acc = acc_dtype(table, scores, grad_out)
     m = scores.shape[2]
-    g = grad_out.float().view(rows.shape[0], 1, m, table.shape[1] // m)
-    grad_scores = (gather_chunks(rows, table, m, torch.float32) * g).sum(-1)
-    if not staging.stage_reference(rows, grad_out, None, scores.float(), None):
-        add_weighted_rows(rows, grad_out, scores.float(), buf)
-    return grad_scores.to(scores.dtype)
+    g = grad_out.to(acc).view(rows.shape[0], 1, m, table.shape[1] // m)
+    grad_scores = (gather_chunks(rows, table, m, acc) * g).sum(-1)
+    if staging is None or not staging.stage_reference(rows, grad_out, None, scores.to(acc), None):
+        add_weighted_rows(rows, grad_out, scores.to(acc), buf)
+    return grad_scores.to(scores.dtype).contiguous()
 
 
 def staged_gate_backward(

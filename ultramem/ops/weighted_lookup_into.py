@@ -15,15 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_index_range, check_lookup_args, check_once, debug_enabled
-from ._gather import gather_chunks
+from ._checks import acc_dtype, check, check_index_range, check_lookup_args, check_once
 from ._triton import staged_grad as _triton_staged_grad
 from ._triton import weighted_lookup as _triton_weighted_lookup  # (None without Triton)
-from ._triton._launch import inline_on
 from .determinism import deterministic_enabled
-from .staged_grad import GradStaging, add_weighted_rows, may_stage
+from .staged_grad import GradStaging, lookup_backward_reference, may_stage
 from .table_grad import accumulates_in_place, check_grad_buffer
-from .weighted_lookup import _forward_opaque
+from .weighted_lookup import _forward_opaque, _inline_triton
 
 _FWD = "weighted_lookup_into"
 _BWD = "weighted_lookup_into_backward"
@@ -49,30 +47,10 @@ def _usable_staging(stage, rows: Tensor, table: Tensor, scores: Tensor, grad_out
     return staging if staging.accepts_lookup(rows, grad_out, scores) else None
 
 
-def backward_reference(
-    grad_out: Tensor, rows: Tensor, table: Tensor, scores: Tensor, grad_table: Tensor, staging: GradStaging | None
-) -> Tensor:
-    """grad_scores in plain tensor ops; the table's gradient staged (when there is room) or
-    added into grad_table."""
-    acc = acc_dtype(table, scores, grad_out)
-    m = scores.shape[2]
-    g = grad_out.to(acc).view(rows.shape[0], 1, m, table.shape[1] // m)
-    grad_scores = (gather_chunks(rows, table, m, acc) * g).sum(-1)
-    if staging is None or not staging.stage_reference(rows, grad_out, None, scores.to(acc), None):
-        add_weighted_rows(rows, grad_out, scores.to(acc), grad_table)
-    return grad_scores.to(scores.dtype).contiguous()
-
-
-def _inline_triton(rows: Tensor, *tensors: Tensor) -> bool:
-    """Whether the backward launches from the traced body (atomics, staged); the deterministic
-    sort and float64 run in the opaque op."""
-    return (
-        _triton_weighted_lookup is not None
-        and inline_on(rows)
-        and not debug_enabled()
-        and not deterministic_enabled()
-        and acc_dtype(*tensors) != torch.float64
-    )
+def _backward_inline(rows: Tensor, *tensors: Tensor) -> bool:
+    """Whether the backward launches from the traced body as the forward does (atomics, staged);
+    the deterministic sort and float64 run in the opaque op."""
+    return _inline_triton(rows) and not deterministic_enabled() and acc_dtype(*tensors) != torch.float64
 
 
 @torch.library.triton_op("ultramem::weighted_lookup_into", mutates_args=())
@@ -88,7 +66,7 @@ def weighted_lookup_into(
 ) -> Tensor:
     """`weighted_lookup`'s out; the backward adds into grad_table (or stages); see the module doc."""
     check_once(_FWD, _check_into, _FWD, table, grad_table, stage_rows, stage_eff, stage_grad_out, stage_fill)
-    if _triton_weighted_lookup is not None and inline_on(table) and not debug_enabled():
+    if _inline_triton(table):
         return _triton_weighted_lookup.weighted_lookup_cuda(rows, table, scores)
     return _forward_opaque(rows, table, scores)
 
@@ -141,7 +119,7 @@ def _backward_opaque(
         if rows.is_cuda and _triton_weighted_lookup is not None and acc_dtype(table, scores, grad_out) != torch.float64:
             return _cuda(grad_out, rows, table, scores, grad_table, stage)
         staging = _usable_staging(stage, rows, table, scores, grad_out)
-        return backward_reference(grad_out, rows, table, scores, grad_table, staging)
+        return lookup_backward_reference(grad_out, rows, table, scores, grad_table, staging)
 
 
 @_backward_opaque.register_fake
@@ -166,7 +144,7 @@ def weighted_lookup_into_backward(
     """The backward of `weighted_lookup_into`: adds the table's gradient into grad_table, or
     stages it; returns grad_scores. Arguments are checked before anything is written."""
     stage = (stage_rows, stage_eff, stage_grad_out, stage_fill)
-    if _inline_triton(rows, table, scores, grad_out):
+    if _backward_inline(rows, table, scores, grad_out):
         check_once(_BWD, _check_backward, grad_out, rows, table, scores, grad_table, *stage)
         return _cuda(grad_out, rows, table, scores, grad_table, stage)
     return _backward_opaque(grad_table, *stage, grad_out, rows, table, scores)

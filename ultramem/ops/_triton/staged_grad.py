@@ -317,7 +317,7 @@ def staged_gate_backward_cuda(
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if t == 0 or e == 0:
         return grad_x.zero_()
-    none = pre_values[:, :0]  # the absent value table
+    none = pre_values.new_empty((pre_values.shape[0], 0))  # the absent value table
     one_core = grad_gate.unsqueeze(-1)  # placeholder scores [T, E, 1], never read
     _stage(
         rows,
