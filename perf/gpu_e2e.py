@@ -308,8 +308,8 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
     """Per layer, the config's memory layers (227M: 20, each with its own rows of the pooled tables)
     compiled as one function, as the trainer compiles the model, forward + backward, against as
     many of the block's FFNs: event-timed wall time and GPU time (profiler), with atomics and
-    staged, the gradient buffers handed to the ops as tensors (the default on CUDA) and, as
-    "_ids", by id. A layer compiled alone pays the compiled call's fixed costs (Dynamo's entry,
+    staged, the gradient buffers handed to the ops as tensors and, as "_ids", by id (the
+    default). A layer compiled alone pays the compiled call's fixed costs (Dynamo's entry,
     AOTAutograd's wrappers, the autograd engine) by itself; here all layers share them, as in the
     model. small: debug.toml on 2 x 64 tokens, eager, to check the code path on a CPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -357,28 +357,26 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
     tables.use_grad_staging(n * t, *mcfg.memory.lookup_shape, torch.bfloat16)
     area = tables.grad_staging
 
-    @contextlib.contextmanager
-    def staging(staged: bool, as_inputs: bool = True):
+    def select(staged: bool, as_inputs: bool = True) -> None:  # a variant's setting, until the next
         tables.grads_as_inputs = as_inputs
         tables.flush_grad_staging()
         tables.grad_staging = area if staged else None
         register_staging(tables.values_grad_id, tables.grad_staging)
-        yield
 
     # All wall times before the first profiler session (one can leave the host slower after it),
     # the variants alternating in rounds: the host's speed drifts within a run.
     walls = {name: [] for name, *_ in variants}
     for _ in range(1 if small else 7):
         for name, fn, *state in variants:
-            with staging(*state):
-                walls[name].append(cuda_time_ms(fn, iters=5) / n)
+            select(*state)
+            walls[name].append(cuda_time_ms(fn, iters=5) / n)
     for name, times in walls.items():
         rows[f"{name}_fwd_bwd_ms"] = statistics.median(times)
     rows["rounds_ms"] = walls
     if not small:
         for name, fn, *state in variants:
-            with staging(*state):
-                events = kernel_times(fn, calls=2)
+            select(*state)
+            events = kernel_times(fn, calls=2)
             rows[f"{name}_gpu_time_per_fwd_bwd_ms"] = sum(us for _, us, _ in events) / 1000 / n
             log.info(
                 "%s: per layer %.3f ms wall, %.3f ms GPU (%d layers)",
@@ -388,8 +386,8 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
                 n,
             )
         # the first variant again, after the profiler: what a profiler session leaves behind
-        with staging(False):
-            after = rows["stack_layer_after_profiler_fwd_bwd_ms"] = cuda_time_ms(layer_call, iters=10) / n
+        select(False)
+        after = rows["stack_layer_after_profiler_fwd_bwd_ms"] = cuda_time_ms(layer_call, iters=10) / n
         log.info("stack_layer after the profiler: %.3f ms wall per layer", after)
     tables.use_grad_staging(0)
     result["layer_stack_227m"] = rows
