@@ -23,6 +23,8 @@
 #   inputs     the 227M trainer's step, UltraMemV2 with the table gradients' buffers passed by id
 #              and as tensors (train.table_grads_as_inputs), default mode and CUDA graphs
 #              (trainer_ab)                                                 -> inputs.txt
+#   decode     one layer at decode shapes, eval: eager, compiled, graphs, replay; with and without
+#              inference_cache (perf.diagnostics.decode_layer)                -> decode.txt
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
 #              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,
 #                                                                              layer_host_staged.txt
@@ -30,7 +32,7 @@
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs or layer-host}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, decode or layer-host}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -79,13 +81,14 @@ case $part in
         ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
     stack) $py -m perf.gpu_e2e --only stack --out "$out/stack.json" 2>&1 | tee "$out/stack.txt" ;;
+    decode) $py -m perf.diagnostics.decode_layer --log "$log" 2>&1 | tee "$out/decode.txt" ;;
     layer-host)
         $py -m perf.diagnostics.layer_host_profile > "$out/layer_host.txt" 2>&1
         $py -m perf.diagnostics.layer_host_profile --staged > "$out/layer_host_staged.txt" 2>&1
         tail -n 40 "$out/layer_host.txt" "$out/layer_host_staged.txt"
         ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs or layer-host" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, decode or layer-host" >&2
         exit 2
         ;;
 esac

@@ -6,6 +6,8 @@
     y, aux = layers[l](u, tables)                   # u [..., d] → y [..., d], aux a scalar
     layer.refresh_rank1()                           # before the first forward, after every step
     layer.metrics()                                 # on reporting steps only (host sync)
+    with torch.inference_mode(), inference_cache(model):  # weight-only terms computed once
+        ...
 
 Norm scales are the 1-D parameters `norm_q.weight` / `norm_k.weight` (no weight decay); the value
 tables are `ValueTables.values` / `.pre_values`, or `UltraMemV1.values` (each v1 layer owns its
@@ -18,7 +20,7 @@ from torch import nn
 
 from ultramem.config import ModelConfig
 
-from ._common import validate_memory_config, window_keys
+from ._common import inference_cache, validate_memory_config, window_keys
 from .memory_plus import MemoryPlus
 from .tables import ValueTables
 from .ultramem_v1 import UltraMemV1
@@ -30,6 +32,7 @@ __all__ = [
     "UltraMemV2",
     "ValueTables",
     "build_memory",
+    "inference_cache",
     "validate_memory_config",
     "window_keys",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -259,6 +261,91 @@ def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: 
             break
         sigma4 = new
     return sigma4**0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only terms, cached for inference (docs/layers.md, "Inference")
+
+
+class WeightTerms:
+    """Mixin of the memory layers: the terms of a forward that depend on the weights alone (the
+    normalized keys, stacked projections) are computed per forward, or taken from the cache that
+    `inference_cache` fills from `_weight_terms()` while autograd is off."""
+
+    _inference_cache: dict[str, Tensor] | None = None
+    _cached_from: tuple[tuple[str, Tensor, int | None], ...] = ()
+
+    def _weight_terms(self) -> dict[str, Tensor]:
+        """The terms the cache holds, in the weights' dtype."""
+        raise NotImplementedError
+
+    def _cached_terms(self) -> dict[str, Tensor] | None:
+        """The cached terms inside `inference_cache` with autograd off, else None (compute them)."""
+        cache = self._inference_cache
+        if cache is None or torch.is_grad_enabled():
+            return None
+        if not torch.compiler.is_compiling():
+            self._check_cache()
+        return cache
+
+    def _weight_state(self) -> tuple[tuple[str, Tensor, int | None], ...]:
+        # inference tensors have no version counter: a model built in inference mode cannot change
+        return tuple((name, p, None if p.is_inference() else p._version) for name, p in self.named_parameters())
+
+    def _check_cache(self) -> None:
+        now = self._weight_state()
+        if len(now) != len(self._cached_from) or any(
+            n1 != n2 or p1 is not p2 or v1 != v2 for (n1, p1, v1), (n2, p2, v2) in zip(now, self._cached_from)
+        ):
+            changed = [n for (n, p, v), (_, p0, v0) in zip(now, self._cached_from) if p is not p0 or v != v0]
+            raise RuntimeError(
+                f"{type(self).__name__} layer {self.layer_index}: weights changed inside inference_cache "
+                f"({', '.join(changed) or 'parameters added or removed'}); its cached terms are stale"
+            )
+
+
+@contextlib.contextmanager
+def inference_cache(module: nn.Module) -> Iterator[nn.Module]:
+    """Within, every memory layer in `module` reuses its weight-only terms, computed once on entry
+    (the keys' normalization and padding, the stacked query projection): at decode shapes they
+    are a third of a layer's launches. Forwards with autograd on compute them as usual.
+
+    The weights must not change inside: an eager forward, and the exit, raise if one did. A
+    compiled module recompiles once on entry and once after exit.
+
+        with torch.inference_mode(), inference_cache(model):
+            logits = model(tokens)
+    """
+    layers = [m for m in module.modules() if isinstance(m, WeightTerms)]
+    for layer in layers:
+        if layer._inference_cache is not None:
+            raise RuntimeError(f"{type(layer).__name__} layer {layer.layer_index} is already inside inference_cache")
+        for name, p in layer.named_parameters():
+            if not isinstance(p, Tensor) or type(p.data) is not Tensor:
+                raise ValueError(
+                    f"inference_cache needs plain (unsharded) weights: {type(layer).__name__} layer "
+                    f"{layer.layer_index}'s {name} is a {type(p.data).__name__}"
+                )
+    try:
+        for layer in layers:
+            with torch.no_grad():
+                layer._inference_cache = layer._weight_terms()
+            layer._cached_from = layer._weight_state()
+        yield module
+    except BaseException:
+        _drop_caches(layers)
+        raise
+    try:
+        for layer in layers:
+            layer._check_cache()
+    finally:
+        _drop_caches(layers)
+
+
+def _drop_caches(layers: list) -> None:
+    for layer in layers:
+        layer.__dict__.pop("_inference_cache", None)
+        layer.__dict__.pop("_cached_from", None)
 
 
 # ---------------------------------------------------------------------------------------------

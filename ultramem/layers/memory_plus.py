@@ -18,11 +18,19 @@ from torch import Tensor, nn
 from ultramem.config import ModelConfig
 from ultramem.ops import weighted_lookup, weighted_lookup_into
 
-from ._common import LayerStats, RMSNorm, key_balance_side, normal_from, uniform_from, validate_memory_config
+from ._common import (
+    LayerStats,
+    RMSNorm,
+    WeightTerms,
+    key_balance_side,
+    normal_from,
+    uniform_from,
+    validate_memory_config,
+)
 from .tables import ValueTables
 
 
-class MemoryPlus(nn.Module):
+class MemoryPlus(WeightTerms, nn.Module):
     """One Memory+ layer, product keys with a SiLU gate (docs/layers.md): `y, aux = layer(u, tables)`.
 
     Args:
@@ -84,7 +92,8 @@ class MemoryPlus(nn.Module):
         q = self.w_q(x2)
         act = q.dtype
         q = self.norm_q(q.view(t, h, 2, self.kdim))
-        keys = self.norm_k(self.keys).to(act)  # [H, 2, knum, kdim]
+        cache = self._cached_terms()
+        keys = (self.norm_k(self.keys) if cache is None else cache["keys"]).to(act)  # [H, 2, knum, kdim]
         a = torch.einsum("thd,hnd->thn", q[:, :, 0], keys[:, 0])
         b = torch.einsum("thd,hnd->thn", q[:, :, 1], keys[:, 1])
         top_a, idx_a = a.topk(k, dim=-1)
@@ -110,6 +119,9 @@ class MemoryPlus(nn.Module):
         if self.training:
             self.stats.accumulate(ids, y2, scores.unsqueeze(-1))  # [T, H, k, 1], descending
         return y2.reshape(x.shape[:-1] + (self.dim,)), aux
+
+    def _weight_terms(self) -> dict[str, Tensor]:
+        return {"keys": self.norm_k(self.keys)}
 
     @property
     def has_aux_loss(self) -> bool:

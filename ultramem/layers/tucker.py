@@ -25,6 +25,7 @@ from ._common import (
     CALIBRATION_TOKENS,
     LayerStats,
     RMSNorm,
+    WeightTerms,
     full_tensor,
     key_balance_side,
     normal_from,
@@ -55,7 +56,7 @@ def _keys_contiguous(scores: Tensor) -> Tensor:
     return scores.contiguous()
 
 
-class TuckerMemoryBase(nn.Module):
+class TuckerMemoryBase(WeightTerms, nn.Module):
     """Query, keys, Tucker cores and TDQKR retrieval over n' = E·n keys per side (docs/layers.md,
     UltraMemV2 steps 1–5)."""
 
@@ -101,26 +102,40 @@ class TuckerMemoryBase(nn.Module):
         i < n'; rows n' ≤ i < n'' (when n'' > n') are padding, see `_padded_keys`. q: W_q x2
         when the caller computed it already."""
         t = x2.shape[0]
-        h, r, kd, ns = self.heads, self.rank, self.kdim, self.n_side
+        h, r, kd = self.heads, self.rank, self.kdim
         q = self.w_q(x2) if q is None else q
         act = q.dtype
-        # <norm_q(q), norm_k(k)> = <q̂ ⊙ w_q ⊙ w_k, k̂>: both scales go on the query side, so the
-        # keys' backward is a per-key normalization only (with norm_k's scale on the keys,
-        # Inductor fused its gradient, a sum over all 2·n'·r keys, into a 19 µs kernel at 227M)
-        scale = self.norm_q.weight * self.norm_k.weight
-        keys = rms_norm(self.keys.transpose(-1, -2), None, self.norm_k.eps).to(act)  # [H, 2, n', r, kdim]
-        if self.q_per_rank:
+        cache = self._cached_terms()
+        keys = self._scoring_keys(act) if cache is None else cache["keys"].to(act)
+        scale = self._q_scale() if cache is None else cache["q_scale"]
+        if self.q_per_rank:  # keys [H, 2, n', r, kdim]
             q = rms_norm(q.view(t, h, 2, r, kd), scale, self.norm_q.eps)
             a = torch.einsum("thrd,hird->thir", q[:, :, 0], keys[:, 0])
             b = torch.einsum("thrd,hird->thir", q[:, :, 1], keys[:, 1])
-        else:
+        else:  # keys [H, 2, n''·r, kdim]: one batched matmul per side
             q = rms_norm(q.view(t, h, 2, kd), scale, self.norm_q.eps)
-            # keys folded to [H, n'·r, kdim]: one batched matmul per side
-            ns_pad = self._padded_keys()
-            folded = F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (ns_pad - ns) * r))
-            a = torch.einsum("thd,hcd->thc", q[:, :, 0], folded[:, 0]).view(t, h, ns_pad, r)
-            b = torch.einsum("thd,hcd->thc", q[:, :, 1], folded[:, 1]).view(t, h, ns_pad, r)
+            ns_pad = keys.shape[2] // r
+            a = torch.einsum("thd,hcd->thc", q[:, :, 0], keys[:, 0]).view(t, h, ns_pad, r)
+            b = torch.einsum("thd,hcd->thc", q[:, :, 1], keys[:, 1]).view(t, h, ns_pad, r)
         return a, b
+
+    def _q_scale(self) -> Tensor:
+        # <norm_q(q), norm_k(k)> = <q̂ ⊙ w_q ⊙ w_k, k̂>: both scales go on the query side, so the
+        # keys' backward is a per-key normalization only (with norm_k's scale on the keys,
+        # Inductor fused its gradient, a sum over all 2·n'·r keys, into a 19 µs kernel at 227M)
+        return self.norm_q.weight * self.norm_k.weight
+
+    def _scoring_keys(self, act: torch.dtype | None = None) -> Tensor:
+        """The normalized keys as the sub-key GEMMs read them, in `act` (None: the keys' dtype):
+        [H, 2, n', r, kdim] (q_per_rank), else folded to [H, 2, n''·r, kdim], zero past n'·r."""
+        h, r, kd, ns = self.heads, self.rank, self.kdim, self.n_side
+        keys = rms_norm(self.keys.transpose(-1, -2), None, self.norm_k.eps).to(self.keys.dtype if act is None else act)
+        if self.q_per_rank:
+            return keys
+        return F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (self._padded_keys() - ns) * r))
+
+    def _weight_terms(self) -> dict[str, Tensor]:
+        return {"keys": self._scoring_keys(), "q_scale": self._q_scale()}
 
     def _padded_keys(self) -> int:
         """n'' ≥ n' keys per side with n''·r a multiple of SCORE_ROW_ALIGN. The sub-key GEMM writes

@@ -118,8 +118,18 @@ class UltraMemV2(TuckerMemoryBase):
         copied its addend: a [T, d] copy per layer), and the weights' gradients in one."""
         if self.w_p is None:
             return self.w_q(x2), None
-        qp = F.linear(x2, torch.cat([self.w_q.weight, self.w_p.weight]))
+        cache = self._cached_terms()
+        qp = F.linear(x2, self._qp_weight() if cache is None else cache["qp_weight"])
         return qp.split([self.w_q.out_features, self.pre_vdim], dim=-1)
+
+    def _qp_weight(self) -> Tensor:
+        return torch.cat([self.w_q.weight, self.w_p.weight])
+
+    def _weight_terms(self) -> dict[str, Tensor]:
+        terms = super()._weight_terms()
+        if self.w_p is not None:
+            terms["qp_weight"] = self._qp_weight()
+        return terms
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, tables: ValueTables | None = None) -> None:

@@ -1,0 +1,153 @@
+"""`inference_cache`: the memory layers' weight-only terms computed once, for forwards without
+autograd. Outputs must be the uncached ones to the bit, the cache must really be used (eager
+and compiled), and a weight that changes inside must not go unnoticed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memory_layer_setup import build_random, make_cfg, make_input
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from ultramem.config import MemoryConfig, ModelConfig
+from ultramem.layers import inference_cache
+from ultramem.model import build_model
+
+KINDS = {
+    "v2": dict(type="ultramem_v2", heads=2),
+    "v2_no_pre_values_per_rank": dict(type="ultramem_v2", heads=2, pre_vdim=0, q_per_rank=True),
+    "v1_expanded": dict(type="ultramem_v1", key_expand=2),
+    "memory_plus": dict(type="memory_plus", heads=2),
+}
+
+
+def _no_weight_terms(layer, monkeypatch):
+    """Make computing any weight-only term fail: what runs afterwards must use the cache."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a weight-only term was computed inside inference_cache")
+
+    for name in ("_scoring_keys", "_q_scale", "_qp_weight"):
+        if hasattr(layer, name):
+            monkeypatch.setattr(layer, name, fail)
+    if not hasattr(layer, "_scoring_keys"):  # Memory+ normalizes its keys with norm_k
+        monkeypatch.setattr(layer.norm_k, "forward", fail)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_forward_matches_uncached_bitwise(kind, monkeypatch):
+    tables, layers, g = build_random(make_cfg(**KINDS[kind]), 2, seed=3)
+    layer = layers[1].eval()
+    x = make_input((3, 4), g)
+    with torch.no_grad():
+        want = layer(x, tables)[0]
+    with torch.inference_mode(), inference_cache(layer):
+        _no_weight_terms(layer, monkeypatch)
+        got = layer(x, tables)[0]
+        monkeypatch.undo()
+    assert torch.equal(got, want)
+    assert layer._inference_cache is None  # dropped on exit
+
+
+def test_autocast_casts_the_cached_terms():
+    """fp32 weights under bf16 autocast: the cache is fp32, the forward casts it as it would."""
+    tables, layers, g = build_random(make_cfg(type="ultramem_v2", heads=2), 1, seed=4)
+    layer = layers[0].float().eval()
+    tables.float()
+    x = make_input((2, 5), g).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x, tables)[0]
+        with inference_cache(layer):
+            assert layer._inference_cache["keys"].dtype == torch.float32
+            got = layer(x, tables)[0]
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_autograd_inside_computes_the_terms():
+    """With autograd on, the keys get their gradient as always (the cache holds none)."""
+    tables, layers, g = build_random(make_cfg(type="ultramem_v2"), 1, seed=5)
+    layer = layers[0]
+    x = make_input((2, 3), g)
+    with inference_cache(layer):
+        layer(x, tables)[0].sum().backward()
+    assert layer.keys.grad is not None and layer.keys.grad.abs().sum() > 0
+    assert layer.w_p.weight.grad is not None and layer.w_p.weight.grad.abs().sum() > 0
+
+
+def test_changed_weights_are_refused():
+    tables, layers, g = build_random(make_cfg(type="ultramem_v2"), 1, seed=6)
+    layer = layers[0].eval()
+    x = make_input((2, 3), g)
+    with pytest.raises(RuntimeError, match=r"weights changed inside inference_cache \(keys\)"):
+        with torch.no_grad(), inference_cache(layer):
+            layer(x, tables)
+            layer.keys.add_(1.0)
+            layer(x, tables)  # eager: refused before it runs on stale keys
+    assert layer._inference_cache is None
+    # a change no forward saw is refused at the exit (the compiled forwards cannot check)
+    with pytest.raises(RuntimeError, match=r"weights changed inside inference_cache \(w_o.weight\)"):
+        with torch.no_grad(), inference_cache(layer):
+            layer.w_o.weight.mul_(2.0)
+    assert layer._inference_cache is None
+    with torch.no_grad(), inference_cache(layer):  # a fresh cache after the change is fine
+        layer(x, tables)
+
+
+def test_errors_inside_drop_the_cache_and_nesting_is_refused():
+    tables, layers, _ = build_random(make_cfg(type="memory_plus"), 1, seed=7)
+    layer = layers[0]
+    with pytest.raises(KeyError):
+        with inference_cache(layer):
+            raise KeyError("boom")
+    assert layer._inference_cache is None
+    with inference_cache(layer):
+        with pytest.raises(RuntimeError, match="already inside inference_cache"):
+            with inference_cache(layer):
+                pass
+        assert layer._inference_cache is not None  # the outer cache survives the refused inner one
+    assert layer._inference_cache is None
+
+
+def test_sharded_weights_are_refused():
+    """A parameter of a tensor subclass (as FSDP's DTensor shards) cannot be cached as it stands."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    _, layers, _ = build_random(make_cfg(type="memory_plus"), 1, seed=8)
+    layer = layers[0]
+    layer.keys = torch.nn.Parameter(TwoTensor(layer.keys.detach(), layer.keys.detach().clone()))
+    with pytest.raises(ValueError, match="keys is a TwoTensor"):
+        with inference_cache(layer):
+            pass
+    assert layer._inference_cache is None
+
+
+def _model_cfg(memory_type: str) -> ModelConfig:
+    mem = MemoryConfig(type=memory_type, knum=4, kdim=8, vdim=16, pre_vdim=8, knn=2, calibration_rounds=1)
+    return ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, ffn_hidden=48, max_seq_len=16, memory=mem)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_model_uses_and_leaves_the_cache(backend, monkeypatch):
+    """A compiled model: the same logits with the cache, whose terms the compiled graph does not
+    compute; after the exit it recompiles, so a later weight change is seen."""
+    torch._dynamo.reset()
+    model = build_model(_model_cfg("ultramem_v2"), seed=1).eval()
+    tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        want = model(tokens)
+        torch.testing.assert_close(compiled(tokens), want, rtol=1e-5, atol=1e-5)
+        with inference_cache(model):
+            for layer in model.memory_layers:
+                _no_weight_terms(layer, monkeypatch)
+            got = compiled(tokens)
+            monkeypatch.undo()
+        assert counter.frame_count == 2  # entering recompiled (the guard on the cache)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for layer in model.memory_layers:
+            layer.keys.mul_(-1.0)
+        torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+        assert counter.frame_count <= 3  # the first graph again, or a third
+        assert not torch.allclose(model(tokens), want)
