@@ -27,12 +27,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_index_range, check_once
+from ._checks import acc_dtype, check_index_range, check_once
 from ._triton import gate_lookup as _triton_gate_lookup  # (None without Triton)
 from ._triton import staged_grad as _triton_staged_grad
 from .determinism import deterministic_enabled
 from .gate_lookup import _forward_opaque, _inline_triton, backward_reference, check_backward_tensors
-from .staged_grad import GradStaging, may_stage
+from .staged_grad import GradStaging, check_staging_given, may_stage
 from .table_grad import accumulates_in_place, check_grad_buffer
 
 _FWD = "gate_lookup_into"
@@ -64,12 +64,7 @@ def _check_into(
     that `check_once` keys on their signatures and keeps no reference to them)."""
     check_grad_buffer(op, grad_values, values)
     check_grad_buffer(op, grad_pre_values, pre_values)
-    given = [t is not None for t in stage]
-    check(
-        all(given) or not any(given),
-        op,
-        "the staging area's tensors (rows, eff, grad_out, grad_g, x, fill) come all together or not at all",
-    )
+    check_staging_given(op, "rows, eff, grad_out, grad_g, x, fill", *stage)
 
 
 def _usable_staging(stage, rows, values, pre_values, x, scores, grad_out) -> GradStaging | None:

@@ -236,6 +236,12 @@ def add_weighted_rows(rows: Tensor, g: Tensor, w: Tensor, buf: Tensor) -> None:
     buf.index_add_(0, flat[ok], contrib[ok])
 
 
+def check_staging_given(op: str, names: str, *stage: Tensor | None) -> None:
+    """An op's staging area, handed over as tensors (`names`), comes whole or not at all."""
+    given = [t is not None for t in stage]
+    check(all(given) or not any(given), op, f"the staging area's tensors ({names}) come all together or not at all")
+
+
 def may_stage(rows: Tensor, table: Tensor, *tensors: Tensor) -> bool:
     """Whether a backward on these tensors may stage: not in deterministic mode, fp32
     accumulation, int32 row ids; on CUDA at most the fused backward kernel's entries per token."""

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check, check_index_range, check_lookup_args, check_once
+from ._checks import acc_dtype, check_index_range, check_lookup_args, check_once
 from ._triton import staged_grad as _triton_staged_grad
 from ._triton import weighted_lookup as _triton_weighted_lookup  # (None without Triton)
 from .determinism import deterministic_enabled
-from .staged_grad import GradStaging, lookup_backward_reference, may_stage
+from .staged_grad import GradStaging, check_staging_given, lookup_backward_reference, may_stage
 from .table_grad import accumulates_in_place, check_grad_buffer
 from .weighted_lookup import _forward_opaque, _inline_triton
 
@@ -31,12 +31,7 @@ _WRITES = ("grad_table", "stage_rows", "stage_eff", "stage_grad_out", "stage_fil
 def _check_into(op: str, table: Tensor, grad_table: Tensor, *stage: Tensor | None) -> None:
     """The buffer and the staging area (signature only, the tensors one by one for `check_once`)."""
     check_grad_buffer(op, grad_table, table)
-    given = [t is not None for t in stage]
-    check(
-        all(given) or not any(given),
-        op,
-        "the staging area's tensors (rows, eff, grad_out, fill) come all together or not at all",
-    )
+    check_staging_given(op, "rows, eff, grad_out, fill", *stage)
 
 
 def _usable_staging(stage, rows: Tensor, table: Tensor, scores: Tensor, grad_out: Tensor) -> GradStaging | None:
