@@ -92,6 +92,15 @@ def test_changed_weights_are_refused():
     assert layer._inference_cache is None
     with torch.no_grad(), inference_cache(layer):  # a fresh cache after the change is fine
         layer(x, tables)
+    # a cast swaps the weights' storage (`.data`) without an in-place write
+    with pytest.raises(RuntimeError, match=r"weights changed inside inference_cache \(keys, cores, w_q.weight"):
+        with torch.no_grad(), inference_cache(layer):
+            layer.float()
+            layer(x.float(), tables)
+    # a parameter replaced by another
+    with pytest.raises(RuntimeError, match=r"weights changed inside inference_cache \(cores\)"):
+        with torch.no_grad(), inference_cache(layer):
+            layer.cores = torch.nn.Parameter(layer.cores.detach().clone())
 
 
 def test_errors_inside_drop_the_cache_and_nesting_is_refused():

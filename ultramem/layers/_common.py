@@ -273,7 +273,7 @@ class WeightTerms:
     `inference_cache` fills from `_weight_terms()` while autograd is off."""
 
     _inference_cache: dict[str, Tensor] | None = None
-    _cached_from: tuple[tuple[str, Tensor, int | None], ...] = ()
+    _cached_from: tuple[tuple[str, Tensor, int | None, int], ...] = ()
 
     def _weight_terms(self) -> dict[str, Tensor]:
         """The terms the cache holds, in the weights' dtype."""
@@ -288,16 +288,17 @@ class WeightTerms:
             self._check_cache()
         return cache
 
-    def _weight_state(self) -> tuple[tuple[str, Tensor, int | None], ...]:
-        # inference tensors have no version counter: a model built in inference mode cannot change
-        return tuple((name, p, None if p.is_inference() else p._version) for name, p in self.named_parameters())
+    def _weight_state(self) -> tuple[tuple[str, Tensor, int | None, int], ...]:
+        # the version counter sees in-place updates, the storage a swapped `.data` (casts, moves);
+        # inference tensors have no version counter, but then nothing can update them in place
+        return tuple(
+            (name, p, None if p.is_inference() else p._version, p.data_ptr()) for name, p in self.named_parameters()
+        )
 
     def _check_cache(self) -> None:
-        now = self._weight_state()
-        if len(now) != len(self._cached_from) or any(
-            n1 != n2 or p1 is not p2 or v1 != v2 for (n1, p1, v1), (n2, p2, v2) in zip(now, self._cached_from)
-        ):
-            changed = [n for (n, p, v), (_, p0, v0) in zip(now, self._cached_from) if p is not p0 or v != v0]
+        now, then = self._weight_state(), self._cached_from
+        changed = [n for (n, p, *v), (n0, p0, *v0) in zip(now, then) if n != n0 or p is not p0 or v != v0]
+        if changed or len(now) != len(then):
             raise RuntimeError(
                 f"{type(self).__name__} layer {self.layer_index}: weights changed inside inference_cache "
                 f"({', '.join(changed) or 'parameters added or removed'}); its cached terms are stale"
