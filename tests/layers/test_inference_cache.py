@@ -160,3 +160,6 @@ def test_compiled_model_uses_and_leaves_the_cache(backend, monkeypatch):
         torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
         assert counter.frame_count <= 3  # the first graph again, or a third
         assert not torch.allclose(model(tokens), want)
+        with inference_cache(model):  # entered again: the graph reads the new terms, not the first ones
+            torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+        assert counter.frame_count <= 3
