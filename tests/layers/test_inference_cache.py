@@ -118,6 +118,30 @@ def test_errors_inside_drop_the_cache_and_nesting_is_refused():
     assert layer._inference_cache is None
 
 
+def test_copies_made_inside_are_models_of_their_own():
+    """deepcopy or pickle inside the context: the copy holds no cache (its own weights may change)."""
+    import copy
+    import io
+
+    tables, layers, g = build_random(make_cfg(type="ultramem_v2"), 1, seed=9)
+    layer = layers[0].eval()
+    x = make_input((2, 3), g)
+    with torch.no_grad(), inference_cache(layer):
+        twin = copy.deepcopy(layer)
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert other._inference_cache is None and "_cached_from" not in other.__dict__
+        with torch.no_grad():
+            other.keys.mul_(-1.0)
+            other(x, tables)  # a copied cache would refuse this
+            with inference_cache(other):
+                want = other(x, tables)[0]
+            assert not torch.equal(want, layer(x, tables)[0])
+
+
 def test_sharded_weights_are_refused():
     """A parameter of a tensor subclass (as FSDP's DTensor shards) cannot be cached as it stands."""
     from torch.testing._internal.two_tensor import TwoTensor

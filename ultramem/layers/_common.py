@@ -273,7 +273,15 @@ class WeightTerms:
     `inference_cache` fills from `_weight_terms()` while autograd is off."""
 
     _inference_cache: dict[str, Tensor] | None = None
-    _cached_from: tuple[tuple[str, Tensor, int | None, int], ...] = ()
+    # per parameter: (name, owning module, attribute, the parameter, version, data_ptr) at entry
+    _cached_from: tuple[tuple, ...] = ()
+
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) is a model of its own, outside the context
+        state = super().__getstate__()
+        state.pop("_inference_cache", None)
+        state.pop("_cached_from", None)
+        return state
 
     def _weight_terms(self) -> dict[str, Tensor]:
         """The terms the cache holds, in the weights' dtype."""
@@ -288,21 +296,31 @@ class WeightTerms:
             self._check_cache()
         return cache
 
-    def _weight_state(self) -> tuple[tuple[str, Tensor, int | None, int], ...]:
-        # the version counter sees in-place updates, the storage a swapped `.data` (casts, moves);
-        # inference tensors have no version counter, but then nothing can update them in place
-        return tuple(
-            (name, p, None if p.is_inference() else p._version, p.data_ptr()) for name, p in self.named_parameters()
-        )
+    def _weight_state(self) -> tuple[tuple, ...]:
+        out = []
+        for owner_name, owner in self.named_modules():
+            for attr, p in owner._parameters.items():
+                if p is not None:
+                    out.append((f"{owner_name}.{attr}" if owner_name else attr, owner, attr, p, *_stamp(p)))
+        return tuple(out)
 
     def _check_cache(self) -> None:
-        now, then = self._weight_state(), self._cached_from
-        changed = [n for (n, p, *v), (n0, p0, *v0) in zip(now, then) if n != n0 or p is not p0 or v != v0]
-        if changed or len(now) != len(then):
+        changed = [
+            name
+            for name, owner, attr, p, *stamp in self._cached_from
+            if owner._parameters.get(attr) is not p or _stamp(p) != stamp
+        ]
+        if changed:
             raise RuntimeError(
                 f"{type(self).__name__} layer {self.layer_index}: weights changed inside inference_cache "
-                f"({', '.join(changed) or 'parameters added or removed'}); its cached terms are stale"
+                f"({', '.join(changed)}); its cached terms are stale"
             )
+
+
+def _stamp(p: Tensor) -> list:
+    # the version counter sees in-place updates, the storage a swapped `.data` (casts, moves);
+    # inference tensors have none (see docs/layers.md for what goes unseen)
+    return [None if p.is_inference() else p._version, p.data_ptr()]
 
 
 @contextlib.contextmanager
@@ -311,8 +329,9 @@ def inference_cache(module: nn.Module) -> Iterator[nn.Module]:
     (the keys' normalization and padding, the stacked query projection): at decode shapes they
     are a third of a layer's launches. Forwards with autograd on compute them as usual.
 
-    The weights must not change inside: an eager forward, and the exit, raise if one did. A
-    compiled module recompiles once on entry and once after exit.
+    The weights must not change inside: an eager forward, and the exit, raise if one did (in-place
+    writes and swapped parameters; writes through `.data` go unseen). A compiled module recompiles
+    once, on entry.
 
         with torch.inference_mode(), inference_cache(model):
             logits = model(tokens)

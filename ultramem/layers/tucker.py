@@ -106,8 +106,8 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         q = self.w_q(x2) if q is None else q
         act = q.dtype
         cache = self._cached_terms()
-        keys = self._scoring_keys(act) if cache is None else cache["keys"].to(act)
         scale = self._q_scale() if cache is None else cache["q_scale"]
+        keys = self._scoring_keys(act) if cache is None else cache["keys"].to(act)
         if self.q_per_rank:  # keys [H, 2, n', r, kdim]
             q = rms_norm(q.view(t, h, 2, r, kd), scale, self.norm_q.eps)
             a = torch.einsum("thrd,hird->thir", q[:, :, 0], keys[:, 0])
