@@ -312,3 +312,19 @@ def test_compile_fullgraph_without_graph_breaks():
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(model.blocks[0].attn.wqkv.weight.grad, ref_grad)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("memory_type", ["ultramem_v2", "memory_plus", "ultramem_v1"])
+def test_built_in_inference_mode(memory_type):
+    """A model built under torch.inference_mode (as inference code loads one) has tensors without
+    version counters; it builds, runs and caches its memory layers' terms all the same."""
+    from ultramem.layers import inference_cache
+
+    tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = build_model(tiny_cfg(memory_type), seed=1).eval()(tokens)
+    with torch.inference_mode():
+        model = build_model(tiny_cfg(memory_type), seed=1).eval()
+        assert torch.equal(model(tokens), want)
+        with inference_cache(model):
+            assert torch.equal(model(tokens), want)

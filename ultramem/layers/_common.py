@@ -317,10 +317,15 @@ class WeightTerms:
             )
 
 
+def version_counter(t: Tensor) -> int | None:
+    """t's version counter (counts in-place writes); None for an inference tensor, which has none."""
+    return None if t.is_inference() else t._version
+
+
 def _stamp(p: Tensor) -> list:
     # the version counter sees in-place updates, the storage a swapped `.data` (casts, moves);
-    # inference tensors have none (see docs/layers.md for what goes unseen)
-    return [None if p.is_inference() else p._version, p.data_ptr()]
+    # see docs/layers.md for what goes unseen
+    return [version_counter(p), p.data_ptr()]
 
 
 @contextlib.contextmanager

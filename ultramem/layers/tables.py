@@ -48,7 +48,7 @@ from torch import nn
 
 from ultramem.ops import GradStaging, register_grad_buffer, register_staging, release_grad_buffer, update_grad_buffer
 
-from ._common import fill_normal_rows
+from ._common import fill_normal_rows, version_counter
 
 logger = logging.getLogger(__name__)
 
@@ -224,8 +224,8 @@ class ValueTables(nn.Module):
         """Refresh the compute copy after every `optimizer.step()`; returns the hook's handle."""
         return optimizer.register_step_post_hook(lambda *_: self.refresh_compute_copy())
 
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.value_parameters())
+    def _versions(self) -> tuple[int | None, ...]:
+        return tuple(version_counter(p) for p in self.value_parameters())
 
     @torch.no_grad()
     def refresh_compute_copy(self) -> None:
