@@ -3,8 +3,8 @@ inference mode, compiled in the default mode (no CUDA graphs). Per token count: 
 call back to back, the GPU time (the kernels' sum under the profiler), the kernels launched per
 call, and the same forward under CUDA graphs: `reduce-overhead` mode (graph trees, with their
 bookkeeping per call) and a bare `torch.cuda.CUDAGraph.replay()` of the compiled call, the floor
-of any graph-replaying decode loop. Weights in fp32 under bf16 autocast, or cast to bf16, each
-also inside `inference_cache` (the weight-only terms computed once, not per call). Then
+of any graph-replaying decode loop. Weights in fp32 under bf16 autocast, or cast to bf16, the
+latter also inside `inference_cache` (the weight-only terms computed once, not per call). Then
 the kernels of one call at the smallest token count. Two references on the same host set the
 floor: a compiled function of one add, and the block's SwiGLU FFN in bf16.
 
@@ -66,10 +66,9 @@ def main(argv=None) -> int:
     layer.eval()
     bf16_layer = copy.deepcopy(layer).to(torch.bfloat16)
     ffn = FeedForward(mcfg.dim, mcfg.ffn_hidden).to("cuda", torch.bfloat16).eval()
-    cached = contextlib.ExitStack()  # copies inside inference_cache for the whole run
+    cached = contextlib.ExitStack()  # a copy inside inference_cache for the whole run
     variants = {  # name: (module, autocast)
         "fp32 weights, autocast": (layer, True),
-        "fp32 weights, autocast, cached": (cached.enter_context(inference_cache(copy.deepcopy(layer))), True),
         "bf16 weights": (bf16_layer, False),
         "bf16 weights, cached": (cached.enter_context(inference_cache(copy.deepcopy(bf16_layer))), False),
         "reference: one add": (OneAdd(), False),
