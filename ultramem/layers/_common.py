@@ -1,4 +1,5 @@
-"""Pieces shared by the memory layers: config rules, rank-1 refresh, init draws, stats."""
+"""Pieces shared by the memory layers: config rules, rank-1 refresh, init draws, the inference
+cache of weight-only terms, stats."""
 
 from __future__ import annotations
 
@@ -346,7 +347,7 @@ def inference_cache(module: nn.Module) -> Iterator[nn.Module]:
         if layer._inference_cache is not None:
             raise RuntimeError(f"{type(layer).__name__} layer {layer.layer_index} is already inside inference_cache")
         for name, p in layer.named_parameters():
-            if not isinstance(p, Tensor) or type(p.data) is not Tensor:
+            if type(p.data) is not Tensor:
                 raise ValueError(
                     f"inference_cache needs plain (unsharded) weights: {type(layer).__name__} layer "
                     f"{layer.layer_index}'s {name} is a {type(p.data).__name__}"
