@@ -308,3 +308,47 @@ def test_a_signal_after_the_steps_all_reduce_stops_at_the_next_step(tmp_path):
     history = trainer.train()
     assert [r.step for r in history][-1] == 4 and trainer.step == 4
     assert (tmp_path / "ckpt" / "step_00000004").is_dir()
+
+
+def test_a_resumed_run_with_more_steps_follows_the_new_schedule(tmp_path):
+    """max_steps may change on resume: the first step after it already takes the new schedule's
+    learning rate (the optimizer's stored rates were the old schedule's)."""
+    ckpt = f"--checkpoint.dir={tmp_path / 'ckpt'}"
+    first = tiny_trainer(["--train.max_steps=3", ckpt])
+    first.train()
+    resumed = tiny_trainer(["--train.max_steps=8", ckpt])
+    resumed.prepare()
+    assert resumed.step == 3
+    fresh = tiny_trainer(["--train.max_steps=8"])
+    for _ in range(3):
+        fresh.optimizer.step()  # no gradients: no update; the scheduler wants it first
+        fresh.scheduler.step()
+    want = [g["lr"] for g in fresh.optimizer.param_groups]
+    assert want != [g["lr"] for g in first.optimizer.param_groups]
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == want
+    assert resumed.scheduler.get_last_lr() == want
+
+
+def test_a_run_starting_before_the_latest_checkpoint_removes_the_later_ones_at_its_first_save(tmp_path, caplog):
+    """--no-resume in a directory with checkpoints, or a resume from an earlier checkpoint: the
+    later checkpoints are another run's; left there, the next resume (or eval, or export) would
+    pick them over the new run's."""
+    ckpt = tmp_path / "ckpt"
+    args = [f"--checkpoint.dir={ckpt}", "--checkpoint.interval=2", "--checkpoint.keep=0"]
+
+    def steps():
+        return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_"))
+
+    tiny_trainer(["--train.max_steps=4", *args]).train()
+    assert steps() == ["step_00000002", "step_00000004"]
+    # resumed from step 2: step 4 goes at this run's first save, step 2 (its own past) stays
+    branch = tiny_trainer(["--train.max_steps=3", *args, f"--run.resume={ckpt / 'step_00000002'}"])
+    with caplog.at_level("WARNING"):
+        branch.prepare()
+    assert "1 checkpoint(s)" in caplog.text and "step_00000004" in caplog.text
+    assert steps() == ["step_00000002", "step_00000004"]  # nothing removed before a save
+    branch.train()
+    assert steps() == ["step_00000002", "step_00000003"]
+    # afresh (--no-resume): all of them go at the first save
+    tiny_trainer(["--train.max_steps=2", "--checkpoint.interval=1", *args[:1], *args[2:], "--run.resume="]).train()
+    assert steps() == ["step_00000001", "step_00000002"]

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-resume",
         action="store_true",
-        help="start afresh even if the run directory has checkpoints (they are replaced as the new run saves)",
+        help="start afresh even if the run directory has checkpoints (the new run removes them at its first save)",
     )
     args, rest = parser.parse_known_args(argv)
     _setup_logging()

@@ -151,6 +151,7 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, interval: int, keep: int, info: DistInfo):
         self.directory = Path(directory)
         self.interval, self.keep, self.info = interval, keep, info
+        self._superseded: list[Path] = []
 
     # -- finding ---------------------------------------------------------------------------
 
@@ -168,6 +169,13 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def supersede_past(self, step: int) -> list[Path]:
+        """A run that starts at `step` (0 afresh, or an earlier checkpoint's) makes this
+        directory's later checkpoints another run's: it removes them at its first save, so that
+        the latest checkpoint (auto-resume, eval, export) is its own. Returns them."""
+        self._superseded = [p for p in self.checkpoints() if int(_STEP_DIR.match(p.name).group(1)) > step]
+        return self._superseded
 
     def due(self, step: int) -> bool:
         return bool(self.interval) and step % self.interval == 0
@@ -214,8 +222,12 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.directory)
+            for other in self._superseded:  # another run's, now that this run has one of its own
+                if other != final:
+                    shutil.rmtree(other, ignore_errors=True)
             for old in self.checkpoints()[: -self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
+        self._superseded = []
         barrier(info)
         log.info("checkpoint %s saved (%.1f s)", final, time.perf_counter() - t0)
         return final
@@ -260,6 +272,10 @@ class CheckpointManager:
         set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
         set_optimizer_state_dict(model, optimizer, state["optim"])
         scheduler.load_state_dict(state["train"]["scheduler"])
+        # the optimizer's stored rates are the saved schedule's, and max_steps (so the schedule)
+        # may have changed: take this step's rates from the schedule as built now
+        scheduler.last_epoch -= 1
+        scheduler.step()
         _load_memory_stats(model, state["train"]["memory_stats"], self.info)
         rng = path / "rng" / f"rank{self.info.rank}.pt"
         if rng.is_file():

@@ -402,6 +402,17 @@ class Trainer:
             self.step = self.checkpoints.load(found, self.model, self.optimizer, self.scheduler, self.cfg)
             self.last_checkpoint = found
             self.metrics.line(f"resumed from {found} at step {self.step} of {self.cfg.train.max_steps}")
+        if self._saving:
+            later = self.checkpoints.supersede_past(self.step)
+            if later and self.info.is_main:
+                log.warning(
+                    "%d checkpoint(s) in %s past this run's start (step %d), up to %s, are another run's: "
+                    "they are removed at this run's first save",
+                    len(later),
+                    self.checkpoints.directory,
+                    self.step,
+                    later[-1].name,
+                )
         if self.model.memory_tables is not None:
             self.model.memory_tables.zero_grad_buffers()
             self.model.memory_tables.refresh_compute_copy()  # after a checkpoint load
