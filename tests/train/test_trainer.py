@@ -352,3 +352,16 @@ def test_a_run_starting_before_the_latest_checkpoint_removes_the_later_ones_at_i
     # afresh (--no-resume): all of them go at the first save
     tiny_trainer(["--train.max_steps=2", "--checkpoint.interval=1", *args[:1], *args[2:], "--run.resume="]).train()
     assert steps() == ["step_00000001", "step_00000002"]
+
+
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(tmp_path):
+    from ultramem.config import ConfigError
+
+    run = [f"--run.dir={tmp_path / 'run'}", f"--checkpoint.dir={tmp_path / 'run' / 'checkpoints'}"]
+    tiny_trainer(["--train.max_steps=2", *run]).train()
+    before = (tmp_path / "run" / "config.json").read_text()
+    assert '"train.max_steps": 2' in before
+    other = tiny_trainer(["--train.max_steps=3", "--model.memory.knn=3", *run])
+    with pytest.raises(ConfigError, match="model.memory.knn"):
+        other.prepare()
+    assert (tmp_path / "run" / "config.json").read_text() == before

@@ -402,6 +402,10 @@ class Trainer:
             self.step = self.checkpoints.load(found, self.model, self.optimizer, self.scheduler, self.cfg)
             self.last_checkpoint = found
             self.metrics.line(f"resumed from {found} at step {self.step} of {self.cfg.train.max_steps}")
+        if self.info.is_main and self.cfg.run.dir:  # once the resume is accepted: a refused one changes nothing
+            run_dir = Path(self.cfg.run.dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(flatten_config(self.cfg), indent=1) + "\n")
         if self._saving:
             later = self.checkpoints.supersede_past(self.step)
             if later and self.info.is_main:
@@ -606,7 +610,6 @@ def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
     run_dir = Path(cfg.run.dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(flatten_config(cfg), indent=1) + "\n")
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logging.getLogger().addHandler(handler)
