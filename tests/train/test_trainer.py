@@ -365,3 +365,40 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(tmp_path):
     with pytest.raises(ConfigError, match="model.memory.knn"):
         other.prepare()
     assert (tmp_path / "run" / "config.json").read_text() == before
+
+
+def test_unreadable_checkpoints_and_exports_are_one_error_naming_the_file(tmp_path):
+    from ultramem.train.checkpoint import CheckpointError
+    from ultramem.train.export import checkpoint_config, export, load_exported
+
+    ckpt = tmp_path / "ckpt"
+    tiny_trainer(["--train.max_steps=2", f"--checkpoint.dir={ckpt}"]).train()
+    step = ckpt / "step_00000002"
+    model_file = export(step, tmp_path / "model.safetensors")
+    load_exported(model_file)  # whole, it loads
+
+    def truncate(path):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    truncate(model_file)
+    with pytest.raises(CheckpointError, match=r"exported model '.*model.safetensors' could not be read"):
+        load_exported(model_file)
+    with pytest.raises(ValueError, match="is a directory: a training checkpoint loads with load_checkpoint_model"):
+        load_exported(step)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"suffix picks the format.*got '.txt'"):
+        load_exported(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="is a directory; give the file to write"):
+        export(step, tmp_path)
+    with pytest.raises(ValueError, match=r"got '.onnx'"):
+        export(step, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+    shard = next(step.glob("*.distcp"))
+    truncate(shard)
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*step_00000002' could not be read"):
+        tiny_trainer(["--train.max_steps=3", f"--checkpoint.dir={ckpt}"]).prepare()
+    truncate(step / "config.json")
+    with pytest.raises(CheckpointError, match=r"config.json' could not be read \(JSONDecodeError"):
+        checkpoint_config(step)

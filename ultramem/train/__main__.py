@@ -102,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(summarize(model, cfg.model, cfg.train.seq_len), cfg.model))
         return 0
 
+    from ultramem.train.checkpoint import CheckpointError
     from ultramem.train.trainer import TrainingDiverged, run_training
 
     try:
         run_training(cfg)
-    except (ConfigError, FileNotFoundError) as e:  # bad input found late (e.g. a data shard): no traceback
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:  # bad input found late: no traceback
         parser.exit(2, f"{_prefix()}error: {e}\n")
     except TrainingDiverged as e:
         parser.exit(3, f"{_prefix()}error: training diverged: {e}; the last good checkpoint is kept\n")

@@ -47,6 +47,29 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
+
+class CheckpointError(ValueError):
+    """A checkpoint or exported model that cannot be read (truncated, corrupt, not one)."""
+
+
+@contextlib.contextmanager
+def reading(what: str, path: str | Path):
+    """Failures while reading `path` as one error that names it: a truncated or corrupt file
+    otherwise surfaces deep inside DCP, safetensors or torch.load, without the file's name."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError, CheckpointError):
+        raise
+    except (Exception, dcp.CheckpointException) as e:  # (DCP's is a BaseException)
+        if isinstance(e, dcp.CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))[0]  # the first rank's own error
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{what} {str(path)!r} could not be read ({type(e).__name__}{': ' + reason if reason else ''}); "
+            f"is it complete?"
+        ) from e
+
+
 # Keys that may change between a checkpoint and the run resuming from it: how long to run, how to
 # run it (parallelism, compile, activation checkpointing, device), and where to write.
 RESUMABLE_CHANGES = (
@@ -243,11 +266,12 @@ class CheckpointManager:
                 f"checkpoint {str(path)!r}: not a complete checkpoint (no .metadata or "
                 f"config.json); complete ones are directories step_NNNNNNNN with both"
             )
-        meta = json.loads(meta_file.read_text())
-        problem = config_mismatch(meta["config"], config)
+        with reading("checkpoint", meta_file):
+            meta = json.loads(meta_file.read_text())
+            saved = meta["config"]
+        problem = config_mismatch(saved, config)
         if problem:
             raise ConfigError(f"checkpoint {str(path)!r} does not match this run's config: {problem}")
-        saved = meta["config"]
         saved_batch = saved["train.batch_size"] * saved["train.grad_accum"] * meta.get("world_size", 1)
         batch = config.train.batch_size * config.train.grad_accum * self.info.world_size
         if saved_batch != batch:
@@ -267,7 +291,7 @@ class CheckpointManager:
         finally:
             for p, g in grads.items():
                 p.grad = g
-        with _quiet_single_process():
+        with _quiet_single_process(), reading("checkpoint", path):
             dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
         set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -279,7 +303,8 @@ class CheckpointManager:
         _load_memory_stats(model, state["train"]["memory_stats"], self.info)
         rng = path / "rng" / f"rank{self.info.rank}.pt"
         if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            with reading("checkpoint", rng):
+                _set_rng_state(torch.load(rng, weights_only=False))
         else:
             log.warning(
                 "checkpoint %s has no RNG state for rank %d (saved with %d ranks): RNG not restored",

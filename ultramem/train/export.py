@@ -5,7 +5,8 @@
 The checkpoint may have been written by any number of ranks, FSDP-sharded or not: DCP
 reassembles each tensor whole. The file holds the model's state dict (parameters and the memory
 layers' persistent buffers: u, v, the permutation) and, in its metadata, the model config, so
-`load_exported(path)` rebuilds the model with no other file. `.safetensors` or `.pt` by suffix.
+`load_exported(path)` rebuilds the model with no other file. `.safetensors`, or `.pt` / `.pth`
+(torch.save), by suffix.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import torch.distributed.checkpoint as dcp
 from ultramem.config import ConfigError, ModelConfig
 from ultramem.model import Transformer, build_model
 
-from .checkpoint import CheckpointManager, _quiet_single_process
+from .checkpoint import CheckpointManager, _quiet_single_process, reading
 from .config import TrainConfig, _build
 
 FORMAT = "ultramem-model/1"
+SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 def _unflatten(flat: dict) -> dict:
@@ -45,8 +47,8 @@ def checkpoint_config(path: str | Path) -> TrainConfig:
         raise FileNotFoundError(
             f"checkpoint {str(path)!r}: no config.json (is it a checkpoint directory step_NNNNNNNN?)"
         )
-    meta = json.loads(meta_file.read_text())
-    nested = _unflatten(meta["config"])
+    with reading("checkpoint", meta_file):
+        nested = _unflatten(json.loads(meta_file.read_text())["config"])
     return _build(TrainConfig, {k: v for k, v in nested.items() if k in TrainConfig.__dataclass_fields__}, "")
 
 
@@ -72,7 +74,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
     cfg = checkpoint_config(path)
     model = build_model(cfg.model, device="cpu", seed=None)
     state = {"model": model.state_dict()}
-    with _quiet_single_process():
+    with _quiet_single_process(), reading("checkpoint", path):
         dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
     model.init_buffers()
@@ -86,6 +88,10 @@ def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = 
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     config = json.dumps(_model_config_dict(cfg.model))
     out = Path(out)
+    if out.is_dir():
+        example = str(out / "model.safetensors")
+        raise ValueError(f"--out {str(out)!r} is a directory; give the file to write, e.g. {example!r}")
+    _check_suffix(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix == ".safetensors":
@@ -98,6 +104,14 @@ def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = 
     return out
 
 
+def _check_suffix(path: Path, what: str) -> None:
+    if path.suffix not in SUFFIXES:
+        raise ValueError(
+            f"{what} {str(path)!r}: the suffix picks the format, one of {', '.join(SUFFIXES)} "
+            f"(.pt and .pth: torch.save), got {path.suffix or 'none'!r}"
+        )
+
+
 def _model_config_dict(cfg: ModelConfig) -> dict:
     import dataclasses
 
@@ -107,21 +121,29 @@ def _model_config_dict(cfg: ModelConfig) -> dict:
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
     """Rebuild the model an `export` file holds, in eval mode."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"exported model {str(path)!r} is a directory: a training checkpoint loads with "
+            f"load_checkpoint_model, an export is one file"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"exported model {str(path)!r}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    _check_suffix(path, "exported model")
+    with reading("exported model", path):
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    else:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        meta, state = blob, blob.get("state_dict", {})
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            meta, state = (blob, blob.get("state_dict", {})) if isinstance(blob, dict) else ({}, {})
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not an ultramem export (format {meta.get('format')!r}, want {FORMAT!r})")
-    cfg = _build(ModelConfig, json.loads(meta["model_config"]), "model.")
+    with reading("exported model", path):
+        cfg = _build(ModelConfig, json.loads(meta["model_config"]), "model.")
     model = build_model(cfg, device="cpu", seed=None)
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
@@ -138,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="a checkpoint directory (step_NNNNNNNN), or a run / checkpoints directory: its latest",
     )
-    parser.add_argument("--out", required=True, help="output file: .safetensors, or .pt for torch.save")
+    parser.add_argument("--out", required=True, help="output file: .safetensors, or .pt / .pth for torch.save")
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
