@@ -206,6 +206,7 @@ class Transformer(nn.Module):
         """tokens [B, S] → logits [B, S, V]; with targets [B, S] → (loss, aux) where
         loss = mean cross-entropy + aux and aux is the sum of the memory layers' auxiliary losses
         and the MoE blocks' router losses."""
+        self._check_tokens(tokens, targets)
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.tok_embeddings(tokens)
@@ -227,6 +228,25 @@ class Transformer(nn.Module):
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
         return loss + aux, aux
+
+    def _check_tokens(self, tokens: Tensor, targets: Tensor | None) -> None:
+        """Shapes always (free: static under torch.compile); id ranges on the CPU only, where
+        reading them back costs no device sync."""
+        if tokens.dim() != 2 or tokens.is_floating_point() or tokens.is_complex():
+            raise ValueError(
+                f"tokens must be integer ids of shape [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        if tokens.shape[1] > self.rope_cos.shape[0]:
+            raise ValueError(
+                f"sequence of {tokens.shape[1]} tokens: longer than model.max_seq_len={self.rope_cos.shape[0]}"
+            )
+        if targets is not None and targets.shape != tokens.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}")
+        if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
+            vocab = self.tok_embeddings.num_embeddings
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary [0, {vocab})")
 
     def memory_metrics(self) -> dict[str, float]:
         """Every memory layer's metrics, keyed `mem{l}/{name}` (call on reporting steps only)."""

@@ -328,3 +328,20 @@ def test_built_in_inference_mode(memory_type):
         assert torch.equal(model(tokens), want)
         with inference_cache(model):
             assert torch.equal(model(tokens), want)
+
+
+def test_bad_tokens_are_refused_naming_the_value():
+    model = build_model(tiny_cfg("ultramem_v2"), seed=1)
+    good = torch.randint(0, 97, (2, 5))
+    with pytest.raises(ValueError, match=r"token id 97 is outside the vocabulary \[0, 97\)"):
+        model(torch.full((2, 5), 97))
+    with pytest.raises(ValueError, match=r"token id -1 is outside"):
+        model(good.clone().index_fill_(1, torch.tensor([2]), -1))
+    with pytest.raises(ValueError, match=r"shape \[batch, seq\], got torch.int64 \(5,\)"):
+        model(good[0])
+    with pytest.raises(ValueError, match=r"got torch.float32"):
+        model(good.float())
+    with pytest.raises(ValueError, match=r"sequence of 17 tokens: longer than model.max_seq_len=16"):
+        model(torch.randint(0, 97, (1, 17)))
+    with pytest.raises(ValueError, match=r"targets shape \(2, 4\) must equal tokens shape \(2, 5\)"):
+        model(good, good[:, :4])
