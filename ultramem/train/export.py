@@ -82,16 +82,16 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    model, cfg = load_checkpoint_model(checkpoint)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    config = json.dumps(_model_config_dict(cfg.model))
     out = Path(out)
     if out.is_dir():
         example = str(out / "model.safetensors")
         raise ValueError(f"--out {str(out)!r} is a directory; give the file to write, e.g. {example!r}")
     _check_suffix(out, "--out")
+    model, cfg = load_checkpoint_model(checkpoint)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    config = json.dumps(_model_config_dict(cfg.model))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix == ".safetensors":
