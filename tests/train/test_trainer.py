@@ -350,7 +350,7 @@ def test_a_run_starting_before_the_latest_checkpoint_removes_the_later_ones_at_i
     branch.train()
     assert steps() == ["step_00000002", "step_00000003"]
     # afresh (--no-resume): all of them go at the first save
-    tiny_trainer(["--train.max_steps=2", "--checkpoint.interval=1", *args[:1], *args[2:], "--run.resume="]).train()
+    tiny_trainer(["--train.max_steps=2", *args, "--checkpoint.interval=1", "--run.resume="]).train()
     assert steps() == ["step_00000001", "step_00000002"]
 
 
