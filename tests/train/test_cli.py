@@ -72,6 +72,7 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path):
     ckpt = tmp_path / "a" / "checkpoints" / "step_00000002"
     out = _train(tmp_path, [f"--run.dir={tmp_path / 'b'}", f"--run.resume={ckpt}", "--model.ffn_hidden=64"], rc=2)
     _one_line_error(out, "does not match this run's config", "model.ffn_hidden", "48", "64")
+    assert "does not match this run's config" in (tmp_path / "b" / "train.log").read_text()  # logged too
 
 
 def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

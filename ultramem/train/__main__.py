@@ -24,6 +24,14 @@ def _setup_logging() -> None:
     )
 
 
+def _exit(parser: argparse.ArgumentParser, code: int, message: str) -> None:
+    """One line on stderr, and in the run's train.log when it has one (the console has it once)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("ultramem.train", logging.ERROR, __file__, 0, message, None, None))
+    parser.exit(code, f"{_prefix()}{message}\n")
+
+
 def _keys_epilog() -> str:
     from ultramem.train.config import config_help
 
@@ -108,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_training(cfg)
     except (ConfigError, FileNotFoundError, CheckpointError) as e:  # bad input found late: no traceback
-        parser.exit(2, f"{_prefix()}error: {e}\n")
+        _exit(parser, 2, f"error: {e}")
     except TrainingDiverged as e:
-        parser.exit(3, f"{_prefix()}error: training diverged: {e}; the last good checkpoint is kept\n")
+        _exit(parser, 3, f"error: training diverged: {e}; the last good checkpoint is kept")
     except KeyboardInterrupt:
         parser.exit(130, f"{_prefix()}interrupted\n")
     return 0
