@@ -238,3 +238,21 @@ def test_val_split_defaults_to_the_tail_and_older_checkpoints_resume():
     assert "data.val_split" not in older and config_mismatch(older, cfg) is None
     spread = load_config("debug.toml", ["--data.val_split=spread"])
     assert "data.val_split: the checkpoint was made with 'tail'" in config_mismatch(older, spread)
+
+
+def test_the_memory_metrics_interval_may_change_on_resume():
+    from ultramem.train.checkpoint import config_mismatch, flatten_config
+
+    saved = flatten_config(load_config("debug.toml", ["--model.memory.log_interval=2"]))
+    assert config_mismatch(saved, load_config("debug.toml", ["--model.memory.log_interval=50"])) is None
+    assert "model.memory.knn" in config_mismatch(saved, load_config("debug.toml", ["--model.memory.knn=4"]))
+
+
+def test_a_shard_directory_brings_its_own_vocabulary(tmp_path):
+    """data.vocab_size sizes a tokenizer trained here; shards were tokenized already (their
+    tokenizer is checked against model.vocab_size when they load)."""
+    (tmp_path / "shards").mkdir()
+    small_model = ["--model.vocab_size=1024"]
+    assert load_config("debug.toml", [*small_model, f"--data.source={tmp_path / 'shards'}"]).model.vocab_size == 1024
+    with pytest.raises(ConfigError, match=r"data.vocab_size=4096 \(tokenizer\) must be <= model.vocab_size=1024"):
+        load_config("debug.toml", small_model)  # the embedded corpus: a tokenizer trained here

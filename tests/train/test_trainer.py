@@ -402,3 +402,19 @@ def test_unreadable_checkpoints_and_exports_are_one_error_naming_the_file(tmp_pa
     truncate(step / "config.json")
     with pytest.raises(CheckpointError, match=r"config.json' could not be read \(JSONDecodeError"):
         checkpoint_config(step)
+
+
+def test_data_that_breaks_a_data_rule_is_a_config_error(tmp_path):
+    """The data loader's own refusals name their data.* key: the command prints them as one line."""
+    from launch import token_shards
+
+    from ultramem.config import ConfigError
+    from ultramem.train.trainer import build_data
+
+    (tmp_path / "val.txt").write_text("some text\n")
+    cfg = load_config(
+        "debug",
+        [*TINY, f"--data.source={token_shards(tmp_path / 'shards')}", f"--data.val_source={tmp_path / 'val.txt'}"],
+    )
+    with pytest.raises(ConfigError, match="is a text file, but data.source .* has no tokenizer.json"):
+        build_data(cfg, DistInfo())

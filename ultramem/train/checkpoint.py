@@ -92,6 +92,7 @@ RESUMABLE_CHANGES = (
     "run.",
     "data.cache_dir",
     "optim.fused",
+    "model.memory.log_interval",
 )
 
 

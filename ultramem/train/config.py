@@ -369,8 +369,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
     _require(m.init_std is None or m.init_std > 0, f"model.init_std={m.init_std}: must be > 0")
     _require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
-    _require(
-        d.vocab_size <= m.vocab_size,
+    _require(  # a directory of shards brings its own tokenizer: checked against the model on load
+        d.vocab_size <= m.vocab_size or Path(d.source).expanduser().is_dir(),
         f"data.vocab_size={d.vocab_size} (tokenizer) must be <= model.vocab_size={m.vocab_size}",
     )
     _require(

@@ -548,16 +548,21 @@ def build_data(cfg: TrainConfig, info: DistInfo):
 
     def load():
         kwargs = {"val_source": cfg.data.val_source} if cfg.data.val_source else {}
-        return load_token_splits(
-            cfg.data.source,
-            cfg.data.vocab_size,
-            cfg.data.max_corpus_bytes,
-            cfg.data.val_fraction,
-            cfg.data.cache_dir or None,
-            val_split=cfg.data.val_split,
-            val_chunk_tokens=cfg.data.val_chunk_tokens,
-            **kwargs,
-        )
+        try:
+            return load_token_splits(
+                cfg.data.source,
+                cfg.data.vocab_size,
+                cfg.data.max_corpus_bytes,
+                cfg.data.val_fraction,
+                cfg.data.cache_dir or None,
+                val_split=cfg.data.val_split,
+                val_chunk_tokens=cfg.data.val_chunk_tokens,
+                **kwargs,
+            )
+        except ValueError as e:  # the data's own rules (they name their data.* key): bad input, not a bug
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(str(e)) from e
 
     if info.distributed:
         from .distributed import barrier
