@@ -46,3 +46,20 @@ def test_wrong_feature_width_names_layer_and_dims(overrides, name):
     # empty input of the wrong width is refused as well, not passed off as "no tokens"
     with pytest.raises(ValueError, match=rf"input last dim {D + 3} != model.dim {D}"):
         layers[0](torch.zeros(0, D + 3, dtype=torch.float64), tables)
+
+
+@pytest.mark.parametrize("overrides,name", LAYERS, ids=[f"{n}-{i}" for i, (_, n) in enumerate(LAYERS)])
+def test_an_input_of_another_dtype_is_refused_unless_autocast_picks_it(overrides, name):
+    tables, layers, _ = build_random(make_cfg(**overrides), 2, 0)  # float64 weights
+    layer = layers[1]
+    for dtype in (torch.float32, torch.bfloat16):
+        refused = rf"^{name} layer 1: input dtype {dtype} != the weights' torch.float64"
+        for shape in ((3, 5, D), (0, D)):
+            with pytest.raises(ValueError, match=refused):
+                layer(torch.zeros(shape, dtype=dtype), tables)
+    layer.float()
+    if tables is not None:
+        tables.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks the dtype: bf16 input is fine
+        y, _ = layer(torch.randn(3, 5, D, dtype=torch.bfloat16), tables)
+    assert y.shape == (3, 5, D)

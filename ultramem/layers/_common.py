@@ -264,6 +264,25 @@ def paper_value_std(cfg: ModelConfig, num_layers: int, score_var: float, gated: 
     return sigma4**0.25
 
 
+def _name(layer: nn.Module) -> str:
+    return f"{type(layer).__name__} layer {layer.layer_index}"
+
+
+def check_input(layer: nn.Module, x: Tensor) -> None:
+    """A memory layer's input: [..., dim], in the weights' dtype unless autocast picks the dtype.
+    The layer's name is read only to raise: under torch.compile its index would be a guard (a
+    recompile per layer)."""
+    if x.dim() == 0 or x.shape[-1] != layer.dim:
+        got = x.shape[-1] if x.dim() else "none (0-d input)"
+        raise ValueError(f"{_name(layer)}: input last dim {got} != model.dim {layer.dim}")
+    weight = layer.w_q.weight
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"{_name(layer)}: input dtype {x.dtype} != the weights' "
+            f"{weight.dtype}; cast one to the other, or run under torch.autocast"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Weight-only terms, cached for inference (docs/layers.md, "Inference")
 

@@ -22,6 +22,7 @@ from ._common import (
     LayerStats,
     RMSNorm,
     WeightTerms,
+    check_input,
     key_balance_side,
     normal_from,
     uniform_from,
@@ -79,9 +80,7 @@ class MemoryPlus(WeightTerms, nn.Module):
 
     def forward(self, x: Tensor, tables: ValueTables) -> tuple[Tensor, Tensor]:
         tables = self._check_tables(tables)
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            got = x.shape[-1] if x.dim() else "none (0-d input)"
-            raise ValueError(f"MemoryPlus layer {self.layer_index}: input last dim {got} != model.dim {self.dim}")
+        check_input(self, x)
         if x.numel() == 0:
             # no tokens: an empty output and a zero aux loss (its terms are averages over tokens);
             # W_o and x (both empty here) keep the output in the graph, so a backward runs as usual

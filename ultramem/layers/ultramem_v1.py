@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ultramem.config import ModelConfig
 from ultramem.ops import weighted_lookup
 
-from ._common import fill_normal_rows, normal_from, paper_value_std
+from ._common import check_input, fill_normal_rows, normal_from, paper_value_std
 from .tucker import RELEASED_TABLE_STD, TuckerMemoryBase
 
 
@@ -41,9 +41,7 @@ class UltraMemV1(TuckerMemoryBase):
         return [self.values]
 
     def forward(self, x: Tensor, tables=None) -> tuple[Tensor, Tensor]:
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            got = x.shape[-1] if x.dim() else "none (0-d input)"
-            raise ValueError(f"UltraMemV1 layer {self.layer_index}: input last dim {got} != model.dim {self.dim}")
+        check_input(self, x)
         if x.numel() == 0:
             # no tokens: an empty output and a zero aux loss (its terms are averages over tokens);
             # W_o and x (both empty here) keep the output in the graph, so a backward runs as usual

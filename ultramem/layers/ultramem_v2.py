@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ultramem.config import ModelConfig
 from ultramem.ops import gate_lookup, gate_lookup_into, weighted_lookup, weighted_lookup_into
 
-from ._common import normal_from, paper_value_std, window_keys
+from ._common import check_input, normal_from, paper_value_std, window_keys
 from .tables import ValueTables
 from .tucker import RELEASED_TABLE_STD, TuckerMemoryBase
 
@@ -78,9 +78,7 @@ class UltraMemV2(TuckerMemoryBase):
 
     def forward(self, x: Tensor, tables: ValueTables) -> tuple[Tensor, Tensor]:
         tables = self._check_tables(tables)
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            got = x.shape[-1] if x.dim() else "none (0-d input)"
-            raise ValueError(f"UltraMemV2 layer {self.layer_index}: input last dim {got} != model.dim {self.dim}")
+        check_input(self, x)
         if x.numel() == 0:
             # no tokens: an empty output and a zero aux loss (its terms are averages over tokens);
             # W_o and x (both empty here) keep the output in the graph, so a backward runs as usual
