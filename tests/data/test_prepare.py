@@ -159,10 +159,10 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: no \"text\" field"):
         prepare([bad], tmp_path / "o2", tokenizer=tmp_path / "tok", workers=1, progress=False)
     bad.write_text('{"text": 3}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: the \"text\" field is a int"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: the \"text\" field is not a string \(got int\)"):
         prepare([bad], tmp_path / "o2", tokenizer=tmp_path / "tok", workers=1, progress=False)
-    for o in ["o1", "o2"]:  # failed runs leave nothing behind
-        assert not [p for p in (tmp_path / o).iterdir() if not p.name.endswith(".lock")]
+    for o in ["o1", "o2"]:  # failed runs leave nothing behind, not even the directory they made
+        assert not (tmp_path / o).exists()
 
 
 def test_tokenizer_files_are_validated(tmp_path):
@@ -225,7 +225,7 @@ def test_missing_and_empty_inputs(tmp_path):
     out = tmp_path / "o"
     with pytest.raises(ValueError, match="hold no text"):
         prepare([tmp_path / "blank"], out, vocab_size=300, workers=2, progress=False)
-    assert [p.name for p in out.iterdir()] == [".prepare.lock"]
+    assert not out.exists()  # a failed run leaves no directory it made
     (tmp_path / "nontext").mkdir()
     (tmp_path / "nontext" / "x.png").write_bytes(b"\x89PNG")
     with pytest.raises(FileNotFoundError, match=r"nontext.*holds no text files"):
@@ -242,7 +242,11 @@ def test_text_that_tokenizes_to_nothing_leaves_no_output(tmp_path):
     out = tmp_path / "o"
     with pytest.raises(ValueError, match="no text that tokenizes"):
         prepare([text], out, tokenizer=tmp_path / "void.json", workers=1, progress=False)
-    assert [p.name for p in out.iterdir()] == [".prepare.lock"]
+    assert not out.exists()
+    out.mkdir()  # a directory that was there stays
+    with pytest.raises(ValueError, match="no text that tokenizes"):
+        prepare([text], out, tokenizer=tmp_path / "void.json", workers=1, progress=False)
+    assert out.is_dir()
 
 
 def test_interrupted_prepare_keeps_the_previous_output(corpus_dir, tmp_path, monkeypatch):

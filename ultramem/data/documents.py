@@ -236,7 +236,7 @@ def _jsonl_pieces(path: Path, warn: bool, max_chars: int) -> Iterator[tuple[str,
                 )
             text = obj["text"]
             if not isinstance(text, str):
-                raise ValueError(f'{path}:{lineno}: the "text" field is a {type(text).__name__}, not a string')
+                raise ValueError(f'{path}:{lineno}: the "text" field is not a string (got {type(text).__name__})')
             if text.strip():
                 pieces = split_pieces(text, max_chars)
                 for k, piece in enumerate(pieces):

@@ -185,6 +185,19 @@ def _check_out_dir(out: Path) -> None:
             )
 
 
+@contextlib.contextmanager
+def _new_dir_removed_on_failure(out: Path) -> Iterator[None]:
+    """A failed run leaves `out` as it was: if it made the directory, it removes it again (the
+    run's own files are gone by then; only its lock file is left)."""
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir() and all(p.name == _LOCK_NAME for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def _commit(tmp: Path, out: Path, shards: list[dict]) -> None:
     """Move the finished files from tmp into out, replacing an earlier prepare's; meta.json last."""
     (out / META_NAME).unlink(missing_ok=True)
@@ -232,8 +245,7 @@ def prepare(
         )
     files = collect_inputs(inputs, exclude=[out])
     _check_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with dir_lock(out, _LOCK_NAME):
+    with _new_dir_removed_on_failure(out), dir_lock(out, _LOCK_NAME):
         clean_stale_temps(out)
         tmp = make_temp_dir(out, "prepare")
         writer = None
