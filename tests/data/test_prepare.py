@@ -141,6 +141,9 @@ def test_cli_help_and_errors(tmp_path, capsys):
         assert option in text
     assert cli_main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
     assert "missing.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a given tokenizer has its own vocabulary
+        cli_main(["prepare", "x.txt", "--out", str(tmp_path / "o"), "--tokenizer", "t.json", "--vocab-size", "512"])
+    assert e.value.code == 2 and "--tokenizer brings its own vocabulary" in capsys.readouterr().err
 
 
 def test_jsonl_errors_name_file_and_line(tmp_path):

@@ -256,7 +256,11 @@ def test_debug_run_under_torchrun_loss_falls(tmp_path):
     assert (run_dir / "config.json").is_file() and (run_dir / "train.log").is_file()
     assert [r["step"] for r in records(run_dir, "val")] == [100]
     assert (run_dir / "checkpoints" / "step_00000100" / ".metadata").is_file()
-    assert re.search(r"done: step 100/100 in .*, loss [0-9.]+, val loss [0-9.]+", out.stdout)
+    assert re.search(
+        r"done: step 100/100 in .*, loss [0-9.]+, val loss [0-9.]+, [0-9]+ tok/s over the run, "
+        r"[0-9]+ tok/s a step \(median after the first\)",
+        out.stdout,
+    )
     losses = [float(x) for x in re.findall(r"step +\d+ \| loss ([0-9.]+)", out.stdout)]
     assert len(losses) == 100, out.stdout[-2000:]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])

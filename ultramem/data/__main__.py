@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vocab-size",
         type=_positive,
-        default=DEFAULT_VOCAB,
+        default=None,
         metavar="N",
         help=f"vocabulary of the BPE trained when no --tokenizer is given (default {DEFAULT_VOCAB})",
     )
@@ -107,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.tokenizer is not None and args.vocab_size is not None:
+        build_parser().error("--vocab-size sizes a tokenizer trained here; --tokenizer brings its own vocabulary")
     try:
         meta = prepare(
             args.inputs,
             args.out,
             tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size,
+            vocab_size=DEFAULT_VOCAB if args.vocab_size is None else args.vocab_size,
             workers=args.workers,
             shard_tokens=args.shard_tokens,
             eos=args.eos,

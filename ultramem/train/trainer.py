@@ -518,14 +518,18 @@ class Trainer:
             last = self.history[-1] if self.history else None
             val = f", val loss {self.val_history[-1][1]:.4f}" if self.val_history else ""
             rate = self.tokens_per_step * (self.step - start_step) / max(elapsed, 1e-9)
+            # the first logged interval holds the compile; the run's rate also holds evals and saves
+            steps = sorted(r.tokens_per_s for r in self.history[1:] if r.tokens_per_s)
+            steady = f", {steps[len(steps) // 2]:.0f} tok/s a step (median after the first)" if steps else ""
             log.info(
-                "done: step %d/%d in %s, loss %s%s, %.0f tok/s%s",
+                "done: step %d/%d in %s, loss %s%s, %.0f tok/s over the run%s%s",
                 self.step,
                 cfg.train.max_steps,
                 format_duration(elapsed),
                 f"{last.loss:.4f}" if last else "?",
                 val,
                 rate,
+                steady,
                 f", checkpoint {self.last_checkpoint}" if self.last_checkpoint else "",
             )
         return self.history
