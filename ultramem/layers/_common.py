@@ -332,7 +332,7 @@ class WeightTerms:
         ]
         if changed:
             raise RuntimeError(
-                f"{type(self).__name__} layer {self.layer_index}: weights changed inside inference_cache "
+                f"{_name(self)}: weights changed inside inference_cache "
                 f"({', '.join(changed)}); its cached terms are stale"
             )
 
@@ -364,12 +364,12 @@ def inference_cache(module: nn.Module) -> Iterator[nn.Module]:
     layers = [m for m in module.modules() if isinstance(m, WeightTerms)]
     for layer in layers:
         if layer._inference_cache is not None:
-            raise RuntimeError(f"{type(layer).__name__} layer {layer.layer_index} is already inside inference_cache")
+            raise RuntimeError(f"{_name(layer)} is already inside inference_cache")
         for name, p in layer.named_parameters():
             if type(p.data) is not Tensor:
                 raise ValueError(
-                    f"inference_cache needs plain (unsharded) weights: {type(layer).__name__} layer "
-                    f"{layer.layer_index}'s {name} is a {type(p.data).__name__}"
+                    f"inference_cache needs plain (unsharded) weights: {_name(layer)}'s {name} "
+                    f"is a {type(p.data).__name__}"
                 )
     try:
         for layer in layers:
