@@ -70,6 +70,15 @@ def reading(what: str, path: str | Path):
         ) from e
 
 
+def read_meta(meta_file: Path) -> dict[str, Any]:
+    """A checkpoint's config.json: its step, world size and flattened config."""
+    with reading("checkpoint", meta_file):
+        meta = json.loads(meta_file.read_text())
+        if not isinstance(meta["config"], dict):
+            raise TypeError(f"its config is a {type(meta['config']).__name__}, not an object")
+    return meta
+
+
 # Keys that may change between a checkpoint and the run resuming from it: how long to run, how to
 # run it (parallelism, compile, activation checkpointing, device), and where to write.
 RESUMABLE_CHANGES = (
@@ -267,9 +276,8 @@ class CheckpointManager:
                 f"checkpoint {str(path)!r}: not a complete checkpoint (no .metadata or "
                 f"config.json); complete ones are directories step_NNNNNNNN with both"
             )
-        with reading("checkpoint", meta_file):
-            meta = json.loads(meta_file.read_text())
-            saved = meta["config"]
+        meta = read_meta(meta_file)
+        saved = meta["config"]
         problem = config_mismatch(saved, config)
         if problem:
             raise ConfigError(f"checkpoint {str(path)!r} does not match this run's config: {problem}")

@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from ultramem.config import ConfigError, ModelConfig
 from ultramem.model import Transformer, build_model
 
-from .checkpoint import CheckpointManager, _quiet_single_process, reading
+from .checkpoint import CheckpointManager, _quiet_single_process, read_meta, reading
 from .config import TrainConfig, _build
 
 FORMAT = "ultramem-model/1"
@@ -47,8 +47,7 @@ def checkpoint_config(path: str | Path) -> TrainConfig:
         raise FileNotFoundError(
             f"checkpoint {str(path)!r}: no config.json (is it a checkpoint directory step_NNNNNNNN?)"
         )
-    with reading("checkpoint", meta_file):
-        nested = _unflatten(json.loads(meta_file.read_text())["config"])
+    nested = _unflatten(read_meta(meta_file)["config"])
     return _build(TrainConfig, {k: v for k, v in nested.items() if k in TrainConfig.__dataclass_fields__}, "")
 
 
