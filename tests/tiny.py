@@ -18,3 +18,15 @@ TINY_MODEL = [
     "--data.vocab_size=300",
     "--train.seq_len=16",
 ]
+
+
+def tiny_cfg(memory_type="ultramem_v2", insert="full", n_layers=3, **model_kw):
+    """A tiny decoder's ModelConfig (vocabulary 97, width 32, sequences of 16), for in-process tests."""
+    from ultramem.config import MemoryConfig, ModelConfig
+
+    mem = MemoryConfig(
+        type=memory_type, insert=insert, knum=4, kdim=8, vdim=16, pre_vdim=8, knn=2, calibration_rounds=1
+    )
+    kw = dict(vocab_size=97, dim=32, n_layers=n_layers, n_heads=4, ffn_hidden=48, max_seq_len=16, memory=mem)
+    kw.update(model_kw)
+    return ModelConfig(**kw)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from memory_layer_setup import build_random, make_cfg, make_input
+from tiny import tiny_cfg
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from ultramem.config import MemoryConfig, ModelConfig
 from ultramem.layers import inference_cache
 from ultramem.model import build_model
 
@@ -155,17 +155,12 @@ def test_sharded_weights_are_refused():
     assert layer._inference_cache is None
 
 
-def _model_cfg(memory_type: str) -> ModelConfig:
-    mem = MemoryConfig(type=memory_type, knum=4, kdim=8, vdim=16, pre_vdim=8, knn=2, calibration_rounds=1)
-    return ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, ffn_hidden=48, max_seq_len=16, memory=mem)
-
-
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_model_uses_and_leaves_the_cache(backend, monkeypatch):
     """A compiled model: the same logits with the cache, whose terms the compiled graph does not
     compute; after the exit it recompiles, so a later weight change is seen."""
     torch._dynamo.reset()
-    model = build_model(_model_cfg("ultramem_v2"), seed=1).eval()
+    model = build_model(tiny_cfg("ultramem_v2", n_layers=2), seed=1).eval()
     tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(model, fullgraph=True, backend=counter)

@@ -5,18 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_cfg
 
-from ultramem.config import ConfigError, MemoryConfig, ModelConfig, parse_memory_insert
+from ultramem.config import ConfigError, parse_memory_insert
 from ultramem.model import Transformer, apply_rope, build_model, run_stage
-
-
-def tiny_cfg(memory_type="ultramem_v2", insert="full", n_layers=3, **model_kw) -> ModelConfig:
-    mem = MemoryConfig(
-        type=memory_type, insert=insert, knum=4, kdim=8, vdim=16, pre_vdim=8, knn=2, calibration_rounds=1
-    )
-    kw = dict(vocab_size=97, dim=32, n_layers=n_layers, n_heads=4, ffn_hidden=48, max_seq_len=16, memory=mem)
-    kw.update(model_kw)
-    return ModelConfig(**kw)
 
 
 @pytest.mark.parametrize("memory_type", ["none", "ultramem_v2"])
