@@ -1,6 +1,7 @@
 """The tiny UltraMemV2 model that trainer and CLI tests run, as command-line overrides of
 debug.toml: 2 blocks of width 32, a memory layer per block over one 32-row table, sequences of
-16 tokens of a 300-token vocabulary. Tests add their own run settings after it (later wins)."""
+16 tokens of a 300-token vocabulary. Tests add their own run settings after it (later wins).
+`tiny_cfg` is a tiny decoder's ModelConfig for tests that build a model in process."""
 
 TINY_MODEL = [
     "--model.vocab_size=300",
