@@ -124,6 +124,14 @@ class ModelConfig:
         return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.dim))
 
 
+def validate_heads(cfg: ModelConfig) -> None:
+    """The attention's split of `dim` into heads, each rotated by RoPE in pairs."""
+    _require(cfg.n_heads >= 1, "model.n_heads", cfg.n_heads, "must be >= 1")
+    _require(cfg.dim % cfg.n_heads == 0, "model.dim", cfg.dim, f"must be divisible by model.n_heads={cfg.n_heads}")
+    head_dim = cfg.dim // cfg.n_heads
+    _require(head_dim % 2 == 0, "model.dim / model.n_heads", head_dim, "must be even (RoPE rotates pairs)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory placement
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ultramem.config import ModelConfig, memory_placement, validate_moe
+from ultramem.config import ModelConfig, memory_placement, validate_heads, validate_moe
 from ultramem.moe import MoE
 from ultramem.norm import RMSNorm
 
@@ -176,6 +176,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        validate_heads(cfg)
         validate_moe(cfg.moe)  # again: command-line overrides skip the check at config load
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)

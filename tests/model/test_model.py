@@ -174,6 +174,16 @@ def test_bad_insert_names_key_and_part(insert, fragment):
     assert "model.memory.insert" in str(e.value) and fragment in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "heads, fragment",
+    [(5, "model.dim=32: must be divisible by model.n_heads=5"), (32, "model.dim / model.n_heads=1: must be even")],
+)
+def test_model_refuses_heads_that_do_not_split_dim(heads, fragment):
+    """Built directly, not through the trainer's config: the rule is the model's own."""
+    with pytest.raises(ConfigError, match=fragment):
+        build_model(tiny_cfg(n_heads=heads), device="meta")
+
+
 def test_skip_form_reads_at_a_and_writes_after_b():
     """Compare with a hand-written forward: layer 0 reads u of block 0, adds after block 2;
     layer 1 reads and writes at block 3."""

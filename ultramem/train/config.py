@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, ModelConfig, validate_moe
+from ultramem.config import MEMORY_INITS, MEMORY_TYPES, ConfigError, ModelConfig, validate_heads, validate_moe
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 RESHARD_POLICIES = ("default", "always", "never")
@@ -361,11 +361,7 @@ def validate_config(cfg: TrainConfig) -> None:
         ("model.memory.log_interval", mem.log_interval),
     ):
         _require(value >= 1, f"{key}={value}: must be >= 1")
-    _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
-    _require(
-        (m.dim // m.n_heads) % 2 == 0,
-        f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE rotates pairs)",
-    )
+    validate_heads(m)
     _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
     _require(m.init_std is None or m.init_std > 0, f"model.init_std={m.init_std}: must be > 0")
     _require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
