@@ -19,6 +19,14 @@ def test_packaged_names_resolve_with_and_without_suffix():
     assert a.model.dim == 768 and a.model.memory.knn == 32 and a.optim.betas == (0.9, 0.95)
 
 
+@pytest.mark.parametrize("name", packaged_config_names())
+def test_packaged_configs_write_under_the_run_directory(name):
+    """A fixed checkpoint or tensorboard path in a packaged config would ignore --run.dir: two
+    runs of it would share checkpoints, and the second would resume the first."""
+    c = load_config(name)
+    assert c.checkpoint.dir == "" and c.metrics.tensorboard_dir == ""
+
+
 def test_227m_matches_spec_section_8():
     c = load_config("227m")
     m, mem, o = c.model, c.model.memory, c.optim
