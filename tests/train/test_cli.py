@@ -53,6 +53,15 @@ def test_bad_config_and_missing_data_are_one_line_errors(tmp_path):
     out = run(train_cmd(["--config", str(empty)]), timeout_for(0), tmp_path, env(tmp_path))
     assert out.returncode == 2
     _one_line_error(out, "has no [model] section")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words\n")
+    out = run(train_cmd([*TINY, f"--data.source={short}"]), timeout_for(0), tmp_path, env(tmp_path))
+    assert out.returncode == 2
+    _one_line_error(out, f"data.source='{short}'", "too short for seq_len=16")
+    if not torch.cuda.is_available():
+        out = run(train_cmd([*TINY, "--train.device=cuda"]), timeout_for(0), tmp_path, env(tmp_path))
+        assert out.returncode == 2
+        _one_line_error(out, "train.device='cuda'", "CUDA is not available")
 
 
 def test_two_ranks_report_a_config_error_in_one_line_each(tmp_path):

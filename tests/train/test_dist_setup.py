@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ultramem.config import ConfigError
 from ultramem.train import distributed
 
 
@@ -41,5 +42,5 @@ def test_process_group_binds_this_ranks_gpu(monkeypatch, device, local_rank, wan
 
 def test_a_rank_without_a_gpu_is_told_so(monkeypatch):
     fake_launch(monkeypatch, 1, "1", lambda **kw: pytest.fail("no group without a GPU"))
-    with pytest.raises(RuntimeError, match="local rank 1 has no GPU: this machine has 1"):
+    with pytest.raises(ConfigError, match="local rank 1 has no GPU: this machine has 1"):
         distributed.setup_distributed(torch.device("cuda"))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ultramem.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -45,9 +47,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device='cuda' but CUDA is not available; use 'cpu' or 'auto'")
+            raise ConfigError("train.device='cuda' but CUDA is not available here; use 'cpu' or 'auto'")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise ConfigError(
                 f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
                 f"launch at most that many processes per node"
             )

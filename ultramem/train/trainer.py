@@ -583,7 +583,10 @@ def build_data(cfg: TrainConfig, info: DistInfo):
             f"{cfg.model.vocab_size}; raise model.vocab_size"
         )
     t = cfg.train
-    train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size)
+    try:
+        train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size)
+    except ValueError as e:
+        raise ConfigError(f"data.source={cfg.data.source!r}: {e}") from e
     val = None
     if t.eval_interval:
         longest = max(b - a for a, b in token_segments(splits.val))
