@@ -68,6 +68,18 @@ def test_tail_is_todays_split_and_one_spread_chunk_is_the_tail(n, fraction):
     assert t.breaks == [] and v.breaks == []
 
 
+def test_a_spread_split_of_one_chunk_warns_that_it_is_the_tail(caplog):
+    tokens = _positions(10_000)
+    with caplog.at_level("WARNING", logger="ultramem.data.dataset"):
+        split_stream(tokens, 0.1, "spread", 600)  # 1000 tokens: one chunk
+    assert "1000 validation tokens are fewer than 2 x data.val_chunk_tokens=600" in caplog.text
+    assert "same split as 'tail'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ultramem.data.dataset"):
+        split_stream(tokens, 0.1, "spread", 500)  # two chunks
+    assert caplog.text == ""
+
+
 def test_join_records_breaks_and_views_keep_them():
     tokens = _positions(100, shard=7)
     joined = ShardedTokens.join([tokens.view(10, 20), tokens.view(50, 53), tokens.view(90, 100)])

@@ -223,6 +223,14 @@ def split_stream(
     joined with breaks between them, so that no window spans two."""
     n = len(tokens)
     train, val = split_ranges(n, val_fraction, val_split, val_chunk_tokens)
+    if val_split == "spread" and len(val) == 1:
+        log.warning(
+            "data.val_split='spread': %d validation tokens are fewer than 2 x data.val_chunk_tokens=%d, "
+            "so they are one chunk at the end of the stream, the same split as 'tail'; lower "
+            "data.val_chunk_tokens (>= train.seq_len + 2) to spread them",
+            val[0][1] - val[0][0],
+            val_chunk_tokens,
+        )
     if val_split == "tail":  # two plain views, as before spread splits existed
         cut = n - int(n * val_fraction)
         return tokens.view(0, cut), tokens.view(cut, n)

@@ -607,7 +607,7 @@ def build_data(cfg: TrainConfig, info: DistInfo):
         len(splits.train),
         len(splits.val),
         f" in {len(splits.val.segments)} chunks spread over the stream"
-        if cfg.data.val_split == "spread" and not cfg.data.val_source
+        if cfg.data.val_split == "spread" and not cfg.data.val_source and len(splits.val.segments) > 1
         else "",
         splits.vocab_size,
     )
