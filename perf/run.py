@@ -344,6 +344,10 @@ def main(argv: list[str]) -> int:
     group.add_argument("--work", default=None, help="run directories of the training subprocesses")
     group.add_argument("--timeout", type=float, default=540, help="seconds per training subprocess")
     args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined: Triton's CPU interpreter
 
     suites = [s for s in args.only.split(",") if s]
     unknown = sorted(set(suites) - set(SUITES))

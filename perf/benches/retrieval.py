@@ -23,6 +23,7 @@ runs this module alone through perf/bench_ops.py, and `--large-k` the large-k pa
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -226,12 +227,17 @@ def _large_k_variants(k: int) -> list[tuple[str, dict]]:
     return variants
 
 
+def _patched(consts: dict):
+    """The launcher with these module constants patched (patch.multiple refuses none)."""
+    return mock.patch.multiple(tri, **consts) if consts else contextlib.nullcontext()
+
+
 def _compile_one(k: int, consts: dict) -> str:
     """Run one launch variant on a few tokens (a worker process: fills Triton's disk cache)."""
     try:
         s = dict(t=64, h=1, n_row=1138, n_col=1138, r=2, m=2, k=k, dtype=torch.bfloat16)
         a, b, cores, u, v = _inputs(s, 0, torch.device("cuda"))
-        with mock.patch.multiple(tri, **consts):
+        with _patched(consts):
             tri.launch_forward(a, b, cores, u, v, k)
         torch.cuda.synchronize()
         return "ok"
@@ -265,7 +271,7 @@ def run_large_k(ctx) -> list[dict]:
         want = None
         for label, kw in _large_k_variants(k):
             ctx.poison_allocator(s["t"] * k * 8)
-            with mock.patch.multiple(tri, **kw):
+            with _patched(kw):
                 got = tri.launch_forward(a, b, cores, u, v, k)
             ctx.sync()
             if want is None:
@@ -284,7 +290,7 @@ def run_large_k(ctx) -> list[dict]:
                     )
                 )
             try:
-                with mock.patch.multiple(tri, **kw):
+                with _patched(kw):
                     us = ctx.do_bench(lambda: tri.launch_forward(a, b, cores, u, v, k))
                 rows.append(ctx.row(f"{OP}_fwd", _label(s), label, us, least, identical=same))
             except Exception as exc:  # keep the other rows

@@ -67,7 +67,6 @@ def test_run_small_appends_op_layer_e2e_records(tmp_path):
         str(log),
         "--work",
         str(tmp_path / "work"),
-        TRITON_INTERPRET="1",
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = _read(log)
