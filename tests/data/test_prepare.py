@@ -122,6 +122,17 @@ def test_cli_prepare_in_a_subprocess(corpus_dir, tmp_path):
     assert len(splits.train) == meta["n_tokens"]
 
 
+def test_quiet_draws_no_progress_bar(corpus_dir, tmp_path, capsys, monkeypatch):
+    """-q means warnings and errors only: no bar, even on a terminal (where one is drawn)."""
+    root, _ = corpus_dir
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    common = ["--vocab-size", "300", "--workers", "1", "--shard-tokens", "500"]
+    assert cli_main(["prepare", str(root), "--out", str(tmp_path / "loud"), *common]) == 0
+    assert "%|" in capsys.readouterr().err
+    assert cli_main(["prepare", str(root), "--out", str(tmp_path / "quiet"), *common, "-q"]) == 0
+    assert "%|" not in capsys.readouterr().err
+
+
 def test_cli_help_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["prepare", "--help"])

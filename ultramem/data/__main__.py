@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the token (or id) appended after every document (default: the tokenizer's end-of-text "
         "token, the first of <|endoftext|>, <|end_of_text|>, </s>, <eos>, <|eos|> it has)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bar")
     return parser
 
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_tokens=args.shard_tokens,
             eos=args.eos,
             train_chars=args.train_chars,
-            progress=not args.no_progress,
+            progress=not (args.no_progress or args.quiet) and sys.stderr.isatty(),
         )
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
