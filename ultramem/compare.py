@@ -660,7 +660,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             t = time.time()
             rc = launch(plan, args.nproc)
             if rc != 0:
-                failed.append(plan.name)
+                failed.append((plan.name, rc))
                 tail = (plan.run_dir / LOG_NAME).read_text().splitlines()[-15:]
                 print(
                     f"[{k}/{len(plans)}] {plan.name}: FAILED with exit code {rc}; the end of its log:\n  "
@@ -682,7 +682,16 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'loss_vs_tokens.png'}, {out / 'loss_vs_time.png'}"
     )
     if failed:
-        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them", file=sys.stderr)
+        refused = [name for name, rc in failed if rc == 2]  # the trainer's exit code for bad input
+        other = [name for name, rc in failed if rc != 2]
+        if refused:
+            print(
+                f"error: the trainer refused the config of {', '.join(refused)} (exit code 2): fix what its "
+                f"log says (e.g. with --extra), then run the same command again",
+                file=sys.stderr,
+            )
+        if other:
+            print(f"error: {len(other)} run(s) failed: {', '.join(other)}; rerun to retry them", file=sys.stderr)
         return 1
     return 0
 
