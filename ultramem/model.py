@@ -211,7 +211,8 @@ class Transformer(nn.Module):
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.tok_embeddings(tokens)
-        aux = x.new_zeros((), dtype=torch.float32)
+        loss_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 at least; float64 models in float64
+        aux = x.new_zeros((), dtype=loss_dtype)
         pending: dict[int, Tensor] = {}
         written: tuple[Tensor, ...] = ()  # memory outputs written after the previous block
         for i, block in enumerate(self.blocks):
@@ -227,7 +228,7 @@ class Transformer(nn.Module):
         logits = F.linear(x, weight)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+        loss = F.cross_entropy(logits.flatten(0, 1).to(loss_dtype), targets.flatten(0, 1))
         return loss + aux, aux
 
     def _check_tokens(self, tokens: Tensor, targets: Tensor | None) -> None:

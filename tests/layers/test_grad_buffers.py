@@ -64,6 +64,87 @@ def test_survives_zero_grad_set_to_none():
     assert tables.values.grad is tables.values_grad
 
 
+def _sgd_steps(tables, layers, inputs, buffers: bool, backend: str | None):
+    """Three steps of the plain loop a user writes: backward, step, zero_grad() (set_to_none)."""
+    tables.use_grad_buffers(buffers)
+    fns = [torch.compile(layer, fullgraph=True, backend=backend) if backend else layer for layer in layers]
+    opt = torch.optim.SGD(tables.parameters(), lr=0.5)
+    opt.zero_grad()
+    for x in inputs:
+        sum((fn(x, tables)[0] ** 2).sum() for fn in fns).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in tables.value_parameters()]
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("mem_type,pre_vdim", [("ultramem_v2", 4), ("memory_plus", 0)])
+def test_a_plain_zero_grad_loop_trains_the_tables_as_autograd_does(backend, mem_type, pre_vdim):
+    """zero_grad() drops `.grad`, which the buffers stand behind: the next forward clears and
+    attaches them again, so the optimizer keeps seeing each step's own gradient."""
+    cfg = make_cfg(type=mem_type, pre_vdim=pre_vdim, share_ratio=1.0)
+    tables, layers, g = build_random(cfg, 2, seed=16)
+    start = [p.detach().clone() for p in tables.value_parameters()]
+    inputs = [make_input((2, 4), g) for _ in range(3)]
+    torch._dynamo.reset()
+    dense = _sgd_steps(tables, layers, inputs, buffers=False, backend=backend)
+    with torch.no_grad():
+        for p, s in zip(tables.value_parameters(), start):
+            p.copy_(s)
+    torch._dynamo.reset()
+    buffered = _sgd_steps(tables, layers, inputs, buffers=True, backend=backend)
+    for d, b, s in zip(dense, buffered, start):
+        assert not torch.equal(d, s)
+        torch.testing.assert_close(b, d, rtol=1e-10, atol=1e-12)
+
+
+def test_a_replaced_table_is_refused_while_buffers_are_on():
+    cfg = make_cfg()
+    tables, layers, g = build_random(cfg, 1, seed=17)
+    x = make_input((2, 3), g)
+    tables.use_grad_buffers()
+    both = torch.nn.ModuleDict({"layer": layers[0], "tables": tables})
+    both.forward = lambda x: both["layer"](x, both["tables"])
+    new = torch.nn.Parameter(tables.values.detach().clone())
+    with pytest.raises(RuntimeError, match="table was replaced .* functional_call"):
+        torch.func.functional_call(both, {"tables.values": new}, (x,))
+    tables.values = new
+    with pytest.raises(RuntimeError, match=r"call use_grad_buffers\(\) after replacing a table"):
+        layers[0](x, tables)
+    tables.use_grad_buffers()  # as the message says: buffers for the new table
+    layers[0](x, tables)[0].sum().backward()
+    assert tables.values.grad is tables.values_grad and tables.values_grad.abs().sum() > 0
+
+
+def test_a_compute_copy_of_a_replaced_table_is_stale():
+    """A new table may have the old one's version count: the check sees its identity."""
+    cfg = make_cfg()
+    tables, layers, g = build_random(cfg, 1, seed=18)
+    x = make_input((2, 3), g)
+    tables.use_grad_buffers()
+    tables.use_compute_copy(torch.float32)
+    new = torch.nn.Parameter(torch.zeros_like(tables.values))
+    with torch.no_grad():
+        while new._version < tables.values._version:  # as after a deepcopy, where both restart at 0
+            new.mul_(1.0)
+    tables.values = new
+    tables.use_grad_buffers()
+    with pytest.raises(RuntimeError, match="refresh_compute_copy"):
+        layers[0](x, tables)
+    tables.refresh_compute_copy()
+    assert torch.equal(tables.gather_tables()[0], tables.values)
+
+
+def test_sharded_tables_get_no_buffers():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    tables, _, _ = build_random(make_cfg(), 1, seed=19)
+    v = tables.values.detach()
+    tables.values = torch.nn.Parameter(TwoTensor(v, v.clone()))
+    with pytest.raises(ValueError, match="ValueTables.values is a TwoTensor: .* ignored_params"):
+        tables.use_grad_buffers()
+
+
 def test_bad_buffer_is_rejected():
     rows = torch.zeros(2, 3, dtype=torch.int64)
     table = torch.randn(5, 4)

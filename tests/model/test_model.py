@@ -184,6 +184,17 @@ def test_model_refuses_heads_that_do_not_split_dim(heads, fragment):
         build_model(tiny_cfg(n_heads=heads), device="meta")
 
 
+@pytest.mark.parametrize("memory_type", ["ultramem_v2", "ultramem_v1", "memory_plus"])
+def test_a_float64_model_computes_its_loss_in_float64(memory_type):
+    """For float64 checks of the whole model (gradcheck, finite differences)."""
+    model = build_model(tiny_cfg(memory_type, n_layers=2), seed=2).double()
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    loss, aux = model(tokens[:, :-1], tokens[:, 1:])
+    assert loss.dtype == aux.dtype == torch.float64
+    want = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()) + aux
+    torch.testing.assert_close(loss, want, rtol=1e-14, atol=0)
+
+
 def test_skip_form_reads_at_a_and_writes_after_b():
     """Compare with a hand-written forward: layer 0 reads u of block 0, adds after block 2;
     layer 1 reads and writes at block 3."""

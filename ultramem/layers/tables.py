@@ -76,6 +76,7 @@ class ValueTables(nn.Module):
         self.grad_staging: GradStaging | None = None
         # whether the layers hand the gradient buffers to their ops as tensors (`grad_targets`)
         self.grads_as_inputs = False
+        self._buffered: tuple | None = None  # the parameters the gradient buffers were made for
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def __getstate__(self):
@@ -83,7 +84,9 @@ class ValueTables(nn.Module):
         # gradients into the original's buffers. It comes back as freshly built tables instead,
         # without buffers, staging or compute copies; `use_grad_buffers()` gives it its own.
         state = super().__getstate__()
-        state.update(values_grad_id=-1, pre_values_grad_id=-1, grad_staging=None, _compute_versions=None)
+        state.update(
+            values_grad_id=-1, pre_values_grad_id=-1, grad_staging=None, _compute_versions=None, _buffered=None
+        )
         dropped = ("values_grad", "pre_values_grad", "values_compute", "pre_values_compute")
         state["_buffers"] = {k: None if k in dropped else v for k, v in state["_buffers"].items()}
         return state
@@ -111,6 +114,12 @@ class ValueTables(nn.Module):
             p = getattr(self, name)
             buf = None
             if enabled and p is not None:
+                if type(p.data) is not torch.Tensor:
+                    raise ValueError(
+                        f"ValueTables.{name} is a {type(p.data).__name__}: gradient buffers need plain "
+                        f"(unsharded) tables; leave the tables out of fully_shard (its ignored_params), "
+                        f"as the trainer does"
+                    )
                 if p.dtype not in (torch.float32, torch.float64):
                     raise ValueError(
                         f"ValueTables.{name} is {p.dtype}: gradient buffers need float32 (or float64) "
@@ -130,6 +139,7 @@ class ValueTables(nn.Module):
                 if handle == -1:
                     handle = register_grad_buffer(buf)
             setattr(self, name + "_grad_id", handle)
+        self._buffered = (self.values, self.pre_values) if enabled else None
         self.attach_grad_buffers()
 
     def use_grad_staging(
@@ -187,6 +197,27 @@ class ValueTables(nn.Module):
                 p.grad = buf
                 update_grad_buffer(getattr(self, name + "_grad_id"), buf)
 
+    def _follow_zero_grad(self) -> None:
+        """`zero_grad()` (set_to_none=True, the default) drops `.grad`, which the buffers stand
+        behind: the step's first forward then clears them and attaches them again, as if zeroed.
+        Under torch.compile this is one guard on `.grad`."""
+        if not torch.compiler.is_compiling() and any(
+            p is not q for p, q in zip((self.values, self.pre_values), self._buffered or ())
+        ):
+            raise RuntimeError(
+                "ValueTables: a table was replaced (a new Parameter, or torch.func.functional_call) while "
+                "gradient buffers are on: its gradient would go to the old table's buffer; call "
+                "use_grad_buffers() after replacing a table, or use_grad_buffers(False) for functional_call"
+            )
+        if any(buf is not None and p.grad is None for p, buf in self._params_and_buffers()):
+            with torch.no_grad():
+                for p, buf in self._params_and_buffers():
+                    if buf is not None:
+                        buf.zero_()
+                        p.grad = buf
+                if self.grad_staging is not None:
+                    self.grad_staging.fill.zero_()
+
     @torch.no_grad()
     def zero_grad_buffers(self) -> None:
         """Clear the accumulated table gradients; call once per optimizer step."""
@@ -224,8 +255,10 @@ class ValueTables(nn.Module):
         """Refresh the compute copy after every `optimizer.step()`; returns the hook's handle."""
         return optimizer.register_step_post_hook(lambda *_: self.refresh_compute_copy())
 
-    def _versions(self) -> tuple[int | None, ...]:
-        return tuple(version_counter(p) for p in self.value_parameters())
+    def _versions(self) -> tuple[tuple[int, int | None], ...]:
+        # the parameter's identity too: a replaced table (a new Parameter, functional_call) may
+        # have the version count of the old one
+        return tuple((id(p), version_counter(p)) for p in self.value_parameters())
 
     @torch.no_grad()
     def refresh_compute_copy(self) -> None:
@@ -237,7 +270,10 @@ class ValueTables(nn.Module):
         self._compute_versions = self._versions()
 
     def gather_tables(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, pre_values) for the layers' ops: the compute copies when in use, else the tables."""
+        """(values, pre_values) for the layers' ops: the compute copies when in use, else the tables.
+        Every layer's forward calls it first."""
+        if self.values_grad is not None:
+            self._follow_zero_grad()
         if self.values_compute is None:
             return self.values, self.pre_values
         if not torch.compiler.is_compiling() and self._versions() != self._compute_versions:
