@@ -13,7 +13,7 @@ D = 16
 def make_cfg(**memory) -> ModelConfig:
     base = dict(knum=6, kdim=8, vdim=8, pre_vdim=4, knn=3, heads=1, calibration_rounds=1)
     base.update(memory)
-    return ModelConfig(dim=D, ffn_hidden=32, n_layers=3, memory=MemoryConfig(**base))
+    return ModelConfig(dim=D, ffn_hidden=32, n_layers=3, n_heads=2, memory=MemoryConfig(**base))
 
 
 def build_random(cfg: ModelConfig, num_layers: int, seed: int):

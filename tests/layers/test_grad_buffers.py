@@ -135,6 +135,14 @@ def test_a_compute_copy_of_a_replaced_table_is_stale():
     assert torch.equal(tables.gather_tables()[0], tables.values)
 
 
+def test_buffers_cast_with_the_module_are_refused_by_name():
+    tables, layers, g = build_random(make_cfg(), 1, seed=20)
+    tables.use_grad_buffers()
+    tables.to(torch.bfloat16), layers[0].to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"buffers were cast to torch.bfloat16 .* use_grad_buffers\(False\)"):
+        layers[0](make_input((2, 3), g).to(torch.bfloat16), tables)
+
+
 def test_sharded_tables_get_no_buffers():
     from torch.testing._internal.two_tensor import TwoTensor
 

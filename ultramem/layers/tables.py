@@ -201,14 +201,19 @@ class ValueTables(nn.Module):
         """`zero_grad()` (set_to_none=True, the default) drops `.grad`, which the buffers stand
         behind: the step's first forward then clears them and attaches them again, as if zeroed.
         Under torch.compile this is one guard on `.grad`."""
-        if not torch.compiler.is_compiling() and any(
-            p is not q for p, q in zip((self.values, self.pre_values), self._buffered or ())
-        ):
-            raise RuntimeError(
-                "ValueTables: a table was replaced (a new Parameter, or torch.func.functional_call) while "
-                "gradient buffers are on: its gradient would go to the old table's buffer; call "
-                "use_grad_buffers() after replacing a table, or use_grad_buffers(False) for functional_call"
-            )
+        if not torch.compiler.is_compiling():
+            if any(p is not q for p, q in zip((self.values, self.pre_values), self._buffered or ())):
+                raise RuntimeError(
+                    "ValueTables: a table was replaced (a new Parameter, or torch.func.functional_call) while "
+                    "gradient buffers are on: its gradient would go to the old table's buffer; call "
+                    "use_grad_buffers() after replacing a table, or use_grad_buffers(False) for functional_call"
+                )
+            if self.values_grad.dtype not in (torch.float32, torch.float64):
+                raise RuntimeError(
+                    f"ValueTables: the gradient buffers were cast to {self.values_grad.dtype} with the module; "
+                    f"they need float32 tables: call use_grad_buffers(False) before such a cast, or keep the "
+                    f"tables in fp32 and use autocast"
+                )
         if any(buf is not None and p.grad is None for p, buf in self._params_and_buffers()):
             with torch.no_grad():
                 for p, buf in self._params_and_buffers():
