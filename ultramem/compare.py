@@ -660,8 +660,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             t = time.time()
             rc = launch(plan, args.nproc)
             if rc != 0:
-                failed.append((plan.name, rc))
-                tail = (plan.run_dir / LOG_NAME).read_text().splitlines()[-15:]
+                text = (plan.run_dir / LOG_NAME).read_text()
+                # exit code 2 is the trainer's for bad input; torchrun reports its worker's and exits 1
+                refused = rc == 2 or (args.nproc > 1 and re.search(r"exitcode\s*:\s*2\b", text) is not None)
+                failed.append((plan.name, refused))
+                tail = text.splitlines()[-15:]
                 print(
                     f"[{k}/{len(plans)}] {plan.name}: FAILED with exit code {rc}; the end of its log:\n  "
                     + "\n  ".join(tail),
@@ -682,8 +685,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'loss_vs_tokens.png'}, {out / 'loss_vs_time.png'}"
     )
     if failed:
-        refused = [name for name, rc in failed if rc == 2]  # the trainer's exit code for bad input
-        other = [name for name, rc in failed if rc != 2]
+        refused = [name for name, bad_input in failed if bad_input]
+        other = [name for name, bad_input in failed if not bad_input]
         if refused:
             print(
                 f"error: the trainer refused the config of {', '.join(refused)} (exit code 2): fix what its "

@@ -208,6 +208,8 @@ class Transformer(nn.Module):
         loss = mean cross-entropy + aux and aux is the sum of the memory layers' auxiliary losses
         and the MoE blocks' router losses."""
         self._check_tokens(tokens, targets)
+        if self.memory_tables is not None:  # here, outside any checkpointed or compiled block
+            self.memory_tables.follow_zero_grad()
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.tok_embeddings(tokens)

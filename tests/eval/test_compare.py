@@ -247,12 +247,14 @@ def test_two_tiny_configs_compared_end_to_end_and_resumed(tmp_path):
     assert len(json.loads((out / "tiny-mem" / "compare.json").read_text())["segments"]) == 2
 
 
-def test_a_refused_config_is_not_called_retryable(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_refused_config_is_not_called_retryable(tmp_path, nproc):
+    """Also under torchrun (nproc 2), which exits 1 when its worker exits 2."""
     dense, _ = _configs(tmp_path)
-    cmd = [sys.executable, "-m", "ultramem.compare", "--configs", str(dense), "--tokens", "64"]
+    cmd = [sys.executable, "-m", "ultramem.compare", "--configs", str(dense), "--tokens", "64", "--nproc", str(nproc)]
     wide = token_shards(tmp_path / "data", vocab=600)  # ids past the config's vocabulary of 300: the trainer refuses
     cmd += ["--eval-every", "64", "--out", str(tmp_path / "out"), "--data", str(wide)]
-    res = run(cmd, START_S + timeout_for(0), tmp_path, env(tmp_path))
+    res = run(cmd, START_S + timeout_for(0, nproc), tmp_path, env(tmp_path))
     assert res.returncode == 1
     assert "the trainer refused the config of tiny-dense (exit code 2)" in res.stderr, res.stderr[-3000:]
     assert "rerun to retry" not in res.stderr

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from memory_layer_setup import build_random, make_cfg, make_input
+from tiny import tiny_cfg
+from torch.utils.checkpoint import checkpoint
 
 from ultramem import ops
+from ultramem.model import build_model
 
 
 def _table_grads(tables, layers, inputs, buffers: bool, compile_backend: str | None = None):
@@ -64,38 +67,76 @@ def test_survives_zero_grad_set_to_none():
     assert tables.values.grad is tables.values_grad
 
 
-def _sgd_steps(tables, layers, inputs, buffers: bool, backend: str | None):
-    """Three steps of the plain loop a user writes: backward, step, zero_grad() (set_to_none)."""
+def _sgd_steps(tables, forward, inputs, buffers: bool):
+    """Three steps of the loop a user writes: forward, backward, step, zero_grad() (set_to_none)."""
     tables.use_grad_buffers(buffers)
-    fns = [torch.compile(layer, fullgraph=True, backend=backend) if backend else layer for layer in layers]
     opt = torch.optim.SGD(tables.parameters(), lr=0.5)
     opt.zero_grad()
     for x in inputs:
-        sum((fn(x, tables)[0] ** 2).sum() for fn in fns).backward()
+        forward(x).backward()
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in tables.value_parameters()]
 
 
-@pytest.mark.parametrize("backend", [None, "aot_eager"])
-@pytest.mark.parametrize("mem_type,pre_vdim", [("ultramem_v2", 4), ("memory_plus", 0)])
-def test_a_plain_zero_grad_loop_trains_the_tables_as_autograd_does(backend, mem_type, pre_vdim):
-    """zero_grad() drops `.grad`, which the buffers stand behind: the next forward clears and
-    attaches them again, so the optimizer keeps seeing each step's own gradient."""
-    cfg = make_cfg(type=mem_type, pre_vdim=pre_vdim, share_ratio=1.0)
-    tables, layers, g = build_random(cfg, 2, seed=16)
+def _trains_as_autograd_does(tables, forward, inputs, tol):
     start = [p.detach().clone() for p in tables.value_parameters()]
-    inputs = [make_input((2, 4), g) for _ in range(3)]
-    torch._dynamo.reset()
-    dense = _sgd_steps(tables, layers, inputs, buffers=False, backend=backend)
+    dense = _sgd_steps(tables, forward, inputs, buffers=False)
     with torch.no_grad():
         for p, s in zip(tables.value_parameters(), start):
             p.copy_(s)
-    torch._dynamo.reset()
-    buffered = _sgd_steps(tables, layers, inputs, buffers=True, backend=backend)
+    buffered = _sgd_steps(tables, forward, inputs, buffers=True)
     for d, b, s in zip(dense, buffered, start):
         assert not torch.equal(d, s)
-        torch.testing.assert_close(b, d, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, d, rtol=tol, atol=tol)
+
+
+def _layers_loss(layers, tables, checkpointed=()):
+    def forward(x):
+        total = 0
+        for i, layer in enumerate(layers):
+            y = checkpoint(layer, x, tables, use_reentrant=False)[0] if i in checkpointed else layer(x, tables)[0]
+            total = total + (y**2).sum()
+        return total
+
+    return forward
+
+
+@pytest.mark.parametrize("checkpointed", [(), (0,)])
+@pytest.mark.parametrize("mem_type,pre_vdim", [("ultramem_v2", 4), ("memory_plus", 0)])
+def test_a_plain_zero_grad_loop_trains_the_tables_as_autograd_does(mem_type, pre_vdim, checkpointed):
+    """zero_grad() drops `.grad`, which the buffers stand behind: the next forward clears and
+    attaches them again, so the optimizer sees each step's own gradient. A layer recomputed
+    inside the backward (activation checkpointing) clears nothing."""
+    cfg = make_cfg(type=mem_type, pre_vdim=pre_vdim, share_ratio=1.0)
+    tables, layers, g = build_random(cfg, 2, seed=16)
+    inputs = [make_input((2, 4), g) for _ in range(3)]
+    _trains_as_autograd_does(tables, _layers_loss(layers, tables, checkpointed), inputs, tol=1e-10)
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_a_plain_zero_grad_loop_trains_a_models_tables(backend):
+    """The model follows zero_grad() before its blocks, compiled whole too."""
+    model = build_model(tiny_cfg(n_layers=2), seed=3)
+    gen = torch.Generator().manual_seed(4)
+    inputs = [torch.randint(0, 97, (2, 9), generator=gen) for _ in range(3)]
+    torch._dynamo.reset()
+    fn = torch.compile(model, fullgraph=True, backend=backend) if backend else model
+    _trains_as_autograd_does(model.memory_tables, lambda t: fn(t[:, :-1], t[:, 1:])[0], inputs, tol=1e-5)
+
+
+def test_a_backward_never_clears_the_buffers():
+    """zero_grad() between the forward and the backward: the checkpointed layer's recompute
+    (after the other layer's backward added its rows) must not clear them."""
+    tables, layers, g = build_random(make_cfg(share_ratio=1.0), 2, seed=21)
+    forward, x = _layers_loss(layers, tables, checkpointed=(0,)), make_input((2, 4), g)
+    forward(x).backward()
+    dense = tables.values.grad.clone()
+    tables.use_grad_buffers()
+    loss = forward(x)
+    tables.values.grad = None
+    loss.backward()
+    torch.testing.assert_close(tables.values_grad, dense, rtol=1e-10, atol=1e-12)
 
 
 def test_a_replaced_table_is_refused_while_buffers_are_on():
@@ -114,6 +155,11 @@ def test_a_replaced_table_is_refused_while_buffers_are_on():
     tables.use_grad_buffers()  # as the message says: buffers for the new table
     layers[0](x, tables)[0].sum().backward()
     assert tables.values.grad is tables.values_grad and tables.values_grad.abs().sum() > 0
+    with torch.no_grad():  # no gradient to misplace: swapped tables are fine
+        torch.func.functional_call(both, {"tables.values": new * 2}, (x,))
+    tables.load_state_dict({k: v.clone() for k, v in tables.state_dict().items()}, assign=True)
+    assert tables.values is not new and tables.values.grad is tables.values_grad  # buffers for the loaded tables
+    layers[0](x, tables)[0].sum().backward()
 
 
 def test_a_compute_copy_of_a_replaced_table_is_stale():

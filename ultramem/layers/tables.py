@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 def _refresh_after_load(module: nn.Module, _keys) -> None:
     """After load_state_dict (module-level, so that the tables pickle)."""
+    if module._buffered is not None and module._replaced():
+        module.use_grad_buffers()  # load_state_dict(assign=True) put in new tables: buffers for them
     module.refresh_compute_copy()
 
 
@@ -197,31 +199,44 @@ class ValueTables(nn.Module):
                 p.grad = buf
                 update_grad_buffer(getattr(self, name + "_grad_id"), buf)
 
-    def _follow_zero_grad(self) -> None:
-        """`zero_grad()` (set_to_none=True, the default) drops `.grad`, which the buffers stand
-        behind: the step's first forward then clears them and attaches them again, as if zeroed.
-        Under torch.compile this is one guard on `.grad`."""
-        if not torch.compiler.is_compiling():
-            if any(p is not q for p, q in zip((self.values, self.pre_values), self._buffered or ())):
-                raise RuntimeError(
-                    "ValueTables: a table was replaced (a new Parameter, or torch.func.functional_call) while "
-                    "gradient buffers are on: its gradient would go to the old table's buffer; call "
-                    "use_grad_buffers() after replacing a table, or use_grad_buffers(False) for functional_call"
-                )
-            if self.values_grad.dtype not in (torch.float32, torch.float64):
-                raise RuntimeError(
-                    f"ValueTables: the gradient buffers were cast to {self.values_grad.dtype} with the module; "
-                    f"they need float32 tables: call use_grad_buffers(False) before such a cast, or keep the "
-                    f"tables in fp32 and use autocast"
-                )
-        if any(buf is not None and p.grad is None for p, buf in self._params_and_buffers()):
-            with torch.no_grad():
-                for p, buf in self._params_and_buffers():
-                    if buf is not None:
-                        buf.zero_()
-                        p.grad = buf
-                if self.grad_staging is not None:
-                    self.grad_staging.fill.zero_()
+    def follow_zero_grad(self) -> None:
+        """`optimizer.zero_grad()` (set_to_none=True, its default) drops the tables' `.grad`, which
+        the buffers stand behind: this then clears the buffers and attaches them again, as if
+        zeroed. The model's forward calls it before its blocks (compiled: one guard on `.grad`),
+        a layer's eager forward too (docs/table-gradients.md)."""
+        if self.values_grad is None or (
+            self.values.grad is not None and (self.pre_values is None or self.pre_values.grad is not None)
+        ):
+            return
+        with torch.no_grad():
+            for _, buf in self._params_and_buffers():
+                buf.zero_()
+            if self.grad_staging is not None:
+                self.grad_staging.fill.zero_()
+        if torch.compiler.is_compiling():
+            for p, buf in self._params_and_buffers():
+                p.grad = buf
+        else:
+            self.attach_grad_buffers()  # also points the ops' ids at the buffers, moved or not
+
+    def _replaced(self) -> bool:
+        """Whether a table is not the parameter its gradient buffer was made for."""
+        return self.values is not self._buffered[0] or self.pre_values is not self._buffered[1]
+
+    def _check_buffers(self) -> None:
+        """What an eager forward refuses while gradient buffers are on."""
+        if torch.is_grad_enabled() and self._replaced():
+            raise RuntimeError(
+                "ValueTables: a table was replaced (a new Parameter, or torch.func.functional_call) while "
+                "gradient buffers are on: its gradient would go to the old table's buffer; call "
+                "use_grad_buffers() after replacing a table, or use_grad_buffers(False) for functional_call"
+            )
+        if self.values_grad.dtype not in (torch.float32, torch.float64):
+            raise RuntimeError(
+                f"ValueTables: the gradient buffers were cast to {self.values_grad.dtype} with the module; "
+                f"they need float32 tables: call use_grad_buffers(False) before such a cast, or keep the "
+                f"tables in fp32 and use autocast"
+            )
 
     @torch.no_grad()
     def zero_grad_buffers(self) -> None:
@@ -277,8 +292,10 @@ class ValueTables(nn.Module):
     def gather_tables(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(values, pre_values) for the layers' ops: the compute copies when in use, else the tables.
         Every layer's forward calls it first."""
-        if self.values_grad is not None:
-            self._follow_zero_grad()
+        if self.values_grad is not None and not torch.compiler.is_compiling():
+            self._check_buffers()
+            if torch._C._current_graph_task_id() == -1:  # not a recompute inside a backward (checkpointing)
+                self.follow_zero_grad()
         if self.values_compute is None:
             return self.values, self.pre_values
         if not torch.compiler.is_compiling() and self._versions() != self._compute_versions:
