@@ -661,8 +661,15 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             rc = launch(plan, args.nproc)
             if rc != 0:
                 text = (plan.run_dir / LOG_NAME).read_text()
-                # exit code 2 is the trainer's for bad input; torchrun reports its worker's and exits 1
-                refused = rc == 2 or (args.nproc > 1 and re.search(r"exitcode\s*:\s*2\b", text) is not None)
+                # exit code 2 is the trainer's for bad input. torchrun exits 1 and names its workers'
+                # codes, or only a signal for a worker it stopped first: then the workers' error lines tell
+                refused = rc == 2 or (
+                    args.nproc > 1
+                    and re.search(
+                        r"exitcode\s*:\s*2\b|^\[rank \d+\] (config )?error: (?!training diverged)", text, re.M
+                    )
+                    is not None
+                )
                 failed.append((plan.name, refused))
                 tail = text.splitlines()[-15:]
                 print(
