@@ -256,5 +256,5 @@ def test_a_refused_config_is_not_called_retryable(tmp_path, nproc):
     cmd += ["--eval-every", "64", "--out", str(tmp_path / "out"), "--data", str(wide)]
     res = run(cmd, START_S + timeout_for(0, nproc), tmp_path, env(tmp_path))
     assert res.returncode == 1
-    assert "the trainer refused the config of tiny-dense (exit code 2)" in res.stderr, res.stderr[-3000:]
+    assert "the trainer refused the config of tiny-dense (exit code 2)" in res.stderr, res.stdout[-4000:] + res.stderr
     assert "rerun to retry" not in res.stderr

@@ -223,20 +223,26 @@ class ValueTables(nn.Module):
         """Whether a table is not the parameter its gradient buffer was made for."""
         return self.values is not self._buffered[0] or self.pre_values is not self._buffered[1]
 
-    def _check_buffers(self) -> None:
-        """What an eager forward refuses while gradient buffers are on."""
-        if torch.is_grad_enabled() and self._replaced():
+    def _eager_forward_checks(self) -> None:
+        """An eager forward with gradient buffers on: refuse what would misplace gradients, and
+        follow zero_grad() unless this is a recompute inside a backward (checkpointing). Module
+        attributes are read once: this runs in every eager layer forward."""
+        values, pre_values, values_grad = self.values, self.pre_values, self.values_grad
+        if torch.is_grad_enabled() and (values is not self._buffered[0] or pre_values is not self._buffered[1]):
             raise RuntimeError(
                 "ValueTables: a table was replaced (a new Parameter, or torch.func.functional_call) while "
                 "gradient buffers are on: its gradient would go to the old table's buffer; call "
                 "use_grad_buffers() after replacing a table, or use_grad_buffers(False) for functional_call"
             )
-        if self.values_grad.dtype not in (torch.float32, torch.float64):
+        if values_grad.dtype not in (torch.float32, torch.float64):
             raise RuntimeError(
-                f"ValueTables: the gradient buffers were cast to {self.values_grad.dtype} with the module; "
+                f"ValueTables: the gradient buffers were cast to {values_grad.dtype} with the module; "
                 f"they need float32 tables: call use_grad_buffers(False) before such a cast, or keep the "
                 f"tables in fp32 and use autocast"
             )
+        dropped = values.grad is None or (pre_values is not None and pre_values.grad is None)
+        if dropped and torch._C._current_graph_task_id() == -1:
+            self.follow_zero_grad()
 
     @torch.no_grad()
     def zero_grad_buffers(self) -> None:
@@ -293,9 +299,7 @@ class ValueTables(nn.Module):
         """(values, pre_values) for the layers' ops: the compute copies when in use, else the tables.
         Every layer's forward calls it first."""
         if self.values_grad is not None and not torch.compiler.is_compiling():
-            self._check_buffers()
-            if torch._C._current_graph_task_id() == -1:  # not a recompute inside a backward (checkpointing)
-                self.follow_zero_grad()
+            self._eager_forward_checks()
         if self.values_compute is None:
             return self.values, self.pre_values
         if not torch.compiler.is_compiling() and self._versions() != self._compute_versions:
