@@ -5,7 +5,8 @@
 #   PYTHONPATH=. bash perf/host_path_gpu.sh OUT_DIR PART [BASE_TREE]
 #
 # PART:
-#   tests      the CUDA tests of the ops, the layers and the trainer       -> tests.txt
+#   tests      the CUDA tests of the ops, the layers and the trainer, three groups at once
+#                                                                  -> tests_{ops,layers,trainer}.txt, tests.txt
 #   ops        the statistics op and the staged backward, with the compiled
 #              references (perf/benches/layer_stats.py, staged_flush.py)    -> ops.txt, ops.json
 #   ab         the 227M trainer's step, default compile mode: dense, UltraMemV2, and UltraMemV2 on
@@ -51,12 +52,17 @@ ab() {  # trainer_ab in one compile mode, with the base tree as a third variant 
 
 case $part in
     tests)
-        {
-            $py -m pytest -q -p no:logging tests/ops/test_ops_cuda.py tests/ops/test_inline_triton_cuda.py \
-                tests/ops/test_lookup_into.py tests/layers/test_grads_as_inputs.py tests/ops/test_kernel_access.py \
-                tests/layers/test_layers_gpu.py || true
-            $py -m pytest -q -p no:logging tests/train/test_trainer.py -k cuda
-        } 2>&1 | tee "$out/tests.txt"
+        # three groups at once (compiling is most of their time and the host has 16 cores), each
+        # with a limit, so that the part fits one 10-minute call
+        t="timeout 500 $py -m pytest -q -p no:logging"
+        $t tests/ops/test_ops_cuda.py tests/ops/test_inline_triton_cuda.py > "$out/tests_ops.txt" 2>&1 &
+        $t tests/ops/test_lookup_into.py tests/layers/test_grads_as_inputs.py tests/ops/test_kernel_access.py \
+            tests/layers/test_layers_gpu.py tests/layers/test_grad_buffers.py > "$out/tests_layers.txt" 2>&1 &
+        $t tests/train/test_trainer.py -k cuda > "$out/tests_trainer.txt" 2>&1 &
+        rc=0
+        for job in $(jobs -p); do wait "$job" || rc=1; done
+        for f in ops layers trainer; do echo "== $f"; tail -n 3 "$out/tests_$f.txt"; done | tee "$out/tests.txt"
+        exit $rc
         ;;
     ops)
         $py -m perf.bench_ops --only layer_stats staged_flush --compile --out "$out/ops.json" 2>&1 | tee "$out/ops.txt"
