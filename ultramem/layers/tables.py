@@ -53,9 +53,14 @@ from ._common import fill_normal_rows, version_counter
 logger = logging.getLogger(__name__)
 
 
+def _grads_dropped(values: nn.Parameter, pre_values: nn.Parameter | None) -> bool:
+    """Whether zero_grad(set_to_none=True) took a table's `.grad`, its gradient buffer, away."""
+    return values.grad is None or (pre_values is not None and pre_values.grad is None)
+
+
 def _refresh_after_load(module: nn.Module, _keys) -> None:
     """After load_state_dict (module-level, so that the tables pickle)."""
-    if module._buffered is not None and module._replaced():
+    if module._buffered is not None and module._replaced(module.values, module.pre_values):
         module.use_grad_buffers()  # load_state_dict(assign=True) put in new tables: buffers for them
     module.refresh_compute_copy()
 
@@ -204,9 +209,7 @@ class ValueTables(nn.Module):
         the buffers stand behind: this then clears the buffers and attaches them again, as if
         zeroed. The model's forward calls it before its blocks (compiled: one guard on `.grad`),
         a layer's eager forward too (docs/table-gradients.md)."""
-        if self.values_grad is None or (
-            self.values.grad is not None and (self.pre_values is None or self.pre_values.grad is not None)
-        ):
+        if self.values_grad is None or not _grads_dropped(self.values, self.pre_values):
             return
         with torch.no_grad():
             for _, buf in self._params_and_buffers():
@@ -219,16 +222,17 @@ class ValueTables(nn.Module):
         else:
             self.attach_grad_buffers()  # also points the ops' ids at the buffers, moved or not
 
-    def _replaced(self) -> bool:
-        """Whether a table is not the parameter its gradient buffer was made for."""
-        return self.values is not self._buffered[0] or self.pre_values is not self._buffered[1]
+    def _replaced(self, values, pre_values) -> bool:
+        """Whether a table is not the parameter its gradient buffer was made for (the tables are
+        passed in: the eager forward has read them already)."""
+        return values is not self._buffered[0] or pre_values is not self._buffered[1]
 
     def _eager_forward_checks(self) -> None:
         """An eager forward with gradient buffers on: refuse what would misplace gradients, and
         follow zero_grad() unless this is a recompute inside a backward (checkpointing). Module
         attributes are read once: this runs in every eager layer forward."""
         values, pre_values, values_grad = self.values, self.pre_values, self.values_grad
-        if torch.is_grad_enabled() and (values is not self._buffered[0] or pre_values is not self._buffered[1]):
+        if torch.is_grad_enabled() and self._replaced(values, pre_values):
             raise RuntimeError(
                 "ValueTables: a table was replaced (a new Parameter, or torch.func.functional_call) while "
                 "gradient buffers are on: its gradient would go to the old table's buffer; call "
@@ -240,8 +244,7 @@ class ValueTables(nn.Module):
                 f"they need float32 tables: call use_grad_buffers(False) before such a cast, or keep the "
                 f"tables in fp32 and use autocast"
             )
-        dropped = values.grad is None or (pre_values is not None and pre_values.grad is None)
-        if dropped and torch._C._current_graph_task_id() == -1:
+        if _grads_dropped(values, pre_values) and torch._C._current_graph_task_id() == -1:
             self.follow_zero_grad()
 
     @torch.no_grad()
