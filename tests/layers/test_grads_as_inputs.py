@@ -100,10 +100,10 @@ def test_whole_model_region_under_aot_eager():
         torch.testing.assert_close(gt, w, rtol=1e-12, atol=1e-12)
 
 
-def test_off_by_default_and_what_the_layers_get():
+def test_ids_by_default_off_cuda_and_what_the_layers_get():
     tables, _, _ = build_random(make_cfg(), 1, seed=32)
     tables.use_grad_buffers()
-    assert tables.grads_as_inputs is False and tables.grad_targets() is None  # ids
+    assert tables.grads_as_inputs is None and tables.grad_targets() is None  # CPU tables: ids
     tables.grads_as_inputs = True
     values_grad, pre_values_grad, *stage = tables.grad_targets()
     assert values_grad is tables.values_grad and pre_values_grad is tables.pre_values_grad
@@ -131,6 +131,9 @@ def test_buffers_as_inputs_match_ids_on_cuda(regions, staging):
     tables.to("cuda", torch.float32)
     for layer in layers:
         layer.to("cuda", torch.float32)
+    tables.use_grad_buffers()
+    assert tables.grads_as_inputs is None and tables.grad_targets() is not None  # on by default on CUDA
+    tables.use_grad_buffers(False)
     inputs = [make_input((2, 5), g).to("cuda", torch.float32) for _ in range(3)]
     torch._dynamo.reset()
     want, want_staged = _grads(tables, layers, inputs, False, regions, staging)

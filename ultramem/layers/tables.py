@@ -81,8 +81,9 @@ class ValueTables(nn.Module):
         self.register_buffer("pre_values_compute", None, persistent=False)
         self._compute_versions: tuple[int, ...] | None = None
         self.grad_staging: GradStaging | None = None
-        # whether the layers hand the gradient buffers to their ops as tensors (`grad_targets`)
-        self.grads_as_inputs = False
+        # whether the layers hand the gradient buffers to their ops as tensors (`grad_targets`);
+        # None: on CUDA, where the compiled backward then launches their kernels itself
+        self.grads_as_inputs: bool | None = None
         self._buffered: tuple | None = None  # the parameters the gradient buffers were made for
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -179,11 +180,12 @@ class ValueTables(nn.Module):
 
     def grad_targets(self) -> tuple[torch.Tensor | None, ...] | None:
         """What the layers' fused op adds the tables' gradients into, when `grads_as_inputs` is
-        on (else None: the layers pass the buffers' ids). With pre-values, for `gate_lookup_into`:
-        (values' buffer, pre-values' buffer, the staging area's six tensors or six None); without,
-        for `weighted_lookup_into`: (values' buffer, the staging area's rows, eff, grad_out and
-        fill, or four None). None without buffers."""
-        if not self.grads_as_inputs or self.values_grad is None:
+        on, or None for CUDA tables (else None: the layers pass the buffers' ids). With
+        pre-values, for `gate_lookup_into`: (values' buffer, pre-values' buffer, the staging
+        area's six tensors or six None); without, for `weighted_lookup_into`: (values' buffer,
+        the staging area's rows, eff, grad_out and fill, or four None). None without buffers."""
+        as_inputs = self.values.is_cuda if self.grads_as_inputs is None else self.grads_as_inputs
+        if not as_inputs or self.values_grad is None:
             return None
         staging = self.grad_staging
         if self.pre_values is not None:

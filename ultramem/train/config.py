@@ -84,8 +84,9 @@ class TrainSection:
     # token, layer and micro-batch staged.
     table_grad_flush: int = 4  # UltraMemV2: stage table gradients, add them every this many micro-batches; 0: at once
     # hand the table gradients' buffers to the layers' lookups as tensors, so that a compiled
-    # backward launches its kernels itself (docs/table-gradients.md); off: by registered id
-    table_grads_as_inputs: bool = False
+    # backward launches its kernels itself (docs/table-gradients.md); off: by registered id;
+    # none: on CUDA, off elsewhere
+    table_grads_as_inputs: bool | None = None
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     log_interval: int = 1  # steps between log lines
     eval_interval: int = 100  # validation every this many steps and at the end; 0: never
