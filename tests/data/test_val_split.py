@@ -128,6 +128,25 @@ def test_spread_windows_are_deterministic_and_sharded_by_rank_as_before():
         assert np.array_equal(np.concatenate([w.offsets(i) for w in ranks]), whole.offsets(i))
 
 
+def test_a_step_trains_on_the_same_windows_however_its_global_batch_is_split():
+    # a run resumed with another batch_size x world_size x grad_accum of the same product must
+    # not train again on windows it has already seen (batch index = step * grad_accum + micro)
+    tokens = np.arange(50_000, dtype=np.int64)
+
+    def step_windows(batch_size, world, accum, step):
+        ws = [TokenWindows(tokens, batch_size, 16, 5, r, world, accum) for r in range(world)]
+        return sorted(int(s) for w in ws for m in range(accum) for s in w.offsets(step * accum + m))
+
+    for step in range(4):
+        want = step_windows(16, 1, 1, step)
+        assert len(set(want)) == 16
+        for split in [(8, 1, 2), (4, 2, 2), (2, 2, 4), (8, 2, 1), (1, 4, 4)]:
+            assert step_windows(*split, step) == want, split
+    assert step_windows(16, 1, 1, 0) != step_windows(16, 1, 1, 1)
+    with pytest.raises(ValueError, match="grad_accum=0"):
+        TokenWindows(tokens, 4, 16, 5, grad_accum=0)
+
+
 def test_windows_of_one_piece_are_todays_windows():
     flat = np.arange(5000, dtype=np.int64)
     joined_once = ShardedTokens.join([ShardedTokens([flat])])

@@ -12,10 +12,11 @@ packages in the tail, which the model then never trains on; spread chunks hold o
 every part of it.
 
 `TokenWindows` yields `[batch, seq+1]` windows at random offsets, each inside one contiguous
-piece of its stream (a spread split's chunks are joined with breaks between them). Batch `i`
-depends only on (seed, i, rank, world_size): every step draws `batch · world_size` offsets from
-a generator seeded by (seed, i), and rank `r` takes the r-th slice, so runs are reproducible,
-ranks never see the same window of a step, and a resumed run only needs the step number.
+piece of its stream (a spread split's chunks are joined with breaks between them). Each
+optimizer step draws `batch · world_size · grad_accum` offsets from a generator seeded by
+(seed, step), and micro-batch `m` of rank `r` takes slice `m · world_size + r`, so runs are
+reproducible, ranks never see the same window of a step, and a resumed run only needs the step
+number, whatever split of the same global batch it uses.
 """
 
 from __future__ import annotations
@@ -240,7 +241,12 @@ def split_stream(
 
 
 class TokenWindows:
-    """Deterministic random `[batch, seq_len + 1]` windows of a token stream, sharded by rank."""
+    """Deterministic random `[batch, seq_len + 1]` windows of a token stream, sharded by rank.
+
+    Batch `index` is micro-batch `index % grad_accum` of optimizer step `index // grad_accum`.
+    Each step's windows are drawn at once for all micro-batches and ranks, so a run resumed with
+    another split of the same global batch (batch_size × world_size × grad_accum) trains each
+    step on the same windows."""
 
     def __init__(
         self,
@@ -250,9 +256,12 @@ class TokenWindows:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum: int = 1,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum={grad_accum} must be >= 1")
         segments = token_segments(tokens)
         # the starts a window may take in each contiguous piece, numbered piece after piece
         counts = np.array([max(0, b - a - seq_len - 1) for a, b in segments], dtype=np.int64)
@@ -269,17 +278,18 @@ class TokenWindows:
             )
         self.tokens = tokens
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self._piece_starts = np.array([a for a, _ in segments], dtype=np.int64)
         self._first_start = np.cumsum(counts) - counts  # the number of each piece's first start
         self._n_starts = int(counts.sum())
 
     def offsets(self, index: int) -> np.ndarray:
         """Start offsets of this rank's windows in batch `index`."""
-        rng = np.random.default_rng([self.seed, index])
-        n_windows = self.batch_size * self.world_size
-        starts = rng.integers(0, self._n_starts, size=n_windows)
-        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        step, micro = divmod(index, self.grad_accum)
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, self._n_starts, size=self.batch_size * self.world_size * self.grad_accum)
+        first = (micro * self.world_size + self.rank) * self.batch_size
+        starts = starts[first : first + self.batch_size]
         if len(self._piece_starts) > 1:
             piece = np.searchsorted(self._first_start, starts, side="right") - 1
             starts = self._piece_starts[piece] + starts - self._first_start[piece]

@@ -584,7 +584,7 @@ def build_data(cfg: TrainConfig, info: DistInfo):
         )
     t = cfg.train
     try:
-        train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size)
+        train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size, t.grad_accum)
     except ValueError as e:
         raise ConfigError(f"data.source={cfg.data.source!r}: {e}") from e
     val = None
