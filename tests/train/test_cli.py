@@ -62,15 +62,37 @@ def test_bad_config_and_missing_data_are_one_line_errors(tmp_path):
         out = run(train_cmd([*TINY, "--train.device=cuda"]), timeout_for(0), tmp_path, env(tmp_path))
         assert out.returncode == 2
         _one_line_error(out, "train.device='cuda'", "CUDA is not available")
+    # output directories are made and checked before any training, not at the first save
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for key in ("run.dir", "checkpoint.dir", "metrics.tensorboard_dir"):
+        extra = [f"--{key}={blocker / 'sub'}", "--metrics.tensorboard=true"]
+        if key != "run.dir":
+            extra.append(f"--run.dir={tmp_path / key}")
+        out = run(train_cmd([*TINY, *extra]), timeout_for(0), tmp_path, env(tmp_path))
+        assert out.returncode == 2
+        _one_line_error(out, f"{key}='{blocker / 'sub'}': cannot make the directory: Not a directory")
+        assert not (tmp_path / key / "metrics.jsonl").exists()
+    # a --resume path that is not there is refused before the run directory is made
+    run_dir = tmp_path / "never_made"
+    out = run(
+        train_cmd([*TINY, "--resume", str(tmp_path / "nowhere"), f"--run.dir={run_dir}"]),
+        timeout_for(0),
+        tmp_path,
+        env(tmp_path),
+    )
+    assert out.returncode == 2
+    _one_line_error(out, f"--resume '{tmp_path / 'nowhere'}': no such file or directory")
+    assert not run_dir.exists()
 
 
 def test_two_ranks_report_a_config_error_in_one_line_each(tmp_path):
     out = run(train_cmd([*TINY, "--optim.lr=-1"], nproc=2), timeout_for(0, 2), tmp_path, env(tmp_path))
     assert out.returncode != 0
-    lines = [line for line in out.stderr.splitlines() if "optim.lr=-1.0: must be > 0" in line]
+    lines = [line for line in out.stderr.splitlines() if "optim.lr=-1.0: must be > 0 and finite" in line]
     assert sorted(lines) == [
-        "[rank 0] config error: optim.lr=-1.0: must be > 0",
-        "[rank 1] config error: optim.lr=-1.0: must be > 0",
+        "[rank 0] config error: optim.lr=-1.0: must be > 0 and finite",
+        "[rank 1] config error: optim.lr=-1.0: must be > 0 and finite",
     ], out.stderr[-3000:]
     # torchrun adds its own summary of the failed workers (ChildFailedError); no worker traceback
     assert "ultramem/" not in out.stderr.replace("-m ultramem.train", "")
@@ -88,11 +110,12 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     run_dir = tmp_path / "run"
     out = _train(
         tmp_path,
-        [f"--run.dir={run_dir}", "--optim.lr=inf", "--optim.grad_clip=0", "--checkpoint.interval=1"],
+        [f"--run.dir={run_dir}", "--optim.lr=1e30", "--optim.grad_clip=0", "--checkpoint.interval=1"],
         steps=5,
         rc=3,
     )
-    _one_line_error(out, "training diverged", "step 2", "nan", "last good checkpoint is kept")
+    kept = run_dir / "checkpoints" / "step_00000001"
+    _one_line_error(out, "training diverged", "step 2", "nan", f"the last good checkpoint, {kept}, is kept")
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step_00000001"]
     assert sorted(losses(run_dir)) == [1]
@@ -136,6 +159,38 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly_on_every_rank(tmp_path):
     assert all(f"at step {step}" in line for line in stopped), (stopped, step)
     assert (run_dir / "checkpoints" / f"step_{step:08d}" / ".metadata").is_file()
     assert "ultramem/" not in err.replace("-m ultramem.train", "")  # no worker traceback (torchrun has its own)
+
+
+def test_sigterm_stops_a_plain_fsdp_run_with_its_code_and_resume_takes_a_run_directory(tmp_path):
+    # FSDP without torchrun runs as a group of one; a stopped run exits 128 + SIGTERM, not 0
+    data = token_shards(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"--data.source={data}", "--train.max_steps=100000", f"--run.dir={run_dir}"]
+    args += ["--checkpoint.interval=0", "--parallel.mode=fsdp"]
+    proc = subprocess.Popen(
+        train_cmd(args),
+        cwd=tmp_path,
+        env=env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert wait_for(lambda: len(records(run_dir)) >= 2, timeout_for(2), proc), "no training steps seen"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=timeout_for(2))
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-3000:])
+    step = max(losses(run_dir))
+    assert f"stopped by SIGTERM at step {step}" in out + err
+    # --resume takes the run directory itself, as eval and export do
+    other = tmp_path / "other"
+    out = _train(tmp_path, [f"--run.dir={other}", "--resume", str(run_dir)], steps=step + 1)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'} at step {step}" in out.stdout + out.stderr
+    assert [(r["step"]) for r in records(other, "resume")] == [step]  # where the logged steps begin again
 
 
 KILLER = """

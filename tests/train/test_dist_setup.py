@@ -44,3 +44,30 @@ def test_a_rank_without_a_gpu_is_told_so(monkeypatch):
     fake_launch(monkeypatch, 1, "1", lambda **kw: pytest.fail("no group without a GPU"))
     with pytest.raises(ConfigError, match="local rank 1 has no GPU: this machine has 1"):
         distributed.setup_distributed(torch.device("cuda"))
+
+
+def test_parallel_mode_none_is_refused_on_several_processes(tmp_path):
+    # each rank would train a copy of its own, never synchronized; refused before anything is made
+    from tiny import TINY_MODEL
+
+    from ultramem.train.config import load_config
+    from ultramem.train.trainer import build_trainer
+
+    cfg = load_config("debug", [*TINY_MODEL, "--parallel.mode=none", f"--run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"parallel.mode='none' with 2 processes: .* use 'ddp' or 'fsdp'"):
+        build_trainer(cfg, distributed.DistInfo(rank=1, world_size=2))
+    assert not (tmp_path / "run").exists()
+    assert load_config("debug").parallel.mode == "ddp"  # the packaged configs' mode, the default
+
+
+def test_a_plain_process_gets_a_group_of_its_own_when_asked(monkeypatch):
+    # FSDP needs a process group: without torchrun, `alone` makes one of one rank
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: calls.append(kw))
+    assert distributed.setup_distributed(torch.device("cpu")).initialized is False and calls == []
+    info = distributed.setup_distributed(torch.device("cpu"), alone=True)
+    assert info.initialized and (info.rank, info.world_size) == (0, 1) and not info.distributed
+    (kw,) = calls
+    assert kw["backend"] == "gloo" and kw["world_size"] == 1 and "store" in kw

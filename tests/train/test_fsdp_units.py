@@ -73,7 +73,7 @@ def test_a_policy_without_fsdp_is_reported(caplog):
 
 
 def test_a_bucket_size_without_ddp_is_reported(caplog):
-    cfg = load_config("debug", TINY_MODEL + ["--parallel.bucket_cap_mb=4"])
+    cfg = load_config("debug", TINY_MODEL + ["--parallel.mode=none", "--parallel.bucket_cap_mb=4"])
     model = build_training_model(cfg, torch.device("cpu"))
     with caplog.at_level("WARNING", logger="ultramem.train.parallelize"):
         parallelize(model, cfg, DistInfo(), torch.device("cpu"))

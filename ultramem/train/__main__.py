@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "--resume",
         metavar="PATH",
         default=None,
-        help="resume from this checkpoint (or the latest in this directory); by default a run "
+        help="resume from this checkpoint (or the latest in this directory or run directory); by default a run "
         "resumes from the latest checkpoint in its own run directory",
     )
     parser.add_argument(
@@ -111,17 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ultramem.train.checkpoint import CheckpointError
-    from ultramem.train.trainer import TrainingDiverged, run_training
+    from ultramem.train.trainer import TrainingDiverged, run_trainer
 
     try:
-        run_training(cfg)
+        trainer = run_trainer(cfg)
     except (ConfigError, FileNotFoundError, CheckpointError) as e:  # bad input found late: no traceback
         _exit(parser, 2, f"error: {e}")
     except TrainingDiverged as e:
-        _exit(parser, 3, f"error: training diverged: {e}; the last good checkpoint is kept")
+        _exit(parser, 3, f"error: training diverged: {e}")
     except KeyboardInterrupt:
         parser.exit(130, f"{_prefix()}interrupted\n")
-    return 0
+    # stopped by a signal after its checkpoint: the shell's code for that signal, not "done"
+    return 128 + trainer.stopped_by if trainer.stopped_by else 0
 
 
 if __name__ == "__main__":

@@ -280,10 +280,13 @@ class CheckpointManager:
         saved = meta["config"]
         problem = config_mismatch(saved, config)
         if problem:
-            raise ConfigError(f"checkpoint {str(path)!r} does not match this run's config: {problem}")
+            raise ConfigError(
+                f"checkpoint {str(path)!r} does not match this run's config: {problem} "
+                f"(to start afresh instead: --no-resume, or another --run.dir)"
+            )
         saved_batch = saved["train.batch_size"] * saved["train.grad_accum"] * meta.get("world_size", 1)
         batch = config.train.batch_size * config.train.grad_accum * self.info.world_size
-        if saved_batch != batch:
+        if saved_batch != batch and self.info.is_main:
             log.warning(
                 "resuming with a global batch of %d sequences per step; the checkpoint was made with %d",
                 batch,
@@ -333,13 +336,23 @@ class CheckpointManager:
         if resume == "auto":
             found = self.latest()
         elif resume:
-            p = Path(resume)
-            if not p.exists():
-                raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
-            found = p if (p / ".metadata").is_file() else CheckpointManager(p, 0, 0, self.info).latest()
-            if found is None:
-                raise FileNotFoundError(f"--resume {resume!r}: no complete checkpoint there")
+            found = resolve_checkpoint(resume, "--resume")
         return broadcast_object(found, self.info)
+
+
+def resolve_checkpoint(path: str | Path, name: str = "checkpoint") -> Path:
+    """A checkpoint directory, or the latest complete checkpoint in a directory of them or in a
+    run directory's `checkpoints/`; errors name the path as `name`."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{name} {str(path)!r}: no such file or directory")
+    if (p / ".metadata").is_file():
+        return p
+    for candidate in (p, p / "checkpoints"):
+        latest = CheckpointManager(candidate, 0, 0, DistInfo()).latest()
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"{name} {str(path)!r}: no complete checkpoint there")
 
 
 @contextlib.contextmanager

@@ -97,7 +97,8 @@ class TrainSection:
 
 @dataclass
 class ParallelConfig:
-    mode: str = "none"  # "none", "ddp" or "fsdp" (FSDP2); with one process "ddp" is "none"
+    # "ddp", "fsdp" (FSDP2) or "none" (one process only); with one process "ddp" is "none"
+    mode: str = "ddp"
     # FSDP: whether a unit frees its gathered weights after its forward and gathers them again for
     # the backward. "default": blocks do, except the last, and so do UltraMem v1's layers (each
     # owns its table); memory layers that share the tables keep theirs (a few MB each, and each
@@ -422,18 +423,25 @@ def validate_config(cfg: TrainConfig) -> None:
         not d.val_source or Path(d.val_source).expanduser().exists(),
         f"data.val_source={d.val_source!r}: no such file or directory",
     )
-    _require(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    _require(0 < o.lr < math.inf, f"optim.lr={o.lr}: must be > 0 and finite")
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas={o.betas}: each must be in [0, 1)")
-    _require(o.eps > 0, f"optim.eps={o.eps}: must be > 0")
-    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
-    _require(o.table_weight_decay >= 0, f"optim.value_weight_decay={o.value_weight_decay}: must be >= 0")
+    _require(0 < o.eps < math.inf, f"optim.eps={o.eps}: must be > 0 and finite")
+    _require(0 <= o.weight_decay < math.inf, f"optim.weight_decay={o.weight_decay}: must be >= 0 and finite")
+    _require(
+        0 <= o.table_weight_decay < math.inf,
+        f"optim.value_weight_decay={o.value_weight_decay}: must be >= 0 and finite",
+    )
     _require(
         0 <= o.warmup_steps <= t.max_steps,
         f"optim.warmup_steps={o.warmup_steps}: must be in [0, train.max_steps={t.max_steps}]",
     )
     _require(0.0 <= o.min_lr_frac <= 1.0, f"optim.min_lr_frac={o.min_lr_frac}: must be in [0, 1]")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables)")
-    _require(o.value_lr_mult > 0, f"optim.value_lr_mult={o.value_lr_mult}: must be > 0")
+    _require(0 < o.value_lr_mult < math.inf, f"optim.value_lr_mult={o.value_lr_mult}: must be > 0 and finite")
+    _require(
+        0 < o.memory_plus_value_lr < math.inf,
+        f"optim.memory_plus_value_lr={o.memory_plus_value_lr}: must be > 0 and finite",
+    )
     _require(
         0.0 <= o.value_lr_decay_frac <= 1.0, f"optim.value_lr_decay_frac={o.value_lr_decay_frac}: must be in [0, 1]"
     )

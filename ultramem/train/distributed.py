@@ -1,7 +1,8 @@
 """Process group, device and thread setup, and the few collectives the trainer calls itself.
 
 Launched by torchrun (WORLD_SIZE set) every rank joins one process group: gloo on CPU, NCCL on
-CUDA. Launched as a plain process it runs alone and no collective is ever issued.
+CUDA. Launched as a plain process it runs alone and no collective is ever issued (under FSDP it
+still makes a group of one, which FSDP needs).
 """
 
 from __future__ import annotations
@@ -75,14 +76,18 @@ def set_cpu_threads(info: DistInfo) -> int:
     return threads
 
 
-def setup_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when launched by torchrun: gloo on CPU, NCCL on CUDA."""
+def setup_distributed(device: torch.device, alone: bool = False) -> DistInfo:
+    """Join the process group when launched by torchrun: gloo on CPU, NCCL on CUDA. With `alone`,
+    a plain process makes a group of one of its own (FSDP needs a group)."""
     info = env_dist_info()
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+    launched = "WORLD_SIZE" in os.environ
+    if (launched or alone) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda" and device.index is None:  # NCCL binds the group to one GPU: this rank's
             device = resolve_device("cuda", info.local_rank)
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if not launched:  # no rendezvous to join: an in-process store
+            kwargs["store"] = dist.HashStore()
         dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, **kwargs)
         info.initialized = True
     return info

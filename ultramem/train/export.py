@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from ultramem.config import ConfigError, ModelConfig
 from ultramem.model import Transformer, build_model
 
-from .checkpoint import CheckpointManager, _quiet_single_process, read_meta, reading
+from .checkpoint import _quiet_single_process, read_meta, reading, resolve_checkpoint
 from .config import TrainConfig, _build
 
 FORMAT = "ultramem-model/1"
@@ -49,22 +49,6 @@ def checkpoint_config(path: str | Path) -> TrainConfig:
         )
     nested = _unflatten(read_meta(meta_file)["config"])
     return _build(TrainConfig, {k: v for k, v in nested.items() if k in TrainConfig.__dataclass_fields__}, "")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the latest complete checkpoint in a directory of them."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file or directory")
-    if (p / ".metadata").is_file():
-        return p
-    for candidate in (p, p / "checkpoints"):
-        from .distributed import DistInfo
-
-        latest = CheckpointManager(candidate, 0, 0, DistInfo()).latest()
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(f"checkpoint {str(path)!r}: no complete checkpoint there")
 
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, TrainConfig]:

@@ -40,10 +40,7 @@ class MetricsLogger:
         self.max_steps = max_steps
         if not enabled:
             return
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+        self._tb_dir = tensorboard_dir  # the writer is made at `start`, which knows the step
         if run_dir is not None:
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if progress and sys.stderr.isatty():
@@ -52,6 +49,17 @@ class MetricsLogger:
             self._bar = tqdm(total=max_steps, unit="step", dynamic_ncols=True, leave=False)
 
     def start(self, step: int) -> None:
+        """Before the first step, at `step` (> 0: resumed). A run killed after its checkpoint
+        logged steps past it: tensorboard drops its events from step + 1 on, and metrics.jsonl
+        marks where the records of the steps logged again begin."""
+        if not self.enabled:
+            return
+        if self._tb_dir is not None and self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self._tb_dir), purge_step=step + 1 if step else None)
+        if step and self._jsonl is not None:
+            self._jsonl.write(json.dumps({"kind": "resume", "step": step, "time": time.time()}) + "\n")
         if self._bar is not None:
             self._bar.n = step
             self._bar.refresh()

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,11 +27,12 @@ from ultramem.config import ConfigError
 from ultramem.model import Transformer, build_model
 
 from .accumulate import FoldedGrads
-from .checkpoint import CheckpointManager, flatten_config
+from .checkpoint import CheckpointManager, flatten_config, resolve_checkpoint
 from .config import TrainConfig
 from .distributed import (
     DistInfo,
     all_reduce_sum_,
+    broadcast_object,
     resolve_device,
     set_cpu_threads,
     setup_distributed,
@@ -243,6 +245,8 @@ class Trainer:
         self._flops_per_token = _flops_per_token(cfg)
         self._peak_flops = peak_flops(device)
         self._stop = _StopRequest()
+        self.stopped_by: int | None = None  # the signal that stopped the run before max_steps
+        self._timed = False  # whether this run's first logged interval (compile, warm-up) is behind it
         self.last_checkpoint: Path | None = None
 
     # -- pieces ---------------------------------------------------------------------------
@@ -328,8 +332,14 @@ class Trainer:
         loss_v = loss_sum / (accum * self.info.world_size)
         norm_v = float(grad_norm)
         if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            kept = (
+                f"the last good checkpoint, {self.last_checkpoint}, is kept"
+                if self.last_checkpoint
+                else "this run has no checkpoint yet"
+            )
             raise TrainingDiverged(
-                f"step {self.step + 1}: loss {loss_v} and gradient norm {norm_v}; stopped before the optimizer step"
+                f"step {self.step + 1}: loss {loss_v} and gradient norm {norm_v}; stopped before the optimizer "
+                f"step; {kept}"
             )
         self.optimizer.step()
         self.scheduler.step()
@@ -432,7 +442,9 @@ class Trainer:
         self.history.append(record)
         if not self.info.is_main:
             return
-        left = (self.cfg.train.max_steps - record.step) * seconds / max(steps, 1)
+        # the first interval holds the compile and warm-up: no estimate from it
+        left = (self.cfg.train.max_steps - record.step) * seconds / max(steps, 1) if self._timed else math.nan
+        self._timed = True
         mfu = f" | mfu {record.mfu:.1%}" if record.mfu is not None else ""
         mem = f" | mem {record.peak_memory_gb:.2f} GB" if record.peak_memory_gb is not None else ""
         self.metrics.line(
@@ -476,6 +488,7 @@ class Trainer:
                 f"{cfg.train.max_steps} (raise it to train on, or --run.resume= to start afresh)"
             )
         self._stop.install()
+        self._timed = False
         t_log, steps_since = time.perf_counter(), 0
         stopped_by = None
         try:
@@ -494,6 +507,7 @@ class Trainer:
                 if self.checkpoints.due(self.step):
                     self.save_checkpoint()
                 if self._stop.agreed:
+                    self.stopped_by = self._stop.signal
                     stopped_by = signal.Signals(self._stop.signal).name
                     break
                 t_log += time.perf_counter() - paused  # evaluation and saving are not training time
@@ -614,14 +628,44 @@ def build_data(cfg: TrainConfig, info: DistInfo):
     return train, val, splits.vocab_size
 
 
+def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> None:
+    """Make the run's directories, and check that they take files, before anything is trained:
+    otherwise the first save would find out. Rank 0 looks; every rank raises its answer."""
+    problem = None
+    if info.is_main:
+        run_dir = Path(cfg.run.dir) if cfg.run.dir else None
+        dirs = [("run.dir", run_dir)]
+        if cfg.checkpoint.enabled:
+            dirs.append(("checkpoint.dir", Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None))
+        if cfg.metrics.tensorboard:
+            dirs.append(
+                ("metrics.tensorboard_dir", Path(cfg.metrics.tensorboard_dir) if cfg.metrics.tensorboard_dir else None)
+            )
+        for key, path in dirs:
+            if path is None:
+                continue
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                writable = os.access(path, os.W_OK | os.X_OK)
+            except OSError as e:
+                problem = f"{key}={str(path)!r}: cannot make the directory: {e.strerror}"
+                break
+            if not writable:
+                problem = f"{key}={str(path)!r}: the directory is not writable"
+                break
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise ConfigError(problem)
+
+
 def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
+    _check_output_dirs(cfg, info)
     if not cfg.run.dir:  # (the command line always sets one; code calling run_training may not)
         if info.is_main:
             log.info("no run directory (run.dir is empty): no log file, metrics file or checkpoints")
         return None
     run_dir = Path(cfg.run.dir)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logging.getLogger().addHandler(handler)
@@ -637,6 +681,13 @@ def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
 
 def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
     """Data, model (parallelized as configured), optimizer and schedule on this rank's device."""
+    if cfg.parallel.mode == "none" and info.world_size > 1:
+        raise ConfigError(
+            f"parallel.mode='none' with {info.world_size} processes: each would train a copy of its own, "
+            f"never synchronized; use 'ddp' or 'fsdp'"
+        )
+    if cfg.run.resume not in ("", "auto"):
+        resolve_checkpoint(cfg.run.resume, "--resume")  # a wrong path refused before anything is made
     device = resolve_device(cfg.train.device, info.local_rank)
     _start_run_dir(cfg, info)
     torch.manual_seed(cfg.train.seed)
@@ -670,6 +721,13 @@ def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
 
 
 def run_training(cfg: TrainConfig) -> list[StepRecord]:
+    """Train as configured, alone or as one rank under torchrun; the logged step records."""
+    return run_trainer(cfg).history
+
+
+def run_trainer(cfg: TrainConfig) -> Trainer:
+    """`run_training`, returning the trainer once done (its history, last checkpoint, and
+    `stopped_by`, the signal that stopped it early)."""
     from .distributed import env_dist_info
 
     set_cpu_threads(env_dist_info())
@@ -680,8 +738,10 @@ def run_training(cfg: TrainConfig) -> list[StepRecord]:
     )
     if device_hint.type == "cuda":
         device_hint = resolve_device("cuda", env_dist_info().local_rank)
-    info = setup_distributed(device_hint)
+    info = setup_distributed(device_hint, alone=cfg.parallel.mode == "fsdp")
     try:
-        return build_trainer(cfg, info).train()
+        trainer = build_trainer(cfg, info)
+        trainer.train()
+        return trainer
     finally:
         teardown_distributed(info)
