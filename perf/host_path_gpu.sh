@@ -81,8 +81,8 @@ case $part in
         ;;
     inputs)
         for mode in default reduce-overhead; do
-            $py -m perf.diagnostics.trainer_ab --common=--train.compile_mode=$mode --variant v2= \
-                --variant v2_inputs=--train.table_grads_as_inputs=true --log "$log"
+            $py -m perf.diagnostics.trainer_ab --common=--train.compile_mode=$mode \
+                --variant v2_ids=--train.table_grads_as_inputs=false --variant v2= --log "$log"
         done 2>&1 | tee "$out/inputs.txt"
         ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;

@@ -671,9 +671,14 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     is not None
                 )
                 failed.append((plan.name, refused))
+                # a trainer stopped by a signal of its own saved a checkpoint: a rerun resumes it
+                stopped = rc in (128 + signal.SIGINT, 128 + signal.SIGTERM) or (
+                    args.nproc > 1 and re.search(r"stopped by SIG\w+ at step", text) is not None
+                )
                 tail = text.splitlines()[-15:]
+                what = "STOPPED by a signal (it resumes on a rerun)" if stopped else "FAILED"
                 print(
-                    f"[{k}/{len(plans)}] {plan.name}: FAILED with exit code {rc}; the end of its log:\n  "
+                    f"[{k}/{len(plans)}] {plan.name}: {what} with exit code {rc}; the end of its log:\n  "
                     + "\n  ".join(tail),
                     flush=True,
                 )
@@ -701,7 +706,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         if other:
-            print(f"error: {len(other)} run(s) failed: {', '.join(other)}; rerun to retry them", file=sys.stderr)
+            print(
+                f"error: {len(other)} run(s) failed or were stopped: {', '.join(other)}; rerun to retry or resume them",
+                file=sys.stderr,
+            )
         return 1
     return 0
 

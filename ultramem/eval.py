@@ -75,7 +75,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: torch.device) -> LoadedModel:
-    from ultramem.train.export import load_checkpoint_model, load_exported, resolve_checkpoint
+    from ultramem.train.checkpoint import resolve_checkpoint
+    from ultramem.train.export import load_checkpoint_model, load_exported
 
     p = Path(path).expanduser()
     if not p.exists():

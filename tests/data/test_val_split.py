@@ -143,6 +143,11 @@ def test_a_step_trains_on_the_same_windows_however_its_global_batch_is_split():
         for split in [(8, 1, 2), (4, 2, 2), (2, 2, 4), (8, 2, 1), (1, 4, 4)]:
             assert step_windows(*split, step) == want, split
     assert step_windows(16, 1, 1, 0) != step_windows(16, 1, 1, 1)
+    # per_step=False: each micro-batch drawn on its own, as runs made before the per-step draw did
+    old = TokenWindows(tokens, 4, 16, 5, 1, 2, grad_accum=3, per_step=False)
+    for index in range(7):
+        want = np.random.default_rng([5, index]).integers(0, 50_000 - 16 - 1, size=8)[4:]
+        assert np.array_equal(old.offsets(index), want)
     with pytest.raises(ValueError, match="grad_accum=0"):
         TokenWindows(tokens, 4, 16, 5, grad_accum=0)
 

@@ -168,7 +168,7 @@ def test_parse_overrides_forms():
         (["--checkpoint.interval=-1"], "checkpoint.interval=-1"),
         (["--optim.value_lr_decay_frac=2"], "optim.value_lr_decay_frac"),
         (["--optim.lr=inf"], "optim.lr=inf: must be > 0 and finite"),
-        (["--optim.memory_plus_value_lr=0"], "optim.memory_plus_value_lr=0.0: must be > 0 and finite"),
+        (["--optim.memory_plus_value_lr=-1"], "optim.memory_plus_value_lr=-1.0: must be >= 0 and finite"),
         (["--optim.weight_decay=inf"], "optim.weight_decay=inf"),
         (["--model.memory.type=ultramem_v3"], "model.memory.type"),
         (["--model.memory.insert=2:1"], "model.memory.insert"),
@@ -249,6 +249,25 @@ def test_val_split_defaults_to_the_tail_and_older_checkpoints_resume():
     assert "data.val_split" not in older and config_mismatch(older, cfg) is None
     spread = load_config("debug.toml", ["--data.val_split=spread"])
     assert "data.val_split: the checkpoint was made with 'tail'" in config_mismatch(older, spread)
+
+
+def test_checkpoints_of_the_per_micro_batch_draw_resume_with_it():
+    from ultramem.train.checkpoint import config_mismatch, flatten_config
+
+    # made before data.window_draw: each micro-batch drew its own windows
+    def older(accum):
+        saved = flatten_config(load_config("debug.toml", [f"--train.grad_accum={accum}"]))
+        return {k: v for k, v in saved.items() if k != "data.window_draw"}
+
+    now = load_config("debug.toml", ["--train.grad_accum=2"])
+    assert now.data.window_draw == "step"
+    # with several micro-batches a step the draws differ: the per-step one would repeat windows
+    assert "data.window_draw: the checkpoint was made with 'micro_batch', this run has 'step'" in (
+        config_mismatch(older(2), now)
+    )
+    assert config_mismatch(older(2), load_config("debug.toml", ["--data.window_draw=micro_batch"])) is None
+    # with one micro-batch a step both drew the same windows, and neither draws them again
+    assert config_mismatch(older(1), now) is None
 
 
 def test_the_memory_metrics_interval_may_change_on_resume():

@@ -422,3 +422,34 @@ def test_data_that_breaks_a_data_rule_is_a_config_error(tmp_path):
     )
     with pytest.raises(ConfigError, match="is a text file, but data.source .* has no tokenizer.json"):
         build_data(cfg, DistInfo())
+
+
+def test_the_training_windows_follow_the_configs_draw(tmp_path):
+    from launch import token_shards
+
+    from ultramem.train.trainer import build_data
+
+    data = token_shards(tmp_path / "shards")
+    for draw, accum in (("step", 3), ("micro_batch", 1)):
+        cfg = load_config(
+            "debug", [*TINY, f"--data.source={data}", "--train.grad_accum=3", f"--data.window_draw={draw}"]
+        )
+        train, _, _ = build_data(cfg, DistInfo(rank=1, world_size=2))
+        assert (train.grad_accum, train.rank, train.world_size) == (accum, 1, 2)
+
+
+def test_table_gradients_go_as_tensors_by_default_only_where_a_gpu_ran_them(monkeypatch):
+    # (the layers then hand them over on CUDA tables; CPU tables keep ids whatever None says)
+    from ultramem.train.trainer import build_training_model
+
+    def as_inputs(*args):
+        return build_training_model(
+            load_config("debug", [*TINY, *args]), torch.device("cpu")
+        ).memory_tables.grads_as_inputs
+
+    assert as_inputs() is None
+    assert as_inputs("--parallel.mode=fsdp") is False
+    assert as_inputs("--train.table_grads_as_inputs=true", "--parallel.mode=fsdp") is True
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert as_inputs() is False

@@ -257,6 +257,7 @@ class TokenWindows:
         rank: int = 0,
         world_size: int = 1,
         grad_accum: int = 1,
+        per_step: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -278,7 +279,9 @@ class TokenWindows:
             )
         self.tokens = tokens
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.rank, self.world_size = rank, world_size
+        # per_step=False: each micro-batch drawn on its own, as by runs made before the per-step draw
+        self.grad_accum = grad_accum if per_step else 1
         self._piece_starts = np.array([a for a, _ in segments], dtype=np.int64)
         self._first_start = np.cumsum(counts) - counts  # the number of each piece's first start
         self._n_starts = int(counts.sum())

@@ -179,8 +179,9 @@ class ValueTables(nn.Module):
         return self.grad_staging.flush(self.values_grad, self.pre_values_grad, wait=wait)
 
     def grad_targets(self) -> tuple[torch.Tensor | None, ...] | None:
-        """What the layers' fused op adds the tables' gradients into, when `grads_as_inputs` is
-        on, or None for CUDA tables (else None: the layers pass the buffers' ids). With
+        """What the layers' fused op adds the tables' gradients into, when the buffers go to it as
+        tensors (`grads_as_inputs` True, or left at None for CUDA tables); otherwise None, and the
+        layers pass the buffers' ids. With
         pre-values, for `gate_lookup_into`: (values' buffer, pre-values' buffer, the staging
         area's six tensors or six None); without, for `weighted_lookup_into`: (values' buffer,
         the staging area's rows, eff, grad_out and fill, or four None). None without buffers."""

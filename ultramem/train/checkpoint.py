@@ -10,7 +10,8 @@ A checkpoint is a directory `step_00001000/` holding
 Atomic: every rank writes into `.step_00001000.tmp/`, and only when all have finished does rank 0
 rename it to its final name. A run killed while saving leaves a temporary directory that the
 loader ignores (and the next save removes), so the previous checkpoint stays the latest. The data
-position is the step itself: batch `i` of `TokenWindows` depends only on `i`.
+position is the step itself: the windows of step `s` depend only on `s` and the global batch
+(`TokenWindows`).
 """
 
 from __future__ import annotations
@@ -106,7 +107,12 @@ RESUMABLE_CHANGES = (
 
 
 # Keys added after checkpoints were made without them: such a checkpoint ran with this value.
-ADDED_KEYS = {"data.val_split": "tail", "data.val_chunk_tokens": 65_536, "train.table_grads_as_inputs": False}
+ADDED_KEYS = {
+    "data.val_split": "tail",
+    "data.val_chunk_tokens": 65_536,
+    "train.table_grads_as_inputs": False,
+    "data.window_draw": "micro_batch",
+}
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -125,6 +131,10 @@ def config_mismatch(saved: dict[str, Any], current: Any) -> str | None:
     """The first key (in config order) whose value differs and must not, as a message; else None."""
     now = flatten_config(current)
     saved = {**ADDED_KEYS, **saved}
+    if saved.get("train.grad_accum") == 1:
+        # one micro-batch a step: both draws took the same windows so far, and neither takes
+        # them again later
+        saved["data.window_draw"] = now.get("data.window_draw")
     for key in list(now) + [k for k in saved if k not in now]:
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
             continue
@@ -291,6 +301,15 @@ class CheckpointManager:
                 "resuming with a global batch of %d sequences per step; the checkpoint was made with %d",
                 batch,
                 saved_batch,
+            )
+        accum, saved_accum = config.train.grad_accum, saved["train.grad_accum"]
+        if config.data.window_draw == "micro_batch" and accum < saved_accum and self.info.is_main:
+            log.warning(
+                "data.window_draw='micro_batch' with train.grad_accum=%d (the checkpoint: %d): the steps "
+                "ahead draw windows this run has already trained on (a train.grad_accum of %d or more does not)",
+                accum,
+                saved_accum,
+                saved_accum,
             )
         # DCP fills the optimizer's state in place, so a fresh optimizer first gets zero state from
         # one step at lr 0, which it takes only when no parameter has a gradient yet: set aside the

@@ -30,6 +30,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 VAL_SPLITS = ("tail", "spread")  # as ultramem.data.VAL_SPLITS (a test keeps them equal)
+WINDOW_DRAWS = ("step", "micro_batch")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class DataConfig:
     val_chunk_tokens: int = 65_536  # with val_split="spread": about this many tokens per chunk (1 to 2×)
     cache_dir: str = ""  # "" → $ULTRAMEM_CACHE or ~/.cache/ultramem
     val_source: str = ""  # validation data apart from source (shard directory or text file); "" → split of source
+    # "step": a step's windows are drawn at once for all its micro-batches and ranks, so any split
+    # of the same global batch draws the same; "micro_batch": each on its own (runs made before)
+    window_draw: str = "step"
 
 
 @dataclass
@@ -85,7 +89,7 @@ class TrainSection:
     table_grad_flush: int = 4  # UltraMemV2: stage table gradients, add them every this many micro-batches; 0: at once
     # hand the table gradients' buffers to the layers' lookups as tensors, so that a compiled
     # backward launches its kernels itself (docs/table-gradients.md); off: by registered id;
-    # none: on CUDA, off elsewhere
+    # none: on CUDA in one process without FSDP, off elsewhere
     table_grads_as_inputs: bool | None = None
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     log_interval: int = 1  # steps between log lines
@@ -383,6 +387,7 @@ def validate_config(cfg: TrainConfig) -> None:
         )
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     _one_of(d.val_split, VAL_SPLITS, "data.val_split")
+    _one_of(d.window_draw, WINDOW_DRAWS, "data.window_draw")
     _require(
         d.val_split != "spread" or d.val_chunk_tokens >= t.seq_len + 2,
         f"data.val_chunk_tokens={d.val_chunk_tokens}: with data.val_split='spread' it must be >= "
@@ -439,8 +444,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables)")
     _require(0 < o.value_lr_mult < math.inf, f"optim.value_lr_mult={o.value_lr_mult}: must be > 0 and finite")
     _require(
-        0 < o.memory_plus_value_lr < math.inf,
-        f"optim.memory_plus_value_lr={o.memory_plus_value_lr}: must be > 0 and finite",
+        0 <= o.memory_plus_value_lr < math.inf,
+        f"optim.memory_plus_value_lr={o.memory_plus_value_lr}: must be >= 0 and finite",
     )
     _require(
         0.0 <= o.value_lr_decay_frac <= 1.0, f"optim.value_lr_decay_frac={o.value_lr_decay_frac}: must be in [0, 1]"

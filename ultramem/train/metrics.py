@@ -50,14 +50,15 @@ class MetricsLogger:
 
     def start(self, step: int) -> None:
         """Before the first step, at `step` (> 0: resumed). A run killed after its checkpoint
-        logged steps past it: tensorboard drops its events from step + 1 on, and metrics.jsonl
-        marks where the records of the steps logged again begin."""
+        logged steps past it, and a run started afresh in the same directory finds another's:
+        tensorboard drops their events from step + 1 on, and metrics.jsonl marks where a resumed
+        run's records begin."""
         if not self.enabled:
             return
         if self._tb_dir is not None and self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self._tb_dir), purge_step=step + 1 if step else None)
+            self._tb = SummaryWriter(log_dir=str(self._tb_dir), purge_step=step + 1)
         if step and self._jsonl is not None:
             self._jsonl.write(json.dumps({"kind": "resume", "step": step, "time": time.time()}) + "\n")
         if self._bar is not None:

@@ -1,6 +1,6 @@
 """The training loop and the pieces it is built from, one job each.
 
-info = setup_distributed(device)          # process group when launched by torchrun
+info = setup_distributed(device)          # process group under torchrun (alone=True: FSDP without it)
 model = build_training_model(cfg, dev)    # built on meta, materialized on the device, paper init
 par = parallelize(model, cfg, info, dev)  # activation checkpointing → compile → FSDP2 / DDP
 opt, sched = build_optimizer(...)         # AdamW, three groups, LambdaLR schedule
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ultramem.config import ConfigError
@@ -33,6 +34,7 @@ from .distributed import (
     DistInfo,
     all_reduce_sum_,
     broadcast_object,
+    env_dist_info,
     resolve_device,
     set_cpu_threads,
     setup_distributed,
@@ -51,6 +53,7 @@ __all__ = [
     "build_trainer",
     "build_training_model",
     "parallelize",
+    "run_trainer",
     "run_training",
     "staged_flush_interval",
     "uses_cudagraphs",
@@ -72,7 +75,11 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         # The shared tables' gradients accumulate row by row into persistent fp32 buffers instead
         # of a dense [N, D] gradient per layer and micro-batch (ultramem.ops.weighted_lookup).
         model.memory_tables.use_grad_buffers()
-        model.memory_tables.grads_as_inputs = cfg.train.table_grads_as_inputs
+        as_inputs = cfg.train.table_grads_as_inputs
+        if as_inputs is None and (cfg.parallel.mode == "fsdp" or env_dist_info().world_size > 1):
+            # measured and tested on a GPU in one process only; by id under FSDP and DDP until then
+            as_inputs = False
+        model.memory_tables.grads_as_inputs = as_inputs
         if cfg.train.dtype == "bfloat16" and cfg.train.bf16_table_copy:
             model.memory_tables.use_compute_copy(torch.bfloat16)
         flush = staged_flush_interval(cfg, device)
@@ -506,7 +513,7 @@ class Trainer:
                     self._validate()
                 if self.checkpoints.due(self.step):
                     self.save_checkpoint()
-                if self._stop.agreed:
+                if self._stop.agreed and self.step < cfg.train.max_steps:  # (at the end: done)
                     self.stopped_by = self._stop.signal
                     stopped_by = signal.Signals(self._stop.signal).name
                     break
@@ -598,7 +605,16 @@ def build_data(cfg: TrainConfig, info: DistInfo):
         )
     t = cfg.train
     try:
-        train = TokenWindows(splits.train, t.batch_size, t.seq_len, t.seed, info.rank, info.world_size, t.grad_accum)
+        train = TokenWindows(
+            splits.train,
+            t.batch_size,
+            t.seq_len,
+            t.seed,
+            info.rank,
+            info.world_size,
+            t.grad_accum,
+            per_step=cfg.data.window_draw == "step",
+        )
     except ValueError as e:
         raise ConfigError(f"data.source={cfg.data.source!r}: {e}") from e
     val = None
@@ -629,10 +645,16 @@ def build_data(cfg: TrainConfig, info: DistInfo):
 
 
 def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> None:
-    """Make the run's directories, and check that they take files, before anything is trained:
-    otherwise the first save would find out. Rank 0 looks; every rank raises its answer."""
+    """Check the checkpoint to resume from, then make the run's directories and check that they
+    take files, before anything is trained: otherwise the first save would find out. Rank 0
+    looks; every rank raises its answer."""
     problem = None
-    if info.is_main:
+    if info.is_main and cfg.run.resume not in ("", "auto"):
+        try:  # a wrong path is refused before anything is made
+            resolve_checkpoint(cfg.run.resume, "--resume")
+        except FileNotFoundError as e:
+            problem = str(e)
+    if info.is_main and problem is None:
         run_dir = Path(cfg.run.dir) if cfg.run.dir else None
         dirs = [("run.dir", run_dir)]
         if cfg.checkpoint.enabled:
@@ -686,8 +708,11 @@ def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
             f"parallel.mode='none' with {info.world_size} processes: each would train a copy of its own, "
             f"never synchronized; use 'ddp' or 'fsdp'"
         )
-    if cfg.run.resume not in ("", "auto"):
-        resolve_checkpoint(cfg.run.resume, "--resume")  # a wrong path refused before anything is made
+    if cfg.parallel.mode == "fsdp" and not dist.is_initialized():
+        raise ConfigError(
+            "parallel.mode='fsdp' needs a process group: launch with torchrun, or call "
+            "setup_distributed(device, alone=True) first (run_training does)"
+        )
     device = resolve_device(cfg.train.device, info.local_rank)
     _start_run_dir(cfg, info)
     torch.manual_seed(cfg.train.seed)
