@@ -3,6 +3,7 @@ path from raw text to an exported model."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -121,20 +122,14 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert sorted(losses(run_dir)) == [1]
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly_on_every_rank(tmp_path):
+def _stopped_run(tmp_path, extra, nproc, stop):
+    """A run of many steps, `stop(proc)` once it has logged two; its run dir, process and output."""
     data = token_shards(tmp_path / "data")
     run_dir = tmp_path / "run"
-    args = [
-        *TINY,
-        f"--data.source={data}",
-        "--train.max_steps=100000",
-        "--optim.warmup_steps=1",
-        f"--run.dir={run_dir}",
-        "--checkpoint.interval=0",
-        "--parallel.mode=ddp",
-    ]
+    args = [*TINY, f"--data.source={data}", "--train.max_steps=100000", f"--run.dir={run_dir}"]
+    args += ["--checkpoint.interval=0", *extra]
     proc = subprocess.Popen(
-        train_cmd(args, nproc=2),
+        train_cmd(args, nproc=nproc),
         cwd=tmp_path,
         env=env(tmp_path),
         stdout=subprocess.PIPE,
@@ -142,16 +137,22 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly_on_every_rank(tmp_path):
         text=True,
         start_new_session=True,
     )
+    procs = max(nproc, 1)
     try:
-        assert wait_for(lambda: len(records(run_dir)) >= 2, timeout_for(2, 2), proc), "no training steps seen"
-        # what a terminal's Ctrl-C does: SIGINT to the whole foreground group
-        import os
-
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=timeout_for(2, 2))
+        assert wait_for(lambda: len(records(run_dir)) >= 2, timeout_for(2, procs), proc), "no training steps seen"
+        stop(proc)
+        out, err = proc.communicate(timeout=timeout_for(2, procs))
     finally:
         if proc.poll() is None:
             kill_group(proc)
+    return run_dir, proc, out, err
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly_on_every_rank(tmp_path):
+    # what a terminal's Ctrl-C does: SIGINT to the whole foreground group
+    run_dir, _, out, err = _stopped_run(
+        tmp_path, ["--parallel.mode=ddp"], 2, lambda proc: os.killpg(proc.pid, signal.SIGINT)
+    )
     # (torchrun itself exits non-zero after a SIGINT, whatever its workers do)
     step = max(losses(run_dir))
     stopped = [line for line in (out + err).splitlines() if "stopped by SIG" in line]
@@ -163,26 +164,9 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly_on_every_rank(tmp_path):
 
 def test_sigterm_stops_a_plain_fsdp_run_with_its_code_and_resume_takes_a_run_directory(tmp_path):
     # FSDP without torchrun runs as a group of one; a stopped run exits 128 + SIGTERM, not 0
-    data = token_shards(tmp_path / "data")
-    run_dir = tmp_path / "run"
-    args = [*TINY, f"--data.source={data}", "--train.max_steps=100000", f"--run.dir={run_dir}"]
-    args += ["--checkpoint.interval=0", "--parallel.mode=fsdp"]
-    proc = subprocess.Popen(
-        train_cmd(args),
-        cwd=tmp_path,
-        env=env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    run_dir, proc, out, err = _stopped_run(
+        tmp_path, ["--parallel.mode=fsdp"], 0, lambda proc: proc.send_signal(signal.SIGTERM)
     )
-    try:
-        assert wait_for(lambda: len(records(run_dir)) >= 2, timeout_for(2), proc), "no training steps seen"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=timeout_for(2))
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-3000:])
     step = max(losses(run_dir))
     assert f"stopped by SIGTERM at step {step}" in out + err
