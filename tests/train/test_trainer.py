@@ -438,18 +438,49 @@ def test_the_training_windows_follow_the_configs_draw(tmp_path):
         assert (train.grad_accum, train.rank, train.world_size) == (accum, 1, 2)
 
 
-def test_table_gradients_go_as_tensors_by_default_only_where_a_gpu_ran_them(monkeypatch):
+def test_table_gradients_go_as_tensors_by_default_only_where_a_gpu_ran_them():
     # (the layers then hand them over on CUDA tables; CPU tables keep ids whatever None says)
     from ultramem.train.trainer import build_training_model
 
-    def as_inputs(*args):
-        return build_training_model(
-            load_config("debug", [*TINY, *args]), torch.device("cpu")
-        ).memory_tables.grads_as_inputs
+    def as_inputs(*args, world_size=1):
+        cfg = load_config("debug", [*TINY, *args])
+        return build_training_model(cfg, torch.device("cpu"), world_size).memory_tables.grads_as_inputs
 
     assert as_inputs() is None
     assert as_inputs("--parallel.mode=fsdp") is False
     assert as_inputs("--train.table_grads_as_inputs=true", "--parallel.mode=fsdp") is True
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    assert as_inputs() is False
+    assert as_inputs(world_size=2) is False  # DDP
+    assert as_inputs("--train.table_grads_as_inputs=true", world_size=2) is True
+
+
+def test_each_run_in_one_process_logs_only_to_its_own_train_log(tmp_path, caplog, monkeypatch):
+    """run_training called twice (a notebook, a sweep): the second run's lines stay out of the
+    first run's train.log, and a run refused after its log was opened leaves no handler behind."""
+    import logging
+
+    from launch import token_shards
+
+    from ultramem.config import ConfigError
+    from ultramem.train.trainer import run_training
+
+    monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "cache"))
+    data = token_shards(tmp_path / "data")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words\n")
+    base = TINY + [
+        "--train.max_steps=1",
+        "--optim.warmup_steps=0",
+        "--train.eval_interval=0",
+        "--metrics.tensorboard=false",
+    ]
+    with caplog.at_level("INFO"):
+        for name in ("a", "b"):
+            run_training(load_config("debug", [*base, f"--data.source={data}", f"--run.dir={tmp_path / name}"]))
+        with pytest.raises(ConfigError, match="too short"):
+            run_training(load_config("debug", [*base, f"--data.source={short}", f"--run.dir={tmp_path / 'c'}"]))
+    first, second = (tmp_path / "a" / "train.log").read_text(), (tmp_path / "b" / "train.log").read_text()
+    assert f"run directory {tmp_path / 'a'}" in first and f"run directory {tmp_path / 'b'}" in second
+    assert str(tmp_path / "b") not in first and str(tmp_path / "c") not in first + second
+    assert f"run directory {tmp_path / 'c'}" in (tmp_path / "c" / "train.log").read_text()
+    left = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    assert not [h for h in left if h.baseFilename.startswith(str(tmp_path))], left

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from ultramem.config import ConfigError
 
@@ -24,11 +25,16 @@ def _setup_logging() -> None:
     )
 
 
-def _exit(parser: argparse.ArgumentParser, code: int, message: str) -> None:
+def _exit(parser: argparse.ArgumentParser, code: int, message: str, run_dir: str = "") -> None:
     """One line on stderr, and in the run's train.log when it has one (the console has it once)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.emit(logging.LogRecord("ultramem.train", logging.ERROR, __file__, 0, message, None, None))
+    log_file = Path(run_dir) / "train.log" if run_dir else None
+    if log_file is not None and log_file.is_file() and os.environ.get("RANK", "0") == "0":
+        from ultramem.train.trainer import RUN_LOG_FORMAT
+
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT, "%H:%M:%S"))
+        handler.emit(logging.LogRecord("ultramem.train", logging.ERROR, __file__, 0, message, None, None))
+        handler.close()
     parser.exit(code, f"{_prefix()}{message}\n")
 
 
@@ -116,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = run_trainer(cfg)
     except (ConfigError, FileNotFoundError, CheckpointError) as e:  # bad input found late: no traceback
-        _exit(parser, 2, f"error: {e}")
+        _exit(parser, 2, f"error: {e}", cfg.run.dir)
     except TrainingDiverged as e:
-        _exit(parser, 3, f"error: training diverged: {e}")
+        _exit(parser, 3, f"error: training diverged: {e}", cfg.run.dir)
     except KeyboardInterrupt:
         parser.exit(130, f"{_prefix()}interrupted\n")
     # stopped by a signal after its checkpoint: the shell's code for that signal, not "done"

@@ -45,6 +45,7 @@ from .optim import build_optimizer
 from .parallelize import Parallelized, TableGradReducer, parallelize, uses_cudagraphs
 
 log = logging.getLogger(__name__)
+RUN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # train.log's lines
 
 __all__ = [
     "DistInfo",
@@ -68,7 +69,7 @@ class TrainingDiverged(RuntimeError):
 # Model
 
 
-def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
+def build_training_model(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Transformer:
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
     model.train()
     if model.memory_tables is not None:
@@ -76,7 +77,7 @@ def build_training_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         # of a dense [N, D] gradient per layer and micro-batch (ultramem.ops.weighted_lookup).
         model.memory_tables.use_grad_buffers()
         as_inputs = cfg.train.table_grads_as_inputs
-        if as_inputs is None and (cfg.parallel.mode == "fsdp" or env_dist_info().world_size > 1):
+        if as_inputs is None and (cfg.parallel.mode == "fsdp" or world_size > 1):
             # measured and tested on a GPU in one process only; by id under FSDP and DDP until then
             as_inputs = False
         model.memory_tables.grads_as_inputs = as_inputs
@@ -208,22 +209,12 @@ class Trainer:
         self.step = 0
         self.history: list[StepRecord] = []
         self.val_history: list[tuple[int, float]] = []
-        self.run_dir = Path(cfg.run.dir) if cfg.run.dir else None
         # (a Trainer built in code without a run directory or checkpoint.dir saves nothing)
-        ckpt_dir = (
-            Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else (self.run_dir / "checkpoints" if self.run_dir else None)
-        )
+        self.run_dir, ckpt_dir, tb_dir = output_dirs(cfg)
         self.checkpoints = CheckpointManager(
             ckpt_dir or Path("checkpoints"), cfg.checkpoint.interval, cfg.checkpoint.keep, info
         )
         self._saving = cfg.checkpoint.enabled and ckpt_dir is not None
-        tb_dir = None
-        if cfg.metrics.tensorboard:
-            tb_dir = (
-                Path(cfg.metrics.tensorboard_dir)
-                if cfg.metrics.tensorboard_dir
-                else (self.run_dir / "tb" if self.run_dir else None)
-            )
         if info.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLogger(self.run_dir, tb_dir, info.is_main, cfg.train.max_steps, cfg.metrics.progress)
@@ -253,6 +244,7 @@ class Trainer:
         self._peak_flops = peak_flops(device)
         self._stop = _StopRequest()
         self.stopped_by: int | None = None  # the signal that stopped the run before max_steps
+        self.run_log: logging.Handler | None = None  # train.log's handler, as build_trainer attached it
         self._timed = False  # whether this run's first logged interval (compile, warm-up) is behind it
         self.last_checkpoint: Path | None = None
 
@@ -497,7 +489,7 @@ class Trainer:
         self._stop.install()
         self._timed = False
         t_log, steps_since = time.perf_counter(), 0
-        stopped_by = None
+        self.stopped_by = None
         try:
             while self.step < cfg.train.max_steps:
                 record = self.train_step()
@@ -515,23 +507,22 @@ class Trainer:
                     self.save_checkpoint()
                 if self._stop.agreed and self.step < cfg.train.max_steps:  # (at the end: done)
                     self.stopped_by = self._stop.signal
-                    stopped_by = signal.Signals(self._stop.signal).name
                     break
                 t_log += time.perf_counter() - paused  # evaluation and saving are not training time
             else:
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval and self.step > start_step:
                     self._validate()  # the final one, when the interval did not land on the end
-            if self.step > start_step or stopped_by:
+            if self.step > start_step or self.stopped_by:
                 self.save_checkpoint()
         finally:
             self._stop.restore()
             self.metrics.close()
         elapsed = time.perf_counter() - t_start
-        if stopped_by:
+        if self.stopped_by:
             log.warning(
                 "rank %d: stopped by %s at step %d%s",
                 self.info.rank,
-                stopped_by,
+                signal.Signals(self.stopped_by).name,
                 self.step,
                 f"; checkpoint {self.last_checkpoint}" if self.last_checkpoint else "",
             )
@@ -644,6 +635,18 @@ def build_data(cfg: TrainConfig, info: DistInfo):
     return train, val, splits.vocab_size
 
 
+def output_dirs(cfg: TrainConfig) -> tuple[Path | None, Path | None, Path | None]:
+    """Where a run writes: its run directory, checkpoint directory and tensorboard directory (the
+    last two default to checkpoints/ and tb/ in the first; None: nothing written there)."""
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else None
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else (run_dir / "checkpoints" if run_dir else None)
+    tb_dir = None
+    if cfg.metrics.tensorboard:
+        named = cfg.metrics.tensorboard_dir
+        tb_dir = Path(named) if named else (run_dir / "tb" if run_dir else None)
+    return run_dir, ckpt_dir, tb_dir
+
+
 def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> None:
     """Check the checkpoint to resume from, then make the run's directories and check that they
     take files, before anything is trained: otherwise the first save would find out. Rank 0
@@ -655,14 +658,12 @@ def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> None:
         except FileNotFoundError as e:
             problem = str(e)
     if info.is_main and problem is None:
-        run_dir = Path(cfg.run.dir) if cfg.run.dir else None
-        dirs = [("run.dir", run_dir)]
-        if cfg.checkpoint.enabled:
-            dirs.append(("checkpoint.dir", Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None))
-        if cfg.metrics.tensorboard:
-            dirs.append(
-                ("metrics.tensorboard_dir", Path(cfg.metrics.tensorboard_dir) if cfg.metrics.tensorboard_dir else None)
-            )
+        run_dir, ckpt_dir, tb_dir = output_dirs(cfg)
+        dirs = [
+            ("run.dir", run_dir),
+            ("checkpoint.dir", ckpt_dir if cfg.checkpoint.enabled else None),
+            ("metrics.tensorboard_dir", tb_dir),
+        ]
         for key, path in dirs:
             if path is None:
                 continue
@@ -680,25 +681,35 @@ def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> None:
         raise ConfigError(problem)
 
 
-def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> Path | None:
+def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> logging.Handler | None:
+    """Check the output directories; on rank 0, log to the run's train.log too. Returns that
+    handler, which `detach_run_log` takes off again (so a second run in this process logs only
+    to its own file)."""
     _check_output_dirs(cfg, info)
     if not cfg.run.dir:  # (the command line always sets one; code calling run_training may not)
         if info.is_main:
             log.info("no run directory (run.dir is empty): no log file, metrics file or checkpoints")
         return None
+    if not info.is_main:
+        return None
     run_dir = Path(cfg.run.dir)
-    if info.is_main:
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logging.getLogger().addHandler(handler)
-        ckpt = cfg.checkpoint.dir or str(run_dir / "checkpoints")
-        log.info(
-            "run directory %s: config.json, train.log, metrics.jsonl%s, checkpoints in %s",
-            run_dir,
-            ", tb/" if cfg.metrics.tensorboard and not cfg.metrics.tensorboard_dir else "",
-            ckpt if cfg.checkpoint.enabled else "(none: checkpoint.enabled=false)",
-        )
-    return run_dir
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT, "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    ckpt = cfg.checkpoint.dir or str(run_dir / "checkpoints")
+    log.info(
+        "run directory %s: config.json, train.log, metrics.jsonl%s, checkpoints in %s",
+        run_dir,
+        ", tb/" if cfg.metrics.tensorboard and not cfg.metrics.tensorboard_dir else "",
+        ckpt if cfg.checkpoint.enabled else "(none: checkpoint.enabled=false)",
+    )
+    return handler
+
+
+def detach_run_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
@@ -714,10 +725,20 @@ def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
             "setup_distributed(device, alone=True) first (run_training does)"
         )
     device = resolve_device(cfg.train.device, info.local_rank)
-    _start_run_dir(cfg, info)
+    run_log = _start_run_dir(cfg, info)
+    try:
+        trainer = _build_trainer(cfg, info, device)
+    except BaseException:
+        detach_run_log(run_log)
+        raise
+    trainer.run_log = run_log
+    return trainer
+
+
+def _build_trainer(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Trainer:
     torch.manual_seed(cfg.train.seed)
     train_batches, val_batches, _ = build_data(cfg, info)
-    model = build_training_model(cfg, device)
+    model = build_training_model(cfg, device, info.world_size)
     par = parallelize(model, cfg, info, device)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
     n_params = sum(p.numel() for p in model.parameters())
@@ -753,8 +774,6 @@ def run_training(cfg: TrainConfig) -> list[StepRecord]:
 def run_trainer(cfg: TrainConfig) -> Trainer:
     """`run_training`, returning the trainer once done (its history, last checkpoint, and
     `stopped_by`, the signal that stopped it early)."""
-    from .distributed import env_dist_info
-
     set_cpu_threads(env_dist_info())
     device_hint = (
         torch.device("cuda")
@@ -764,9 +783,12 @@ def run_trainer(cfg: TrainConfig) -> Trainer:
     if device_hint.type == "cuda":
         device_hint = resolve_device("cuda", env_dist_info().local_rank)
     info = setup_distributed(device_hint, alone=cfg.parallel.mode == "fsdp")
+    trainer = None
     try:
         trainer = build_trainer(cfg, info)
         trainer.train()
         return trainer
     finally:
+        if trainer is not None:
+            detach_run_log(trainer.run_log)
         teardown_distributed(info)
