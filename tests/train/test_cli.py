@@ -42,27 +42,40 @@ def _one_line_error(out, *fragments):
         assert f in err, err
 
 
-def test_bad_config_and_missing_data_are_one_line_errors(tmp_path):
+def test_a_config_error_is_one_line_and_exit_code_2(tmp_path):
     out = run(train_cmd([*TINY, "--train.max_stpes=3"]), timeout_for(0), tmp_path, env(tmp_path))
     assert out.returncode == 2
     _one_line_error(out, "train.max_stpes", "did you mean max_steps")
-    out = run(train_cmd([*TINY, f"--data.source={tmp_path / 'nowhere'}"]), timeout_for(0), tmp_path, env(tmp_path))
-    assert out.returncode == 2
-    _one_line_error(out, "data.source=", "nowhere")
+
+
+def _cli_error(capsys, argv, *fragments):
+    """The command's main() in this process (the same path as above, without a torch start-up
+    per case): exit code 2, one line on stderr naming the fragments."""
+    from ultramem.train.__main__ import main
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+    finally:
+        torch.set_num_threads(threads)  # (the trainer sets this process's threads as a run's)
+    assert exit_.value.code == 2
+    out = capsys.readouterr()
+    _one_line_error(subprocess.CompletedProcess(argv, 2, out.out, out.err), *fragments)
+
+
+def test_bad_config_and_missing_data_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # (the default run directory is relative: outputs/debug)
+    _cli_error(capsys, [*TINY, f"--data.source={tmp_path / 'nowhere'}"], "data.source=", "nowhere")
     empty = tmp_path / "empty.toml"
     empty.write_text("")
-    out = run(train_cmd(["--config", str(empty)]), timeout_for(0), tmp_path, env(tmp_path))
-    assert out.returncode == 2
-    _one_line_error(out, "has no [model] section")
+    _cli_error(capsys, ["--config", str(empty)], "has no [model] section")
     short = tmp_path / "short.txt"
     short.write_text("a few words\n")
-    out = run(train_cmd([*TINY, f"--data.source={short}"]), timeout_for(0), tmp_path, env(tmp_path))
-    assert out.returncode == 2
-    _one_line_error(out, f"data.source='{short}'", "too short for seq_len=16")
+    _cli_error(capsys, [*TINY, f"--data.source={short}"], f"data.source='{short}'", "too short for seq_len=16")
     if not torch.cuda.is_available():
-        out = run(train_cmd([*TINY, "--train.device=cuda"]), timeout_for(0), tmp_path, env(tmp_path))
-        assert out.returncode == 2
-        _one_line_error(out, "train.device='cuda'", "CUDA is not available")
+        _cli_error(capsys, [*TINY, "--train.device=cuda"], "train.device='cuda'", "CUDA is not available")
     # output directories are made and checked before any training, not at the first save
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -70,20 +83,12 @@ def test_bad_config_and_missing_data_are_one_line_errors(tmp_path):
         extra = [f"--{key}={blocker / 'sub'}", "--metrics.tensorboard=true"]
         if key != "run.dir":
             extra.append(f"--run.dir={tmp_path / key}")
-        out = run(train_cmd([*TINY, *extra]), timeout_for(0), tmp_path, env(tmp_path))
-        assert out.returncode == 2
-        _one_line_error(out, f"{key}='{blocker / 'sub'}': cannot make the directory: Not a directory")
+        _cli_error(capsys, [*TINY, *extra], f"{key}='{blocker / 'sub'}': cannot make the directory: Not a directory")
         assert not (tmp_path / key / "metrics.jsonl").exists()
     # a --resume path that is not there is refused before the run directory is made
     run_dir = tmp_path / "never_made"
-    out = run(
-        train_cmd([*TINY, "--resume", str(tmp_path / "nowhere"), f"--run.dir={run_dir}"]),
-        timeout_for(0),
-        tmp_path,
-        env(tmp_path),
-    )
-    assert out.returncode == 2
-    _one_line_error(out, f"--resume '{tmp_path / 'nowhere'}': no such file or directory")
+    resume = ["--resume", str(tmp_path / "nowhere"), f"--run.dir={run_dir}"]
+    _cli_error(capsys, [*TINY, *resume], f"--resume '{tmp_path / 'nowhere'}': no such file or directory")
     assert not run_dir.exists()
 
 
@@ -91,10 +96,12 @@ def test_two_ranks_report_a_config_error_in_one_line_each(tmp_path):
     out = run(train_cmd([*TINY, "--optim.lr=-1"], nproc=2), timeout_for(0, 2), tmp_path, env(tmp_path))
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if "optim.lr=-1.0: must be > 0 and finite" in line]
-    assert sorted(lines) == [
+    # torchrun ends the other worker once one exits, so on a loaded machine only the first may get to print
+    assert lines and len(set(lines)) == len(lines), out.stderr[-3000:]
+    assert set(lines) <= {
         "[rank 0] config error: optim.lr=-1.0: must be > 0 and finite",
         "[rank 1] config error: optim.lr=-1.0: must be > 0 and finite",
-    ], out.stderr[-3000:]
+    }, out.stderr[-3000:]
     # torchrun adds its own summary of the failed workers (ChildFailedError); no worker traceback
     assert "ultramem/" not in out.stderr.replace("-m ultramem.train", "")
 

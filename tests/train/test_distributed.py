@@ -73,8 +73,8 @@ def assert_losses_match(want_dir, got_dir, first_step: int = 1):
         assert got[step] == pytest.approx(want[step], abs=1e-5, rel=0), (step, want, got)
 
 
-@pytest.mark.parametrize("memory", ["ultramem_v2", "none"])
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+# (the dense model under DDP is plain DDP: the memory model's DDP run covers our part of it)
+@pytest.mark.parametrize("mode, memory", [("fsdp", "ultramem_v2"), ("ddp", "ultramem_v2"), ("fsdp", "none")])
 def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode, memory):
     one_dir, _ = runs.get(f"one-{memory}", 0, [f"--model.memory.type={memory}"])
     two_dir, out = runs.get(f"{mode}-{memory}", 2, [f"--model.memory.type={memory}", f"--parallel.mode={mode}"])
@@ -84,7 +84,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode, memo
         assert "all-reduced once per step" in out.stdout
 
 
-@pytest.mark.parametrize("policy", ["always", "never"])
+@pytest.mark.parametrize("policy", ["never"])  # ("always": test_fsdp_memory_unit_with_accumulation...)
 def test_fsdp_reshard_policies_train_alike(runs, policy):
     """Which FSDP units gather their weights again for the backward changes no loss."""
     one_dir, _ = runs.get("one-ultramem_v2", 0, ["--model.memory.type=ultramem_v2"])
