@@ -3,8 +3,9 @@ formula it stands for, a memory layer against the block's FFN, the compiled memo
 the same layer run eagerly. Absolute times on a shared CI machine mean little; a ratio of two
 things timed back to back, in this thread's CPU time, moves much less (ratio_variability.py).
 
-pytest-benchmark times the pairs (its table shows the pair's wall time); the ratio, both sides'
-medians and the budget go into each benchmark's extra_info."""
+pytest-benchmark times the pairs (its table shows the pair's wall time) when it is on; under
+xdist (the README's test command) it is off and the loop in _check_ratio times them. The ratio,
+both sides' medians and the budget go into each benchmark's extra_info."""
 
 from __future__ import annotations
 
