@@ -683,7 +683,7 @@ def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> None:
 
 def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> logging.Handler | None:
     """Check the output directories; on rank 0, log to the run's train.log too. Returns that
-    handler, which `detach_run_log` takes off again (so a second run in this process logs only
+    handler, which `_detach_run_log` takes off again (so a second run in this process logs only
     to its own file)."""
     _check_output_dirs(cfg, info)
     if not cfg.run.dir:  # (the command line always sets one; code calling run_training may not)
@@ -692,21 +692,20 @@ def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> logging.Handler | None:
         return None
     if not info.is_main:
         return None
-    run_dir = Path(cfg.run.dir)
+    run_dir, ckpt_dir, _ = output_dirs(cfg)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT, "%H:%M:%S"))
     logging.getLogger().addHandler(handler)
-    ckpt = cfg.checkpoint.dir or str(run_dir / "checkpoints")
     log.info(
         "run directory %s: config.json, train.log, metrics.jsonl%s, checkpoints in %s",
         run_dir,
         ", tb/" if cfg.metrics.tensorboard and not cfg.metrics.tensorboard_dir else "",
-        ckpt if cfg.checkpoint.enabled else "(none: checkpoint.enabled=false)",
+        ckpt_dir if cfg.checkpoint.enabled else "(none: checkpoint.enabled=false)",
     )
     return handler
 
 
-def detach_run_log(handler: logging.Handler | None) -> None:
+def _detach_run_log(handler: logging.Handler | None) -> None:
     if handler is not None:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -729,7 +728,7 @@ def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
     try:
         trainer = _build_trainer(cfg, info, device)
     except BaseException:
-        detach_run_log(run_log)
+        _detach_run_log(run_log)
         raise
     trainer.run_log = run_log
     return trainer
@@ -790,5 +789,5 @@ def run_trainer(cfg: TrainConfig) -> Trainer:
         return trainer
     finally:
         if trainer is not None:
-            detach_run_log(trainer.run_log)
+            _detach_run_log(trainer.run_log)
         teardown_distributed(info)
