@@ -16,12 +16,11 @@ from ultramem.config import ConfigError
 
 
 def _setup_logging() -> None:
+    from ultramem.train.metrics import LOG_DATEFMT, LOG_FORMAT
+
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        stream=sys.stdout,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, format=LOG_FORMAT, datefmt=LOG_DATEFMT
     )
 
 
@@ -29,10 +28,9 @@ def _exit(parser: argparse.ArgumentParser, code: int, message: str, run_dir: str
     """One line on stderr, and in the run's train.log when it has one (the console has it once)."""
     log_file = Path(run_dir) / "train.log" if run_dir else None
     if log_file is not None and log_file.is_file() and os.environ.get("RANK", "0") == "0":
-        from ultramem.train.trainer import RUN_LOG_FORMAT
+        from ultramem.train.metrics import run_log_handler
 
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT, "%H:%M:%S"))
+        handler = run_log_handler(log_file)
         handler.emit(logging.LogRecord("ultramem.train", logging.ERROR, __file__, 0, message, None, None))
         handler.close()
     parser.exit(code, f"{_prefix()}{message}\n")

@@ -14,6 +14,16 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the console's and train.log's lines
+LOG_DATEFMT = "%H:%M:%S"
+
+
+def run_log_handler(path: Path) -> logging.FileHandler:
+    """A handler appending to a run's train.log, in the console's format."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+    return handler
+
 
 # Dense bf16 tensor-core peak (no sparsity), for MFU. Unknown devices (and CPUs) report no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}

@@ -40,12 +40,11 @@ from .distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from .metrics import MetricsLogger, format_duration, peak_flops
+from .metrics import MetricsLogger, format_duration, peak_flops, run_log_handler
 from .optim import build_optimizer
 from .parallelize import Parallelized, TableGradReducer, parallelize, uses_cudagraphs
 
 log = logging.getLogger(__name__)
-RUN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # train.log's lines
 
 __all__ = [
     "DistInfo",
@@ -693,8 +692,7 @@ def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> logging.Handler | None:
     if not info.is_main:
         return None
     run_dir, ckpt_dir, _ = output_dirs(cfg)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter(RUN_LOG_FORMAT, "%H:%M:%S"))
+    handler = run_log_handler(run_dir / "train.log")
     logging.getLogger().addHandler(handler)
     log.info(
         "run directory %s: config.json, train.log, metrics.jsonl%s, checkpoints in %s",
