@@ -484,3 +484,46 @@ def test_each_run_in_one_process_logs_only_to_its_own_train_log(tmp_path, caplog
     assert f"run directory {tmp_path / 'c'}" in (tmp_path / "c" / "train.log").read_text()
     left = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     assert not [h for h in left if h.baseFilename.startswith(str(tmp_path))], left
+
+
+def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, monkeypatch):
+    """While a run holds its directory, a second run there is refused before it writes anything,
+    naming the directory and the holder; once the first is closed the directory is free again.
+    A process that dies holding the lock frees it too (the OS drops the lock)."""
+    import os
+    import subprocess
+    import sys
+
+    from launch import token_shards
+
+    from ultramem.config import ConfigError
+    from ultramem.train.trainer import RunDirLock, build_trainer
+
+    monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, f"--data.source={token_shards(tmp_path / 'data')}", f"--run.dir={run_dir}"]
+    cfg = load_config("debug", [*overrides, "--metrics.tensorboard=false"])
+    first = build_trainer(cfg, DistInfo())
+    try:
+        log_before = (run_dir / "train.log").read_text()
+        with pytest.raises(ConfigError, match=rf"run.dir='{run_dir}': another run .*process {os.getpid()} on"):
+            build_trainer(load_config("debug", overrides), DistInfo())  # (this one would make tb/)
+        assert (run_dir / "train.log").read_text() == log_before and not (run_dir / "tb").exists()
+    finally:
+        first.close()
+    build_trainer(cfg, DistInfo()).close()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom ultramem.train.trainer import RunDirLock\n"
+         f"lock = RunDirLock(Path({str(run_dir)!r}))\nassert lock.acquire() is None\nprint('held', flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert f"process {holder.pid} on" in RunDirLock(run_dir).acquire()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    lock = RunDirLock(run_dir)
+    assert lock.acquire() is None
+    lock.release()

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,7 +244,7 @@ class Trainer:
         self._peak_flops = peak_flops(device)
         self._stop = _StopRequest()
         self.stopped_by: int | None = None  # the signal that stopped the run before max_steps
-        self.run_log: logging.Handler | None = None  # train.log's handler, as build_trainer attached it
+        self._run_dir_hold = _RunDirHold()  # the run directory's lock and log, as build_trainer took them
         self._timed = False  # whether this run's first logged interval (compile, warm-up) is behind it
         self.last_checkpoint: Path | None = None
 
@@ -475,6 +476,11 @@ class Trainer:
             self.metrics.line(f"step {self.step:5d} | val loss {val:.4f}")
             self.metrics.scalars(self.step, {"val/loss": val}, kind="val")
 
+    def close(self) -> None:
+        """Release the run directory: its lock and train.log's handler (run_trainer does when the
+        run ends; a trainer from build_trainer is closed by whoever built it)."""
+        self._run_dir_hold.release()
+
     def train(self) -> list[StepRecord]:
         cfg = self.cfg
         self.prepare()
@@ -646,11 +652,51 @@ def output_dirs(cfg: TrainConfig) -> tuple[Path | None, Path | None, Path | None
     return run_dir, ckpt_dir, tb_dir
 
 
-def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> None:
-    """Check the checkpoint to resume from, then make the run's directories and check that they
-    take files, before anything is trained: otherwise the first save would find out. Rank 0
-    looks; every rank raises its answer."""
+class RunDirLock:
+    """An exclusive lock on a run directory, held for the run (rank 0): a second run started in the
+    same directory would write into the same checkpoints, metrics and log. The OS drops the lock
+    when the process ends, however it ends, so a crashed run never leaves the directory locked."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._file = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; None, or the reason it is held elsewhere."""
+        try:
+            import fcntl
+        except ImportError:  # (no flock on this platform: unlocked)
+            return None
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            return (
+                f"run.dir={str(self.path.parent)!r}: another run is using this directory (process {holder}); "
+                f"wait for it to end, or choose another run.dir"
+            )
+        f.truncate(0)
+        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # (closing drops the flock)
+            self._file = None
+
+
+def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> RunDirLock | None:
+    """Check the checkpoint to resume from, then make the run's directories, lock the run
+    directory and check that the directories take files, before anything is trained: otherwise
+    the first save would find out. Rank 0 looks (and returns the lock it holds); every rank
+    raises its answer."""
     problem = None
+    lock = None
     if info.is_main and cfg.run.resume not in ("", "auto"):
         try:  # a wrong path is refused before anything is made
             resolve_checkpoint(cfg.run.resume, "--resume")
@@ -675,38 +721,56 @@ def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> None:
             if not writable:
                 problem = f"{key}={str(path)!r}: the directory is not writable"
                 break
+            if key == "run.dir":
+                lock = RunDirLock(path)
+                problem = lock.acquire()
+                if problem:
+                    break
     problem = broadcast_object(problem, info)
     if problem:
+        if lock is not None:
+            lock.release()
         raise ConfigError(problem)
+    return lock
 
 
-def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> logging.Handler | None:
-    """Check the output directories; on rank 0, log to the run's train.log too. Returns that
-    handler, which `_detach_run_log` takes off again (so a second run in this process logs only
-    to its own file)."""
-    _check_output_dirs(cfg, info)
+@dataclass
+class _RunDirHold:
+    """What a run holds in its directory until it ends (rank 0): the lock, and train.log's handler
+    on the root logger (taken off again, so a second run in this process logs only to its own file)."""
+
+    lock: RunDirLock | None = None
+    log: logging.Handler | None = None
+
+    def release(self) -> None:
+        if self.log is not None:
+            logging.getLogger().removeHandler(self.log)
+            self.log.close()
+            self.log = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> _RunDirHold:
+    """Check the output directories and lock the run directory; on rank 0, log to its train.log too."""
+    hold = _RunDirHold(lock=_check_output_dirs(cfg, info))
     if not cfg.run.dir:  # (the command line always sets one; code calling run_training may not)
         if info.is_main:
             log.info("no run directory (run.dir is empty): no log file, metrics file or checkpoints")
-        return None
+        return hold
     if not info.is_main:
-        return None
+        return hold
     run_dir, ckpt_dir, _ = output_dirs(cfg)
-    handler = run_log_handler(run_dir / "train.log")
-    logging.getLogger().addHandler(handler)
+    hold.log = run_log_handler(run_dir / "train.log")
+    logging.getLogger().addHandler(hold.log)
     log.info(
         "run directory %s: config.json, train.log, metrics.jsonl%s, checkpoints in %s",
         run_dir,
         ", tb/" if cfg.metrics.tensorboard and not cfg.metrics.tensorboard_dir else "",
         ckpt_dir if cfg.checkpoint.enabled else "(none: checkpoint.enabled=false)",
     )
-    return handler
-
-
-def _detach_run_log(handler: logging.Handler | None) -> None:
-    if handler is not None:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    return hold
 
 
 def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
@@ -722,13 +786,13 @@ def build_trainer(cfg: TrainConfig, info: DistInfo) -> Trainer:
             "setup_distributed(device, alone=True) first (run_training does)"
         )
     device = resolve_device(cfg.train.device, info.local_rank)
-    run_log = _start_run_dir(cfg, info)
+    hold = _start_run_dir(cfg, info)
     try:
         trainer = _build_trainer(cfg, info, device)
     except BaseException:
-        _detach_run_log(run_log)
+        hold.release()
         raise
-    trainer.run_log = run_log
+    trainer._run_dir_hold = hold
     return trainer
 
 
@@ -787,5 +851,5 @@ def run_trainer(cfg: TrainConfig) -> Trainer:
         return trainer
     finally:
         if trainer is not None:
-            _detach_run_log(trainer.run_log)
+            trainer.close()
         teardown_distributed(info)
