@@ -153,6 +153,11 @@ def test_parse_overrides_forms():
             "FSDP's gathers and hooks do not run inside CUDA graphs",
         ),
         (["--train.ac=some"], "train.ac='some'"),
+        (["--train.compile_backend=cudagraphs"], "train.compile_backend='cudagraphs'"),
+        (
+            ["--train.compile=true", "--train.compile_mode=reduce-overhead", "--train.compile_backend=aot_eager"],
+            "train.compile_mode='reduce-overhead' with train.compile_backend='aot_eager': the modes are Inductor's",
+        ),
         (["--parallel.bucket_cap_mb=0"], "parallel.bucket_cap_mb=0.0: must be a finite number > 0"),
         (["--parallel.bucket_cap_mb=inf"], "parallel.bucket_cap_mb=inf: must be a finite number > 0"),
         (

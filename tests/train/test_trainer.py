@@ -513,11 +513,14 @@ def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, monkeypatch
         first.close()
     build_trainer(cfg, DistInfo()).close()
 
+    hold = (
+        "import sys\nfrom pathlib import Path\nfrom ultramem.train.trainer import RunDirLock\n"
+        f"lock = RunDirLock(Path({str(run_dir)!r}))\nassert lock.acquire() is None\n"
+        "print('held', flush=True)\nsys.stdin.read()"
+    )
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom ultramem.train.trainer import RunDirLock\n"
-         f"lock = RunDirLock(Path({str(run_dir)!r}))\nassert lock.acquire() is None\nprint('held', flush=True)\nsys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        [sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert f"process {holder.pid} on" in RunDirLock(run_dir).acquire()

@@ -89,6 +89,7 @@ RESUMABLE_CHANGES = (
     "train.eval_batches",
     "train.compile",
     "train.compile_mode",
+    "train.compile_backend",
     "train.ac",
     "train.ac_every",
     "train.device",

@@ -27,6 +27,7 @@ PARALLEL_MODES = ("none", "ddp", "fsdp")
 RESHARD_POLICIES = ("default", "always", "never")
 AC_MODES = ("none", "full", "selective")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 VAL_SPLITS = ("tail", "spread")  # as ultramem.data.VAL_SPLITS (a test keeps them equal)
@@ -82,6 +83,9 @@ class TrainSection:
     # "reduce-overhead" replays the compiled model as CUDA graphs (a memory layer launches many
     # small kernels: without graphs the host sets the pace)
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), ...
+    # "aot_eager" and "eager" trace as Inductor would (graphs, graph breaks, DDP's split) but run
+    # the traced ops as they are: to tell a compiler problem from a model one, and compile fast
+    compile_backend: str = "inductor"  # torch.compile backend: "inductor", "aot_eager" or "eager"
     # half the bytes per gather; the fp32 tables stay the master copy
     bf16_table_copy: bool = True  # bfloat16 runs: memory layers gather from a bf16 copy of the tables
     # fewer read-modify-writes of the fp32 gradient rows (docs/table-gradients.md); about 1.3 kB per
@@ -400,6 +404,12 @@ def validate_config(cfg: TrainConfig) -> None:
     _require(
         t.compile or t.compile_mode == "default",
         f"train.compile_mode={t.compile_mode!r} needs train.compile=true (it is the mode of that compile)",
+    )
+    _one_of(t.compile_backend, COMPILE_BACKENDS, "train.compile_backend")
+    _require(
+        t.compile_backend == "inductor" or t.compile_mode == "default",
+        f"train.compile_mode={t.compile_mode!r} with train.compile_backend={t.compile_backend!r}: the modes are "
+        f"Inductor's; use train.compile_backend='inductor'",
     )
     _one_of(cfg.parallel.mode, PARALLEL_MODES, "parallel.mode")
     _one_of(cfg.parallel.reshard_after_forward, RESHARD_POLICIES, "parallel.reshard_after_forward")

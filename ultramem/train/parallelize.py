@@ -73,11 +73,17 @@ def compile_regions(mode: str) -> str:
     return "module" if mode == "fsdp" else "model"
 
 
-def apply_compile(model: Transformer, mode: str, regions: str, options: dict | None = None) -> None:
+def apply_compile(
+    model: Transformer, mode: str, regions: str, options: dict | None = None, backend: str = "inductor"
+) -> None:
     """torch.compile in `mode` over the regions `compile_regions` names; `options` (Inductor's)
-    add to the mode's."""
-    # torch.compile takes a mode or options, not both: a mode is a set of options
-    kwargs = {"options": {**torch._inductor.list_mode_options(mode), **options}} if options else {"mode": mode}
+    add to the mode's. Another `backend` takes neither."""
+    if backend != "inductor":
+        kwargs = {"backend": backend}
+    elif options:  # torch.compile takes a mode or options, not both: a mode is a set of options
+        kwargs = {"options": {**torch._inductor.list_mode_options(mode), **options}}
+    else:
+        kwargs = {"mode": mode}
     if regions == "model":
         model.compile(**kwargs)
     elif regions == "module":
@@ -175,7 +181,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo, device: to
         if mode != needs and value != getattr(ParallelConfig, key):
             log.warning("parallel.%s=%r has no effect with parallel.mode=%r (%s only)", key, value, mode, needs.upper())
     if cfg.train.compile:
-        apply_compile(model, cfg.train.compile_mode, compile_regions(mode))
+        apply_compile(model, cfg.train.compile_mode, compile_regions(mode), backend=cfg.train.compile_backend)
     forward: nn.Module = model
     if mode == "fsdp":
         apply_fsdp(model, cfg, tables)

@@ -816,7 +816,9 @@ def _build_trainer(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Tr
         n_params / 1e6,
         device,
         cfg.train.dtype,
-        cfg.train.compile,
+        cfg.train.compile_backend
+        if cfg.train.compile and cfg.train.compile_backend != "inductor"
+        else cfg.train.compile,
     )
     trainer = Trainer(cfg, model, optimizer, scheduler, train_batches, device, info, val_batches, par)
     if trainer.table_reducer.active:
