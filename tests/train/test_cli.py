@@ -90,6 +90,20 @@ def test_bad_config_and_missing_data_are_one_line_errors(tmp_path, capsys, monke
     resume = ["--resume", str(tmp_path / "nowhere"), f"--run.dir={run_dir}"]
     _cli_error(capsys, [*TINY, *resume], f"--resume '{tmp_path / 'nowhere'}': no such file or directory")
     assert not run_dir.exists()
+    # a run directory another run holds: refused, naming the holder, and that run's log left alone
+    from ultramem.train.trainer import RunDirLock
+
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "train.log").write_text("the other run's log\n")
+    lock = RunDirLock(held)
+    assert lock.acquire() is None
+    try:
+        holder = f"process {os.getpid()} on"
+        _cli_error(capsys, [*TINY, f"--run.dir={held}"], f"run.dir='{held}': another run is using", holder)
+    finally:
+        lock.release()
+    assert (held / "train.log").read_text() == "the other run's log\n"
 
 
 def test_two_ranks_report_a_config_error_in_one_line_each(tmp_path):

@@ -84,15 +84,6 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode, memo
         assert "all-reduced once per step" in out.stdout
 
 
-@pytest.mark.parametrize("policy", ["never"])  # ("always": test_fsdp_memory_unit_with_accumulation...)
-def test_fsdp_reshard_policies_train_alike(runs, policy):
-    """Which FSDP units gather their weights again for the backward changes no loss."""
-    one_dir, _ = runs.get("one-ultramem_v2", 0, ["--model.memory.type=ultramem_v2"])
-    extra = ["--parallel.mode=fsdp", f"--parallel.reshard_after_forward={policy}"]
-    two_dir, _ = runs.get(f"fsdp-ultramem_v2-{policy}", 2, extra)
-    assert_losses_match(one_dir, two_dir)
-
-
 # wide enough for several of DDP's gradient buckets at 1 MB: about 0.8 MB of weights a block
 # (3 micro-batches: DDP reduces only the last's, the sum in .grad)
 WIDE = ["--model.dim=128", "--model.n_heads=4", "--model.ffn_hidden=352", "--model.n_layers=3", "--train.grad_accum=3"]
@@ -149,12 +140,20 @@ def test_resume_continues_bit_identically(runs, name, nproc, mode):
     assert keys and all(mem_got[0][k] == mem_want[0][k] for k in keys)
 
 
-@pytest.mark.parametrize("src, nproc, mode", [("fsdp-ultramem_v2", 0, "none"), ("one-ultramem_v2", 2, "fsdp")])
-def test_resume_with_another_world_size(runs, src, nproc, mode):
+@pytest.mark.parametrize(
+    "src, nproc, extra",
+    [
+        ("fsdp-ultramem_v2", 0, ["--parallel.mode=none"]),
+        # every FSDP unit keeps its gathered weights for the backward: the reshard policy changes no loss
+        ("one-ultramem_v2", 2, ["--parallel.mode=fsdp", "--parallel.reshard_after_forward=never"]),
+    ],
+    ids=["fsdp-to-one", "one-to-fsdp-never-resharded"],
+)
+def test_resume_with_another_world_size(runs, src, nproc, extra):
     src_nproc = 2 if src.startswith("fsdp") else 0
     full_dir, _ = runs.get(src, src_nproc, [f"--parallel.mode={'fsdp' if src_nproc else 'none'}"])
     ckpt = full_dir / "checkpoints" / "step_00000002"
-    resumed_dir, out = runs.get(f"{src}-to-{nproc}", nproc, [f"--parallel.mode={mode}", f"--run.resume={ckpt}"])
+    resumed_dir, _ = runs.get(f"{src}-to-{nproc}", nproc, [*extra, f"--run.resume={ckpt}"])
     assert_losses_match(full_dir, resumed_dir, first_step=3)
 
 

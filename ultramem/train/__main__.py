@@ -25,14 +25,19 @@ def _setup_logging() -> None:
 
 
 def _exit(parser: argparse.ArgumentParser, code: int, message: str, run_dir: str = "") -> None:
-    """One line on stderr, and in the run's train.log when it has one (the console has it once)."""
+    """One line on stderr, and in the run's train.log when it has one (the console has it once),
+    unless another run holds that directory: its log is its own."""
     log_file = Path(run_dir) / "train.log" if run_dir else None
     if log_file is not None and log_file.is_file() and os.environ.get("RANK", "0") == "0":
         from ultramem.train.metrics import run_log_handler
+        from ultramem.train.trainer import RunDirLock
 
-        handler = run_log_handler(log_file)
-        handler.emit(logging.LogRecord("ultramem.train", logging.ERROR, __file__, 0, message, None, None))
-        handler.close()
+        lock = RunDirLock(log_file.parent)
+        if lock.acquire() is None:
+            handler = run_log_handler(log_file)
+            handler.emit(logging.LogRecord("ultramem.train", logging.ERROR, __file__, 0, message, None, None))
+            handler.close()
+            lock.release()
     parser.exit(code, f"{_prefix()}{message}\n")
 
 
