@@ -24,6 +24,9 @@
 #   inputs     the 227M trainer's step, UltraMemV2 with the table gradients' buffers passed by id
 #              and as tensors (train.table_grads_as_inputs), default mode and CUDA graphs
 #              (trainer_ab)                                                 -> inputs.txt
+#   fsdp-inputs the 227M trainer's step under FSDP2 on one GPU (a process group of one), default
+#              mode: the table gradients' buffers by id (the default under FSDP) and as tensors
+#              (trainer_ab)                                                 -> fsdp_inputs.txt
 #   decode     one layer at decode shapes, eval: eager, compiled, graphs, replay; with and without
 #              inference_cache (perf.diagnostics.decode_layer)                -> decode.txt
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
@@ -33,7 +36,7 @@
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, decode or layer-host}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, decode or layer-host}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -85,6 +88,12 @@ case $part in
                 --variant v2_ids=--train.table_grads_as_inputs=false --variant v2= --log "$log"
         done 2>&1 | tee "$out/inputs.txt"
         ;;
+    fsdp-inputs)
+        WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 \
+            $py -m perf.diagnostics.trainer_ab --common=--train.compile_mode=default --common=--parallel.mode=fsdp \
+            --variant v2_ids=--train.table_grads_as_inputs=false --variant v2_tensors=--train.table_grads_as_inputs=true \
+            --log "$log" 2>&1 | tee "$out/fsdp_inputs.txt"
+        ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
     stack) $py -m perf.gpu_e2e --only stack --out "$out/stack.json" 2>&1 | tee "$out/stack.txt" ;;
     decode) $py -m perf.diagnostics.decode_layer --log "$log" 2>&1 | tee "$out/decode.txt" ;;
@@ -94,7 +103,7 @@ case $part in
         tail -n 40 "$out/layer_host.txt" "$out/layer_host_staged.txt"
         ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, decode or layer-host" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, decode or layer-host" >&2
         exit 2
         ;;
 esac

@@ -151,12 +151,14 @@ def test_apply_compile_adds_inductor_options_to_the_mode(monkeypatch, regions):
     model = build_model(load_config("debug", TINY).model)
     apply_compile(model, "reduce-overhead", regions, options={"epilogue_fusion": False})
     apply_compile(model, "reduce-overhead", regions)
+    apply_compile(model, "default", regions, backend="aot_eager")  # (another backend takes no options)
     # the whole model, or each block and memory layer
     modules = [*model.blocks, *model.memory_layers]
     compiled = [m for m in [model, *modules] if m._compiled_call_impl is not None]
     assert compiled == ([model] if regions == "model" else modules)
     merged = {**torch._inductor.list_mode_options("reduce-overhead"), "epilogue_fusion": False}
-    assert seen == [{"options": merged}] * len(compiled) + [{"mode": "reduce-overhead"}] * len(compiled)
+    want = [{"options": merged}, {"mode": "reduce-overhead"}, {"backend": "aot_eager"}]
+    assert seen == [kwargs for kwargs in want for _ in compiled]
     with pytest.raises(ValueError, match="regions='block'"):
         apply_compile(model, "default", "block")
 
@@ -188,19 +190,24 @@ def test_a_copy_of_a_training_model_keeps_its_gradients_to_itself():
         assert tables.grad_staging.staged_tokens() == 0
 
 
-@pytest.mark.parametrize(("mode", "regions"), [("none", "model"), ("ddp", "model"), ("fsdp", "module")])
-def test_parallelize_compiles_the_regions_of_its_mode(monkeypatch, mode, regions):
-    """The whole model unless FSDP's hooks run between the modules (DDP on 2 ranks included)."""
+@pytest.mark.parametrize(
+    ("mode", "regions", "backend"),
+    [("none", "model", "inductor"), ("ddp", "model", "aot_eager"), ("fsdp", "module", "eager")],
+)
+def test_parallelize_compiles_the_regions_of_its_mode(monkeypatch, mode, regions, backend):
+    """The whole model unless FSDP's hooks run between the modules (DDP on 2 ranks included),
+    with the configured backend."""
     from ultramem.train import parallelize as par
 
     seen = []
-    monkeypatch.setattr(par, "apply_compile", lambda model, mode, regions: seen.append(regions))
+    monkeypatch.setattr(par, "apply_compile", lambda model, mode, regions, backend: seen.append((regions, backend)))
     monkeypatch.setattr(par, "apply_fsdp", lambda *args: None)
     monkeypatch.setattr(par, "apply_ddp", lambda model, *args: model)
-    cfg = load_config("debug", TINY + ["--train.compile=true", f"--parallel.mode={mode}"])
+    overrides = ["--train.compile=true", f"--parallel.mode={mode}", f"--train.compile_backend={backend}"]
+    cfg = load_config("debug", TINY + overrides)
     model = build_training_model(cfg, torch.device("cpu"))
     parallelize(model, cfg, DistInfo(world_size=2), torch.device("cpu"))
-    assert seen == [regions]
+    assert seen == [(regions, backend)]
 
 
 @pytest.mark.gpu
