@@ -513,7 +513,8 @@ def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, monkeypatch
     first = build_trainer(cfg, DistInfo())
     try:
         log_before = (run_dir / "train.log").read_text()
-        with pytest.raises(ConfigError, match=rf"run.dir='{run_dir}': another run .*process {os.getpid()} on"):
+        refusal = rf"run.dir='{re.escape(str(run_dir))}': another run .*process {os.getpid()} on"
+        with pytest.raises(ConfigError, match=refusal):
             build_trainer(load_config("debug", overrides), DistInfo())  # (this one would make tb/)
         assert (run_dir / "train.log").read_text() == log_before and not (run_dir / "tb").exists()
     finally:
@@ -537,3 +538,5 @@ def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, monkeypatch
     lock = RunDirLock(run_dir)
     assert lock.acquire() is None
     lock.release()
+    missing = RunDirLock(tmp_path / "missing").acquire()
+    assert "missing'" in missing and "cannot open the lock file .lock: No such file or directory" in missing

@@ -662,12 +662,15 @@ class RunDirLock:
         self._file = None
 
     def acquire(self) -> str | None:
-        """Take the lock; None, or the reason it is held elsewhere."""
+        """Take the lock; None, or why not (another process holds it, or no lock file can be made)."""
         try:
             import fcntl
         except ImportError:  # (no flock on this platform: unlocked)
             return None
-        f = open(self.path, "a+")
+        try:
+            f = open(self.path, "a+")
+        except OSError as e:
+            return f"run.dir={str(self.path.parent)!r}: cannot open the lock file {self.path.name}: {e.strerror}"
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
