@@ -513,7 +513,9 @@ def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, monkeypatch
     first = build_trainer(cfg, DistInfo())
     try:
         log_before = (run_dir / "train.log").read_text()
-        refusal = rf"run.dir='{re.escape(str(run_dir))}': another run .*process {os.getpid()} on"
+        refusal = (
+            rf"run.dir='{re.escape(str(run_dir))}': another run .*process {os.getpid()} on .*this one\): close\(\)"
+        )
         with pytest.raises(ConfigError, match=refusal):
             build_trainer(load_config("debug", overrides), DistInfo())  # (this one would make tb/)
         assert (run_dir / "train.log").read_text() == log_before and not (run_dir / "tb").exists()
@@ -531,7 +533,8 @@ def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, monkeypatch
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert f"process {holder.pid} on" in RunDirLock(run_dir).acquire()
+        refused = RunDirLock(run_dir).acquire()
+        assert f"process {holder.pid} on" in refused and "wait for it to end" in refused
     finally:
         holder.kill()
         holder.wait(timeout=60)

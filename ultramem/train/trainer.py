@@ -677,15 +677,24 @@ class RunDirLock:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
+            if holder == self._me():  # (a notebook that built a Trainer and builds another)
+                return (
+                    f"run.dir={str(self.path.parent)!r}: another run is using this directory (process {holder}, "
+                    f"this one): close() the Trainer that build_trainer made for it, or choose another run.dir"
+                )
             return (
                 f"run.dir={str(self.path.parent)!r}: another run is using this directory (process {holder}); "
                 f"wait for it to end, or choose another run.dir"
             )
         f.truncate(0)
-        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        f.write(self._me() + "\n")
         f.flush()
         self._file = f
         return None
+
+    @staticmethod
+    def _me() -> str:
+        return f"{os.getpid()} on {socket.gethostname()}"
 
     def release(self) -> None:
         if self._file is not None:
