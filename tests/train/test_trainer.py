@@ -256,7 +256,9 @@ def test_debug_run_under_torchrun_loss_falls(tmp_path):
     with the run directory the README promises."""
     cmd = train_cmd(["--config", "debug.toml", f"--metrics.tensorboard_dir={tmp_path / 'tb'}"], nproc=1)
     # + a BPE trained on the corpus
-    out = run(cmd, timeout_for(100) + 120, tmp_path, env(tmp_path, OMP_NUM_THREADS="2"))
+    # one thread (env's default): beside another busy worker, two OpenMP threads on two cores
+    # made this run some 10x slower
+    out = run(cmd, timeout_for(100) + 120, tmp_path, env(tmp_path))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "debug"
     assert "run directory outputs/debug" in out.stdout
@@ -287,13 +289,18 @@ def test_threads_split_the_cores_between_the_ranks_of_a_node(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert set_cpu_threads(DistInfo(local_world_size=2)) == 4
-        # torchrun's own OMP_NUM_THREADS=1 is a default, not the user's choice ...
+        # torchrun's own OMP_NUM_THREADS=1, set when it starts several ranks, is a default ...
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert set_cpu_threads(DistInfo(local_world_size=4)) == 2
-        # ... and a user's value wins
+        # ... with one rank torchrun sets nothing, so 1 is the user's ...
+        assert set_cpu_threads(DistInfo(local_world_size=1)) == 1
+        assert torch.get_num_threads() == 1
+        # ... and a user's value wins, under torchrun or not
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert set_cpu_threads(DistInfo(local_world_size=4)) == 3
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+        assert set_cpu_threads(DistInfo(local_world_size=1)) == 3
     finally:
         torch.set_num_threads(before)
 

@@ -63,15 +63,20 @@ def set_cpu_threads(info: DistInfo) -> int:
     """Intra-op threads: the cores this process may use, split between the ranks of this node.
     Several ranks each running one thread per core oversubscribe the machine many times over.
     An explicit OMP_NUM_THREADS wins."""
-    if "OMP_NUM_THREADS" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return torch.get_num_threads()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    threads = max(1, cores // max(1, info.local_world_size))
-    if "OMP_NUM_THREADS" in os.environ and os.environ["OMP_NUM_THREADS"] != "1":
-        threads = int(os.environ["OMP_NUM_THREADS"])  # set by the user, not torchrun's default of 1
+    omp = os.environ.get("OMP_NUM_THREADS")
+    # torchrun sets 1 for every rank when it starts several on a node and the user set nothing
+    torchruns_default = omp == "1" and "TORCHELASTIC_RUN_ID" in os.environ and info.local_world_size > 1
+    if omp is not None and not torchruns_default:
+        try:
+            threads = int(omp)
+        except ValueError:  # e.g. a nested list such as "4,2": OpenMP's own reading stands
+            return torch.get_num_threads()
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // max(1, info.local_world_size))
     torch.set_num_threads(threads)
     return threads
 
