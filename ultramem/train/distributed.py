@@ -67,9 +67,8 @@ def set_cpu_threads(info: DistInfo) -> int:
     # torchrun sets 1 for every rank when it starts several on a node and the user set nothing
     torchruns_default = omp == "1" and "TORCHELASTIC_RUN_ID" in os.environ and info.local_world_size > 1
     if omp is not None and not torchruns_default:
-        try:
-            threads = int(omp)
-        except ValueError:  # e.g. a nested list such as "4,2": OpenMP's own reading stands
+        threads = int(omp) if omp.strip().isdigit() else 0
+        if threads < 1:  # e.g. a nested list such as "4,2": OpenMP's own reading stands
             return torch.get_num_threads()
     else:
         try:
