@@ -84,11 +84,11 @@ def test_corrupt_or_interrupted_cache_is_rebuilt(fake_stdlib, tmp_path, monkeypa
         mp.setattr(corpus.ShardWriter, "write", interrupted)
         with pytest.raises(KeyboardInterrupt):
             stdlib_corpus(300, 10**6, cache2)
-    assert sorted(p.name for p in cache2.iterdir()) == [".lock"]
+    assert sorted(p.name for p in cache2.iterdir()) == [".cache.lock"]
     rebuilt = stdlib_corpus(300, 10**6, cache2)
     assert rebuilt.built
     entry = rebuilt.cache_dir
-    assert sorted(p.name for p in cache2.iterdir()) == [".lock", entry.name]
+    assert sorted(p.name for p in cache2.iterdir()) == [".cache.lock", entry.name]
     assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokenizer.json", "tokens-00000.npy"]
 
 
@@ -164,7 +164,7 @@ def test_empty_text_leaves_no_cache_entry(tmp_path):
         empty.write_text(content)
         with pytest.raises(ValueError, match=r"empty\.txt.*no text to tokenize"):
             load_token_splits(str(empty), 300, 10**6, 0.1, str(cache))
-        assert not cache.exists() or not [p for p in cache.iterdir() if p.name != ".lock"]
+        assert not cache.exists() or not [p for p in cache.iterdir() if p.name != ".cache.lock"]
 
 
 def test_next_build_removes_stale_temporaries(fake_stdlib, tmp_path):

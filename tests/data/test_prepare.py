@@ -354,7 +354,7 @@ def test_tokenizer_training_stops_at_the_first_ctrl_c(fake_text_cache, tmp_path,
         stdlib_corpus(300, 10**6, cache)
     assert time.monotonic() - t0 < 10
     assert not multiprocessing.active_children()
-    assert [p.name for p in cache.iterdir()] == [".lock"]
+    assert [p.name for p in cache.iterdir()] == [".cache.lock"]
 
 
 @pytest.fixture

@@ -554,3 +554,27 @@ def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, monkeypatch
     lock.release()
     missing = RunDirLock(tmp_path / "missing").acquire()
     assert "missing'" in missing and "cannot open the lock file .lock: No such file or directory" in missing
+
+
+def test_a_token_cache_inside_the_run_directory_is_built_while_the_run_holds_it(tmp_path):
+    """data.cache_dir set to run.dir: building the token cache takes a lock of its own there, not
+    the run's (which this very process holds), so the build goes on instead of waiting forever."""
+    import threading
+
+    from ultramem.train.trainer import build_trainer
+
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(f"paragraph {i} says hello world again" for i in range(300)))
+    run_dir = tmp_path / "run"
+    cfg = load_config(
+        "debug",
+        [*TINY, f"--data.source={text}", f"--run.dir={run_dir}", f"--data.cache_dir={run_dir}"]
+        + ["--metrics.tensorboard=false"],
+    )
+    built = []
+    thread = threading.Thread(target=lambda: built.append(build_trainer(cfg, DistInfo())), daemon=True)
+    thread.start()
+    thread.join(timeout=timeout_for(0))  # (a tokenizer trained on 10 kB and a tiny model: seconds)
+    assert not thread.is_alive(), "building the trainer still waits (on a lock in run.dir?)"
+    built[0].close()
+    assert (run_dir / ".lock").exists() and any(p.name.startswith("text-") for p in run_dir.iterdir())

@@ -51,6 +51,8 @@ CACHE_ENV = "ULTRAMEM_CACHE"
 _FORMAT_VERSION = 2  # bump when the cache layout or the tokenizer recipe changes
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _ENTRY_RE = re.compile(r"^(stdlib|text|val)-.*[0-9a-f]{16}$")
+# not the run directory's ".lock": a cache inside a run directory would wait on its own run's lock
+_LOCK_NAME = ".cache.lock"
 
 
 def default_cache_dir() -> Path:
@@ -194,7 +196,7 @@ def _tokenize_and_cache(
     texts = read_texts()
     if not any(t.strip() for t in texts):
         raise ValueError(f"{what}: no text to tokenize ({len(documents)} input file(s), all empty or whitespace)")
-    with dir_lock(cache_root):
+    with dir_lock(cache_root, _LOCK_NAME):
         cached = _load_entry(entry, warn=False)  # another process may have built it while we waited
         if cached is not None:
             return cached

@@ -470,7 +470,7 @@ def clean_stale_temps(
 
 
 @contextlib.contextmanager
-def dir_lock(directory: Path, name: str = ".lock") -> Iterator[None]:
+def dir_lock(directory: Path, name: str) -> Iterator[None]:
     """Exclusive advisory lock on `directory/name`, held for the block (blocks while another holds it)."""
     directory.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
