@@ -465,8 +465,9 @@ def test_table_gradients_go_as_tensors_by_default_only_where_a_gpu_ran_them():
         return build_training_model(cfg, torch.device("cpu"), world_size).memory_tables.grads_as_inputs
 
     assert as_inputs() is None
-    assert as_inputs("--parallel.mode=fsdp") is False
-    assert as_inputs("--train.table_grads_as_inputs=true", "--parallel.mode=fsdp") is True
+    assert as_inputs("--parallel.mode=fsdp") is None  # FSDP2 in one process
+    assert as_inputs("--parallel.mode=fsdp", world_size=2) is False
+    assert as_inputs("--train.table_grads_as_inputs=true", "--parallel.mode=fsdp", world_size=2) is True
     assert as_inputs(world_size=2) is False  # DDP
     assert as_inputs("--train.table_grads_as_inputs=true", world_size=2) is True
 

@@ -77,8 +77,8 @@ def build_training_model(cfg: TrainConfig, device: torch.device, world_size: int
         # of a dense [N, D] gradient per layer and micro-batch (ultramem.ops.weighted_lookup).
         model.memory_tables.use_grad_buffers()
         as_inputs = cfg.train.table_grads_as_inputs
-        if as_inputs is None and (cfg.parallel.mode == "fsdp" or world_size > 1):
-            # measured and tested on a GPU in one process only; by id under FSDP and DDP until then
+        if as_inputs is None and world_size > 1:
+            # run on a GPU in one process only (FSDP2's included); by id on several until then
             as_inputs = False
         model.memory_tables.grads_as_inputs = as_inputs
         if cfg.train.dtype == "bfloat16" and cfg.train.bf16_table_copy:
