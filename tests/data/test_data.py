@@ -104,6 +104,33 @@ def test_text_file_source_and_missing_path(tmp_path, monkeypatch):
         load_token_splits(str(tmp_path / "nowhere/at/all"), 300, 10**6, 0.1)
 
 
+def test_json_lines_and_gzipped_sources_are_parsed_as_prepare_reads_them(tmp_path):
+    """A .jsonl source's documents are its records' text, a .gz source is read decompressed: the
+    same tokens as the plain text with those documents (not the JSON or the compressed bytes)."""
+    import gzip
+    import json
+
+    from ultramem.data.corpus import _text_file_documents
+
+    docs = [f"record {i} says hello world again\nwith a second line {i * 7}" for i in range(200)]
+    plain = tmp_path / "docs.txt"
+    plain.write_text("\n\n".join(docs))
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    packed = tmp_path / "docs.jsonl.gz"
+    packed.write_bytes(gzip.compress(jsonl.read_bytes()))
+    text_gz = tmp_path / "docs.txt.gz"
+    text_gz.write_bytes(gzip.compress(plain.read_bytes()))
+    for source in (jsonl, packed, text_gz):
+        assert _text_file_documents(source, 10**6) == docs, source.name
+    assert _text_file_documents(jsonl, 100) == docs[:2]  # the cap stops after the document that crosses it
+    cache = tmp_path / "cache"
+    want = text_file_corpus(plain, 300, 10**6, cache).tokens
+    for source in (jsonl, packed, text_gz):
+        got = text_file_corpus(source, 300, 10**6, cache)
+        assert got.built and np.array_equal(got.tokens, want), source.name
+
+
 def test_shard_directory_source(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .documents import Utf8Decoder, decode_text
+from .documents import Utf8Decoder, decode_text, is_jsonl, iter_pieces, open_binary
 from .shards import (
     DEFAULT_SHARD_TOKENS,
     META_NAME,
@@ -278,8 +278,21 @@ def stdlib_corpus(vocab_size: int, max_bytes: int, cache_dir: str | Path | None 
 
 
 def _text_file_documents(p: Path, max_bytes: int) -> list[str]:
+    """The documents of a text file, up to about max_bytes: JSON Lines (`.jsonl`, `.ndjson`, also
+    gzipped) a record each, as `prepare` reads them; other text (gzipped too) a paragraph each."""
+    if is_jsonl(p):
+        docs, current, total = [], [], 0
+        for piece, ends in iter_pieces([p]):
+            current.append(piece)
+            total += len(piece)
+            if ends:
+                docs.append("".join(current))
+                current = []
+            if total >= max_bytes:
+                break
+        return docs + (["".join(current)] if current else [])
     dec = Utf8Decoder()
-    with p.open("rb") as f:
+    with open_binary(p) as f:
         data = f.read(max_bytes)
     # a cap that cuts a character in two drops it instead of counting it as invalid
     text = dec.decode(data, final=len(data) < max_bytes)
@@ -292,14 +305,17 @@ def _text_file_key(p: Path, what: str) -> list[tuple[str, int]]:
     if not p.is_file():
         raise FileNotFoundError(f"{what}: text file {str(p)!r} does not exist")
     stat = p.stat()
-    return [(f"{p.resolve().as_posix()}@{stat.st_mtime_ns}", stat.st_size)]
+    # the reader in the key: caches made before JSON Lines and gzip were parsed hold the raw bytes
+    reader = ":jsonl" if is_jsonl(p) else ":gz" if p.suffix.lower() == ".gz" else ""
+    return [(f"{p.resolve().as_posix()}@{stat.st_mtime_ns}{reader}", stat.st_size)]
 
 
 def text_file_corpus(
     path: str | Path, vocab_size: int, max_bytes: int, cache_dir: str | Path | None = None, what: str = "data.source"
 ) -> TokenizedCorpus:
     """A single text file, tokenized with a BPE trained on it (cached like the stdlib corpus).
-    Blank-line-separated paragraphs are the documents; bytes that are not UTF-8 are replaced."""
+    Blank-line-separated paragraphs are the documents, or a JSON Lines file's records (either may
+    be gzipped); bytes that are not UTF-8 are replaced."""
     p = Path(path).expanduser()
     docs = _text_file_key(p, what)
     return _tokenize_and_cache(
@@ -322,7 +338,7 @@ def tokenized_text_file(
     what: str = "data.val_source",
 ) -> TokenizedCorpus:
     """A text file encoded with an existing tokenizer (a validation text for a corpus whose
-    tokenizer is fixed), paragraphs as documents, cached like the corpora."""
+    tokenizer is fixed), documents as text_file_corpus reads them, cached like the corpora."""
     p = Path(path).expanduser()
     docs = _text_file_key(p, what)
     tokenizer_path = Path(tokenizer_path)

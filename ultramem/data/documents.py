@@ -183,7 +183,7 @@ def collect_inputs(inputs: Iterable[str | Path], exclude: Sequence[Path] = ()) -
     return files
 
 
-def _open_binary(path: Path) -> BinaryIO:
+def open_binary(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
@@ -217,7 +217,7 @@ def split_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
 
 def _jsonl_pieces(path: Path, warn: bool, max_chars: int) -> Iterator[tuple[str, bool]]:
     dec = Utf8Decoder()
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             line = dec.decode(raw, final=True)  # a line break never falls inside a UTF-8 character
             if not line.strip():
@@ -248,7 +248,7 @@ def _jsonl_pieces(path: Path, warn: bool, max_chars: int) -> Iterator[tuple[str,
 def _text_pieces(path: Path, warn: bool, max_chars: int) -> Iterator[tuple[str, bool]]:
     dec = Utf8Decoder()
     buf = ""
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         while True:
             block = f.read(_READ_BLOCK)
             buf += dec.decode(block, final=not block)
