@@ -726,6 +726,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ultramem.config import ConfigError
 
+    if args.json and args.json != "-":  # refused before the evaluation, not after it
+        out = Path(args.json).expanduser()
+        blocker = next((p for p in out.parents if p.exists()), None)
+        if out.is_dir() or (blocker is not None and not blocker.is_dir()):
+            what = "is a directory" if out.is_dir() else f"cannot be made: {str(blocker)!r} is a file"
+            parser.exit(2, f"error: --json {args.json!r} {what}\n")
     try:
         with _cli_logging():
             result = run(args)
@@ -736,9 +742,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(format_result(result))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(asdict(result), indent=1) + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(asdict(result), indent=1) + "\n")
+        except OSError as e:
+            parser.exit(1, f"error: --json {args.json!r}: {e.strerror or e}\n")
     return 0
 
 

@@ -131,6 +131,15 @@ def test_json_lines_and_gzipped_sources_are_parsed_as_prepare_reads_them(tmp_pat
         assert got.built and np.array_equal(got.tokens, want), source.name
 
 
+def test_a_cache_directory_that_cannot_be_made_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(f"paragraph {i} says hello world again" for i in range(300)))
+    with pytest.raises(ValueError, match=f"token cache directory '{blocker / 'c'}' .* '{blocker}' is a file"):
+        load_token_splits(str(text), 300, 10**6, 0.1, blocker / "c")
+
+
 def test_shard_directory_source(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -165,6 +165,12 @@ def test_plans_that_cannot_work_are_refused(tmp_path, capsys):
         )
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: config ")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        compare.main(["--configs", str(dense), "--tokens", "320", "--eval-every", "32", "--out", str(blocker / "x")])
+    assert exc.value.code == 2
+    assert f"error: --out '{blocker / 'x'}': '{blocker}' is a file, not a directory" in capsys.readouterr().err
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -265,6 +265,13 @@ def test_errors_are_one_line_and_name_the_problem(trained, capsys):
     assert "not the embedded corpus" in err
     err = _error(["--checkpoint", run_dir, "--data", "run", "--seq-len", "64"], capsys)
     assert "max_seq_len=16" in err
+    # a --json path that cannot be written is refused before the evaluation, not after it
+    err = _error(["--checkpoint", run_dir, "--data", "run", "--json", str(trained.tmp)], capsys)
+    assert f"--json '{trained.tmp}' is a directory" in err
+    blocker = trained.tmp / "a_file"
+    blocker.write_text("")
+    err = _error(["--checkpoint", run_dir, "--data", "run", "--json", str(blocker / "out.json")], capsys)
+    assert f"cannot be made: '{blocker}' is a file" in err
 
 
 def _data_cfg(tmp: Path, **data):

@@ -1,5 +1,7 @@
 """Config loading: name resolution, unknown keys, types, overrides, size rules."""
 
+from importlib.resources import files
+
 import pytest
 
 from ultramem.config import ConfigError
@@ -180,6 +182,11 @@ def test_parse_overrides_forms():
         (["--model.memory.insert=0:4"], "out of range"),
         # memory rules come from the layers' own validation, named by key
         (["--model.memory.knn=100"], "model.memory.knn"),
+        (["--train.seed=-1"], "train.seed=-1: must be in [0, 2**63)"),
+        ([f"--train.seed={2**63}"], f"train.seed={2**63}: must be in [0, 2**63)"),
+        (["--model.rope_theta=0"], "model.rope_theta=0.0: must be a finite number > 0"),
+        (["--model.norm_eps=inf"], "model.norm_eps=inf: must be a finite number > 0"),
+        (["--model.init_std=nan"], "model.init_std=nan: must be a finite number > 0"),
     ],
 )
 def test_size_rules(args, fragment):
@@ -210,6 +217,36 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "config error: data.source=" in err and "Traceback" not in err
+
+
+def test_resume_flags_that_say_nothing_or_contradict_are_refused(tmp_path, capsys):
+    """An empty --resume (an unset shell variable) is no fresh start; --resume with --no-resume is
+    a contradiction; a UTF-16 config file is named as such. Refused before anything is made."""
+    from ultramem.train.__main__ import main
+
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_text((files("ultramem.configs") / "debug.toml").read_text(), encoding="utf-16")
+    for args, fragment in (
+        (["--resume", ""], "--resume needs a checkpoint path, got an empty one"),
+        (["--resume", str(tmp_path), "--no-resume"], f"--resume '{tmp_path}' and --no-resume: choose one"),
+        (["--config", str(utf16)], f"config '{utf16}' is not UTF-8 text (invalid start byte at byte 0)"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["--config", "debug.toml", f"--run.dir={tmp_path / 'run'}", *args, "--dry-run"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_directories_expand_a_home_tilde(monkeypatch, tmp_path):
+    """`--run.dir=~/x` reaches the trainer unexpanded (the shell expands no `~` after `=`)."""
+    from ultramem.train.trainer import output_dirs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("debug", ["--run.dir=~/run", "--metrics.tensorboard=true", "--metrics.tensorboard_dir=~/tb"])
+    assert output_dirs(cfg) == (tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "tb")
+    cfg = load_config("debug", ["--run.dir=~/run", "--checkpoint.dir=~/ckpt"])
+    assert output_dirs(cfg)[1] == tmp_path / "ckpt"
 
 
 def test_a_config_without_a_model_section_is_refused(tmp_path):

@@ -13,6 +13,7 @@ lock on the cache directory and first remove what killed builds left behind.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -196,6 +197,17 @@ def _tokenize_and_cache(
     texts = read_texts()
     if not any(t.strip() for t in texts):
         raise ValueError(f"{what}: no text to tokenize ({len(documents)} input file(s), all empty or whitespace)")
+    try:  # a cache that cannot be written is the user's setting to fix, not a traceback
+        cache_root.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache_root, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        blocker = next((p for p in (cache_root, *cache_root.parents) if p.exists()), None)
+        why = f"{str(blocker)!r} is a file" if blocker is not None and not blocker.is_dir() else e.strerror or e
+        raise ValueError(
+            f"token cache directory {str(cache_root)!r} (data.cache_dir, else $ULTRAMEM_CACHE or "
+            f"~/.cache/ultramem) cannot be used: {why}"
+        ) from None
     with dir_lock(cache_root, _LOCK_NAME):
         cached = _load_entry(entry, warn=False)  # another process may have built it while we waited
         if cached is not None:

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(
             2, f"{_prefix()}config error: --config is required (packaged: debug.toml, 227m.toml, ...; see --help)\n"
         )
+    if args.resume is not None and args.no_resume:
+        parser.exit(2, f"{_prefix()}config error: --resume {args.resume!r} and --no-resume: choose one\n")
+    if args.resume is not None and not args.resume.strip():  # an unset shell variable: not a fresh start
+        parser.exit(2, f"{_prefix()}config error: --resume needs a checkpoint path, got an empty one\n")
     if args.resume is not None:
         rest = rest + [f"--run.resume={args.resume}"]
     if args.no_resume:

@@ -363,7 +363,7 @@ class CheckpointManager:
 def resolve_checkpoint(path: str | Path, name: str = "checkpoint") -> Path:
     """A checkpoint directory, or the latest complete checkpoint in a directory of them or in a
     run directory's `checkpoints/`; errors name the path as `name`."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{name} {str(path)!r}: no such file or directory")
     if (p / ".metadata").is_file():

@@ -164,7 +164,12 @@ def read_config_text(name_or_path: str) -> tuple[str, str]:
     """Return (text, where) for a packaged config name (`227m` or `227m.toml`) or a file path."""
     path = Path(name_or_path)
     if path.is_file():
-        return path.read_text(), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:  # e.g. UTF-16, as some Windows editors and shells save
+            raise ConfigError(
+                f"config {name_or_path!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+            ) from None
     bare = name_or_path if name_or_path.endswith(".toml") else name_or_path + ".toml"
     if "/" not in name_or_path and bare in packaged_config_names():
         resource = importlib.resources.files("ultramem.configs").joinpath(bare)
@@ -372,8 +377,12 @@ def validate_config(cfg: TrainConfig) -> None:
     ):
         _require(value >= 1, f"{key}={value}: must be >= 1")
     validate_heads(m)
-    _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be > 0")
-    _require(m.init_std is None or m.init_std > 0, f"model.init_std={m.init_std}: must be > 0")
+    _require(0 < m.norm_eps < math.inf, f"model.norm_eps={m.norm_eps}: must be a finite number > 0")
+    _require(
+        m.init_std is None or 0 < m.init_std < math.inf, f"model.init_std={m.init_std}: must be a finite number > 0"
+    )
+    _require(0 < m.rope_theta < math.inf, f"model.rope_theta={m.rope_theta}: must be a finite number > 0")
+    _require(0 <= t.seed < 2**63, f"train.seed={t.seed}: must be in [0, 2**63)")  # torch's and numpy's seeds
     _require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     _require(  # a directory of shards brings its own tokenizer: checked against the model on load
         d.vocab_size <= m.vocab_size or Path(d.source).expanduser().is_dir(),

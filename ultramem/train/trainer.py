@@ -643,12 +643,15 @@ def build_data(cfg: TrainConfig, info: DistInfo):
 def output_dirs(cfg: TrainConfig) -> tuple[Path | None, Path | None, Path | None]:
     """Where a run writes: its run directory, checkpoint directory and tensorboard directory (the
     last two default to checkpoints/ and tb/ in the first; None: nothing written there)."""
-    run_dir = Path(cfg.run.dir) if cfg.run.dir else None
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else (run_dir / "checkpoints" if run_dir else None)
+    # `~` expanded here: the shell leaves it alone in `--run.dir=~/x`
+    run_dir = Path(cfg.run.dir).expanduser() if cfg.run.dir else None
+    ckpt_dir = (
+        Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else (run_dir / "checkpoints" if run_dir else None)
+    )
     tb_dir = None
     if cfg.metrics.tensorboard:
         named = cfg.metrics.tensorboard_dir
-        tb_dir = Path(named) if named else (run_dir / "tb" if run_dir else None)
+        tb_dir = Path(named).expanduser() if named else (run_dir / "tb" if run_dir else None)
     return run_dir, ckpt_dir, tb_dir
 
 
