@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +142,48 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step_00000001"]
     assert sorted(losses(run_dir)) == [1]
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, capsys, monkeypatch):
+    """The file system refusing a checkpoint (here: no space left, from inside DCP's save) stops the
+    run with one line naming the checkpoint, in train.log too; the earlier checkpoint stays whole
+    and nothing half-written is left."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import ultramem.train.checkpoint as ckpt
+    from ultramem.train.__main__ import main
+
+    monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    saves = []
+    original = ckpt.dcp.save
+
+    def save(state, checkpoint_id):
+        saves.append(checkpoint_id)
+        if len(saves) == 1:
+            return original(state, checkpoint_id=checkpoint_id)
+        (Path(checkpoint_id) / "__0_0.distcp").parent.mkdir(parents=True, exist_ok=True)
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise CheckpointException("save failed", {0: (full, None)})
+
+    monkeypatch.setattr(ckpt.dcp, "save", save)
+    args = [*TINY, f"--data.source={token_shards(tmp_path / 'data')}", f"--run.dir={run_dir}"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--train.max_steps=4", "--checkpoint.interval=2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    final = run_dir / "checkpoints" / "step_00000004"
+    assert exc.value.code == 1
+    assert f"checkpoint '{final}' could not be written: No space left on device" in err, err
+    assert "the checkpoints before step 4 are intact" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002"]
+    assert "No space left on device" in (run_dir / "train.log").read_text()
+    monkeypatch.setattr(ckpt.dcp, "save", original)
+    main([*args, "--train.max_steps=4", "--checkpoint.interval=2"])  # resumes from step 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4, 3, 4]  # the rerun took up at step 2
 
 
 def _stopped_run(tmp_path, extra, nproc, stop):

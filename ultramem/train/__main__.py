@@ -27,7 +27,7 @@ def _setup_logging() -> None:
 def _exit(parser: argparse.ArgumentParser, code: int, message: str, run_dir: str = "") -> None:
     """One line on stderr, and in the run's train.log when it has one (the console has it once),
     unless another run holds that directory: its log is its own."""
-    log_file = Path(run_dir) / "train.log" if run_dir else None
+    log_file = Path(run_dir).expanduser() / "train.log" if run_dir else None
     if log_file is not None and log_file.is_file() and os.environ.get("RANK", "0") == "0":
         from ultramem.train.metrics import run_log_handler
         from ultramem.train.trainer import RunDirLock
@@ -123,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(summarize(model, cfg.model, cfg.train.seq_len), cfg.model))
         return 0
 
-    from ultramem.train.checkpoint import CheckpointError
+    from ultramem.train.checkpoint import CheckpointError, CheckpointWriteError
     from ultramem.train.trainer import TrainingDiverged, run_trainer
 
     try:
         trainer = run_trainer(cfg)
     except (ConfigError, FileNotFoundError, CheckpointError) as e:  # bad input found late: no traceback
         _exit(parser, 2, f"error: {e}", cfg.run.dir)
+    except CheckpointWriteError as e:
+        _exit(parser, 1, f"error: {e}", cfg.run.dir)
     except TrainingDiverged as e:
         _exit(parser, 3, f"error: training diverged: {e}", cfg.run.dir)
     except KeyboardInterrupt:

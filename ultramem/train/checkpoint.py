@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,6 +52,21 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(ValueError):
     """A checkpoint or exported model that cannot be read (truncated, corrupt, not one)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint the file system refused (a full disk, a quota, a lost mount): the run stops,
+    the checkpoints before it are intact."""
+
+
+def _os_cause(e: BaseException) -> OSError | None:
+    """The OSError behind a failed save, also from inside DCP's per-rank CheckpointException."""
+    if isinstance(e, OSError):
+        return e
+    for exc, _trace in getattr(e, "failures", {}).values():
+        if isinstance(exc, OSError):
+            return exc
+    return None
 
 
 @contextlib.contextmanager
@@ -246,10 +262,21 @@ class CheckpointManager:
         barrier(info)
         t0 = time.perf_counter()
         state = self._state(model, optimizer, scheduler, step, _memory_stats(model, info))
-        with _quiet_single_process():
-            dcp.save(state, checkpoint_id=str(tmp))
-        (tmp / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank{info.rank}.pt")
+        try:
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=str(tmp))
+            (tmp / "rng").mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), tmp / "rng" / f"rank{info.rank}.pt")
+        except (Exception, CheckpointException) as e:  # (DCP's exception is a BaseException)
+            cause = _os_cause(e)
+            if cause is None:
+                raise
+            if info.is_main:  # what was written is of no use and may fill the disk
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(
+                f"checkpoint {str(final)!r} could not be written: {cause.strerror or cause}; the run "
+                f"stopped before it, and the checkpoints before step {step} are intact"
+            ) from e
         barrier(info)
         if info.is_main:
             meta = {
