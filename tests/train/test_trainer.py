@@ -579,3 +579,32 @@ def test_a_token_cache_inside_the_run_directory_is_built_while_the_run_holds_it(
     assert not thread.is_alive(), "building the trainer still waits (on a lock in run.dir?)"
     built[0].close()
     assert (run_dir / ".lock").exists() and any(p.name.startswith("text-") for p in run_dir.iterdir())
+
+
+def test_a_checkpoint_directory_outside_the_run_directory_is_held_too(tmp_path, monkeypatch):
+    """Two runs in different run directories sharing one checkpoint.dir would rotate each other's
+    checkpoints away: the second is refused, naming checkpoint.dir. A file name of the run
+    directory taken by a directory is refused before the run starts."""
+    from launch import token_shards
+
+    from ultramem.config import ConfigError
+    from ultramem.train.trainer import build_trainer
+
+    monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "cache"))
+    shared = tmp_path / "ckpts"
+    common = [*TINY, f"--data.source={token_shards(tmp_path / 'data')}", "--metrics.tensorboard=false"]
+    first = build_trainer(
+        load_config("debug", [*common, f"--run.dir={tmp_path / 'a'}", f"--checkpoint.dir={shared}"]), DistInfo()
+    )
+    try:
+        second = load_config("debug", [*common, f"--run.dir={tmp_path / 'b'}", f"--checkpoint.dir={shared}"])
+        with pytest.raises(ConfigError, match=rf"checkpoint.dir='{re.escape(str(shared))}': another run"):
+            build_trainer(second, DistInfo())
+        # the refused run let go of its own run directory
+        build_trainer(load_config("debug", [*common, f"--run.dir={tmp_path / 'b'}"]), DistInfo()).close()
+    finally:
+        first.close()
+    build_trainer(second, DistInfo()).close()
+    (tmp_path / "c" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="metrics.jsonl is a directory; the run writes a file there"):
+        build_trainer(load_config("debug", [*common, f"--run.dir={tmp_path / 'c'}"]), DistInfo())

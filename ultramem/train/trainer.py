@@ -656,12 +656,14 @@ def output_dirs(cfg: TrainConfig) -> tuple[Path | None, Path | None, Path | None
 
 
 class RunDirLock:
-    """An exclusive lock on a run directory, held for the run (rank 0): a second run started in the
-    same directory would write into the same checkpoints, metrics and log. The OS drops the lock
-    when the process ends, however it ends, so a crashed run never leaves the directory locked."""
+    """An exclusive lock on a run directory (or a checkpoint directory outside it), held for the
+    run (rank 0): a second run started in the same directory would write into the same
+    checkpoints, metrics and log. The OS drops the lock when the process ends, however it ends,
+    so a crashed run never leaves the directory locked. `key` names the setting in messages."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, key: str = "run.dir"):
         self.path = run_dir / ".lock"
+        self.key = key
         self._file = None
 
     def acquire(self) -> str | None:
@@ -673,7 +675,7 @@ class RunDirLock:
         try:
             f = open(self.path, "a+")
         except OSError as e:
-            return f"run.dir={str(self.path.parent)!r}: cannot open the lock file {self.path.name}: {e.strerror}"
+            return f"{self.key}={str(self.path.parent)!r}: cannot open the lock file {self.path.name}: {e.strerror}"
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -682,11 +684,11 @@ class RunDirLock:
             f.close()
             if holder == self._me():  # (a notebook that built a Trainer and builds another)
                 return (
-                    f"run.dir={str(self.path.parent)!r}: another run is using this directory (process {holder}, "
+                    f"{self.key}={str(self.path.parent)!r}: another run is using this directory (process {holder}, "
                     f"this one): close() the Trainer that build_trainer made for it, or choose another run.dir"
                 )
             return (
-                f"run.dir={str(self.path.parent)!r}: another run is using this directory (process {holder}); "
+                f"{self.key}={str(self.path.parent)!r}: another run is using this directory (process {holder}); "
                 f"wait for it to end, or choose another run.dir"
             )
         f.truncate(0)
@@ -705,13 +707,13 @@ class RunDirLock:
             self._file = None
 
 
-def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> RunDirLock | None:
+def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> list[RunDirLock]:
     """Check the checkpoint to resume from, then make the run's directories, lock the run
     directory and check that the directories take files, before anything is trained: otherwise
     the first save would find out. Rank 0 looks (and returns the lock it holds); every rank
     raises its answer."""
     problem = None
-    lock = None
+    locks = []
     if info.is_main and cfg.run.resume not in ("", "auto"):
         try:  # a wrong path is refused before anything is made
             resolve_checkpoint(cfg.run.resume, "--resume")
@@ -736,17 +738,25 @@ def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> RunDirLock | None:
             if not writable:
                 problem = f"{key}={str(path)!r}: the directory is not writable"
                 break
-            if key == "run.dir":
-                lock = RunDirLock(path)
-                problem = lock.acquire()
+            # a checkpoint directory outside the run directory is locked too: two runs sharing it
+            # would rotate each other's checkpoints away, and a new run would resume another's
+            if key == "run.dir" or (key == "checkpoint.dir" and run_dir not in (path, *path.parents)):
+                locks.append(RunDirLock(path, key))
+                problem = locks[-1].acquire()
                 if problem:
+                    locks.pop()
+                    break
+            if key == "run.dir":
+                clash = [n for n in ("config.json", "metrics.jsonl", "train.log") if (path / n).is_dir()]
+                if clash:
+                    problem = f"run.dir={str(path)!r}: {clash[0]} is a directory; the run writes a file there"
                     break
     problem = broadcast_object(problem, info)
     if problem:
-        if lock is not None:
+        for lock in locks:
             lock.release()
         raise ConfigError(problem)
-    return lock
+    return locks
 
 
 @dataclass
@@ -754,7 +764,7 @@ class _RunDirHold:
     """What a run holds in its directory until it ends (rank 0): the lock, and train.log's handler
     on the root logger (taken off again, so a second run in this process logs only to its own file)."""
 
-    lock: RunDirLock | None = None
+    locks: list[RunDirLock] = field(default_factory=list)
     log: logging.Handler | None = None
 
     def release(self) -> None:
@@ -762,14 +772,14 @@ class _RunDirHold:
             logging.getLogger().removeHandler(self.log)
             self.log.close()
             self.log = None
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
 
 
 def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> _RunDirHold:
     """Check the output directories and lock the run directory; on rank 0, log to its train.log too."""
-    hold = _RunDirHold(lock=_check_output_dirs(cfg, info))
+    hold = _RunDirHold(locks=_check_output_dirs(cfg, info))
     if not cfg.run.dir:  # (the command line always sets one; code calling run_training may not)
         if info.is_main:
             log.info("no run directory (run.dir is empty): no log file, metrics file or checkpoints")
