@@ -186,6 +186,21 @@ def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4, 3, 4]  # the rerun took up at step 2
 
 
+def test_a_tilde_in_the_output_directories_is_the_home_directory(tmp_path, monkeypatch):
+    """`--run.dir=~/x` reaches the command unexpanded (no shell expands `~` after `=`): every file
+    of the run goes under $HOME/x, none under a directory named `~`."""
+    from ultramem.train.__main__ import main
+
+    monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    data = token_shards(tmp_path / "data")
+    assert main([*TINY, f"--data.source={data}", "--train.max_steps=1", "--run.dir=~/run"]) == 0
+    run_dir = tmp_path / "home" / "run"
+    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.jsonl", "train.log", "checkpoints"}
+    assert not (tmp_path / "~").exists()
+
+
 def _stopped_run(tmp_path, extra, nproc, stop):
     """A run of many steps, `stop(proc)` once it has logged two; its run dir, process and output."""
     data = token_shards(tmp_path / "data")

@@ -411,8 +411,8 @@ class Trainer:
             self.step = self.checkpoints.load(found, self.model, self.optimizer, self.scheduler, self.cfg)
             self.last_checkpoint = found
             self.metrics.line(f"resumed from {found} at step {self.step} of {self.cfg.train.max_steps}")
-        if self.info.is_main and self.cfg.run.dir:  # once the resume is accepted: a refused one changes nothing
-            run_dir = Path(self.cfg.run.dir)
+        if self.info.is_main and self.run_dir is not None:  # once the resume is accepted: a refused one changes nothing
+            run_dir = self.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(flatten_config(self.cfg), indent=1) + "\n")
         if self._saving:
