@@ -685,11 +685,11 @@ class RunDirLock:
             if holder == self._me():  # (a notebook that built a Trainer and builds another)
                 return (
                     f"{self.key}={str(self.path.parent)!r}: another run is using this directory (process {holder}, "
-                    f"this one): close() the Trainer that build_trainer made for it, or choose another run.dir"
+                    f"this one): close() the Trainer that build_trainer made for it, or choose another {self.key}"
                 )
             return (
                 f"{self.key}={str(self.path.parent)!r}: another run is using this directory (process {holder}); "
-                f"wait for it to end, or choose another run.dir"
+                f"wait for it to end, or choose another {self.key}"
             )
         f.truncate(0)
         f.write(self._me() + "\n")
@@ -710,7 +710,7 @@ class RunDirLock:
 def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> list[RunDirLock]:
     """Check the checkpoint to resume from, then make the run's directories, lock the run
     directory and check that the directories take files, before anything is trained: otherwise
-    the first save would find out. Rank 0 looks (and returns the lock it holds); every rank
+    the first save would find out. Rank 0 looks (and returns the locks it holds); every rank
     raises its answer."""
     problem = None
     locks = []
@@ -739,7 +739,7 @@ def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> list[RunDirLock]:
                 problem = f"{key}={str(path)!r}: the directory is not writable"
                 break
             # a checkpoint directory outside the run directory is locked too: two runs sharing it
-            # would rotate each other's checkpoints away, and a new run would resume another's
+            # would rotate each other's checkpoints away
             if key == "run.dir" or (key == "checkpoint.dir" and run_dir not in (path, *path.parents)):
                 locks.append(RunDirLock(path, key))
                 problem = locks[-1].acquire()
@@ -761,7 +761,7 @@ def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> list[RunDirLock]:
 
 @dataclass
 class _RunDirHold:
-    """What a run holds in its directory until it ends (rank 0): the lock, and train.log's handler
+    """What a run holds in its directory until it ends (rank 0): the locks, and train.log's handler
     on the root logger (taken off again, so a second run in this process logs only to its own file)."""
 
     locks: list[RunDirLock] = field(default_factory=list)
@@ -778,7 +778,8 @@ class _RunDirHold:
 
 
 def _start_run_dir(cfg: TrainConfig, info: DistInfo) -> _RunDirHold:
-    """Check the output directories and lock the run directory; on rank 0, log to its train.log too."""
+    """Check the output directories and lock the run directory (and a checkpoint directory outside
+    it); on rank 0, log to its train.log too."""
     hold = _RunDirHold(locks=_check_output_dirs(cfg, info))
     if not cfg.run.dir:  # (the command line always sets one; code calling run_training may not)
         if info.is_main:
