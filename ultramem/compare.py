@@ -595,9 +595,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from ultramem.data.shards import file_in_the_way
+
     out = Path(args.out).expanduser()
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    blocker = file_in_the_way(out)
+    if blocker is not None:
         parser.exit(2, f"error: --out {args.out!r}: {str(blocker)!r} is a file, not a directory\n")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not configs:

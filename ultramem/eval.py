@@ -727,9 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     from ultramem.config import ConfigError
 
     if args.json and args.json != "-":  # refused before the evaluation, not after it
+        from ultramem.data.shards import file_in_the_way
+
         out = Path(args.json).expanduser()
-        blocker = next((p for p in out.parents if p.exists()), None)
-        if out.is_dir() or (blocker is not None and not blocker.is_dir()):
+        blocker = file_in_the_way(out.parent)
+        if out.is_dir() or blocker is not None:
             what = "is a directory" if out.is_dir() else f"cannot be made: {str(blocker)!r} is a file"
             parser.exit(2, f"error: --json {args.json!r} {what}\n")
     try:

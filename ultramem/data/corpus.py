@@ -36,6 +36,7 @@ from .shards import (
     ShardWriter,
     clean_stale_temps,
     dir_lock,
+    file_in_the_way,
     file_sha256,
     make_temp_dir,
     open_token_directory,
@@ -202,8 +203,8 @@ def _tokenize_and_cache(
         if not os.access(cache_root, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
-        blocker = next((p for p in (cache_root, *cache_root.parents) if p.exists()), None)
-        why = f"{str(blocker)!r} is a file" if blocker is not None and not blocker.is_dir() else e.strerror or e
+        blocker = file_in_the_way(cache_root)
+        why = f"{str(blocker)!r} is a file" if blocker is not None else e.strerror or e
         raise ValueError(
             f"token cache directory {str(cache_root)!r} (data.cache_dir, else $ULTRAMEM_CACHE or "
             f"~/.cache/ultramem) cannot be used: {why}"

@@ -469,6 +469,13 @@ def clean_stale_temps(
     return removed
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that keeps directory `path` from being made: `path` itself or its nearest existing
+    parent, when that is not a directory; None when nothing is in the way."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 @contextlib.contextmanager
 def dir_lock(directory: Path, name: str) -> Iterator[None]:
     """Exclusive advisory lock on `directory/name`, held for the block (blocks while another holds it)."""
