@@ -120,12 +120,12 @@ def _capture(calls: dict, inputs) -> dict[str, Launch]:
     """Runs each of `calls` (name: a function calling an op's CUDA launcher on CPU tensors) with
     every kernel of ultramem's Triton modules replaced by a `_Capture`; `inputs`: the tensors the
     calls hand the ops that no launch may write."""
-    from ultramem.ops._triton import gate_lookup, layer_stats, retrieval, staged_grad, weighted_lookup
+    from ultramem.ops._triton import gate_lookup, layer_stats, normed_keys, retrieval, staged_grad, weighted_lookup
 
     captured = _Launches(inputs)
     saved = [
         (module, name, kernel)
-        for module in (weighted_lookup, gate_lookup, staged_grad, retrieval, layer_stats)
+        for module in (weighted_lookup, gate_lookup, staged_grad, retrieval, layer_stats, normed_keys)
         for name, kernel in vars(module).items()
         if isinstance(kernel, triton.runtime.JITFunction) and name.endswith("_kernel")
     ]
@@ -377,6 +377,22 @@ def layer_stats_launches() -> dict[str, Launch]:
     return _capture({"forward": forward}, (c.ids, c.y, c.scores))
 
 
+def normed_keys_launches() -> dict[str, Launch]:
+    """The keys' normalization of a 227M layer (keys [1, 2, 1138, 192, 2] fp32, padded to 1152
+    keys, out in bf16) and its backward."""
+    from ultramem.ops._triton import normed_keys as nk
+
+    keys = torch.randn(1, 2, 1138, 192, 2)
+    grad_out = torch.randn(1, 2, 1152, 2, 192, dtype=torch.bfloat16)
+    return _capture(
+        {
+            "forward": lambda: nk.normed_keys_cuda(keys, 1e-6, 1152, torch.bfloat16),
+            "backward": lambda: nk.normed_keys_backward_cuda(grad_out, keys, 1e-6),
+        },
+        (keys, grad_out),
+    )
+
+
 # The op families whose kernels this covers, by name (--only).
 FAMILIES = {
     "retrieval": retrieval_launches,
@@ -386,6 +402,7 @@ FAMILIES = {
     "table_grad": table_grad_launches,
     "staged_grad": staged_grad_launches,
     "layer_stats": layer_stats_launches,
+    "normed_keys": normed_keys_launches,
 }
 
 

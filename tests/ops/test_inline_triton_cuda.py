@@ -305,3 +305,43 @@ def test_layer_stats_opcheck_on_cuda():
     y = torch.randn(7, 12, generator=g, device="cuda").bfloat16()
     scores = torch.randn(14, 5, 2, generator=g, device="cuda").bfloat16()
     torch.library.opcheck(torch.ops.ultramem.layer_stats_accumulate.default, (hits, sums, ids, y, scores))
+
+
+# ------------------------------------------------------------------ the keys' normalization
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_normed_keys_at_227m_matches_float64(compiled):
+    # the 227M layout (1138 keys a side padded to 1152, kdim 192, rank 2), fp32 keys to bf16;
+    # compiled, one launch each way and no ultramem:: call
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(9)
+    keys = torch.randn(1, 2, 1138, 192, 2, device="cuda", generator=g).requires_grad_()
+    grad_out = torch.randn(1, 2, 1152, 2, 192, device="cuda", generator=g).bfloat16()
+    k64 = keys.detach().double().requires_grad_()
+    want = ops.normed_keys(k64.cpu(), 1e-6, 1152, torch.float64)
+    (want_grad,) = torch.autograd.grad(want, k64, grad_out.double().cpu())
+
+    def f(k):
+        return ops.normed_keys(k, 1e-6, 1152, torch.bfloat16)
+
+    if compiled:
+        f = torch.compile(f, fullgraph=True)
+        out, codes = run_and_get_code(f, keys)
+        code = "\n".join(codes)
+        assert "torch.ops.ultramem" not in code and "_normed_keys_fwd_kernel" in code, code
+    else:
+        out = f(keys)
+    (grad,) = torch.autograd.grad(out, keys, grad_out)
+    torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=8e-3, atol=8e-3)  # bf16 rounding
+    assert torch.equal(out[:, :, 1138:].cpu(), torch.zeros(1, 2, 14, 2, 192, dtype=torch.bfloat16))
+    torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_normed_keys_opcheck_on_cuda():
+    g = torch.Generator(device="cuda").manual_seed(10)
+    keys = torch.randn(2, 2, 9, 12, 3, device="cuda", generator=g).requires_grad_()
+    torch.library.opcheck(torch.ops.ultramem.normed_keys.default, (keys, 1e-5, 11, torch.bfloat16))
+    grad_out = torch.randn(2, 2, 11, 3, 12, device="cuda", generator=g)
+    torch.library.opcheck(torch.ops.ultramem.normed_keys_backward.default, (grad_out, keys.detach(), 1e-5))

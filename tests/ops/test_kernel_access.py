@@ -1,7 +1,7 @@
 """Which pointer arguments Inductor's access analysis counts as written in each Triton launch
 (`perf.diagnostics.kernel_access`, on a CPU with an sm_90 target declared), and the CUDA bodies
-of the triton_ops (retrieval, weighted_lookup, pre_value_gate, gate_lookup, layer_stats_accumulate)
-as AOTAutograd traces them.
+of the triton_ops (retrieval, weighted_lookup, pre_value_gate, gate_lookup, layer_stats_accumulate,
+normed_keys) as AOTAutograd traces them.
 
 Under `torch.compile`, a kernel launched through `wrap_triton` has every tensor the analysis
 counts as written cloned before the launch, and every tensor when the analysis fails. So each
@@ -96,6 +96,8 @@ CASES = [
     ("staged_grad", "flush: _sorted_block_add_kernel", {"gt_ptr"}),
     ("staged_grad", "flush: _sorted_block_add_kernel (2)", {"gt_ptr"}),
     ("layer_stats", "forward: _layer_stats_kernel", {"hits_ptr", "sums_ptr"}),
+    ("normed_keys", "forward: _normed_keys_fwd_kernel", {"out_ptr"}),
+    ("normed_keys", "backward: _normed_keys_bwd_kernel", {"dkeys_ptr"}),
 ]
 
 
@@ -411,6 +413,7 @@ def test_with_inline_launches_off_the_lookup_bodies_trace_to_the_opaque_twins(f,
     sorted(
         {t for c in LOOKUP_BODIES for t in c[4]}
         | {"tdqkr_retrieval_opaque", "tdqkr_retrieval_backward_opaque", "layer_stats_accumulate_opaque"}
+        | {"normed_keys_opaque", "normed_keys_backward_opaque"}
     ),
 )
 def test_the_twins_hold_the_cuda_launchers(twin):
@@ -614,3 +617,44 @@ def test_lookup_backward_into_tensors_traces_to_launches_that_write_the_buffer(
     gm = _trace_cuda_body(f, None, False, monkeypatch, inputs)
     placeholders, inputs_written = _launches_writing(gm, expected)
     assert inputs_written == set(placeholders[4:] if staged else placeholders[4:5]), gm.code
+
+
+# ------------------------------------------------------------------ the keys' normalization
+
+
+def _keys_fake_cuda_inputs(mode, tokens):
+    with mode:
+        keys = torch.empty(1, 2, 10, 8, 2, device="cuda")
+        return keys, torch.empty(1, 2, 12, 2, 8, dtype=torch.bfloat16, device="cuda")
+
+
+def _kernel_name(launch) -> str:
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    return kernel_side_table.get_kernel(launch.kwargs["kernel_idx"]).fn.__name__
+
+
+def _normed_keys_both_ways(keys, grad_out):
+    return ops.normed_keys(keys, 1e-6, 12, torch.bfloat16), ops.normed_keys_backward(grad_out, keys, 1e-6)
+
+
+@analysed
+def test_normed_keys_bodies_are_one_launch_each_of_their_outputs(inline_launches, monkeypatch):
+    gm = _trace_cuda_body(_normed_keys_both_ways, None, False, monkeypatch, _keys_fake_cuda_inputs)
+    wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
+    nodes = list(gm.graph.nodes)
+    launches = [n for n in nodes if n.target is wrapper]
+    got = [(_kernel_name(n), n.kwargs["tensors_to_clone"]) for n in launches]
+    assert got == [("_normed_keys_fwd_kernel", ["out_ptr"]), ("_normed_keys_bwd_kernel", ["dkeys_ptr"])], gm.code
+    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    out, grad = next(n for n in nodes if n.op == "output").args[0]
+    assert out.args == (launches[0], "out_ptr") and grad.args == (launches[1], "dkeys_ptr"), gm.code
+
+
+def test_with_inline_launches_off_the_normed_keys_bodies_call_the_twins(monkeypatch):
+    from ultramem.ops._triton import _launch
+
+    monkeypatch.setattr(_launch, "INLINE_TRITON", False)
+    gm = _trace_cuda_body(_normed_keys_both_ways, None, False, monkeypatch, _keys_fake_cuda_inputs)
+    called = {n.target._opname for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "ultramem"}
+    assert called == {"normed_keys_opaque", "normed_keys_backward_opaque"}, gm.code

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
-from ultramem.ops import tdqkr_retrieval
+from ultramem.ops import normed_keys, tdqkr_retrieval
 
 from ._common import (
     CALIBRATION_TOKENS,
@@ -128,11 +128,9 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
     def _scoring_keys(self, act: torch.dtype | None = None) -> Tensor:
         """The normalized keys as the sub-key GEMMs read them, in `act` (None: the keys' dtype):
         [H, 2, n', r, kdim] (q_per_rank), else folded to [H, 2, n''·r, kdim], zero past n'·r."""
-        h, r, kd, ns = self.heads, self.rank, self.kdim, self.n_side
-        keys = rms_norm(self.keys.transpose(-1, -2), None, self.norm_k.eps).to(self.keys.dtype if act is None else act)
-        if self.q_per_rank:
-            return keys
-        return F.pad(keys.reshape(h, 2, ns * r, kd), (0, 0, 0, (self._padded_keys() - ns) * r))
+        n_pad = self.n_side if self.q_per_rank else self._padded_keys()
+        keys = normed_keys(self.keys, self.norm_k.eps, n_pad, self.keys.dtype if act is None else act)
+        return keys if self.q_per_rank else keys.view(self.heads, 2, n_pad * self.rank, self.kdim)
 
     def _weight_terms(self) -> dict[str, Tensor]:
         return {"keys": self._scoring_keys(), "q_scale": self._q_scale()}

@@ -17,6 +17,7 @@ from .determinism import deterministic_enabled, set_deterministic
 from .gate_lookup import gate_lookup, gate_lookup_backward_into
 from .gate_lookup_into import gate_lookup_into, gate_lookup_into_backward
 from .layer_stats import layer_stats_accumulate
+from .normed_keys import normed_keys, normed_keys_backward
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
 from .retrieval import tdqkr_retrieval, tdqkr_retrieval_backward
 from .staged_grad import GradStaging, register_staging, staging_for
@@ -41,6 +42,8 @@ __all__ = [
     "gate_lookup_into",
     "gate_lookup_into_backward",
     "layer_stats_accumulate",
+    "normed_keys",
+    "normed_keys_backward",
     "pre_value_gate",
     "pre_value_gate_backward",
     "pre_value_gate_backward_accumulate",

@@ -5,6 +5,7 @@ never imports its op module (the op module imports the launcher to register it).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -310,6 +311,35 @@ def check_stats_args(
         f"scores shape {tuple(scores.shape)} must have at least one ranked entry and one core",
     )
     check_same_device(op, hits=hits, sums=sums, ids=ids, y=y, scores=scores)
+
+
+def check_normed_keys_args(
+    op: str, keys: torch.Tensor, eps: float, n_pad: int, out_dtype: torch.dtype | None = None
+) -> None:
+    """The arguments of `normed_keys` (out_dtype None: not given, as in its backward)."""
+    check_dim(keys, 5, op, "keys", "[heads, sides, keys, kdim, rank]")
+    check_float(keys, op, "keys")
+    check(math.isfinite(eps) and eps >= 0, op, f"eps must be finite and >= 0, got {eps}")
+    n = keys.shape[2]
+    check(n_pad >= n, op, f"n_pad must be at least the number of keys {n}, got {n_pad}")
+    if out_dtype is not None:
+        check(out_dtype in FLOAT_DTYPES, op, f"out_dtype must be bf16, fp16, fp32 or fp64, got {out_dtype}")
+
+
+def check_normed_keys_backward_args(op: str, grad_out: torch.Tensor, keys: torch.Tensor, eps: float) -> None:
+    """The arguments of `normed_keys_backward`."""
+    check_normed_keys_args(op, keys, eps, keys.shape[2])
+    check_float(grad_out, op, "grad_out")
+    h, s, n, kd, r = keys.shape
+    check(
+        grad_out.dim() == 5
+        and tuple(grad_out.shape[:2]) == (h, s)
+        and tuple(grad_out.shape[3:]) == (r, kd)
+        and grad_out.shape[2] >= n,
+        op,
+        f"grad_out must have shape (H={h}, S={s}, n_pad>={n}, r={r}, kdim={kd}), got {tuple(grad_out.shape)}",
+    )
+    check_same_device(op, grad_out=grad_out, keys=keys)
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
