@@ -304,14 +304,15 @@ class LayerStack(torch.nn.Module):
         return h
 
 
-def time_layer_stack(result: dict, small: bool = False) -> None:
+def time_layer_stack(result: dict, small: bool = False, variants_kept: tuple[str, ...] = ()) -> None:
     """Per layer, the config's memory layers (227M: 20, each with its own rows of the pooled tables)
     compiled as one function, as the trainer compiles the model, forward + backward, against as
     many of the block's FFNs: event-timed wall time and GPU time (profiler), with atomics and
     staged, the gradient buffers handed to the ops as tensors and, as "_ids", by id (the
     default). A layer compiled alone pays the compiled call's fixed costs (Dynamo's entry,
     AOTAutograd's wrappers, the autograd engine) by itself; here all layers share them, as in the
-    model. small: debug.toml on 2 x 64 tokens, eager, to check the code path on a CPU."""
+    model. small: debug.toml on 2 x 64 tokens, eager, to check the code path on a CPU.
+    variants_kept: only these variants (each setting compiles the stack anew; all by default)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config, batch, seq = ("debug.toml", 2, 64) if small else ("227m.toml", 3, 4096)
     n = load_config(config).model.n_layers
@@ -352,6 +353,8 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
             ("stack_layer_ids", layer_call, False, False),
             ("stack_layer_staged_ids", staged_call, True, False),
         ]
+    if variants_kept:
+        variants = [v for v in variants if v[0] in variants_kept]
     # one staging area for all rounds, room for every layer's tokens as the trainer sizes it per
     # micro-batch: a new one per round would be new graph inputs, recompiling the stack
     tables.use_grad_staging(n * t, *mcfg.memory.lookup_shape, torch.bfloat16)
@@ -385,6 +388,7 @@ def time_layer_stack(result: dict, small: bool = False) -> None:
                 rows[f"{name}_gpu_time_per_fwd_bwd_ms"],
                 n,
             )
+    if not small and "stack_layer" in walls:
         # the first variant again, after the profiler: what a profiler session leaves behind
         select(False)
         after = rows["stack_layer_after_profiler_fwd_bwd_ms"] = cuda_time_ms(layer_call, iters=10) / n
@@ -519,6 +523,13 @@ def main() -> int:
     )
     parser.add_argument("--only", nargs="*", default=["compile", "layer", "training", "throughput"])
     parser.add_argument("--cudagraphs", action="store_true", help="also time the layer under mode='reduce-overhead'")
+    parser.add_argument(
+        "--stack-variants",
+        nargs="*",
+        default=[],
+        help="the stack's variants to time (default all: stack_layer, stack_layer_staged, stack_layer_ids, "
+        "stack_layer_staged_ids, stack_ffn)",
+    )
     parser.add_argument("--throughput-runs", nargs="*", default=list(THROUGHPUT_RUNS), choices=THROUGHPUT_RUNS)
     parser.add_argument("--throughput-steps", type=int, default=8)
     parser.add_argument(
@@ -546,7 +557,7 @@ def main() -> int:
     sections = {
         "compile": check_compile,
         "layer": lambda r: time_layer(r, args.cudagraphs),
-        "stack": time_layer_stack,
+        "stack": lambda r: time_layer_stack(r, variants_kept=tuple(args.stack_variants)),
         "training": lambda r: training_curves(r, args.steps, tuple(args.training_overrides)),
         "throughput": lambda r: throughput_227m(
             r,
