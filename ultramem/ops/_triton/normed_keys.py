@@ -20,8 +20,8 @@ LAUNCH = {"ELEMENTS": 2048, "num_warps": 4}
 
 @triton.jit
 def _normed_keys_fwd_kernel(
-    keys_ptr,
     out_ptr,
+    keys_ptr,
     n_rows,
     n_keys,
     n_pad,
@@ -117,8 +117,8 @@ def normed_keys_cuda(keys: Tensor, eps: float, n_pad: int, out_dtype: torch.dtyp
     launch(
         _normed_keys_fwd_kernel,
         (cdiv(rows, block_r),),
+        out,  # first: `launch` tells eager from traced calls by it, and keys are a Parameter
         keys,
-        out,
         rows,
         n,
         n_pad,
