@@ -658,3 +658,29 @@ def test_with_inline_launches_off_the_normed_keys_bodies_call_the_twins(monkeypa
     gm = _trace_cuda_body(_normed_keys_both_ways, None, False, monkeypatch, _keys_fake_cuda_inputs)
     called = {n.target._opname for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "ultramem"}
     assert called == {"normed_keys_opaque", "normed_keys_backward_opaque"}, gm.code
+
+
+def test_normed_keys_launchers_trace_with_the_keys_a_parameter(monkeypatch):
+    # Dynamo hands the layers' keys over as a fake Parameter, which `_launch.traced` takes for a
+    # real tensor: the launches must go by another argument (their outputs) to reach wrap_triton
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ultramem.ops._triton import _launch
+    from ultramem.ops._triton import normed_keys as tnk
+
+    wrapped = []
+
+    class Wrap:
+        def __init__(self, kernel):
+            wrapped.append(kernel.fn.__name__)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(_launch, "wrap_triton", Wrap)
+    with ka.declared_cuda_target(), FakeTensorMode():
+        keys = torch.nn.Parameter(torch.empty(1, 2, 10, 8, 2, device="cuda"))
+        assert not _launch.traced(keys)
+        tnk.normed_keys_cuda(keys, 1e-6, 12, torch.bfloat16)
+        tnk.normed_keys_backward_cuda(torch.empty(1, 2, 12, 2, 8, device="cuda"), keys, 1e-6)
+    assert wrapped == ["_normed_keys_fwd_kernel", "_normed_keys_bwd_kernel"]
