@@ -10,7 +10,7 @@ past n pad the GEMM's output rows to an aligned length. Backward: the keys' grad
 dtype, from the out rows i < n (the padding has none).
 
 Compiled from plain PyTorch, the normalization, the cast, the transpose and the padding took three
-launches forward and three backward, for a few kilobytes of keys per layer; on CUDA this op is
+launches forward and three backward, for 3.5 MB of keys per 227M layer; on CUDA this op is
 one launch each way.
 """
 
