@@ -6,11 +6,10 @@ kernel on a GPU in test_inline_triton_cuda.py."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
-import subproc
 import torch
+from triton_interpreter import assert_kernel_tests_pass_interpreted
 
 import ultramem.ops as ops
 from ultramem.ops import layer_stats as stats_mod
@@ -126,14 +125,7 @@ def test_bad_inputs_are_refused_and_change_nothing(bad, match):
 
 
 def test_interpreter_suite():
-    if INTERPRET:
-        pytest.skip("already running under the interpreter")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "kernel", __file__]
-    proc = subproc.run(cmd, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout and " skipped" not in proc.stdout
+    assert_kernel_tests_pass_interpreted(__file__, timeout=600)
 
 
 @pytest.fixture

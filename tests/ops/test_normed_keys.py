@@ -6,11 +6,10 @@ test_kernel_access.py, the kernels on a GPU in test_inline_triton_cuda.py."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
-import subproc
 import torch
+from triton_interpreter import assert_kernel_tests_pass_interpreted
 
 import ultramem.ops as ops
 
@@ -124,14 +123,7 @@ def test_backward_refuses_a_gradient_of_another_shape():
 
 
 def test_interpreter_suite():
-    if INTERPRET:
-        pytest.skip("already running under the interpreter")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "kernel", __file__]
-    proc = subproc.run(cmd, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout and " skipped" not in proc.stdout
+    assert_kernel_tests_pass_interpreted(__file__, timeout=300)
 
 
 @pytest.fixture
