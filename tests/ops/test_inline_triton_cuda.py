@@ -312,11 +312,12 @@ def test_layer_stats_opcheck_on_cuda():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_normed_keys_at_227m_matches_float64(compiled):
-    # the 227M layout (1138 keys a side padded to 1152, kdim 192, rank 2), fp32 keys to bf16;
-    # compiled, one launch each way and no ultramem:: call
+    # the 227M layout (1138 keys a side padded to 1152, kdim 192, rank 2), fp32 keys to bf16, the
+    # keys a Parameter as in the layers (Dynamo fakes it as one); compiled, one launch each way and
+    # no ultramem:: call
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(9)
-    keys = torch.randn(1, 2, 1138, 192, 2, device="cuda", generator=g).requires_grad_()
+    keys = torch.nn.Parameter(torch.randn(1, 2, 1138, 192, 2, device="cuda", generator=g))
     grad_out = torch.randn(1, 2, 1152, 2, 192, device="cuda", generator=g).bfloat16()
     k64 = keys.detach().double().requires_grad_()
     want = ops.normed_keys(k64.cpu(), 1e-6, 1152, torch.float64)
