@@ -20,7 +20,8 @@
 #   options    perf.diagnostics.inductor_options                           -> options.txt
 #   stack      per layer, the 227M's 20 memory layers compiled as one function against 20 FFNs,
 #              fwd + bwd, wall and GPU time, atomics and staged (gpu_e2e --only stack; its records:
-#              perf.legacy.convert of stack.json)                             -> stack.txt, stack.json
+#              perf.legacy.convert of stack.json; STACK_VARIANTS: some of its variants, e.g.
+#              "stack_layer stack_layer_staged stack_ffn", each a compile less) -> stack.txt, stack.json
 #   inputs     the 227M trainer's step, UltraMemV2 with the table gradients' buffers passed by id
 #              and as tensors (train.table_grads_as_inputs), default mode and CUDA graphs
 #              (trainer_ab)                                                 -> inputs.txt
@@ -95,7 +96,12 @@ case $part in
             --log "$log" 2>&1 | tee "$out/fsdp_inputs.txt"
         ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
-    stack) $py -m perf.gpu_e2e --only stack --out "$out/stack.json" 2>&1 | tee "$out/stack.txt" ;;
+    stack)
+        # STACK_VARIANTS="stack_layer_staged stack_ffn" (say) times only those: each compiles anew
+        # shellcheck disable=SC2086
+        $py -m perf.gpu_e2e --only stack ${STACK_VARIANTS:+--stack-variants $STACK_VARIANTS} --out "$out/stack.json" 2>&1 |
+            tee "$out/stack.txt"
+        ;;
     decode) $py -m perf.diagnostics.decode_layer --log "$log" 2>&1 | tee "$out/decode.txt" ;;
     layer-host)
         $py -m perf.diagnostics.layer_host_profile > "$out/layer_host.txt" 2>&1
