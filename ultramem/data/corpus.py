@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .documents import Utf8Decoder, decode_text, is_jsonl, iter_pieces, open_binary
+from .documents import Utf8Decoder, decode_text, is_gzipped, is_jsonl, iter_pieces, open_binary
 from .shards import (
     DEFAULT_SHARD_TOKENS,
     META_NAME,
@@ -319,7 +319,7 @@ def _text_file_key(p: Path, what: str) -> list[tuple[str, int]]:
         raise FileNotFoundError(f"{what}: text file {str(p)!r} does not exist")
     stat = p.stat()
     # the reader in the key: caches made before JSON Lines and gzip were parsed hold the raw bytes
-    reader = ":jsonl" if is_jsonl(p) else ":gz" if p.suffix.lower() == ".gz" else ""
+    reader = ":jsonl" if is_jsonl(p) else ":gz" if is_gzipped(p) else ""
     return [(f"{p.resolve().as_posix()}@{stat.st_mtime_ns}{reader}", stat.st_size)]
 
 

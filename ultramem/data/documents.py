@@ -139,8 +139,12 @@ def decode_text(data: bytes, name: str, warn: bool = True, final: bool = True) -
 # ----------------------------------------------------------------------------------- input files
 
 
+def is_gzipped(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"
+
+
 def _inner_suffix(path: Path) -> str:
-    return Path(path.stem).suffix.lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    return Path(path.stem).suffix.lower() if is_gzipped(path) else path.suffix.lower()
 
 
 def is_jsonl(path: Path) -> bool:
@@ -184,7 +188,7 @@ def collect_inputs(inputs: Iterable[str | Path], exclude: Sequence[Path] = ()) -
 
 
 def open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+    return gzip.open(path, "rb") if is_gzipped(path) else open(path, "rb")
 
 
 def cut_point(text: str, target: int) -> int | None:

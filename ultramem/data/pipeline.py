@@ -25,7 +25,7 @@ from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 import numpy as np
 
 from .corpus import train_tokenizer
-from .documents import PIECE_CHARS, collect_inputs, iter_pieces, iter_texts
+from .documents import PIECE_CHARS, collect_inputs, is_gzipped, iter_pieces, iter_texts
 from .shards import (
     DEFAULT_SHARD_TOKENS,
     META_NAME,
@@ -268,7 +268,7 @@ def prepare(
             tasks = _tasks(iter_pieces(files, warn=True, max_chars=PIECE_CHARS), TASK_CHARS, counts)
             log.info("tokenizing %d files (%.1f MB) with %d worker(s)", len(files), size / 1e6, workers)
             # the bar counts characters; file sizes are the total unless some are compressed
-            total = None if any(f.suffix.lower() == ".gz" for f in files) else size
+            total = None if any(is_gzipped(f) for f in files) else size
             encode_stream(
                 tasks,
                 tok_file,
