@@ -24,10 +24,10 @@ def _setup_logging() -> None:
     )
 
 
-def _exit(parser: argparse.ArgumentParser, code: int, message: str, run_dir: str = "") -> None:
+def _exit(parser: argparse.ArgumentParser, code: int, message: str, run_dir: Path | None) -> None:
     """One line on stderr, and in the run's train.log when it has one (the console has it once),
     unless another run holds that directory: its log is its own."""
-    log_file = Path(run_dir).expanduser() / "train.log" if run_dir else None
+    log_file = run_dir / "train.log" if run_dir is not None else None
     if log_file is not None and log_file.is_file() and os.environ.get("RANK", "0") == "0":
         from ultramem.train.metrics import run_log_handler
         from ultramem.train.trainer import RunDirLock
@@ -124,16 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ultramem.train.checkpoint import CheckpointError, CheckpointWriteError
-    from ultramem.train.trainer import TrainingDiverged, run_trainer
+    from ultramem.train.trainer import TrainingDiverged, output_dirs, run_trainer
 
+    run_dir = output_dirs(cfg)[0]
     try:
         trainer = run_trainer(cfg)
     except (ConfigError, FileNotFoundError, CheckpointError) as e:  # bad input found late: no traceback
-        _exit(parser, 2, f"error: {e}", cfg.run.dir)
+        _exit(parser, 2, f"error: {e}", run_dir)
     except CheckpointWriteError as e:
-        _exit(parser, 1, f"error: {e}", cfg.run.dir)
+        _exit(parser, 1, f"error: {e}", run_dir)
     except TrainingDiverged as e:
-        _exit(parser, 3, f"error: training diverged: {e}", cfg.run.dir)
+        _exit(parser, 3, f"error: training diverged: {e}", run_dir)
     except KeyboardInterrupt:
         parser.exit(130, f"{_prefix()}interrupted\n")
     # stopped by a signal after its checkpoint: the shell's code for that signal, not "done"
