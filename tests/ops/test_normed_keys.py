@@ -111,8 +111,10 @@ def test_bad_inputs_are_refused(bad, match):
         ops.normed_keys(**args)
 
 
-def test_backward_refuses_a_gradient_of_another_shape():
+def test_backward_refuses_keys_or_a_gradient_of_another_shape():
     keys = _keys(7, SHAPES[0])
+    with pytest.raises(ValueError, match=r"keys must be 5-D \[heads, sides, keys, kdim, rank\], got shape \(5,\)"):
+        ops.normed_keys_backward(torch.zeros(2, 2, 7, 3, 6), torch.zeros(5), 1e-6)
     with pytest.raises(
         ValueError, match=r"grad_out must have shape \(H=2, S=2, n_pad>=5, r=3, kdim=6\), got \(2, 2, 4, 3, 6\)"
     ):

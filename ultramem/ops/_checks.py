@@ -314,21 +314,22 @@ def check_stats_args(
 
 
 def check_normed_keys_args(
-    op: str, keys: torch.Tensor, eps: float, n_pad: int, out_dtype: torch.dtype | None = None
+    op: str, keys: torch.Tensor, eps: float, n_pad: int | None = None, out_dtype: torch.dtype | None = None
 ) -> None:
-    """The arguments of `normed_keys` (out_dtype None: not given, as in its backward)."""
+    """The arguments of `normed_keys` (n_pad, out_dtype None: not given, as in its backward)."""
     check_dim(keys, 5, op, "keys", "[heads, sides, keys, kdim, rank]")
     check_float(keys, op, "keys")
     check(math.isfinite(eps) and eps >= 0, op, f"eps must be finite and >= 0, got {eps}")
-    n = keys.shape[2]
-    check(n_pad >= n, op, f"n_pad must be at least the number of keys {n}, got {n_pad}")
+    if n_pad is not None:
+        n = keys.shape[2]
+        check(n_pad >= n, op, f"n_pad must be at least the number of keys {n}, got {n_pad}")
     if out_dtype is not None:
         check(out_dtype in FLOAT_DTYPES, op, f"out_dtype must be bf16, fp16, fp32 or fp64, got {out_dtype}")
 
 
 def check_normed_keys_backward_args(op: str, grad_out: torch.Tensor, keys: torch.Tensor, eps: float) -> None:
     """The arguments of `normed_keys_backward`."""
-    check_normed_keys_args(op, keys, eps, keys.shape[2])
+    check_normed_keys_args(op, keys, eps)
     check_float(grad_out, op, "grad_out")
     h, s, n, kd, r = keys.shape
     check(
