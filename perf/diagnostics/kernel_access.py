@@ -145,10 +145,11 @@ def _capture(calls: dict, inputs) -> dict[str, Launch]:
 
 # Shapes of the retrieval launches (`retrieval_launches`): t tokens, h heads, n keys a side read
 # from score blocks padded by `pad` rows (the layer's GEMM outputs), rank r, m cores, k kept pairs;
-# strided_out: the backward writes into rank-strided views instead of fresh gradients.
+# strided_out: the backward writes into rank-strided views instead of fresh gradients; stacked:
+# the stacked op (both sides in one tensor laid out [H, 2, T, n, r], as the layer's GEMM writes it).
 RETRIEVAL_CASES = {
-    # the 227M layer: 2 warps, register caps, padded keys, bf16
-    "227M": dict(t=12288, h=1, n=1138, pad=14, r=2, m=2, k=32),
+    # the 227M layer: 2 warps, register caps, padded keys, bf16, both sides stacked
+    "227M": dict(t=12288, h=1, n=1138, pad=14, r=2, m=2, k=32, stacked=True),
     # 8 warps, grid in registers; several heads, rank 3, 3 cores
     "k=64": dict(t=4, h=2, n=300, pad=4, r=3, m=3, k=64, dtype=torch.float32),
     # tiled grid: staged factors, candidates, the bisection fallback; backward in chunks
@@ -158,10 +159,16 @@ RETRIEVAL_CASES = {
 }
 
 
-def _retrieval_case(case, t, n, k, h=1, pad=0, r=2, m=2, dtype=torch.bfloat16, strided_out=False) -> dict:
+def _retrieval_case(
+    case, t, n, k, h=1, pad=0, r=2, m=2, dtype=torch.bfloat16, strided_out=False, stacked=False
+) -> dict:
     from ultramem.ops._triton import retrieval as tri
 
-    a, b = (torch.empty(t, h, n + pad, r, dtype=dtype) for _ in range(2))
+    if stacked:
+        sub = torch.empty(h, 2, t, n + pad, r, dtype=dtype).permute(2, 0, 1, 3, 4)
+        a, b = sub.unbind(2)
+    else:
+        a, b = (torch.empty(t, h, n + pad, r, dtype=dtype) for _ in range(2))
     g = torch.Generator().manual_seed(0)
     cores = torch.randn(h, m, r, r, generator=g)
     u, v = torch.randn(h, r, generator=g), torch.randn(h, r, generator=g)
@@ -169,14 +176,20 @@ def _retrieval_case(case, t, n, k, h=1, pad=0, r=2, m=2, dtype=torch.bfloat16, s
     grad = torch.empty(t, h, k, m, dtype=dtype)
 
     def backward():
-        if strided_out:
+        if stacked:
+            tri.tdqkr_retrieval_stacked_backward_cuda(grad, sub, cores, ids, n)
+        elif strided_out:
             out = tuple(torch.empty(t, h, n + pad, 2 * r, dtype=dtype)[..., ::2] for _ in range(2))
             tri.launch_backward(grad, a, b, cores, ids, n, out=out)
         else:
             tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids, n)
 
     calls = {
-        f"{case} forward": lambda: tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k, n),
+        f"{case} forward": (
+            (lambda: tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n))
+            if stacked
+            else (lambda: tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k, n))
+        ),
         f"{case} backward": backward,
     }
     return _capture(calls, (a, b, cores, u, v, ids, grad))

@@ -34,12 +34,13 @@ analysed = pytest.mark.skipif(
 FWD_WRITES = {"ids_ptr", "scores_ptr", "keys_ws_ptr", "pairs_ws_ptr", "vals_ws_ptr"}
 TILED_WRITES = FWD_WRITES | {"cand_pos_ptr", "cand_val_ptr", "fac_ws_ptr"}  # k > 64: staged factors, candidates
 BWD_WRITES = {"ga_ptr", "gb_ptr", "gc_part_ptr"}
+STACKED_BWD_WRITES = {"ga_ptr", "gc_part_ptr"}  # both sides' gradients in the one tensor at ga_ptr
 
 # (family of kernel_access.FAMILIES, launch, the pointer arguments it writes); every launch of
 # every family must be listed.
 CASES = [
     ("retrieval", "227M forward: _retrieval_fwd_kernel", FWD_WRITES),
-    ("retrieval", "227M backward: _retrieval_bwd_kernel", BWD_WRITES),
+    ("retrieval", "227M backward: _retrieval_bwd_kernel", STACKED_BWD_WRITES),
     ("retrieval", "k=64 forward: _retrieval_fwd_kernel", FWD_WRITES),
     ("retrieval", "k=64 backward: _retrieval_bwd_kernel", BWD_WRITES),
     ("retrieval", "k=128 forward: _retrieval_fwd_kernel", TILED_WRITES),
@@ -209,6 +210,43 @@ def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic, inline_launches)
     # the backward reads the forward's ids and the graph inputs as they are (no clones)
     assert bwd.kwargs["kwargs"]["ids_ptr"].args == (fwd, "ids_ptr")
     assert bwd.kwargs["kwargs"]["a_ptr"] in placeholders
+
+
+@analysed
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
+def test_stacked_bodies_trace_to_one_launch_each_whose_gradient_is_the_output(dynamic, inline_launches, monkeypatch):
+    # The stacked op's backward hands the kernel its one gradient tensor once (B's half through
+    # A's pointer): the traced gradient is that launch's output as it is, no copy into a stack.
+    n_keys, n_rows, knn = 10, 16, 4
+
+    def inputs(mode, tokens):
+        a, b, c, u, v = _fake_cuda_inputs(mode, tokens, n_rows)
+        with mode:  # laid out [H, 2, T, n, r], as the layer's batched GEMM writes it
+            sub = torch.empty(1, 2, tokens, n_rows, 2, dtype=torch.bfloat16, device="cuda").permute(2, 0, 1, 3, 4)
+        return sub, c, u, v
+
+    def f(sub, c, u, v):
+        ids, scores = ops.tdqkr_retrieval_stacked(sub, c, u, v, knn, n_keys)
+        g_sub, gc = ops.tdqkr_retrieval_stacked_backward(torch.ones_like(scores), sub, c, ids, n_keys)
+        return ids, scores, g_sub, gc
+
+    gm = _trace_cuda_body(f, None, dynamic, monkeypatch, inputs)
+    nodes = list(gm.graph.nodes)
+    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(launches) == 2, gm.code
+    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    fwd, bwd = launches
+    placeholders = {n for n in nodes if n.op == "placeholder"}
+    for launch, writes in ((fwd, FWD_WRITES), (bwd, STACKED_BWD_WRITES)):
+        assert set(launch.kwargs["tensors_to_clone"]) == writes
+        for name in writes:
+            assert launch.kwargs["kwargs"][name] not in placeholders
+    assert "gb_ptr" not in bwd.kwargs["kwargs"]  # (None: a constant of the launch)
+    g_sub = next(n for n in nodes if n.op == "output").args[0][2]
+    assert g_sub.target.__name__ == "getitem" and g_sub.args == (bwd, "ga_ptr"), gm.code
+    assert g_sub.meta["val"].shape[2:] == (2, n_rows, 2)
+    sub = next(n for n in nodes if n.op == "placeholder")
+    assert g_sub.meta["val"].stride() == sub.meta["val"].stride()  # the layout the GEMM's backward reads
 
 
 def test_with_inline_launches_off_the_cuda_bodies_trace_to_the_opaque_twins(monkeypatch):

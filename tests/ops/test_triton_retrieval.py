@@ -31,7 +31,12 @@ interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITO
 def test_cuda_kernels_registered():
     # the public ops launch the Triton kernels from their (traceable) bodies on CUDA; the opaque
     # ops they call on CPU and in debug mode hold the same launchers as their CUDA kernels
-    for name in ("ultramem::tdqkr_retrieval_opaque", "ultramem::tdqkr_retrieval_backward_opaque"):
+    for name in (
+        "ultramem::tdqkr_retrieval_opaque",
+        "ultramem::tdqkr_retrieval_backward_opaque",
+        "ultramem::tdqkr_retrieval_stacked_opaque",
+        "ultramem::tdqkr_retrieval_stacked_backward_opaque",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
 
 
@@ -656,6 +661,36 @@ def test_backward_large_k_is_bit_reproducible():
         torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
     again = tri.launch_backward(grad, a, b, cores, ids)
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+@interpreted_only
+@pytest.mark.parametrize("layout", ["tokens", "sides"])
+def test_stacked_launches_match_the_oracle_and_write_every_element(layout):
+    # The stacked op's launches: the forward on the halves' views, the backward writing both
+    # halves of one gradient (B's through A's pointer at the side stride), padding included.
+    t, h, n, pad, r, m, k = 3, 2, 13, 3, 3, 2, 6
+    a, b, cores, u, v = _inputs(70, t, h, n + pad, n + pad, r, m, torch.bfloat16)
+    sub = torch.stack([a, b], 2)  # [T, H, 2, n, r]
+    if layout == "sides":  # laid out [H, 2, T, n, r], as a batched GEMM over (head, side) writes it
+        sub = sub.permute(1, 2, 0, 3, 4).contiguous().permute(2, 0, 1, 3, 4)
+    ids, scores = tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n)
+    want_ids, want_scores = tri.tdqkr_retrieval_cuda(a[:, :, :n].contiguous(), b[:, :, :n].contiguous(), cores, u, v, k)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    grad = torch.randn(t, h, k, m, generator=torch.Generator().manual_seed(71)).to(torch.bfloat16)
+    dup = _kept_ids_with_duplicates(a[:, :, :n].float(), b[:, :, :n].float(), cores, u, v, k, torch.int64)
+    g_sub, gc = tri.tdqkr_retrieval_stacked_backward_cuda(grad, sub, cores, dup, n)
+    assert g_sub.shape == sub.shape and g_sub.stride() == sub.stride() and g_sub.dtype == sub.dtype
+    assert (sub.stride(0) == 2 * h * (n + pad) * r) == (layout == "tokens")
+    want = oracle_backward(grad, a[:, :, :n], b[:, :, :n], cores, dup)
+    for got, exp in ((g_sub[:, :, 0, :n], want[0]), (g_sub[:, :, 1, :n], want[1]), (gc, want[2])):
+        torch.testing.assert_close(got.double(), exp, rtol=2e-2, atol=2e-2)
+    assert not g_sub[:, :, :, n:].any()
+    # every element written: the same launch into a NaN-filled gradient
+    poisoned = torch.full_like(sub, float("nan"))
+    a_v, b_v = sub.unbind(2)
+    ga, gb = poisoned.unbind(2)
+    tri._launch_bwd(grad, a_v, b_v, cores, dup, n, ga, gb, stacked=poisoned)
+    assert torch.equal(poisoned, g_sub)
 
 
 def test_launch_backward_rejects_bad_out():

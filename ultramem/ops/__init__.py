@@ -19,7 +19,12 @@ from .gate_lookup_into import gate_lookup_into, gate_lookup_into_backward
 from .layer_stats import layer_stats_accumulate
 from .normed_keys import normed_keys, normed_keys_backward
 from .pre_value_gate import pre_value_gate, pre_value_gate_backward
-from .retrieval import tdqkr_retrieval, tdqkr_retrieval_backward
+from .retrieval import (
+    tdqkr_retrieval,
+    tdqkr_retrieval_backward,
+    tdqkr_retrieval_stacked,
+    tdqkr_retrieval_stacked_backward,
+)
 from .staged_grad import GradStaging, register_staging, staging_for
 from .table_grad import (
     pre_value_gate_backward_accumulate,
@@ -57,6 +62,8 @@ __all__ = [
     "staging_for",
     "tdqkr_retrieval",
     "tdqkr_retrieval_backward",
+    "tdqkr_retrieval_stacked",
+    "tdqkr_retrieval_stacked_backward",
     "update_grad_buffer",
     "weighted_lookup",
     "weighted_lookup_backward",

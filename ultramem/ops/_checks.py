@@ -236,6 +236,37 @@ def check_retrieval_args(
     check(1 <= knn <= min(n_row, n_col), op, f"knn={knn} must be in [1, min(row_keys={n_row}, col_keys={n_col})]")
 
 
+def stacked_sides(op: str, sub_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked retrieval's sub_scores [T, H, 2, n, r] as (row_scores, col_scores) views."""
+    check_dim(sub_scores, 5, op, "sub_scores", "[tokens, heads, 2 (row, col), keys, rank]")
+    check(
+        sub_scores.shape[2] == 2,
+        op,
+        f"sub_scores shape {tuple(sub_scores.shape)}: dim 2 holds the row and the column scores, so it must be 2",
+    )
+    a, b = sub_scores.unbind(2)
+    return a, b
+
+
+def check_stacked_retrieval_args(
+    op: str, sub_scores: torch.Tensor, cores: torch.Tensor, u: torch.Tensor, v: torch.Tensor, knn: int, n_keys: int = -1
+) -> None:
+    """The arguments of `tdqkr_retrieval_stacked`."""
+    check_retrieval_args(op, *stacked_sides(op, sub_scores), cores, u, v, knn, n_keys)
+
+
+def check_stacked_retrieval_backward_args(
+    op: str,
+    grad_scores: torch.Tensor,
+    sub_scores: torch.Tensor,
+    cores: torch.Tensor,
+    ids: torch.Tensor,
+    n_keys: int = -1,
+) -> int:
+    """The arguments of `tdqkr_retrieval_stacked_backward`; returns the number of virtual ids."""
+    return check_retrieval_backward_args(op, grad_scores, *stacked_sides(op, sub_scores), cores, ids, n_keys)
+
+
 def check_retrieval_backward_args(
     op: str,
     grad_scores: torch.Tensor,

@@ -16,6 +16,12 @@ along dim 2 is padding that is never read (a caller can then hand over a GEMM ou
 alignment as is, and take back a gradient of the same padded shape, zero in the padding);
 ids are then i·n_keys + j.
 
+ultramem::tdqkr_retrieval_stacked is the same op on A and B stacked along dim 2, sub_scores
+[T, H, 2, n, r] (any strides; each (token, head, side)'s [n, r] block contiguous for the CUDA
+kernel), with one gradient of sub_scores' shape and strides: a layer that computes both sides in
+one batched GEMM hands over its output as is and takes back the gradient its backward reads, where
+separate sides would cost a GEMM per side each way and a copy that stacks the two gradients.
+
 NaN and infinities. ±Inf are ordinary values: +Inf coarse scores and grid totals rank first and
 -Inf last, as in torch.topk. NaN propagates: when a (token, head)'s coarse scores (over the real
 keys) or its k×k grid totals hold a NaN, whether from a NaN in A, B, C, u or v or from ∞ − ∞ /
@@ -31,12 +37,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import acc_dtype, check_index_range, check_retrieval_args, check_retrieval_backward_args, debug_enabled
+from ._checks import (
+    acc_dtype,
+    check_index_range,
+    check_retrieval_args,
+    check_retrieval_backward_args,
+    check_stacked_retrieval_args,
+    check_stacked_retrieval_backward_args,
+    debug_enabled,
+)
 from ._triton import retrieval as _triton_retrieval  # (None without Triton)
 from ._triton._launch import inline_on
 
 _OP = "tdqkr_retrieval"
 _BWD = "tdqkr_retrieval_backward"
+_STACKED = "tdqkr_retrieval_stacked"
+_STACKED_BWD = "tdqkr_retrieval_stacked_backward"
 
 
 def _kept_pair_scores(row_sel: Tensor, col_sel: Tensor, cores: Tensor) -> Tensor:
@@ -193,3 +209,100 @@ def _backward(ctx, grad_ids, grad_scores):
 
 
 tdqkr_retrieval.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- both sides stacked in one tensor -----------------------------------------------------------
+
+
+def stacked_forward_reference(
+    sub_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """The stacked op's reference kernel: the forward on sub_scores' two halves along dim 2."""
+    check_stacked_retrieval_args(_STACKED, sub_scores, cores, u, v, knn, n_keys)
+    return forward_reference(*sub_scores.unbind(2), cores, u, v, knn, n_keys)
+
+
+def stacked_backward_reference(
+    grad_scores: Tensor, sub_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """The stacked op's reference backward: (grad_sub_scores in sub_scores' shape, dtype and
+    strides, grad_cores)."""
+    n_ids = check_stacked_retrieval_backward_args(_STACKED_BWD, grad_scores, sub_scores, cores, ids, n_keys)
+    check_index_range(ids, n_ids, _STACKED_BWD, "ids")
+    grad_a, grad_b, grad_c = backward_reference(grad_scores, *sub_scores.unbind(2), cores, ids, n_keys)
+    grad = torch.empty_like(sub_scores)
+    grad.select(2, 0).copy_(grad_a)
+    grad.select(2, 1).copy_(grad_b)
+    return grad, grad_c
+
+
+@torch.library.custom_op("ultramem::tdqkr_retrieval_stacked_opaque", mutates_args=())
+def _stacked_forward_opaque(
+    sub_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    return stacked_forward_reference(sub_scores, cores, u, v, knn, n_keys)
+
+
+@_stacked_forward_opaque.register_fake
+def _(sub_scores, cores, u, v, knn, n_keys=-1):
+    check_stacked_retrieval_args(_STACKED, sub_scores, cores, u, v, knn, n_keys)
+    t, h = sub_scores.shape[:2]
+    ids = sub_scores.new_empty((t, h, knn), dtype=torch.int64)
+    return ids, sub_scores.new_empty((t, h, knn, cores.shape[1]))
+
+
+@torch.library.custom_op("ultramem::tdqkr_retrieval_stacked_backward_opaque", mutates_args=())
+def _stacked_backward_opaque(
+    grad_scores: Tensor, sub_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    return stacked_backward_reference(grad_scores, sub_scores, cores, ids, n_keys)
+
+
+@_stacked_backward_opaque.register_fake
+def _(grad_scores, sub_scores, cores, ids, n_keys=-1):
+    check_stacked_retrieval_backward_args(_STACKED_BWD, grad_scores, sub_scores, cores, ids, n_keys)
+    return torch.empty_like(sub_scores), torch.empty_like(cores, memory_format=torch.contiguous_format)
+
+
+if _triton_retrieval is not None:
+    _stacked_forward_opaque.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_stacked_cuda)
+    _stacked_backward_opaque.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_stacked_backward_cuda)
+
+
+@torch.library.triton_op("ultramem::tdqkr_retrieval_stacked", mutates_args=())
+def tdqkr_retrieval_stacked(
+    sub_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """tdqkr_retrieval on sub_scores [T, H, 2, n, r] (A and B stacked along dim 2); returns (ids
+    [T, H, k] int64, scores [T, H, k, M]); see the module docstring."""
+    if _inline_triton(sub_scores):
+        return _triton_retrieval.tdqkr_retrieval_stacked_cuda(sub_scores, cores, u, v, knn, n_keys)
+    return _stacked_forward_opaque(sub_scores, cores, u, v, knn, n_keys)
+
+
+@torch.library.triton_op("ultramem::tdqkr_retrieval_stacked_backward", mutates_args=())
+def tdqkr_retrieval_stacked_backward(
+    grad_scores: Tensor, sub_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """Returns (grad_sub_scores, grad_cores): the first of sub_scores' shape, dtype and strides
+    (padding included, zero there), the second of the cores'."""
+    if _inline_triton(sub_scores):
+        return _triton_retrieval.tdqkr_retrieval_stacked_backward_cuda(grad_scores, sub_scores, cores, ids, n_keys)
+    return _stacked_backward_opaque(grad_scores, sub_scores, cores, ids, n_keys)
+
+
+def _stacked_setup_context(ctx, inputs, output) -> None:
+    sub_scores, cores, _u, _v, _knn, n_keys = inputs
+    ids, _scores = output
+    ctx.mark_non_differentiable(ids)
+    ctx.save_for_backward(sub_scores, cores, ids)
+    ctx.n_keys = n_keys
+
+
+def _stacked_backward(ctx, grad_ids, grad_scores):
+    sub_scores, cores, ids = ctx.saved_tensors
+    grad_sub, grad_c = tdqkr_retrieval_stacked_backward(grad_scores.contiguous(), sub_scores, cores, ids, ctx.n_keys)
+    return grad_sub, grad_c, None, None, None, None
+
+
+tdqkr_retrieval_stacked.register_autograd(_stacked_backward, setup_context=_stacked_setup_context)

@@ -58,12 +58,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check, check_index_range, check_once, check_retrieval_args, check_retrieval_backward_args
+from .._checks import (
+    check,
+    check_index_range,
+    check_once,
+    check_retrieval_args,
+    check_retrieval_backward_args,
+    check_stacked_retrieval_args,
+    check_stacked_retrieval_backward_args,
+)
 from ._launch import cdiv, launch, next_pow2
 
 _log = logging.getLogger(__name__)
 _OP = "tdqkr_retrieval"
 _BWD = "tdqkr_retrieval_backward"
+_STACKED = "tdqkr_retrieval_stacked"
+_STACKED_BWD = "tdqkr_retrieval_stacked_backward"
 
 # Sub-keys per side held in registers by one program; larger sides use the reference.
 MAX_KEYS = 16384
@@ -1174,7 +1184,7 @@ def _zero_rows(ptr, off, s_n, s_r, n, R: tl.constexpr, FLAT: tl.constexpr, ZBLOC
         _zero_rows_strided(ptr + off, s_n, s_r, n, R, ZBLOCK)
 
 
-@triton.jit(do_not_specialize=["tokens", "heads", "n_row", "n_col", "zero_row", "zero_col", "knn"])
+@triton.jit(do_not_specialize=["gb_shift", "tokens", "heads", "n_row", "n_col", "zero_row", "zero_col", "knn"])
 def _retrieval_bwd_kernel(
     g_ptr,
     sg_t,
@@ -1210,6 +1220,7 @@ def _retrieval_bwd_kernel(
     sgb_h,
     sgb_n,
     sgb_r,
+    gb_shift,
     gc_part_ptr,
     tokens,
     heads,
@@ -1242,6 +1253,9 @@ def _retrieval_bwd_kernel(
     id_base = ids_ptr + t * si_t + h * si_h
     ga_off = t * sga_t + h * sga_h
     gb_off = t * sgb_t + h * sgb_h
+    if gb_ptr is None:  # both gradients in one tensor (the stacked op): B's starts gb_shift after A's
+        gb_ptr = ga_ptr
+        gb_off += gb_shift
 
     e = tl.arange(0, BLOCK_K)
     vid = tl.load(id_base + e * si_k, mask=e < knn, other=-1).to(tl.int64)
@@ -1495,6 +1509,40 @@ def tdqkr_retrieval_backward_cuda(
     return launch_backward(grad_scores, row_scores, col_scores, cores, ids, n_keys)
 
 
+def tdqkr_retrieval_stacked_cuda(
+    sub_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """CUDA kernel of ultramem::tdqkr_retrieval_stacked: the forward on the two halves' views."""
+    check_once(_STACKED, check_stacked_retrieval_args, _STACKED, sub_scores, cores, u, v, knn, n_keys)
+    a, b = sub_scores.unbind(2)
+    reason = _unsupported(knn, a, b, cores, u, v, n_keys=n_keys)
+    if reason is not None:
+        from .. import retrieval as ref
+
+        _fallback_once(reason)
+        return ref.forward_reference(a, b, cores, u, v, knn, n_keys)
+    return launch_forward(a, b, cores, u, v, knn, n_keys)
+
+
+def tdqkr_retrieval_stacked_backward_cuda(
+    grad_scores: Tensor, sub_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """CUDA kernel of ultramem::tdqkr_retrieval_stacked_backward: one launch writes both halves of
+    the one gradient tensor (see tdqkr_retrieval_backward_cuda for the padding)."""
+    n_ids = check_once(
+        _STACKED_BWD, check_stacked_retrieval_backward_args, _STACKED_BWD, grad_scores, sub_scores, cores, ids, n_keys
+    )
+    check_index_range(ids, n_ids, _STACKED_BWD, "ids")
+    a, b = sub_scores.unbind(2)
+    reason = _unsupported(ids.shape[2], a, b, cores, grad_scores, n_keys=n_keys)
+    if reason is not None:
+        from .. import retrieval as ref
+
+        _fallback_once(reason)
+        return ref.stacked_backward_reference(grad_scores, sub_scores, cores, ids, n_keys)
+    return launch_backward_stacked(grad_scores, sub_scores, cores, ids, n_keys)
+
+
 def _flat_slabs(x: Tensor) -> bool:
     """Whether every [token, head] block [n, r] of x is one contiguous range of n·r elements."""
     n, r = x.shape[2], x.shape[3]
@@ -1529,19 +1577,51 @@ def launch_backward(
     n_keys the rows of each side past n_keys are padding: zero in the gradients. `out`: (grad_row,
     grad_col) to write in full instead of fresh tensors, any strides (e.g. views into a larger
     buffer; a view's own elements must not overlap)."""
+    t, h = row_scores.shape[:2]
+    knn = ids.shape[2]
+    if (t * h == 0 or knn == 0) and out is None:
+        zeros = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (row_scores, col_scores, cores)]
+        return zeros[0], zeros[1], zeros[2]
+    grad_row, grad_col = _bwd_outputs(row_scores, col_scores, out)
+    if t * h == 0 or knn == 0:
+        return grad_row.zero_(), grad_col.zero_(), torch.zeros_like(cores)
+    return grad_row, grad_col, _launch_bwd(grad_scores, row_scores, col_scores, cores, ids, n_keys, grad_row, grad_col)
+
+
+def launch_backward_stacked(
+    grad_scores: Tensor, sub_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+) -> tuple[Tensor, Tensor]:
+    """The stacked op's backward launch on checked arguments: (grad_sub_scores, grad_cores), both
+    sides' gradients in one tensor of sub_scores' shape and strides."""
+    grad = torch.empty_like(sub_scores)
+    if grad.shape[0] * grad.shape[1] == 0 or ids.shape[2] == 0:
+        return grad.zero_(), torch.zeros_like(cores)
+    a, b = sub_scores.unbind(2)
+    ga, gb = grad.unbind(2)
+    return grad, _launch_bwd(grad_scores, a, b, cores, ids, n_keys, ga, gb, stacked=grad)
+
+
+def _launch_bwd(
+    grad_scores: Tensor,
+    row_scores: Tensor,
+    col_scores: Tensor,
+    cores: Tensor,
+    ids: Tensor,
+    n_keys: int,
+    grad_row: Tensor,
+    grad_col: Tensor,
+    stacked: Tensor | None = None,
+) -> Tensor:
+    """`_retrieval_bwd_kernel` writing grad_row and grad_col in full; returns grad_cores. stacked:
+    the tensor [T, H, 2, n, r] whose halves along dim 2 are grad_row and grad_col, handed to the
+    kernel once (a traced launch that writes two views of one tensor is functionalized into
+    copies back into it)."""
     t, h, rows_a, r = row_scores.shape
     rows_b = col_scores.shape[2]
     n_row, n_col = (rows_a, rows_b) if n_keys == -1 else (n_keys, n_keys)
     m = cores.shape[1]
     knn = ids.shape[2]
-    dev = row_scores.device
-    if (t * h == 0 or knn == 0) and out is None:
-        zeros = [torch.zeros(x.shape, dtype=x.dtype, device=dev) for x in (row_scores, col_scores, cores)]
-        return zeros[0], zeros[1], zeros[2]
-    grad_row, grad_col = _bwd_outputs(row_scores, col_scores, out)
-    if t * h == 0 or knn == 0:
-        return grad_row.zero_(), grad_col.zero_(), torch.zeros_like(cores)
-    partial = torch.empty((h, m, r, r, t), dtype=torch.float32, device=dev)
+    partial = torch.empty((h, m, r, r, t), dtype=torch.float32, device=row_scores.device)
     block_k = _block_k(knn)
     vec = max(1, 16 // grad_row.element_size())  # elements per 16-byte store
     launch(
@@ -1557,10 +1637,11 @@ def launch_backward(
         *cores.stride(),
         ids,
         *ids.stride(),
-        grad_row,
+        grad_row if stacked is None else stacked,
         *grad_row.stride(),
-        grad_col,
+        grad_col if stacked is None else None,
         *grad_col.stride(),
+        0 if stacked is None else stacked.stride(2),
         partial,
         t,
         h,
@@ -1580,4 +1661,4 @@ def launch_backward(
         VEC=vec,
         num_warps=BWD_NUM_WARPS,
     )
-    return grad_row, grad_col, partial.sum(-1).to(cores.dtype)
+    return partial.sum(-1).to(cores.dtype)
