@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
-from ultramem.ops import normed_keys, tdqkr_retrieval
+from ultramem.ops import normed_keys, tdqkr_retrieval_stacked
 
 from ._common import (
     CALIBRATION_TOKENS,
@@ -48,8 +48,8 @@ RELEASED_TABLE_STD = 0.02
 
 
 def _keys_contiguous(scores: Tensor) -> Tensor:
-    """scores [T, H, n', r] itself when each (token, head)'s [n', r] block is contiguous (the
-    retrieval reads such views in place), else a contiguous copy (the q_per_rank einsum hands
+    """scores [T, H, 2, n', r] itself when each (token, head, side)'s [n', r] block is contiguous
+    (the retrieval reads such views in place), else a contiguous copy (the q_per_rank einsum hands
     back a rank-major layout)."""
     if scores.stride(-1) == 1 and scores.stride(-2) == scores.shape[-1]:
         return scores
@@ -97,10 +97,11 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
 
     # -- retrieval ----------------------------------------------------------------------------
 
-    def _subkey_scores(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """A, B [T, H, n'', r]: <q_side(ρ), norm_k(K[h, side, i, :, ρ])> (docs/layers.md, UltraMemV2 steps 1–2) for
-        i < n'; rows n' ≤ i < n'' (when n'' > n') are padding, see `_padded_keys`. q: W_q x2
-        when the caller computed it already."""
+    def _subkey_scores(self, x2: Tensor, q: Tensor | None = None) -> Tensor:
+        """[T, H, 2, n'', r]: A and B stacked, <q_side(ρ), norm_k(K[h, side, i, :, ρ])> (docs/layers.md,
+        UltraMemV2 steps 1–2) for i < n'; rows n' ≤ i < n'' (when n'' > n') are padding, see
+        `_padded_keys`. Both sides are one batched GEMM each way (the stacked retrieval takes its
+        output and hands back one gradient). q: W_q x2 when the caller computed it already."""
         t = x2.shape[0]
         h, r, kd = self.heads, self.rank, self.kdim
         q = self.w_q(x2) if q is None else q
@@ -110,14 +111,10 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         keys = self._scoring_keys(act) if cache is None else cache["keys"].to(act)
         if self.q_per_rank:  # keys [H, 2, n', r, kdim]
             q = rms_norm(q.view(t, h, 2, r, kd), scale, self.norm_q.eps)
-            a = torch.einsum("thrd,hird->thir", q[:, :, 0], keys[:, 0])
-            b = torch.einsum("thrd,hird->thir", q[:, :, 1], keys[:, 1])
-        else:  # keys [H, 2, n''·r, kdim]: one batched matmul per side
-            q = rms_norm(q.view(t, h, 2, kd), scale, self.norm_q.eps)
-            ns_pad = keys.shape[2] // r
-            a = torch.einsum("thd,hcd->thc", q[:, :, 0], keys[:, 0]).view(t, h, ns_pad, r)
-            b = torch.einsum("thd,hcd->thc", q[:, :, 1], keys[:, 1]).view(t, h, ns_pad, r)
-        return a, b
+            return torch.einsum("thsrd,hsird->thsir", q, keys)
+        # keys [H, 2, n''·r, kdim]
+        q = rms_norm(q.view(t, h, 2, kd), scale, self.norm_q.eps)
+        return torch.einsum("thsd,hscd->thsc", q, keys).view(t, h, 2, keys.shape[2] // r, r)
 
     def _q_scale(self) -> Tensor:
         # <norm_q(q), norm_k(k)> = <q̂ ⊙ w_q ⊙ w_k, k̂>: both scales go on the query side, so the
@@ -147,11 +144,10 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
     def _retrieve(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """→ (A, B [T, H, n', r] (views without the padding), ids [T, H, k] int64,
         scores [T, H, k, M] sorted by descending Σ_m s_m)."""
-        a, b = self._subkey_scores(x2, q)
-        a, b = _keys_contiguous(a), _keys_contiguous(b)
-        n_keys = self.n_side if a.shape[2] != self.n_side else -1
-        ids, scores = tdqkr_retrieval(a, b, self.cores, self.rank1_u, self.rank1_v, self.knn, n_keys)
-        return a[:, :, : self.n_side], b[:, :, : self.n_side], ids, scores
+        ab = _keys_contiguous(self._subkey_scores(x2, q))
+        n_keys = self.n_side if ab.shape[3] != self.n_side else -1
+        ids, scores = tdqkr_retrieval_stacked(ab, self.cores, self.rank1_u, self.rank1_v, self.knn, n_keys)
+        return ab[:, :, 0, : self.n_side], ab[:, :, 1, : self.n_side], ids, scores
 
     @property
     def has_aux_loss(self) -> bool:
