@@ -165,18 +165,33 @@ def inline_launches(monkeypatch):
     monkeypatch.setattr(_launch, "INLINE_TRITON", True)
 
 
+def _retrieval_launches(gm, bwd_writes):
+    """(forward launch, backward launch, the graph's placeholders) of a traced retrieval
+    forward + backward: one launch each, no ultramem:: call left, and every tensor a launch
+    writes allocated in the body, none an input of the graph."""
+    nodes = list(gm.graph.nodes)
+    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(launches) == 2, gm.code
+    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
+    fwd, bwd = launches
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    for launch, writes in ((fwd, FWD_WRITES), (bwd, bwd_writes)):
+        assert set(launch.kwargs["tensors_to_clone"]) == writes
+        for name in writes:
+            assert launch.kwargs["kwargs"][name] not in placeholders
+    return fwd, bwd, placeholders
+
+
+def _graph_outputs(gm):
+    return next(n for n in gm.graph.nodes if n.op == "output").args[0]
+
+
 @analysed
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
-def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic, inline_launches):
+def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic, inline_launches, monkeypatch):
     # The CUDA path as AOTAutograd traces it (fake CUDA tensors, functionalized): one launch per
     # op, cloning nothing but the launchers' own allocations, and the backward's padded
     # gradients are the launch's outputs as they are.
-    from torch._dynamo.source import ConstantSource
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch._subclasses.functional_tensor import dispatch_functionalize
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
     n_keys, n_rows, knn = 10, 16, 4
 
     def f(a, b, c, u, v):
@@ -184,26 +199,9 @@ def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic, inline_launches)
         ga, gb, gc = ops.tdqkr_retrieval_backward(torch.ones_like(scores), a, b, c, ids, n_keys)
         return ids, scores, ga, gb, gc
 
-    mode = FakeTensorMode(shape_env=ShapeEnv() if dynamic else None)
-    tokens = 6
-    if dynamic:
-        env = mode.shape_env
-        tokens = env.create_symintnode(env.create_symbol(6, ConstantSource("tokens")), hint=6)
-    inputs = _fake_cuda_inputs(mode, tokens, n_rows)
-    with ka.declared_cuda_target():
-        gm = make_fx(dispatch_functionalize(f), tracing_mode="symbolic" if dynamic else "fake")(*inputs)
-    nodes = list(gm.graph.nodes)
-    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(launches) == 2, gm.code
-    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
-    fwd, bwd = launches
-    placeholders = {n for n in nodes if n.op == "placeholder"}
-    for launch, writes in ((fwd, FWD_WRITES), (bwd, BWD_WRITES)):
-        assert set(launch.kwargs["tensors_to_clone"]) == writes
-        for name in writes:  # all allocated in the body, none an input of the graph
-            assert launch.kwargs["kwargs"][name] not in placeholders
-    outputs = next(n for n in nodes if n.op == "output").args[0]
-    ga, gb = outputs[2], outputs[3]
+    gm = _trace_cuda_body(f, None, dynamic, monkeypatch, lambda mode, tokens: _fake_cuda_inputs(mode, tokens, n_rows))
+    fwd, bwd, placeholders = _retrieval_launches(gm, BWD_WRITES)
+    ga, gb = _graph_outputs(gm)[2:4]
     for grad, name in ((ga, "ga_ptr"), (gb, "gb_ptr")):
         assert grad.target.__name__ == "getitem" and grad.args == (bwd, name), gm.code
         assert grad.meta["val"].shape[2] == n_rows  # padded rows included
@@ -231,22 +229,13 @@ def test_stacked_bodies_trace_to_one_launch_each_whose_gradient_is_the_output(dy
         return ids, scores, g_sub, gc
 
     gm = _trace_cuda_body(f, None, dynamic, monkeypatch, inputs)
-    nodes = list(gm.graph.nodes)
-    launches = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(launches) == 2, gm.code
-    assert not [n for n in nodes if getattr(n.target, "namespace", None) == "ultramem"], gm.code
-    fwd, bwd = launches
-    placeholders = {n for n in nodes if n.op == "placeholder"}
-    for launch, writes in ((fwd, FWD_WRITES), (bwd, STACKED_BWD_WRITES)):
-        assert set(launch.kwargs["tensors_to_clone"]) == writes
-        for name in writes:
-            assert launch.kwargs["kwargs"][name] not in placeholders
+    _, bwd, placeholders = _retrieval_launches(gm, STACKED_BWD_WRITES)
     assert "gb_ptr" not in bwd.kwargs["kwargs"]  # (None: a constant of the launch)
-    g_sub = next(n for n in nodes if n.op == "output").args[0][2]
+    g_sub = _graph_outputs(gm)[2]
     assert g_sub.target.__name__ == "getitem" and g_sub.args == (bwd, "ga_ptr"), gm.code
     assert g_sub.meta["val"].shape[2:] == (2, n_rows, 2)
-    sub = next(n for n in nodes if n.op == "placeholder")
-    assert g_sub.meta["val"].stride() == sub.meta["val"].stride()  # the layout the GEMM's backward reads
+    # the layout the batched GEMM's backward reads: the input's
+    assert g_sub.meta["val"].stride() == placeholders[0].meta["val"].stride()
 
 
 def test_with_inline_launches_off_the_cuda_bodies_trace_to_the_opaque_twins(monkeypatch):
