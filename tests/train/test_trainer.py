@@ -1,6 +1,7 @@
 """The training loop: in-process mechanics on a tiny model, and a real debug run under torchrun."""
 
 import copy
+import json
 import pickle
 import re
 
@@ -584,10 +585,12 @@ def test_a_token_cache_inside_the_run_directory_is_built_while_the_run_holds_it(
 def test_a_checkpoint_directory_outside_the_run_directory_is_held_too(tmp_path, monkeypatch):
     """Two runs in different run directories sharing one checkpoint.dir would rotate each other's
     checkpoints away: the second is refused, naming checkpoint.dir. A file name of the run
-    directory taken by a directory is refused before the run starts."""
+    directory taken by a directory, or a config.json there that is not a run's, is refused before
+    the run starts."""
     from launch import token_shards
 
     from ultramem.config import ConfigError
+    from ultramem.train.checkpoint import flatten_config
     from ultramem.train.trainer import build_trainer
 
     monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "cache"))
@@ -610,3 +613,16 @@ def test_a_checkpoint_directory_outside_the_run_directory_is_held_too(tmp_path, 
     (tmp_path / "c" / "metrics.jsonl").mkdir(parents=True)
     with pytest.raises(ConfigError, match="metrics.jsonl is a directory; the run writes a file there"):
         build_trainer(load_config("debug", [*common, f"--run.dir={tmp_path / 'c'}"]), DistInfo())
+    # a directory holding another program's config.json (a model's, say) is not taken over
+    for i, text in enumerate(['{"hidden_size": 768, "model_type": "llama"}', "not json"]):
+        foreign = tmp_path / f"foreign{i}" / "config.json"
+        foreign.parent.mkdir()
+        foreign.write_text(text)
+        with pytest.raises(ConfigError, match=r"config.json is not a training run's config.*another run.dir"):
+            build_trainer(load_config("debug", [*common, f"--run.dir={foreign.parent}"]), DistInfo())
+        assert foreign.read_text() == text
+    # an earlier run's config.json is the run's to replace
+    earlier = load_config("debug", [*common, f"--run.dir={tmp_path / 'd'}"])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text(json.dumps(flatten_config(earlier)))
+    build_trainer(earlier, DistInfo()).close()

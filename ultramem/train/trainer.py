@@ -707,6 +707,18 @@ class RunDirLock:
             self._file = None
 
 
+def _foreign_config(path: Path) -> bool:
+    """Whether `path` is a file other than a run's config.json (a flat JSON object of config keys),
+    e.g. a model's config in a directory given as run.dir by mistake."""
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
+    return not (isinstance(saved, dict) and "train.max_steps" in saved and "model.dim" in saved)
+
+
 def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> list[RunDirLock]:
     """Check the checkpoint to resume from, then make the run's directories, lock the run
     directory and check that the directories take files, before anything is trained: otherwise
@@ -750,6 +762,12 @@ def _check_output_dirs(cfg: TrainConfig, info: DistInfo) -> list[RunDirLock]:
                 clash = [n for n in ("config.json", "metrics.jsonl", "train.log") if (path / n).is_dir()]
                 if clash:
                     problem = f"run.dir={str(path)!r}: {clash[0]} is a directory; the run writes a file there"
+                    break
+                if _foreign_config(path / "config.json"):
+                    problem = (
+                        f"run.dir={str(path)!r}: its config.json is not a training run's config, and the run "
+                        f"would write its own over it; choose another run.dir"
+                    )
                     break
     problem = broadcast_object(problem, info)
     if problem:
