@@ -30,6 +30,9 @@
 #              (trainer_ab)                                                 -> fsdp_inputs.txt
 #   decode     one layer at decode shapes, eval: eager, compiled, graphs, replay; with and without
 #              inference_cache (perf.diagnostics.decode_layer)                -> decode.txt
+#   decode-aoti the cached bf16 layer at decode shapes compiled by AOTInductor, called through its
+#              C++ runner, against torch.compile; one add both ways (perf.diagnostics.decode_aoti)
+#                                                                              -> decode_aoti.txt
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
 #              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,
 #                                                                              layer_host_staged.txt
@@ -37,7 +40,7 @@
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, decode or layer-host}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, decode, decode-aoti or layer-host}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -103,13 +106,14 @@ case $part in
             tee "$out/stack.txt"
         ;;
     decode) $py -m perf.diagnostics.decode_layer --log "$log" 2>&1 | tee "$out/decode.txt" ;;
+    decode-aoti) $py -m perf.diagnostics.decode_aoti --log "$log" 2>&1 | tee "$out/decode_aoti.txt" ;;
     layer-host)
         $py -m perf.diagnostics.layer_host_profile > "$out/layer_host.txt" 2>&1
         $py -m perf.diagnostics.layer_host_profile --staged > "$out/layer_host_staged.txt" 2>&1
         tail -n 40 "$out/layer_host.txt" "$out/layer_host_staged.txt"
         ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, decode or layer-host" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, decode, decode-aoti or layer-host" >&2
         exit 2
         ;;
 esac

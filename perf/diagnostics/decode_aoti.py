@@ -1,0 +1,137 @@
+"""One UltraMemV2 layer of 227m.toml at decode shapes, compiled ahead of time with AOTInductor
+(`torch.export`, then `torch._inductor.aoti_compile_and_package`) and called through its C++
+runner: no torch.compile wrapper in Python per call, and no CUDA graphs. Against, in the same
+run: the same module under torch.compile (default mode), and a module of one add both ways (the
+host's floor of each). The layer runs as generation runs it: eval, inference mode, bf16 weights
+inside `inference_cache`. One export per module, the token count dynamic.
+
+    PYTHONPATH=. python -m perf.diagnostics.decode_aoti [--tokens 1 8 64] [--log $OUT/log.jsonl]
+    PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small   # debug.toml on the CPU: the path only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo.config
+from torch import nn
+
+from perf import records
+from perf.gpu_e2e import build_layers_227m
+from ultramem.layers import inference_cache
+
+
+class _Decode(nn.Module):
+    """layer(x, tables)[0] as a module of one tensor (export takes tensors, not the tables)."""
+
+    def __init__(self, layer, tables):
+        super().__init__()
+        self.layer, self.tables = layer, tables
+
+    def forward(self, x):
+        return self.layer(x, self.tables)[0]
+
+
+class _OneAdd(nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+def _wall_us(fn, calls: int, sync) -> float:
+    for _ in range(5):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return 1e6 * (time.perf_counter() - t0) / calls
+
+
+def aoti_runner(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int):
+    """module exported with the token count (dim 1 of x) dynamic in [1, max_tokens], compiled by
+    AOTInductor into `package` and loaded: a callable of x."""
+    tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
+    with torch.no_grad():
+        program = torch.export.export(module, (x,), dynamic_shapes=({1: tokens},))
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+    return torch._inductor.aoti_load_package(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--calls", type=int, default=200, help="calls per timing")
+    parser.add_argument("--small", action="store_true", help="debug.toml on the CPU, 2 token counts")
+    parser.add_argument("--log", help="append the records to this results log")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.small else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("decode_aoti needs a CUDA device (or --small)", file=sys.stderr)
+        return 2
+    config, token_counts = ("debug.toml", [1, 4]) if args.small else ("227m.toml", args.tokens)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch._dynamo.config.recompile_limit = 64  # the compiled reference: one graph per token count
+    mcfg, layers, tables, _, _ = build_layers_227m(1, config=config, device=device, batch=1, seq=8)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layer = layers[0].eval().to(dtype)
+    cached = contextlib.ExitStack()  # the layer inside inference_cache for the whole run
+    modules = {
+        "bf16 weights, cached" if device == "cuda" else "cached": _Decode(
+            cached.enter_context(inference_cache(copy.deepcopy(layer))), tables
+        ),
+        "reference: one add": _OneAdd(),
+    }
+    env = records.environment()
+    recs = []
+    max_tokens = max(token_counts)
+    print(f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9}  (µs per call)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, module in modules.items():
+            x0 = torch.randn(1, max(2, min(8, max_tokens)), mcfg.dim, device=device, dtype=dtype)
+            t0 = time.perf_counter()
+            runner = aoti_runner(module, x0, Path(tmp) / f"module{len(recs)}.pt2", max_tokens)
+            built_s = time.perf_counter() - t0
+            compiled = torch.compile(module, fullgraph=True, dynamic=False)
+            for tokens in token_counts:
+                x = torch.randn(1, tokens, mcfg.dim, device=device, dtype=dtype)
+                with torch.inference_mode():
+                    diff = (runner(x).float() - compiled(x).float()).abs().max().item()
+                    times = {
+                        "compiled": _wall_us(lambda: compiled(x), args.calls, sync),
+                        "AOTI": _wall_us(lambda: runner(x), args.calls, sync),
+                    }
+                print(
+                    f"{name:36} {tokens:4d} {times['compiled']:9.1f} {times['AOTI']:9.1f}  "
+                    f"(AOTI against compiled: max |diff| {diff:.3g}; built in {built_s:.0f} s)"
+                )
+                for mode, us in times.items():
+                    recs.append(
+                        records.record(
+                            env,
+                            "layer",
+                            "decode_aoti",
+                            f"T={tokens}",
+                            f"{name}, {mode}",
+                            time=us,
+                            unit="us",
+                            small=args.small,
+                            note="wall time per forward, calls back to back; eval, inference mode",
+                            extra={"max_abs_diff_vs_compiled": diff} if mode == "AOTI" else None,
+                        )
+                    )
+    cached.close()
+    if args.log:
+        records.append(args.log, recs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

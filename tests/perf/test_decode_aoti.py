@@ -1,0 +1,31 @@
+"""perf.diagnostics.decode_aoti on a CPU (--small): the layer exported with a dynamic token
+count, compiled by AOTInductor and called through its runner agrees with torch.compile at every
+token count, and each variant is recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_small_run_records_aoti_and_compiled_per_token_count(tmp_path, monkeypatch):
+    from perf.diagnostics import decode_aoti
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    log = tmp_path / "log.jsonl"
+    assert decode_aoti.main(["--small", "--calls", "3", "--log", str(log)]) == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    got = {(r["shape"], r["variant"]) for r in recs}
+    assert got == {
+        (f"T={t}", f"{name}, {mode}")
+        for t in (1, 4)
+        for name in ("cached", "reference: one add")
+        for mode in ("compiled", "AOTI")
+    }
+    for r in recs:
+        assert r["small"] and r["unit"] == "us" and r["time"] > 0
+        if r["variant"].endswith("AOTI"):
+            assert r["extra"]["max_abs_diff_vs_compiled"] <= 1e-5
