@@ -12,7 +12,6 @@ inside `inference_cache`. One export per module, the token count dynamic.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import sys
 import tempfile
@@ -82,31 +81,45 @@ def main(argv=None) -> int:
     mcfg, layers, tables, _, _ = build_layers_227m(1, config=config, device=device, batch=1, seq=8)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer = layers[0].eval().to(dtype)
-    cached = contextlib.ExitStack()  # the layer inside inference_cache for the whole run
-    modules = {
-        "bf16 weights, cached" if device == "cuda" else "cached": _Decode(
-            cached.enter_context(inference_cache(copy.deepcopy(layer))), tables
-        ),
-        "reference: one add": _OneAdd(),
-    }
+    with inference_cache(copy.deepcopy(layer)) as cached_layer:  # weight terms computed once
+        modules = {
+            "bf16 weights, cached" if device == "cuda" else "cached": _Decode(cached_layer, tables),
+            "reference: one add": _OneAdd(),
+        }
+        print(f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9}  (µs per call)")
+        recs = _time_modules(
+            modules,
+            lambda tokens: torch.randn(1, tokens, mcfg.dim, device=device, dtype=dtype),
+            token_counts,
+            args.calls,
+            sync,
+            args.small,
+        )
+    if args.log:
+        records.append(args.log, recs)
+    return 0
+
+
+def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, sync, small: bool) -> list[dict]:
+    """Each module through AOTInductor's runner and torch.compile at each token count (inputs
+    make_x(tokens)): a line printed and two records per count."""
     env = records.environment()
     recs = []
     max_tokens = max(token_counts)
-    print(f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9}  (µs per call)")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, module in modules.items():
-            x0 = torch.randn(1, max(2, min(8, max_tokens)), mcfg.dim, device=device, dtype=dtype)
+        for i, (name, module) in enumerate(modules.items()):
+            x0 = make_x(max(2, min(8, max_tokens)))
             t0 = time.perf_counter()
-            runner = aoti_runner(module, x0, Path(tmp) / f"module{len(recs)}.pt2", max_tokens)
+            runner = aoti_runner(module, x0, Path(tmp) / f"module{i}.pt2", max_tokens)
             built_s = time.perf_counter() - t0
             compiled = torch.compile(module, fullgraph=True, dynamic=False)
             for tokens in token_counts:
-                x = torch.randn(1, tokens, mcfg.dim, device=device, dtype=dtype)
+                x = make_x(tokens)
                 with torch.inference_mode():
                     diff = (runner(x).float() - compiled(x).float()).abs().max().item()
                     times = {
-                        "compiled": _wall_us(lambda: compiled(x), args.calls, sync),
-                        "AOTI": _wall_us(lambda: runner(x), args.calls, sync),
+                        "compiled": _wall_us(lambda: compiled(x), calls, sync),
+                        "AOTI": _wall_us(lambda: runner(x), calls, sync),
                     }
                 print(
                     f"{name:36} {tokens:4d} {times['compiled']:9.1f} {times['AOTI']:9.1f}  "
@@ -122,15 +135,12 @@ def main(argv=None) -> int:
                             f"{name}, {mode}",
                             time=us,
                             unit="us",
-                            small=args.small,
+                            small=small,
                             note="wall time per forward, calls back to back; eval, inference mode",
                             extra={"max_abs_diff_vs_compiled": diff} if mode == "AOTI" else None,
                         )
                     )
-    cached.close()
-    if args.log:
-        records.append(args.log, recs)
-    return 0
+    return recs
 
 
 if __name__ == "__main__":
