@@ -244,8 +244,7 @@ def stacked_sides(op: str, sub_scores: torch.Tensor) -> tuple[torch.Tensor, torc
         op,
         f"sub_scores shape {tuple(sub_scores.shape)}: dim 2 holds the row and the column scores, so it must be 2",
     )
-    a, b = sub_scores.unbind(2)
-    return a, b
+    return sub_scores.unbind(2)
 
 
 def check_stacked_retrieval_args(

@@ -45,6 +45,7 @@ from ._checks import (
     check_stacked_retrieval_args,
     check_stacked_retrieval_backward_args,
     debug_enabled,
+    stacked_sides,
 )
 from ._triton import retrieval as _triton_retrieval  # (None without Triton)
 from ._triton._launch import inline_on
@@ -66,11 +67,19 @@ def _gather_keys(scores: Tensor, idx: Tensor) -> Tensor:
 
 
 def forward_reference(
-    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+    row_scores: Tensor,
+    col_scores: Tensor,
+    cores: Tensor,
+    u: Tensor,
+    v: Tensor,
+    knn: int,
+    n_keys: int = -1,
+    *,
+    op: str = _OP,
 ) -> tuple[Tensor, Tensor]:
     """The reference kernel: plain PyTorch, any device (the CPU kernel, the CUDA kernel's fallback
-    and the test oracle)."""
-    check_retrieval_args(_OP, row_scores, col_scores, cores, u, v, knn, n_keys)
+    and the test oracle). op: the op its errors name (the stacked op's on its halves)."""
+    check_retrieval_args(op, row_scores, col_scores, cores, u, v, knn, n_keys)
     if n_keys != -1:
         row_scores, col_scores = row_scores[:, :, :n_keys], col_scores[:, :, :n_keys]
     acc = acc_dtype(row_scores, col_scores, cores)
@@ -97,11 +106,18 @@ def forward_reference(
 
 
 def backward_reference(
-    grad_scores: Tensor, row_scores: Tensor, col_scores: Tensor, cores: Tensor, ids: Tensor, n_keys: int = -1
+    grad_scores: Tensor,
+    row_scores: Tensor,
+    col_scores: Tensor,
+    cores: Tensor,
+    ids: Tensor,
+    n_keys: int = -1,
+    *,
+    op: str = _BWD,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reference backward (see forward_reference)."""
-    n_ids = check_retrieval_backward_args(_BWD, grad_scores, row_scores, col_scores, cores, ids, n_keys)
-    check_index_range(ids, n_ids, _BWD, "ids")
+    n_ids = check_retrieval_backward_args(op, grad_scores, row_scores, col_scores, cores, ids, n_keys)
+    check_index_range(ids, n_ids, op, "ids")
     acc = acc_dtype(row_scores, col_scores, cores, grad_scores)
     n_col = col_scores.shape[2] if n_keys == -1 else n_keys
     i, j = ids // n_col, ids % n_col
@@ -218,8 +234,7 @@ def stacked_forward_reference(
     sub_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
 ) -> tuple[Tensor, Tensor]:
     """The stacked op's reference kernel: the forward on sub_scores' two halves along dim 2."""
-    check_stacked_retrieval_args(_STACKED, sub_scores, cores, u, v, knn, n_keys)
-    return forward_reference(*sub_scores.unbind(2), cores, u, v, knn, n_keys)
+    return forward_reference(*stacked_sides(_STACKED, sub_scores), cores, u, v, knn, n_keys, op=_STACKED)
 
 
 def stacked_backward_reference(
@@ -227,9 +242,8 @@ def stacked_backward_reference(
 ) -> tuple[Tensor, Tensor]:
     """The stacked op's reference backward: (grad_sub_scores in sub_scores' shape, dtype and
     strides, grad_cores)."""
-    n_ids = check_stacked_retrieval_backward_args(_STACKED_BWD, grad_scores, sub_scores, cores, ids, n_keys)
-    check_index_range(ids, n_ids, _STACKED_BWD, "ids")
-    grad_a, grad_b, grad_c = backward_reference(grad_scores, *sub_scores.unbind(2), cores, ids, n_keys)
+    sides = stacked_sides(_STACKED_BWD, sub_scores)
+    grad_a, grad_b, grad_c = backward_reference(grad_scores, *sides, cores, ids, n_keys, op=_STACKED_BWD)
     grad = torch.empty_like(sub_scores)
     grad.select(2, 0).copy_(grad_a)
     grad.select(2, 1).copy_(grad_b)

@@ -1520,7 +1520,7 @@ def tdqkr_retrieval_stacked_cuda(
         from .. import retrieval as ref
 
         _fallback_once(reason)
-        return ref.forward_reference(a, b, cores, u, v, knn, n_keys)
+        return ref.forward_reference(a, b, cores, u, v, knn, n_keys, op=_STACKED)
     return launch_forward(a, b, cores, u, v, knn, n_keys)
 
 
