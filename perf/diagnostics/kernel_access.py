@@ -175,6 +175,12 @@ def _retrieval_case(
     ids = torch.zeros(t, h, k, dtype=torch.int64)
     grad = torch.empty(t, h, k, m, dtype=dtype)
 
+    def forward():
+        if stacked:
+            tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n)
+        else:
+            tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k, n)
+
     def backward():
         if stacked:
             tri.tdqkr_retrieval_stacked_backward_cuda(grad, sub, cores, ids, n)
@@ -184,14 +190,7 @@ def _retrieval_case(
         else:
             tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids, n)
 
-    calls = {
-        f"{case} forward": (
-            (lambda: tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n))
-            if stacked
-            else (lambda: tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k, n))
-        ),
-        f"{case} backward": backward,
-    }
+    calls = {f"{case} forward": forward, f"{case} backward": backward}
     return _capture(calls, (a, b, cores, u, v, ids, grad))
 
 
