@@ -79,21 +79,18 @@ CASES = [
     (
         "staged_grad",
         "gate_lookup backward: _gate_lookup_bwd_kernel",
-        {"ef_ptr", "fill_ptr", "gg_out_ptr", "gs_ptr", "gx_ptr", "sgo_ptr", "sr_ptr", "sx_ptr", "xef_ptr", "xgg_ptr"},
+        {"ef_ptr", "fill_ptr", "gg_out_ptr", "gp_ptr", "gs_ptr", "gv_ptr", "gx_ptr", "sgo_ptr", "sr_ptr", "sx_ptr"},
     ),
-    ("staged_grad", "gate_lookup backward: _overflow_add_kernel", {"fill_ptr", "gp_ptr", "gv_ptr"}),
     (
         "staged_grad",
         "weighted_lookup backward: _gate_lookup_bwd_kernel",
-        {"ef_ptr", "fill_ptr", "gs_ptr", "sgo_ptr", "sr_ptr", "xef_ptr"},
+        {"ef_ptr", "fill_ptr", "gs_ptr", "gv_ptr", "sgo_ptr", "sr_ptr"},
     ),
-    ("staged_grad", "weighted_lookup backward: _overflow_add_kernel", {"fill_ptr", "gv_ptr"}),
     (
         "staged_grad",
         "pre_value_gate backward: _gate_lookup_bwd_kernel",
-        {"fill_ptr", "gg_out_ptr", "gx_ptr", "sr_ptr", "sx_ptr", "xgg_ptr"},
+        {"fill_ptr", "gg_out_ptr", "gp_ptr", "gx_ptr", "sr_ptr", "sx_ptr"},
     ),
-    ("staged_grad", "pre_value_gate backward: _overflow_add_kernel", {"fill_ptr", "gp_ptr"}),
     ("staged_grad", "flush: _sorted_block_add_kernel", {"gt_ptr"}),
     ("staged_grad", "flush: _sorted_block_add_kernel (2)", {"gt_ptr"}),
     ("layer_stats", "forward: _layer_stats_kernel", {"hits_ptr", "sums_ptr"}),
@@ -566,13 +563,13 @@ BWD_STAGED_WRITES = {
     "ef_ptr",
     "fill_ptr",
     "gg_out_ptr",
+    "gp_ptr",
     "gs_ptr",
+    "gv_ptr",
     "gx_ptr",
     "sgo_ptr",
     "sr_ptr",
     "sx_ptr",
-    "xef_ptr",
-    "xgg_ptr",
 }
 
 
@@ -584,10 +581,7 @@ BWD_STAGED_WRITES = {
         (False, [("_gate_lookup_bwd_kernel", {"gp_ptr", "gs_ptr", "gv_ptr", "gx_ptr"})]),
         (
             True,
-            [
-                ("_gate_lookup_bwd_kernel", BWD_STAGED_WRITES),
-                ("_overflow_add_kernel", {"fill_ptr", "gp_ptr", "gv_ptr"}),
-            ],
+            [("_gate_lookup_bwd_kernel", BWD_STAGED_WRITES)],
         ),
     ],
     ids=["atomics", "staged"],
@@ -617,10 +611,7 @@ def test_backward_into_tensors_traces_to_launches_that_write_the_buffers_in_plac
         (False, [(DOTS, {"dots_ptr", "gt_ptr"})]),
         (
             True,
-            [
-                ("_gate_lookup_bwd_kernel", {"ef_ptr", "fill_ptr", "gs_ptr", "sgo_ptr", "sr_ptr", "xef_ptr"}),
-                ("_overflow_add_kernel", {"fill_ptr", "gv_ptr"}),
-            ],
+            [("_gate_lookup_bwd_kernel", {"ef_ptr", "fill_ptr", "gs_ptr", "gv_ptr", "sgo_ptr", "sr_ptr"})],
         ),
     ],
     ids=["atomics", "staged"],

@@ -746,6 +746,7 @@ def test_gate_lookup_backward_staged_then_flushed(case, monkeypatch):
         )
         assert _rel(grad_x, want[2]) < _tol(dtype) and _rel(grad_scores, want[3]) < _tol(dtype)
         assert staging.staged_tokens() == min(call + 1, 2) * t
+        assert staging.fill[1] == 0  # the programs' count, reset by the last of them
         if call < 2:  # staged: the buffers are untouched so far
             assert torch.equal(buf_v, start_v) and torch.equal(buf_p, start_p)
             assert torch.equal(staging.rows[call * t : (call + 1) * t], rows.to(torch.int32))
@@ -802,6 +803,7 @@ def test_one_table_backward_staged_then_flushed(op, case, monkeypatch):
             assert _rel(grad, want[1]) < _tol(dtype)
         assert grad.dtype == dtype
         assert staging.staged_tokens() == min(call + 1, 2) * t
+        assert staging.fill[1] == 0
         if call < 2:
             assert torch.equal(buf, start) and torch.equal(
                 staging.rows[call * t : (call + 1) * t], rows.to(torch.int32)

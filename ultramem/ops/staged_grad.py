@@ -90,9 +90,8 @@ class GradStaging:
         self.grad_out = torch.empty(capacity, vdim, dtype=dtype, **kw) if vdim else None
         self.grad_g = torch.empty(capacity, entries, dtype=torch.float32, **kw) if pre_vdim else None
         self.x = torch.empty(capacity, pre_vdim, dtype=dtype, **kw) if pre_vdim else None
-        # [0]: tokens staged so far; [1]: meaningful only between the two launches of a CUDA
-        # staged backward, [0] as the call began, from which the second kernel moves [0] on
-        # (`ultramem.ops._triton.staged_grad`)
+        # [0]: tokens staged so far; [1]: 0 between calls, within a CUDA staged backward the
+        # programs done, so that the last moves [0] on (`ultramem.ops._triton.gate_lookup`)
         self.fill = torch.zeros(2, dtype=torch.int64, **kw)
         for t in self._tensors() + [self.fill]:
             torch._dynamo.mark_static_address(t)  # CUDA graphs keep these addresses

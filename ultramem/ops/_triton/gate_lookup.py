@@ -28,7 +28,7 @@ from torch import Tensor
 from .._checks import acc_dtype, check_gate_lookup_args, check_index_range, check_once
 from . import weighted_lookup as _wl
 from ._launch import cdiv, launch, next_pow2
-from .weighted_lookup import _block_d, _core_weights, _tl_acc
+from .weighted_lookup import _block_d, _core_weights, _select_core, _tl_acc
 
 _OP = "gate_lookup"
 
@@ -402,13 +402,6 @@ def _gate_lookup_bwd_kernel(
     sx_ptr,
     sx_st,
     sx_sd,
-    xef_ptr,
-    xef_st,
-    xef_se,
-    xef_sm,
-    xgg_ptr,
-    xgg_st,
-    xgg_se,
     fill_ptr,
     T,
     CAP,
@@ -450,11 +443,12 @@ def _gate_lookup_bwd_kernel(
     written instead (to ef / gg_out), for the sorted one-writer-per-row table gradients.
 
     STAGED: the same, into a staging area of CAP tokens (`ultramem.ops.staged_grad`) at token
-    fill + t, with fill = the tokens staged so far (read from fill_ptr[0]; program 0 copies it
-    to fill_ptr[1]), together with the row ids, grad_out and x. When the T tokens of this call
-    do not fit, effective scores and grad_g go to xef / xgg instead, for
-    `staged_grad._overflow_add_kernel` (atomics here, even masked off, would slow this kernel
-    down: perf/history/staged_flush.md).
+    fill + t, with fill = the tokens staged so far (fill_ptr[0]), together with the row ids,
+    grad_out and x. When the T tokens of this call do not fit, each program adds its token into
+    the tables with atomics instead, in a branch after both passes (inline atomics, even masked
+    off, slow the kernel down: perf/history/staged_flush.md). fill_ptr[1] counts the programs
+    done: the last one moves the level on (every program has read it by then) and resets the
+    count.
 
     One table alone (the staged backwards of `weighted_lookup` and `pre_value_gate`): HAS_GATE
     False takes act(g) = 1 (no gate), and CHUNKS_P = 0 (a lookup: grad_scores = q) or CHUNKS_V = 0
@@ -462,12 +456,9 @@ def _gate_lookup_bwd_kernel(
     half are never dereferenced."""
     t = tl.program_id(0).to(tl.int64)
     if STAGED:
-        ts = tl.load(fill_ptr).to(tl.int64)
-        # the overflow kernel moves the fill level on from this copy: no program here may see it move
-        tl.store(fill_ptr + 1, ts, mask=t == 0)
-        fits = ts + T <= CAP
-        over = ts + T > CAP
-        ts += t
+        level = tl.load(fill_ptr).to(tl.int64)
+        fits = level + T <= CAP
+        ts = level + t
     else:
         ts = t
         fits = True
@@ -558,12 +549,6 @@ def _gate_lookup_bwd_kernel(
         if CHUNKS_V > 0:
             for m in tl.static_range(M):
                 tl.store(ef_ptr + ts * ef_st + e * ef_se + m * ef_sm, eff[m], mask=e_ok & fits)
-        if STAGED:
-            if CHUNKS_P > 0:
-                tl.store(xgg_ptr + t * xgg_st + e * xgg_se, grad_g, mask=e_ok & over)
-            if CHUNKS_V > 0:
-                for m in tl.static_range(M):
-                    tl.store(xef_ptr + t * xef_st + e * xef_se + m * xef_sm, eff[m], mask=e_ok & over)
 
     for g0 in tl.static_range(0, CHUNKS_P, GROUP_P):
         ps, xs = _load_chunk_group(
@@ -593,6 +578,37 @@ def _gate_lookup_bwd_kernel(
                         mask=row_ok & (dp < DP)[None, :],
                         sem="relaxed",
                     )
+
+    if STAGED:
+        if level + T > CAP:  # no room: this token's table gradients go into the tables now
+            # loops not unrolled, so that this rare branch sets no register budget; names of
+            # their own (a name the branch assigns keeps one type inside and out)
+            if CHUNKS_V > 0:
+                for over_c in tl.range(0, CHUNKS_V, num_stages=1):
+                    over_d = over_c * BLOCK_D + cols_v
+                    over_go = tl.load(go_ptr + t * go_st + over_d * go_sd, mask=over_d < DV, other=0.0).to(ACC)
+                    over_w = _select_core(eff, (over_d // DM)[None, :], M)
+                    tl.atomic_add(
+                        gv_ptr + ids[:, None] * gv_sn + over_d[None, :] * gv_sd,
+                        (over_w * over_go[None, :]).to(gv_ptr.dtype.element_ty),
+                        mask=row_ok & (over_d < DV)[None, :],
+                        sem="relaxed",
+                    )
+            if CHUNKS_P > 0:
+                for over_c in tl.range(0, CHUNKS_P, num_stages=1):
+                    over_dp = over_c * BLOCK_DP + cols_p
+                    over_x = tl.load(x_ptr + t * x_st + over_dp * x_sd, mask=over_dp < DP, other=0.0).to(ACC)
+                    tl.atomic_add(
+                        gp_ptr + ids[:, None] * gp_sn + over_dp[None, :] * gp_sd,
+                        (grad_g[:, None] * over_x[None, :]).to(gp_ptr.dtype.element_ty),
+                        mask=row_ok & (over_dp < DP)[None, :],
+                        sem="relaxed",
+                    )
+        # every warp of this program has read the level before the count says it is done
+        tl.debug_barrier()
+        done = tl.atomic_add(fill_ptr + 1, 1, sem="acq_rel")
+        tl.store(fill_ptr, level + T, mask=(done == T - 1) & fits)
+        tl.store(fill_ptr + 1, 0, mask=done == T - 1)
 
 
 @triton.jit
@@ -825,26 +841,22 @@ def _launch_backward(
     scatter: bool,
     cfg: dict,
     staging=None,
-) -> tuple[Tensor, Tensor] | None:
+) -> None:
     """`_gate_lookup_bwd_kernel` (one program per token) on the launch shape `cfg` (BWD_CONFIG, or
     the staged gate backward's). A table of 0 columns is absent (its pass is skipped). Without
     staging and without `scatter`, eff / grad_g receive the effective scores and grad_g. With
-    `staging` (a `GradStaging`) the kernel stages instead of writing the tables, and this returns
-    where it put the effective scores and grad_g of tokens that found no room (for
-    `staged_grad`'s overflow kernel); else None."""
+    `staging` (a `GradStaging`) the kernel stages instead of writing the tables (into them with
+    atomics when the area has no room) and moves the area's fill level on."""
     t, e = rows.shape
     dv, dp = values.shape[1], pre_values.shape[1]
     m = scores.shape[2]
     if staging is not None:
         eff = staging.eff if dv else eff
         grad_g = staging.grad_g if dp else grad_g
-        # where the effective scores and grad_g go when the staging area is full
-        over_eff = torch.empty((t, e, m), dtype=torch.float32, device=rows.device)
-        over_gg = torch.empty((t, e), dtype=torch.float32, device=rows.device)
-        stage_args = (staging.rows, staging.grad_out if dv else grad_out, staging.x if dp else x, over_eff, over_gg)
+        stage_args = (staging.rows, staging.grad_out if dv else grad_out, staging.x if dp else x)
         fill, cap = staging.fill, staging.capacity
     else:
-        stage_args, fill, cap = (rows, grad_out, x, scores, gate), rows, 0  # unused placeholders
+        stage_args, fill, cap = (rows, grad_out, x), rows, 0  # unused placeholders
     plan = _chunk_plan(e, values, pre_values, cfg)
     launch(
         _gate_lookup_bwd_kernel,
@@ -886,6 +898,3 @@ def _launch_backward(
         num_warps=int(cfg["num_warps"]),
         **plan,
     )
-    if staging is not None:
-        return over_eff, over_gg
-    return None

@@ -3,9 +3,9 @@
 A staged backward is `gate_lookup`'s fused backward kernel (`_gate_lookup_bwd_kernel`, STAGED)
 with both tables, or with one (the backwards of `weighted_lookup` and `pre_value_gate`): instead
 of adding into the gradient buffers it writes each entry's row id and weights and each token's
-source rows into a `GradStaging` area, at the area's fill level (read on the device). Then
-`_overflow_add_kernel` adds the tokens that found no room into the buffers with fp32 atomics, or
-moves the fill level past the tokens staged: two launches per staged backward.
+source rows into a `GradStaging` area, at the area's fill level (read on the device); the tokens
+of a call that finds no room go into the buffers with fp32 atomics, and the kernel's last program
+moves the level on: one launch per staged backward.
 
 `GradStaging.flush` adds everything staged at once: one sort of the staged row ids
 (`sort_rows`), then per table `sorted_block_add` (`_sorted_block_add_kernel`).
@@ -20,87 +20,10 @@ from torch import Tensor
 
 from .._checks import acc_dtype
 from . import gate_lookup as _tgl
-from ._launch import cdiv, launch, next_pow2
-from .weighted_lookup import _block_d, _core_weights, _load_core_scores, _scores3, _select_core, _tl_acc, sort_rows
+from ._launch import cdiv
+from .weighted_lookup import _block_d, _load_core_scores, _scores3, _select_core, _tl_acc, sort_rows
 
 # ------------------------------------------------------------------------------------ kernels
-
-
-@triton.jit
-def _overflow_add_kernel(
-    fill_ptr,
-    T,
-    CAP,
-    rows_ptr,
-    r_st,
-    r_se,
-    ef_ptr,
-    ef_st,
-    ef_se,
-    ef_sm,
-    gg_ptr,
-    gg_st,
-    gg_se,
-    go_ptr,
-    go_st,
-    go_sd,
-    x_ptr,
-    x_st,
-    x_sd,
-    gv_ptr,
-    gv_sn,
-    gv_sd,
-    gp_ptr,
-    gp_sn,
-    gp_sd,
-    E,
-    N,
-    DV,
-    DP,
-    DM: tl.constexpr,
-    M: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CHUNKS_V: tl.constexpr,
-    CHUNKS_P: tl.constexpr,
-):
-    """A staged backward's table gradients when the staging area had no room for its T tokens
-    (fill + T > CAP): each token's entries add eff · grad_out[t] to V's rows and grad_g · x[t] to
-    P's, with fp32 atomics. Otherwise program 0 sets fill_ptr[0] = fill + T and the others stop
-    at once. Every program reads fill from the copy the backward kernel left in fill_ptr[1],
-    which nothing here writes, so program 0 may move the level while others still decide.
-    Programs loop over tokens, so that the usual case (room left) costs a few programs, not one
-    per token."""
-    fill = tl.load(fill_ptr + 1)
-    tl.store(fill_ptr, fill + T, mask=(tl.program_id(0) == 0) & (fill + T <= CAP))
-    if fill + T > CAP:
-        e = tl.arange(0, BLOCK_E)
-        cols = tl.arange(0, BLOCK_D)
-        for t in range(tl.program_id(0), T, tl.num_programs(0)):
-            t = t + tl.zeros((), dtype=tl.int64)  # (64-bit offsets; an int under the interpreter)
-            ids = tl.load(rows_ptr + t * r_st + e * r_se, mask=e < E, other=-1).to(tl.int64)
-            ok = (e < E) & (ids >= 0) & (ids < N)
-            for c in tl.static_range(CHUNKS_V):
-                d = c * BLOCK_D + cols
-                go = tl.load(go_ptr + t * go_st + d * go_sd, mask=d < DV, other=0.0).to(tl.float32)
-                w = _core_weights(ef_ptr + t * ef_st + e * ef_se, ef_sm, ok, (d // DM)[None, :], M, tl.float32)
-                tl.atomic_add(
-                    gv_ptr + ids[:, None] * gv_sn + d[None, :] * gv_sd,
-                    w * go[None, :],
-                    mask=ok[:, None] & (d < DV)[None, :],
-                    sem="relaxed",
-                )
-            if CHUNKS_P > 0:  # (no pre-values half: gg_ptr is a placeholder)
-                gg = tl.load(gg_ptr + t * gg_st + e * gg_se, mask=ok, other=0.0)
-            for c in tl.static_range(CHUNKS_P):
-                d = c * BLOCK_D + cols
-                xv = tl.load(x_ptr + t * x_st + d * x_sd, mask=d < DP, other=0.0).to(tl.float32)
-                tl.atomic_add(
-                    gp_ptr + ids[:, None] * gp_sn + d[None, :] * gp_sd,
-                    gg[:, None] * xv[None, :],
-                    mask=ok[:, None] & (d < DP)[None, :],
-                    sem="relaxed",
-                )
 
 
 @triton.jit
@@ -198,12 +121,6 @@ def _sorted_block_add_kernel(
             )
 
 
-# Programs of `_overflow_add_kernel`: each loops over tokens, and all stop at once when the
-# staging area had room (the usual case), where one program per token would cost a launch's worth
-# of empty programs.
-OVERFLOW_PROGRAMS = 1024
-
-
 # ------------------------------------------------------------------------ staged backwards
 
 
@@ -233,7 +150,7 @@ def staged_gate_lookup_backward_cuda(
         return grad_scores, grad_x
     if e == 0:
         return grad_scores, grad_x.zero_()
-    _stage(
+    _tgl._launch_backward(
         rows,
         values,
         pre_values,
@@ -251,6 +168,7 @@ def staged_gate_lookup_backward_cuda(
         gelu=gelu,
         has_gate=True,
         acc=acc_dtype(values, pre_values, x, scores),
+        scatter=False,
         staging=staging,
         cfg=_tgl.BWD_CONFIG,
     )
@@ -273,7 +191,7 @@ def staged_lookup_backward_cuda(
     if t == 0 or e == 0:
         return grad_scores.zero_()
     none = values.new_empty((values.shape[0], 0))  # the absent pre-value table: 0 columns, never read
-    _stage(
+    _tgl._launch_backward(
         rows,
         values,
         none,
@@ -291,6 +209,7 @@ def staged_lookup_backward_cuda(
         gelu=False,
         has_gate=False,
         acc=acc_dtype(values, scores, grad_out),
+        scatter=False,
         staging=staging,
         cfg=_tgl.BWD_CONFIG,
     )
@@ -319,7 +238,7 @@ def staged_gate_backward_cuda(
         return grad_x.zero_()
     none = pre_values.new_empty((pre_values.shape[0], 0))  # the absent value table
     one_core = grad_gate.unsqueeze(-1)  # placeholder scores [T, E, 1], never read
-    _stage(
+    _tgl._launch_backward(
         rows,
         none,
         pre_values,
@@ -337,82 +256,11 @@ def staged_gate_backward_cuda(
         gelu=False,
         has_gate=False,
         acc=acc_dtype(pre_values, x, grad_gate),
+        scatter=False,
         staging=staging,
         cfg={**_tgl.BWD_CONFIG, **STAGED_GATE_CONFIG},
     )
     return grad_x
-
-
-def _stage(
-    rows,
-    values,
-    pre_values,
-    x,
-    scores,
-    gate,
-    grad_out,
-    grad_gate,
-    grad_values,
-    grad_pre_values,
-    grad_scores,
-    grad_x,
-    eff,
-    grad_g,
-    *,
-    gelu: bool,
-    has_gate: bool,
-    acc: torch.dtype,
-    staging,
-    cfg: dict,
-) -> None:
-    """The staged backward kernel (`gate_lookup._launch_backward` with `staging`; eff / grad_g
-    stand in for an absent half), then the overflow kernel, which also moves the fill level."""
-    over_eff, over_gg = _tgl._launch_backward(
-        rows,
-        values,
-        pre_values,
-        x,
-        scores,
-        gate,
-        grad_out,
-        grad_gate,
-        grad_values,
-        grad_pre_values,
-        grad_scores,
-        grad_x,
-        eff,
-        grad_g,
-        gelu=gelu,
-        has_gate=has_gate,
-        acc=acc,
-        scatter=False,
-        cfg=cfg,
-        staging=staging,
-    )
-    t, e = rows.shape
-    dv, dp = values.shape[1], pre_values.shape[1]
-    m = scores.shape[2]
-    fill, cap = staging.fill, staging.capacity
-    bd = 64
-    launch(
-        _overflow_add_kernel,
-        (min(t, OVERFLOW_PROGRAMS),),
-        fill,
-        t,
-        cap,
-        *_tgl._tensor_args(rows, over_eff, over_gg, grad_out, x, grad_values, grad_pre_values),
-        e,
-        values.shape[0],
-        dv,
-        dp,
-        DM=max(dv // m, 1),
-        M=m,
-        BLOCK_E=next_pow2(e),
-        BLOCK_D=bd,
-        CHUNKS_V=cdiv(dv, bd),
-        CHUNKS_P=cdiv(dp, bd),
-        num_warps=1,
-    )
 
 
 # ------------------------------------------------------------------------ the flush's block add
