@@ -7,6 +7,7 @@ inside `inference_cache`. One export per module, the token count dynamic.
 
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti [--tokens 1 8 64] [--log $OUT/log.jsonl]
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small   # debug.toml on the CPU: the path only
+    PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small --device cuda   # small tables on the GPU
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--calls", type=int, default=200, help="calls per timing")
-    parser.add_argument("--small", action="store_true", help="debug.toml on the CPU, 2 token counts")
+    parser.add_argument("--small", action="store_true", help="debug.toml, 2 token counts (on the CPU by default)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu with --small, else cuda")
     parser.add_argument("--log", help="append the records to this results log")
     args = parser.parse_args(argv)
-    device = "cpu" if args.small else "cuda"
+    device = args.device or ("cpu" if args.small else "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         print("decode_aoti needs a CUDA device (or --small)", file=sys.stderr)
         return 2
