@@ -8,12 +8,14 @@ inside `inference_cache`. One export per module, the token count dynamic.
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti [--tokens 1 8 64] [--log $OUT/log.jsonl]
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small   # debug.toml on the CPU: the path only
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small --device cuda   # small tables on the GPU
+    PYTHONPATH=. python -m perf.diagnostics.decode_aoti --smoke [--device cpu]  # does a package load?
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,14 +57,49 @@ def _wall_us(fn, calls: int, sync) -> float:
     return 1e6 * (time.perf_counter() - t0) / calls
 
 
-def aoti_runner(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int):
-    """module exported with the token count (dim 1 of x) dynamic in [1, max_tokens], compiled by
-    AOTInductor into `package` and loaded: a callable of x."""
+def aoti_package(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int) -> str:
+    """module exported with the token count (dim 1 of x) dynamic in [1, max_tokens] and compiled
+    by AOTInductor into `package`; returns its path."""
     tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
     with torch.no_grad():
         program = torch.export.export(module, (x,), dynamic_shapes=({1: tokens},))
-        path = torch._inductor.aoti_compile_and_package(program, package_path=str(package))
-    return torch._inductor.aoti_load_package(path)
+        return torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+
+
+def aoti_runner(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int):
+    """`aoti_package`, loaded: a callable of x."""
+    return torch._inductor.aoti_load_package(aoti_package(module, x, package, max_tokens))
+
+
+# A fresh process that loads a package (argv: path, device) and checks one call of the one add.
+_LOAD_AND_CALL = """
+import sys, torch
+runner = torch._inductor.aoti_load_package(sys.argv[1])
+x = torch.ones(1, 3, 4, device=sys.argv[2])
+assert torch.equal(runner(x), x + 1)
+print("loaded and called")
+"""
+
+
+def smoke(device: str) -> int:
+    """Where loading an AOTInductor package fails, with the one-add module: packaged here, then
+    loaded and called in a fresh process, then in this one (which a crash ends). 0 when both
+    work."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = aoti_package(_OneAdd(), torch.zeros(1, 8, 4, device=device), Path(tmp) / "add.pt2", 64)
+        print("packaged", flush=True)
+        child = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-c", _LOAD_AND_CALL, path, device],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        print(f"a fresh process: exit {child.returncode}", child.stdout.strip(), child.stderr[-2000:], flush=True)
+        runner = torch._inductor.aoti_load_package(path)
+        x = torch.ones(1, 3, 4, device=device)
+        same = torch.equal(runner(x), x + 1)
+        print(f"this process: loaded and called, output {'right' if same else 'wrong'}", flush=True)
+    return 0 if child.returncode == 0 and same else 1
 
 
 def main(argv=None) -> int:
@@ -72,11 +109,14 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="debug.toml, 2 token counts (on the CPU by default)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu with --small, else cuda")
     parser.add_argument("--log", help="append the records to this results log")
+    parser.add_argument("--smoke", action="store_true", help="only package a one-add module and load it (`smoke`)")
     args = parser.parse_args(argv)
     device = args.device or ("cpu" if args.small else "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         print("decode_aoti needs a CUDA device (or --small)", file=sys.stderr)
         return 2
+    if args.smoke:
+        return smoke(device)
     config, token_counts = ("debug.toml", [1, 4]) if args.small else ("227m.toml", args.tokens)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch._dynamo.config.recompile_limit = 64  # the compiled reference: one graph per token count

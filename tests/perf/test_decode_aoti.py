@@ -29,3 +29,12 @@ def test_small_run_records_aoti_and_compiled_per_token_count(tmp_path, monkeypat
         assert r["small"] and r["unit"] == "us" and r["time"] > 0
         if r["variant"].endswith("AOTI"):
             assert r["extra"]["max_abs_diff_vs_compiled"] <= 1e-5
+
+
+def test_smoke_packages_and_loads_the_one_add_in_a_fresh_process_and_here(tmp_path, monkeypatch, capsys):
+    from perf.diagnostics import decode_aoti
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert decode_aoti.main(["--smoke", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "a fresh process: exit 0 loaded and called" in out and "output right" in out
