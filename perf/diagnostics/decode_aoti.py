@@ -1,7 +1,7 @@
 """One UltraMemV2 layer of 227m.toml at decode shapes, compiled ahead of time with AOTInductor
 (`torch.export`, then `torch._inductor.aoti_compile_and_package`) and called through its C++
-runner: no torch.compile wrapper in Python per call, and no CUDA graphs. Against, in the same
-run: the same module under torch.compile (default mode), and a module of one add both ways (the
+runner, in a fresh process: no torch.compile wrapper in Python per call, and no CUDA graphs.
+Against, in the same run: the same module under torch.compile (default mode), and a module of one add both ways (the
 host's floor of each). The layer runs as generation runs it: eval, inference mode, bf16 weights
 inside `inference_cache`. One export per module, the token count dynamic.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import subprocess
 import sys
 import tempfile
@@ -66,11 +67,6 @@ def aoti_package(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: 
         return torch._inductor.aoti_compile_and_package(program, package_path=str(package))
 
 
-def aoti_runner(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int):
-    """`aoti_package`, loaded: a callable of x."""
-    return torch._inductor.aoti_load_package(aoti_package(module, x, package, max_tokens))
-
-
 # A fresh process that loads a package (argv: path, device) and checks one call of the one add.
 _LOAD_AND_CALL = """
 import sys, torch
@@ -110,15 +106,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu with --small, else cuda")
     parser.add_argument("--log", help="append the records to this results log")
     parser.add_argument("--smoke", action="store_true", help="only package a one-add module and load it (`smoke`)")
+    parser.add_argument("--run-package", help=argparse.SUPPRESS)  # the runner's process (`run_package`)
+    parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--outputs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = args.device or ("cpu" if args.small else "cuda")
+    if args.run_package:
+        run_package(args.run_package, args.inputs, args.outputs, device, args.calls)
+        return 0
     if device == "cuda" and not torch.cuda.is_available():
         print("decode_aoti needs a CUDA device (or --small)", file=sys.stderr)
         return 2
     if args.smoke:
         return smoke(device)
     config, token_counts = ("debug.toml", [1, 4]) if args.small else ("227m.toml", args.tokens)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch._dynamo.config.recompile_limit = 64  # the compiled reference: one graph per token count
     mcfg, layers, tables, _, _ = build_layers_227m(1, config=config, device=device, batch=1, seq=8)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
             lambda tokens: torch.randn(1, tokens, mcfg.dim, device=device, dtype=dtype),
             token_counts,
             args.calls,
-            sync,
+            device,
             args.small,
         )
     if args.log:
@@ -142,31 +143,34 @@ def main(argv=None) -> int:
     return 0
 
 
-def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, sync, small: bool) -> list[dict]:
-    """Each module through AOTInductor's runner and torch.compile at each token count (inputs
-    make_x(tokens)): a line printed and two records per count."""
+def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, device: str, small: bool) -> list[dict]:
+    """Each module through torch.compile here and through AOTInductor's runner in a fresh process
+    (`run_package`: on the GPU machine a package loaded in the process that built it crashed),
+    at each token count (inputs make_x(tokens)): a line printed and a record per count and way
+    (none for the runner when its process fails)."""
     env = records.environment()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     recs = []
     max_tokens = max(token_counts)
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
         for i, (name, module) in enumerate(modules.items()):
-            x0 = make_x(max(2, min(8, max_tokens)))
             t0 = time.perf_counter()
-            runner = aoti_runner(module, x0, Path(tmp) / f"module{i}.pt2", max_tokens)
+            package = aoti_package(module, make_x(max(2, min(8, max_tokens))), tmp / f"module{i}.pt2", max_tokens)
             built_s = time.perf_counter() - t0
+            xs = [make_x(tokens) for tokens in token_counts]
+            torch.save([x.cpu() for x in xs], tmp / "inputs.pt")
+            aoti = _run_package_in_child(package, tmp / "inputs.pt", tmp / "outputs.pt", device, calls)
             compiled = torch.compile(module, fullgraph=True, dynamic=False)
-            for tokens in token_counts:
-                x = make_x(tokens)
+            for j, (tokens, x) in enumerate(zip(token_counts, xs)):
                 with torch.inference_mode():
-                    diff = (runner(x).float() - compiled(x).float()).abs().max().item()
-                    times = {
-                        "compiled": _wall_us(lambda: compiled(x), calls, sync),
-                        "AOTI": _wall_us(lambda: runner(x), calls, sync),
-                    }
-                print(
-                    f"{name:36} {tokens:4d} {times['compiled']:9.1f} {times['AOTI']:9.1f}  "
-                    f"(AOTI against compiled: max |diff| {diff:.3g}; built in {built_s:.0f} s)"
-                )
+                    times = {"compiled": _wall_us(lambda: compiled(x), calls, sync)}
+                    if aoti is not None:
+                        times["AOTI"] = aoti["us"][j]
+                        diff = (aoti["outputs"][j].to(device).float() - compiled(x).float()).abs().max().item()
+                aoti_col = f"{times['AOTI']:9.1f}" if aoti is not None else f"{'failed':>9}"
+                check = f"AOTI against compiled: max |diff| {diff:.3g}; " if aoti is not None else ""
+                print(f"{name:36} {tokens:4d} {times['compiled']:9.1f} {aoti_col}  ({check}built in {built_s:.0f} s)")
                 for mode, us in times.items():
                     recs.append(
                         records.record(
@@ -178,11 +182,59 @@ def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, sy
                             time=us,
                             unit="us",
                             small=small,
-                            note="wall time per forward, calls back to back; eval, inference mode",
+                            note="wall time per forward, calls back to back; eval, inference mode"
+                            + ("; the runner in a fresh process" if mode == "AOTI" else ""),
                             extra={"max_abs_diff_vs_compiled": diff} if mode == "AOTI" else None,
                         )
                     )
     return recs
+
+
+def _run_package_in_child(package: str, inputs: Path, outputs: Path, device: str, calls: int) -> dict | None:
+    """`run_package` in a fresh process: {"us": [...], "outputs": [...]}, or None (printed why)."""
+    root = str(Path(__file__).resolve().parents[2])  # where `perf` imports from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-m",
+            "perf.diagnostics.decode_aoti",
+            "--run-package",
+            package,
+            "--inputs",
+            str(inputs),
+            "--outputs",
+            str(outputs),
+            "--device",
+            device,
+            "--calls",
+            str(calls),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+    )
+    if child.returncode != 0:
+        print(f"the runner's process failed (exit {child.returncode}):\n{child.stderr[-3000:]}", flush=True)
+        return None
+    return torch.load(outputs)
+
+
+def run_package(package: str, inputs: Path, outputs: Path, device: str, calls: int) -> None:
+    """Load an AOTInductor package, time its runner on each saved input (µs per call, calls back
+    to back) and save those times with the outputs."""
+    runner = torch._inductor.aoti_load_package(package)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    result = {"us": [], "outputs": []}
+    with torch.inference_mode():
+        for x in torch.load(inputs):
+            x = x.to(device)
+            result["outputs"].append(runner(x).cpu())
+            result["us"].append(_wall_us(lambda: runner(x), calls, sync))
+    torch.save(result, outputs)
 
 
 if __name__ == "__main__":

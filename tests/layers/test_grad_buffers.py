@@ -337,3 +337,31 @@ def test_compute_copy_trains_the_tables_of_a_frozen_layer():
     for exact, copied in zip(*grads):
         assert exact.abs().sum() > 0
         assert (copied - exact).norm() / exact.norm() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "mem_type,pre_vdim,as_inputs", [("ultramem_v2", 4, False), ("ultramem_v2", 4, True), ("memory_plus", 0, False)]
+)
+def test_a_forward_without_grad_names_no_buffer(mem_type, pre_vdim, as_inputs):
+    # an inference forward (no_grad, inference_mode, an export for inference) hands the ops no
+    # buffer id and no buffer: its graph then runs where the ids are not registered (an
+    # AOTInductor package in a fresh process) and holds no fp32 copy of the tables
+    cfg = make_cfg(type=mem_type, pre_vdim=pre_vdim)
+    tables, layers, g = build_random(cfg, 1, seed=13)
+    tables.grads_as_inputs = as_inputs
+    tables.use_grad_buffers()
+    x = make_input((2, 3), g)
+    with torch.no_grad():
+        want = layers[0](x, tables)[0]
+    assert tables.grad_ids() != (-1, -1) and (tables.grad_targets() is not None) == as_inputs
+    ids = [i for i in (tables.values_grad_id, tables.pre_values_grad_id) if i != -1]
+    for i in ids:  # as in a process that never registered them
+        ops.release_grad_buffer(i)
+    try:
+        with torch.no_grad():
+            assert tables.grad_ids() == (-1, -1) and tables.grad_targets() is None
+            torch.testing.assert_close(layers[0](x, tables)[0], want, rtol=0, atol=0)
+        with torch.inference_mode():
+            torch.testing.assert_close(layers[0](x, tables)[0], want, rtol=0, atol=0)
+    finally:
+        tables.use_grad_buffers(False)

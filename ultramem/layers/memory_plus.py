@@ -106,9 +106,7 @@ class MemoryPlus(WeightTerms, nn.Module):
         lookup = ids.reshape(t, h * k), tables.gather_tables()[0], weights.reshape(t, h * k, 1)
         into = tables.grad_targets()  # the gradient buffer as a tensor, or by id
         out = (
-            weighted_lookup_into(*lookup, *into)
-            if into is not None
-            else weighted_lookup(*lookup, tables.values_grad_id)
+            weighted_lookup_into(*lookup, *into) if into is not None else weighted_lookup(*lookup, tables.grad_ids()[0])
         )
         y2 = self.w_o(out * F.silu(self.w_s(x2)))
         aux = torch.zeros((), device=x2.device, dtype=torch.float32)

@@ -184,7 +184,10 @@ class ValueTables(nn.Module):
         layers pass the buffers' ids. With
         pre-values, for `gate_lookup_into`: (values' buffer, pre-values' buffer, the staging
         area's six tensors or six None); without, for `weighted_lookup_into`: (values' buffer,
-        the staging area's rows, eff, grad_out and fill, or four None). None without buffers."""
+        the staging area's rows, eff, grad_out and fill, or four None). None without buffers, and
+        where no gradient is recorded (as `grad_ids`)."""
+        if not torch.is_grad_enabled():
+            return None
         as_inputs = self.values.is_cuda if self.grads_as_inputs is None else self.grads_as_inputs
         if not as_inputs or self.values_grad is None:
             return None
@@ -197,6 +200,15 @@ class ValueTables(nn.Module):
         if staging is None or staging.pre_vdim:
             return (self.values_grad, None, None, None, None)
         return (self.values_grad, staging.rows, staging.eff, staging.grad_out, staging.fill)
+
+    def grad_ids(self) -> tuple[int, int]:
+        """The buffers' ids the layers pass to their ops (values, pre-values; -1: none). -1 both
+        where no gradient is recorded (no_grad, inference_mode): an inference graph then names
+        no buffer, so it runs where the ids are not registered (an exported model in another
+        process)."""
+        if not torch.is_grad_enabled():
+            return -1, -1
+        return self.values_grad_id, self.pre_values_grad_id
 
     def attach_grad_buffers(self) -> None:
         """Point each table's `.grad` and its registered id at its buffer (again after

@@ -100,12 +100,12 @@ class UltraMemV2(TuckerMemoryBase):
             # gradients go into the tables' buffers (or staging area) handed over as tensors
             out, _ = gate_lookup_into(rows, values, pre_values, gate_in.to(act), lookup_scores, self.glu_act, *into)
         elif self.w_p is not None:
-            buffer_ids = tables.values_grad_id, tables.pre_values_grad_id
+            buffer_ids = tables.grad_ids()
             out, _ = gate_lookup(rows, values, pre_values, gate_in.to(act), lookup_scores, self.glu_act, *buffer_ids)
         elif into is not None:
             out = weighted_lookup_into(rows, values, lookup_scores, *into)
         else:
-            out = weighted_lookup(rows, values, lookup_scores, tables.values_grad_id)
+            out = weighted_lookup(rows, values, lookup_scores, tables.grad_ids()[0])
         y2 = self.w_o(out)
         aux = self._aux_loss(x2, a, b, ids)
         return self._finish(x, y2, logical, scores), aux
