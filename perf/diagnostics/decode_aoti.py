@@ -1,9 +1,10 @@
 """One UltraMemV2 layer of 227m.toml at decode shapes, compiled ahead of time with AOTInductor
 (`torch.export`, then `torch._inductor.aoti_compile_and_package`) and called through its C++
 runner, in a fresh process: no torch.compile wrapper in Python per call, and no CUDA graphs.
-Against, in the same run: the same module under torch.compile (default mode), and a module of one add both ways (the
-host's floor of each). The layer runs as generation runs it: eval, inference mode, bf16 weights
-inside `inference_cache`. One export per module, the token count dynamic.
+Against, in the same run: the same module under torch.compile (default mode), and a module of
+one add both ways (the host's floor of each). The layer runs as generation runs it: eval,
+inference mode, bf16 weights inside `inference_cache`. One export per module, the token count
+dynamic.
 
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti [--tokens 1 8 64] [--log $OUT/log.jsonl]
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small   # debug.toml on the CPU: the path only
@@ -67,35 +68,22 @@ def aoti_package(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: 
         return torch._inductor.aoti_compile_and_package(program, package_path=str(package))
 
 
-# A fresh process that loads a package (argv: path, device) and checks one call of the one add.
-_LOAD_AND_CALL = """
-import sys, torch
-runner = torch._inductor.aoti_load_package(sys.argv[1])
-x = torch.ones(1, 3, 4, device=sys.argv[2])
-assert torch.equal(runner(x), x + 1)
-print("loaded and called")
-"""
-
-
 def smoke(device: str) -> int:
     """Where loading an AOTInductor package fails, with the one-add module: packaged here, then
     loaded and called in a fresh process, then in this one (which a crash ends). 0 when both
     work."""
+    x = torch.ones(1, 3, 4, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        path = aoti_package(_OneAdd(), torch.zeros(1, 8, 4, device=device), Path(tmp) / "add.pt2", 64)
+        tmp = Path(tmp)
+        path = aoti_package(_OneAdd(), torch.zeros(1, 8, 4, device=device), tmp / "add.pt2", 64)
         print("packaged", flush=True)
-        child = subprocess.run(
-            [sys.executable, "-X", "faulthandler", "-c", _LOAD_AND_CALL, path, device],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        print(f"a fresh process: exit {child.returncode}", child.stdout.strip(), child.stderr[-2000:], flush=True)
-        runner = torch._inductor.aoti_load_package(path)
-        x = torch.ones(1, 3, 4, device=device)
-        same = torch.equal(runner(x), x + 1)
-        print(f"this process: loaded and called, output {'right' if same else 'wrong'}", flush=True)
-    return 0 if child.returncode == 0 and same else 1
+        torch.save([x.cpu()], tmp / "inputs.pt")
+        child = _run_package_in_child(path, tmp / "inputs.pt", tmp / "outputs.pt", device, calls=3)
+        fresh = child is not None and torch.equal(child["outputs"][0].to(device), x + 1)
+        print(f"a fresh process: {'loaded and called, output right' if fresh else 'failed'}", flush=True)
+        here = torch.equal(torch._inductor.aoti_load_package(path)(x), x + 1)
+        print(f"this process: loaded and called, output {'right' if here else 'wrong'}", flush=True)
+    return 0 if fresh and here else 1
 
 
 def main(argv=None) -> int:

@@ -37,4 +37,5 @@ def test_smoke_packages_and_loads_the_one_add_in_a_fresh_process_and_here(tmp_pa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     assert decode_aoti.main(["--smoke", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "a fresh process: exit 0 loaded and called" in out and "output right" in out
+    assert "a fresh process: loaded and called, output right" in out
+    assert "this process: loaded and called, output right" in out
