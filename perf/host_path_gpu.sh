@@ -28,6 +28,9 @@
 #   fsdp-inputs the 227M trainer's step under FSDP2 on one GPU (a process group of one), default
 #              mode: the table gradients' buffers by id (the default under FSDP) and as tensors
 #              (trainer_ab)                                                 -> fsdp_inputs.txt
+#   fsdp-staged the 227M trainer's step under FSDP2 on one GPU, default mode: the table gradients
+#              added at once (the default under FSDP) and staged (train.table_grad_staging)
+#              (trainer_ab)                                                 -> fsdp_staged.txt
 #   decode     one layer at decode shapes, eval: eager, compiled, graphs, replay; with and without
 #              inference_cache (perf.diagnostics.decode_layer)                -> decode.txt
 #   decode-aoti the cached bf16 layer at decode shapes compiled by AOTInductor, called through its
@@ -40,7 +43,7 @@
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, decode, decode-aoti or layer-host}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, fsdp-staged, decode, decode-aoti or layer-host}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -98,6 +101,12 @@ case $part in
             --variant v2_ids=--train.table_grads_as_inputs=false --variant v2_tensors=--train.table_grads_as_inputs=true \
             --log "$log" 2>&1 | tee "$out/fsdp_inputs.txt"
         ;;
+    fsdp-staged)
+        WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 \
+            $py -m perf.diagnostics.trainer_ab --common=--train.compile_mode=default --common=--parallel.mode=fsdp \
+            --variant v2= --variant v2_staged=--train.table_grad_staging=true \
+            --log "$log" 2>&1 | tee "$out/fsdp_staged.txt"
+        ;;
     options) $py -m perf.diagnostics.inductor_options --log "$log" 2>&1 | tee "$out/options.txt" ;;
     stack)
         # STACK_VARIANTS="stack_layer_staged stack_ffn" (say) times only those: each compiles anew
@@ -113,7 +122,7 @@ case $part in
         tail -n 40 "$out/layer_host.txt" "$out/layer_host_staged.txt"
         ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, decode, decode-aoti or layer-host" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, fsdp-staged, decode, decode-aoti or layer-host" >&2
         exit 2
         ;;
 esac

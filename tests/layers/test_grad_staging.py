@@ -220,3 +220,11 @@ def test_trainer_stages_ultramem_v2_only():
     assert staged_flush_interval(load_config("debug", TINY), cuda) == 0
     assert staged_flush_interval(load_config("debug", TINY + compiled + ["--parallel.mode=fsdp"]), cuda) == 0
     assert staged_flush_interval(load_config("debug", TINY + ["--train.table_grad_flush=0"]), cpu) == 0
+    # train.table_grad_staging overrides where, not what can stage
+    on, off = ["--train.table_grad_staging=true"], ["--train.table_grad_staging=false"]
+    assert staged_flush_interval(load_config("debug", TINY + compiled + ["--parallel.mode=fsdp"] + on), cuda) == 4
+    assert staged_flush_interval(load_config("debug", TINY + on), cuda) == 4
+    assert staged_flush_interval(load_config("debug", TINY + off), cpu) == 0
+    assert staged_flush_interval(load_config("debug", TINY + on + ["--model.memory.type=memory_plus"]), cpu) == 0
+    with pytest.raises(ValueError, match="table_grad_staging=true needs train.table_grad_flush > 0"):
+        load_config("debug", TINY + on + ["--train.table_grad_flush=0"])

@@ -91,6 +91,9 @@ class TrainSection:
     # fewer read-modify-writes of the fp32 gradient rows (docs/table-gradients.md); about 1.3 kB per
     # token, layer and micro-batch staged.
     table_grad_flush: int = 4  # UltraMemV2: stage table gradients, add them every this many micro-batches; 0: at once
+    # none: stage where measured faster (CPU; CUDA when compiled, without FSDP); true: wherever
+    # the layers can (UltraMemV2, table_grad_flush > 0); false: never
+    table_grad_staging: bool | None = None
     # hand the table gradients' buffers to the layers' lookups as tensors, so that a compiled
     # backward launches its kernels itself (docs/table-gradients.md); off: by registered id;
     # none: on CUDA in one process without FSDP, off elsewhere
@@ -407,6 +410,11 @@ def validate_config(cfg: TrainConfig) -> None:
         f"train.seq_len + 2 = {t.seq_len + 2} (one validation window)",
     )
     _require(t.table_grad_flush >= 0, f"train.table_grad_flush={t.table_grad_flush}: must be >= 0 (0: no staging)")
+    _require(
+        t.table_grad_staging is not True or t.table_grad_flush > 0,
+        "train.table_grad_staging=true needs train.table_grad_flush > 0 (the micro-batches per flush), "
+        f"not {t.table_grad_flush}",
+    )
     _one_of(t.dtype, DTYPES, "train.dtype")
     _one_of(t.device, DEVICES, "train.device")
     _one_of(t.compile_mode, COMPILE_MODES, "train.compile_mode")

@@ -104,10 +104,12 @@ def staged_flush_interval(cfg: TrainConfig, device: torch.device) -> int:
     stage; Memory+ does not (its small table keeps the atomics in L2: measured no faster). On
     CUDA when compiled (measured faster with CUDA graphs and without); not in eager CUDA runs nor
     under FSDP, where each staged call's host time adds to host-bound layers (under FSDP,
-    measured slower: perf/NOTES.md). docs/table-gradients.md."""
-    if cfg.model.memory.type != "ultramem_v2":
+    measured slower: perf/NOTES.md). `train.table_grad_staging` true or false overrides where.
+    docs/table-gradients.md."""
+    staging = cfg.train.table_grad_staging
+    if cfg.model.memory.type != "ultramem_v2" or staging is False:
         return 0
-    if device.type == "cuda" and (not cfg.train.compile or cfg.parallel.mode == "fsdp"):
+    if staging is None and device.type == "cuda" and (not cfg.train.compile or cfg.parallel.mode == "fsdp"):
         return 0
     return min(cfg.train.table_grad_flush, cfg.train.grad_accum)
 
