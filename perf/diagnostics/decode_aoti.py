@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -179,34 +180,25 @@ def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, de
 
 
 def _run_package_in_child(package: str, inputs: Path, outputs: Path, device: str, calls: int) -> dict | None:
-    """`run_package` in a fresh process: {"us": [...], "outputs": [...]}, or None (printed why)."""
+    """`run_package` in a fresh process: {"us": [...], "outputs": [...]}, or None (printed why;
+    a crash again under gdb where there is one, for the native backtrace)."""
     root = str(Path(__file__).resolve().parents[2])  # where `perf` imports from
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "faulthandler",
-            "-m",
-            "perf.diagnostics.decode_aoti",
-            "--run-package",
-            package,
-            "--inputs",
-            str(inputs),
-            "--outputs",
-            str(outputs),
-            "--device",
-            device,
-            "--calls",
-            str(calls),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env=env,
-    )
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "perf.diagnostics.decode_aoti", "--run-package", package]
+    cmd += ["--inputs", str(inputs), "--outputs", str(outputs), "--device", device, "--calls", str(calls)]
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
     if child.returncode != 0:
         print(f"the runner's process failed (exit {child.returncode}):\n{child.stderr[-3000:]}", flush=True)
+        gdb = shutil.which("gdb")
+        if child.returncode < 0 and gdb:  # killed by a signal
+            trace = subprocess.run(
+                [gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", *cmd],
+                capture_output=True,
+                text=True,
+                timeout=1200,
+                env=env,
+            )
+            print("under gdb:\n" + "\n".join((trace.stdout + trace.stderr).splitlines()[-60:]), flush=True)
         return None
     return torch.load(outputs)
 
