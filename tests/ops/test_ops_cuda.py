@@ -80,7 +80,7 @@ def test_gate_lookup_backward_staged_on_cuda(hot, monkeypatch):
             want = gate_lookup_backward_oracle(*args, True)
             grad_scores, grad_x = gate_lookup_backward_into(*[a.cuda() for a in args], True, *ids)
             assert _rel(grad_x.cpu(), want[2]) < 1e-5 and _rel(grad_scores.cpu(), want[3]) < 1e-5
-            assert staging.staged_tokens() == t
+            assert staging.staged_tokens() == t and staging.fill[1] == 0  # the programs' count, reset
             if i == 0:
                 assert not bufs[0].any() and not bufs[1].any()
         total = [gate_lookup_backward_oracle(*a, True) for a in calls]
@@ -125,7 +125,7 @@ def test_one_table_backward_staged_on_cuda(op, hot, monkeypatch):
                 want = gate_backward_oracle(grad_gate, rows, table, x)
                 got = pre_value_gate_backward_into(grad_gate.cuda(), rows.cuda(), table.cuda(), x.cuda(), handle)
             assert got.dtype == bf and _rel(got.cpu(), want[1]) < 1e-2  # (rounded to bf16)
-            assert staging.staged_tokens() == t
+            assert staging.staged_tokens() == t and staging.fill[1] == 0
             if i == 0:
                 assert not buf.any()
             total += want[0]
@@ -134,3 +134,26 @@ def test_one_table_backward_staged_on_cuda(op, hot, monkeypatch):
     finally:
         register_staging(handle, None)
         release_grad_buffer(handle)
+
+
+def test_staged_fill_level_with_every_multiprocessor_busy(monkeypatch):
+    """The staged backward's last program to finish moves the fill level (a count of the
+    programs done, in fill[1]): with calls of 8,192 tokens, whose programs run on every
+    multiprocessor at once and finish in any order, each call moves the level by exactly its
+    tokens while they fit and leaves it once they do not; the count is 0 after every call. What
+    the interpreter, running programs one by one, cannot show."""
+    from ultramem.ops._triton import staged_grad as tsg
+    from ultramem.ops.staged_grad import GradStaging
+
+    monkeypatch.setattr(determinism, "_deterministic", False)
+    t, e, n, dv, dp, m = 8192, 8, 5000, 32, 32, 2
+    args = [a.cuda() for a in _inputs(t, e, n, dv, dp, m, 0.0, seed=70)]
+    grad_out, _, rows, values, pre_values, x, scores, gate = args
+    bufs = [torch.zeros(n, dv, device="cuda"), torch.zeros(n, dp, device="cuda")]
+    staging = GradStaging(10 * t + t // 2, e, m, dv, dp, torch.float32, "cuda")
+    for call in range(12):
+        tsg.staged_gate_lookup_backward_cuda(
+            grad_out, None, rows, values, pre_values, x, scores, gate, True, *bufs, staging
+        )
+        assert staging.fill.tolist() == [min(call + 1, 10) * t, 0], call
+    assert bufs[0].any() and bufs[1].any()  # the last two calls' atomics
