@@ -129,7 +129,8 @@ def main(argv=None) -> int:
         )
     if args.log:
         records.append(args.log, recs)
-    return 0
+    timed_aoti = sum(r["variant"].endswith(", AOTI") for r in recs)
+    return 0 if timed_aoti == len(modules) * len(token_counts) else 1  # 1: a runner's process failed
 
 
 def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, device: str, small: bool) -> list[dict]:
@@ -186,19 +187,26 @@ def _run_package_in_child(package: str, inputs: Path, outputs: Path, device: str
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-X", "faulthandler", "-m", "perf.diagnostics.decode_aoti", "--run-package", package]
     cmd += ["--inputs", str(inputs), "--outputs", str(outputs), "--device", device, "--calls", str(calls)]
-    child = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    try:
+        child = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    except subprocess.TimeoutExpired:
+        print("the runner's process did not finish in 20 minutes", flush=True)
+        return None
     if child.returncode != 0:
         print(f"the runner's process failed (exit {child.returncode}):\n{child.stderr[-3000:]}", flush=True)
         gdb = shutil.which("gdb")
         if child.returncode < 0 and gdb:  # killed by a signal
-            trace = subprocess.run(
-                [gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", *cmd],
-                capture_output=True,
-                text=True,
-                timeout=1200,
-                env=env,
-            )
-            print("under gdb:\n" + "\n".join((trace.stdout + trace.stderr).splitlines()[-60:]), flush=True)
+            try:
+                trace = subprocess.run(
+                    [gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", *cmd],
+                    capture_output=True,
+                    text=True,
+                    timeout=1200,
+                    env=env,
+                )
+                print("under gdb:\n" + "\n".join((trace.stdout + trace.stderr).splitlines()[-60:]), flush=True)
+            except subprocess.TimeoutExpired:
+                print("under gdb: did not finish in 20 minutes", flush=True)
         return None
     return torch.load(outputs)
 

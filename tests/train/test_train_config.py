@@ -293,6 +293,17 @@ def test_val_split_defaults_to_the_tail_and_older_checkpoints_resume():
     assert "data.val_split: the checkpoint was made with 'tail'" in config_mismatch(older, spread)
 
 
+def test_where_table_gradients_stage_may_change_on_resume():
+    from ultramem.train.checkpoint import config_mismatch, flatten_config
+
+    cfg = load_config("debug.toml")
+    # a checkpoint made before train.table_grad_staging existed, and one made with it on
+    older = {k: v for k, v in flatten_config(cfg).items() if k != "train.table_grad_staging"}
+    assert config_mismatch(older, cfg) is None
+    on = flatten_config(load_config("debug.toml", ["--train.table_grad_staging=true"]))
+    assert config_mismatch(on, load_config("debug.toml", ["--train.table_grad_staging=false"])) is None
+
+
 def test_checkpoints_of_the_per_micro_batch_draw_resume_with_it():
     from ultramem.train.checkpoint import config_mismatch, flatten_config
 

@@ -110,6 +110,7 @@ RESUMABLE_CHANGES = (
     "train.ac_every",
     "train.device",
     "train.table_grad_flush",
+    "train.table_grad_staging",
     "train.table_grads_as_inputs",
     "train.batch_size",
     "train.grad_accum",  # with another world size (the global batch is checked apart)
