@@ -582,7 +582,9 @@ def _gate_lookup_bwd_kernel(
     if STAGED:
         if level + T > CAP:  # no room: this token's table gradients go into the tables now
             # loops not unrolled, so that this rare branch sets no register budget; names of
-            # their own (a name the branch assigns keeps one type inside and out)
+            # their own (a name the branch assigns keeps one type inside and out). The CHUNKS
+            # guards change no machine code, but without them Inductor's access analysis, which
+            # reads the loops before they are found empty, counts the absent table as written.
             if CHUNKS_V > 0:
                 for over_c in tl.range(0, CHUNKS_V, num_stages=1):
                     over_d = over_c * BLOCK_D + cols_v
