@@ -34,7 +34,8 @@
 #   decode     one layer at decode shapes, eval: eager, compiled, graphs, replay; with and without
 #              inference_cache (perf.diagnostics.decode_layer)                -> decode.txt
 #   decode-aoti the cached bf16 layer at decode shapes compiled by AOTInductor, called through its
-#              C++ runner, against torch.compile; one add both ways (perf.diagnostics.decode_aoti)
+#              C++ runner, against torch.compile; one add both ways (perf.diagnostics.decode_aoti;
+#              CXX=g++ where $CXX links libstdc++ statically: such packages crash on load)
 #                                                                              -> decode_aoti.txt
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
 #              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,

@@ -10,6 +10,9 @@ dynamic.
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small   # debug.toml on the CPU: the path only
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small --device cuda   # small tables on the GPU
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --smoke [--device cpu]  # does a package load?
+
+AOTInductor builds with the compiler in $CXX (else its default); one whose default links libstdc++
+statically builds packages that crash on load, so give it another (`CXX=g++`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,7 +122,8 @@ def main(argv=None) -> int:
             "bf16 weights, cached" if device == "cuda" else "cached": _Decode(cached_layer, tables),
             "reference: one add": _OneAdd(),
         }
-        print(f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9}  (µs per call)")
+        head = f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9} {'AOTI run':>9}"
+        print(head + "  (µs per call)")
         recs = _time_modules(
             modules,
             lambda tokens: torch.randn(1, tokens, mcfg.dim, device=device, dtype=dtype),
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
         )
     if args.log:
         records.append(args.log, recs)
-    timed_aoti = sum(r["variant"].endswith(", AOTI") for r in recs)
+    timed_aoti = sum(r["variant"].endswith(", AOTI") for r in recs)  # one per module and shape
     return 0 if timed_aoti == len(modules) * len(token_counts) else 1  # 1: a runner's process failed
 
 
@@ -157,10 +162,16 @@ def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, de
                     times = {"compiled": _wall_us(lambda: compiled(x), calls, sync)}
                     if aoti is not None:
                         times["AOTI"] = aoti["us"][j]
+                        times["AOTI, loader.run"] = aoti["us_direct"][j]
                         diff = (aoti["outputs"][j].to(device).float() - compiled(x).float()).abs().max().item()
-                aoti_col = f"{times['AOTI']:9.1f}" if aoti is not None else f"{'failed':>9}"
-                check = f"AOTI against compiled: max |diff| {diff:.3g}; " if aoti is not None else ""
-                print(f"{name:36} {tokens:4d} {times['compiled']:9.1f} {aoti_col}  ({check}built in {built_s:.0f} s)")
+                if aoti is not None:
+                    aoti_cols = f"{times['AOTI']:9.1f} {times['AOTI, loader.run']:9.1f}"
+                    check = f"AOTI against compiled: max |diff| {diff:.3g}; "
+                    if aoti["launches"][j] is not None:
+                        check += f"{aoti['launches'][j]:g} launches, {aoti['gpu_us'][j]:.1f} µs GPU; "
+                else:
+                    aoti_cols, check = f"{'failed':>9} {'':>9}", ""
+                print(f"{name:36} {tokens:4d} {times['compiled']:9.1f} {aoti_cols}  ({check}built in {built_s:.0f} s)")
                 for mode, us in times.items():
                     recs.append(
                         records.record(
@@ -173,8 +184,21 @@ def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, de
                             unit="us",
                             small=small,
                             note="wall time per forward, calls back to back; eval, inference mode"
-                            + ("; the runner in a fresh process" if mode == "AOTI" else ""),
-                            extra={"max_abs_diff_vs_compiled": diff} if mode == "AOTI" else None,
+                            + ("; the runner in a fresh process" if mode.startswith("AOTI") else "")
+                            + (
+                                "; the package's C++ loader called on the flat inputs"
+                                if mode == "AOTI, loader.run"
+                                else ""
+                            ),
+                            extra=(
+                                {
+                                    "max_abs_diff_vs_compiled": diff,
+                                    "launches": aoti["launches"][j],
+                                    "gpu_us": aoti["gpu_us"][j],
+                                }
+                                if mode.startswith("AOTI")
+                                else None
+                            ),
                         )
                     )
     return recs
@@ -194,6 +218,10 @@ def _run_package_in_child(package: str, inputs: Path, outputs: Path, device: str
         return None
     if child.returncode != 0:
         print(f"the runner's process failed (exit {child.returncode}):\n{child.stderr[-3000:]}", flush=True)
+        if child.returncode == -signal.SIGSEGV:
+            # seen with a g++ whose default links libstdc++ statically: the runner's constructor
+            # crashes in std::regex (perf/results/host-path-h100/aoti_load_crash_31f1644.txt)
+            print(f"if the package's libstdc++ is static, build with another compiler: CXX={os.environ.get('CXX')}")
         gdb = shutil.which("gdb")
         if child.returncode < 0 and gdb:  # killed by a signal
             try:
@@ -216,13 +244,33 @@ def run_package(package: str, inputs: Path, outputs: Path, device: str, calls: i
     to back) and save those times with the outputs."""
     runner = torch._inductor.aoti_load_package(package)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    result = {"us": [], "outputs": []}
+    # The package's __call__ parses its pytree specs on every call; a decode loop can call the
+    # C++ loader on the flat inputs instead.
+    direct = runner.loader.run
+    result = {"us": [], "us_direct": [], "launches": [], "gpu_us": [], "outputs": []}
     with torch.inference_mode():
         for x in torch.load(inputs):
             x = x.to(device)
             result["outputs"].append(runner(x).cpu())
+            assert torch.equal(direct([x])[0].cpu(), result["outputs"][-1])
             result["us"].append(_wall_us(lambda: runner(x), calls, sync))
+            result["us_direct"].append(_wall_us(lambda: direct([x]), calls, sync))
+            launches, gpu_us = _kernels_per_call(lambda: direct([x]), device) if device == "cuda" else (None, None)
+            result["launches"].append(launches)
+            result["gpu_us"].append(gpu_us)
     torch.save(result, outputs)
+
+
+def _kernels_per_call(fn, device: str, calls: int = 20) -> tuple[float, float]:
+    """Kernels launched and their summed GPU time (µs) per call, under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels) / calls, sum(e.device_time for e in kernels) / calls
 
 
 if __name__ == "__main__":
