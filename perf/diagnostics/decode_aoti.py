@@ -4,7 +4,8 @@ runner, in a fresh process: no torch.compile wrapper in Python per call, and no 
 Against, in the same run: the same module under torch.compile (default mode), and a module of
 one add both ways (the host's floor of each). The layer runs as generation runs it: eval,
 inference mode, bf16 weights inside `inference_cache`. One export per module, the token count
-dynamic.
+dynamic; with `--static` one per token count (fixed shapes, as Inductor's memory planning,
+TORCHINDUCTOR_MEMORY_PLANNING=1, may need to pool the buffers).
 
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti [--tokens 1 8 64] [--log $OUT/log.jsonl]
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small   # debug.toml on the CPU: the path only
@@ -64,12 +65,12 @@ def _wall_us(fn, calls: int, sync) -> float:
     return 1e6 * (time.perf_counter() - t0) / calls
 
 
-def aoti_package(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int) -> str:
-    """module exported with the token count (dim 1 of x) dynamic in [1, max_tokens] and compiled
-    by AOTInductor into `package`; returns its path."""
-    tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
+def aoti_package(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int | None) -> str:
+    """module exported with the token count (dim 1 of x) dynamic in [1, max_tokens], or fixed at
+    x's with max_tokens None, and compiled by AOTInductor into `package`; returns its path."""
+    dynamic = None if max_tokens is None else ({1: torch.export.Dim("tokens", min=1, max=max_tokens)},)
     with torch.no_grad():
-        program = torch.export.export(module, (x,), dynamic_shapes=({1: tokens},))
+        program = torch.export.export(module, (x,), dynamic_shapes=dynamic)
         return torch._inductor.aoti_compile_and_package(program, package_path=str(package))
 
 
@@ -93,8 +94,11 @@ def smoke(device: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default: 1 8 64; 1 4 with --small)")
     parser.add_argument("--calls", type=int, default=200, help="calls per timing")
+    parser.add_argument(
+        "--static", action="store_true", help="a package per token count (no dynamic dimension), not one for all"
+    )
     parser.add_argument("--small", action="store_true", help="debug.toml, 2 token counts (on the CPU by default)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu with --small, else cuda")
     parser.add_argument("--log", help="append the records to this results log")
@@ -112,7 +116,8 @@ def main(argv=None) -> int:
         return 2
     if args.smoke:
         return smoke(device)
-    config, token_counts = ("debug.toml", [1, 4]) if args.small else ("227m.toml", args.tokens)
+    config = "debug.toml" if args.small else "227m.toml"
+    token_counts = args.tokens or ([1, 4] if args.small else [1, 8, 64])
     torch._dynamo.config.recompile_limit = 64  # the compiled reference: one graph per token count
     mcfg, layers, tables, _, _ = build_layers_227m(1, config=config, device=device, batch=1, seq=8)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -131,6 +136,7 @@ def main(argv=None) -> int:
             args.calls,
             device,
             args.small,
+            args.static,
         )
     if args.log:
         records.append(args.log, recs)
@@ -138,11 +144,14 @@ def main(argv=None) -> int:
     return 0 if timed_aoti == len(modules) * len(token_counts) else 1  # 1: a runner's process failed
 
 
-def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, device: str, small: bool) -> list[dict]:
+def _time_modules(
+    modules: dict, make_x, token_counts: list[int], calls: int, device: str, small: bool, static: bool = False
+) -> list[dict]:
     """Each module through torch.compile here and through AOTInductor's runner in a fresh process
-    (`run_package`: on the GPU machine a package loaded in the process that built it crashed),
-    at each token count (inputs make_x(tokens)): a line printed and a record per count and way
-    (none for the runner when its process fails)."""
+    (`run_package`: a package that crashes on load ends only that process), at each token count
+    (inputs make_x(tokens)): a line printed and a record per count and way (none for the runner
+    when its process fails). One package with the token count dynamic, or one per count with
+    `static`."""
     env = records.environment()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     recs = []
@@ -150,12 +159,25 @@ def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, de
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for i, (name, module) in enumerate(modules.items()):
-            t0 = time.perf_counter()
-            package = aoti_package(module, make_x(max(2, min(8, max_tokens))), tmp / f"module{i}.pt2", max_tokens)
-            built_s = time.perf_counter() - t0
             xs = [make_x(tokens) for tokens in token_counts]
-            torch.save([x.cpu() for x in xs], tmp / "inputs.pt")
-            aoti = _run_package_in_child(package, tmp / "inputs.pt", tmp / "outputs.pt", device, calls)
+            t0 = time.perf_counter()
+            if static:  # a package per token count, each run in its own process
+                aoti = {}
+                for j, x in enumerate(xs):
+                    package = aoti_package(module, x, tmp / f"module{i}_{j}.pt2", None)
+                    torch.save([x.cpu()], tmp / "inputs.pt")
+                    one = _run_package_in_child(package, tmp / "inputs.pt", tmp / "outputs.pt", device, calls)
+                    if one is None:
+                        aoti = None
+                        break
+                    for key, got in one.items():
+                        aoti.setdefault(key, []).extend(got)
+            else:
+                x_export = make_x(max(2, min(8, max_tokens)))
+                package = aoti_package(module, x_export, tmp / f"module{i}.pt2", max_tokens)
+                torch.save([x.cpu() for x in xs], tmp / "inputs.pt")
+                aoti = _run_package_in_child(package, tmp / "inputs.pt", tmp / "outputs.pt", device, calls)
+            built_s = time.perf_counter() - t0  # the runs' processes included
             compiled = torch.compile(module, fullgraph=True, dynamic=False)
             for j, (tokens, x) in enumerate(zip(token_counts, xs)):
                 with torch.inference_mode():
@@ -171,7 +193,8 @@ def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, de
                         check += f"{aoti['launches'][j]:g} launches, {aoti['gpu_us'][j]:.1f} µs GPU; "
                 else:
                     aoti_cols, check = f"{'failed':>9} {'':>9}", ""
-                print(f"{name:36} {tokens:4d} {times['compiled']:9.1f} {aoti_cols}  ({check}built in {built_s:.0f} s)")
+                line = f"{name:36} {tokens:4d} {times['compiled']:9.1f} {aoti_cols}"
+                print(f"{line}  ({check}built and run in {built_s:.0f} s)")
                 for mode, us in times.items():
                     recs.append(
                         records.record(
@@ -185,6 +208,7 @@ def _time_modules(modules: dict, make_x, token_counts: list[int], calls: int, de
                             small=small,
                             note="wall time per forward, calls back to back; eval, inference mode"
                             + ("; the runner in a fresh process" if mode.startswith("AOTI") else "")
+                            + ("; a package per token count" if static and mode.startswith("AOTI") else "")
                             + (
                                 "; the package's C++ loader called on the flat inputs"
                                 if mode == "AOTI, loader.run"

@@ -32,6 +32,20 @@ def test_small_run_records_aoti_and_compiled_per_token_count(tmp_path, monkeypat
             assert r["extra"]["launches"] is None  # counted on CUDA only
 
 
+def test_static_run_builds_a_package_per_token_count(tmp_path, monkeypatch):
+    from perf.diagnostics import decode_aoti
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    log = tmp_path / "log.jsonl"
+    assert decode_aoti.main(["--small", "--static", "--tokens", "1", "3", "--calls", "3", "--log", str(log)]) == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    aoti = [r for r in recs if ", AOTI" in r["variant"]]
+    assert {r["shape"] for r in aoti} == {"T=1", "T=3"} and len(aoti) == 8  # 2 modules, 2 counts, 2 ways
+    for r in aoti:
+        assert "a package per token count" in r["note"]
+        assert r["extra"]["max_abs_diff_vs_compiled"] <= 1e-5
+
+
 def test_smoke_packages_and_loads_the_one_add_in_a_fresh_process_and_here(tmp_path, monkeypatch, capsys):
     from perf.diagnostics import decode_aoti
 
