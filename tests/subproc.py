@@ -1,6 +1,7 @@
 """Commands run by tests, in their own process group, that never outlive their test: on a
-timeout or any interruption (pytest-timeout, Ctrl-C) the whole group is killed, grandchildren
-(torchrun workers, tokenizer processes) included."""
+timeout or any interruption (pytest-timeout, Ctrl-C) the whole process tree is killed,
+grandchildren included: torchrun's workers run in sessions of their own, out of reach of the
+group's kill, and an orphaned one would hold the output pipes open."""
 
 from __future__ import annotations
 
@@ -10,11 +11,39 @@ import subprocess
 from pathlib import Path
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; none found elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_group(proc: subprocess.Popen) -> None:
+    below = _descendants(proc.pid)  # before the kill: orphans are re-parented away from the tree
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
 
 
@@ -30,7 +59,10 @@ def run(
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        out, err = proc.communicate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process outside the tree holds the pipes
+            out, err = "", "(the output pipes stayed open after the kill)"
         raise AssertionError(
             f"timed out after {timeout:.0f} s: {' '.join(map(str, cmd))}\n{out[-3000:]}\n{err[-3000:]}"
         ) from None

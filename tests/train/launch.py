@@ -1,8 +1,9 @@
 """Running the trainer as users do, in subprocesses that never outlive their test.
 
-Each command runs in its own session (process group); on a timeout the whole group is killed,
-torchrun's workers included. Timeouts are sized from the work: a base for interpreter and torch
-start-up per process plus a per-step allowance, both generous for a loaded 2-core machine.
+Each command runs in its own session (process group); on a timeout its whole process tree is
+killed, torchrun's workers (in sessions of their own) included. Timeouts are sized from the
+work: a base for interpreter and torch start-up per process plus a per-step allowance, both
+generous for a loaded 2-core machine.
 """
 
 from __future__ import annotations

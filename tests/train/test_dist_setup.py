@@ -71,3 +71,30 @@ def test_a_plain_process_gets_a_group_of_its_own_when_asked(monkeypatch):
     assert info.initialized and (info.rank, info.world_size) == (0, 1) and not info.distributed
     (kw,) = calls
     assert kw["backend"] == "gloo" and kw["world_size"] == 1 and "store" in kw
+
+
+def test_release_frees_the_ddp_reducer_while_the_group_lives():
+    # The reducer holds the process group; freed after destroy_process_group it would free the
+    # group itself, with the GIL held (a rank hung at exit). Trainer.close releases it first.
+    import weakref
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ultramem.train.parallelize import Parallelized
+
+    dist = distributed.dist
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 4)
+        par = Parallelized(model, DDP(model), "ddp")
+        with par.grad_sync(True):
+            par.forward(torch.randn(2, 4)).sum().backward()
+        reducer = weakref.ref(par.forward.reducer)
+        par.release()
+        assert reducer() is None, "the reducer outlived release()"
+        assert par.forward is model and par.mode == "none"
+        with par.grad_sync(False):  # nothing left to hold back
+            model(torch.randn(2, 4)).sum().backward()
+    finally:
+        dist.destroy_process_group()

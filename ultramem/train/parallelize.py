@@ -13,6 +13,7 @@ memory ops add into persistent buffers that autograd's hooks never see, are summ
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -160,6 +161,16 @@ class Parallelized:
     forward: nn.Module
     mode: str
     checkpointed: list[int] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Drop the DDP wrapper, before the process group is destroyed. Its C++ reducer holds the
+        group; a group freed from there joins gloo's threads with the GIL held, and a thread still
+        releasing a finished collective's Python tensors then waits for the GIL forever (a rank
+        hung at exit). Dropped first, the reducer leaves the group to destroy_process_group,
+        which frees it without the GIL."""
+        if self.mode == "ddp":
+            self.forward, self.mode = self.model, "none"
+            gc.collect()  # (a DDP wrapper holds no reference cycle today; the reducer must be gone)
 
     def grad_sync(self, enabled: bool):
         """Context for one micro-batch: reduce gradients only when `enabled` (the last one)."""

@@ -479,8 +479,10 @@ class Trainer:
             self.metrics.scalars(self.step, {"val/loss": val}, kind="val")
 
     def close(self) -> None:
-        """Release the run directory: its lock and train.log's handler (run_trainer does when the
-        run ends; a trainer from build_trainer is closed by whoever built it)."""
+        """Release the run directory (its lock and train.log's handler) and the DDP wrapper
+        (`Parallelized.release`); run_trainer does when the run ends, before it leaves the process
+        group; a trainer from build_trainer is closed by whoever built it."""
+        self.parallel.release()
         self._run_dir_hold.release()
 
     def train(self) -> list[StepRecord]:
