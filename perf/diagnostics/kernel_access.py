@@ -339,9 +339,8 @@ def staged_grad_launches() -> dict[str, Launch]:
     """The staged backwards (the trainer's path at 227M: gate_lookup's, and the one-table ones
     of weighted_lookup and pre_value_gate), each one launch that also moves the fill level (and
     adds into the tables when the area is full): they write the staging area, and the flush's
-    block add reads it. The staging
-    areas hold 4 micro-batches of one layer (the trainer's holds every memory layer's: a size
-    that changes no launch but the sort's)."""
+    block add reads it. The staging areas hold 4 micro-batches of one layer (the trainer's holds
+    every memory layer's: a size that changes no launch but the sort's)."""
     from ultramem.ops import GradStaging
     from ultramem.ops._triton import staged_grad as sg
 

@@ -104,8 +104,8 @@ def staged_flush_interval(cfg: TrainConfig, device: torch.device) -> int:
     stage; Memory+ does not (its small table keeps the atomics in L2: measured no faster). On
     CUDA when compiled (measured faster with CUDA graphs and without); not in eager CUDA runs nor
     under FSDP, where each staged call's host time adds to host-bound layers (under FSDP,
-    measured slower: perf/NOTES.md). `train.table_grad_staging` true or false overrides where.
-    docs/table-gradients.md."""
+    measured slower with two launches a staged call, no faster with one: perf/NOTES.md).
+    `train.table_grad_staging` true or false overrides where. docs/table-gradients.md."""
     staging = cfg.train.table_grad_staging
     if cfg.model.memory.type != "ultramem_v2" or staging is False:
         return 0
