@@ -19,6 +19,7 @@ statically builds packages that crash on load, so give it another (`CXX=g++`).
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import os
 import shutil
@@ -65,13 +66,29 @@ def _wall_us(fn, calls: int, sync) -> float:
     return 1e6 * (time.perf_counter() - t0) / calls
 
 
-def aoti_package(module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int | None) -> str:
+def aoti_package(
+    module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int | None, inductor_configs: dict | None = None
+) -> str:
     """module exported with the token count (dim 1 of x) dynamic in [1, max_tokens], or fixed at
-    x's with max_tokens None, and compiled by AOTInductor into `package`; returns its path."""
+    x's with max_tokens None, and compiled by AOTInductor (with `inductor_configs`) into
+    `package`; returns its path."""
     dynamic = None if max_tokens is None else ({1: torch.export.Dim("tokens", min=1, max=max_tokens)},)
     with torch.no_grad():
         program = torch.export.export(module, (x,), dynamic_shapes=dynamic)
-        return torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        return torch._inductor.aoti_compile_and_package(
+            program, package_path=str(package), inductor_configs=inductor_configs
+        )
+
+
+def _config_item(text: str) -> tuple[str, object]:
+    """'max_autotune=True' -> ("max_autotune", True): a value Python can read, else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def smoke(device: str) -> int:
@@ -98,6 +115,14 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls per timing")
     parser.add_argument(
         "--static", action="store_true", help="a package per token count (no dynamic dimension), not one for all"
+    )
+    parser.add_argument(
+        "--inductor-config",
+        type=_config_item,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Inductor option for the AOTI packages (repeatable), e.g. max_autotune=True",
     )
     parser.add_argument("--small", action="store_true", help="debug.toml, 2 token counts (on the CPU by default)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu with --small, else cuda")
@@ -127,6 +152,8 @@ def main(argv=None) -> int:
             "bf16 weights, cached" if device == "cuda" else "cached": _Decode(cached_layer, tables),
             "reference: one add": _OneAdd(),
         }
+        if args.inductor_config:
+            print("AOTI packages with " + ", ".join(f"{k}={v!r}" for k, v in args.inductor_config))
         head = f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9} {'AOTI run':>9}"
         print(head + "  (µs per call)")
         recs = _time_modules(
@@ -137,6 +164,7 @@ def main(argv=None) -> int:
             device,
             args.small,
             args.static,
+            dict(args.inductor_config),
         )
     if args.log:
         records.append(args.log, recs)
@@ -145,14 +173,22 @@ def main(argv=None) -> int:
 
 
 def _time_modules(
-    modules: dict, make_x, token_counts: list[int], calls: int, device: str, small: bool, static: bool = False
+    modules: dict,
+    make_x,
+    token_counts: list[int],
+    calls: int,
+    device: str,
+    small: bool,
+    static: bool = False,
+    inductor_configs: dict | None = None,
 ) -> list[dict]:
     """Each module through torch.compile here and through AOTInductor's runner in a fresh process
     (`run_package`: a package that crashes on load ends only that process), at each token count
     (inputs make_x(tokens)): a line printed and a record per count and way (none for the runner
     when its process fails). One package with the token count dynamic, or one per count with
-    `static`."""
+    `static`. inductor_configs: Inductor's options for the packages (named in the records)."""
     env = records.environment()
+    options = "".join(f"; AOTI with {k}={v!r}" for k, v in (inductor_configs or {}).items())
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     recs = []
     max_tokens = max(token_counts)
@@ -164,7 +200,7 @@ def _time_modules(
             if static:  # a package per token count, each run in its own process
                 aoti = {}
                 for j, x in enumerate(xs):
-                    package = aoti_package(module, x, tmp / f"module{i}_{j}.pt2", None)
+                    package = aoti_package(module, x, tmp / f"module{i}_{j}.pt2", None, inductor_configs)
                     torch.save([x.cpu()], tmp / "inputs.pt")
                     one = _run_package_in_child(package, tmp / "inputs.pt", tmp / "outputs.pt", device, calls)
                     if one is None:
@@ -174,7 +210,7 @@ def _time_modules(
                         aoti.setdefault(key, []).extend(got)
             else:
                 x_export = make_x(max(2, min(8, max_tokens)))
-                package = aoti_package(module, x_export, tmp / f"module{i}.pt2", max_tokens)
+                package = aoti_package(module, x_export, tmp / f"module{i}.pt2", max_tokens, inductor_configs)
                 torch.save([x.cpu() for x in xs], tmp / "inputs.pt")
                 aoti = _run_package_in_child(package, tmp / "inputs.pt", tmp / "outputs.pt", device, calls)
             built_s = time.perf_counter() - t0  # the runs' processes included
@@ -195,6 +231,9 @@ def _time_modules(
                     aoti_cols, check = f"{'failed':>9} {'':>9}", ""
                 line = f"{name:36} {tokens:4d} {times['compiled']:9.1f} {aoti_cols}"
                 print(f"{line}  ({check}built and run in {built_s:.0f} s)")
+                if aoti is not None and j == 0 and aoti["kernels"][j]:
+                    for kernel, us in aoti["kernels"][j].items():
+                        print(f"    {us:6.1f} µs  {kernel[:100]}")
                 for mode, us in times.items():
                     recs.append(
                         records.record(
@@ -209,6 +248,7 @@ def _time_modules(
                             note="wall time per forward, calls back to back; eval, inference mode"
                             + ("; the runner in a fresh process" if mode.startswith("AOTI") else "")
                             + ("; a package per token count" if static and mode.startswith("AOTI") else "")
+                            + (options if mode.startswith("AOTI") else "")
                             + (
                                 "; the package's C++ loader called on the flat inputs"
                                 if mode == "AOTI, loader.run"
@@ -271,7 +311,7 @@ def run_package(package: str, inputs: Path, outputs: Path, device: str, calls: i
     # The package's __call__ parses its pytree specs on every call; a decode loop can call the
     # C++ loader on the flat inputs instead.
     direct = runner.loader.run
-    result = {"us": [], "us_direct": [], "launches": [], "gpu_us": [], "outputs": []}
+    result = {"us": [], "us_direct": [], "launches": [], "gpu_us": [], "kernels": [], "outputs": []}
     xs = [x.to(device) for x in torch.load(inputs)]
     with torch.inference_mode():
         for x in xs:
@@ -280,14 +320,19 @@ def run_package(package: str, inputs: Path, outputs: Path, device: str, calls: i
             result["us"].append(_wall_us(lambda: runner(x), calls, sync))
             result["us_direct"].append(_wall_us(lambda: direct([x]), calls, sync))
         for x in xs:  # after every timing: a profiler session may leave the host slower
-            launches, gpu_us = _kernels_per_call(lambda: direct([x]), device) if device == "cuda" else (None, None)
+            if device == "cuda":
+                launches, gpu_us, kernels = _kernels_per_call(lambda: direct([x]), device)
+            else:
+                launches, gpu_us, kernels = None, None, {}
             result["launches"].append(launches)
             result["gpu_us"].append(gpu_us)
+            result["kernels"].append(kernels)
     torch.save(result, outputs)
 
 
-def _kernels_per_call(fn, device: str, calls: int = 20) -> tuple[float, float]:
-    """Kernels launched and their summed GPU time (µs) per call, under the profiler."""
+def _kernels_per_call(fn, device: str, calls: int = 20) -> tuple[float, float, dict[str, float]]:
+    """Kernels launched and their summed GPU time (µs) per call, under the profiler, and each
+    kernel's GPU time per call by name."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -295,7 +340,10 @@ def _kernels_per_call(fn, device: str, calls: int = 20) -> tuple[float, float]:
             fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(kernels) / calls, sum(e.device_time for e in kernels) / calls
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / calls
+    return len(kernels) / calls, sum(e.device_time for e in kernels) / calls, by_name
 
 
 if __name__ == "__main__":
