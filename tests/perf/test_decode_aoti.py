@@ -37,12 +37,14 @@ def test_static_run_builds_a_package_per_token_count(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     log = tmp_path / "log.jsonl"
-    assert decode_aoti.main(["--small", "--static", "--tokens", "1", "3", "--calls", "3", "--log", str(log)]) == 0
+    argv = ["--small", "--static", "--tokens", "1", "3", "--calls", "3", "--log", str(log)]
+    assert decode_aoti.main([*argv, "--inductor-config", "comprehensive_padding=False"]) == 0
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     aoti = [r for r in recs if ", AOTI" in r["variant"]]
     assert {r["shape"] for r in aoti} == {"T=1", "T=3"} and len(aoti) == 8  # 2 modules, 2 counts, 2 ways
     for r in aoti:
         assert "a package per token count" in r["note"]
+        assert "AOTI with comprehensive_padding=False" in r["note"]
         assert r["extra"]["max_abs_diff_vs_compiled"] <= 1e-5
 
 
@@ -54,3 +56,15 @@ def test_smoke_packages_and_loads_the_one_add_in_a_fresh_process_and_here(tmp_pa
     out = capsys.readouterr().out
     assert "a fresh process: loaded and called, output right" in out
     assert "this process: loaded and called, output right" in out
+
+
+def test_inductor_config_items_parse_as_python_values_else_strings():
+    import argparse
+
+    from perf.diagnostics.decode_aoti import _config_item
+
+    assert _config_item("max_autotune=True") == ("max_autotune", True)
+    assert _config_item("max_autotune_gemm_backends=TRITON") == ("max_autotune_gemm_backends", "TRITON")
+    assert _config_item("triton.num_stages=3") == ("triton.num_stages", 3)
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        _config_item("max_autotune")
