@@ -207,6 +207,37 @@ def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic, inline_launches,
     assert bwd.kwargs["kwargs"]["a_ptr"] in placeholders
 
 
+def _reinplace(gm):
+    """Inductor's reinplacing pass on a traced graph (its signature differs across torch versions)."""
+    import inspect
+
+    from torch._inductor.fx_passes import reinplace
+    from torch._inductor.fx_utils import FakeTensorUpdater
+
+    if len(inspect.signature(reinplace.reinplace_inplaceable_ops).parameters) == 2:
+        reinplace.reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+    else:
+        reinplace.reinplace_inplaceable_ops(gm.graph)
+
+
+@analysed
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
+@pytest.mark.parametrize("knn, n_rows", [(4, 16), (128, 300)], ids=["register-grid", "tiled-grid"])
+def test_inductor_writes_every_retrieval_tensor_in_place(knn, n_rows, dynamic, inline_launches, monkeypatch):
+    # What reinplacing leaves in tensors_to_clone, Inductor copies before each launch. Every
+    # tensor the launches write must go in place: the scratch too, which is therefore one tensor,
+    # not views of one buffer (of those, the pass clones all but the first).
+    def f(a, b, c, u, v):
+        ids, scores = ops.tdqkr_retrieval(a, b, c, u, v, knn, -1)
+        return ids, scores, *ops.tdqkr_retrieval_backward(torch.ones_like(scores), a, b, c, ids, -1)
+
+    gm = _trace_cuda_body(f, None, dynamic, monkeypatch, lambda mode, tokens: _fake_cuda_inputs(mode, tokens, n_rows))
+    _reinplace(gm)
+    launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(launches) == 2, gm.code
+    assert [list(n.kwargs["tensors_to_clone"]) for n in launches] == [[], []], gm.code
+
+
 @analysed
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-tokens"])
 def test_stacked_bodies_trace_to_one_launch_each_whose_gradient_is_the_output(dynamic, inline_launches, monkeypatch):
