@@ -116,7 +116,9 @@ case $part in
             tee "$out/stack.txt"
         ;;
     decode) $py -m perf.diagnostics.decode_layer --log "$log" 2>&1 | tee "$out/decode.txt" ;;
-    decode-aoti) $py -m perf.diagnostics.decode_aoti --log "$log" 2>&1 | tee "$out/decode_aoti.txt" ;;
+    decode-aoti)  # $DECODE_AOTI_ARGS: more arguments, e.g. --inductor-config max_autotune=True
+        $py -m perf.diagnostics.decode_aoti --log "$log" ${DECODE_AOTI_ARGS:-} 2>&1 | tee "$out/decode_aoti.txt"
+        ;;
     layer-host)
         $py -m perf.diagnostics.layer_host_profile > "$out/layer_host.txt" 2>&1
         $py -m perf.diagnostics.layer_host_profile --staged > "$out/layer_host_staged.txt" 2>&1
