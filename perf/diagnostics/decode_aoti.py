@@ -8,6 +8,7 @@ dynamic; with `--static` one per token count (fixed shapes, as Inductor's memory
 TORCHINDUCTOR_MEMORY_PLANNING=1, may need to pool the buffers).
 
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti [--tokens 1 8 64] [--log $OUT/log.jsonl]
+        [--static] [--inductor-config max_autotune=True --inductor-config max_autotune_gemm_backends=TRITON]
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small   # debug.toml on the CPU: the path only
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --small --device cuda   # small tables on the GPU
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti --smoke [--device cpu]  # does a package load?
