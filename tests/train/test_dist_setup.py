@@ -98,3 +98,32 @@ def test_release_frees_the_ddp_reducer_while_the_group_lives():
             model(torch.randn(2, 4)).sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_run_trainer_leaves_nothing_holding_the_process_group(tmp_path, monkeypatch):
+    # FSDP's state holds the process group (its mesh infos). Held past destroy_process_group, the
+    # group is freed later with the GIL held, or during interpreter shutdown, where a gloo thread
+    # waiting for the GIL aborted a rank at exit. run_trainer releases the trainer first.
+    import gc
+
+    from launch import token_shards
+    from tiny import TINY_MODEL
+
+    from ultramem.train.config import load_config
+    from ultramem.train.trainer import run_trainer
+
+    def mesh_infos():
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if type(o).__name__ == "FSDPMeshInfo"}
+
+    monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "cache"))
+    before = mesh_infos()
+    args = ["--parallel.mode=fsdp", "--train.max_steps=1", "--optim.warmup_steps=0", "--train.eval_interval=0"]
+    args += ["--metrics.tensorboard=false", "--train.batch_size=2"]
+    data = f"--data.source={token_shards(tmp_path / 'data')}"
+    trainer = run_trainer(load_config("debug", [*TINY_MODEL, *args, data, f"--run.dir={tmp_path / 'run'}"]))
+    assert not distributed.dist.is_initialized()
+    assert mesh_infos() <= before, "FSDP's state outlived the process group"
+    assert len(trainer.history) == 1 and trainer.step == 1 and trainer.stopped_by is None
+    assert trainer.last_checkpoint is not None and trainer.last_checkpoint.exists()
+    assert not hasattr(trainer, "model")

@@ -11,6 +11,7 @@ Trainer(...).train()                      # accumulation, table-gradient all-red
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -485,6 +486,19 @@ class Trainer:
         self.parallel.release()
         self._run_dir_hold.release()
 
+    _OUTCOME = ("cfg", "info", "device", "run_dir", "step", "history", "val_history", "stopped_by", "last_checkpoint")
+
+    def release(self) -> None:
+        """Drop the model and all that holds it, keeping the run's outcome (`_OUTCOME`); run_trainer
+        does once the run ends, after close() and before it leaves the process group. FSDP's
+        state holds the group; a group that outlives destroy_process_group is freed later with the
+        GIL held (or during interpreter shutdown), joining gloo's threads while one of them may be
+        waiting for the GIL: a rank that hangs or aborts at exit."""
+        for name in list(vars(self)):
+            if name not in self._OUTCOME:
+                delattr(self, name)
+        gc.collect()  # (the model's modules hold reference cycles)
+
     def train(self) -> list[StepRecord]:
         cfg = self.cfg
         self.prepare()
@@ -883,8 +897,8 @@ def run_training(cfg: TrainConfig) -> list[StepRecord]:
 
 
 def run_trainer(cfg: TrainConfig) -> Trainer:
-    """`run_training`, returning the trainer once done (its history, last checkpoint, and
-    `stopped_by`, the signal that stopped it early)."""
+    """`run_training`, returning the trainer once done, released (`Trainer.release`): its
+    history, last checkpoint, and `stopped_by`, the signal that stopped it early."""
     set_cpu_threads(env_dist_info())
     device_hint = (
         torch.device("cuda")
@@ -902,4 +916,5 @@ def run_trainer(cfg: TrainConfig) -> Trainer:
     finally:
         if trainer is not None:
             trainer.close()
+            trainer.release()
         teardown_distributed(info)
