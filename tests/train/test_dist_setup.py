@@ -102,8 +102,8 @@ def test_release_frees_the_ddp_reducer_while_the_group_lives():
 
 def test_run_trainer_leaves_nothing_holding_the_process_group(tmp_path, monkeypatch):
     # FSDP's state holds the process group (its mesh infos). Held past destroy_process_group, the
-    # group is freed later with the GIL held, or during interpreter shutdown, where a gloo thread
-    # waiting for the GIL aborted a rank at exit. run_trainer releases the trainer first.
+    # group is freed later with the GIL held, or during interpreter shutdown: the likely cause of
+    # a rank that aborted at exit. run_trainer releases the trainer first.
     import gc
 
     from launch import token_shards
