@@ -11,6 +11,16 @@ import subprocess
 from pathlib import Path
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the name (state, ppid, ...), or None when it is gone (or
+    not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()  # the name may hold spaces and parentheses
+    except (OSError, IndexError):
+        return None
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (Linux /proc; none found elsewhere)."""
     children: dict[int, list[int]] = {}
@@ -19,12 +29,10 @@ def _descendants(pid: int) -> list[int]:
     except OSError:
         return []
     for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name may hold spaces
-        except (OSError, ValueError, IndexError):
+        fields = proc_stat(int(entry))
+        if fields is None:
             continue  # gone meanwhile
-        children.setdefault(ppid, []).append(int(entry))
+        children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):

@@ -13,11 +13,8 @@ import subproc
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a zombie is dead, only not yet reaped by its new parent
+    fields = subproc.proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")  # a zombie is dead, only not yet reaped
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
