@@ -236,6 +236,17 @@ def _time_modules(
                     for kernel, us in aoti["kernels"][j].items():
                         print(f"    {us:6.1f} µs  {kernel[:100]}")
                 for mode, us in times.items():
+                    note, extra = "wall time per forward, calls back to back; eval, inference mode", None
+                    if mode.startswith("AOTI"):
+                        note += "; the runner in a fresh process" + ("; a package per token count" if static else "")
+                        note += options
+                        if mode == "AOTI, loader.run":
+                            note += "; the package's C++ loader called on the flat inputs"
+                        extra = {
+                            "max_abs_diff_vs_compiled": diff,
+                            "launches": aoti["launches"][j],
+                            "gpu_us": aoti["gpu_us"][j],
+                        }
                     recs.append(
                         records.record(
                             env,
@@ -246,24 +257,8 @@ def _time_modules(
                             time=us,
                             unit="us",
                             small=small,
-                            note="wall time per forward, calls back to back; eval, inference mode"
-                            + ("; the runner in a fresh process" if mode.startswith("AOTI") else "")
-                            + ("; a package per token count" if static and mode.startswith("AOTI") else "")
-                            + (options if mode.startswith("AOTI") else "")
-                            + (
-                                "; the package's C++ loader called on the flat inputs"
-                                if mode == "AOTI, loader.run"
-                                else ""
-                            ),
-                            extra=(
-                                {
-                                    "max_abs_diff_vs_compiled": diff,
-                                    "launches": aoti["launches"][j],
-                                    "gpu_us": aoti["gpu_us"][j],
-                                }
-                                if mode.startswith("AOTI")
-                                else None
-                            ),
+                            note=note,
+                            extra=extra,
                         )
                     )
     return recs
