@@ -37,6 +37,8 @@
 #              C++ runner, against torch.compile; one add both ways (perf.diagnostics.decode_aoti;
 #              CXX=g++ where $CXX links libstdc++ statically: such packages crash on load)
 #                                                                              -> decode_aoti.txt
+#   decode-ab  decode-aoti's layer alone (--layer-only) in BASE_TREE, then in this tree, one after
+#              the other on the same machine ($DECODE_AOTI_ARGS passed to both) -> decode_ab.txt
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
 #              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,
 #                                                                              layer_host_staged.txt
@@ -44,7 +46,7 @@
 # Records go to OUT_DIR/log.jsonl (append them to perf/results/log.jsonl), text to the files above.
 set -euo pipefail
 out=${1:?OUT_DIR}
-part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, fsdp-staged, decode, decode-aoti or layer-host}
+part=${2:?PART: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, fsdp-staged, decode, decode-aoti, decode-ab or layer-host}
 base=${3:-}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -119,13 +121,25 @@ case $part in
     decode-aoti)  # $DECODE_AOTI_ARGS: more arguments, e.g. --inductor-config max_autotune=True
         $py -m perf.diagnostics.decode_aoti --log "$log" ${DECODE_AOTI_ARGS:-} 2>&1 | tee "$out/decode_aoti.txt"
         ;;
+    decode-ab)
+        [[ -d $base ]] || { echo "decode-ab needs BASE_TREE, a directory" >&2; exit 2; }
+        log=$(cd "$(dirname "$log")" && pwd)/$(basename "$log")  # (the base runs in its own tree)
+        # shellcheck disable=SC2086
+        {
+            echo "== BASE_TREE $base"
+            (cd "$base" && PYTHONPATH=. $py -m perf.diagnostics.decode_aoti --layer-only --log "$log" ${DECODE_AOTI_ARGS:-}) ||
+                echo "(the base tree's run failed: $?)"
+            echo "== this tree"
+            $py -m perf.diagnostics.decode_aoti --layer-only --log "$log" ${DECODE_AOTI_ARGS:-}
+        } 2>&1 | tee "$out/decode_ab.txt"
+        ;;
     layer-host)
         $py -m perf.diagnostics.layer_host_profile > "$out/layer_host.txt" 2>&1
         $py -m perf.diagnostics.layer_host_profile --staged > "$out/layer_host_staged.txt" 2>&1
         tail -n 40 "$out/layer_host.txt" "$out/layer_host_staged.txt"
         ;;
     *)
-        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, fsdp-staged, decode, decode-aoti or layer-host" >&2
+        echo "unknown PART $part: tests, ops, ab, ab-graphs, launchers, regions, options, stack, inputs, fsdp-inputs, fsdp-staged, decode, decode-aoti, decode-ab or layer-host" >&2
         exit 2
         ;;
 esac

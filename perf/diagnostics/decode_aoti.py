@@ -70,10 +70,10 @@ def _wall_us(fn, calls: int, sync) -> float:
 def aoti_package(
     module: nn.Module, x: torch.Tensor, package: Path, max_tokens: int | None, inductor_configs: dict | None = None
 ) -> str:
-    """module exported with the token count (dim 1 of x) dynamic in [1, max_tokens], or fixed at
-    x's with max_tokens None, and compiled by AOTInductor (with `inductor_configs`) into
-    `package`; returns its path."""
-    dynamic = None if max_tokens is None else ({1: torch.export.Dim("tokens", min=1, max=max_tokens)},)
+    """module exported with the token count (dim 1 of x) dynamic in [1, max(max_tokens, 2)] (a
+    range of one value is no dimension), or fixed at x's with max_tokens None, and compiled by
+    AOTInductor (with `inductor_configs`) into `package`; returns its path."""
+    dynamic = None if max_tokens is None else ({1: torch.export.Dim("tokens", min=1, max=max(max_tokens, 2))},)
     with torch.no_grad():
         program = torch.export.export(module, (x,), dynamic_shapes=dynamic)
         return torch._inductor.aoti_compile_and_package(
@@ -125,6 +125,9 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="an Inductor option for the AOTI packages (repeatable), e.g. max_autotune=True",
     )
+    parser.add_argument(
+        "--layer-only", action="store_true", help="without the one-add reference: a shorter run (an A/B of two trees)"
+    )
     parser.add_argument("--small", action="store_true", help="debug.toml, 2 token counts (on the CPU by default)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu with --small, else cuda")
     parser.add_argument("--log", help="append the records to this results log")
@@ -149,10 +152,9 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer = layers[0].eval().to(dtype)
     with inference_cache(copy.deepcopy(layer)) as cached_layer:  # weight terms computed once
-        modules = {
-            "bf16 weights, cached" if device == "cuda" else "cached": _Decode(cached_layer, tables),
-            "reference: one add": _OneAdd(),
-        }
+        modules = {"bf16 weights, cached" if device == "cuda" else "cached": _Decode(cached_layer, tables)}
+        if not args.layer_only:
+            modules["reference: one add"] = _OneAdd()
         if args.inductor_config:
             print("AOTI packages with " + ", ".join(f"{k}={v!r}" for k, v in args.inductor_config))
         head = f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9} {'AOTI run':>9}"

@@ -32,16 +32,17 @@ def test_small_run_records_aoti_and_compiled_per_token_count(tmp_path, monkeypat
             assert r["extra"]["launches"] is None  # counted on CUDA only
 
 
-def test_static_run_builds_a_package_per_token_count(tmp_path, monkeypatch):
+def test_static_layer_only_run_builds_a_package_per_token_count(tmp_path, monkeypatch):
     from perf.diagnostics import decode_aoti
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     log = tmp_path / "log.jsonl"
-    argv = ["--small", "--static", "--tokens", "1", "3", "--calls", "3", "--log", str(log)]
+    argv = ["--small", "--static", "--layer-only", "--tokens", "1", "3", "--calls", "3", "--log", str(log)]
     assert decode_aoti.main([*argv, "--inductor-config", "comprehensive_padding=False"]) == 0
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     aoti = [r for r in recs if ", AOTI" in r["variant"]]
-    assert {r["shape"] for r in aoti} == {"T=1", "T=3"} and len(aoti) == 8  # 2 modules, 2 counts, 2 ways
+    assert {r["shape"] for r in aoti} == {"T=1", "T=3"} and len(aoti) == 4  # the layer, 2 counts, 2 ways
+    assert not [r for r in recs if "one add" in r["variant"]]
     for r in aoti:
         assert "a package per token count" in r["note"]
         assert "AOTI with comprehensive_padding=False" in r["note"]
@@ -68,3 +69,17 @@ def test_inductor_config_items_parse_as_python_values_else_strings():
     assert _config_item("triton.num_stages=3") == ("triton.num_stages", 3)
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
         _config_item("max_autotune")
+
+
+def test_one_token_count_exports_a_dynamic_range(tmp_path, monkeypatch):
+    # --tokens 1 alone: the package's token dimension still spans [1, 2] (a range of one value is
+    # no dimension to torch.export)
+    from perf.diagnostics import decode_aoti
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    log = tmp_path / "log.jsonl"
+    assert decode_aoti.main(["--small", "--layer-only", "--tokens", "1", "--calls", "2", "--log", str(log)]) == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {(r["shape"], r["variant"]) for r in recs} == {
+        ("T=1", f"cached, {mode}") for mode in ("compiled", "AOTI", "AOTI, loader.run")
+    }
