@@ -208,16 +208,19 @@ def test_cuda_bodies_trace_to_launches_of_outputs_only(dynamic, inline_launches,
 
 
 def _reinplace(gm):
-    """Inductor's reinplacing pass on a traced graph (its signature differs across torch versions)."""
+    """Inductor's reinplacing pass on a traced graph (its signature, and that of the fake-tensor
+    updater it takes, differ across torch versions: 2.11's updater takes the graph, 2.13's the
+    module)."""
     import inspect
 
     from torch._inductor.fx_passes import reinplace
     from torch._inductor.fx_utils import FakeTensorUpdater
 
-    if len(inspect.signature(reinplace.reinplace_inplaceable_ops).parameters) == 2:
-        reinplace.reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
-    else:
+    if len(inspect.signature(reinplace.reinplace_inplaceable_ops).parameters) == 1:
         reinplace.reinplace_inplaceable_ops(gm.graph)
+        return
+    takes_module = "gm" in inspect.signature(FakeTensorUpdater.__init__).parameters
+    reinplace.reinplace_inplaceable_ops(FakeTensorUpdater(gm if takes_module else gm.graph), gm.graph)
 
 
 @analysed
