@@ -146,10 +146,12 @@ def _capture(calls: dict, inputs) -> dict[str, Launch]:
 # Shapes of the retrieval launches (`retrieval_launches`): t tokens, h heads, n keys a side read
 # from score blocks padded by `pad` rows (the layer's GEMM outputs), rank r, m cores, k kept pairs;
 # strided_out: the backward writes into rank-strided views instead of fresh gradients; stacked:
-# the stacked op (both sides in one tensor laid out [H, 2, T, n, r], as the layer's GEMM writes it).
+# the stacked op (both sides in one tensor laid out [H, 2, T, n, r], as the layer's GEMM writes it);
+# rows: the stacked forward writing table rows (tdqkr_retrieval_rows, inference: no backward).
 RETRIEVAL_CASES = {
     # the 227M layer: 2 warps, register caps, padded keys, bf16, both sides stacked
     "227M": dict(t=12288, h=1, n=1138, pad=14, r=2, m=2, k=32, stacked=True),
+    "227M rows": dict(t=12288, h=1, n=1138, pad=14, r=2, m=2, k=32, stacked=True, rows=True),
     # 8 warps, grid in registers; several heads, rank 3, 3 cores
     "k=64": dict(t=4, h=2, n=300, pad=4, r=3, m=3, k=64, dtype=torch.float32),
     # tiled grid: staged factors, candidates, the bisection fallback; backward in chunks
@@ -160,7 +162,7 @@ RETRIEVAL_CASES = {
 
 
 def _retrieval_case(
-    case, t, n, k, h=1, pad=0, r=2, m=2, dtype=torch.bfloat16, strided_out=False, stacked=False
+    case, t, n, k, h=1, pad=0, r=2, m=2, dtype=torch.bfloat16, strided_out=False, stacked=False, rows=False
 ) -> dict:
     from ultramem.ops._triton import retrieval as tri
 
@@ -174,9 +176,12 @@ def _retrieval_case(
     u, v = torch.randn(h, r, generator=g), torch.randn(h, r, generator=g)
     ids = torch.zeros(t, h, k, dtype=torch.int64)
     grad = torch.empty(t, h, k, m, dtype=dtype)
+    perm, row_offset = torch.zeros(4 * n * n, dtype=torch.int64), torch.tensor(0)
 
     def forward():
-        if stacked:
+        if rows:
+            tri.tdqkr_retrieval_rows_cuda(sub, cores, u, v, k, n, perm, row_offset, n * n, 20 * n * n)
+        elif stacked:
             tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n)
         else:
             tri.tdqkr_retrieval_cuda(a, b, cores, u, v, k, n)
@@ -190,8 +195,8 @@ def _retrieval_case(
         else:
             tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids, n)
 
-    calls = {f"{case} forward": forward, f"{case} backward": backward}
-    return _capture(calls, (a, b, cores, u, v, ids, grad))
+    calls = {f"{case} forward": forward} | ({} if rows else {f"{case} backward": backward})
+    return _capture(calls, (a, b, cores, u, v, ids, grad, perm, row_offset))
 
 
 def retrieval_launches(cases: dict = RETRIEVAL_CASES) -> dict[str, Launch]:

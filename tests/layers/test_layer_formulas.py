@@ -7,6 +7,7 @@ import pytest
 import torch
 from memory_layer_oracle import memory_plus_oracle, tucker_oracle, window_n
 from memory_layer_setup import build_random, make_cfg, make_input
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ultramem.layers import build_memory
 
@@ -69,6 +70,50 @@ def test_ultramem_v2_matches_formula(heads, per_rank, pre_vdim, glu, expand, rat
     if ratio == (1, 1):  # windows overlap: this layer reaches rows beyond its own knum² slice
         rows = {(lg + index * 36) % num_rows for kept in trace["kept"] for (_, _, lg, _, _) in kept}
         assert n * n > 36 and rows  # the window is larger than the layer's slice
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("heads,per_rank,pre_vdim,glu,expand,ratio,index,L,shape,cores,rank", V2_CASES[1:3])
+def test_ultramem_v2_without_autograd_takes_rows_from_the_retrieval(
+    heads, per_rank, pre_vdim, glu, expand, ratio, index, L, shape, cores, rank
+):
+    # eval without autograd: the rows op maps the ids, so no remainder runs, and the output is the
+    # formula's; with the key balance on, the ids are needed and the stacked op runs instead
+    cfg = make_cfg(
+        type="ultramem_v2",
+        heads=heads,
+        q_per_rank=per_rank,
+        pre_vdim=pre_vdim,
+        glu_act=glu,
+        key_expand=expand,
+        share_ratio=ratio[0] / ratio[1],
+        tucker_cores=cores,
+        tucker_rank=rank,
+    )
+    tables, layers, g = build_random(cfg, L, seed=21 + index)
+    layer = layers[index].eval()
+    x = make_input(shape, g)
+    n = window_n(6, L, *ratio)
+    with torch.no_grad(), _OpNames() as seen:
+        y, aux = layer(x, tables)
+    y_ref, _ = tucker_oracle(layer, x, tables, kind="v2", n=n, offset=index * 36, num_rows=36 * L)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert float(aux) == 0.0
+    assert "ultramem.tdqkr_retrieval_rows" in seen.names and "aten.remainder" not in seen.names, seen.names
+    layer.key_balance_coef = 0.5
+    with torch.no_grad(), _OpNames() as seen:
+        y_kb, aux = layer(x, tables)
+    assert "ultramem.tdqkr_retrieval_stacked" in seen.names and "ultramem.tdqkr_retrieval_rows" not in seen.names
+    assert torch.equal(y_kb, y) and float(aux) > 0.0
 
 
 @pytest.mark.parametrize(

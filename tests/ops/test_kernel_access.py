@@ -41,6 +41,7 @@ STACKED_BWD_WRITES = {"ga_ptr", "gc_part_ptr"}  # both sides' gradients in the o
 CASES = [
     ("retrieval", "227M forward: _retrieval_fwd_kernel", FWD_WRITES),
     ("retrieval", "227M backward: _retrieval_bwd_kernel", STACKED_BWD_WRITES),
+    ("retrieval", "227M rows forward: _retrieval_fwd_kernel", FWD_WRITES),
     ("retrieval", "k=64 forward: _retrieval_fwd_kernel", FWD_WRITES),
     ("retrieval", "k=64 backward: _retrieval_bwd_kernel", BWD_WRITES),
     ("retrieval", "k=128 forward: _retrieval_fwd_kernel", TILED_WRITES),

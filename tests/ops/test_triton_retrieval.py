@@ -36,6 +36,7 @@ def test_cuda_kernels_registered():
         "ultramem::tdqkr_retrieval_backward_opaque",
         "ultramem::tdqkr_retrieval_stacked_opaque",
         "ultramem::tdqkr_retrieval_stacked_backward_opaque",
+        "ultramem::tdqkr_retrieval_rows_opaque",
     ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
 
@@ -691,6 +692,28 @@ def test_stacked_launches_match_the_oracle_and_write_every_element(layout):
     ga, gb = poisoned.unbind(2)
     tri._launch_bwd(grad, a_v, b_v, cores, dup, n, ga, gb, stacked=poisoned)
     assert torch.equal(poisoned, g_sub)
+
+
+@interpreted_only
+@pytest.mark.parametrize("grid_tile,perm_dtype", [(4096, torch.int64), (64, torch.int32)])
+def test_rows_launch_writes_the_mapped_ids(monkeypatch, grid_tile, perm_dtype):
+    # the rows op's launch equals the stacked launch's ids mapped with Python integers,
+    # in the in-register grid and the tiled one; negative perm entries take torch's floor modulo
+    monkeypatch.setattr(tri, "GRID_TILE", grid_tile)
+    t, h, n, pad, r, m, k = 3, 2, 13, 3, 2, 2, 9
+    a, b, cores, u, v = _inputs(72, t, h, n + pad, n + pad, r, m, torch.bfloat16)
+    sub = torch.stack([a, b], 2)
+    g = torch.Generator().manual_seed(73)
+    perm = (torch.randperm(4 * n * n, generator=g) - n * n).to(perm_dtype)  # a quarter negative
+    num_logical, num_rows = n * n, 3 * n * n + 7
+    for offset in (0, 2 * n * n + 5):
+        row_offset = torch.tensor(offset, dtype=torch.int64)
+        rows, scores = tri.tdqkr_retrieval_rows_cuda(sub, cores, u, v, k, n, perm, row_offset, num_logical, num_rows)
+        ids, want_scores = tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n)
+        want = [[[(int(perm[i]) % num_logical + offset) % num_rows for i in row] for row in hs] for hs in ids.tolist()]
+        assert rows.dtype == torch.int64 and rows.tolist() == want
+        assert torch.equal(scores, want_scores)
+        assert int(rows.min()) >= 0 and int(rows.max()) < num_rows
 
 
 def test_launch_backward_rejects_bad_out():

@@ -141,11 +141,15 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         step = SCORE_ROW_ALIGN // math.gcd(SCORE_ROW_ALIGN, self.rank)
         return -(-self.n_side // step) * step
 
+    def _retrieval_inputs(self, x2: Tensor, q: Tensor | None) -> tuple[Tensor, int]:
+        """(the stacked sub-key scores as the retrieval reads them, its n_keys)."""
+        ab = _keys_contiguous(self._subkey_scores(x2, q))
+        return ab, self.n_side if ab.shape[3] != self.n_side else -1
+
     def _retrieve(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """→ (A, B [T, H, n', r] (views without the padding), ids [T, H, k] int64,
         scores [T, H, k, M] sorted by descending Σ_m s_m)."""
-        ab = _keys_contiguous(self._subkey_scores(x2, q))
-        n_keys = self.n_side if ab.shape[3] != self.n_side else -1
+        ab, n_keys = self._retrieval_inputs(x2, q)
         ids, scores = tdqkr_retrieval_stacked(ab, self.cores, self.rank1_u, self.rank1_v, self.knn, n_keys)
         return ab[:, :, 0, : self.n_side], ab[:, :, 1, : self.n_side], ids, scores
 

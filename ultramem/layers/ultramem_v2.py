@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ultramem.config import ModelConfig
-from ultramem.ops import gate_lookup, gate_lookup_into, weighted_lookup, weighted_lookup_into
+from ultramem.ops import gate_lookup, gate_lookup_into, tdqkr_retrieval_rows, weighted_lookup, weighted_lookup_into
 
 from ._common import check_input, normal_from, paper_value_std, window_keys
 from .tables import ValueTables
@@ -88,10 +88,28 @@ class UltraMemV2(TuckerMemoryBase):
         t = x2.shape[0]
         hk = self.heads * self.knn
         q, gate_in = self._project(x2)
-        a, b, ids, scores = self._retrieve(x2, q)
-        logical, _ = self._logical_and_group(ids)
-        rows = ((logical + self.row_offset) % self.num_rows).reshape(t, hk)
-        act = a.dtype
+        if torch.is_grad_enabled() or self.training or self.key_balance_coef > 0:
+            a, b, ids, scores = self._retrieve(x2, q)
+            logical, _ = self._logical_and_group(ids)
+            rows = ((logical + self.row_offset) % self.num_rows).reshape(t, hk)
+        else:
+            # no gradient, statistic or key balance needs the ids: the retrieval writes the rows itself
+            ab, n_keys = self._retrieval_inputs(x2, q)
+            rows, scores = tdqkr_retrieval_rows(
+                ab,
+                self.cores,
+                self.rank1_u,
+                self.rank1_v,
+                self.knn,
+                n_keys,
+                self.perm,
+                self.row_offset,
+                self.num_logical,
+                self.num_rows,
+            )
+            rows = rows.reshape(t, hk)
+            a = b = ids = logical = None
+        act = scores.dtype  # A's dtype
         values, pre_values = tables.gather_tables()
         lookup_scores = scores.to(act).reshape(t, hk, self.num_cores)
         into = tables.grad_targets()

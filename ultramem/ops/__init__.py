@@ -22,6 +22,7 @@ from .pre_value_gate import pre_value_gate, pre_value_gate_backward
 from .retrieval import (
     tdqkr_retrieval,
     tdqkr_retrieval_backward,
+    tdqkr_retrieval_rows,
     tdqkr_retrieval_stacked,
     tdqkr_retrieval_stacked_backward,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "staging_for",
     "tdqkr_retrieval",
     "tdqkr_retrieval_backward",
+    "tdqkr_retrieval_rows",
     "tdqkr_retrieval_stacked",
     "tdqkr_retrieval_stacked_backward",
     "update_grad_buffer",

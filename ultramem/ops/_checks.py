@@ -254,6 +254,37 @@ def check_stacked_retrieval_args(
     check_retrieval_args(op, *stacked_sides(op, sub_scores), cores, u, v, knn, n_keys)
 
 
+def check_retrieval_rows_args(
+    op: str,
+    sub_scores: torch.Tensor,
+    cores: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    knn: int,
+    n_keys: int,
+    perm: torch.Tensor,
+    row_offset: torch.Tensor,
+    num_logical: int,
+    num_rows: int,
+) -> None:
+    """The arguments of `tdqkr_retrieval_rows`: the stacked retrieval's, then its row map."""
+    check_stacked_retrieval_args(op, sub_scores, cores, u, v, knn, n_keys)
+    n = sub_scores.shape[3] if n_keys == -1 else n_keys
+    n_ids = n * n
+    check_dim(perm, 1, op, "perm", "[virtual ids]")
+    check_index(perm, op, "perm")
+    check(
+        perm.numel() >= n_ids,
+        op,
+        f"perm has {perm.numel()} entries, fewer than the {n_ids} virtual ids the keys address",
+    )
+    check_dim(row_offset, 0, op, "row_offset", "(a scalar)")
+    check_index(row_offset, op, "row_offset")
+    check_same_device(op, sub_scores=sub_scores, perm=perm, row_offset=row_offset)
+    check(num_logical >= 1, op, f"num_logical={num_logical} must be at least 1")
+    check(num_rows >= 1, op, f"num_rows={num_rows} must be at least 1")
+
+
 def check_stacked_retrieval_backward_args(
     op: str,
     grad_scores: torch.Tensor,

@@ -22,6 +22,11 @@ kernel), with one gradient of sub_scores' shape and strides: a layer that comput
 one batched GEMM hands over its output as is and takes back the gradient its backward reads, where
 separate sides would cost a GEMM per side each way and a copy that stacks the two gradients.
 
+ultramem::tdqkr_retrieval_rows is the stacked op for inference: it returns each kept pair's
+table row, (perm[id] mod num_logical + row_offset) mod num_rows (an UltraMemV2 layer's rows),
+instead of its id, written by the same launch, so that no kernel of its own maps ids to rows. It
+has no backward.
+
 NaN and infinities. ±Inf are ordinary values: +Inf coarse scores and grid totals rank first and
 -Inf last, as in torch.topk. NaN propagates: when a (token, head)'s coarse scores (over the real
 keys) or its k×k grid totals hold a NaN, whether from a NaN in A, B, C, u or v or from ∞ − ∞ /
@@ -42,6 +47,7 @@ from ._checks import (
     check_index_range,
     check_retrieval_args,
     check_retrieval_backward_args,
+    check_retrieval_rows_args,
     check_stacked_retrieval_args,
     check_stacked_retrieval_backward_args,
     debug_enabled,
@@ -54,6 +60,7 @@ _OP = "tdqkr_retrieval"
 _BWD = "tdqkr_retrieval_backward"
 _STACKED = "tdqkr_retrieval_stacked"
 _STACKED_BWD = "tdqkr_retrieval_stacked_backward"
+_ROWS = "tdqkr_retrieval_rows"
 
 
 def _kept_pair_scores(row_sel: Tensor, col_sel: Tensor, cores: Tensor) -> Tensor:
@@ -320,3 +327,96 @@ def _stacked_backward(ctx, grad_ids, grad_scores):
 
 
 tdqkr_retrieval_stacked.register_autograd(_stacked_backward, setup_context=_stacked_setup_context)
+
+
+# -- inference: table rows instead of ids -------------------------------------------------------
+
+
+def map_rows(ids: Tensor, perm: Tensor, row_offset: Tensor, num_logical: int, num_rows: int) -> Tensor:
+    """The table rows of virtual ids: (perm[ids] mod num_logical + row_offset) mod num_rows."""
+    return (perm[ids].to(torch.int64) % num_logical + row_offset) % num_rows
+
+
+def rows_reference(
+    sub_scores: Tensor,
+    cores: Tensor,
+    u: Tensor,
+    v: Tensor,
+    knn: int,
+    n_keys: int,
+    perm: Tensor,
+    row_offset: Tensor,
+    num_logical: int,
+    num_rows: int,
+) -> tuple[Tensor, Tensor]:
+    """The rows op's reference kernel: the stacked forward, its ids mapped by `map_rows`."""
+    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+    ids, scores = stacked_forward_reference(sub_scores, cores, u, v, knn, n_keys)
+    return map_rows(ids, perm, row_offset.to(torch.int64), num_logical, num_rows), scores
+
+
+@torch.library.custom_op("ultramem::tdqkr_retrieval_rows_opaque", mutates_args=())
+def _rows_opaque(
+    sub_scores: Tensor,
+    cores: Tensor,
+    u: Tensor,
+    v: Tensor,
+    knn: int,
+    n_keys: int,
+    perm: Tensor,
+    row_offset: Tensor,
+    num_logical: int,
+    num_rows: int,
+) -> tuple[Tensor, Tensor]:
+    return rows_reference(sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+
+
+@_rows_opaque.register_fake
+def _(sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows):
+    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+    t, h = sub_scores.shape[:2]
+    rows = sub_scores.new_empty((t, h, knn), dtype=torch.int64)
+    return rows, sub_scores.new_empty((t, h, knn, cores.shape[1]))
+
+
+if _triton_retrieval is not None:
+    _rows_opaque.register_kernel("cuda")(_triton_retrieval.tdqkr_retrieval_rows_cuda)
+
+
+@torch.library.triton_op("ultramem::tdqkr_retrieval_rows", mutates_args=())
+def tdqkr_retrieval_rows(
+    sub_scores: Tensor,
+    cores: Tensor,
+    u: Tensor,
+    v: Tensor,
+    knn: int,
+    n_keys: int,
+    perm: Tensor,
+    row_offset: Tensor,
+    num_logical: int,
+    num_rows: int,
+) -> tuple[Tensor, Tensor]:
+    """tdqkr_retrieval_stacked for inference: returns (rows [T, H, k] int64, scores [T, H, k, M]),
+    rows = (perm[id] mod num_logical + row_offset) mod num_rows for each kept virtual id, written
+    by the retrieval's own launch (no separate kernel maps the ids). perm [≥ virtual ids] int32 or
+    int64, row_offset a 0-d integer tensor (a tensor, so that layers with different offsets share
+    one compiled graph). No backward: the gradient needs the ids; train with
+    tdqkr_retrieval_stacked."""
+    args = (sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+    if _inline_triton(sub_scores):
+        return _triton_retrieval.tdqkr_retrieval_rows_cuda(*args)
+    return _rows_opaque(*args)
+
+
+def _rows_setup_context(ctx, inputs, output) -> None:
+    raise RuntimeError(
+        "ultramem::tdqkr_retrieval_rows has no backward (its gradient needs the virtual ids): "
+        "call it with autograd off, or use tdqkr_retrieval_stacked"
+    )
+
+
+def _rows_backward(ctx, grad_rows, grad_scores):  # never reached: setup refuses
+    raise RuntimeError("ultramem::tdqkr_retrieval_rows has no backward")
+
+
+tdqkr_retrieval_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)

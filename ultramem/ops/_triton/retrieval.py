@@ -64,6 +64,7 @@ from .._checks import (
     check_once,
     check_retrieval_args,
     check_retrieval_backward_args,
+    check_retrieval_rows_args,
     check_stacked_retrieval_args,
     check_stacked_retrieval_backward_args,
 )
@@ -73,6 +74,7 @@ _log = logging.getLogger(__name__)
 _OP = "tdqkr_retrieval"
 _BWD = "tdqkr_retrieval_backward"
 _STACKED = "tdqkr_retrieval_stacked"
+_ROWS = "tdqkr_retrieval_rows"
 _STACKED_BWD = "tdqkr_retrieval_stacked_backward"
 
 # Sub-keys per side held in registers by one program; larger sides use the reference.
@@ -324,6 +326,10 @@ def _sort_and_write(
     vals_ws,
     ids_ptr,
     scores_ptr,
+    perm_ptr,
+    row_off_ptr,
+    num_logical,
+    num_rows,
     pid,
     knn,
     n_row,
@@ -332,9 +338,11 @@ def _sort_and_write(
     R: tl.constexpr,
     M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROW_MAP: tl.constexpr,
 ):
-    """Phase 4 of the forward: sort the kept pairs by descending grid score; write ids and
-    per-core scores (all NaN when `poisoned`: a NaN coarse score or grid total was seen)."""
+    """Phase 4 of the forward: sort the kept pairs by descending grid score; write ids (with
+    ROW_MAP their table rows, (perm[id] mod num_logical + row offset) mod num_rows) and per-core
+    scores (all NaN when `poisoned`: a NaN coarse score or grid total was seen)."""
     e = tl.arange(0, BLOCK_K)
     e_ok = e < knn
     pair = tl.load(pairs_ws + e, mask=e_ok, other=0, cache_modifier=".cg")
@@ -347,7 +355,13 @@ def _sort_and_write(
     rows = _load_kept(keys_ws, pair // BLOCK_K, e_ok, n_row)
     cols = _load_kept(keys_ws + BLOCK_K, pair % BLOCK_K, e_ok, n_col)
     out_row = pid * knn + e
-    tl.store(ids_ptr + out_row, rows.to(tl.int64) * n_col + cols, mask=e_ok)
+    ids = rows.to(tl.int64) * n_col + cols
+    if ROW_MAP:  # floor modulo, as torch's % (the remainder of a negative value is negative here)
+        logical = tl.load(perm_ptr + ids, mask=e_ok, other=0).to(tl.int64) % num_logical
+        logical = tl.where(logical < 0, logical + num_logical, logical)
+        ids = (logical + tl.load(row_off_ptr).to(tl.int64)) % num_rows
+        ids = tl.where(ids < 0, ids + num_rows, ids)
+    tl.store(ids_ptr + out_row, ids, mask=e_ok)
     for m in tl.static_range(M):
         score = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for p in tl.static_range(R):
@@ -888,6 +902,10 @@ def _retrieval_fwd_kernel(
     cand_pos_ptr,
     cand_val_ptr,
     fac_ws_ptr,
+    perm_ptr,
+    row_off_ptr,
+    num_logical,
+    num_rows,
     heads,
     n_row,
     n_col,
@@ -920,6 +938,7 @@ def _retrieval_fwd_kernel(
     CAND_G: tl.constexpr,
     ONE_HEAD: tl.constexpr,
     VALUE_STEPS: tl.constexpr,
+    ROW_MAP: tl.constexpr,
 ):
     # KEY_STRIDE_A/B > 0: the key stride of that side as a constant (rows are contiguous);
     # ONE_HEAD: heads == 1 (no 64-bit division of the program id); a tiled grid (TILE_I < BLOCK_K)
@@ -1070,6 +1089,10 @@ def _retrieval_fwd_kernel(
         vals_ws,
         ids_ptr,
         scores_ptr,
+        perm_ptr,
+        row_off_ptr,
+        num_logical,
+        num_rows,
         pid,
         knn,
         n_row,
@@ -1078,6 +1101,7 @@ def _retrieval_fwd_kernel(
         R,
         M,
         BLOCK_K,
+        ROW_MAP,
     )
 
 
@@ -1395,10 +1419,18 @@ def _candidate_slots(knn: int, block_k: int, tile_i: int) -> tuple[int, int]:
 
 
 def launch_forward(
-    row_scores: Tensor, col_scores: Tensor, cores: Tensor, u: Tensor, v: Tensor, knn: int, n_keys: int = -1
+    row_scores: Tensor,
+    col_scores: Tensor,
+    cores: Tensor,
+    u: Tensor,
+    v: Tensor,
+    knn: int,
+    n_keys: int = -1,
+    row_map: tuple[Tensor, Tensor, int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments (launch shapes from the module constants); with
-    n_keys, the rows of each side past n_keys are padding, never read."""
+    n_keys, the rows of each side past n_keys are padding, never read. row_map: (perm, row_offset,
+    num_logical, num_rows), to write table rows instead of ids (tdqkr_retrieval_rows)."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     if n_keys != -1:
@@ -1430,6 +1462,8 @@ def launch_forward(
     cand_pos = torch.empty((t * h, cand) if cand else (1,), dtype=torch.int32, device=dev)
     cand_val = torch.empty((t * h, cand) if cand else (1,), dtype=torch.float32, device=dev)
     fac_ws = torch.empty((t * h, 2 * r * block_k) if cand else (1,), dtype=torch.float32, device=dev)
+    # without a map, u stands in for the map's pointers (never read): a real argument, not a written one
+    perm, row_offset, num_logical, num_rows = row_map if row_map is not None else (u, u, 1, 1)
     launch(
         _retrieval_fwd_kernel,
         (t * h,),
@@ -1451,6 +1485,10 @@ def launch_forward(
         cand_pos,
         cand_val,
         fac_ws,
+        perm,
+        row_offset,
+        num_logical,
+        num_rows,
         h,
         n_row,
         n_col,
@@ -1483,6 +1521,7 @@ def launch_forward(
         CAND_G=min(g, max(cand, 1)),
         ONE_HEAD=h == 1,
         VALUE_STEPS=VALUE_STEPS,
+        ROW_MAP=row_map is not None,
         num_warps=warps,
         maxnreg=cap,
     )
@@ -1522,6 +1561,31 @@ def tdqkr_retrieval_stacked_cuda(
         _fallback_once(reason)
         return ref.forward_reference(a, b, cores, u, v, knn, n_keys, op=_STACKED)
     return launch_forward(a, b, cores, u, v, knn, n_keys)
+
+
+def tdqkr_retrieval_rows_cuda(
+    sub_scores: Tensor,
+    cores: Tensor,
+    u: Tensor,
+    v: Tensor,
+    knn: int,
+    n_keys: int,
+    perm: Tensor,
+    row_offset: Tensor,
+    num_logical: int,
+    num_rows: int,
+) -> tuple[Tensor, Tensor]:
+    """CUDA kernel of ultramem::tdqkr_retrieval_rows: the stacked forward, writing table rows."""
+    args = (sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+    check_once(_ROWS, check_retrieval_rows_args, _ROWS, *args)
+    a, b = sub_scores.unbind(2)
+    reason = _unsupported(knn, a, b, cores, u, v, n_keys=n_keys)
+    if reason is not None:
+        from .. import retrieval as ref
+
+        _fallback_once(reason)
+        return ref.rows_reference(*args)
+    return launch_forward(a, b, cores, u, v, knn, n_keys, (perm, row_offset, num_logical, num_rows))
 
 
 def tdqkr_retrieval_stacked_backward_cuda(
