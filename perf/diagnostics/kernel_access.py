@@ -176,11 +176,11 @@ def _retrieval_case(
     u, v = torch.randn(h, r, generator=g), torch.randn(h, r, generator=g)
     ids = torch.zeros(t, h, k, dtype=torch.int64)
     grad = torch.empty(t, h, k, m, dtype=dtype)
-    perm, row_offset = torch.zeros(4 * n * n, dtype=torch.int64), torch.tensor(0)
+    perm, row_window = torch.zeros(4 * n * n, dtype=torch.int64), torch.tensor([0, 20 * n * n])
 
     def forward():
         if rows:
-            tri.tdqkr_retrieval_rows_cuda(sub, cores, u, v, k, n, perm, row_offset, n * n, 20 * n * n)
+            tri.tdqkr_retrieval_rows_cuda(sub, cores, u, v, k, n, perm, n * n, row_window)
         elif stacked:
             tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n)
         else:
@@ -196,7 +196,7 @@ def _retrieval_case(
             tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids, n)
 
     calls = {f"{case} forward": forward} | ({} if rows else {f"{case} backward": backward})
-    return _capture(calls, (a, b, cores, u, v, ids, grad, perm, row_offset))
+    return _capture(calls, (a, b, cores, u, v, ids, grad, perm, row_window))
 
 
 def retrieval_launches(cases: dict = RETRIEVAL_CASES) -> dict[str, Launch]:

@@ -62,19 +62,19 @@ def test_layers_share_one_compiled_graph():
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
-def test_row_offset_filled_after_meta_build():
+def test_row_window_filled_after_meta_build():
     """The offsets are buffers outside the state dict: init fills them after to_empty."""
     from ultramem.model import build_model  # noqa: PLC0415
 
     model = build_model(make_cfg(type="ultramem_v2"), device="cpu", seed=0)
-    layers = [m for m in model.modules() if hasattr(m, "row_offset")]
-    assert layers and [int(m.row_offset) for m in layers] == [m.offset for m in layers]
+    layers = [m for m in model.modules() if hasattr(m, "row_window")]
+    assert layers and [m.row_window.tolist() for m in layers] == [[m.offset, m.num_rows] for m in layers]
     # Built without init (to load a checkpoint into), and after a load into a corrupted buffer.
     bare = build_model(make_cfg(type="ultramem_v2"), device="cpu", seed=None)
-    bare_layers = [m for m in bare.modules() if hasattr(m, "row_offset")]
-    assert [int(m.row_offset) for m in bare_layers] == [m.offset for m in layers]
+    bare_layers = [m for m in bare.modules() if hasattr(m, "row_window")]
+    assert [m.row_window.tolist() for m in bare_layers] == [[m.offset, m.num_rows] for m in layers]
     torch.testing.assert_close(bare.rope_cos, model.rope_cos, rtol=0, atol=0)
     for m in bare_layers:
-        m.row_offset.fill_(123456789)
+        m.row_window.fill_(123456789)
     bare.load_state_dict(model.state_dict())
-    assert [int(m.row_offset) for m in bare_layers] == [m.offset for m in layers]
+    assert [m.row_window.tolist() for m in bare_layers] == [[m.offset, m.num_rows] for m in layers]

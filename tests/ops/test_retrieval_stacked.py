@@ -140,9 +140,8 @@ def test_bad_inputs_are_refused_by_name():
 # -- tdqkr_retrieval_rows: the stacked forward writing table rows --------------------------------
 
 
-def _row_map(seed, n, virtual_factor=4):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(virtual_factor * n * n, generator=g), torch.tensor(3 * n * n + 2)
+def _perm(seed, n, virtual_factor=4):
+    return torch.randperm(virtual_factor * n * n, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("n_keys", [-1, 5])
@@ -152,60 +151,60 @@ def test_rows_are_the_oracle_ids_mapped(n_keys):
     sub = _sub_scores(20, t, h, n, r, "sides")
     c, u, v = _tucker(21, h, m, r)
     n_real = n if n_keys == -1 else n_keys
-    perm, offset = _row_map(22, n_real)
-    num_logical, num_rows = n_real * n_real, 4 * n_real * n_real + 1
-    rows, scores = ops.tdqkr_retrieval_rows(sub, c, u, v, k, n_keys, perm, offset, num_logical, num_rows)
+    perm = _perm(22, n_real)
+    num_logical, offset, num_rows = n_real * n_real, 3 * n_real * n_real + 2, 4 * n_real * n_real + 1
+    window = torch.tensor([offset, num_rows])
+    rows, scores = ops.tdqkr_retrieval_rows(sub, c, u, v, k, n_keys, perm, num_logical, window)
     want_ids, want_scores = retrieval_oracle(sub[:, :, 0, :n_real], sub[:, :, 1, :n_real], c, u, v, k)
-    want = [
-        [[(int(perm[i]) % num_logical + int(offset)) % num_rows for i in hs] for hs in ts] for ts in want_ids.tolist()
-    ]
+    want = [[[(int(perm[i]) % num_logical + offset) % num_rows for i in hs] for hs in ts] for ts in want_ids.tolist()]
     assert rows.dtype == torch.int64 and rows.tolist() == want
     torch.testing.assert_close(scores, want_scores, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("perm_dtype", [torch.int64, torch.int32])
-def test_rows_opcheck(perm_dtype):
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_rows_opcheck(index_dtype):
     sub = _sub_scores(23, 3, 2, 6, 2, "tokens", torch.float32)
     c, u, v = _tucker(24, 2, 2, 2, torch.float32)
-    perm, offset = _row_map(25, 6)
-    args = (sub, c, u, v, 3, -1, perm.to(perm_dtype), offset, 36, 150)
+    args = (sub, c, u, v, 3, -1, _perm(25, 6).to(index_dtype), 36, torch.tensor([110, 150], dtype=index_dtype))
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     for op in (torch.ops.ultramem.tdqkr_retrieval_rows.default, torch.ops.ultramem.tdqkr_retrieval_rows_opaque.default):
         torch.library.opcheck(op, args, test_utils=utils)
 
 
 def test_rows_compile_fullgraph_shares_one_graph_across_offsets():
-    # the offset is a tensor: two layers' offsets run through one compiled graph
+    # the window is a tensor: two layers' offsets run through one compiled graph
     sub = _sub_scores(26, 4, 1, 7, 2, "sides", torch.float32)
     c, u, v = _tucker(27, 1, 2, 2, torch.float32)
-    perm, _ = _row_map(28, 7)
+    perm = _perm(28, 7)
 
-    def f(s, off):
-        return ops.tdqkr_retrieval_rows(s, c, u, v, 3, -1, perm, off, 49, 200)
+    def f(s, window):
+        return ops.tdqkr_retrieval_rows(s, c, u, v, 3, -1, perm, 49, window)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor")
     with torch._dynamo.config.patch(error_on_recompile=True):
         for offset in (0, 150):
-            off = torch.tensor(offset)
-            got, want = compiled(sub, off), f(sub, off)
+            window = torch.tensor([offset, 200])
+            got, want = compiled(sub, window), f(sub, window)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_rows_refuse_autograd_and_bad_maps_by_name():
     c, u, v = _tucker(29, 1, 2, 2, torch.float32)
     sub = torch.randn(3, 1, 2, 5, 2)
-    perm, offset = _row_map(30, 5)
+    perm, window = _perm(30, 5), torch.tensor([75, 100])
     with pytest.raises(RuntimeError, match=r"tdqkr_retrieval_rows has no backward"):
-        ops.tdqkr_retrieval_rows(sub.requires_grad_(), c, u, v, 2, -1, perm, offset, 25, 100)
+        ops.tdqkr_retrieval_rows(sub.requires_grad_(), c, u, v, 2, -1, perm, 25, window)
     sub = sub.detach()
     with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: perm has 24 entries, fewer than the 25"):
-        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm[:24], offset, 25, 100)
+        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm[:24], 25, window)
     with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: perm must be int32 or int64"):
-        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm.float(), offset, 25, 100)
-    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: row_offset must be 0-D"):
-        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm, offset.view(1), 25, 100)
-    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: num_rows=0 must be at least 1"):
-        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm, offset, 25, 0)
+        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm.float(), 25, window)
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: row_window must be 1-D \(offset, num_rows\)"):
+        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm, 25, window[:1])
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: row_window's num_rows=0 must be at least 1"):
+        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm, 25, torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: num_logical=0 must be at least 1"):
+        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm, 0, window)
     with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: knn=6 must be in"):
-        ops.tdqkr_retrieval_rows(sub, c, u, v, 6, -1, perm, offset, 25, 100)
+        ops.tdqkr_retrieval_rows(sub, c, u, v, 6, -1, perm, 25, window)

@@ -707,8 +707,8 @@ def test_rows_launch_writes_the_mapped_ids(monkeypatch, grid_tile, perm_dtype):
     perm = (torch.randperm(4 * n * n, generator=g) - n * n).to(perm_dtype)  # a quarter negative
     num_logical, num_rows = n * n, 3 * n * n + 7
     for offset in (0, 2 * n * n + 5):
-        row_offset = torch.tensor(offset, dtype=torch.int64)
-        rows, scores = tri.tdqkr_retrieval_rows_cuda(sub, cores, u, v, k, n, perm, row_offset, num_logical, num_rows)
+        window = torch.tensor([offset, num_rows], dtype=perm_dtype)
+        rows, scores = tri.tdqkr_retrieval_rows_cuda(sub, cores, u, v, k, n, perm, num_logical, window)
         ids, want_scores = tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n)
         want = [[[(int(perm[i]) % num_logical + offset) % num_rows for i in row] for row in hs] for hs in ids.tolist()]
         assert rows.dtype == torch.int64 and rows.tolist() == want

@@ -43,12 +43,13 @@ class UltraMemV2(TuckerMemoryBase):
         super().__init__(cfg, layer_index, num_layers, n)
         self.num_rows = m.knum * m.knum * num_layers  # N
         self.offset = (layer_index * m.knum * m.knum) % self.num_rows  # o_l
-        # o_l as a tensor for forward: an int attribute that differs per layer is a constant to
-        # torch.compile, so each layer would recompile the shared forward (past the recompile
-        # limit, layers ran uncompiled); as a buffer all layers share one graph. Not in the state
-        # dict: refilled by init_buffers (reset_parameters, the model's init_buffers after
-        # to_empty from the meta device) and after every load_state_dict.
-        self.register_buffer("row_offset", torch.tensor(self.offset, dtype=torch.int64), persistent=False)
+        # (o_l, N) as a tensor for forward: an int attribute that differs per layer is a constant
+        # to torch.compile, so each layer would recompile the shared forward (past the recompile
+        # limit, layers ran uncompiled); as a buffer all layers share one graph. Two values, not
+        # o_l alone: see tdqkr_retrieval_rows. Not in the state dict: refilled by init_buffers
+        # (reset_parameters, the model's init_buffers after to_empty from the meta device) and
+        # after every load_state_dict.
+        self.register_buffer("row_window", torch.tensor([self.offset, self.num_rows]), persistent=False)
         self.register_load_state_dict_post_hook(_refill_buffers)
         self.vdim, self.pre_vdim, self.glu_act = m.vdim, m.pre_vdim, m.glu_act
         self.w_p = nn.Linear(self.dim, self.pre_vdim, bias=False) if self.pre_vdim > 0 else None
@@ -56,8 +57,8 @@ class UltraMemV2(TuckerMemoryBase):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """Buffers derived from the config (not in the state dict): the row offset o_l."""
-        self.row_offset.fill_(self.offset)
+        """Buffers derived from the config (not in the state dict): the row window (o_l, N)."""
+        self.row_window.copy_(torch.tensor([self.offset, self.num_rows]))
 
     def _check_tables(self, tables: ValueTables | None) -> ValueTables:
         if tables is None or tables.values.shape != (self.num_rows, self.vdim):
@@ -91,7 +92,7 @@ class UltraMemV2(TuckerMemoryBase):
         if torch.is_grad_enabled() or self.training or self.key_balance_coef > 0:
             a, b, ids, scores = self._retrieve(x2, q)
             logical, _ = self._logical_and_group(ids)
-            rows = ((logical + self.row_offset) % self.num_rows).reshape(t, hk)
+            rows = ((logical + self.row_window[0]) % self.num_rows).reshape(t, hk)
         else:
             # no gradient, statistic or key balance needs the ids: the retrieval writes the rows itself
             ab, n_keys = self._retrieval_inputs(x2, q)
@@ -103,9 +104,8 @@ class UltraMemV2(TuckerMemoryBase):
                 self.knn,
                 n_keys,
                 self.perm,
-                self.row_offset,
                 self.num_logical,
-                self.num_rows,
+                self.row_window,
             )
             rows = rows.reshape(t, hk)
             a = b = ids = logical = None

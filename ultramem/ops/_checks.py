@@ -263,9 +263,8 @@ def check_retrieval_rows_args(
     knn: int,
     n_keys: int,
     perm: torch.Tensor,
-    row_offset: torch.Tensor,
     num_logical: int,
-    num_rows: int,
+    row_window: torch.Tensor,
 ) -> None:
     """The arguments of `tdqkr_retrieval_rows`: the stacked retrieval's, then its row map."""
     check_stacked_retrieval_args(op, sub_scores, cores, u, v, knn, n_keys)
@@ -278,11 +277,22 @@ def check_retrieval_rows_args(
         op,
         f"perm has {perm.numel()} entries, fewer than the {n_ids} virtual ids the keys address",
     )
-    check_dim(row_offset, 0, op, "row_offset", "(a scalar)")
-    check_index(row_offset, op, "row_offset")
-    check_same_device(op, sub_scores=sub_scores, perm=perm, row_offset=row_offset)
     check(num_logical >= 1, op, f"num_logical={num_logical} must be at least 1")
-    check(num_rows >= 1, op, f"num_rows={num_rows} must be at least 1")
+    check(
+        row_window.dim() == 1 and row_window.shape[0] == 2,
+        op,
+        f"row_window must be 1-D (offset, num_rows), got shape {tuple(row_window.shape)}",
+    )
+    check_index(row_window, op, "row_window")
+    check_same_device(op, sub_scores=sub_scores, perm=perm, row_window=row_window)
+
+
+def check_row_window(op: str, row_window: torch.Tensor) -> None:
+    """row_window's values: a number of rows of at least 1 (reads them: CPU, or debug mode)."""
+    if row_window.device.type == "meta" or (row_window.device.type != "cpu" and not _debug):
+        return
+    num_rows = int(row_window[1])
+    check(num_rows >= 1, op, f"row_window's num_rows={num_rows} must be at least 1")
 
 
 def check_stacked_retrieval_backward_args(

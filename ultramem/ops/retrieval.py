@@ -23,7 +23,7 @@ one batched GEMM hands over its output as is and takes back the gradient its bac
 separate sides would cost a GEMM per side each way and a copy that stacks the two gradients.
 
 ultramem::tdqkr_retrieval_rows is the stacked op for inference: it returns each kept pair's
-table row, (perm[id] mod num_logical + row_offset) mod num_rows (an UltraMemV2 layer's rows),
+table row, (perm[id] mod num_logical + offset) mod num_rows (an UltraMemV2 layer's rows),
 instead of its id, written by the same launch, so that no kernel of its own maps ids to rows. It
 has no backward.
 
@@ -48,6 +48,7 @@ from ._checks import (
     check_retrieval_args,
     check_retrieval_backward_args,
     check_retrieval_rows_args,
+    check_row_window,
     check_stacked_retrieval_args,
     check_stacked_retrieval_backward_args,
     debug_enabled,
@@ -332,9 +333,11 @@ tdqkr_retrieval_stacked.register_autograd(_stacked_backward, setup_context=_stac
 # -- inference: table rows instead of ids -------------------------------------------------------
 
 
-def map_rows(ids: Tensor, perm: Tensor, row_offset: Tensor, num_logical: int, num_rows: int) -> Tensor:
-    """The table rows of virtual ids: (perm[ids] mod num_logical + row_offset) mod num_rows."""
-    return (perm[ids].to(torch.int64) % num_logical + row_offset) % num_rows
+def map_rows(ids: Tensor, perm: Tensor, num_logical: int, row_window: Tensor) -> Tensor:
+    """The table rows of virtual ids: (perm[ids] mod num_logical + offset) mod num_rows, with
+    (offset, num_rows) = row_window."""
+    window = row_window.to(torch.int64)
+    return (perm[ids].to(torch.int64) % num_logical + window[0]) % window[1]
 
 
 def rows_reference(
@@ -345,14 +348,14 @@ def rows_reference(
     knn: int,
     n_keys: int,
     perm: Tensor,
-    row_offset: Tensor,
     num_logical: int,
-    num_rows: int,
+    row_window: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """The rows op's reference kernel: the stacked forward, its ids mapped by `map_rows`."""
-    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
+    check_row_window(_ROWS, row_window)
     ids, scores = stacked_forward_reference(sub_scores, cores, u, v, knn, n_keys)
-    return map_rows(ids, perm, row_offset.to(torch.int64), num_logical, num_rows), scores
+    return map_rows(ids, perm, num_logical, row_window), scores
 
 
 @torch.library.custom_op("ultramem::tdqkr_retrieval_rows_opaque", mutates_args=())
@@ -364,16 +367,15 @@ def _rows_opaque(
     knn: int,
     n_keys: int,
     perm: Tensor,
-    row_offset: Tensor,
     num_logical: int,
-    num_rows: int,
+    row_window: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    return rows_reference(sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+    return rows_reference(sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
 
 
 @_rows_opaque.register_fake
-def _(sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows):
-    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+def _(sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window):
+    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
     t, h = sub_scores.shape[:2]
     rows = sub_scores.new_empty((t, h, knn), dtype=torch.int64)
     return rows, sub_scores.new_empty((t, h, knn, cores.shape[1]))
@@ -392,17 +394,18 @@ def tdqkr_retrieval_rows(
     knn: int,
     n_keys: int,
     perm: Tensor,
-    row_offset: Tensor,
     num_logical: int,
-    num_rows: int,
+    row_window: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """tdqkr_retrieval_stacked for inference: returns (rows [T, H, k] int64, scores [T, H, k, M]),
-    rows = (perm[id] mod num_logical + row_offset) mod num_rows for each kept virtual id, written
-    by the retrieval's own launch (no separate kernel maps the ids). perm [≥ virtual ids] int32 or
-    int64, row_offset a 0-d integer tensor (a tensor, so that layers with different offsets share
-    one compiled graph). No backward: the gradient needs the ids; train with
+    rows = (perm[id] mod num_logical + offset) mod num_rows for each kept virtual id, written by
+    the retrieval's own launch (no separate kernel maps the ids). perm [≥ virtual ids] int32 or
+    int64; row_window = (offset, num_rows), an integer tensor of 2: a tensor, so that layers with
+    different offsets share one compiled graph, and of two values, which a constant-folding
+    compiler (AOTInductor) keeps as a buffer where it replaces a one-value constant by a literal
+    that a kernel launch cannot take. No backward: the gradient needs the ids; train with
     tdqkr_retrieval_stacked."""
-    args = (sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+    args = (sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
     if _inline_triton(sub_scores):
         return _triton_retrieval.tdqkr_retrieval_rows_cuda(*args)
     return _rows_opaque(*args)

@@ -65,6 +65,7 @@ from .._checks import (
     check_retrieval_args,
     check_retrieval_backward_args,
     check_retrieval_rows_args,
+    check_row_window,
     check_stacked_retrieval_args,
     check_stacked_retrieval_backward_args,
 )
@@ -327,9 +328,8 @@ def _sort_and_write(
     ids_ptr,
     scores_ptr,
     perm_ptr,
-    row_off_ptr,
+    window_ptr,
     num_logical,
-    num_rows,
     pid,
     knn,
     n_row,
@@ -341,7 +341,8 @@ def _sort_and_write(
     ROW_MAP: tl.constexpr,
 ):
     """Phase 4 of the forward: sort the kept pairs by descending grid score; write ids (with
-    ROW_MAP their table rows, (perm[id] mod num_logical + row offset) mod num_rows) and per-core
+    ROW_MAP their table rows, (perm[id] mod num_logical + offset) mod num_rows, (offset,
+    num_rows) at window_ptr) and per-core
     scores (all NaN when `poisoned`: a NaN coarse score or grid total was seen)."""
     e = tl.arange(0, BLOCK_K)
     e_ok = e < knn
@@ -359,7 +360,8 @@ def _sort_and_write(
     if ROW_MAP:  # floor modulo, as torch's % (the remainder of a negative value is negative here)
         logical = tl.load(perm_ptr + ids, mask=e_ok, other=0).to(tl.int64) % num_logical
         logical = tl.where(logical < 0, logical + num_logical, logical)
-        ids = (logical + tl.load(row_off_ptr).to(tl.int64)) % num_rows
+        num_rows = tl.load(window_ptr + 1).to(tl.int64)
+        ids = (logical + tl.load(window_ptr).to(tl.int64)) % num_rows
         ids = tl.where(ids < 0, ids + num_rows, ids)
     tl.store(ids_ptr + out_row, ids, mask=e_ok)
     for m in tl.static_range(M):
@@ -871,7 +873,7 @@ def _grid_select_candidates(
     return n_nan
 
 
-@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn"])
+@triton.jit(do_not_specialize=["heads", "n_row", "n_col", "knn", "num_logical"])
 def _retrieval_fwd_kernel(
     a_ptr,
     sa_t,
@@ -903,9 +905,8 @@ def _retrieval_fwd_kernel(
     cand_val_ptr,
     fac_ws_ptr,
     perm_ptr,
-    row_off_ptr,
+    window_ptr,
     num_logical,
-    num_rows,
     heads,
     n_row,
     n_col,
@@ -1090,9 +1091,8 @@ def _retrieval_fwd_kernel(
         ids_ptr,
         scores_ptr,
         perm_ptr,
-        row_off_ptr,
+        window_ptr,
         num_logical,
-        num_rows,
         pid,
         knn,
         n_row,
@@ -1426,11 +1426,11 @@ def launch_forward(
     v: Tensor,
     knn: int,
     n_keys: int = -1,
-    row_map: tuple[Tensor, Tensor, int, int] | None = None,
+    row_map: tuple[Tensor, int, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments (launch shapes from the module constants); with
-    n_keys, the rows of each side past n_keys are padding, never read. row_map: (perm, row_offset,
-    num_logical, num_rows), to write table rows instead of ids (tdqkr_retrieval_rows)."""
+    n_keys, the rows of each side past n_keys are padding, never read. row_map: (perm,
+    num_logical, row_window), to write table rows instead of ids (tdqkr_retrieval_rows)."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     if n_keys != -1:
@@ -1463,7 +1463,7 @@ def launch_forward(
     cand_val = torch.empty((t * h, cand) if cand else (1,), dtype=torch.float32, device=dev)
     fac_ws = torch.empty((t * h, 2 * r * block_k) if cand else (1,), dtype=torch.float32, device=dev)
     # without a map, u stands in for the map's pointers (never read): a real argument, not a written one
-    perm, row_offset, num_logical, num_rows = row_map if row_map is not None else (u, u, 1, 1)
+    perm, num_logical, row_window = row_map if row_map is not None else (u, 1, u)
     launch(
         _retrieval_fwd_kernel,
         (t * h,),
@@ -1486,9 +1486,8 @@ def launch_forward(
         cand_val,
         fac_ws,
         perm,
-        row_offset,
+        row_window,
         num_logical,
-        num_rows,
         h,
         n_row,
         n_col,
@@ -1571,13 +1570,13 @@ def tdqkr_retrieval_rows_cuda(
     knn: int,
     n_keys: int,
     perm: Tensor,
-    row_offset: Tensor,
     num_logical: int,
-    num_rows: int,
+    row_window: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval_rows: the stacked forward, writing table rows."""
-    args = (sub_scores, cores, u, v, knn, n_keys, perm, row_offset, num_logical, num_rows)
+    args = (sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
     check_once(_ROWS, check_retrieval_rows_args, _ROWS, *args)
+    check_row_window(_ROWS, row_window)  # (CPU and debug mode)
     a, b = sub_scores.unbind(2)
     reason = _unsupported(knn, a, b, cores, u, v, n_keys=n_keys)
     if reason is not None:
@@ -1585,7 +1584,7 @@ def tdqkr_retrieval_rows_cuda(
 
         _fallback_once(reason)
         return ref.rows_reference(*args)
-    return launch_forward(a, b, cores, u, v, knn, n_keys, (perm, row_offset, num_logical, num_rows))
+    return launch_forward(a, b, cores, u, v, knn, n_keys, (perm, num_logical, row_window))
 
 
 def tdqkr_retrieval_stacked_backward_cuda(
