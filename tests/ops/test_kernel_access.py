@@ -31,8 +31,8 @@ analysed = pytest.mark.skipif(
     reason="needs Triton's compiler and Inductor's analysis of Triton kernels",
 )
 
-FWD_WRITES = {"ids_ptr", "scores_ptr", "keys_ws_ptr", "pairs_ws_ptr", "vals_ws_ptr"}
-TILED_WRITES = FWD_WRITES | {"cand_pos_ptr", "cand_val_ptr", "fac_ws_ptr"}  # k > 64: staged factors, candidates
+FWD_WRITES = {"ids_ptr", "scores_ptr", "ws_ptr"}
+TILED_WRITES = FWD_WRITES  # k > 64: staged factors and candidates in the same scratch
 BWD_WRITES = {"ga_ptr", "gb_ptr", "gc_part_ptr"}
 STACKED_BWD_WRITES = {"ga_ptr", "gc_part_ptr"}  # both sides' gradients in the one tensor at ga_ptr
 

@@ -1,8 +1,8 @@
 """Triton kernels for ultramem::tdqkr_retrieval (forward and backward).
 
 Forward (`_retrieval_fwd_kernel`), one program per (token, head), everything on chip except
-small scratch rows (kept rows | kept columns, kept pairs, their grid totals; the candidates of a
-grid walked in row tiles):
+small scratch rows in one allocation (kept rows | kept columns, kept pairs, their grid totals;
+the candidates of a grid walked in row tiles):
   1. coarse scores a = A·u, b = B·v of all sub-keys (u, v folded into the load), held as [P, G]
      blocks, G = the program's threads (one key per thread in each register row);
   2. per side, the k-th largest coarse score by a search on counts (`_kth_threshold`): value
@@ -898,12 +898,7 @@ def _retrieval_fwd_kernel(
     sv_r,
     ids_ptr,
     scores_ptr,
-    keys_ws_ptr,
-    pairs_ws_ptr,
-    vals_ws_ptr,
-    cand_pos_ptr,
-    cand_val_ptr,
-    fac_ws_ptr,
+    ws_ptr,
     perm_ptr,
     window_ptr,
     num_logical,
@@ -943,8 +938,11 @@ def _retrieval_fwd_kernel(
 ):
     # KEY_STRIDE_A/B > 0: the key stride of that side as a constant (rows are contiguous);
     # ONE_HEAD: heads == 1 (no 64-bit division of the program id); a tiled grid (TILE_I < BLOCK_K)
-    # is selected through CAND candidate slots per program
+    # is selected through CAND candidate slots per program. The scratch is one allocation (one
+    # tensor: Inductor reinplaces it, where it clones views of one buffer), part after part, each
+    # a row per program (`_scratch_words`); every part's pointer is formed where it is used.
     pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
     if ONE_HEAD:
         t = pid
         h = pid * 0
@@ -954,9 +952,9 @@ def _retrieval_fwd_kernel(
     a_base = a_ptr + t * sa_t + h * sa_h
     b_base = b_ptr + t * sb_t + h * sb_h
     c_base = c_ptr + h * sc_h
-    keys_ws = keys_ws_ptr + pid * (2 * BLOCK_K)
-    pairs_ws = pairs_ws_ptr + pid * BLOCK_K
-    vals_ws = vals_ws_ptr + pid * BLOCK_K
+    keys_ws = ws_ptr + pid * (2 * BLOCK_K)
+    pairs_ws = ws_ptr + programs * (2 * BLOCK_K) + pid * BLOCK_K
+    vals_ws = (pairs_ws + programs * BLOCK_K).to(tl.pointer_type(tl.float32), bitcast=True)
     if KEY_STRIDE_A > 0:
         ka_n = KEY_STRIDE_A
     else:
@@ -1033,7 +1031,8 @@ def _retrieval_fwd_kernel(
             VALUE_STEPS,
         )
     else:  # grid too large for registers: factors staged, row tiles, candidates above a floor
-        fac_ws = fac_ws_ptr + pid * (2 * R * BLOCK_K)
+        fac_ws = ws_ptr + programs * (4 * BLOCK_K + 2 * CAND) + pid * (2 * R * BLOCK_K)
+        fac_ws = fac_ws.to(tl.pointer_type(tl.float32), bitcast=True)
         _stage_factors(
             a_base,
             ka_n,
@@ -1059,8 +1058,8 @@ def _retrieval_fwd_kernel(
             fac_ws,
             pairs_ws,
             vals_ws,
-            cand_pos_ptr + pid * CAND,
-            cand_val_ptr + pid * CAND,
+            ws_ptr + programs * (4 * BLOCK_K) + pid * CAND,
+            (ws_ptr + programs * (4 * BLOCK_K + CAND) + pid * CAND).to(tl.pointer_type(tl.float32), bitcast=True),
             knn,
             R,
             BLOCK_K,
@@ -1418,6 +1417,15 @@ def _candidate_slots(knn: int, block_k: int, tile_i: int) -> tuple[int, int]:
     return per_tile, next_pow2(cdiv(knn, tile_i) * per_tile)
 
 
+def _scratch_words(block_k: int, cand: int, r: int) -> int:
+    """32-bit words of forward scratch per program, in parts of one row per program each: the kept
+    row and column keys (2·block_k), the selected pairs (block_k) and their totals (block_k,
+    fp32); with a tiled grid (cand > 0) also the candidates' positions (cand) and totals (cand,
+    fp32) and the staged factors (2·r·block_k, fp32). Each part is a multiple of 4 words, so it
+    starts 16-byte aligned."""
+    return 4 * block_k + (2 * cand + 2 * r * block_k if cand else 0)
+
+
 def launch_forward(
     row_scores: Tensor,
     col_scores: Tensor,
@@ -1454,14 +1462,9 @@ def launch_forward(
     if r * m <= 4:
         cap = FWD_MAXNREG_TILED if cand else FWD_MAXNREG_SMALL_K if small_k else None
     g = 32 * warps  # keys per register row: one per thread
-    keys_ws = torch.empty((t * h, 2 * block_k), dtype=torch.int32, device=dev)
-    pairs_ws = torch.empty((t * h, block_k), dtype=torch.int32, device=dev)
-    vals_ws = torch.empty((t * h, block_k), dtype=torch.float32, device=dev)
+    ws = torch.empty(t * h * _scratch_words(block_k, cand, r), dtype=torch.int32, device=dev)
     lr, lc = _coarse_layout(n_row, g), _coarse_layout(n_col, g)
     grid_g = min(g, block_k * block_k)
-    cand_pos = torch.empty((t * h, cand) if cand else (1,), dtype=torch.int32, device=dev)
-    cand_val = torch.empty((t * h, cand) if cand else (1,), dtype=torch.float32, device=dev)
-    fac_ws = torch.empty((t * h, 2 * r * block_k) if cand else (1,), dtype=torch.float32, device=dev)
     # without a map, u stands in for the map's pointers (never read): a real argument, not a written one
     perm, num_logical, row_window = row_map if row_map is not None else (u, 1, u)
     launch(
@@ -1479,12 +1482,7 @@ def launch_forward(
         *v.stride(),
         ids,
         scores,
-        keys_ws,
-        pairs_ws,
-        vals_ws,
-        cand_pos,
-        cand_val,
-        fac_ws,
+        ws,
         perm,
         row_window,
         num_logical,
