@@ -341,9 +341,9 @@ def _sort_and_write(
     ROW_MAP: tl.constexpr,
 ):
     """Phase 4 of the forward: sort the kept pairs by descending grid score; write ids (with
-    ROW_MAP their table rows, (perm[id] mod num_logical + offset) mod num_rows, (offset,
-    num_rows) at window_ptr) and per-core
-    scores (all NaN when `poisoned`: a NaN coarse score or grid total was seen)."""
+    ROW_MAP their table rows, (perm[id] mod num_logical + offset) mod num_rows, with (offset,
+    num_rows) at window_ptr) and per-core scores (all NaN when `poisoned`: a NaN coarse score
+    or grid total was seen)."""
     e = tl.arange(0, BLOCK_K)
     e_ok = e < knn
     pair = tl.load(pairs_ws + e, mask=e_ok, other=0, cache_modifier=".cg")
