@@ -41,9 +41,8 @@ V2_CASES = [
 ]
 
 
-@pytest.mark.parametrize("heads,per_rank,pre_vdim,glu,expand,ratio,index,L,shape,cores,rank", V2_CASES)
-def test_ultramem_v2_matches_formula(heads, per_rank, pre_vdim, glu, expand, ratio, index, L, shape, cores, rank):
-    cfg = make_cfg(
+def _v2_cfg(heads, per_rank, pre_vdim, glu, expand, ratio, cores, rank):
+    return make_cfg(
         type="ultramem_v2",
         heads=heads,
         q_per_rank=per_rank,
@@ -54,6 +53,11 @@ def test_ultramem_v2_matches_formula(heads, per_rank, pre_vdim, glu, expand, rat
         tucker_cores=cores,
         tucker_rank=rank,
     )
+
+
+@pytest.mark.parametrize("heads,per_rank,pre_vdim,glu,expand,ratio,index,L,shape,cores,rank", V2_CASES)
+def test_ultramem_v2_matches_formula(heads, per_rank, pre_vdim, glu, expand, ratio, index, L, shape, cores, rank):
+    cfg = _v2_cfg(heads, per_rank, pre_vdim, glu, expand, ratio, cores, rank)
     tables, layers, g = build_random(cfg, L, seed=11 + index)
     layer = layers[index]
     n = window_n(6, L, *ratio)
@@ -88,17 +92,7 @@ def test_ultramem_v2_without_autograd_takes_rows_from_the_retrieval(
 ):
     # eval without autograd: the rows op maps the ids, so no remainder runs, and the output is the
     # formula's; with the key balance on, the ids are needed and the stacked op runs instead
-    cfg = make_cfg(
-        type="ultramem_v2",
-        heads=heads,
-        q_per_rank=per_rank,
-        pre_vdim=pre_vdim,
-        glu_act=glu,
-        key_expand=expand,
-        share_ratio=ratio[0] / ratio[1],
-        tucker_cores=cores,
-        tucker_rank=rank,
-    )
+    cfg = _v2_cfg(heads, per_rank, pre_vdim, glu, expand, ratio, cores, rank)
     tables, layers, g = build_random(cfg, L, seed=21 + index)
     layer = layers[index].eval()
     x = make_input(shape, g)
