@@ -128,34 +128,41 @@ def test_stacked_retrieval_equals_the_op_on_both_sides(compiled):
 def test_rows_retrieval_compiled_equals_the_stacked_ids_mapped(aoti, tmp_path):
     # The inference op at the 227M launch: compiled (Inductor launches it) and packaged by
     # AOTInductor with the row window and perm baked in as constants, its rows are the stacked
-    # op's ids mapped, its scores the stacked op's, bit for bit.
+    # op's ids mapped, its scores the stacked op's, bit for bit. The package runs in a fresh
+    # process (decode_aoti's runner), where a crash on load ends only that process.
+    from perf.diagnostics import decode_aoti
+
     torch._dynamo.reset()
     a, b, cores, u, v = _retrieval_inputs(t=64, n=1152)
     sub = torch.stack([a, b]).permute(2, 0, 1, 3, 4).contiguous().permute(2, 0, 1, 3, 4)
     perm = torch.randperm(4 * 1138 * 1138, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     n2 = 1138 * 1138
 
-    class Rows(torch.nn.Module):
+    class Rows(torch.nn.Module):  # rows and scores in one float64 tensor (exact: rows < 2^53)
         def __init__(self):
             super().__init__()
             self.register_buffer("perm", perm)
             self.register_buffer("window", torch.tensor([3 * n2 + 11, 5 * n2], device="cuda"))
 
         def forward(self, s):
-            return ops.tdqkr_retrieval_rows(s, cores, u, v, 32, 1138, self.perm, n2, self.window)
+            rows, scores = ops.tdqkr_retrieval_rows(s, cores, u, v, 32, 1138, self.perm, n2, self.window)
+            return torch.cat([rows.double(), scores.double().flatten(2)], dim=2)
 
     module = Rows()
     with torch.inference_mode():
         ids, scores = ops.tdqkr_retrieval_stacked(sub, cores, u, v, 32, 1138)
-        want = (perm[ids] % n2 + 3 * n2 + 11) % (5 * n2)
+        rows = (perm[ids] % n2 + 3 * n2 + 11) % (5 * n2)
+        want = torch.cat([rows.double(), scores.double().flatten(2)], dim=2)
         if aoti:
-            exported = torch.export.export(module, (sub,))
-            path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "rows.pt2"))
-            rows, scores_c = torch._inductor.aoti_load_package(path)(sub)
+            package = decode_aoti.aoti_package(module, sub, tmp_path / "rows.pt2", None)
+            torch.save([sub.cpu()], tmp_path / "inputs.pt")
+            child = decode_aoti._run_package_in_child(package, tmp_path / "inputs.pt", tmp_path / "out.pt", "cuda", 1)
+            assert child is not None, "the package failed to load or run (see the output above)"
+            got = child["outputs"][0].cuda()
         else:
-            (rows, scores_c), codes = run_and_get_code(torch.compile(module, fullgraph=True), sub)
+            got, codes = run_and_get_code(torch.compile(module, fullgraph=True), sub)
             assert "torch.ops.ultramem" not in "\n".join(codes)
-    assert torch.equal(rows, want) and torch.equal(scores_c, scores)
+    assert torch.equal(got, want)
 
 
 def test_stacked_retrieval_opcheck_on_cuda():
