@@ -147,7 +147,9 @@ def _capture(calls: dict, inputs) -> dict[str, Launch]:
 # from score blocks padded by `pad` rows (the layer's GEMM outputs), rank r, m cores, k kept pairs;
 # strided_out: the backward writes into rank-strided views instead of fresh gradients; stacked:
 # the stacked op (both sides in one tensor laid out [H, 2, T, n, r], as the layer's GEMM writes it);
-# rows: the stacked forward writing table rows (tdqkr_retrieval_rows, inference: no backward).
+# rows: the stacked forward writing table rows (tdqkr_retrieval_rows, inference: no backward),
+# from the raw queries (kdim 192, the first 2·kdim columns of the [T, 3·192] projection) as the
+# layer passes them.
 RETRIEVAL_CASES = {
     # the 227M layer: 2 warps, register caps, padded keys, bf16, both sides stacked
     "227M": dict(t=12288, h=1, n=1138, pad=14, r=2, m=2, k=32, stacked=True),
@@ -177,10 +179,11 @@ def _retrieval_case(
     ids = torch.zeros(t, h, k, dtype=torch.int64)
     grad = torch.empty(t, h, k, m, dtype=dtype)
     perm, row_window = torch.zeros(4 * n * n, dtype=torch.int64), torch.tensor([0, 20 * n * n])
+    q = torch.empty(t, 3 * h * 192, dtype=dtype)[:, : 2 * h * 192].view(t, h, 2, 192)
 
     def forward():
         if rows:
-            tri.tdqkr_retrieval_rows_cuda(sub, cores, u, v, k, n, perm, n * n, row_window)
+            tri.tdqkr_retrieval_rows_cuda(sub, cores, u, v, k, n, perm, n * n, row_window, q, 1e-6)
         elif stacked:
             tri.tdqkr_retrieval_stacked_cuda(sub, cores, u, v, k, n)
         else:
@@ -196,7 +199,7 @@ def _retrieval_case(
             tri.tdqkr_retrieval_backward_cuda(grad, a, b, cores, ids, n)
 
     calls = {f"{case} forward": forward} | ({} if rows else {f"{case} backward": backward})
-    return _capture(calls, (a, b, cores, u, v, ids, grad, perm, row_window))
+    return _capture(calls, (a, b, cores, u, v, ids, grad, perm, row_window, q))
 
 
 def retrieval_launches(cases: dict = RETRIEVAL_CASES) -> dict[str, Launch]:

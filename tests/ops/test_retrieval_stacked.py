@@ -189,6 +189,49 @@ def test_rows_compile_fullgraph_shares_one_graph_across_offsets():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("n_keys", [-1, 5])
+def test_rows_of_raw_queries_are_those_of_normalized_queries(n_keys):
+    # sub-key scores of raw queries q plus q: the rows and scores the oracle gives for the scores
+    # of q / sqrt(mean(q²) + eps), normalized here per (token, head, side)
+    t, h, n, r, m, k, d, eps = 5, 2, 7, 2, 2, 3, 6, 1e-3
+    g = torch.Generator().manual_seed(40)
+    q = 3 * torch.randn(t, h, 2, d, generator=g, dtype=torch.float64)
+    keys = torch.randn(h, 2, n, r, d, generator=g, dtype=torch.float64)
+    c, u, v = _tucker(41, h, m, r)
+    n_real = n if n_keys == -1 else n_keys
+    perm, window = _perm(42, n_real), torch.tensor([5, 4 * n_real * n_real])
+    q_normed = q / (q.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    raw, normed = (torch.einsum("thsd,hsnrd->thsnr", x, keys) for x in (q, q_normed))
+    rows, scores = ops.tdqkr_retrieval_rows(raw, c, u, v, k, n_keys, perm, n_real * n_real, window, q, eps)
+    want_ids, want_scores = retrieval_oracle(normed[:, :, 0, :n_real], normed[:, :, 1, :n_real], c, u, v, k)
+    assert torch.equal(rows, ops.retrieval.map_rows(want_ids, perm, n_real * n_real, window))
+    torch.testing.assert_close(scores, want_scores, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_opcheck_with_queries():
+    sub = _sub_scores(43, 3, 2, 6, 2, "tokens", torch.float32)
+    c, u, v = _tucker(44, 2, 2, 2, torch.float32)
+    q = torch.randn(3, 2, 2, 5)
+    args = (sub, c, u, v, 3, -1, _perm(45, 6), 36, torch.tensor([110, 150]), q, 1e-6)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for op in (torch.ops.ultramem.tdqkr_retrieval_rows.default, torch.ops.ultramem.tdqkr_retrieval_rows_opaque.default):
+        torch.library.opcheck(op, args, test_utils=utils)
+
+
+def test_rows_refuse_bad_queries_by_name():
+    c, u, v = _tucker(46, 1, 2, 2, torch.float32)
+    sub, q = torch.randn(3, 1, 2, 5, 2), torch.randn(3, 1, 2, 4)
+    args = (sub, c, u, v, 2, -1, _perm(47, 5), 25, torch.tensor([75, 100]))
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: q must be \[T=3, H=1, 2, d ≥ 1\].*\(3, 1, 3, 4\)"):
+        ops.tdqkr_retrieval_rows(*args, torch.randn(3, 1, 3, 4), 1e-6)
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: q's last dim must be contiguous"):
+        ops.tdqkr_retrieval_rows(*args, torch.randn(3, 1, 4, 2).transpose(2, 3), 1e-6)
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: q must be a floating tensor"):
+        ops.tdqkr_retrieval_rows(*args, q.long(), 1e-6)
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: q_eps=-1.0 must be at least 0"):
+        ops.tdqkr_retrieval_rows(*args, q, -1.0)
+
+
 def test_rows_refuse_autograd_and_bad_maps_by_name():
     c, u, v = _tucker(29, 1, 2, 2, torch.float32)
     sub = torch.randn(3, 1, 2, 5, 2)

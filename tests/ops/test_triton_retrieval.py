@@ -716,6 +716,28 @@ def test_rows_launch_writes_the_mapped_ids(monkeypatch, grid_tile, perm_dtype):
         assert int(rows.min()) >= 0 and int(rows.max()) < num_rows
 
 
+@interpreted_only
+@pytest.mark.parametrize("grid_tile", [4096, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_launch_scales_scores_by_the_queries_norms(monkeypatch, grid_tile, dtype):
+    # with raw queries q the launch keeps the pairs it keeps without them and writes the scores
+    # times 1/rms(q_A)·1/rms(q_B) in fp32, then rounds: the reference kernel's result; q is a
+    # strided view, as the layer's slice of its projection's output
+    monkeypatch.setattr(tri, "GRID_TILE", grid_tile)
+    t, h, n, pad, r, m, k, d, eps = 3, 2, 13, 3, 2, 2, 9, 5, 1e-2
+    a, b, cores, u, v = _inputs(74, t, h, n + pad, n + pad, r, m, dtype)
+    sub = torch.stack([a, b], 2)
+    g = torch.Generator().manual_seed(75)
+    q = (4 * torch.randn(t, 3 * h * 2 * d, generator=g)).to(dtype)[:, 1 : 1 + h * 2 * d].view(t, h, 2, d)
+    perm, window = torch.randperm(n * n, generator=g), torch.tensor([7, 2 * n * n])
+    args = (sub, cores, u, v, k, n, perm, n * n, window)
+    rows, scores = tri.tdqkr_retrieval_rows_cuda(*args, q, eps)
+    plain_rows, _ = tri.tdqkr_retrieval_rows_cuda(*args)
+    want_rows, want_scores = ref_mod.rows_reference(*args, q, eps)
+    assert torch.equal(rows, plain_rows) and torch.equal(rows, want_rows)
+    torch.testing.assert_close(scores, want_scores, rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=0)
+
+
 def test_launch_backward_rejects_bad_out():
     a, b, cores, u, v = _inputs(27, 2, 1, 12, 10, 2, 2)
     ids = torch.zeros(2, 1, 3, dtype=torch.int64)

@@ -129,8 +129,17 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         keys = normed_keys(self.keys, self.norm_k.eps, n_pad, self.keys.dtype if act is None else act)
         return keys if self.q_per_rank else keys.view(self.heads, 2, n_pad * self.rank, self.kdim)
 
+    def _scaled_scoring_keys(self) -> Tensor:
+        """[H, 2, n''·r, kdim]: the normalized keys times both norms' scales, against which the raw
+        queries score <q, w ⊙ k̂> = rms(q) · <norm_q(q), norm_k(k)> (not q_per_rank, whose
+        normalization is per rank and does not factor out of the ranking)."""
+        return self._scoring_keys() * self._q_scale()
+
     def _weight_terms(self) -> dict[str, Tensor]:
-        return {"keys": self._scoring_keys(), "q_scale": self._q_scale()}
+        terms = {"keys": self._scoring_keys(), "q_scale": self._q_scale()}
+        if not self.q_per_rank:
+            terms["scaled_keys"] = terms["keys"] * terms["q_scale"]
+        return terms
 
     def _padded_keys(self) -> int:
         """n'' ≥ n' keys per side with n''·r a multiple of SCORE_ROW_ALIGN. The sub-key GEMM writes
@@ -145,6 +154,17 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         """(the stacked sub-key scores as the retrieval reads them, its n_keys)."""
         ab = _keys_contiguous(self._subkey_scores(x2, q))
         return ab, self.n_side if ab.shape[3] != self.n_side else -1
+
+    def _raw_query_inputs(self, q: Tensor) -> tuple[Tensor, int, Tensor]:
+        """For the rows retrieval (not q_per_rank): (the sub-key scores of the raw queries against
+        `_scaled_scoring_keys`, n_keys, the queries [T, H, 2, kdim]). The retrieval divides the
+        kept scores by both sides' RMS, so the normalization launches nothing of its own."""
+        t = q.shape[0]
+        cache = self._cached_terms()
+        keys = (self._scaled_scoring_keys() if cache is None else cache["scaled_keys"]).to(q.dtype)
+        q = q.view(t, self.heads, 2, self.kdim)
+        ab = torch.einsum("thsd,hscd->thsc", q, keys).view(t, self.heads, 2, keys.shape[2] // self.rank, self.rank)
+        return ab, self.n_side if ab.shape[3] != self.n_side else -1, q
 
     def _retrieve(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """→ (A, B [T, H, n', r] (views without the padding), ids [T, H, k] int64,

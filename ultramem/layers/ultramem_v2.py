@@ -94,8 +94,12 @@ class UltraMemV2(TuckerMemoryBase):
             logical, _ = self._logical_and_group(ids)
             rows = ((logical + self.row_window[0]) % self.num_rows).reshape(t, hk)
         else:
-            # no gradient, statistic or key balance needs the ids: the retrieval writes the rows itself
-            ab, n_keys = self._retrieval_inputs(x2, q)
+            # no gradient, statistic or key balance needs the ids: the retrieval writes the rows
+            # itself and, from the raw queries, applies their normalization to the kept scores
+            if self.q_per_rank:
+                (ab, n_keys), q_raw = self._retrieval_inputs(x2, q), None
+            else:
+                ab, n_keys, q_raw = self._raw_query_inputs(self.w_q(x2) if q is None else q)
             rows, scores = tdqkr_retrieval_rows(
                 ab,
                 self.cores,
@@ -106,6 +110,8 @@ class UltraMemV2(TuckerMemoryBase):
                 self.perm,
                 self.num_logical,
                 self.row_window,
+                q_raw,
+                self.norm_q.eps,
             )
             rows = rows.reshape(t, hk)
             a = b = ids = logical = None

@@ -265,8 +265,11 @@ def check_retrieval_rows_args(
     perm: torch.Tensor,
     num_logical: int,
     row_window: torch.Tensor,
+    q: torch.Tensor | None = None,
+    q_eps: float = 0.0,
 ) -> None:
-    """The arguments of `tdqkr_retrieval_rows`: the stacked retrieval's, then its row map."""
+    """The arguments of `tdqkr_retrieval_rows`: the stacked retrieval's, its row map, then the
+    queries whose norms scale the scores (when given)."""
     check_stacked_retrieval_args(op, sub_scores, cores, u, v, knn, n_keys)
     n = sub_scores.shape[3] if n_keys == -1 else n_keys
     n_ids = n * n
@@ -285,6 +288,19 @@ def check_retrieval_rows_args(
     )
     check_index(row_window, op, "row_window")
     check_same_device(op, sub_scores=sub_scores, perm=perm, row_window=row_window)
+    if q is None:
+        return
+    t, h = sub_scores.shape[:2]
+    check_dim(q, 4, op, "q", "[T, H, 2, d]")
+    check_float(q, op, "q")
+    check(
+        tuple(q.shape[:3]) == (t, h, 2) and q.shape[3] >= 1,
+        op,
+        f"q must be [T={t}, H={h}, 2, d ≥ 1] (one query per side), got {tuple(q.shape)}",
+    )
+    check(q.stride(3) == 1, op, f"q's last dim must be contiguous, got strides {tuple(q.stride())}")
+    check(q_eps >= 0, op, f"q_eps={q_eps} must be at least 0")
+    check_same_device(op, sub_scores=sub_scores, q=q)
 
 
 def check_row_window(op: str, row_window: torch.Tensor) -> None:

@@ -340,6 +340,13 @@ def map_rows(ids: Tensor, perm: Tensor, num_logical: int, row_window: Tensor) ->
     return (perm[ids].to(torch.int64) % num_logical + window[0]) % window[1]
 
 
+def query_norm_scale(q: Tensor, eps: float) -> Tensor:
+    """[T, H] in fp32 (fp64 for fp64 q): 1/rms(q_A) · 1/rms(q_B), rms(x) = sqrt(mean(x²) + eps),
+    the factor that turns scores of raw queries into those of RMS-normalized ones."""
+    qf = q.to(torch.promote_types(q.dtype, torch.float32))
+    return torch.rsqrt(qf.pow(2).mean(-1) + eps).prod(-1)
+
+
 def rows_reference(
     sub_scores: Tensor,
     cores: Tensor,
@@ -350,11 +357,20 @@ def rows_reference(
     perm: Tensor,
     num_logical: int,
     row_window: Tensor,
+    q: Tensor | None = None,
+    q_eps: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """The rows op's reference kernel: the stacked forward, its ids mapped by `map_rows`."""
-    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
+    """The rows op's reference kernel: the stacked forward, its ids mapped by `map_rows`, its
+    scores times `query_norm_scale(q, q_eps)` (when q is given) before their cast."""
+    args = (sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
+    check_retrieval_rows_args(_ROWS, *args, q, q_eps)
     check_row_window(_ROWS, row_window)
-    ids, scores = stacked_forward_reference(sub_scores, cores, u, v, knn, n_keys)
+    if q is None:
+        ids, scores = stacked_forward_reference(sub_scores, cores, u, v, knn, n_keys)
+    else:  # (selecting on the upcast scores picks what it picks on the originals: it computes in acc)
+        acc = acc_dtype(sub_scores, cores, q)
+        ids, scores = stacked_forward_reference(sub_scores.to(acc), cores, u, v, knn, n_keys)
+        scores = (scores * query_norm_scale(q, q_eps).to(acc)[:, :, None, None]).to(sub_scores.dtype)
     return map_rows(ids, perm, num_logical, row_window), scores
 
 
@@ -369,13 +385,15 @@ def _rows_opaque(
     perm: Tensor,
     num_logical: int,
     row_window: Tensor,
+    q: Tensor | None = None,
+    q_eps: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    return rows_reference(sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
+    return rows_reference(sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window, q, q_eps)
 
 
 @_rows_opaque.register_fake
-def _(sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window):
-    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
+def _(sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window, q=None, q_eps=0.0):
+    check_retrieval_rows_args(_ROWS, sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window, q, q_eps)
     t, h = sub_scores.shape[:2]
     rows = sub_scores.new_empty((t, h, knn), dtype=torch.int64)
     return rows, sub_scores.new_empty((t, h, knn, cores.shape[1]))
@@ -396,6 +414,8 @@ def tdqkr_retrieval_rows(
     perm: Tensor,
     num_logical: int,
     row_window: Tensor,
+    q: Tensor | None = None,
+    q_eps: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """tdqkr_retrieval_stacked for inference: returns (rows [T, H, k] int64, scores [T, H, k, M]),
     rows = (perm[id] mod num_logical + offset) mod num_rows for each kept virtual id, written by
@@ -403,9 +423,13 @@ def tdqkr_retrieval_rows(
     int64; row_window = (offset, num_rows), an integer tensor of 2: a tensor, so that layers with
     different offsets share one compiled graph, and of two values, which a constant-folding
     compiler (AOTInductor) keeps as a buffer where it replaces a one-value constant by a literal
-    that a kernel launch cannot take. No backward: the gradient needs the ids; train with
+    that a kernel launch cannot take. q [T, H, 2, d] (optional): the raw queries of the two sides
+    when sub_scores are <q_side, k> without the queries' RMS normalization; the scores come out
+    times 1/rms(q_A)·1/rms(q_B) (`query_norm_scale`, eps q_eps), those of the normalized queries,
+    and the kept pairs are the same (a positive factor per side keeps every ranking), so the
+    normalization needs no launch of its own. No backward: the gradient needs the ids; train with
     tdqkr_retrieval_stacked."""
-    args = (sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
+    args = (sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window, q, q_eps)
     if _inline_triton(sub_scores):
         return _triton_retrieval.tdqkr_retrieval_rows_cuda(*args)
     return _rows_opaque(*args)

@@ -330,6 +330,9 @@ def _sort_and_write(
     perm_ptr,
     window_ptr,
     num_logical,
+    q_base,
+    sq_s,
+    q_eps,
     pid,
     knn,
     n_row,
@@ -339,11 +342,14 @@ def _sort_and_write(
     M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROW_MAP: tl.constexpr,
+    KD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    Q_NORM: tl.constexpr,
 ):
     """Phase 4 of the forward: sort the kept pairs by descending grid score; write ids (with
     ROW_MAP their table rows, (perm[id] mod num_logical + offset) mod num_rows, with (offset,
     num_rows) at window_ptr) and per-core scores (all NaN when `poisoned`: a NaN coarse score
-    or grid total was seen)."""
+    or grid total was seen), with Q_NORM times 1/rms of each side's raw query at q_base."""
     e = tl.arange(0, BLOCK_K)
     e_ok = e < knn
     pair = tl.load(pairs_ws + e, mask=e_ok, other=0, cache_modifier=".cg")
@@ -364,6 +370,11 @@ def _sort_and_write(
         ids = (logical + tl.load(window_ptr).to(tl.int64)) % num_rows
         ids = tl.where(ids < 0, ids + num_rows, ids)
     tl.store(ids_ptr + out_row, ids, mask=e_ok)
+    if Q_NORM:  # the queries' RMS normalization, which the sub-key GEMM skipped, as one factor
+        d = tl.arange(0, BLOCK_D)
+        q_a = tl.load(q_base + d, mask=d < KD, other=0.0).to(tl.float32)
+        q_b = tl.load(q_base + sq_s + d, mask=d < KD, other=0.0).to(tl.float32)
+        q_scale = tl.rsqrt(tl.sum(q_a * q_a, 0) / KD + q_eps) * tl.rsqrt(tl.sum(q_b * q_b, 0) / KD + q_eps)
     for m in tl.static_range(M):
         score = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for p in tl.static_range(R):
@@ -373,6 +384,8 @@ def _sort_and_write(
                 b_q = tl.load(b_base + cols * sb_n + q * sb_r, mask=e_ok, other=0.0).to(tl.float32)
                 ca += tl.load(c_base + m * sc_m + p * sc_r + q * sc_s).to(tl.float32) * b_q
             score += a_p * ca
+        if Q_NORM:
+            score = score * q_scale
         score = tl.where(poisoned, float("nan"), score)
         tl.store(scores_ptr + out_row * M + m, score.to(scores_ptr.dtype.element_ty), mask=e_ok)
 
@@ -902,6 +915,11 @@ def _retrieval_fwd_kernel(
     perm_ptr,
     window_ptr,
     num_logical,
+    q_ptr,
+    sq_t,
+    sq_h,
+    sq_s,
+    q_eps,
     heads,
     n_row,
     n_col,
@@ -935,6 +953,9 @@ def _retrieval_fwd_kernel(
     ONE_HEAD: tl.constexpr,
     VALUE_STEPS: tl.constexpr,
     ROW_MAP: tl.constexpr,
+    KD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    Q_NORM: tl.constexpr,
 ):
     # KEY_STRIDE_A/B > 0: the key stride of that side as a constant (rows are contiguous);
     # ONE_HEAD: heads == 1 (no 64-bit division of the program id); a tiled grid (TILE_I < BLOCK_K)
@@ -952,6 +973,9 @@ def _retrieval_fwd_kernel(
     a_base = a_ptr + t * sa_t + h * sa_h
     b_base = b_ptr + t * sb_t + h * sb_h
     c_base = c_ptr + h * sc_h
+    q_base = q_ptr
+    if Q_NORM:
+        q_base += t * sq_t + h * sq_h
     keys_ws = ws_ptr + pid * (2 * BLOCK_K)
     pairs_ws = ws_ptr + programs * (2 * BLOCK_K) + pid * BLOCK_K
     vals_ws = (pairs_ws + programs * BLOCK_K).to(tl.pointer_type(tl.float32), bitcast=True)
@@ -1092,6 +1116,9 @@ def _retrieval_fwd_kernel(
         perm_ptr,
         window_ptr,
         num_logical,
+        q_base,
+        sq_s,
+        q_eps,
         pid,
         knn,
         n_row,
@@ -1101,6 +1128,9 @@ def _retrieval_fwd_kernel(
         M,
         BLOCK_K,
         ROW_MAP,
+        KD,
+        BLOCK_D,
+        Q_NORM,
     )
 
 
@@ -1435,10 +1465,12 @@ def launch_forward(
     knn: int,
     n_keys: int = -1,
     row_map: tuple[Tensor, int, Tensor] | None = None,
+    q_norm: tuple[Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The forward launch on checked arguments (launch shapes from the module constants); with
     n_keys, the rows of each side past n_keys are padding, never read. row_map: (perm,
-    num_logical, row_window), to write table rows instead of ids (tdqkr_retrieval_rows)."""
+    num_logical, row_window), to write table rows instead of ids; q_norm: (q, eps), the raw
+    queries whose RMS factors scale the scores (both tdqkr_retrieval_rows)."""
     t, h, n_row, r = row_scores.shape
     n_col = col_scores.shape[2]
     if n_keys != -1:
@@ -1467,6 +1499,7 @@ def launch_forward(
     grid_g = min(g, block_k * block_k)
     # without a map, u stands in for the map's pointers (never read): a real argument, not a written one
     perm, num_logical, row_window = row_map if row_map is not None else (u, 1, u)
+    q, q_eps = q_norm if q_norm is not None else (u.view(1, 1, 1, -1), 0.0)
     launch(
         _retrieval_fwd_kernel,
         (t * h,),
@@ -1486,6 +1519,9 @@ def launch_forward(
         perm,
         row_window,
         num_logical,
+        q,
+        *q.stride()[:3],
+        q_eps,
         h,
         n_row,
         n_col,
@@ -1519,6 +1555,9 @@ def launch_forward(
         ONE_HEAD=h == 1,
         VALUE_STEPS=VALUE_STEPS,
         ROW_MAP=row_map is not None,
+        KD=q.shape[3],
+        BLOCK_D=next_pow2(q.shape[3]),
+        Q_NORM=q_norm is not None,
         num_warps=warps,
         maxnreg=cap,
     )
@@ -1570,19 +1609,22 @@ def tdqkr_retrieval_rows_cuda(
     perm: Tensor,
     num_logical: int,
     row_window: Tensor,
+    q: Tensor | None = None,
+    q_eps: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """CUDA kernel of ultramem::tdqkr_retrieval_rows: the stacked forward, writing table rows."""
-    args = (sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window)
+    args = (sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window, q, q_eps)
     check_once(_ROWS, check_retrieval_rows_args, _ROWS, *args)
     check_row_window(_ROWS, row_window)  # (CPU and debug mode)
     a, b = sub_scores.unbind(2)
-    reason = _unsupported(knn, a, b, cores, u, v, n_keys=n_keys)
+    reason = _unsupported(knn, a, b, cores, u, v, *([] if q is None else [q]), n_keys=n_keys)
     if reason is not None:
         from .. import retrieval as ref
 
         _fallback_once(reason)
         return ref.rows_reference(*args)
-    return launch_forward(a, b, cores, u, v, knn, n_keys, (perm, num_logical, row_window))
+    q_norm = None if q is None else (q, q_eps)
+    return launch_forward(a, b, cores, u, v, knn, n_keys, (perm, num_logical, row_window), q_norm)
 
 
 def tdqkr_retrieval_stacked_backward_cuda(
