@@ -68,13 +68,13 @@ def test_row_window_filled_after_meta_build():
 
     model = build_model(make_cfg(type="ultramem_v2"), device="cpu", seed=0)
     layers = [m for m in model.modules() if hasattr(m, "row_window")]
-    assert layers and [m.row_window.tolist() for m in layers] == [[m.offset, m.num_rows] for m in layers]
+    assert layers and [m.row_window.tolist() for m in layers] == [[[m.offset, m.num_rows]] for m in layers]
     # Built without init (to load a checkpoint into), and after a load into a corrupted buffer.
     bare = build_model(make_cfg(type="ultramem_v2"), device="cpu", seed=None)
     bare_layers = [m for m in bare.modules() if hasattr(m, "row_window")]
-    assert [m.row_window.tolist() for m in bare_layers] == [[m.offset, m.num_rows] for m in layers]
+    assert [m.row_window.tolist() for m in bare_layers] == [[[m.offset, m.num_rows]] for m in layers]
     torch.testing.assert_close(bare.rope_cos, model.rope_cos, rtol=0, atol=0)
     for m in bare_layers:
         m.row_window.fill_(123456789)
     bare.load_state_dict(model.state_dict())
-    assert [m.row_window.tolist() for m in bare_layers] == [[m.offset, m.num_rows] for m in layers]
+    assert [m.row_window.tolist() for m in bare_layers] == [[[m.offset, m.num_rows]] for m in layers]

@@ -243,8 +243,10 @@ def test_rows_refuse_autograd_and_bad_maps_by_name():
         ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm[:24], 25, window)
     with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: perm must be int32 or int64"):
         ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm.float(), 25, window)
-    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: row_window must be 1-D \(offset, num_rows\)"):
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: row_window must be 2 contiguous values"):
         ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm, 25, window[:1])
+    with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: row_window must be 2 contiguous values"):
+        ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm, 25, torch.tensor([[75, 0], [100, 0]])[:, 0])
     with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: row_window's num_rows=0 must be at least 1"):
         ops.tdqkr_retrieval_rows(sub, c, u, v, 2, -1, perm, 25, torch.tensor([3, 0]))
     with pytest.raises(ValueError, match=r"tdqkr_retrieval_rows: num_logical=0 must be at least 1"):

@@ -46,10 +46,10 @@ class UltraMemV2(TuckerMemoryBase):
         # (o_l, N) as a tensor for forward: an int attribute that differs per layer is a constant
         # to torch.compile, so each layer would recompile the shared forward (past the recompile
         # limit, layers ran uncompiled); as a buffer all layers share one graph. Two values, not
-        # o_l alone: see tdqkr_retrieval_rows. Not in the state dict: refilled by init_buffers
+        # o_l alone, and [1, 2], not [2]: see tdqkr_retrieval_rows. Not in the state dict: refilled by init_buffers
         # (reset_parameters, the model's init_buffers after to_empty from the meta device) and
         # after every load_state_dict.
-        self.register_buffer("row_window", torch.tensor([self.offset, self.num_rows]), persistent=False)
+        self.register_buffer("row_window", torch.tensor([[self.offset, self.num_rows]]), persistent=False)
         self.register_load_state_dict_post_hook(_refill_buffers)
         self.vdim, self.pre_vdim, self.glu_act = m.vdim, m.pre_vdim, m.glu_act
         self.w_p = nn.Linear(self.dim, self.pre_vdim, bias=False) if self.pre_vdim > 0 else None
@@ -58,7 +58,7 @@ class UltraMemV2(TuckerMemoryBase):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Buffers derived from the config (not in the state dict): the row window (o_l, N)."""
-        self.row_window.copy_(torch.tensor([self.offset, self.num_rows]))
+        self.row_window.copy_(torch.tensor([[self.offset, self.num_rows]]))
 
     def _check_tables(self, tables: ValueTables | None) -> ValueTables:
         if tables is None or tables.values.shape != (self.num_rows, self.vdim):
@@ -92,7 +92,7 @@ class UltraMemV2(TuckerMemoryBase):
         if torch.is_grad_enabled() or self.training or self.key_balance_coef > 0:
             a, b, ids, scores = self._retrieve(x2, q)
             logical, _ = self._logical_and_group(ids)
-            rows = ((logical + self.row_window[0]) % self.num_rows).reshape(t, hk)
+            rows = ((logical + self.row_window[0, 0]) % self.num_rows).reshape(t, hk)
         else:
             # no gradient, statistic or key balance needs the ids: the retrieval writes the rows
             # itself and, from the raw queries, applies their normalization to the kept scores

@@ -282,9 +282,10 @@ def check_retrieval_rows_args(
     )
     check(num_logical >= 1, op, f"num_logical={num_logical} must be at least 1")
     check(
-        row_window.dim() == 1 and row_window.shape[0] == 2,
+        row_window.numel() == 2 and row_window.is_contiguous(),
         op,
-        f"row_window must be 1-D (offset, num_rows), got shape {tuple(row_window.shape)}",
+        f"row_window must be 2 contiguous values (offset, num_rows), got shape {tuple(row_window.shape)} "
+        f"and strides {tuple(row_window.stride())}",
     )
     check_index(row_window, op, "row_window")
     check_same_device(op, sub_scores=sub_scores, perm=perm, row_window=row_window)
@@ -307,7 +308,7 @@ def check_row_window(op: str, row_window: torch.Tensor) -> None:
     """row_window's values: a number of rows of at least 1 (reads them: CPU, or debug mode)."""
     if row_window.device.type == "meta" or (row_window.device.type != "cpu" and not _debug):
         return
-    num_rows = int(row_window[1])
+    num_rows = int(row_window.reshape(-1)[1])
     check(num_rows >= 1, op, f"row_window's num_rows={num_rows} must be at least 1")
 
 

@@ -336,7 +336,7 @@ tdqkr_retrieval_stacked.register_autograd(_stacked_backward, setup_context=_stac
 def map_rows(ids: Tensor, perm: Tensor, num_logical: int, row_window: Tensor) -> Tensor:
     """The table rows of virtual ids: (perm[ids] mod num_logical + offset) mod num_rows, with
     (offset, num_rows) = row_window."""
-    window = row_window.to(torch.int64)
+    window = row_window.reshape(-1).to(torch.int64)
     return (perm[ids].to(torch.int64) % num_logical + window[0]) % window[1]
 
 
@@ -420,14 +420,15 @@ def tdqkr_retrieval_rows(
     """tdqkr_retrieval_stacked for inference: returns (rows [T, H, k] int64, scores [T, H, k, M]),
     rows = (perm[id] mod num_logical + offset) mod num_rows for each kept virtual id, written by
     the retrieval's own launch (no separate kernel maps the ids). perm [≥ virtual ids] int32 or
-    int64; row_window = (offset, num_rows), an integer tensor of 2: a tensor, so that layers with
-    different offsets share one compiled graph, and of two values, which a constant-folding
-    compiler (AOTInductor) keeps as a buffer where it replaces a one-value constant by a literal
-    that a kernel launch cannot take. q [T, H, 2, d] (optional): the raw queries of the two sides
-    when sub_scores are <q_side, k> without the queries' RMS normalization; the scores come out
-    times 1/rms(q_A)·1/rms(q_B) (`query_norm_scale`, eps q_eps), those of the normalized queries,
-    and the kept pairs are the same (a positive factor per side keeps every ranking), so the
-    normalization needs no launch of its own. No backward: the gradient needs the ids; train with
+    int64; row_window = (offset, num_rows), an integer tensor of 2 contiguous values: a tensor,
+    so that layers with different offsets share one compiled graph. A layer holds it as [1, 2]:
+    Inductor inlines a constant of one value as a literal, which a kernel launch cannot take, and
+    a 1-D one of up to 8 values as a kernel that writes them on every call. q [T, H, 2, d]
+    (optional): the raw queries of the two sides when sub_scores are <q_side, k> without the
+    queries' RMS normalization; the scores come out times 1/rms(q_A)·1/rms(q_B)
+    (`query_norm_scale`, eps q_eps), those of the normalized queries, and the kept pairs are the
+    same (a positive factor per side keeps every ranking), so the normalization needs no launch
+    of its own. No backward: the gradient needs the ids; train with
     tdqkr_retrieval_stacked."""
     args = (sub_scores, cores, u, v, knn, n_keys, perm, num_logical, row_window, q, q_eps)
     if _inline_triton(sub_scores):
