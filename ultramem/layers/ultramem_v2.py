@@ -46,9 +46,9 @@ class UltraMemV2(TuckerMemoryBase):
         # (o_l, N) as a tensor for forward: an int attribute that differs per layer is a constant
         # to torch.compile, so each layer would recompile the shared forward (past the recompile
         # limit, layers ran uncompiled); as a buffer all layers share one graph. Two values, not
-        # o_l alone, and [1, 2], not [2]: see tdqkr_retrieval_rows. Not in the state dict: refilled by init_buffers
-        # (reset_parameters, the model's init_buffers after to_empty from the meta device) and
-        # after every load_state_dict.
+        # o_l alone, and [1, 2], not [2]: see tdqkr_retrieval_rows. Not in the state dict:
+        # refilled by init_buffers (reset_parameters, the model's init_buffers after to_empty from
+        # the meta device) and after every load_state_dict.
         self.register_buffer("row_window", torch.tensor([[self.offset, self.num_rows]]), persistent=False)
         self.register_load_state_dict_post_hook(_refill_buffers)
         self.vdim, self.pre_vdim, self.glu_act = m.vdim, m.pre_vdim, m.glu_act

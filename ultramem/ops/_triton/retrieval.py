@@ -1499,7 +1499,9 @@ def launch_forward(
     grid_g = min(g, block_k * block_k)
     # without a map, u stands in for the map's pointers (never read): a real argument, not a written one
     perm, num_logical, row_window = row_map if row_map is not None else (u, 1, u)
-    q, q_eps = q_norm if q_norm is not None else (u.view(1, 1, 1, -1), 0.0)
+    # and for the queries, with fixed sizes, so that the launches without them compile once
+    q, q_eps = q_norm if q_norm is not None else (u, 0.0)
+    q_strides, kd = (q.stride()[:3], q.shape[3]) if q_norm is not None else ((0, 0, 0), 1)
     launch(
         _retrieval_fwd_kernel,
         (t * h,),
@@ -1520,7 +1522,7 @@ def launch_forward(
         row_window,
         num_logical,
         q,
-        *q.stride()[:3],
+        *q_strides,
         q_eps,
         h,
         n_row,
@@ -1555,8 +1557,8 @@ def launch_forward(
         ONE_HEAD=h == 1,
         VALUE_STEPS=VALUE_STEPS,
         ROW_MAP=row_map is not None,
-        KD=q.shape[3],
-        BLOCK_D=next_pow2(q.shape[3]),
+        KD=kd,
+        BLOCK_D=next_pow2(kd),
         Q_NORM=q_norm is not None,
         num_warps=warps,
         maxnreg=cap,
