@@ -38,7 +38,8 @@
 #              CXX=g++ where $CXX links libstdc++ statically: such packages crash on load)
 #                                                                              -> decode_aoti.txt
 #   decode-ab  decode-aoti's layer alone (--layer-only) in BASE_TREE, then in this tree, one after
-#              the other on the same machine ($DECODE_AOTI_ARGS passed to both) -> decode_ab.txt
+#              the other on the same machine ($DECODE_AOTI_ARGS passed to both; the base's records
+#              name $BASE_REV, "unknown" without it)                          -> decode_ab.txt
 #   layer-host where one compiled layer's host time goes, its training step with atomics and
 #              staged (perf.diagnostics.layer_host_profile)                 -> layer_host.txt,
 #                                                                              layer_host_staged.txt
@@ -127,7 +128,7 @@ case $part in
         # shellcheck disable=SC2086
         {
             echo "== BASE_TREE $base"
-            (cd "$base" && PYTHONPATH=. $py -m perf.diagnostics.decode_aoti --layer-only --log "$log" ${DECODE_AOTI_ARGS:-}) ||
+            (cd "$base" && ULTRAMEM_GIT_REV=${BASE_REV:-unknown} PYTHONPATH=. $py -m perf.diagnostics.decode_aoti --layer-only --log "$log" ${DECODE_AOTI_ARGS:-}) ||
                 echo "(the base tree's run failed: $?)"
             echo "== this tree"
             $py -m perf.diagnostics.decode_aoti --layer-only --log "$log" ${DECODE_AOTI_ARGS:-}

@@ -9,7 +9,7 @@ from memory_layer_oracle import memory_plus_oracle, tucker_oracle, window_n
 from memory_layer_setup import build_random, make_cfg, make_input
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ultramem.layers import build_memory
+from ultramem.layers import build_memory, ultramem_v2
 
 
 def check_against_oracle(layer, tables, x, g, oracle):
@@ -88,10 +88,11 @@ class _OpNames(TorchDispatchMode):
 
 @pytest.mark.parametrize("heads,per_rank,pre_vdim,glu,expand,ratio,index,L,shape,cores,rank", V2_CASES[:3])
 def test_ultramem_v2_without_autograd_takes_rows_from_the_retrieval(
-    heads, per_rank, pre_vdim, glu, expand, ratio, index, L, shape, cores, rank
+    heads, per_rank, pre_vdim, glu, expand, ratio, index, L, shape, cores, rank, monkeypatch
 ):
-    # eval without autograd: the rows op maps the ids, so no remainder runs, and (one query per
-    # side) normalizes the queries, so no rsqrt runs; the output is the formula's. With the key
+    # eval without autograd, as on CUDA: the rows op maps the ids, so no remainder runs, and (one
+    # query per side) normalizes the queries, so no rsqrt runs; the output is the formula's. On
+    # the CPU the stacked op runs, as with the key balance on. With the key
     # balance on, the ids are needed and the stacked op runs instead, on normalized queries: the
     # same output up to rounding (bit for bit where the queries are per rank, normalized first)
     cfg = _v2_cfg(heads, per_rank, pre_vdim, glu, expand, ratio, cores, rank)
@@ -99,6 +100,10 @@ def test_ultramem_v2_without_autograd_takes_rows_from_the_retrieval(
     layer = layers[index].eval()
     x = make_input(shape, g)
     n = window_n(6, L, *ratio)
+    with torch.no_grad(), _OpNames() as seen:  # on the CPU: the stacked op, fused by Inductor if compiled
+        y_cpu, _ = layer(x, tables)
+    assert "ultramem.tdqkr_retrieval_stacked" in seen.names and "ultramem.tdqkr_retrieval_rows" not in seen.names
+    monkeypatch.setattr(ultramem_v2, "retrieval_writes_rows", lambda x: True)  # as on CUDA
     with torch.no_grad(), _OpNames() as seen:
         y, aux = layer(x, tables)
     y_ref, _ = tucker_oracle(layer, x, tables, kind="v2", n=n, offset=index * 36, num_rows=36 * L)
@@ -111,6 +116,7 @@ def test_ultramem_v2_without_autograd_takes_rows_from_the_retrieval(
         y_kb, aux = layer(x, tables)
     assert "ultramem.tdqkr_retrieval_stacked" in seen.names and "ultramem.tdqkr_retrieval_rows" not in seen.names
     assert float(aux) > 0.0
+    assert torch.equal(y_kb, y_cpu)
     if per_rank:
         assert torch.equal(y_kb, y)
     else:

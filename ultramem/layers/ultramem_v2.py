@@ -17,6 +17,13 @@ from .tables import ValueTables
 from .tucker import RELEASED_TABLE_STD, TuckerMemoryBase
 
 
+def retrieval_writes_rows(x: Tensor) -> bool:
+    """Whether a forward without autograd hands the row arithmetic and the queries' normalization
+    to `tdqkr_retrieval_rows`: on CUDA, where its one launch does them; on the CPU its reference
+    kernel would run them as eager ops that Inductor otherwise fuses into the compiled graph."""
+    return x.is_cuda
+
+
 def _refill_buffers(module: nn.Module, _keys) -> None:
     """After load_state_dict (module-level, so that the layer pickles)."""
     module.init_buffers()
@@ -89,7 +96,7 @@ class UltraMemV2(TuckerMemoryBase):
         t = x2.shape[0]
         hk = self.heads * self.knn
         q, gate_in = self._project(x2)
-        if torch.is_grad_enabled() or self.training or self.key_balance_coef > 0:
+        if torch.is_grad_enabled() or self.training or self.key_balance_coef > 0 or not retrieval_writes_rows(x2):
             a, b, ids, scores = self._retrieve(x2, q)
             logical, _ = self._logical_and_group(ids)
             rows = ((logical + self.row_window[0, 0]) % self.num_rows).reshape(t, hk)
