@@ -90,11 +90,11 @@ class _OpNames(TorchDispatchMode):
 def test_ultramem_v2_without_autograd_takes_rows_from_the_retrieval(
     heads, per_rank, pre_vdim, glu, expand, ratio, index, L, shape, cores, rank, monkeypatch
 ):
-    # eval without autograd, as on CUDA: the rows op maps the ids, so no remainder runs, and (one
-    # query per side) normalizes the queries, so no rsqrt runs; the output is the formula's. On
-    # the CPU the stacked op runs, as with the key balance on. With the key
-    # balance on, the ids are needed and the stacked op runs instead, on normalized queries: the
-    # same output up to rounding (bit for bit where the queries are per rank, normalized first)
+    # eval without autograd on CUDA (patched here): the rows op maps the ids, so no remainder
+    # runs, and (one query per side) normalizes the queries, so no rsqrt runs; the output is the
+    # formula's. On the CPU, and with the key balance on (the ids are needed), the stacked op runs
+    # on normalized queries: the same output up to rounding (bit for bit where the queries are
+    # per rank, normalized first)
     cfg = _v2_cfg(heads, per_rank, pre_vdim, glu, expand, ratio, cores, rank)
     tables, layers, g = build_random(cfg, L, seed=21 + index)
     layer = layers[index].eval()
