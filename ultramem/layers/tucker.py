@@ -112,8 +112,11 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         if self.q_per_rank:  # keys [H, 2, n', r, kdim]
             q = rms_norm(q.view(t, h, 2, r, kd), scale, self.norm_q.eps)
             return torch.einsum("thsrd,hsird->thsir", q, keys)
-        # keys [H, 2, n''·r, kdim]
-        q = rms_norm(q.view(t, h, 2, kd), scale, self.norm_q.eps)
+        return self._shared_query_scores(rms_norm(q.view(t, h, 2, kd), scale, self.norm_q.eps), keys)
+
+    def _shared_query_scores(self, q: Tensor, keys: Tensor) -> Tensor:
+        """One query per side, q [T, H, 2, kdim] against keys [H, 2, n''·r, kdim] → [T, H, 2, n'', r]."""
+        t, h, r = q.shape[0], self.heads, self.rank
         return torch.einsum("thsd,hscd->thsc", q, keys).view(t, h, 2, keys.shape[2] // r, r)
 
     def _q_scale(self) -> Tensor:
@@ -153,18 +156,21 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
     def _retrieval_inputs(self, x2: Tensor, q: Tensor | None) -> tuple[Tensor, int]:
         """(the stacked sub-key scores as the retrieval reads them, its n_keys)."""
         ab = _keys_contiguous(self._subkey_scores(x2, q))
-        return ab, self.n_side if ab.shape[3] != self.n_side else -1
+        return ab, self._n_keys(ab)
+
+    def _n_keys(self, ab: Tensor) -> int:
+        """The retrieval's n_keys for scores ab [T, H, 2, n'', r]: n' when rows are padded, else -1."""
+        return self.n_side if ab.shape[3] != self.n_side else -1
 
     def _raw_query_inputs(self, q: Tensor) -> tuple[Tensor, int, Tensor]:
         """For the rows retrieval (not q_per_rank): (the sub-key scores of the raw queries against
         `_scaled_scoring_keys`, n_keys, the queries [T, H, 2, kdim]). The retrieval divides the
         kept scores by both sides' RMS, so the normalization launches nothing of its own."""
-        t = q.shape[0]
         cache = self._cached_terms()
         keys = (self._scaled_scoring_keys() if cache is None else cache["scaled_keys"]).to(q.dtype)
-        q = q.view(t, self.heads, 2, self.kdim)
-        ab = torch.einsum("thsd,hscd->thsc", q, keys).view(t, self.heads, 2, keys.shape[2] // self.rank, self.rank)
-        return ab, self.n_side if ab.shape[3] != self.n_side else -1, q
+        q = q.view(q.shape[0], self.heads, 2, self.kdim)
+        ab = self._shared_query_scores(q, keys)
+        return ab, self._n_keys(ab), q
 
     def _retrieve(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """→ (A, B [T, H, n', r] (views without the padding), ids [T, H, k] int64,

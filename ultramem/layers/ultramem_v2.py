@@ -106,7 +106,7 @@ class UltraMemV2(TuckerMemoryBase):
             if self.q_per_rank:
                 (ab, n_keys), q_raw = self._retrieval_inputs(x2, q), None
             else:
-                ab, n_keys, q_raw = self._raw_query_inputs(self.w_q(x2) if q is None else q)
+                ab, n_keys, q_raw = self._raw_query_inputs(q)
             rows, scores = tdqkr_retrieval_rows(
                 ab,
                 self.cores,

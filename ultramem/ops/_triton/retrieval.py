@@ -1499,9 +1499,11 @@ def launch_forward(
     grid_g = min(g, block_k * block_k)
     # without a map, u stands in for the map's pointers (never read): a real argument, not a written one
     perm, num_logical, row_window = row_map if row_map is not None else (u, 1, u)
-    # and for the queries, with fixed sizes, so that the launches without them compile once
-    q, q_eps = q_norm if q_norm is not None else (u, 0.0)
-    q_strides, kd = (q.stride()[:3], q.shape[3]) if q_norm is not None else ((0, 0, 0), 1)
+    if q_norm is None:  # and for the queries, with fixed sizes, so that launches without them compile once
+        q, q_eps, q_strides, kd = u, 0.0, (0, 0, 0), 1
+    else:
+        q, q_eps = q_norm
+        q_strides, kd = q.stride()[:3], q.shape[3]
     launch(
         _retrieval_fwd_kernel,
         (t * h,),
