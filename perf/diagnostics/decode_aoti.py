@@ -3,9 +3,10 @@
 runner, in a fresh process: no torch.compile wrapper in Python per call, and no CUDA graphs.
 Against, in the same run: the same module under torch.compile (default mode), and a module of
 one add both ways (the host's floor of each). The layer runs as generation runs it: eval,
-inference mode, bf16 weights inside `inference_cache`. One export per module, the token count
-dynamic; with `--static` one per token count (fixed shapes, as Inductor's memory planning,
-TORCHINDUCTOR_MEMORY_PLANNING=1, may need to pool the buffers).
+inference mode, bf16 weights inside `inference_cache`, and (on CUDA) inside
+`inference_cache(..., decode=True)`, with the keys folded into the query projection. One export
+per module, the token count dynamic; with `--static` one per token count (fixed shapes, as
+Inductor's memory planning, TORCHINDUCTOR_MEMORY_PLANNING=1, may need to pool the buffers).
 
     PYTHONPATH=. python -m perf.diagnostics.decode_aoti [--tokens 1 8 64] [--log $OUT/log.jsonl]
         [--static] [--inductor-config max_autotune=True --inductor-config max_autotune_gemm_backends=TRITON]
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import os
 import shutil
@@ -151,8 +153,13 @@ def main(argv=None) -> int:
     mcfg, layers, tables, _, _ = build_layers_227m(1, config=config, device=device, batch=1, seq=8)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer = layers[0].eval().to(dtype)
-    with inference_cache(copy.deepcopy(layer)) as cached_layer:  # weight terms computed once
-        modules = {"bf16 weights, cached" if device == "cuda" else "cached": _Decode(cached_layer, tables)}
+    with contextlib.ExitStack() as caches:  # each layer's weight terms computed once
+        prefix = "bf16 weights, " if device == "cuda" else ""
+        cached_layer = caches.enter_context(inference_cache(copy.deepcopy(layer)))
+        modules = {f"{prefix}cached": _Decode(cached_layer, tables)}
+        folded = caches.enter_context(inference_cache(copy.deepcopy(layer), decode=True))
+        if "folded_weight" in folded._inference_cache:  # where the retrieval writes rows (CUDA)
+            modules[f"{prefix}decode cache"] = _Decode(folded, tables)
         if not args.layer_only:
             modules["reference: one add"] = _OneAdd()
         if args.inductor_config:

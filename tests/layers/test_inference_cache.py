@@ -10,7 +10,7 @@ from memory_layer_setup import build_random, make_cfg, make_input
 from tiny import tiny_cfg
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from ultramem.layers import inference_cache
+from ultramem.layers import inference_cache, ultramem_v2
 from ultramem.model import build_model
 
 KINDS = {
@@ -21,17 +21,17 @@ KINDS = {
 }
 
 
+def _fail(*args, **kwargs):
+    raise AssertionError("a weight-only term was computed inside inference_cache")
+
+
 def _no_weight_terms(layer, monkeypatch):
     """Make computing any weight-only term fail: what runs afterwards must use the cache."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a weight-only term was computed inside inference_cache")
-
-    for name in ("_scoring_keys", "_q_scale", "_qp_weight"):
+    for name in ("_scoring_keys", "_q_scale", "_qp_weight", "_folded_weight"):
         if hasattr(layer, name):
-            monkeypatch.setattr(layer, name, fail)
+            monkeypatch.setattr(layer, name, _fail)
     if not hasattr(layer, "_scoring_keys"):  # Memory+ normalizes its keys with norm_k
-        monkeypatch.setattr(layer.norm_k, "forward", fail)
+        monkeypatch.setattr(layer.norm_k, "forward", _fail)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -47,6 +47,35 @@ def test_cached_forward_matches_uncached_bitwise(kind, monkeypatch):
         monkeypatch.undo()
     assert torch.equal(got, want)
     assert layer._inference_cache is None  # dropped on exit
+
+
+def test_decode_cache_folds_the_keys_where_the_retrieval_writes_rows(monkeypatch):
+    """decode=True: on the CPU nothing changes (the stacked retrieval needs normalized queries);
+    where the retrieval writes rows (CUDA, patched here) the projection's one GEMM also yields
+    the sub-key scores, eager and compiled, and the output is the unfolded one up to rounding."""
+    tables, layers, g = build_random(make_cfg(type="ultramem_v2", heads=2), 2, seed=12)
+    layer = layers[1].eval()
+    x = make_input((3, 4), g)
+    with torch.no_grad():
+        want = layer(x, tables)[0]
+        with inference_cache(layer, decode=True):
+            assert "folded_weight" not in layer._inference_cache
+            assert torch.equal(layer(x, tables)[0], want)
+    monkeypatch.setattr(ultramem_v2, "retrieval_writes_rows", lambda x: True)
+    with torch.no_grad():
+        want = layer(x, tables)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    with torch.inference_mode(), inference_cache(layer, decode=True):
+        folded = layer._inference_cache["folded_weight"]
+        scores = layer.heads * 2 * layer._padded_keys() * layer.rank
+        assert folded.shape == (layer.w_q.out_features + layer.pre_vdim + scores, layer.dim)
+        with monkeypatch.context() as patch:
+            _no_weight_terms(layer, patch)
+            got = layer(x, tables)[0]
+            got_compiled = compiled(x, tables)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_compiled, want, rtol=1e-10, atol=1e-12)
 
 
 def test_autocast_casts_the_cached_terms():

@@ -9,7 +9,7 @@ from memory_layer_oracle import memory_plus_oracle, tucker_oracle, window_n
 from memory_layer_setup import build_random, make_cfg, make_input
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ultramem.layers import build_memory, ultramem_v2
+from ultramem.layers import build_memory, inference_cache, ultramem_v2
 
 
 def check_against_oracle(layer, tables, x, g, oracle):
@@ -111,6 +111,12 @@ def test_ultramem_v2_without_autograd_takes_rows_from_the_retrieval(
     assert float(aux) == 0.0
     assert "ultramem.tdqkr_retrieval_rows" in seen.names and "aten.remainder" not in seen.names, seen.names
     assert ("aten.rsqrt" in seen.names) == per_rank, seen.names
+    assert "aten.bmm" in seen.names  # the sub-key scores' batched GEMM
+    with torch.no_grad(), inference_cache(layer, decode=True), _OpNames() as seen:
+        y_decode, _ = layer(x, tables)
+    torch.testing.assert_close(y_decode, y_ref, rtol=1e-10, atol=1e-12)
+    # one query per side: the keys folded into the projection, whose one GEMM yields the scores
+    assert ("aten.bmm" in seen.names) == per_rank, seen.names
     layer.key_balance_coef = 0.5
     with torch.no_grad(), _OpNames() as seen:
         y_kb, aux = layer(x, tables)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from memory_layer_setup import make_cfg
 
-from ultramem.layers import build_memory
+from ultramem.layers import build_memory, inference_cache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 KINDS = ["ultramem_v2", "ultramem_v1", "memory_plus"]
@@ -79,3 +79,24 @@ def test_cuda_bf16_compiled_training_step_without_sync(kind):
         assert a.dtype == b.dtype and bool(torch.isfinite(a).all())
     out = layer.metrics()
     assert out["coverage"] > 0
+
+
+def test_cuda_eval_writes_rows_and_folds_the_keys():
+    """Without autograd on CUDA the retrieval writes the table rows from the raw queries, and
+    inside a decode cache the keys fold into the projection (eager and compiled): each is the
+    CPU's output, whose stacked retrieval reads normalized queries, up to rounding."""
+    tables_c, layers_c = _build("ultramem_v2", "cpu")
+    tables_g, layers_g = _build("ultramem_v2", "cuda")
+    layer_c, layer_g = layers_c[1].eval(), layers_g[1].eval()
+    layer_c.key_balance_coef = layer_g.key_balance_coef = 0.0  # the key balance needs the ids
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = layer_c(x, tables_c)[0]
+        got = {"rows": layer_g(x.cuda(), tables_g)[0]}
+        with inference_cache(layer_g, decode=True):
+            assert "folded_weight" in layer_g._inference_cache
+            got["folded"] = layer_g(x.cuda(), tables_g)[0]
+            got["folded, compiled"] = torch.compile(layer_g, fullgraph=True)(x.cuda(), tables_g)[0]
+    for name, y in got.items():
+        torch.testing.assert_close(y.cpu(), want, rtol=1e-3, atol=1e-4, msg=name)

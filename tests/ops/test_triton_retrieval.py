@@ -721,14 +721,16 @@ def test_rows_launch_writes_the_mapped_ids(monkeypatch, grid_tile, perm_dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rows_launch_scales_scores_by_the_queries_norms(monkeypatch, grid_tile, dtype):
     # with raw queries q the launch keeps the pairs it keeps without them and writes the scores
-    # times 1/rms(q_A)·1/rms(q_B) in fp32, then rounds: the reference kernel's result; q is a
-    # strided view, as the layer's slice of its projection's output
+    # times 1/rms(q_A)·1/rms(q_B) in fp32, then rounds: the reference kernel's result; q and the
+    # scores are strided views of one row per token, as the layer's slices of its folded
+    # projection's output
     monkeypatch.setattr(tri, "GRID_TILE", grid_tile)
     t, h, n, pad, r, m, k, d, eps = 3, 2, 13, 3, 2, 2, 9, 5, 1e-2
     a, b, cores, u, v = _inputs(74, t, h, n + pad, n + pad, r, m, dtype)
-    sub = torch.stack([a, b], 2)
     g = torch.Generator().manual_seed(75)
-    q = (4 * torch.randn(t, 3 * h * 2 * d, generator=g)).to(dtype)[:, 1 : 1 + h * 2 * d].view(t, h, 2, d)
+    q = (4 * torch.randn(t, h * 2 * d, generator=g)).to(dtype)
+    row = torch.cat([torch.zeros(t, 1, dtype=dtype), q, torch.stack([a, b], 2).reshape(t, -1)], dim=1)
+    q, sub = row[:, 1 : 1 + q.shape[1]].view(t, h, 2, d), row[:, 1 + q.shape[1] :].view(t, h, 2, n + pad, r)
     perm, window = torch.randperm(n * n, generator=g), torch.tensor([7, 2 * n * n])
     args = (sub, cores, u, v, k, n, perm, n * n, window)
     rows, scores = tri.tdqkr_retrieval_rows_cuda(*args, q, eps)

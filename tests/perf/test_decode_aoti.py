@@ -49,6 +49,26 @@ def test_static_layer_only_run_builds_a_package_per_token_count(tmp_path, monkey
         assert r["extra"]["max_abs_diff_vs_compiled"] <= 1e-5
 
 
+def test_decode_cache_folds_the_keys_in_the_package_too(tmp_path, monkeypatch):
+    # where the retrieval writes rows (CUDA; patched here) the run adds the layer inside a decode
+    # cache, whose package computes the sub-key scores in the projection's GEMM
+    from perf.diagnostics import decode_aoti
+    from ultramem.layers import ultramem_v2
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(ultramem_v2, "retrieval_writes_rows", lambda x: True)
+    log = tmp_path / "log.jsonl"
+    argv = ["--small", "--layer-only", "--tokens", "1", "3", "--calls", "3", "--log", str(log)]
+    assert decode_aoti.main(argv) == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    aoti = [r for r in recs if r["variant"].endswith(", AOTI")]
+    assert {(r["shape"], r["variant"]) for r in aoti} == {
+        (f"T={t}", f"{name}, AOTI") for t in (1, 3) for name in ("cached", "decode cache")
+    }
+    for r in aoti:
+        assert r["extra"]["max_abs_diff_vs_compiled"] <= 1e-5
+
+
 def test_smoke_packages_and_loads_the_one_add_in_a_fresh_process_and_here(tmp_path, monkeypatch, capsys):
     from perf.diagnostics import decode_aoti
 

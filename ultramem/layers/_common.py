@@ -290,7 +290,7 @@ def check_input(layer: nn.Module, x: Tensor) -> None:
 class WeightTerms:
     """Mixin of the memory layers: the terms of a forward that depend on the weights alone (the
     normalized keys, stacked projections) are computed per forward, or taken from the cache that
-    `inference_cache` fills from `_weight_terms()` while autograd is off."""
+    `inference_cache` fills from `_weight_terms(decode)` while autograd is off."""
 
     _inference_cache: dict[str, Tensor] | None = None
     # per parameter: (name, owning module, attribute, the parameter, version, data_ptr) at entry
@@ -303,8 +303,9 @@ class WeightTerms:
         state.pop("_cached_from", None)
         return state
 
-    def _weight_terms(self) -> dict[str, Tensor]:
-        """The terms the cache holds, in the weights' dtype."""
+    def _weight_terms(self, decode: bool = False) -> dict[str, Tensor]:
+        """The terms the cache holds, in the weights' dtype (with decode, those of
+        `inference_cache(..., decode=True)` too)."""
         raise NotImplementedError
 
     def _cached_terms(self) -> dict[str, Tensor] | None:
@@ -349,10 +350,16 @@ def _stamp(p: Tensor) -> list:
 
 
 @contextlib.contextmanager
-def inference_cache(module: nn.Module) -> Iterator[nn.Module]:
+def inference_cache(module: nn.Module, decode: bool = False) -> Iterator[nn.Module]:
     """Within, every memory layer in `module` reuses its weight-only terms, computed once on entry
     (the keys' normalization and padding, the stacked query projection): at decode shapes they
     are a third of a layer's launches. Forwards with autograd on compute them as usual.
+
+    decode=True, for calls of a few tokens (generation's steps): UltraMemV2 layers with one query
+    per side, on CUDA, also fold the keys into the query projection, so that one GEMM yields the
+    queries, the gate's input and the raw sub-key scores (one GEMM and launch fewer a call). Each
+    token's scores then cost dim multiply-adds per key instead of kdim, which long prompts
+    should not pay; and the outputs differ from the unfolded ones by rounding (docs/layers.md).
 
     The weights must not change inside: an eager forward, and the exit, raise if one did (in-place
     writes and swapped parameters; writes through `.data` go unseen). A compiled module recompiles
@@ -374,7 +381,7 @@ def inference_cache(module: nn.Module) -> Iterator[nn.Module]:
     try:
         for layer in layers:
             with torch.no_grad():
-                layer._inference_cache = layer._weight_terms()
+                layer._inference_cache = layer._weight_terms(decode)
             layer._cached_from = layer._weight_state()
         yield module
     except BaseException:

@@ -117,7 +117,7 @@ class MemoryPlus(WeightTerms, nn.Module):
             self.stats.accumulate(ids, y2, scores.unsqueeze(-1))  # [T, H, k, 1], descending
         return y2.reshape(x.shape[:-1] + (self.dim,)), aux
 
-    def _weight_terms(self) -> dict[str, Tensor]:
+    def _weight_terms(self, decode: bool = False) -> dict[str, Tensor]:
         return {"keys": self.norm_k(self.keys)}
 
     @property

@@ -138,7 +138,7 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         normalization is per rank and does not factor out of the ranking)."""
         return self._scoring_keys() * self._q_scale()
 
-    def _weight_terms(self) -> dict[str, Tensor]:
+    def _weight_terms(self, decode: bool = False) -> dict[str, Tensor]:
         terms = {"keys": self._scoring_keys(), "q_scale": self._q_scale()}
         if not self.q_per_rank:
             terms["scaled_keys"] = terms["keys"] * terms["q_scale"]
@@ -162,14 +162,18 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         """The retrieval's n_keys for scores ab [T, H, 2, n'', r]: n' when rows are padded, else -1."""
         return self.n_side if ab.shape[3] != self.n_side else -1
 
-    def _raw_query_inputs(self, q: Tensor) -> tuple[Tensor, int, Tensor]:
+    def _raw_query_inputs(self, q: Tensor, raw_scores: Tensor | None = None) -> tuple[Tensor, int, Tensor]:
         """For the rows retrieval (not q_per_rank): (the sub-key scores of the raw queries against
         `_scaled_scoring_keys`, n_keys, the queries [T, H, 2, kdim]). The retrieval divides the
-        kept scores by both sides' RMS, so the normalization launches nothing of its own."""
-        cache = self._cached_terms()
-        keys = (self._scaled_scoring_keys() if cache is None else cache["scaled_keys"]).to(q.dtype)
+        kept scores by both sides' RMS, so the normalization launches nothing of its own.
+        raw_scores: those scores already computed, [T, H·2·n''·r] (a folded projection's)."""
         q = q.view(q.shape[0], self.heads, 2, self.kdim)
-        ab = self._shared_query_scores(q, keys)
+        if raw_scores is None:
+            cache = self._cached_terms()
+            keys = (self._scaled_scoring_keys() if cache is None else cache["scaled_keys"]).to(q.dtype)
+            ab = self._shared_query_scores(q, keys)
+        else:
+            ab = raw_scores.view(q.shape[0], self.heads, 2, -1, self.rank)
         return ab, self._n_keys(ab), q
 
     def _retrieve(self, x2: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -95,18 +95,21 @@ class UltraMemV2(TuckerMemoryBase):
         x2 = x.reshape(-1, self.dim)
         t = x2.shape[0]
         hk = self.heads * self.knn
-        q, gate_in = self._project(x2)
-        if torch.is_grad_enabled() or self.training or self.key_balance_coef > 0 or not retrieval_writes_rows(x2):
+        # no gradient, statistic or key balance needs the ids: the retrieval can write the rows
+        writes_rows = not (torch.is_grad_enabled() or self.training or self.key_balance_coef > 0)
+        writes_rows = writes_rows and retrieval_writes_rows(x2)
+        q, gate_in, raw_scores = self._project(x2, fold=writes_rows)
+        if not writes_rows:
             a, b, ids, scores = self._retrieve(x2, q)
             logical, _ = self._logical_and_group(ids)
             rows = ((logical + self.row_window[0, 0]) % self.num_rows).reshape(t, hk)
         else:
-            # no gradient, statistic or key balance needs the ids: the retrieval writes the rows
-            # itself and, from the raw queries, applies their normalization to the kept scores
+            # the retrieval writes the rows itself and, from the raw queries, applies their
+            # normalization to the kept scores
             if self.q_per_rank:
                 (ab, n_keys), q_raw = self._retrieval_inputs(x2, q), None
             else:
-                ab, n_keys, q_raw = self._raw_query_inputs(q)
+                ab, n_keys, q_raw = self._raw_query_inputs(q, raw_scores)
             rows, scores = tdqkr_retrieval_rows(
                 ab,
                 self.cores,
@@ -141,23 +144,43 @@ class UltraMemV2(TuckerMemoryBase):
         aux = self._aux_loss(x2, a, b, ids)
         return self._finish(x, y2, logical, scores), aux
 
-    def _project(self, x2: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(W_q x2, W_p x2 or None) as one GEMM over the stacked weights: the backward then forms
-        the input's gradient in one GEMM too, where two had to be summed (an addmm that first
-        copied its addend: a [T, d] copy per layer), and the weights' gradients in one."""
-        if self.w_p is None:
-            return self.w_q(x2), None
+    def _project(self, x2: Tensor, fold: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(W_q x2, W_p x2 or None, None) as one GEMM over the stacked weights: the backward then
+        forms the input's gradient in one GEMM too, where two had to be summed (an addmm that
+        first copied its addend: a [T, d] copy per layer), and the weights' gradients in one.
+        With fold, inside a decode cache, the third is the raw queries' sub-key scores
+        [T, H·2·n''·r] from the same GEMM (`_folded_weight`)."""
         cache = self._cached_terms()
+        if fold and cache is not None and "folded_weight" in cache:
+            weight = cache["folded_weight"]
+            sizes = [self.w_q.out_features, max(self.pre_vdim, 0)]
+            q, gate_in, raw_scores = F.linear(x2, weight).split([*sizes, weight.shape[0] - sum(sizes)], dim=-1)
+            return q, gate_in if self.w_p is not None else None, raw_scores
+        if self.w_p is None:
+            return self.w_q(x2), None, None
         qp = F.linear(x2, self._qp_weight() if cache is None else cache["qp_weight"])
-        return qp.split([self.w_q.out_features, self.pre_vdim], dim=-1)
+        return *qp.split([self.w_q.out_features, self.pre_vdim], dim=-1), None
 
     def _qp_weight(self) -> Tensor:
         return torch.cat([self.w_q.weight, self.w_p.weight])
 
-    def _weight_terms(self) -> dict[str, Tensor]:
-        terms = super()._weight_terms()
+    def _folded_weight(self) -> Tensor:
+        """[W_q; W_p; W_s], W_s [H·2·n''·r, d] = per head and side the scaled scoring keys times
+        that side's rows of W_q, so x·W_sᵀ = <W_q x, w ⊙ k̂>, the raw queries' sub-key scores:
+        formed in fp32 (or the weights' wider dtype), rounded once to the weights' dtype."""
+        acc = torch.promote_types(self.w_q.weight.dtype, torch.float32)
+        keys = self._scoring_keys(acc) * self._q_scale().to(acc)  # [H, 2, n''·r, kdim]
+        w_q = self.w_q.weight.to(acc).view(self.heads, 2, self.kdim, self.dim)
+        w_s = torch.einsum("hscd,hsdm->hscm", keys, w_q).reshape(-1, self.dim)
+        pre = [] if self.w_p is None else [self.w_p.weight]
+        return torch.cat([self.w_q.weight, *pre, w_s.to(self.w_q.weight.dtype)])
+
+    def _weight_terms(self, decode: bool = False) -> dict[str, Tensor]:
+        terms = super()._weight_terms(decode)
         if self.w_p is not None:
             terms["qp_weight"] = self._qp_weight()
+        if decode and not self.q_per_rank and retrieval_writes_rows(self.w_q.weight):
+            terms["folded_weight"] = self._folded_weight()
         return terms
 
     @torch.no_grad()
