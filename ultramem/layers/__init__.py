@@ -8,6 +8,8 @@
     layer.metrics()                                 # on reporting steps only (host sync)
     with torch.inference_mode(), inference_cache(model):  # weight-only terms computed once
         ...
+    with torch.inference_mode(), inference_cache(model, decode=True):  # and the keys folded: decode steps
+        ...
 
 Norm scales are the 1-D parameters `norm_q.weight` / `norm_k.weight` (no weight decay); the value
 tables are `ValueTables.values` / `.pre_values`, or `UltraMemV1.values` (each v1 layer owns its
