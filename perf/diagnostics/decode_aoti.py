@@ -337,10 +337,12 @@ def run_package(package: str, inputs: Path, outputs: Path, device: str, calls: i
 
 def _kernels_per_call(fn, device: str, calls: int = 20) -> tuple[float, float, dict[str, float]]:
     """Kernels launched and their summed GPU time (µs) per call, under the profiler, and each
-    kernel's GPU time per call by name."""
+    kernel's GPU time per call by name; then, as "host: NAME (count)" entries, the host's
+    recorded calls per model call (CUDA runtime and driver calls, allocations) with their µs,
+    which the profiler inflates: a split of the host's time, not its size."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
@@ -348,6 +350,14 @@ def _kernels_per_call(fn, device: str, calls: int = 20) -> tuple[float, float, d
     by_name: dict[str, float] = {}
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / calls
+    host: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name != "cudaDeviceSynchronize":
+            entry = host.setdefault(e.name, [0.0, 0.0])
+            entry[0] += 1 / calls
+            entry[1] += e.cpu_time_total / calls
+    for name, (count, us) in sorted(host.items(), key=lambda item: -item[1][1]):
+        by_name[f"host: {name} ({count:g} a call)"] = us
     return len(kernels) / calls, sum(e.device_time for e in kernels) / calls, by_name
 
 
