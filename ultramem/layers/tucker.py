@@ -132,16 +132,18 @@ class TuckerMemoryBase(WeightTerms, nn.Module):
         keys = normed_keys(self.keys, self.norm_k.eps, n_pad, self.keys.dtype if act is None else act)
         return keys if self.q_per_rank else keys.view(self.heads, 2, n_pad * self.rank, self.kdim)
 
-    def _scaled_scoring_keys(self) -> Tensor:
-        """[H, 2, n''·r, kdim]: the normalized keys times both norms' scales, against which the raw
-        queries score <q, w ⊙ k̂> = rms(q) · <norm_q(q), norm_k(k)> (not q_per_rank, whose
-        normalization is per rank and does not factor out of the ranking)."""
-        return self._scoring_keys() * self._q_scale()
+    def _scaled_scoring_keys(self, act: torch.dtype | None = None) -> Tensor:
+        """[H, 2, n''·r, kdim] in `act` (None: the keys' dtype): the normalized keys times both
+        norms' scales, against which the raw queries score <q, w ⊙ k̂> = rms(q) · <norm_q(q),
+        norm_k(k)> (not q_per_rank, whose normalization is per rank and does not factor out of
+        the ranking)."""
+        scale = self._q_scale()
+        return self._scoring_keys(act) * (scale if act is None else scale.to(act))
 
     def _weight_terms(self, decode: bool = False) -> dict[str, Tensor]:
         terms = {"keys": self._scoring_keys(), "q_scale": self._q_scale()}
         if not self.q_per_rank:
-            terms["scaled_keys"] = terms["keys"] * terms["q_scale"]
+            terms["scaled_keys"] = self._scaled_scoring_keys()
         return terms
 
     def _padded_keys(self) -> int:

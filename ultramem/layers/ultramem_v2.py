@@ -153,7 +153,7 @@ class UltraMemV2(TuckerMemoryBase):
         cache = self._cached_terms()
         if fold and cache is not None and "folded_weight" in cache:
             weight = cache["folded_weight"]
-            sizes = [self.w_q.out_features, max(self.pre_vdim, 0)]
+            sizes = [self.w_q.out_features, self.pre_vdim]  # pre_vdim 0 without W_p
             q, gate_in, raw_scores = F.linear(x2, weight).split([*sizes, weight.shape[0] - sum(sizes)], dim=-1)
             return q, gate_in if self.w_p is not None else None, raw_scores
         if self.w_p is None:
@@ -169,7 +169,7 @@ class UltraMemV2(TuckerMemoryBase):
         that side's rows of W_q, so x·W_sᵀ = <W_q x, w ⊙ k̂>, the raw queries' sub-key scores:
         formed in fp32 (or the weights' wider dtype), rounded once to the weights' dtype."""
         acc = torch.promote_types(self.w_q.weight.dtype, torch.float32)
-        keys = self._scoring_keys(acc) * self._q_scale().to(acc)  # [H, 2, n''·r, kdim]
+        keys = self._scaled_scoring_keys(acc)  # [H, 2, n''·r, kdim]
         w_q = self.w_q.weight.to(acc).view(self.heads, 2, self.kdim, self.dim)
         w_s = torch.einsum("hscd,hsdm->hscm", keys, w_q).reshape(-1, self.dim)
         pre = [] if self.w_p is None else [self.w_p.weight]
