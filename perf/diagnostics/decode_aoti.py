@@ -1,6 +1,8 @@
 """One UltraMemV2 layer of 227m.toml at decode shapes, compiled ahead of time with AOTInductor
 (`torch.export`, then `torch._inductor.aoti_compile_and_package`) and called through its C++
-runner, in a fresh process: no torch.compile wrapper in Python per call, and no CUDA graphs.
+runner, in a fresh process: no torch.compile wrapper in Python per call, and no CUDA graphs. The
+runner is loaded as by default and single-threaded (`run_single_threaded=True`: no wait, at
+the start of a call, for the previous call's GPU work).
 Against, in the same run: the same module under torch.compile (default mode), and a module of
 one add both ways (the host's floor of each). The layer runs as generation runs it: eval,
 inference mode, bf16 weights inside `inference_cache`, and (on CUDA) inside
@@ -56,6 +58,10 @@ class _Decode(nn.Module):
 class _OneAdd(nn.Module):
     def forward(self, x):
         return x + 1
+
+
+# the runner's timed ways: the package's __call__, its C++ loader, the loader of a single-threaded runner
+_AOTI_MODES = ("AOTI", "AOTI, loader.run", "AOTI, loader.run, single-threaded")
 
 
 def _wall_us(fn, calls: int, sync) -> float:
@@ -165,6 +171,7 @@ def main(argv=None) -> int:
         if args.inductor_config:
             print("AOTI packages with " + ", ".join(f"{k}={v!r}" for k, v in args.inductor_config))
         head = f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9} {'AOTI run':>9}"
+        head += f" {'1-thread':>9}"
         print(head + "  (µs per call)")
         recs = _time_modules(
             modules,
@@ -231,26 +238,33 @@ def _time_modules(
                     if aoti is not None:
                         times["AOTI"] = aoti["us"][j]
                         times["AOTI, loader.run"] = aoti["us_direct"][j]
+                        times["AOTI, loader.run, single-threaded"] = aoti["us_single"][j]
                         diff = (aoti["outputs"][j].to(device).float() - compiled(x).float()).abs().max().item()
                 if aoti is not None:
-                    aoti_cols = f"{times['AOTI']:9.1f} {times['AOTI, loader.run']:9.1f}"
+                    aoti_cols = " ".join(f"{times[mode]:9.1f}" for mode in _AOTI_MODES)
                     check = f"AOTI against compiled: max |diff| {diff:.3g}; "
                     if aoti["launches"][j] is not None:
                         check += f"{aoti['launches'][j]:g} launches, {aoti['gpu_us'][j]:.1f} µs GPU; "
                 else:
-                    aoti_cols, check = f"{'failed':>9} {'':>9}", ""
+                    aoti_cols, check = f"{'failed':>9} {'':>9} {'':>9}", ""
                 line = f"{name:36} {tokens:4d} {times['compiled']:9.1f} {aoti_cols}"
                 print(f"{line}  ({check}built and run in {built_s:.0f} s)")
-                if aoti is not None and j == 0 and aoti["kernels"][j]:
+                if aoti is not None and aoti["kernels"][j]:
                     for kernel, us in aoti["kernels"][j].items():
                         print(f"    {us:6.1f} µs  {kernel[:100]}")
+                    print("    single-threaded runner:")
+                    for kernel, us in aoti["kernels_single"][j].items():
+                        if kernel.startswith("host: "):
+                            print(f"    {us:6.1f} µs  {kernel[:100]}")
                 for mode, us in times.items():
                     note, extra = "wall time per forward, calls back to back; eval, inference mode", None
                     if mode.startswith("AOTI"):
                         note += "; the runner in a fresh process" + ("; a package per token count" if static else "")
                         note += options
-                        if mode == "AOTI, loader.run":
+                        if mode.startswith("AOTI, loader.run"):
                             note += "; the package's C++ loader called on the flat inputs"
+                        if mode.endswith("single-threaded"):
+                            note += "; loaded with run_single_threaded=True (no wait for the previous call's end)"
                         extra = {
                             "max_abs_diff_vs_compiled": diff,
                             "launches": aoti["launches"][j],
@@ -310,28 +324,38 @@ def _run_package_in_child(package: str, inputs: Path, outputs: Path, device: str
 
 def run_package(package: str, inputs: Path, outputs: Path, device: str, calls: int) -> None:
     """Load an AOTInductor package, time its runner on each saved input (µs per call, calls back
-    to back) and save those times with the outputs."""
+    to back) and save those times with the outputs. The package is loaded twice: as loaded by
+    default and with `run_single_threaded=True`."""
     runner = torch._inductor.aoti_load_package(package)
+    # By default the runner records an event after each call and, with its one model instance,
+    # waits for it at the start of the next call: a decode loop's calls never overlap the GPU's
+    # work. A single-threaded runner skips that wait (one caller thread, one stream).
+    single = torch._inductor.aoti_load_package(package, run_single_threaded=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # The package's __call__ parses its pytree specs on every call; a decode loop can call the
     # C++ loader on the flat inputs instead.
-    direct = runner.loader.run
-    result = {"us": [], "us_direct": [], "launches": [], "gpu_us": [], "kernels": [], "outputs": []}
+    direct, direct_single = runner.loader.run, single.loader.run
+    keys = ("us", "us_direct", "us_single", "launches", "gpu_us", "kernels", "kernels_single", "outputs")
+    result = {key: [] for key in keys}
     xs = [x.to(device) for x in torch.load(inputs)]
     with torch.inference_mode():
         for x in xs:
             result["outputs"].append(runner(x).cpu())
             assert torch.equal(direct([x])[0].cpu(), result["outputs"][-1])
+            assert torch.equal(direct_single([x])[0].cpu(), result["outputs"][-1])
             result["us"].append(_wall_us(lambda: runner(x), calls, sync))
             result["us_direct"].append(_wall_us(lambda: direct([x]), calls, sync))
+            result["us_single"].append(_wall_us(lambda: direct_single([x]), calls, sync))
         for x in xs:  # after every timing: a profiler session may leave the host slower
             if device == "cuda":
                 launches, gpu_us, kernels = _kernels_per_call(lambda: direct([x]), device)
+                kernels_single = _kernels_per_call(lambda: direct_single([x]), device)[2]
             else:
-                launches, gpu_us, kernels = None, None, {}
+                launches, gpu_us, kernels, kernels_single = None, None, {}, {}
             result["launches"].append(launches)
             result["gpu_us"].append(gpu_us)
             result["kernels"].append(kernels)
+            result["kernels_single"].append(kernels_single)
     torch.save(result, outputs)
 
 

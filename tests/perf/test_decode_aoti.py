@@ -23,7 +23,7 @@ def test_small_run_records_aoti_and_compiled_per_token_count(tmp_path, monkeypat
         (f"T={t}", f"{name}, {mode}")
         for t in (1, 4)
         for name in ("cached", "reference: one add")
-        for mode in ("compiled", "AOTI", "AOTI, loader.run")
+        for mode in ("compiled", "AOTI", "AOTI, loader.run", "AOTI, loader.run, single-threaded")
     }
     for r in recs:
         assert r["small"] and r["unit"] == "us" and r["time"] > 0
@@ -41,7 +41,7 @@ def test_static_layer_only_run_builds_a_package_per_token_count(tmp_path, monkey
     assert decode_aoti.main([*argv, "--inductor-config", "comprehensive_padding=False"]) == 0
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     aoti = [r for r in recs if ", AOTI" in r["variant"]]
-    assert {r["shape"] for r in aoti} == {"T=1", "T=3"} and len(aoti) == 4  # the layer, 2 counts, 2 ways
+    assert {r["shape"] for r in aoti} == {"T=1", "T=3"} and len(aoti) == 6  # the layer, 2 counts, 3 ways
     assert not [r for r in recs if "one add" in r["variant"]]
     for r in aoti:
         assert "a package per token count" in r["note"]
@@ -101,5 +101,6 @@ def test_one_token_count_exports_a_dynamic_range(tmp_path, monkeypatch):
     assert decode_aoti.main(["--small", "--layer-only", "--tokens", "1", "--calls", "2", "--log", str(log)]) == 0
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     assert {(r["shape"], r["variant"]) for r in recs} == {
-        ("T=1", f"cached, {mode}") for mode in ("compiled", "AOTI", "AOTI, loader.run")
+        ("T=1", f"cached, {mode}")
+        for mode in ("compiled", "AOTI", "AOTI, loader.run", "AOTI, loader.run, single-threaded")
     }
