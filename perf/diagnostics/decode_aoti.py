@@ -60,8 +60,9 @@ class _OneAdd(nn.Module):
         return x + 1
 
 
-# the runner's timed ways: the package's __call__, its C++ loader, the loader of a single-threaded runner
-_AOTI_MODES = ("AOTI", "AOTI, loader.run", "AOTI, loader.run, single-threaded")
+# the runner's timed ways and their columns: the package's __call__, its C++ loader, the loader of a
+# single-threaded runner
+_AOTI_MODES = {"AOTI": "AOTI", "AOTI, loader.run": "AOTI run", "AOTI, loader.run, single-threaded": "1-thread"}
 
 
 def _wall_us(fn, calls: int, sync) -> float:
@@ -170,8 +171,8 @@ def main(argv=None) -> int:
             modules["reference: one add"] = _OneAdd()
         if args.inductor_config:
             print("AOTI packages with " + ", ".join(f"{k}={v!r}" for k, v in args.inductor_config))
-        head = f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} {'AOTI':>9} {'AOTI run':>9}"
-        head += f" {'1-thread':>9}"
+        head = f"{'UltraMemV2 layer, ' + config + ', eval':36} {'T':>4} {'compiled':>9} "
+        head += " ".join(f"{column:>9}" for column in _AOTI_MODES.values())
         print(head + "  (µs per call)")
         recs = _time_modules(
             modules,
@@ -246,7 +247,8 @@ def _time_modules(
                     if aoti["launches"][j] is not None:
                         check += f"{aoti['launches'][j]:g} launches, {aoti['gpu_us'][j]:.1f} µs GPU; "
                 else:
-                    aoti_cols, check = f"{'failed':>9} {'':>9} {'':>9}", ""
+                    aoti_cols = " ".join(f"{'failed' if i == 0 else '':>9}" for i in range(len(_AOTI_MODES)))
+                    check = ""
                 line = f"{name:36} {tokens:4d} {times['compiled']:9.1f} {aoti_cols}"
                 print(f"{line}  ({check}built and run in {built_s:.0f} s)")
                 if aoti is not None and aoti["kernels"][j]:
